@@ -180,7 +180,8 @@ def read_card(model_dir: str | os.PathLike[str]) -> Card:
         meta = yaml.safe_load(m.group(1))
     except (yaml.YAMLError, ValueError) as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 2})" if mark is not None else ""
+        first = text.count("\n", 0, m.start(1)) + 1  # card line of the front matter's line 0
+        where = f" (line {mark.line + first})" if mark is not None else ""
         return Card({}, body, f"unreadable card: front matter is not valid YAML{where}")
     if meta is None:
         return Card({}, body, None)
@@ -675,12 +676,14 @@ def render_contamination_section(assessment: Assessment, *,
         lines.append(f"- `{c}`: {state}" + (f": {ev}" if ev else ""))
     lines += ["", f"{h}# Parents and their lineage", ""]
     for s in assessment.sources:
-        facts = [s.chain()]
-        facts += [f"merge evidence ({n.model}): {', '.join(n.evidence)}" for n in s.merges()]
+        line = f"- {s.chain()}"
+        if s.merges():
+            line += ". Merge evidence: " + "; ".join(
+                f"{n.model}: {', '.join(n.evidence)}" for n in s.merges())
         if s.datasets:
-            facts.append("card datasets: " + ", ".join(s.datasets))
-        facts += [n for n in s.notes if n != "not available locally"]
-        lines.append(f"- `{s.model}`: " + "; ".join(facts))
+            line += ". Card datasets: " + ", ".join(s.datasets)
+        notes = [n for n in s.notes if n != "not available locally"]
+        lines.append(line + (". Notes: " + "; ".join(notes) if notes else ""))
     lines += ["", f"{h}# Tasks", "",
               "- Searched on: " + (", ".join(assessment.search_tasks) or "(none)"),
               "- Holdout: " + (", ".join(assessment.holdout_tasks) or "(none)")]
