@@ -1,0 +1,150 @@
+"""The ``evomerge`` command line: parse, then call one library function per verb.
+
+Every user mistake surfaces as :class:`~evomerge.errors.EvomergeError` and is printed as one line
+(``evomerge: error: ...``) with exit code 2. Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from evomerge.errors import EvomergeError, one_line
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line instead of argparse's usage block.
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog.split()[0]} --help)\n")
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge models with a mergekit recipe", description="Merge models as a mergekit recipe says; write a Hugging Face model directory.")
+    p.add_argument("recipe", help="mergekit merge configuration (YAML)")
+    p.add_argument("out", help="output directory (must be absent or empty unless --force)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--out-shard-size", default="5GB", help="maximum shard size, e.g. 2GB or 500M (default: 5GB)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random masks (dare, della) (default: 0)")
+    p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True, help="copy tokenizer files from the base model or tokenizer_source (default: on)")
+    p.add_argument("--allow-crimes", action="store_true", help="merge models of different architectures when tensor shapes match")
+    p.add_argument("--allow-bin", action="store_true", help="also read PyTorch .bin checkpoints (torch.load with weights_only=True)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+
+
+def _add_zoo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zoo", help="build the demo model zoo", description="Build the demo zoo: a tiny base model, fine-tuned experts and local lm-eval tasks.")
+    p.add_argument("--out", default=None, help="where to build it (default: results/zoo/<size>)")
+    p.add_argument("--size", default="demo", choices=["demo", "micro"], help="demo (default) or micro (for tests)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="search a merge space", description="Run (or resume) the Optuna study of a search space.")
+    p.add_argument("space", help="search space YAML (a mergekit recipe with search directives)")
+    p.add_argument("--trials", type=int, default=None, help="total completed trials to reach (overrides search.trials)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite under results/<study>/)")
+    p.add_argument("--study", default=None, help="study name (default: study.name or the space's file name)")
+    p.add_argument("--seed", type=int, default=None, help="sampler and mask seed (overrides search.seed)")
+    p.add_argument("--results-dir", default="results", help="where study folders go (default: results)")
+    p.add_argument("--probe-contamination", action="store_true", help="also run the Min-K%%++ memorization probe on finalists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, only the final summary")
+
+
+def _add_study_reader(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("space", help="the search space YAML the study was run from")
+    p.add_argument("--storage", default=None)
+    p.add_argument("--study", default=None)
+    p.add_argument("--results-dir", default="results")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="evomerge", description="Search merge recipes for fine-tuned LLMs.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    _add_search(sub)
+    _add_merge(sub)
+    p = _add_study_reader(sub, "export", "export a trial's recipe as plain mergekit YAML")
+    p.add_argument("-o", "--output", required=True, help="recipe file to write")
+    p.add_argument("--trial", type=int, default=None, help="trial number (default: best by holdout among finalists, else by search score)")
+    p.add_argument("--merge", default=None, metavar="OUT_DIR", help="also materialize the model (with a model card) into OUT_DIR")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--force", action="store_true", help="overwrite the recipe file / replace OUT_DIR")
+    p = _add_study_reader(sub, "results", "print the leaderboard of a study")
+    p.add_argument("--top", type=int, default=15, help="rows to show (default 15)")
+    p.add_argument("--all", action="store_true", help="show every trial, failed ones too")
+    _add_study_reader(sub, "report", "write PNG plots of a study")
+    _add_zoo(sub)
+    return parser
+
+
+def _version() -> str:
+    from evomerge import __version__
+
+    return f"evomerge {__version__}"
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.verb == "merge":
+        from evomerge.engine.merge import merge_to_disk
+
+        result = merge_to_disk(
+            args.recipe,
+            args.out,
+            device=args.device,
+            seed=args.seed,
+            shard_size=args.out_shard_size,
+            copy_tokenizer=args.copy_tokenizer,
+            allow_crimes=args.allow_crimes,
+            allow_bin=args.allow_bin,
+            force=args.force,
+            recipe_text=open(args.recipe, encoding="utf-8").read(),
+        )
+        print(f"merged {result.n_tensors} tensors into {args.out} in {result.seconds:.1f}s ({result.bytes_out / 1e6:.1f} MB); tensor hash {result.digest[:16]}")
+        return 0
+    if args.verb == "zoo":
+        from evomerge.zoo import main_zoo
+
+        return int(main_zoo(out=args.out, size=args.size, seed=args.seed) or 0)
+    if args.verb == "search":
+        from evomerge.study import main_search
+
+        return int(main_search(args) or 0)
+    if args.verb == "export":
+        from evomerge.export import main_export
+
+        return int(main_export(args) or 0)
+    if args.verb == "results":
+        from evomerge.results import main_results
+
+        return int(main_results(args) or 0)
+    if args.verb == "report":
+        from evomerge.report import main_report
+
+        return int(main_report(args) or 0)
+    raise AssertionError(args.verb)  # pragma: no cover - argparse restricts verbs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``evomerge`` console script; returns the exit code."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except EvomergeError as e:
+        print(f"evomerge: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evomerge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
