@@ -28,7 +28,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output directory (must be absent or empty unless --force)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--out-shard-size", default="5GB", help="maximum shard size, e.g. 2GB or 500M (default: 5GB)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random masks (dare, della) (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed of random masks (dare, della) (default: the recipe's `# evomerge-seed: N` comment, else 0)")
     p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True, help="copy tokenizer files from the base model or tokenizer_source (default: on)")
     p.add_argument("--allow-crimes", action="store_true", help="merge models of different architectures when tensor shapes match")
     p.add_argument("--allow-bin", action="store_true", help="also read PyTorch .bin checkpoints (torch.load with weights_only=True)")
@@ -93,7 +93,14 @@ def _version() -> str:
 def _run(args: argparse.Namespace) -> int:
     if args.verb == "merge":
         from evomerge.engine.merge import merge_to_disk
+        from evomerge.export import seed_from_text
 
+        try:
+            text = open(args.recipe, encoding="utf-8").read()
+        except OSError as e:
+            raise EvomergeError(f"{args.recipe}: cannot read recipe: {one_line(e.strerror or e)}") from None
+        if args.seed is None:
+            args.seed = seed_from_text(text) or 0
         result = merge_to_disk(
             args.recipe,
             args.out,
@@ -104,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
             allow_crimes=args.allow_crimes,
             allow_bin=args.allow_bin,
             force=args.force,
-            recipe_text=open(args.recipe, encoding="utf-8").read(),
+            recipe_text=text,
         )
         print(f"merged {result.n_tensors} tensors into {args.out} in {result.seconds:.1f}s ({result.bytes_out / 1e6:.1f} MB); tensor hash {result.digest[:16]}")
         return 0

@@ -1,0 +1,158 @@
+"""``evomerge export``: a trial's recipe as a plain mergekit YAML, optionally merged to disk.
+
+The recipe is exactly what the trial merged (stored with the trial), so ``evomerge merge`` of
+the exported file reproduces the trial's tensors (same hash). Comments on top record the study,
+the trial, its scores, the seed of random masks and the contamination flags; mergekit ignores
+comments, so ``mergekit-yaml best.yml out`` accepts the file for the methods it has.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.config import dump_yaml, parse_recipe
+from evomerge.errors import EvomergeError
+from evomerge.results import best_row, load_study, study_paths, trials_frame
+
+__all__ = ["export_recipe", "main_export", "SEED_PRAGMA", "seed_from_text"]
+
+# A comment line `evomerge merge` reads when --seed is not given, so exported recipes of random
+# methods (dare, della) re-merge to the trial's tensors without extra flags.
+SEED_PRAGMA = "# evomerge-seed: {seed}"
+_SEED_RE = re.compile(r"^#\s*evomerge-seed:\s*(\d+)\s*$", re.M)
+
+
+def seed_from_text(text: str) -> int | None:
+    """The seed recorded by :data:`SEED_PRAGMA` in a recipe's text, if any."""
+    m = _SEED_RE.search(text)
+    return int(m.group(1)) if m else None
+
+
+def _num(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def _atomic_write(path: Path, text: str, force: bool) -> None:
+    if path.exists() and not force:
+        raise EvomergeError(f"-o {path}: file exists (pass --force to overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_recipe(study: Any, *, trial: int | None = None, space_file: str | None = None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The exported recipe text of a trial.
+
+    Args:
+        study: the Optuna study.
+        trial: trial number; default: best by holdout among finalists, else by search score.
+        space_file: named in the header.
+
+    Returns:
+        ``(text, recipe mapping, info)``; info has ``number``, ``digest``, ``seed``, ``section``
+        (the markdown contamination section for a model card).
+
+    Raises:
+        EvomergeError: no such trial, or it did not complete.
+    """
+    from evomerge import flags
+
+    df = trials_frame(study)
+    if trial is None:
+        row = best_row(df)
+        if row is None:
+            raise EvomergeError(f"study {study.study_name!r} has no completed trial to export")
+        number = int(row["number"])
+    else:
+        number = trial
+        hits = df[(df["number"] == number)] if len(df) else df
+        if hits.empty:
+            raise EvomergeError(f"--trial {number}: study {study.study_name!r} has no trial {number} (it has 0..{len(study.trials) - 1})")
+        row = hits.iloc[0]
+        if row["state"] != "COMPLETE":
+            raise EvomergeError(f"--trial {number}: trial {number} is {row['state']}, not COMPLETE" + (f" ({row['error']})" if row.get("error") else ""))
+    t = study.trials[number]
+    recipe = yaml.safe_load(t.user_attrs["recipe"])
+    seed = int(study.user_attrs.get("seed", 0))
+    score, score_se = _num(row.get("score")), _num(row.get("score_se"))
+    hold, hold_se = _num(row.get("holdout")), _num(row.get("holdout_se"))
+    assessment = _assessment(study)
+    section = ""
+    if assessment is not None:
+        section = flags.render_contamination_section(
+            assessment, search=(score, score_se or 0.0) if score is not None else None,
+            holdout=(hold, hold_se or 0.0) if hold is not None else None,
+            probe=study.user_attrs.get(f"probe:{number}"))
+    head = [
+        f"# Exported by evomerge from study {study.study_name!r}" + (f" (space {space_file})" if space_file else "") + f", trial {number}.",
+        f"# Search score {score:.4f} ± {score_se or 0:.4f} on: {', '.join(study.user_attrs.get('search_tasks', []))}" if score is not None else "# Search score: -",
+        (f"# Holdout score {hold:.4f} ± {hold_se or 0:.4f} on: {', '.join(study.user_attrs.get('holdout_tasks', []))}" if hold is not None
+         else "# Holdout score: not measured for this trial"),
+        f"# Tensor hash of the merge: {t.user_attrs.get('digest', '')}",
+        f"# Reproduce: evomerge merge THIS_FILE OUT_DIR   (random masks use seed {seed}, read from the next line)",
+        SEED_PRAGMA.format(seed=seed),
+        "#",
+    ]
+    if section:
+        head += [ln for ln in flags.as_comments(section).splitlines()]
+        head.append("#")
+    text = "\n".join(head) + "\n" + dump_yaml(recipe)
+    parse_recipe(yaml.safe_load(text), "exported recipe")  # what we write must load as a recipe
+    return text, recipe, {"number": number, "digest": t.user_attrs.get("digest", ""), "seed": seed, "section": section}
+
+
+def _assessment(study: Any) -> Any:
+    """Rebuild the flags assessment from the stored space (cheap: reads model cards only)."""
+    from evomerge import flags
+
+    try:
+        refs = study.user_attrs.get("model_refs", [])
+        return flags.assess(refs, study.user_attrs.get("search_tasks", []), study.user_attrs.get("holdout_tasks", []),
+                            include_path=study.user_attrs.get("include_path"))
+    except Exception:
+        return None
+
+
+def main_export(args: Any) -> int:
+    """``evomerge export space.yml [--trial N] -o best.yml [--merge OUT_DIR]``."""
+    from evomerge.space import load_space
+
+    space = load_space(args.space)
+    paths = study_paths(args.space, study=args.study, space_study=space.study_name, storage=args.storage,
+                        space_storage=space.storage, results_dir=args.results_dir)
+    study = load_study(paths)
+    text, recipe, info = export_recipe(study, trial=args.trial, space_file=args.space)
+    out = Path(args.output)
+    if args.merge:
+        from evomerge.engine.merge import merge_to_disk
+
+        if Path(args.merge).exists() and any(Path(args.merge).iterdir()) and not args.force:
+            raise EvomergeError(f"--merge {args.merge}: directory is not empty (pass --force to replace it)")
+    _atomic_write(out, text, args.force)
+    print(f"wrote {out}: trial {info['number']} of study {paths.name}")
+    if args.merge:
+        result = merge_to_disk(recipe, args.merge, device=args.device, seed=info["seed"], force=args.force,
+                               card_extra=info["section"], recipe_text=text)
+        same = result.digest == info["digest"]
+        print(f"merged into {args.merge} in {result.seconds:.1f}s; tensor hash {result.digest[:16]} "
+              + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:16]}"))
+        if not same:
+            raise EvomergeError(f"--merge: the re-merged tensors differ from trial {info['number']}'s (hash {result.digest[:16]} vs {info['digest'][:16]})")
+    return 0

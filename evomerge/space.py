@@ -1,0 +1,692 @@
+"""Search spaces: a mergekit recipe in which any value may be a search directive.
+
+A directive is a small mapping put where a plain value would go::
+
+    weight:  {range: [0.1, 1.0]}              # float, uniform
+    lambda:  {range: [0.5, 2.0], log: true}   # float, log-uniform (also: step: 0.05)
+    density: {range: [0.2, 1.0], per_layers: 8}   # one value per group of 8 layers
+    t:       {range: [0, 1], anchors: 5}      # a gradient: 5 searched anchor values
+    merge_method: {choice: [ties, dare_ties, task_arithmetic]}
+    layer_range: [{int: [0, 8]}, {int: [16, 32]}] # start and end searched (passthrough)
+
+``choice`` may appear wherever a plain value may (method, dtype, a model reference...). When the
+method is a choice, each method's own parameters are only sampled (and only written) when that
+method is chosen: a parameter the chosen method does not declare is left out of the recipe.
+
+Rendering a space at a point gives a plain recipe mapping that :func:`evomerge.config.parse_recipe`
+accepts, so everything after sampling is the ordinary merge path. A plain mergekit recipe is a
+space with no directives: exactly one point.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evomerge.config import parse_recipe, read_yaml
+from evomerge.engine.methods import METHODS, get_method
+from evomerge.errors import ConfigError, did_you_mean
+
+__all__ = ["Directive", "Space", "SearchSettings", "load_space", "SAMPLERS"]
+
+_KINDS = ("range", "int", "choice")
+_MODIFIERS = ("log", "step", "anchors", "per_layers")
+_SECTIONS = ("evaluate", "search", "study")
+SAMPLERS = ("tpe", "cmaes", "random", "gp", "nsga2")
+_SEARCH_KEYS = ("sampler", "trials", "seed", "baselines", "finalists", "objectives", "mask_seed", "startup_trials")
+_STUDY_KEYS = ("name", "storage")
+
+
+@dataclass(frozen=True)
+class Directive:
+    """One searched value (or a list of them, for ``anchors``/``per_layers``).
+
+    Attributes:
+        kind: ``float``, ``int`` or ``choice``.
+        name: the Optuna parameter name (and ``p_<name>`` column of the results table).
+        path: where it is written in the space file, for error messages.
+        low, high, log, step: the range of numbers.
+        choices: the options of a ``choice``.
+        anchors: a gradient of this many searched values.
+        per_layers: one value per group of this many consecutive layers.
+    """
+
+    kind: str
+    name: str
+    path: str
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+    anchors: int | None = None
+    per_layers: int | None = None
+
+    def names(self, n_layers: int | None = None) -> list[str]:
+        """The Optuna parameter names this directive samples."""
+        if self.anchors:
+            return [f"{self.name}.{i}" for i in range(self.anchors)]
+        if self.per_layers:
+            groups = math.ceil((n_layers or self.per_layers) / self.per_layers)
+            return [f"{self.name}.g{i}" for i in range(groups)]
+        return [self.name]
+
+    def contains(self, value: Any) -> bool:
+        """Whether a plain value is a point of this directive (for hand recipes)."""
+        if self.kind == "choice":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return self.low - 1e-12 <= value <= self.high + 1e-12
+
+
+Suggest = Callable[[str, Directive], Any]
+LayersOf = Callable[[str], int]
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The ``search:`` section."""
+
+    sampler: str = "tpe"
+    trials: int = 40
+    seed: int = 0
+    finalists: int = 5
+    baselines: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+    objectives: tuple[str, ...] = ()
+    startup_trials: int | None = None
+
+
+@dataclass
+class Space:
+    """A parsed search space.
+
+    Attributes:
+        file: the space file (for messages) and ``base_dir`` (relative paths in it).
+        tree: the recipe with :class:`Directive` objects where values are searched.
+        directives: every directive, in file order.
+        evaluate: the raw ``evaluate:`` section (parsed by :mod:`evomerge.evaluate`).
+        search: the ``search:`` settings.
+        study_name, storage: the ``study:`` section (``None`` when absent).
+    """
+
+    file: str
+    base_dir: Path
+    tree: dict[str, Any]
+    directives: list[Directive]
+    evaluate: Mapping[str, Any] | None
+    search: SearchSettings
+    study_name: str | None = None
+    storage: str | None = None
+    _names: set[str] = field(default_factory=set, repr=False)
+
+    @property
+    def is_fixed(self) -> bool:
+        """True for a plain recipe (one point)."""
+        return not self.directives
+
+    def model_refs(self) -> list[str]:
+        """Every model reference the space can use (choices included), base first."""
+        out: list[str] = []
+
+        def add(v: Any) -> None:
+            if isinstance(v, Directive):
+                for c in v.choices:
+                    add(c)
+            elif isinstance(v, str) and v not in out:
+                out.append(v)
+
+        add(self.tree.get("base_model"))
+        for m in self.tree.get("models") or ():
+            add(m.get("model"))
+        for s in self.tree.get("slices") or ():
+            add(s.get("base_model"))
+            for src in s.get("sources") or ():
+                add(src.get("model"))
+        return out
+
+    def methods(self) -> list[str]:
+        """The merge methods the space can choose."""
+        m = self.tree.get("merge_method")
+        return list(m.choices) if isinstance(m, Directive) else [m]
+
+    def render(self, suggest: Suggest, layers_of: LayersOf) -> dict[str, Any]:
+        """The plain recipe at the point ``suggest`` picks.
+
+        Args:
+            suggest: ``(parameter name, directive) -> value``, e.g. an Optuna trial's suggest_*.
+            layers_of: number of layers of a model reference (for ``per_layers``).
+
+        Returns:
+            A recipe mapping (no directives left).
+        """
+        return _Renderer(self, suggest, layers_of).recipe()
+
+    def render_values(self, values: Mapping[str, Any], layers_of: LayersOf) -> dict[str, Any]:
+        """The plain recipe at stored parameter values (a trial's ``params``)."""
+
+        def suggest(name: str, d: Directive) -> Any:
+            if name not in values:
+                raise KeyError(f"no value for searched parameter {name!r}")
+            return values[name]
+
+        return self.render(suggest, layers_of)
+
+    def values_of(self, recipe: Mapping[str, Any], layers_of: LayersOf) -> dict[str, Any] | None:
+        """The parameter values that render to ``recipe`` (a hand recipe), or ``None`` when the
+        recipe is not a point of this space (other structure, or values outside the ranges)."""
+        found: dict[str, Any] = {}
+
+        def suggest(name: str, d: Directive) -> Any:
+            if name not in found:
+                raise _NotInSpace
+            return found[name]
+
+        try:
+            _collect(self.tree, recipe, found, self, layers_of)
+            rendered = self.render(suggest, layers_of)
+        except (_NotInSpace, KeyError, TypeError, IndexError):
+            return None
+        return found if _same(rendered, recipe) else None
+
+
+class _NotInSpace(Exception):
+    pass
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        keys = {k for k in a if a[k] is not None} | {k for k in b if b[k] is not None}
+        return all(_same(a.get(k), b.get(k)) for k in keys)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def _collect(tree: Any, recipe: Any, found: dict[str, Any], space: Space, layers_of: LayersOf, n_layers: int | None = None) -> None:
+    """Read directive values off a concrete recipe that has the space's shape."""
+    if isinstance(tree, Directive):
+        names = tree.names(n_layers)
+        if tree.anchors or tree.per_layers:
+            if not isinstance(recipe, (list, tuple)):
+                raise _NotInSpace
+            if tree.anchors:
+                vals = list(recipe)
+            else:
+                g = tree.per_layers or 1
+                vals = [recipe[min(i * g, len(recipe) - 1)] for i in range(len(names))]
+            if len(vals) != len(names):
+                raise _NotInSpace
+        else:
+            vals = [recipe]
+        for n, v in zip(names, vals):
+            if not tree.contains(v):
+                raise _NotInSpace
+            found[n] = v
+        return
+    if isinstance(tree, Mapping):
+        if not isinstance(recipe, Mapping):
+            raise _NotInSpace
+        for k, v in tree.items():
+            if k in recipe:
+                sub_layers = n_layers
+                if k == "models":
+                    sub_layers = None
+                _collect(v, recipe[k], found, space, layers_of, _layers_hint(tree, recipe, k, layers_of, sub_layers))
+        return
+    if isinstance(tree, list):
+        if not isinstance(recipe, (list, tuple)) or len(recipe) != len(tree):
+            raise _NotInSpace
+        for x, y in zip(tree, recipe):
+            _collect(x, y, found, space, layers_of, n_layers)
+
+
+def _layers_hint(tree: Mapping[str, Any], recipe: Mapping[str, Any], key: str, layers_of: LayersOf, current: int | None) -> int | None:
+    if key in ("models", "parameters") and "merge_method" in tree:
+        ref = recipe.get("base_model") or next((m.get("model") for m in recipe.get("models") or ()), None)
+        if isinstance(ref, str):
+            try:
+                return layers_of(ref)
+            except Exception:
+                return None
+    return current
+
+
+class _Renderer:
+    def __init__(self, space: Space, suggest: Suggest, layers_of: LayersOf) -> None:
+        self.space = space
+        self.suggest = suggest
+        self.layers_of = layers_of
+
+    def value(self, v: Any, n_layers: int | None = None) -> Any:
+        if isinstance(v, Directive):
+            names = v.names(n_layers)
+            vals = [self.suggest(n, v) for n in names]
+            if v.anchors:
+                return vals
+            if v.per_layers:
+                n = n_layers or v.per_layers
+                return [vals[i // v.per_layers] for i in range(n)]
+            return vals[0]
+        if isinstance(v, Mapping):
+            return {k: self.value(x, n_layers) for k, x in v.items()}
+        if isinstance(v, list):
+            return [self.value(x, n_layers) for x in v]
+        return v
+
+    def params(self, block: Any, method: str, scopes: tuple[str, ...], n_layers: int | None) -> Any:
+        if not isinstance(block, Mapping):
+            return self.value(block, n_layers)
+        decl = {p.name: p for p in get_method(method).params} if method in METHODS else None
+        out = {}
+        for k, v in block.items():
+            if decl is not None and (k not in decl or decl[k].scope not in scopes):
+                continue  # not a parameter of the chosen method: neither sampled nor written
+            out[k] = self.value(v, n_layers)
+        return out
+
+    def recipe(self) -> dict[str, Any]:
+        tree = self.space.tree
+        out: dict[str, Any] = {}
+        method = self.value(tree.get("merge_method"))
+        out["merge_method"] = method
+        for k in ("base_model", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template"):
+            if k in tree:
+                out[k] = self.value(tree[k])
+        base = out.get("base_model")
+        shared = ("shared",)
+        per_model = ("input", "non_base")
+        if "models" in tree:
+            first = base if isinstance(base, str) else None
+            models = []
+            for m in tree["models"]:
+                ref = self.value(m.get("model"))
+                n = self._layers(first or ref)
+                entry = {"model": ref}
+                if "parameters" in m:
+                    entry["parameters"] = self.params(m["parameters"], method, per_model, n)
+                    if not entry["parameters"]:
+                        del entry["parameters"]
+                models.append(entry)
+            out["models"] = models
+            n_global = self._layers(first or models[0]["model"]) if models else None
+        if "slices" in tree:
+            slices = []
+            for s in tree["slices"]:
+                sl: dict[str, Any] = {}
+                srcs = []
+                n_slice = None
+                for src in s.get("sources") or ():
+                    e: dict[str, Any] = {"model": self.value(src.get("model"))}
+                    if "layer_range" in src:
+                        lr = self.value(src["layer_range"])
+                        e["layer_range"] = lr
+                        if isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr):
+                            n_slice = lr[1] - lr[0]
+                    srcs.append(e)
+                for e, src in zip(srcs, s.get("sources") or ()):
+                    if "parameters" in src:
+                        e["parameters"] = self.params(src["parameters"], method, per_model, n_slice)
+                sl["sources"] = srcs
+                for k in s:
+                    if k == "parameters":
+                        sl[k] = self.params(s[k], method, shared + per_model, n_slice)
+                    elif k != "sources":
+                        sl[k] = self.value(s[k])
+                slices.append(sl)
+            out["slices"] = slices
+            n_global = None
+        if "parameters" in tree:
+            p = self.params(tree["parameters"], method, shared + per_model, n_global)
+            if p:
+                out["parameters"] = p
+        return out
+
+    def _layers(self, ref: Any) -> int | None:
+        return self.layers_of(ref) if isinstance(ref, str) else None
+
+
+# ----------------------------------------------------------------------------- parsing
+class _SpaceParser:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.directives: list[Directive] = []
+        self.names: set[str] = set()
+
+    def err(self, fld: str, msg: str) -> ConfigError:
+        return ConfigError(self.file, fld, msg)
+
+    def unique(self, name: str) -> str:
+        base, i = name, 2
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def directive(self, m: Mapping[str, Any], fld: str, name: str, *, numbers_only: bool = False, ints: bool = False) -> Directive:
+        keys = [str(k) for k in m]
+        kinds = [k for k in keys if k in _KINDS]
+        for k in keys:
+            if k not in _KINDS and k not in _MODIFIERS:
+                raise self.err(f"{fld}.{k}", f"unknown search directive{did_you_mean(k, _KINDS + _MODIFIERS)}")
+        if len(kinds) != 1:
+            raise self.err(fld, "a search directive needs exactly one of range: [low, high], int: [low, high] or choice: [options]")
+        kind = kinds[0]
+        spec = m[kind]
+        f = f"{fld}.{kind}"
+        anchors, per_layers = m.get("anchors"), m.get("per_layers")
+        for key, val in (("anchors", anchors), ("per_layers", per_layers)):
+            if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
+                raise self.err(f"{fld}.{key}", f"must be a positive integer, got {val!r}")
+        if anchors and per_layers:
+            raise self.err(fld, "give anchors or per_layers, not both")
+        if kind == "choice":
+            if not isinstance(spec, list) or not spec:
+                raise self.err(f, f"must be a non-empty list of options, got {spec!r}")
+            if any(isinstance(c, (Mapping, list)) for c in spec):
+                raise self.err(f, "options must be plain values (numbers, strings, booleans)")
+            if len(set(map(repr, spec))) != len(spec):
+                raise self.err(f, f"lists an option twice: {spec!r}")
+            for k in ("log", "step"):
+                if k in m:
+                    raise self.err(f"{fld}.{k}", "applies to range and int, not choice")
+            d = Directive("choice", self.unique(name), fld, choices=tuple(spec), anchors=anchors, per_layers=per_layers)
+        else:
+            if not (isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in spec)):
+                raise self.err(f, f"must be [low, high] with two numbers, got {spec!r}")
+            low, high = spec
+            if kind == "int" and not all(isinstance(x, int) for x in spec):
+                raise self.err(f, f"int bounds must be integers, got {spec!r}")
+            if not low < high:
+                raise self.err(f, f"empty range: `low < high` must hold, but got (low={low}, high={high}); for a fixed value write the value itself")
+            log = m.get("log", False)
+            if not isinstance(log, bool):
+                raise self.err(f"{fld}.log", f"must be true or false, got {log!r}")
+            if log and low <= 0:
+                raise self.err(f"{fld}.log", f"a log range needs low > 0, got {low}")
+            step = m.get("step")
+            if step is not None:
+                if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 or step > high - low:
+                    raise self.err(f"{fld}.step", f"must be a number in (0, high - low], got {step!r}")
+                if log:
+                    raise self.err(f"{fld}.step", "cannot be combined with log: true")
+            d = Directive("int" if kind == "int" else "float", self.unique(name), fld, float(low) if kind == "range" else low,
+                          float(high) if kind == "range" else high, log, step, anchors=anchors, per_layers=per_layers)
+        if ints and d.kind == "float":
+            raise self.err(fld, "layer indices take int: [low, high], not range")
+        if numbers_only and d.kind == "choice" and not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in d.choices):
+            raise self.err(f, "options of a parameter value must be numbers")
+        self.directives.append(d)
+        return d
+
+    def is_directive(self, v: Any) -> bool:
+        return isinstance(v, Mapping) and not ({"filter", "value"} & set(map(str, v)))
+
+    def scalar(self, v: Any, fld: str, name: str, *, allow_list: bool = False) -> Any:
+        if isinstance(v, Mapping):
+            return self.directive(v, fld, name)
+        return v
+
+    def param_value(self, v: Any, fld: str, name: str) -> Any:
+        """A parameter setting: scalar, gradient list, {filter, value} or a list of those."""
+        if self.is_directive(v):
+            return self.directive(v, fld, name, numbers_only=True)
+        if isinstance(v, Mapping):  # {filter, value}
+            out = dict(v)
+            flt = v.get("filter")
+            sub = f"{name}.{_slug(flt) if flt else 'rest'}"
+            if "value" in v:
+                out["value"] = self.param_value(v["value"], f"{fld}.value", sub)
+            return out
+        if isinstance(v, list):
+            if any(isinstance(x, Mapping) and not self.is_directive(x) for x in v):
+                return [self.param_value(x, f"{fld}[{i}]", name) for i, x in enumerate(v)]
+            return [self.directive(x, f"{fld}[{i}]", f"{name}.{i}", numbers_only=True) if isinstance(x, Mapping) else x
+                    for i, x in enumerate(v)]
+        return v
+
+    def params(self, block: Any, fld: str, suffix: str) -> Any:
+        if not isinstance(block, Mapping):
+            return block  # parse_recipe reports the type error
+        return {k: self.param_value(v, f"{fld}.{k}", f"{k}{suffix}") for k, v in block.items()}
+
+
+def _slug(text: Any) -> str:
+    s = re.sub(r"[^A-Za-z0-9_]+", "_", str(text)).strip("_")
+    return s or "x"
+
+
+def _short(ref: Any) -> str:
+    return _slug(str(ref).rstrip("/").split("/")[-1].split(":")[-1]) if isinstance(ref, str) else "model"
+
+
+def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
+    """Validate a space mapping (see :func:`load_space`)."""
+    p = _SpaceParser(file)
+    if not isinstance(data, Mapping):
+        raise p.err("", f"a search space must be a mapping (a mergekit recipe plus evaluate:/search:/study:), got {type(data).__name__}")
+    tree: dict[str, Any] = {}
+    for k, v in data.items():
+        if k in _SECTIONS:
+            continue
+        if k == "merge_method":
+            tree[k] = p.directive(v, k, "method") if isinstance(v, Mapping) else v
+        elif k in ("base_model", "dtype", "out_dtype", "tokenizer_source"):
+            tree[k] = p.scalar(v, k, k)
+        elif k == "parameters":
+            tree[k] = p.params(v, k, "")
+        elif k == "models" and isinstance(v, list):
+            models = []
+            shorts = [_short(m.get("model")) if isinstance(m, Mapping) else "model" for m in v]
+            for i, m in enumerate(v):
+                if not isinstance(m, Mapping):
+                    models.append(m)
+                    continue
+                e = dict(m)
+                suffix = f".{shorts[i]}" if shorts.count(shorts[i]) == 1 else f".{i}"
+                if "model" in m:
+                    e["model"] = p.scalar(m["model"], f"models[{i}].model", f"model{suffix}")
+                if "parameters" in m:
+                    e["parameters"] = p.params(m["parameters"], f"models[{i}].parameters", suffix)
+                models.append(e)
+            tree[k] = models
+        elif k == "slices" and isinstance(v, list):
+            slices = []
+            for i, s in enumerate(v):
+                if not isinstance(s, Mapping):
+                    slices.append(s)
+                    continue
+                e = dict(s)
+                srcs = []
+                for j, src in enumerate(s.get("sources") or []):
+                    if not isinstance(src, Mapping):
+                        srcs.append(src)
+                        continue
+                    se = dict(src)
+                    f = f"slices[{i}].sources[{j}]"
+                    tag = f"s{i}.{j}" if len(s.get("sources") or []) > 1 else f"s{i}"
+                    if "model" in src:
+                        se["model"] = p.scalar(src["model"], f"{f}.model", f"{tag}.model")
+                    lr = src.get("layer_range")
+                    if isinstance(lr, list):
+                        se["layer_range"] = [p.directive(x, f"{f}.layer_range[{n}]", f"{tag}.{('start', 'end')[n] if n < 2 else n}", ints=True)
+                                             if isinstance(x, Mapping) else x for n, x in enumerate(lr)]
+                        if any(isinstance(x, Directive) and (x.anchors or x.per_layers) for x in se["layer_range"]):
+                            raise p.err(f"{f}.layer_range", "layer indices take plain int: [low, high] directives")
+                    if "parameters" in src:
+                        se["parameters"] = p.params(src["parameters"], f"{f}.parameters", f".{tag}")
+                    srcs.append(se)
+                if "sources" in s:
+                    e["sources"] = srcs
+                if "parameters" in s:
+                    e["parameters"] = p.params(s["parameters"], f"slices[{i}].parameters", f".s{i}")
+                slices.append(e)
+            tree[k] = slices
+        else:
+            tree[k] = v
+    method = tree.get("merge_method")
+    if isinstance(method, Directive):
+        for c in method.choices:
+            if c not in METHODS:
+                raise p.err("merge_method.choice", f"unknown merge_method {c!r}{did_you_mean(str(c), METHODS)}")
+    search = _search_settings(data.get("search"), p)
+    study_name, storage = _study_section(data.get("study"), p)
+    _check_sampler(search, p)
+    space = Space(file, base_dir or Path(file).resolve().parent, tree, p.directives, data.get("evaluate"), search, study_name, storage, p.names)
+    _validate_corner(space)
+    return space
+
+
+def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
+    if section is None:
+        return SearchSettings()
+    if not isinstance(section, Mapping):
+        raise p.err("search", f"must be a mapping with keys {', '.join(_SEARCH_KEYS)}")
+    for k in section:
+        if k not in _SEARCH_KEYS:
+            raise p.err(f"search.{k}", f"unknown key{did_you_mean(str(k), _SEARCH_KEYS)}")
+    sampler = section.get("sampler", "tpe")
+    if sampler not in SAMPLERS:
+        raise p.err("search.sampler", f"unknown sampler {sampler!r}{did_you_mean(str(sampler), SAMPLERS)}")
+    trials = section.get("trials", 40)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials <= 0:
+        raise p.err("search.trials", f"must be a positive integer, got {trials!r}")
+    seed = section.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise p.err("search.seed", f"must be a non-negative integer, got {seed!r}")
+    finalists = section.get("finalists", 5)
+    if not isinstance(finalists, int) or isinstance(finalists, bool) or finalists < 0:
+        raise p.err("search.finalists", f"must be a non-negative integer, got {finalists!r}")
+    startup = section.get("startup_trials")
+    if startup is not None and (not isinstance(startup, int) or isinstance(startup, bool) or startup < 0):
+        raise p.err("search.startup_trials", f"must be a non-negative integer, got {startup!r}")
+    objectives = section.get("objectives", ())
+    if isinstance(objectives, str):
+        objectives = (objectives,)
+    if not isinstance(objectives, (list, tuple)) or not all(isinstance(o, str) for o in objectives):
+        raise p.err("search.objectives", "must be a list of task names (or `tasks` for every search task)")
+    baselines = []
+    raw = section.get("baselines") or []
+    if not isinstance(raw, list):
+        raise p.err("search.baselines", "must be a list of {name, recipe} hand recipes (recipe: a mergekit recipe mapping or a file path)")
+    for i, b in enumerate(raw):
+        f = f"search.baselines[{i}]"
+        if not isinstance(b, Mapping) or "recipe" not in b:
+            raise p.err(f, "must be {name: ..., recipe: <mergekit recipe mapping or file>}")
+        for k in b:
+            if k not in ("name", "recipe"):
+                raise p.err(f"{f}.{k}", f"unknown key{did_you_mean(str(k), ('name', 'recipe'))}")
+        name = str(b.get("name") or f"hand_{i}")
+        recipe = b["recipe"]
+        if isinstance(recipe, str):
+            path = Path(recipe).expanduser()
+            if not path.is_absolute():
+                path = Path(p.file).resolve().parent / path
+            if not path.is_file():
+                raise p.err(f"{f}.recipe", f"recipe file {recipe!r} not found")
+            recipe = read_yaml(path)
+        parse_recipe(recipe, f"{p.file} ({f}.recipe)")
+        baselines.append((name, recipe))
+    return SearchSettings(sampler, trials, seed, finalists, tuple(baselines), tuple(objectives), startup)
+
+
+def _study_section(section: Any, p: _SpaceParser) -> tuple[str | None, str | None]:
+    if section is None:
+        return None, None
+    if isinstance(section, str):
+        return section, None
+    if not isinstance(section, Mapping):
+        raise p.err("study", "must be a mapping {name, storage} or a study name")
+    for k in section:
+        if k not in _STUDY_KEYS:
+            raise p.err(f"study.{k}", f"unknown key{did_you_mean(str(k), _STUDY_KEYS)}")
+    name = section.get("name")
+    if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name)):
+        raise p.err("study.name", f"must be a plain name (letters, digits, _ . -), got {name!r}")
+    storage = section.get("storage")
+    if storage is not None and not isinstance(storage, str):
+        raise p.err("study.storage", f"must be an Optuna storage URL string, got {storage!r}")
+    return name, storage
+
+
+def _check_sampler(search: SearchSettings, p: _SpaceParser) -> None:
+    if search.sampler == "cmaes":
+        cats = [d for d in p.directives if d.kind == "choice"]
+        if cats:
+            raise p.err("search.sampler", f"cmaes cannot sample categorical parameters ({cats[0].path} is a choice); use tpe, gp, random or nsga2, or make it a range")
+    if search.objectives and search.sampler not in ("nsga2", "tpe", "random"):
+        raise p.err("search.objectives", f"several objectives need sampler nsga2, tpe or random, not {search.sampler}")
+
+
+def _corner(d: Directive) -> Any:
+    if d.kind == "choice":
+        return d.choices[0]
+    if d.kind == "int":
+        return int(d.low)
+    return d.low if d.log else (d.low + d.high) / 2
+
+
+def _validate_corner(space: Space) -> None:
+    """Check the recipe part against the mergekit schema at one point of the space per method,
+    so typos and unknown parameters are reported at load, naming the space file."""
+    method_dir = space.tree.get("merge_method")
+    methods = method_dir.choices if isinstance(method_dir, Directive) else (method_dir,)
+    for method in methods:
+        def suggest(name: str, d: Directive, _m: Any = method) -> Any:
+            if d is method_dir:
+                return _m
+            if d.kind == "int" and d.path.endswith("layer_range[1]"):
+                return int(d.high)
+            return _corner(d)
+
+        recipe = space.render(suggest, lambda ref: 8)
+        parse_recipe(_with_raw_params(space, recipe), space.file)
+
+
+def _with_raw_params(space: Space, recipe: dict[str, Any]) -> dict[str, Any]:
+    """For schema checks, keep parameters the chosen method does not declare (so a typo such as
+    ``wieght`` is reported instead of silently dropped) unless the method is itself searched."""
+    if isinstance(space.tree.get("merge_method"), Directive):
+        return recipe
+    out = dict(recipe)
+    if "parameters" in space.tree:
+        out["parameters"] = {**{k: 0 for k in space.tree["parameters"]}, **(recipe.get("parameters") or {})}
+    if "models" in space.tree and "models" in recipe:
+        models = []
+        for m, r in zip(space.tree["models"], recipe["models"]):
+            r = dict(r)
+            if isinstance(m, Mapping) and isinstance(m.get("parameters"), Mapping):
+                extra = {k: 0 for k in m["parameters"] if k not in (r.get("parameters") or {})}
+                if extra:
+                    r["parameters"] = {**(r.get("parameters") or {}), **extra}
+            models.append(r)
+        out["models"] = models
+    return out
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and validate a search space file.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The :class:`Space`.
+
+    Raises:
+        ConfigError: the file is missing or malformed, a directive is invalid, or the recipe part
+            does not satisfy the mergekit schema (messages name the file and the field).
+
+    Example:
+        >>> space = load_space("search_spaces/demo.yml")   # doctest: +SKIP
+        >>> [d.name for d in space.directives][:2]          # doctest: +SKIP
+        ['method', 'weight.add']
+    """
+    path = Path(path)
+    return parse_space(read_yaml(path), str(path), path.resolve().parent)
