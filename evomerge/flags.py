@@ -53,7 +53,7 @@ __all__ = [
     "FLAG_COLUMNS", "MERGE_TAGS", "PUBLIC_BENCHMARKS", "Card", "Lineage", "DatasetHit",
     "OverfitResult", "Assessment", "read_card", "default_resolve", "model_lineage",
     "task_datasets", "eval_data_in_training", "public_benchmark_tasks", "overfit",
-    "overfit_columns", "source_flags", "assess", "flag_marks", "legend",
+    "overfit_columns", "source_flags", "assess", "flag_raised", "flag_marks", "legend",
     "render_contamination_section", "as_comments",
 ]
 
@@ -630,6 +630,12 @@ def _truthy(v: Any) -> bool:
         return bool(v)
     except (TypeError, ValueError):
         return False
+
+
+def flag_raised(value: Any) -> bool:
+    """Is a flag cell raised? Accepts bools, ``"True"``/``"yes"``/``"1"`` (a CSV read back),
+    numbers; NaN, empty and anything else is not raised."""
+    return _truthy(value)
 
 
 def flag_marks(row: Mapping[str, Any]) -> str:
