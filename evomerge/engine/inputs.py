@@ -146,22 +146,40 @@ class TensorInputs:
         per_input: Sequence[Mapping[str, Any]],
         seed: int = 0,
         cache: PrepCache | None = None,
+        *,
+        compute_dtype: torch.dtype = torch.float32,
+        out_dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None,
     ) -> None:
         self.name = name
-        self._tensors = list(tensors)
+        self._raw = list(tensors)
+        self._tensors: list[torch.Tensor | None] = [None] * len(self._raw)
         self.keys = list(keys)
         self.base = base
         self.shared = shared
         self.per_input = per_input
         self.seed = seed
         self.cache = cache
+        self.compute_dtype = compute_dtype
+        self.out_dtype = out_dtype or compute_dtype
+        # Where a fused kernel may write its result directly (a resident model's parameter).
+        self.out = out if (out is not None and out.dtype == self.out_dtype) else None
         self._memo: dict[Hashable, Any] = {}
 
     def __len__(self) -> int:
-        return len(self._tensors)
+        return len(self._raw)
+
+    def raw(self, i: int) -> torch.Tensor:
+        """Input ``i`` as loaded (its stored dtype, or the compute dtype when resident); do not modify."""
+        return self._raw[i]
 
     def tensor(self, i: int) -> torch.Tensor:
-        return self._tensors[i]
+        """Input ``i`` in the compute dtype (converted on first use); do not modify."""
+        t = self._tensors[i]
+        if t is None:
+            t = self._raw[i].to(self.compute_dtype)
+            self._tensors[i] = t
+        return t
 
     def _cached(self, key: Hashable, make: Any) -> torch.Tensor:
         if key in self._memo:
@@ -179,24 +197,60 @@ class TensorInputs:
         b = self.base
         if b is None:
             raise ValueError("delta() needs a base input")
-        return self._cached(("delta", self.keys[i], self.keys[b]), lambda: self._tensors[i] - self._tensors[b])
+        return self._cached(("delta", self.keys[i], self.keys[b]), lambda: self.tensor(i) - self.tensor(b))
 
     def kth_largest_abs_delta(self, i: int, k: int) -> float:
         """The exact k-th largest |delta(i)|."""
+        return self.magnitude_threshold(i, k)[0]
+
+    def magnitude_threshold(self, i: int, k: int) -> tuple[float, torch.Tensor | None]:
+        """TIES threshold for input ``i``: the k-th largest ``|delta(i)|``.
+
+        Returns:
+            ``(threshold, mask)``: ``mask`` is None when exactly k entries are >= the threshold;
+            otherwise (ties at the threshold) it is the boolean mask of exactly k entries, ties
+            kept in index order.
+        """
         b = self.base
-        if self.cache is None:
-            return kth_largest(self.delta(i).abs(), k)
-        # With a cache, keep |delta| sorted once; every later density is an index lookup.
-        ordered = self._cached(
-            ("sorted_abs", self.keys[i], self.keys[b]),
-            lambda: torch.sort(self.delta(i).abs().reshape(-1)).values,
-        )
-        return float(ordered[ordered.numel() - k])
+        if b is None:
+            raise ValueError("magnitude_threshold() needs a base input")
+        if self.cache is not None:
+            # Resident: keep |delta| sorted once; every later density is an index lookup.
+            ordered = self._cached(
+                ("sorted_abs", self.keys[i], self.keys[b]),
+                lambda: torch.sort((self.tensor(i) - self.tensor(b)).abs_().reshape(-1)).values,
+            )
+            n = ordered.numel()
+            thr = ordered[n - k]
+            n_ge = n - int(torch.searchsorted(ordered, thr, right=False))
+            if n_ge == k:
+                return float(thr), None
+            absd = (self.tensor(i) - self.tensor(b)).abs_()
+            return float(thr), _keep_top_k(absd, k, float(thr))
+        from evomerge.engine.fused import abs_delta
+
+        absd = abs_delta(self, i)
+        thr = kth_largest(absd, k)
+        if int((absd >= thr).sum()) == k:
+            return thr, None
+        return thr, _keep_top_k(absd, k, thr)
 
     def uniform(self, i: int) -> torch.Tensor:
         """The fixed U[0, 1) field of input ``i`` (see :func:`uniform_field`)."""
-        t = self._tensors[i]
+        t = self._raw[i]
         return self._cached(
             ("uniform", self.seed, self.name, i, tuple(t.shape)),
             lambda: uniform_field(self.seed, self.name, i, t.shape, t.device),
         )
+
+
+def _keep_top_k(absx: torch.Tensor, k: int, threshold: float) -> torch.Tensor:
+    """Boolean mask of exactly k largest entries; ties at the threshold are kept in index order."""
+    mask = absx >= threshold
+    n = int(mask.sum())
+    if n > k:
+        tied = absx == threshold
+        keep_tied = int(tied.sum()) - (n - k)
+        order = torch.cumsum(tied.reshape(-1), 0).reshape(absx.shape)
+        mask = (absx > threshold) | (tied & (order <= keep_tied))
+    return mask

@@ -149,23 +149,44 @@ class Merger:
                 t = self.sources[ref].get(name).to(self.device, dtype)
                 self._resident[key] = t
             return t
-        return self.sources[ref].get(name).to(self.device, dtype)
+        # Streaming: keep the stored dtype (a memory map on CPU); kernels convert chunk by chunk.
+        t = self.sources[ref].get(name)
+        if not t.is_floating_point():
+            return t.to(self.device, dtype)
+        return t.to(self.device)
 
-    def _merge_task(self, plan: MergePlan, task: TensorTask) -> torch.Tensor:
+    def _merge_task(self, plan: MergePlan, task: TensorTask, out: torch.Tensor | None = None) -> torch.Tensor:
         compute = DTYPES[plan.compute_dtype]
         tensors = [self._load(ref, name, compute) for ref, name in task.inputs]
         keys: list[Hashable] = list(task.inputs)
-        inp = TensorInputs(task.out_name, tensors, keys, task.base, task.shared, list(task.per_input), self.seed, self.cache)
+        inp = TensorInputs(
+            task.out_name, tensors, keys, task.base, task.shared, list(task.per_input), self.seed, self.cache,
+            compute_dtype=compute, out_dtype=DTYPES[plan.out_dtype], out=out,
+        )
         try:
-            out = plan.recipe.method.kernel(inp)
+            result = plan.recipe.method.kernel(inp)
         except ValueError as e:
             raise MergeError(f"tensor {task.out_name}: {one_line(e)}") from None
-        if not bool(torch.isfinite(out).all()):
+        if not bool(torch.isfinite(result).all()):
             raise MergeError(f"merged tensor {task.out_name} has NaN or inf values ({plan.recipe.merge_method}, inputs: {', '.join(r for r, _ in task.inputs)})")
-        return out
+        return result
 
-    def execute(self, plan: MergePlan, sink: Callable[[str, torch.Tensor], None], *, digest: bool = True) -> MergeResult:
+    def execute(
+        self,
+        plan: MergePlan,
+        sink: Callable[[str, torch.Tensor], None],
+        *,
+        digest: bool = True,
+        targets: Mapping[str, torch.Tensor] | None = None,
+    ) -> MergeResult:
         """Merge every tensor of ``plan`` in order and hand each (cast to the output dtype) to ``sink``.
+
+        Args:
+            plan: the plan.
+            sink: receives ``(name, tensor)`` for each output tensor, in plan order.
+            digest: hash the merged tensors.
+            targets: optional destination tensors by name; fused kernels write straight into a
+                matching one (same shape, dtype, device, contiguous), and ``sink`` then receives it.
 
         Raises:
             MergeError: a merged tensor is not finite, or a method rejects its inputs.
@@ -176,7 +197,10 @@ class Merger:
         bytes_out = bytes_in = 0
         with torch.no_grad():
             for task in plan.tasks:
-                out = self._merge_task(plan, task).to(out_dtype)
+                dst = targets.get(task.out_name) if targets is not None else None
+                if dst is not None and not (dst.dtype == out_dtype and dst.device == self.device and tuple(dst.shape) == tuple(task.shape) and dst.is_contiguous()):
+                    dst = None
+                out = self._merge_task(plan, task, dst).to(out_dtype)
                 sink(task.out_name, out)
                 if digest:
                     per[task.out_name] = _tensor_digest(out)
@@ -225,9 +249,10 @@ class Merger:
             dst = targets[name]
             if tuple(dst.shape) != tuple(tensor.shape):
                 raise EvomergeError(f"in-memory merge: {name} is {list(tensor.shape)} but the model holds {list(dst.shape)}")
-            dst.data.copy_(tensor)
+            if tensor.data_ptr() != dst.data_ptr():  # fused kernels already wrote in place
+                dst.data.copy_(tensor)
 
-        return self.execute(plan, sink, digest=digest)
+        return self.execute(plan, sink, digest=digest, targets={n: t.data for n, t in targets.items()})
 
 
 def _device_memory(device: torch.device) -> int:

@@ -178,13 +178,9 @@ class Method:
 
 
 def _linear(inp: TensorInputs) -> torch.Tensor:
-    weights = [p["weight"] for p in inp.per_input]
-    out = torch.zeros_like(inp.tensor(0))
-    for i, w in enumerate(weights):
-        out.add_(inp.tensor(i), alpha=w)
-    if inp.shared["normalize"]:
-        out.div_(sum(weights))
-    return out
+    from evomerge.engine.fused import fused_linear
+
+    return fused_linear(inp)
 
 
 def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
@@ -213,9 +209,11 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: f
 
 
 def _slerp(inp: TensorInputs) -> torch.Tensor:
+    from evomerge.engine.fused import fused_slerp
+
     b = inp.base
     assert b is not None  # guaranteed by the method's declaration, checked at plan time
-    return slerp_tensors(inp.shared["t"], inp.tensor(b), inp.tensor(1 - b))
+    return fused_slerp(inp, inp.shared["t"], b, 1 - b)
 
 
 def sign_consensus(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -226,54 +224,37 @@ def sign_consensus(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
 
 
-def _rescale_l1(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    # Rescale so the kept entries carry the original L1 norm (mergekit's RescaleNorm.l1).
-    before = original.abs().sum()
-    after = masked.abs().sum()
-    if before < eps or after < eps:
-        return masked
-    return masked.mul_(before / after)
+def _keep_rule(inp: TensorInputs, i: int, kind: str | None) -> tuple[Any, ...]:
+    """How input ``i``'s task vector is sparsified, as a rule the fused combine applies chunk by chunk.
 
-
-def _keep_top_k(absx: torch.Tensor, k: int, threshold: float) -> torch.Tensor:
-    """Boolean mask of exactly k largest entries; ties at the threshold are kept by position."""
-    mask = absx >= threshold
-    n = int(mask.sum())
-    if n > k:
-        # Several entries equal the threshold: keep the earliest ones, deterministically.
-        tied = absx == threshold
-        surplus = n - k
-        n_tied = int(tied.sum())
-        keep_tied = n_tied - surplus
-        order = torch.cumsum(tied.reshape(-1), 0).reshape(absx.shape)
-        mask = (absx > threshold) | (tied & (order <= keep_tied))
-    return mask
-
-
-def _sparsify(inp: TensorInputs, i: int, kind: str, delta: torch.Tensor) -> torch.Tensor:
+    ``magnitude`` keeps the top k = int(density * n) entries by |delta| (at least one); ``random``
+    keeps where a fixed U[0, 1) field is below density (Bernoulli(density)); ``magnitude_outliers``
+    drops the top ``gamma`` fraction and then the smallest entries to keep int(density * n);
+    ``della`` keeps with probabilities ranked by |delta| within each row from density - epsilon
+    to density + epsilon.
+    """
     p = inp.per_input[i]
     density = p["density"]
-    rescale = inp.shared["rescale"]
-    if density >= 1:
-        return delta
-    n = delta.numel()
+    if kind is None or density >= 1:
+        return ("all",)
+    n = inp.raw(i).numel()
+    if n == 0:
+        return ("all",)
     if kind == "magnitude":
-        if n == 0:
-            return delta
-        k = max(1, int(density * n))
-        absd = delta.abs()
-        mask = _keep_top_k(absd, k, inp.kth_largest_abs_delta(i, k))
-    elif kind == "random":
-        mask = inp.uniform(i) < density
-    elif kind == "magnitude_outliers":
+        thr, mask = inp.magnitude_threshold(i, max(1, int(density * n)))
+        return ("ge", thr) if mask is None else ("mask", mask)
+    if kind == "random":
+        return ("lt_uniform", inp.uniform(i), density)
+    delta = inp.delta(i)
+    if kind == "magnitude_outliers":
         target = int(density * n)
         n_top = int(p["gamma"] * n)
         n_bot = max(0, n - target - n_top)
         order = torch.sort(delta.abs().reshape(-1), stable=True).indices
         mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
         mask[order[n_bot : n_bot + target]] = True
-        mask = mask.reshape(delta.shape)
-    elif kind == "della":
+        return ("mask", mask.reshape(delta.shape))
+    if kind == "della":
         eps = p["epsilon"]
         if density - eps <= 0 or density + eps >= 1:
             raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1, got density={density:g}, epsilon={eps:g}")
@@ -281,47 +262,22 @@ def _sparsify(inp: TensorInputs, i: int, kind: str, delta: torch.Tensor) -> torc
         ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(delta.dtype)
         width = max(rows.shape[1] - 1, 1)
         probs = (density - eps) + (ranks / width) * (2 * eps)
-        mask = (inp.uniform(i).reshape(rows.shape) < probs).reshape(delta.shape)
-    else:  # pragma: no cover - the registry only uses the kinds above
-        raise ValueError(kind)
-    masked = delta * mask
-    return _rescale_l1(delta, masked) if rescale else masked
+        return ("mask", (inp.uniform(i).reshape(rows.shape) < probs).reshape(delta.shape))
+    raise ValueError(kind)  # pragma: no cover - the registry only uses the kinds above
 
 
 def _task_vector_kernel(sparsifier: str | None, consensus: bool) -> Callable[[TensorInputs], torch.Tensor]:
     def kernel(inp: TensorInputs) -> torch.Tensor:
+        from evomerge.engine.fused import fused_task_vectors
+
         b = inp.base
         assert b is not None
         others = [i for i in range(len(inp)) if i != b]
-        base = inp.tensor(b)
         if not others:
-            return base.clone()
-        weights = [inp.per_input[i]["weight"] for i in others]
-        deltas = []
-        for i, w in zip(others, weights):
-            d = inp.delta(i)
-            if sparsifier is not None:
-                d = _sparsify(inp, i, sparsifier, d)
-            deltas.append(d * w)
-        if consensus:
-            elected = sign_consensus(deltas)
-            mixed = torch.zeros_like(base)
-            divisor = torch.zeros_like(base)
-            for d, w in zip(deltas, weights):
-                agree = torch.sign(d) == elected
-                mixed.add_(torch.where(agree, d, 0.0))
-                divisor.add_(agree.to(base.dtype), alpha=w)
-            divisor = torch.where(divisor == 0, 1.0, divisor)
-        else:
-            mixed = torch.stack(deltas).sum(0) if len(deltas) > 1 else deltas[0].clone()
-            total = sum(weights)
-            divisor = 1.0 if abs(total) < 1e-8 else total
-        if inp.shared["normalize"]:
-            mixed = mixed / divisor
-        lam = inp.shared["lambda"]
-        if lam != 1:
-            mixed = mixed * lam
-        return base + mixed
+            return inp.tensor(b).clone()
+        rules = [_keep_rule(inp, i, sparsifier) for i in others]
+        rescale = bool(inp.shared["rescale"]) and sparsifier is not None
+        return fused_task_vectors(inp, rules, others, consensus, rescale)
 
     return kernel
 
