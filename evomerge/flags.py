@@ -69,7 +69,11 @@ _MEANING = {"merge_lineage": "a source model is a merge",
 MERGE_TAGS = ("merge", "mergekit", "lazymergekit", "moerge", "frankenmerge", "evomerge")
 PUBLIC_BENCHMARKS = ("arc", "ai2_arc", "hellaswag", "mmlu", "hendrycks_test", "gsm8k",
                      "winogrande", "truthfulqa", "truthful_qa", "bigbench", "bbh", "agieval",
-                     "piqa", "openbookqa", "gpqa", "ifeval", "musr")
+                     "piqa", "openbookqa", "gpqa", "ifeval", "musr",
+                     # further widely reported lm-eval benchmarks
+                     "lambada", "boolq", "sciq", "triviaqa", "commonsense_qa", "social_iqa",
+                     "siqa", "logiqa", "mathqa", "minerva_math", "hendrycks_math", "humaneval",
+                     "mbpp", "squadv2")
 _BENCH_RE = re.compile(r"^(?:tiny)?(?:%s)(?:$|[_\-.:])" % "|".join(PUBLIC_BENCHMARKS), re.I)
 _BENCH_ORGS = ("tinybenchmarks", "open-llm-leaderboard")
 _MERGE_TEXT = [re.compile(p, re.I) for p in (

@@ -236,6 +236,10 @@ def test_public_benchmark_names():
     names = ["arc_challenge", "tinyHellaswag", "leaderboard_bbh", "mmlu_abstract_algebra",
              "gsm8k_cot", "tinyBenchmarks", "zoo_add", "arcade_qa", "my_task"]
     assert list(F.public_benchmark_tasks(names)) == names[:6]
+    more = ["tinyArc", "tinyMMLU", "tinyTruthfulQA", "tinyWinogrande", "tinyGSM8k",
+            "lambada_openai", "boolq", "minerva_math_algebra", "leaderboard_musr_team_allocation",
+            "humaneval", "bigbench_date_understanding_multiple_choice"]
+    assert list(F.public_benchmark_tasks(more + ["boolqa_private", "lambadas", "mathq"])) == more
     assert F.public_benchmark_tasks(["zoo_add"], {"zoo_add": {"/d/zoo_add_test.jsonl"}}) == {}
     assert F.public_benchmark_tasks(["x", "y"], {"x": {"tinyBenchmarks/tinyAI2_arc"},
                                                  "y": {"Rowan/hellaswag"}}) == {
@@ -314,3 +318,33 @@ def test_marks_legend_and_rendered_section(zoo, tmp_path):
     comments = F.as_comments(md)
     assert all(ln.startswith("#") for ln in comments.splitlines())
     assert comments.splitlines()[0] == "# ## Contamination and evaluation"
+
+
+def test_evomerge_merges_of_merges_stay_visible(tiny_family, tmp_path):
+    """A merge written by ``evomerge merge`` carries its parents in its card, so a merge of
+    that merge shows the whole two-level lineage."""
+    import yaml
+
+    from evomerge.cli import main
+
+    _, (m0, m1, m2) = tiny_family
+
+    def merge(parents, out):
+        recipe = {"merge_method": "linear",
+                  "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in parents]}
+        (tmp_path / f"{out}.yml").write_text(yaml.safe_dump(recipe))
+        assert main(["merge", str(tmp_path / f"{out}.yml"), str(tmp_path / out)]) == 0
+        return tmp_path / out
+
+    first = merge([m0, m1], "first")
+    second = merge([first, m2], "second")
+    lin = F.model_lineage(str(second), _resolve(tmp_path))
+    evidence = ("tags: merge, mergekit, evomerge", "base_model_relation: merge",
+                "base_model lists 2 parents", "mergekit_config.yml", 'card text: "is a merge of"')
+    assert lin.evidence == evidence and lin.parents == (str(first), str(m2))
+    assert lin.ancestors[0].evidence == evidence
+    assert lin.ancestors[0].parents == (str(m0), str(m1))
+    assert [n.model for n in lin.merges()] == [str(second), str(first)]
+    assert lin.chain() == f"{second} <- merge of ({first} <- merge of ({m0}, {m1}), {m2})"
+    cols = F.Assessment((lin,), ("zoo_add",)).source_columns()
+    assert cols["merge_lineage"] is True and cols["merge_lineage_evidence"].startswith(lin.chain())
