@@ -15,7 +15,8 @@ whose parents were trained on the items gains more on them than on comparable te
 parents cannot have seen. Two kinds of comparison text:
 
 * ``controls=`` (preferred): unseen texts from the same distribution (freshly generated
-  or freshly written items). Unpaired: ``delta = mean(gain on items) - mean(gain on
+  or freshly written items, a disjoint holdout item set of the same tasks, or another
+  split: ``task_texts(..., split="validation")``). Unpaired: ``delta = mean(gain on items) - mean(gain on
   controls)``, ``se = sqrt(var_items/n + var_controls/m)``.
 * default: a perturbed neighbour of every item (:func:`perturb_texts`: a seeded share
   of its words replaced by the words other items have at the same position). Paired by item:
@@ -43,7 +44,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,29 +236,57 @@ def probe_contamination(model: Any, base_model: Any, tokenizer: Any, eval_texts:
                        mean(m_i), mean(b_i), mean(m_c), mean(b_c), delta, se, stat, z, min_delta)
 
 
-def task_texts(task_names: Iterable[str], include_path: Any = None, *,
-               limit: int | None = None) -> list[str]:
-    """Evaluation items of lm-eval tasks as plain text: prompt, delimiter and gold answer.
+_SPLITS = {"test": ("has_test_docs", "test_docs"),
+           "validation": ("has_validation_docs", "validation_docs"),
+           "train": ("has_training_docs", "training_docs")}
 
-    Loads the tasks' evaluation documents through lm-eval (local files, or the datasets
-    cache; nothing is downloaded when ``HF_DATASETS_OFFLINE=1``).
+
+def task_texts(task_names: Iterable[str], include_path: Any = None, *,
+               limit: int | None = None, split: str = "eval",
+               task_manager: Any = None) -> list[str]:
+    """Items of lm-eval tasks as plain text: prompt, target delimiter and gold answer.
+
+    Loads the tasks' documents through lm-eval (local files, or the datasets cache; nothing
+    is downloaded when ``HF_DATASETS_OFFLINE=1``). ``split="validation"`` (or ``"train"``)
+    gives same-distribution texts that can serve as ``controls`` for items of the test split,
+    provided the sources were not tuned on that split.
 
     Args:
         task_names: lm-eval task or group names.
-        include_path: lm-eval include path for local tasks.
+        include_path: lm-eval include path for local tasks; when every task is found there,
+            lm-eval's own task index is not built (seconds saved).
         limit: at most this many items per task.
+        split: ``"eval"`` (the split lm-eval evaluates: test, else validation), ``"test"``,
+            ``"validation"`` or ``"train"``.
+        task_manager: an ``lm_eval.tasks.TaskManager`` to use instead of building one.
     Returns:
         The texts, task by task in the order lm-eval gives them.
+    Raises:
+        ValueError: an unknown ``split``, or a task that has no such split.
     """
-    from lm_eval.tasks import TaskManager
+    if split != "eval" and split not in _SPLITS:
+        raise ValueError(f"split must be one of eval, {', '.join(_SPLITS)}; got {split!r}")
+    names = list(task_names)
+    if task_manager is None:
+        from evomerge.flags import _flatten, _task_manager
 
-    tm = TaskManager(include_path=include_path)
-    tasks = tm.load(list(task_names))["tasks"]
+        paths = tuple(str(p) for p in _flatten(include_path or []))
+        task_manager = _task_manager(paths, False) if paths else None
+        if task_manager is None or not all(n in task_manager.task_index for n in names):
+            task_manager = _task_manager(paths, True)
     out: list[str] = []
-    for task in tasks.values():
-        docs = list(task.eval_docs)[: limit if limit is not None else None]
+    for name, task in _leaf_tasks(task_manager.load(names)["tasks"]):
+        if split == "eval":
+            docs: Iterable[Any] = task.eval_docs
+        else:
+            has, get = _SPLITS[split]
+            if not getattr(task, has)():
+                raise ValueError(f"task {name} has no {split} split")
+            docs = getattr(task, get)()
         delim = getattr(task.config, "target_delimiter", " ")
-        for doc in docs:
+        for i, doc in enumerate(docs):
+            if limit is not None and i >= limit:
+                break
             prompt, target = task.doc_to_text(doc), task.doc_to_target(doc)
             if getattr(task.config, "output_type", "") == "multiple_choice":
                 choices = task.doc_to_choice(doc)
@@ -267,3 +296,12 @@ def task_texts(task_names: Iterable[str], include_path: Any = None, *,
                 target = target[0] if target else ""
             out.append(f"{prompt}{delim}{target}" if isinstance(prompt, str) else str(target))
     return out
+
+
+def _leaf_tasks(tasks: Any) -> Iterator[tuple[str, Any]]:
+    """(name, Task) of every task in lm-eval's loaded (possibly nested group) dict."""
+    for key, value in tasks.items():
+        if isinstance(value, dict):
+            yield from _leaf_tasks(value)
+        elif value is not None:
+            yield getattr(key, "group_name", None) or str(key), value

@@ -204,3 +204,59 @@ def test_probe_with_perturbed_neighbours(family):
     assert ra.method == "perturbed neighbours" and ra.n_controls == ra.n_items == 24
     again = P.probe_contamination(a, base, tok, items, seed=0)
     assert again == ra  # seeded: the same neighbours, the same numbers
+
+
+# ----------------------------------------------------------------------------- task texts
+def test_task_texts_of_local_lm_eval_tasks(tmp_path):
+    import json
+    import textwrap
+
+    def jsonl(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    jsonl("add_test.jsonl", [{"q": "2+3", "choices": ["4", "5"], "label": 1},
+                             {"q": "1+1", "choices": ["2", "3"], "label": 0},
+                             {"q": "4+4", "choices": ["8", "9"], "label": 0}])
+    jsonl("add_val.jsonl", [{"q": "6+1", "choices": ["7", "8"], "label": 0}])
+    jsonl("rev_test.jsonl", [{"q": "rev abc", "a": "cba"}, {"q": "rev xy", "a": "yx"}])
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t_add.yaml").write_text(textwrap.dedent(f"""
+        task: t_add
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {tmp_path}/add_test.jsonl
+            validation: {tmp_path}/add_val.jsonl
+        test_split: test
+        validation_split: validation
+        output_type: multiple_choice
+        doc_to_text: "Q: {{{{q}}}} A:"
+        doc_to_target: label
+        doc_to_choice: choices
+        """))
+    (tasks / "t_rev.yaml").write_text(textwrap.dedent(f"""
+        task: t_rev
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {tmp_path}/rev_test.jsonl
+        test_split: test
+        output_type: generate_until
+        doc_to_text: "{{{{q}}}} ="
+        doc_to_target: a
+        target_delimiter: "  "
+        generation_kwargs:
+          until: ["\\n"]
+        metric_list:
+          - metric: exact_match
+        """))
+    (tasks / "grp.yaml").write_text("group: t_both\ntask: [t_add, t_rev]\n")
+    assert P.task_texts(["t_add", "t_rev"], tasks) == [
+        "Q: 2+3 A: 5", "Q: 1+1 A: 2", "Q: 4+4 A: 8", "rev abc =  cba", "rev xy =  yx"]
+    assert P.task_texts(["t_both"], tasks, limit=1) == ["Q: 2+3 A: 5", "rev abc =  cba"]
+    assert P.task_texts(["t_add"], tasks, split="validation") == ["Q: 6+1 A: 7"]
+    with pytest.raises(ValueError, match="t_rev has no validation split"):
+        P.task_texts(["t_rev"], tasks, split="validation")
+    with pytest.raises(ValueError, match="split must be one of"):
+        P.task_texts(["t_add"], tasks, split="dev")
