@@ -99,6 +99,12 @@ def _searched_complete(df: pd.DataFrame, obj: str) -> pd.DataFrame:
     return out[out["_obj"].notna()]
 
 
+def _short(baseline: str) -> str:
+    """``source:/long/path/to/model`` -> ``source:model`` (legends and labels)."""
+    kind, _, ref = baseline.partition(":")
+    return f"source:{Path(ref.rstrip('/')).name}" if kind == "source" and ref else baseline
+
+
 def _param_cols(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c.startswith("p_") and df[c].notna().any()]
 
@@ -159,14 +165,15 @@ def _history(df: pd.DataFrame, objectives: Sequence[str], path: Path) -> Path:
                 label="best so far")
         for i, (name, y) in enumerate(zip(base["baseline"], base_y)):
             if math.isfinite(y):
-                ax.axhline(y, ls="--", lw=1, color=_LINES[i % len(_LINES)], label=f"baseline {name}")
+                ax.axhline(y, ls="--", lw=1, color=_LINES[i % len(_LINES)],
+                           label=f"baseline {_short(name)}")
         lo = min([v for v in [done["_obj"].min(), base_y.min()] if pd.notna(v)])
         if len(failed):
             ax.scatter(failed["number"].astype(float), [lo] * len(failed), marker="x",
                        color=_BAD, s=30, label=f"failed ({len(failed)})", zorder=3)
         ax.set_xlabel("trial")
         ax.set_ylabel(obj)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[0].set_title("Optimization history")
     return _save(fig, path)
 
@@ -243,7 +250,7 @@ def _holdout(df: pd.DataFrame, path: Path) -> Path:
             ax.errorbar(s[mask], h[mask], xerr=se_s[mask], yerr=se_h[mask], fmt=marker,
                         color=color, ms=5, capsize=2, lw=0.8, label=label)
     for i in rows.index:
-        name = str(rows.at[i, "baseline"]) if is_base[i] else f"#{rows.at[i, 'number']}"
+        name = _short(str(rows.at[i, "baseline"])) if is_base[i] else f"#{rows.at[i, 'number']}"
         ax.annotate(name, (s[i], h[i]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     lo, hi = min(s.min(), h.min()), max(s.max(), h.max())
     pad = (hi - lo) * 0.08 or 0.05
@@ -303,7 +310,7 @@ def _markdown(df: pd.DataFrame, study_name: str, obj: str, imp_method: str, pngs
     lines += ["", f"Parameter importances: {imp_method}.", "", f"## Top trials by {obj}", ""]
     done = df[(state == "COMPLETE")].assign(_obj=pd.to_numeric(_col(df, obj), errors="coerce"))
     best = done[done["_obj"].notna()].sort_values("_obj", ascending=False).head(top)
-    params = _param_cols(df)
+    params = [c for c in _param_cols(df) if c != "p_method"]  # already in its own column
     if best.empty:
         lines.append("No completed trials.")
     else:
