@@ -89,7 +89,8 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
         if row["state"] != "COMPLETE":
             raise EvomergeError(f"--trial {number}: trial {number} is {row['state']}, not COMPLETE" + (f" ({row['error']})" if row.get("error") else ""))
     t = study.trials[number]
-    recipe = yaml.safe_load(t.user_attrs["recipe"])
+    info_t = t.user_attrs.get("result") or {}
+    recipe = yaml.safe_load(info_t["recipe"])
     seed = int(study.user_attrs.get("seed", 0))
     score, score_se = _num(row.get("score")), _num(row.get("score_se"))
     hold, hold_se = _num(row.get("holdout")), _num(row.get("holdout_se"))
@@ -105,7 +106,7 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
         f"# Search score {score:.4f} ± {score_se or 0:.4f} on: {', '.join(study.user_attrs.get('search_tasks', []))}" if score is not None else "# Search score: -",
         (f"# Holdout score {hold:.4f} ± {hold_se or 0:.4f} on: {', '.join(study.user_attrs.get('holdout_tasks', []))}" if hold is not None
          else "# Holdout score: not measured for this trial"),
-        f"# Tensor hash of the merge: {t.user_attrs.get('digest', '')}",
+        f"# Tensor hash of the merge: {info_t.get('digest', '')}",
         f"# Reproduce: evomerge merge THIS_FILE OUT_DIR   (random masks use seed {seed}, read from the next line)",
         SEED_PRAGMA.format(seed=seed),
         "#",
@@ -115,7 +116,7 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
         head.append("#")
     text = "\n".join(head) + "\n" + dump_yaml(recipe)
     parse_recipe(yaml.safe_load(text), "exported recipe")  # what we write must load as a recipe
-    return text, recipe, {"number": number, "digest": t.user_attrs.get("digest", ""), "seed": seed, "section": section}
+    return text, recipe, {"number": number, "digest": info_t.get("digest", ""), "seed": seed, "section": section}
 
 
 def _assessment(study: Any) -> Any:

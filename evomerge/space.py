@@ -37,6 +37,8 @@ _KINDS = ("range", "int", "choice")
 _MODIFIERS = ("log", "step", "anchors", "per_layers")
 _SECTIONS = ("evaluate", "search", "study")
 SAMPLERS = ("tpe", "cmaes", "random", "gp", "nsga2")
+# Parameters a method accepts (as mergekit does) but never reads: not worth a search dimension.
+_UNUSED = {"task_arithmetic": frozenset({"density"})}
 _SEARCH_KEYS = ("sampler", "trials", "seed", "baselines", "finalists", "objectives", "mask_seed", "startup_trials")
 _STUDY_KEYS = ("name", "storage")
 
@@ -283,10 +285,11 @@ class _Renderer:
     def params(self, block: Any, method: str, scopes: tuple[str, ...], n_layers: int | None) -> Any:
         if not isinstance(block, Mapping):
             return self.value(block, n_layers)
-        decl = {p.name: p for p in get_method(method).params} if method in METHODS else None
+        chosen = isinstance(self.space.tree.get("merge_method"), Directive)
+        decl = {p.name: p for p in get_method(method).params} if chosen and method in METHODS else None
         out = {}
         for k, v in block.items():
-            if decl is not None and (k not in decl or decl[k].scope not in scopes):
+            if decl is not None and (k not in decl or decl[k].scope not in scopes or k in _UNUSED.get(method, ())):
                 continue  # not a parameter of the chosen method: neither sampled nor written
             out[k] = self.value(v, n_layers)
         return out
@@ -637,6 +640,12 @@ def _validate_corner(space: Space) -> None:
     so typos and unknown parameters are reported at load, naming the space file."""
     method_dir = space.tree.get("merge_method")
     methods = method_dir.choices if isinstance(method_dir, Directive) else (method_dir,)
+    if isinstance(method_dir, Directive):
+        known = {p.name for m in methods for p in get_method(m).params}
+        for fld, block in _param_blocks(space.tree):
+            for k in block:
+                if k not in known:
+                    raise ConfigError(space.file, f"{fld}.{k}", f"not a parameter of any method in merge_method.choice{did_you_mean(str(k), known, show_all=0)}; they take: {', '.join(sorted(known))}")
     for method in methods:
         def suggest(name: str, d: Directive, _m: Any = method) -> Any:
             if d is method_dir:
@@ -647,6 +656,24 @@ def _validate_corner(space: Space) -> None:
 
         recipe = space.render(suggest, lambda ref: 8)
         parse_recipe(_with_raw_params(space, recipe), space.file)
+
+
+def _param_blocks(tree: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    out = []
+    if isinstance(tree.get("parameters"), Mapping):
+        out.append(("parameters", tree["parameters"]))
+    for i, m in enumerate(tree.get("models") or ()):
+        if isinstance(m, Mapping) and isinstance(m.get("parameters"), Mapping):
+            out.append((f"models[{i}].parameters", m["parameters"]))
+    for i, s in enumerate(tree.get("slices") or ()):
+        if not isinstance(s, Mapping):
+            continue
+        if isinstance(s.get("parameters"), Mapping):
+            out.append((f"slices[{i}].parameters", s["parameters"]))
+        for j, src in enumerate(s.get("sources") or ()):
+            if isinstance(src, Mapping) and isinstance(src.get("parameters"), Mapping):
+                out.append((f"slices[{i}].sources[{j}].parameters", src["parameters"]))
+    return out
 
 
 def _with_raw_params(space: Space, recipe: dict[str, Any]) -> dict[str, Any]:

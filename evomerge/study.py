@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -198,8 +199,13 @@ class Search:
         from evomerge import flags
 
         include = getattr(getattr(self.evaluator, "cfg", None), "include_path", None)
+        # Reuse the evaluator's lm-eval task index (building one reads ~15k YAML files); an
+        # evaluator without lm-eval tasks (tests, custom scorers) has no datasets to look up.
+        tm = getattr(self.evaluator, "task_manager", None)
+        if tm is None and include is None:
+            tm = SimpleNamespace(task_index={})
         try:
-            return flags.assess(self.space.model_refs(), self.search_tasks, self.holdout_tasks, include_path=include)
+            return flags.assess(self.space.model_refs(), self.search_tasks, self.holdout_tasks, include_path=include, task_manager=tm)
         except EvomergeError:
             raise
         except Exception as e:  # flags are evidence, never a reason to refuse a search
@@ -264,10 +270,12 @@ class Search:
 
         dead = []
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            pid, host = t.user_attrs.get("pid"), t.user_attrs.get("host")
+            proc = t.user_attrs.get("proc") or {}
+            pid, host = proc.get("pid"), proc.get("host")
             if host != _HOST or pid is None or (pid != os.getpid() and _pid_alive(int(pid))):
                 continue
-            study._storage.set_trial_user_attr(t._trial_id, "error", f"process {pid} died while this trial was running")
+            result = {**(t.user_attrs.get("result") or {}), "error": f"process {pid} died while this trial was running"}
+            study._storage.set_trial_user_attr(t._trial_id, "result", result)
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             dead.append(t.number)
             if t.user_attrs.get("retry_of") is None and t.params:
@@ -277,8 +285,16 @@ class Search:
     def run_baselines(self, study: Any) -> None:
         for name, recipe in self.baseline_recipes.items():
             key = f"baseline:{name}"
-            if key in study.user_attrs:
+            if key in study.user_attrs or f"enqueued:{name}" in study.user_attrs:
                 continue
+            if name.startswith("hand:"):
+                values = self.space.values_of(recipe, self.layers_of)
+                if values is not None:
+                    # A point of the space: run it as a searched trial, so the sampler learns from it.
+                    study.enqueue_trial(values, user_attrs={"baseline": name})
+                    study.set_user_attr(f"enqueued:{name}", True)
+                    self.log(f"baseline {name}: a point of the space, queued as the first trial")
+                    continue
             rec: dict[str, Any] = {"method": recipe.get("merge_method"), "recipe": dump_yaml(recipe)}
             try:
                 t0 = time.perf_counter()
@@ -328,33 +344,32 @@ class Search:
         from optuna.trial import TrialState
 
         trial = study.ask()
-        trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("host", _HOST)
+        trial.set_user_attr("proc", {"pid": os.getpid(), "host": _HOST})
+        info: dict[str, Any] = {}
         try:
             recipe = self.space.render(_suggest(trial), self.layers_of)
-            trial.set_user_attr("method", recipe.get("merge_method"))
-            trial.set_user_attr("recipe", dump_yaml(recipe))
+            info.update(method=recipe.get("merge_method"), recipe=dump_yaml(recipe))
             t0 = time.perf_counter()
             model, res = self.materialize(recipe, f"{self.file} (trial {trial.number})")
-            merge_s = time.perf_counter() - t0
-            trial.set_user_attr("merge_s", merge_s)
-            trial.set_user_attr("digest", res.digest)
+            info.update(merge_s=time.perf_counter() - t0, digest=res.digest)
             ev = self.evaluate(model, "search")
-            trial.set_user_attr("search", ev)
-            trial.set_user_attr("eval_s", ev["seconds"])
+            info.update(search=ev, eval_s=ev["seconds"])
         except KeyboardInterrupt:
-            trial.set_user_attr("error", "interrupted (Ctrl-C)")
+            trial.set_user_attr("result", {**info, "error": "interrupted (Ctrl-C)"})
             study.tell(trial, state=TrialState.FAIL)
             raise
         except (EvomergeError, RuntimeError, ValueError, KeyError, torch.cuda.OutOfMemoryError) as e:
-            trial.set_user_attr("error", one_line(f"{type(e).__name__}: {e}" if not isinstance(e, EvomergeError) else e)[:500])
+            msg = one_line(e if isinstance(e, EvomergeError) else f"{type(e).__name__}: {e}")[:500]
+            trial.set_user_attr("result", {**info, "error": msg})
             study.tell(trial, state=TrialState.FAIL)
             return "FAIL", trial
+        # One write for everything the table needs (each storage write is a database commit).
+        trial.set_user_attr("result", info)
         values = [ev["scores"][o] for o in self.objectives] if self.objectives else ev["aggregate"]
         study.tell(trial, values)
-        if ev["aggregate"] > best[0]:
-            best[0] = ev["aggregate"]
-            self.holdout(study, trial.number, model)  # every new best gets its holdout re-score now
+        if ev["aggregate"] > best[0] or trial.user_attrs.get("baseline"):
+            best[0] = max(best[0], ev["aggregate"])
+            self.holdout(study, trial.number, model)  # every new best (and hand recipe) gets its holdout re-score now
         return "COMPLETE", trial
 
     def finalists(self, study: Any) -> None:
@@ -364,15 +379,16 @@ class Search:
         n = self.space.search.finalists
         if not n or not self.holdout_tasks:
             return
-        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "search" in t.user_attrs]
-        done.sort(key=lambda t: t.user_attrs["search"]["aggregate"], reverse=True)
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "search" in (t.user_attrs.get("result") or {})]
+        done.sort(key=lambda t: t.user_attrs["result"]["search"]["aggregate"], reverse=True)
         for t in done[:n]:
             if f"holdout:{t.number}" in study.user_attrs:
                 continue
-            recipe = parse_recipe_yaml(t.user_attrs["recipe"])  # the exact recipe the trial merged
+            info = t.user_attrs["result"]
+            recipe = parse_recipe_yaml(info["recipe"])  # the exact recipe the trial merged
             model, res = self.materialize(recipe, f"{self.file} (trial {t.number})")
-            if res.digest != t.user_attrs.get("digest"):
-                self.log(f"warning: trial {t.number} re-merged to a different tensor hash ({res.digest[:12]} vs {str(t.user_attrs.get('digest'))[:12]})")
+            if res.digest != info.get("digest"):
+                self.log(f"warning: trial {t.number} re-merged to a different tensor hash ({res.digest[:12]} vs {str(info.get('digest'))[:12]})")
             self.holdout(study, t.number, model)
 
     def run(self) -> SearchOutcome:
@@ -394,7 +410,7 @@ class Search:
             n_done = complete()
             if n_done:
                 self.log(f"resume: {n_done} of {self.trials} trials already complete")
-            best = [max([t.user_attrs.get("search", {}).get("aggregate", -math.inf) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))], default=-math.inf)]
+            best = [max([(t.user_attrs.get("result") or {}).get("search", {}).get("aggregate", -math.inf) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))], default=-math.inf)]
             attempts = 0
             bar = None
             if not self.quiet and n_done < self.trials:
@@ -405,7 +421,7 @@ class Search:
                 attempts += 1
                 state, trial = self.run_trial(study, best)
                 write_trials_csv(study, self.paths.csv)
-                ua = study._storage.get_trial(trial._trial_id).user_attrs
+                ua = study._storage.get_trial(trial._trial_id).user_attrs.get("result") or {}
                 line = f"trial {trial.number:>3} {state:8}"
                 if state == "COMPLETE":
                     n_done += 1
@@ -426,7 +442,7 @@ class Search:
             raise
         df = write_trials_csv(study, self.paths.csv)
         best_r = best_row(df)
-        baselines = {k.split(":", 1)[1]: v for k, v in study.user_attrs.items() if k.startswith("baseline:")}
+        baselines = {r["baseline"]: r for r in df[df["baseline"] != ""].to_dict("records")}
         n_fail = int((df["state"] == "FAIL").sum())
         return SearchOutcome(self.paths, n_done, n_fail, None if best_r is None else best_r.to_dict(), baselines, time.perf_counter() - start)
 
@@ -465,18 +481,21 @@ def summary(outcome: SearchOutcome) -> str:
     if best is None:
         return "\n".join(lines + ["no completed trial"])
     use_h = best.get("holdout") is not None and not (isinstance(best.get("holdout"), float) and math.isnan(best["holdout"]))
-    key, hkey = ("holdout", "holdout") if use_h else ("score", "search")
+    key = "holdout" if use_h else "score"
     bval = float(best[key])
     lines.append(f"best trial #{best['number']} ({best.get('method', '')}): search {float(best['score']):.3f}" + (f", holdout {bval:.3f}" if use_h else ""))
     beaten_all = True
     for name, b in outcome.baselines.items():
-        r = b.get(hkey)
-        if b.get("state") != "COMPLETE" or not r:
+        if b.get("state") != "COMPLETE":
             lines.append(f"  vs {name:<32} (failed: {b.get('error', '')})")
             continue
-        diff = bval - r["aggregate"]
-        beaten_all &= diff > 0
-        lines.append(f"  vs {name:<32} {key} {r['aggregate']:.3f}  ({'+' if diff >= 0 else ''}{diff:.3f})")
+        r = b.get(key)
+        if r is None or (isinstance(r, float) and math.isnan(r)):
+            lines.append(f"  vs {name:<32} ({key} not measured)")
+            continue
+        diff = bval - float(r)
+        beaten_all &= diff > 0 or b.get("number") == best.get("number")
+        lines.append(f"  vs {name:<32} {key} {float(r):.3f}  ({'+' if diff >= 0 else ''}{diff:.3f})")
     lines.append(f"the best trial's {key} score {'beats' if beaten_all else 'does NOT beat'} every source model and the uniform merge")
     return "\n".join(lines)
 
