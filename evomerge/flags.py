@@ -74,7 +74,7 @@ PUBLIC_BENCHMARKS = ("arc", "ai2_arc", "hellaswag", "mmlu", "hendrycks_test", "g
                      "lambada", "boolq", "sciq", "triviaqa", "commonsense_qa", "social_iqa",
                      "siqa", "logiqa", "mathqa", "minerva_math", "hendrycks_math", "humaneval",
                      "mbpp", "squadv2")
-_BENCH_RE = re.compile(r"^(?:tiny)?(?:%s)(?:$|[_\-.:])" % "|".join(PUBLIC_BENCHMARKS), re.I)
+_BENCH_RE = re.compile(r"^(?:tiny)?(?:" + "|".join(PUBLIC_BENCHMARKS) + r")(?:$|[_\-.:])", re.I)
 _BENCH_ORGS = ("tinybenchmarks", "open-llm-leaderboard")
 _MERGE_TEXT = [re.compile(p, re.I) for p in (
     r"\b(?:is|was) an? (?:[\w\-/]+ ){0,3}merge of\b",

@@ -151,7 +151,7 @@ def param_importances(df: pd.DataFrame, objective: str = "score", *,
 def _history(df: pd.DataFrame, objectives: Sequence[str], path: Path) -> Path:
     fig = _figure(7.5, 3.6 * len(objectives))
     axes = fig.subplots(len(objectives), 1, squeeze=False)[:, 0]
-    for ax, obj in zip(axes, objectives):
+    for ax, obj in zip(axes, objectives, strict=True):
         done = _searched_complete(df, obj).sort_values("number")
         base = df[_baseline_mask(df) & (_col(df, "state", "") == "COMPLETE")]
         base_y = pd.to_numeric(_col(base, obj), errors="coerce")
@@ -163,7 +163,7 @@ def _history(df: pd.DataFrame, objectives: Sequence[str], path: Path) -> Path:
         ax.scatter(x, done["_obj"], s=18, color=_OK, label="trial", zorder=3)
         ax.step(x, done["_obj"].cummax(), where="post", color="black", lw=1.2,
                 label="best so far")
-        for i, (name, y) in enumerate(zip(base["baseline"], base_y)):
+        for i, (name, y) in enumerate(zip(base["baseline"], base_y, strict=True)):
             if math.isfinite(y):
                 ax.axhline(y, ls="--", lw=1, color=_LINES[i % len(_LINES)],
                            label=f"baseline {_short(name)}")

@@ -80,9 +80,9 @@ def test_perturb_texts_is_seeded_and_swaps_words_between_items_at_the_same_posit
     a = P.perturb_texts(texts, rate=0.4, seed=3)
     assert a == P.perturb_texts(texts, rate=0.4, seed=3)
     assert a != P.perturb_texts(texts, rate=0.4, seed=4)
-    for i, (orig, new) in enumerate(zip(texts, a)):
+    for i, (orig, new) in enumerate(zip(texts, a, strict=True)):
         ow, nw = orig.split(), new.split()
-        changed = [p for p, (x, y) in enumerate(zip(ow, nw)) if x != y]
+        changed = [p for p, (x, y) in enumerate(zip(ow, nw, strict=True)) if x != y]
         assert len(nw) == len(ow) and len(changed) == 2  # round(0.4 * 5) words replaced
         # each new word is the word another *original* item has at that position
         assert all(nw[p] in {t.split()[p] for j, t in enumerate(texts) if j != i} for p in changed)
@@ -90,7 +90,7 @@ def test_perturb_texts_is_seeded_and_swaps_words_between_items_at_the_same_posit
     tmpl = ["Q: the cat sat . A: yes", "Q: the dog sat . A: yes", "Q: the cow sat . A: yes"]
     out = P.perturb_texts(tmpl, rate=0.5, seed=0)
     assert [t.split()[2] for t in out] != ["cat", "dog", "cow"]
-    for orig, new in zip(tmpl, out):
+    for orig, new in zip(tmpl, out, strict=True):
         ow, nw = orig.split(), new.split()
         assert [x for p, x in enumerate(nw) if p != 2] == [x for p, x in enumerate(ow) if p != 2]
         assert nw[2] != ow[2] and nw[2] in {"cat", "dog", "cow"}
