@@ -143,7 +143,9 @@ def trials_frame(study: Any) -> pd.DataFrame:
         row.update({f"p_{k}": v for k, v in t.params.items()})
         row.update(_row_from_result(ua.get("search"), "s_", "se_", "score"))
         row.update(_row_from_result(attrs.get(f"holdout:{t.number}"), "h_", "", "holdout"))
-        row.update({"merge_s": ua.get("merge_s"), "eval_s": ua.get("eval_s"), "digest": ua.get("digest", ""), "retry_of": ua.get("retry_of"), "error": ua.get("error", "")})
+        wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        row.update({"merge_s": ua.get("merge_s"), "eval_s": ua.get("eval_s"), "wall_s": wall, "digest": ua.get("digest", ""),
+                    "retry_of": ua.get("retry_of"), "error": ua.get("error", "")})
         rows.append(row)
     for key in sorted(k for k in attrs if k.startswith("baseline:")):
         b = attrs[key]
