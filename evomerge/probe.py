@@ -171,6 +171,7 @@ class ProbeResult:
     z: float
     threshold_z: float
     min_delta: float
+    min_items: int = 10
 
     @property
     def evidence(self) -> str:
@@ -178,11 +179,13 @@ class ProbeResult:
         gain_ctrl = self.merged_control - self.base_control
         if self.n_items == 0 or math.isnan(self.delta):
             return f"not enough scorable items ({self.n_items})"
-        verdict = ">" if self.flag else "not >"
+        verdict = ">" if self.z > self.threshold_z else "not >"
+        few = min(self.n_items, self.n_controls) < self.min_items
         return (f"Min-K%++ gain of the merge over its base: {gain_items:+.3f} on {self.n_items} "
                 f"eval items vs {gain_ctrl:+.3f} on {self.n_controls} {self.method}; "
                 f"delta {self.delta:+.3f} ± {self.se:.3f} (z {self.z:.1f} {verdict} "
-                f"{self.threshold_z:g}, min delta {self.min_delta:g})")
+                f"{self.threshold_z:g}, min delta {self.min_delta:g})"
+                + (f"; too few items to flag (need {self.min_items})" if few else ""))
 
     def columns(self) -> dict[str, Any]:
         """``{"memorization_probe": flag, "memorization_probe_evidence": text}``."""
@@ -233,7 +236,8 @@ def probe_contamination(model: Any, base_model: Any, tokenizer: Any, eval_texts:
     flag = bool(n >= min_items and m >= min_items and delta > min_delta and stat > z)
     mean = (lambda t: t.mean().item() if t.numel() else math.nan)  # noqa: E731
     return ProbeResult(flag, "perturbed neighbours" if paired else "unseen controls", n, m,
-                       mean(m_i), mean(b_i), mean(m_c), mean(b_c), delta, se, stat, z, min_delta)
+                       mean(m_i), mean(b_i), mean(m_c), mean(b_c), delta, se, stat, z, min_delta,
+                       min_items)
 
 
 _SPLITS = {"test": ("has_test_docs", "test_docs"),

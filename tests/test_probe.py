@@ -111,7 +111,18 @@ def test_flag_rule_and_columns_with_fixed_models():
     assert cols["memorization_probe"] is False
     assert "on 12 eval items" in cols["memorization_probe_evidence"]
     few = P.probe_contamination(m, m, _ListTokenizer(), texts[:3], controls=texts[:3])
-    assert not few.flag  # below min_items whatever the scores
+    assert not few.flag and few.evidence.endswith("; too few items to flag (need 10)")
+    # hand-computed gain of one fixed model over another (Min-K%++ standardizes: a token
+    # with probability p in a two-token vocabulary scores sqrt((1-p)/p), so surer is lower)
+    sure = _FixedLogits(torch.tensor([math.log(99.0), 0.0]))  # p(token 0) = 0.99
+    zeros = ["0 0 0 0 0"] * 12
+    r = P.probe_contamination(sure, m, _ListTokenizer(), zeros, controls=texts, min_items=10)
+    # score of token 0: sqrt(0.01/0.99) under "sure", sqrt(1/3) under the base
+    gain = math.sqrt(0.01 / 0.99) - math.sqrt(1 / 3)
+    assert r.merged_score - r.base_score == pytest.approx(gain, abs=1e-5)
+    empty = P.probe_contamination(m, m, _ListTokenizer(), [], controls=[])
+    assert not empty.flag and empty.n_items == 0
+    assert empty.columns()["memorization_probe_evidence"] == "not enough scorable items (0)"
 
 
 # ----------------------------------------------------------------------------- real separation
