@@ -1,0 +1,230 @@
+"""Building a zoo: pretrain the base, fine-tune one expert per skill, write tasks, measure figures.
+
+A build happens in a temp directory next to the destination and is moved into place with
+``os.replace`` only when complete, under a file lock so that two processes never build at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.zoo.data import SKILLS, make_tokenizer, pretrain_text, rewrite_task_yamls, skill_text, task_names, write_tasks
+from evomerge.zoo.train import SIZES, ZooSize, new_model, train
+
+__all__ = ["ZOO_VERSION", "build_zoo", "zoo_lock", "read_manifest", "is_current", "format_figures", "measure_figures"]
+
+# Bump when the data, the models or the training change: existing zoos are then rebuilt.
+ZOO_VERSION = "1"
+MERGE_GRID = (1 / 3, 0.5, 0.75, 1.0)
+
+
+def read_manifest(zoo_dir: Path) -> dict[str, Any] | None:
+    """The parsed ``zoo.json`` of ``zoo_dir``, or None when absent or unreadable."""
+    try:
+        return json.loads((Path(zoo_dir) / "zoo.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def is_current(zoo_dir: Path, size: str, seed: int | None = None) -> bool:
+    """True when ``zoo_dir`` holds a complete zoo of this version, size (and seed, if given)."""
+    m = read_manifest(zoo_dir)
+    if not m or m.get("version") != ZOO_VERSION or m.get("size") != size:
+        return False
+    if seed is not None and m.get("seed") != seed:
+        return False
+    return all((Path(zoo_dir) / d / "model.safetensors").is_file() for d in m.get("models", {}))
+
+
+@contextmanager
+def zoo_lock(zoo_dir: Path):
+    """An exclusive advisory lock on ``<zoo_dir>.lock`` (blocks until the other builder is done)."""
+    lock_path = Path(zoo_dir).parent / f".{Path(zoo_dir).name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - non-POSIX: no lock, the atomic rename still protects
+            pass
+        try:
+            yield
+        finally:
+            try:
+                import fcntl
+
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            except ImportError:  # pragma: no cover
+                pass
+
+
+def _save(model, tokenizer, path: Path) -> None:
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def _expert_line(skill: str, replay: float):
+    """Training lines of one expert: its skill, with some of the base's mixture replayed so that the
+    other formats stay where the base left them (small, mergeable deltas)."""
+
+    def line(rng) -> str:
+        return pretrain_text(rng) if rng.random() < replay else skill_text(skill, rng)
+
+    return line
+
+
+def measure_figures(zoo_dir: Path, tasks_dir: Path, model_names: list[str], *, grid: tuple[float, ...] = MERGE_GRID) -> dict[str, Any]:
+    """lm-eval accuracy of every model and of task-arithmetic merges of all experts.
+
+    Args:
+        zoo_dir: directory holding ``base/`` and the expert dirs.
+        tasks_dir: the lm-eval include dir (YAMLs must point at its JSONL files).
+        model_names: expert directory names.
+        grid: the uniform weights tried for the merge (the first is the plain uniform merge 1/n).
+
+    Returns:
+        ``{"models": {name: {task: acc}}, "merges": {label: {task: acc}}, "eval_seconds": s}``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.engine import merge_in_memory
+    from evomerge.evaluate import LMEvalEvaluator, TaskSpec, EvalConfig
+
+    search, holdout = task_names(SKILLS)
+    cfg = EvalConfig(search=[TaskSpec(n) for n in search], holdout=[TaskSpec(n) for n in holdout], include_path=[str(Path(tasks_dir).resolve())], batch_size=64, file="zoo.json")
+    tok = AutoTokenizer.from_pretrained(zoo_dir / "base")
+    ev = LMEvalEvaluator(cfg, tok)
+    secs: list[float] = []
+
+    def score(model) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for split in ("search", "holdout"):
+            r = ev.evaluate(model, split)
+            secs.append(r.seconds) if split == "search" else None
+            out.update({k: round(v, 4) for k, v in r.scores.items()})
+        out["mean"] = round(sum(out[n] for n in search) / len(search), 4)
+        out["holdout_mean"] = round(sum(out[n] for n in holdout) / len(holdout), 4)
+        return out
+
+    figures: dict[str, Any] = {"models": {}, "merges": {}}
+    for name in ["base", *model_names]:
+        model = AutoModelForCausalLM.from_pretrained(zoo_dir / name, dtype=torch.float32)
+        figures["models"][name] = score(model)
+    for lam in grid:
+        recipe = {
+            "merge_method": "task_arithmetic",
+            "base_model": str(zoo_dir / "base"),
+            "models": [{"model": str(zoo_dir / n), "parameters": {"weight": lam}} for n in model_names],
+            "dtype": "float32",
+        }
+        label = "task_arithmetic uniform 1/n" if abs(lam - 1 / len(model_names)) < 1e-9 else f"task_arithmetic weight {lam:g}"
+        figures["merges"][label] = score(merge_in_memory(recipe))
+    figures["eval_seconds"] = round(sum(secs) / len(secs), 3)
+    return figures
+
+
+def build_zoo(dest: str | Path, size: str = "demo", seed: int = 0, *, shape: ZooSize | None = None, progress: bool = True, figures: bool = True) -> dict[str, Any]:
+    """Build a zoo into ``dest`` atomically (temp dir, then ``os.replace``); returns its manifest.
+
+    Args:
+        dest: the zoo directory to create (replaced if it holds an older zoo).
+        size: a key of :data:`SIZES` (also recorded in the manifest).
+        seed: fixes model init, training data and task items.
+        shape: override of the size's shape and budget (tests use a smaller one).
+        progress: show tqdm bars and a line per stage on stderr.
+        figures: measure accuracies with lm-eval (skipped by determinism tests).
+
+    Returns:
+        The manifest written to ``zoo.json``.
+    """
+    dest = Path(dest).resolve()
+    shape = shape or SIZES[size]
+    t0 = time.perf_counter()
+    tmp = dest.parent / f".{dest.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"[zoo {size}] {msg}", file=sys.stderr, flush=True)
+
+    # One thread: the tiny matmuls gain little from more, a fixed count keeps the float reduction
+    # order (so the tensor hashes) the same on any machine, and it avoids thrashing a busy CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tok = make_tokenizer()
+        counts = write_tasks(tmp / "tasks", tmp / "tasks", shape.n_search, shape.n_holdout, seed)
+        base = new_model(shape, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed)
+        n_params = sum(p.numel() for p in base.parameters())
+        say(f"pretraining the base ({n_params / 1e6:.2f}M parameters, {shape.base_steps} steps)")
+        train(base, tok, pretrain_text, steps=shape.base_steps, lr=shape.base_lr, batch=shape.batch, seed=seed * 1000 + 1, answer_only=False, progress="base" if progress else None)
+        _save(base, tok, tmp / "base")
+        models: dict[str, dict[str, Any]] = {"base": {"dir": "base", "role": "base", "skill": None}}
+        for i, skill in enumerate(SKILLS):
+            expert = copy.deepcopy(base)
+            train(expert, tok, _expert_line(skill, shape.replay), steps=shape.expert_steps, lr=shape.expert_lr, batch=shape.batch, seed=seed * 1000 + 10 + i, answer_only=True, warmup=20, progress=skill if progress else None)
+            _save(expert, tok, tmp / skill)
+            models[skill] = {"dir": skill, "role": "expert", "skill": skill}
+            del expert
+        train_seconds = time.perf_counter() - t0
+        search, holdout = task_names(SKILLS)
+        manifest: dict[str, Any] = {
+            "version": ZOO_VERSION,
+            "size": size,
+            "seed": seed,
+            "parameters": n_params,
+            "models": models,
+            "tasks": {"search": search, "holdout": holdout, "items": counts, "include_path": "tasks"},
+            "training": {
+                "base": {"steps": shape.base_steps, "lr": shape.base_lr, "batch": shape.batch},
+                "experts": {"steps": shape.expert_steps, "lr": shape.expert_lr, "batch": shape.batch, "replay": shape.replay},
+            },
+            "train_seconds": round(train_seconds, 1),
+        }
+        if figures:
+            say("measuring accuracies with lm-eval")
+            manifest["figures"] = measure_figures(tmp, tmp / "tasks", list(SKILLS))
+        manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
+        (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        rewrite_task_yamls(tmp / "tasks", dest / "tasks")
+        old = None
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        say(f"built in {manifest['build_seconds']:.0f}s")
+        return manifest
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_figures(manifest: dict[str, Any]) -> str:
+    """The figures table of a manifest: accuracy per task (search items) and the mean."""
+    fig = manifest.get("figures")
+    if not fig:
+        return "(no figures measured)"
+    search = manifest["tasks"]["search"]
+    cols = [*search, "mean", "holdout_mean"]
+    rows = [(n, v) for n, v in fig["models"].items()] + [(n, v) for n, v in fig["merges"].items()]
+    width = max(len(n) for n, _ in rows)
+    lines = [f"{'model':<{width}}  " + "  ".join(f"{c:>12}" for c in cols)]
+    for name, v in rows:
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * v[c]:>11.1f}%" for c in cols))
+    lines.append(f"(accuracy on {manifest['tasks']['items'][search[0]]} search items per task; holdout_mean over the disjoint holdout tasks; chance is 25%)")
+    lines.append(f"one lm-eval pass over all search tasks: {fig['eval_seconds']:.2f}s; build time {manifest.get('build_seconds', 0):.0f}s")
+    return "\n".join(lines)

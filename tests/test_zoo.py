@@ -1,0 +1,154 @@
+"""The demo zoo: specialization of the micro zoo's experts, loading, reuse, determinism, atomicity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge.zoo import ensure_zoo, main_zoo, read_manifest, resolve_zoo_ref
+from evomerge.zoo.build import ZOO_VERSION, build_zoo, is_current
+from evomerge.zoo.data import SKILLS, Item, make_tokenizer
+from evomerge.zoo.train import ZooSize, score_items
+
+pytestmark = pytest.mark.slow
+
+TINY = ZooSize(hidden=16, layers=1, heads=2, intermediate=32, base_steps=6, base_lr=1e-3, expert_steps=3, expert_lr=1e-3, batch=4, n_search=5, n_holdout=5)
+
+
+def _items(path: Path, skill: str) -> list[Item]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [Item(skill, r["prompt"], tuple(r["choices"]), r["label"]) for r in rows]
+
+
+def _load(zoo: Path, name: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(zoo / name), AutoTokenizer.from_pretrained(zoo / name)
+
+
+def _digest(model_dir: Path) -> str:
+    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_task_items_are_well_formed(micro_zoo):
+    for skill in SKILLS:
+        search = _items(micro_zoo / "tasks" / f"zoo_{skill}.jsonl", skill)
+        holdout = _items(micro_zoo / "tasks" / f"zoo_{skill}_holdout.jsonl", skill)
+        assert {i.prompt for i in search}.isdisjoint(i.prompt for i in holdout)
+        for it in search[:20]:
+            letters = it.prompt.split(": ")[1].split(" ")[0]
+            gold = {"rev": letters[::-1], "sort": "".join(sorted(letters)), "shift": "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in letters)}[skill]
+            assert it.answer == gold  # the gold answer is the skill applied by hand
+            assert len(set(it.choices)) == 4 and letters not in it.choices
+
+
+def test_models_load_like_hub_models(micro_zoo):
+    model, tok = _load(micro_zoo, "rev")
+    assert model.config.model_type == "llama"
+    ids = tok("rev: abc =")["input_ids"]
+    assert len(ids) == len("rev: abc =")  # one token per character, no special tokens added
+    assert tok.decode(ids) == "rev: abc ="
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+
+
+def test_micro_experts_specialize(micro_zoo):
+    """Scored independently of lm-eval: each expert beats the base and the other experts on its own
+    task by a wide margin, and stays near chance (25%) on the others."""
+    tok = make_tokenizer()
+    acc: dict[str, dict[str, float]] = {}
+    for name in ("base", *SKILLS):
+        model, _ = _load(micro_zoo, name)
+        acc[name] = {s: score_items(model, tok, _items(micro_zoo / "tasks" / f"zoo_{s}.jsonl", s)) for s in SKILLS}
+    for skill in SKILLS:
+        own = acc[skill][skill]
+        assert own >= acc["base"][skill] + 0.25, (skill, acc)
+        for other in SKILLS:
+            if other != skill:
+                assert own >= acc[other][skill] + 0.25, (skill, other, acc)
+                assert acc[skill][other] <= 0.5, (skill, other, acc)
+    # The manifest's figures (measured with lm-eval during the build) agree with this scorer.
+    figures = read_manifest(micro_zoo)["figures"]["models"]
+    for name in acc:
+        for s in SKILLS:
+            assert abs(figures[name][f"zoo_{s}"] - acc[name][s]) <= 2 / 48 + 1e-9, (name, s)
+
+
+def test_manifest_lists_models_tasks_and_figures(micro_zoo):
+    m = read_manifest(micro_zoo)
+    assert m["version"] == ZOO_VERSION and m["size"] == "micro"
+    assert set(m["models"]) == {"base", *SKILLS}
+    assert m["tasks"]["search"] == [f"zoo_{s}" for s in SKILLS]
+    assert m["tasks"]["holdout"] == [f"zoo_{s}_holdout" for s in SKILLS]
+    assert "task_arithmetic uniform 1/n" in m["figures"]["merges"]
+    for d in m["models"].values():
+        assert (micro_zoo / d["dir"] / "config.json").is_file()
+
+
+def test_reuse_not_rebuild_and_refs(micro_zoo):
+    stamp = (micro_zoo / "zoo.json").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    again = ensure_zoo("micro", micro_zoo.parent)
+    assert again == micro_zoo and time.perf_counter() - t0 < 5
+    assert (micro_zoo / "zoo.json").stat().st_mtime_ns == stamp
+    assert os.environ["EVOMERGE_ZOO_DIR"] == str(micro_zoo.parent)
+    assert resolve_zoo_ref("zoo:micro/sort") == str(micro_zoo / "sort")
+    assert resolve_zoo_ref("zoo:micro") == str(micro_zoo / "tasks")
+    assert resolve_zoo_ref("zoo:nano/base") is None
+    assert resolve_zoo_ref("zoo:micro/nope") is None
+    assert (micro_zoo / "zoo.json").stat().st_mtime_ns == stamp
+
+
+def test_main_zoo_reuses_and_prints_table(micro_zoo, capsys):
+    assert main_zoo(str(micro_zoo), "micro", 0) == 0
+    out = capsys.readouterr().out
+    assert "reused" in out
+    assert "task_arithmetic uniform 1/n" in out and "zoo_rev" in out
+
+
+def test_version_stamp_decides_rebuild(micro_zoo, tmp_path):
+    m = read_manifest(micro_zoo)
+    assert is_current(micro_zoo, "micro") and is_current(micro_zoo, "micro", 0)
+    assert not is_current(micro_zoo, "micro", 1)  # another seed
+    assert not is_current(micro_zoo, "demo")
+    fake = tmp_path / "z"
+    fake.mkdir()
+    (fake / "zoo.json").write_text(json.dumps({**m, "version": "0"}))
+    assert not is_current(fake, "micro")
+
+
+def test_same_seed_same_tensors(tmp_path):
+    a = build_zoo(tmp_path / "a", "micro", 3, shape=TINY, progress=False, figures=False)
+    build_zoo(tmp_path / "b", "micro", 3, shape=TINY, progress=False, figures=False)
+    build_zoo(tmp_path / "c", "micro", 4, shape=TINY, progress=False, figures=False)
+    for name in a["models"]:
+        assert _digest(tmp_path / "a" / name) == _digest(tmp_path / "b" / name)
+        assert _digest(tmp_path / "a" / name) != _digest(tmp_path / "c" / name)
+    assert (tmp_path / "a" / "tasks" / "zoo_rev.jsonl").read_bytes() == (tmp_path / "b" / "tasks" / "zoo_rev.jsonl").read_bytes()
+    # Experts differ from the base (they were trained).
+    assert _digest(tmp_path / "a" / "rev") != _digest(tmp_path / "a" / "base")
+
+
+def test_crash_leaves_nothing_half_built(tmp_path, monkeypatch):
+    import evomerge.zoo.build as build
+
+    calls = {"n": 0}
+    real = build.train
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the base, during the first expert
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "train", failing)
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_zoo(tmp_path / "zoo", "micro", 0, shape=TINY, progress=False, figures=False)
+    assert list(tmp_path.iterdir()) == []  # no zoo, no temp dir
+    assert torch.get_num_threads() == threads  # the build restored the caller's thread count
