@@ -56,7 +56,7 @@ __all__ = ["ProbeResult", "min_k_plus_plus", "perturb_texts", "probe_contaminati
 
 @torch.inference_mode()
 def min_k_plus_plus(model: Any, tokenizer: Any, texts: Sequence[str], *, k: float = 0.2,
-                    batch_size: int = 8, max_length: int = 512) -> torch.Tensor:
+                    batch_size: int = 4, max_length: int = 512) -> torch.Tensor:
     """Min-K%++ score of every text under a causal LM (higher: more like training data).
 
     Args:
@@ -88,8 +88,11 @@ def min_k_plus_plus(model: Any, tokenizer: Any, texts: Sequence[str], *, k: floa
             for row, seq in enumerate(ids):  # right padding: positions stay 0..len-1
                 batch[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
                 mask[row, : len(seq)] = 1
-            logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits
-            out.append(_min_k_pp_from_logits(logits.float().cpu(), batch, mask, k))
+            batch, mask = batch.to(device), mask.to(device)
+            logits = model(input_ids=batch, attention_mask=mask).logits
+            # Scored where the logits are: copying batch x length x vocab to the CPU would
+            # cost more than the math.
+            out.append(_min_k_pp_from_logits(logits.float(), batch, mask, k).cpu())
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
@@ -107,7 +110,7 @@ def _min_k_pp_from_logits(logits: torch.Tensor, ids: torch.Tensor, mask: torch.T
     ordered = torch.where(valid, score, torch.inf).sort(dim=-1).values
     n = valid.sum(-1)
     keep = (n.float() * k).floor().clamp_min(1).long()
-    take = torch.arange(ordered.shape[1]).unsqueeze(0) < keep.unsqueeze(1)
+    take = torch.arange(ordered.shape[1], device=ordered.device).unsqueeze(0) < keep.unsqueeze(1)
     mean = torch.where(take, ordered, 0.0).sum(-1) / keep
     return torch.where(n > 0, mean, torch.nan)
 
@@ -195,7 +198,7 @@ class ProbeResult:
 def probe_contamination(model: Any, base_model: Any, tokenizer: Any, eval_texts: Sequence[str],
                         *, controls: Sequence[str] | None = None, k: float = 0.2,
                         z: float = 3.0, min_delta: float = 0.1, min_items: int = 10,
-                        rate: float = 0.2, seed: int = 0, batch_size: int = 8,
+                        rate: float = 0.2, seed: int = 0, batch_size: int = 4,
                         max_length: int = 512) -> ProbeResult:
     """Does the merged model look like it was trained on the evaluation items?
 
