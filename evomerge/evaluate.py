@@ -358,10 +358,16 @@ def _check_disjoint(cfg: EvalConfig) -> None:
 
 
 def _get_task_dict(names: list[str], tm) -> dict:
+    import warnings
+
     _quiet_lm_eval()
     from lm_eval.tasks import get_task_dict
 
-    return get_task_dict(names, tm)
+    with warnings.catch_warnings():
+        # get_task_dict is deprecated in favour of TaskManager.load, but evaluate() still takes
+        # the nested dict it returns.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return get_task_dict(names, tm)
 
 
 def _leaf_tasks(task_dict: Mapping) -> dict[str, Any]:
