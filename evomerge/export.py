@@ -120,15 +120,11 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
 
 
 def _assessment(study: Any) -> Any:
-    """Rebuild the flags assessment from the stored space (cheap: reads model cards only)."""
-    from evomerge import flags
+    """The flags assessment the search stored with the study (``None`` when there is none)."""
+    from evomerge.flags import assessment_from_dict
 
-    try:
-        refs = study.user_attrs.get("model_refs", [])
-        return flags.assess(refs, study.user_attrs.get("search_tasks", []), study.user_attrs.get("holdout_tasks", []),
-                            include_path=study.user_attrs.get("include_path"))
-    except Exception:
-        return None
+    stored = study.user_attrs.get("assessment")
+    return assessment_from_dict(stored) if stored else None
 
 
 def main_export(args: Any) -> int:

@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 import yaml
 
 __all__ = [
-    "FLAG_COLUMNS", "MERGE_TAGS", "PUBLIC_BENCHMARKS", "Card", "Lineage", "DatasetHit",
+    "FLAG_COLUMNS", "assessment_to_dict", "assessment_from_dict", "MERGE_TAGS", "PUBLIC_BENCHMARKS", "Card", "Lineage", "DatasetHit",
     "OverfitResult", "Assessment", "read_card", "default_resolve", "model_lineage",
     "task_datasets", "eval_data_in_training", "public_benchmark_tasks", "overfit",
     "overfit_columns", "source_flags", "assess", "flag_raised", "flag_marks", "legend",
@@ -590,6 +590,34 @@ class Assessment:
         if cols["eval_data_in_training"]:
             out.append(f"WARNING: eval_data_in_training: {cols['eval_data_in_training_evidence']}")
         return out
+
+
+def _lineage_to_dict(n: Lineage) -> dict[str, Any]:
+    return {"model": n.model, "path": n.path, "is_merge": n.is_merge, "evidence": list(n.evidence),
+            "parents": list(n.parents), "ancestors": [_lineage_to_dict(a) for a in n.ancestors],
+            "relation": n.relation, "datasets": list(n.datasets), "notes": list(n.notes)}
+
+
+def _lineage_from_dict(d: Mapping[str, Any]) -> Lineage:
+    return Lineage(d["model"], d.get("path"), bool(d.get("is_merge")), tuple(d.get("evidence", ())),
+                   tuple(d.get("parents", ())), tuple(_lineage_from_dict(a) for a in d.get("ancestors", ())),
+                   d.get("relation", ""), tuple(d.get("datasets", ())), tuple(d.get("notes", ())))
+
+
+def assessment_to_dict(a: Assessment) -> dict[str, Any]:
+    """A JSON-able form of an :class:`Assessment` (stored with a study, so that export and
+    report need not rebuild lm-eval's task index)."""
+    return {"sources": [_lineage_to_dict(s) for s in a.sources], "search_tasks": list(a.search_tasks),
+            "holdout_tasks": list(a.holdout_tasks),
+            "task_datasets": {k: sorted(v) for k, v in a.task_datasets.items()},
+            "dataset_hits": [list(h) for h in a.dataset_hits], "public_benchmarks": dict(a.public_benchmarks)}
+
+
+def assessment_from_dict(d: Mapping[str, Any]) -> Assessment:
+    """The inverse of :func:`assessment_to_dict`."""
+    return Assessment(tuple(_lineage_from_dict(s) for s in d.get("sources", ())), tuple(d.get("search_tasks", ())),
+                      tuple(d.get("holdout_tasks", ())), {k: frozenset(v) for k, v in d.get("task_datasets", {}).items()},
+                      tuple(DatasetHit(*h) for h in d.get("dataset_hits", ())), dict(d.get("public_benchmarks", {})))
 
 
 def assess(model_refs: Iterable[str], search_tasks: Iterable[str],

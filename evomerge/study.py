@@ -261,7 +261,10 @@ class Search:
         study.set_user_attr("search_tasks", self.search_tasks)
         study.set_user_attr("holdout_tasks", self.holdout_tasks)
         if self.assessment is not None:
+            from evomerge.flags import assessment_to_dict
+
             study.set_user_attr("flags", self.assessment.columns())
+            study.set_user_attr("assessment", assessment_to_dict(self.assessment))
         return study
 
     def recover(self, study: Any) -> list[int]:
@@ -336,7 +339,10 @@ class Search:
             self._base_model = AutoModelForCausalLM.from_pretrained(str(self.sources[base].path)).to(self.device).eval()
             self._probe_tok = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
         texts = [x for v in self.evaluator.texts("search").values() for x in v]
-        r = probe_contamination(model, self._base_model, self._probe_tok, texts, seed=self.seed)
+        # Unseen items of the same distribution are the best controls (perturbed neighbours can
+        # over-flag a merge that merely learned the skill): use the holdout items when there are.
+        controls = [x for v in self.evaluator.texts("holdout").values() for x in v] if self.holdout_tasks else []
+        r = probe_contamination(model, self._base_model, self._probe_tok, texts, controls=controls or None, seed=self.seed)
         study.set_user_attr(f"probe:{number}", r.columns())
 
     def run_trial(self, study: Any, best: list[float]) -> tuple[str, Any]:

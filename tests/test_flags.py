@@ -348,3 +348,17 @@ def test_evomerge_merges_of_merges_stay_visible(tiny_family, tmp_path):
     assert lin.chain() == f"{second} <- merge of ({first} <- merge of ({m0}, {m1}), {m2})"
     cols = F.Assessment((lin,), ("zoo_add",)).source_columns()
     assert cols["merge_lineage"] is True and cols["merge_lineage_evidence"].startswith(lin.chain())
+
+
+def test_assessment_round_trips_through_json(tmp_path):
+    import json
+
+    from evomerge.flags import Assessment, DatasetHit, Lineage, assessment_from_dict, assessment_to_dict
+
+    leaf = Lineage("org/c", None, False, (), (), (), "", (), ("not available locally",))
+    mid = Lineage("org/b", "/x/b", True, ("tags: merge",), ("org/c",), (leaf,), "merge", ("gsm8k",), ())
+    a = Assessment((mid,), ("zoo_rev",), ("zoo_rev_holdout",), {"zoo_rev": frozenset({"x.jsonl"})},
+                   (DatasetHit("org/b", "org/b", "gsm8k", "gsm8k", "openai/gsm8k"),), {"arc_easy": "public benchmark"})
+    back = assessment_from_dict(json.loads(json.dumps(assessment_to_dict(a))))
+    assert back == a
+    assert back.columns() == a.columns()
