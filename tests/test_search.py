@@ -257,3 +257,24 @@ def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path, tiny_family):
     df = load_trials(csv)
     assert (df["error"] == "interrupted (Ctrl-C)").sum() == 1
     assert not (df["state"] == "RUNNING").any()
+
+
+def test_results_and_report_commands(space, tmp_path, tiny_family, capsys):
+    base, fts = tiny_family
+    results = tmp_path / "results"
+    run_search(space, evaluator=TaskVectorEvaluator(base, fts), results_dir=results, quiet=True, log=lambda m: None, trials=5)
+    assert main(["results", str(space), "--results-dir", str(results), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "[uniform]" in out and "[source:ft0]" in out and "flags: L = merge_lineage" in out
+    searched = [ln for ln in lines if ln.strip().startswith("#")]
+    assert len(searched) == 3  # --top 3 searched rows, plus every baseline
+    scores = [float(ln.split()[2]) for ln in searched]
+    assert scores == sorted(scores, reverse=True)
+    assert main(["report", str(space), "--results-dir", str(results)]) == 0
+    report = results / "space" / "report"
+    for name in ("history.png", "importance.png", "parallel.png", "holdout.png", "flags.png", "report.md"):
+        assert (report / name).stat().st_size > 0, name
+    # a study that does not exist is a one-line error
+    assert main(["results", str(space), "--results-dir", str(tmp_path / "nothing")]) == 2
+    assert "no study 'space' yet" in capsys.readouterr().err
