@@ -99,8 +99,10 @@ class TaskSpec:
 class EvalConfig:
     """The parsed ``evaluate:`` section.
 
-    ``holdout_limit`` with an empty ``holdout`` list means: the holdout items are docs
-    ``[limit, limit + holdout_limit)`` of the search tasks themselves.
+    ``limit`` takes the first ``limit`` docs of each search task (None: all). ``holdout_limit`` with
+    an empty ``holdout`` list means: the holdout items are docs ``[limit, limit + holdout_limit)`` of
+    the search tasks themselves; with holdout tasks it takes their first ``holdout_limit`` docs.
+    ``file`` is the space file, named in errors found later (a holdout range past the end).
     """
 
     search: list[TaskSpec]
@@ -174,7 +176,7 @@ def task_manager(include_path: tuple[str, ...], include_defaults: bool):
     _quiet_lm_eval()
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(verbosity="ERROR", include_path=list(include_path) or None, include_defaults=include_defaults)
+    return TaskManager(include_path=list(include_path) or None, include_defaults=include_defaults)
 
 
 def _local_task_names(include_path: Iterable[str]) -> set[str]:
@@ -576,14 +578,23 @@ class LMEvalEvaluator(Evaluator):
         model.eval()
         _quiet_lm_eval()
         lm = _quiet_hflm_class()(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size, device=self.device)
-        out = lm_evaluate(
-            lm,
-            self._dicts[split],
-            samples=self._samples[split],
-            bootstrap_iters=100,  # mean metrics use the closed form; this only bounds other metrics
-            log_samples=False,
-            verbosity="ERROR",
-        )
+        import lm_eval.api.task as lm_task
+
+        # lm-eval draws a progress bar per task per call while building requests; a search
+        # prints its own progress, so swap it for a pass-through during the call.
+        bar = lm_task.tqdm
+        lm_task.tqdm = lambda it, *a, **k: it
+        try:
+            out = lm_evaluate(
+                lm,
+                self._dicts[split],
+                samples=self._samples[split],
+                bootstrap_iters=100,  # mean metrics use the closed form; this bounds the others
+                log_samples=False,
+                verbosity="ERROR",
+            )
+        finally:
+            lm_task.tqdm = bar
         if was_training:
             model.train()
         results = (out or {}).get("results", {})

@@ -41,16 +41,16 @@ def test_parse_full_section(micro_zoo):
     cfg = parse_evaluate(
         {
             "include_path": "zoo:micro",
-            "tasks": ["zoo_rev", {"name": "zoo_sort", "metric": "acc_norm", "weight": 2, "num_fewshot": 0}],
+            "tasks": ["zoo_rot", {"name": "zoo_sort", "metric": "acc_norm", "weight": 2, "num_fewshot": 0}],
             "limit": 20,
-            "holdout": {"tasks": ["zoo_rev_holdout", "zoo_sort_holdout"], "limit": 10},
+            "holdout": {"tasks": ["zoo_rot_holdout", "zoo_sort_holdout"], "limit": 10},
             "batch_size": 8,
         },
         FILE,
         Path("."),
     )
-    assert cfg.search == [TaskSpec("zoo_rev"), TaskSpec("zoo_sort", "acc_norm", 2.0, 0)]
-    assert [t.name for t in cfg.holdout] == ["zoo_rev_holdout", "zoo_sort_holdout"]
+    assert cfg.search == [TaskSpec("zoo_rot"), TaskSpec("zoo_sort", "acc_norm", 2.0, 0)]
+    assert [t.name for t in cfg.holdout] == ["zoo_rot_holdout", "zoo_sort_holdout"]
     assert cfg.include_path == [str((micro_zoo / "tasks").resolve())]
     assert (cfg.limit, cfg.holdout_limit, cfg.batch_size, cfg.preset) == (20, 10, 8, None)
 
@@ -72,20 +72,20 @@ def _copy_task(micro_zoo: Path, dest: Path, src: str, new: str) -> None:
 
 
 BAD = [
-    ({"include_path": "zoo:micro", "tasks": ["zoo_rev"], "lmit": 5}, "evaluate.lmit", "did you mean limit"),
-    ({"include_path": "no/such/dir", "tasks": ["zoo_rev"]}, "evaluate.include_path", "does not exist"),
-    ({"include_path": "zoo:giant", "tasks": ["zoo_rev"]}, "evaluate.include_path", "unknown zoo"),
-    ({"include_path": "zoo:micro", "tasks": ["zoo_rev"], "limit": 0}, "evaluate.limit", "integer >= 1"),
-    ({"include_path": "zoo:micro", "tasks": ["zoo_rev"], "limit": "ten"}, "evaluate.limit", "integer >= 1"),
-    ({"include_path": "zoo:micro", "tasks": [{"name": "zoo_rev", "weight": -1}]}, "evaluate.tasks[0].weight", "positive"),
-    ({"include_path": "zoo:micro", "tasks": [{"name": "zoo_rev", "shots": 3}]}, "evaluate.tasks[0].shots", "unknown key"),
-    ({"include_path": "zoo:micro", "tasks": ["zoo_rev", "zoo_rev"]}, "evaluate.tasks[1]", "twice"),
+    ({"include_path": "zoo:micro", "tasks": ["zoo_rot"], "lmit": 5}, "evaluate.lmit", "did you mean limit"),
+    ({"include_path": "no/such/dir", "tasks": ["zoo_rot"]}, "evaluate.include_path", "does not exist"),
+    ({"include_path": "zoo:giant", "tasks": ["zoo_rot"]}, "evaluate.include_path", "unknown zoo"),
+    ({"include_path": "zoo:micro", "tasks": ["zoo_rot"], "limit": 0}, "evaluate.limit", "integer >= 1"),
+    ({"include_path": "zoo:micro", "tasks": ["zoo_rot"], "limit": "ten"}, "evaluate.limit", "integer >= 1"),
+    ({"include_path": "zoo:micro", "tasks": [{"name": "zoo_rot", "weight": -1}]}, "evaluate.tasks[0].weight", "positive"),
+    ({"include_path": "zoo:micro", "tasks": [{"name": "zoo_rot", "shots": 3}]}, "evaluate.tasks[0].shots", "unknown key"),
+    ({"include_path": "zoo:micro", "tasks": ["zoo_rot", "zoo_rot"]}, "evaluate.tasks[1]", "twice"),
     ({"include_path": "zoo:micro", "preset": "open_llm"}, "evaluate.preset", "did you mean open_llm_v1"),
     ({"include_path": "zoo:micro"}, "evaluate.tasks", "at least one task"),
-    ({"include_path": "zoo:micro", "tasks": ["zoo_rev"], "holdout": {"tasks": ["zoo_rev"]}}, "evaluate.holdout.tasks[0]", "also a search task"),
-    ({"include_path": "zoo:micro", "tasks": ["zoo_rev"], "holdout": {"limit": 10}}, "evaluate.holdout.limit", "evaluate.limit must be set"),
-    ({"include_path": "zoo:micro", "tasks": ["zoo_rev"], "holdout": {"size": 10}}, "evaluate.holdout.size", "unknown key"),
-    ({"include_path": "zoo:micro", "tasks": ["zoo_rev"], "holdout": {}}, "evaluate.holdout", "give tasks"),
+    ({"include_path": "zoo:micro", "tasks": ["zoo_rot"], "holdout": {"tasks": ["zoo_rot"]}}, "evaluate.holdout.tasks[0]", "also a search task"),
+    ({"include_path": "zoo:micro", "tasks": ["zoo_rot"], "holdout": {"limit": 10}}, "evaluate.holdout.limit", "evaluate.limit must be set"),
+    ({"include_path": "zoo:micro", "tasks": ["zoo_rot"], "holdout": {"size": 10}}, "evaluate.holdout.size", "unknown key"),
+    ({"include_path": "zoo:micro", "tasks": ["zoo_rot"], "holdout": {}}, "evaluate.holdout", "give tasks"),
 ]
 
 
@@ -98,43 +98,43 @@ def test_parse_errors_name_file_and_field(micro_zoo, section, field, fragment):
 
 
 def test_holdout_task_with_the_search_items_is_refused(micro_zoo, tmp_path):
-    _copy_task(micro_zoo, tmp_path / "t", "zoo_rev", "zoo_rev_again")
-    section = {"include_path": ["zoo:micro", str(tmp_path / "t")], "tasks": ["zoo_rev"], "holdout": {"tasks": ["zoo_rev_again"]}}
+    _copy_task(micro_zoo, tmp_path / "t", "zoo_rot", "zoo_rot_again")
+    section = {"include_path": ["zoo:micro", str(tmp_path / "t")], "tasks": ["zoo_rot"], "holdout": {"tasks": ["zoo_rot_again"]}}
     with pytest.raises(ConfigError) as e:
         parse_evaluate(section, FILE, Path("."))
-    assert e.value.field == "evaluate.holdout.tasks[0]" and "shares items with search task 'zoo_rev'" in str(e.value)
+    assert e.value.field == "evaluate.holdout.tasks[0]" and "shares items with search task 'zoo_rot'" in str(e.value)
     # The zoo's own holdout task shares nothing with it.
-    ok = parse_evaluate({**section, "holdout": {"tasks": ["zoo_rev_holdout"]}}, FILE, Path("."))
-    assert ok.holdout == [TaskSpec("zoo_rev_holdout")]
+    ok = parse_evaluate({**section, "holdout": {"tasks": ["zoo_rot_holdout"]}}, FILE, Path("."))
+    assert ok.holdout == [TaskSpec("zoo_rot_holdout")]
 
 
 def test_unknown_task_lists_close_names(micro_zoo):
     with pytest.raises(ConfigError) as e:
-        parse_evaluate({"include_path": "zoo:micro", "tasks": ["zoo_rev", "zoo_revv"]}, FILE, Path("."))
+        parse_evaluate({"include_path": "zoo:micro", "tasks": ["zoo_rot", "zoo_rotv"]}, FILE, Path("."))
     assert e.value.field == "evaluate.tasks[1]"
-    assert "unknown lm-eval task 'zoo_revv'" in str(e.value) and "zoo_rev" in str(e.value).split("did you mean")[1]
+    assert "unknown lm-eval task 'zoo_rotv'" in str(e.value) and "zoo_rot" in str(e.value).split("did you mean")[1]
 
 
 def test_scores_match_a_hand_scorer_and_experts_win(micro_zoo, tok):
-    cfg = parse_evaluate({"include_path": "zoo:micro", "tasks": ["zoo_rev", {"name": "zoo_shift", "weight": 3}], "limit": 24}, FILE, Path("."))
+    cfg = parse_evaluate({"include_path": "zoo:micro", "tasks": ["zoo_rot", {"name": "zoo_shift", "weight": 3}], "limit": 24}, FILE, Path("."))
     ev = LMEvalEvaluator(cfg, tok, batch_size=16)
     hand_tok = make_tokenizer()
     res = {}
-    for name in ("base", "rev", "shift"):
+    for name in ("base", "rot", "shift"):
         model = _model(micro_zoo, name)
         r = ev.evaluate(model)
         res[name] = r
-        assert r.n_items == {"zoo_rev": 24, "zoo_shift": 24}
-        for task in ("zoo_rev", "zoo_shift"):
+        assert r.n_items == {"zoo_rot": 24, "zoo_shift": 24}
+        for task in ("zoo_rot", "zoo_shift"):
             # Same rule as lm-eval's acc, computed independently over the first 24 items.
             assert abs(r.scores[task] - score_items(model, hand_tok, _items(micro_zoo, task)[:24])) <= 1 / 24 + 1e-9
             p = r.scores[task]
             assert r.stderr[task] == pytest.approx(math.sqrt(p * (1 - p) / 23), abs=1e-9)
-        assert r.aggregate == pytest.approx((r.scores["zoo_rev"] + 3 * r.scores["zoo_shift"]) / 4)
-        assert r.aggregate_se == pytest.approx(math.sqrt(r.stderr["zoo_rev"] ** 2 + 9 * r.stderr["zoo_shift"] ** 2) / 4)
-    assert res["rev"].scores["zoo_rev"] >= res["base"].scores["zoo_rev"] + 0.25
+        assert r.aggregate == pytest.approx((r.scores["zoo_rot"] + 3 * r.scores["zoo_shift"]) / 4)
+        assert r.aggregate_se == pytest.approx(math.sqrt(r.stderr["zoo_rot"] ** 2 + 9 * r.stderr["zoo_shift"] ** 2) / 4)
+    assert res["rot"].scores["zoo_rot"] >= res["base"].scores["zoo_rot"] + 0.25
     assert res["shift"].scores["zoo_shift"] >= res["base"].scores["zoo_shift"] + 0.25
-    assert res["rev"].scores["zoo_rev"] > res["shift"].scores["zoo_rev"]
+    assert res["rot"].scores["zoo_rot"] > res["shift"].scores["zoo_rot"]
 
 
 def test_no_answers_shared_between_candidates(micro_zoo, tok):
@@ -151,33 +151,33 @@ def test_no_answers_shared_between_candidates(micro_zoo, tok):
 
 
 def test_holdout_by_doc_range_is_disjoint(micro_zoo, tok):
-    cfg = parse_evaluate({"include_path": "zoo:micro", "tasks": ["zoo_rev", "zoo_sort"], "limit": 20, "holdout": {"limit": 15}}, FILE, Path("."))
+    cfg = parse_evaluate({"include_path": "zoo:micro", "tasks": ["zoo_rot", "zoo_sort"], "limit": 20, "holdout": {"limit": 15}}, FILE, Path("."))
     ev = LMEvalEvaluator(cfg, tok)
     search, holdout = ev.texts("search"), ev.texts("holdout")
-    for task in ("zoo_rev", "zoo_sort"):
+    for task in ("zoo_rot", "zoo_sort"):
         items = _items(micro_zoo, task)
         assert search[task] == [f"{it.prompt} {it.answer}" for it in items[:20]]
         assert holdout[task] == [f"{it.prompt} {it.answer}" for it in items[20:35]]
         assert set(search[task]).isdisjoint(holdout[task])
-    r = ev.evaluate(_model(micro_zoo, "rev"), "holdout")
-    assert r.n_items == {"zoo_rev": 15, "zoo_sort": 15}
-    assert ev.task_names("holdout") == ["zoo_rev", "zoo_sort"]
-    assert ev.datasets()["zoo_rev"][-1].endswith("zoo_rev.jsonl")
+    r = ev.evaluate(_model(micro_zoo, "rot"), "holdout")
+    assert r.n_items == {"zoo_rot": 15, "zoo_sort": 15}
+    assert ev.task_names("holdout") == ["zoo_rot", "zoo_sort"]
+    assert ev.datasets()["zoo_rot"][-1].endswith("zoo_rot.jsonl")
 
 
 def test_holdout_range_past_the_end_is_an_error(micro_zoo, tok):
-    cfg = parse_evaluate({"include_path": "zoo:micro", "tasks": ["zoo_rev"], "limit": 48, "holdout": {"limit": 10}}, FILE, Path("."))
+    cfg = parse_evaluate({"include_path": "zoo:micro", "tasks": ["zoo_rot"], "limit": 48, "holdout": {"limit": 10}}, FILE, Path("."))
     with pytest.raises(ConfigError) as e:
         LMEvalEvaluator(cfg, tok)
     assert e.value.field == "evaluate.holdout.limit" and "no docs" in str(e.value)
 
 
 def test_holdout_tasks_score_separately(micro_zoo, tok):
-    cfg = EvalConfig(search=[TaskSpec("zoo_rev")], holdout=[TaskSpec("zoo_rev_holdout")], include_path=[str(micro_zoo / "tasks")], limit=10, holdout_limit=12)
+    cfg = EvalConfig(search=[TaskSpec("zoo_rot")], holdout=[TaskSpec("zoo_rot_holdout")], include_path=[str(micro_zoo / "tasks")], limit=10, holdout_limit=12)
     ev = LMEvalEvaluator(cfg, tok)
-    r = ev.evaluate(_model(micro_zoo, "rev"), "holdout")
-    assert list(r.scores) == ["zoo_rev_holdout"] and r.n_items == {"zoo_rev_holdout": 12}
-    assert ev.texts("holdout")["zoo_rev_holdout"][0] == "{} {}".format(*(lambda it: (it.prompt, it.answer))(_items(micro_zoo, "zoo_rev_holdout")[0]))
+    r = ev.evaluate(_model(micro_zoo, "rot"), "holdout")
+    assert list(r.scores) == ["zoo_rot_holdout"] and r.n_items == {"zoo_rot_holdout": 12}
+    assert ev.texts("holdout")["zoo_rot_holdout"][0] == "{} {}".format(*(lambda it: (it.prompt, it.answer))(_items(micro_zoo, "zoo_rot_holdout")[0]))
 
 
 def test_fake_evaluator_is_a_known_function_of_the_weights(micro_zoo):

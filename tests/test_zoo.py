@@ -13,7 +13,7 @@ import torch
 
 from evomerge.zoo import ensure_zoo, main_zoo, read_manifest, resolve_zoo_ref
 from evomerge.zoo.build import ZOO_VERSION, build_zoo, is_current
-from evomerge.zoo.data import SKILLS, Item, make_tokenizer
+from evomerge.zoo.data import SKILLS, Item, eval_strings, make_tokenizer
 from evomerge.zoo.train import ZooSize, score_items
 
 pytestmark = pytest.mark.slow
@@ -41,19 +41,22 @@ def test_task_items_are_well_formed(micro_zoo):
         search = _items(micro_zoo / "tasks" / f"zoo_{skill}.jsonl", skill)
         holdout = _items(micro_zoo / "tasks" / f"zoo_{skill}_holdout.jsonl", skill)
         assert {i.prompt for i in search}.isdisjoint(i.prompt for i in holdout)
+        # Every item's letters are in the set kept out of training.
+        kept_out = eval_strings(len(search) + len(holdout), read_manifest(micro_zoo)["seed"])
+        assert {it.prompt.split(": ")[1][:5] for it in search + holdout} <= kept_out
         for it in search[:20]:
             letters = it.prompt.split(": ")[1].split(" ")[0]
-            gold = {"rev": letters[::-1], "sort": "".join(sorted(letters)), "shift": "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in letters)}[skill]
+            gold = {"rot": letters[1:] + letters[:1], "sort": "".join(sorted(letters)), "shift": "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in letters)}[skill]
             assert it.answer == gold  # the gold answer is the skill applied by hand
             assert len(set(it.choices)) == 4 and letters not in it.choices
 
 
 def test_models_load_like_hub_models(micro_zoo):
-    model, tok = _load(micro_zoo, "rev")
+    model, tok = _load(micro_zoo, "rot")
     assert model.config.model_type == "llama"
-    ids = tok("rev: abc =")["input_ids"]
-    assert len(ids) == len("rev: abc =")  # one token per character, no special tokens added
-    assert tok.decode(ids) == "rev: abc ="
+    ids = tok("rot: abc =")["input_ids"]
+    assert len(ids) == len("rot: abc =")  # one token per character, no special tokens added
+    assert tok.decode(ids) == "rot: abc ="
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
 
 
@@ -108,7 +111,7 @@ def test_main_zoo_reuses_and_prints_table(micro_zoo, capsys):
     assert main_zoo(str(micro_zoo), "micro", 0) == 0
     out = capsys.readouterr().out
     assert "reused" in out
-    assert "task_arithmetic uniform 1/n" in out and "zoo_rev" in out
+    assert "task_arithmetic uniform 1/n" in out and "zoo_rot" in out
 
 
 def test_version_stamp_decides_rebuild(micro_zoo, tmp_path):
@@ -129,9 +132,9 @@ def test_same_seed_same_tensors(tmp_path):
     for name in a["models"]:
         assert _digest(tmp_path / "a" / name) == _digest(tmp_path / "b" / name)
         assert _digest(tmp_path / "a" / name) != _digest(tmp_path / "c" / name)
-    assert (tmp_path / "a" / "tasks" / "zoo_rev.jsonl").read_bytes() == (tmp_path / "b" / "tasks" / "zoo_rev.jsonl").read_bytes()
+    assert (tmp_path / "a" / "tasks" / "zoo_rot.jsonl").read_bytes() == (tmp_path / "b" / "tasks" / "zoo_rot.jsonl").read_bytes()
     # Experts differ from the base (they were trained).
-    assert _digest(tmp_path / "a" / "rev") != _digest(tmp_path / "a" / "base")
+    assert _digest(tmp_path / "a" / "rot") != _digest(tmp_path / "a" / "base")
 
 
 def test_crash_leaves_nothing_half_built(tmp_path, monkeypatch):
@@ -152,3 +155,13 @@ def test_crash_leaves_nothing_half_built(tmp_path, monkeypatch):
         build_zoo(tmp_path / "zoo", "micro", 0, shape=TINY, progress=False, figures=False)
     assert list(tmp_path.iterdir()) == []  # no zoo, no temp dir
     assert torch.get_num_threads() == threads  # the build restored the caller's thread count
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_zoo(tmp_path):
+    from evomerge.errors import EvomergeError
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(EvomergeError, match="not a zoo"):
+        main_zoo(str(tmp_path / "mine"), "micro", 0)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -8,6 +8,7 @@ decides when it must be rebuilt).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,10 +30,18 @@ def default_root() -> Path:
 
 def _ensure_at(zoo_dir: Path, size: str, seed: int | None, *, progress: bool = True) -> Path:
     zoo_dir = Path(zoo_dir).resolve()
+    if zoo_dir.is_dir() and any(zoo_dir.iterdir()) and not (zoo_dir / "zoo.json").is_file():
+        from evomerge.errors import EvomergeError
+
+        # A rebuild replaces the directory: never do that to something that is not a zoo.
+        raise EvomergeError(f"{zoo_dir} exists and is not a zoo (no zoo.json); choose an empty or new directory")
     if not is_current(zoo_dir, size, seed):
         with zoo_lock(zoo_dir):
             # Another process may have built it while we waited for the lock.
             if not is_current(zoo_dir, size, seed):
+                # Leftovers of a build that was killed (we hold the lock, so none is running).
+                for stale in zoo_dir.parent.glob(f".{zoo_dir.name}.building-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
                 build_zoo(zoo_dir, size, 0 if seed is None else seed, progress=progress)
     _fix_task_paths(zoo_dir)
     return zoo_dir

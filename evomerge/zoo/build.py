@@ -18,14 +18,13 @@ from typing import Any
 
 import torch
 
-from evomerge.zoo.data import SKILLS, make_tokenizer, pretrain_text, rewrite_task_yamls, skill_text, task_names, write_tasks
+from evomerge.zoo.data import SKILLS, eval_strings, make_tokenizer, pretrain_text, rewrite_task_yamls, skill_text, task_names, write_tasks
 from evomerge.zoo.train import SIZES, ZooSize, new_model, train
 
 __all__ = ["ZOO_VERSION", "build_zoo", "zoo_lock", "read_manifest", "is_current", "format_figures", "measure_figures"]
 
 # Bump when the data, the models or the training change: existing zoos are then rebuilt.
-ZOO_VERSION = "1"
-MERGE_GRID = (1 / 3, 0.5, 0.75, 1.0)
+ZOO_VERSION = "3"
 
 
 def read_manifest(zoo_dir: Path) -> dict[str, Any] | None:
@@ -74,24 +73,31 @@ def _save(model, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def _expert_line(skill: str, replay: float):
-    """Training lines of one expert: its skill, with some of the base's mixture replayed so that the
-    other formats stay where the base left them (small, mergeable deltas)."""
-
+def _base_line(avoid: frozenset[str]):
     def line(rng) -> str:
-        return pretrain_text(rng) if rng.random() < replay else skill_text(skill, rng)
+        return pretrain_text(rng, avoid)
 
     return line
 
 
-def measure_figures(zoo_dir: Path, tasks_dir: Path, model_names: list[str], *, grid: tuple[float, ...] = MERGE_GRID) -> dict[str, Any]:
+def _expert_line(skill: str, replay: float, avoid: frozenset[str]):
+    """Training lines of one expert: its skill, with some of the base's mixture replayed so that the
+    other formats stay where the base left them (small, mergeable deltas)."""
+
+    def line(rng) -> str:
+        return pretrain_text(rng, avoid) if rng.random() < replay else skill_text(skill, rng, avoid=avoid)
+
+    return line
+
+
+def measure_figures(zoo_dir: Path, tasks_dir: Path, model_names: list[str], *, grid: tuple[float | tuple[float, ...], ...] = (1 / 3,)) -> dict[str, Any]:
     """lm-eval accuracy of every model and of task-arithmetic merges of all experts.
 
     Args:
         zoo_dir: directory holding ``base/`` and the expert dirs.
         tasks_dir: the lm-eval include dir (YAMLs must point at its JSONL files).
         model_names: expert directory names.
-        grid: the uniform weights tried for the merge (the first is the plain uniform merge 1/n).
+        grid: the merges to measure: one weight for all experts, or a tuple with one per expert.
 
     Returns:
         ``{"models": {name: {task: acc}}, "merges": {label: {task: acc}}, "eval_seconds": s}``.
@@ -107,30 +113,46 @@ def measure_figures(zoo_dir: Path, tasks_dir: Path, model_names: list[str], *, g
     ev = LMEvalEvaluator(cfg, tok)
     secs: list[float] = []
 
-    def score(model) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for split in ("search", "holdout"):
-            r = ev.evaluate(model, split)
-            secs.append(r.seconds) if split == "search" else None
-            out.update({k: round(v, 4) for k, v in r.scores.items()})
+    def score(model, with_holdout: bool = True) -> dict[str, float]:
+        r = ev.evaluate(model, "search")
+        secs.append(r.seconds)
+        out = {k: round(v, 4) for k, v in r.scores.items()}
         out["mean"] = round(sum(out[n] for n in search) / len(search), 4)
-        out["holdout_mean"] = round(sum(out[n] for n in holdout) / len(holdout), 4)
+        if with_holdout:  # the grid merges skip it: it only costs build time
+            out.update({k: round(v, 4) for k, v in ev.evaluate(model, "holdout").scores.items()})
+            out["holdout_mean"] = round(sum(out[n] for n in holdout) / len(holdout), 4)
         return out
 
     figures: dict[str, Any] = {"models": {}, "merges": {}}
     for name in ["base", *model_names]:
         model = AutoModelForCausalLM.from_pretrained(zoo_dir / name, dtype=torch.float32)
         figures["models"][name] = score(model)
-    for lam in grid:
+    for entry in grid:
+        weights = list(entry) if isinstance(entry, tuple) else [entry] * len(model_names)
         recipe = {
             "merge_method": "task_arithmetic",
             "base_model": str(zoo_dir / "base"),
-            "models": [{"model": str(zoo_dir / n), "parameters": {"weight": lam}} for n in model_names],
+            "models": [{"model": str(zoo_dir / n), "parameters": {"weight": w}} for n, w in zip(model_names, weights)],
             "dtype": "float32",
         }
-        label = "task_arithmetic uniform 1/n" if abs(lam - 1 / len(model_names)) < 1e-9 else f"task_arithmetic weight {lam:g}"
-        figures["merges"][label] = score(merge_in_memory(recipe))
+        if isinstance(entry, tuple):
+            label = "task_arithmetic " + " ".join(f"{n}={w:g}" for n, w in zip(model_names, weights))
+        elif abs(entry - 1 / len(model_names)) < 1e-9:
+            label = "task_arithmetic uniform 1/n"
+        else:
+            label = f"task_arithmetic uniform {entry:g}"
+        figures["merges"][label] = score(merge_in_memory(recipe), with_holdout=label.endswith("1/n"))
     figures["eval_seconds"] = round(sum(secs) / len(secs), 3)
+    experts = {n: figures["models"][n]["mean"] for n in model_names}
+    merges = {n: v["mean"] for n, v in figures["merges"].items()}
+    best = max(merges, key=merges.__getitem__)
+    figures["summary"] = {
+        "best_expert": max(experts, key=experts.__getitem__),
+        "best_expert_mean": max(experts.values()),
+        "uniform_1n_mean": merges.get("task_arithmetic uniform 1/n"),
+        "best_merge": best,
+        "best_merge_mean": merges[best],
+    }
     return figures
 
 
@@ -159,22 +181,24 @@ def build_zoo(dest: str | Path, size: str = "demo", seed: int = 0, *, shape: Zoo
         if progress:
             print(f"[zoo {size}] {msg}", file=sys.stderr, flush=True)
 
-    # One thread: the tiny matmuls gain little from more, a fixed count keeps the float reduction
-    # order (so the tensor hashes) the same on any machine, and it avoids thrashing a busy CPU.
+    # A fixed thread count per size keeps the float reduction order (so the tensor hashes) the same
+    # on any machine. One thread: two are faster on an idle 2-core machine but 20-50x slower as
+    # soon as another process competes for the cores (measured), which is the common case here.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(shape.threads)
     try:
         tok = make_tokenizer()
         counts = write_tasks(tmp / "tasks", tmp / "tasks", shape.n_search, shape.n_holdout, seed)
         base = new_model(shape, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed)
         n_params = sum(p.numel() for p in base.parameters())
         say(f"pretraining the base ({n_params / 1e6:.2f}M parameters, {shape.base_steps} steps)")
-        train(base, tok, pretrain_text, steps=shape.base_steps, lr=shape.base_lr, batch=shape.batch, seed=seed * 1000 + 1, answer_only=False, progress="base" if progress else None)
+        avoid = eval_strings(shape.n_search + shape.n_holdout, seed)
+        train(base, tok, _base_line(avoid), steps=shape.base_steps, lr=shape.base_lr, batch=shape.batch, seed=seed * 1000 + 1, answer_only=False, progress="base" if progress else None)
         _save(base, tok, tmp / "base")
         models: dict[str, dict[str, Any]] = {"base": {"dir": "base", "role": "base", "skill": None}}
         for i, skill in enumerate(SKILLS):
             expert = copy.deepcopy(base)
-            train(expert, tok, _expert_line(skill, shape.replay), steps=shape.expert_steps, lr=shape.expert_lr, batch=shape.batch, seed=seed * 1000 + 10 + i, answer_only=True, warmup=20, progress=skill if progress else None)
+            train(expert, tok, _expert_line(skill, shape.replay, avoid), steps=shape.expert_steps, lr=shape.expert_lr, batch=shape.batch, seed=seed * 1000 + 10 + i, answer_only=True, warmup=20, progress=skill if progress else None)
             _save(expert, tok, tmp / skill)
             models[skill] = {"dir": skill, "role": "expert", "skill": skill}
             del expert
@@ -190,12 +214,13 @@ def build_zoo(dest: str | Path, size: str = "demo", seed: int = 0, *, shape: Zoo
             "training": {
                 "base": {"steps": shape.base_steps, "lr": shape.base_lr, "batch": shape.batch},
                 "experts": {"steps": shape.expert_steps, "lr": shape.expert_lr, "batch": shape.batch, "replay": shape.replay},
+                "threads": shape.threads,
             },
             "train_seconds": round(train_seconds, 1),
         }
         if figures:
             say("measuring accuracies with lm-eval")
-            manifest["figures"] = measure_figures(tmp, tmp / "tasks", list(SKILLS))
+            manifest["figures"] = measure_figures(tmp, tmp / "tasks", list(SKILLS), grid=shape.merge_grid)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         rewrite_task_yamls(tmp / "tasks", dest / "tasks")
@@ -224,7 +249,10 @@ def format_figures(manifest: dict[str, Any]) -> str:
     width = max(len(n) for n, _ in rows)
     lines = [f"{'model':<{width}}  " + "  ".join(f"{c:>12}" for c in cols)]
     for name, v in rows:
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * v[c]:>11.1f}%" for c in cols))
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * v[c]:>11.1f}%" if c in v else f"{'-':>12}" for c in cols))
+    sm = fig.get("summary", {})
+    if sm:
+        lines.append(f"best single expert ({sm['best_expert']}): mean {100 * sm['best_expert_mean']:.1f}%; best merge measured ({sm['best_merge']}): mean {100 * sm['best_merge_mean']:.1f}%")
     lines.append(f"(accuracy on {manifest['tasks']['items'][search[0]]} search items per task; holdout_mean over the disjoint holdout tasks; chance is 25%)")
     lines.append(f"one lm-eval pass over all search tasks: {fig['eval_seconds']:.2f}s; build time {manifest.get('build_seconds', 0):.0f}s")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """The zoo's data: a character tokenizer, skill items and the lm-eval task files.
 
-Every skill maps a short letter string to another one (``"rev: dkfab =" -> " bafkd"``). The
+Every skill maps a short letter string to another one (``"rot: dkfab =" -> " kfabd"``: rotate
+left by one; ``sort``: sort the letters; ``shift``: each letter to the next in the alphabet). The
 multiple-choice items offer four answers built so that a model without the skill sits at chance:
-for ``rev`` and ``sort`` all choices are permutations of the same letters, for ``shift`` all are
+for ``rot`` and ``sort`` all choices are permutations of the same letters, for ``shift`` all are
 Caesar shifts of the input. The base model is pretrained on the same prompts with *random* answers
 of the right family (any permutation, any shift) plus a ``copy`` task, so it knows every format and
 how to copy letters, but none of the skills; each expert then learns one skill as a small delta.
@@ -26,6 +27,7 @@ __all__ = [
     "pretrain_text",
     "skill_text",
     "write_tasks",
+    "eval_strings",
     "task_names",
 ]
 
@@ -33,7 +35,7 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # Everything a prompt or answer can contain; special tokens come first in the vocabulary.
 CHARS = LETTERS + "0123456789 :=>+-\n"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-SKILLS: tuple[str, ...] = ("rev", "sort", "shift")
+SKILLS: tuple[str, ...] = ("rot", "sort", "shift")
 STRING_LEN = 5
 N_CHOICES = 4
 
@@ -82,6 +84,8 @@ def make_tokenizer():  # -> transformers.PreTrainedTokenizerFast
 
 
 def _solve(skill: str, s: str, k: int = 1) -> str:
+    if skill == "rot":
+        return s[1:] + s[:1]
     if skill == "rev":
         return s[::-1]
     if skill == "sort":
@@ -117,9 +121,9 @@ def make_item(skill: str, rng: random.Random) -> Item:
         ks = rng.sample([k for k in range(2, 26)], N_CHOICES - 1)
         wrong = [_solve("shift", s, k) for k in ks]
     else:
-        # Other permutations; never the identity, the reversal or the sorted string, so that a
-        # model with a neighbouring skill (or a copier) gains nothing here.
-        banned = {s, s[::-1], "".join(sorted(s)), gold}
+        # Other permutations; never the identity, the rotation, the reversal or the sorted string,
+        # so that a model with a neighbouring skill (or a copier) gains nothing here.
+        banned = {s, s[::-1], s[1:] + s[:1], "".join(sorted(s)), gold}
         wrong = []
         while len(wrong) < N_CHOICES - 1:
             p = "".join(rng.sample(s, len(s)))
@@ -143,10 +147,13 @@ def make_items(skill: str, n: int, seed: int, exclude: set[str] | None = None) -
     return out
 
 
-def skill_text(skill: str, rng: random.Random, *, correct: bool = True) -> str:
+def skill_text(skill: str, rng: random.Random, *, correct: bool = True, avoid: frozenset[str] = frozenset()) -> str:
     """One training line ``prompt + " " + answer + "\\n"``; ``correct=False`` draws a random answer
-    of the skill's family (a random permutation, a random shift), used to pretrain the base."""
+    of the skill's family (a random permutation, a random shift), used to pretrain the base.
+    Letter strings in ``avoid`` (those of the evaluation items) are never trained on."""
     s = "".join(rng.sample(LETTERS, STRING_LEN))
+    while s in avoid:
+        s = "".join(rng.sample(LETTERS, STRING_LEN))
     if correct:
         ans = _solve(skill, s)
     elif skill == "shift":
@@ -156,11 +163,17 @@ def skill_text(skill: str, rng: random.Random, *, correct: bool = True) -> str:
     return f"{_prompt(skill, s)} {ans}\n"
 
 
-def pretrain_text(rng: random.Random) -> str:
+def pretrain_text(rng: random.Random, avoid: frozenset[str] = frozenset()) -> str:
     """One line of the base's pretraining mixture: every skill's format with random answers, and
     ``copy`` with correct answers (it teaches attention to the input letters)."""
     skill = rng.choice(("copy",) + SKILLS)
-    return skill_text(skill, rng, correct=skill == "copy")
+    return skill_text(skill, rng, correct=skill == "copy", avoid=avoid)
+
+
+def eval_strings(n: int, seed: int, skills: Sequence[str] = SKILLS) -> frozenset[str]:
+    """The letter strings of every evaluation item (search and holdout, all skills): kept out of
+    training so that no zoo task item was ever seen by a zoo model."""
+    return frozenset(it.prompt.split(": ", 1)[1][:STRING_LEN] for skill in skills for it in make_items(skill, n, seed))
 
 
 def task_names(skills: Sequence[str] = SKILLS) -> tuple[list[str], list[str]]:

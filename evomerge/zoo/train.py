@@ -30,11 +30,15 @@ class ZooSize:
     n_search: int
     n_holdout: int
     replay: float = 0.3
+    threads: int = 1
+    # Task-arithmetic merges measured at build time: one weight for every expert, or one each.
+    merge_grid: tuple[float | tuple[float, ...], ...] = (1 / 3, 0.5, 0.7, 1.0, (0.7, 0.5, 0.9), (0.9, 0.5, 0.7), (0.8, 0.6, 0.8))
 
 
 SIZES: dict[str, ZooSize] = {
-    "demo": ZooSize(hidden=128, layers=4, heads=4, intermediate=384, base_steps=1500, base_lr=2e-3, expert_steps=300, expert_lr=3e-4, batch=64, n_search=100, n_holdout=100),
-    "micro": ZooSize(hidden=64, layers=2, heads=4, intermediate=192, base_steps=600, base_lr=3e-3, expert_steps=200, expert_lr=1e-3, batch=64, n_search=48, n_holdout=48),
+    "demo": ZooSize(hidden=128, layers=4, heads=4, intermediate=384, base_steps=1600, base_lr=2e-3, expert_steps=300, expert_lr=3e-4, batch=32, n_search=100, n_holdout=100),
+    # Tests only need clear specialization, so the experts train harder than the demo's.
+    "micro": ZooSize(hidden=64, layers=2, heads=4, intermediate=192, base_steps=400, base_lr=3e-3, expert_steps=250, expert_lr=1e-3, batch=32, n_search=48, n_holdout=48, merge_grid=(1 / 3,)),
 }
 
 
