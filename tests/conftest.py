@@ -10,6 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from _tiny import make_tiny, perturbed  # noqa: E402,F401
+from _zoo_fixture import micro_zoo  # noqa: E402,F401
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,105 @@
+"""The whole product on the micro zoo with real lm-eval scoring: `evomerge search` end to end,
+export round trip, and the overfit flag on mismatched vs matched search/holdout sets."""
+
+from __future__ import annotations
+
+import yaml
+
+import pytest
+
+from evomerge.cli import main
+from evomerge.engine import digest_model_dir
+from evomerge.results import load_trials
+from evomerge.zoo import SKILLS, task_names
+
+SEARCH, HOLDOUT = task_names()
+
+pytestmark = pytest.mark.slow
+
+
+def _space(path, *, tasks, holdout, trials=5, name="zoo"):
+    space = {
+        "merge_method": "task_arithmetic",
+        "base_model": "zoo:micro/base",
+        "models": [{"model": f"zoo:micro/{s}", "parameters": {"weight": {"range": [0.0, 1.5]}}} for s in SKILLS],
+        "parameters": {"lambda": {"range": [0.5, 1.5]}},
+        "dtype": "float32",
+        "evaluate": {"include_path": "zoo:micro", "tasks": tasks, "holdout": {"tasks": holdout}, "batch_size": 64},
+        "search": {"trials": trials, "seed": 0, "finalists": 2},
+        "study": {"name": name},
+    }
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def test_cli_search_on_the_micro_zoo_end_to_end(micro_zoo, tmp_path, capsys):
+    space = _space(tmp_path / "space.yml", tasks=SEARCH, holdout=HOLDOUT)
+    results = tmp_path / "results"
+    assert main(["search", str(space), "--results-dir", str(results), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "the best trial's holdout score" in out
+    df = load_trials(results / "zoo")
+    searched = df[df["baseline"] == ""]
+    assert (searched["state"] == "COMPLETE").sum() == 5
+    # real per-task accuracies in [0, 1] with binomial standard errors
+    for task in SEARCH:
+        assert df[f"s_{task}"].between(0, 1).all() and (df[f"se_{task}"] >= 0).all() and df[f"se_{task}"].max() > 0
+    # each expert alone is best on its own task (the zoo's specialization, seen through the search)
+    base = df.set_index("baseline")
+    for skill in SKILLS:
+        own = base.loc[f"source:zoo:micro/{skill}", f"s_zoo_{skill}"]
+        assert own > base.loc["source:zoo:micro/base", f"s_zoo_{skill}"]
+    # resume: the same command with a larger budget continues the same study
+    assert main(["search", str(space), "--results-dir", str(results), "--quiet", "--trials", "7"]) == 0
+    df2 = load_trials(results / "zoo")
+    assert ((df2["baseline"] == "") & (df2["state"] == "COMPLETE")).sum() == 7
+    assert set(df["digest"]) <= set(df2["digest"])
+    # export and re-merge reproduces the trial's tensors
+    best = tmp_path / "best.yml"
+    assert main(["export", str(space), "--results-dir", str(results), "-o", str(best), "--merge", str(tmp_path / "m")]) == 0
+    text = best.read_text()
+    number = int(text.split("trial ", 1)[1].split(".", 1)[0])
+    assert digest_model_dir(tmp_path / "m") == df2.loc[df2["number"] == number, "digest"].iloc[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    AutoTokenizer.from_pretrained(tmp_path / "m")
+
+
+def _easy_task(micro_zoo, folder):
+    """A deliberately easy copy of a zoo task: every item keeps only its right answer."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    src = micro_zoo / "tasks" / f"{SEARCH[0]}.jsonl"
+    rows = [json.loads(line) for line in src.read_text().splitlines()]
+    data = folder / "zoo_easy.jsonl"
+    data.write_text("".join(json.dumps({**r, "choices": [r["choices"][r["label"]]], "label": 0}) + "\n" for r in rows))
+    text = (micro_zoo / "tasks" / f"{SEARCH[0]}.yaml").read_text()
+    text = text.replace(f"task: {SEARCH[0]}", "task: zoo_easy").replace(str(src), str(data))
+    (folder / "zoo_easy.yaml").write_text(text)
+    return folder
+
+
+def test_overfit_flag_on_easy_search_hard_holdout_and_not_on_matched_sets(micro_zoo, tmp_path):
+    from evomerge.study import run_search
+
+    # Search on an easy item set (every merge scores 1.0), holdout on the real items: the
+    # finalists' search scores overstate the holdout far beyond two standard errors.
+    easy = _easy_task(micro_zoo, tmp_path / "easy")
+    skewed = _space(tmp_path / "skewed.yml", tasks=["zoo_easy"], holdout=HOLDOUT, trials=3, name="skewed")
+    data = yaml.safe_load(skewed.read_text())
+    data["evaluate"]["include_path"] = ["zoo:micro", str(easy)]
+    skewed.write_text(yaml.safe_dump(data))
+    out = run_search(skewed, results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    df = load_trials(out.paths.csv)
+    fin = df[(df["baseline"] == "") & df["holdout"].notna()]
+    assert len(fin) >= 2 and (fin["score"] == 1.0).all()
+    assert fin["overfit"].astype(str).str.lower().eq("true").all(), fin[["score", "holdout", "overfit_evidence"]]
+    assert fin["overfit_evidence"].str.contains("gap").all()
+    # Matched sets (the same tasks, disjoint items): no overfit flag on any finalist.
+    matched = _space(tmp_path / "matched.yml", tasks=SEARCH, holdout=HOLDOUT, trials=3, name="matched")
+    out = run_search(matched, results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    df = load_trials(out.paths.csv)
+    fin = df[(df["baseline"] == "") & df["holdout"].notna()]
+    assert len(fin) >= 2 and not fin["overfit"].astype(str).str.lower().eq("true").any(), fin[["score", "holdout", "overfit_evidence"]]
