@@ -103,3 +103,17 @@ def test_overfit_flag_on_easy_search_hard_holdout_and_not_on_matched_sets(micro_
     df = load_trials(out.paths.csv)
     fin = df[(df["baseline"] == "") & df["holdout"].notna()]
     assert len(fin) >= 2 and not fin["overfit"].astype(str).str.lower().eq("true").any(), fin[["score", "holdout", "overfit_evidence"]]
+
+
+def test_probe_contamination_runs_on_finalists(micro_zoo, tmp_path):
+    from evomerge.study import run_search
+
+    space = _space(tmp_path / "probe.yml", tasks=SEARCH, holdout=HOLDOUT, trials=2, name="probe")
+    out = run_search(space, results_dir=tmp_path / "r", quiet=True, log=lambda m: None, probe=True)
+    df = load_trials(out.paths.csv)
+    fin = df[(df["baseline"] == "") & df["holdout"].notna()]
+    assert len(fin) >= 1
+    # the probe ran against the base with the holdout items as controls, and says so
+    assert fin["memorization_probe_evidence"].str.contains("Min-K%\\+\\+|controls|delta", regex=True).all(), fin["memorization_probe_evidence"].tolist()
+    # experts learned skills from generated data, not these items: nothing memorized
+    assert not fin["memorization_probe"].astype(str).str.lower().eq("true").any()
