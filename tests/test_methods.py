@@ -113,6 +113,48 @@ def test_ties_sign_sum_zero_elects_plus():
     close(run("ties", [[0.0], [1.0], [-1.0]], base=0, per=[{}, {"weight": 1.0}, {"weight": 1.0}]), [1.0])
 
 
+def _top_k_by_counting(d: torch.Tensor, k: int) -> torch.Tensor:
+    """Expected TIES keep mask for integer-valued d, worked out by counting magnitudes: the k-th
+    largest |d| is the largest t with #{|d| >= t} >= k; keep |d| > t, then the first ties in index order."""
+    mags = d.abs().long()
+    counts = torch.bincount(mags)
+    above = 0
+    for t in range(len(counts) - 1, -1, -1):
+        if above + int(counts[t]) >= k:
+            break
+        above += int(counts[t])
+    keep = mags > t
+    tied = torch.nonzero(mags == t).reshape(-1)[: k - above]
+    keep[tied] = True
+    assert int(keep.sum()) == k
+    return keep
+
+
+@pytest.mark.parametrize("density", [0.05, 0.37, 0.9])
+def test_ties_exact_top_k_on_a_large_tensor_with_ties(density):
+    # 300001 entries (large enough for the sampled threshold bracket and many chunks), integer deltas
+    # in [-20, 20]: thousands of entries tie at the threshold; exactly k = int(density * n) are kept.
+    g = torch.Generator().manual_seed(7)
+    n = 300_001
+    d = torch.randint(-20, 21, (n,), generator=g).float()
+    base = torch.randn(n, generator=g).round()
+    out = run("ties", [base, base + d], base=0, per=[{}, {"weight": 1.0, "density": density}])
+    keep = _top_k_by_counting(d, int(density * n))
+    assert torch.equal(out - base, torch.where(keep, d, 0.0))
+
+
+@pytest.mark.parametrize("bracket", [(0.0, 0.5), (19.5, 20.0), (7.0, 7.0)])
+def test_ties_threshold_exact_when_the_sampled_bracket_misses(monkeypatch, bracket):
+    from evomerge.engine import fused
+
+    g = torch.Generator().manual_seed(8)
+    n = 300_001
+    d = torch.randint(-20, 21, (n,), generator=g).float()
+    monkeypatch.setattr(fused, "_sample_bracket", lambda *a: bracket)
+    out = run("ties", [torch.zeros(n), d], base=0, per=[{}, {"weight": 1.0, "density": 0.5}])
+    assert torch.equal(out, torch.where(_top_k_by_counting(d, n // 2), d, 0.0))
+
+
 def test_breadcrumbs():
     # n = 10, density 0.5, gamma 0.1: keep 5, drop the top 1 and the bottom 10 - 5 - 1 = 4 by |d|.
     # |d| ranks 1..10 -> kept |d| in {5, 6, 7, 8, 9}.

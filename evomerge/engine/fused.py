@@ -18,10 +18,11 @@ are slow, and badly so when other processes share the cores.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -30,13 +31,14 @@ import torch
 if TYPE_CHECKING:
     from evomerge.engine.inputs import TensorInputs
 
-__all__ = ["CHUNK", "run_chunks", "abs_delta", "fused_task_vectors", "fused_linear", "fused_slerp"]
+__all__ = ["CHUNK", "SAMPLE", "run_chunks", "abs_delta", "magnitude_rule", "fused_task_vectors", "fused_linear", "fused_slerp"]
 
-CHUNK = int(os.environ.get("EVOMERGE_CHUNK", 1 << 15))
+CHUNK = int(os.environ.get("EVOMERGE_CHUNK", 1 << 16))
 _GPU_CHUNK = 1 << 22
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 _LOCK = threading.Lock()
+_OUTER_THREADS = 0
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
@@ -62,6 +64,14 @@ class _Scratch:
             self.bufs[(key, dtype)] = b
         return b[:n]
 
+    def ones(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A cached chunk of ones (never written)."""
+        b = self.bufs.get(("__ones", dtype))
+        if b is None or b.numel() < n:
+            b = torch.ones(max(n, CHUNK if self.device.type == "cpu" else 0), dtype=dtype, device=self.device)
+            self.bufs[("__ones", dtype)] = b
+        return b[:n]
+
 
 _LOCAL = threading.local()
 
@@ -72,6 +82,21 @@ def _scratch(device: torch.device) -> _Scratch:
         s = _Scratch(device)
         _LOCAL.scratch = s
     return s
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run small whole-tensor ops on one thread: waking intra-op threads costs more than the op
+    (milliseconds when other processes share the cores)."""
+    global _OUTER_THREADS
+    threads, outer = torch.get_num_threads(), _OUTER_THREADS
+    _OUTER_THREADS = outer or threads  # run_chunks inside still uses every core
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _OUTER_THREADS = outer
 
 
 def run_chunks(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], Any]) -> list[Any]:
@@ -85,7 +110,8 @@ def run_chunks(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], 
     if n <= CHUNK:
         return [fn(0, n, _scratch(device))]
     bounds = [(lo, min(n, lo + CHUNK)) for lo in range(0, n, CHUNK)]
-    workers = max(1, min(torch.get_num_threads(), len(bounds)))
+    threads = torch.get_num_threads()
+    workers = max(1, min(_OUTER_THREADS or threads, len(bounds)))
     if workers == 1:
         return [fn(lo, hi, _scratch(device)) for lo, hi in bounds]
     per = math.ceil(len(bounds) / workers)
@@ -95,7 +121,6 @@ def run_chunks(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], 
         s = _scratch(device)
         return [fn(lo, hi, s) for lo, hi in group]
 
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         parts = list(_pool(workers).map(work, groups))
@@ -130,7 +155,7 @@ def fused_linear(inp: TensorInputs) -> torch.Tensor:
     flat_out = out.view(-1)
     dtype = inp.compute_dtype
 
-    def fn(lo: int, hi: int, s: _Scratch) -> None:
+    def fn(lo: int, hi: int, s: _Scratch) -> bool:
         acc = s.get("acc", hi - lo, dtype)
         for i, (x, w) in enumerate(zip(xs, weights)):
             c = _f32(x, lo, hi, s, "x", dtype)
@@ -138,9 +163,11 @@ def fused_linear(inp: TensorInputs) -> torch.Tensor:
                 torch.mul(c, w * scale, out=acc)
             else:
                 acc.add_(c, alpha=w * scale)
-        flat_out[lo:hi].copy_(acc)
+        o = flat_out[lo:hi]
+        o.copy_(acc)
+        return _finite(acc, o)
 
-    run_chunks(xs[0].numel(), xs[0].device, fn)
+    inp.finite = all(run_chunks(xs[0].numel(), xs[0].device, fn))
     return out
 
 
@@ -170,42 +197,73 @@ def fused_slerp(inp: TensorInputs, t: float, v0i: int, v1i: int, dot_threshold: 
     out = _out(inp, inp.raw(v0i).shape)
     flat_out = out.view(-1)
 
-    def blend(lo: int, hi: int, s: _Scratch) -> None:
+    def blend(lo: int, hi: int, s: _Scratch) -> bool:
         acc = s.get("acc", hi - lo, dtype)
         torch.mul(_f32(v0, lo, hi, s, "a", dtype), c0, out=acc)
         acc.add_(_f32(v1, lo, hi, s, "b", dtype), alpha=c1)
-        flat_out[lo:hi].copy_(acc)
+        o = flat_out[lo:hi]
+        o.copy_(acc)
+        return _finite(acc, o)
 
-    run_chunks(v0.numel(), v0.device, blend)
+    inp.finite = all(run_chunks(v0.numel(), v0.device, blend))
     return out
 
 
-# A keep rule for one input: ("all",), ("ge", threshold), ("lt_uniform", field, density) or
-# ("mask", bool tensor); plus a rescale factor applied with the weight.
+# A keep rule for one input, applied chunk by chunk to its delta d:
+#   ("all",)                       keep everything;
+#   ("gt", lam)                    keep |d| > lam (lam just below the TIES threshold: keeps |d| >= it);
+#   ("gt_extra", lam, idx)         keep |d| > lam plus the entries at the sorted flat positions idx
+#                                  (exact top-k when entries tie at the threshold);
+#   ("lt_uniform", field, p)       keep where a fixed U[0, 1) field is below p (DARE);
+#   ("mask", bool tensor)          keep where the mask is set.
+# Every rule is applied with float ops only: on CPU, comparisons that produce bool tensors and
+# float-by-bool products are several times slower than arithmetic on cache-resident chunks.
 Rule = tuple[Any, ...]
 
 
 def _delta_chunk(inp: TensorInputs, i: int, lo: int, hi: int, s: _Scratch, base_c: torch.Tensor, key: str) -> torch.Tensor:
     d = s.get(key, hi - lo, inp.compute_dtype)
-    torch.sub(_f32(inp.raw(i).reshape(-1), lo, hi, s, key + "x", inp.compute_dtype), base_c, out=d)
+    x = inp.raw(i).reshape(-1)[lo:hi]
+    if x.dtype == d.dtype:
+        torch.sub(x, base_c, out=d)
+    else:
+        d.copy_(x)
+        d.sub_(base_c)
     return d
 
 
-def _kept(rule: Rule, d: torch.Tensor, lo: int, hi: int, s: _Scratch, key: str) -> torch.Tensor | None:
-    """Boolean keep mask of a delta chunk, or None when everything is kept."""
+def _kept_delta(rule: Rule, d: torch.Tensor, lo: int, hi: int, s: _Scratch, key: str) -> torch.Tensor:
+    """The delta chunk with the dropped entries set to 0 (``d`` itself when everything is kept)."""
     kind = rule[0]
     if kind == "all":
-        return None
-    m = s.get(key, hi - lo, torch.bool)
-    if kind == "ge":
-        a = s.get(key + "abs", hi - lo, d.dtype)
-        torch.abs(d, out=a)
-        torch.ge(a, rule[1], out=m)
+        return d
+    kd = s.get(key, hi - lo, d.dtype)
+    if kind in ("gt", "gt_extra"):
+        torch.hardshrink(d, rule[1], out=kd)  # x where |x| > lam, else 0
+        if kind == "gt_extra":
+            idx = rule[2]
+            a, b = torch.searchsorted(idx, torch.tensor([lo, hi], dtype=idx.dtype, device=idx.device)).tolist()
+            if b > a:
+                pos = idx[a:b] - lo
+                kd[pos] = d[pos]
     elif kind == "lt_uniform":
-        torch.lt(rule[1].view(-1)[lo:hi], rule[2], out=m)
+        m = s.get(key + "m", hi - lo, d.dtype)
+        torch.sub(rule[1].view(-1)[lo:hi], rule[2], out=m)  # u - p < 0 exactly where u < p
+        m.clamp_(max=0).sign_()  # -1 where kept, else 0
+        torch.mul(d, m, out=kd).neg_()
     else:
-        m.copy_(rule[1].view(-1)[lo:hi])
-    return m
+        torch.mul(d, rule[1].view(-1)[lo:hi], out=kd)
+    return kd
+
+
+def _finite(acc: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether an output chunk is finite: a range check on the compute-dtype chunk (NaN fails it),
+    confirmed on the output chunk only when it fails (rounding near the output dtype's maximum)."""
+    lim = torch.finfo(out.dtype).max
+    mn, mx = torch.aminmax(acc)
+    if float(mn) >= -lim and float(mx) <= lim:
+        return True
+    return bool(torch.isfinite(out).all())
 
 
 def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], consensus: bool, rescale: bool) -> torch.Tensor:
@@ -215,6 +273,7 @@ def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], 
     keep mask, ``r_i`` the L1 rescale factor (when ``rescale``), and, with ``consensus``, only the
     terms whose sign equals the sign of the sum take part and ``divisor`` sums their weights;
     without it ``divisor`` is the sum of all weights. Division happens only with ``normalize``.
+    Sets ``inp.finite``.
     """
     b = inp.base
     assert b is not None
@@ -233,17 +292,15 @@ def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], 
     out = _out(inp, inp.raw(b).shape)
     flat_out = out.view(-1)
 
-    def fn(lo: int, hi: int, s: _Scratch) -> None:
+    def fn(lo: int, hi: int, s: _Scratch) -> bool:
         m = hi - lo
         base_c = _f32(base, lo, hi, s, "base", dtype)
         wds = []
         for j, i in enumerate(others):
             d = _delta_chunk(inp, i, lo, hi, s, base_c, f"d{j}")
-            keep = _kept(rules[j], d, lo, hi, s, f"k{j}")
+            kd = _kept_delta(rules[j], d, lo, hi, s, f"k{j}")
             wd = s.get(f"wd{j}", m, dtype)
-            torch.mul(d, coef[j], out=wd)
-            if keep is not None:
-                wd.mul_(keep)
+            torch.mul(kd, coef[j], out=wd)
             wds.append(wd)
         acc = s.get("acc", m, dtype)
         if consensus:
@@ -252,25 +309,23 @@ def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], 
             for wd in wds[2:]:
                 total.add_(wd)
             sign = s.get("sign", m, dtype)
-            ge = s.get("ge", m, torch.bool)
-            torch.ge(total, 0, out=ge)
-            torch.mul(ge, 2.0, out=sign)
-            sign.sub_(1.0)  # +1 where the sum is >= 0, else -1
+            # +1 where the sum is >= 0, else -1. The sum is -0 only when every term is 0, and then
+            # no term takes part whichever sign is elected.
+            torch.copysign(s.ones(m, dtype), total, out=sign)
             div = s.get("div", m, dtype) if normalize else None
-            agree = s.get("agree", m, torch.bool)
+            took = s.get("took", m, dtype)
             for j, wd in enumerate(wds):
-                wd.mul_(sign)  # > 0 exactly where this term's sign equals the elected sign
+                wd.mul_(sign).clamp_(min=0)  # > 0 exactly where this term's sign is the elected one
                 if div is not None:
-                    torch.gt(wd, 0, out=agree)
-                    if j == 0:
-                        torch.mul(agree, weights[j], out=div)
-                    else:
-                        div.add_(agree, alpha=weights[j])
-                wd.clamp_(min=0)
+                    torch.sign(wd, out=took)  # 1 where it takes part, else 0
+                    torch.mul(took, weights[j], out=div) if j == 0 else div.add_(took, alpha=weights[j])
                 acc.copy_(wd) if j == 0 else acc.add_(wd)
             acc.mul_(sign)
             if div is not None:
-                div.masked_fill_(div == 0, 1.0)
+                # A divisor of 0 becomes 1: div - (|sign(div)| - 1) is div where it is not 0, else 1.
+                torch.sign(div, out=took)
+                took.abs_().sub_(1.0)
+                div.sub_(took)
                 acc.div_(div)
         else:
             acc.copy_(wds[0])
@@ -281,9 +336,11 @@ def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], 
         if lam != 1.0:
             acc.mul_(lam)
         acc.add_(base_c)
-        flat_out[lo:hi].copy_(acc)
+        o = flat_out[lo:hi]
+        o.copy_(acc)
+        return _finite(acc, o)
 
-    run_chunks(n, base.device, fn)
+    inp.finite = all(run_chunks(n, base.device, fn))
     return out
 
 
@@ -299,11 +356,9 @@ def _l1_rescale(inp: TensorInputs, rules: list[Rule], others: list[int], eps: fl
         res = []
         for j, i in enumerate(others):
             d = _delta_chunk(inp, i, lo, hi, s, base_c, f"d{j}")
-            a = s.get("abs", hi - lo, dtype)
-            torch.abs(d, out=a)
-            before = float(a.sum())
-            keep = _kept(rules[j], d, lo, hi, s, f"k{j}")
-            after = before if keep is None else float(a.mul_(keep).sum())
+            kd = _kept_delta(rules[j], d, lo, hi, s, f"k{j}")
+            after = float(kd.abs().sum())
+            before = after if kd is d else float(d.abs_().sum())
             res.append((before, after))
         return res
 
@@ -314,6 +369,105 @@ def _l1_rescale(inp: TensorInputs, rules: list[Rule], others: list[int], eps: fl
         after = math.fsum(p[j][1] for p in parts)
         scales.append(1.0 if before < eps or after < eps else before / after)
     return scales
+
+
+# Sample size for bracketing a TIES threshold; tensors up to _WHOLE elements are not sampled.
+SAMPLE = 1 << 16
+_WHOLE = 1 << 18
+
+
+def _below(x: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value below ``x`` (so that ``|d| > result`` means ``|d| >= x``)."""
+    t = torch.tensor(x, dtype=dtype)
+    return float(torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype)))
+
+
+def magnitude_rule(inp: TensorInputs, i: int, k: int) -> Rule:
+    """Keep rule for the exact top ``k`` entries of ``|input i - base|`` (ties kept in index order).
+
+    The k-th largest value is found without sorting or a whole-tensor selection: a random sample
+    brackets it (bounds a few standard errors either side of its quantile), one chunked pass
+    counts the entries above the bracket and collects those inside it (a few percent), and the
+    selection runs on those. Should the bracket miss (a sample far off), the pass is repeated with
+    an unbounded bracket, so the answer is exact either way. The sample only affects speed.
+    """
+    b = inp.base
+    assert b is not None
+    x, base = inp.raw(i).reshape(-1), inp.raw(b).reshape(-1)
+    n = x.numel()
+    dtype = inp.compute_dtype
+    if k >= n:
+        return ("all",)
+    if x.device.type != "cpu":
+        return _magnitude_rule(inp, i, k, x, base)
+    with single_threaded():
+        return _magnitude_rule(inp, i, k, x, base)
+
+
+def _magnitude_rule(inp: TensorInputs, i: int, k: int, x: torch.Tensor, base: torch.Tensor) -> Rule:
+    n = x.numel()
+    dtype = inp.compute_dtype
+    lo_v, hi_v = _sample_bracket(x, base, k, dtype) if n > _WHOLE else (0.0, math.inf)
+    above, cidx, cval = _bracket_pass(inp, x, base, lo_v, hi_v)
+    need = k - above  # the answer's rank from the top among the candidates
+    if not 1 <= need <= cval.numel():
+        above, cidx, cval = _bracket_pass(inp, x, base, 0.0, math.inf)
+        need = k
+        if cval.numel() < n:  # NaN never compares >= 0
+            raise ValueError(f"the task vector of input {i} has NaN values")
+    thr = float(torch.kthvalue(cval, cval.numel() - need + 1).values)
+    n_gt = above + int(torch.count_nonzero(cval > thr))
+    eq = cval == thr
+    if n_gt + int(torch.count_nonzero(eq)) == k:
+        return ("gt", _below(thr, dtype)) if thr > 0 else ("all",)
+    return ("gt_extra", thr, cidx[eq][: k - n_gt].contiguous())
+
+
+def _sample_bracket(x: torch.Tensor, base: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[float, float]:
+    """Bounds that very likely hold the k-th largest ``|x - base|``, from a fixed random sample."""
+    n = x.numel()
+    g = torch.Generator().manual_seed(n)
+    idx = torch.randint(0, n, (SAMPLE,), generator=g).to(x.device)
+    sample = (x[idx].to(dtype) - base[idx].to(dtype)).abs_()
+    m = SAMPLE
+    q = (n - k) / n  # the answer's quantile, ascending
+    margin = 5.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m  # 5 standard errors
+    ilo, ihi = math.floor((q - margin) * m), math.ceil((q + margin) * m)
+    lo_v = float(torch.kthvalue(sample, ilo + 1).values) if ilo > 0 else 0.0
+    hi_v = float(torch.kthvalue(sample, ihi + 1).values) if ihi < m else math.inf
+    return lo_v, hi_v
+
+
+def _bracket_pass(inp: TensorInputs, x: torch.Tensor, base: torch.Tensor, lo_v: float, hi_v: float) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Count ``|x - base| > hi_v``; return it with the flat positions and values in ``[lo_v, hi_v]``."""
+    dtype = inp.compute_dtype
+    bounded = hi_v != math.inf
+
+    def fn(lo: int, hi: int, s: _Scratch) -> tuple[int, torch.Tensor, torch.Tensor]:
+        m = hi - lo
+        base_c = _f32(base, lo, hi, s, "base", dtype)
+        a = s.get("a", m, dtype)
+        xc = x[lo:hi]
+        if xc.dtype == dtype:
+            torch.sub(xc, base_c, out=a)
+        else:
+            a.copy_(xc)
+            a.sub_(base_c)
+        a.abs_()
+        inside = s.get("in", m, torch.bool)
+        torch.ge(a, lo_v, out=inside)
+        above = 0
+        if bounded:
+            le = s.get("le", m, torch.bool)
+            torch.le(a, hi_v, out=le)
+            above = m - int(torch.count_nonzero(le))
+            inside.logical_and_(le)
+        pos = torch.nonzero(inside).view(-1)
+        return above, pos + lo, a[pos]
+
+    parts = run_chunks(x.numel(), x.device, fn)
+    above = sum(p[0] for p in parts)
+    return above, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
 
 def abs_delta(inp: TensorInputs, i: int) -> torch.Tensor:

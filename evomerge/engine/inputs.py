@@ -4,13 +4,13 @@
 resolved parameters, and three derived quantities that cost real time on large tensors:
 
 - ``delta(i)``: input ``i`` minus the base (a task vector);
-- ``kth_largest_abs_delta(i, k)``: the exact k-th largest ``|delta|``, the TIES threshold;
+- ``magnitude_rule(i, k)``: how to keep the exact top k entries of ``|delta|`` (TIES);
 - ``uniform(i)``: a fixed field of U[0, 1) numbers, keyed by ``(seed, tensor name, input index)``,
   from which every random mask (DARE, DELLA) is drawn as ``uniform < p``.
 
 When merging to disk nothing outlives one tensor. When the search re-merges the same sources
-trial after trial, a :class:`PrepCache` keeps these quantities, so a new trial costs a lookup for
-the threshold and one pass over the deltas. Both paths compute the same numbers the same way,
+trial after trial, a :class:`PrepCache` keeps these quantities (a revisited density costs a
+lookup for its threshold; random fields are drawn once). Both paths compute the same numbers the same way,
 which is what lets an exported recipe re-merge to the same tensors.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TensorInputs", "PrepCache", "kth_largest", "uniform_field", "stream_seed"]
+__all__ = ["TensorInputs", "PrepCache", "uniform_field", "stream_seed"]
 
 # Random fields are generated in fixed blocks, each from its own seed, so that the numbers do not
 # depend on how (or on which device) the field is later consumed.
@@ -55,33 +55,13 @@ def uniform_field(seed: int, name: str, index: int, shape: torch.Size, device: t
     return out.reshape(shape).to(device)
 
 
-def kth_largest(absx: torch.Tensor, k: int) -> float:
-    """The exact k-th largest value of a non-negative tensor (1 <= k <= numel).
-
-    Brackets the answer with a strided sample, counts what lies above the bracket and selects
-    within it; falls back to a full ``kthvalue`` when the bracket misses. Several times faster than
-    ``kthvalue`` (and far faster than a sort) on large tensors, with the same result.
-    """
-    flat = absx.reshape(-1)
-    n = flat.numel()
-    if n <= 1 << 16:
-        return float(torch.kthvalue(flat, n - k + 1).values)
-    stride = max(1, n // 65536)
-    sample = flat[::stride]
-    m = sample.numel()
-    q = (n - k) / n  # quantile of the answer among all values, ascending
-    margin = 6.0 / m**0.5 + 2.0 / m
-    lo_i = max(1, min(m, int((q - margin) * m)))
-    hi_i = max(1, min(m, int((q + margin) * m) + 1))
-    lo = float(torch.kthvalue(sample, lo_i).values) if q - margin > 0 else 0.0
-    hi = float(torch.kthvalue(sample, hi_i).values) if q + margin < 1 else float("inf")
-    above = int((flat > hi).sum()) if hi != float("inf") else 0
-    need = k - above  # rank of the answer among the values in [lo, hi], from the top
-    if need >= 1:
-        cand = flat[(flat >= lo) & (flat <= hi)]
-        if need <= cand.numel():
-            return float(torch.kthvalue(cand, cand.numel() - need + 1).values)
-    return float(torch.kthvalue(flat, n - k + 1).values)
+def _nbytes(value: Any) -> int:
+    """Bytes held by a cached value: a tensor, or a tuple of tensors and numbers."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, tuple):
+        return 64 + sum(_nbytes(v) for v in value)
+    return 64
 
 
 class PrepCache:
@@ -94,11 +74,11 @@ class PrepCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._items: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Hashable) -> torch.Tensor | None:
+    def get(self, key: Hashable) -> Any:
         t = self._items.get(key)
         if t is None:
             self.misses += 1
@@ -107,13 +87,13 @@ class PrepCache:
         self._items.move_to_end(key)
         return t
 
-    def put(self, key: Hashable, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
+    def put(self, key: Hashable, value: Any) -> None:
+        size = _nbytes(value)
         if size > self.max_bytes:
             return
         while self._items and self.bytes + size > self.max_bytes:
             _, old = self._items.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+            self.bytes -= _nbytes(old)
         self._items[key] = value
         self.bytes += size
 
@@ -165,6 +145,9 @@ class TensorInputs:
         # Where a fused kernel may write its result directly (a resident model's parameter).
         self.out = out if (out is not None and out.dtype == self.out_dtype) else None
         self._memo: dict[Hashable, Any] = {}
+        # Set by the fused kernels, which check their output chunk by chunk: True, False, or None
+        # when the kernel did not check (the caller then checks the whole result).
+        self.finite: bool | None = None
 
     def __len__(self) -> int:
         return len(self._raw)
@@ -181,7 +164,7 @@ class TensorInputs:
             self._tensors[i] = t
         return t
 
-    def _cached(self, key: Hashable, make: Any) -> torch.Tensor:
+    def _cached(self, key: Hashable, make: Any) -> Any:
         if key in self._memo:
             return self._memo[key]
         value = self.cache.get(key) if self.cache is not None else None
@@ -199,41 +182,17 @@ class TensorInputs:
             raise ValueError("delta() needs a base input")
         return self._cached(("delta", self.keys[i], self.keys[b]), lambda: self.tensor(i) - self.tensor(b))
 
-    def kth_largest_abs_delta(self, i: int, k: int) -> float:
-        """The exact k-th largest |delta(i)|."""
-        return self.magnitude_threshold(i, k)[0]
+    def magnitude_rule(self, i: int, k: int) -> tuple[Any, ...]:
+        """Keep rule for the exact top ``k`` entries of ``|delta(i)|`` (see :func:`~evomerge.engine.fused.magnitude_rule`).
 
-    def magnitude_threshold(self, i: int, k: int) -> tuple[float, torch.Tensor | None]:
-        """TIES threshold for input ``i``: the k-th largest ``|delta(i)|``.
-
-        Returns:
-            ``(threshold, mask)``: ``mask`` is None when exactly k entries are >= the threshold;
-            otherwise (ties at the threshold) it is the boolean mask of exactly k entries, ties
-            kept in index order.
+        Cached per (input, base, k) across merges: a search that revisits a density pays nothing.
         """
+        from evomerge.engine.fused import magnitude_rule
+
         b = self.base
         if b is None:
-            raise ValueError("magnitude_threshold() needs a base input")
-        if self.cache is not None:
-            # Resident: keep |delta| sorted once; every later density is an index lookup.
-            ordered = self._cached(
-                ("sorted_abs", self.keys[i], self.keys[b]),
-                lambda: torch.sort((self.tensor(i) - self.tensor(b)).abs_().reshape(-1)).values,
-            )
-            n = ordered.numel()
-            thr = ordered[n - k]
-            n_ge = n - int(torch.searchsorted(ordered, thr, right=False))
-            if n_ge == k:
-                return float(thr), None
-            absd = (self.tensor(i) - self.tensor(b)).abs_()
-            return float(thr), _keep_top_k(absd, k, float(thr))
-        from evomerge.engine.fused import abs_delta
-
-        absd = abs_delta(self, i)
-        thr = kth_largest(absd, k)
-        if int((absd >= thr).sum()) == k:
-            return thr, None
-        return thr, _keep_top_k(absd, k, thr)
+            raise ValueError("magnitude_rule() needs a base input")
+        return self._cached(("magnitude", self.keys[i], self.keys[b], k), lambda: magnitude_rule(self, i, k))
 
     def uniform(self, i: int) -> torch.Tensor:
         """The fixed U[0, 1) field of input ``i`` (see :func:`uniform_field`)."""
@@ -242,14 +201,3 @@ class TensorInputs:
             ("uniform", self.seed, self.name, i, tuple(t.shape)),
             lambda: uniform_field(self.seed, self.name, i, t.shape, t.device),
         )
-
-
-def _keep_top_k(absx: torch.Tensor, k: int, threshold: float) -> torch.Tensor:
-    """Boolean mask of exactly k largest entries; ties at the threshold are kept in index order."""
-    mask = absx > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:
-        # Only the tied entries are indexed (bf16 deltas tie often; a cumsum over all would cost more).
-        tied = torch.nonzero((absx == threshold).reshape(-1)).reshape(-1)[:missing]
-        mask.view(-1)[tied] = True
-    return mask

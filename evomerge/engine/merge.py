@@ -167,7 +167,9 @@ class Merger:
             result = plan.recipe.method.kernel(inp)
         except ValueError as e:
             raise MergeError(f"tensor {task.out_name}: {one_line(e)}") from None
-        if not bool(torch.isfinite(result).all()):
+        # Fused kernels check their output chunk by chunk (a whole-tensor isfinite costs more than a linear merge).
+        finite = inp.finite if inp.finite is not None else bool(torch.isfinite(result).all())
+        if not finite:
             raise MergeError(f"merged tensor {task.out_name} has NaN or inf values ({plan.recipe.merge_method}, inputs: {', '.join(r for r, _ in task.inputs)})")
         return result
 

@@ -241,8 +241,7 @@ def _keep_rule(inp: TensorInputs, i: int, kind: str | None) -> tuple[Any, ...]:
     if n == 0:
         return ("all",)
     if kind == "magnitude":
-        thr, mask = inp.magnitude_threshold(i, max(1, int(density * n)))
-        return ("ge", thr) if mask is None else ("mask", mask)
+        return inp.magnitude_rule(i, max(1, int(density * n)))
     if kind == "random":
         return ("lt_uniform", inp.uniform(i), density)
     delta = inp.delta(i)
