@@ -278,3 +278,24 @@ def test_results_and_report_commands(space, tmp_path, tiny_family, capsys):
     # a study that does not exist is a one-line error
     assert main(["results", str(space), "--results-dir", str(tmp_path / "nothing")]) == 2
     assert "no study 'space' yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sampler, objectives", [("random", None), ("gp", None), ("cmaes", None), ("nsga2", "tasks"), ("tpe", ["task_0", "task_1"])])
+def test_every_sampler_runs(tmp_path, tiny_family, sampler, objectives):
+    base, fts = tiny_family
+    path = write_space(tmp_path / "space.yml", base, fts, sampler=sampler, trials=4, finalists=1, **({"objectives": objectives} if objectives else {}))
+    data = yaml.safe_load(path.read_text())
+    data["merge_method"] = "ties"  # cmaes needs a space without categorical parameters
+    path.write_text(yaml.safe_dump(data))
+    out = run_search(path, evaluator=TaskVectorEvaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    import optuna
+
+    from evomerge.study import make_sampler
+
+    study = optuna.load_study(study_name="space", storage=out.paths.storage)
+    assert type(make_sampler(sampler, 0, 4)).__name__.lower().startswith({"random": "random", "gp": "gp", "cmaes": "cmaes", "nsga2": "nsgaii", "tpe": "tpe"}[sampler])
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 4
+    n_obj = 3 if objectives == "tasks" else len(objectives or [0])
+    assert all(len(t.values) == n_obj for t in done)
+    assert out.best is not None
