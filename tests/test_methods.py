@@ -354,6 +354,39 @@ def test_in_memory_equals_disk(tiny_family, tmp_path):
             assert torch.equal(state[name], t), name
 
 
+def test_resident_ties_across_densities_equals_disk(tiny_family, tmp_path):
+    # The search re-merges with a new density each trial. From the second density on, the resident
+    # merger reads thresholds off a cached stable order of |delta|; the tensors must still be the
+    # ones a fresh disk merge writes.
+    base, models = tiny_family
+    merger = Merger(open_sources([str(base), *map(str, models)]), seed=0, resident=True, cache_bytes=1 << 26)
+    model = None
+    for density in (0.5, 0.3, 0.7, 0.5):
+        cfg = load_recipe(_recipe("ties", base, models, weight=0.5, density=density))
+        plan = merger.plan(cfg)
+        model = model or merger.build_model(plan)
+        got = merger.merge_into(model, plan)
+        assert got.digest == merge_to_disk(cfg, tmp_path / f"d{density}", force=True).digest, density
+    assert any(k[0] == "order" for k in merger.cache._items)
+
+
+def test_rule_from_order_matches_counting():
+    from evomerge.engine.fused import rule_from_order
+
+    g = torch.Generator().manual_seed(9)
+    n = 50_000
+    d = torch.randint(-6, 7, (n,), generator=g).float()
+    inp = TensorInputs("t", [torch.zeros(n), d], [0, 1], 0, {}, [{}, {}])
+    order = torch.sort(d.abs(), descending=True, stable=True).indices.to(torch.int32)
+    for k in (1, 777, n // 2, n - 1):
+        rule = rule_from_order(inp, 1, k, order)
+        assert rule[0] in ("gt", "gt_extra")
+        kept = d.abs() > rule[1]
+        if rule[0] == "gt_extra":
+            kept[rule[2]] = True
+        assert torch.equal(kept, _top_k_by_counting(d, k)), k
+
+
 def test_nan_is_an_error_naming_the_tensor(tiny_family, tmp_path):
     base, (ft1, *_) = tiny_family
     bad = tmp_path / "bad"

@@ -31,7 +31,7 @@ import torch
 if TYPE_CHECKING:
     from evomerge.engine.inputs import TensorInputs
 
-__all__ = ["CHUNK", "SAMPLE", "run_chunks", "abs_delta", "magnitude_rule", "fused_task_vectors", "fused_linear", "fused_slerp"]
+__all__ = ["CHUNK", "SAMPLE", "run_chunks", "abs_delta", "magnitude_rule", "rule_from_order", "fused_task_vectors", "fused_linear", "fused_slerp"]
 
 CHUNK = int(os.environ.get("EVOMERGE_CHUNK", 1 << 16))
 _GPU_CHUNK = 1 << 22
@@ -421,6 +421,37 @@ def _magnitude_rule(inp: TensorInputs, i: int, k: int, x: torch.Tensor, base: to
     if n_gt + int(torch.count_nonzero(eq)) == k:
         return ("gt", _below(thr, dtype)) if thr > 0 else ("all",)
     return ("gt_extra", thr, cidx[eq][: k - n_gt].contiguous())
+
+
+def rule_from_order(inp: TensorInputs, i: int, k: int, order: torch.Tensor) -> Rule:
+    """The same rule as :func:`magnitude_rule`, read off a cached stable descending order of
+    ``|input i - base|`` (``order``): the top k are ``order[:k]``; the entries tied with the k-th
+    form a run ending at k, found by binary search on values gathered from the inputs."""
+    b = inp.base
+    assert b is not None
+    x, base = inp.raw(i).reshape(-1), inp.raw(b).reshape(-1)
+    n = x.numel()
+    dtype = inp.compute_dtype
+    if k >= n:
+        return ("all",)
+
+    def mag(j: int) -> float:
+        p = int(order[j])  # |delta| in the compute dtype, exactly as the order and the combine see it
+        return float((x[p].to(dtype) - base[p].to(dtype)).abs())
+
+    thr = mag(k - 1)
+    lo, hi = 0, k - 1  # first j with mag(j) == thr (values are non-increasing along the order)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mag(mid) > thr:
+            lo = mid + 1
+        else:
+            hi = mid
+    start = lo
+    if mag(k) < thr:  # nothing past k ties with it: the top k are exactly |d| >= thr
+        return ("gt", _below(thr, dtype)) if thr > 0 else ("all",)
+    extra = torch.sort(order[start:k].to(torch.int64)).values
+    return ("gt_extra", thr, extra)
 
 
 def _sample_bracket(x: torch.Tensor, base: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[float, float]:

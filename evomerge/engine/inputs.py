@@ -77,6 +77,16 @@ class PrepCache:
         self._items: OrderedDict[Hashable, Any] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self._seen: dict[Hashable, int] = {}
+
+    def seen(self, key: Hashable) -> int:
+        """Count one more request of ``key`` (a bookkeeping key, holding nothing); return the count."""
+        self._seen[key] = self._seen.get(key, 0) + 1
+        return self._seen[key]
+
+    def room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit the budget without evicting anything."""
+        return self.bytes + nbytes <= self.max_bytes
 
     def get(self, key: Hashable) -> Any:
         t = self._items.get(key)
@@ -187,12 +197,43 @@ class TensorInputs:
 
         Cached per (input, base, k) across merges: a search that revisits a density pays nothing.
         """
-        from evomerge.engine.fused import magnitude_rule
+        from evomerge.engine.fused import magnitude_rule, rule_from_order
 
         b = self.base
         if b is None:
             raise ValueError("magnitude_rule() needs a base input")
-        return self._cached(("magnitude", self.keys[i], self.keys[b], k), lambda: magnitude_rule(self, i, k))
+        pair = (self.keys[i], self.keys[b])
+        key = ("magnitude", *pair, k)
+        if key in self._memo:
+            return self._memo[key]
+        cache = self.cache
+        if cache is None:
+            rule = magnitude_rule(self, i, k)
+        else:
+            # A search varying the density asks for a second k: from then on keep the stable
+            # descending order of |delta| (int32, 4 bytes an entry) when it fits the budget, and
+            # every later threshold is a few lookups instead of a pass over the tensor.
+            order = cache.get(("order", *pair))
+            n = self._raw[i].numel()
+            if order is None and cache.seen(("thresholds", *pair)) >= 2 and n < 2**31 and cache.room(4 * n):
+                order = self._magnitude_order(i)
+                cache.put(("order", *pair), order)
+            if order is not None:
+                rule = rule_from_order(self, i, k, order)
+            else:
+                rule = cache.get(key)
+                if rule is None:
+                    rule = magnitude_rule(self, i, k)
+                    cache.put(key, rule)
+        self._memo[key] = rule
+        return rule
+
+    def _magnitude_order(self, i: int) -> torch.Tensor:
+        """Flat positions by descending ``|delta(i)|``, ties in index order (a stable sort), as int32."""
+        b = self.base
+        assert b is not None
+        absd = (self._raw[i].reshape(-1).to(self.compute_dtype) - self._raw[b].reshape(-1).to(self.compute_dtype)).abs_()
+        return torch.sort(absd, descending=True, stable=True).indices.to(torch.int32)
 
     def uniform(self, i: int) -> torch.Tensor:
         """The fixed U[0, 1) field of input ``i`` (see :func:`uniform_field`)."""
