@@ -24,7 +24,7 @@ from evomerge.zoo.train import SIZES, ZooSize, new_model, train
 __all__ = ["ZOO_VERSION", "build_zoo", "zoo_lock", "read_manifest", "is_current", "format_figures", "measure_figures"]
 
 # Bump when the data, the models or the training change: existing zoos are then rebuilt.
-ZOO_VERSION = "3"
+ZOO_VERSION = "5"
 
 
 def read_manifest(zoo_dir: Path) -> dict[str, Any] | None:
@@ -90,14 +90,15 @@ def _expert_line(skill: str, replay: float, avoid: frozenset[str]):
     return line
 
 
-def measure_figures(zoo_dir: Path, tasks_dir: Path, model_names: list[str], *, grid: tuple[float | tuple[float, ...], ...] = (1 / 3,)) -> dict[str, Any]:
+def measure_figures(zoo_dir: Path, tasks_dir: Path, model_names: list[str], *, grid: tuple[Any, ...] = (1 / 3,)) -> dict[str, Any]:
     """lm-eval accuracy of every model and of task-arithmetic merges of all experts.
 
     Args:
         zoo_dir: directory holding ``base/`` and the expert dirs.
         tasks_dir: the lm-eval include dir (YAMLs must point at its JSONL files).
         model_names: expert directory names.
-        grid: the merges to measure: one weight for all experts, or a tuple with one per expert.
+        grid: the merges to measure: one task-arithmetic weight for all experts, a tuple with one
+            per expert, or a dict ``{"method": ..., "weight": ..., other parameters}`` (uniform).
 
     Returns:
         ``{"models": {name: {task: acc}}, "merges": {label: {task: acc}}, "eval_seconds": s}``.
@@ -128,20 +129,28 @@ def measure_figures(zoo_dir: Path, tasks_dir: Path, model_names: list[str], *, g
         model = AutoModelForCausalLM.from_pretrained(zoo_dir / name, dtype=torch.float32)
         figures["models"][name] = score(model)
     for entry in grid:
-        weights = list(entry) if isinstance(entry, tuple) else [entry] * len(model_names)
+        method, extra = "task_arithmetic", {}
+        if isinstance(entry, dict):  # another method with uniform parameters, e.g. TIES
+            extra = {k: v for k, v in entry.items() if k != "method"}
+            method, weights = entry["method"], [extra.pop("weight", 1.0)] * len(model_names)
+        else:
+            weights = list(entry) if isinstance(entry, tuple) else [entry] * len(model_names)
         recipe = {
-            "merge_method": "task_arithmetic",
+            "merge_method": method,
             "base_model": str(zoo_dir / "base"),
-            "models": [{"model": str(zoo_dir / n), "parameters": {"weight": w}} for n, w in zip(model_names, weights)],
+            "models": [{"model": str(zoo_dir / n), "parameters": {"weight": w, **extra}} for n, w in zip(model_names, weights)],
             "dtype": "float32",
         }
-        if isinstance(entry, tuple):
+        if isinstance(entry, dict):
+            label = f"{method} uniform " + " ".join(f"{k}={v:g}" for k, v in {"weight": weights[0], **extra}.items())
+        elif isinstance(entry, tuple):
             label = "task_arithmetic " + " ".join(f"{n}={w:g}" for n, w in zip(model_names, weights))
         elif abs(entry - 1 / len(model_names)) < 1e-9:
             label = "task_arithmetic uniform 1/n"
         else:
             label = f"task_arithmetic uniform {entry:g}"
-        figures["merges"][label] = score(merge_in_memory(recipe), with_holdout=label.endswith("1/n"))
+        uniform = isinstance(entry, dict) or label.endswith("1/n")
+        figures["merges"][label] = score(merge_in_memory(recipe), with_holdout=uniform)
     figures["eval_seconds"] = round(sum(secs) / len(secs), 3)
     experts = {n: figures["models"][n]["mean"] for n in model_names}
     merges = {n: v["mean"] for n, v in figures["merges"].items()}
@@ -150,6 +159,7 @@ def measure_figures(zoo_dir: Path, tasks_dir: Path, model_names: list[str], *, g
         "best_expert": max(experts, key=experts.__getitem__),
         "best_expert_mean": max(experts.values()),
         "uniform_1n_mean": merges.get("task_arithmetic uniform 1/n"),
+        "uniform_ties_mean": next((v for k, v in merges.items() if k.startswith("ties uniform")), None),
         "best_merge": best,
         "best_merge_mean": merges[best],
     }
@@ -198,7 +208,7 @@ def build_zoo(dest: str | Path, size: str = "demo", seed: int = 0, *, shape: Zoo
         models: dict[str, dict[str, Any]] = {"base": {"dir": "base", "role": "base", "skill": None}}
         for i, skill in enumerate(SKILLS):
             expert = copy.deepcopy(base)
-            train(expert, tok, _expert_line(skill, shape.replay, avoid), steps=shape.expert_steps, lr=shape.expert_lr, batch=shape.batch, seed=seed * 1000 + 10 + i, answer_only=True, warmup=20, progress=skill if progress else None)
+            train(expert, tok, _expert_line(skill, shape.replay, avoid), steps=shape.expert_steps, lr=shape.expert_lr, batch=shape.expert_batch or shape.batch, seed=seed * 1000 + 10 + i, answer_only=True, warmup=20, progress=skill if progress else None)
             _save(expert, tok, tmp / skill)
             models[skill] = {"dir": skill, "role": "expert", "skill": skill}
             del expert
@@ -213,7 +223,7 @@ def build_zoo(dest: str | Path, size: str = "demo", seed: int = 0, *, shape: Zoo
             "tasks": {"search": search, "holdout": holdout, "items": counts, "include_path": "tasks"},
             "training": {
                 "base": {"steps": shape.base_steps, "lr": shape.base_lr, "batch": shape.batch},
-                "experts": {"steps": shape.expert_steps, "lr": shape.expert_lr, "batch": shape.batch, "replay": shape.replay},
+                "experts": {"steps": shape.expert_steps, "lr": shape.expert_lr, "batch": shape.expert_batch or shape.batch, "replay": shape.replay},
                 "threads": shape.threads,
             },
             "train_seconds": round(train_seconds, 1),
@@ -253,6 +263,8 @@ def format_figures(manifest: dict[str, Any]) -> str:
     sm = fig.get("summary", {})
     if sm:
         lines.append(f"best single expert ({sm['best_expert']}): mean {100 * sm['best_expert_mean']:.1f}%; best merge measured ({sm['best_merge']}): mean {100 * sm['best_merge_mean']:.1f}%")
+        uniform = {"task arithmetic 1/n": sm.get("uniform_1n_mean"), "TIES": sm.get("uniform_ties_mean")}
+        lines.append("uniform merges: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in uniform.items() if v is not None))
     lines.append(f"(accuracy on {manifest['tasks']['items'][search[0]]} search items per task; holdout_mean over the disjoint holdout tasks; chance is 25%)")
     lines.append(f"one lm-eval pass over all search tasks: {fig['eval_seconds']:.2f}s; build time {manifest.get('build_seconds', 0):.0f}s")
     return "\n".join(lines)
