@@ -52,6 +52,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampler and mask seed (overrides search.seed)")
     p.add_argument("--results-dir", default="results", help="where study folders go (default: results)")
     p.add_argument("--probe-contamination", action="store_true", help="also run the Min-K%%++ memorization probe on finalists")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 for the demo zoo's tiny models, else torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the final summary")
 
 

@@ -83,6 +83,18 @@ def _suggest(trial: Any) -> Callable[[str, Directive], Any]:
     return suggest
 
 
+def _default_threads(device: str, space: Space) -> int | None:
+    """One CPU thread for tiny models (such as the demo zoo): their matrices are too small for
+    intra-op threads to pay, and on a busy machine two threads were measured 4-50x slower than
+    one. Larger models keep torch's default."""
+    if not device.startswith("cpu"):
+        return None
+    refs = [r for r in space.model_refs() if isinstance(r, str)]
+    if refs and all(r.startswith("zoo:") for r in refs):
+        return 1
+    return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -110,7 +122,7 @@ class Search:
 
     def __init__(self, space_file: str | Path, *, trials: int | None = None, device: str | None = None, storage: str | None = None,
                  study: str | None = None, seed: int | None = None, results_dir: str | Path = "results", evaluator: Any = None,
-                 probe: bool = False, quiet: bool = False, log: Callable[[str], None] | None = None) -> None:
+                 probe: bool = False, quiet: bool = False, log: Callable[[str], None] | None = None, threads: int | None = None) -> None:
         self.space: Space = load_space(space_file)
         self.file = str(space_file)
         s = self.space.search
@@ -126,6 +138,9 @@ class Search:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise EvomergeError("--device cuda: no CUDA device is available (torch.cuda.is_available() is false)")
         self.device = device
+        threads = threads if threads is not None else _default_threads(device, self.space)
+        if threads:
+            torch.set_num_threads(threads)
         self.paths = study_paths(space_file, study=study, space_study=self.space.study_name, storage=storage,
                                  space_storage=self.space.storage, results_dir=results_dir)
         # Models: open once; a space whose models cannot merge fails here, before any output.
@@ -509,7 +524,7 @@ def summary(outcome: SearchOutcome) -> str:
 def main_search(args: Any) -> int:
     """``evomerge search space.yml``."""
     search = Search(args.space, trials=args.trials, device=args.device, storage=args.storage, study=args.study, seed=args.seed,
-                    results_dir=args.results_dir, probe=args.probe_contamination, quiet=args.quiet)
+                    results_dir=args.results_dir, probe=args.probe_contamination, quiet=args.quiet, threads=args.threads)
     outcome = search.run()
     from evomerge.results import load_trials
 
