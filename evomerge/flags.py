@@ -278,6 +278,11 @@ def default_resolve(ref: str, base_dir: str | os.PathLike[str] | None = None, *,
         The model directory, or ``None`` when it is not available locally.
     """
     raw = ref.strip()
+    if raw.startswith("zoo:"):  # the demo zoo (built by then: the search opened its models)
+        from evomerge.zoo import resolve_zoo_ref
+
+        found = resolve_zoo_ref(raw)
+        return Path(found) if found else None
     name = raw.split("+", 1)[0] if not Path(raw).expanduser().exists() else raw
     p = Path(name).expanduser()
     roots = [Path(base_dir), Path(base_dir).parent] if base_dir is not None else []
