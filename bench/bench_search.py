@@ -59,7 +59,11 @@ def main() -> int:
         share = (t["merge_s"] / t["wall_s"]).median()
         print(f"\n== demo search: {len(t)} trials in {wall:.1f}s ({wall / 60:.1f} min, incl. {int((df['baseline'] != '').sum())} baselines and holdout re-scores)")
         print(f"per trial (median): wall {t['wall_s'].median():.2f}s  merge {t['merge_s'].median():.3f}s  eval {t['eval_s'].median():.2f}s")
-        print(f"merge share of trial wall time: median {share:.1%}, max {(t['merge_s'] / t['wall_s']).max():.1%} (target <= 10%)")
+        ratio = t["merge_s"] / t["wall_s"]
+        worst = t.loc[ratio.idxmax()]
+        print(f"merge share of trial wall time: median {share:.1%}, 90th percentile {ratio.quantile(0.9):.1%}, "
+              f"max {ratio.max():.1%} (trial #{worst['number']}: merge {worst['merge_s']:.3f}s of {worst['wall_s']:.2f}s) (target <= 10%)")
+        print(f"totals: merge {t['merge_s'].sum():.1f}s = {t['merge_s'].sum() / t['wall_s'].sum():.1%} of trial wall time")
         best = t.sort_values("score", ascending=False).iloc[0]
         base = df[df["baseline"] != ""].set_index("baseline")
         print(f"best trial #{best['number']}: search {best['score']:.3f}, holdout {best['holdout']:.3f}")
