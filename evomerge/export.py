@@ -43,6 +43,20 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(v) else v
 
 
+def _plain_refs(recipe: Any) -> Any:
+    """Demo-zoo references (``zoo:demo/rot``) are evomerge's own; mergekit needs a directory, so
+    the export names the zoo models by absolute path (hub ids and paths stay as written)."""
+    from evomerge.zoo import resolve_zoo_ref
+
+    if isinstance(recipe, dict):
+        return {k: _plain_refs(v) for k, v in recipe.items()}
+    if isinstance(recipe, list):
+        return [_plain_refs(v) for v in recipe]
+    if isinstance(recipe, str) and recipe.startswith("zoo:"):
+        return resolve_zoo_ref(recipe) or recipe
+    return recipe
+
+
 def _atomic_write(path: Path, text: str, force: bool) -> None:
     if path.exists() and not force:
         raise EvomergeError(f"-o {path}: file exists (pass --force to overwrite)")
@@ -90,7 +104,7 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
             raise EvomergeError(f"--trial {number}: trial {number} is {row['state']}, not COMPLETE" + (f" ({row['error']})" if row.get("error") else ""))
     t = study.trials[number]
     info_t = t.user_attrs.get("result") or {}
-    recipe = yaml.safe_load(info_t["recipe"])
+    recipe = _plain_refs(yaml.safe_load(info_t["recipe"]))
     seed = int(study.user_attrs.get("seed", 0))
     score, score_se = _num(row.get("score")), _num(row.get("score_se"))
     hold, hold_se = _num(row.get("holdout")), _num(row.get("holdout_se"))
