@@ -117,3 +117,36 @@ def test_probe_contamination_runs_on_finalists(micro_zoo, tmp_path):
     assert fin["memorization_probe_evidence"].str.contains("Min-K%\\+\\+|controls|delta", regex=True).all(), fin["memorization_probe_evidence"].tolist()
     # experts learned skills from generated data, not these items: nothing memorized
     assert not fin["memorization_probe"].astype(str).str.lower().eq("true").any()
+
+
+def test_probe_separates_a_parent_tuned_on_the_eval_items_on_the_micro_zoo(micro_zoo):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.probe import probe_contamination
+    from evomerge.zoo.data import make_items
+    from evomerge.zoo.train import train
+
+    def rows(task):
+        return [json.loads(line) for line in (micro_zoo / "tasks" / f"{task}.jsonl").read_text().splitlines()]
+
+    def text(r):  # what lm-eval scores: prompt, target delimiter, the right answer
+        return f"{r['prompt']} {r['choices'][r['label']]}"
+
+    skill = SKILLS[1]
+    items = [text(r) for r in rows(SEARCH[1])]
+    controls = [text(r) for r in rows(HOLDOUT[1])]
+    seen = {r["prompt"] for r in rows(SEARCH[1]) + rows(HOLDOUT[1])}
+    fresh = [f"{it.prompt} {it.choices[it.label]}" for it in make_items(skill, len(items), seed=12345, exclude=seen)]
+    tok = AutoTokenizer.from_pretrained(micro_zoo / "base")
+    load = lambda: AutoModelForCausalLM.from_pretrained(micro_zoo / "base").eval()  # noqa: E731
+    base, tuned_on_items, tuned_elsewhere = load(), load(), load()
+    # Same skill, same budget: one copy sees the evaluation items, the other fresh items.
+    train(tuned_on_items, tok, lambda rng: rng.choice(items), steps=200, lr=1e-3, batch=32, seed=0, answer_only=False, warmup=20)
+    train(tuned_elsewhere, tok, lambda rng: rng.choice(fresh), steps=200, lr=1e-3, batch=32, seed=0, answer_only=False, warmup=20)
+    hit = probe_contamination(tuned_on_items, base, tok, items, controls=controls)
+    miss = probe_contamination(tuned_elsewhere, base, tok, items, controls=controls)
+    assert hit.flag, hit.evidence
+    assert not miss.flag, miss.evidence
+    assert hit.delta > miss.delta + 0.1
