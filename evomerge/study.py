@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -302,6 +304,7 @@ class Search:
 
     def run_baselines(self, study: Any) -> None:
         for name, recipe in self.baseline_recipes.items():
+            self._check_interrupt()
             key = f"baseline:{name}"
             if key in study.user_attrs or f"enqueued:{name}" in study.user_attrs:
                 continue
@@ -403,6 +406,7 @@ class Search:
         done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "search" in (t.user_attrs.get("result") or {})]
         done.sort(key=lambda t: t.user_attrs["result"]["search"]["aggregate"], reverse=True)
         for t in done[:n]:
+            self._check_interrupt()
             if f"holdout:{t.number}" in study.user_attrs:
                 continue
             info = t.user_attrs["result"]
@@ -413,7 +417,34 @@ class Search:
             self.holdout(study, t.number, model)
 
     def run(self) -> SearchOutcome:
-        """Run or resume the study to its budget; returns the outcome."""
+        """Run or resume the study to its budget; returns the outcome.
+
+        Raises:
+            KeyboardInterrupt: on Ctrl-C, after marking the running trial failed and writing the table.
+        """
+        # Remember Ctrl-C even if a library on the stack swallows the KeyboardInterrupt (a
+        # database driver in the middle of a commit may): the loop re-raises it at the next step.
+        self._interrupted = False
+        restore = None
+        if threading.current_thread() is threading.main_thread():
+            restore = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(signum: int, frame: Any) -> None:
+                self._interrupted = True
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, on_sigint)
+        try:
+            return self._run()
+        finally:
+            if restore is not None:
+                signal.signal(signal.SIGINT, restore)
+
+    def _check_interrupt(self) -> None:
+        if getattr(self, "_interrupted", False):
+            raise KeyboardInterrupt
+
+    def _run(self) -> SearchOutcome:
         from optuna.trial import TrialState
 
         start = time.perf_counter()
@@ -439,9 +470,11 @@ class Search:
 
                 bar = tqdm(total=self.trials, initial=n_done, desc="trials", unit="trial", dynamic_ncols=True, file=sys.stderr)
             while n_done < self.trials and attempts < 3 * self.trials + 10:
+                self._check_interrupt()
                 attempts += 1
                 state, trial = self.run_trial(study, best)
                 write_trials_csv(study, self.paths.csv)
+                self._check_interrupt()
                 ua = study._storage.get_trial(trial._trial_id).user_attrs.get("result") or {}
                 line = f"trial {trial.number:>3} {state:8}"
                 if state == "COMPLETE":

@@ -255,8 +255,11 @@ def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path, tiny_family):
         if proc.poll() is None:
             proc.kill()
     df = load_trials(csv)
-    assert (df["error"] == "interrupted (Ctrl-C)").sum() == 1
+    # the trial that was running is failed as interrupted (when the signal lands between trials,
+    # e.g. inside a database commit, the search stops before the next one instead)
+    assert (df["error"] == "interrupted (Ctrl-C)").sum() <= 1
     assert not (df["state"] == "RUNNING").any()
+    assert ((df["baseline"] == "") & (df["state"] == "COMPLETE")).sum() < 20
 
 
 def test_results_and_report_commands(space, tmp_path, tiny_family, capsys):
