@@ -486,6 +486,7 @@ class LMEvalEvaluator(Evaluator):
         local = _local_task_names(cfg.include_path) if cfg.include_path else set()
         all_specs = cfg.search + cfg.holdout
         tm = task_manager(tuple(cfg.include_path), not all(s.name in local for s in all_specs))
+        self.task_manager = tm  # reused by the contamination flags (dataset of each task)
         self._dicts: dict[str, dict] = {"search": _get_task_dict([s.name for s in cfg.search], tm)}
         self._specs: dict[str, list[TaskSpec]] = {"search": list(cfg.search)}
         if cfg.holdout:

@@ -38,7 +38,6 @@ Typical use by the study::
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
@@ -345,12 +344,12 @@ def model_lineage(ref: str, resolve: Resolver = default_resolve, *,
 
 
 # ----------------------------------------------------------------------------- tasks
-@functools.lru_cache(maxsize=8)
 def _task_manager(include_path: tuple[str, ...], include_defaults: bool) -> Any:
-    # Building lm-eval's index of its ~15k task YAMLs takes seconds: build each kind once.
-    from lm_eval.tasks import TaskManager
+    # One cached lm-eval index for the whole process, shared with the evaluator (building it
+    # reads ~15k task YAMLs).
+    from evomerge.evaluate import task_manager
 
-    return TaskManager(include_path=list(include_path) or None, include_defaults=include_defaults)
+    return task_manager(include_path, include_defaults)
 
 
 def _leaf_datasets(cfg: Mapping[str, Any]) -> set[str]:
