@@ -9,9 +9,7 @@ comments, so ``mergekit-yaml best.yml out`` accepts the file for the methods it 
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import yaml
 
 from evomerge.config import dump_yaml, parse_recipe
 from evomerge.errors import EvomergeError
+from evomerge.engine.writer import atomic_file
 from evomerge.results import best_row, load_study, study_paths, trials_frame
 
 __all__ = ["export_recipe", "main_export", "SEED_PRAGMA", "seed_from_text"]
@@ -61,14 +60,7 @@ def _atomic_write(path: Path, text: str, force: bool) -> None:
     if path.exists() and not force:
         raise EvomergeError(f"-o {path}: file exists (pass --force to overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_file(path, lambda f: f.write(text), mode="w")
 
 
 def export_recipe(study: Any, *, trial: int | None = None, space_file: str | None = None) -> tuple[str, dict[str, Any], dict[str, Any]]:

@@ -35,15 +35,14 @@ Every file is written to a temporary name and moved into place, never half-writt
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from evomerge import flags
+from evomerge.engine.writer import atomic_file
 
 __all__ = ["make_report", "param_importances", "main_report"]
 
@@ -51,20 +50,8 @@ _BAD, _OK, _BASE = "#d62728", "#1f77b4", "#2ca02c"
 _LINES = ("#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")  # no red
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _save(fig: Any, path: Path) -> Path:
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110,
+    return atomic_file(path, lambda f: fig.savefig(f, format="png", dpi=110,
                                                      bbox_inches="tight"))
 
 
@@ -372,7 +359,7 @@ def make_report(df: pd.DataFrame, out_dir: Path, *, study_name: str,
             _holdout(df, out_dir / "holdout.png"),
             _flags(df, out_dir / "flags.png")]
     text = _markdown(df, study_name, obj, method, pngs, top)
-    md = _atomic_write(out_dir / "report.md", lambda f: f.write(text), mode="w")
+    md = atomic_file(out_dir / "report.md", lambda f: f.write(text), mode="w")
     return [*pngs, md]
 
 

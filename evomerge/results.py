@@ -15,9 +15,7 @@ Columns: ``number``, ``state``, ``baseline`` (name, empty for searched trials), 
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from evomerge.errors import EvomergeError, one_line
+from evomerge.engine.writer import atomic_file
 
 __all__ = ["StudyPaths", "study_paths", "open_storage", "load_study", "trials_frame", "write_trials_csv", "load_trials", "leaderboard", "main_results", "best_row"]
 
@@ -190,14 +189,7 @@ def write_trials_csv(study: Any, path: str | Path) -> pd.DataFrame:
     df = trials_frame(study)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".trials.", suffix=".csv", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            df.to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_file(path, lambda f: df.to_csv(f, index=False), mode="w")
     return df
 
 
