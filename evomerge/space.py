@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,6 @@ class Space:
     search: SearchSettings
     study_name: str | None = None
     storage: str | None = None
-    _names: set[str] = field(default_factory=set, repr=False)
 
     @property
     def is_fixed(self) -> bool:
@@ -237,10 +236,7 @@ def _collect(tree: Any, recipe: Any, found: dict[str, Any], space: Space, layers
             raise _NotInSpace
         for k, v in tree.items():
             if k in recipe:
-                sub_layers = n_layers
-                if k == "models":
-                    sub_layers = None
-                _collect(v, recipe[k], found, space, layers_of, _layers_hint(tree, recipe, k, layers_of, sub_layers))
+                _collect(v, recipe[k], found, space, layers_of, _layers_hint(tree, recipe, k, layers_of, n_layers))
         return
     if isinstance(tree, list):
         if not isinstance(recipe, (list, tuple)) or len(recipe) != len(tree):
@@ -431,7 +427,7 @@ class _SpaceParser:
     def is_directive(self, v: Any) -> bool:
         return isinstance(v, Mapping) and not ({"filter", "value"} & set(map(str, v)))
 
-    def scalar(self, v: Any, fld: str, name: str, *, allow_list: bool = False) -> Any:
+    def scalar(self, v: Any, fld: str, name: str) -> Any:
         if isinstance(v, Mapping):
             return self.directive(v, fld, name)
         return v
@@ -541,7 +537,7 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
     search = _search_settings(data.get("search"), p)
     study_name, storage = _study_section(data.get("study"), p)
     _check_sampler(search, p)
-    space = Space(file, base_dir or Path(file).resolve().parent, tree, p.directives, data.get("evaluate"), search, study_name, storage, p.names)
+    space = Space(file, base_dir or Path(file).resolve().parent, tree, p.directives, data.get("evaluate"), search, study_name, storage)
     _validate_corner(space)
     return space
 

@@ -205,7 +205,9 @@ class Search:
         extra = {"dtype": self._dtype()} if self._dtype() else {}
         for ref in refs:
             out[f"source:{ref}"] = {"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}}], **extra}
-        tuned = [r for r in refs if r != base] if len([r for r in refs if r != base]) >= 2 else refs
+        tuned = [r for r in refs if r != base]
+        if len(tuned) < 2:
+            tuned = refs
         if len(tuned) >= 2:
             out["uniform"] = {"merge_method": "linear", "models": [{"model": r, "parameters": {"weight": 1.0}} for r in tuned], **extra}
         for name, recipe in self.space.search.baselines:
@@ -485,7 +487,8 @@ class Search:
                         bar.set_postfix(best=f"{best[0]:.3f}")
                 else:
                     line += f" {ua.get('error', '')}"
-                (bar.write if bar is not None else self.log)(line) if not self.quiet else None
+                if not self.quiet:
+                    (bar.write if bar is not None else self.log)(line)
             if bar is not None:
                 bar.close()
             if n_done < self.trials:

@@ -394,9 +394,7 @@ def magnitude_rule(inp: TensorInputs, i: int, k: int) -> Rule:
     b = inp.base
     assert b is not None
     x, base = inp.raw(i).reshape(-1), inp.raw(b).reshape(-1)
-    n = x.numel()
-    dtype = inp.compute_dtype
-    if k >= n:
+    if k >= x.numel():
         return ("all",)
     if x.device.type != "cpu":
         return _magnitude_rule(inp, i, k, x, base)
