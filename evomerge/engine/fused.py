@@ -275,6 +275,12 @@ def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], 
     without it ``divisor`` is the sum of all weights. Division happens only with ``normalize``.
     Sets ``inp.finite``.
     """
+    from evomerge.engine import compiled
+
+    if compiled.usable(inp, rules):
+        result = compiled.compiled_task_vectors(inp, rules, others, consensus, rescale)
+        if result is not None:
+            return result
     b = inp.base
     assert b is not None
     base = inp.raw(b).reshape(-1)
@@ -357,8 +363,9 @@ def _l1_rescale(inp: TensorInputs, rules: list[Rule], others: list[int], eps: fl
         for j, i in enumerate(others):
             d = _delta_chunk(inp, i, lo, hi, s, base_c, f"d{j}")
             kd = _kept_delta(rules[j], d, lo, hi, s, f"k{j}")
-            after = float(kd.abs().sum())
-            before = after if kd is d else float(d.abs_().sum())
+            # float64 sums: the compiled kernel sums in another order, and must get the same factor
+            after = float(kd.abs().sum(dtype=torch.float64))
+            before = after if kd is d else float(d.abs_().sum(dtype=torch.float64))
             res.append((before, after))
         return res
 

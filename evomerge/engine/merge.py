@@ -104,6 +104,8 @@ class Merger:
             (for the search, which merges the same sources again and again).
         cache_bytes: budget for that cache; default: a quarter of the device memory.
         allow_crimes: plan merges across architectures when shapes match.
+        compile: use compiled kernels (``torch.compile``) for large tensors; default: when
+            ``resident`` on CPU, where the compile time (seconds) is paid back over many merges.
 
     Example:
         >>> merger = Merger(open_sources([...]), resident=True)            # doctest: +SKIP
@@ -120,6 +122,7 @@ class Merger:
         resident: bool = False,
         cache_bytes: int | None = None,
         allow_crimes: bool = False,
+        compile: bool | None = None,
     ) -> None:
         self.sources = sources
         self.device = torch.device(device)
@@ -128,6 +131,7 @@ class Merger:
         self.seed = seed
         self.resident = resident
         self.allow_crimes = allow_crimes
+        self.compile = (resident and self.device.type == "cpu") if compile is None else compile
         if cache_bytes is None:
             cache_bytes = _device_memory(self.device) // 4 if resident else 0
         self.cache = PrepCache(cache_bytes) if resident and cache_bytes > 0 else None
@@ -161,7 +165,7 @@ class Merger:
         keys: list[Hashable] = list(task.inputs)
         inp = TensorInputs(
             task.out_name, tensors, keys, task.base, task.shared, list(task.per_input), self.seed, self.cache,
-            compute_dtype=compute, out_dtype=DTYPES[plan.out_dtype], out=out,
+            compute_dtype=compute, out_dtype=DTYPES[plan.out_dtype], out=out, compiled=self.compile,
         )
         try:
             result = plan.recipe.method.kernel(inp)

@@ -1,0 +1,199 @@
+"""Compiled (``torch.compile``) task-vector kernels for re-merging resident tensors on CPU.
+
+The chunked kernels of :mod:`evomerge.engine.fused` run ~40 torch ops per 64K-entry chunk: on a CPU
+that is bound by op dispatch, not by memory (a TIES re-merge measured 8.6x a plain weighted sum).
+Here the same arithmetic is written once as whole-tensor torch ops and compiled by inductor into one
+loop per tensor: every input is read once, nothing is materialised but the output, and the loop
+runs on every core.
+
+Compiling costs seconds per kernel variant (method family, number of inputs, dtypes), so it is used
+only where merges repeat: by a resident :class:`~evomerge.engine.merge.Merger` (the search), on CPU,
+for tensors of at least :data:`MIN_NUMEL` entries. Should compiling fail (no C++ compiler, an
+unsupported platform), one warning is printed and the chunked kernels are used from then on.
+
+The op sequence mirrors :func:`~evomerge.engine.fused.fused_task_vectors` op for op (the same
+rounding at every step; inductor does not contract or reassociate floating-point math by
+default), so both paths produce the same tensors: an exported recipe re-merges on disk to the
+tensors the search scored. ``tests/test_compiled.py`` checks that bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from evomerge.engine.inputs import TensorInputs
+
+__all__ = ["MIN_NUMEL", "available", "usable", "compiled_task_vectors", "reset"]
+
+# Tensors below this size use the chunked kernels: one compiled call costs tens of microseconds of
+# guards and launch, and small tensors are a negligible share of a model anyway.
+MIN_NUMEL = int(os.environ.get("EVOMERGE_COMPILE_MIN", 1 << 20))
+_FAILED: str | None = None
+_COMPILED: dict[str, Any] = {}
+
+
+def available() -> bool:
+    """Whether compiled kernels may be used (not disabled by ``EVOMERGE_COMPILE=0``, never failed)."""
+    return _FAILED is None and os.environ.get("EVOMERGE_COMPILE", "1") != "0"
+
+
+def reset() -> None:
+    """Forget a compile failure and the compiled functions (tests)."""
+    global _FAILED
+    _FAILED = None
+    _COMPILED.clear()
+
+
+def usable(inp: TensorInputs, rules: list[tuple[Any, ...]]) -> bool:
+    """Whether :func:`compiled_task_vectors` can merge these inputs with these keep rules."""
+    if not (inp.compiled and available()):
+        return False
+    base = inp.raw(inp.base) if inp.base is not None else None
+    if base is None or base.device.type != "cpu" or base.numel() < MIN_NUMEL:
+        return False
+    kinds = {r[0] for r in rules}
+    return kinds <= {"all", "gt", "gt_extra"} or kinds <= {"all", "lt_uniform"}
+
+
+def _sparsify(d: torch.Tensor, j: int, magnitude: bool, field: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, p: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Input j's delta with the dropped entries set to 0, as :func:`fused._kept_delta` computes it."""
+    if magnitude:
+        t = thr[j]
+        kd = torch.where((d >= -t) & (d <= t), 0.0, d)  # hardshrink(d, t)
+        assert idx is not None
+        return torch.where((d.abs() == t) & (idx <= cut[j]), d, kd)  # ties kept in index order
+    m = (field - p[j]).clamp(max=0).sign()  # -1 where kept, else 0
+    return -(d * m)
+
+
+def _l1_sums(base: torch.Tensor, xs: list[torch.Tensor], fields: list[torch.Tensor], thr: torch.Tensor, cut: torch.Tensor, p: torch.Tensor, magnitude: bool) -> torch.Tensor:
+    """Per input: ``[sum |delta|, sum |kept delta|]`` in float64."""
+    b = base.to(thr.dtype)
+    idx = torch.arange(b.shape[0], device=b.device) if magnitude else None
+    sums = []
+    for j, x in enumerate(xs):
+        d = x.to(thr.dtype) - b
+        kd = _sparsify(d, j, magnitude, fields[j], thr, cut, p, idx)
+        sums.append(torch.stack([d.abs().sum(dtype=torch.float64), kd.abs().sum(dtype=torch.float64)]))
+    return torch.stack(sums)
+
+
+def _combine(
+    base: torch.Tensor,
+    xs: list[torch.Tensor],
+    fields: list[torch.Tensor],
+    thr: torch.Tensor,
+    cut: torch.Tensor,
+    p: torch.Tensor,
+    coef: torch.Tensor,
+    w: torch.Tensor,
+    lam: torch.Tensor,
+    flat_div: torch.Tensor,
+    out: torch.Tensor,
+    magnitude: bool,
+    consensus: bool,
+    normalize: bool,
+) -> torch.Tensor:
+    """``base + lam * combine(kept deltas)`` written into ``out``; returns whether it is all finite."""
+    b = base.to(thr.dtype)
+    idx = torch.arange(b.shape[0], device=b.device) if magnitude else None
+    wds = [_sparsify(x.to(thr.dtype) - b, j, magnitude, fields[j], thr, cut, p, idx) * coef[j] for j, x in enumerate(xs)]
+    if consensus:
+        total = wds[0]
+        for wd in wds[1:]:
+            total = total + wd
+        sign = torch.copysign(torch.ones_like(total), total)
+        acc = div = None
+        for j, wd in enumerate(wds):
+            t = (wd * sign).clamp(min=0)
+            if normalize:
+                took = torch.sign(t)
+                div = took * w[j] if div is None else div + took * w[j]
+            acc = t if acc is None else acc + t
+        assert acc is not None
+        acc = acc * sign
+        if div is not None:
+            acc = acc / (div - (torch.sign(div).abs() - 1.0))  # a divisor of 0 becomes 1
+    else:
+        acc = wds[0]
+        for wd in wds[1:]:
+            acc = acc + wd
+        acc = acc / flat_div  # 1 unless normalizing: exact
+    acc = acc * lam + b  # lam is 1 unless set: exact
+    o = acc.to(out.dtype)
+    out.copy_(o)
+    return torch.isfinite(o).all()
+
+
+def _compiled(name: str) -> Any:
+    fn = _COMPILED.get(name)
+    if fn is None:
+        fn = torch.compile({"combine": _combine, "l1": _l1_sums}[name], dynamic=True, fullgraph=True)
+        _COMPILED[name] = fn
+    return fn
+
+
+def _call(name: str, *args: Any, **kwargs: Any) -> Any:
+    """Run a compiled kernel; on a compile failure warn once, disable compiling, return None."""
+    global _FAILED
+    try:
+        return _compiled(name)(*args, **kwargs)
+    except Exception as e:  # inductor raises many types (no compiler, codegen, ...)
+        _FAILED = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        print(f"evomerge: torch.compile is unavailable ({_FAILED[:200]}); re-merges use the chunked kernels", file=sys.stderr)
+        return None
+
+
+def compiled_task_vectors(inp: TensorInputs, rules: list[tuple[Any, ...]], others: list[int], consensus: bool, rescale: bool) -> torch.Tensor | None:
+    """The task-vector combine of :func:`~evomerge.engine.fused.fused_task_vectors`, compiled.
+
+    Returns the output tensor (``inp.out`` when it fits) and sets ``inp.finite``, or returns None when
+    compiling failed (the caller then runs the chunked kernel).
+    """
+    from evomerge.engine.fused import _out
+
+    b = inp.base
+    assert b is not None
+    dtype = inp.compute_dtype
+    base = inp.raw(b).reshape(-1)
+    xs = [inp.raw(i).reshape(-1) for i in others]
+    magnitude = not any(r[0] == "lt_uniform" for r in rules)
+    thr, cut, p, fields = [], [], [], []
+    for r, x in zip(rules, xs):
+        kind = r[0]
+        fields.append(r[1].reshape(-1) if kind == "lt_uniform" else x)  # unused unless lt_uniform
+        thr.append(-1.0 if kind == "all" else float(r[1]) if kind in ("gt", "gt_extra") else 0.0)
+        cut.append(int(r[2][-1]) if kind == "gt_extra" and r[2].numel() else -1)
+        p.append(float(r[2]) if kind == "lt_uniform" else math.inf)  # inf: u - inf < 0 keeps all
+    thr_t = torch.tensor(thr, dtype=dtype)
+    cut_t = torch.tensor(cut, dtype=torch.int64)
+    p_t = torch.tensor(p, dtype=dtype)
+    weights = [float(inp.per_input[i]["weight"]) for i in others]
+    scales = [1.0] * len(others)
+    if rescale:
+        sums = _call("l1", base, xs, fields, thr_t, cut_t, p_t, magnitude)
+        if sums is None:
+            return None
+        eps = 1e-7
+        scales = [1.0 if before < eps or after < eps else before / after for before, after in sums.tolist()]
+    coef = [w * r for w, r in zip(weights, scales)]
+    normalize = bool(inp.shared["normalize"])
+    total_w = sum(weights)
+    flat_div = 1.0 if not normalize or abs(total_w) < 1e-8 else total_w
+    out = _out(inp, inp.raw(b).shape)
+    ok = _call(
+        "combine", base, xs, fields, thr_t, cut_t, p_t,
+        torch.tensor(coef, dtype=dtype), torch.tensor(weights, dtype=dtype),
+        torch.tensor(float(inp.shared["lambda"]), dtype=dtype), torch.tensor(flat_div, dtype=dtype),
+        out.view(-1), magnitude, consensus, normalize,
+    )
+    if ok is None:
+        return None
+    inp.finite = bool(ok)
+    return out
