@@ -347,7 +347,7 @@ def model_lineage(ref: str, resolve: Resolver = default_resolve, *,
 def _task_manager(include_path: tuple[str, ...], include_defaults: bool) -> Any:
     # One cached lm-eval index for the whole process, shared with the evaluator (building it
     # reads ~15k task YAMLs).
-    from evomerge.evaluate import task_manager
+    from evomerge.lmeval import task_manager
 
     return task_manager(include_path, include_defaults)
 

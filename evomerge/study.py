@@ -157,8 +157,10 @@ class Search:
                 self.merger.plan(parse_recipe(recipe, f"{self.file} (baseline {name})"))
         # Evaluation: tasks, prompts and datasets built once for the whole study.
         if evaluator is None:
-            from evomerge.evaluate import LMEvalEvaluator, parse_evaluate
             from transformers import AutoTokenizer
+
+            from evomerge.evaluate import parse_evaluate
+            from evomerge.lmeval import LMEvalEvaluator
 
             cfg = parse_evaluate(self.space.evaluate, self.file, self.space.base_dir)
             tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))

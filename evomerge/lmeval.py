@@ -1,0 +1,294 @@
+"""The lm-evaluation-harness side of scoring: task index, task objects, and :class:`LMEvalEvaluator`.
+
+Everything that imports ``lm_eval`` lives here (imported on first use: lm-eval's import and its task
+index cost seconds), so that parsing a search space and the fake evaluator of the tests need none of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from evomerge.errors import ConfigError
+from evomerge.evaluate import EvalConfig, EvalResult, Evaluator, TaskSpec, aggregate
+
+__all__ = ["LMEvalEvaluator", "task_manager", "quiet_lm_eval", "local_task_names", "get_task_dict", "leaf_tasks", "doc_ids", "texts_of"]
+
+
+def quiet_lm_eval() -> None:
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.api.task", "lm_eval.models.huggingface", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:  # datasets' progress bars during loading
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - datasets is a dependency of lm-eval
+        pass
+
+
+@lru_cache(maxsize=8)
+def task_manager(include_path: tuple[str, ...], include_defaults: bool):
+    """A cached lm-eval ``TaskManager`` (indexing lm-eval's own ~15k task files takes many seconds,
+    so a config that only uses local tasks gets a manager without them).
+
+    Args:
+        include_path: local task directories.
+        include_defaults: also index lm-eval's bundled tasks.
+
+    Returns:
+        The ``lm_eval.tasks.TaskManager``.
+    """
+    quiet_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include_path) or None, include_defaults=include_defaults)
+
+
+def local_task_names(include_path: Iterable[str]) -> set[str]:
+    tm = task_manager(tuple(include_path), False)
+    return set(tm.all_tasks)
+
+
+def get_task_dict(names: list[str], tm) -> dict:
+    import warnings
+
+    quiet_lm_eval()
+    from lm_eval.tasks import get_task_dict
+
+    with warnings.catch_warnings():
+        # get_task_dict is deprecated in favour of TaskManager.load, but evaluate() still takes
+        # the nested dict it returns.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return get_task_dict(names, tm)
+
+
+def leaf_tasks(task_dict: Mapping) -> dict[str, Any]:
+    """Flatten lm-eval's nested task dict (groups map to dicts of subtasks) to name -> Task."""
+    out: dict[str, Any] = {}
+    for key, value in task_dict.items():
+        if isinstance(value, Mapping):
+            out.update(leaf_tasks(value))
+        elif value is not None:
+            out[key if isinstance(key, str) else str(key)] = value
+    return out
+
+
+def doc_ids(tasks: Mapping[str, Any], name: str, start: int, count: int | None) -> list[int]:
+    n = len(tasks[name].eval_docs)
+    stop = n if count is None else min(n, start + count)
+    return list(range(min(start, n), stop))
+
+
+def texts_of(tasks: Mapping[str, Any], name: str, ids: list[int]) -> list[str]:
+    """Prompt + gold answer text of the given docs of one task."""
+    task = tasks[name]
+    docs = task.eval_docs
+    out = []
+    for i in ids:
+        doc = docs[i]
+        text = task.doc_to_text(doc)
+        target = task.doc_to_target(doc)
+        if task.OUTPUT_TYPE == "multiple_choice":
+            choices = task.doc_to_choice(doc)
+            if isinstance(target, int) and 0 <= target < len(choices):
+                target = choices[target]
+            elif isinstance(target, list) and target and isinstance(target[0], int):
+                target = choices[target[0]]
+        delim = task.config.target_delimiter or ""
+        out.append(f"{text}{delim}{target}")
+    return out
+
+
+def _metric_value(res: Mapping[str, Any], metric: str) -> tuple[float, float] | None:
+    """(score, stderr) of ``metric`` in one task's lm-eval results; ``metric`` may name a filter
+    (``exact_match,flexible-extract``), else ``,none`` is preferred, then the first filter."""
+    keys = [metric] if "," in metric else [f"{metric},none"] + sorted(k for k in res if k.startswith(f"{metric},") and "_stderr" not in k)
+    for key in keys:
+        if key in res and isinstance(res[key], (int, float)):
+            name, _, filt = key.partition(",")
+            se = res.get(f"{name}_stderr,{filt}")
+            se = float(se) if isinstance(se, (int, float)) else float("nan")
+            return float(res[key]), se
+    return None
+
+
+@lru_cache(maxsize=1)
+def _quiet_hflm_class():
+    """``HFLM`` without its per-call progress bars (a search prints its own progress)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
+class LMEvalEvaluator(Evaluator):
+    """lm-evaluation-harness over an in-memory model.
+
+    Task objects, datasets and prompts are built once here; each :meth:`evaluate` wraps the given
+    model in a fresh ``HFLM`` (no copy of the weights) and runs lm-eval on the prebuilt tasks with no
+    response cache, so consecutive candidates never share answers.
+
+    Args:
+        cfg: the parsed ``evaluate:`` section.
+        tokenizer: the tokenizer of every candidate (they share the base's vocabulary).
+        device: where inputs go (the model must already live there).
+        batch_size: overrides ``cfg.batch_size``.
+
+    Raises:
+        ConfigError: a holdout range with no docs left after the search docs.
+    """
+
+    def __init__(self, cfg: EvalConfig, tokenizer, *, device: str = "cpu", batch_size: int | None = None) -> None:
+        quiet_lm_eval()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.device = device
+        self.batch_size = int(batch_size or cfg.batch_size)
+        local = local_task_names(cfg.include_path) if cfg.include_path else set()
+        all_specs = cfg.search + cfg.holdout
+        tm = task_manager(tuple(cfg.include_path), not all(s.name in local for s in all_specs))
+        self.task_manager = tm  # reused by the contamination flags (dataset of each task)
+        self._dicts: dict[str, dict] = {"search": get_task_dict([s.name for s in cfg.search], tm)}
+        self._specs: dict[str, list[TaskSpec]] = {"search": list(cfg.search)}
+        if cfg.holdout:
+            self._dicts["holdout"] = get_task_dict([s.name for s in cfg.holdout], tm)
+            self._specs["holdout"] = list(cfg.holdout)
+        elif cfg.holdout_limit is not None:
+            self._dicts["holdout"] = self._dicts["search"]
+            self._specs["holdout"] = list(cfg.search)
+        self._leaves = {split: self._leaves_per_spec(split) for split in self._dicts}
+        self._samples = {split: self._sample_ids(split) for split in self._dicts}
+
+    # -- setup
+
+    def _leaves_per_spec(self, split: str) -> dict[str, list[str]]:
+        """spec name -> names of the leaf tasks it runs (a group has several); shots set here."""
+        out: dict[str, list[str]] = {}
+        for key, value in self._dicts[split].items():
+            name = getattr(key, "group_name", None) or (key if isinstance(key, str) else str(key))
+            leaves = leaf_tasks(value) if isinstance(value, Mapping) else {name: value}
+            out[name] = list(leaves)
+            spec = next((s for s in self._specs[split] if s.name == name), None)
+            for task in leaves.values():
+                if spec is not None and spec.num_fewshot is not None:
+                    task.set_config(key="num_fewshot", value=spec.num_fewshot)
+                task.set_fewshot_seed(seed=1234)
+        return out
+
+    def _sample_ids(self, split: str) -> dict[str, list[int]]:
+        cfg = self.cfg
+        if split == "search":
+            start, count = 0, cfg.limit
+        elif cfg.holdout:
+            start, count = 0, cfg.holdout_limit
+        else:
+            start, count = cfg.limit or 0, cfg.holdout_limit
+        tasks = leaf_tasks(self._dicts[split])
+        ids = {name: doc_ids(tasks, name, start, count) for name in tasks}
+        for name, got in ids.items():
+            if not got:
+                raise ConfigError(cfg.file, "evaluate.holdout.limit" if split == "holdout" else "evaluate.limit", f"task {name!r} has no docs in the range [{start}, {start + (count or 0)}) ({len(tasks[name].eval_docs)} docs in all)")
+        return ids
+
+    # -- API
+
+    def task_names(self, split: str = "search") -> list[str]:
+        return [s.name for s in self._specs.get(split, [])]
+
+    def texts(self, split: str = "search") -> dict[str, list[str]]:
+        if split not in self._dicts:
+            return {}
+        tasks = leaf_tasks(self._dicts[split])
+        return {name: texts_of(tasks, name, ids) for name, ids in self._samples[split].items()}
+
+    def datasets(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for split in self._dicts:
+            for name, task in leaf_tasks(self._dicts[split]).items():
+                c = task.config
+                paths = [str(c.dataset_path)] if c.dataset_path else []
+                files = (c.dataset_kwargs or {}).get("data_files")
+                if isinstance(files, Mapping):
+                    paths += [str(v) for v in files.values()]
+                elif isinstance(files, (str, list)):
+                    paths += [str(v) for v in (files if isinstance(files, list) else [files])]
+                out[name] = paths
+        return out
+
+    def evaluate(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
+        """Score ``model`` on the search or holdout items.
+
+        Args:
+            model: a ``transformers`` causal LM (in memory, on ``device``).
+            split: "search" or "holdout".
+
+        Returns:
+            The :class:`EvalResult`; ``scores`` are fractions in [0, 1].
+
+        Raises:
+            EvomergeError: ``split`` is "holdout" and the config has none; a metric missing from
+                lm-eval's results.
+        """
+        from evomerge.errors import EvomergeError
+
+        if split not in self._dicts:
+            raise EvomergeError(f"no {split} items configured (evaluate.holdout)")
+        from lm_eval.evaluator import evaluate as lm_evaluate
+
+        t0 = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        quiet_lm_eval()
+        lm = _quiet_hflm_class()(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size, device=self.device)
+        import lm_eval.api.task as lm_task
+
+        # lm-eval draws a progress bar per task per call while building requests; a search
+        # prints its own progress, so swap it for a pass-through during the call.
+        bar = lm_task.tqdm
+        lm_task.tqdm = lambda it, *a, **k: it
+        try:
+            out = lm_evaluate(
+                lm,
+                self._dicts[split],
+                samples=self._samples[split],
+                bootstrap_iters=100,  # mean metrics use the closed form; this bounds the others
+                log_samples=False,
+                verbosity="ERROR",
+            )
+        finally:
+            lm_task.tqdm = bar
+        if was_training:
+            model.train()
+        results = (out or {}).get("results", {})
+        scores: dict[str, float] = {}
+        stderr: dict[str, float] = {}
+        n_items: dict[str, int] = {}
+        for spec in self._specs[split]:
+            got = _metric_value(results.get(spec.name, {}), spec.metric)
+            if got is None:
+                have = sorted({k.split(",")[0] for k in results.get(spec.name, {}) if "," in k and "_stderr" not in k})
+                raise EvomergeError(f"task {spec.name!r} reports no metric {spec.metric!r} (it reports: {', '.join(have) or 'nothing'})")
+            scores[spec.name], stderr[spec.name] = got
+            n_items[spec.name] = sum(len(self._samples[split].get(leaf, [])) for leaf in self._leaves[split][spec.name])
+        agg, se = aggregate(self._specs[split], scores, {k: (0.0 if math.isnan(v) else v) for k, v in stderr.items()})
+        return EvalResult(scores, stderr, agg, se, time.perf_counter() - t0, n_items)
