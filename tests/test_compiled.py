@@ -117,3 +117,31 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("torch.compile is unavailable (RuntimeError: no C++ compiler found)") == 1
     assert not compiled.available()
+
+
+def test_resident_search_merges_equal_disk_merges(tiny_family, tmp_path):
+    # The search's path end to end: a resident merger (compiled kernels on by default on CPU)
+    # re-merging with new densities and weights, against fresh `evomerge merge` runs to disk.
+    from evomerge.config import load_recipe
+    from evomerge.engine import Merger, merge_to_disk, open_sources
+
+    base, models = tiny_family
+    merger = Merger(open_sources([str(base), *map(str, models)]), seed=4, resident=True, cache_bytes=1 << 26)
+    assert merger.compile
+    model = None
+    for method, density, weights in (("ties", 0.5, (0.5, 0.3, 0.9)), ("ties", 0.3, (1.0, 0.2, 0.4)), ("dare_ties", 0.6, (0.5, 0.5, 0.5)), ("dare_linear", 0.4, (0.2, 0.7, 0.3))):
+        cfg = load_recipe(
+            {
+                "merge_method": method,
+                "base_model": str(base),
+                "models": [{"model": str(base)}] + [{"model": str(m), "parameters": {"weight": w, "density": density}} for m, w in zip(models, weights)],
+                "dtype": "float32",
+                "out_dtype": "bfloat16",
+            }
+        )
+        plan = merger.plan(cfg)
+        model = model or merger.build_model(plan)
+        got = merger.merge_into(model, plan)
+        want = merge_to_disk(cfg, tmp_path / f"{method}-{density}", seed=4)
+        assert got.digest == want.digest, (method, density)
+    assert compiled._FAILED is None and "combine" in compiled._COMPILED

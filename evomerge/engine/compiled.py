@@ -61,14 +61,14 @@ def usable(inp: TensorInputs, rules: list[tuple[Any, ...]]) -> bool:
     return kinds <= {"all", "gt", "gt_extra"} or kinds <= {"all", "lt_uniform"}
 
 
-def _sparsify(d: torch.Tensor, j: int, magnitude: bool, field: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, p: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+def _sparsify(d: torch.Tensor, j: int, magnitude: bool, fields: list[torch.Tensor], thr: torch.Tensor, cut: torch.Tensor, p: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     """Input j's delta with the dropped entries set to 0, as :func:`fused._kept_delta` computes it."""
     if magnitude:
         t = thr[j]
         kd = torch.where((d >= -t) & (d <= t), 0.0, d)  # hardshrink(d, t)
         assert idx is not None
         return torch.where((d.abs() == t) & (idx <= cut[j]), d, kd)  # ties kept in index order
-    m = (field - p[j]).clamp(max=0).sign()  # -1 where kept, else 0
+    m = (fields[j] - p[j]).clamp(max=0).sign()  # -1 where kept, else 0
     return -(d * m)
 
 
@@ -79,7 +79,7 @@ def _l1_sums(base: torch.Tensor, xs: list[torch.Tensor], fields: list[torch.Tens
     sums = []
     for j, x in enumerate(xs):
         d = x.to(thr.dtype) - b
-        kd = _sparsify(d, j, magnitude, fields[j], thr, cut, p, idx)
+        kd = _sparsify(d, j, magnitude, fields, thr, cut, p, idx)
         sums.append(torch.stack([d.abs().sum(dtype=torch.float64), kd.abs().sum(dtype=torch.float64)]))
     return torch.stack(sums)
 
@@ -103,7 +103,7 @@ def _combine(
     """``base + lam * combine(kept deltas)`` written into ``out``; returns whether it is all finite."""
     b = base.to(thr.dtype)
     idx = torch.arange(b.shape[0], device=b.device) if magnitude else None
-    wds = [_sparsify(x.to(thr.dtype) - b, j, magnitude, fields[j], thr, cut, p, idx) * coef[j] for j, x in enumerate(xs)]
+    wds = [_sparsify(x.to(thr.dtype) - b, j, magnitude, fields, thr, cut, p, idx) * coef[j] for j, x in enumerate(xs)]
     if consensus:
         total = wds[0]
         for wd in wds[1:]:
@@ -134,6 +134,13 @@ def _combine(
 def _compiled(name: str) -> Any:
     fn = _COMPILED.get(name)
     if fn is None:
+        # Each variant (method family, input count, dtypes) is one more compile of the same function;
+        # a search over several methods can exceed dynamo's default of 8 per function.
+        import torch._dynamo
+
+        for key in ("recompile_limit", "cache_size_limit"):
+            if getattr(torch._dynamo.config, key, 64) < 64:
+                setattr(torch._dynamo.config, key, 64)
         fn = torch.compile({"combine": _combine, "l1": _l1_sums}[name], dynamic=True, fullgraph=True)
         _COMPILED[name] = fn
     return fn
@@ -165,9 +172,10 @@ def compiled_task_vectors(inp: TensorInputs, rules: list[tuple[Any, ...]], other
     xs = [inp.raw(i).reshape(-1) for i in others]
     magnitude = not any(r[0] == "lt_uniform" for r in rules)
     thr, cut, p, fields = [], [], [], []
-    for r, x in zip(rules, xs):
+    for i, r in zip(others, rules):
         kind = r[0]
-        fields.append(r[1].reshape(-1) if kind == "lt_uniform" else x)  # unused unless lt_uniform
+        if not magnitude:  # an input kept whole (density 1) still gets its own field, with p = inf
+            fields.append(r[1].reshape(-1) if kind == "lt_uniform" else inp.uniform(i).reshape(-1))
         thr.append(-1.0 if kind == "all" else float(r[1]) if kind in ("gt", "gt_extra") else 0.0)
         cut.append(int(r[2][-1]) if kind == "gt_extra" and r[2].numel() else -1)
         p.append(float(r[2]) if kind == "lt_uniform" else math.inf)  # inf: u - inf < 0 keeps all
