@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from evomerge.zoo import ensure_zoo, main_zoo, read_manifest, resolve_zoo_ref
-from evomerge.zoo.build import ZOO_VERSION, build_zoo, is_current
+from evomerge.zoo.build import ZOO_VERSION, _summary, build_zoo, format_figures, is_current, merge_recipe
 from evomerge.zoo.data import SKILLS, Item, eval_strings, make_tokenizer
 from evomerge.zoo.train import ZooSize, score_items
 
@@ -89,6 +89,10 @@ def test_manifest_lists_models_tasks_and_figures(micro_zoo):
     assert m["tasks"]["search"] == [f"zoo_{s}" for s in SKILLS]
     assert m["tasks"]["holdout"] == [f"zoo_{s}_holdout" for s in SKILLS]
     assert "task_arithmetic uniform 1/n" in m["figures"]["merges"]
+    # every merge of the grid is scored on the holdout items too
+    assert all(0 <= v["holdout_mean"] <= 1 for v in m["figures"]["merges"].values())
+    assert m["training"]["experts"] == {s: {"steps": 250, "lr": 1e-3, "batch": 32, "replay": 0.3} for s in SKILLS}
+    assert m["training"]["base"]["answer_only"] is False
     for d in m["models"].values():
         assert (micro_zoo / d["dir"] / "config.json").is_file()
 
@@ -165,3 +169,63 @@ def test_refuses_to_replace_a_directory_that_is_not_a_zoo(tmp_path):
     with pytest.raises(EvomergeError, match="not a zoo"):
         main_zoo(str(tmp_path / "mine"), "micro", 0)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_per_skill_learning_rate_changes_only_that_expert(tmp_path):
+    """``skill_lr`` trains one expert at its own rate; the others (same seeds) are bit-identical."""
+    from dataclasses import replace
+
+    a = build_zoo(tmp_path / "a", "micro", 3, shape=TINY, progress=False, figures=False)
+    b = build_zoo(tmp_path / "b", "micro", 3, shape=replace(TINY, skill_lr={"rot": 3e-2}), progress=False, figures=False)
+    assert a["training"]["experts"]["rot"]["lr"] == 1e-3 and b["training"]["experts"]["rot"]["lr"] == 3e-2
+    assert b["training"]["experts"]["sort"]["lr"] == 1e-3
+    for name in ("base", "sort", "shift"):
+        assert _digest(tmp_path / "a" / name) == _digest(tmp_path / "b" / name), name
+    assert _digest(tmp_path / "a" / "rot") != _digest(tmp_path / "b" / "rot")
+    # and the larger rate gives the larger delta from the base
+    from safetensors.torch import load_file
+
+    def delta(zoo: Path) -> float:
+        base, rot = load_file(zoo / "base" / "model.safetensors"), load_file(zoo / "rot" / "model.safetensors")
+        return float(sum(((rot[k] - base[k]) ** 2).sum() for k in base))
+
+    assert delta(tmp_path / "b") > delta(tmp_path / "a")
+
+
+def test_merge_recipe_labels_and_weights():
+    names = ["rot", "sort", "shift"]
+    label, r = merge_recipe(Path("/z"), names, 1 / 3)
+    assert label == "task_arithmetic uniform 1/n" and r["merge_method"] == "task_arithmetic"
+    assert r["base_model"] == str(Path("/z") / "base")
+    assert [m["parameters"]["weight"] for m in r["models"]] == [1 / 3] * 3
+    label, r = merge_recipe(Path("/z"), names, (0.7, 0.6, 0.4))
+    assert label == "task_arithmetic rot=0.7 sort=0.6 shift=0.4"
+    assert [(m["model"], m["parameters"]["weight"]) for m in r["models"]] == [(str(Path("/z") / n), w) for n, w in zip(names, (0.7, 0.6, 0.4))]
+    label, r = merge_recipe(Path("/z"), names, {"method": "ties", "weight": 1.0, "density": 0.5})
+    assert label == "ties uniform weight=1 density=0.5" and r["merge_method"] == "ties"
+    assert all(m["parameters"] == {"weight": 1.0, "density": 0.5} for m in r["models"])
+
+
+def test_summary_headroom_over_the_best_uniform_merge():
+    """The summary compares per-model weights with the best uniform merge (values worked by hand)."""
+
+    def acc(mean: float, hold: float) -> dict[str, float]:
+        return {"mean": mean, "holdout_mean": hold}
+
+    fig = {
+        "models": {"base": acc(0.25, 0.25), "rot": acc(0.5, 0.52), "sort": acc(0.53, 0.48), "shift": acc(0.45, 0.5)},
+        "merges": {
+            "task_arithmetic uniform 1/n": acc(0.68, 0.67),
+            "ties uniform weight=1 density=0.5": acc(0.58, 0.63),
+            "task_arithmetic rot=0.7 sort=0.6 shift=0.4": acc(0.83, 0.86),
+            "task_arithmetic rot=0.9 sort=0.9 shift=0.9": acc(0.6, 0.61),
+        },
+    }
+    sm = _summary(fig, ["rot", "sort", "shift"], ["task_arithmetic uniform 1/n", "ties uniform weight=1 density=0.5"])
+    assert sm["best_expert"] == "sort" and sm["best_expert_mean"] == 0.53 and sm["best_expert_holdout_mean"] == 0.48
+    assert sm["uniform_1n_mean"] == 0.68 and sm["uniform_ties_mean"] == 0.58
+    assert sm["best_uniform"] == "task_arithmetic uniform 1/n"
+    assert sm["best_per_model"] == "task_arithmetic rot=0.7 sort=0.6 shift=0.4" == sm["best_merge"]
+    assert sm["headroom"] == 0.15 and sm["headroom_holdout"] == 0.19
+    text = format_figures({"figures": {**fig, "eval_seconds": 1.0, "summary": sm}, "tasks": {"search": ["zoo_rot"], "items": {"zoo_rot": 100}}})
+    assert "+15.0 points over the best uniform merge (+19.0 on holdout)" in text

@@ -21,10 +21,10 @@ import torch
 from evomerge.zoo.data import SKILLS, eval_strings, make_tokenizer, pretrain_text, rewrite_task_yamls, skill_text, task_names, write_tasks
 from evomerge.zoo.train import SIZES, ZooSize, new_model, train
 
-__all__ = ["ZOO_VERSION", "build_zoo", "zoo_lock", "read_manifest", "is_current", "format_figures", "measure_figures"]
+__all__ = ["ZOO_VERSION", "build_zoo", "zoo_lock", "read_manifest", "is_current", "format_figures", "measure_figures", "merge_recipe", "ZooScorer"]
 
 # Bump when the data, the models or the training change: existing zoos are then rebuilt.
-ZOO_VERSION = "5"
+ZOO_VERSION = "6"
 
 
 def read_manifest(zoo_dir: Path) -> dict[str, Any] | None:
@@ -90,80 +90,131 @@ def _expert_line(skill: str, replay: float, avoid: frozenset[str]):
     return line
 
 
+def merge_recipe(zoo_dir: Path, model_names: list[str], entry: Any) -> tuple[str, dict[str, Any]]:
+    """The label and mergekit recipe of one merge-grid entry over all experts of a zoo.
+
+    Args:
+        zoo_dir: directory holding ``base/`` and the expert dirs.
+        model_names: expert directory names, in the order of per-expert weights.
+        entry: one task-arithmetic weight for every expert, a tuple with one weight per expert, or
+            a dict ``{"method": ..., "weight": ..., other parameters}`` (the same for every expert).
+
+    Returns:
+        ``(label, recipe)``; the label names the method and weights, e.g.
+        ``"task_arithmetic uniform 1/n"`` or ``"task_arithmetic rot=0.7 sort=0.6 shift=0.4"``.
+    """
+    method, extra = "task_arithmetic", {}
+    if isinstance(entry, dict):  # another method with uniform parameters, e.g. TIES
+        extra = {k: v for k, v in entry.items() if k != "method"}
+        method, weights = entry["method"], [extra.pop("weight", 1.0)] * len(model_names)
+    else:
+        weights = list(entry) if isinstance(entry, tuple) else [entry] * len(model_names)
+    recipe = {
+        "merge_method": method,
+        "base_model": str(Path(zoo_dir) / "base"),
+        "models": [{"model": str(Path(zoo_dir) / n), "parameters": {"weight": w, **extra}} for n, w in zip(model_names, weights)],
+        "dtype": "float32",
+    }
+    if isinstance(entry, dict):
+        label = f"{method} uniform " + " ".join(f"{k}={v:g}" for k, v in {"weight": weights[0], **extra}.items())
+    elif isinstance(entry, tuple):
+        label = "task_arithmetic " + " ".join(f"{n}={w:g}" for n, w in zip(model_names, weights))
+    elif abs(entry - 1 / len(model_names)) < 1e-9:
+        label = "task_arithmetic uniform 1/n"
+    else:
+        label = f"task_arithmetic uniform {entry:g}"
+    return label, recipe
+
+
+class ZooScorer:
+    """lm-eval accuracy of a model on a zoo's search tasks and (optionally) its holdout tasks.
+
+    Args:
+        zoo_dir: directory holding ``base/`` (its tokenizer is used).
+        tasks_dir: the lm-eval include dir (YAMLs must point at its JSONL files).
+    """
+
+    def __init__(self, zoo_dir: Path, tasks_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        from evomerge.evaluate import EvalConfig, LMEvalEvaluator, TaskSpec
+
+        self.search, self.holdout = task_names(SKILLS)
+        cfg = EvalConfig(search=[TaskSpec(n) for n in self.search], holdout=[TaskSpec(n) for n in self.holdout], include_path=[str(Path(tasks_dir).resolve())], batch_size=64, file="zoo.json")
+        self._ev = LMEvalEvaluator(cfg, AutoTokenizer.from_pretrained(Path(zoo_dir) / "base"))
+        self.seconds: list[float] = []  # of every search-task pass
+
+    def score(self, model, holdout: bool = True) -> dict[str, float]:
+        """``{task: acc, "mean": ..., [holdout tasks, "holdout_mean": ...]}``, rounded to 4 places."""
+        r = self._ev.evaluate(model, "search")
+        self.seconds.append(r.seconds)
+        out = {k: round(v, 4) for k, v in r.scores.items()}
+        out["mean"] = round(sum(out[n] for n in self.search) / len(self.search), 4)
+        if holdout:
+            out.update({k: round(v, 4) for k, v in self._ev.evaluate(model, "holdout").scores.items()})
+            out["holdout_mean"] = round(sum(out[n] for n in self.holdout) / len(self.holdout), 4)
+        return out
+
+
 def measure_figures(zoo_dir: Path, tasks_dir: Path, model_names: list[str], *, grid: tuple[Any, ...] = (1 / 3,)) -> dict[str, Any]:
-    """lm-eval accuracy of every model and of task-arithmetic merges of all experts.
+    """lm-eval accuracy (search and holdout items) of every model and of merges of all experts.
 
     Args:
         zoo_dir: directory holding ``base/`` and the expert dirs.
         tasks_dir: the lm-eval include dir (YAMLs must point at its JSONL files).
         model_names: expert directory names.
-        grid: the merges to measure: one task-arithmetic weight for all experts, a tuple with one
-            per expert, or a dict ``{"method": ..., "weight": ..., other parameters}`` (uniform).
+        grid: the merges to measure, entries as :func:`merge_recipe` takes them.
 
     Returns:
-        ``{"models": {name: {task: acc}}, "merges": {label: {task: acc}}, "eval_seconds": s}``.
+        ``{"models": {name: {task: acc}}, "merges": {label: {task: acc}}, "eval_seconds": s,
+        "summary": {...}}``; the summary compares the best single expert, the uniform merges and
+        the best merge with per-model weights.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from evomerge.engine import merge_in_memory
-    from evomerge.evaluate import LMEvalEvaluator, TaskSpec, EvalConfig
 
-    search, holdout = task_names(SKILLS)
-    cfg = EvalConfig(search=[TaskSpec(n) for n in search], holdout=[TaskSpec(n) for n in holdout], include_path=[str(Path(tasks_dir).resolve())], batch_size=64, file="zoo.json")
-    tok = AutoTokenizer.from_pretrained(zoo_dir / "base")
-    ev = LMEvalEvaluator(cfg, tok)
-    secs: list[float] = []
-
-    def score(model, with_holdout: bool = True) -> dict[str, float]:
-        r = ev.evaluate(model, "search")
-        secs.append(r.seconds)
-        out = {k: round(v, 4) for k, v in r.scores.items()}
-        out["mean"] = round(sum(out[n] for n in search) / len(search), 4)
-        if with_holdout:  # the grid merges skip it: it only costs build time
-            out.update({k: round(v, 4) for k, v in ev.evaluate(model, "holdout").scores.items()})
-            out["holdout_mean"] = round(sum(out[n] for n in holdout) / len(holdout), 4)
-        return out
-
+    scorer = ZooScorer(zoo_dir, tasks_dir)
     figures: dict[str, Any] = {"models": {}, "merges": {}}
     for name in ["base", *model_names]:
-        model = AutoModelForCausalLM.from_pretrained(zoo_dir / name, dtype=torch.float32)
-        figures["models"][name] = score(model)
+        model = AutoModelForCausalLM.from_pretrained(Path(zoo_dir) / name, dtype=torch.float32)
+        figures["models"][name] = scorer.score(model)
+    uniform: list[str] = []
     for entry in grid:
-        method, extra = "task_arithmetic", {}
-        if isinstance(entry, dict):  # another method with uniform parameters, e.g. TIES
-            extra = {k: v for k, v in entry.items() if k != "method"}
-            method, weights = entry["method"], [extra.pop("weight", 1.0)] * len(model_names)
-        else:
-            weights = list(entry) if isinstance(entry, tuple) else [entry] * len(model_names)
-        recipe = {
-            "merge_method": method,
-            "base_model": str(zoo_dir / "base"),
-            "models": [{"model": str(zoo_dir / n), "parameters": {"weight": w, **extra}} for n, w in zip(model_names, weights)],
-            "dtype": "float32",
-        }
-        if isinstance(entry, dict):
-            label = f"{method} uniform " + " ".join(f"{k}={v:g}" for k, v in {"weight": weights[0], **extra}.items())
-        elif isinstance(entry, tuple):
-            label = "task_arithmetic " + " ".join(f"{n}={w:g}" for n, w in zip(model_names, weights))
-        elif abs(entry - 1 / len(model_names)) < 1e-9:
-            label = "task_arithmetic uniform 1/n"
-        else:
-            label = f"task_arithmetic uniform {entry:g}"
-        uniform = isinstance(entry, dict) or label.endswith("1/n")
-        figures["merges"][label] = score(merge_in_memory(recipe), with_holdout=uniform)
-    figures["eval_seconds"] = round(sum(secs) / len(secs), 3)
-    experts = {n: figures["models"][n]["mean"] for n in model_names}
-    merges = {n: v["mean"] for n, v in figures["merges"].items()}
-    best = max(merges, key=merges.__getitem__)
-    figures["summary"] = {
-        "best_expert": max(experts, key=experts.__getitem__),
-        "best_expert_mean": max(experts.values()),
-        "uniform_1n_mean": merges.get("task_arithmetic uniform 1/n"),
-        "uniform_ties_mean": next((v for k, v in merges.items() if k.startswith("ties uniform")), None),
-        "best_merge": best,
-        "best_merge_mean": merges[best],
-    }
+        label, recipe = merge_recipe(zoo_dir, model_names, entry)
+        figures["merges"][label] = scorer.score(merge_in_memory(recipe))
+        if not isinstance(entry, tuple):
+            uniform.append(label)
+    figures["eval_seconds"] = round(sum(scorer.seconds) / len(scorer.seconds), 3)
+    figures["summary"] = _summary(figures, model_names, uniform)
     return figures
+
+
+def _summary(figures: dict[str, Any], model_names: list[str], uniform: list[str]) -> dict[str, Any]:
+    merges = figures["merges"]
+
+    def best(names) -> str | None:
+        return max(names, key=lambda n: merges[n]["mean"], default=None)
+
+    expert = max(model_names, key=lambda n: figures["models"][n]["mean"])
+    ties = next((n for n in uniform if n.startswith("ties uniform")), None)
+    best_uniform, best_weighted = best(uniform), best([n for n in merges if n not in uniform])
+    out: dict[str, Any] = {
+        "best_expert": expert,
+        "best_expert_mean": figures["models"][expert]["mean"],
+        "best_expert_holdout_mean": figures["models"][expert]["holdout_mean"],
+        "uniform_1n_mean": merges.get("task_arithmetic uniform 1/n", {}).get("mean"),
+        "uniform_ties_mean": merges[ties]["mean"] if ties else None,
+        "best_uniform": best_uniform,
+        "best_merge": best(list(merges)),
+        "best_merge_mean": merges[best(list(merges))]["mean"] if merges else None,
+        "best_per_model": best_weighted,
+    }
+    if best_uniform and best_weighted:
+        # How far per-model weights get above the best uniform merge: the room a search has.
+        out["headroom"] = round(merges[best_weighted]["mean"] - merges[best_uniform]["mean"], 4)
+        out["headroom_holdout"] = round(merges[best_weighted]["holdout_mean"] - merges[best_uniform]["holdout_mean"], 4)
+    return out
 
 
 def build_zoo(dest: str | Path, size: str = "demo", seed: int = 0, *, shape: ZooSize | None = None, progress: bool = True, figures: bool = True) -> dict[str, Any]:
@@ -203,12 +254,12 @@ def build_zoo(dest: str | Path, size: str = "demo", seed: int = 0, *, shape: Zoo
         n_params = sum(p.numel() for p in base.parameters())
         say(f"pretraining the base ({n_params / 1e6:.2f}M parameters, {shape.base_steps} steps)")
         avoid = eval_strings(shape.n_search + shape.n_holdout, seed)
-        train(base, tok, _base_line(avoid), steps=shape.base_steps, lr=shape.base_lr, batch=shape.batch, seed=seed * 1000 + 1, answer_only=False, progress="base" if progress else None)
+        train(base, tok, _base_line(avoid), steps=shape.base_steps, lr=shape.base_lr, batch=shape.batch, seed=seed * 1000 + 1, answer_only=shape.base_answer_only, progress="base" if progress else None)
         _save(base, tok, tmp / "base")
         models: dict[str, dict[str, Any]] = {"base": {"dir": "base", "role": "base", "skill": None}}
         for i, skill in enumerate(SKILLS):
             expert = copy.deepcopy(base)
-            train(expert, tok, _expert_line(skill, shape.replay, avoid), steps=shape.expert_steps, lr=shape.expert_lr, batch=shape.expert_batch or shape.batch, seed=seed * 1000 + 10 + i, answer_only=True, warmup=20, progress=skill if progress else None)
+            train(expert, tok, _expert_line(skill, shape.replay, avoid), steps=shape.expert_steps, lr=shape.lr_for(skill), batch=shape.expert_batch or shape.batch, seed=seed * 1000 + 10 + i, answer_only=True, warmup=20, progress=skill if progress else None)
             _save(expert, tok, tmp / skill)
             models[skill] = {"dir": skill, "role": "expert", "skill": skill}
             del expert
@@ -222,8 +273,8 @@ def build_zoo(dest: str | Path, size: str = "demo", seed: int = 0, *, shape: Zoo
             "models": models,
             "tasks": {"search": search, "holdout": holdout, "items": counts, "include_path": "tasks"},
             "training": {
-                "base": {"steps": shape.base_steps, "lr": shape.base_lr, "batch": shape.batch},
-                "experts": {"steps": shape.expert_steps, "lr": shape.expert_lr, "batch": shape.expert_batch or shape.batch, "replay": shape.replay},
+                "base": {"steps": shape.base_steps, "lr": shape.base_lr, "batch": shape.batch, "answer_only": shape.base_answer_only},
+                "experts": {s: {"steps": shape.expert_steps, "lr": shape.lr_for(s), "batch": shape.expert_batch or shape.batch, "replay": shape.replay} for s in SKILLS},
                 "threads": shape.threads,
             },
             "train_seconds": round(train_seconds, 1),
@@ -261,10 +312,23 @@ def format_figures(manifest: dict[str, Any]) -> str:
     for name, v in rows:
         lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * v[c]:>11.1f}%" if c in v else f"{'-':>12}" for c in cols))
     sm = fig.get("summary", {})
+    merges = fig["merges"]
+
+    def pct(label: str) -> str:
+        v = merges[label]
+        return f"{100 * v['mean']:.1f}%" + (f" (holdout {100 * v['holdout_mean']:.1f}%)" if "holdout_mean" in v else "")
+
     if sm:
-        lines.append(f"best single expert ({sm['best_expert']}): mean {100 * sm['best_expert_mean']:.1f}%; best merge measured ({sm['best_merge']}): mean {100 * sm['best_merge_mean']:.1f}%")
-        uniform = {"task arithmetic 1/n": sm.get("uniform_1n_mean"), "TIES": sm.get("uniform_ties_mean")}
-        lines.append("uniform merges: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in uniform.items() if v is not None))
+        expert = fig["models"][sm["best_expert"]]
+        lines.append(f"best single expert ({sm['best_expert']}): mean {100 * expert['mean']:.1f}%" + (f" (holdout {100 * expert['holdout_mean']:.1f}%)" if "holdout_mean" in expert else ""))
+        uniform = [n for n in merges if "uniform" in n]
+        if uniform:
+            lines.append("uniform merges: " + "; ".join(f"{n} {pct(n)}" for n in uniform))
+        if sm.get("best_per_model"):
+            line = f"best per-model weights measured ({sm['best_per_model']}): {pct(sm['best_per_model'])}"
+            if "headroom" in sm:
+                line += f", {100 * sm['headroom']:+.1f} points over the best uniform merge ({100 * sm['headroom_holdout']:+.1f} on holdout)"
+            lines.append(line)
     lines.append(f"(accuracy on {manifest['tasks']['items'][search[0]]} search items per task; holdout_mean over the disjoint holdout tasks; chance is 25%)")
     lines.append(f"one lm-eval pass over all search tasks: {fig['eval_seconds']:.2f}s; build time {manifest.get('build_seconds', 0):.0f}s")
     return "\n".join(lines)

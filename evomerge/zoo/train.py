@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,22 +33,37 @@ class ZooSize:
     replay: float = 0.3
     expert_batch: int = 0  # 0: same as batch
     threads: int = 1
-    # Task-arithmetic merges measured at build time: one weight for every expert, or one each.
-    merge_grid: tuple[float | tuple[float, ...] | dict[str, Any], ...] = (
-        1 / 3,
-        0.5,
-        0.7,
-        1.0,
-        {"method": "ties", "weight": 1.0, "density": 0.5},
-        (0.43, 0.66, 0.56),  # the best of 28 random per-model weightings tried on the seed-0 demo zoo
-        (0.9, 0.6, 0.7),
-    )
+    # Pretrain the base with the loss on answers only: prompt letters are uniformly random, so their
+    # loss is pure noise, and the answer loss alone teaches every answer family in the same steps.
+    base_answer_only: bool = False
+    # Per-skill learning rates (skills not listed use expert_lr). Unequal rates give experts of
+    # unequal delta size, as fine-tunes from different hands are: uniform merge weights are then
+    # miscalibrated and per-model weights have something to correct.
+    skill_lr: Mapping[str, float] = field(default_factory=dict)
+    # Merges measured at build time: one task-arithmetic weight for every expert, a tuple with one
+    # per expert, or a dict for another method with uniform parameters.
+    merge_grid: tuple[float | tuple[float, ...] | dict[str, Any], ...] = (1 / 3, {"method": "ties", "weight": 1.0, "density": 0.5})
+
+    def lr_for(self, skill: str) -> float:
+        """The fine-tuning learning rate of ``skill``'s expert."""
+        return float(self.skill_lr.get(skill, self.expert_lr))
 
 
 SIZES: dict[str, ZooSize] = {
-    "demo": ZooSize(hidden=128, layers=4, heads=4, intermediate=384, base_steps=1600, base_lr=2e-3, expert_steps=200, expert_lr=1e-3, batch=32, expert_batch=64, n_search=100, n_holdout=100),
+    "demo": ZooSize(
+        hidden=128, layers=4, heads=4, intermediate=384, base_steps=1600, base_lr=2e-3, base_answer_only=True,
+        expert_steps=200, expert_lr=1e-3, skill_lr={"rot": 3e-4, "sort": 1e-3, "shift": 2e-3},
+        batch=32, expert_batch=64, n_search=100, n_holdout=100,
+        merge_grid=(
+            1 / 3,
+            0.5,
+            1.0,
+            {"method": "ties", "weight": 1.0, "density": 0.5},
+            (0.78, 0.75, 0.34),  # the best of 60 TPE trials (bench/bench_zoo.py --weights 60) on the seed-0 demo zoo
+        ),
+    ),
     # Tests only need clear specialization, so the experts train harder than the demo's.
-    "micro": ZooSize(hidden=64, layers=2, heads=4, intermediate=192, base_steps=400, base_lr=3e-3, expert_steps=250, expert_lr=1e-3, batch=32, n_search=48, n_holdout=48, merge_grid=(1 / 3, {"method": "ties", "weight": 1.0, "density": 0.5})),
+    "micro": ZooSize(hidden=64, layers=2, heads=4, intermediate=192, base_steps=400, base_lr=3e-3, expert_steps=250, expert_lr=1e-3, batch=32, n_search=48, n_holdout=48),
 }
 
 
