@@ -163,7 +163,7 @@ def compiled_task_vectors(inp: TensorInputs, rules: list[tuple[Any, ...]], other
     Returns the output tensor (``inp.out`` when it fits) and sets ``inp.finite``, or returns None when
     compiling failed (the caller then runs the chunked kernel).
     """
-    from evomerge.engine.fused import _out
+    from evomerge.engine.fused import _out, combine_scalars
 
     b = inp.base
     assert b is not None
@@ -182,18 +182,14 @@ def compiled_task_vectors(inp: TensorInputs, rules: list[tuple[Any, ...]], other
     thr_t = torch.tensor(thr, dtype=dtype)
     cut_t = torch.tensor(cut, dtype=torch.int64)
     p_t = torch.tensor(p, dtype=dtype)
-    weights = [float(inp.per_input[i]["weight"]) for i in others]
-    scales = [1.0] * len(others)
+    l1 = None
     if rescale:
         sums = _call("l1", base, xs, fields, thr_t, cut_t, p_t, magnitude)
         if sums is None:
             return None
-        eps = 1e-7
-        scales = [1.0 if before < eps or after < eps else before / after for before, after in sums.tolist()]
-    coef = [w * r for w, r in zip(weights, scales)]
+        l1 = [(before, after) for before, after in sums.tolist()]
+    weights, coef, flat_div = combine_scalars(inp, others, l1)
     normalize = bool(inp.shared["normalize"])
-    total_w = sum(weights)
-    flat_div = 1.0 if not normalize or abs(total_w) < 1e-8 else total_w
     out = _out(inp, inp.raw(b).shape)
     ok = _call(
         "combine", base, xs, fields, thr_t, cut_t, p_t,

@@ -286,15 +286,9 @@ def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], 
     base = inp.raw(b).reshape(-1)
     dtype = inp.compute_dtype
     n = base.numel()
-    weights = [float(inp.per_input[i]["weight"]) for i in others]
-    scales = [1.0] * len(others)
-    if rescale:
-        scales = _l1_rescale(inp, rules, others)
-    coef = [w * r for w, r in zip(weights, scales)]
+    weights, coef, flat_div = combine_scalars(inp, others, _l1_rescale(inp, rules, others) if rescale else None)
     normalize = bool(inp.shared["normalize"])
     lam = float(inp.shared["lambda"])
-    total_w = sum(weights)
-    flat_div = 1.0 if abs(total_w) < 1e-8 else total_w
     out = _out(inp, inp.raw(b).shape)
     flat_out = out.view(-1)
 
@@ -337,7 +331,7 @@ def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], 
             acc.copy_(wds[0])
             for wd in wds[1:]:
                 acc.add_(wd)
-            if normalize and flat_div != 1.0:
+            if flat_div != 1.0:
                 acc.div_(flat_div)
         if lam != 1.0:
             acc.mul_(lam)
@@ -350,8 +344,30 @@ def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], 
     return out
 
 
-def _l1_rescale(inp: TensorInputs, rules: list[Rule], others: list[int], eps: float = 1e-7) -> list[float]:
-    """Per input: L1(delta) / L1(kept delta), or 1 where either norm is below ``eps`` (mergekit's rule)."""
+def combine_scalars(inp: TensorInputs, others: list[int], l1: list[tuple[float, float]] | None) -> tuple[list[float], list[float], float]:
+    """The per-tensor scalars of the task-vector combine, shared by the chunked and compiled kernels.
+
+    Args:
+        inp: the inputs.
+        others: the inputs that are not the base.
+        l1: per input ``(L1(delta), L1(kept delta))`` when rescaling, else None.
+
+    Returns:
+        ``(weights, coefficients, flat divisor)``: each coefficient is the weight times the L1
+        rescale factor (1 where either norm is below 1e-7, mergekit's rule); the divisor of the
+        combine without sign consensus is the sum of the weights when normalizing (1 when that sum
+        is 0), else 1.
+    """
+    weights = [float(inp.per_input[i]["weight"]) for i in others]
+    eps = 1e-7
+    scales = [1.0] * len(others) if l1 is None else [1.0 if before < eps or after < eps else before / after for before, after in l1]
+    total_w = sum(weights)
+    flat_div = total_w if inp.shared["normalize"] and abs(total_w) >= 1e-8 else 1.0
+    return weights, [w * r for w, r in zip(weights, scales)], flat_div
+
+
+def _l1_rescale(inp: TensorInputs, rules: list[Rule], others: list[int]) -> list[tuple[float, float]]:
+    """Per input: ``(L1(delta), L1(kept delta))``, summed in float64."""
     b = inp.base
     assert b is not None
     base = inp.raw(b).reshape(-1)
@@ -370,12 +386,7 @@ def _l1_rescale(inp: TensorInputs, rules: list[Rule], others: list[int], eps: fl
         return res
 
     parts = run_chunks(base.numel(), base.device, fn)
-    scales = []
-    for j in range(len(others)):
-        before = math.fsum(p[j][0] for p in parts)
-        after = math.fsum(p[j][1] for p in parts)
-        scales.append(1.0 if before < eps or after < eps else before / after)
-    return scales
+    return [(math.fsum(p[j][0] for p in parts), math.fsum(p[j][1] for p in parts)) for j in range(len(others))]
 
 
 # Sample size for bracketing a TIES threshold; tensors up to _WHOLE elements are not sampled.
