@@ -189,7 +189,7 @@ def memcpy_rate(nbytes: int = 512 << 20, repeat: int = 5) -> float:
 
 
 def _write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
-    from evomerge.config import dump_yaml
+    from evomerge.io import dump_yaml
 
     path.write_text(dump_yaml(recipe))
     return path
@@ -238,7 +238,7 @@ def _max_abs_diff(a: Path, b: Path) -> float:
 
 def inmem_bench(dirs: list[Path], rate: float, repeat: int) -> dict[str, Any]:
     """Re-merge TIES and DARE-TIES into a resident model; compare with a plain weighted sum."""
-    from evomerge.config import load_recipe
+    from evomerge.recipe.schema import load_recipe
     from evomerge.engine import Merger, open_sources
 
     base, ft = str(dirs[0]), [str(d) for d in dirs[1:]]

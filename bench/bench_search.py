@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(space: Path, results: Path, *, trials: int, seed: int, sampler: str | None = None, study: str) -> tuple[float, "object"]:
-    from evomerge.results import load_trials
-    from evomerge.study import run_search
+    from evomerge.search.table import load_trials
+    from evomerge.search.loop import run_search
 
     if sampler is not None:
         data = yaml.safe_load(space.read_text())

@@ -70,7 +70,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.evaluate import LMEvalEvaluator, parse_evaluate
+    from evomerge.evaluation import LMEvalEvaluator, parse_evaluate
     from evomerge.zoo.build import build_zoo, format_figures, read_manifest
 
     with tempfile.TemporaryDirectory() as tmp:

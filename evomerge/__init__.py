@@ -7,7 +7,3 @@ mergekit YAML.
 """
 
 __version__ = "0.1.0"
-
-# The engine and the recipe schema import each other; loading the engine package first fixes the
-# order whichever module a caller imports first.
-import evomerge.engine  # noqa: E402,F401

@@ -93,8 +93,8 @@ def _version() -> str:
 
 def _run(args: argparse.Namespace) -> int:
     if args.verb == "merge":
-        from evomerge.engine.merge import merge_to_disk
-        from evomerge.export import seed_from_text
+        from evomerge.engine.merger import merge_to_disk
+        from evomerge.results.export import seed_from_text
 
         try:
             text = open(args.recipe, encoding="utf-8").read()
@@ -121,19 +121,19 @@ def _run(args: argparse.Namespace) -> int:
 
         return int(main_zoo(out=args.out, size=args.size, seed=args.seed) or 0)
     if args.verb == "search":
-        from evomerge.study import main_search
+        from evomerge.search.loop import main_search
 
         return int(main_search(args) or 0)
     if args.verb == "export":
-        from evomerge.export import main_export
+        from evomerge.results.export import main_export
 
         return int(main_export(args) or 0)
     if args.verb == "results":
-        from evomerge.results import main_results
+        from evomerge.search.table import main_results
 
         return int(main_results(args) or 0)
     if args.verb == "report":
-        from evomerge.report import main_report
+        from evomerge.results.report import main_report
 
         return int(main_report(args) or 0)
     raise AssertionError(args.verb)  # pragma: no cover - argparse restricts verbs

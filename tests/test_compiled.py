@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from evomerge.engine import METHODS, compiled
+from evomerge.engine import METHODS
+from evomerge.engine.kernels import compiled
+from evomerge.engine.kernels.methods import kernel_for
 from evomerge.engine.inputs import PrepCache, TensorInputs
 
 
@@ -60,7 +62,7 @@ def _run(method: str, xs: list[torch.Tensor], per: dict[str, Any], shared: dict[
         per_input.append(d)
     inp = TensorInputs("model.layers.0.mlp.up_proj.weight", xs, [("m", i) for i in range(len(xs))], 0, sh, per_input, 5, cache, out_dtype=out_dtype, compiled=use_compiled)
     with torch.no_grad():
-        out = m.kernel(inp)
+        out = kernel_for(m)(inp)
     return out, inp.finite
 
 
@@ -135,7 +137,7 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch, capsys):
 def test_resident_search_merges_equal_disk_merges(tiny_family, tmp_path):
     # The search's path end to end: a resident merger (compiled kernels on by default on CPU)
     # re-merging with new densities and weights, against fresh `evomerge merge` runs to disk.
-    from evomerge.config import load_recipe
+    from evomerge.recipe.schema import load_recipe
     from evomerge.engine import Merger, merge_to_disk, open_sources
 
     base, models = tiny_family

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from evomerge.config import Cond, load_recipe
+from evomerge.recipe.schema import Cond, load_recipe
 from evomerge.errors import ConfigError
 
 

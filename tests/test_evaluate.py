@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from evomerge.errors import ConfigError
-from evomerge.evaluate import PRESETS, EvalConfig, FakeEvaluator, LMEvalEvaluator, TaskSpec, parse_evaluate
+from evomerge.evaluation import PRESETS, EvalConfig, FakeEvaluator, LMEvalEvaluator, TaskSpec, parse_evaluate
 from evomerge.zoo.data import Item, make_tokenizer
 from evomerge.zoo.train import score_items
 

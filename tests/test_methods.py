@@ -16,9 +16,10 @@ import torch
 from _tiny import make_tiny, perturbed
 from safetensors.torch import load_file, save_file
 
-from evomerge.config import load_recipe
+from evomerge.recipe.schema import load_recipe
 from evomerge.engine import METHODS, Merger, digest_model_dir, make_plan, merge_to_disk, open_sources
 from evomerge.engine.inputs import TensorInputs
+from evomerge.engine.kernels.methods import kernel_for
 from evomerge.engine.params import evaluate_setting
 from evomerge.errors import EvomergeError
 
@@ -38,7 +39,7 @@ def run(method: str, tensors: list[list[float]] | list[torch.Tensor], *, base: i
         per_input.append(d)
     inp = TensorInputs(name, xs, [("m", i) for i in range(len(xs))], base, sh, per_input, seed)
     with torch.no_grad():
-        return m.kernel(inp)
+        return kernel_for(m)(inp)
 
 
 def close(actual: torch.Tensor, expected: list[float], tol: float = 1e-5) -> None:
@@ -145,7 +146,7 @@ def test_ties_exact_top_k_on_a_large_tensor_with_ties(density):
 
 @pytest.mark.parametrize("bracket", [(0.0, 0.5), (19.5, 20.0), (7.0, 7.0)])
 def test_ties_threshold_exact_when_the_sampled_bracket_misses(monkeypatch, bracket):
-    from evomerge.engine import fused
+    from evomerge.engine.kernels import chunked as fused
 
     g = torch.Generator().manual_seed(8)
     n = 300_001
@@ -258,7 +259,7 @@ def test_gradient_and_filters():
     # [0, 0.5, 0.3, 0.7, 1] at t = 1/3 sits at 4/3: 0.5 + (1/3)(0.3 - 0.5) = 0.43333.
     assert evaluate_setting((0.0, 0.5, 0.3, 0.7, 1.0), "x", 1 / 3, t) == pytest.approx(0.433333, abs=1e-6)
     assert evaluate_setting((0.0, 0.5, 0.3, 0.7, 1.0), "x", 2 / 3, t) == pytest.approx(0.566667, abs=1e-6)
-    from evomerge.config import Cond
+    from evomerge.recipe.schema import Cond
 
     conds = (Cond(0.1, "mlp"), Cond(0.9, "mlp.up"), Cond(0.5, None))
     assert evaluate_setting(conds, "model.layers.0.mlp.up_proj.weight", 0.0, t) == 0.1  # first match wins
@@ -371,7 +372,7 @@ def test_resident_ties_across_densities_equals_disk(tiny_family, tmp_path):
 
 
 def test_rule_from_order_matches_counting():
-    from evomerge.engine.fused import rule_from_order
+    from evomerge.engine.kernels.chunked import rule_from_order
 
     g = torch.Generator().manual_seed(9)
     n = 50_000

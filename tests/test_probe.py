@@ -19,7 +19,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from evomerge import probe as P  # noqa: E402
+from evomerge.contamination import probe as P  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- hand-checked math

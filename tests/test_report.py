@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from evomerge import flags
-from evomerge.report import make_report, param_importances
+from evomerge.contamination import flags
+from evomerge.results.report import make_report, param_importances
 
 NAN = math.nan
 FILES = ["history.png", "importance.png", "parallel.png", "holdout.png", "flags.png", "report.md"]

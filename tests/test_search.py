@@ -20,8 +20,8 @@ from _fake_eval import TaskVectorEvaluator
 from evomerge.cli import main
 from evomerge.engine import digest_model_dir
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.results import load_trials
-from evomerge.study import Search, run_search
+from evomerge.search.table import load_trials
+from evomerge.search.loop import Search, run_search
 
 TESTS = Path(__file__).resolve().parent
 
@@ -170,7 +170,7 @@ RUNNER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import conftest  # offline env
     from _fake_eval import TaskVectorEvaluator
-    from evomerge.study import run_search
+    from evomerge.search.loop import run_search
     ev = TaskVectorEvaluator({base!r}, {fts!r}, sleep=float(sys.argv[1]), marker={marker!r})
     run_search({space!r}, evaluator=ev, results_dir={results!r}, quiet=True)
     print("DONE")
@@ -242,7 +242,7 @@ def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path, tiny_family):
     space = write_space(tmp_path / "space.yml", base, fts, trials=20)
     script = tmp_path / "cli_runner.py"
     script.write_text(RUNNER.format(tests=str(TESTS), base=str(base), fts=[str(f) for f in fts], space=str(space), results=str(tmp_path / "results"), marker=str(tmp_path / "evaluating"))
-                      .replace("run_search(", "import evomerge.cli, evomerge.study as st\nst_run = run_search\ndef _go():\n    return st_run(")
+                      .replace("run_search(", "import evomerge.cli, evomerge.search.loop as st\nst_run = run_search\ndef _go():\n    return st_run(")
                       .replace('print("DONE")', "try:\n    _go()\nexcept KeyboardInterrupt:\n    sys.exit(130)\n"))
     csv = tmp_path / "results" / "space" / "trials.csv"
     proc = subprocess.Popen([sys.executable, str(script), "0.5"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -293,7 +293,7 @@ def test_every_sampler_runs(tmp_path, tiny_family, sampler, objectives):
     out = run_search(path, evaluator=TaskVectorEvaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
     import optuna
 
-    from evomerge.study import make_sampler
+    from evomerge.search.loop import make_sampler
 
     study = optuna.load_study(study_name="space", storage=out.paths.storage)
     assert type(make_sampler(sampler, 0, 4)).__name__.lower().startswith({"random": "random", "gp": "gp", "cmaes": "cmaes", "nsga2": "nsgaii", "tpe": "tpe"}[sampler])

@@ -9,7 +9,7 @@ import pytest
 
 from evomerge.cli import main
 from evomerge.engine import digest_model_dir
-from evomerge.results import load_trials
+from evomerge.search.table import load_trials
 from evomerge.zoo import SKILLS, task_names
 
 SEARCH, HOLDOUT = task_names()
@@ -82,7 +82,7 @@ def _easy_task(micro_zoo, folder):
 
 
 def test_overfit_flag_on_easy_search_hard_holdout_and_not_on_matched_sets(micro_zoo, tmp_path):
-    from evomerge.study import run_search
+    from evomerge.search.loop import run_search
 
     # Search on an easy item set (every merge scores 1.0), holdout on the real items: the
     # finalists' search scores overstate the holdout far beyond two standard errors.
@@ -106,7 +106,7 @@ def test_overfit_flag_on_easy_search_hard_holdout_and_not_on_matched_sets(micro_
 
 
 def test_probe_contamination_runs_on_finalists(micro_zoo, tmp_path):
-    from evomerge.study import run_search
+    from evomerge.search.loop import run_search
 
     space = _space(tmp_path / "probe.yml", tasks=SEARCH, holdout=HOLDOUT, trials=2, name="probe")
     out = run_search(space, results_dir=tmp_path / "r", quiet=True, log=lambda m: None, probe=True)
@@ -124,7 +124,7 @@ def test_probe_separates_a_parent_tuned_on_the_eval_items_on_the_micro_zoo(micro
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.probe import probe_contamination
+    from evomerge.contamination.probe import probe_contamination
     from evomerge.zoo.data import make_items
     from evomerge.zoo.train import train
 

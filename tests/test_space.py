@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from evomerge.config import parse_recipe
+from evomerge.recipe.schema import parse_recipe
 from evomerge.errors import ConfigError
 from evomerge.space import load_space, parse_space
 

@@ -1,13 +1,22 @@
 """The in-process tensor merge engine (mergekit-compatible recipes).
 
-Names are imported lazily (PEP 562) so that :mod:`evomerge.config`, which needs only
-:mod:`evomerge.engine.methods`, can be imported first without a circular import.
+Sources (:mod:`.sources`) are opened lazily from model references; a plan (:mod:`.plan`) says, for
+every output tensor, which input tensors and parameters make it; the merger (:mod:`.merger`) runs
+the method kernels (:mod:`.kernels`) and writes into a resident model or streams to disk
+(:mod:`.writer`, :mod:`.card`).
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from evomerge.engine.merger import (
+    Merger,
+    MergeResult,
+    digest_model_dir,
+    merge_in_memory,
+    merge_to_disk,
+    tensors_digest,
+)
+from evomerge.engine.plan import MergePlan, TensorTask, make_plan
+from evomerge.engine.sources import ModelSource, open_sources, resolve_model
+from evomerge.methods import METHODS, Method, Param, get_method
 
 __all__ = [
     "Merger",
@@ -27,34 +36,3 @@ __all__ = [
     "resolve_model",
     "tensors_digest",
 ]
-
-_WHERE = {
-    "Merger": "merge",
-    "MergeResult": "merge",
-    "digest_model_dir": "merge",
-    "merge_in_memory": "merge",
-    "merge_to_disk": "merge",
-    "tensors_digest": "merge",
-    "METHODS": "methods",
-    "Method": "methods",
-    "Param": "methods",
-    "get_method": "methods",
-    "MergePlan": "plan",
-    "TensorTask": "plan",
-    "make_plan": "plan",
-    "ModelSource": "sources",
-    "open_sources": "sources",
-    "resolve_model": "sources",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"evomerge.engine.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'evomerge.engine' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from evomerge.engine.kernels.chunked import magnitude_rule, rule_from_order
+
 __all__ = ["TensorInputs", "PrepCache", "uniform_field", "stream_seed"]
 
 # Random fields are generated in fixed blocks, each from its own seed, so that the numbers do not
@@ -163,7 +165,7 @@ class TensorInputs:
         # Set by the fused kernels, which check their output chunk by chunk: True, False, or None
         # when the kernel did not check (the caller then checks the whole result).
         self.finite: bool | None = None
-        # Whether kernels may use compiled code (see :mod:`evomerge.engine.compiled`): worth it only
+        # Whether kernels may use compiled code (see :mod:`evomerge.engine.kernels.compiled`): worth it only
         # when the same tensors are merged again and again.
         self.compiled = compiled
 
@@ -201,12 +203,10 @@ class TensorInputs:
         return self._cached(("delta", self.keys[i], self.keys[b]), lambda: self.tensor(i) - self.tensor(b))
 
     def magnitude_rule(self, i: int, k: int) -> tuple[Any, ...]:
-        """Keep rule for the exact top ``k`` entries of ``|delta(i)|`` (see :func:`~evomerge.engine.fused.magnitude_rule`).
+        """Keep rule for the exact top ``k`` entries of ``|delta(i)|`` (see :func:`~evomerge.engine.kernels.chunked.magnitude_rule`).
 
         Cached per (input, base, k) across merges: a search that revisits a density pays nothing.
         """
-        from evomerge.engine.fused import magnitude_rule, rule_from_order
-
         b = self.base
         if b is None:
             raise ValueError("magnitude_rule() needs a base input")

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from evomerge.config import Cond, Setting
-from evomerge.engine.methods import Method, Param
+from evomerge.methods.spec import Method, Param
+from evomerge.recipe.schema import Cond, Setting
 
 __all__ = ["evaluate_setting", "resolve", "ParamError"]
 
@@ -32,7 +32,7 @@ def evaluate_setting(setting: Setting, tensor_name: str, t: float, param: Param)
     """The value of one setting for one tensor, or None when no filter entry matches.
 
     Example:
-        >>> from evomerge.engine.methods import METHODS
+        >>> from evomerge.methods.registry import METHODS
         >>> t_param = METHODS["slerp"].param("t")
         >>> evaluate_setting((0.0, 1.0, 0.0), "model.layers.3.mlp.up_proj.weight", 0.25, t_param)
         0.5

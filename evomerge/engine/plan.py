@@ -19,11 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from evomerge.config import InputModel, MergeConfig, OutputSlice
+from evomerge.dtypes import name_of_code
 from evomerge.engine.arch import is_pre_tensor
 from evomerge.engine.params import ParamError, resolve
 from evomerge.engine.sources import ModelSource
 from evomerge.errors import ConfigError
+from evomerge.recipe.schema import InputModel, MergeConfig, OutputSlice
 
 __all__ = ["TensorTask", "MergePlan", "make_plan"]
 
@@ -72,7 +73,6 @@ class MergePlan:
         return tuple((t.out_name, t.shape) for t in self.tasks)
 
 
-_TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 def _normalized_slices(cfg: MergeConfig, sources: Mapping[str, ModelSource]) -> list[OutputSlice]:
@@ -218,7 +218,7 @@ def make_plan(cfg: MergeConfig, sources: Mapping[str, ModelSource], *, allow_cri
         if isinstance(holder.get("layer_types"), list) and all(x is not None for x in layer_types):
             holder["layer_types"] = layer_types
     first_dtype = ref_src.dtype_code(next(ref_src.names())) if tasks else "F32"
-    out_dtype = cfg.out_dtype or cfg.dtype or _TORCH_DTYPE_NAMES.get(first_dtype, "float32")
+    out_dtype = cfg.out_dtype or cfg.dtype or (name_of_code(first_dtype) or "float32")
     if "torch_dtype" in out_config or "dtype" not in out_config:
         out_config["torch_dtype"] = out_dtype
     if "dtype" in out_config:

@@ -2,7 +2,8 @@
 
 A reference is a local directory, a Hugging Face hub id (``org/name`` or ``org/name@revision``,
 taken from the local HF cache, downloaded only when the hub is reachable and
-``HF_HUB_OFFLINE`` is unset), or a demo-zoo model (``zoo:demo/base``, see :mod:`evomerge.zoo`).
+``HF_HUB_OFFLINE`` is unset), or a reference of a registered scheme (``zoo:demo/base``, see
+:mod:`evomerge.schemes`).
 
 Tensors come from safetensors files through memory maps: opening a 7B model costs nothing, and a
 tensor's pages are read when the merge touches them, so models larger than RAM stream. ``.bin``
@@ -20,14 +21,14 @@ from typing import Any
 
 import torch
 
+from evomerge.dtypes import code_of, itemsize
 from evomerge.engine.arch import Arch, detect_arch
-from evomerge.errors import ConfigError, EvomergeError, one_line
+from evomerge.errors import ConfigError, EvomergeError, did_you_mean, one_line
+from evomerge.schemes import known_refs, resolve, scheme_of
 
 __all__ = ["ModelSource", "resolve_model", "open_sources"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-_CODES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64"}
-_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
 _FETCH = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "README.md", "mergekit_config.yml", "*.tiktoken"]
 
 
@@ -35,7 +36,7 @@ def resolve_model(ref: str, *, file: str | None = None, field: str | None = None
     """The local directory of a model reference.
 
     Args:
-        ref: local path, hub id (optionally ``@revision``) or ``zoo:`` reference.
+        ref: local path, hub id (optionally ``@revision``) or a scheme reference (``zoo:demo/base``).
         file, field: where the reference was written, for the error message.
         allow_download: try the hub when the model is not cached and the hub is not disabled.
 
@@ -45,13 +46,11 @@ def resolve_model(ref: str, *, file: str | None = None, field: str | None = None
     Raises:
         ConfigError: the model cannot be found locally (and cannot be fetched).
     """
-    if ref.startswith("zoo:"):
-        from evomerge.zoo import resolve_zoo_ref  # the demo zoo builds on first use
-
-        path = resolve_zoo_ref(ref)
+    if scheme_of(ref) is not None:
+        path = resolve(ref)
         if path is None:
-            raise ConfigError(file, field, f"unknown zoo model {ref!r}")
-        return Path(path)
+            raise ConfigError(file, field, f"unknown model {ref!r}" + did_you_mean(ref, [r for r in known_refs(ref) if "/" in r]))
+        return path
     local = Path(ref).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -148,13 +147,13 @@ class ModelSource:
 
     def dtype_code(self, name: str) -> str:
         """The stored dtype as safetensors writes it (``BF16``, ``F32``...)."""
-        return _CODES.get(self._dtypes[name], self._dtypes[name])
+        return code_of(self._dtypes[name])
 
     def nbytes(self, name: str) -> int:
         n = 1
         for s in self._shapes[name]:
             n *= s
-        return n * _SIZES.get(self.dtype_code(name), 4)
+        return n * itemsize(self.dtype_code(name))
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor, on the CPU in its stored dtype (memory-mapped, not copied, for safetensors)."""

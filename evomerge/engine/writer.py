@@ -15,36 +15,16 @@ import json
 import os
 import shutil
 import struct
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import torch
 
+from evomerge.dtypes import code_of
 from evomerge.errors import EvomergeError
 
-__all__ = ["ShardedWriter", "AtomicDir", "atomic_file", "parse_size", "DTYPE_CODES"]
-
-DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def atomic_file(path: Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Write a file through ``write(f)`` into a temp file beside ``path``, then rename it over
-    ``path``: readers see the old file or the new one, never half of one.
-
-    Returns:
-        ``path``.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+__all__ = ["ShardedWriter", "AtomicDir", "parse_size"]
 
 
 def parse_size(text: str | int) -> int:
@@ -101,7 +81,7 @@ class ShardedWriter:
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name, shape, dtype, nbytes in self._shards[si]:
-            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": code_of(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned

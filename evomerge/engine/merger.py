@@ -26,16 +26,17 @@ from typing import Any
 
 import torch
 
-from evomerge.config import MergeConfig, dump_yaml, load_recipe
+from evomerge.dtypes import torch_dtype
 from evomerge.engine.inputs import PrepCache, TensorInputs
+from evomerge.engine.kernels.methods import kernel_for
 from evomerge.engine.plan import MergePlan, TensorTask, make_plan
 from evomerge.engine.sources import ModelSource, open_sources, resolve_model
 from evomerge.engine.writer import AtomicDir, ShardedWriter, parse_size
 from evomerge.errors import EvomergeError, one_line
+from evomerge.io import dump_yaml
+from evomerge.recipe.schema import MergeConfig, load_recipe
 
-__all__ = ["Merger", "MergeResult", "merge_to_disk", "merge_in_memory", "tensors_digest", "digest_model_dir", "DTYPES"]
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+__all__ = ["Merger", "MergeResult", "merge_to_disk", "merge_in_memory", "tensors_digest", "digest_model_dir"]
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -160,15 +161,15 @@ class Merger:
         return t.to(self.device)
 
     def _merge_task(self, plan: MergePlan, task: TensorTask, out: torch.Tensor | None = None) -> torch.Tensor:
-        compute = DTYPES[plan.compute_dtype]
+        compute = torch_dtype(plan.compute_dtype)
         tensors = [self._load(ref, name, compute) for ref, name in task.inputs]
         keys: list[Hashable] = list(task.inputs)
         inp = TensorInputs(
             task.out_name, tensors, keys, task.base, task.shared, list(task.per_input), self.seed, self.cache,
-            compute_dtype=compute, out_dtype=DTYPES[plan.out_dtype], out=out, compiled=self.compile,
+            compute_dtype=compute, out_dtype=torch_dtype(plan.out_dtype), out=out, compiled=self.compile,
         )
         try:
-            result = plan.recipe.method.kernel(inp)
+            result = kernel_for(plan.recipe.method)(inp)
         except ValueError as e:
             raise MergeError(f"tensor {task.out_name}: {one_line(e)}") from None
         # Fused kernels check their output chunk by chunk (a whole-tensor isfinite costs more than a linear merge).
@@ -198,7 +199,7 @@ class Merger:
             MergeError: a merged tensor is not finite, or a method rejects its inputs.
         """
         start = time.perf_counter()
-        out_dtype = DTYPES[plan.out_dtype]
+        out_dtype = torch_dtype(plan.out_dtype)
         per: dict[str, str] = {}
         bytes_out = bytes_in = 0
         with torch.no_grad():
@@ -233,7 +234,7 @@ class Merger:
             raise EvomergeError(f"in-memory merge: transformers does not know model_type {model_type!r}")
         config = CONFIG_MAPPING[model_type].from_dict(dict(plan.out_config))
         with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[plan.out_dtype])
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(plan.out_dtype))
         return model.to(self.device).eval()
 
     def merge_into(self, model: torch.nn.Module, plan: MergePlan, *, digest: bool = True) -> MergeResult:
@@ -333,7 +334,7 @@ def merge_to_disk(
     sources = open_sources(cfg.referenced_models(), file=cfg.source_file, allow_bin=allow_bin)
     merger = Merger(sources, device=device, seed=seed, allow_crimes=allow_crimes)
     plan = merger.plan(cfg)
-    out_dtype = DTYPES[plan.out_dtype]
+    out_dtype = torch_dtype(plan.out_dtype)
     with atomic:
         writer = ShardedWriter(atomic.path, [(t.out_name, t.shape, out_dtype) for t in plan.tasks], max_shard)
         try:

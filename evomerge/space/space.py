@@ -13,7 +13,7 @@ A directive is a small mapping put where a plain value would go::
 method is a choice, each method's own parameters are only sampled (and only written) when that
 method is chosen: a parameter the chosen method does not declare is left out of the recipe.
 
-Rendering a space at a point gives a plain recipe mapping that :func:`evomerge.config.parse_recipe`
+Rendering a space at a point gives a plain recipe mapping that :func:`evomerge.recipe.schema.parse_recipe`
 accepts, so everything after sampling is the ordinary merge path. A plain mergekit recipe is a
 space with no directives: exactly one point.
 """
@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.config import parse_recipe, read_yaml
-from evomerge.engine.methods import METHODS, get_method
 from evomerge.errors import ConfigError, did_you_mean
+from evomerge.io import read_yaml
+from evomerge.methods.registry import METHODS, get_method
+from evomerge.recipe.schema import parse_recipe
 
 __all__ = ["Directive", "Space", "SearchSettings", "load_space", "SAMPLERS"]
 
@@ -111,7 +112,7 @@ class Space:
         file: the space file (for messages) and ``base_dir`` (relative paths in it).
         tree: the recipe with :class:`Directive` objects where values are searched.
         directives: every directive, in file order.
-        evaluate: the raw ``evaluate:`` section (parsed by :mod:`evomerge.evaluate`).
+        evaluate: the raw ``evaluate:`` section (parsed by :mod:`evomerge.evaluation.section`).
         search: the ``search:`` settings.
         study_name, storage: the ``study:`` section (``None`` when absent).
     """

@@ -7,7 +7,7 @@ stay in cache (``CHUNK`` elements): each input is read from memory once per pass
 its stored dtype (bf16/f16) chunk by chunk, and the output is written once, in the output dtype,
 straight into its destination (a resident model's parameter when there is one).
 
-The arithmetic is the same as mergekit's whole-tensor formulation (see :mod:`evomerge.engine.methods`),
+The arithmetic is the same as mergekit's whole-tensor formulation (see :mod:`evomerge.methods.registry`),
 only reordered by chunks. Whole-tensor quantities (TIES thresholds, L1 norms for rescaling, slerp's
 angle) are computed in a first pass, or taken from the :class:`~evomerge.engine.inputs.PrepCache`.
 
@@ -28,10 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from evomerge.engine.kernels import compiled
+from evomerge.engine.kernels.common import combine_scalars, out_tensor
+
 if TYPE_CHECKING:
     from evomerge.engine.inputs import TensorInputs
 
-__all__ = ["CHUNK", "SAMPLE", "run_chunks", "abs_delta", "magnitude_rule", "rule_from_order", "fused_task_vectors", "fused_linear", "fused_slerp"]
+__all__ = ["CHUNK", "SAMPLE", "run_chunks", "magnitude_rule", "rule_from_order", "fused_task_vectors", "fused_linear", "fused_slerp"]
 
 CHUNK = int(os.environ.get("EVOMERGE_CHUNK", 1 << 16))
 _GPU_CHUNK = 1 << 22
@@ -139,19 +142,12 @@ def _f32(x: torch.Tensor, lo: int, hi: int, s: _Scratch, key: str, dtype: torch.
     return buf
 
 
-def _out(inp: TensorInputs, shape: torch.Size) -> torch.Tensor:
-    out = inp.out
-    if out is not None and out.shape == shape and out.is_contiguous():
-        return out
-    return torch.empty(shape, dtype=inp.out_dtype, device=inp.raw(0).device)
-
-
 def fused_linear(inp: TensorInputs) -> torch.Tensor:
     """``sum_i w_i x_i`` (divided by ``sum_i w_i`` when ``normalize``), chunk by chunk."""
     weights = [float(p["weight"]) for p in inp.per_input]
     scale = 1.0 / sum(weights) if inp.shared["normalize"] else 1.0
     xs = [inp.raw(i).reshape(-1) for i in range(len(inp))]
-    out = _out(inp, inp.raw(0).shape)
+    out = out_tensor(inp, inp.raw(0).shape)
     flat_out = out.view(-1)
     dtype = inp.compute_dtype
 
@@ -194,7 +190,7 @@ def fused_slerp(inp: TensorInputs, t: float, v0i: int, v1i: int, dot_threshold: 
         theta = math.acos(cos)
         c0 = math.sin((1 - t) * theta) / math.sin(theta)
         c1 = math.sin(t * theta) / math.sin(theta)
-    out = _out(inp, inp.raw(v0i).shape)
+    out = out_tensor(inp, inp.raw(v0i).shape)
     flat_out = out.view(-1)
 
     def blend(lo: int, hi: int, s: _Scratch) -> bool:
@@ -275,8 +271,6 @@ def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], 
     without it ``divisor`` is the sum of all weights. Division happens only with ``normalize``.
     Sets ``inp.finite``.
     """
-    from evomerge.engine import compiled
-
     if compiled.usable(inp, rules):
         result = compiled.compiled_task_vectors(inp, rules, others, consensus, rescale)
         if result is not None:
@@ -289,7 +283,7 @@ def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], 
     weights, coef, flat_div = combine_scalars(inp, others, _l1_rescale(inp, rules, others) if rescale else None)
     normalize = bool(inp.shared["normalize"])
     lam = float(inp.shared["lambda"])
-    out = _out(inp, inp.raw(b).shape)
+    out = out_tensor(inp, inp.raw(b).shape)
     flat_out = out.view(-1)
 
     def fn(lo: int, hi: int, s: _Scratch) -> bool:
@@ -342,28 +336,6 @@ def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], 
 
     inp.finite = all(run_chunks(n, base.device, fn))
     return out
-
-
-def combine_scalars(inp: TensorInputs, others: list[int], l1: list[tuple[float, float]] | None) -> tuple[list[float], list[float], float]:
-    """The per-tensor scalars of the task-vector combine, shared by the chunked and compiled kernels.
-
-    Args:
-        inp: the inputs.
-        others: the inputs that are not the base.
-        l1: per input ``(L1(delta), L1(kept delta))`` when rescaling, else None.
-
-    Returns:
-        ``(weights, coefficients, flat divisor)``: each coefficient is the weight times the L1
-        rescale factor (1 where either norm is below 1e-7, mergekit's rule); the divisor of the
-        combine without sign consensus is the sum of the weights when normalizing (1 when that sum
-        is 0), else 1.
-    """
-    weights = [float(inp.per_input[i]["weight"]) for i in others]
-    eps = 1e-7
-    scales = [1.0] * len(others) if l1 is None else [1.0 if before < eps or after < eps else before / after for before, after in l1]
-    total_w = sum(weights)
-    flat_div = total_w if inp.shared["normalize"] and abs(total_w) >= 1e-8 else 1.0
-    return weights, [w * r for w, r in zip(weights, scales)], flat_div
 
 
 def _l1_rescale(inp: TensorInputs, rules: list[Rule], others: list[int]) -> list[tuple[float, float]]:
@@ -516,19 +488,3 @@ def _bracket_pass(inp: TensorInputs, x: torch.Tensor, base: torch.Tensor, lo_v: 
     above = sum(p[0] for p in parts)
     return above, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
-
-def abs_delta(inp: TensorInputs, i: int) -> torch.Tensor:
-    """``|input i - base|`` as a new flat tensor in the compute dtype, written chunk by chunk."""
-    b = inp.base
-    assert b is not None
-    x, base = inp.raw(i).reshape(-1), inp.raw(b).reshape(-1)
-    dtype = inp.compute_dtype
-    out = torch.empty(x.numel(), dtype=dtype, device=x.device)
-
-    def fn(lo: int, hi: int, s: _Scratch) -> None:
-        o = out[lo:hi]
-        torch.sub(_f32(x, lo, hi, s, "x", dtype), _f32(base, lo, hi, s, "base", dtype), out=o)
-        o.abs_()
-
-    run_chunks(x.numel(), x.device, fn)
-    return out

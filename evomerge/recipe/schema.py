@@ -13,7 +13,7 @@ A recipe is exactly what ``mergekit-yaml`` reads::
 Differences from mergekit are all refusals where mergekit guesses: unknown keys, unknown parameter
 names, and parameters placed where they are never read are errors that name the field and what is
 allowed, instead of being ignored. Parameter values are checked against the method's declaration
-(:mod:`evomerge.engine.methods`) here, before any model is opened.
+(:mod:`evomerge.methods.registry`) here, before any model is opened.
 
 A parameter *setting* is a scalar, a gradient (a list of scalars interpolated over a slice's
 layers), a ``{filter, value}`` entry, or a list of such entries (the first whose filter is a
@@ -22,17 +22,16 @@ substring of the tensor name wins; an entry without a filter matches every tenso
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Union
 
-import yaml
-
-from evomerge.engine.methods import METHODS, NOT_METHODS, Method, Param
+from evomerge.dtypes import canonical
 from evomerge.errors import ConfigError, did_you_mean
+from evomerge.io import dump_yaml, read_yaml
+from evomerge.methods.registry import METHODS, NOT_METHODS
+from evomerge.methods.spec import Method, Param
 
 __all__ = [
     "Cond",
@@ -43,10 +42,8 @@ __all__ = [
     "load_recipe",
     "parse_recipe",
     "read_yaml",
-    "DTYPES",
+    "dump_yaml",
 ]
-
-DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32", "float64": "float64"}
 
 Scalar = Union[bool, int, float, str, None]
 
@@ -118,40 +115,6 @@ class MergeConfig:
     def to_yaml(self) -> str:
         """The recipe as mergekit-compatible YAML (numeric lists in flow style)."""
         return dump_yaml(dict(self.raw))
-
-
-class _FlowDumper(yaml.SafeDumper):
-    pass
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
-    flow = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-_FlowDumper.add_representer(list, _represent_list)
-_FlowDumper.add_representer(tuple, _represent_list)
-
-
-def dump_yaml(data: Any) -> str:
-    """YAML in mergekit's style: keys in insertion order, number lists inline."""
-    out = io.StringIO()
-    yaml.dump(data, out, Dumper=_FlowDumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
-    return out.getvalue()
-
-
-def read_yaml(path: str | os.PathLike[str]) -> Any:
-    """Read a YAML file; a missing file or malformed YAML becomes a one-line ConfigError."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(str(path), None, "file not found")
-    try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(str(path), None, f"malformed YAML: {where}{problem}") from None
 
 
 def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> MergeConfig:
@@ -267,9 +230,9 @@ class _Parser:
         if value is None:
             return None
         name = str(value).removeprefix("torch.")
-        if name not in DTYPES:
+        if canonical(name) is None:
             raise self.err(fld, f"unknown dtype {value!r} (allowed: float16, bfloat16, float32, float64)")
-        return DTYPES[name]
+        return canonical(name)
 
     def layer_range(self, value: Any, fld: str) -> tuple[int, int]:
         if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):

@@ -15,10 +15,11 @@ from typing import Any
 
 import yaml
 
-from evomerge.config import dump_yaml, parse_recipe
 from evomerge.errors import EvomergeError
-from evomerge.engine.writer import atomic_file
-from evomerge.results import best_row, load_study, study_paths, trials_frame
+from evomerge.io import atomic_file, dump_yaml
+from evomerge.recipe.schema import parse_recipe
+from evomerge.schemes import resolve, scheme_of
+from evomerge.search.table import best_row, load_study, study_paths, trials_frame
 
 __all__ = ["export_recipe", "main_export", "SEED_PRAGMA", "seed_from_text"]
 
@@ -43,16 +44,14 @@ def _num(x: Any) -> float | None:
 
 
 def _plain_refs(recipe: Any) -> Any:
-    """Demo-zoo references (``zoo:demo/rot``) are evomerge's own; mergekit needs a directory, so
-    the export names the zoo models by absolute path (hub ids and paths stay as written)."""
-    from evomerge.zoo import resolve_zoo_ref
-
+    """Scheme references (``zoo:demo/rot``) are evomerge's own; mergekit needs a directory, so the
+    export names such models by absolute path (hub ids and paths stay as written)."""
     if isinstance(recipe, dict):
         return {k: _plain_refs(v) for k, v in recipe.items()}
     if isinstance(recipe, list):
         return [_plain_refs(v) for v in recipe]
-    if isinstance(recipe, str) and recipe.startswith("zoo:"):
-        return resolve_zoo_ref(recipe) or recipe
+    if isinstance(recipe, str) and scheme_of(recipe) is not None:
+        return str(resolve(recipe) or recipe)
     return recipe
 
 
@@ -78,7 +77,7 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
     Raises:
         EvomergeError: no such trial, or it did not complete.
     """
-    from evomerge import flags
+    from evomerge.contamination import flags
 
     df = trials_frame(study)
     if trial is None:
@@ -127,7 +126,7 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
 
 def _assessment(study: Any) -> Any:
     """The flags assessment the search stored with the study (``None`` when there is none)."""
-    from evomerge.flags import assessment_from_dict
+    from evomerge.contamination.flags import assessment_from_dict
 
     stored = study.user_attrs.get("assessment")
     return assessment_from_dict(stored) if stored else None
@@ -135,7 +134,7 @@ def _assessment(study: Any) -> Any:
 
 def main_export(args: Any) -> int:
     """``evomerge export space.yml [--trial N] -o best.yml [--merge OUT_DIR]``."""
-    from evomerge.space import load_space
+    from evomerge.space.space import load_space
 
     space = load_space(args.space)
     paths = study_paths(args.space, study=args.study, space_study=space.study_name, storage=args.storage,
@@ -144,7 +143,7 @@ def main_export(args: Any) -> int:
     text, recipe, info = export_recipe(study, trial=args.trial, space_file=args.space)
     out = Path(args.output)
     if args.merge:
-        from evomerge.engine.merge import merge_to_disk
+        from evomerge.engine.merger import merge_to_disk
 
         if Path(args.merge).exists() and any(Path(args.merge).iterdir()) and not args.force:
             raise EvomergeError(f"--merge {args.merge}: directory is not empty (pass --force to replace it)")

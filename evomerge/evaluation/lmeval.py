@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from evomerge.errors import ConfigError
-from evomerge.evaluate import EvalConfig, EvalResult, Evaluator, TaskSpec, aggregate
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.evaluation.base import EvalConfig, EvalResult, Evaluator, TaskSpec, aggregate
 
 __all__ = ["LMEvalEvaluator", "task_manager", "quiet_lm_eval", "local_task_names", "get_task_dict", "leaf_tasks", "doc_ids", "texts_of"]
 
@@ -249,8 +249,6 @@ class LMEvalEvaluator(Evaluator):
             EvomergeError: ``split`` is "holdout" and the config has none; a metric missing from
                 lm-eval's results.
         """
-        from evomerge.errors import EvomergeError
-
         if split not in self._dicts:
             raise EvomergeError(f"no {split} items configured (evaluate.holdout)")
         from lm_eval.evaluator import evaluate as lm_evaluate

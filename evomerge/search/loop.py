@@ -30,12 +30,20 @@ from typing import Any
 
 import torch
 
-from evomerge.config import dump_yaml, parse_recipe
-from evomerge.engine.merge import Merger
+from evomerge.engine.merger import Merger
 from evomerge.engine.sources import open_sources
 from evomerge.errors import ConfigError, EvomergeError, one_line
-from evomerge.results import StudyPaths, best_row, leaderboard, open_storage, study_paths, write_trials_csv
-from evomerge.space import Directive, Space, load_space
+from evomerge.io import dump_yaml
+from evomerge.recipe.schema import parse_recipe
+from evomerge.search.table import (
+    StudyPaths,
+    best_row,
+    leaderboard,
+    open_storage,
+    study_paths,
+    write_trials_csv,
+)
+from evomerge.space.space import Directive, Space, load_space
 
 __all__ = ["Search", "SearchOutcome", "run_search", "main_search", "make_sampler"]
 
@@ -113,7 +121,7 @@ class Search:
     Args:
         space_file: the search space YAML.
         trials, device, storage, study, seed, results_dir: overrides of the space's settings.
-        evaluator: an :class:`evomerge.evaluate.Evaluator` to use instead of lm-eval (tests).
+        evaluator: an :class:`evomerge.evaluation.section.Evaluator` to use instead of lm-eval (tests).
         probe: run the Min-K%++ memorization probe on finalists.
         quiet: no progress bar.
 
@@ -159,8 +167,8 @@ class Search:
         if evaluator is None:
             from transformers import AutoTokenizer
 
-            from evomerge.evaluate import parse_evaluate
-            from evomerge.lmeval import LMEvalEvaluator
+            from evomerge.evaluation.lmeval import LMEvalEvaluator
+            from evomerge.evaluation.section import parse_evaluate
 
             cfg = parse_evaluate(self.space.evaluate, self.file, self.space.base_dir)
             tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
@@ -217,7 +225,7 @@ class Search:
         return out
 
     def _assess(self) -> Any:
-        from evomerge import flags
+        from evomerge.contamination import flags
 
         include = getattr(getattr(self.evaluator, "cfg", None), "include_path", None)
         # Reuse the evaluator's lm-eval task index (building one reads ~15k YAML files); an
@@ -282,7 +290,7 @@ class Search:
         study.set_user_attr("search_tasks", self.search_tasks)
         study.set_user_attr("holdout_tasks", self.holdout_tasks)
         if self.assessment is not None:
-            from evomerge.flags import assessment_to_dict
+            from evomerge.contamination.flags import assessment_to_dict
 
             study.set_user_attr("flags", self.assessment.columns())
             study.set_user_attr("assessment", assessment_to_dict(self.assessment))
@@ -349,7 +357,7 @@ class Search:
         return h
 
     def _probe(self, study: Any, number: int, model: torch.nn.Module) -> None:
-        from evomerge.probe import probe_contamination
+        from evomerge.contamination.probe import probe_contamination
 
         base = self.space.tree.get("base_model")
         if not isinstance(base, str):
@@ -564,7 +572,7 @@ def main_search(args: Any) -> int:
     search = Search(args.space, trials=args.trials, device=args.device, storage=args.storage, study=args.study, seed=args.seed,
                     results_dir=args.results_dir, probe=args.probe_contamination, quiet=args.quiet, threads=args.threads)
     outcome = search.run()
-    from evomerge.results import load_trials
+    from evomerge.search.table import load_trials
 
     print(leaderboard(load_trials(outcome.paths.csv), top=10))
     print(summary(outcome))

@@ -1,10 +1,10 @@
 """``evomerge report``: PNG plots and a markdown summary of a study's results table.
 
 :func:`make_report` works on the results table alone (the ``trials.csv`` schema of
-:mod:`evomerge.results`), so it can be used on any saved table::
+:mod:`evomerge.search.table`), so it can be used on any saved table::
 
-    from evomerge.report import make_report
-    from evomerge.results import load_trials
+    from evomerge.results.report import make_report
+    from evomerge.search.table import load_trials
     make_report(load_trials("results/demo"), Path("results/demo/report"), study_name="demo")
 
 It writes, always (a figure says why when there is nothing to draw):
@@ -24,7 +24,7 @@ It writes, always (a figure says why when there is nothing to draw):
     Search score vs holdout score of the rows that have both (finalists and baselines), with
     standard errors and the diagonal; ``overfit``-flagged rows in red.
 ``flags.png``
-    How many rows raise each flag of :mod:`evomerge.flags`.
+    How many rows raise each flag of :mod:`evomerge.contamination.flags`.
 ``report.md``
     Links to the figures, the top trials with their flag letters, the legend and the
     evidence of every raised flag.
@@ -41,8 +41,8 @@ from typing import Any
 
 import pandas as pd
 
-from evomerge import flags
-from evomerge.engine.writer import atomic_file
+from evomerge.contamination import flags
+from evomerge.io import atomic_file
 
 __all__ = ["make_report", "param_importances", "main_report"]
 
@@ -331,7 +331,7 @@ def make_report(df: pd.DataFrame, out_dir: Path, *, study_name: str,
     """Write the report figures and ``report.md`` of a results table into ``out_dir``.
 
     Args:
-        df: the results table (``trials.csv`` schema, see :mod:`evomerge.results`).
+        df: the results table (``trials.csv`` schema, see :mod:`evomerge.search.table`).
         out_dir: the folder to write into (created if missing).
         study_name: shown in the report title.
         objective_columns: columns to plot as objectives (higher is better); default
@@ -372,8 +372,8 @@ def main_report(args: Any) -> int:
     Returns:
         0 on success.
     """
-    from evomerge.results import load_study, study_paths, trials_frame
-    from evomerge.space import load_space
+    from evomerge.search.table import load_study, study_paths, trials_frame
+    from evomerge.space.space import load_space
 
     space = load_space(args.space)
     paths = study_paths(args.space, study=getattr(args, "study", None),

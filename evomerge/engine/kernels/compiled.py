@@ -1,17 +1,17 @@
 """Compiled (``torch.compile``) task-vector kernels for re-merging resident tensors on CPU.
 
-The chunked kernels of :mod:`evomerge.engine.fused` run ~40 torch ops per 64K-entry chunk: on a CPU
+The chunked kernels of :mod:`evomerge.engine.kernels.chunked` run ~40 torch ops per 64K-entry chunk: on a CPU
 that is bound by op dispatch, not by memory (a TIES re-merge measured 8.6x a plain weighted sum).
 Here the same arithmetic is written once as whole-tensor torch ops and compiled by inductor into one
 loop per tensor: every input is read once, nothing is materialised but the output, and the loop
 runs on every core.
 
 Compiling costs seconds per kernel variant (method family, number of inputs, dtypes), so it is used
-only where merges repeat: by a resident :class:`~evomerge.engine.merge.Merger` (the search), on CPU,
+only where merges repeat: by a resident :class:`~evomerge.engine.merger.Merger` (the search), on CPU,
 for tensors of at least :data:`MIN_NUMEL` entries. Should compiling fail (no C++ compiler, an
 unsupported platform), one warning is printed and the chunked kernels are used from then on.
 
-The op sequence mirrors :func:`~evomerge.engine.fused.fused_task_vectors` op for op (the same
+The op sequence mirrors :func:`~evomerge.engine.kernels.chunked.fused_task_vectors` op for op (the same
 rounding at every step; inductor does not contract or reassociate floating-point math by
 default), so both paths produce the same tensors: an exported recipe re-merges on disk to the
 tensors the search scored. ``tests/test_compiled.py`` checks that bit for bit.
@@ -25,6 +25,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from evomerge.engine.kernels.common import combine_scalars, out_tensor
 
 if TYPE_CHECKING:
     from evomerge.engine.inputs import TensorInputs
@@ -158,13 +160,11 @@ def _call(name: str, *args: Any, **kwargs: Any) -> Any:
 
 
 def compiled_task_vectors(inp: TensorInputs, rules: list[tuple[Any, ...]], others: list[int], consensus: bool, rescale: bool) -> torch.Tensor | None:
-    """The task-vector combine of :func:`~evomerge.engine.fused.fused_task_vectors`, compiled.
+    """The task-vector combine of :func:`~evomerge.engine.kernels.chunked.fused_task_vectors`, compiled.
 
     Returns the output tensor (``inp.out`` when it fits) and sets ``inp.finite``, or returns None when
     compiling failed (the caller then runs the chunked kernel).
     """
-    from evomerge.engine.fused import _out, combine_scalars
-
     b = inp.base
     assert b is not None
     dtype = inp.compute_dtype
@@ -190,7 +190,7 @@ def compiled_task_vectors(inp: TensorInputs, rules: list[tuple[Any, ...]], other
         l1 = [(before, after) for before, after in sums.tolist()]
     weights, coef, flat_div = combine_scalars(inp, others, l1)
     normalize = bool(inp.shared["normalize"])
-    out = _out(inp, inp.raw(b).shape)
+    out = out_tensor(inp, inp.raw(b).shape)
     ok = _call(
         "combine", base, xs, fields, thr_t, cut_t, p_t,
         torch.tensor(coef, dtype=dtype), torch.tensor(weights, dtype=dtype),

@@ -25,7 +25,7 @@ carry the evidence. Five flags, each a column with a companion ``<flag>_evidence
     A finalist's search score exceeds its holdout score by more than twice their combined
     standard error: ``search - holdout > 2 * sqrt(se_search**2 + se_holdout**2)``.
 ``memorization_probe``
-    Opt-in Min-K%++ probe; see :mod:`evomerge.probe`.
+    Opt-in Min-K%++ probe; see :mod:`evomerge.contamination.probe`.
 
 Typical use by the study::
 
@@ -347,7 +347,7 @@ def model_lineage(ref: str, resolve: Resolver = default_resolve, *,
 def _task_manager(include_path: tuple[str, ...], include_defaults: bool) -> Any:
     # One cached lm-eval index for the whole process, shared with the evaluator (building it
     # reads ~15k task YAMLs).
-    from evomerge.lmeval import task_manager
+    from evomerge.evaluation.lmeval import task_manager
 
     return task_manager(include_path, include_defaults)
 
@@ -694,7 +694,7 @@ def render_contamination_section(assessment: Assessment, *,
         assessment: from :func:`assess`.
         search: the exported model's ``(score, standard error)`` on the search tasks.
         holdout: the same on the holdout tasks (``None``: no holdout was scored).
-        probe: ``ProbeResult.columns()`` from :mod:`evomerge.probe`, or ``None`` if not run.
+        probe: ``ProbeResult.columns()`` from :mod:`evomerge.contamination.probe`, or ``None`` if not run.
         level: heading level of the section title.
     Returns:
         Markdown text ending with a newline.

@@ -1,35 +1,27 @@
-"""Scoring candidates: the ``evaluate:`` section of a search space, and the evaluator interface.
-
-:func:`parse_evaluate` turns the YAML section into an :class:`EvalConfig` (checking task names, the
-include path and search/holdout disjointness without downloading anything).
-:class:`~evomerge.lmeval.LMEvalEvaluator` (in :mod:`evomerge.lmeval`, re-exported here) builds
-lm-eval's task objects once and scores any in-memory model with them; :class:`FakeEvaluator` scores
-a model from its tensors alone, for fast search tests.
-"""
+"""The ``evaluate:`` section of a search space: :func:`parse_evaluate` turns it into an
+:class:`~evomerge.evaluation.base.EvalConfig`, checking task names, the include path and
+search/holdout disjointness without downloading anything."""
 
 from __future__ import annotations
 
 import math
-import time
-from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from evomerge.errors import ConfigError, did_you_mean
+from evomerge.evaluation.base import EvalConfig, TaskSpec
+from evomerge.evaluation.lmeval import (
+    doc_ids,
+    get_task_dict,
+    leaf_tasks,
+    local_task_names,
+    task_manager,
+    texts_of,
+)
+from evomerge.schemes import known_refs, resolve, scheme_of
 
-__all__ = [
-    "TaskSpec",
-    "EvalConfig",
-    "EvalResult",
-    "Evaluator",
-    "FakeEvaluator",
-    "PRESETS",
-    "parse_evaluate",
-]
+__all__ = ["PRESETS", "parse_evaluate"]
 
 # Public benchmark bundles. Names were checked against lm-eval 0.4.13's TaskManager.
 PRESETS: dict[str, tuple[tuple[str, str, int], ...]] = {
@@ -81,64 +73,6 @@ _TASK_KEYS = {"name", "metric", "weight", "num_fewshot"}
 _HOLDOUT_KEYS = {"tasks", "limit"}
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """One scored task: its lm-eval name, the metric read from its results, weight and shots."""
-
-    name: str
-    metric: str = "acc"
-    weight: float = 1.0
-    num_fewshot: int | None = None
-
-
-@dataclass
-class EvalConfig:
-    """The parsed ``evaluate:`` section.
-
-    ``limit`` takes the first ``limit`` docs of each search task (None: all). ``holdout_limit`` with
-    an empty ``holdout`` list means: the holdout items are docs ``[limit, limit + holdout_limit)`` of
-    the search tasks themselves; with holdout tasks it takes their first ``holdout_limit`` docs.
-    ``file`` is the space file, named in errors found later (a holdout range past the end).
-    """
-
-    search: list[TaskSpec]
-    holdout: list[TaskSpec] = field(default_factory=list)
-    include_path: list[str] = field(default_factory=list)
-    limit: int | None = None
-    holdout_limit: int | None = None
-    batch_size: int = 32
-    preset: str | None = None
-    file: str = ""
-
-    @property
-    def holdout_same_tasks(self) -> bool:
-        """True when the holdout is a later doc range of the search tasks."""
-        return not self.holdout and self.holdout_limit is not None
-
-    def has_holdout(self) -> bool:
-        return bool(self.holdout) or self.holdout_limit is not None
-
-
-@dataclass
-class EvalResult:
-    """Scores of one model: per task, their standard errors and the weighted aggregate."""
-
-    scores: dict[str, float]
-    stderr: dict[str, float]
-    aggregate: float
-    aggregate_se: float
-    seconds: float
-    n_items: dict[str, int]
-
-
-def aggregate(specs: Iterable[TaskSpec], scores: Mapping[str, float], stderr: Mapping[str, float]) -> tuple[float, float]:
-    specs = list(specs)
-    wsum = sum(s.weight for s in specs)
-    agg = sum(s.weight * scores[s.name] for s in specs) / wsum
-    se = math.sqrt(sum((s.weight * stderr.get(s.name, 0.0)) ** 2 for s in specs)) / wsum
-    return agg, se
-
-
 # ----------------------------------------------------------------------------------------- parsing
 
 
@@ -148,14 +82,12 @@ def _resolve_include(value: Any, file: str, base_dir: Path) -> list[str]:
     for i, v in enumerate(values):
         where = "evaluate.include_path" + (f"[{i}]" if isinstance(value, list) else "")
         if not isinstance(v, str) or not v:
-            raise ConfigError(file, where, f"must be a directory path or zoo:<size>, got {v!r}")
-        if v.startswith("zoo:"):
-            from evomerge.zoo import ZOO_SIZES, resolve_zoo_ref
-
-            resolved = resolve_zoo_ref(v) if "/" not in v else None
-            if resolved is None:
-                raise ConfigError(file, where, f"unknown zoo {v!r}" + did_you_mean(v, [f"zoo:{s}" for s in ZOO_SIZES]))
-            out.append(str(Path(resolved).resolve()))
+            raise ConfigError(file, where, f"must be a directory path (or a scheme reference such as zoo:demo), got {v!r}")
+        if scheme_of(v) is not None:
+            resolved = resolve(v)
+            if resolved is None or not resolved.is_dir():
+                raise ConfigError(file, where, f"unknown task folder {v!r}" + did_you_mean(v, [r for r in known_refs(v) if "/" not in r]))
+            out.append(str(resolved.resolve()))
             continue
         p = Path(v).expanduser()
         if not p.is_absolute():
@@ -210,8 +142,6 @@ def _parse_task_list(value: Any, file: str, where: str) -> list[TaskSpec]:
 
 def _check_names(specs: list[TaskSpec], where: str, file: str, include_path: list[str], *, skip: set[str]) -> None:
     """Every task name must exist, locally or in lm-eval's own index (names only: no download)."""
-    from evomerge.lmeval import local_task_names, task_manager
-
     local = local_task_names(include_path) if include_path else set()
     missing = [(i, s) for i, s in enumerate(specs) if s.name not in local and s.name not in skip]
     if not missing:
@@ -299,15 +229,6 @@ def _check_disjoint(cfg: EvalConfig) -> None:
             raise ConfigError(cfg.file, f"evaluate.holdout.tasks[{i}]", f"{s.name!r} is also a search task: its holdout items would overlap the search items (use holdout: {{limit: N}} for a later doc range)")
     if not cfg.holdout or not cfg.include_path:
         return
-    from evomerge.lmeval import (
-        doc_ids,
-        get_task_dict,
-        leaf_tasks,
-        local_task_names,
-        task_manager,
-        texts_of,
-    )
-
     local = local_task_names(cfg.include_path)
     s_local = [s.name for s in cfg.search if s.name in local]
     h_local = [(i, s.name) for i, s in enumerate(cfg.holdout) if s.name in local]
@@ -325,87 +246,5 @@ def _check_disjoint(cfg: EvalConfig) -> None:
                 raise ConfigError(cfg.file, f"evaluate.holdout.tasks[{i}]", f"holdout task {name!r} shares items with search task {search_texts[t]!r} (e.g. {t[:60]!r})")
 
 
-# ------------------------------------------------------------------------------------- evaluators
 
 
-class Evaluator(ABC):
-    """Scores a model on the search items or on the holdout items."""
-
-    @abstractmethod
-    def evaluate(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
-        """Score ``model`` (in memory) on ``split`` ("search" or "holdout")."""
-
-    @abstractmethod
-    def task_names(self, split: str = "search") -> list[str]:
-        """Names of the tasks scored in ``split``."""
-
-    def texts(self, split: str = "search") -> dict[str, list[str]]:
-        """Prompt + gold answer strings per task of ``split`` (for the memorization probe)."""
-        return {}
-
-    def datasets(self) -> dict[str, list[str]]:
-        """Dataset paths (hub ids or local files) per task; may be empty."""
-        return {}
-
-
-class FakeEvaluator(Evaluator):
-    """A deterministic stand-in for lm-eval: scores a model from its tensors alone, in milliseconds.
-
-    Each task ``k`` has a target value per decoder layer; a layer's statistic is the mean of its
-    parameters, and the task's score is ``exp(-sum_l (stat_l - target_kl)^2 / width)``: a smooth
-    landscape with one optimum per task, so a search has something real to climb. The holdout score
-    is the same function with targets shifted by ``holdout_shift`` (a slightly different optimum).
-
-    Args:
-        targets: task name -> per-layer target statistics (length = number of layers).
-        width: how quickly the score falls off.
-        holdout_shift: added to every target for the holdout split.
-    """
-
-    def __init__(self, targets: Mapping[str, list[float]], *, width: float = 1e-3, holdout_shift: float = 0.0) -> None:
-        self.targets = {k: torch.tensor(v, dtype=torch.float64) for k, v in targets.items()}
-        self.width = width
-        self.holdout_shift = holdout_shift
-
-    @staticmethod
-    def layer_stats(model: torch.nn.Module) -> torch.Tensor:
-        """Mean parameter value of each decoder layer (``layers.<i>.`` in the parameter name)."""
-        import re
-
-        sums: dict[int, list[float]] = {}
-        for name, p in model.named_parameters():
-            m = re.search(r"layers\.(\d+)\.", name)
-            if m:
-                s = sums.setdefault(int(m.group(1)), [0.0, 0.0])
-                s[0] += float(p.detach().double().sum())
-                s[1] += p.numel()
-        return torch.tensor([sums[i][0] / sums[i][1] for i in sorted(sums)], dtype=torch.float64)
-
-    def task_names(self, split: str = "search") -> list[str]:
-        return list(self.targets) if split == "search" else [f"{k}_holdout" for k in self.targets]
-
-    def evaluate(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
-        t0 = time.perf_counter()
-        stats = self.layer_stats(model)
-        shift = self.holdout_shift if split == "holdout" else 0.0
-        scores, stderr, n = {}, {}, {}
-        for name, target in zip(self.task_names(split), self.targets.values()):
-            if target.numel() != stats.numel():
-                raise ValueError(f"FakeEvaluator: {target.numel()} targets for {stats.numel()} layers")
-            d2 = float(((stats - target - shift) ** 2).sum())
-            scores[name] = math.exp(-d2 / self.width)
-            stderr[name] = 0.01
-            n[name] = 100
-        specs = [TaskSpec(k) for k in scores]
-        agg, se = aggregate(specs, scores, stderr)
-        return EvalResult(scores, stderr, agg, se, time.perf_counter() - t0, n)
-
-
-def __getattr__(name: str) -> Any:
-    # The lm-eval side is imported on first use (PEP 562): it would otherwise import this module
-    # back, and parsing a space needs none of it.
-    if name in ("LMEvalEvaluator", "task_manager"):
-        from evomerge import lmeval
-
-        return getattr(lmeval, name)
-    raise AttributeError(f"module 'evomerge.evaluate' has no attribute {name!r}")

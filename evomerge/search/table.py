@@ -8,7 +8,7 @@ baselines, the holdout re-scores and the study-level flags. ``trials.csv`` is re
 Columns: ``number``, ``state``, ``baseline`` (name, empty for searched trials), ``method``,
 ``p_<param>`` (every sampled parameter), ``score``/``score_se`` (aggregate search score),
 ``s_<task>``/``se_<task>``, ``holdout``/``holdout_se``, ``h_<task>``, ``merge_s``, ``eval_s``,
-``digest`` (hash of the merged tensors), the flag columns of :mod:`evomerge.flags` with their
+``digest`` (hash of the merged tensors), the flag columns of :mod:`evomerge.contamination.flags` with their
 ``_evidence``, and ``error`` (why a trial failed).
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from evomerge.errors import EvomergeError, one_line
-from evomerge.engine.writer import atomic_file
+from evomerge.io import atomic_file
 
 __all__ = ["StudyPaths", "study_paths", "open_storage", "load_study", "trials_frame", "write_trials_csv", "load_trials", "leaderboard", "main_results", "best_row"]
 
@@ -131,7 +131,7 @@ def trials_frame(study: Any) -> pd.DataFrame:
     Returns:
         A DataFrame with the columns described in the module docstring.
     """
-    from evomerge import flags
+    from evomerge.contamination import flags
 
     attrs = dict(study.user_attrs)
     study_flags = attrs.get("flags", {})
@@ -230,7 +230,7 @@ def best_row(df: pd.DataFrame, *, searched_only: bool = True) -> pd.Series | Non
 
 def leaderboard(df: pd.DataFrame, *, top: int = 15, show_all: bool = False) -> str:
     """The leaderboard text: sorted by search score, baselines marked, flags as letters."""
-    from evomerge import flags
+    from evomerge.contamination import flags
 
     view = df if show_all else df[df["state"] == "COMPLETE"]
     view = view.assign(_key=view["score"].fillna(-math.inf)).sort_values(["_key"], ascending=False)
@@ -273,7 +273,7 @@ def _short_baseline(name: str) -> str:
 
 def main_results(args: Any) -> int:
     """``evomerge results space.yml``: print the leaderboard of the space's study."""
-    from evomerge.space import load_space
+    from evomerge.space.space import load_space
 
     space = load_space(args.space)
     paths = study_paths(args.space, study=args.study, space_study=space.study_name, storage=args.storage,

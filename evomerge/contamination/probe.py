@@ -275,7 +275,7 @@ def task_texts(task_names: Iterable[str], include_path: Any = None, *,
         raise ValueError(f"split must be one of eval, {', '.join(_SPLITS)}; got {split!r}")
     names = list(task_names)
     if task_manager is None:
-        from evomerge.flags import _flatten, _task_manager
+        from evomerge.contamination.flags import _flatten, _task_manager
 
         paths = tuple(str(p) for p in _flatten(include_path or []))
         task_manager = _task_manager(paths, False) if paths else None

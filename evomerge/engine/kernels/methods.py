@@ -1,0 +1,272 @@
+"""The kernel of every merge method: ``TensorInputs -> Tensor``, chosen by the method's name and data.
+
+Each kernel takes the inputs of one output tensor (float32 compute, same shape, same device) with
+their resolved parameters and returns the merged tensor. The methods that dominate merge time
+(linear, slerp, the task-vector family) run the chunked kernels of
+:mod:`evomerge.engine.kernels.chunked`; the others are whole-tensor torch code written after
+mergekit 0.1.5's formulas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from evomerge.engine.inputs import TensorInputs
+from evomerge.engine.kernels.chunked import fused_linear, fused_slerp, fused_task_vectors
+from evomerge.methods.reference import sign_consensus
+from evomerge.methods.registry import METHODS
+from evomerge.methods.spec import Method
+
+__all__ = ["KERNELS", "kernel_for"]
+
+Kernel = Callable[[TensorInputs], torch.Tensor]
+
+
+def _linear(inp: TensorInputs) -> torch.Tensor:
+    return fused_linear(inp)
+
+
+def _slerp(inp: TensorInputs) -> torch.Tensor:
+    b = inp.base
+    assert b is not None  # guaranteed by the method's declaration, checked at plan time
+    return fused_slerp(inp, inp.shared["t"], b, 1 - b)
+
+
+def _keep_rule(inp: TensorInputs, i: int, kind: str | None) -> tuple[Any, ...]:
+    """How input ``i``'s task vector is sparsified, as a rule the fused combine applies chunk by chunk.
+
+    ``magnitude`` keeps the top k = int(density * n) entries by |delta| (at least one); ``random``
+    keeps where a fixed U[0, 1) field is below density (Bernoulli(density)); ``magnitude_outliers``
+    drops the top ``gamma`` fraction and then the smallest entries to keep int(density * n);
+    ``della`` keeps with probabilities ranked by |delta| within each row from density - epsilon
+    to density + epsilon.
+    """
+    p = inp.per_input[i]
+    density = p["density"]
+    if kind is None or density >= 1:
+        return ("all",)
+    n = inp.raw(i).numel()
+    if n == 0:
+        return ("all",)
+    if kind == "magnitude":
+        return inp.magnitude_rule(i, max(1, int(density * n)))
+    if kind == "random":
+        return ("lt_uniform", inp.uniform(i), density)
+    delta = inp.delta(i)
+    if kind == "magnitude_outliers":
+        target = int(density * n)
+        n_top = int(p["gamma"] * n)
+        n_bot = max(0, n - target - n_top)
+        order = torch.sort(delta.abs().reshape(-1), stable=True).indices
+        mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+        mask[order[n_bot : n_bot + target]] = True
+        return ("mask", mask.reshape(delta.shape))
+    if kind == "della":
+        eps = p["epsilon"]
+        if density - eps <= 0 or density + eps >= 1:
+            raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1, got density={density:g}, epsilon={eps:g}")
+        rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+        ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(delta.dtype)
+        width = max(rows.shape[1] - 1, 1)
+        probs = (density - eps) + (ranks / width) * (2 * eps)
+        return ("mask", (inp.uniform(i).reshape(rows.shape) < probs).reshape(delta.shape))
+    raise ValueError(kind)  # pragma: no cover - the registry only uses the kinds above
+
+
+def _task_vector_kernel(sparsifier: str | None, consensus: bool) -> Callable[[TensorInputs], torch.Tensor]:
+    def kernel(inp: TensorInputs) -> torch.Tensor:
+        b = inp.base
+        assert b is not None
+        others = [i for i in range(len(inp)) if i != b]
+        if not others:
+            return inp.tensor(b).clone()
+        rules = [_keep_rule(inp, i, sparsifier) for i in others]
+        rescale = bool(inp.shared["rescale"]) and sparsifier is not None
+        return fused_task_vectors(inp, rules, others, consensus, rescale)
+
+    return kernel
+
+
+def _passthrough(inp: TensorInputs) -> torch.Tensor:
+    scale = inp.per_input[0].get("scale")
+    x = inp.tensor(0)
+    return x if scale is None else x * scale
+
+
+def _model_stock(inp: TensorInputs) -> torch.Tensor:
+    b = inp.base
+    assert b is not None
+    w0 = inp.tensor(b)
+    ws = [inp.tensor(i) for i in range(len(inp)) if i != b]
+    shape = w0.shape
+    if inp.shared["filter_wise"]:
+        if w0.dim() == 1:
+            w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for a in range(len(offsets)):
+        for c in range(a + 1, len(offsets)):
+            norms = torch.linalg.vector_norm(offsets[a], dim=-1) * torch.linalg.vector_norm(offsets[c], dim=-1)
+            cosines.append(((offsets[a] * offsets[c]).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(0).unsqueeze(-1)
+    n = len(ws)
+    denom = 1 + (n - 1) * cos
+    singular = denom.abs() < 1e-6
+    # Model Stock's interpolation ratio t = N cos / (1 + (N-1) cos); keep the base where undefined.
+    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denom))
+    average = torch.stack(ws).mean(0)
+    return (t * average + (1 - t) * w0).reshape(shape)
+
+
+def _nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8) -> torch.Tensor:
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0.0, cos))
+    spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, spherical)
+    if row_wise and not flatten:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+def _nuslerp(inp: TensorInputs) -> torch.Tensor:
+    b = inp.base
+    others = [i for i in range(len(inp)) if i != b]
+    w = [inp.per_input[i]["weight"] for i in others]
+    total = sum(w)
+    t = 0.5 if abs(total) < 1e-6 else w[1] / total
+    row_wise, flatten = inp.shared["nuslerp_row_wise"], inp.shared["nuslerp_flatten"]
+    x0, x1 = inp.tensor(others[0]), inp.tensor(others[1])
+    if b is None:
+        return _nuslerp_vectors(t, x0, x1, row_wise, flatten)
+    base = inp.tensor(b)
+    return base + _nuslerp_vectors(t, x0 - base, x1 - base, row_wise, flatten)
+
+
+def _multislerp(inp: TensorInputs) -> torch.Tensor:
+    b = inp.base
+    others = [i for i in range(len(inp)) if i != b]
+    if len(others) == 1:
+        return inp.tensor(others[0]).clone()
+    eps = inp.shared["eps"]
+    x = torch.stack([inp.tensor(i) for i in others])
+    if b is not None:
+        x = x - inp.tensor(b)
+    flat = x.reshape(x.shape[0], -1)
+    w = torch.tensor([inp.per_input[i]["weight"] for i in others], dtype=x.dtype, device=x.device)
+    if inp.shared["normalize_weights"]:
+        w = w / w.sum()
+    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        if len(others) == 2:
+            out = (x[0] * w[0] + x[1] * w[1]).reshape(x.shape[1:])
+            return out + inp.tensor(b) if b is not None else out
+        raise ValueError("multislerp: the weighted sum of the input directions is zero (antipodal inputs with balancing weights); change the weights")
+    mean = mean / mean_norm
+    # Barycentre on the sphere: project to the tangent space at the mean, average, map back.
+    tangent = units - (units * mean).sum(-1, keepdim=True) * mean
+    tangent_mean = (tangent * w[:, None]).sum(0)
+    tn = torch.linalg.vector_norm(tangent_mean) + eps
+    result = mean * torch.cos(tn) + tangent_mean * (torch.sin(tn) / tn)
+    result = (result * (norms.squeeze(-1) * w).sum()).reshape(x.shape[1:])
+    return result + inp.tensor(b) if b is not None else result
+
+
+def _karcher(inp: TensorInputs) -> torch.Tensor:
+    xs = [inp.tensor(i) for i in range(len(inp))]
+    if len(xs) == 1:
+        return xs[0].clone()
+    max_iter, tol = inp.shared["max_iter"], inp.shared["tol"]
+    alphas = [1.0 / len(xs)] * len(xs)
+    norms = [torch.linalg.vector_norm(x) for x in xs]
+    units = [x / n if n.item() != 0 else torch.zeros_like(x) for x, n in zip(xs, norms)]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return torch.zeros_like(xs[0])
+    va = [alphas[i] for i in valid]
+    va = [a / sum(va) for a in va]
+    vu = [units[i] for i in valid]
+    mean = sum(a * u for a, u in zip(va, vu))
+    mn = torch.linalg.vector_norm(mean)
+    mean = vu[0].clone() if mn.item() < tol else mean / mn
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in zip(va, vu):
+            dot = torch.clamp(torch.dot(mean.reshape(-1), u.reshape(-1)), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+        tnorm = torch.linalg.vector_norm(tangent)
+        if tnorm.item() < tol:
+            break
+        mean = torch.cos(tnorm) * mean + torch.sin(tnorm) * (tangent / tnorm)
+        un = torch.linalg.vector_norm(mean)
+        if un.item() > tol:
+            mean = mean / un
+    return sum(a * n for a, n in zip(alphas, norms)) * mean
+
+
+def _sce(inp: TensorInputs) -> torch.Tensor:
+    b = inp.base
+    assert b is not None
+    base = inp.tensor(b)
+    others = [i for i in range(len(inp)) if i != b]
+    if not others:
+        return base.clone()
+    tvs = torch.stack([inp.delta(i) for i in others])
+    topk = inp.shared["select_topk"]
+    if topk < 1:
+        # Select: keep the elements where the task vectors vary most across models.
+        var = torch.var(tvs, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(var).item() * topk)
+        mask = torch.zeros(var.numel(), dtype=tvs.dtype, device=tvs.device)
+        if k > 0:
+            mask[torch.topk(var.abs().reshape(-1), k=k).indices] = 1
+        tvs = tvs * mask.reshape(var.shape)
+    # Calculate: weight each task vector by its mean squared magnitude.
+    energy = tvs.square().reshape(len(others), -1).mean(1)
+    total = energy.sum().item()
+    weights = torch.full_like(energy, 1 / len(others)) if abs(total) < 1e-6 else energy / total
+    # Erase: drop entries disagreeing with the elected sign.
+    elected = sign_consensus(list(tvs))
+    keep = (torch.sign(tvs) == elected).to(tvs.dtype)
+    w = weights.reshape(-1, *([1] * (tvs.dim() - 1))) * keep
+    return base + (tvs * w).sum(0) / w.sum(0).clamp(min=1e-6)
+
+
+_DENSE: dict[str, Kernel] = {
+    "linear": _linear,
+    "slerp": _slerp,
+    "model_stock": _model_stock,
+    "nuslerp": _nuslerp,
+    "multislerp": _multislerp,
+    "karcher": _karcher,
+    "sce": _sce,
+    "passthrough": _passthrough,
+}
+
+# One kernel per registered method: the task-vector family is one kernel parametrised by its data.
+KERNELS: dict[str, Kernel] = {
+    name: _DENSE[name] if name in _DENSE else _task_vector_kernel(m.sparsifier, m.consensus) for name, m in METHODS.items()
+}
+
+
+def kernel_for(method: Method) -> Kernel:
+    """The kernel of ``method`` (every registered method has one)."""
+    return KERNELS[method.name]
