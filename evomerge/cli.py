@@ -36,10 +36,21 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_zoo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("zoo", help="build the demo model zoo", description="Build the demo zoo: a tiny base model, fine-tuned experts and local lm-eval tasks.")
-    p.add_argument("--out", default=None, help="where to build it (default: results/zoo/<size>)")
+    p = sub.add_parser(
+        "zoo",
+        help="set up the demo model zoo",
+        description="Set up the demo zoo: a tiny base model, fine-tuned experts and local lm-eval tasks. "
+        "The demo zoo of seed 0 ships with evomerge and is installed in seconds; other seeds, the micro size and --rebuild train it with torch.",
+    )
+    p.add_argument("--out", default=None, help="where to put it (default: results/zoo/<size>)")
     p.add_argument("--size", default="demo", choices=["demo", "micro"], help="demo (default) or micro (for tests)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="train the zoo here instead of installing the shipped weights (demo: about 4 minutes on 2 cores; "
+        "bit-identical to the shipped zoo only on a CPU like the one it was built on), replacing the directory",
+    )
 
 
 def _add_search(sub: argparse._SubParsersAction) -> None:
@@ -92,6 +103,10 @@ def _version() -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from evomerge.schemes import register
+    from evomerge.zoo.scheme import SCHEME
+
+    register(SCHEME)  # also found through the entry point; explicit for uninstalled checkouts
     if args.verb == "merge":
         from evomerge.engine.merger import merge_to_disk
         from evomerge.results.export import seed_from_text
@@ -119,19 +134,25 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "zoo":
         from evomerge.zoo import main_zoo
 
-        return int(main_zoo(out=args.out, size=args.size, seed=args.seed) or 0)
+        return int(main_zoo(out=args.out, size=args.size, seed=args.seed, rebuild=args.rebuild) or 0)
     if args.verb == "search":
-        from evomerge.search.loop import main_search
+        from evomerge.results.leaderboard import leaderboard, summary
+        from evomerge.search import load_trials, run_search
 
-        return int(main_search(args) or 0)
+        outcome = run_search(args.space, trials=args.trials, device=args.device, storage=args.storage, study=args.study, seed=args.seed,
+                             results_dir=args.results_dir, probe=args.probe_contamination, quiet=args.quiet, threads=args.threads)
+        print(leaderboard(load_trials(outcome.paths.csv), top=10))
+        print(summary(outcome))
+        print(f"next: evomerge export {args.space} -o best.yml   (and: evomerge report {args.space})")
+        return 0
     if args.verb == "export":
         from evomerge.results.export import main_export
 
         return int(main_export(args) or 0)
     if args.verb == "results":
-        from evomerge.search.table import main_results
+        from evomerge.results.leaderboard import main_results
 
-        return int(main_results(args) or 0)
+        return main_results(args.space, study=args.study, storage=args.storage, results_dir=args.results_dir, top=args.top, show_all=args.all)
     if args.verb == "report":
         from evomerge.results.report import main_report
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["EvomergeError", "ConfigError", "did_you_mean", "one_line"]
+__all__ = ["EvomergeError", "ConfigError", "did_you_mean", "one_line", "failure_line"]
 
 
 class EvomergeError(Exception):
@@ -54,3 +54,14 @@ def did_you_mean(name: str, choices: Iterable[str], *, show_all: int = 12) -> st
 def one_line(text: object) -> str:
     """Collapse a message to a single line (exception texts from libraries can span several)."""
     return " ".join(str(text).split())
+
+
+def failure_line(e: BaseException) -> str:
+    """Why a candidate failed, for the ``error`` column: a user error's message, else the exception's
+    type and message, on one line of at most 500 characters.
+
+    Example:
+        >>> failure_line(ZeroDivisionError("float division by zero"))
+        'ZeroDivisionError: float division by zero'
+    """
+    return one_line(e if isinstance(e, EvomergeError) else f"{type(e).__name__}: {e}")[:500]

@@ -21,7 +21,7 @@ from evomerge.cli import main
 from evomerge.engine import digest_model_dir
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.search.table import load_trials
-from evomerge.search.loop import Search, run_search
+from evomerge.search import Search, run_search
 
 TESTS = Path(__file__).resolve().parent
 
@@ -293,7 +293,7 @@ def test_every_sampler_runs(tmp_path, tiny_family, sampler, objectives):
     out = run_search(path, evaluator=TaskVectorEvaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
     import optuna
 
-    from evomerge.search.loop import make_sampler
+    from evomerge.search import make_sampler
 
     study = optuna.load_study(study_name="space", storage=out.paths.storage)
     assert type(make_sampler(sampler, 0, 4)).__name__.lower().startswith({"random": "random", "gp": "gp", "cmaes": "cmaes", "nsga2": "nsgaii", "tpe": "tpe"}[sampler])

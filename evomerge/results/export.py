@@ -15,11 +15,19 @@ from typing import Any
 
 import yaml
 
-from evomerge.errors import EvomergeError
-from evomerge.io import atomic_file, dump_yaml
+from evomerge.contamination.flags import (
+    as_comments,
+    assessment_from_dict,
+    render_contamination_section,
+)
+from evomerge.engine.merger import merge_to_disk
+from evomerge.errors import EvomergeError, one_line
+from evomerge.io import atomic_text, dump_yaml
 from evomerge.recipe.schema import parse_recipe
 from evomerge.schemes import resolve, scheme_of
-from evomerge.search.table import best_row, load_study, study_paths, trials_frame
+from evomerge.search.records import StudyRecords
+from evomerge.search.storage import load_study, locate
+from evomerge.search.table import best_row, trials_frame
 
 __all__ = ["export_recipe", "main_export", "SEED_PRAGMA", "seed_from_text"]
 
@@ -58,8 +66,12 @@ def _plain_refs(recipe: Any) -> Any:
 def _atomic_write(path: Path, text: str, force: bool) -> None:
     if path.exists() and not force:
         raise EvomergeError(f"-o {path}: file exists (pass --force to overwrite)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_file(path, lambda f: f.write(text), mode="w")
+    if path.is_dir():
+        raise EvomergeError(f"-o {path}: is a directory; name the recipe file to write")
+    try:
+        atomic_text(path, text)
+    except OSError as e:
+        raise EvomergeError(f"-o {path}: cannot write: {one_line(e.strerror or e)}") from None
 
 
 def export_recipe(study: Any, *, trial: int | None = None, space_file: str | None = None) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -77,8 +89,8 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
     Raises:
         EvomergeError: no such trial, or it did not complete.
     """
-    from evomerge.contamination import flags
-
+    records = StudyRecords(study)
+    meta = records.meta()
     df = trials_frame(study)
     if trial is None:
         row = best_row(df)
@@ -93,58 +105,45 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
         row = hits.iloc[0]
         if row["state"] != "COMPLETE":
             raise EvomergeError(f"--trial {number}: trial {number} is {row['state']}, not COMPLETE" + (f" ({row['error']})" if row.get("error") else ""))
-    t = study.trials[number]
-    info_t = t.user_attrs.get("result") or {}
-    recipe = _plain_refs(yaml.safe_load(info_t["recipe"]))
-    seed = int(study.user_attrs.get("seed", 0))
+    rec = records.trial(study.trials[number])
+    recipe = _plain_refs(yaml.safe_load(rec.recipe or "{}"))
+    seed = int(meta.seed)
     score, score_se = _num(row.get("score")), _num(row.get("score_se"))
     hold, hold_se = _num(row.get("holdout")), _num(row.get("holdout_se"))
-    assessment = _assessment(study)
+    assessment = assessment_from_dict(meta.assessment) if meta.assessment else None
     section = ""
     if assessment is not None:
-        section = flags.render_contamination_section(
+        section = render_contamination_section(
             assessment, search=(score, score_se or 0.0) if score is not None else None,
             holdout=(hold, hold_se or 0.0) if hold is not None else None,
-            probe=study.user_attrs.get(f"probe:{number}"))
+            probe=records.probe(number))
     head = [
         f"# Exported by evomerge from study {study.study_name!r}" + (f" (space {space_file})" if space_file else "") + f", trial {number}.",
-        f"# Search score {score:.4f} ± {score_se or 0:.4f} on: {', '.join(study.user_attrs.get('search_tasks', []))}" if score is not None else "# Search score: -",
-        (f"# Holdout score {hold:.4f} ± {hold_se or 0:.4f} on: {', '.join(study.user_attrs.get('holdout_tasks', []))}" if hold is not None
+        f"# Search score {score:.4f} ± {score_se or 0:.4f} on: {', '.join(meta.search_tasks)}" if score is not None else "# Search score: -",
+        (f"# Holdout score {hold:.4f} ± {hold_se or 0:.4f} on: {', '.join(meta.holdout_tasks)}" if hold is not None
          else "# Holdout score: not measured for this trial"),
-        f"# Tensor hash of the merge: {info_t.get('digest', '')}",
+        f"# Tensor hash of the merge: {rec.digest or ''}",
         f"# Reproduce: evomerge merge THIS_FILE OUT_DIR   (random masks use seed {seed}, read from the next line)",
         SEED_PRAGMA.format(seed=seed),
         "#",
     ]
     if section:
-        head += [ln for ln in flags.as_comments(section).splitlines()]
+        head += [ln for ln in as_comments(section).splitlines()]
         head.append("#")
     text = "\n".join(head) + "\n" + dump_yaml(recipe)
     parse_recipe(yaml.safe_load(text), "exported recipe")  # what we write must load as a recipe
-    return text, recipe, {"number": number, "digest": info_t.get("digest", ""), "seed": seed, "section": section}
-
-
-def _assessment(study: Any) -> Any:
-    """The flags assessment the search stored with the study (``None`` when there is none)."""
-    from evomerge.contamination.flags import assessment_from_dict
-
-    stored = study.user_attrs.get("assessment")
-    return assessment_from_dict(stored) if stored else None
+    return text, recipe, {"number": number, "digest": rec.digest or "", "seed": seed, "section": section}
 
 
 def main_export(args: Any) -> int:
     """``evomerge export space.yml [--trial N] -o best.yml [--merge OUT_DIR]``."""
-    from evomerge.space.space import load_space
-
-    space = load_space(args.space)
-    paths = study_paths(args.space, study=args.study, space_study=space.study_name, storage=args.storage,
-                        space_storage=space.storage, results_dir=args.results_dir)
+    paths = locate(args.space, study=args.study, storage=args.storage, results_dir=args.results_dir)
     study = load_study(paths)
     text, recipe, info = export_recipe(study, trial=args.trial, space_file=args.space)
     out = Path(args.output)
     if args.merge:
-        from evomerge.engine.merger import merge_to_disk
-
+        if Path(args.merge).exists() and not Path(args.merge).is_dir():
+            raise EvomergeError(f"--merge {args.merge}: exists and is not a directory")
         if Path(args.merge).exists() and any(Path(args.merge).iterdir()) and not args.force:
             raise EvomergeError(f"--merge {args.merge}: directory is not empty (pass --force to replace it)")
     _atomic_write(out, text, args.force)

@@ -43,6 +43,8 @@ import pandas as pd
 
 from evomerge.contamination import flags
 from evomerge.io import atomic_file
+from evomerge.search.storage import load_study, locate
+from evomerge.search.table import trials_frame
 
 __all__ = ["make_report", "param_importances", "main_report"]
 
@@ -372,14 +374,8 @@ def main_report(args: Any) -> int:
     Returns:
         0 on success.
     """
-    from evomerge.search.table import load_study, study_paths, trials_frame
-    from evomerge.space.space import load_space
-
-    space = load_space(args.space)
-    paths = study_paths(args.space, study=getattr(args, "study", None),
-                        space_study=space.study_name, storage=getattr(args, "storage", None),
-                        space_storage=space.storage,
-                        results_dir=getattr(args, "results_dir", None) or "results")
+    paths = locate(args.space, study=getattr(args, "study", None), storage=getattr(args, "storage", None),
+                   results_dir=getattr(args, "results_dir", None) or "results")
     study = load_study(paths)
     out = Path(getattr(args, "out", None) or paths.folder / "report")
     written = make_report(trials_frame(study), out, study_name=paths.name, study=study)

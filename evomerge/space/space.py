@@ -102,6 +102,12 @@ class SearchSettings:
     baselines: tuple[tuple[str, Mapping[str, Any]], ...] = ()
     objectives: tuple[str, ...] = ()
     startup_trials: int | None = None
+    mask_seed: int | None = None  # seed of random masks (dare, della); None: ``seed``
+
+    @property
+    def masks(self) -> int:
+        """The seed of random masks: ``mask_seed``, else ``seed``."""
+        return self.seed if self.mask_seed is None else self.mask_seed
 
 
 @dataclass
@@ -150,11 +156,6 @@ class Space:
             for src in s.get("sources") or ():
                 add(src.get("model"))
         return out
-
-    def methods(self) -> list[str]:
-        """The merge methods the space can choose."""
-        m = self.tree.get("merge_method")
-        return list(m.choices) if isinstance(m, Directive) else [m]
 
     def render(self, suggest: Suggest, layers_of: LayersOf) -> dict[str, Any]:
         """The plain recipe at the point ``suggest`` picks.
@@ -560,6 +561,9 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
     seed = section.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise p.err("search.seed", f"must be a non-negative integer, got {seed!r}")
+    mask_seed = section.get("mask_seed")
+    if mask_seed is not None and (not isinstance(mask_seed, int) or isinstance(mask_seed, bool) or mask_seed < 0):
+        raise p.err("search.mask_seed", f"must be a non-negative integer, got {mask_seed!r}")
     finalists = section.get("finalists", 5)
     if not isinstance(finalists, int) or isinstance(finalists, bool) or finalists < 0:
         raise p.err("search.finalists", f"must be a non-negative integer, got {finalists!r}")
@@ -593,7 +597,7 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
             recipe = read_yaml(path)
         parse_recipe(recipe, f"{p.file} ({f}.recipe)")
         baselines.append((name, recipe))
-    return SearchSettings(sampler, trials, seed, finalists, tuple(baselines), tuple(objectives), startup)
+    return SearchSettings(sampler, trials, seed, finalists, tuple(baselines), tuple(objectives), startup, mask_seed)
 
 
 def _study_section(section: Any, p: _SpaceParser) -> tuple[str | None, str | None]:

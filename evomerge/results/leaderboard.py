@@ -1,0 +1,93 @@
+"""What a user reads of a study: the leaderboard, and the end-of-search comparison with the baselines."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from evomerge.contamination.flags import flag_marks, legend
+from evomerge.search.loop import SearchOutcome
+from evomerge.search.storage import load_study, locate
+from evomerge.search.table import is_number, trials_frame
+
+__all__ = ["leaderboard", "summary", "main_results"]
+
+
+def leaderboard(df: pd.DataFrame, *, top: int = 15, show_all: bool = False) -> str:
+    """The leaderboard text: sorted by search score, baselines marked, flags as letters."""
+    view = df if show_all else df[df["state"] == "COMPLETE"]
+    view = view.assign(_key=view["score"].fillna(-math.inf)).sort_values(["_key"], ascending=False)
+    if not show_all:
+        searched = view[view["baseline"] == ""].head(top)
+        view = pd.concat([searched, view[view["baseline"] != ""]]).sort_values("_key", ascending=False)
+    tasks = [c[2:] for c in df.columns if c.startswith("s_")]
+    params = [c for c in df.columns if c.startswith("p_") and c != "p_method"]
+    head = f"{'trial':>16} {'state':8} {'score':>6} {'±':>5} {'holdout':>7} " + " ".join(f"{t[:10]:>10}" for t in tasks) + "  flags  method / params"
+    lines = [head, "-" * len(head)]
+    for rd in view.to_dict("records"):
+        name = f"[{_short_baseline(rd['baseline'])}]" if rd.get("baseline") else f"#{rd['number']}"
+        marks = flag_marks(rd)
+        desc = str(rd.get("method") or "")
+        if not rd.get("baseline"):
+            shown = [f"{p[2:]}={_fmt(rd.get(p), 2)}" for p in params if is_number(rd.get(p))]
+            desc += " " + " ".join(shown[:8]) + (" …" if len(shown) > 8 else "")
+        if rd.get("state") != "COMPLETE" and rd.get("error"):
+            desc = f"{rd['error']}"[:80]
+        lines.append(f"{name[:16]:>16} {str(rd['state'])[:8]:8} {_fmt(rd.get('score')):>6} {_fmt(rd.get('score_se')):>5} {_fmt(rd.get('holdout')):>7} "
+                     + " ".join(f"{_fmt(rd.get('s_' + t)):>10}" for t in tasks) + f"  {marks:5}  {desc}")
+    lines.append("[name] = baseline (not searched); holdout only for finalists and baselines. " + legend())
+    return "\n".join(lines)
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if isinstance(x, str):
+        return x
+    if not is_number(x):
+        return "-"
+    return f"{float(x):.{digits}f}"
+
+
+def _short_baseline(name: str) -> str:
+    kind, _, ref = name.partition(":")
+    if kind == "source" and ref:
+        return "source:" + ref.rstrip("/").split("/")[-1].split(":")[-1]
+    return name
+
+
+def summary(outcome: SearchOutcome) -> str:
+    """The end-of-run comparison: best trial vs every source model and the uniform merge."""
+    lines = [f"study {outcome.paths.name}: {outcome.n_complete} complete trials, {outcome.n_failed} failed, {outcome.seconds:.0f}s; table: {outcome.paths.csv}"]
+    best = outcome.best
+    if best is None:
+        return "\n".join(lines + ["no completed trial"])
+    use_h = best.get("holdout") is not None and not (isinstance(best.get("holdout"), float) and math.isnan(best["holdout"]))
+    key = "holdout" if use_h else "score"
+    bval = float(best[key])
+    lines.append(f"best trial #{best['number']} ({best.get('method', '')}): search {float(best['score']):.3f}" + (f", holdout {bval:.3f}" if use_h else ""))
+    beaten_all = True
+    for name, b in outcome.baselines.items():
+        if b.get("state") != "COMPLETE":
+            lines.append(f"  vs {name:<32} (failed: {b.get('error', '')})")
+            continue
+        r = b.get(key)
+        if r is None or (isinstance(r, float) and math.isnan(r)):
+            lines.append(f"  vs {name:<32} ({key} not measured)")
+            continue
+        diff = bval - float(r)
+        beaten_all &= diff > 0 or b.get("number") == best.get("number")
+        lines.append(f"  vs {name:<32} {key} {float(r):.3f}  ({'+' if diff >= 0 else ''}{diff:.3f})")
+    lines.append(f"the best trial's {key} score {'beats' if beaten_all else 'does NOT beat'} every source model and the uniform merge")
+    return "\n".join(lines)
+
+
+def main_results(space: str, *, study: str | None = None, storage: str | None = None, results_dir: str = "results",
+                 top: int = 15, show_all: bool = False) -> int:
+    """``evomerge results space.yml``: print the leaderboard of the space's study."""
+    paths = locate(space, study=study, storage=storage, results_dir=results_dir)
+    df = trials_frame(load_study(paths))
+    print(f"study {paths.name} ({paths.storage}): {int((df['state'] == 'COMPLETE').sum())} complete rows, "
+          f"{int((df['state'] == 'FAIL').sum())} failed")
+    print(leaderboard(df, top=top, show_all=show_all))
+    return 0

@@ -1,0 +1,85 @@
+"""Baselines: what the search must beat, scored like every trial.
+
+Every source model alone, the uniform average of the fine-tunes, and the space's hand recipes. A
+hand recipe that is a point of the space is queued as the first searched trial instead, so that
+the sampler learns from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from evomerge.errors import failure_line
+from evomerge.io import dump_yaml
+from evomerge.search.candidates import Candidates
+from evomerge.search.records import StudyRecords, TrialRecord
+from evomerge.space import Space
+
+__all__ = ["baseline_recipes", "run_baselines"]
+
+
+def baseline_recipes(space: Space) -> dict[str, dict[str, Any]]:
+    """``{name: recipe}``: ``source:<ref>`` for each model, ``uniform``, and ``hand:<name>``."""
+    refs = space.model_refs()
+    base = space.tree.get("base_model") if isinstance(space.tree.get("base_model"), str) else None
+    dtype = space.tree.get("dtype")
+    extra = {"dtype": dtype} if isinstance(dtype, str) else {}
+    out: dict[str, dict[str, Any]] = {}
+    for ref in refs:
+        out[f"source:{ref}"] = {"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}}], **extra}
+    tuned = [r for r in refs if r != base]
+    if len(tuned) < 2:
+        tuned = refs
+    if len(tuned) >= 2:
+        out["uniform"] = {"merge_method": "linear", "models": [{"model": r, "parameters": {"weight": 1.0}} for r in tuned], **extra}
+    for name, recipe in space.search.baselines:
+        out[f"hand:{name}"] = dict(recipe)
+    return out
+
+
+def run_baselines(space: Space, recipes: dict[str, dict[str, Any]], candidates: Candidates, records: StudyRecords, *,
+                  layers_of: Callable[[str], int], holdout: bool, log: Callable[[str], None], check_interrupt: Callable[[], None]) -> None:
+    """Score every baseline not scored yet (a resumed study skips those it has).
+
+    Args:
+        space: the search space (a hand recipe that is one of its points is queued as a trial).
+        recipes: the baselines, from :func:`baseline_recipes`.
+        candidates: merges and scores.
+        records: the study's records.
+        layers_of: decoder layers of a model reference.
+        holdout: also score the holdout items.
+        log: progress lines.
+        check_interrupt: raises KeyboardInterrupt once Ctrl-C was pressed.
+    """
+    study = records.study
+    for name, recipe in recipes.items():
+        check_interrupt()
+        if records.baseline_done(name):
+            continue
+        if name.startswith("hand:"):
+            values = space.values_of(recipe, layers_of)
+            if values is not None:
+                study.enqueue_trial(values, user_attrs={"baseline": name})
+                records.mark_enqueued(name)
+                log(f"baseline {name}: a point of the space, queued as the first trial")
+                continue
+        rec = TrialRecord(method=recipe.get("merge_method"), recipe=dump_yaml(recipe))
+        try:
+            t0 = time.perf_counter()
+            model, res = candidates.materialize(recipe, f"{space.file} (baseline {name})")
+            rec.merge_s, rec.digest = time.perf_counter() - t0, res.digest
+            rec.search = candidates.score(model, "search")
+            rec.eval_s = rec.search.seconds
+            if holdout:
+                rec.holdout = candidates.score(model, "holdout")
+            rec.state = "COMPLETE"
+            log(f"baseline {name:<28} search {rec.search.aggregate:.3f}" + (f"  holdout {rec.holdout.aggregate:.3f}" if rec.holdout else ""))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # a baseline that cannot be merged or scored is reported, not fatal
+            rec.state, rec.error = "FAIL", failure_line(e)
+            log(f"baseline {name}: failed: {rec.error}")
+        records.set_baseline(name, rec)
+

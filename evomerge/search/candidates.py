@@ -1,0 +1,67 @@
+"""Turning a recipe into a scored model: merge it into a resident model, then evaluate it.
+
+Sources are opened once; one model per output layout is built once and every candidate's merged
+tensors are written into it in place, so a trial costs a re-merge and an evaluation, no disk
+round trip and no model construction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from evomerge.engine.merger import Merger, MergeResult
+from evomerge.engine.plan import MergePlan
+from evomerge.errors import EvomergeError
+from evomerge.evaluation.base import Evaluator
+from evomerge.recipe.schema import parse_recipe
+from evomerge.search.records import Scores
+
+__all__ = ["Candidates"]
+
+
+class Candidates:
+    """Merges candidates into resident models and scores them.
+
+    Args:
+        merger: a resident :class:`~evomerge.engine.merger.Merger` over the space's sources.
+        evaluator: scores a model on "search" or "holdout".
+    """
+
+    def __init__(self, merger: Merger, evaluator: Evaluator) -> None:
+        self.merger = merger
+        self.evaluator = evaluator
+        self._models: dict[str, torch.nn.Module] = {}
+
+    def model_for(self, plan: MergePlan) -> torch.nn.Module:
+        """The resident model for the plan's output layout (built once per layout)."""
+        key = json.dumps(plan.out_config, sort_keys=True, default=str) + plan.out_dtype
+        model = self._models.get(key)
+        if model is None:
+            if len(self._models) >= 2:  # frankenmerge searches change layouts: keep memory bounded
+                self._models.clear()
+            model = self.merger.build_model(plan)
+            self._models[key] = model
+        return model
+
+    def materialize(self, recipe: Mapping[str, Any], where: str) -> tuple[torch.nn.Module, MergeResult]:
+        """Merge ``recipe`` into its resident model; returns the model and the merge result."""
+        plan = self.merger.plan(parse_recipe(dict(recipe), where))
+        model = self.model_for(plan)
+        return model, self.merger.merge_into(model, plan)
+
+    def score(self, model: torch.nn.Module, split: str) -> Scores:
+        """Evaluate ``model`` on ``split``.
+
+        Raises:
+            EvomergeError: a task gave no score (NaN or missing).
+        """
+        r = self.evaluator.evaluate(model, split)
+        bad = [t for t, v in r.scores.items() if v is None or (isinstance(v, float) and math.isnan(v))]
+        if bad:
+            raise EvomergeError(f"evaluation gave no score for {', '.join(bad)}")
+        return Scores(dict(r.scores), {k: float(v) for k, v in r.stderr.items()}, float(r.aggregate), float(r.aggregate_se), float(r.seconds))

@@ -1,0 +1,215 @@
+"""What a search stores in the Optuna storage, typed, and the one place that writes and reads it.
+
+The storage is the single source of truth of a study. Each record below has one home in it:
+
+| record | where | key |
+|---|---|---|
+| :class:`TrialRecord` of a searched trial | the trial's user attributes | ``result`` |
+| :class:`TrialRecord` of a baseline (``state``, ``search``, ``holdout`` set) | the study's user attributes | ``baseline:<name>`` |
+| :class:`Scores` of a finalist's holdout re-score | the study's user attributes | ``holdout:<number>`` |
+| memorization-probe columns of a finalist | the study's user attributes | ``probe:<number>`` |
+| a hand recipe queued as a searched trial | the study's user attributes | ``enqueued:<name>`` |
+| why a trial left RUNNING by a dead process failed | the study's user attributes | ``died:<number>`` |
+| :class:`StudyMeta` (seed, tasks, flags...) | the study's user attributes | one key per field |
+
+Trial user attributes also hold ``proc`` (pid and host of the process running it), ``baseline``
+(the hand recipe a queued trial came from) and ``retry_of`` (the trial a retry repeats). The keys
+and dict shapes are the file format of existing studies: keep them.
+
+Example:
+    >>> s = Scores({"a": 0.5}, {"a": 0.05}, 0.5, 0.05, 1.0)
+    >>> Scores.from_dict(s.to_dict()) == s
+    True
+    >>> r = TrialRecord(method="ties", search=s)
+    >>> TrialRecord.from_dict(r.to_dict()).search.aggregate
+    0.5
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["Scores", "TrialRecord", "StudyMeta", "StudyRecords", "HOST"]
+
+HOST = socket.gethostname()
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One evaluation of one model on one split: per-task scores, their standard errors, the
+    weighted aggregate and the seconds it took."""
+
+    scores: dict[str, float]
+    stderr: dict[str, float]
+    aggregate: float
+    aggregate_se: float
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Scores | None:
+        if not d:
+            return None
+        return cls(dict(d.get("scores") or {}), {k: float(v) for k, v in (d.get("stderr") or {}).items()},
+                   float(d["aggregate"]), float(d.get("aggregate_se") or 0.0), float(d.get("seconds") or 0.0))
+
+
+@dataclass
+class TrialRecord:
+    """What one candidate (a searched trial or a baseline) merged and scored.
+
+    Attributes:
+        method: its ``merge_method``.
+        recipe: the exact recipe merged, as YAML (what export writes and finalists re-merge).
+        merge_s, eval_s: seconds spent merging and scoring the search items.
+        digest: hash of the merged tensors.
+        search: its scores on the search items.
+        error: why it failed ("" when it did not).
+        state: baselines only (searched trials have Optuna's state): COMPLETE or FAIL.
+        holdout: baselines only (a searched trial's holdout re-score is a record of its own).
+    """
+
+    method: str | None = None
+    recipe: str | None = None
+    merge_s: float | None = None
+    digest: str | None = None
+    search: Scores | None = None
+    eval_s: float | None = None
+    error: str = ""
+    state: str | None = None
+    holdout: Scores | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None or (f.name == "error" and not v):
+                continue
+            out[f.name] = v.to_dict() if isinstance(v, Scores) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> TrialRecord:
+        d = dict(d or {})
+        return cls(method=d.get("method"), recipe=d.get("recipe"), merge_s=d.get("merge_s"), digest=d.get("digest"),
+                   search=Scores.from_dict(d.get("search")), eval_s=d.get("eval_s"), error=d.get("error", "") or "",
+                   state=d.get("state"), holdout=Scores.from_dict(d.get("holdout")))
+
+
+@dataclass
+class StudyMeta:
+    """Study-level facts the readers (table, export, report) need without the space."""
+
+    space: str | None = None
+    space_file: str | None = None
+    seed: int = 0
+    model_refs: list[str] = field(default_factory=list)
+    include_path: list[str] | None = None
+    search_tasks: list[str] = field(default_factory=list)
+    holdout_tasks: list[str] = field(default_factory=list)
+    flags: dict[str, Any] = field(default_factory=dict)
+    assessment: dict[str, Any] | None = None
+
+
+class StudyRecords:
+    """Typed reads and writes of a study's records (see the module docstring for where each lives).
+
+    Args:
+        study: an ``optuna.Study``.
+    """
+
+    def __init__(self, study: Any) -> None:
+        self.study = study
+        self._attrs: dict[str, Any] | None = None
+
+    # -- study-level ---------------------------------------------------------------------------
+    def attrs(self, refresh: bool = False) -> dict[str, Any]:
+        """The study's user attributes (one storage read, cached until ``refresh`` or a write)."""
+        if self._attrs is None or refresh:
+            self._attrs = dict(self.study.user_attrs)
+        return self._attrs
+
+    def _set(self, key: str, value: Any) -> None:
+        self.study.set_user_attr(key, value)
+        if self._attrs is not None:
+            self._attrs[key] = value
+
+    def meta(self) -> StudyMeta:
+        a = self.attrs()
+        return StudyMeta(**{f.name: a[f.name] for f in fields(StudyMeta) if f.name in a and a[f.name] is not None})
+
+    def set_meta(self, meta: StudyMeta) -> None:
+        for f in fields(StudyMeta):
+            value = getattr(meta, f.name)
+            if f.name in ("flags", "assessment") and not value:
+                continue  # a study without an assessment keeps none (and a resumed one keeps its own)
+            self._set(f.name, value)
+
+    def baselines(self) -> dict[str, TrialRecord]:
+        """Every baseline that ran, by name, in name order."""
+        a = self.attrs()
+        return {k.split(":", 1)[1]: TrialRecord.from_dict(a[k]) for k in sorted(a) if k.startswith("baseline:")}
+
+    def baseline_done(self, name: str) -> bool:
+        """Whether the baseline ran, or was queued as a searched trial."""
+        a = self.attrs()
+        return f"baseline:{name}" in a or f"enqueued:{name}" in a
+
+    def set_baseline(self, name: str, record: TrialRecord) -> None:
+        self._set(f"baseline:{name}", record.to_dict())
+
+    def mark_enqueued(self, name: str) -> None:
+        self._set(f"enqueued:{name}", True)
+
+    def holdout(self, number: int) -> Scores | None:
+        return Scores.from_dict(self.attrs().get(f"holdout:{number}"))
+
+    def set_holdout(self, number: int, scores: Scores) -> None:
+        self._set(f"holdout:{number}", scores.to_dict())
+
+    def probe(self, number: int) -> dict[str, Any] | None:
+        return self.attrs().get(f"probe:{number}")
+
+    def set_probe(self, number: int, columns: Mapping[str, Any]) -> None:
+        self._set(f"probe:{number}", dict(columns))
+
+    # -- per trial -----------------------------------------------------------------------------
+    def trial(self, t: Any) -> TrialRecord:
+        """The record of a (frozen) trial; the reason a dead process's trial failed included."""
+        rec = TrialRecord.from_dict(t.user_attrs.get("result"))
+        died = self.attrs().get(f"died:{t.number}")
+        if died and not rec.error:
+            rec.error = died
+        return rec
+
+    @staticmethod
+    def set_trial(trial: Any, record: TrialRecord) -> None:
+        """Write a live trial's record (one storage write: each is a database commit)."""
+        trial.set_user_attr("result", record.to_dict())
+
+    @staticmethod
+    def claim(trial: Any) -> None:
+        """Mark a live trial as run by this process (a later resume recognises dead ones by it)."""
+        trial.set_user_attr("proc", {"pid": os.getpid(), "host": HOST})
+
+    @staticmethod
+    def owner(t: Any) -> tuple[int | None, str | None]:
+        proc = t.user_attrs.get("proc") or {}
+        return proc.get("pid"), proc.get("host")
+
+    @staticmethod
+    def baseline_of(t: Any) -> str:
+        return t.user_attrs.get("baseline", "") or ""
+
+    @staticmethod
+    def retry_of(t: Any) -> int | None:
+        return t.user_attrs.get("retry_of")
+
+    def mark_died(self, number: int, message: str) -> None:
+        self._set(f"died:{number}", message)
