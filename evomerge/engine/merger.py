@@ -17,6 +17,7 @@ checked against ``evomerge merge`` of its exported recipe.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from evomerge.dtypes import torch_dtype
+from evomerge.engine.card import render_card
 from evomerge.engine.inputs import PrepCache, TensorInputs
 from evomerge.engine.kernels.methods import kernel_for
 from evomerge.engine.plan import MergePlan, TensorTask, make_plan
@@ -348,10 +350,6 @@ def merge_to_disk(
 
 
 def _write_metadata(path: Path, plan: MergePlan, sources: Mapping[str, ModelSource], copy_tokenizer: bool, recipe_text: str | None, card_extra: str) -> None:
-    import json
-
-    from evomerge.engine.card import render_card
-
     cfg = plan.recipe
     (path / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
     ref_dir = sources[plan.reference].path
@@ -377,11 +375,4 @@ def _write_metadata(path: Path, plan: MergePlan, sources: Mapping[str, ModelSour
     text = recipe_text if recipe_text is not None else dump_yaml(dict(cfg.raw))
     (path / "mergekit_config.yml").write_text(text)
     (path / "README.md").write_text(render_card(plan, text, extra=card_extra))
-
-
-def check_recipe_file(path: str | Path) -> MergeConfig:
-    """Load a recipe and plan it against its models without merging (all checks, no output)."""
-    cfg = load_recipe(path)
-    Merger(open_sources(cfg.referenced_models(), file=cfg.source_file)).plan(cfg)
-    return cfg
 

@@ -1,0 +1,85 @@
+"""One failing candidate never ends a study: whatever a merge or an evaluation raises fails that
+trial only, with the exception's type and message in the table's ``error`` column."""
+
+from __future__ import annotations
+
+import pytest
+from _fake_eval import TaskVectorEvaluator
+from test_search import write_space
+
+from evomerge.engine.kernels import methods as kernels
+from evomerge.search import load_trials, run_search
+
+
+class Boom(Exception):
+    """An exception type nothing in evomerge knows about."""
+
+
+class RaisingEvaluator(TaskVectorEvaluator):
+    """Raises a different, arbitrary exception type on every third search evaluation."""
+
+    ERRORS = (Boom("the scorer broke"), ZeroDivisionError("float division by zero"), AttributeError("'NoneType' object has no attribute 'logits'"))
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.search_calls = 0
+
+    def evaluate(self, model, split="search"):
+        if split == "search":
+            self.search_calls += 1
+            if self.search_calls % 3 == 0:
+                raise self.ERRORS[(self.search_calls // 3 - 1) % len(self.ERRORS)]
+        return super().evaluate(model, split)
+
+
+def test_any_evaluator_exception_fails_one_trial_and_the_study_goes_on(tmp_path, tiny_family):
+    base, fts = tiny_family
+    space = write_space(tmp_path / "space.yml", base, fts, trials=6, finalists=2)
+    out = run_search(space, evaluator=RaisingEvaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    df = load_trials(out.paths.csv)
+    searched = df[df["baseline"] == ""]
+    assert out.n_complete == 6 and (searched["state"] == "COMPLETE").sum() == 6
+    errors = set(searched.loc[searched["state"] == "FAIL", "error"])
+    assert {"Boom: the scorer broke", "ZeroDivisionError: float division by zero"} <= errors | set(df["error"])
+    assert not (df["state"] == "RUNNING").any()
+
+
+def test_a_merge_kernel_that_raises_fails_its_trials_only(tmp_path, tiny_family, monkeypatch):
+    base, fts = tiny_family
+
+    def broken(inp):
+        raise TypeError("unsupported operand type(s) for +: 'Tensor' and 'NoneType'")
+
+    # ties is broken; task_arithmetic and dare_ties still merge
+    monkeypatch.setitem(kernels.KERNELS, "ties", broken)
+    space = write_space(tmp_path / "space.yml", base, fts, trials=8, finalists=0, sampler="random")
+    out = run_search(space, evaluator=TaskVectorEvaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    df = load_trials(out.paths.csv)
+    searched = df[df["baseline"] == ""]
+    failed = searched[searched["state"] == "FAIL"]
+    assert out.n_complete == 8
+    assert len(failed) >= 1 and (failed["p_method"] == "ties").all()
+    assert (failed["error"] == "TypeError: unsupported operand type(s) for +: 'Tensor' and 'NoneType'").all()
+    assert (searched.loc[searched["p_method"] == "ties", "state"] == "FAIL").all()
+
+
+@pytest.mark.parametrize("weights", [(1.0, -1.0), (0.0, 0.0)])
+def test_a_zero_weight_sum_point_does_not_end_the_search(tmp_path, tiny_family, weights):
+    """A linear point whose weights sum to zero (a step grid reaches it) is a failed trial or a
+    scored one, as `evomerge merge` defines it; never the end of the study."""
+    import yaml
+
+    base, fts = tiny_family
+    space = {
+        "merge_method": "linear",
+        "models": [{"model": str(f), "parameters": {"weight": {"choice": [w]}}} for f, w in zip(fts[:2], weights)],
+        "dtype": "float32",
+        "search": {"trials": 2, "finalists": 0, "sampler": "random"},
+    }
+    path = tmp_path / "zero.yml"
+    path.write_text(yaml.safe_dump(space))
+    out = run_search(path, evaluator=TaskVectorEvaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    df = load_trials(out.paths.csv)
+    searched = df[df["baseline"] == ""]
+    assert len(searched) >= 2 and not (searched["state"] == "RUNNING").any()
+    assert ((searched["state"] == "COMPLETE") | (searched["error"] != "")).all()
