@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from evomerge.contamination import flags as F  # noqa: E402
+from evomerge import contamination as F  # noqa: E402
 
 
 def _model(root: Path, name: str, card: str | None = None, mergekit: str | None = None) -> Path:
@@ -353,7 +353,13 @@ def test_evomerge_merges_of_merges_stay_visible(tiny_family, tmp_path):
 def test_assessment_round_trips_through_json(tmp_path):
     import json
 
-    from evomerge.contamination.flags import Assessment, DatasetHit, Lineage, assessment_from_dict, assessment_to_dict
+    from evomerge.contamination import (
+        Assessment,
+        DatasetHit,
+        Lineage,
+        assessment_from_dict,
+        assessment_to_dict,
+    )
 
     leaf = Lineage("org/c", None, False, (), (), (), "", (), ("not available locally",))
     mid = Lineage("org/b", "/x/b", True, ("tags: merge",), ("org/c",), (leaf,), "merge", ("gsm8k",), ())

@@ -44,11 +44,20 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import torch
+
+from evomerge.evaluation.lmeval import (
+    DOC_SPLITS,
+    item_text,
+    load_leaf_tasks,
+    manager_for,
+    task_docs,
+)
 
 __all__ = ["ProbeResult", "min_k_plus_plus", "perturb_texts", "probe_contamination",
            "task_texts"]
@@ -243,11 +252,6 @@ def probe_contamination(model: Any, base_model: Any, tokenizer: Any, eval_texts:
                        min_items)
 
 
-_SPLITS = {"test": ("has_test_docs", "test_docs"),
-           "validation": ("has_validation_docs", "validation_docs"),
-           "train": ("has_training_docs", "training_docs")}
-
-
 def task_texts(task_names: Iterable[str], include_path: Any = None, *,
                limit: int | None = None, split: str = "eval",
                task_manager: Any = None) -> list[str]:
@@ -271,44 +275,11 @@ def task_texts(task_names: Iterable[str], include_path: Any = None, *,
     Raises:
         ValueError: an unknown ``split``, or a task that has no such split.
     """
-    if split != "eval" and split not in _SPLITS:
-        raise ValueError(f"split must be one of eval, {', '.join(_SPLITS)}; got {split!r}")
+    if split not in DOC_SPLITS:  # before lm-eval spends seconds loading the tasks
+        raise ValueError(f"split must be one of {', '.join(DOC_SPLITS)}; got {split!r}")
     names = list(task_names)
-    if task_manager is None:
-        from evomerge.contamination.flags import _flatten, _task_manager
-
-        paths = tuple(str(p) for p in _flatten(include_path or []))
-        task_manager = _task_manager(paths, False) if paths else None
-        if task_manager is None or not all(n in task_manager.task_index for n in names):
-            task_manager = _task_manager(paths, True)
+    tm = task_manager if task_manager is not None else manager_for(names, include_path)
     out: list[str] = []
-    for name, task in _leaf_tasks(task_manager.load(names)["tasks"]):
-        if split == "eval":
-            docs: Iterable[Any] = task.eval_docs
-        else:
-            has, get = _SPLITS[split]
-            if not getattr(task, has)():
-                raise ValueError(f"task {name} has no {split} split")
-            docs = getattr(task, get)()
-        delim = getattr(task.config, "target_delimiter", " ")
-        for i, doc in enumerate(docs):
-            if limit is not None and i >= limit:
-                break
-            prompt, target = task.doc_to_text(doc), task.doc_to_target(doc)
-            if getattr(task.config, "output_type", "") == "multiple_choice":
-                choices = task.doc_to_choice(doc)
-                if isinstance(target, int) and 0 <= target < len(choices):
-                    target = choices[target]
-            if isinstance(target, list):
-                target = target[0] if target else ""
-            out.append(f"{prompt}{delim}{target}" if isinstance(prompt, str) else str(target))
+    for task in load_leaf_tasks(names, tm).values():
+        out += [item_text(task, doc) for doc in islice(task_docs(task, split), limit)]
     return out
-
-
-def _leaf_tasks(tasks: Any) -> Iterator[tuple[str, Any]]:
-    """(name, Task) of every task in lm-eval's loaded (possibly nested group) dict."""
-    for key, value in tasks.items():
-        if isinstance(value, dict):
-            yield from _leaf_tasks(value)
-        elif value is not None:
-            yield getattr(key, "group_name", None) or str(key), value
