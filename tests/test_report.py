@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from evomerge.contamination import flags
+from evomerge import contamination as flags
 from evomerge.results.report import make_report, param_importances
 
 NAN = math.nan

@@ -15,11 +15,8 @@ from typing import Any
 
 import yaml
 
-from evomerge.contamination.flags import (
-    as_comments,
-    assessment_from_dict,
-    render_contamination_section,
-)
+from evomerge.contamination.render import as_comments, render_contamination_section
+from evomerge.contamination.rules import assessment_from_dict
 from evomerge.engine.merger import merge_to_disk
 from evomerge.errors import EvomergeError, one_line
 from evomerge.io import atomic_text, dump_yaml

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from evomerge.contamination.flags import flag_marks, legend
+from evomerge.contamination.render import flag_marks, legend
 from evomerge.search.loop import SearchOutcome
 from evomerge.search.storage import load_study, locate
 from evomerge.search.table import is_number, trials_frame

@@ -24,7 +24,7 @@ It writes, always (a figure says why when there is nothing to draw):
     Search score vs holdout score of the rows that have both (finalists and baselines), with
     standard errors and the diagonal; ``overfit``-flagged rows in red.
 ``flags.png``
-    How many rows raise each flag of :mod:`evomerge.contamination.flags`.
+    How many rows raise each flag of :mod:`evomerge.contamination.rules`.
 ``report.md``
     Links to the figures, the top trials with their flag letters, the legend and the
     evidence of every raised flag.
@@ -41,7 +41,8 @@ from typing import Any
 
 import pandas as pd
 
-from evomerge.contamination import flags
+from evomerge.contamination.render import flag_marks, flag_raised, legend
+from evomerge.contamination.rules import FLAG_COLUMNS
 from evomerge.io import atomic_file
 from evomerge.search.storage import load_study, locate
 from evomerge.search.table import trials_frame
@@ -230,7 +231,7 @@ def _holdout(df: pd.DataFrame, path: Path) -> Path:
     s, h = s[rows.index], h[rows.index]
     se_s = pd.to_numeric(_col(rows, "score_se"), errors="coerce").fillna(0)
     se_h = pd.to_numeric(_col(rows, "holdout_se"), errors="coerce").fillna(0)
-    over = _col(rows, "overfit", False).map(flags.flag_raised)
+    over = _col(rows, "overfit", False).map(flag_raised)
     is_base = _baseline_mask(rows)
     for mask, color, marker, label in ((~over & ~is_base, _OK, "o", "finalist"),
                                        (~over & is_base, _BASE, "s", "baseline"),
@@ -254,7 +255,7 @@ def _holdout(df: pd.DataFrame, path: Path) -> Path:
 
 
 def _flag_counts(df: pd.DataFrame) -> dict[str, int]:
-    return {c: int(df[c].map(flags.flag_raised).sum()) for c in flags.FLAG_COLUMNS if c in df}
+    return {c: int(df[c].map(flag_raised).sum()) for c in FLAG_COLUMNS if c in df}
 
 
 def _flags(df: pd.DataFrame, path: Path) -> Path:
@@ -309,15 +310,15 @@ def _markdown(df: pd.DataFrame, study_name: str, obj: str, imp_method: str, pngs
             name = f"[{r['baseline']}]" if str(r.get("baseline") or "") else f"#{r['number']}"
             ps = " ".join(f"{c[2:]}={_fmt(r[c], 3)}" for c in params if pd.notna(r.get(c)))
             lines.append(f"| {name} | {_fmt(r.get(obj))} | {_fmt(r.get(obj + '_se'))} | "
-                         f"{_fmt(r.get('holdout'))} | {flags.flag_marks(r.to_dict()) or '-'} | "
+                         f"{_fmt(r.get('holdout'))} | {flag_marks(r.to_dict()) or '-'} | "
                          f"{r.get('method') or ''} | {ps.replace('|', '/')} |")
-    lines += ["", "## Flags", "", flags.legend(), ""]
+    lines += ["", "## Flags", "", legend(), ""]
     counts = _flag_counts(df)
     for c, n in counts.items():
         if not n:
             lines.append(f"- `{c}`: not raised")
             continue
-        ev = _col(df, f"{c}_evidence", "")[df[c].map(flags.flag_raised)].fillna("").astype(str)
+        ev = _col(df, f"{c}_evidence", "")[df[c].map(flag_raised)].fillna("").astype(str)
         uniq = list(dict.fromkeys(e for e in ev if e))
         lines.append(f"- `{c}`: **raised** on {n} of {len(df)} rows" + (":" if uniq else ""))
         lines += [f"  - {e}" for e in uniq[:10]] + ([f"  - ... {len(uniq) - 10} more"] if len(uniq) > 10 else [])

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from evomerge.contamination.flags import assessment_to_dict
+from evomerge.contamination.rules import assessment_to_dict
 from evomerge.errors import failure_line
 from evomerge.evaluation.base import Evaluator
 from evomerge.io import dump_yaml

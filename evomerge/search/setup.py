@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from evomerge.contamination.flags import Assessment, assess
+from evomerge.contamination.rules import Assessment, assess
 from evomerge.engine.merger import Merger
 from evomerge.engine.sources import ModelSource, open_sources
 from evomerge.errors import ConfigError, EvomergeError, one_line

@@ -7,7 +7,7 @@ trial, so it is never half-written and always matches the storage.
 Columns: ``number``, ``state``, ``baseline`` (name, empty for searched trials), ``method``,
 ``p_<param>`` (every sampled parameter), ``score``/``score_se`` (aggregate search score),
 ``s_<task>``/``se_<task>``, ``holdout``/``holdout_se``, ``h_<task>``, ``merge_s``, ``eval_s``,
-``digest`` (hash of the merged tensors), the flag columns of :mod:`evomerge.contamination.flags` with their
+``digest`` (hash of the merged tensors), the flag columns of :mod:`evomerge.contamination.rules` with their
 ``_evidence``, and ``error`` (why a trial failed).
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from evomerge.contamination.flags import overfit_columns
+from evomerge.contamination.rules import overfit_columns
 from evomerge.errors import EvomergeError
 from evomerge.io import atomic_file
 from evomerge.search.records import Scores, StudyRecords
