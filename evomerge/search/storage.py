@@ -16,6 +16,9 @@ from evomerge.space import load_space
 
 __all__ = ["StudyPaths", "study_paths", "open_storage", "load_study", "locate"]
 
+# What to install for a storage URL's database (SQLAlchemy 2 maps postgresql:// to psycopg 3).
+_DRIVERS = {"postgresql": "'psycopg[binary]'", "mysql": "pymysql (and write the URL as mysql+pymysql://)"}
+
 
 @dataclass(frozen=True)
 class StudyPaths:
@@ -59,6 +62,9 @@ def open_storage(url: str, *, field: str = "--storage") -> Any:
             raise EvomergeError(f"{field}: cannot open storage {url}: folder {folder} does not exist")
     try:
         storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}})
+    except ImportError:
+        driver = _DRIVERS.get(url.split(":", 1)[0].split("+", 1)[0], "the SQLAlchemy driver for this database")
+        raise EvomergeError(f"{field}: cannot open storage {url}: its database driver is not installed (pip install {driver})") from None
     except Exception as e:  # sqlalchemy raises many types here
         raise EvomergeError(f"{field}: cannot open storage {url}: {one_line(type(e).__name__)}: {one_line(e)[:200]}") from None
     if url.startswith("sqlite"):
