@@ -22,7 +22,7 @@ def test_a_registered_scheme_names_models_in_recipes(tmp_path, tiny_family):
     merge_to_disk(recipe, tmp_path / "a")
     merge_to_disk(by_path, tmp_path / "b")
     assert digest_model_dir(tmp_path / "a") == digest_model_dir(tmp_path / "b")
-    with pytest.raises(ConfigError, match=r"unknown model 'mem:ft9' \(did you mean mem:ft0"):
+    with pytest.raises(ConfigError, match=r"unknown model 'mem:ft9' \(did you mean mem:ft1, mem:ft0"):
         merge_to_disk({**recipe, "base_model": "mem:ft9"}, tmp_path / "c")
     assert not (tmp_path / "c").exists()
 
