@@ -1,5 +1,11 @@
-"""Search spaces: a mergekit recipe whose values may be directives (:mod:`.space`)."""
+"""Search spaces: a mergekit recipe whose values may be directives.
 
-from evomerge.space.space import Directive, SearchSettings, Space, load_space, parse_space
+:mod:`.directives` (one searched value), :mod:`.space` (the parsed space), :mod:`.render` (a point to
+a plain recipe and back), :mod:`.parse` (reading and validating a space file).
+"""
 
-__all__ = ["Directive", "SearchSettings", "Space", "load_space", "parse_space"]
+from evomerge.space.directives import Directive
+from evomerge.space.parse import SAMPLERS, load_space, parse_space
+from evomerge.space.space import SearchSettings, Space
+
+__all__ = ["Directive", "SearchSettings", "Space", "load_space", "parse_space", "SAMPLERS"]

@@ -1,0 +1,391 @@
+"""Parsing and validating a search space file: directives, the recipe's schema at a corner of the
+space, and the ``search:`` and ``study:`` sections."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import ConfigError, did_you_mean
+from evomerge.io import read_yaml
+from evomerge.methods.registry import METHODS, get_method
+from evomerge.recipe.schema import parse_recipe
+from evomerge.space.directives import Directive
+from evomerge.space.space import SearchSettings, Space
+
+__all__ = ["parse_space", "load_space", "SAMPLERS"]
+
+_KINDS = ("range", "int", "choice")
+_MODIFIERS = ("log", "step", "anchors", "per_layers")
+_SECTIONS = ("evaluate", "search", "study")
+SAMPLERS = ("tpe", "cmaes", "random", "gp", "nsga2")
+_SEARCH_KEYS = ("sampler", "trials", "seed", "baselines", "finalists", "objectives", "mask_seed", "startup_trials")
+_STUDY_KEYS = ("name", "storage")
+
+
+class _SpaceParser:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.directives: list[Directive] = []
+        self.names: set[str] = set()
+
+    def err(self, fld: str, msg: str) -> ConfigError:
+        return ConfigError(self.file, fld, msg)
+
+    def unique(self, name: str) -> str:
+        base, i = name, 2
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def directive(self, m: Mapping[str, Any], fld: str, name: str, *, numbers_only: bool = False, ints: bool = False) -> Directive:
+        keys = [str(k) for k in m]
+        kinds = [k for k in keys if k in _KINDS]
+        for k in keys:
+            if k not in _KINDS and k not in _MODIFIERS:
+                raise self.err(f"{fld}.{k}", f"unknown search directive{did_you_mean(k, _KINDS + _MODIFIERS)}")
+        if len(kinds) != 1:
+            raise self.err(fld, "a search directive needs exactly one of range: [low, high], int: [low, high] or choice: [options]")
+        kind = kinds[0]
+        spec = m[kind]
+        f = f"{fld}.{kind}"
+        anchors, per_layers = m.get("anchors"), m.get("per_layers")
+        for key, val in (("anchors", anchors), ("per_layers", per_layers)):
+            if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
+                raise self.err(f"{fld}.{key}", f"must be a positive integer, got {val!r}")
+        if anchors and per_layers:
+            raise self.err(fld, "give anchors or per_layers, not both")
+        if kind == "choice":
+            if not isinstance(spec, list) or not spec:
+                raise self.err(f, f"must be a non-empty list of options, got {spec!r}")
+            if any(isinstance(c, (Mapping, list)) for c in spec):
+                raise self.err(f, "options must be plain values (numbers, strings, booleans)")
+            if len(set(map(repr, spec))) != len(spec):
+                raise self.err(f, f"lists an option twice: {spec!r}")
+            for k in ("log", "step"):
+                if k in m:
+                    raise self.err(f"{fld}.{k}", "applies to range and int, not choice")
+            d = Directive("choice", self.unique(name), fld, choices=tuple(spec), anchors=anchors, per_layers=per_layers)
+        else:
+            if not (isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in spec)):
+                raise self.err(f, f"must be [low, high] with two numbers, got {spec!r}")
+            low, high = spec
+            if kind == "int" and not all(isinstance(x, int) for x in spec):
+                raise self.err(f, f"int bounds must be integers, got {spec!r}")
+            if not low < high:
+                raise self.err(f, f"empty range: `low < high` must hold, but got (low={low}, high={high}); for a fixed value write the value itself")
+            log = m.get("log", False)
+            if not isinstance(log, bool):
+                raise self.err(f"{fld}.log", f"must be true or false, got {log!r}")
+            if log and low <= 0:
+                raise self.err(f"{fld}.log", f"a log range needs low > 0, got {low}")
+            step = m.get("step")
+            if step is not None:
+                if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 or step > high - low:
+                    raise self.err(f"{fld}.step", f"must be a number in (0, high - low], got {step!r}")
+                if log:
+                    raise self.err(f"{fld}.step", "cannot be combined with log: true")
+            d = Directive("int" if kind == "int" else "float", self.unique(name), fld, float(low) if kind == "range" else low,
+                          float(high) if kind == "range" else high, log, step, anchors=anchors, per_layers=per_layers)
+        if ints and d.kind == "float":
+            raise self.err(fld, "layer indices take int: [low, high], not range")
+        if numbers_only and d.kind == "choice" and not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in d.choices):
+            raise self.err(f, "options of a parameter value must be numbers")
+        self.directives.append(d)
+        return d
+
+    def is_directive(self, v: Any) -> bool:
+        return isinstance(v, Mapping) and not ({"filter", "value"} & set(map(str, v)))
+
+    def scalar(self, v: Any, fld: str, name: str) -> Any:
+        if isinstance(v, Mapping):
+            return self.directive(v, fld, name)
+        return v
+
+    def param_value(self, v: Any, fld: str, name: str) -> Any:
+        """A parameter setting: scalar, gradient list, {filter, value} or a list of those."""
+        if self.is_directive(v):
+            return self.directive(v, fld, name, numbers_only=True)
+        if isinstance(v, Mapping):  # {filter, value}
+            out = dict(v)
+            flt = v.get("filter")
+            sub = f"{name}.{_slug(flt) if flt else 'rest'}"
+            if "value" in v:
+                out["value"] = self.param_value(v["value"], f"{fld}.value", sub)
+            return out
+        if isinstance(v, list):
+            if any(isinstance(x, Mapping) and not self.is_directive(x) for x in v):
+                return [self.param_value(x, f"{fld}[{i}]", name) for i, x in enumerate(v)]
+            return [self.directive(x, f"{fld}[{i}]", f"{name}.{i}", numbers_only=True) if isinstance(x, Mapping) else x
+                    for i, x in enumerate(v)]
+        return v
+
+    def params(self, block: Any, fld: str, suffix: str) -> Any:
+        if not isinstance(block, Mapping):
+            return block  # parse_recipe reports the type error
+        return {k: self.param_value(v, f"{fld}.{k}", f"{k}{suffix}") for k, v in block.items()}
+
+
+def _slug(text: Any) -> str:
+    s = re.sub(r"[^A-Za-z0-9_]+", "_", str(text)).strip("_")
+    return s or "x"
+
+
+def _short(ref: Any) -> str:
+    return _slug(str(ref).rstrip("/").split("/")[-1].split(":")[-1]) if isinstance(ref, str) else "model"
+
+
+def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
+    """Validate a space mapping (see :func:`load_space`)."""
+    p = _SpaceParser(file)
+    if not isinstance(data, Mapping):
+        raise p.err("", f"a search space must be a mapping (a mergekit recipe plus evaluate:/search:/study:), got {type(data).__name__}")
+    tree: dict[str, Any] = {}
+    for k, v in data.items():
+        if k in _SECTIONS:
+            continue
+        if k == "merge_method":
+            tree[k] = p.directive(v, k, "method") if isinstance(v, Mapping) else v
+        elif k in ("base_model", "dtype", "out_dtype", "tokenizer_source"):
+            tree[k] = p.scalar(v, k, k)
+        elif k == "parameters":
+            tree[k] = p.params(v, k, "")
+        elif k == "models" and isinstance(v, list):
+            models = []
+            shorts = [_short(m.get("model")) if isinstance(m, Mapping) else "model" for m in v]
+            for i, m in enumerate(v):
+                if not isinstance(m, Mapping):
+                    models.append(m)
+                    continue
+                e = dict(m)
+                suffix = f".{shorts[i]}" if shorts.count(shorts[i]) == 1 else f".{i}"
+                if "model" in m:
+                    e["model"] = p.scalar(m["model"], f"models[{i}].model", f"model{suffix}")
+                if "parameters" in m:
+                    e["parameters"] = p.params(m["parameters"], f"models[{i}].parameters", suffix)
+                models.append(e)
+            tree[k] = models
+        elif k == "slices" and isinstance(v, list):
+            slices = []
+            for i, s in enumerate(v):
+                if not isinstance(s, Mapping):
+                    slices.append(s)
+                    continue
+                e = dict(s)
+                srcs = []
+                for j, src in enumerate(s.get("sources") or []):
+                    if not isinstance(src, Mapping):
+                        srcs.append(src)
+                        continue
+                    se = dict(src)
+                    f = f"slices[{i}].sources[{j}]"
+                    tag = f"s{i}.{j}" if len(s.get("sources") or []) > 1 else f"s{i}"
+                    if "model" in src:
+                        se["model"] = p.scalar(src["model"], f"{f}.model", f"{tag}.model")
+                    lr = src.get("layer_range")
+                    if isinstance(lr, list):
+                        se["layer_range"] = [p.directive(x, f"{f}.layer_range[{n}]", f"{tag}.{('start', 'end')[n] if n < 2 else n}", ints=True)
+                                             if isinstance(x, Mapping) else x for n, x in enumerate(lr)]
+                        if any(isinstance(x, Directive) and (x.anchors or x.per_layers) for x in se["layer_range"]):
+                            raise p.err(f"{f}.layer_range", "layer indices take plain int: [low, high] directives")
+                    if "parameters" in src:
+                        se["parameters"] = p.params(src["parameters"], f"{f}.parameters", f".{tag}")
+                    srcs.append(se)
+                if "sources" in s:
+                    e["sources"] = srcs
+                if "parameters" in s:
+                    e["parameters"] = p.params(s["parameters"], f"slices[{i}].parameters", f".s{i}")
+                slices.append(e)
+            tree[k] = slices
+        else:
+            tree[k] = v
+    method = tree.get("merge_method")
+    if isinstance(method, Directive):
+        for c in method.choices:
+            if c not in METHODS:
+                raise p.err("merge_method.choice", f"unknown merge_method {c!r}{did_you_mean(str(c), METHODS)}")
+    search = _search_settings(data.get("search"), p)
+    study_name, storage = _study_section(data.get("study"), p)
+    _check_sampler(search, p)
+    space = Space(file, base_dir or Path(file).resolve().parent, tree, p.directives, data.get("evaluate"), search, study_name, storage)
+    _validate_corner(space)
+    return space
+
+
+def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
+    if section is None:
+        return SearchSettings()
+    if not isinstance(section, Mapping):
+        raise p.err("search", f"must be a mapping with keys {', '.join(_SEARCH_KEYS)}")
+    for k in section:
+        if k not in _SEARCH_KEYS:
+            raise p.err(f"search.{k}", f"unknown key{did_you_mean(str(k), _SEARCH_KEYS)}")
+    sampler = section.get("sampler", "tpe")
+    if sampler not in SAMPLERS:
+        raise p.err("search.sampler", f"unknown sampler {sampler!r}{did_you_mean(str(sampler), SAMPLERS)}")
+    trials = section.get("trials", 40)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials <= 0:
+        raise p.err("search.trials", f"must be a positive integer, got {trials!r}")
+    seed = section.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise p.err("search.seed", f"must be a non-negative integer, got {seed!r}")
+    mask_seed = section.get("mask_seed")
+    if mask_seed is not None and (not isinstance(mask_seed, int) or isinstance(mask_seed, bool) or mask_seed < 0):
+        raise p.err("search.mask_seed", f"must be a non-negative integer, got {mask_seed!r}")
+    finalists = section.get("finalists", 5)
+    if not isinstance(finalists, int) or isinstance(finalists, bool) or finalists < 0:
+        raise p.err("search.finalists", f"must be a non-negative integer, got {finalists!r}")
+    startup = section.get("startup_trials")
+    if startup is not None and (not isinstance(startup, int) or isinstance(startup, bool) or startup < 0):
+        raise p.err("search.startup_trials", f"must be a non-negative integer, got {startup!r}")
+    objectives = section.get("objectives", ())
+    if isinstance(objectives, str):
+        objectives = (objectives,)
+    if not isinstance(objectives, (list, tuple)) or not all(isinstance(o, str) for o in objectives):
+        raise p.err("search.objectives", "must be a list of task names (or `tasks` for every search task)")
+    baselines = []
+    raw = section.get("baselines") or []
+    if not isinstance(raw, list):
+        raise p.err("search.baselines", "must be a list of {name, recipe} hand recipes (recipe: a mergekit recipe mapping or a file path)")
+    for i, b in enumerate(raw):
+        f = f"search.baselines[{i}]"
+        if not isinstance(b, Mapping) or "recipe" not in b:
+            raise p.err(f, "must be {name: ..., recipe: <mergekit recipe mapping or file>}")
+        for k in b:
+            if k not in ("name", "recipe"):
+                raise p.err(f"{f}.{k}", f"unknown key{did_you_mean(str(k), ('name', 'recipe'))}")
+        name = str(b.get("name") or f"hand_{i}")
+        recipe = b["recipe"]
+        if isinstance(recipe, str):
+            path = Path(recipe).expanduser()
+            if not path.is_absolute():
+                path = Path(p.file).resolve().parent / path
+            if not path.is_file():
+                raise p.err(f"{f}.recipe", f"recipe file {recipe!r} not found")
+            recipe = read_yaml(path)
+        parse_recipe(recipe, f"{p.file} ({f}.recipe)")
+        baselines.append((name, recipe))
+    return SearchSettings(sampler, trials, seed, finalists, tuple(baselines), tuple(objectives), startup, mask_seed)
+
+
+def _study_section(section: Any, p: _SpaceParser) -> tuple[str | None, str | None]:
+    if section is None:
+        return None, None
+    if isinstance(section, str):
+        return section, None
+    if not isinstance(section, Mapping):
+        raise p.err("study", "must be a mapping {name, storage} or a study name")
+    for k in section:
+        if k not in _STUDY_KEYS:
+            raise p.err(f"study.{k}", f"unknown key{did_you_mean(str(k), _STUDY_KEYS)}")
+    name = section.get("name")
+    if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name)):
+        raise p.err("study.name", f"must be a plain name (letters, digits, _ . -), got {name!r}")
+    storage = section.get("storage")
+    if storage is not None and not isinstance(storage, str):
+        raise p.err("study.storage", f"must be an Optuna storage URL string, got {storage!r}")
+    return name, storage
+
+
+def _check_sampler(search: SearchSettings, p: _SpaceParser) -> None:
+    if search.sampler == "cmaes":
+        cats = [d for d in p.directives if d.kind == "choice"]
+        if cats:
+            raise p.err("search.sampler", f"cmaes cannot sample categorical parameters ({cats[0].path} is a choice); use tpe, gp, random or nsga2, or make it a range")
+    if search.objectives and search.sampler not in ("nsga2", "tpe", "random"):
+        raise p.err("search.objectives", f"several objectives need sampler nsga2, tpe or random, not {search.sampler}")
+
+
+def _corner(d: Directive) -> Any:
+    if d.kind == "choice":
+        return d.choices[0]
+    if d.kind == "int":
+        return int(d.low)
+    return d.low if d.log else (d.low + d.high) / 2
+
+
+def _validate_corner(space: Space) -> None:
+    """Check the recipe part against the mergekit schema at one point of the space per method,
+    so typos and unknown parameters are reported at load, naming the space file."""
+    method_dir = space.tree.get("merge_method")
+    methods = method_dir.choices if isinstance(method_dir, Directive) else (method_dir,)
+    if isinstance(method_dir, Directive):
+        known = {p.name for m in methods for p in get_method(m).params}
+        for fld, block in _param_blocks(space.tree):
+            for k in block:
+                if k not in known:
+                    raise ConfigError(space.file, f"{fld}.{k}", f"not a parameter of any method in merge_method.choice{did_you_mean(str(k), known, show_all=0)}; they take: {', '.join(sorted(known))}")
+    for method in methods:
+        def suggest(name: str, d: Directive, _m: Any = method) -> Any:
+            if d is method_dir:
+                return _m
+            if d.kind == "int" and d.path.endswith("layer_range[1]"):
+                return int(d.high)
+            return _corner(d)
+
+        recipe = space.render(suggest, lambda ref: 8)
+        parse_recipe(_with_raw_params(space, recipe), space.file)
+
+
+def _param_blocks(tree: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    out = []
+    if isinstance(tree.get("parameters"), Mapping):
+        out.append(("parameters", tree["parameters"]))
+    for i, m in enumerate(tree.get("models") or ()):
+        if isinstance(m, Mapping) and isinstance(m.get("parameters"), Mapping):
+            out.append((f"models[{i}].parameters", m["parameters"]))
+    for i, s in enumerate(tree.get("slices") or ()):
+        if not isinstance(s, Mapping):
+            continue
+        if isinstance(s.get("parameters"), Mapping):
+            out.append((f"slices[{i}].parameters", s["parameters"]))
+        for j, src in enumerate(s.get("sources") or ()):
+            if isinstance(src, Mapping) and isinstance(src.get("parameters"), Mapping):
+                out.append((f"slices[{i}].sources[{j}].parameters", src["parameters"]))
+    return out
+
+
+def _with_raw_params(space: Space, recipe: dict[str, Any]) -> dict[str, Any]:
+    """For schema checks, keep parameters the chosen method does not declare (so a typo such as
+    ``wieght`` is reported instead of silently dropped) unless the method is itself searched."""
+    if isinstance(space.tree.get("merge_method"), Directive):
+        return recipe
+    out = dict(recipe)
+    if "parameters" in space.tree:
+        out["parameters"] = {**{k: 0 for k in space.tree["parameters"]}, **(recipe.get("parameters") or {})}
+    if "models" in space.tree and "models" in recipe:
+        models = []
+        for m, r in zip(space.tree["models"], recipe["models"]):
+            r = dict(r)
+            if isinstance(m, Mapping) and isinstance(m.get("parameters"), Mapping):
+                extra = {k: 0 for k in m["parameters"] if k not in (r.get("parameters") or {})}
+                if extra:
+                    r["parameters"] = {**(r.get("parameters") or {}), **extra}
+            models.append(r)
+        out["models"] = models
+    return out
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and validate a search space file.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The :class:`Space`.
+
+    Raises:
+        ConfigError: the file is missing or malformed, a directive is invalid, or the recipe part
+            does not satisfy the mergekit schema (messages name the file and the field).
+
+    Example:
+        >>> space = load_space("search_spaces/demo.yml")   # doctest: +SKIP
+        >>> [d.name for d in space.directives][:2]          # doctest: +SKIP
+        ['method', 'weight.add']
+    """
+    path = Path(path)
+    return parse_space(read_yaml(path), str(path), path.resolve().parent)
