@@ -74,7 +74,7 @@ def _copy_task(micro_zoo: Path, dest: Path, src: str, new: str) -> None:
 BAD = [
     ({"include_path": "zoo:micro", "tasks": ["zoo_rot"], "lmit": 5}, "evaluate.lmit", "did you mean limit"),
     ({"include_path": "no/such/dir", "tasks": ["zoo_rot"]}, "evaluate.include_path", "does not exist"),
-    ({"include_path": "zoo:giant", "tasks": ["zoo_rot"]}, "evaluate.include_path", "unknown zoo"),
+    ({"include_path": "zoo:giant", "tasks": ["zoo_rot"]}, "evaluate.include_path", "unknown zoo task folder"),
     ({"include_path": "zoo:micro", "tasks": ["zoo_rot"], "limit": 0}, "evaluate.limit", "integer >= 1"),
     ({"include_path": "zoo:micro", "tasks": ["zoo_rot"], "limit": "ten"}, "evaluate.limit", "integer >= 1"),
     ({"include_path": "zoo:micro", "tasks": [{"name": "zoo_rot", "weight": -1}]}, "evaluate.tasks[0].weight", "positive"),

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
-from evomerge.evaluation.base import EvalConfig, TaskSpec
+from evomerge.evaluation.base import SCORERS, EvalConfig, TaskSpec
 from evomerge.evaluation.lmeval import (
     doc_ids,
     get_task_dict,
@@ -68,7 +68,7 @@ PRESETS: dict[str, tuple[tuple[str, str, int], ...]] = {
     ),
 }
 
-_KEYS = {"include_path", "tasks", "preset", "limit", "holdout", "batch_size"}
+_KEYS = {"include_path", "tasks", "preset", "limit", "holdout", "batch_size", "scorer"}
 _TASK_KEYS = {"name", "metric", "weight", "num_fewshot"}
 _HOLDOUT_KEYS = {"tasks", "limit"}
 
@@ -83,10 +83,11 @@ def _resolve_include(value: Any, file: str, base_dir: Path) -> list[str]:
         where = "evaluate.include_path" + (f"[{i}]" if isinstance(value, list) else "")
         if not isinstance(v, str) or not v:
             raise ConfigError(file, where, f"must be a directory path (or a scheme reference such as zoo:demo), got {v!r}")
-        if scheme_of(v) is not None:
+        scheme = scheme_of(v)
+        if scheme is not None:
             resolved = resolve(v)
             if resolved is None or not resolved.is_dir():
-                raise ConfigError(file, where, f"unknown task folder {v!r}" + did_you_mean(v, [r for r in known_refs(v) if "/" not in r]))
+                raise ConfigError(file, where, f"unknown {scheme.name} task folder {v!r}" + did_you_mean(v, [r for r in known_refs(v) if "/" not in r]))
             out.append(str(resolved.resolve()))
             continue
         p = Path(v).expanduser()
@@ -194,6 +195,9 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
         raise ConfigError(file, "evaluate.tasks", "name at least one task (or a preset: " + ", ".join(PRESETS) + ")")
     limit = _int_or_none(section.get("limit"), file, "evaluate.limit")
     batch_size = _int_or_none(section.get("batch_size", 32), file, "evaluate.batch_size")
+    scorer = section.get("scorer", "shared")
+    if scorer not in SCORERS:
+        raise ConfigError(file, "evaluate.scorer", f"must be one of {', '.join(SCORERS)}, got {scorer!r}" + did_you_mean(str(scorer), SCORERS))
     preset_names = {n for n, _, _ in PRESETS.get(preset or "", ())}
     _check_names(search, "evaluate.tasks", file, include, skip=preset_names)
 
@@ -215,7 +219,7 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
             raise ConfigError(file, "evaluate.holdout", "give tasks (separate holdout tasks) or limit (the docs after the search docs)")
         elif limit is None:
             raise ConfigError(file, "evaluate.holdout.limit", "the holdout docs follow the search docs, so evaluate.limit must be set (otherwise search uses every doc and they overlap)")
-    cfg = EvalConfig(search, holdout, include, limit, holdout_limit, int(batch_size or 32), preset, file)
+    cfg = EvalConfig(search, holdout, include, limit, holdout_limit, int(batch_size or 32), preset, file, scorer)
     _check_disjoint(cfg)
     return cfg
 
