@@ -115,6 +115,8 @@ def _run(args: argparse.Namespace) -> int:
             text = open(args.recipe, encoding="utf-8").read()
         except OSError as e:
             raise EvomergeError(f"{args.recipe}: cannot read recipe: {one_line(e.strerror or e)}") from None
+        except UnicodeDecodeError:
+            raise EvomergeError(f"{args.recipe}: cannot read recipe: not UTF-8 text; expected a mergekit YAML recipe") from None
         if args.seed is None:
             args.seed = seed_from_text(text) or 0
         result = merge_to_disk(

@@ -38,7 +38,7 @@ from evomerge.errors import EvomergeError, one_line
 from evomerge.io import dump_yaml
 from evomerge.recipe.schema import MergeConfig, load_recipe
 
-__all__ = ["Merger", "MergeResult", "merge_to_disk", "merge_in_memory", "tensors_digest", "digest_model_dir"]
+__all__ = ["Merger", "MergeResult", "merge_to_disk", "merge_in_memory", "tensors_digest", "digest_model_dir", "check_device"]
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -128,9 +128,7 @@ class Merger:
         compile: bool | None = None,
     ) -> None:
         self.sources = sources
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise EvomergeError("--device cuda: no CUDA device is available (torch.cuda.is_available() is false)")
+        self.device = check_device(device)
         self.seed = seed
         self.resident = resident
         self.allow_crimes = allow_crimes
@@ -264,6 +262,28 @@ class Merger:
         return self.execute(plan, sink, digest=digest, targets={n: t.data for n, t in targets.items()})
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device a merge runs on: ``cpu``, or ``cuda``/``cuda:N`` when that GPU exists.
+
+    Raises:
+        EvomergeError: not a device string, a device type evomerge does not merge on (``tpu``,
+            ``mps``, ``meta``...), or a CUDA device this machine does not have.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise EvomergeError(f"--device {str(device)!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvomergeError(f"--device {device}: no CUDA device is available (torch.cuda.is_available() is false); use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise EvomergeError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type != "cpu":
+        raise EvomergeError(f"--device {device}: evomerge merges on cpu or cuda[:N], not {dev.type}")
+    return dev
+
+
 def _device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
@@ -330,21 +350,28 @@ def merge_to_disk(
     Raises:
         ConfigError / EvomergeError: bad recipe, missing model, non-empty output, NaN/inf output.
     """
+    # Every check that needs no tensor comes first; nothing is created before the output's temp dir.
     cfg = recipe if isinstance(recipe, MergeConfig) else load_recipe(recipe)
     max_shard = parse_size(shard_size)
-    atomic = AtomicDir(out_dir, force=force)  # refuses a non-empty target before any work
+    check_device(device)
+    atomic = AtomicDir(out_dir, force=force)  # refuses a non-empty or unwritable target, creates nothing
     sources = open_sources(cfg.referenced_models(), file=cfg.source_file, allow_bin=allow_bin)
     merger = Merger(sources, device=device, seed=seed, allow_crimes=allow_crimes)
     plan = merger.plan(cfg)
     out_dtype = torch_dtype(plan.out_dtype)
-    with atomic:
-        writer = ShardedWriter(atomic.path, [(t.out_name, t.shape, out_dtype) for t in plan.tasks], max_shard)
-        try:
-            result = merger.execute(plan, writer.write)
-            writer.close()
-        finally:
-            writer.abort()
-        _write_metadata(atomic.path, plan, sources, copy_tokenizer, recipe_text, card_extra)
+    try:
+        with atomic:  # removes its temp dir on any error below
+            writer = ShardedWriter(atomic.path, [(t.out_name, t.shape, out_dtype) for t in plan.tasks], max_shard)
+            try:
+                result = merger.execute(plan, writer.write)
+                writer.close()
+            finally:
+                writer.abort()
+            _write_metadata(atomic.path, plan, sources, copy_tokenizer, recipe_text, card_extra)
+    except MergeError as e:
+        raise MergeError(f"{cfg.source_file}: {e}" if cfg.source_file else str(e)) from None
+    except OSError as e:  # disk full, a permission changed mid-merge...
+        raise EvomergeError(f"output {out_dir}: cannot write the merged model: {one_line(e.strerror or e)}") from None
     result.out_dir = Path(out_dir)
     return result
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,17 +85,18 @@ class ModelSource:
         path: its local directory.
         allow_bin: also read PyTorch ``.bin`` checkpoints (``weights_only=True``).
 
+    Every file is checked when the source is opened (``config.json``, the shard index, and each
+    safetensors header against its file's size), so a damaged download is reported before any
+    tensor is merged, and a memory map never points past the end of its file.
+
     Raises:
-        EvomergeError: no readable checkpoint in the directory.
+        EvomergeError: no readable checkpoint in the directory, or an unreadable file (named).
     """
 
     def __init__(self, ref: str, path: Path, *, allow_bin: bool = False) -> None:
         self.ref = ref
         self.path = path
-        try:
-            self.config: dict[str, Any] = json.loads((path / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise EvomergeError(f"model {ref!r}: cannot read {path / 'config.json'}: {one_line(e)}") from None
+        self.config: dict[str, Any] = _read_json_object(path / "config.json", ref, "the model's config")
         self._where: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, str] = {}
@@ -104,16 +106,19 @@ class ModelSource:
         self.arch: Arch = detect_arch(self.config, self._where)
 
     def _index(self, allow_bin: bool) -> None:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         files = sorted(self.path.glob("*.safetensors"))
         index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({self.path / f for f in weight_map.values()})
+        if index.exists():
+            files = _shards_of_index(index, self.ref)
         if files:
             for f in files:
-                h = safe_open(str(f), framework="pt", device="cpu")
+                _check_safetensors(f, self.ref)
+                try:
+                    h = safe_open(str(f), framework="pt", device="cpu")
+                except (SafetensorError, OSError) as e:  # the library's own checks of the header
+                    raise _unreadable(f, self.ref, f"is not a valid safetensors file: {one_line(e)} (a damaged download? download it again)") from None
                 self._handles[f] = h
                 for name in h.keys():
                     sl = h.get_slice(name)
@@ -125,7 +130,12 @@ class ModelSource:
         if bins and allow_bin:
             self._bin = {}
             for f in bins:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:  # a damaged zip, a refused pickle, an I/O error...
+                    raise _unreadable(f, self.ref, f"is not a readable PyTorch checkpoint ({one_line(e)[:200]})") from None
+                if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+                    raise _unreadable(f, self.ref, "does not hold a flat dict of tensors (a state dict)")
                 for name, t in sd.items():
                     self._bin[name] = t
                     self._where[name] = f
@@ -159,10 +169,103 @@ class ModelSource:
         """The tensor, on the CPU in its stored dtype (memory-mapped, not copied, for safetensors)."""
         if self._bin is not None:
             return self._bin[name]
-        return self._handles[self._where[name]].get_tensor(name)
+        from safetensors import SafetensorError
+
+        f = self._where[name]
+        try:
+            return self._handles[f].get_tensor(name)
+        except (SafetensorError, OSError) as e:  # the file changed since it was opened, or an I/O error
+            raise _unreadable(f, self.ref, f"cannot read tensor {name} ({one_line(e)})") from None
 
     def __repr__(self) -> str:
         return f"ModelSource({self.ref!r}, {len(self._where)} tensors, {self.arch.num_layers} layers)"
+
+
+# safetensors refuses headers above 100 MB; a larger length means the file is something else.
+_MAX_HEADER = 100_000_000
+
+
+def _unreadable(f: Path, ref: str, why: str) -> EvomergeError:
+    # Name the model too when its reference does not show in the path (a hub id, a zoo reference).
+    where = f"{f}" if ref in str(f) else f"model {ref!r}: {f}"
+    return EvomergeError(f"{where}: {why}")
+
+
+def _read_json_object(f: Path, ref: str, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise _unreadable(f, ref, f"cannot read {what}: {one_line(e.strerror or e)}") from None
+    except UnicodeDecodeError:
+        raise _unreadable(f, ref, f"{what} is not UTF-8 text; expected a JSON object (a damaged download?)") from None
+    except json.JSONDecodeError as e:
+        raise _unreadable(f, ref, f"{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); expected a JSON object (a damaged download?)") from None
+    if not isinstance(data, dict):
+        raise _unreadable(f, ref, f"{what} must be a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
+def _shards_of_index(index: Path, ref: str) -> list[Path]:
+    """The shard files a ``model.safetensors.index.json`` names, each checked to exist."""
+    weight_map = _read_json_object(index, ref, "the shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise _unreadable(index, ref, "weight_map: must be a non-empty JSON object mapping tensor names to shard files")
+    bad = next((v for v in weight_map.values() if not isinstance(v, str) or not v), None)
+    if bad is not None:
+        raise _unreadable(index, ref, f"weight_map: shard file names must be strings, got {bad!r}")
+    files = sorted({index.parent / v for v in weight_map.values()})
+    for f in files:
+        if not f.is_file():
+            why = "is a directory" if f.is_dir() else "does not exist"
+            raise _unreadable(index, ref, f"weight_map names shard {f.name}, which {why} (an interrupted download? download the model again)")
+    return files
+
+
+def _check_safetensors(f: Path, ref: str) -> None:
+    """Check a safetensors file's header against its size, reading only the header.
+
+    The library memory-maps the file, so tensor offsets past its end would fail only when read
+    (or crash the process); checking them here reports a truncated download when it is opened.
+    """
+    try:
+        size = f.stat().st_size
+        if not f.is_file():
+            raise _unreadable(f, ref, "is not a file")
+        with open(f, "rb") as fh:
+            start = fh.read(64)
+            head = start[:8]
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            fh.seek(8)
+            raw = fh.read(n) if 0 < n <= min(size - 8, _MAX_HEADER) else b""
+    except OSError as e:
+        raise _unreadable(f, ref, f"cannot read: {one_line(e.strerror or e)}") from None
+    if size == 0:
+        raise _unreadable(f, ref, "is empty (an interrupted download? download it again)")
+    if start.startswith(b"version https://git-lfs"):
+        raise _unreadable(f, ref, "is a Git LFS pointer, not the weights (run `git lfs pull` in the model's repository)")
+    if n < 0:
+        raise _unreadable(f, ref, f"is only {size} bytes: truncated, or not a safetensors file (an interrupted download? download it again)")
+    if n > _MAX_HEADER:
+        raise _unreadable(f, ref, f"is not a safetensors file: it starts with {head!r}, not a header length (an error page saved as weights, or another format?)")
+    if n > size - 8:
+        raise _unreadable(f, ref, f"is truncated: its header is {n} bytes but the file has {size} bytes (an interrupted download? download it again)")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise _unreadable(f, ref, "is not a safetensors file: its header is not a JSON object")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets) and offsets[0] <= offsets[1]):
+            raise _unreadable(f, ref, f"header entry {name!r} has no valid data_offsets [begin, end] (a damaged file)")
+        end = max(end, offsets[1])
+    data = size - 8 - n
+    if end > data:
+        raise _unreadable(f, ref, f"is truncated: its header says the tensor data takes {end} bytes but the file holds {data} (an interrupted download? download it again)")
 
 
 def open_sources(refs: list[str], *, file: str | None = None, allow_bin: bool = False, fields: dict[str, str] | None = None) -> dict[str, ModelSource]:

@@ -22,7 +22,7 @@ from typing import BinaryIO
 import torch
 
 from evomerge.dtypes import code_of
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, one_line
 
 __all__ = ["ShardedWriter", "AtomicDir", "parse_size"]
 
@@ -30,20 +30,32 @@ __all__ = ["ShardedWriter", "AtomicDir", "parse_size"]
 def parse_size(text: str | int) -> int:
     """Bytes from ``5GB``, ``500M``, ``2G`` or a plain number (decimal units, like mergekit).
 
+    A bare ``B`` after a number (``5B``) is refused: mergekit reads it as billions, a byte unit
+    would make it bytes, and either guess could be the wrong one.
+
     Example:
         >>> parse_size("2GB"), parse_size("500M"), parse_size(1024)
         (2000000000, 500000000, 1024)
+
+    Raises:
+        EvomergeError: not a size, or not positive.
     """
+    hint = "use e.g. 2GB, 500M, or a byte count"
     if isinstance(text, int):
-        return text
-    s = str(text).strip().upper().removesuffix("B")
-    scale = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-    try:
-        if s and s[-1] in scale:
-            return int(float(s[:-1]) * scale[s[-1]])
-        return int(s)
-    except ValueError:
-        raise EvomergeError(f"--out-shard-size: cannot read {text!r} (use e.g. 2GB, 500M, or a byte count)") from None
+        n = text
+    else:
+        raw = str(text).strip().upper()
+        s = raw.removesuffix("B")
+        scale = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+        if raw.endswith("B") and s[-1:].isdigit():
+            raise EvomergeError(f"--out-shard-size: {text!r} is ambiguous (mergekit reads B as billions); write {s}GB for {s} billion bytes, or {s} for {s} bytes")
+        try:
+            n = int(float(s[:-1]) * scale[s[-1]]) if s and s[-1] in scale else int(s)
+        except (ValueError, OverflowError):
+            raise EvomergeError(f"--out-shard-size: cannot read {text!r} ({hint})") from None
+    if n <= 0:
+        raise EvomergeError(f"--out-shard-size: must be a positive size, got {text!r} ({hint})")
+    return n
 
 
 class ShardedWriter:
@@ -133,27 +145,41 @@ class AtomicDir:
     """A directory that appears at ``target`` only when complete.
 
     Use as a context manager: write into ``.path``; on a clean exit it is renamed to ``target``
-    (replacing an existing one only with ``force``); on an exception it is removed.
+    (replacing an existing one only with ``force``); on an exception it is removed. The
+    constructor checks the target without creating anything, so a merge that fails before
+    ``__enter__`` leaves the file system as it was.
 
     Raises:
-        EvomergeError: ``target`` exists, is not empty, and ``force`` is off.
+        EvomergeError: ``target`` is not empty and ``force`` is off, is a file, lies under a file,
+            or cannot be written (no permission, read-only file system...).
     """
 
     def __init__(self, target: str | os.PathLike[str], force: bool = False) -> None:
         self.target = Path(target)
         self.force = force
         if self.target.exists() and not self.target.is_dir():
-            raise EvomergeError(f"output {self.target} exists and is not a directory")
+            raise EvomergeError(f"output {self.target} exists and is not a directory; give a directory path")
         if self.target.is_dir() and any(self.target.iterdir()) and not force:
             raise EvomergeError(f"output directory {self.target} exists and is not empty (use --force to replace it)")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(self.target)
+        # The nearest existing ancestor must be a directory we may write into.
+        parent = self.target.absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise EvomergeError(f"output {self.target}: {parent} is a file, not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise EvomergeError(f"output {self.target}: no permission to create it in {parent}")
         self.path = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}"
-        if self.path.exists():
-            shutil.rmtree(self.path)
 
     def __enter__(self) -> AtomicDir:
-        self.path.mkdir()
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale(self.target)
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir()
+        except OSError as e:
+            raise EvomergeError(f"output {self.target}: cannot create it: {one_line(e.strerror or e)}") from None
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -161,10 +187,16 @@ class AtomicDir:
             shutil.rmtree(self.path, ignore_errors=True)
             return
         old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-            os.replace(self.target, old)
-        os.replace(self.path, self.target)
+        try:
+            if self.target.exists():
+                old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
+                os.replace(self.target, old)
+            os.replace(self.path, self.target)
+        except OSError as e:
+            shutil.rmtree(self.path, ignore_errors=True)
+            if old is not None and not self.target.exists():
+                os.replace(old, self.target)  # put the replaced directory back
+            raise EvomergeError(f"output {self.target}: cannot move the merged model into place: {one_line(e.strerror or e)}") from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

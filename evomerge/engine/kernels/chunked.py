@@ -34,7 +34,7 @@ from evomerge.engine.kernels.common import combine_scalars, out_tensor
 if TYPE_CHECKING:
     from evomerge.engine.inputs import TensorInputs
 
-__all__ = ["CHUNK", "SAMPLE", "run_chunks", "magnitude_rule", "rule_from_order", "fused_task_vectors", "fused_linear", "fused_slerp"]
+__all__ = ["CHUNK", "SAMPLE", "weights_cancel", "run_chunks", "magnitude_rule", "rule_from_order", "fused_task_vectors", "fused_linear", "fused_slerp"]
 
 CHUNK = int(os.environ.get("EVOMERGE_CHUNK", 1 << 16))
 _GPU_CHUNK = 1 << 22
@@ -142,9 +142,23 @@ def _f32(x: torch.Tensor, lo: int, hi: int, s: _Scratch, key: str, dtype: torch.
     return buf
 
 
+def weights_cancel(weights: list[float]) -> bool:
+    """Whether normalizing by ``sum(weights)`` is undefined or meaningless: the sum is 0, or below
+    1e-8 of ``sum(|w|)`` (``0.1 + 0.2 - 0.3``), where dividing would scale the inputs by 1e8 or more."""
+    return abs(math.fsum(weights)) <= 1e-8 * math.fsum(abs(w) for w in weights)
+
+
 def fused_linear(inp: TensorInputs) -> torch.Tensor:
-    """``sum_i w_i x_i`` (divided by ``sum_i w_i`` when ``normalize``), chunk by chunk."""
+    """``sum_i w_i x_i`` (divided by ``sum_i w_i`` when ``normalize``), chunk by chunk.
+
+    Raises:
+        ValueError: ``normalize`` is on and the weights cancel out (see :func:`weights_cancel`);
+            mergekit divides anyway and writes NaN or inf.
+    """
     weights = [float(p["weight"]) for p in inp.per_input]
+    if inp.shared["normalize"] and weights_cancel(weights):
+        shown = ", ".join(f"{w:g}" for w in weights)
+        raise ValueError(f"linear: the weights ({shown}) sum to {sum(weights):g}, and normalize divides by that sum (mergekit would write NaN/inf); use weights that do not cancel out, or set normalize: false")
     scale = 1.0 / sum(weights) if inp.shared["normalize"] else 1.0
     xs = [inp.raw(i).reshape(-1) for i in range(len(inp))]
     out = out_tensor(inp, inp.raw(0).shape)

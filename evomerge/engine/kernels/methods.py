@@ -15,7 +15,12 @@ from typing import Any
 import torch
 
 from evomerge.engine.inputs import TensorInputs
-from evomerge.engine.kernels.chunked import fused_linear, fused_slerp, fused_task_vectors
+from evomerge.engine.kernels.chunked import (
+    fused_linear,
+    fused_slerp,
+    fused_task_vectors,
+    weights_cancel,
+)
 from evomerge.methods.reference import sign_consensus
 from evomerge.methods.registry import METHODS
 from evomerge.methods.spec import Method
@@ -165,7 +170,11 @@ def _multislerp(inp: TensorInputs) -> torch.Tensor:
     if b is not None:
         x = x - inp.tensor(b)
     flat = x.reshape(x.shape[0], -1)
-    w = torch.tensor([inp.per_input[i]["weight"] for i in others], dtype=x.dtype, device=x.device)
+    weights = [float(inp.per_input[i]["weight"]) for i in others]
+    if inp.shared["normalize_weights"] and weights_cancel(weights):
+        shown = ", ".join(f"{v:g}" for v in weights)
+        raise ValueError(f"multislerp: the weights ({shown}) sum to {sum(weights):g}, and normalize_weights divides by that sum (mergekit would write NaN/inf); use weights that do not cancel out, or set normalize_weights: false")
+    w = torch.tensor(weights, dtype=x.dtype, device=x.device)
     if inp.shared["normalize_weights"]:
         w = w / w.sum()
     norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
