@@ -50,7 +50,7 @@ def resolve_model(ref: str, *, file: str | None = None, field: str | None = None
     if scheme_of(ref) is not None:
         path = resolve(ref)
         if path is None:
-            raise ConfigError(file, field, f"unknown model {ref!r}" + did_you_mean(ref, [r for r in known_refs(ref) if "/" in r]))
+            raise ConfigError(file, field, f"unknown model {ref!r}" + did_you_mean(ref, known_refs(ref), show_all=0))
         return path
     local = Path(ref).expanduser()
     if local.is_dir():
