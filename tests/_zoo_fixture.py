@@ -1,6 +1,7 @@
 """Session fixture: the micro zoo, built once per test run into a session temp dir.
 
-conftest.py imports it with ``from _zoo_fixture import micro_zoo  # noqa: F401``.
+conftest.py imports it with ``from _zoo_fixture import micro_zoo  # noqa: F401``, and marks every test
+that uses it, directly or through another fixture, ``slow`` (left out by ``-m "not slow"``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -22,3 +24,32 @@ def tiny_family(tmp_path_factory):
     base = make_tiny(root / "base", seed=0)
     models = [perturbed(base, root / f"ft{i}", seed=i + 1, scale=0.05) for i in range(3)]
     return base, models
+
+
+# ``-m "not slow"`` (the fast subset) leaves out every test that builds the micro zoo, runs a search,
+# calls mergekit or otherwise takes seconds. Zoo users are found by fixture (``item.fixturenames`` is
+# the transitive closure), searches by the test's own code: it calls ``run_search`` or starts
+# test_search's runner script. test_mergekit_compat.py marks itself; the rest are named below.
+_RUNS_A_SEARCH = re.compile(r"\brun_search\(|\bRUNNER\b|\b_runner\(")
+_ALSO_SLOW = {  # file: test or fixture names
+    "test_flags.py": {"test_study_flag_with_real_lm_eval_configs"},  # indexes all of lm-eval's tasks (~7 s)
+    "test_probe.py": {"family"},  # fine-tunes two models for the probe (~5 s)
+}
+
+
+def _runs_a_search(item: pytest.Item) -> bool:
+    fn = getattr(item, "function", None)
+    if fn is None:
+        return False
+    try:
+        return bool(_RUNS_A_SEARCH.search(inspect.getsource(fn)))
+    except (OSError, TypeError):
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        named = _ALSO_SLOW.get(item.path.name, set())
+        if "micro_zoo" in fixtures or _runs_a_search(item) or named & (fixtures | {getattr(item, "originalname", item.name)}):
+            item.add_marker(pytest.mark.slow)
