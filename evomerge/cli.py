@@ -10,8 +10,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from evomerge.errors import EvomergeError, one_line
+
+if TYPE_CHECKING:
+    from evomerge.search.loop import SearchOutcome
 
 __all__ = ["main"]
 
@@ -58,13 +62,18 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("space", help="search space YAML (a mergekit recipe with search directives)")
     p.add_argument("--trials", type=int, default=None, help="total completed trials to reach (overrides search.trials)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite under results/<study>/)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL, e.g. postgresql://user@host/db to share the study with workers on other hosts, "
+                   "or journal:///path/study.log (default: sqlite under results/<study>/)")
     p.add_argument("--study", default=None, help="study name (default: study.name or the space's file name)")
-    p.add_argument("--seed", type=int, default=None, help="sampler and mask seed (overrides search.seed)")
+    p.add_argument("--seed", type=int, default=None, help="sampler and mask seed (overrides search.seed; worker k samples with seed + k)")
     p.add_argument("--results-dir", default="results", help="where study folders go (default: results)")
     p.add_argument("--probe-contamination", action="store_true", help="also run the Min-K%%++ memorization probe on finalists")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 for the demo zoo's tiny models, else torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the final summary")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="run N worker processes on this host on the study's storage: one per CUDA device, or N CPU workers with --device cpu")
+    p.add_argument("--devices", default=None, metavar="LIST", help="one worker per listed CUDA device, e.g. 0,1,2,3")
+    p.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers: no leaderboard of its own
 
 
 def _add_study_reader(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -141,8 +150,16 @@ def _run(args: argparse.Namespace) -> int:
         from evomerge.results.leaderboard import leaderboard, summary
         from evomerge.search import load_trials, run_search
 
-        outcome = run_search(args.space, trials=args.trials, device=args.device, storage=args.storage, study=args.study, seed=args.seed,
-                             results_dir=args.results_dir, probe=args.probe_contamination, quiet=args.quiet, threads=args.threads)
+        if args.workers is not None or args.devices is not None:
+            code, outcome = _search_workers(args)
+            if outcome is None:
+                return code
+        else:
+            outcome = run_search(args.space, trials=args.trials, device=args.device, storage=args.storage, study=args.study, seed=args.seed,
+                                 results_dir=args.results_dir, probe=args.probe_contamination, quiet=args.quiet, threads=args.threads)
+            if args.as_worker:
+                print(f"worker done: study {outcome.paths.name} has {outcome.n_complete} complete trials")
+                return 0
         print(leaderboard(load_trials(outcome.paths.csv), top=10))
         print(summary(outcome))
         print(f"next: evomerge export {args.space} -o best.yml   (and: evomerge report {args.space})")
@@ -160,6 +177,33 @@ def _run(args: argparse.Namespace) -> int:
 
         return int(main_report(args) or 0)
     raise AssertionError(args.verb)  # pragma: no cover - argparse restricts verbs
+
+
+def _search_workers(args: argparse.Namespace) -> tuple[int, SearchOutcome | None]:
+    """``evomerge search --workers N``: one worker process per device. Returns the exit code and
+    the study's outcome read from the storage (None when a worker failed, or after Ctrl-C)."""
+    import time
+
+    from evomerge.search.loop import SearchOutcome
+    from evomerge.search.storage import load_study, locate
+    from evomerge.search.table import write_trials_csv
+    from evomerge.search.workers import run_workers, worker_devices
+
+    devices = worker_devices(args.workers, args.devices, args.device)
+    paths = locate(args.space, study=args.study, storage=args.storage, results_dir=args.results_dir)  # a bad space: one line, no worker
+    argv = ["search", args.space, "--results-dir", args.results_dir]
+    for flag, value in (("--trials", args.trials), ("--storage", args.storage), ("--study", args.study), ("--seed", args.seed), ("--threads", args.threads)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += ["--probe-contamination"] * args.probe_contamination + ["--quiet"] * args.quiet
+    where = "CPU" if devices[0] is None else "CUDA device(s) " + ",".join(str(d) for d in devices)
+    print(f"evomerge: {len(devices)} workers on {where}, study {paths.name} in {paths.storage}", flush=True)
+    start = time.perf_counter()
+    code = run_workers(argv, devices)
+    if code:
+        return code, None
+    df = write_trials_csv(load_study(paths), paths.csv)
+    return 0, SearchOutcome.from_table(paths, df, time.perf_counter() - start)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

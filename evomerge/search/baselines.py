@@ -2,22 +2,25 @@
 
 Every source model alone, the uniform average of the fine-tunes, and the space's hand recipes. A
 hand recipe that is a point of the space is queued as the first searched trial instead, so that
-the sampler learns from it.
+the sampler learns from it. With several workers, each baseline is scored by one of them (a claim
+``baseline:<name>``, see :mod:`evomerge.search.claims`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from evomerge.errors import failure_line
 from evomerge.io import dump_yaml
 from evomerge.search.candidates import Candidates
+from evomerge.search.claims import Claims
 from evomerge.search.records import StudyRecords, TrialRecord
 from evomerge.space import Space
 
-__all__ = ["baseline_recipes", "run_baselines"]
+__all__ = ["baseline_recipes", "enqueue_hand_recipes", "run_baselines"]
 
 
 def baseline_recipes(space: Space) -> dict[str, dict[str, Any]]:
@@ -39,47 +42,64 @@ def baseline_recipes(space: Space) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_baselines(space: Space, recipes: dict[str, dict[str, Any]], candidates: Candidates, records: StudyRecords, *,
-                  layers_of: Callable[[str], int], holdout: bool, log: Callable[[str], None], check_interrupt: Callable[[], None]) -> None:
-    """Score every baseline not scored yet (a resumed study skips those it has).
+def enqueue_hand_recipes(space: Space, recipes: dict[str, dict[str, Any]], records: StudyRecords, *,
+                         layers_of: Callable[[str], int], log: Callable[[str], None]) -> None:
+    """Queue each hand recipe that is a point of the space as a searched trial (once per study:
+    run under the study's ``setup`` claim; a resumed study skips those it has)."""
+    for name, recipe in recipes.items():
+        if not name.startswith("hand:") or records.baseline_done(name):
+            continue
+        values = space.values_of(recipe, layers_of)
+        if values is not None:
+            records.study.enqueue_trial(values, user_attrs={"baseline": name})
+            records.mark_enqueued(name)
+            log(f"baseline {name}: a point of the space, queued as the first trial")
+
+
+def run_baselines(space: Space, recipes: dict[str, dict[str, Any]], candidates: Candidates, records: StudyRecords, claims: Claims, *,
+                  holdout: bool, log: Callable[[str], None], check_interrupt: Callable[[], None], wait: bool) -> None:
+    """Score every baseline not scored yet, each once across the study's workers.
 
     Args:
-        space: the search space (a hand recipe that is one of its points is queued as a trial).
-        recipes: the baselines, from :func:`baseline_recipes`.
+        space: the search space.
+        recipes: the baselines, from :func:`baseline_recipes` (hand recipes queued as trials by
+            :func:`enqueue_hand_recipes` are done already).
         candidates: merges and scores.
         records: the study's records.
-        layers_of: decoder layers of a model reference.
+        claims: the study's claims (``baseline:<name>``).
         holdout: also score the holdout items.
         log: progress lines.
         check_interrupt: raises KeyboardInterrupt once Ctrl-C was pressed.
+        wait: wait for baselines another worker is scoring (at the end of a search); False: leave
+            them to it and return (at the start, so that every worker gets to work).
     """
-    study = records.study
     for name, recipe in recipes.items():
         check_interrupt()
-        if records.baseline_done(name):
-            continue
-        if name.startswith("hand:"):
-            values = space.values_of(recipe, layers_of)
-            if values is not None:
-                study.enqueue_trial(values, user_attrs={"baseline": name})
-                records.mark_enqueued(name)
-                log(f"baseline {name}: a point of the space, queued as the first trial")
-                continue
-        rec = TrialRecord(method=recipe.get("merge_method"), recipe=dump_yaml(recipe))
-        try:
-            t0 = time.perf_counter()
-            model, res = candidates.materialize(recipe, f"{space.file} (baseline {name})")
-            rec.merge_s, rec.digest = time.perf_counter() - t0, res.digest
-            rec.search = candidates.score(model, "search")
-            rec.eval_s = rec.search.seconds
-            if holdout:
-                rec.holdout = candidates.score(model, "holdout")
-            rec.state = "COMPLETE"
-            log(f"baseline {name:<28} search {rec.search.aggregate:.3f}" + (f"  holdout {rec.holdout.aggregate:.3f}" if rec.holdout else ""))
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # a baseline that cannot be merged or scored is reported, not fatal
-            rec.state, rec.error = "FAIL", failure_line(e)
-            log(f"baseline {name}: failed: {rec.error}")
-        records.set_baseline(name, rec)
+        claims.run_once(f"baseline:{name}", done=partial(_done, records, name),
+                        work=partial(_score_baseline, space, name, recipe, candidates, records, holdout, log),
+                        wait=wait, check_interrupt=check_interrupt)
 
+
+def _done(records: StudyRecords, name: str) -> bool:
+    return records.refresh().baseline_done(name)
+
+
+def _score_baseline(space: Space, name: str, recipe: dict[str, Any], candidates: Candidates, records: StudyRecords,
+                    holdout: bool, log: Callable[[str], None]) -> None:
+    rec = TrialRecord(method=recipe.get("merge_method"), recipe=dump_yaml(recipe))
+    try:
+        t0 = time.perf_counter()
+        model, res = candidates.materialize(recipe, f"{space.file} (baseline {name})")
+        rec.merge_s, rec.digest = time.perf_counter() - t0, res.digest
+        rec.search = candidates.score(model, "search")
+        rec.eval_s = rec.search.seconds
+        if holdout:
+            rec.holdout = candidates.score(model, "holdout")
+        rec.state = "COMPLETE"
+        log(f"baseline {name:<28} search {rec.search.aggregate:.3f}" + (f"  holdout {rec.holdout.aggregate:.3f}" if rec.holdout else ""))
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # a baseline that cannot be merged or scored is reported, not fatal
+        rec.state, rec.error = "FAIL", failure_line(e)
+        log(f"baseline {name}: failed: {rec.error}")
+    records.set_baseline(name, rec)

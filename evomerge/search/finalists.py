@@ -1,9 +1,15 @@
 """The holdout: every new best, every hand recipe and, at the end, the top finalists are re-scored on
-the holdout items (and probed for memorization when asked). Export takes the best holdout score."""
+the holdout items (and probed for memorization when asked). Export takes the best holdout score.
+
+Each trial is re-scored once across the study's workers (a claim ``holdout:<number>``, see
+:mod:`evomerge.search.claims`). Every worker that stops re-scores the top ``finalists`` it sees; the
+last one to stop sees every trial, so the study's final top ``finalists`` are all re-scored.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -11,9 +17,12 @@ import yaml
 
 from evomerge.contamination.probe import probe_contamination
 from evomerge.search.candidates import Candidates
+from evomerge.search.claims import Claims
 from evomerge.search.records import Scores, StudyRecords
 
 __all__ = ["Holdout"]
+
+ModelOrMaker = torch.nn.Module | Callable[[], torch.nn.Module]
 
 
 class Holdout:
@@ -22,6 +31,7 @@ class Holdout:
     Args:
         candidates: merges and scores.
         records: the study's records.
+        claims: the study's claims.
         enabled: the space has holdout items.
         finalists: how many top trials :meth:`finalists` re-scores.
         probe: also run the Min-K%++ probe on every re-scored trial.
@@ -30,28 +40,38 @@ class Holdout:
         device, seed, file, log: the search's.
     """
 
-    def __init__(self, candidates: Candidates, records: StudyRecords, *, enabled: bool, finalists: int, probe: bool,
+    def __init__(self, candidates: Candidates, records: StudyRecords, claims: Claims, *, enabled: bool, finalists: int, probe: bool,
                  base_ref: str | None, base_dir: str | None, tokenizer_dir: str, device: str, seed: int, file: str,
                  log: Callable[[str], None]) -> None:
-        self.candidates, self.records = candidates, records
+        self.candidates, self.records, self.claims = candidates, records, claims
         self.enabled, self.n_finalists, self.probe = enabled, finalists, probe
         self.base_ref, self.base_dir, self.tokenizer_dir = base_ref, base_dir, tokenizer_dir
         self.device, self.seed, self.file, self.log = device, seed, file, log
         self._base_model: Any = None
         self._tokenizer: Any = None
 
-    def rescore(self, number: int, model: torch.nn.Module) -> Scores | None:
-        """The holdout scores of trial ``number`` (whose merge ``model`` holds), measured once."""
+    def rescore(self, number: int, model: ModelOrMaker, check_interrupt: Callable[[], None] = lambda: None) -> Scores | None:
+        """The holdout scores of trial ``number``, measured once across the study's workers.
+
+        Args:
+            number: the trial.
+            model: the model holding the trial's merge, or a function that merges it (called only
+                when this worker re-scores it).
+            check_interrupt: raises KeyboardInterrupt once Ctrl-C was pressed (while waiting for
+                another worker's re-score of the same trial).
+        """
         if not self.enabled:
             return None
-        done = self.records.holdout(number)
-        if done is not None:
-            return done
-        scores = self.candidates.score(model, "holdout")
-        self.records.set_holdout(number, scores)
-        if self.probe:
-            self._probe(number, model)
-        return scores
+
+        def work() -> None:
+            m = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
+            self.records.set_holdout(number, self.candidates.score(m, "holdout"))
+            if self.probe:
+                self._probe(number, m)
+
+        self.claims.run_once(f"holdout:{number}", done=lambda: self.records.refresh().holdout(number) is not None,
+                             work=work, check_interrupt=check_interrupt)
+        return self.records.holdout(number)
 
     def _probe(self, number: int, model: torch.nn.Module) -> None:
         if self.base_dir is None:
@@ -85,9 +105,10 @@ class Holdout:
         done.sort(key=lambda x: x[0], reverse=True)
         for _, number, rec in done[: self.n_finalists]:
             check_interrupt()
-            if self.records.holdout(number) is not None:
-                continue
-            model, res = self.candidates.materialize(yaml.safe_load(rec.recipe or "{}"), f"{self.file} (trial {number})")
-            if res.digest != rec.digest:
-                self.log(f"warning: trial {number} re-merged to a different tensor hash ({res.digest[:12]} vs {str(rec.digest)[:12]})")
-            self.rescore(number, model)
+            self.rescore(number, partial(self._remerge, number, rec), check_interrupt)
+
+    def _remerge(self, number: int, rec: Any) -> torch.nn.Module:
+        model, res = self.candidates.materialize(yaml.safe_load(rec.recipe or "{}"), f"{self.file} (trial {number})")
+        if res.digest != rec.digest:
+            self.log(f"warning: trial {number} re-merged to a different tensor hash ({res.digest[:12]} vs {str(rec.digest)[:12]})")
+        return model

@@ -13,32 +13,44 @@ Resume: running the same command again continues the study until ``trials`` tria
 completed in total. A trial left RUNNING by a process that died (``kill -9``, power loss) is
 marked failed on resume and its parameters are retried once. Ctrl-C marks the current trial
 failed ("interrupted"), writes the table and exits with 130.
+
+Several workers, one study: any number of processes may run this loop on one storage, on one host
+or many. Each asks Optuna for its own trials; the budget is the number of COMPLETE trials in the
+storage, counted before every trial, and a worker does not start a trial that the trials other
+workers are running could make surplus (it waits for them instead). What runs once per study (the
+setup, each baseline, each holdout re-score) runs under a claim (:mod:`.claims`); a dead worker's
+trial is failed and retried by a live one (:mod:`.recovery`). Worker ``k`` (its slot among the
+live workers) seeds its sampler with ``seed + k``, so that workers do not draw the same points.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
-from evomerge.contamination.rules import assessment_to_dict
+from evomerge.contamination.rules import assessment_from_dict, assessment_to_dict
 from evomerge.errors import failure_line
 from evomerge.evaluation.base import Evaluator
 from evomerge.io import dump_yaml
-from evomerge.search.baselines import run_baselines
+from evomerge.search.baselines import enqueue_hand_recipes, run_baselines
 from evomerge.search.candidates import Candidates
+from evomerge.search.claims import Claims
 from evomerge.search.finalists import Holdout
 from evomerge.search.records import StudyMeta, StudyRecords, TrialRecord
-from evomerge.search.recovery import recover_dead_trials
+from evomerge.search.recovery import recover_dead_trials, trial_pulse
 from evomerge.search.samplers import make_sampler, suggester
 from evomerge.search.setup import Setup, prepare
 from evomerge.search.storage import StudyPaths
@@ -58,6 +70,15 @@ class SearchOutcome:
     best: Mapping[str, Any] | None
     baselines: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+
+    @classmethod
+    def from_table(cls, paths: StudyPaths, df: pd.DataFrame, seconds: float) -> SearchOutcome:
+        """The outcome of a study, read off its results table (every worker's trials)."""
+        searched = df[df["baseline"] == ""]
+        best = best_row(df)
+        baselines = {r["baseline"]: r for r in df[df["baseline"] != ""].to_dict("records")}
+        return cls(paths, int((searched["state"] == "COMPLETE").sum()), int((df["state"] == "FAIL").sum()),
+                   None if best is None else best.to_dict(), baselines, seconds)
 
 
 def _jsonable(x: Any) -> Any:
@@ -79,7 +100,7 @@ class Search:
         probe: run the Min-K%++ memorization probe on finalists.
         quiet: no progress bar.
         **kwargs: passed to :func:`~evomerge.search.setup.prepare` (trials, device, storage, study,
-            seed, results_dir, evaluator, log, threads).
+            seed, results_dir, evaluator, log, threads, liveness).
 
     Raises:
         ConfigError / EvomergeError: anything wrong with the space, its models, its tasks or the
@@ -91,6 +112,8 @@ class Search:
         self.quiet = quiet
         self.probe = probe
         self.candidates = Candidates(self.setup.merger, self.setup.evaluator)
+        self.claims = Claims(self.setup.storage, self.setup.paths.name, self.setup.liveness, log=self.setup.log)
+        self.worker = 0
         self._interrupted = False
 
     @property
@@ -99,19 +122,28 @@ class Search:
 
     # ------------------------------------------------------------------ the study
     def open_study(self) -> StudyRecords:
-        """Create or load the study, record what readers need, and return its records."""
+        """Create or load the study (this worker's sampler seeded with ``seed + worker``)."""
         import optuna
 
         s = self.setup
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        sampler = make_sampler(s.space.search.sampler, s.seed, s.trials, s.space.search.startup_trials, bool(s.objectives))
+        sampler = make_sampler(s.space.search.sampler, s.seed + self.worker, s.trials, s.space.search.startup_trials, bool(s.objectives))
         kw: dict[str, Any] = {"directions": ["maximize"] * len(s.objectives)} if s.objectives else {"direction": "maximize"}
         study = optuna.create_study(study_name=s.paths.name, storage=s.storage, sampler=sampler, load_if_exists=True, **kw)
-        records = StudyRecords(study)
-        fingerprint = json.dumps({"tree": _jsonable(s.space.tree), "objectives": s.objectives}, sort_keys=True, default=str)
-        old = records.meta().space
+        return StudyRecords(study)
+
+    def _fingerprint(self) -> str:
+        s = self.setup
+        return json.dumps({"tree": _jsonable(s.space.tree), "objectives": s.objectives}, sort_keys=True, default=str)
+
+    def set_up_study(self, records: StudyRecords) -> None:
+        """Once per study (and again when the space changed): assess contamination, record what
+        readers need, queue the hand recipes that are points of the space."""
+        s = self.setup
+        fingerprint = self._fingerprint()
+        old = records.refresh().meta().space
         if old is not None and old != fingerprint:
             s.log(f"warning: the space changed since study {s.paths.name!r} started; earlier trials keep their recipes (use --study NEW to start afresh)")
+        s.assessment = s.assess()
         include = getattr(getattr(s.evaluator, "cfg", None), "include_path", None)
         records.set_meta(StudyMeta(
             space=fingerprint, space_file=str(Path(s.file).resolve()), seed=s.mask_seed, model_refs=s.space.model_refs(),
@@ -119,23 +151,54 @@ class Search:
             flags=s.assessment.columns() if s.assessment is not None else {},
             assessment=assessment_to_dict(s.assessment) if s.assessment is not None else None,
         ))
-        return records
+        enqueue_hand_recipes(s.space, s.baselines, records, layers_of=s.layers_of, log=s.log)
+        records.set_setup(_digest(fingerprint))
 
     def _holdout(self, records: StudyRecords) -> Holdout:
         s = self.setup
         base = s.space.tree.get("base_model")
         base_dir = str(s.sources[base].path) if isinstance(base, str) and base in s.sources else None
-        return Holdout(self.candidates, records, enabled=bool(s.holdout_tasks), finalists=s.space.search.finalists, probe=self.probe,
+        return Holdout(self.candidates, records, self.claims, enabled=bool(s.holdout_tasks), finalists=s.space.search.finalists, probe=self.probe,
                        base_ref=base if isinstance(base, str) else None, base_dir=base_dir, tokenizer_dir=str(s.tokenizer_dir),
                        device=s.device, seed=s.seed, file=s.file, log=s.log)
 
-    def run_trial(self, records: StudyRecords, holdout: Holdout, best: list[float]) -> tuple[str, int, TrialRecord]:
-        """One ask -> materialize -> evaluate -> tell round. Returns (state, trial number, record)."""
+    def run_trial(self, records: StudyRecords, holdout: Holdout, best: float) -> tuple[str, int, TrialRecord]:
+        """One ask -> materialize -> evaluate -> tell round, with the trial's heartbeat recorded
+        while it runs. ``best`` is the study's best search score so far (a better trial gets its
+        holdout re-score now). Returns (state, trial number, record)."""
+        from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
         s, study = self.setup, records.study
-        trial = study.ask()
+        with warnings.catch_warnings():  # Optuna expects heartbeats with optimize(); ours are recorded by trial_pulse
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = study.ask()
         records.claim(trial)
+        if self._surplus(records, trial.number):
+            rec = TrialRecord(error="not run: trials of other workers reached the budget")
+            records.set_trial(trial, rec)
+            study.tell(trial, state=TrialState.FAIL)
+            return "FAIL", trial.number, rec
+        try:
+            with trial_pulse(s.storage, s.paths.name, trial.number, s.liveness.interval):
+                return self._run_trial(records, holdout, trial, best)
+        except (UpdateFinishedTrialError, _Finished):
+            rec = TrialRecord(error=f"marked failed by another worker (no heartbeat for {s.liveness.grace} s); its result was not counted")
+            return "FAIL", trial.number, rec
+
+    def _surplus(self, records: StudyRecords, number: int) -> bool:
+        # Another worker may have asked at the same moment: the trials that count first are the
+        # complete ones and the running ones asked before this one.
+        from optuna.trial import TrialState
+
+        ahead = [t for t in records.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                 if t.state == TrialState.COMPLETE or t.number < number]
+        return len(ahead) >= self.setup.trials
+
+    def _run_trial(self, records: StudyRecords, holdout: Holdout, trial: Any, best: float) -> tuple[str, int, TrialRecord]:
+        from optuna.trial import TrialState
+
+        s, study = self.setup, records.study
         rec = TrialRecord()
         try:
             recipe = s.space.render(suggester(trial), s.layers_of)
@@ -148,21 +211,20 @@ class Search:
         except KeyboardInterrupt:
             rec.error = "interrupted (Ctrl-C)"
             records.set_trial(trial, rec)
-            study.tell(trial, state=TrialState.FAIL)
+            _tell(study, trial, state=TrialState.FAIL)
             raise
         except Exception as e:  # any failure of one candidate fails that trial only
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
             rec.error = failure_line(e)
             records.set_trial(trial, rec)
-            study.tell(trial, state=TrialState.FAIL)
+            _tell(study, trial, state=TrialState.FAIL)
             return "FAIL", trial.number, rec
         records.set_trial(trial, rec)  # one write for everything the table needs (each is a commit)
         scores = rec.search
-        study.tell(trial, [scores.scores[o] for o in s.objectives] if s.objectives else scores.aggregate)
-        if scores.aggregate > best[0] or records.baseline_of(trial):
-            best[0] = max(best[0], scores.aggregate)
-            holdout.rescore(trial.number, model)  # every new best (and hand recipe) gets its holdout re-score now
+        _tell(study, trial, [scores.scores[o] for o in s.objectives] if s.objectives else scores.aggregate)
+        if scores.aggregate > best or records.baseline_of(trial):
+            holdout.rescore(trial.number, model, self._check_interrupt)  # every new best (and hand recipe) gets its holdout re-score now
         return "COMPLETE", trial.number, rec
 
     def run(self) -> SearchOutcome:
@@ -173,6 +235,9 @@ class Search:
         """
         # Remember Ctrl-C even if a library on the stack swallows the KeyboardInterrupt (a
         # database driver in the middle of a commit may): the loop re-raises it at the next step.
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         self._interrupted = False
         restore = None
         if threading.current_thread() is threading.main_thread():
@@ -184,7 +249,12 @@ class Search:
 
             signal.signal(signal.SIGINT, on_sigint)
         try:
-            return self._run()
+            slot = self.claims.slot()
+            try:
+                self.worker = int(slot.task.split(":")[1])
+                return self._run()
+            finally:
+                self.claims.release(slot)
         finally:
             if restore is not None:
                 signal.signal(signal.SIGINT, restore)
@@ -194,64 +264,110 @@ class Search:
             raise KeyboardInterrupt
 
     def _run(self) -> SearchOutcome:
-        from optuna.trial import TrialState
-
         s = self.setup
         start = time.perf_counter()
-        if s.assessment is not None:
-            for w in s.assessment.warnings():
-                s.log(w)
         records = self.open_study()
         study = records.study
-        dead = recover_dead_trials(records)
-        if dead:
-            s.log(f"resume: trial(s) {', '.join(map(str, dead))} were running when their process died: marked failed, parameters queued for one retry")
+        if self.worker:
+            s.log(f"worker {self.worker} of study {s.paths.name!r} (sampler seed {s.seed + self.worker})")
+        self._log_dead(recover_dead_trials(records, s.storage))
+        fingerprint = _digest(self._fingerprint())
+        self.claims.run_once("setup", done=lambda: records.refresh().setup_done(fingerprint), work=lambda: self.set_up_study(records),
+                             check_interrupt=self._check_interrupt)
+        self._warn_flags(records)
         holdout = self._holdout(records)
         try:
-            run_baselines(s.space, s.baselines, self.candidates, records, layers_of=s.layers_of, holdout=bool(s.holdout_tasks),
-                          log=s.log, check_interrupt=self._check_interrupt)
+            run_baselines(s.space, s.baselines, self.candidates, records, self.claims, holdout=bool(s.holdout_tasks),
+                          log=s.log, check_interrupt=self._check_interrupt, wait=False)
             write_trials_csv(study, s.paths.csv)
-            complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            n_done = len(complete)
-            if n_done:
-                s.log(f"resume: {n_done} of {s.trials} trials already complete")
-            best = [max((r.search.aggregate for r in map(records.trial, complete) if r.search is not None), default=-math.inf)]
-            attempts = 0
-            bar = None
-            if not self.quiet and n_done < s.trials:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=s.trials, initial=n_done, desc="trials", unit="trial", dynamic_ncols=True, file=sys.stderr)
-            while n_done < s.trials and attempts < 3 * s.trials + 10:
-                self._check_interrupt()
-                attempts += 1
-                state, number, rec = self.run_trial(records, holdout, best)
-                write_trials_csv(study, s.paths.csv)
-                self._check_interrupt()
-                line = f"trial {number:>3} {state:8}"
-                if state == "COMPLETE" and rec.search is not None:
-                    n_done += 1
-                    line += f" score {rec.search.aggregate:.3f}  merge {rec.merge_s or 0:.2f}s eval {rec.eval_s or 0:.2f}s  {rec.method or ''}"
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(best=f"{best[0]:.3f}")
-                else:
-                    line += f" {rec.error}"
-                if not self.quiet:
-                    (bar.write if bar is not None else s.log)(line)
-            if bar is not None:
-                bar.close()
-            if n_done < s.trials:
-                s.log(f"stopped after {attempts} attempts with {n_done} complete trials: too many failures (see the error column)")
+            self._search(records, holdout)
+            run_baselines(s.space, s.baselines, self.candidates, records, self.claims, holdout=bool(s.holdout_tasks),
+                          log=s.log, check_interrupt=self._check_interrupt, wait=True)
             holdout.finalists(self._check_interrupt)
         except KeyboardInterrupt:
             write_trials_csv(study, s.paths.csv)
             raise
         df = write_trials_csv(study, s.paths.csv)
-        best_r = best_row(df)
-        baselines = {r["baseline"]: r for r in df[df["baseline"] != ""].to_dict("records")}
-        n_fail = int((df["state"] == "FAIL").sum())
-        return SearchOutcome(s.paths, n_done, n_fail, None if best_r is None else best_r.to_dict(), baselines, time.perf_counter() - start)
+        return SearchOutcome.from_table(s.paths, df, time.perf_counter() - start)
+
+    def _warn_flags(self, records: StudyRecords) -> None:
+        s = self.setup
+        if s.assessment is None:  # another worker set the study up: its assessment is in the study
+            stored = records.refresh().meta().assessment
+            s.assessment = assessment_from_dict(stored) if stored else None
+        if s.assessment is not None:
+            for w in s.assessment.warnings():
+                s.log(w)
+
+    def _log_dead(self, dead: list[int]) -> None:
+        if dead:
+            self.setup.log(f"trial(s) {', '.join(map(str, dead))} were running when their worker died: marked failed, parameters queued for one retry")
+
+    def _search(self, records: StudyRecords, holdout: Holdout) -> int:
+        """Trials until the study has ``trials`` complete ones (all workers'); returns that count."""
+        from optuna.trial import TrialState
+
+        s, study = self.setup, records.study
+        n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        if n_done:
+            s.log(f"study {s.paths.name!r}: {n_done} of {s.trials} trials already complete")
+        bar = None
+        if not self.quiet and n_done < s.trials:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=s.trials, initial=n_done, desc="trials", unit="trial", dynamic_ncols=True, file=sys.stderr, disable=None)
+        attempts = 0
+        while attempts < 3 * s.trials + 10:
+            self._check_interrupt()
+            self._log_dead(recover_dead_trials(records, s.storage))
+            trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            complete = [t for t in trials if t.state == TrialState.COMPLETE]
+            n_done = len(complete)
+            if bar is not None and n_done > bar.n:
+                bar.update(min(n_done, s.trials) - bar.n)
+            if n_done >= s.trials:
+                break
+            if len(trials) >= s.trials:  # other workers' running trials may fill the budget: wait for them
+                time.sleep(s.liveness.poll)
+                continue
+            best = max((r.search.aggregate for r in map(records.trial, complete) if r.search is not None), default=-math.inf)
+            attempts += 1
+            state, number, rec = self.run_trial(records, holdout, best)
+            write_trials_csv(study, s.paths.csv)
+            self._check_interrupt()
+            line = f"trial {number:>3} {state:8}"
+            if state == "COMPLETE" and rec.search is not None:
+                line += f" score {rec.search.aggregate:.3f}  merge {rec.merge_s or 0:.2f}s eval {rec.eval_s or 0:.2f}s  {rec.method or ''}"
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(best=f"{max(best, rec.search.aggregate):.3f}")
+            else:
+                line += f" {rec.error}"
+            if not self.quiet:
+                (bar.write if bar is not None and not bar.disable else s.log)(line)
+        else:
+            n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            s.log(f"stopped after {attempts} attempts with {n_done} complete trials: too many failures (see the error column)")
+        if bar is not None:
+            bar.close()
+        return n_done
+
+
+class _Finished(Exception):
+    """The trial was finished by another worker (it found the trial's heartbeat stale)."""
+
+
+def _tell(study: Any, trial: Any, values: Any = None, state: Any = None) -> None:
+    try:
+        study.tell(trial, values, state=state)
+    except ValueError as e:
+        if "Cannot tell a" in str(e):
+            raise _Finished(str(e)) from None
+        raise
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run_search(space_file: str | Path, **kwargs: Any) -> SearchOutcome:
@@ -262,4 +378,3 @@ def run_search(space_file: str | Path, **kwargs: Any) -> SearchOutcome:
         >>> out.best["holdout"]                                      # doctest: +SKIP
     """
     return Search(space_file, **kwargs).run()
-

@@ -11,10 +11,15 @@ The storage is the single source of truth of a study. Each record below has one 
 | a hand recipe queued as a searched trial | the study's user attributes | ``enqueued:<name>`` |
 | why a trial left RUNNING by a dead process failed | the study's user attributes | ``died:<number>`` |
 | :class:`StudyMeta` (seed, tasks, flags...) | the study's user attributes | one key per field |
+| the space fingerprint the study was set up for (meta, assessment, hand recipes queued) | the study's user attributes | ``setup`` |
 
 Trial user attributes also hold ``proc`` (pid and host of the process running it), ``baseline``
 (the hand recipe a queued trial came from) and ``retry_of`` (the trial a retry repeats). The keys
-and dict shapes are the file format of existing studies: keep them.
+and dict shapes are the file format of existing studies: keep them. Claims (which worker runs
+which once-per-study task) are studies of their own, see :mod:`evomerge.search.claims`.
+
+Several workers write one study: a record is written by the one worker that ran its task, and read
+fresh (:meth:`StudyRecords.attrs` with ``refresh``) wherever another worker may have written it.
 
 Example:
     >>> s = Scores({"a": 0.5}, {"a": 0.05}, 0.5, 0.05, 1.0)
@@ -35,7 +40,10 @@ from typing import Any
 
 __all__ = ["Scores", "TrialRecord", "StudyMeta", "StudyRecords", "HOST"]
 
-HOST = socket.gethostname()
+# This host's name in ``proc`` and claim owners (a dead process is recognised by its pid on its own
+# host only). EVOMERGE_HOST overrides it where hosts share a name (containers started with one
+# --hostname on several machines) and in tests that play several hosts on one.
+HOST = os.environ.get("EVOMERGE_HOST") or socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,18 @@ class StudyRecords:
         self.study.set_user_attr(key, value)
         if self._attrs is not None:
             self._attrs[key] = value
+
+    def refresh(self) -> StudyRecords:
+        """Forget cached study attributes (other workers write them too); returns ``self``."""
+        self._attrs = None
+        return self
+
+    def setup_done(self, fingerprint: str) -> bool:
+        """Whether the study was set up (meta, assessment, queued hand recipes) for this space."""
+        return self.attrs().get("setup") == fingerprint
+
+    def set_setup(self, fingerprint: str) -> None:
+        self._set("setup", fingerprint)
 
     def meta(self) -> StudyMeta:
         a = self.attrs()

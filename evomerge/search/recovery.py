@@ -1,16 +1,96 @@
-"""Trials left RUNNING by a process that died (``kill -9``, power loss): found on resume, marked
-failed with the reason, and their parameters queued for one retry."""
+"""Dead workers: a trial left RUNNING by a process that died (``kill -9``, power loss, a vanished
+host) is marked failed with the reason, and its parameters are queued for one retry, by whichever
+live worker of the study notices first (or by the next run of the search).
+
+Two ways to notice, both checked by every worker before each trial:
+
+- **Heartbeats** (RDB storages: PostgreSQL, MySQL, SQLite): while a trial runs, its worker records
+  a heartbeat every ``interval`` seconds (Optuna's ``RDBStorage.record_heartbeat``, on a thread of its
+  own). ``optuna.storages.fail_stale_trials`` fails a trial without one for ``grace`` seconds and
+  calls :func:`on_stale` for it, in the one process whose update changed the trial's state: the
+  retry is queued once. Both times are the database's clock, so this works across hosts.
+- **The owner's pid** (``proc`` attribute; this host only, any storage): a trial whose process is
+  gone is failed at once, without waiting for the grace period. Optuna's journal storage has no
+  heartbeat, so there this is the only way: a journal study is for one host.
+
+A trial whose worker is alive but failed to beat for ``grace`` seconds is failed all the same; that
+worker then finds it finished when it reports its result, and counts it as failed (nothing is
+counted twice).
+"""
 
 from __future__ import annotations
 
 import os
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from evomerge.search.records import HOST, StudyRecords
 
-__all__ = ["recover_dead_trials"]
+__all__ = ["Liveness", "Pulse", "pid_alive", "heartbeats", "trial_pulse", "on_stale", "recover_dead_trials"]
 
 
-def _pid_alive(pid: int) -> bool:
+@dataclass(frozen=True)
+class Liveness:
+    """How workers tell each other they are alive.
+
+    Attributes:
+        interval: seconds between heartbeats of a running trial, and beats of a held claim.
+        grace: seconds without a heartbeat after which another worker declares the owner dead
+            (Optuna's ``grace_period``; several intervals, so that one slow beat is not a death).
+        poll: seconds between looks while waiting for another worker.
+    """
+
+    interval: int = 10
+    grace: int = 60
+    poll: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not (self.interval >= 1 and self.grace > self.interval and self.poll > 0):
+            raise ValueError(f"`1 <= interval < grace` and `poll > 0` must hold, but got (interval={self.interval}, grace={self.grace}, poll={self.poll})")
+
+
+class Pulse:
+    """Calls ``beat()`` now and then every ``interval`` seconds on a daemon thread, until stopped.
+
+    A beat that raises is skipped (a missed beat is what the grace period is for; the claim or
+    trial may also have been taken over or deleted meanwhile).
+    """
+
+    def __init__(self, beat: Callable[[], None], interval: float, name: str = "evomerge-pulse") -> None:
+        self._beat, self._interval = beat, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._beat()
+            except Exception:  # noqa: BLE001 - see the class docstring
+                pass
+            if self._stop.wait(self._interval):
+                return
+
+    def start(self) -> Pulse:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> Pulse:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with this pid exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -20,23 +100,70 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def recover_dead_trials(records: StudyRecords) -> list[int]:
-    """Fail this host's RUNNING trials whose process is gone; queue each one's parameters once.
+def heartbeats(storage: Any) -> bool:
+    """Whether ``storage`` records heartbeats of running trials (an RDB storage opened with a
+    :class:`Liveness`)."""
+    get = getattr(storage, "get_heartbeat_interval", None)
+    return get is not None and get() is not None
+
+
+def trial_pulse(storage: Any, study_name: str, number: int, interval: float) -> Pulse:
+    """A :class:`Pulse` recording the heartbeat of trial ``number`` (a no-op without heartbeats)."""
+    if not heartbeats(storage):
+        return Pulse(lambda: None, 3600.0)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
+    return Pulse(lambda: storage.record_heartbeat(trial_id), interval, name=f"evomerge-heartbeat-{number}")
+
+
+def _fail_and_retry(records: StudyRecords, t: Any, message: str) -> None:
+    records.mark_died(t.number, message)
+    if records.retry_of(t) is None and t.params:
+        records.study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+
+
+def on_stale(study: Any, trial: Any) -> None:
+    """Optuna's ``heartbeat_stale_trial_callback``: record why the trial failed, queue its retry."""
+    pid, host = StudyRecords.owner(trial)
+    _fail_and_retry(StudyRecords(study), trial, f"worker {pid} on {host} died while this trial was running (no heartbeat)")
+
+
+def recover_dead_trials(records: StudyRecords, storage: Any) -> list[int]:
+    """Fail the RUNNING trials whose process is gone (this host, by pid) or whose heartbeat
+    stopped (any host); queue each one's parameters once.
+
+    Args:
+        records: the study's records.
+        storage: the raw storage the study was opened on (for trial-level updates).
 
     Returns:
-        The numbers of the trials marked failed.
+        The numbers of the trials found dead (by this process or, at the same moment, another).
     """
+    import optuna
     from optuna.trial import TrialState
 
     study = records.study
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return []
     dead = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for t in running:
         pid, host = records.owner(t)
-        if host != HOST or pid is None or (pid != os.getpid() and _pid_alive(int(pid))):
+        if host != HOST or pid is None or (pid != os.getpid() and pid_alive(int(pid))):
             continue
-        records.mark_died(t.number, f"process {pid} died while this trial was running")
-        study.tell(t.number, state=TrialState.FAIL)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        try:  # one process wins this update; only it records the death and queues the retry
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        _fail_and_retry(records, t, f"process {pid} died while this trial was running")
         dead.append(t.number)
-        if records.retry_of(t) is None and t.params:
-            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
-    return dead
+    if heartbeats(storage):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # calls on_stale for each trial it failed
+        still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        attrs = records.attrs(refresh=True)
+        dead += [t.number for t in running if t.number not in still and t.number not in dead and f"died:{t.number}" in attrs]
+    return sorted(dead)

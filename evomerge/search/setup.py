@@ -1,8 +1,9 @@
 """Preparing a search: everything checked and opened before the first trial, nothing written yet.
 
-:func:`prepare` loads the space, opens the sources, builds the evaluator, checks the objectives,
-assesses contamination and opens the storage, in that order: a bad space, a missing or unreadable
-model, an unknown task or a bad storage URL is reported before anything is written.
+:func:`prepare` loads the space, opens the sources, builds the evaluator, checks the objectives
+and opens the storage, in that order: a bad space, a missing or unreadable model, an unknown task
+or a bad storage URL is reported before anything is written. The contamination assessment
+(:meth:`Setup.assess`) runs once per study, by the worker that sets the study up.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from evomerge.evaluation.lmeval import LMEvalEvaluator
 from evomerge.evaluation.section import parse_evaluate
 from evomerge.recipe.schema import parse_recipe
 from evomerge.search.baselines import baseline_recipes
+from evomerge.search.recovery import Liveness, on_stale
 from evomerge.search.storage import StudyPaths, open_storage, study_paths
 from evomerge.space import Space, load_space
 
@@ -53,9 +55,15 @@ class Setup:
     search_tasks: list[str]
     holdout_tasks: list[str]
     objectives: list[str]
-    assessment: Assessment | None
     storage: Any
     log: Callable[[str], None]
+    liveness: Liveness
+    assessment: Assessment | None = None  # set by :meth:`assess` or read from the study
+
+    def assess(self) -> Assessment | None:
+        """The contamination assessment of the space's sources and tasks (None when the checks
+        themselves failed: flags are evidence, never a reason to refuse a search)."""
+        return _assess(self.space, self.evaluator, self.search_tasks, self.holdout_tasks, self.log)
 
     @property
     def mask_seed(self) -> int:
@@ -110,7 +118,7 @@ def _assess(space: Space, evaluator: Evaluator, search_tasks: list[str], holdout
 
 def prepare(space_file: str | Path, *, trials: int | None = None, device: str | None = None, storage: str | None = None,
             study: str | None = None, seed: int | None = None, results_dir: str | Path = "results", evaluator: Evaluator | None = None,
-            log: Callable[[str], None] | None = None, threads: int | None = None) -> Setup:
+            log: Callable[[str], None] | None = None, threads: int | None = None, liveness: Liveness | None = None) -> Setup:
     """Check and open everything a search needs.
 
     Args:
@@ -119,6 +127,8 @@ def prepare(space_file: str | Path, *, trials: int | None = None, device: str | 
         evaluator: an :class:`~evomerge.evaluation.base.Evaluator` instead of lm-eval (tests).
         log: where progress lines go (default: stdout).
         threads: CPU threads for torch (default: 1 for models under 50M parameters, else torch's).
+        liveness: heartbeat interval, grace period and polling of the study's workers (default:
+            :class:`~evomerge.search.recovery.Liveness` ()).
 
     Raises:
         ConfigError / EvomergeError: anything wrong with the space, its models, its tasks or the
@@ -163,11 +173,11 @@ def prepare(space_file: str | Path, *, trials: int | None = None, device: str | 
     for o in objectives:
         if o not in search_tasks:
             raise ConfigError(file, "search.objectives", f"{o!r} is not a search task (tasks: {', '.join(search_tasks)})")
-    assessment = _assess(space, evaluator, search_tasks, holdout_tasks, log)
     # Storage last: a bad URL is reported before anything is written; the folder is created
     # only now that every check has passed.
     if paths.default_storage:
         paths.folder.mkdir(parents=True, exist_ok=True)
-    opened = open_storage(paths.storage, field="--storage" if storage else "study.storage")
+    liveness = liveness or Liveness()
+    opened = open_storage(paths.storage, field="--storage" if storage else "study.storage", liveness=liveness, on_stale=on_stale)
     return Setup(space, file, trials or s.trials, seed, device, paths, sources, merger, evaluator, tokenizer_dir, baselines,
-                 search_tasks, holdout_tasks, objectives, assessment, opened, log)
+                 search_tasks, holdout_tasks, objectives, opened, log, liveness)

@@ -1,17 +1,33 @@
 """Where a study lives: its name, its folder under ``results/`` and its Optuna storage.
 
 The default storage is an SQLite file in the study's folder, with a WAL journal; ``--storage URL``
-(or the space's ``study.storage``) takes any Optuna RDB URL.
+(or the space's ``study.storage``) takes any Optuna RDB URL (``postgresql://``, ``mysql+pymysql://``,
+``sqlite:///``), or ``journal:///path/study.log`` for Optuna's journal file storage (a relative
+path; ``journal:////abs/study.log`` for an absolute one, as with ``sqlite:``). Several workers
+may share one storage (see :mod:`evomerge.search.claims` and :mod:`evomerge.search.recovery`):
+
+- RDB storages record a heartbeat per running trial (``liveness``), so that a live worker on any
+  host can fail the trial of a dead one.
+- SQLite runs every transaction as ``BEGIN IMMEDIATE``: a read-then-write (Optuna popping a queued
+  trial, failing a stale one) holds the write lock from its first read, as PostgreSQL's ``SELECT ...
+  FOR UPDATE`` does, instead of two processes both reading "waiting" and both running the trial.
+- The journal file has no heartbeat: a dead worker is recognised by its pid, on its own host only.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError, one_line
+from evomerge.search.claims import is_claim
+from evomerge.search.recovery import Liveness
 from evomerge.space import load_space
 
 __all__ = ["StudyPaths", "study_paths", "open_storage", "load_study", "locate"]
@@ -42,26 +58,49 @@ def study_paths(space_file: str | Path, *, study: str | None = None, space_study
     name = study or space_study or re.sub(r"[^\w.-]+", "_", Path(space_file).stem)
     folder = Path(results_dir) / name
     url = storage or space_storage
-    default = url is None
-    if default:
-        url = f"sqlite:///{(folder / 'study.db').resolve()}"
-    return StudyPaths(name, folder, url, default)
+    if url is None:
+        return StudyPaths(name, folder, f"sqlite:///{(folder / 'study.db').resolve()}", True)
+    return StudyPaths(name, folder, url, False)
 
 
-def open_storage(url: str, *, field: str = "--storage") -> Any:
+JOURNAL = "journal:///"
+
+
+def _sqlalchemy_url(url: str) -> str:
+    # SQLAlchemy 2.1 maps postgresql:// to psycopg 3, 2.0 to psycopg2: use whichever is installed.
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+        return "postgresql+psycopg://" + url[len("postgresql://"):]
+    return url
+
+
+def open_storage(url: str, *, field: str = "--storage", liveness: Liveness | None = None,
+                 on_stale: Callable[[Any, Any], None] | None = None) -> Any:
     """An Optuna storage for ``url``; a clear error when it cannot be reached.
+
+    Args:
+        url: an Optuna RDB URL, or ``journal:///path`` for a journal file (four slashes for an
+            absolute path, as in ``sqlite:////``).
+        field: the option or key the URL came from (for messages).
+        liveness: record heartbeats of running trials (RDB storages) with these intervals; None
+            for readers.
+        on_stale: called as ``on_stale(study, frozen_trial)`` for each trial this process fails
+            because its heartbeat stopped (``optuna.storages.fail_stale_trials``).
 
     Raises:
         EvomergeError: the URL is malformed or the database cannot be opened.
     """
-    import optuna
 
+    if url.startswith(JOURNAL):
+        return _journal(url, field)
     if url.startswith("sqlite:///"):
         folder = Path(url[len("sqlite:///"):]).parent
         if not folder.is_dir():
             raise EvomergeError(f"{field}: cannot open storage {url}: folder {folder} does not exist")
+    beats: dict[str, Any] = {}
+    if liveness is not None:
+        beats = {"heartbeat_interval": liveness.interval, "grace_period": liveness.grace, "heartbeat_stale_trial_callback": on_stale}
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}})
+        storage = _rdb(url, beats)
     except ImportError:
         driver = _DRIVERS.get(url.split(":", 1)[0].split("+", 1)[0], "the SQLAlchemy driver for this database")
         raise EvomergeError(f"{field}: cannot open storage {url}: its database driver is not installed (pip install {driver})") from None
@@ -72,18 +111,57 @@ def open_storage(url: str, *, field: str = "--storage") -> Any:
     return storage
 
 
+def _rdb(url: str, beats: dict[str, Any]) -> Any:
+    import optuna
+
+    engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}}
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(_sqlalchemy_url(url), engine_kwargs=engine, **beats)
+        except Exception as e:
+            # Workers that start together on a new database all create its tables; the losers
+            # of that race see "already exists" (or a duplicate key) once, then find the tables.
+            text = str(e).lower()
+            if attempt == 4 or not ("already exists" in text or "duplicate key" in text or "unique constraint" in text):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _journal(url: str, field: str) -> Any:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(url[len(JOURNAL):])  # like sqlite: journal:///rel/path, journal:////abs/path
+    if not path.parent.is_dir():
+        raise EvomergeError(f"{field}: cannot open storage {url}: folder {path.parent} does not exist")
+    try:
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    except Exception as e:
+        raise EvomergeError(f"{field}: cannot open storage {url}: {one_line(type(e).__name__)}: {one_line(e)[:200]}") from None
+
+
 def _fast_sqlite(engine: Any) -> None:
     """WAL journal with synchronous=NORMAL: a commit no longer waits for an fsync (a dozen per
-    trial otherwise cost ~10 ms each), and a killed process still loses nothing committed."""
+    trial otherwise cost ~10 ms each), and a killed process still loses nothing committed. Every
+    transaction begins IMMEDIATE (see the module docstring): pysqlite's own BEGIN comes late
+    (before the first write, after the reads), so it is turned off and SQLAlchemy's begin emits ours."""
     from sqlalchemy import event
 
     def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # no implicit BEGIN from pysqlite
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
 
+    def on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
     event.listen(engine, "connect", on_connect)
+    event.listen(engine, "begin", on_begin)
     engine.dispose()  # connections opened before the listener get the pragmas too
 
 
@@ -101,7 +179,7 @@ def load_study(paths: StudyPaths) -> Any:
     try:
         return optuna.load_study(study_name=paths.name, storage=storage)
     except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage) if not is_claim(s.study_name)]
         raise EvomergeError(f"no study {paths.name!r} in {paths.storage}" + (f" (it has: {', '.join(names)})" if names else "")) from None
 
 

@@ -2,7 +2,9 @@
 
 Everything is read back from the Optuna storage, which is the single source of truth, through
 :class:`~evomerge.search.records.StudyRecords`. ``trials.csv`` is rewritten (atomically) after every
-trial, so it is never half-written and always matches the storage.
+trial, so it is never half-written and always matches the storage. Several workers of one host
+write it in turn (a lock file beside it): each reads the storage after taking the lock, so the last
+one to write has read every worker's last commit.
 
 Columns: ``number``, ``state``, ``baseline`` (name, empty for searched trials), ``method``,
 ``p_<param>`` (every sampled parameter), ``score``/``score_se`` (aggregate search score),
@@ -13,6 +15,7 @@ Columns: ``number``, ``state``, ``baseline`` (name, empty for searched trials), 
 
 from __future__ import annotations
 
+import fcntl
 import math
 from pathlib import Path
 from typing import Any
@@ -95,11 +98,14 @@ def is_number(x: Any) -> bool:
 
 
 def write_trials_csv(study: Any, path: str | Path) -> pd.DataFrame:
-    """Rewrite ``trials.csv`` from the storage, atomically (temp file, then rename)."""
-    df = trials_frame(study)
+    """Rewrite ``trials.csv`` from the storage, atomically (temp file, then rename), one writer
+    of this host at a time."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_file(path, lambda f: df.to_csv(f, index=False), mode="w")
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        df = trials_frame(study)
+        atomic_file(path, lambda f: df.to_csv(f, index=False), mode="w")
     return df
 
 
