@@ -24,7 +24,7 @@ The owner writes the task's record into the study first, then deletes the claim 
 generation: the storage holds claim studies only while their work is under way, or orphaned by a
 dead owner until someone takes over, so ``optuna-dashboard`` and ``evomerge results`` see the study
 itself (readers skip names with ``::claim::``). An owner that fails or is interrupted deletes its
-claim, so that another worker can claim the task at once. A *held* claim (:meth:`Claims.acquire`
+claim too, so that another worker can claim the task at once. A *held* claim (:meth:`Claims.acquire`
 without ``done``) is a worker slot: ``worker:<k>`` numbers the live workers of a study.
 """
 
@@ -143,12 +143,9 @@ class Claims:
             # "missing": released or finished meanwhile; try this generation again
 
     def release(self, claim: Claim) -> None:
-        """Give ``claim`` up (its work not done): another worker may claim the task at once."""
-        claim.pulse.stop()
-        self._delete(claim.task, claim.gen)
-
-    def finish(self, claim: Claim) -> None:
-        """The work of ``claim`` is done and recorded: remove the claim studies of every generation."""
+        """Drop ``claim``: its work is done and recorded, or given up (then another worker may
+        claim the task at once). The claim studies of earlier generations go too: their owners
+        were found dead when this one took over."""
         claim.pulse.stop()
         for gen in range(claim.gen, -1, -1):
             self._delete(claim.task, gen)
@@ -183,13 +180,10 @@ class Claims:
                 continue
             try:
                 if done():  # finished by another worker between our look and our claim
-                    self.finish(claim)
                     return False
                 work()
-            except BaseException:
+            finally:
                 self.release(claim)
-                raise
-            self.finish(claim)
             return True
 
     def slot(self) -> Claim:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -66,9 +67,16 @@ def study_paths(space_file: str | Path, *, study: str | None = None, space_study
 JOURNAL = "journal:///"
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # in sys.modules without a spec (None: an import that is blocked)
+        return sys.modules.get(module) is not None
+
+
 def _sqlalchemy_url(url: str) -> str:
     # SQLAlchemy 2.1 maps postgresql:// to psycopg 3, 2.0 to psycopg2: use whichever is installed.
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+    if url.startswith("postgresql://") and not _installed("psycopg2") and _installed("psycopg"):
         return "postgresql+psycopg://" + url[len("postgresql://"):]
     return url
 
