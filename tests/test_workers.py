@@ -28,7 +28,7 @@ from test_search import write_space
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
 from evomerge.search.claims import Claims, is_claim
-from evomerge.search.recovery import Liveness
+from evomerge.search.liveness import Liveness
 from evomerge.search.storage import open_storage
 
 TESTS = Path(__file__).resolve().parent
@@ -42,7 +42,7 @@ RUNNER = textwrap.dedent("""
     import conftest  # offline env
     from _fake_eval import TaskVectorEvaluator
     from evomerge.search.loop import run_search
-    from evomerge.search.recovery import Liveness
+    from evomerge.search.liveness import Liveness
 
     cfg = json.loads(sys.argv[1])
 
@@ -54,6 +54,12 @@ RUNNER = textwrap.dedent("""
             return r
 
     ev = Logged(cfg["base"], cfg["fts"], sleep=cfg["sleep"], marker=cfg.get("marker"))
+    if cfg.get("barrier"):  # start together: every worker imported and ready
+        import pathlib, time
+        barrier = pathlib.Path(cfg["barrier"])
+        (barrier / f"ready-{{os.getpid()}}").touch()
+        while not (barrier / "go").exists():
+            time.sleep(0.05)
     out = run_search(cfg["space"], evaluator=ev, results_dir=cfg["results"], storage=cfg["storage"], study=cfg["study"],
                      quiet=True, liveness=Liveness(*cfg["liveness"]))
     print("DONE", out.n_complete, flush=True)
@@ -141,9 +147,13 @@ def three_workers(postgres, tiny_family, tmp_path_factory):
     base, fts = tiny_family
     write_space(tmp / "space.yml", base, fts, trials=9, finalists=3)
     study = f"three-{uuid.uuid4().hex[:8]}"
-    cfg = _cfg(tmp, tiny_family, postgres, study, sleep=0.3)
+    cfg = {**_cfg(tmp, tiny_family, postgres, study, sleep=0.4), "barrier": str(tmp)}
     start = time.perf_counter()
     procs = [_start(tmp, cfg) for _ in range(3)]
+    end = time.time() + 180
+    while len(list(tmp.glob("ready-*"))) < 3 and time.time() < end and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    (tmp / "go").touch()
     outs = [p.communicate(timeout=240)[0] for p in procs]
     return {"url": postgres, "study": study, "tmp": tmp, "codes": [p.returncode for p in procs], "outs": outs,
             "seconds": time.perf_counter() - start}
@@ -158,7 +168,7 @@ def test_three_workers_complete_the_budget_and_run_the_once_per_study_work_once(
     assert states.count("COMPLETE") == 9 and "RUNNING" not in states
     # every worker took trials (the study is shared, not run three times)
     owners = {t.user_attrs["proc"]["pid"] for t in study.trials if t.state.name == "COMPLETE"}
-    assert len(owners) >= 2
+    assert len(owners) >= 2, "\n".join(o[-800:] for o in w["outs"])
     attrs = study.user_attrs
     baselines = sorted(k for k in attrs if k.startswith("baseline:"))
     assert len(baselines) == 5 and all(attrs[k]["state"] == "COMPLETE" for k in baselines)
@@ -237,8 +247,8 @@ def test_a_sigkilled_worker_trial_is_failed_by_heartbeat_and_retried_once(postgr
     retry = [t for t in trials if t.user_attrs.get("retry_of") == dead[0].number]
     assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == dead[0].params
     assert retry[0].user_attrs["proc"]["host"] == "host-B"
-    # what the dead worker held is all that is left: its worker slot
-    assert all("::claim::worker:" in c for c in _claims_left(postgres, study))
+    # the dead worker's slot claim was swept by the survivor as it stopped
+    assert _claims_left(postgres, study) == []
 
 
 # ----------------------------------------------------------------------------------- one host
@@ -292,37 +302,38 @@ def _storages(tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
 def test_claims_one_owner_takeover_of_a_dead_one_and_nothing_left(tmp_path, kind):
+    from optuna.study import StudyDirection
+
+    from evomerge.search.records import HOST
+
     url = next((u for u in _storages(tmp_path) if u.startswith(kind)), None)
     if url is None:
         pytest.skip("EVOMERGE_TEST_POSTGRES is unset (the worker tests start their own server)")
-    storage = open_storage(url)
-    name = f"c-{uuid.uuid4().hex[:8]}"
     fast = Liveness(interval=1, grace=2, poll=0.1)
+    storage = open_storage(url, liveness=fast)  # heartbeats on RDB storages; the journal has none
+    name = f"c-{uuid.uuid4().hex[:8]}"
     a, b = Claims(storage, name, fast), Claims(storage, name, fast)
     held = a.acquire("setup")
     assert held is not None and b.acquire("setup") is None  # one owner
-    # b waits while a is alive; a finishes: b finds the work done and does not run it
-    done = []
+    # the owner finishes: the other finds the work done and does not run it
+    done = ["setup"]
     a.release(held)
-    done.append("setup")
     assert b.run_once("setup", done=lambda: "setup" in done, work=lambda: pytest.fail("ran twice")) is False
     # an owner that died (a pid of this host that is gone) is taken over at once, by the next generation
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    from optuna.study import StudyDirection
-
     sid = storage.create_new_study([StudyDirection.MINIMIZE], a.name("baseline:x", 0))
-    from evomerge.search.records import HOST
-
     storage.set_study_user_attr(sid, "owner", {"host": HOST, "pid": dead.pid})
     ran = []
     assert b.run_once("baseline:x", done=lambda: bool(ran), work=lambda: ran.append(1)) is True and ran == [1]
-    # an owner on another host that stops beating is dead after the grace period of the watcher's clock
-    sid = storage.create_new_study([StudyDirection.MINIMIZE], a.name("holdout:3", 0))
-    storage.set_study_user_attr(sid, "owner", {"host": "elsewhere", "pid": 1})
+    # an owner on another host that stops beating is dead after the grace period (the database's
+    # clock where there are heartbeats, the watcher's clock on the journal)
+    frozen = a.acquire("holdout:3")
+    frozen.pulse.stop()
+    storage.set_study_user_attr(frozen.study_id, "owner", {"host": "elsewhere", "pid": 1})
     t0 = time.monotonic()
     assert b.run_once("holdout:3", done=lambda: False, work=lambda: None) is True
-    assert time.monotonic() - t0 >= fast.grace
+    assert time.monotonic() - t0 >= fast.grace - 1.5
     # a worker that fails gives its claim up for the next one
     with pytest.raises(RuntimeError):
         a.run_once("baseline:y", done=lambda: False, work=lambda: (_ for _ in ()).throw(RuntimeError("boom")))
@@ -331,6 +342,11 @@ def test_claims_one_owner_takeover_of_a_dead_one_and_nothing_left(tmp_path, kind
     assert {slot_a.task, slot_b.task} == {"worker:0", "worker:1"}
     for c in (slot_a, slot_b):
         a.release(c)
+    # a stopping worker sweeps the claims of dead owners (here: a pid gone from this host)
+    orphan = a.acquire("holdout:9")
+    orphan.pulse.stop()
+    storage.set_study_user_attr(orphan.study_id, "owner", {"host": HOST, "pid": dead.pid})
+    assert b.sweep() == [a.name("holdout:9", 0)]
     left = [s for s in _all_names(storage) if s.startswith(name) and is_claim(s)]
     assert left == [a.name("baseline:y", 0)]  # b still holds it
 

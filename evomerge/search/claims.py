@@ -10,21 +10,26 @@ study whose name exists raises ``DuplicatedStudyError`` in every Optuna storage 
 RDB storages; in the journal, the first CREATE_STUDY record of the log wins), so exactly one worker
 creates it: that worker owns ``T``. (``set_study_user_attr`` is an upsert, not a test-and-set, so an
 attribute cannot serve; no other public Optuna call is an atomic test-and-set on a name.) While it
-works, the owner raises a ``beat`` counter in the claim's attributes every ``interval`` seconds.
+works, the owner beats every ``interval`` seconds: on RDB storages the claim study holds one RUNNING
+trial whose Optuna heartbeat the owner records, exactly as for a searched trial; on the journal
+storage (no heartbeats) it raises a ``beat`` counter in the claim's attributes.
 
 Another worker that meets the claim looks, in this order:
 
 - is the work done? (``done()``, read from the study's own records) - then there is nothing to do;
-- is the owner dead? Its pid is gone (same host), or its beat has not changed for ``grace``
-  seconds of the observer's own clock (no two hosts' clocks are compared) - then it takes the task
-  over by creating generation ``gen + 1``, again an atomic create;
+- is the owner dead? Its pid is gone (same host), or its heartbeat is older than ``grace`` seconds
+  by the database's clock (``optuna.storages.fail_stale_trials`` on the claim study), or, without
+  heartbeats, its beat counter has not changed for ``grace`` seconds of the observer's own clock
+  (no two hosts' clocks are ever compared) - then it takes the task over by creating generation
+  ``gen + 1``, again an atomic create;
 - else it waits (or, for work it need not wait for, moves on).
 
 The owner writes the task's record into the study first, then deletes the claim studies of every
 generation: the storage holds claim studies only while their work is under way, or orphaned by a
 dead owner until someone takes over, so ``optuna-dashboard`` and ``evomerge results`` see the study
 itself (readers skip names with ``::claim::``). An owner that fails or is interrupted deletes its
-claim too, so that another worker can claim the task at once. A *held* claim (:meth:`Claims.acquire`
+claim too, so that another worker can claim the task at once, and a worker that stops deletes the
+claims of owners known dead (:meth:`Claims.sweep`). A *held* claim (:meth:`Claims.acquire`
 without ``done``) is a worker slot: ``worker:<k>`` numbers the live workers of a study.
 """
 
@@ -32,13 +37,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from evomerge.search.liveness import Liveness, Pulse, heartbeats, pid_alive
 from evomerge.search.records import HOST
-from evomerge.search.recovery import Liveness, Pulse, pid_alive
 
 __all__ = ["CLAIM", "is_claim", "Claim", "Claims"]
 
@@ -94,25 +100,40 @@ class Claims:
             return None
         owner = {"host": HOST, "pid": os.getpid(), "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.storage.set_study_user_attr(sid, "owner", owner)
-        count = [0]
+        beat: Callable[[], None]
+        if heartbeats(self.storage):  # the claim's one RUNNING trial carries Optuna's heartbeat
+            trial_id = self.storage.create_new_trial(sid)
 
-        def beat() -> None:
-            count[0] += 1
-            self.storage.set_study_user_attr(sid, "beat", count[0])
+            def beat() -> None:
+                self.storage.record_heartbeat(trial_id)
+        else:
+            count = [0]
+
+            def beat() -> None:
+                count[0] += 1
+                self.storage.set_study_user_attr(sid, "beat", count[0])
 
         return Claim(task, gen, sid, Pulse(beat, self.liveness.interval, name=f"evomerge-claim-{task}").start())
 
-    def _look(self, task: str, gen: int) -> tuple[str, dict[str, Any]]:
-        """``("missing" | "live" | "dead", owner)`` of an existing claim."""
+    def _look(self, name: str) -> tuple[str, dict[str, Any]]:
+        """``("missing" | "live" | "dead", owner)`` of the claim study ``name``."""
+        from optuna.trial import TrialState
+
         try:
-            sid = self.storage.get_study_id_from_name(self.name(task, gen))
+            sid = self.storage.get_study_id_from_name(name)
             attrs = self.storage.get_study_user_attrs(sid)
+            owner = attrs.get("owner") or {}
+            pid = owner.get("pid")
+            if owner.get("host") == HOST and isinstance(pid, int) and pid != os.getpid() and not pid_alive(pid):
+                return "dead", owner
+            if heartbeats(self.storage) and self.storage.get_all_trials(sid, deepcopy=False):
+                self._fail_stale(name)  # the database's clock decides, as for trials
+                trial = self.storage.get_all_trials(sid, deepcopy=False)[0]
+                return ("live" if trial.state == TrialState.RUNNING else "dead"), owner
         except KeyError:
             return "missing", {}
-        owner = attrs.get("owner") or {}
-        pid = owner.get("pid")
-        if owner.get("host") == HOST and isinstance(pid, int) and pid != os.getpid() and not pid_alive(pid):
-            return "dead", owner
+        # No heartbeat (journal storage, or a claim a moment old): a beat that does not change
+        # for ``grace`` seconds of this process's clock.
         beat, now = attrs.get("beat"), time.monotonic()
         seen = self._seen.get(sid)
         if seen is None or seen[0] != beat:
@@ -120,9 +141,17 @@ class Claims:
             return "live", owner
         return ("dead" if now - seen[1] > self.liveness.grace else "live"), owner
 
-    def _delete(self, task: str, gen: int) -> None:
+    def _fail_stale(self, name: str) -> None:
+        import optuna
+
+        study = optuna.load_study(study_name=name, storage=self.storage, sampler=optuna.samplers.RandomSampler())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+
+    def _delete(self, name: str) -> None:
         try:
-            self.storage.delete_study(self.storage.get_study_id_from_name(self.name(task, gen)))
+            self.storage.delete_study(self.storage.get_study_id_from_name(name))
         except KeyError:
             pass
 
@@ -134,7 +163,7 @@ class Claims:
             claim = self._create(task, gen)
             if claim is not None:
                 return claim
-            state, owner = self._look(task, gen)
+            state, owner = self._look(self.name(task, gen))
             if state == "live":
                 return None
             if state == "dead":
@@ -148,7 +177,7 @@ class Claims:
         were found dead when this one took over."""
         claim.pulse.stop()
         for gen in range(claim.gen, -1, -1):
-            self._delete(claim.task, gen)
+            self._delete(self.name(claim.task, gen))
 
     def run_once(self, task: str, *, done: Callable[[], bool], work: Callable[[], None], wait: bool = True,
                  check_interrupt: Callable[[], None] = lambda: None) -> bool:
@@ -185,6 +214,19 @@ class Claims:
             finally:
                 self.release(claim)
             return True
+
+    def sweep(self, keep: Iterable[Claim] = ()) -> list[str]:
+        """Delete this study's claims whose owner is known dead now (its pid gone from this host,
+        or its heartbeat stale by the database's clock), except ``keep``; returns their names.
+        A worker sweeps as it stops, so that a killed worker's claims do not stay behind."""
+        prefix = f"{self.study}{CLAIM}"
+        kept = {self.name(c.task, c.gen) for c in keep}
+        dead = []
+        for s in self.storage.get_all_studies():
+            if s.study_name.startswith(prefix) and s.study_name not in kept and self._look(s.study_name)[0] == "dead":
+                self._delete(s.study_name)
+                dead.append(s.study_name)
+        return dead
 
     def slot(self) -> Claim:
         """Hold ``worker:<k>`` for the lowest free ``k``: this worker's number among the study's

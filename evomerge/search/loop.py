@@ -47,7 +47,7 @@ from evomerge.evaluation.base import Evaluator
 from evomerge.io import dump_yaml
 from evomerge.search.baselines import enqueue_hand_recipes, run_baselines
 from evomerge.search.candidates import Candidates
-from evomerge.search.claims import Claims
+from evomerge.search.claims import Claim, Claims
 from evomerge.search.finalists import Holdout
 from evomerge.search.records import StudyMeta, StudyRecords, TrialRecord
 from evomerge.search.recovery import recover_dead_trials, trial_pulse
@@ -114,6 +114,7 @@ class Search:
         self.candidates = Candidates(self.setup.merger, self.setup.evaluator)
         self.claims = Claims(self.setup.storage, self.setup.paths.name, self.setup.liveness, log=self.setup.log)
         self.worker = 0
+        self._slot: Claim | None = None
         self._interrupted = False
 
     @property
@@ -249,12 +250,13 @@ class Search:
 
             signal.signal(signal.SIGINT, on_sigint)
         try:
-            slot = self.claims.slot()
+            self._slot = slot = self.claims.slot()
             try:
                 self.worker = int(slot.task.split(":")[1])
                 return self._run()
             finally:
                 self.claims.release(slot)
+                self._slot = None
         finally:
             if restore is not None:
                 signal.signal(signal.SIGINT, restore)
@@ -287,6 +289,9 @@ class Search:
         except KeyboardInterrupt:
             write_trials_csv(study, s.paths.csv)
             raise
+        swept = self.claims.sweep(keep=[self._slot] if self._slot else [])
+        if swept:
+            s.log(f"removed {len(swept)} claim(s) of dead workers")
         df = write_trials_csv(study, s.paths.csv)
         return SearchOutcome.from_table(s.paths, df, time.perf_counter() - start)
 

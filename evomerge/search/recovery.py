@@ -21,90 +21,14 @@ counted twice).
 from __future__ import annotations
 
 import os
-import threading
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from evomerge.search.claims import is_claim
+from evomerge.search.liveness import Pulse, heartbeats, pid_alive
 from evomerge.search.records import HOST, StudyRecords
 
-__all__ = ["Liveness", "Pulse", "pid_alive", "heartbeats", "trial_pulse", "on_stale", "recover_dead_trials"]
-
-
-@dataclass(frozen=True)
-class Liveness:
-    """How workers tell each other they are alive.
-
-    Attributes:
-        interval: seconds between heartbeats of a running trial, and beats of a held claim.
-        grace: seconds without a heartbeat after which another worker declares the owner dead
-            (Optuna's ``grace_period``; several intervals, so that one slow beat is not a death).
-        poll: seconds between looks while waiting for another worker.
-    """
-
-    interval: int = 10
-    grace: int = 60
-    poll: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not (self.interval >= 1 and self.grace > self.interval and self.poll > 0):
-            raise ValueError(f"`1 <= interval < grace` and `poll > 0` must hold, but got (interval={self.interval}, grace={self.grace}, poll={self.poll})")
-
-
-class Pulse:
-    """Calls ``beat()`` now and then every ``interval`` seconds on a daemon thread, until stopped.
-
-    A beat that raises is skipped (a missed beat is what the grace period is for; the claim or
-    trial may also have been taken over or deleted meanwhile).
-    """
-
-    def __init__(self, beat: Callable[[], None], interval: float, name: str = "evomerge-pulse") -> None:
-        self._beat, self._interval = beat, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                self._beat()
-            except Exception:  # noqa: BLE001 - see the class docstring
-                pass
-            if self._stop.wait(self._interval):
-                return
-
-    def start(self) -> Pulse:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def __enter__(self) -> Pulse:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this host with this pid exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def heartbeats(storage: Any) -> bool:
-    """Whether ``storage`` records heartbeats of running trials (an RDB storage opened with a
-    :class:`Liveness`)."""
-    get = getattr(storage, "get_heartbeat_interval", None)
-    return get is not None and get() is not None
+__all__ = ["trial_pulse", "on_stale", "recover_dead_trials"]
 
 
 def trial_pulse(storage: Any, study_name: str, number: int, interval: float) -> Pulse:
@@ -122,7 +46,10 @@ def _fail_and_retry(records: StudyRecords, t: Any, message: str) -> None:
 
 
 def on_stale(study: Any, trial: Any) -> None:
-    """Optuna's ``heartbeat_stale_trial_callback``: record why the trial failed, queue its retry."""
+    """Optuna's ``heartbeat_stale_trial_callback``: record why the trial failed, queue its retry
+    (a claim's heartbeat trial has nothing to record: its claim study goes away)."""
+    if is_claim(study.study_name):
+        return
     pid, host = StudyRecords.owner(trial)
     _fail_and_retry(StudyRecords(study), trial, f"worker {pid} on {host} died while this trial was running (no heartbeat)")
 

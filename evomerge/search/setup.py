@@ -25,7 +25,8 @@ from evomerge.evaluation.lmeval import LMEvalEvaluator
 from evomerge.evaluation.section import parse_evaluate
 from evomerge.recipe.schema import parse_recipe
 from evomerge.search.baselines import baseline_recipes
-from evomerge.search.recovery import Liveness, on_stale
+from evomerge.search.liveness import Liveness
+from evomerge.search.recovery import on_stale
 from evomerge.search.storage import StudyPaths, open_storage, study_paths
 from evomerge.space import Space, load_space
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError, one_line
 from evomerge.search.claims import is_claim
-from evomerge.search.recovery import Liveness
+from evomerge.search.liveness import Liveness
 from evomerge.space import load_space
 
 __all__ = ["StudyPaths", "study_paths", "open_storage", "load_study", "locate"]
