@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from evomerge.zoo import ensure_zoo, main_zoo, read_manifest, resolve_zoo_ref
-from evomerge.zoo.build import ZOO_VERSION, _summary, build_zoo, format_figures, is_current, merge_recipe
+from evomerge.zoo.build import (
+    ZOO_VERSION,
+    _summary,
+    build_zoo,
+    format_figures,
+    is_current,
+    merge_recipe,
+)
 from evomerge.zoo.data import SKILLS, Item, eval_strings, make_tokenizer
 from evomerge.zoo.train import ZooSize, score_items
 
@@ -200,7 +207,7 @@ def test_merge_recipe_labels_and_weights():
     assert [m["parameters"]["weight"] for m in r["models"]] == [1 / 3] * 3
     label, r = merge_recipe(Path("/z"), names, (0.7, 0.6, 0.4))
     assert label == "task_arithmetic rot=0.7 sort=0.6 shift=0.4"
-    assert [(m["model"], m["parameters"]["weight"]) for m in r["models"]] == [(str(Path("/z") / n), w) for n, w in zip(names, (0.7, 0.6, 0.4))]
+    assert [(m["model"], m["parameters"]["weight"]) for m in r["models"]] == [(str(Path("/z") / n), w) for n, w in zip(names, (0.7, 0.6, 0.4), strict=True)]
     label, r = merge_recipe(Path("/z"), names, {"method": "ties", "weight": 1.0, "density": 0.5})
     assert label == "ties uniform weight=1 density=0.5" and r["merge_method"] == "ties"
     assert all(m["parameters"] == {"weight": 1.0, "density": 0.5} for m in r["models"])
@@ -229,3 +236,157 @@ def test_summary_headroom_over_the_best_uniform_merge():
     assert sm["headroom"] == 0.15 and sm["headroom_holdout"] == 0.19
     text = format_figures({"figures": {**fig, "eval_seconds": 1.0, "summary": sm}, "tasks": {"search": ["zoo_rot"], "items": {"zoo_rot": 100}}})
     assert "+15.0 points over the best uniform merge (+19.0 on holdout)" in text
+
+
+# --- The shipped demo zoo -------------------------------------------------------------------------
+
+# SHA-256 of the shipped demo zoo's weight files: the seed-0 zoo of version 6 whose figures the
+# README's zoo table shows (trained with torch's AVX2 kernels, one thread).
+DEMO_DIGESTS = {
+    "base": "f8fa49e097f3c3fa437ed0df7eab62fb2aea887bcd334d4fc22089a05cfdceef",
+    "rot": "9ec73b3587cf0304c191bdb209986d585966d825cce61c53062445516316b444",
+    "sort": "22bb6835d89c985ea2f294d573b926a8aac9350a4e4365b8ecdbe85ba53d3d7b",
+    "shift": "2e75330ac67fca3057902cae47a7ef49b3823999d0aff76bc92e54868cf776dd",
+}
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("the shipped zoo must install without training")
+
+
+def test_shipped_demo_zoo_installs_without_training(tmp_path, monkeypatch):
+    import evomerge.zoo as zoo_pkg
+    import evomerge.zoo.build as build
+    from evomerge.zoo.build import shipped_manifest, tasks_sha256
+
+    monkeypatch.setattr(build, "train", _no_training)
+    monkeypatch.setattr(zoo_pkg, "_train_zoo", _no_training)
+    t0 = time.perf_counter()
+    zoo = ensure_zoo("demo", tmp_path)
+    assert time.perf_counter() - t0 < 20
+    assert zoo == (tmp_path / "demo").resolve()
+    m = read_manifest(zoo)
+    assert m["source"] == "shipped" and m["version"] == ZOO_VERSION and m["size"] == "demo" and m["seed"] == 0
+    assert {name: _digest(zoo / name) for name in ("base", *SKILLS)} == DEMO_DIGESTS == m["shipped"]["digests"]
+    # The task items are regenerated from the seed: the same bytes the figures were measured on,
+    # and the YAMLs point at the installed JSONL files.
+    assert tasks_sha256(zoo / "tasks") == shipped_manifest("demo")["shipped"]["tasks_sha256"]
+    assert str(zoo / "tasks" / "zoo_rot.jsonl") in (zoo / "tasks" / "zoo_rot.yaml").read_text()
+    assert m["tasks"]["items"] == {f"zoo_{s}{h}": 100 for s in SKILLS for h in ("", "_holdout")}
+    # The figures are the README's zoo table.
+    fig = m["figures"]
+    assert fig["models"]["base"]["mean"] == 0.2733 and fig["models"]["sort"]["mean"] == 0.5267
+    assert fig["merges"]["task_arithmetic uniform 1/n"]["mean"] == 0.68
+    assert fig["merges"]["task_arithmetic uniform 0.5"]["mean"] == 0.7333
+    best = fig["merges"]["task_arithmetic rot=0.78 sort=0.75 shift=0.34"]
+    assert best["mean"] == 0.85 and best["holdout_mean"] == 0.85
+    assert fig["summary"]["headroom"] == 0.1167
+    # The models load like hub models.
+    model, tok = _load(zoo, "shift")
+    assert sum(p.numel() for p in model.parameters()) == m["parameters"]
+    # Reused afterwards, not reinstalled.
+    stamp = (zoo / "zoo.json").stat().st_mtime_ns
+    assert ensure_zoo("demo", tmp_path) == zoo and (zoo / "zoo.json").stat().st_mtime_ns == stamp
+
+
+def test_shipped_zoo_replaces_older_zoos_and_keeps_rebuilt_ones(tmp_path, monkeypatch, capsys):
+    import evomerge.zoo as zoo_pkg
+    import evomerge.zoo.build as build
+    from evomerge.zoo.build import shipped_manifest
+
+    monkeypatch.setattr(build, "train", _no_training)
+    monkeypatch.setattr(zoo_pkg, "_train_zoo", _no_training)
+    shipped = shipped_manifest("demo", 0)
+    assert shipped is not None  # a ZOO_VERSION bump needs a re-shipped zoo (build.pack_zoo)
+
+    def fake_zoo(path: Path, **manifest) -> Path:
+        for d in ("base", *SKILLS):
+            (path / d).mkdir(parents=True)
+            (path / d / "model.safetensors").write_bytes(b"not these weights")
+        (path / "zoo.json").write_text(json.dumps({**shipped, **manifest}))
+        return path
+
+    old = fake_zoo(tmp_path / "old", version="5")  # an older version
+    unstamped = fake_zoo(tmp_path / "unstamped")  # trained before the weights shipped
+    m = read_manifest(unstamped)
+    m.pop("source", None)
+    del m["shipped"]
+    (unstamped / "zoo.json").write_text(json.dumps(m))
+    rebuilt = fake_zoo(tmp_path / "rebuilt", source="trained")  # `evomerge zoo --rebuild`: kept
+    for zoo in (old, unstamped):
+        assert not is_current(zoo, "demo", 0)
+        assert main_zoo(str(zoo), "demo", 0) == 0
+        assert _digest(zoo / "rot") == DEMO_DIGESTS["rot"] and read_manifest(zoo)["source"] == "shipped"
+    assert is_current(rebuilt, "demo", 0)
+    capsys.readouterr()
+    assert main_zoo(str(rebuilt), "demo", 0) == 0
+    out = capsys.readouterr().out
+    assert "up to date, reused" in out and "the tensors differ from the shipped weights" in out
+    assert (rebuilt / "rot" / "model.safetensors").read_bytes() == b"not these weights"
+
+
+def test_rebuild_trains_instead_of_installing(tmp_path, monkeypatch, capsys):
+    """``evomerge zoo --rebuild`` trains the zoo (here a stand-in that records the call, installs the
+    shipped weights and stamps them as trained: the 4-minute training is not run in tests)."""
+    import evomerge.zoo as zoo_pkg
+    from evomerge.cli import build_parser
+    from evomerge.zoo.build import install_zoo
+
+    assert build_parser().parse_args(["zoo", "--rebuild"]).rebuild is True
+    assert build_parser().parse_args(["zoo"]).rebuild is False
+    calls = []
+
+    def fake_train_zoo(dest, size, seed, *, progress=True):
+        calls.append((Path(dest), size, seed))
+        install_zoo(dest, size, progress=False)
+        m = read_manifest(dest)
+        (Path(dest) / "zoo.json").write_text(json.dumps({**m, "source": "trained"}))
+
+    monkeypatch.setattr(zoo_pkg, "_train_zoo", fake_train_zoo)
+    zoo = tmp_path / "demo"
+    assert main_zoo(str(zoo), "demo", 0) == 0  # installs: no training
+    assert calls == [] and "installed from the shipped weights" in capsys.readouterr().out
+    assert main_zoo(str(zoo), "demo", 0, rebuild=True) == 0  # trains, although the zoo is current
+    assert calls == [(zoo.resolve(), "demo", 0)]
+    out = capsys.readouterr().out
+    assert "built (trained here)" in out and "bit-identical to the shipped weights" in out
+    assert main_zoo(str(zoo), "demo", 1) == 0  # no weights ship for another seed: trained
+    assert calls[-1] == (zoo.resolve(), "demo", 1)
+
+
+def test_rebuild_runs_with_pinned_kernels(tmp_path, monkeypatch):
+    """A zoo is trained in a child process whose torch uses its AVX2 kernels and MKL its AVX2 code
+    path on x86-64 (the shipped zoo's), so a rebuild on another x86-64 CPU rounds the same way."""
+    import subprocess
+
+    import evomerge.zoo as zoo_pkg
+
+    seen = {}
+
+    def fake_run(cmd, env, check):
+        seen.update(cmd=cmd, env=env)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    zoo_pkg._train_zoo(tmp_path / "z", "micro", 3, progress=False)
+    assert seen["cmd"][-4:] == [str(tmp_path / "z"), "micro", "3", "0"]
+    import platform
+
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert seen["env"]["ATEN_CPU_CAPABILITY"] == "avx2" and seen["env"]["MKL_CBWR"] == "AVX2"
+
+
+def test_shipped_files_are_package_data():
+    """Every shipped file matches a pattern of ``[tool.setuptools.package-data]`` (so wheels carry it)."""
+    tomllib = pytest.importorskip("tomllib")
+    import evomerge
+    from evomerge.zoo.build import SHIPPED_DIR
+
+    root = Path(evomerge.__file__).parent
+    pyproject = root.parent / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("installed package: no pyproject.toml")
+    patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["evomerge"]
+    covered = {p for pattern in patterns for p in root.glob(pattern) if p.is_file()}
+    shipped = {p for p in SHIPPED_DIR.rglob("*") if p.is_file()}
+    assert shipped and shipped <= covered, sorted(str(p) for p in shipped - covered)

@@ -1,8 +1,10 @@
 """The demo zoo: a tiny base model, fine-tuned experts with distinct skills, and lm-eval tasks.
 
-``evomerge zoo`` builds it; model references ``zoo:<size>/<model>`` and the include path
-``zoo:<size>`` build it on first use and reuse it afterwards (a version stamp in ``zoo.json``
-decides when it must be rebuilt).
+``evomerge zoo`` sets it up; model references ``zoo:<size>/<model>`` and the include path
+``zoo:<size>`` set it up on first use and reuse it afterwards (a version stamp in ``zoo.json``
+decides when it must be replaced). The demo zoo of seed 0 ships with the package (weights and
+measured figures) and is installed, not trained; ``evomerge zoo --rebuild``, other seeds and the
+micro size train with torch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ import sys
 import time
 from pathlib import Path
 
-from evomerge.zoo.build import ZOO_VERSION, build_zoo, format_figures, is_current, read_manifest, zoo_lock
+from evomerge.zoo.build import (
+    ZOO_VERSION,
+    file_sha256,
+    format_figures,
+    install_zoo,
+    is_current,
+    read_manifest,
+    shipped_manifest,
+    zoo_lock,
+)
 from evomerge.zoo.data import SKILLS, rewrite_task_yamls, task_names
 from evomerge.zoo.train import SIZES
 
@@ -28,23 +39,57 @@ def default_root() -> Path:
     return Path(env) if env else Path("results") / "zoo"
 
 
-def _ensure_at(zoo_dir: Path, size: str, seed: int | None, *, progress: bool = True) -> Path:
+def _ensure_at(zoo_dir: Path, size: str, seed: int | None, *, progress: bool = True, rebuild: bool = False) -> Path:
     zoo_dir = Path(zoo_dir).resolve()
     if zoo_dir.is_dir() and any(zoo_dir.iterdir()) and not (zoo_dir / "zoo.json").is_file():
         from evomerge.errors import EvomergeError
 
         # A rebuild replaces the directory: never do that to something that is not a zoo.
         raise EvomergeError(f"{zoo_dir} exists and is not a zoo (no zoo.json); choose an empty or new directory")
-    if not is_current(zoo_dir, size, seed):
+    if rebuild or not is_current(zoo_dir, size, seed):
         with zoo_lock(zoo_dir):
-            # Another process may have built it while we waited for the lock.
-            if not is_current(zoo_dir, size, seed):
+            # Another process may have set it up while we waited for the lock.
+            if rebuild or not is_current(zoo_dir, size, seed):
                 # Leftovers of a build that was killed (we hold the lock, so none is running).
                 for stale in zoo_dir.parent.glob(f".{zoo_dir.name}.building-*"):
                     shutil.rmtree(stale, ignore_errors=True)
-                build_zoo(zoo_dir, size, 0 if seed is None else seed, progress=progress)
+                seed = 0 if seed is None else seed
+                if not rebuild and shipped_manifest(size, seed) is not None:
+                    install_zoo(zoo_dir, size, progress=progress)
+                else:
+                    _train_zoo(zoo_dir, size, seed, progress=progress)
     _fix_task_paths(zoo_dir)
     return zoo_dir
+
+
+def _train_zoo(zoo_dir: Path, size: str, seed: int, *, progress: bool = True) -> None:
+    """Train a zoo with :func:`build_zoo` in a child process with pinned CPU kernels.
+
+    Float rounding in training depends on the kernels torch and MKL pick for the CPU's instruction
+    set (AVX-512 and AVX2 kernels give different models from the same seed). On x86-64 the child
+    runs torch's AVX2 kernels and MKL's AVX2 code path, those the shipped demo zoo was trained
+    with, so that a rebuild rounds the same way on any x86-64 CPU with AVX2 (checked on an AVX-512
+    AMD EPYC: bit-identical to the shipped weights). The variables are read once per process, when
+    torch first runs a kernel, hence the child. A variable the user set is left as it is.
+    """
+    import platform
+    import subprocess
+
+    import evomerge
+    from evomerge.errors import EvomergeError
+
+    env = dict(os.environ)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        env.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+        env.setdefault("MKL_CBWR", "AVX2")
+    # The child imports this very evomerge, installed or not.
+    src = str(Path(evomerge.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    code = "import sys; from evomerge.zoo.build import build_main; sys.exit(build_main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", code, str(zoo_dir), size, str(seed), "1" if progress else "0"]
+    rc = subprocess.run(cmd, env=env, check=False).returncode
+    if rc != 0:
+        raise EvomergeError(f"building the {size} zoo failed (exit status {rc}; its error is printed above)")
 
 
 def _fix_task_paths(zoo_dir: Path) -> None:
@@ -57,7 +102,8 @@ def _fix_task_paths(zoo_dir: Path) -> None:
 
 
 def ensure_zoo(size: str = "demo", root: str | Path | None = None) -> Path:
-    """The directory of the ``size`` zoo, built first if missing or of another version.
+    """The directory of the ``size`` zoo, set up first if missing or of another version: the
+    shipped weights are installed where they exist (demo, seed 0), else the zoo is trained.
 
     Args:
         size: "demo" or "micro".
@@ -93,24 +139,38 @@ def resolve_zoo_ref(ref: str) -> str | None:
     return str(zoo / (model or "tasks"))
 
 
-def main_zoo(out: str | None, size: str, seed: int) -> int:
-    """The ``evomerge zoo`` verb: build (or reuse) a zoo and print its figures.
+def main_zoo(out: str | None, size: str, seed: int, rebuild: bool = False) -> int:
+    """The ``evomerge zoo`` verb: install, build or reuse a zoo and print its figures.
 
     Args:
         out: the zoo directory (default: ``<default_root()>/<size>``).
         size: "demo" or "micro".
-        seed: seed of models and tasks; a zoo built with another seed is rebuilt.
+        seed: seed of models and tasks; a zoo of another seed is replaced.
+        rebuild: train the zoo here even where its weights ship with evomerge (and even if the
+            directory already holds it).
 
     Returns:
         The exit code (0).
     """
     zoo_dir = Path(out) if out else default_root() / size
     t0 = time.perf_counter()
-    fresh = not is_current(zoo_dir.resolve(), size, seed)
-    zoo_dir = _ensure_at(zoo_dir, size, seed)
+    fresh = rebuild or not is_current(zoo_dir.resolve(), size, seed)
+    zoo_dir = _ensure_at(zoo_dir, size, seed, rebuild=rebuild)
     manifest = read_manifest(zoo_dir) or {}
-    print(f"zoo {size} (seed {seed}) at {zoo_dir}: " + ("built" if fresh else "up to date, reused") + f" in {time.perf_counter() - t0:.1f}s")
+    source = manifest.get("source", "trained")
+    how = ("installed from the shipped weights" if source == "shipped" else "built (trained here)") if fresh else "up to date, reused"
+    print(f"zoo {size} (seed {seed}) at {zoo_dir}: {how} in {time.perf_counter() - t0:.1f}s")
     print(f"models: {', '.join(manifest.get('models', {}))}; tasks: {', '.join(manifest['tasks']['search'] + manifest['tasks']['holdout'])}")
+    shipped = shipped_manifest(size, seed)
+    if source != "shipped" and shipped is not None:
+        digests = {name: file_sha256(zoo_dir / info["dir"] / "model.safetensors") for name, info in manifest["models"].items()}
+        if digests == shipped["shipped"]["digests"]:
+            print("trained here; bit-identical to the shipped weights")
+        else:
+            print(
+                "trained here; the tensors differ from the shipped weights (training rounds differently on other CPUs), "
+                "so the figures below are this zoo's own, not the README's; delete the directory to install the shipped zoo"
+            )
     print(format_figures(manifest))
     sys.stdout.flush()
     return 0

@@ -7,6 +7,7 @@ A build happens in a temp directory next to the destination and is moved into pl
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -18,10 +19,19 @@ from typing import Any
 
 import torch
 
-from evomerge.zoo.data import SKILLS, eval_strings, make_tokenizer, pretrain_text, rewrite_task_yamls, skill_text, task_names, write_tasks
+from evomerge.zoo.data import (
+    SKILLS,
+    eval_strings,
+    make_tokenizer,
+    pretrain_text,
+    rewrite_task_yamls,
+    skill_text,
+    task_names,
+    write_tasks,
+)
 from evomerge.zoo.train import SIZES, ZooSize, new_model, train
 
-__all__ = ["ZOO_VERSION", "build_zoo", "zoo_lock", "read_manifest", "is_current", "format_figures", "measure_figures", "merge_recipe", "ZooScorer"]
+__all__ = ["ZOO_VERSION", "SHIPPED_DIR", "build_zoo", "install_zoo", "pack_zoo", "shipped_manifest", "file_sha256", "tasks_sha256", "zoo_lock", "read_manifest", "is_current", "format_figures", "measure_figures", "merge_recipe", "ZooScorer"]
 
 # Bump when the data, the models or the training change: existing zoos are then rebuilt.
 ZOO_VERSION = "6"
@@ -36,13 +46,166 @@ def read_manifest(zoo_dir: Path) -> dict[str, Any] | None:
 
 
 def is_current(zoo_dir: Path, size: str, seed: int | None = None) -> bool:
-    """True when ``zoo_dir`` holds a complete zoo of this version, size (and seed, if given)."""
+    """True when ``zoo_dir`` holds a complete zoo of this version, size (and seed, if given).
+
+    A zoo trained before its weights shipped with evomerge (no ``source`` in ``zoo.json``) is not
+    current where shipped weights exist for its size and seed: it is replaced by the shipped zoo,
+    whose figures are the README's. A zoo trained on purpose (``evomerge zoo --rebuild``) is kept.
+    """
     m = read_manifest(zoo_dir)
     if not m or m.get("version") != ZOO_VERSION or m.get("size") != size:
         return False
     if seed is not None and m.get("seed") != seed:
         return False
+    if "source" not in m and shipped_manifest(size, m.get("seed")) is not None:
+        return False
     return all((Path(zoo_dir) / d / "model.safetensors").is_file() for d in m.get("models", {}))
+
+
+# Zoos whose weights ship with the package: ``shipped/<size>/`` holds every model directory as
+# built (config, tokenizer, ``model.safetensors``) and the build's ``zoo.json`` with its measured
+# figures and the SHA-256 of every weight file and of the task items. Training is not
+# bit-reproducible across CPUs (torch picks vectorized kernels, MKL its GEMM code path, by the
+# instruction set: different rounding, different models), so the demo's figures are those of the
+# shipped weights; ``evomerge zoo --rebuild`` trains them here instead.
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tasks_sha256(tasks_dir: Path) -> str:
+    """SHA-256 (hex) over the names and bytes of a zoo's task JSONL files (the YAMLs hold paths)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(tasks_dir).glob("*.jsonl")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def shipped_manifest(size: str, seed: int | None = None) -> dict[str, Any] | None:
+    """The manifest of the shipped ``size`` zoo, or None when none ships for this version (and seed)."""
+    src = SHIPPED_DIR / size
+    m = read_manifest(src)
+    if not m or m.get("version") != ZOO_VERSION or m.get("size") != size or "shipped" not in m:
+        return None
+    if seed is not None and m.get("seed") != seed:
+        return None
+    if not all((src / d["dir"] / "model.safetensors").is_file() for d in m.get("models", {}).values()):
+        return None
+    return m
+
+
+def _move_into_place(tmp: Path, dest: Path) -> None:
+    """Replace ``dest`` (if any) by the complete directory ``tmp``."""
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def install_zoo(dest: str | Path, size: str = "demo", *, progress: bool = True) -> dict[str, Any]:
+    """Install the shipped ``size`` zoo into ``dest`` (no training): copy the weights, check their
+    SHA-256, regenerate the task items from the seed and check theirs, write ``zoo.json``.
+
+    Atomic like :func:`build_zoo` (temp dir, then ``os.replace``).
+
+    Returns:
+        The manifest written to ``zoo.json`` (the shipped one, with ``source: shipped``).
+
+    Raises:
+        EvomergeError: no shipped zoo of this version, or a file that does not match its digest.
+    """
+    from evomerge.errors import EvomergeError
+
+    shipped = shipped_manifest(size)
+    if shipped is None:
+        raise EvomergeError(f"evomerge ships no {size} zoo of version {ZOO_VERSION}; build it with `evomerge zoo --size {size} --rebuild`")
+    dest = Path(dest).resolve()
+    src = SHIPPED_DIR / size
+    t0 = time.perf_counter()
+    tmp = dest.parent / f".{dest.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        digests = shipped["shipped"]["digests"]
+        for name, info in shipped["models"].items():
+            shutil.copytree(src / info["dir"], tmp / info["dir"])
+            got = file_sha256(tmp / info["dir"] / "model.safetensors")
+            if got != digests[name]:
+                raise EvomergeError(
+                    f"the shipped weights of zoo {size}/{name} do not match their digest (sha256 {got[:16]}..., expected {digests[name][:16]}...): "
+                    f"reinstall evomerge, or train the zoo with `evomerge zoo --size {size} --rebuild`"
+                )
+        shape = SIZES[size]
+        counts = write_tasks(tmp / "tasks", dest / "tasks", shape.n_search, shape.n_holdout, shipped["seed"])
+        if counts != shipped["tasks"]["items"] or tasks_sha256(tmp / "tasks") != shipped["shipped"]["tasks_sha256"]:
+            raise EvomergeError(
+                f"the task items regenerated from seed {shipped['seed']} differ from those the shipped {size} zoo was measured on "
+                f"(has Python's random module changed?); train the zoo here with `evomerge zoo --size {size} --rebuild`"
+            )
+        manifest = {**shipped, "source": "shipped", "install_seconds": round(time.perf_counter() - t0, 2)}
+        (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _move_into_place(tmp, dest)
+        if progress:
+            print(f"[zoo {size}] installed the shipped weights in {manifest['install_seconds']:.1f}s", file=sys.stderr, flush=True)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pack_zoo(zoo_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Copy a built zoo into the package's ``shipped/<size>/`` (for maintainers, after a version bump).
+
+    Copies every model directory and writes ``zoo.json`` with ``shipped``: the SHA-256 of every
+    ``model.safetensors`` and of the task items, and the machine the zoo was built and measured on.
+    Task files are not copied: :func:`install_zoo` regenerates them from the seed.
+
+    Args:
+        zoo_dir: a zoo built by :func:`build_zoo` (with figures).
+        out: destination (default: ``SHIPPED_DIR/<size>``), replaced.
+
+    Returns:
+        The shipped manifest.
+    """
+    import platform
+
+    zoo_dir = Path(zoo_dir)
+    m = read_manifest(zoo_dir)
+    if not m or "figures" not in m:
+        raise ValueError(f"{zoo_dir} holds no zoo with measured figures")
+    out = Path(out) if out is not None else SHIPPED_DIR / m["size"]
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for info in m["models"].values():
+        shutil.copytree(zoo_dir / info["dir"], out / info["dir"])
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    m = {k: v for k, v in m.items() if k not in ("source", "install_seconds")}
+    m["shipped"] = {
+        "digests": {name: file_sha256(zoo_dir / info["dir"] / "model.safetensors") for name, info in m["models"].items()},
+        "tasks_sha256": tasks_sha256(zoo_dir / "tasks"),
+        "built_on": {
+            "cpu": cpu,
+            "machine": platform.machine(),
+            "torch": torch.__version__,
+            "cpu_capability": m["training"].get("cpu_capability") or torch.backends.cpu.get_cpu_capability(),
+            "mkl_cbwr": m["training"].get("mkl_cbwr", os.environ.get("MKL_CBWR")),
+            "python": platform.python_version(),
+        },
+    }
+    (out / "zoo.json").write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
+    return m
 
 
 @contextmanager
@@ -112,13 +275,13 @@ def merge_recipe(zoo_dir: Path, model_names: list[str], entry: Any) -> tuple[str
     recipe = {
         "merge_method": method,
         "base_model": str(Path(zoo_dir) / "base"),
-        "models": [{"model": str(Path(zoo_dir) / n), "parameters": {"weight": w, **extra}} for n, w in zip(model_names, weights)],
+        "models": [{"model": str(Path(zoo_dir) / n), "parameters": {"weight": w, **extra}} for n, w in zip(model_names, weights, strict=True)],
         "dtype": "float32",
     }
     if isinstance(entry, dict):
         label = f"{method} uniform " + " ".join(f"{k}={v:g}" for k, v in {"weight": weights[0], **extra}.items())
     elif isinstance(entry, tuple):
-        label = "task_arithmetic " + " ".join(f"{n}={w:g}" for n, w in zip(model_names, weights))
+        label = "task_arithmetic " + " ".join(f"{n}={w:g}" for n, w in zip(model_names, weights, strict=True))
     elif abs(entry - 1 / len(model_names)) < 1e-9:
         label = "task_arithmetic uniform 1/n"
     else:
@@ -137,7 +300,7 @@ class ZooScorer:
     def __init__(self, zoo_dir: Path, tasks_dir: Path) -> None:
         from transformers import AutoTokenizer
 
-        from evomerge.evaluate import EvalConfig, LMEvalEvaluator, TaskSpec
+        from evomerge.evaluation import EvalConfig, LMEvalEvaluator, TaskSpec
 
         self.search, self.holdout = task_names(SKILLS)
         cfg = EvalConfig(search=[TaskSpec(n) for n in self.search], holdout=[TaskSpec(n) for n in self.holdout], include_path=[str(Path(tasks_dir).resolve())], batch_size=64, file="zoo.json")
@@ -276,8 +439,12 @@ def build_zoo(dest: str | Path, size: str = "demo", seed: int = 0, *, shape: Zoo
                 "base": {"steps": shape.base_steps, "lr": shape.base_lr, "batch": shape.batch, "answer_only": shape.base_answer_only},
                 "experts": {s: {"steps": shape.expert_steps, "lr": shape.lr_for(s), "batch": shape.expert_batch or shape.batch, "replay": shape.replay} for s in SKILLS},
                 "threads": shape.threads,
+                # The kernels the rounding depends on (see __init__._train_zoo).
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "mkl_cbwr": os.environ.get("MKL_CBWR"),
             },
             "train_seconds": round(train_seconds, 1),
+            "source": "trained",
         }
         if figures:
             say("measuring accuracies with lm-eval")
@@ -285,18 +452,19 @@ def build_zoo(dest: str | Path, size: str = "demo", seed: int = 0, *, shape: Zoo
         manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         rewrite_task_yamls(tmp / "tasks", dest / "tasks")
-        old = None
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _move_into_place(tmp, dest)
         say(f"built in {manifest['build_seconds']:.0f}s")
         return manifest
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_main(argv: list[str]) -> int:
+    """Entry of the child process that trains a zoo: ``DEST SIZE SEED PROGRESS(0|1)``."""
+    dest, size, seed, progress = argv
+    build_zoo(dest, size, int(seed), progress=progress == "1")
+    return 0
 
 
 def format_figures(manifest: dict[str, Any]) -> str:
@@ -330,5 +498,9 @@ def format_figures(manifest: dict[str, Any]) -> str:
                 line += f", {100 * sm['headroom']:+.1f} points over the best uniform merge ({100 * sm['headroom_holdout']:+.1f} on holdout)"
             lines.append(line)
     lines.append(f"(accuracy on {manifest['tasks']['items'][search[0]]} search items per task; holdout_mean over the disjoint holdout tasks; chance is 25%)")
-    lines.append(f"one lm-eval pass over all search tasks: {fig['eval_seconds']:.2f}s; build time {manifest.get('build_seconds', 0):.0f}s")
+    timing = f"one lm-eval pass over all search tasks: {fig['eval_seconds']:.2f}s; build time {manifest.get('build_seconds', 0):.0f}s"
+    built_on = manifest.get("shipped", {}).get("built_on")
+    if manifest.get("source") == "shipped" and built_on:
+        timing += f" (where the shipped weights were trained and these figures measured: {built_on['cpu']}, torch {built_on['torch']} with its {built_on['cpu_capability']} kernels, one thread)"
+    lines.append(timing)
     return "\n".join(lines)
