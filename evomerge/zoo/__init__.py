@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from evomerge.errors import EvomergeError, did_you_mean
 from evomerge.zoo.build import (
     ZOO_VERSION,
     file_sha256,
@@ -42,8 +43,6 @@ def default_root() -> Path:
 def _ensure_at(zoo_dir: Path, size: str, seed: int | None, *, progress: bool = True, rebuild: bool = False) -> Path:
     zoo_dir = Path(zoo_dir).resolve()
     if zoo_dir.is_dir() and any(zoo_dir.iterdir()) and not (zoo_dir / "zoo.json").is_file():
-        from evomerge.errors import EvomergeError
-
         # A rebuild replaces the directory: never do that to something that is not a zoo.
         raise EvomergeError(f"{zoo_dir} exists and is not a zoo (no zoo.json); choose an empty or new directory")
     if rebuild or not is_current(zoo_dir, size, seed):
@@ -75,15 +74,12 @@ def _train_zoo(zoo_dir: Path, size: str, seed: int, *, progress: bool = True) ->
     import platform
     import subprocess
 
-    import evomerge
-    from evomerge.errors import EvomergeError
-
     env = dict(os.environ)
     if platform.machine().lower() in ("x86_64", "amd64"):
         env.setdefault("ATEN_CPU_CAPABILITY", "avx2")
         env.setdefault("MKL_CBWR", "AVX2")
     # The child imports this very evomerge, installed or not.
-    src = str(Path(evomerge.__file__).resolve().parent.parent)
+    src = str(Path(__file__).resolve().parents[2])  # the folder holding this evomerge package
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     code = "import sys; from evomerge.zoo.build import build_main; sys.exit(build_main(sys.argv[1:]))"
     cmd = [sys.executable, "-c", code, str(zoo_dir), size, str(seed), "1" if progress else "0"]
@@ -116,8 +112,6 @@ def ensure_zoo(size: str = "demo", root: str | Path | None = None) -> Path:
         EvomergeError: unknown size.
     """
     if size not in SIZES:
-        from evomerge.errors import EvomergeError, did_you_mean
-
         raise EvomergeError(f"unknown zoo size {size!r}" + did_you_mean(size, SIZES))
     root = Path(root) if root is not None else default_root()
     return _ensure_at(root / size, size, None)

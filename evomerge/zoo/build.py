@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from evomerge.engine import merge_in_memory
+from evomerge.errors import EvomergeError
+from evomerge.evaluation import EvalConfig, LMEvalEvaluator, TaskSpec
 from evomerge.zoo.data import (
     SKILLS,
     eval_strings,
@@ -124,8 +127,6 @@ def install_zoo(dest: str | Path, size: str = "demo", *, progress: bool = True) 
     Raises:
         EvomergeError: no shipped zoo of this version, or a file that does not match its digest.
     """
-    from evomerge.errors import EvomergeError
-
     shipped = shipped_manifest(size)
     if shipped is None:
         raise EvomergeError(f"evomerge ships no {size} zoo of version {ZOO_VERSION}; build it with `evomerge zoo --size {size} --rebuild`")
@@ -300,8 +301,6 @@ class ZooScorer:
     def __init__(self, zoo_dir: Path, tasks_dir: Path) -> None:
         from transformers import AutoTokenizer
 
-        from evomerge.evaluation import EvalConfig, LMEvalEvaluator, TaskSpec
-
         self.search, self.holdout = task_names(SKILLS)
         cfg = EvalConfig(search=[TaskSpec(n) for n in self.search], holdout=[TaskSpec(n) for n in self.holdout], include_path=[str(Path(tasks_dir).resolve())], batch_size=64, file="zoo.json")
         self._ev = LMEvalEvaluator(cfg, AutoTokenizer.from_pretrained(Path(zoo_dir) / "base"))
@@ -334,8 +333,6 @@ def measure_figures(zoo_dir: Path, tasks_dir: Path, model_names: list[str], *, g
         the best merge with per-model weights.
     """
     from transformers import AutoModelForCausalLM
-
-    from evomerge.engine import merge_in_memory
 
     scorer = ZooScorer(zoo_dir, tasks_dir)
     figures: dict[str, Any] = {"models": {}, "merges": {}}

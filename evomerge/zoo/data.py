@@ -63,8 +63,7 @@ def make_tokenizer():  # -> transformers.PreTrainedTokenizerFast
     Returns:
         A ``PreTrainedTokenizerFast`` that ``save_pretrained`` writes and ``AutoTokenizer`` reloads.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import Regex
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS))}
