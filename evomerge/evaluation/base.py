@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["TaskSpec", "EvalConfig", "EvalResult", "Evaluator", "aggregate"]
+__all__ = ["TaskSpec", "EvalConfig", "EvalResult", "Evaluator", "aggregate", "SCORERS"]
+
+# How lm-eval's loglikelihood requests are run: "shared" runs each distinct context once and scores
+# its continuations from the cached keys/values (evaluation/scorer.py); "hflm" is lm-eval's HFLM,
+# one full sequence per (context, continuation) pair. Both give the same numbers up to float rounding.
+SCORERS = ("shared", "hflm")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class EvalConfig:
     an empty ``holdout`` list means: the holdout items are docs ``[limit, limit + holdout_limit)`` of
     the search tasks themselves; with holdout tasks it takes their first ``holdout_limit`` docs.
     ``file`` is the space file, named in errors found later (a holdout range past the end).
+    ``scorer`` is one of :data:`SCORERS`.
     """
 
     search: list[TaskSpec]
@@ -45,6 +51,7 @@ class EvalConfig:
     batch_size: int = 32
     preset: str | None = None
     file: str = ""
+    scorer: str = "shared"
 
     @property
     def holdout_same_tasks(self) -> bool:

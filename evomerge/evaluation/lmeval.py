@@ -1,7 +1,8 @@
 """The lm-evaluation-harness side of scoring: task index, task objects, and :class:`LMEvalEvaluator`.
 
-Everything that imports ``lm_eval`` lives here (imported on first use: lm-eval's import and its task
-index cost seconds), so that parsing a search space and the fake evaluator of the tests need none of it.
+Everything that imports ``lm_eval`` lives here and in :mod:`.scorer` (the LM that runs the model),
+imported on first use: lm-eval's import and its task index cost seconds, so that parsing a search
+space and the fake evaluator of the tests need none of it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 import torch
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.evaluation.base import EvalConfig, EvalResult, Evaluator, TaskSpec, aggregate
+from evomerge.evaluation.base import SCORERS, EvalConfig, EvalResult, Evaluator, TaskSpec, aggregate
+from evomerge.evaluation.scorer import make_lm
 
 __all__ = ["LMEvalEvaluator", "task_manager", "quiet_lm_eval", "local_task_names", "get_task_dict", "leaf_tasks", "doc_ids", "texts_of",
            "manager_for", "task_configs", "load_leaf_tasks", "DOC_SPLITS", "task_docs", "item_text"]
@@ -226,47 +228,35 @@ def _metric_value(res: Mapping[str, Any], metric: str) -> tuple[float, float] | 
     return None
 
 
-@lru_cache(maxsize=1)
-def _quiet_hflm_class():
-    """``HFLM`` without its per-call progress bars (a search prints its own progress)."""
-    from lm_eval.models.huggingface import HFLM
-
-    class QuietHFLM(HFLM):
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood(requests, disable_tqdm=True)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood_rolling(requests, disable_tqdm=True)
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            return super().generate_until(requests, disable_tqdm=True)
-
-    return QuietHFLM
-
-
 class LMEvalEvaluator(Evaluator):
     """lm-evaluation-harness over an in-memory model.
 
     Task objects, datasets and prompts are built once here; each :meth:`evaluate` wraps the given
-    model in a fresh ``HFLM`` (no copy of the weights) and runs lm-eval on the prebuilt tasks with no
-    response cache, so consecutive candidates never share answers.
+    model in a fresh lm-eval LM (no copy of the weights) and runs lm-eval on the prebuilt tasks with
+    no response cache, so consecutive candidates never share answers.
 
     Args:
         cfg: the parsed ``evaluate:`` section.
         tokenizer: the tokenizer of every candidate (they share the base's vocabulary).
         device: where inputs go (the model must already live there).
         batch_size: overrides ``cfg.batch_size``.
+        scorer: overrides ``cfg.scorer``: ``"shared"`` runs each context of a multiple-choice item
+            once (:mod:`evomerge.evaluation.scorer`), ``"hflm"`` is lm-eval's ``HFLM`` as is.
 
     Raises:
         ConfigError: a holdout range with no docs left after the search docs.
+        ValueError: an unknown ``scorer``.
     """
 
-    def __init__(self, cfg: EvalConfig, tokenizer, *, device: str = "cpu", batch_size: int | None = None) -> None:
+    def __init__(self, cfg: EvalConfig, tokenizer, *, device: str = "cpu", batch_size: int | None = None, scorer: str | None = None) -> None:
         quiet_lm_eval()
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.device = device
         self.batch_size = int(batch_size or cfg.batch_size)
+        self.scorer = scorer or cfg.scorer
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
         local = local_task_names(cfg.include_path) if cfg.include_path else set()
         all_specs = cfg.search + cfg.holdout
         tm = task_manager(tuple(cfg.include_path), not all(s.name in local for s in all_specs))
@@ -360,7 +350,11 @@ class LMEvalEvaluator(Evaluator):
         was_training = model.training
         model.eval()
         quiet_lm_eval()
-        lm = _quiet_hflm_class()(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size, device=self.device)
+        lm = make_lm(model, self.tokenizer, scorer=self.scorer, batch_size=self.batch_size, device=self.device)
+        # lm-eval's evaluate() draws few-shot examples from each task's generator where the previous
+        # call left it: reseed, so that every candidate is scored on the same prompts.
+        for task in leaf_tasks(self._dicts[split]).values():
+            task.set_fewshot_seed(seed=1234)
         import lm_eval.api.task as lm_task
 
         # lm-eval draws a progress bar per task per call while building requests; a search

@@ -1,0 +1,338 @@
+"""Loglikelihood scoring that runs each shared context once.
+
+lm-eval scores every (context, continuation) pair of a multiple-choice item as its own sequence, so
+a 4-choice item computes its context 4 times. :func:`score_shared` groups the pairs by their context
+tokens, runs each context once (batched, right-padded) and keeps its keys and values; every
+continuation of the group then runs on a copy of those rows of the cache::
+
+    context pass    c0 c1 c2 .. c(n-2)            -> cache, one row per distinct context
+    continuation    c(n-1) x0 x1 .. x(m-2)        -> logits for x0 .. x(m-1), one row per pair
+                    (positions n-1 .., attending to the context row and its own earlier tokens)
+
+The continuation rows are exactly HFLM's last ``len(continuation)`` input positions, so the sums of
+log-softmax and the argmax test are HFLM's, up to float rounding (matmul shapes differ).
+
+Truncation is HFLM's, exactly: a pair longer than ``max_length + 1`` tokens keeps its last
+``max_length + 1`` tokens, so its context is left-truncated by an amount that depends on the
+continuation's length. Pairs are grouped by that *truncated* context, so truncated pairs still
+match HFLM (positions restart at 0 as in HFLM), they just share less.
+
+:func:`shared_context_hflm` wraps this as a subclass of lm-eval's ``HFLM`` (tokenizing, batching
+options, ``loglikelihood_rolling`` and ``generate_until`` stay HFLM's). lm-eval is imported on first
+use only.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from evomerge.evaluation.base import SCORERS
+
+__all__ = ["score_shared", "shared_context_hflm", "sliding_window", "make_lm"]
+
+logger = logging.getLogger(__name__)
+_SAID: set[str] = set()
+
+
+def _say_once(key: str, message: str) -> None:
+    if key not in _SAID:
+        _SAID.add(key)
+        logger.info(message)
+
+
+@dataclass
+class _Group:
+    """The pairs that share one (truncated) context. ``prefix`` is that context but its last token:
+    it runs once and stays as keys/values; each row starts with the context's last token."""
+
+    prefix: tuple[int, ...]
+    rows: list[tuple[int, list[int], list[int]]] = field(default_factory=list)  # (request index, input, continuation)
+
+
+def _plan(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int) -> list[_Group]:
+    groups: dict[tuple[int, ...], _Group] = {}
+    for i, (ctx, cont) in enumerate(requests):
+        ctx, cont = list(ctx), list(cont)
+        if not ctx or not cont:
+            raise ValueError(f"request {i}: context and continuation must both have tokens, got {len(ctx)} and {len(cont)}")
+        if len(cont) > max_length:
+            raise ValueError(f"request {i}: the continuation ({len(cont)} tokens) must fit max_length ({max_length})")
+        # HFLM's window: the last max_length + 1 tokens of context + continuation, the last one dropped.
+        keep = max_length + 1 - len(cont)
+        ctx = ctx[-keep:]
+        key = tuple(ctx[:-1])
+        groups.setdefault(key, _Group(key)).rows.append((i, ctx[-1:] + cont[:-1], cont))
+    # Longest contexts first (as HFLM: memory errors show at once), then the longest rows of a group.
+    out = sorted(groups.values(), key=lambda g: (-len(g.prefix), g.prefix))
+    for g in out:
+        g.rows.sort(key=lambda r: -len(r[2]))
+    return out
+
+
+def _forward_names(model: torch.nn.Module) -> tuple[str, str | None]:
+    """The forward's name for the cache (``cache`` in transformers 5, ``past_key_values`` before) and
+    for the number of logits to keep (None when it takes none)."""
+    params = inspect.signature(model.forward).parameters
+    cache = "cache" if "cache" in params else "past_key_values"
+    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+    return cache, keep
+
+
+def _rows_of(cache: Any, index: torch.Tensor) -> Any:
+    """A new cache holding rows ``index`` (repeats allowed) of ``cache``; ``cache`` is left as it was
+    (a forward appends to its cache's layers by rebinding their tensors, so shallow copies suffice)."""
+    if not hasattr(cache, "layers") or not hasattr(cache, "batch_select_indices"):
+        raise TypeError(f"the model returned a {type(cache).__name__} cache; the shared-context scorer needs a transformers Cache with layers (use scorer: hflm)")
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    out.batch_select_indices(index)
+    return out
+
+
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The smallest attention window of ``model`` when some layer attends through one, else None.
+
+    Args:
+        model: a ``transformers`` causal LM.
+
+    Returns:
+        The window in tokens, or None (every layer attends to the whole sequence).
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    window = getattr(cfg, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return window if any("sliding" in str(t) for t in types) else None
+    return window if getattr(cfg, "use_sliding_window", True) else None
+
+
+def score_shared(
+    model: torch.nn.Module,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    max_length: int,
+    batch_size: int,
+    device: torch.device | str | None = None,
+    softmax_dtype: torch.dtype | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[tuple[float, bool]]:
+    """Log-likelihood of each continuation given its context, each distinct context run once.
+
+    Args:
+        model: a ``transformers`` causal LM that returns a ``Cache`` (Llama, Mistral, Qwen, GPT-2, ...).
+        requests: ``(context tokens, continuation tokens)`` pairs, both non-empty.
+        max_length: the longest input the model sees; longer pairs lose context tokens on the left,
+            as in HFLM.
+        batch_size: contexts per context pass and continuations per continuation pass.
+        device: where inputs go (default: the model's first parameter's device).
+        softmax_dtype: dtype of the log-softmax (None: the logits' dtype), as HFLM's argument.
+        autocast_dtype: run the forwards under autocast to this dtype (None: no autocast), as
+            HFLM's ``mixed_precision_dtype``.
+
+    Returns:
+        ``(sum of log-probabilities of the continuation tokens, whether each one is the argmax)``
+        per request, in request order.
+
+    Raises:
+        ValueError: an empty context or continuation, a continuation longer than ``max_length``,
+            ``batch_size`` < 1.
+
+    Example:
+        >>> score_shared(model, [([1, 5, 9], [4]), ([1, 5, 9], [7, 2])], max_length=2048, batch_size=8)
+        [(-3.97..., False), (-8.12..., False)]
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    groups = _plan(requests, max_length)
+    cache_name, keep_name = _forward_names(model)
+    out: list[tuple[float, bool] | None] = [None] * len(requests)
+    autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    with torch.no_grad(), autocast:
+        for start in range(0, len(groups), batch_size):
+            chunk = groups[start : start + batch_size]
+            cache = _context_pass(model, chunk, device, keep_name)
+            _continuation_passes(model, chunk, cache, cache_name, batch_size, device, softmax_dtype, out)
+    return [r for r in out if r is not None]
+
+
+def _context_pass(model: torch.nn.Module, chunk: list[_Group], device: torch.device, keep_name: str | None) -> Any:
+    """Keys/values of the chunk's contexts, right-padded (causal attention never lets a context token
+    see the padding after it; the continuation pass masks it out)."""
+    width = max(len(g.prefix) for g in chunk)
+    if width == 0:
+        return None
+    ids = torch.zeros((len(chunk), width), dtype=torch.long)  # (G, P); pad id 0, never attended to
+    for i, g in enumerate(chunk):
+        ids[i, : len(g.prefix)] = torch.tensor(g.prefix, dtype=torch.long)
+    kwargs: dict[str, Any] = {"use_cache": True}
+    if keep_name is not None:
+        kwargs[keep_name] = 1  # the context's logits are not needed
+    res = model(input_ids=ids.to(device), **kwargs)
+    cache = getattr(res, "cache", None)
+    return cache if cache is not None else res.past_key_values
+
+
+def _continuation_passes(model, chunk: list[_Group], cache: Any, cache_name: str, batch_size: int, device: torch.device,
+                         softmax_dtype: torch.dtype | None, out: list[tuple[float, bool] | None]) -> None:
+    width = max(len(g.prefix) for g in chunk)
+    rows = [(gi, row) for gi, g in enumerate(chunk) for row in g.rows]
+    for start in range(0, len(rows), batch_size):
+        part = rows[start : start + batch_size]
+        n_rows, cols = len(part), max(len(r[2]) for _, r in part)
+        inp = torch.zeros((n_rows, cols), dtype=torch.long)  # (R, C)
+        target = torch.zeros((n_rows, cols), dtype=torch.long)  # (R, C)
+        mask = torch.zeros((n_rows, width + cols), dtype=torch.long)  # (R, P + C): context row, then own tokens
+        pos = torch.arange(cols).repeat(n_rows, 1)  # (R, C)
+        lens = torch.tensor([len(r[2]) for _, r in part])  # (R,)
+        for j, (gi, (_, x, cont)) in enumerate(part):
+            n, p = len(cont), len(chunk[gi].prefix)
+            inp[j, :n] = torch.tensor(x)
+            target[j, :n] = torch.tensor(cont)
+            mask[j, :p] = 1
+            mask[j, width : width + n] = 1
+            pos[j] += p  # positions go on from the context's own length, not from the padded width
+        kwargs: dict[str, Any] = {"position_ids": pos.to(device), "use_cache": False}
+        if cache is not None:
+            index = torch.tensor([gi for gi, _ in part], device=device)
+            kwargs |= {cache_name: _rows_of(cache, index), "attention_mask": mask.to(device), "use_cache": True}
+        logits = model(input_ids=inp.to(device), **kwargs).logits  # (R, C, V)
+        logp = F.log_softmax(logits, dim=-1, dtype=softmax_dtype)
+        target = target.to(device)
+        valid = torch.arange(cols, device=device)[None, :] < lens.to(device)[:, None]  # (R, C)
+        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (R, C)
+        sums = torch.where(valid, picked, torch.zeros((), dtype=picked.dtype, device=device)).sum(-1)
+        greedy = ((logp.argmax(-1) == target) | ~valid).all(-1)
+        for j, (_, (i, _, _)) in enumerate(part):
+            out[i] = (float(sums[j]), bool(greedy[j]))
+
+
+@lru_cache(maxsize=1)
+def shared_context_hflm() -> type:
+    """lm-eval's ``HFLM`` with :func:`score_shared` under ``loglikelihood``.
+
+    Tokenization (``tok_encode``, the moved trailing space, the empty-context prefix token),
+    ``max_length`` and ``batch_size`` are HFLM's; only the forward passes of loglikelihood
+    requests change. HFLM's own path still runs: ``loglikelihood_rolling`` and ``generate_until``;
+    ``batch_size="auto"``, seq2seq models and several processes; and on models with a sliding
+    attention window, pairs longer than half the window. The response cache hook is fed as
+    HFLM feeds it (a no-op unless lm-eval's ``use_cache`` wraps the LM, which evomerge never does).
+
+    Returns:
+        The class ``SharedContextHFLM``; construct it like ``HFLM``.
+
+    Example:
+        >>> lm = shared_context_hflm()(pretrained=model, tokenizer=tok, batch_size=16, device="cpu")
+        >>> lm_eval.evaluator.evaluate(lm, task_dict)
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class SharedContextHFLM(HFLM):
+        """HFLM whose loglikelihood requests run each shared context once (:func:`score_shared`)."""
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            why = self._hflm_reason(requests)
+            if why:
+                if why != "rolling":  # loglikelihood_rolling said so already
+                    _say_once(why, f"shared-context scorer: {why}: loglikelihood requests use HFLM's path")
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            cut = sum(len(c) + len(x) > self.max_length + 1 for _, c, x in requests)
+            if cut:
+                _say_once("cut", f"shared-context scorer: {cut} of {len(requests)} requests exceed max_length ({self.max_length}): their contexts are left-truncated as HFLM does")
+            # Right-padded rows stay inside a sliding window when every pair fits half of it.
+            window = sliding_window(self.model)
+            mine = [i for i, (_, c, x) in enumerate(requests) if window is None or min(len(c) + len(x), self.max_length + 1) <= window // 2]
+            rest = sorted(set(range(len(requests))) - set(mine))
+            res: list[Any] = [None] * len(requests)
+            if rest:
+                _say_once("window", f"shared-context scorer: pairs longer than half the sliding window ({window}) use HFLM's path")
+                for i, r in zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm=True), strict=True):
+                    res[i] = r
+            got = score_shared(self.model, [(requests[i][1], requests[i][2]) for i in mine], max_length=self.max_length,
+                               batch_size=int(self.batch_size), device=self.device,
+                               softmax_dtype=getattr(self, "softmax_dtype", None), autocast_dtype=getattr(self, "mixed_precision_dtype", None))
+            for i, r in zip(mine, got, strict=True):
+                res[i] = r
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+            return res
+
+        def _hflm_reason(self, requests) -> str:
+            if any(r[0] is None for r in requests):  # the windows of loglikelihood_rolling
+                return "rolling"
+            if self.backend != "causal":
+                return f"a {self.backend} model"
+            if not str(self.batch_size).isdigit():
+                return f"batch_size={self.batch_size}"
+            if self.world_size > 1:
+                return "several processes"
+            return ""
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            _say_once("rolling", "shared-context scorer: loglikelihood_rolling requests use HFLM's path")
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            _say_once("generate", "shared-context scorer: generate_until requests use HFLM's path")
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+    SharedContextHFLM.__qualname__ = "SharedContextHFLM"
+    SharedContextHFLM.__module__ = __name__
+    return SharedContextHFLM
+
+
+@lru_cache(maxsize=2)
+def _quiet_class(scorer: str) -> type:
+    from lm_eval.models.huggingface import HFLM
+
+    base = shared_context_hflm() if scorer == "shared" else HFLM
+
+    class Quiet(base):  # type: ignore[misc, valid-type]
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    Quiet.__qualname__ = Quiet.__name__ = f"Quiet{base.__name__}"
+    return Quiet
+
+
+def make_lm(model: torch.nn.Module, tokenizer: Any, *, scorer: str = "shared", batch_size: int = 32, device: str = "cpu") -> Any:
+    """The lm-eval LM that scores an in-memory model, without progress bars (a search prints its own).
+
+    Args:
+        model: a ``transformers`` causal LM on ``device`` (wrapped, not copied).
+        tokenizer: its tokenizer.
+        scorer: ``"shared"`` (:func:`shared_context_hflm`) or ``"hflm"`` (lm-eval's ``HFLM`` as is).
+        batch_size: sequences per forward pass.
+        device: where inputs go.
+
+    Returns:
+        The ``HFLM`` (subclass) instance.
+
+    Raises:
+        ValueError: ``scorer`` is neither ``"shared"`` nor ``"hflm"``.
+    """
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    return _quiet_class(scorer)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
