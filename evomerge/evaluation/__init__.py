@@ -1,5 +1,6 @@
 """Scoring candidates: the evaluator interface (:mod:`.base`), the ``evaluate:`` section
-(:mod:`.section`), lm-eval (:mod:`.lmeval`, the only module that imports ``lm_eval``) and a fake
+(:mod:`.section`), lm-eval (:mod:`.lmeval` and the shared-context scorer :mod:`.scorer`, the only modules that import
+``lm_eval``) and a fake
 evaluator for tests (:mod:`.fake`)."""
 
 from evomerge.evaluation.base import EvalConfig, EvalResult, Evaluator, TaskSpec, aggregate

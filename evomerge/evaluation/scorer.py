@@ -153,7 +153,7 @@ def score_shared(
             ``batch_size`` < 1.
 
     Example:
-        >>> score_shared(model, [([1, 5, 9], [4]), ([1, 5, 9], [7, 2])], max_length=2048, batch_size=8)
+        >>> score_shared(model, [([1, 5, 9], [4]), ([1, 5, 9], [7, 2])], max_length=2048, batch_size=8)  # doctest: +SKIP
         [(-3.97..., False), (-8.12..., False)]
     """
     if batch_size < 1:
@@ -239,8 +239,8 @@ def shared_context_hflm() -> type:
         The class ``SharedContextHFLM``; construct it like ``HFLM``.
 
     Example:
-        >>> lm = shared_context_hflm()(pretrained=model, tokenizer=tok, batch_size=16, device="cpu")
-        >>> lm_eval.evaluator.evaluate(lm, task_dict)
+        >>> lm = shared_context_hflm()(pretrained=model, tokenizer=tok, batch_size=16, device="cpu")  # doctest: +SKIP
+        >>> lm_eval.evaluator.evaluate(lm, task_dict)  # doctest: +SKIP
     """
     from lm_eval.models.huggingface import HFLM
 
