@@ -67,3 +67,11 @@ def test_export_of_a_missing_trial_and_onto_a_folder(tmp_path, tiny_family, caps
     err = _one_line_error(capsys, "export", str(space), "--results-dir", str(results), "-o", str(tmp_path / "folder"), "--force")
     assert "is a directory" in err
     assert not (tmp_path / "b.yml").exists()
+
+
+@pytest.mark.parametrize("where", ["/proc/evomerge-zoo", "{tmp}/a_file/demo"])
+def test_a_zoo_folder_that_cannot_be_written(tmp_path, capsys, where):
+    (tmp_path / "a_file").write_text("not a folder\n")
+    err = _one_line_error(capsys, "zoo", "--out", where.format(tmp=tmp_path))
+    assert "cannot write there" in err and "--out" in err
+    assert (tmp_path / "a_file").read_text() == "not a folder\n"

@@ -42,6 +42,14 @@ def default_root() -> Path:
 
 def _ensure_at(zoo_dir: Path, size: str, seed: int | None, *, progress: bool = True, rebuild: bool = False) -> Path:
     zoo_dir = Path(zoo_dir).resolve()
+    try:
+        return _ensure(zoo_dir, size, seed, progress=progress, rebuild=rebuild)
+    except OSError as e:  # a folder that cannot be written (read-only, a file in the way, /proc...)
+        where = e.filename or zoo_dir
+        raise EvomergeError(f"zoo folder {zoo_dir}: cannot write there ({where}: {e.strerror or e}); choose another with --out or EVOMERGE_ZOO_DIR") from None
+
+
+def _ensure(zoo_dir: Path, size: str, seed: int | None, *, progress: bool, rebuild: bool) -> Path:
     if zoo_dir.is_dir() and any(zoo_dir.iterdir()) and not (zoo_dir / "zoo.json").is_file():
         # A rebuild replaces the directory: never do that to something that is not a zoo.
         raise EvomergeError(f"{zoo_dir} exists and is not a zoo (no zoo.json); choose an empty or new directory")
