@@ -337,7 +337,8 @@ def test_claims_one_owner_takeover_of_a_dead_one_and_nothing_left(tmp_path, kind
     # a worker that fails gives its claim up for the next one
     with pytest.raises(RuntimeError):
         a.run_once("baseline:y", done=lambda: False, work=lambda: (_ for _ in ()).throw(RuntimeError("boom")))
-    assert b.acquire("baseline:y") is not None
+    held_y = b.acquire("baseline:y")
+    assert held_y is not None
     slot_a, slot_b = a.slot(), b.slot()
     assert {slot_a.task, slot_b.task} == {"worker:0", "worker:1"}
     for c in (slot_a, slot_b):
@@ -349,6 +350,8 @@ def test_claims_one_owner_takeover_of_a_dead_one_and_nothing_left(tmp_path, kind
     assert b.sweep() == [a.name("holdout:9", 0)]
     left = [s for s in _all_names(storage) if s.startswith(name) and is_claim(s)]
     assert left == [a.name("baseline:y", 0)]  # b still holds it
+    b.release(held_y)
+    assert not [s for s in _all_names(storage) if s.startswith(name) and is_claim(s)]
 
 
 def _all_names(storage) -> list[str]:

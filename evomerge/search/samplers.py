@@ -21,6 +21,9 @@ def make_sampler(name: str, seed: int, n_trials: int, startup: int | None = None
         startup: random trials before the model-based sampler takes over (default: a quarter of
             the budget, 4 to 10).
         multi: several objectives.
+
+    TPE runs with ``constant_liar``: trials other workers are running count as bad ones at their
+    points, so that workers sampling at the same time spread out (alone, there are none).
     """
     import optuna
 
@@ -28,7 +31,7 @@ def make_sampler(name: str, seed: int, n_trials: int, startup: int | None = None
     if startup is None:
         startup = max(4, min(10, n_trials // 4))
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=False)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
