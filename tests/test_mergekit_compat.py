@@ -73,6 +73,11 @@ def recipes(base: Path, ft: list[Path]) -> dict[str, dict[str, Any]]:
         "dare_linear": tv("dare_linear"),
         "della": tv("della", epsilon=0.1),
         "della_linear": tv("della_linear", epsilon=0.1),
+        # mergekit 0.1.5's newer methods; epsilon = 0.05 leaves about 2/3 of each task vector unchanged (noise sd 0.05).
+        "nearswap": {"merge_method": "nearswap", "base_model": b, "models": [{"model": b}, {"model": f[0]}], "parameters": {"t": [{"filter": "mlp", "value": 0.02}, {"value": 0.05}]}, "dtype": "float32"},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": b, "models": [{"model": b}, {"model": f[0]}], "dtype": "float32"},
+        "ram": {"merge_method": "ram", "base_model": b, "models": [{"model": m} for m in [b, *f]], "parameters": {"epsilon": 0.05}, "dtype": "float32"},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": b, "models": [{"model": m} for m in [b, *f]], "parameters": {"epsilon": 0.05, "r": 0.5, "alpha": 2.0}, "dtype": "float32"},
     }
 
 

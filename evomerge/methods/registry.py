@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from evomerge.methods.spec import Method, Param
 
-__all__ = ["METHODS", "NOT_METHODS", "get_method"]
+__all__ = ["METHODS", "NOT_METHODS", "KNOWN_PARAMS", "get_method"]
 
-_UNIT = {"low": 0.0, "high": 1.0}
 _DENSITY = Param("density", float, "non_base", 1.0, low=0.0, high=1.0, low_open=True, help="fraction of each task vector kept")
 _WEIGHT = Param("weight", float, "non_base", help="scale of each task vector")
+# ram's threshold: a task-vector entry counts as changed where |delta| > epsilon.
+_RAM_EPSILON = Param("epsilon", float, "shared", 1e-5, low=0.0, help="entries with |delta| at most this count as unchanged")
 _TV_SHARED = (
     Param("normalize", bool, "shared", False, help="divide by the sum of the weights that took part"),
     Param("rescale", bool, "shared", False, help="rescale kept entries to the original L1 norm"),
@@ -89,21 +90,42 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "sce",
-            (Param("int8_mask", bool, "shared", False), Param("select_topk", float, "shared", 1.0, **_UNIT, low_open=True)),
+            (Param("int8_mask", bool, "shared", False), Param("select_topk", float, "shared", 1.0, low=0.0, high=1.0, low_open=True)),
             base="required",
             reference="https://arxiv.org/abs/2408.07990",
         ),
         Method("passthrough", (Param("scale", float, "input", None, optional=True),), max_inputs=1),
+        Method(
+            "nearswap",
+            (Param("t", float, "shared", low=0.0, help="distance below which the base takes the other model's value"),),
+            base="required",
+            min_inputs=2,
+            max_inputs=2,
+            reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        ),
+        Method("arcee_fusion", (), base="required", min_inputs=2, max_inputs=2, reference="https://arcee.ai"),
+        Method("ram", (_RAM_EPSILON,), base="required", reference="https://arxiv.org/abs/2601.13572"),
+        Method(
+            "ramplus_tl",
+            (
+                Param("r", float, "shared", 0.1, help="how much the unique entries of a task vector are boosted"),
+                Param("alpha", float, "shared", 0.2, low=0.0, help="cap on the shared-to-unique ratio that sets the boost"),
+                Param("epsilon", float, "shared", 1e-5, low=0.0, low_open=True, help=_RAM_EPSILON.help),
+            ),
+            base="required",
+            reference="https://arxiv.org/abs/2601.13572",
+        ),
     )
 }
+
+# Every parameter name some method takes. mergekit 0.1.5's methods are all in METHODS, so this is
+# also the set of names mergekit knows: a recipe may carry one its method does not use (a model's
+# weight kept when merge_method is switched to slerp), which mergekit ignores.
+KNOWN_PARAMS: frozenset[str] = frozenset(p.name for m in METHODS.values() for p in m.params)
 
 # Names that exist elsewhere but are not merge methods of this tool, with the reason.
 NOT_METHODS = {
     "moe": "`moe` builds a mixture of experts, a different tool (mergekit-moe); evomerge merges dense models",
-    "nearswap": "nearswap is not supported by evomerge",
-    "ram": "ram is not supported by evomerge",
-    "ramplus_tl": "ramplus_tl is not supported by evomerge",
-    "arcee_fusion": "arcee_fusion is not supported by evomerge",
 }
 
 

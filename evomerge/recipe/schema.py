@@ -12,8 +12,11 @@ A recipe is exactly what ``mergekit-yaml`` reads::
 
 Differences from mergekit are all refusals where mergekit guesses: unknown keys, unknown parameter
 names, and parameters placed where they are never read are errors that name the field and what is
-allowed, instead of being ignored. Parameter values are checked against the method's declaration
-(:mod:`evomerge.methods.registry`) here, before any model is opened.
+allowed, instead of being ignored. One exception: a parameter another method takes (a model's
+``weight`` kept when ``merge_method`` is switched to slerp) is ignored with a one-line warning on
+stderr when a recipe is loaded with :func:`load_recipe`, as mergekit ignores it. Parameter values
+are checked against the method's declaration (:mod:`evomerge.methods.registry`) here, before any
+model is opened. The validated recipe's data types live in :mod:`evomerge.recipe.config`.
 
 A parameter *setting* is a scalar, a gradient (a list of scalars interpolated over a slice's
 layers), a ``{filter, value}`` entry, or a list of such entries (the first whose filter is a
@@ -23,15 +26,16 @@ substring of the tensor name wins; an entry without a filter matches every tenso
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Literal
 
 from evomerge.dtypes import canonical
 from evomerge.errors import ConfigError, did_you_mean
 from evomerge.io import dump_yaml, read_yaml
-from evomerge.methods.registry import METHODS, NOT_METHODS
+from evomerge.methods.registry import KNOWN_PARAMS, METHODS, NOT_METHODS
 from evomerge.methods.spec import Method, Param
+from evomerge.recipe.config import Cond, InputModel, MergeConfig, OutputSlice, Scalar, Setting
 
 __all__ = [
     "Cond",
@@ -45,83 +49,18 @@ __all__ = [
     "dump_yaml",
 ]
 
-Scalar = Union[bool, int, float, str, None]
+# What to do with a parameter that another method takes and the recipe's method does not use.
+Unused = Literal["warn", "error"]
 
 
-@dataclass(frozen=True)
-class Cond:
-    """One ``{filter, value}`` entry of a setting; ``filter`` None matches every tensor."""
-
-    value: Scalar | tuple[Scalar, ...]
-    filter: str | None = None
-
-
-Setting = Union[Scalar, tuple[Scalar, ...], tuple[Cond, ...]]
-
-
-@dataclass(frozen=True)
-class InputModel:
-    """A model in ``models:`` or a source in a slice."""
-
-    model: str
-    parameters: Mapping[str, Setting] = field(default_factory=dict)
-    layer_range: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True)
-class OutputSlice:
-    """One ``slices:`` entry: sources merged layer by layer into consecutive output layers."""
-
-    sources: tuple[InputModel, ...]
-    parameters: Mapping[str, Setting] = field(default_factory=dict)
-    base_model: str | None = None
-
-
-@dataclass(frozen=True)
-class MergeConfig:
-    """A validated recipe. ``raw`` keeps the mapping it came from, for writing it back out."""
-
-    merge_method: str
-    models: tuple[InputModel, ...] | None = None
-    slices: tuple[OutputSlice, ...] | None = None
-    base_model: str | None = None
-    parameters: Mapping[str, Setting] = field(default_factory=dict)
-    dtype: str | None = None
-    out_dtype: str | None = None
-    tokenizer_source: str | None = None
-    chat_template: str | None = None
-    source_file: str | None = None
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
-
-    @property
-    def method(self) -> Method:
-        return METHODS[self.merge_method]
-
-    def referenced_models(self) -> list[str]:
-        """Every model the recipe names, base first, each once, in order of appearance."""
-        seen: list[str] = [self.base_model] if self.base_model else []
-        for s in self.slices or ():
-            if s.base_model:
-                seen.append(s.base_model)
-        for src in self.all_inputs():
-            seen.append(src.model)
-        return list(dict.fromkeys(seen))
-
-    def all_inputs(self) -> list[InputModel]:
-        if self.models is not None:
-            return list(self.models)
-        return [src for s in self.slices or () for src in s.sources]
-
-    def to_yaml(self) -> str:
-        """The recipe as mergekit-compatible YAML (numeric lists in flow style)."""
-        return dump_yaml(dict(self.raw))
-
-
-def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> MergeConfig:
+def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any], *, unused: Unused = "warn") -> MergeConfig:
     """Load and validate a mergekit recipe from a YAML file or a mapping.
 
     Args:
         source: path to a YAML file, or the already-parsed mapping.
+        unused: what to do with a parameter that some other method takes but this one does not
+            (mergekit ignores it): ``"warn"`` drops it and prints one line per place to stderr;
+            ``"error"`` refuses the recipe.
 
     Returns:
         The validated :class:`MergeConfig`.
@@ -136,16 +75,18 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> MergeConf
         ('linear', ['a', 'b'])
     """
     if isinstance(source, Mapping):
-        return parse_recipe(source, None)
-    return parse_recipe(read_yaml(source), str(source))
+        return parse_recipe(source, None, unused=unused)
+    return parse_recipe(read_yaml(source), str(source), unused=unused)
 
 
 _TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
 
 
 class _Parser:
-    def __init__(self, file: str | None) -> None:
+    def __init__(self, file: str | None, unused: Unused = "error") -> None:
         self.file = file
+        self.unused = unused
+        self.ignored: list[str] = []  # warnings for parameters the method does not use
 
     def err(self, fld: str | None, msg: str) -> ConfigError:
         return ConfigError(self.file, fld, msg)
@@ -218,9 +159,15 @@ class _Parser:
             param = method.param(str(name))
             if param is None:
                 allowed = [p.name for p in method.params]
+                if name in KNOWN_PARAMS:
+                    if self.unused == "warn":
+                        self.ignored.append(f"{f}: {method.name} does not use {name}; ignored (as mergekit does)")
+                        continue
+                    raise self.err(f, f"merge_method {method.name} does not use `{name}` (another method's parameter); it takes: {', '.join(allowed) or 'none'}")
                 if name == "dare" and isinstance(setting, Mapping):
                     raise self.err(f, f"`dare:` is not a mergekit parameter; DARE is merge_method dare_ties or dare_linear, and density is the fraction kept (density = 1 - drop_rate). {method.name} takes: {', '.join(allowed)}")
-                raise self.err(f, f"unknown parameter for merge_method {method.name}{did_you_mean(str(name), allowed, show_all=0)}; it takes: {', '.join(allowed) or 'none'}")
+                hint = did_you_mean(str(name), allowed, show_all=0) or did_you_mean(str(name), KNOWN_PARAMS, show_all=0)
+                raise self.err(f, f"unknown parameter for merge_method {method.name}{hint}; it takes: {', '.join(allowed) or 'none'}")
             if level == "model" and param.scope == "shared":
                 raise self.err(f, f"`{name}` is set once per tensor, not per model: move it to the top-level (or slice) parameters")
             out[str(name)] = self.setting(setting, f, param)
@@ -243,9 +190,13 @@ class _Parser:
         return (start, end)
 
 
-def parse_recipe(data: Any, file: str | None = None) -> MergeConfig:
-    """Validate a parsed recipe mapping (see :func:`load_recipe`)."""
-    p = _Parser(file)
+def parse_recipe(data: Any, file: str | None = None, *, unused: Unused = "error") -> MergeConfig:
+    """Validate a parsed recipe mapping (see :func:`load_recipe`).
+
+    ``unused`` is ``"error"`` here by default: the search space and the search check the recipes
+    they generate with it, where a parameter the method ignores would be searched for nothing.
+    """
+    p = _Parser(file, unused)
     if data is None:
         raise p.err(None, "empty recipe: expected merge_method and models or slices")
     m = p.mapping(data, None, _TOP_KEYS + ("experts", "gate_mode", "modules"))
@@ -352,6 +303,8 @@ def parse_recipe(data: Any, file: str | None = None) -> MergeConfig:
     )
     _check_structure(cfg, p)
     required_params_missing(cfg)
+    for line in p.ignored:
+        print(f"{file}: {line}" if file else line, file=sys.stderr)
     return cfg
 
 

@@ -4,7 +4,8 @@ Each kernel takes the inputs of one output tensor (float32 compute, same shape, 
 their resolved parameters and returns the merged tensor. The methods that dominate merge time
 (linear, slerp, the task-vector family) run the chunked kernels of
 :mod:`evomerge.engine.kernels.chunked`; the others are whole-tensor torch code written after
-mergekit 0.1.5's formulas.
+mergekit 0.1.5's formulas (nearswap, arcee_fusion, ram and ramplus_tl in
+:mod:`evomerge.engine.kernels.extra`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from evomerge.engine.kernels.chunked import (
     fused_task_vectors,
     weights_cancel,
 )
+from evomerge.engine.kernels.extra import EXTRA_KERNELS
 from evomerge.methods.reference import sign_consensus
 from evomerge.methods.registry import METHODS
 from evomerge.methods.spec import Method
@@ -268,6 +270,7 @@ _DENSE: dict[str, Kernel] = {
     "karcher": _karcher,
     "sce": _sce,
     "passthrough": _passthrough,
+    **EXTRA_KERNELS,
 }
 
 # One kernel per registered method: the task-vector family is one kernel parametrised by its data.
