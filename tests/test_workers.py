@@ -293,22 +293,16 @@ def test_a_missing_postgres_driver_names_the_extra(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------- claims
-def _storages(tmp_path: Path) -> list[str]:
-    urls = [f"sqlite:///{tmp_path / 'claims.db'}", f"journal:///{tmp_path / 'claims.log'}"]
-    if os.environ.get("EVOMERGE_TEST_POSTGRES"):
-        urls.append(os.environ["EVOMERGE_TEST_POSTGRES"])
-    return urls
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
-def test_claims_one_owner_takeover_of_a_dead_one_and_nothing_left(tmp_path, kind):
+def test_claims_one_owner_takeover_of_a_dead_one_and_nothing_left(tmp_path, kind, request):
     from optuna.study import StudyDirection
 
     from evomerge.search.records import HOST
 
-    url = next((u for u in _storages(tmp_path) if u.startswith(kind)), None)
-    if url is None:
-        pytest.skip("EVOMERGE_TEST_POSTGRES is unset (the worker tests start their own server)")
+    url = {"sqlite": f"sqlite:///{tmp_path / 'claims.db'}", "journal": f"journal:///{tmp_path / 'claims.log'}"}.get(kind)
+    if kind == "postgresql":
+        url = request.getfixturevalue("postgres")
     fast = Liveness(interval=1, grace=2, poll=0.1)
     storage = open_storage(url, liveness=fast)  # heartbeats on RDB storages; the journal has none
     name = f"c-{uuid.uuid4().hex[:8]}"
