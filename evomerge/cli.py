@@ -219,6 +219,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evomerge: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        reason = _storage_failure(e)
+        if reason is None:
+            raise
+        print(f"evomerge: error: {reason}", file=sys.stderr)
+        return 2
+
+
+def _storage_failure(e: BaseException) -> str | None:
+    """One line for a study storage that failed mid-run (a database locked by another program for
+    longer than the 60 s timeout, a server that went away); None for any other exception."""
+    kinds = []
+    if "optuna" in sys.modules:
+        from optuna.exceptions import StorageInternalError
+
+        kinds.append(StorageInternalError)
+    if "sqlalchemy" in sys.modules:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        kinds.append(SQLAlchemyError)
+    if not kinds or not isinstance(e, tuple(kinds)):
+        return None
+    cause = e.__cause__ or e
+    return (f"the study's storage failed: {type(cause).__name__}: {one_line(getattr(cause, 'orig', None) or cause)[:200]} "
+            "(is the database locked by another program, or unreachable? running the same command again resumes the study)")
 
 
 if __name__ == "__main__":  # pragma: no cover

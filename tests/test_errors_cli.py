@@ -75,3 +75,26 @@ def test_a_zoo_folder_that_cannot_be_written(tmp_path, capsys, where):
     err = _one_line_error(capsys, "zoo", "--out", where.format(tmp=tmp_path))
     assert "cannot write there" in err and "--out" in err
     assert (tmp_path / "a_file").read_text() == "not a folder\n"
+
+
+def test_a_storage_that_fails_mid_run_is_one_line(monkeypatch, capsys):
+    """A database locked by another program past the 60 s timeout (measured by hand: the demo with
+    an exclusive lock held on study.db) surfaces as optuna's StorageInternalError."""
+    import sqlite3
+
+    from optuna.exceptions import StorageInternalError
+
+    import evomerge.cli as cli
+
+    def locked(args):
+        try:
+            raise sqlite3.OperationalError("database is locked")
+        except sqlite3.OperationalError as e:
+            raise StorageInternalError("An exception is raised during the commit.") from e
+
+    monkeypatch.setattr(cli, "_run", locked)
+    err = _one_line_error(capsys, "results", "space.yml")
+    assert "the study's storage failed: OperationalError: database is locked" in err and "resumes" in err
+    monkeypatch.setattr(cli, "_run", lambda args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # anything else is a bug, with its traceback
+        cli.main(["results", "space.yml"])
