@@ -8,7 +8,7 @@ may share one storage (see :mod:`evomerge.search.claims` and :mod:`evomerge.sear
 
 - RDB storages record a heartbeat per running trial (``liveness``), so that a live worker on any
   host can fail the trial of a dead one.
-- SQLite runs every transaction as ``BEGIN IMMEDIATE``: a read-then-write (Optuna popping a queued
+- SQLite runs every transaction of a search as ``BEGIN IMMEDIATE``: a read-then-write (Optuna popping a queued
   trial, failing a stale one) holds the write lock from its first read, as PostgreSQL's ``SELECT ...
   FOR UPDATE`` does, instead of two processes both reading "waiting" and both running the trial.
 - The journal file has no heartbeat: a dead worker is recognised by its pid, on its own host only.
@@ -115,7 +115,7 @@ def open_storage(url: str, *, field: str = "--storage", liveness: Liveness | Non
     except Exception as e:  # sqlalchemy raises many types here
         raise EvomergeError(f"{field}: cannot open storage {url}: {one_line(type(e).__name__)}: {one_line(e)[:200]}") from None
     if url.startswith("sqlite"):
-        _fast_sqlite(storage.engine)
+        _fast_sqlite(storage.engine, immediate=liveness is not None)
     return storage
 
 
@@ -151,15 +151,17 @@ def _journal(url: str, field: str) -> Any:
         raise EvomergeError(f"{field}: cannot open storage {url}: {one_line(type(e).__name__)}: {one_line(e)[:200]}") from None
 
 
-def _fast_sqlite(engine: Any) -> None:
+def _fast_sqlite(engine: Any, *, immediate: bool) -> None:
     """WAL journal with synchronous=NORMAL: a commit no longer waits for an fsync (a dozen per
     trial otherwise cost ~10 ms each), and a killed process still loses nothing committed. Every
-    transaction begins IMMEDIATE (see the module docstring): pysqlite's own BEGIN comes late
-    (before the first write, after the reads), so it is turned off and SQLAlchemy's begin emits ours."""
+    transaction of a search (``immediate``; readers keep pysqlite's own) begins IMMEDIATE (see the
+    module docstring): pysqlite's BEGIN comes late (before the first write, after the reads), so it
+    is turned off and SQLAlchemy's begin emits ours."""
     from sqlalchemy import event
 
     def on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # no implicit BEGIN from pysqlite
+        if immediate:
+            dbapi_conn.isolation_level = None  # no implicit BEGIN from pysqlite
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
@@ -169,7 +171,8 @@ def _fast_sqlite(engine: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     event.listen(engine, "connect", on_connect)
-    event.listen(engine, "begin", on_begin)
+    if immediate:
+        event.listen(engine, "begin", on_begin)
     engine.dispose()  # connections opened before the listener get the pragmas too
 
 
