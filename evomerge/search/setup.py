@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from evomerge.contamination.rules import Assessment, assess
-from evomerge.engine.merger import Merger
+from evomerge.engine.merger import Merger, check_device
 from evomerge.engine.sources import ModelSource, open_sources
 from evomerge.errors import ConfigError, EvomergeError, one_line
 from evomerge.evaluation.base import Evaluator
@@ -143,10 +143,7 @@ def prepare(space_file: str | Path, *, trials: int | None = None, device: str | 
         raise EvomergeError(f"--trials: must be a positive integer, got {trials}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvomergeError("--device cuda: no CUDA device is available (torch.cuda.is_available() is false)")
-    if not device.startswith(("cpu", "cuda")):
-        raise EvomergeError(f"--device: must be cpu or cuda[:N], got {device!r}")
+    check_device(device)
     paths = study_paths(space_file, study=study, space_study=space.study_name, storage=storage, space_storage=space.storage, results_dir=results_dir)
     # Models: open once; a space whose models cannot merge fails here, before any output.
     sources = open_sources(space.model_refs(), file=file)
