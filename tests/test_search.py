@@ -3,7 +3,6 @@ export round trip, determinism, failures, resume after SIGKILL, Ctrl-C."""
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
