@@ -83,3 +83,28 @@ def test_a_zero_weight_sum_point_does_not_end_the_search(tmp_path, tiny_family, 
     searched = df[df["baseline"] == ""]
     assert len(searched) >= 2 and not (searched["state"] == "RUNNING").any()
     assert ((searched["state"] == "COMPLETE") | (searched["error"] != "")).all()
+
+
+def test_identical_tensors_are_scored_once(tmp_path, tiny_family):
+    """Normalized linear weights 1, 2 and 4 on one model give the same tensors (w·x / w is exact
+    for powers of two): the second and later such trials take the first one's scores."""
+    import yaml
+
+    base, fts = tiny_family
+    space = {"merge_method": "linear", "dtype": "float32",
+             "models": [{"model": str(fts[0]), "parameters": {"weight": {"choice": [1.0, 2.0, 4.0]}}}],
+             "search": {"trials": 4, "finalists": 0, "sampler": "random", "seed": 0}}
+    path = tmp_path / "same.yml"
+    path.write_text(yaml.safe_dump(space))
+    ev = TaskVectorEvaluator(base, fts)
+    out = run_search(path, evaluator=ev, results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    df = load_trials(out.paths.csv)
+    searched = df[(df["baseline"] == "") & (df["state"] == "COMPLETE")]
+    assert len(searched) == 4 and searched["digest"].nunique() == 1
+    first = int(searched["number"].min())
+    reused = searched[searched["number"] != first]
+    assert (reused["reused_from"] == first).all() and (reused["eval_s"] == 0).all()
+    assert (searched["score"] == searched["score"].iloc[0]).all()
+    # evaluations: each baseline on search and holdout, then the first trial on search and (a new
+    # best) holdout; without sharing, the three later trials would add three more
+    assert ev.calls == 2 * len(df[df["baseline"] != ""]) + 2

@@ -207,8 +207,13 @@ class Search:
             t0 = time.perf_counter()
             model, res = self.candidates.materialize(recipe, f"{s.file} (trial {trial.number})")
             rec.merge_s, rec.digest = time.perf_counter() - t0, res.digest
-            rec.search = self.candidates.score(model, "search")
-            rec.eval_s = rec.search.seconds
+            same = records.scored(res.digest)
+            if same is not None:  # these tensors were scored already: share their scores
+                rec.reused_from, rec.search = same
+                rec.eval_s = 0.0
+            else:
+                rec.search = self.candidates.score(model, "search")
+                rec.eval_s = rec.search.seconds
         except KeyboardInterrupt:
             rec.error = "interrupted (Ctrl-C)"
             records.set_trial(trial, rec)

@@ -81,6 +81,8 @@ class TrialRecord:
         error: why it failed ("" when it did not).
         state: baselines only (searched trials have Optuna's state): COMPLETE or FAIL.
         holdout: baselines only (a searched trial's holdout re-score is a record of its own).
+        reused_from: the earlier trial whose merged tensors had the same digest, whose search
+            scores this trial took instead of evaluating the same model again.
     """
 
     method: str | None = None
@@ -92,6 +94,7 @@ class TrialRecord:
     error: str = ""
     state: str | None = None
     holdout: Scores | None = None
+    reused_from: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -107,7 +110,7 @@ class TrialRecord:
         d = dict(d or {})
         return cls(method=d.get("method"), recipe=d.get("recipe"), merge_s=d.get("merge_s"), digest=d.get("digest"),
                    search=Scores.from_dict(d.get("search")), eval_s=d.get("eval_s"), error=d.get("error", "") or "",
-                   state=d.get("state"), holdout=Scores.from_dict(d.get("holdout")))
+                   state=d.get("state"), holdout=Scores.from_dict(d.get("holdout")), reused_from=d.get("reused_from"))
 
 
 @dataclass
@@ -207,6 +210,17 @@ class StudyRecords:
         if died and not rec.error:
             rec.error = died
         return rec
+
+    def scored(self, digest: str) -> tuple[int, Scores] | None:
+        """A completed trial that scored these very tensors (same digest) on the search items, with
+        its scores; None when there is none. Any worker's or any earlier run's trial counts."""
+        from optuna.trial import TrialState
+
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            rec = self.trial(t)
+            if rec.digest == digest and rec.search is not None and rec.reused_from is None:
+                return t.number, rec.search
+        return None
 
     @staticmethod
     def set_trial(trial: Any, record: TrialRecord) -> None:

@@ -57,7 +57,7 @@ def trials_frame(study: Any) -> pd.DataFrame:
         row.update(_score_cols(records.holdout(t.number), "h_", "", "holdout"))
         wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
         row.update({"merge_s": rec.merge_s, "eval_s": rec.eval_s, "wall_s": wall, "digest": rec.digest or "",
-                    "retry_of": records.retry_of(t), "error": rec.error})
+                    "retry_of": records.retry_of(t), "reused_from": rec.reused_from, "error": rec.error})
         rows.append(row)
     for name, b in records.baselines().items():
         row = {"number": None, "state": b.state or "COMPLETE", "baseline": name, "method": b.method or ""}
