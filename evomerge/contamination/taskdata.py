@@ -15,12 +15,11 @@ Example::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from evomerge.contamination.lineage import Lineage, Resolver, default_resolve, model_lineage
-from evomerge.evaluation.lmeval import manager_for, task_configs
+from evomerge.evaluation.lmeval import manager_for, path_list, task_configs
 
 __all__ = ["DatasetHit", "task_datasets", "norm_dataset", "dataset_hits", "eval_data_in_training"]
 
@@ -51,15 +50,7 @@ def _config_datasets(cfg: Mapping[str, Any]) -> set[str]:
         splits = [cfg.get("test_split"), cfg.get("validation_split")]
         picked = [files[s] for s in splits if isinstance(s, str) and s in files]
         files = picked or list(files.values())
-    return {f for f in _file_names(files) if f} or {path}
-
-
-def _file_names(value: Any) -> list[str]:
-    if isinstance(value, (str, os.PathLike)):
-        return [str(value)]
-    if isinstance(value, (list, tuple)):
-        return [f for v in value for f in _file_names(v)]
-    return []
+    return {f for f in path_list(files) if f} or {path}
 
 
 def task_datasets(task_names: Iterable[str], include_path: Any = None, *,

@@ -22,7 +22,7 @@ from evomerge.evaluation.base import SCORERS, EvalConfig, EvalResult, Evaluator,
 from evomerge.evaluation.scorer import make_lm
 
 __all__ = ["LMEvalEvaluator", "task_manager", "quiet_lm_eval", "local_task_names", "get_task_dict", "leaf_tasks", "doc_ids", "texts_of",
-           "manager_for", "task_configs", "load_leaf_tasks", "DOC_SPLITS", "task_docs", "item_text"]
+           "manager_for", "task_configs", "load_leaf_tasks", "DOC_SPLITS", "task_docs", "item_text", "path_list"]
 
 
 def quiet_lm_eval() -> None:
@@ -74,7 +74,7 @@ def manager_for(task_names: Iterable[str], include_path: Any = None):
     Returns:
         The ``lm_eval.tasks.TaskManager`` (the same object :func:`task_manager` caches).
     """
-    names, paths = list(task_names), tuple(_paths(include_path))
+    names, paths = list(task_names), tuple(path_list(include_path))
     if paths:
         tm = task_manager(paths, False)
         if all(n in tm.task_index for n in names):
@@ -82,11 +82,12 @@ def manager_for(task_names: Iterable[str], include_path: Any = None):
     return task_manager(paths, True)
 
 
-def _paths(value: Any) -> list[str]:
+def path_list(value: Any) -> list[str]:
+    """Every path in ``value``: one path, or (nested) lists of them; anything else gives none."""
     if isinstance(value, (str, os.PathLike)):
         return [str(value)]
     if isinstance(value, (list, tuple)):
-        return [p for v in value for p in _paths(v)]
+        return [p for v in value for p in path_list(v)]
     return []
 
 
