@@ -21,6 +21,7 @@ from evomerge.engine import digest_model_dir
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.search.table import load_trials
 from evomerge.search import Search, run_search
+from evomerge.space import SAMPLERS
 
 TESTS = Path(__file__).resolve().parent
 
@@ -282,22 +283,36 @@ def test_results_and_report_commands(space, tmp_path, tiny_family, capsys):
     assert "no study 'space' yet" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sampler, objectives", [("random", None), ("gp", None), ("cmaes", None), ("nsga2", "tasks"), ("tpe", ["task_0", "task_1"])])
-def test_every_sampler_runs(tmp_path, tiny_family, sampler, objectives):
-    base, fts = tiny_family
-    path = write_space(tmp_path / "space.yml", base, fts, sampler=sampler, trials=4, finalists=1, **({"objectives": objectives} if objectives else {}))
-    data = yaml.safe_load(path.read_text())
-    data["merge_method"] = "ties"  # cmaes needs a space without categorical parameters
-    path.write_text(yaml.safe_dump(data))
-    out = run_search(path, evaluator=TaskVectorEvaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+def _sampler_run(tmp_path: Path, tiny_family, sampler: str, objectives, name: str) -> list:
+    """A 6-trial search of a TIES space (cmaes takes no choice) with 2 startup trials; its trials."""
     import optuna
 
-    from evomerge.search import make_sampler
+    base, fts = tiny_family
+    path = write_space(tmp_path / f"{name}.yml", base, fts, sampler=sampler, trials=6, startup_trials=2, finalists=1,
+                       **({"objectives": objectives} if objectives else {}))
+    data = yaml.safe_load(path.read_text())
+    data["merge_method"] = "ties"
+    path.write_text(yaml.safe_dump(data))
+    out = run_search(path, evaluator=TaskVectorEvaluator(base, fts), results_dir=tmp_path / name, quiet=True, log=lambda m: None)
+    assert out.best is not None
+    return optuna.load_study(study_name=name, storage=out.paths.storage).trials
 
-    study = optuna.load_study(study_name="space", storage=out.paths.storage)
-    assert type(make_sampler(sampler, 0, 4)).__name__.lower().startswith({"random": "random", "gp": "gp", "cmaes": "cmaes", "nsga2": "nsgaii", "tpe": "tpe"}[sampler])
-    done = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert len(done) == 4
+
+@pytest.mark.parametrize("sampler, objectives", [(s, None) for s in SAMPLERS] + [("nsga2", "tasks"), ("tpe", ["task_0", "task_1"])])
+def test_every_sampler_runs_past_its_startup_trials(tmp_path, tiny_family, sampler, objectives):
+    # Every name the space accepts must sample after its random startup phase too: a sampler
+    # whose package is missing (cmaes) fails only there, at the third trial.
+    trials = _sampler_run(tmp_path, tiny_family, sampler, objectives, "space")
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(trials) == len(done) == 6
     n_obj = 3 if objectives == "tasks" else len(objectives or [0])
     assert all(len(t.values) == n_obj for t in done)
-    assert out.best is not None
+    if sampler == "random":
+        return
+    # The startup trials are the random sampler's draws for the same seed; the later ones are the
+    # model's own (they would be the random sampler's again if it fell back to independent sampling).
+    plain = _sampler_run(tmp_path, tiny_family, "random", objectives, "plain")
+    assert [t.params for t in done[:2]] == [t.params for t in plain[:2]]
+    assert all(a.params != b.params for a, b in zip(done[4:], plain[4:]))
+    if sampler == "cmaes":
+        assert all(any(k.endswith("generation") for k in t.system_attrs) for t in done[2:])
