@@ -13,7 +13,8 @@ Variants (``--samplers``):
 
 - ``random``: ``search.sampler: random``.
 - ``tpe``: ``search.sampler: tpe`` as shipped (multivariate, group, constant_liar).
-- ``tpe_indep``: Optuna's default TPE (independent per parameter), same startup trials.
+- ``tpe_indep``: TPE with each parameter sampled on its own (``multivariate=False``; Optuna 5's
+  default is multivariate, 4's independent), same startup trials.
 - ``cmaes``: ``search.sampler: cmaes``. On a space with a ``choice`` (the demo's method) the space
   parser refuses cmaes; the bench then builds the sampler itself, so that Optuna's CMA-ES samples the
   continuous values present in every trial and falls back to independent random sampling for the
@@ -44,7 +45,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("random", "tpe", "tpe_indep", "cmaes", "gp")
-MARKS = (10, 20, 40)
+MARKS = (10, 20)
 
 
 def _sampler_override(variant: str) -> Any:
@@ -57,15 +58,16 @@ def _sampler_override(variant: str) -> Any:
     def build(name: str, seed: int, n_trials: int, startup: int | None = None, multi: bool = False) -> Any:
         startup = startup if startup is not None else max(4, min(10, n_trials // 4))
         if variant == "tpe_indep":
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=False)
         return samplers.make_sampler(variant, seed, n_trials, startup, multi)
 
     return build if variant in ("tpe_indep", "cmaes") else None
 
 
-def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path) -> dict[str, Any]:
+def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path, startup: int | None = None) -> dict[str, Any]:
     """One search; returns its per-trial curve (best search score so far, the holdout score of that
-    best trial, search items evaluated so far) and its wall time."""
+    best trial, search items evaluated so far), its wall time and the time per trial spent outside
+    merging and evaluating (the sampler's ask, mostly)."""
     import pandas as pd
 
     from evomerge.search import loop
@@ -77,6 +79,8 @@ def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path
     # then it names random, which the parser accepts for any space, and make_sampler is replaced.
     data["search"].update({"sampler": "random" if override else variant, "finalists": 0})
     data["search"].pop("baselines", None)
+    if startup is not None:
+        data["search"]["startup_trials"] = startup
     data["study"] = {"name": f"{space_name}_{variant}_{seed}"}
     space = workdir / f"{space_name}_{variant}_{seed}.yml"
     space.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -87,7 +91,7 @@ def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path
         t0 = time.perf_counter()
         search = loop.Search(space, trials=trials, seed=seed, results_dir=workdir / "results", quiet=True, log=lambda m: None, threads=1)
         search.setup.baselines = {}  # the same for every run, and not seen by the sampler
-        calls: list[tuple[str, int]] = []
+        calls: list[tuple[str, int, float]] = []
         evaluator = search.candidates.evaluator
         search.candidates.evaluator = _Counting(evaluator, calls)
         out = search.run()
@@ -96,7 +100,8 @@ def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path
         loop.make_sampler = original
     df = load_trials(out.paths.csv)
     t = df[df["baseline"] == ""].sort_values("number")
-    search_items = [n for split, n in calls if split == "search"]
+    search_items = [n for split, n, _ in calls if split == "search"]
+    busy = sum(sec for _, _, sec in calls) + float(t["merge_s"].fillna(0).sum())
     best = -math.inf
     best_holdout = math.nan
     curve_search, curve_holdout, items, used = [], [], [], 0
@@ -114,7 +119,8 @@ def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path
         curve_search.append(best)
         curve_holdout.append(best_holdout)
         items.append(used)
-    return {"space": space_name, "sampler": variant, "seed": seed, "trials": trials, "wall_s": round(wall, 1),
+    return {"space": space_name, "sampler": variant, "seed": seed, "trials": trials, "startup": startup, "wall_s": round(wall, 1),
+            "other_s_per_trial": round((wall - busy) / trials, 3),
             "best_search": curve_search, "best_holdout": curve_holdout, "items": items,
             "score_se": float(t["score_se"].median()), "methods": t["method"].value_counts().to_dict()}
 
@@ -122,15 +128,16 @@ def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path
 class _Counting:
     """An evaluator that records (split, items scored) for every evaluation it passes on."""
 
-    def __init__(self, inner: Any, calls: list[tuple[str, int]]) -> None:
+    def __init__(self, inner: Any, calls: list[tuple[str, int, float]]) -> None:
         self.inner, self.calls = inner, calls
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     def evaluate(self, model: Any, split: str = "search") -> Any:
+        t0 = time.perf_counter()
         r = self.inner.evaluate(model, split)
-        self.calls.append((split, int(sum(getattr(r, "n_items", {}).values()))))
+        self.calls.append((split, int(sum(getattr(r, "n_items", {}).values())), time.perf_counter() - t0))
         return r
 
 
@@ -143,36 +150,38 @@ def _stats(vals: list[float]) -> tuple[float, float, float, float, float]:
     return statistics.median(vals), q[0], q[2], min(vals), max(vals)
 
 
-def report(runs: list[dict[str, Any]], plot: Path | None) -> None:
-    """Print the table (median [IQR] and min-max of the best holdout at 10, 20, 40 trials) and
-    write the plot."""
+def report(runs: list[dict[str, Any]], trials: int, plot: Path | None) -> None:
+    """Print the table (median [IQR] (min-max) of the best holdout at 10, 20, ``trials`` and 40
+    trials, over the seeds whose runs reached that many) and write the plot (curves up to ``trials``)."""
     spaces = list(dict.fromkeys(r["space"] for r in runs))
+    marks = sorted({*MARKS, trials, 40})
     for space in spaces:
         rs = [r for r in runs if r["space"] == space]
         se = statistics.median(r["score_se"] for r in rs)
         print(f"\n== {space}: best holdout (holdout score of the best trial by search score so far), "
-              f"median [IQR] (min-max) over seeds; a search score's standard error is {se:.3f}")
-        print(f"{'sampler':10} {'seeds':>5} " + " ".join(f"{'@' + str(m) + ' trials':>28}" for m in MARKS)
-              + f" {'best search @' + str(MARKS[-1]):>16} {'wall s/run':>10}")
+              f"median [IQR] (min-max) /seeds; a search score's standard error is {se:.3f}")
+        print(f"{'sampler':10} " + " ".join(f"{'@' + str(m) + ' trials':>32}" for m in marks)
+              + f" {'best search @' + str(trials):>16} {'other s/trial':>13}")
         for variant in VARIANTS:
-            vr = [r for r in rs if r["sampler"] == variant]
+            vr = [r for r in rs if r["sampler"] == variant and len(r["best_holdout"]) >= trials]
             if not vr:
                 continue
             cells = []
-            for m in MARKS:
+            for m in marks:
                 vals = [r["best_holdout"][m - 1] for r in vr if len(r["best_holdout"]) >= m]
                 if vals:
                     med, q1, q3, lo, hi = _stats(vals)
-                    cells.append(f"{med:.3f} [{q1:.3f}-{q3:.3f}] ({lo:.2f}-{hi:.2f})")
+                    cells.append(f"{med:.3f} [{q1:.3f}-{q3:.3f}] ({lo:.2f}-{hi:.2f}) /{len(vals)}")
                 else:
                     cells.append("-")
-            bs = [r["best_search"][-1] for r in vr]
-            print(f"{variant:10} {len(vr):>5} " + " ".join(f"{c:>28}" for c in cells)
-                  + f" {statistics.median(bs):>16.3f} {statistics.median(r['wall_s'] for r in vr):>10.0f}")
-            print(f"{'':10} seeds {sorted(r['seed'] for r in vr)}: final best holdout "
-                  + ", ".join(f"{r['best_holdout'][-1]:.3f}" for r in sorted(vr, key=lambda r: r["seed"])))
+            bs = [r["best_search"][trials - 1] for r in vr]
+            other = [r["other_s_per_trial"] for r in vr if "other_s_per_trial" in r]
+            print(f"{variant:10} " + " ".join(f"{c:>32}" for c in cells)
+                  + f" {statistics.median(bs):>16.3f} {(f'{statistics.median(other):.2f}' if other else '-'):>13}")
+            print(f"{'':10} by seed {sorted(r['seed'] for r in vr)}: best holdout @{trials} "
+                  + ", ".join(f"{r['best_holdout'][trials - 1]:.3f}" for r in sorted(vr, key=lambda r: r["seed"])))
     if plot is not None:
-        _plot(runs, spaces, plot)
+        _plot([{**r, **{k: r[k][:trials] for k in ("best_search", "best_holdout", "items")}} for r in runs if len(r["best_holdout"]) >= trials], spaces, plot)
         print(f"\nplot: {plot}")
 
 
@@ -199,7 +208,7 @@ def _plot(runs: list[dict[str, Any]], spaces: list[str], path: Path) -> None:
             row[0].plot(x, med, color=colors[variant], label=label, drawstyle="steps-post")
             row[0].fill_between(x, q1, q3, color=colors[variant], alpha=0.12, step="post")
             # against items: each run's step curve on a common grid of items evaluated
-            grid = np.linspace(0, max(max(r["items"]) for r in vr), 200)
+            grid = np.linspace(max(r["items"][0] for r in vr), max(r["items"][-1] for r in vr), 200)
             yi = np.array([_at(np.array(r["items"]), np.array(r["best_holdout"]), grid) for r in vr])
             row[1].plot(grid, np.nanmedian(yi, 0), color=colors[variant], label=label)
             row[1].fill_between(grid, np.nanpercentile(yi, 25, 0), np.nanpercentile(yi, 75, 0), color=colors[variant], alpha=0.12)
@@ -228,7 +237,10 @@ def main() -> int:
     ap.add_argument("--spaces", nargs="+", default=["demo", "demo_per_layer"])
     ap.add_argument("--samplers", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--trials", type=int, default=40, help="trials per run; --report: the curves' length (longer runs are cut there)")
+    ap.add_argument("--startup", type=int, default=None,
+                    help="random startup trials (default: the space's, i.e. make_sampler's for --trials); a run of N trials with "
+                         "--startup S is the first N trials of a longer run with the same S")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_samplers.jsonl")
     ap.add_argument("--report", action="store_true", help="only print the table and write the plot from --out")
     ap.add_argument("--plot", type=Path, default=None)
@@ -241,17 +253,17 @@ def main() -> int:
         for space in args.spaces:
             for seed in args.seeds:
                 for variant in args.samplers:
-                    if any((r["space"], r["sampler"], r["seed"], r["trials"]) == (space, variant, seed, args.trials) for r in _load(args.out)):
+                    if any((r["space"], r["sampler"], r["seed"]) == (space, variant, seed) and r["trials"] >= args.trials for r in _load(args.out)):
                         continue
                     with tempfile.TemporaryDirectory() as tmp:
-                        r = run_one(space, variant, seed, args.trials, Path(tmp))
+                        r = run_one(space, variant, seed, args.trials, Path(tmp), args.startup)
                     with args.out.open("a") as f:
                         f.write(json.dumps(r) + "\n")
                     print(f"{space:16} {variant:10} seed {seed}: best search {r['best_search'][-1]:.3f}, its holdout "
                           f"{r['best_holdout'][-1]:.3f} ({r['wall_s']:.0f}s)", flush=True)
-    runs = [r for r in _load(args.out) if r["space"] in args.spaces and r["trials"] == args.trials]
+    runs = [r for r in _load(args.out) if r["space"] in args.spaces and r["sampler"] in args.samplers]
     if runs:
-        report(runs, args.plot)
+        report(runs, args.trials, args.plot)
     return 0
 
 

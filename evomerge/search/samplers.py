@@ -37,7 +37,7 @@ def make_sampler(name: str, seed: int, n_trials: int, startup: int | None = None
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=min(startup, 5), warn_independent_sampling=False)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, n_trials // 4)))
     raise ValueError(f"unknown sampler {name!r}")  # pragma: no cover - validated when the space is parsed
