@@ -193,8 +193,8 @@ def _plot(runs: list[dict[str, Any]], spaces: list[str], path: Path) -> None:
     import numpy as np
 
     fig, axes = plt.subplots(len(spaces), 2, figsize=(12, 4.2 * len(spaces)), squeeze=False)
-    colors = dict(zip(VARIANTS, ("#555555", "#1f77b4", "#17becf", "#d62728", "#2ca02c")))
-    for row, space in zip(axes, spaces):
+    colors = dict(zip(VARIANTS, ("#555555", "#1f77b4", "#17becf", "#d62728", "#2ca02c"), strict=True))
+    for row, space in zip(axes, spaces, strict=True):
         rs = [r for r in runs if r["space"] == space]
         for variant in VARIANTS:
             vr = [r for r in rs if r["sampler"] == variant]

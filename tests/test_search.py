@@ -313,6 +313,6 @@ def test_every_sampler_runs_past_its_startup_trials(tmp_path, tiny_family, sampl
     # model's own (they would be the random sampler's again if it fell back to independent sampling).
     plain = _sampler_run(tmp_path, tiny_family, "random", objectives, "plain")
     assert [t.params for t in done[:2]] == [t.params for t in plain[:2]]
-    assert all(a.params != b.params for a, b in zip(done[4:], plain[4:]))
+    assert all(a.params != b.params for a, b in zip(done[4:], plain[4:], strict=True))
     if sampler == "cmaes":
         assert all(any(k.endswith("generation") for k in t.system_attrs) for t in done[2:])
