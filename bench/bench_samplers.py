@@ -178,8 +178,13 @@ def report(runs: list[dict[str, Any]], trials: int, plot: Path | None) -> None:
             other = [r["other_s_per_trial"] for r in vr if "other_s_per_trial" in r]
             print(f"{variant:10} " + " ".join(f"{c:>32}" for c in cells)
                   + f" {statistics.median(bs):>16.3f} {(f'{statistics.median(other):.2f}' if other else '-'):>13}")
-            print(f"{'':10} by seed {sorted(r['seed'] for r in vr)}: best holdout @{trials} "
-                  + ", ".join(f"{r['best_holdout'][trials - 1]:.3f}" for r in sorted(vr, key=lambda r: r["seed"])))
+            by_seed = {r["seed"]: r["best_holdout"][trials - 1] for r in vr}
+            line = f"{'':10} by seed {sorted(by_seed)}: best holdout @{trials} " + ", ".join(f"{v:.3f}" for _, v in sorted(by_seed.items()))
+            rand = {r["seed"]: r["best_holdout"][trials - 1] for r in rs if r["sampler"] == "random" and len(r["best_holdout"]) >= trials}
+            diff = [by_seed[k] - rand[k] for k in sorted(by_seed) if k in rand]
+            if variant != "random" and diff:  # paired by seed: the same random startup trials (cmaes: its first 5)
+                line += f"; minus random's: median {statistics.median(diff):+.3f}, better/equal/worse on {sum(d > 0 for d in diff)}/{sum(d == 0 for d in diff)}/{sum(d < 0 for d in diff)} seeds"
+            print(line)
     if plot is not None:
         _plot([{**r, **{k: r[k][:trials] for k in ("best_search", "best_holdout", "items")}} for r in runs if len(r["best_holdout"]) >= trials], spaces, plot)
         print(f"\nplot: {plot}")
