@@ -111,6 +111,20 @@ def test_plain_recipe_is_a_one_point_space():
     assert s.is_fixed and s.render(_fixed({}), lambda ref: 4) == recipe
 
 
+@pytest.mark.parametrize("search, sampler", [
+    (None, "gp"),                                   # no search section
+    ({"trials": 10}, "gp"),                         # a section without sampler
+    ({"objectives": "tasks"}, "tpe"),               # gp takes one objective: several default to tpe
+    ({"objectives": ["a", "b"], "sampler": "nsga2"}, "nsga2"),
+    ({"sampler": "random"}, "random"),
+])
+def test_default_sampler_is_gp_for_one_objective(search, sampler):
+    # gp is the measured best (bench/bench_samplers.py); a default must never be refused by the
+    # checks that follow it (gp with several objectives is).
+    s = parse_space({**SPACE, **({"search": search} if search is not None else {})}, "s.yml")
+    assert s.search.sampler == sampler
+
+
 @pytest.mark.parametrize("patch, field, words", [
     ({"parameters": {"lambda": {"rang": [0, 1]}}}, "parameters.lambda.rang", "unknown search directive (did you mean range"),
     ({"parameters": {"lambda": {"range": [2.0, 1.0]}}}, "parameters.lambda.range", "empty range"),
