@@ -148,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
             allow_bin=args.allow_bin,
             force=args.force,
             recipe_text=text,
+            stream=args.stream,
         )
         print(f"merged {result.n_tensors} tensors into {args.out} in {result.seconds:.1f}s ({result.bytes_out / 1e6:.1f} MB); tensor hash {result.digest[:16]}")
         return 0

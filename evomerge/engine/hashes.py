@@ -83,6 +83,12 @@ def row_sums(t: torch.Tensor) -> torch.Tensor:
         return torch.zeros((0, 2), dtype=torch.int64, device=w.device)
     if w.device.type == "cpu":
         return _row_sums_cpu(w, table)
+    return _row_sums_slabs(w, table)
+
+
+def _row_sums_slabs(w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    # GPU: whole-tensor int64 ops over slabs of rows (memory-bound; nothing leaves the device).
+    n = w.numel()
     full = n // ROW
     parts = []
     step = max(1, _SLAB // ROW)
