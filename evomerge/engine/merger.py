@@ -33,6 +33,7 @@ from evomerge.engine.card import render_card
 from evomerge.engine.hashes import Fingerprint, digest_model_dir, tensor_digest, tensors_digest
 from evomerge.engine.inputs import PrepCache, TensorInputs
 from evomerge.engine.kernels.methods import kernel_for
+from evomerge.engine.placement import Placement, budget_override, choose_placement, free_memory
 from evomerge.engine.plan import MergePlan, TensorTask, make_plan
 from evomerge.engine.rng import STREAM, check_stream
 from evomerge.engine.sources import ModelSource, open_sources, resolve_model
@@ -83,7 +84,8 @@ class Merger:
         seed: seeds every random mask (with the tensor name and input position).
         resident: keep source tensors on ``device`` between merges and cache per-source work
             (for the search, which merges the same sources again and again).
-        cache_bytes: budget for that cache; default: a quarter of the device memory.
+        cache_bytes: budget for that cache; default: a quarter of the memory on a CPU, on a GPU
+            what the placement leaves spare (the sources, the model and evaluation come first).
         allow_crimes: plan merges across architectures when shapes match.
         compile: use compiled kernels (``torch.compile``) for large tensors; default: when
             ``resident``, where the compile time (seconds) is paid back over many merges.
@@ -91,6 +93,10 @@ class Merger:
         digest: what :attr:`MergeResult.digest` holds: ``"sha256"`` (bytes copied to the CPU),
             ``"fingerprint"`` (computed on the device, :mod:`~evomerge.engine.fingerprint`), or
             ``"auto"``: the fingerprint on CUDA, sha256 on CPU (where sha256 is twice as fast).
+        gpu_memory: device memory the resident merger may plan for (``"60GB"``, bytes); default:
+            ``$EVOMERGE_GPU_MEMORY``, else the free memory (see :mod:`~evomerge.engine.placement`).
+        hold: resident sources in their ``"stored"`` dtype (default) or converted to the
+            ``"compute"`` dtype (float32: twice the memory; for measuring the difference).
 
     Example:
         >>> merger = Merger(open_sources([...]), resident=True)            # doctest: +SKIP
@@ -110,6 +116,8 @@ class Merger:
         compile: bool | None = None,
         stream: int = STREAM,
         digest: str = "auto",
+        gpu_memory: str | int | None = None,
+        hold: str = "stored",
     ) -> None:
         self.sources = sources
         if digest not in ("auto", "sha256", "fingerprint"):
@@ -121,10 +129,14 @@ class Merger:
         self.resident = resident
         self.allow_crimes = allow_crimes
         self.compile = resident if compile is None else compile
+        if hold not in ("stored", "compute"):
+            raise ValueError(f"hold must be stored or compute, got {hold!r}")
+        self.hold = hold
+        self.placement: Placement | None = self._place(budget_override(gpu_memory)) if resident else None
         if cache_bytes is None:
-            cache_bytes = _device_memory(self.device) // 4 if resident else 0
+            cache_bytes = _cache_budget(self.device, self.placement) if resident else 0
         self.cache = PrepCache(cache_bytes) if resident and cache_bytes > 0 else None
-        self._resident: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
+        self._resident: dict[tuple[str, str, torch.dtype | None], torch.Tensor] = {}
         self._targets: dict[int, dict[str, torch.Tensor]] = {}
 
     def plan(self, cfg: MergeConfig) -> MergePlan:
@@ -134,13 +146,32 @@ class Merger:
             self.sources.update(open_sources(missing, file=cfg.source_file))
         return make_plan(cfg, self.sources, allow_crimes=self.allow_crimes)
 
+    def _place(self, override: int | None) -> Placement:
+        """Where the resident sources go (see :mod:`~evomerge.engine.placement`)."""
+        per_source = [sum(src.nbytes(n) for n in src.names()) for src in self.sources.values()]
+        total, model = sum(per_source), max(per_source, default=0)
+        if self.hold == "compute":  # float32 copies: 4 bytes a parameter
+            total, model = 2 * total, 2 * model
+        if self.device.type != "cuda":
+            return choose_placement(total, model, _device_memory(self.device), device_type="cpu")
+        available = override if override is not None else free_memory(self.device)
+        return choose_placement(total, model, available, overridden=override is not None)
+
     def _load(self, ref: str, name: str, dtype: torch.dtype) -> torch.Tensor:
         if self.resident:
-            key = (ref, name, dtype)
+            # Held in the stored dtype (bf16/f16: half of float32); kernels convert chunk by chunk.
+            compute = self.hold == "compute"
+            key = (ref, name, dtype if compute else None)
             t = self._resident.get(key)
             if t is None:
-                t = self.sources[ref].get(name).to(self.device, dtype)
+                t = self.sources[ref].get(name)
+                if compute or not t.is_floating_point():
+                    t = t.to(dtype)
+                assert self.placement is not None
+                t = t.pin_memory() if self.placement.where == "host" else t.to(self.device)
                 self._resident[key] = t
+            if self.placement is not None and self.placement.where == "host":
+                return t.to(self.device, non_blocking=True)  # streamed each merge from pinned memory
             return t
         # Streaming: keep the stored dtype (a memory map on CPU); kernels convert chunk by chunk.
         t = self.sources[ref].get(name)
@@ -279,6 +310,17 @@ def check_device(device: str | torch.device) -> torch.device:
     elif dev.type != "cpu":
         raise EvomergeError(f"--device {device}: evomerge merges on cpu or cuda[:N], not {dev.type}")
     return dev
+
+
+def _cache_budget(device: torch.device, placement: Placement | None) -> int:
+    """The prep cache's default budget: a quarter of the memory on a CPU; on a GPU what the
+    placement leaves spare (sources on the device), or what is left beside the model, evaluation
+    and one streamed task's inputs (sources on the host; a few GB, the cache holds sort orders)."""
+    if device.type != "cuda" or placement is None:
+        return _device_memory(device) // 4
+    if placement.where == "device":
+        return max(0, placement.available - placement.needed)
+    return max(0, (placement.available - placement.model - placement.eval_room - placement.scratch) // 2)
 
 
 def _device_memory(device: torch.device) -> int:
