@@ -12,8 +12,8 @@ room for evaluation (activations, logits, KV cache: :data:`EVAL_MIN` or a quarte
 whichever is larger) and the merge kernels' scratch (:data:`SCRATCH`). Worked example, four 7B
 sources (7.24e9 parameters, bf16) on an 80 GB H100 (79.1 GiB free)::
 
-    sources 4 x 13.49 GiB = 53.95 GiB     model 13.49 GiB     eval room 4 GiB     scratch 1 GiB
-    53.95 + 13.49 + 4 + 1 = 72.44 GiB <= 79.1 GiB: sources on the device, 6.7 GiB to spare
+    sources 4 x 13.49 GiB = 53.96 GiB     model 13.49 GiB     eval room 4 GiB     scratch 1 GiB
+    53.96 + 13.49 + 4 + 1 = 72.44 GiB <= 79.1 GiB: sources on the device, 6.7 GiB to spare
 
 (in float32, as before, the sources alone would be 107.9 GiB). ``tests/test_placement.py`` checks
 this arithmetic; the search log prints it for the study's own models.
