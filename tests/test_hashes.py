@@ -9,8 +9,7 @@ import struct
 import pytest
 import torch
 
-from evomerge.engine import Merger, digest_model_dir, merge_to_disk, open_sources
-from evomerge.engine import hashes
+from evomerge.engine import Merger, digest_model_dir, hashes, merge_to_disk, open_sources
 from evomerge.engine.hashes import ROW, Fingerprint, is_fingerprint, row_sums
 from evomerge.engine.rng import _mix_py
 from evomerge.recipe.schema import load_recipe
