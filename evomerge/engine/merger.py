@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,19 +228,39 @@ class Merger:
         fp = Fingerprint() if fp_kind or fingerprint else None
         sha = digest and not fp_kind
         bytes_out = bytes_in = 0
-        with torch.no_grad():
-            for task in plan.tasks:
-                dst = targets.get(task.out_name) if targets is not None else None
-                if dst is not None and not (dst.dtype == out_dtype and dst.device == self.device and tuple(dst.shape) == tuple(task.shape) and dst.is_contiguous()):
-                    dst = None
-                out = self._merge_task(plan, task, dst).to(out_dtype)
-                sink(task.out_name, out)
-                if sha:
-                    per[task.out_name] = tensor_digest(out)
-                if fp is not None:
-                    fp.add(task.out_name, out)
-                bytes_out += out.numel() * out.element_size()
-                bytes_in += sum(self.sources[r].nbytes(n) for r, n in task.inputs)
+
+        def book(name: str, out: torch.Tensor) -> None:
+            sink(name, out)
+            if sha:
+                per[name] = tensor_digest(out)
+
+        # Streaming to disk, the sink (a file write) and sha256 (both release the GIL) run in a
+        # second thread while the next tensor merges; at most two tensors wait, in plan order.
+        # In memory the targets are the model's own tensors: no overlap.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="evomerge-write") if targets is None and self.device.type == "cpu" else None
+        pending: deque[Future[None]] = deque()
+        try:
+            with torch.no_grad():
+                for task in plan.tasks:
+                    dst = targets.get(task.out_name) if targets is not None else None
+                    if dst is not None and not (dst.dtype == out_dtype and dst.device == self.device and tuple(dst.shape) == tuple(task.shape) and dst.is_contiguous()):
+                        dst = None
+                    out = self._merge_task(plan, task, dst).to(out_dtype)
+                    if pool is None:
+                        book(task.out_name, out)
+                    else:
+                        while len(pending) >= 2:
+                            pending.popleft().result()
+                        pending.append(pool.submit(book, task.out_name, out))
+                    if fp is not None:
+                        fp.add(task.out_name, out)
+                    bytes_out += out.numel() * out.element_size()
+                    bytes_in += sum(self.sources[r].nbytes(n) for r, n in task.inputs)
+            while pending:
+                pending.popleft().result()  # raises what the sink raised
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         shapes = {t.out_name: t.shape for t in plan.tasks}
         fp_hex = fp.hexdigest() if fp is not None else ""
         value = fp_hex if fp_kind else tensors_digest(per, shapes) if sha else ""
