@@ -116,7 +116,7 @@ def resident_bench(dirs: list[Path], dev: torch.device, rate: float, repeat: int
     res["bytes_moved"] = moved
     for method in methods:
         plans = [merger.plan(load_recipe(recipe(method, dirs, d, w))) for d, w in TRIALS]
-        first, _ = _timed(dev, lambda: merger.merge_into(model, plans[0], digest=False))
+        first, _ = _timed(dev, lambda p=plans[0]: merger.merge_into(model, p, digest=False))
         times = [_timed(dev, lambda p=p: merger.merge_into(model, p, digest=False))[0] for p in plans[1 : 1 + repeat]]
         # this method's bytes: its inputs as held (2 for slerp, 3 for linear, 4 for the rest) and the bf16 output
         m_moved = sum(merger.sources[r].nbytes(n) for t in plans[1].tasks for r, n in t.inputs) + sum(int(torch.Size(t.shape).numel()) * 2 for t in plans[1].tasks)
@@ -148,7 +148,6 @@ def resident_bench(dirs: list[Path], dev: torch.device, rate: float, repeat: int
     if dev.type == "cuda":
         res["peak_bytes"] = torch.cuda.max_memory_allocated(dev)
     res["trial"] = trial_share(merger, model, plans[-1], dev)
-    del model, merger
     return res
 
 
