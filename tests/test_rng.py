@@ -173,3 +173,19 @@ def test_cpu_and_cuda_merges_are_bit_identical(method, tiny_family, tmp_path):
     plan = merger.plan(cfg)
     got = merger.merge_into(merger.build_model(plan), plan)
     assert got.digest == cpu.fingerprint  # a CUDA merger records fingerprints
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["slerp", "ties", "linear", "task_arithmetic"])
+def test_cpu_and_cuda_deterministic_methods_are_bit_identical(method, tiny_family, tmp_path):
+    # slerp's angle is reduced in float64 (exact products), so its coefficients agree across devices
+    base, fts = tiny_family
+    models = [{"model": str(f), "parameters": {"weight": w}} for f, w in zip(fts, (0.5, 0.3, 0.2))]
+    r = {
+        "slerp": {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(base)}, {"model": str(fts[0])}], "parameters": {"t": [0.1, 0.5, 0.9]}},
+        "ties": {"merge_method": "ties", "base_model": str(base), "models": models, "parameters": {"density": 0.5}},
+        "linear": {"merge_method": "linear", "models": models},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(base), "models": models},
+    }[method]
+    cfg = load_recipe({**r, "dtype": "float32"})
+    assert merge_to_disk(cfg, tmp_path / "cpu").digest == merge_to_disk(cfg, tmp_path / "cuda", device="cuda").digest
