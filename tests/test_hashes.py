@@ -122,3 +122,12 @@ def test_export_checks_a_fingerprinted_trial_and_names_the_stream(tiny_family, t
     assert main(["export", str(space), "--results-dir", str(tmp_path / "r"), "--trial", str(number), "-o", str(best), "--merge", str(tmp_path / "m")]) == 0
     assert "# evomerge-seed: 3 stream 2" in best.read_text()
     assert digest_model_dir(tmp_path / "m", kind="fingerprint") == digest
+    # A study made before streams were named records none: its exports say stream 1.
+    from evomerge.search.storage import load_study, locate
+
+    study = load_study(locate(str(space), results_dir=str(tmp_path / "r")))
+    assert study.user_attrs["stream"] == 2
+    study.set_user_attr("stream", None)
+    old = tmp_path / "old.yml"
+    assert main(["export", str(space), "--results-dir", str(tmp_path / "r"), "--trial", str(number), "-o", str(old)]) == 0
+    assert "# evomerge-seed: 3 stream 1" in old.read_text()
