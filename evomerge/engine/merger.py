@@ -38,7 +38,7 @@ from evomerge.errors import EvomergeError, one_line
 from evomerge.io import dump_yaml
 from evomerge.recipe.schema import MergeConfig, load_recipe
 
-__all__ = ["Merger", "MergeResult", "merge_to_disk", "merge_in_memory", "tensors_digest", "digest_model_dir", "check_device"]
+__all__ = ["Merger", "MergeResult", "merge_to_disk", "merge_in_memory", "tensor_digest", "tensors_digest", "digest_model_dir", "check_device", "TOKENIZER_FILES"]
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -51,6 +51,7 @@ _TOKENIZER_FILES = (
     "chat_template.jinja",
     "vocab.txt",
 )
+TOKENIZER_FILES = _TOKENIZER_FILES  # the files a merged model's tokenizer is copied from
 
 
 class MergeError(EvomergeError):
@@ -75,6 +76,9 @@ def _tensor_digest(t: torch.Tensor) -> str:
     h = hashlib.sha256(f"{t.dtype}|".encode())
     h.update(memoryview(t.view(torch.uint8).numpy()))
     return h.hexdigest()
+
+
+tensor_digest = _tensor_digest  # sha256 of one tensor's dtype and bytes, as in a merge's digest
 
 
 def tensors_digest(per_tensor: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]) -> str:
