@@ -80,7 +80,8 @@ def test_hidden_builds_a_mixtral_that_transformers_loads_and_runs(zoo, tmp_path,
     assert "gate_mode: hidden" in card and "tags:" in card
     # The file's digest is the one the build reported, and the in-memory build is the same model.
     mem = moe_in_memory(path)
-    assert mem.evomerge_digest == digest_model_dir(out)
+    again = moe_to_disk(path, tmp_path / "again")
+    assert again.tensor_digest == digest_model_dir(out) and mem.evomerge_digest == again.digest
     assert torch.equal(mem(**batch).logits, logits)
 
 

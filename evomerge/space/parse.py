@@ -209,7 +209,7 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
     method = tree.get("merge_method")
     if isinstance(method, Directive):
         for c in method.choices:
-            if c not in METHODS and not (c == "moe" and "moe" in tree):
+            if c not in METHODS and c != "moe":  # moe: checked with its section below
                 raise p.err("merge_method.choice", f"unknown merge_method {c!r}{did_you_mean(str(c), METHODS)}")
     _check_moe_method(tree, p)
     search = _search_settings(data.get("search"), p)
