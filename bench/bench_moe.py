@@ -112,7 +112,7 @@ def main() -> None:
     texts = [yaml.safe_load(x)["prompt"] for s in SKILLS for x in (zoo / "tasks" / f"zoo_{s}.jsonl").read_text().splitlines()[:32]]
     batch = tok(texts, return_tensors="pt", padding=True)
     dense = models[rows[0][0]]
-    print("\ncost (forward pass of 96 search prompts, float32, %d thread(s)):" % args.threads)
+    print(f"\ncost (forward pass of 96 search prompts, float32, {args.threads} thread(s)):")
     for label in (rows[0][0], "moe hidden k=1, prompts abcde+vwxyz", "moe hidden k=2, prompts abcde+vwxyz"):
         m = models[label]
         total = sum(t.numel() for t in m.parameters())

@@ -143,7 +143,7 @@ def test_search_scores_moe_candidates_and_exports_them(zoo, tmp_path, capsys):
     outcome = run_search(space, results_dir=tmp_path / "results", quiet=True, device="cpu")
     df = load_trials(outcome.paths.csv)
     searched = df[df["baseline"].isna() | (df["baseline"] == "")]
-    assert (searched["state"] == "COMPLETE").sum() + (searched["error"].fillna("").str.contains("experts_per_token")).sum() == 4
+    assert (searched["state"] == "COMPLETE").sum() == 4  # the merged expert always takes part: every point builds
     done = searched[searched["state"] == "COMPLETE"]
     assert len(done) >= 1 and set(done["method"]) == {"moe"} and done["score"].between(0, 1).all()
     number = int(done.sort_values("score").iloc[-1]["number"])

@@ -22,8 +22,8 @@ from evomerge.errors import EvomergeError, one_line
 from evomerge.io import atomic_text, dump_yaml
 from evomerge.moe.config import is_moe_mapping
 from evomerge.moe.write import moe_to_disk
-from evomerge.results.export_moe import moe_export
 from evomerge.recipe.schema import parse_recipe
+from evomerge.results.export_moe import moe_export
 from evomerge.schemes import resolve, scheme_of
 from evomerge.search.records import StudyRecords
 from evomerge.search.storage import load_study, locate

@@ -22,7 +22,9 @@ from this section; any other method renders the merge recipe and ignores the sec
                 parameters: {weight: {range: [0.5, 1.0]}}
           positive_prompts: ["sort: dbeca ="]
 
-Values may be directives as anywhere in a space. ``from_task`` prompts are the prompts (without
+Values may be directives as anywhere in a space. When fewer experts take part than
+``experts_per_token``, every token uses all of them (``experts_per_token`` is lowered to their number);
+a point where no expert takes part is a failed trial. ``from_task`` prompts are the prompts (without
 answers) of the task's *search* items, never holdout items; a search resolves them through its
 evaluator. Parameter names: ``moe.gate_mode``, ``moe.k``, ``moe.use.<expert>``,
 ``moe.prompts.<expert>`` (the first item's index), and a merged expert's own names with ``.e<i>``.
@@ -35,9 +37,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
+from evomerge.moe.config import parse_moe_config
+from evomerge.recipe.schema import parse_recipe
 from evomerge.space.directives import Directive
 
-__all__ = ["MOE_KEYS", "EXPERT_KEYS", "FromTask", "check_prompt_tasks", "moe_model_refs", "render_moe"]
+__all__ = ["MOE_KEYS", "EXPERT_KEYS", "FromTask", "check_moe_method", "check_prompt_tasks", "moe_model_refs", "moe_section", "render_moe", "validate_moe"]
 
 MOE_KEYS = ("gate_mode", "experts_per_token", "experts", "dtype")
 EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale", "optional")
@@ -154,6 +158,8 @@ def render_moe(tree: Mapping[str, Any], value: Value, render_recipe: Callable[[M
                 entry[key] = value(e[key])
         experts.append(entry)
     out["experts"] = experts
+    if isinstance(out.get("experts_per_token"), int) and experts and out["experts_per_token"] > len(experts):
+        out["experts_per_token"] = len(experts)  # fewer experts take part than a token may use: all of them
     return out
 
 
@@ -166,3 +172,134 @@ def _prompts(p: FromTask, start: int, prompts: Prompts) -> list[str]:
     if start + p.n > len(items):
         raise ConfigError(None, f"{p.fld}.among", f"task {p.task} has {len(items)} search items, fewer than among")
     return list(items[start : start + p.n])
+
+
+def check_moe_method(tree: Mapping[str, Any], p: Any) -> None:
+    """Refuse a ``moe:`` section no method uses, or ``merge_method: moe`` without one."""
+    method = tree.get("merge_method")
+    methods = method.choices if isinstance(method, Directive) else (method,)
+    if "moe" in methods and "moe" not in tree:
+        raise p.err("moe", "missing: merge_method moe builds a mixture of experts from the moe: section (gate_mode, experts_per_token, experts)")
+    if "moe" in tree and "moe" not in methods:
+        raise p.err("moe", "is used only when merge_method is moe or chooses it (merge_method: {choice: [..., moe]})")
+
+
+def moe_section(p: Any, v: Any, short: Callable[[Any], str]) -> dict[str, Any]:
+    """The ``moe:`` section with its directives.
+
+    Args:
+        p: the space parser (``err``, ``scalar``, ``params``, ``directive``, ``file``).
+        v: the section as read.
+        short: a model reference's short name (for parameter names).
+
+    Returns:
+        The section's tree (directives where values are searched).
+    """
+    if not isinstance(v, Mapping):
+        raise p.err("moe", f"must be a mapping with keys {', '.join(MOE_KEYS)}")
+    for k in v:
+        if k not in MOE_KEYS:
+            raise p.err(f"moe.{k}", f"unknown key{did_you_mean(str(k), MOE_KEYS)}")
+    out: dict[str, Any] = {}
+    if "gate_mode" in v:
+        out["gate_mode"] = p.scalar(v["gate_mode"], "moe.gate_mode", "moe.gate_mode")
+    if "experts_per_token" in v:
+        k = v["experts_per_token"]
+        out["experts_per_token"] = p.directive(k, "moe.experts_per_token", "moe.k", ints=True) if isinstance(k, Mapping) else k
+    if "dtype" in v:
+        out["dtype"] = p.scalar(v["dtype"], "moe.dtype", "moe.dtype")
+    experts = v.get("experts")
+    if not isinstance(experts, list) or not experts:
+        raise p.err("moe.experts", "must be a non-empty list of {source_model, positive_prompts}")
+    shorts = [short(e.get("source_model")) if isinstance(e, Mapping) and isinstance(e.get("source_model"), str) else f"e{i}" for i, e in enumerate(experts)]
+    out["experts"] = []
+    for i, e in enumerate(experts):
+        f = f"moe.experts[{i}]"
+        if not isinstance(e, Mapping):
+            raise p.err(f, "must be a mapping {source_model, positive_prompts, ...}")
+        for k in e:
+            if k not in EXPERT_KEYS:
+                raise p.err(f"{f}.{k}", f"unknown key{did_you_mean(str(k), EXPERT_KEYS)}")
+        if "source_model" not in e:
+            raise p.err(f, "needs a source_model")
+        tag = shorts[i] if shorts.count(shorts[i]) == 1 else f"e{i}"
+        x: dict[str, Any] = {}
+        src = e["source_model"]
+        if isinstance(src, Mapping) and "merge_method" in src:
+            x["source_model"] = _nested_recipe(p, src, f"{f}.source_model", f"e{i}", short)
+        else:
+            x["source_model"] = p.scalar(src, f"{f}.source_model", f"moe.model.{tag}")
+        for key in ("positive_prompts", "negative_prompts"):
+            if key in e:
+                val, name = e[key], f"moe.prompts.{tag}" + ("" if key == "positive_prompts" else ".neg")
+                if isinstance(val, Mapping):
+                    x[key] = parse_from_task(val, p.file, f"{f}.{key}", name, p.directive)
+                elif isinstance(val, list):  # prompts, and {from_task} entries among them
+                    x[key] = [parse_from_task(v, p.file, f"{f}.{key}[{j}]", f"{name}.{j}", p.directive) if isinstance(v, Mapping) else v for j, v in enumerate(val)]
+                else:
+                    x[key] = val
+        for key in ("noise_scale", "residual_scale"):
+            if key in e:
+                x[key] = p.scalar(e[key], f"{f}.{key}", f"moe.{key}.{tag}")
+        opt = e.get("optional", False)
+        if isinstance(opt, Mapping):
+            x["optional"] = p.directive(opt, f"{f}.optional", f"moe.use.{tag}")
+        elif opt is True:
+            x["optional"] = p.directive({"choice": [True, False]}, f"{f}.optional", f"moe.use.{tag}")
+        elif opt is not False:
+            raise p.err(f"{f}.optional", f"must be true or false, got {opt!r}")
+        out["experts"].append(x)
+    k = out.get("experts_per_token")
+    most = k.high if isinstance(k, Directive) and k.kind == "int" else max(k.choices) if isinstance(k, Directive) else k
+    if isinstance(most, (int, float)) and most > len(experts):
+        raise p.err("moe.experts_per_token", f"goes up to {most} but the section lists {len(experts)} experts")
+    return out
+
+
+def _nested_recipe(p: Any, m: Mapping[str, Any], fld: str, tag: str, short: Callable[[Any], str]) -> dict[str, Any]:
+    """A merged expert's recipe (``merge_method``, ``base_model``, ``models``, ``parameters``, ``dtype``)."""
+    allowed = ("merge_method", "base_model", "models", "parameters", "dtype")
+    for k in m:
+        if k not in allowed:
+            raise p.err(f"{fld}.{k}", f"unknown key of a merged expert's recipe{did_you_mean(str(k), allowed)}")
+    out: dict[str, Any] = {}
+    method = m["merge_method"]
+    out["merge_method"] = p.directive(method, f"{fld}.merge_method", f"method.{tag}") if isinstance(method, Mapping) else method
+    for k in ("base_model", "dtype"):
+        if k in m:
+            out[k] = p.scalar(m[k], f"{fld}.{k}", f"{k}.{tag}")
+    if "parameters" in m:
+        out["parameters"] = p.params(m["parameters"], f"{fld}.parameters", f".{tag}")
+    models = m.get("models")
+    if not isinstance(models, list) or not models:
+        raise p.err(f"{fld}.models", "must be a non-empty list of {model, parameters}")
+    shorts = [short(x.get("model")) if isinstance(x, Mapping) else "model" for x in models]
+    out["models"] = []
+    for i, x in enumerate(models):
+        if not isinstance(x, Mapping):
+            raise p.err(f"{fld}.models[{i}]", "must be a mapping {model, parameters}")
+        suffix = f".{shorts[i]}.{tag}" if shorts.count(shorts[i]) == 1 else f".{i}.{tag}"
+        e = dict(x)
+        if "model" in x:
+            e["model"] = p.scalar(x["model"], f"{fld}.models[{i}].model", f"model{suffix}")
+        if "parameters" in x:
+            e["parameters"] = p.params(x["parameters"], f"{fld}.models[{i}].parameters", suffix)
+        out["models"].append(e)
+    return out
+
+
+def validate_moe(file: str, config: Mapping[str, Any]) -> None:
+    """Check a rendered mixture of experts (placeholder prompts), merged experts as recipes."""
+    plain = dict(config)
+    plain["experts"] = []
+    for i, e in enumerate(config["experts"]):
+        e = dict(e)
+        if isinstance(e["source_model"], Mapping):
+            parse_recipe(e["source_model"], f"{file} (moe.experts[{i}].source_model)")
+            e["source_model"] = f"merged expert {i}"
+        plain["experts"].append(e)
+    try:
+        parse_moe_config(plain, file)
+    except ConfigError as err:  # name the field as the space writes it
+        fld = err.field if err.field in (None, "base_model", "merge_method") else f"moe.{err.field}"
+        raise ConfigError(file, fld, err.message) from None

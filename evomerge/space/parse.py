@@ -11,10 +11,10 @@ from typing import Any
 from evomerge.errors import ConfigError, did_you_mean
 from evomerge.io import read_yaml
 from evomerge.methods.registry import METHODS, get_method
-from evomerge.recipe.schema import parse_recipe
 from evomerge.moe.config import is_moe_mapping, parse_moe_config
+from evomerge.recipe.schema import parse_recipe
 from evomerge.space.directives import Directive
-from evomerge.space.moe import EXPERT_KEYS, MOE_KEYS, parse_from_task
+from evomerge.space.moe import check_moe_method, moe_section, validate_moe
 from evomerge.space.space import SearchSettings, Space
 
 __all__ = ["parse_space", "load_space", "SAMPLERS"]
@@ -203,7 +203,7 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
                 slices.append(e)
             tree[k] = slices
         elif k == "moe":
-            tree[k] = _moe_section(p, v)
+            tree[k] = moe_section(p, v, _short)
         else:
             tree[k] = v
     method = tree.get("merge_method")
@@ -211,113 +211,13 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
         for c in method.choices:
             if c not in METHODS and c != "moe":  # moe: checked with its section below
                 raise p.err("merge_method.choice", f"unknown merge_method {c!r}{did_you_mean(str(c), METHODS)}")
-    _check_moe_method(tree, p)
+    check_moe_method(tree, p)
     search = _search_settings(data.get("search"), p)
     study_name, storage = _study_section(data.get("study"), p)
     _check_sampler(search, p)
     space = Space(file, base_dir or Path(file).resolve().parent, tree, p.directives, data.get("evaluate"), search, study_name, storage)
     _validate_corner(space)
     return space
-
-
-def _check_moe_method(tree: Mapping[str, Any], p: _SpaceParser) -> None:
-    method = tree.get("merge_method")
-    methods = method.choices if isinstance(method, Directive) else (method,)
-    if "moe" in methods and "moe" not in tree:
-        raise p.err("moe", "missing: merge_method moe builds a mixture of experts from the moe: section (gate_mode, experts_per_token, experts)")
-    if "moe" in tree and "moe" not in methods:
-        raise p.err("moe", "is used only when merge_method is moe or chooses it (merge_method: {choice: [..., moe]})")
-
-
-def _moe_section(p: _SpaceParser, v: Any) -> dict[str, Any]:
-    """The ``moe:`` section with its directives (see :mod:`evomerge.space.moe`)."""
-    if not isinstance(v, Mapping):
-        raise p.err("moe", f"must be a mapping with keys {', '.join(MOE_KEYS)}")
-    for k in v:
-        if k not in MOE_KEYS:
-            raise p.err(f"moe.{k}", f"unknown key{did_you_mean(str(k), MOE_KEYS)}")
-    out: dict[str, Any] = {}
-    if "gate_mode" in v:
-        out["gate_mode"] = p.scalar(v["gate_mode"], "moe.gate_mode", "moe.gate_mode")
-    if "experts_per_token" in v:
-        k = v["experts_per_token"]
-        out["experts_per_token"] = p.directive(k, "moe.experts_per_token", "moe.k", ints=True) if isinstance(k, Mapping) else k
-    if "dtype" in v:
-        out["dtype"] = p.scalar(v["dtype"], "moe.dtype", "moe.dtype")
-    experts = v.get("experts")
-    if not isinstance(experts, list) or not experts:
-        raise p.err("moe.experts", "must be a non-empty list of {source_model, positive_prompts}")
-    shorts = [_short(e.get("source_model")) if isinstance(e, Mapping) and isinstance(e.get("source_model"), str) else f"e{i}" for i, e in enumerate(experts)]
-    out["experts"] = []
-    for i, e in enumerate(experts):
-        f = f"moe.experts[{i}]"
-        if not isinstance(e, Mapping):
-            raise p.err(f, "must be a mapping {source_model, positive_prompts, ...}")
-        for k in e:
-            if k not in EXPERT_KEYS:
-                raise p.err(f"{f}.{k}", f"unknown key{did_you_mean(str(k), EXPERT_KEYS)}")
-        if "source_model" not in e:
-            raise p.err(f, "needs a source_model")
-        tag = shorts[i] if shorts.count(shorts[i]) == 1 else f"e{i}"
-        x: dict[str, Any] = {}
-        src = e["source_model"]
-        if isinstance(src, Mapping) and "merge_method" in src:
-            x["source_model"] = _nested_recipe(p, src, f"{f}.source_model", f"e{i}")
-        else:
-            x["source_model"] = p.scalar(src, f"{f}.source_model", f"moe.model.{tag}")
-        for key in ("positive_prompts", "negative_prompts"):
-            if key in e:
-                val, name = e[key], f"moe.prompts.{tag}" + ("" if key == "positive_prompts" else ".neg")
-                if isinstance(val, Mapping):
-                    x[key] = parse_from_task(val, p.file, f"{f}.{key}", name, p.directive)
-                elif isinstance(val, list):  # prompts, and {from_task} entries among them
-                    x[key] = [parse_from_task(v, p.file, f"{f}.{key}[{j}]", f"{name}.{j}", p.directive) if isinstance(v, Mapping) else v for j, v in enumerate(val)]
-                else:
-                    x[key] = val
-        for key in ("noise_scale", "residual_scale"):
-            if key in e:
-                x[key] = p.scalar(e[key], f"{f}.{key}", f"moe.{key}.{tag}")
-        opt = e.get("optional", False)
-        if isinstance(opt, Mapping):
-            x["optional"] = p.directive(opt, f"{f}.optional", f"moe.use.{tag}")
-        elif opt is True:
-            x["optional"] = p.directive({"choice": [True, False]}, f"{f}.optional", f"moe.use.{tag}")
-        elif opt is not False:
-            raise p.err(f"{f}.optional", f"must be true or false, got {opt!r}")
-        out["experts"].append(x)
-    return out
-
-
-def _nested_recipe(p: _SpaceParser, m: Mapping[str, Any], fld: str, tag: str) -> dict[str, Any]:
-    """A merged expert's recipe (``merge_method``, ``base_model``, ``models``, ``parameters``, ``dtype``)."""
-    allowed = ("merge_method", "base_model", "models", "parameters", "dtype")
-    for k in m:
-        if k not in allowed:
-            raise p.err(f"{fld}.{k}", f"unknown key of a merged expert's recipe{did_you_mean(str(k), allowed)}")
-    out: dict[str, Any] = {}
-    method = m["merge_method"]
-    out["merge_method"] = p.directive(method, f"{fld}.merge_method", f"method.{tag}") if isinstance(method, Mapping) else method
-    for k in ("base_model", "dtype"):
-        if k in m:
-            out[k] = p.scalar(m[k], f"{fld}.{k}", f"{k}.{tag}")
-    if "parameters" in m:
-        out["parameters"] = p.params(m["parameters"], f"{fld}.parameters", f".{tag}")
-    models = m.get("models")
-    if not isinstance(models, list) or not models:
-        raise p.err(f"{fld}.models", "must be a non-empty list of {model, parameters}")
-    shorts = [_short(x.get("model")) if isinstance(x, Mapping) else "model" for x in models]
-    out["models"] = []
-    for i, x in enumerate(models):
-        if not isinstance(x, Mapping):
-            raise p.err(f"{fld}.models[{i}]", "must be a mapping {model, parameters}")
-        suffix = f".{shorts[i]}.{tag}" if shorts.count(shorts[i]) == 1 else f".{i}.{tag}"
-        e = dict(x)
-        if "model" in x:
-            e["model"] = p.scalar(x["model"], f"{fld}.models[{i}].model", f"model{suffix}")
-        if "parameters" in x:
-            e["parameters"] = p.params(x["parameters"], f"{fld}.models[{i}].parameters", suffix)
-        out["models"].append(e)
-    return out
 
 
 def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
@@ -438,26 +338,9 @@ def _validate_corner(space: Space) -> None:
 
         recipe = space.render(suggest, lambda ref: 8)
         if method == "moe":
-            _validate_moe(space, recipe)
+            validate_moe(space.file, recipe)
         else:
             parse_recipe(_with_raw_params(space, recipe), space.file)
-
-
-def _validate_moe(space: Space, config: Mapping[str, Any]) -> None:
-    """Check a rendered mixture of experts (placeholder prompts), merged experts as recipes."""
-    plain = dict(config)
-    plain["experts"] = []
-    for i, e in enumerate(config["experts"]):
-        e = dict(e)
-        if isinstance(e["source_model"], Mapping):
-            parse_recipe(e["source_model"], f"{space.file} (moe.experts[{i}].source_model)")
-            e["source_model"] = f"merged expert {i}"
-        plain["experts"].append(e)
-    try:
-        parse_moe_config(plain, space.file)
-    except ConfigError as err:  # name the field as the space writes it
-        fld = err.field if err.field in (None, "base_model", "merge_method") else f"moe.{err.field}"
-        raise ConfigError(space.file, fld, err.message) from None
 
 
 def _param_blocks(tree: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
