@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["Case", "cases", "build_models", "text_only"]
+__all__ = ["Case", "cases", "extra_cases", "build_models", "text_only"]
 
 _LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16, num_hidden_layers=2)
 
@@ -178,3 +178,12 @@ def cases(m: dict[str, str]) -> list[Case]:
     ]
     assert len(out) == 33
     return out
+
+
+def extra_cases(m: dict[str, str]) -> list[Case]:
+    """Beyond mergekit's tests: a LLaVA merged with gradients, where each module's depth matters."""
+    va, vb = m["vlm_a"], m["vlm_b"]
+    grad = {"t": [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": [1.0, 0.25]}]}
+    slerp = {"merge_method": "slerp", "base_model": va, "models": [{"model": va}, {"model": vb}], "parameters": grad, "dtype": "bfloat16"}
+    lin = {"merge_method": "linear", "models": [{"model": va, "parameters": {"weight": [1.0, 0.2]}}, {"model": vb, "parameters": {"weight": [0.0, 0.8]}}], "dtype": "bfloat16"}
+    return [Case("extra_llava_gradients", (slerp, lin), vlm=True, labels=("slerp t gradient per filter", "linear weight gradients"))]

@@ -48,7 +48,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from _mergekit_basic import Case, build_models, cases, text_only
+from _mergekit_basic import Case, build_models, cases, extra_cases, text_only
 from safetensors.torch import load_file
 
 from evomerge.engine import merge_to_disk
@@ -126,7 +126,7 @@ def basic(tmp_path_factory) -> Basic:
         y.write_text(yaml.safe_dump(recipe, sort_keys=False))
         jobs.append({"id": jid, "config": str(y), "out": str(dest), "check": [str(p) for p in check], "auto_arch": auto_arch})
 
-    for case in cases(models):
+    for case in cases(models) + extra_cases(models):
         runs = []
         for i, r in enumerate(case.recipes):
             cid = f"{case.name}.{i}"
@@ -245,7 +245,7 @@ def _refused_in_one_line(run: Run) -> None:
     assert not out.exists(), "a refused merge wrote its output directory"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ["extra_llava_gradients"])
 def test_mergekit_basic_case(name: str, basic) -> None:
     case, runs = basic.runs[name]
     for i, run in enumerate(runs):

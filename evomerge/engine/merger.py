@@ -32,6 +32,7 @@ from evomerge.engine.card import render_card
 from evomerge.engine.inputs import PrepCache, TensorInputs
 from evomerge.engine.kernels.methods import kernel_for
 from evomerge.engine.plan import MergePlan, TensorTask, make_plan
+from evomerge.engine.resident import build_model, checkpoint_targets
 from evomerge.engine.sources import ModelSource, open_sources, resolve_model
 from evomerge.engine.writer import AtomicDir, ShardedWriter, parse_size
 from evomerge.errors import EvomergeError, one_line
@@ -222,20 +223,7 @@ class Merger:
         Raises:
             EvomergeError: transformers does not know the architecture.
         """
-        from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # transformers 4.x
-            from transformers.modeling_utils import no_init_weights
-
-        model_type = plan.out_config.get("model_type")
-        if model_type not in CONFIG_MAPPING:
-            raise EvomergeError(f"in-memory merge: transformers does not know model_type {model_type!r}")
-        config = CONFIG_MAPPING[model_type].from_dict(dict(plan.out_config))
-        with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(plan.out_dtype))
-        return model.to(self.device).eval()
+        return build_model(plan.out_config, plan.out_dtype, self.device)
 
     def merge_into(self, model: torch.nn.Module, plan: MergePlan, *, digest: bool = True) -> MergeResult:
         """Write the plan's merged tensors into ``model``'s parameters, in place.
@@ -246,7 +234,7 @@ class Merger:
         """
         targets = self._targets.get(id(model))
         if targets is None:
-            targets = dict(model.state_dict(keep_vars=True))
+            targets = checkpoint_targets(model, [t.out_name for t in plan.tasks])
             self._targets = {id(model): targets}
         missing = [t.out_name for t in plan.tasks if t.out_name not in targets]
         if missing:
