@@ -16,7 +16,8 @@ the check would reject transformers' own ``save_pretrained`` output.
 
 jobs.json: a list of ``{"id", "config", "out", "check": [dirs], "auto_arch": bool}``; ``out`` null
 checks only. results.json: per id, ``error`` (mergekit's exception in one line, or null) and per
-checked directory ``{"ok", "problems", "missing", "strict_missing"}``.
+checked directory ``{"ok", "problems", "missing", "strict_missing"}``, and ``modules_yaml``: the recipe
+as mergekit rewrote it while planning (``MergeConfiguration.to_yaml()``, the ``modules:`` form).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def main(jobs_file: str, results_file: str) -> None:
         if job.get("out"):
             try:
                 run_merge(config, out_path=job["out"], options=MergeOptions(random_seed=0, copy_tokenizer=False, write_model_card=False, quiet=True))
+                # run_merge rewrites the recipe as the modules it planned: the modules: form to_yaml() writes.
+                res["modules_yaml"] = config.to_yaml()
             except Exception as e:  # recorded: the test decides whether a refusal was expected
                 res["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         for path in job.get("check", []):

@@ -10,6 +10,9 @@ and by mergekit 0.1.5 (``_mergekit_runner.py`` in ``.venv-mk``, found as in
   mergekit's tensors; or
 - be refused in one line, exit code 2, nothing written, where mergekit refuses too.
 
+Every recipe mergekit merges is also merged by evomerge in the ``modules:`` form mergekit writes for
+it (``MergeConfiguration.to_yaml()`` after planning), to the same tensors (the same digest).
+
 Agreement, for recipes in bfloat16 (all of mergekit's):
 
 - with mergekit computing in float32 and writing bfloat16 (the recipe with ``dtype: float32,
@@ -83,6 +86,7 @@ class Run:
     text: tuple[Path, Path] | None = None  # mergekit on the language models alone (bf16, f32 compute)
     text_base: Path | None = None
     em_error: str | None = None
+    digest: str | None = None
     results: dict[str, Any] = field(default_factory=dict)
 
 
@@ -135,7 +139,7 @@ def basic(tmp_path_factory) -> Basic:
             random = r["merge_method"] in RANDOM
             run = Run(cid, r, y, root / f"{cid}_em", root / f"{cid}_mk", None if random else root / f"{cid}_mk32")
             try:
-                merge_to_disk(load_recipe(y), run.em, seed=0)
+                run.digest = merge_to_disk(load_recipe(y), run.em, seed=0).digest
             except EvomergeError as e:
                 run.em_error = str(e)
             job(cid, r, run.mk, [run.mk, run.em], case.vlm)
@@ -258,6 +262,12 @@ def test_mergekit_basic_case(name: str, basic) -> None:
             continue
         assert mk_res["error"] is None, f"{where}: mergekit failed: {mk_res['error']}"
         assert run.em_error is None, f"{where}: evomerge refused: {run.em_error}"
+        # The same recipe in the modules: form mergekit wrote for it merges to the same tensors.
+        modules = run.yml.with_name(run.yml.stem + ".modules.yml")
+        modules.write_text(mk_res["modules_yaml"])
+        assert "modules:" in mk_res["modules_yaml"]
+        again = merge_to_disk(load_recipe(modules), run.em.with_name(run.em.name + "_modules"), seed=0)
+        assert again.digest == run.digest, f"{where}: the modules: form merges to other tensors"
         check = mk_res["checks"][str(run.em)]
         assert check["ok"], f"{where}: mergekit's checks fail on evomerge's output: {check['problems']}"
         em = _loaded(run.em)

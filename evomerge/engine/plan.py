@@ -139,6 +139,11 @@ def make_plan(cfg: MergeConfig, sources: Mapping[str, ModelSource], *, allow_cri
             if hi > n:
                 raise ConfigError(file, f"slices[{si}].sources[{j}].layer_range", f"[{lo}, {hi}] is beyond model {src.model!r}, which has {n} layers (allowed: 0 <= start < end <= {n})")
 
+    stacks = {0, ref_arch.num_layers} | {n for _, n in ref_arch.other_stacks}
+    for name, end in cfg.module_spans:
+        if end not in stacks:
+            raise ConfigError(file, f"modules.{name}", f"layer_range [0, {end}] covers no whole layer stack of {reference!r} (its stacks have {', '.join(str(n) for n in sorted(stacks - {0}))} layers); several modules are merged as one models: recipe, every layer of every stack")
+
     ref_layer_shapes: dict[str, tuple[int, ...]] = {}
     for name in ref_src.names():
         sp = ref_arch.split(name)
