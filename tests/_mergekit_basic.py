@@ -14,15 +14,25 @@ counts, so ours keeps the 12 layers and is 64 wide with 256 tokens.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
-__all__ = ["Case", "cases", "extra_cases", "build_models", "text_only"]
+from evomerge.engine import merge_to_disk
+from evomerge.errors import EvomergeError
+from evomerge.recipe.schema import load_recipe
+
+__all__ = ["Case", "Run", "Basic", "RANDOM", "cases", "extra_cases", "build_models", "text_only", "run_all"]
+
+RANDOM = {"dare_ties", "della"}  # random masks: compared by statistics, not element by element
 
 _LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16, num_hidden_layers=2)
 
@@ -187,3 +197,109 @@ def extra_cases(m: dict[str, str]) -> list[Case]:
     slerp = {"merge_method": "slerp", "base_model": va, "models": [{"model": va}, {"model": vb}], "parameters": grad, "dtype": "bfloat16"}
     lin = {"merge_method": "linear", "models": [{"model": va, "parameters": {"weight": [1.0, 0.2]}}, {"model": vb, "parameters": {"weight": [0.0, 0.8]}}], "dtype": "bfloat16"}
     return [Case("extra_llava_gradients", (slerp, lin), vlm=True, labels=("slerp t gradient per filter", "linear weight gradients"))]
+
+
+@dataclass
+class Run:
+    """One recipe of a case: where each tool wrote, and what they said."""
+
+    cid: str
+    recipe: dict[str, Any]
+    yml: Path
+    em: Path
+    mk: Path
+    mk32: Path | None
+    text: tuple[Path, Path] | None = None  # mergekit on the language models alone (bf16, f32 compute)
+    text_base: Path | None = None
+    em_error: str | None = None
+    digest: str | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Basic:
+    """Every case's runs, and mergekit's checks of the source LLaVA."""
+
+    runs: dict[str, tuple[Case, list[Run]]]
+    source_check: dict[str, Any]
+    source: Path
+
+
+def _swap(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
+    text = json.dumps(recipe)
+    for old, new in paths.items():
+        text = text.replace(json.dumps(old), json.dumps(new))
+    return json.loads(text)
+
+
+def _f32(recipe: dict[str, Any]) -> dict[str, Any]:
+    return recipe | {"dtype": "float32", "out_dtype": recipe.get("dtype") or "float32"}
+
+
+def run_all(root: Path, mk_python: str) -> Basic:
+    """Every case (and the extras) merged by evomerge and by mergekit, with mergekit's checks applied.
+
+    evomerge runs in this process (``merge_to_disk`` of the recipe file, ``evomerge merge``'s call);
+    mergekit in two processes of ``mk_python`` running ``_mergekit_runner.py`` over half the jobs each.
+    Each non-random recipe is also merged by mergekit computing in float32 (``dtype: float32``,
+    ``out_dtype`` the recipe's dtype), and each LLaVA recipe over the language models alone.
+
+    Args:
+        root: an empty directory for models, recipes and outputs.
+        mk_python: the python of mergekit 0.1.5's environment.
+
+    Returns:
+        The :class:`Basic` record.
+    """
+    models = build_models(root / "models")
+    text = {models[k]: text_only(models[k], root / "models" / f"text_{k}") for k in ("vlm_a", "vlm_b", "vlm_c")}
+    jobs: list[dict[str, Any]] = []
+    out: dict[str, tuple[Case, list[Run]]] = {}
+
+    def job(jid: str, recipe: dict[str, Any], dest: Path, check: list[Path], auto_arch: bool) -> None:
+        y = root / f"{jid}.yml"
+        y.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        jobs.append({"id": jid, "config": str(y), "out": str(dest), "check": [str(p) for p in check], "auto_arch": auto_arch})
+
+    for case in cases(models) + extra_cases(models):
+        runs = []
+        for i, r in enumerate(case.recipes):
+            cid = f"{case.name}.{i}"
+            y = root / f"{cid}.yml"
+            y.write_text(yaml.safe_dump(r, sort_keys=False))
+            random = r["merge_method"] in RANDOM
+            run = Run(cid, r, y, root / f"{cid}_em", root / f"{cid}_mk", None if random else root / f"{cid}_mk32")
+            try:
+                run.digest = merge_to_disk(load_recipe(y), run.em, seed=0).digest
+            except EvomergeError as e:
+                run.em_error = str(e)
+            job(cid, r, run.mk, [run.mk, run.em], case.vlm)
+            if run.mk32 is not None:
+                job(f"{cid}.f32", _f32(r), run.mk32, [], case.vlm)
+            if case.vlm:
+                run.text = (root / f"{cid}_mktext", root / f"{cid}_mktext32")
+                job(f"{cid}.text", _swap(r, text), run.text[0], [], False)
+                run.text_base = Path(text[r["base_model"]]) if r.get("base_model") else None
+                if not random:
+                    job(f"{cid}.text32", _f32(_swap(r, text)), run.text[1], [], False)
+            runs.append(run)
+        out[case.name] = (case, runs)
+
+    # mergekit's check of a source LLaVA itself, with the architecture it infers for a LLaVA recipe.
+    jobs.append({"id": "source:vlm_a", "config": str(root / "test_linear_VLM_merge.0.yml"), "out": None, "check": [models["vlm_a"]], "auto_arch": True})
+    halves = [jobs[0::2], jobs[1::2]]
+
+    def mergekit(k: int) -> dict[str, Any]:
+        (root / f"jobs{k}.json").write_text(json.dumps(halves[k]))
+        proc = subprocess.run([mk_python, str(Path(__file__).with_name("_mergekit_runner.py")), str(root / f"jobs{k}.json"), str(root / f"results{k}.json")], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        if proc.returncode != 0:
+            raise RuntimeError(f"mergekit's runner failed: {proc.stderr[-3000:]}")
+        return json.loads((root / f"results{k}.json").read_text())
+
+    with ThreadPoolExecutor(2) as pool:
+        results = {k: v for part in pool.map(mergekit, (0, 1)) for k, v in part.items()}
+    for _, runs in out.values():
+        for run in runs:
+            run.results = {k.removeprefix(run.cid): v for k, v in results.items() if k == run.cid or k.startswith(run.cid + ".")}
+    (source_check,) = results["source:vlm_a"]["checks"].values()
+    return Basic(out, source_check, Path(models["vlm_a"]))

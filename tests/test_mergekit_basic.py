@@ -18,7 +18,8 @@ Agreement, for recipes in bfloat16 (all of mergekit's):
 - with mergekit computing in float32 and writing bfloat16 (the recipe with ``dtype: float32,
   out_dtype: bfloat16``; evomerge always computes in float32): every element within one bfloat16
   step (2^-8 of the tensor's largest magnitude); a magnitude-ranking method (ties, sce, ram,
-  ramplus_tl) may pick other elements at exact ties, up to 1% of a tensor;
+  ramplus_tl) may pick other elements at exact ties, up to 0.1% of a tensor (measured: at most 0.44
+  of a step, all but the slerp recipes bit for bit, ``bench/bench_mergekit_basic.py``);
 - with mergekit's own bfloat16 run of the recipe, where mergekit rounds inputs and every operation to
   bfloat16: every element within 8 such steps for the weighted sums, 32 for the spherical methods
   (slerp, nuslerp, multislerp, karcher: norms and angles in bfloat16; measured up to 22, on a LLaVA's
@@ -43,19 +44,15 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
-from _mergekit_basic import Case, build_models, cases, extra_cases, text_only
+from _mergekit_basic import RANDOM, Basic, Run, cases, run_all
 from safetensors.torch import load_file
 
 from evomerge.engine import merge_to_disk
-from evomerge.errors import EvomergeError
 from evomerge.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,37 +63,10 @@ IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 MISSING = f"mergekit's python not found ({MK_PY}): create it with `python3 -m venv .venv-mk && .venv-mk/bin/pip install torch==2.13.0 mergekit==0.1.5` or set EVOMERGE_MERGEKIT to its mergekit-yaml"
 pytestmark = [pytest.mark.mergekit, pytest.mark.slow, pytest.mark.skipif(not FOUND and not IN_CI, reason=MISSING)]
 
-RANDOM = {"dare_ties", "della"}
 SELECTING = {"ties", "sce", "ram", "ramplus_tl"}  # magnitude ranks: exact ties may pick other elements
 SPHERICAL = {"slerp", "nuslerp", "multislerp", "karcher"}  # norms and angles: mergekit rounds each to bfloat16
 STEP = 2.0**-8  # one bfloat16 step relative to a tensor's largest magnitude
 NAMES = [c.name for c in cases({k: k for k in ("llama_a", "llama_b", "llama_c", "granite_a", "granite_b", "gpt2", "vlm_a", "vlm_b", "vlm_c")})]
-
-
-@dataclass
-class Run:
-    """One recipe of a case: where each tool wrote, and what they said."""
-
-    cid: str
-    recipe: dict[str, Any]
-    yml: Path
-    em: Path
-    mk: Path
-    mk32: Path | None
-    text: tuple[Path, Path] | None = None  # mergekit on the language models alone (bf16, f32 compute)
-    text_base: Path | None = None
-    em_error: str | None = None
-    digest: str | None = None
-    results: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Basic:
-    """Every case's runs, and mergekit's checks of the source LLaVA."""
-
-    runs: dict[str, tuple[Case, list[Run]]]
-    source_check: dict[str, Any]
-    source: Path
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,72 +75,10 @@ def _mergekit_present() -> None:
         pytest.fail(f"CI is set but {MISSING}", pytrace=False)
 
 
-def _swap(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
-    text = json.dumps(recipe)
-    for old, new in paths.items():
-        text = text.replace(json.dumps(old), json.dumps(new))
-    return json.loads(text)
-
-
-def _f32(recipe: dict[str, Any]) -> dict[str, Any]:
-    return recipe | {"dtype": "float32", "out_dtype": recipe.get("dtype") or "float32"}
-
-
 @pytest.fixture(scope="module")
 def basic(tmp_path_factory) -> Basic:
     """Every case merged by both tools (mergekit in two processes), with mergekit's checks applied."""
-    root = tmp_path_factory.mktemp("mkbasic")
-    models = build_models(root / "models")
-    text = {models[k]: text_only(models[k], root / "models" / f"text_{k}") for k in ("vlm_a", "vlm_b", "vlm_c")}
-    jobs: list[dict[str, Any]] = []
-    out: dict[str, tuple[Case, list[Run]]] = {}
-
-    def job(jid: str, recipe: dict[str, Any], dest: Path, check: list[Path], auto_arch: bool) -> None:
-        y = root / f"{jid}.yml"
-        y.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        jobs.append({"id": jid, "config": str(y), "out": str(dest), "check": [str(p) for p in check], "auto_arch": auto_arch})
-
-    for case in cases(models) + extra_cases(models):
-        runs = []
-        for i, r in enumerate(case.recipes):
-            cid = f"{case.name}.{i}"
-            y = root / f"{cid}.yml"
-            y.write_text(yaml.safe_dump(r, sort_keys=False))
-            random = r["merge_method"] in RANDOM
-            run = Run(cid, r, y, root / f"{cid}_em", root / f"{cid}_mk", None if random else root / f"{cid}_mk32")
-            try:
-                run.digest = merge_to_disk(load_recipe(y), run.em, seed=0).digest
-            except EvomergeError as e:
-                run.em_error = str(e)
-            job(cid, r, run.mk, [run.mk, run.em], case.vlm)
-            if run.mk32 is not None:
-                job(f"{cid}.f32", _f32(r), run.mk32, [], case.vlm)
-            if case.vlm:
-                run.text = (root / f"{cid}_mktext", root / f"{cid}_mktext32")
-                job(f"{cid}.text", _swap(r, text), run.text[0], [], False)
-                run.text_base = Path(text[r["base_model"]]) if r.get("base_model") else None
-                if not random:
-                    job(f"{cid}.text32", _f32(_swap(r, text)), run.text[1], [], False)
-            runs.append(run)
-        out[case.name] = (case, runs)
-
-    # mergekit's check of a source LLaVA itself, with the architecture it infers for a LLaVA recipe.
-    jobs.append({"id": "source:vlm_a", "config": str(root / "test_linear_VLM_merge.0.yml"), "out": None, "check": [models["vlm_a"]], "auto_arch": True})
-    halves = [jobs[0::2], jobs[1::2]]
-
-    def mergekit(k: int) -> dict[str, Any]:
-        (root / f"jobs{k}.json").write_text(json.dumps(halves[k]))
-        proc = subprocess.run([MK_PY, str(Path(__file__).with_name("_mergekit_runner.py")), str(root / f"jobs{k}.json"), str(root / f"results{k}.json")], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads((root / f"results{k}.json").read_text())
-
-    with ThreadPoolExecutor(2) as pool:
-        results = {k: v for part in pool.map(mergekit, (0, 1)) for k, v in part.items()}
-    for _, runs in out.values():
-        for run in runs:
-            run.results = {k.removeprefix(run.cid): v for k, v in results.items() if k == run.cid or k.startswith(run.cid + ".")}
-    (source_check,) = results["source:vlm_a"]["checks"].values()
-    return Basic(out, source_check, Path(models["vlm_a"]))
+    return run_all(tmp_path_factory.mktemp("mkbasic"), MK_PY)
 
 
 def _tensors(d: Path) -> dict[str, torch.Tensor]:
@@ -208,7 +116,7 @@ def _check_agree(method: str, em: dict[str, torch.Tensor], mk: dict[str, torch.T
             if method in SELECTING:
                 e, m = em[rename(name) if rename else name], mk32[name]
                 frac = float(((e - m).abs() > float(m.abs().max()) * STEP).float().mean())
-                assert frac <= 0.01, f"{where} {name}: {frac:.2%} of elements differ from mergekit (float32 compute)"
+                assert frac <= 0.001, f"{where} {name}: {frac:.2%} of elements differ from mergekit (float32 compute)"
             else:
                 assert worst <= 1.0, f"{where} {name}: {worst:.2f} bf16 steps from mergekit (float32 compute)"
     limit = 0.15 if method == "arcee_fusion" else 0.01
