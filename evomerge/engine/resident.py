@@ -54,7 +54,8 @@ def build_model(config: Mapping[str, Any], dtype: str, device: torch.device) -> 
     cfg = CONFIG_MAPPING[model_type].from_dict(dict(config))
     archs = list(config.get("architectures") or [])
     cls: Any = AutoModelForCausalLM
-    if type(cfg) not in AutoModelForCausalLM._model_mapping:
+    causal = getattr(AutoModelForCausalLM, "_model_mapping", None)  # config class -> model class
+    if causal is not None and type(cfg) not in causal:
         named = getattr(transformers, archs[0], None) if archs else None
         if named is None or not hasattr(named, "_from_config"):
             raise EvomergeError(f"in-memory merge: transformers has no causal LM class for model_type {model_type!r} (architectures: {archs})")

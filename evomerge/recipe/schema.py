@@ -200,7 +200,10 @@ def parse_recipe(data: Any, file: str | None = None, *, unused: Unused = "error"
     p = _Parser(file, unused)
     if data is None:
         raise p.err(None, "empty recipe: expected merge_method and models or slices")
-    m = raw = p.mapping(data, None, _TOP_KEYS + ("experts", "gate_mode", "modules"))
+    if isinstance(data, Mapping) and ("experts" in data or "gate_mode" in data):  # before the key check: its keys are mergekit-moe's
+        key = "experts" if "experts" in data else "gate_mode"
+        raise p.err(key, "is a mergekit-moe key: this is a mixture-of-experts configuration; build it with `evomerge moe` instead of `evomerge merge`")
+    m = raw = p.mapping(data, None, _TOP_KEYS + ("modules",))
     pre, spans = "", ()  # a modules: recipe is read as the models:/slices: recipe it amounts to
     if "modules" in m:
         m, pre, spans = flatten_modules(m, file)
@@ -209,9 +212,6 @@ def parse_recipe(data: Any, file: str | None = None, *, unused: Unused = "error"
         raise p.err("merge_method", f"missing (allowed: {', '.join(sorted(METHODS))})")
     if name in NOT_METHODS:
         raise p.err("merge_method", NOT_METHODS[str(name)])
-    if "experts" in m or "gate_mode" in m:
-        key = "experts" if "experts" in m else "gate_mode"
-        raise p.err(key, "is a mergekit-moe key; evomerge merges dense models (mixture-of-experts is a different tool)")
     if name not in METHODS:
         raise p.err("merge_method", f"unknown merge_method {name!r}{did_you_mean(str(name), METHODS)}")
     method = METHODS[name]

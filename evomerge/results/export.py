@@ -18,6 +18,8 @@ import yaml
 from evomerge.contamination.render import as_comments, render_contamination_section
 from evomerge.contamination.rules import assessment_from_dict
 from evomerge.engine.merger import merge_to_disk
+from evomerge.engine.hashes import is_fingerprint
+from evomerge.engine.rng import SEED_PRAGMA, pragma_from_text, seed_from_text
 from evomerge.errors import EvomergeError, one_line
 from evomerge.io import atomic_text, dump_yaml
 from evomerge.recipe.schema import parse_recipe
@@ -26,19 +28,7 @@ from evomerge.search.records import StudyRecords
 from evomerge.search.storage import load_study, locate
 from evomerge.search.table import best_row, trials_frame
 
-__all__ = ["export_recipe", "main_export", "SEED_PRAGMA", "seed_from_text"]
-
-# A comment line `evomerge merge` reads when --seed is not given, so exported recipes of random
-# methods (dare, della) re-merge to the trial's tensors without extra flags.
-SEED_PRAGMA = "# evomerge-seed: {seed}"
-_SEED_RE = re.compile(r"^#\s*evomerge-seed:\s*(\d+)\s*$", re.M)
-
-
-def seed_from_text(text: str) -> int | None:
-    """The seed recorded by :data:`SEED_PRAGMA` in a recipe's text, if any."""
-    m = _SEED_RE.search(text)
-    return int(m.group(1)) if m else None
-
+__all__ = ["export_recipe", "main_export", "SEED_PRAGMA", "seed_from_text", "pragma_from_text"]  # the pragma lives in evomerge.engine.rng
 
 def _num(x: Any) -> float | None:
     try:
@@ -80,7 +70,7 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
         space_file: named in the header.
 
     Returns:
-        ``(text, recipe mapping, info)``; info has ``number``, ``digest``, ``seed``, ``section``
+        ``(text, recipe mapping, info)``; info has ``number``, ``digest``, ``seed``, ``stream``, ``section``
         (the markdown contamination section for a model card).
 
     Raises:
@@ -105,6 +95,7 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
     rec = records.trial(study.trials[number])
     recipe = _plain_refs(yaml.safe_load(rec.recipe or "{}"))
     seed = int(meta.seed)
+    stream = int(getattr(meta, "stream", 1))
     score, score_se = _num(row.get("score")), _num(row.get("score_se"))
     hold, hold_se = _num(row.get("holdout")), _num(row.get("holdout_se"))
     assessment = assessment_from_dict(meta.assessment) if meta.assessment else None
@@ -120,8 +111,8 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
         (f"# Holdout score {hold:.4f} ± {hold_se or 0:.4f} on: {', '.join(meta.holdout_tasks)}" if hold is not None
          else "# Holdout score: not measured for this trial"),
         f"# Tensor hash of the merge: {rec.digest or ''}",
-        f"# Reproduce: evomerge merge THIS_FILE OUT_DIR   (random masks use seed {seed}, read from the next line)",
-        SEED_PRAGMA.format(seed=seed),
+        f"# Reproduce: evomerge merge THIS_FILE OUT_DIR   (random masks use seed {seed} and random stream {stream}, read from the next line)",
+        SEED_PRAGMA.format(seed=seed, stream=stream),
         "#",
     ]
     if section:
@@ -129,7 +120,7 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
         head.append("#")
     text = "\n".join(head) + "\n" + dump_yaml(recipe)
     parse_recipe(yaml.safe_load(text), "exported recipe")  # what we write must load as a recipe
-    return text, recipe, {"number": number, "digest": rec.digest or "", "seed": seed, "section": section}
+    return text, recipe, {"number": number, "digest": rec.digest or "", "seed": seed, "stream": stream, "section": section}
 
 
 def main_export(args: Any) -> int:
@@ -146,11 +137,16 @@ def main_export(args: Any) -> int:
     _atomic_write(out, text, args.force)
     print(f"wrote {out}: trial {info['number']} of study {paths.name}")
     if args.merge:
+        # Trials record a fingerprint of their tensors (evomerge.engine.fingerprint); studies made
+        # before it record a sha256. The re-merge is checked against whichever the trial holds.
+        fp = is_fingerprint(info["digest"])
         result = merge_to_disk(recipe, args.merge, device=args.device, seed=info["seed"], force=args.force,
-                               card_extra=info["section"], recipe_text=text)
-        same = result.digest == info["digest"]
+                               card_extra=info["section"], recipe_text=text, stream=info["stream"], fingerprint=fp)
+        got = result.fingerprint if fp else result.digest
+        same = got == info["digest"]
         print(f"merged into {args.merge} in {result.seconds:.1f}s; tensor hash {result.digest[:16]} "
-              + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:16]}"))
+              + (f"(fingerprint {got[:20]}) " if fp else "")
+              + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:20]}"))
         if not same:
-            raise EvomergeError(f"--merge: the re-merged tensors differ from trial {info['number']}'s (hash {result.digest[:16]} vs {info['digest'][:16]})")
+            raise EvomergeError(f"--merge: the re-merged tensors differ from trial {info['number']}'s ({got[:20]} vs {info['digest'][:20]})")
     return 0
