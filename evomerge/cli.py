@@ -33,6 +33,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--out-shard-size", default="5GB", help="maximum shard size, e.g. 2GB or 500M (default: 5GB)")
     p.add_argument("--seed", type=int, default=None, help="seed of random masks (dare, della) (default: the recipe's `# evomerge-seed: N` comment, else 0)")
+    p.add_argument("--stream", type=int, default=None, choices=(1, 2),
+                   help="random stream of masks: 2 (current), or 1 (evomerge before streams were named) "
+                   "(default: the recipe's `# evomerge-seed: N stream V` comment; a comment without a stream means 1; no comment: 2)")
     p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True, help="copy tokenizer files from the base model or tokenizer_source (default: on)")
     p.add_argument("--allow-crimes", action="store_true", help="merge models of different architectures when tensor shapes match")
     p.add_argument("--allow-bin", action="store_true", help="also read PyTorch .bin checkpoints (torch.load with weights_only=True)")
@@ -134,11 +137,17 @@ def _run(args: argparse.Namespace) -> int:
     register(SCHEME)  # also found through the entry point; explicit for uninstalled checkouts
     if args.verb == "merge":
         from evomerge.engine.merger import merge_to_disk
-        from evomerge.results.export import seed_from_text
+        from evomerge.engine.rng import pragma_from_text
 
         text = _read_text(args.recipe, "recipe")
+        try:
+            seed, stream = pragma_from_text(text)
+        except ValueError as e:
+            raise EvomergeError(f"{args.recipe}: {e}") from None
         if args.seed is None:
-            args.seed = seed_from_text(text) or 0
+            args.seed = seed or 0
+        if args.stream is None:
+            args.stream = stream
         result = merge_to_disk(
             args.recipe,
             args.out,
@@ -150,6 +159,7 @@ def _run(args: argparse.Namespace) -> int:
             allow_bin=args.allow_bin,
             force=args.force,
             recipe_text=text,
+            stream=args.stream,
         )
         print(f"merged {result.n_tensors} tensors into {args.out} in {result.seconds:.1f}s ({result.bytes_out / 1e6:.1f} MB); tensor hash {result.digest[:16]}")
         return 0

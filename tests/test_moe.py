@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from evomerge.cli import main
-from evomerge.engine.merger import digest_model_dir
+from evomerge.engine import digest_model_dir
 from evomerge.moe import load_moe_config, moe_in_memory, moe_to_disk
 
 SKILLS = ("rot", "sort", "shift")

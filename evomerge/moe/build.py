@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from evomerge.dtypes import canonical, torch_dtype
-from evomerge.engine.merger import check_device, tensor_digest, tensors_digest
+from evomerge.engine.hashes import tensor_digest, tensors_digest
+from evomerge.engine.merger import check_device
 from evomerge.engine.sources import ModelSource
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.moe.config import MoEConfig

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evomerge.engine.rng import seed_from_text
 from evomerge.io import dump_yaml
 from evomerge.moe.config import parse_moe_config
 from evomerge.recipe.schema import parse_recipe
@@ -63,8 +64,8 @@ def moe_export(recipe: Mapping[str, Any], head: list[str], out: Path) -> tuple[s
     steps = [f"#   evomerge merge {f.recipe_path.name} {f.model_dir}   (or mergekit-yaml)" for f in files]
     head = [ln for ln in head if not ln.startswith("# Reproduce:")]
     at = next((i for i, ln in enumerate(head) if ln.startswith("# evomerge-seed:")), len(head))
-    seed_line = head[at] if at < len(head) else ""
-    seed = seed_line.split(":", 1)[1].strip() if seed_line else "0"
+    seed = seed_from_text(head[at]) if at < len(head) else None
+    seed = seed if seed is not None else 0
     how = ["# A mergekit-moe configuration. Reproduce:", *steps,
            f"#   evomerge moe THIS_FILE OUT_DIR --seed {seed}   (or mergekit-moe THIS_FILE OUT_DIR --random-seed {seed})"]
     text = "\n".join(head[:at] + how + head[at:]) + "\n" + dump_yaml(cfg)
