@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from evomerge.engine.merger import Merger, digest_model_dir, merge_to_disk
+from evomerge.engine.rng import seed_from_text
 from evomerge.engine.sources import open_sources
 from evomerge.errors import ConfigError
 from evomerge.moe import moe_to_disk
@@ -159,7 +160,7 @@ def test_search_scores_moe_candidates_and_exports_them(zoo, tmp_path, capsys):
     assert (out.parent / f"best.expert{last}.yml").is_file() and (out.parent / f"best.expert{last}" / "config.json").is_file()
     if not MERGEKIT_MOE.is_file():
         return
-    seed = yaml.safe_load(out.read_text().split("# evomerge-seed:")[1].splitlines()[0])
+    seed = seed_from_text(out.read_text())
     run = subprocess.run([str(MERGEKIT_MOE), str(out), str(tmp_path / "mk"), "--random-seed", str(seed)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     a, b = load_file(tmp_path / "mk" / "model.safetensors"), load_file(tmp_path / "built" / "model.safetensors")

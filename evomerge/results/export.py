@@ -9,7 +9,6 @@ comments, so ``mergekit-yaml best.yml out`` accepts the file for the methods it 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,8 @@ import yaml
 
 from evomerge.contamination.render import as_comments, render_contamination_section
 from evomerge.contamination.rules import assessment_from_dict
-from evomerge.engine.merger import merge_to_disk
 from evomerge.engine.hashes import is_fingerprint
+from evomerge.engine.merger import merge_to_disk
 from evomerge.engine.rng import SEED_PRAGMA, pragma_from_text, seed_from_text
 from evomerge.errors import EvomergeError, one_line
 from evomerge.io import atomic_text, dump_yaml
