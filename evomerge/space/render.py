@@ -178,7 +178,7 @@ class _Renderer:
 
     def _expert_recipe(self, tree: Mapping[str, Any]) -> dict[str, Any]:
         """A merged expert's recipe (a recipe tree inside the ``moe:`` section)."""
-        return _Renderer(_Tree(dict(tree)), self.suggest, self.layers_of).recipe()
+        return _Renderer(_Tree(dict(tree)), self.suggest, self.layers_of).recipe()  # type: ignore[arg-type]  # reads .tree only
 
 
 class _Tree:
