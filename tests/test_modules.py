@@ -73,6 +73,7 @@ def test_several_modules_that_merge_alike_are_one_models_recipe(tiny_family, tmp
         ({"default": {"models": [{"model": "A"}], "slices": []}}, "modules.default", "exactly one of models: or slices:"),
         ({"default": {"models": [{"model": "A"}], "weight": 1}}, "modules.default.weight", "unknown key"),
         ({}, "modules", "non-empty mapping"),
+        ({"vision_tower": {"models": [{"model": "A"}]}}, "modules.vision_tower", "alone would slice the language model"),
     ],
 )
 def test_refused_in_one_line(modules, field, says, tmp_path) -> None:
