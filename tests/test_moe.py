@@ -80,7 +80,8 @@ def test_hidden_builds_a_mixtral_that_transformers_loads_and_runs(zoo, tmp_path,
     assert "gate_mode: hidden" in card and "tags:" in card
     # The file's digest is the one the build reported, and the in-memory build is the same model.
     mem = moe_in_memory(path)
-    assert mem.evomerge_digest == digest_model_dir(out)
+    again = moe_to_disk(path, tmp_path / "again")
+    assert again.tensor_digest == digest_model_dir(out) and mem.evomerge_digest == again.digest
     assert torch.equal(mem(**batch).logits, logits)
 
 
@@ -313,3 +314,15 @@ def test_merge_points_to_moe(zoo, tmp_path, capsys):
         assert main(["merge", str(path), str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "evomerge moe" in err and str(path) in err, err
+
+
+@pytest.mark.slow
+def test_the_zoo_figures_moe_row_is_what_evomerge_moe_scores(zoo):
+    """The shipped zoo.json's mixture-of-experts row (the README's zoo table) re-measured with lm-eval."""
+    from evomerge.zoo import read_manifest
+    from evomerge.zoo.build import MOE_LABEL, MOE_PROMPTS, ZooScorer
+
+    assert MOE_PROMPTS == PROMPTS
+    shipped = read_manifest(zoo)["figures"]["moe"][MOE_LABEL]
+    assert ZooScorer(zoo, zoo / "tasks").score(moe_in_memory(config(zoo))) == shipped
+    assert shipped["mean"] == 0.3067 and shipped["holdout_mean"] == 0.3333

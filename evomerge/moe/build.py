@@ -17,6 +17,7 @@ merged tensors of a merge recipe held in memory (a "MoE from merges" candidate i
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,12 +59,18 @@ class MoELayout:
 
 @dataclass
 class MoEResult:
-    """What a build did: the digest of its tensors and the time it took."""
+    """What a build did: its digests and the time it took.
+
+    ``tensor_digest`` hashes the tensors alone (as :func:`~evomerge.engine.merger.digest_model_dir`
+    of the written directory); ``digest`` adds ``experts_per_token``, which changes the model
+    without changing a tensor, so that a search never takes one mixture's scores for another's.
+    """
 
     digest: str
     seconds: float
     n_tensors: int
     bytes_out: int
+    tensor_digest: str = ""
     per_tensor: dict[str, str] = field(default_factory=dict, repr=False)
 
 
@@ -230,7 +237,9 @@ class MoEBuilder:
                 per[name] = tensor_digest(t)
                 nbytes += t.numel() * t.element_size()
                 sink(name, t)
-        return MoEResult(tensors_digest(per, shapes), time.perf_counter() - start, len(per), nbytes, per)
+        tensors = tensors_digest(per, shapes)
+        digest = hashlib.sha256(f"{tensors}|experts_per_token={cfg.experts_per_token}".encode()).hexdigest()
+        return MoEResult(digest, time.perf_counter() - start, len(per), nbytes, tensors, per)
 
     def build_model(self, layout: MoELayout) -> torch.nn.Module:
         """An empty ``MixtralForCausalLM`` of the layout, on this builder's device."""

@@ -109,7 +109,7 @@ def moe_in_memory(config: MoEConfig | Mapping[str, Any] | str | Path, *, device:
         seed: seeds random routers and noise.
 
     Returns:
-        The model, in eval mode, with ``model.evomerge_digest`` set to its tensor hash.
+        The model, in eval mode, with ``model.evomerge_digest`` set to its digest (:class:`~evomerge.moe.build.MoEResult`).
     """
     cfg = config if isinstance(config, MoEConfig) else load_moe_config(config)
     builder = MoEBuilder(open_sources(cfg.referenced_models(), file=cfg.source_file, fields=_fields(cfg)), device=device, seed=seed)
