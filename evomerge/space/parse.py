@@ -129,6 +129,11 @@ class _SpaceParser:
         return {k: self.param_value(v, f"{fld}.{k}", f"{k}{suffix}") for k, v in block.items()}
 
 
+def _directive_inside(v: Any) -> bool:
+    items = v.values() if isinstance(v, Mapping) else v if isinstance(v, list) else ()
+    return (isinstance(v, Mapping) and any(k in _KINDS for k in v)) or any(_directive_inside(x) for x in items)
+
+
 def _slug(text: Any) -> str:
     s = re.sub(r"[^A-Za-z0-9_]+", "_", str(text)).strip("_")
     return s or "x"
@@ -200,6 +205,8 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
                     e["parameters"] = p.params(s["parameters"], f"slices[{i}].parameters", f".s{i}")
                 slices.append(e)
             tree[k] = slices
+        elif k == "modules" and _directive_inside(v):
+            raise p.err("modules", "search directives inside modules: are not supported; write the space with models: or slices: (a modules: recipe merges as the models: or slices: recipe it amounts to)")
         else:
             tree[k] = v
     method = tree.get("merge_method")
