@@ -18,12 +18,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from evomerge.recipe.modules import OTHER_MODULE_HINTS
+
 __all__ = ["Arch", "detect_arch", "is_other_module", "is_pre_tensor", "LAYER_COUNT_KEYS"]
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _NUMBERED = re.compile(r"^(?P<prefix>(?:[A-Za-z_][\w]*\.)*?[A-Za-z_][\w]*)\.(?P<index>\d+)\.(?P<rest>.+)$")
 # Stacks that are not the language model's, and names that are, when several match the layer count.
-_OTHER_HINTS = ("vision", "visual", "image", "audio", "speech", "projector")
+_OTHER_HINTS = OTHER_MODULE_HINTS
 _TEXT_HINTS = ("language_model", "text_model", "llm")
 _PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "tok_embeddings")
 

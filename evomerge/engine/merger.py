@@ -54,6 +54,10 @@ _TOKENIZER_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
     "vocab.txt",
+    # a vision-language model's processor: without them AutoProcessor cannot load the merge
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
 )
 TOKENIZER_FILES = _TOKENIZER_FILES  # the files a merged model's tokenizer is copied from
 

@@ -15,8 +15,8 @@ inferred from its tensors has one per layer stack plus ``default`` for the rest)
 A module's ``parameters`` sit between the recipe's and a slice's in precedence (a name set in the
 module wins over the recipe's). Accepted here:
 
-- **one module**, whatever its name: its ``models:`` or ``slices:`` become the recipe's, its
-  parameters are merged over the recipe's;
+- **one module** (``default``, ``text_decoder``; not a vision or audio module alone): its
+  ``models:`` or ``slices:`` become the recipe's, its parameters are merged over the recipe's;
 - **several modules that merge alike** (the same models with the same parameters, the same module
   and slice parameters, one slice each from layer 0; mergekit writes this for a ``models:`` recipe
   of a vision-language model): a ``models:`` recipe over every tensor. Each module's ``layer_range``
@@ -35,9 +35,12 @@ from typing import Any
 
 from evomerge.errors import ConfigError
 
-__all__ = ["flatten_modules", "MODULE_KEYS"]
+__all__ = ["flatten_modules", "MODULE_KEYS", "OTHER_MODULE_HINTS"]
 
 MODULE_KEYS = ("slices", "models", "parameters")
+# Words in the names of a model's parts other than its language model (module names here, tensor
+# prefixes in evomerge.engine.arch).
+OTHER_MODULE_HINTS = ("vision", "visual", "image", "audio", "speech", "projector")
 _REWRITE = "evomerge merges one recipe over every tensor: write it with models: (every part merged alike) or slices: (the language model's layers, the other parts from the first slice's models)"
 
 
@@ -81,6 +84,8 @@ def flatten_modules(data: Mapping[str, Any], file: str | None) -> tuple[dict[str
         parts.append((str(name), module))
     if len(parts) == 1:
         name, module = parts[0]
+        if any(h in name.lower() for h in OTHER_MODULE_HINTS):
+            raise ConfigError(file, f"modules.{name}", f"a recipe of the {name} module alone would slice the language model's layers; {_REWRITE}")
         out = rest | {k: module[k] for k in ("models", "slices") if module.get(k) is not None}
         out["parameters"] = _over(rest.get("parameters"), module.get("parameters"), file, f"modules.{name}.parameters")
         return out, f"modules.{name}.", ()

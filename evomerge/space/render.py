@@ -167,6 +167,9 @@ class _Renderer:
                 slices.append(sl)
             out["slices"] = slices
             n_global = None
+        if "modules" in tree:  # a modules: recipe holds no directive (parse_space refuses them there)
+            out["modules"] = tree["modules"]
+            n_global = None
         if "parameters" in tree:
             p = self.params(tree["parameters"], method, shared + per_model, n_global)
             if p:
