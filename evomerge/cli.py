@@ -42,6 +42,21 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
 
 
+def _add_moe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "moe",
+        help="build a mixture of experts from a mergekit-moe config",
+        description="Build a Mixtral-style mixture of experts as a mergekit-moe configuration says; write a Hugging Face model directory.",
+    )
+    p.add_argument("config", help="mergekit-moe configuration (YAML): base_model, experts, gate_mode, experts_per_token, dtype")
+    p.add_argument("out", help="output directory (must be absent or empty unless --force)")
+    p.add_argument("--device", default="cpu", help="where the base model runs for gate_mode hidden: cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random routers (gate_mode random, uniform_random) and of noise_scale (default: 0)")
+    p.add_argument("--out-shard-size", default="5GB", help="maximum shard size, e.g. 2GB or 500M (default: 5GB)")
+    p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True, help="copy the base model's tokenizer files (default: on)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+
+
 def _add_zoo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "zoo",
@@ -97,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     _add_search(sub)
     _add_merge(sub)
+    _add_moe(sub)
     p = _add_study_reader(sub, "export", "export a trial's recipe as plain mergekit YAML")
     p.add_argument("-o", "--output", required=True, help="recipe file to write")
     p.add_argument("--trial", type=int, default=None, help="trial number (default: best by holdout among finalists, else by search score)")
@@ -126,12 +142,7 @@ def _run(args: argparse.Namespace) -> int:
         from evomerge.engine.merger import merge_to_disk
         from evomerge.engine.rng import pragma_from_text
 
-        try:
-            text = open(args.recipe, encoding="utf-8").read()
-        except OSError as e:
-            raise EvomergeError(f"{args.recipe}: cannot read recipe: {one_line(e.strerror or e)}") from None
-        except UnicodeDecodeError:
-            raise EvomergeError(f"{args.recipe}: cannot read recipe: not UTF-8 text; expected a mergekit YAML recipe") from None
+        text = _read_text(args.recipe, "recipe")
         try:
             seed, stream = pragma_from_text(text)
         except ValueError as e:
@@ -154,6 +165,13 @@ def _run(args: argparse.Namespace) -> int:
             stream=args.stream,
         )
         print(f"merged {result.n_tensors} tensors into {args.out} in {result.seconds:.1f}s ({result.bytes_out / 1e6:.1f} MB); tensor hash {result.digest[:16]}")
+        return 0
+    if args.verb == "moe":
+        from evomerge.moe import moe_to_disk
+
+        result = moe_to_disk(args.config, args.out, device=args.device, seed=args.seed, shard_size=args.out_shard_size,
+                             copy_tokenizer=args.copy_tokenizer, force=args.force, config_text=_read_text(args.config, "configuration"))
+        print(f"built a mixture of {result.n_tensors} tensors into {args.out} in {result.seconds:.1f}s ({result.bytes_out / 1e6:.1f} MB); tensor hash {result.digest[:16]}")
         return 0
     if args.verb == "zoo":
         from evomerge.zoo import main_zoo
@@ -195,6 +213,16 @@ def _run(args: argparse.Namespace) -> int:
 
         return int(main_report(args) or 0)
     raise AssertionError(args.verb)  # pragma: no cover - argparse restricts verbs
+
+
+def _read_text(path: str, what: str) -> str:
+    """A YAML file's text, or one line saying why it cannot be read."""
+    try:
+        return open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise EvomergeError(f"{path}: cannot read {what}: {one_line(e.strerror or e)}") from None
+    except UnicodeDecodeError:
+        raise EvomergeError(f"{path}: cannot read {what}: not UTF-8 text; expected a mergekit YAML {what}") from None
 
 
 def _search_workers(args: argparse.Namespace) -> tuple[int, SearchOutcome | None]:

@@ -10,6 +10,7 @@ import torch
 from evomerge.cli import main
 from evomerge.engine import Merger, merge_to_disk, open_sources
 from evomerge.engine import merger as merger_mod
+from evomerge.engine import placement
 from evomerge.engine.placement import EVAL_MIN, SCRATCH, budget_override, choose_placement
 from evomerge.errors import EvomergeError
 from evomerge.recipe.schema import load_recipe
@@ -67,7 +68,7 @@ def test_four_7b_sources_fit_an_80gb_card_by_construction():
 def test_a_cuda_merger_places_by_free_memory_or_the_override(monkeypatch):
     # The decision as a CUDA merger makes it, without a GPU: the device check and the free memory are stubbed.
     monkeypatch.setattr(merger_mod, "check_device", lambda d: torch.device("cuda"))
-    monkeypatch.setattr(merger_mod, "free_memory", lambda d: 79 * GiB)
+    monkeypatch.setattr(placement, "free_memory", lambda d: 79 * GiB)
     sources = {f"m{i}": _Stub(mistral_7b_shapes()) for i in range(4)}
     m = Merger(sources, device="cuda", resident=True, compile=False)  # type: ignore[arg-type]
     assert m.placement is not None and m.placement.where == "device" and m.placement.sources == 4 * 2 * 7_241_732_096

@@ -11,15 +11,13 @@ by tensor and hands each merged tensor to a sink; the two public paths differ on
   magnitudes, random fields) across trials.
 
 Both paths hash the merged tensors the same ways: a sha256 of the bytes (:func:`tensors_digest`),
-or a fingerprint computed on the tensors' device (:mod:`evomerge.engine.fingerprint`, what the
+or a fingerprint computed on the tensors' device (:mod:`evomerge.engine.hashes`, what the
 search records per trial on CUDA, where copying every tensor to the CPU for sha256 cost more
 than the merge). Either can be checked against ``evomerge merge`` of the exported recipe.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping
@@ -31,32 +29,27 @@ from typing import Any
 import torch
 
 from evomerge.dtypes import torch_dtype
-from evomerge.engine.card import render_card
+from evomerge.engine.card import TOKENIZER_FILES, write_metadata
 from evomerge.engine.hashes import Fingerprint, digest_model_dir, tensor_digest, tensors_digest
 from evomerge.engine.inputs import PrepCache, TensorInputs
 from evomerge.engine.kernels.methods import kernel_for
-from evomerge.engine.placement import Placement, budget_override, choose_placement, free_memory
+from evomerge.engine.placement import (
+    Placement,
+    budget_override,
+    cache_budget,
+    check_device,
+    place_sources,
+)
 from evomerge.engine.plan import MergePlan, TensorTask, make_plan
+from evomerge.engine.resident import build_model, checkpoint_targets
 from evomerge.engine.rng import STREAM, check_stream
-from evomerge.engine.sources import ModelSource, open_sources, resolve_model
+from evomerge.engine.sources import ModelSource, open_sources
 from evomerge.engine.writer import AtomicDir, ShardedWriter, parse_size
 from evomerge.errors import EvomergeError, one_line
-from evomerge.io import dump_yaml
 from evomerge.recipe.schema import MergeConfig, load_recipe
 
-__all__ = ["Merger", "MergeResult", "merge_to_disk", "merge_in_memory", "tensors_digest", "digest_model_dir", "check_device"]
+__all__ = ["Merger", "MergeResult", "merge_to_disk", "merge_in_memory", "tensor_digest", "tensors_digest", "digest_model_dir", "check_device", "TOKENIZER_FILES"]
 
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "vocab.txt",
-)
 
 
 class MergeError(EvomergeError):
@@ -134,9 +127,9 @@ class Merger:
         if hold not in ("stored", "compute"):
             raise ValueError(f"hold must be stored or compute, got {hold!r}")
         self.hold = hold
-        self.placement: Placement | None = self._place(budget_override(gpu_memory)) if resident else None
+        self.placement: Placement | None = place_sources(self.sources, self.device, hold=hold, override=budget_override(gpu_memory)) if resident else None
         if cache_bytes is None:
-            cache_bytes = _cache_budget(self.device, self.placement) if resident else 0
+            cache_bytes = cache_budget(self.device, self.placement) if resident else 0
         self.cache = PrepCache(cache_bytes) if resident and cache_bytes > 0 else None
         self._resident: dict[tuple[str, str, torch.dtype | None], torch.Tensor] = {}
         self._targets: dict[int, dict[str, torch.Tensor]] = {}
@@ -147,17 +140,6 @@ class Merger:
         if missing:
             self.sources.update(open_sources(missing, file=cfg.source_file))
         return make_plan(cfg, self.sources, allow_crimes=self.allow_crimes)
-
-    def _place(self, override: int | None) -> Placement:
-        """Where the resident sources go (see :mod:`~evomerge.engine.placement`)."""
-        per_source = [sum(src.nbytes(n) for n in src.names()) for src in self.sources.values()]
-        total, model = sum(per_source), max(per_source, default=0)
-        if self.hold == "compute":  # float32 copies: 4 bytes a parameter
-            total, model = 2 * total, 2 * model
-        if self.device.type != "cuda":
-            return choose_placement(total, model, _device_memory(self.device), device_type="cpu")
-        available = override if override is not None else free_memory(self.device)
-        return choose_placement(total, model, available, overridden=override is not None)
 
     def _load(self, ref: str, name: str, dtype: torch.dtype) -> torch.Tensor:
         if self.resident:
@@ -272,20 +254,7 @@ class Merger:
         Raises:
             EvomergeError: transformers does not know the architecture.
         """
-        from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # transformers 4.x
-            from transformers.modeling_utils import no_init_weights
-
-        model_type = plan.out_config.get("model_type")
-        if model_type not in CONFIG_MAPPING:
-            raise EvomergeError(f"in-memory merge: transformers does not know model_type {model_type!r}")
-        config = CONFIG_MAPPING[model_type].from_dict(dict(plan.out_config))
-        with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(plan.out_dtype))
-        return model.to(self.device).eval()
+        return build_model(plan.out_config, plan.out_dtype, self.device)
 
     def merge_into(self, model: torch.nn.Module, plan: MergePlan, *, digest: bool = True) -> MergeResult:
         """Write the plan's merged tensors into ``model``'s parameters, in place.
@@ -296,7 +265,7 @@ class Merger:
         """
         targets = self._targets.get(id(model))
         if targets is None:
-            targets = dict(model.state_dict(keep_vars=True))
+            targets = checkpoint_targets(model, [t.out_name for t in plan.tasks])
             self._targets = {id(model): targets}
         missing = [t.out_name for t in plan.tasks if t.out_name not in targets]
         if missing:
@@ -310,50 +279,6 @@ class Merger:
                 dst.data.copy_(tensor)
 
         return self.execute(plan, sink, digest=digest, targets={n: t.data for n, t in targets.items()})
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """The torch device a merge runs on: ``cpu``, or ``cuda``/``cuda:N`` when that GPU exists.
-
-    Raises:
-        EvomergeError: not a device string, a device type evomerge does not merge on (``tpu``,
-            ``mps``, ``meta``...), or a CUDA device this machine does not have.
-    """
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise EvomergeError(f"--device {str(device)!r}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EvomergeError(f"--device {device}: no CUDA device is available (torch.cuda.is_available() is false); use --device cpu")
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise EvomergeError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    elif dev.type != "cpu":
-        raise EvomergeError(f"--device {device}: evomerge merges on cpu or cuda[:N], not {dev.type}")
-    return dev
-
-
-def _cache_budget(device: torch.device, placement: Placement | None) -> int:
-    """The prep cache's default budget: a quarter of the memory on a CPU; on a GPU what the
-    placement leaves spare (sources on the device), or what is left beside the model, evaluation
-    and one streamed task's inputs (sources on the host; a few GB, the cache holds sort orders)."""
-    if device.type != "cuda" or placement is None:
-        return _device_memory(device) // 4
-    if placement.where == "device":
-        return max(0, placement.available - placement.needed)
-    return max(0, (placement.available - placement.model - placement.eval_room - placement.scratch) // 2)
-
-
-def _device_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        import os
-
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
-        return 8 << 30
 
 
 def merge_in_memory(recipe: MergeConfig | Mapping[str, Any] | str | Path, *, device: str = "cpu", seed: int = 0, allow_crimes: bool = False) -> torch.nn.Module:
@@ -432,39 +357,10 @@ def merge_to_disk(
                 writer.close()
             finally:
                 writer.abort()
-            _write_metadata(atomic.path, plan, sources, copy_tokenizer, recipe_text, card_extra)
+            write_metadata(atomic.path, plan, sources, copy_tokenizer, recipe_text, card_extra)
     except MergeError as e:
         raise MergeError(f"{cfg.source_file}: {e}" if cfg.source_file else str(e)) from None
     except OSError as e:  # disk full, a permission changed mid-merge...
         raise EvomergeError(f"output {out_dir}: cannot write the merged model: {one_line(e.strerror or e)}") from None
     result.out_dir = Path(out_dir)
     return result
-
-
-def _write_metadata(path: Path, plan: MergePlan, sources: Mapping[str, ModelSource], copy_tokenizer: bool, recipe_text: str | None, card_extra: str) -> None:
-    cfg = plan.recipe
-    (path / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
-    ref_dir = sources[plan.reference].path
-    if (ref_dir / "generation_config.json").is_file():
-        shutil.copy2(ref_dir / "generation_config.json", path / "generation_config.json")
-    if copy_tokenizer:
-        tok = cfg.tokenizer_source
-        if tok is None or tok == "base":
-            tok_dir = ref_dir
-        elif tok in sources:
-            tok_dir = sources[tok].path
-        else:
-            tok_dir = resolve_model(tok, file=cfg.source_file, field="tokenizer_source")
-        for name in _TOKENIZER_FILES:
-            if (tok_dir / name).is_file():
-                shutil.copy2(tok_dir / name, path / name)
-        if cfg.chat_template:
-            tc_path = path / "tokenizer_config.json"
-            tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
-            tc["chat_template"] = cfg.chat_template
-            tc_path.write_text(json.dumps(tc, indent=2) + "\n")
-            (path / "chat_template.jinja").unlink(missing_ok=True)
-    text = recipe_text if recipe_text is not None else dump_yaml(dict(cfg.raw))
-    (path / "mergekit_config.yml").write_text(text)
-    (path / "README.md").write_text(render_card(plan, text, extra=card_extra))
-

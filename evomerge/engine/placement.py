@@ -22,14 +22,16 @@ this arithmetic; the search log prints it for the study's own models.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from evomerge.engine.writer import parse_size
 from evomerge.errors import EvomergeError
 
-__all__ = ["Placement", "choose_placement", "budget_override", "free_memory", "EVAL_MIN", "SCRATCH", "GPU_MEMORY_ENV"]
+__all__ = ["Placement", "choose_placement", "place_sources", "budget_override", "free_memory", "check_device", "device_memory", "cache_budget", "EVAL_MIN", "SCRATCH", "GPU_MEMORY_ENV"]
 
 EVAL_MIN = 4 << 30  # room for evaluation at least (activations, logits, KV cache)
 SCRATCH = 1 << 30  # merge kernels' buffers, a fingerprint's slabs, the CUDA context's slack
@@ -127,3 +129,68 @@ def free_memory(device: torch.device) -> int:
     if fraction < 1.0:
         free = min(free, int(total * fraction) - torch.cuda.memory_reserved(device))
     return free
+
+
+def place_sources(sources: Mapping[str, Any], device: torch.device, *, hold: str = "stored", override: int | None = None) -> Placement:
+    """Where a resident merger over ``sources`` keeps them (see :func:`choose_placement`).
+
+    Args:
+        sources: opened models (``names()`` and ``nbytes(name)``).
+        device: the merge device.
+        hold: ``"stored"`` dtypes, or ``"compute"`` (float32 copies: counted at 4 bytes).
+        override: the ``--gpu-memory`` budget in bytes, if given.
+
+    Returns:
+        The placement; the merged model is counted at the largest source's size.
+    """
+    per_source = [sum(src.nbytes(n) for n in src.names()) for src in sources.values()]
+    total, model = sum(per_source), max(per_source, default=0)
+    if hold == "compute":  # float32 copies of bf16 sources: twice the bytes
+        total, model = 2 * total, 2 * model
+    if device.type != "cuda":
+        return choose_placement(total, model, device_memory(device), device_type="cpu")
+    available = override if override is not None else free_memory(device)
+    return choose_placement(total, model, available, overridden=override is not None)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device a merge runs on: ``cpu``, or ``cuda``/``cuda:N`` when that GPU exists.
+
+    Raises:
+        EvomergeError: not a device string, a device type evomerge does not merge on (``tpu``,
+            ``mps``, ``meta``...), or a CUDA device this machine does not have.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise EvomergeError(f"--device {str(device)!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvomergeError(f"--device {device}: no CUDA device is available (torch.cuda.is_available() is false); use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise EvomergeError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type != "cpu":
+        raise EvomergeError(f"--device {device}: evomerge merges on cpu or cuda[:N], not {dev.type}")
+    return dev
+
+
+def cache_budget(device: torch.device, placement: Placement | None) -> int:
+    """Bytes for a resident merger's prep cache by default. The prep cache's default budget: a quarter of the memory on a CPU; on a GPU what the
+    placement leaves spare (sources on the device), or what is left beside the model, evaluation
+    and one streamed task's inputs (sources on the host; a few GB, the cache holds sort orders)."""
+    if device.type != "cuda" or placement is None:
+        return device_memory(device) // 4
+    if placement.where == "device":
+        return max(0, placement.available - placement.needed)
+    return max(0, (placement.available - placement.model - placement.eval_room - placement.scratch) // 2)
+
+
+def device_memory(device: torch.device) -> int:
+    """Total memory of a CUDA device, or of this machine for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 8 << 30

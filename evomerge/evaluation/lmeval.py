@@ -315,6 +315,12 @@ class LMEvalEvaluator(Evaluator):
         tasks = leaf_tasks(self._dicts[split])
         return {name: texts_of(tasks, name, ids) for name, ids in self._samples[split].items()}
 
+    def prompts(self, split: str = "search") -> dict[str, list[str]]:
+        if split not in self._dicts:
+            return {}
+        tasks = leaf_tasks(self._dicts[split])
+        return {name: [str(tasks[name].doc_to_text(tasks[name].eval_docs[i])) for i in ids] for name, ids in self._samples[split].items()}
+
     def datasets(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for split in self._dicts:

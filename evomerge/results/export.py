@@ -21,7 +21,10 @@ from evomerge.engine.merger import merge_to_disk
 from evomerge.engine.rng import SEED_PRAGMA, pragma_from_text, seed_from_text
 from evomerge.errors import EvomergeError, one_line
 from evomerge.io import atomic_text, dump_yaml
+from evomerge.moe.config import is_moe_mapping
+from evomerge.moe.write import moe_to_disk
 from evomerge.recipe.schema import parse_recipe
+from evomerge.results.export_moe import moe_export
 from evomerge.schemes import resolve, scheme_of
 from evomerge.search.records import StudyRecords
 from evomerge.search.storage import load_study, locate
@@ -60,17 +63,19 @@ def _atomic_write(path: Path, text: str, force: bool) -> None:
         raise EvomergeError(f"-o {path}: cannot write: {one_line(e.strerror or e)}") from None
 
 
-def export_recipe(study: Any, *, trial: int | None = None, space_file: str | None = None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def export_recipe(study: Any, *, trial: int | None = None, space_file: str | None = None, out: Path | None = None) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """The exported recipe text of a trial.
 
     Args:
         study: the Optuna study.
         trial: trial number; default: best by holdout among finalists, else by search score.
         space_file: named in the header.
+        out: where the recipe goes (a mixture of experts' merged experts are written beside it).
 
     Returns:
         ``(text, recipe mapping, info)``; info has ``number``, ``digest``, ``seed``, ``stream``, ``section``
-        (the markdown contamination section for a model card).
+        (the markdown contamination section for a model card), ``moe`` (a mixture of experts) and
+        ``expert_files`` (its merged experts' recipe files, :class:`~evomerge.results.export_moe.ExpertFile`).
 
     Raises:
         EvomergeError: no such trial, or it did not complete.
@@ -117,25 +122,41 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
     if section:
         head += [ln for ln in as_comments(section).splitlines()]
         head.append("#")
+    info = {"number": number, "digest": rec.digest or "", "seed": seed, "stream": stream, "section": section, "moe": False, "expert_files": []}
+    if is_moe_mapping(recipe):  # a mixture of experts: a mergekit-moe configuration (and its merged experts)
+        text, recipe, files = moe_export(recipe, head, out or Path("best.yml"))
+        return text, recipe, {**info, "moe": True, "expert_files": files}
     text = "\n".join(head) + "\n" + dump_yaml(recipe)
     parse_recipe(yaml.safe_load(text), "exported recipe")  # what we write must load as a recipe
-    return text, recipe, {"number": number, "digest": rec.digest or "", "seed": seed, "stream": stream, "section": section}
+    return text, recipe, info
 
 
 def main_export(args: Any) -> int:
     """``evomerge export space.yml [--trial N] -o best.yml [--merge OUT_DIR]``."""
     paths = locate(args.space, study=args.study, storage=args.storage, results_dir=args.results_dir)
     study = load_study(paths)
-    text, recipe, info = export_recipe(study, trial=args.trial, space_file=args.space)
     out = Path(args.output)
+    text, recipe, info = export_recipe(study, trial=args.trial, space_file=args.space, out=out)
     if args.merge:
         if Path(args.merge).exists() and not Path(args.merge).is_dir():
             raise EvomergeError(f"--merge {args.merge}: exists and is not a directory")
         if Path(args.merge).exists() and any(Path(args.merge).iterdir()) and not args.force:
             raise EvomergeError(f"--merge {args.merge}: directory is not empty (pass --force to replace it)")
+    for f in info["expert_files"]:
+        _atomic_write(f.recipe_path, f.text, args.force)
     _atomic_write(out, text, args.force)
-    print(f"wrote {out}: trial {info['number']} of study {paths.name}")
-    if args.merge:
+    print(f"wrote {out}: trial {info['number']} of study {paths.name}" + "".join(f"; merged expert recipe {f.recipe_path}" for f in info["expert_files"]))
+    if args.merge and info["moe"]:
+        for f in info["expert_files"]:
+            merge_to_disk(f.recipe_path, f.model_dir, device=args.device, seed=info["seed"], force=args.force, stream=info["stream"])
+            print(f"merged expert into {f.model_dir}")
+        built = moe_to_disk(recipe, args.merge, device=args.device, seed=info["seed"], force=args.force, config_text=text, card_extra=info["section"])
+        same = built.digest == info["digest"]
+        print(f"built the mixture into {args.merge} in {built.seconds:.1f}s; hash {built.digest[:16]} "
+              + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:20]}"))
+        if not same:
+            raise EvomergeError(f"--merge: the rebuilt mixture differs from trial {info['number']}'s ({built.digest[:20]} vs {info['digest'][:20]})")
+    elif args.merge:
         # Trials record a fingerprint of their tensors (evomerge.engine.fingerprint); studies made
         # before it record a sha256. The re-merge is checked against whichever the trial holds.
         fp = is_fingerprint(info["digest"])
