@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
+from evomerge.space.prune import parse_prune
 from evomerge.io import read_yaml
 from evomerge.methods.registry import METHODS, get_method
 from evomerge.recipe.schema import parse_recipe
@@ -21,7 +22,7 @@ _KINDS = ("range", "int", "choice")
 _MODIFIERS = ("log", "step", "anchors", "per_layers")
 _SECTIONS = ("evaluate", "search", "study")
 SAMPLERS = ("tpe", "cmaes", "random", "gp", "nsga2")
-_SEARCH_KEYS = ("sampler", "trials", "seed", "baselines", "finalists", "objectives", "mask_seed", "startup_trials")
+_SEARCH_KEYS = ("sampler", "trials", "seed", "baselines", "finalists", "objectives", "mask_seed", "startup_trials", "prune")
 _STUDY_KEYS = ("name", "storage")
 
 
@@ -246,6 +247,11 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
         objectives = (objectives,)
     if not isinstance(objectives, (list, tuple)) or not all(isinstance(o, str) for o in objectives):
         raise p.err("search.objectives", "must be a list of task names (or `tasks` for every search task)")
+    prune = parse_prune(section.get("prune", True), p.err)
+    if prune is not None and objectives:
+        if "prune" in section:
+            raise p.err("search.prune", "stops a trial by its single score: it does not work with several objectives (set prune: false)")
+        prune = None  # on by default, off with several objectives
     baselines = []
     raw = section.get("baselines") or []
     if not isinstance(raw, list):
@@ -268,7 +274,7 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
             recipe = read_yaml(path)
         parse_recipe(recipe, f"{p.file} ({f}.recipe)")
         baselines.append((name, recipe))
-    return SearchSettings(sampler, trials, seed, finalists, tuple(baselines), tuple(objectives), startup, mask_seed)
+    return SearchSettings(sampler, trials, seed, finalists, tuple(baselines), tuple(objectives), startup, mask_seed, prune)
 
 
 def _study_section(section: Any, p: _SpaceParser) -> tuple[str | None, str | None]:
