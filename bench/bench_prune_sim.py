@@ -28,7 +28,7 @@ from evomerge.evaluation.base import TaskSpec, item_weights
 from evomerge.search.pruning import Pruner
 from evomerge.space.prune import PruneSettings
 
-ROUNDS = ((0.1, 0.25, 1.0), (0.25, 0.5, 1.0), (0.05, 0.1, 0.25, 1.0), (0.1, 0.2, 0.4, 1.0))
+ROUNDS = ((0.1, 0.25, 1.0), (0.25, 0.5, 1.0), (0.1, 0.25, 0.5, 1.0), (0.1, 0.2, 0.4, 1.0))
 
 
 @dataclass
@@ -134,7 +134,7 @@ def _stops(rule: tuple, pruner: Pruner, seen: dict, ref: Trial, part: float, run
 
 def simulate(results: Path, spaces: tuple[str, ...], seeds: list[int]) -> None:
     """Print, per space, each rule's replay over the seeds' runs without pruning."""
-    rules = [("paired", a, k) for a in (0.001, 0.01, 0.05) for k in (1, 3)] + [("wilcoxon", p) for p in (0.01, 0.1)] + [("halving", e) for e in (2, 3)]
+    rules = [("paired", a, k) for a in (0.01, 0.05, 0.1, 0.2, 0.3) for k in (1, 3)] + [("wilcoxon", p) for p in (0.01, 0.1)] + [("halving", e) for e in (2, 3)]
     for name in spaces:
         runs = [load_trials_of(results, f"pr_{name}_off_{s}") for s in seeds]
         runs = [r for r in runs if r]

@@ -261,7 +261,6 @@ class LMEvalEvaluator(Evaluator):
         self._leaves = {split: self._leaves_per_spec(split) for split in self._dicts}
         self._samples = {split: self._sample_ids(split) for split in self._dicts}
         self._bank: RequestBank | None = None  # built on the first staged evaluation
-        self._stage_block: str | None = None  # why items cannot be scored a subset at a time ("" : they can)
 
     # -- setup
 
@@ -321,10 +320,7 @@ class LMEvalEvaluator(Evaluator):
 
     def item_counts(self) -> dict[str, int]:
         """Search items per task, or ``{}`` when a metric is not a mean of per-item values."""
-        if self._stage_block is None:
-            tasks = leaf_tasks(self._dicts["search"])
-            self._stage_block = stageable(tasks, self._leaves["search"], self._specs["search"])
-        if self._stage_block:
+        if stageable(leaf_tasks(self._dicts["search"]), self._leaves["search"], self._specs["search"]):
             return {}
         return {s.name: sum(len(self._samples["search"][leaf]) for leaf in self._leaves["search"][s.name]) for s in self._specs["search"]}
 
@@ -363,17 +359,16 @@ class LMEvalEvaluator(Evaluator):
         return self._run(model, make_lm(model, self.tokenizer, scorer=self.scorer, batch_size=self.batch_size, device=self.device), split)
 
     def _run(self, model: torch.nn.Module, lm: Any, split: str) -> EvalResult:
+        import lm_eval.api.task as lm_task
         from lm_eval.evaluator import evaluate as lm_evaluate
 
         t0 = time.perf_counter()
         was_training = model.training
         model.eval()
-        quiet_lm_eval()
         # lm-eval's evaluate() draws few-shot examples from each task's generator where the previous
         # call left it: reseed, so that every candidate is scored on the same prompts.
         for task in leaf_tasks(self._dicts[split]).values():
             task.set_fewshot_seed(seed=1234)
-        import lm_eval.api.task as lm_task
 
         # lm-eval draws a progress bar per task per call while building requests; a search
         # prints its own progress, so swap it for a pass-through during the call.

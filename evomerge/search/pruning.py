@@ -55,8 +55,8 @@ class Pruner:
     Example:
         >>> p = Pruner(PruneSettings(rounds=(0.5, 1.0)), {"a": 4}, {"a": 1.0})
         >>> [sorted(r["a"]) for r in p.rounds()]
-        [[0, 2], [1, 3]]
-        >>> p.hopeless({"a": {0: 0.0, 2: 0.0}}, {"a": [1.0, 1.0, 1.0, 1.0]})
+        [[0, 3], [1, 2]]
+        >>> p.hopeless({"a": {0: 0.0, 3: 0.0}}, {"a": [1.0, 1.0, 1.0, 1.0]})
         True
     """
 
