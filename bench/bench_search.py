@@ -33,9 +33,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(space: Path, results: Path, *, trials: int, seed: int, sampler: str | None = None, study: str, prune: object = "keep") -> tuple[float, "object"]:
-    from evomerge.search.table import load_trials
+def run(space: Path, results: Path, *, trials: int, seed: int, sampler: str | None = None, study: str, prune: object = "keep") -> tuple[float, object]:
     from evomerge.search.loop import run_search
+    from evomerge.search.table import load_trials
 
     if sampler is not None or prune != "keep":
         data = yaml.safe_load(space.read_text())
@@ -93,9 +93,9 @@ def prune_runs(args, results: Path) -> None:
                 print(f"  {name:15} {mode:3}: " + "  ".join(f"{k} {_spread([r[k] for r in rows])}" for k in ("items", "all", "pruned", "holdout", "wall")))
         off, on = table.get((name, "off"), []), table.get((name, "on"), [])
         if off and on:
-            cut = [1 - b["items"] / a["items"] for a, b in zip(off, on)]
-            cut_all = [1 - b["all"] / a["all"] for a, b in zip(off, on)]
-            dh = [b["holdout"] - a["holdout"] for a, b in zip(off, on)]
+            cut = [1 - b["items"] / a["items"] for a, b in zip(off, on, strict=True)]
+            cut_all = [1 - b["all"] / a["all"] for a, b in zip(off, on, strict=True)]
+            dh = [b["holdout"] - a["holdout"] for a, b in zip(off, on, strict=True)]
             print(f"  {name:15} on vs off, per seed: trial items cut {_spread(cut, '.1%')}, all items cut {_spread(cut_all, '.1%')}, "
                   f"best holdout on - off {_spread(dh, '+.3f')}; median best holdout {statistics.median(r['holdout'] for r in on):.3f} (on) "
                   f"vs {statistics.median(r['holdout'] for r in off):.3f} (off)")

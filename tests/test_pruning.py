@@ -97,10 +97,10 @@ def long_tasks(tmp_path_factory):
 def test_lm_eval_rounds_equal_the_full_evaluation(long_tasks, tmp_path, monkeypatch):
     """Few-shot prompts (4 shots, drawn in doc order) stay those of the full evaluation, every
     request runs once, and the result is lm-eval's full result."""
+    from _tiny import make_tiny
     from transformers import AutoModelForCausalLM
 
     import evomerge.evaluation.lmeval as lmeval
-    from _tiny import make_tiny
     from evomerge.zoo.data import make_tokenizer
 
     tok = make_tokenizer()

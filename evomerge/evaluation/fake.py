@@ -90,7 +90,8 @@ class FakeEvaluator(Evaluator):
     @staticmethod
     def assemble(smooth: Mapping[str, float], values: Mapping[str, list[float]] | None, t0: float) -> EvalResult:
         """The result: per-task means of ``values`` when given, else the smooth scores."""
-        scores, stderr, n, items = {}, {}, {}, {}
+        scores, stderr, n = {}, {}, {}
+        items: dict[str, list[float | None]] = {}
         for name, value in smooth.items():
             if values is not None:
                 vals = values[name]

@@ -140,9 +140,9 @@ def memo_lm(inner: Any) -> Any:
                 base = (kind, repr(r.args))
                 keys.append((*base, seen[base]))
                 seen[base] += 1
-            todo = {k: r for k, r in zip(keys, requests) if k not in self.memo}
+            todo = {k: r for k, r in zip(keys, requests, strict=True) if k not in self.memo}
             if todo:
-                self.memo.update(zip(todo, getattr(inner, kind)(list(todo.values()))))
+                self.memo.update(zip(todo, getattr(inner, kind)(list(todo.values())), strict=True))
             return [self.memo[k] for k in keys]
 
         def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
@@ -217,7 +217,7 @@ class LMEvalStaged(StagedEvaluation):
             for r in reqs:
                 by_kind[r.request_type] += [r] * (r.repeats or 1)
         for kind, reqs in by_kind.items():
-            for r, x in zip(reqs, getattr(self.lm, kind)(reqs)):
+            for r, x in zip(reqs, getattr(self.lm, kind)(reqs), strict=True):
                 r.resps.append(x)
         for leaf in {leaf for leaf, _ in fresh}:
             insts = [r for (lf, _), reqs in fresh.items() if lf == leaf for r in reqs]

@@ -18,8 +18,22 @@ from typing import Any
 import torch
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.evaluation.base import SCORERS, EvalConfig, EvalResult, Evaluator, StagedEvaluation, TaskSpec, aggregate
-from evomerge.evaluation.items import LMEvalStaged, RequestBank, items_from_samples, metric_value, stageable
+from evomerge.evaluation.base import (
+    SCORERS,
+    EvalConfig,
+    EvalResult,
+    Evaluator,
+    StagedEvaluation,
+    TaskSpec,
+    aggregate,
+)
+from evomerge.evaluation.items import (
+    LMEvalStaged,
+    RequestBank,
+    items_from_samples,
+    metric_value,
+    stageable,
+)
 from evomerge.evaluation.scorer import make_lm
 
 __all__ = ["LMEvalEvaluator", "task_manager", "quiet_lm_eval", "local_task_names", "get_task_dict", "leaf_tasks", "doc_ids", "texts_of",

@@ -164,6 +164,8 @@ class RoundScorer:
         t0 = time.perf_counter()
         seen: dict[str, dict[int, float]] = {t: {} for t in p.counts}
         for items in p.rounds()[:-1]:
+            if not any(items.values()):  # a share too small to add an item to any task
+                continue
             for t, vals in staged.score(items).items():
                 seen[t].update(vals)
             partial = p.partial(seen, time.perf_counter() - t0)

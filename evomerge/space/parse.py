@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
-from evomerge.space.prune import parse_prune
 from evomerge.io import read_yaml
 from evomerge.methods.registry import METHODS, get_method
 from evomerge.recipe.schema import parse_recipe
 from evomerge.space.directives import Directive
+from evomerge.space.prune import parse_prune
 from evomerge.space.space import SearchSettings, Space
 
 __all__ = ["parse_space", "load_space", "SAMPLERS"]

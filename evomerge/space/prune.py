@@ -72,7 +72,7 @@ def parse_prune(value: Any, err: Callable[[str, str], ConfigError]) -> PruneSett
     rounds = value.get("rounds", list(d.rounds))
     if not isinstance(rounds, list) or not rounds or not all(_number(r) for r in rounds):
         raise err("search.prune.rounds", f"must be a list of shares of the search items, such as [0.1, 0.25, 1.0], got {rounds!r}")
-    if not all(0 < r <= 1 for r in rounds) or any(b <= a for a, b in zip(rounds, rounds[1:])) or rounds[-1] != 1:
+    if not all(0 < r <= 1 for r in rounds) or any(b <= a for a, b in zip(rounds, rounds[1:], strict=False)) or rounds[-1] != 1:
         raise err("search.prune.rounds", f"must rise strictly within (0, 1] and end at 1.0 (every item is scored by a candidate that is not stopped), got {rounds!r}")
     against = value.get("against", d.against)
     if not isinstance(against, int) or isinstance(against, bool) or against < 1:
