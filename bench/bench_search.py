@@ -71,7 +71,7 @@ def prune_runs(args, results: Path) -> None:
         space = ROOT / "search_spaces" / f"{name}.yml"
         for seed in args.prune_seeds:
             for mode in args.prune_modes:
-                study = f"pr_{name}_{mode}_{seed}"
+                study = f"pr_{name}_{mode if mode == 'off' else args.prune_tag}_{seed}"
                 if (results / study / "trials.csv").exists() and args.keep:
                     from evomerge.search.table import load_trials
 
@@ -118,6 +118,7 @@ def main() -> int:
     ap.add_argument("--prune-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--prune-modes", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--prune-setting", default="", help="search.prune for the 'on' runs, as JSON (default: true)")
+    ap.add_argument("--prune-tag", default="on", help="study name part of the 'on' runs (several settings in one --keep folder)")
     ap.add_argument("--simulate", action="store_true", help="replay stopping rules on the runs without pruning")
     ap.add_argument("--keep", default="", help="results folder to keep (and reuse) the runs in")
     args = ap.parse_args()

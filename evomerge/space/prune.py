@@ -3,7 +3,7 @@
 ::
 
     search:
-      prune: {rounds: [0.1, 0.25, 0.5, 1.0], against: 1, alpha: 0.2}   # or true (these defaults), or false
+      prune: {rounds: [0.1, 0.2, 0.4, 1.0], against: 1, alpha: 0.1}   # or true (these defaults), or false
 
 - ``rounds``: growing shares of the search items (the same items for every candidate, each task
   in proportion) after which a candidate may be stopped; the last is 1.0, so a candidate that is
@@ -33,9 +33,9 @@ PRUNE_KEYS = ("rounds", "against", "alpha")
 class PruneSettings:
     """The parsed ``search.prune`` mapping (see the module docstring); defaults are ``prune: true``."""
 
-    rounds: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
+    rounds: tuple[float, ...] = (0.1, 0.2, 0.4, 1.0)
     against: int = 1
-    alpha: float = 0.2
+    alpha: float = 0.1
 
 
 def _number(v: Any) -> bool:
