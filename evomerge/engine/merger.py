@@ -10,13 +10,14 @@ by tensor and hands each merged tensor to a sink; the two public paths differ on
   merger also keeps source tensors on the device and caches per-source work (task vectors, sorted
   magnitudes, random fields) across trials.
 
-Both paths hash the merged tensors the same way (:func:`tensors_digest`), so a trial's hash can be
-checked against ``evomerge merge`` of its exported recipe.
+Both paths hash the merged tensors the same ways: a sha256 of the bytes (:func:`tensors_digest`),
+or a fingerprint computed on the tensors' device (:mod:`evomerge.engine.fingerprint`, what the
+search records per trial on CUDA, where copying every tensor to the CPU for sha256 cost more
+than the merge). Either can be checked against ``evomerge merge`` of the exported recipe.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -29,16 +30,19 @@ import torch
 
 from evomerge.dtypes import torch_dtype
 from evomerge.engine.card import render_card
+from evomerge.engine.hashes import Fingerprint, digest_model_dir, tensor_digest, tensors_digest
 from evomerge.engine.inputs import PrepCache, TensorInputs
 from evomerge.engine.kernels.methods import kernel_for
 from evomerge.engine.plan import MergePlan, TensorTask, make_plan
+from evomerge.engine.resident import build_model, checkpoint_targets
+from evomerge.engine.rng import STREAM, check_stream
 from evomerge.engine.sources import ModelSource, open_sources, resolve_model
 from evomerge.engine.writer import AtomicDir, ShardedWriter, parse_size
 from evomerge.errors import EvomergeError, one_line
 from evomerge.io import dump_yaml
 from evomerge.recipe.schema import MergeConfig, load_recipe
 
-__all__ = ["Merger", "MergeResult", "merge_to_disk", "merge_in_memory", "tensors_digest", "digest_model_dir", "check_device"]
+__all__ = ["Merger", "MergeResult", "merge_to_disk", "merge_in_memory", "tensor_digest", "tensors_digest", "digest_model_dir", "check_device", "TOKENIZER_FILES"]
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -51,6 +55,7 @@ _TOKENIZER_FILES = (
     "chat_template.jinja",
     "vocab.txt",
 )
+TOKENIZER_FILES = _TOKENIZER_FILES  # the files a merged model's tokenizer is copied from
 
 
 class MergeError(EvomergeError):
@@ -68,32 +73,7 @@ class MergeResult:
     bytes_in: int
     out_dir: Path | None = None
     per_tensor: dict[str, str] = field(default_factory=dict, repr=False)
-
-
-def _tensor_digest(t: torch.Tensor) -> str:
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    h = hashlib.sha256(f"{t.dtype}|".encode())
-    h.update(memoryview(t.view(torch.uint8).numpy()))
-    return h.hexdigest()
-
-
-def tensors_digest(per_tensor: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """One hash for a set of tensors: sha256 over (name, shape, tensor digest), sorted by name."""
-    h = hashlib.sha256()
-    for name in sorted(per_tensor):
-        h.update(f"{name}|{list(shapes[name])}|{per_tensor[name]}\n".encode())
-    return h.hexdigest()
-
-
-def digest_model_dir(path: str | Path) -> str:
-    """The tensor hash of a saved model directory (same value as the merge that wrote it)."""
-    src = ModelSource(str(path), Path(path))
-    per, shapes = {}, {}
-    for name in src.names():
-        t = src.get(name)
-        per[name] = _tensor_digest(t)
-        shapes[name] = tuple(t.shape)
-    return tensors_digest(per, shapes)
+    fingerprint: str = ""  # set when asked for: the device-side fingerprint (``fp1-...``)
 
 
 class Merger:
@@ -108,7 +88,11 @@ class Merger:
         cache_bytes: budget for that cache; default: a quarter of the device memory.
         allow_crimes: plan merges across architectures when shapes match.
         compile: use compiled kernels (``torch.compile``) for large tensors; default: when
-            ``resident`` on CPU, where the compile time (seconds) is paid back over many merges.
+            ``resident``, where the compile time (seconds) is paid back over many merges.
+        stream: the random stream of masks (:data:`~evomerge.engine.rng.STREAMS`; default the current).
+        digest: what :attr:`MergeResult.digest` holds: ``"sha256"`` (bytes copied to the CPU),
+            ``"fingerprint"`` (computed on the device, :mod:`~evomerge.engine.fingerprint`), or
+            ``"auto"``: the fingerprint on CUDA, sha256 on CPU (where sha256 is twice as fast).
 
     Example:
         >>> merger = Merger(open_sources([...]), resident=True)            # doctest: +SKIP
@@ -126,13 +110,19 @@ class Merger:
         cache_bytes: int | None = None,
         allow_crimes: bool = False,
         compile: bool | None = None,
+        stream: int = STREAM,
+        digest: str = "auto",
     ) -> None:
         self.sources = sources
+        if digest not in ("auto", "sha256", "fingerprint"):
+            raise ValueError(f"digest must be auto, sha256 or fingerprint, got {digest!r}")
+        self.stream = check_stream(stream)
         self.device = check_device(device)
+        self.digest_kind = ("fingerprint" if self.device.type == "cuda" else "sha256") if digest == "auto" else digest
         self.seed = seed
         self.resident = resident
         self.allow_crimes = allow_crimes
-        self.compile = (resident and self.device.type == "cpu") if compile is None else compile
+        self.compile = resident if compile is None else compile
         if cache_bytes is None:
             cache_bytes = _device_memory(self.device) // 4 if resident else 0
         self.cache = PrepCache(cache_bytes) if resident and cache_bytes > 0 else None
@@ -166,7 +156,7 @@ class Merger:
         keys: list[Hashable] = list(task.inputs)
         inp = TensorInputs(
             task.out_name, tensors, keys, task.base, task.shared, list(task.per_input), self.seed, self.cache,
-            compute_dtype=compute, out_dtype=torch_dtype(plan.out_dtype), out=out, compiled=self.compile,
+            compute_dtype=compute, out_dtype=torch_dtype(plan.out_dtype), out=out, compiled=self.compile, stream=self.stream,
         )
         try:
             result = kernel_for(plan.recipe.method)(inp)
@@ -185,13 +175,15 @@ class Merger:
         *,
         digest: bool = True,
         targets: Mapping[str, torch.Tensor] | None = None,
+        fingerprint: bool = False,
     ) -> MergeResult:
         """Merge every tensor of ``plan`` in order and hand each (cast to the output dtype) to ``sink``.
 
         Args:
             plan: the plan.
             sink: receives ``(name, tensor)`` for each output tensor, in plan order.
-            digest: hash the merged tensors.
+            digest: hash the merged tensors (the merger's digest kind) into ``MergeResult.digest``.
+            fingerprint: also fill ``MergeResult.fingerprint``.
             targets: optional destination tensors by name; fused kernels write straight into a
                 matching one (same shape, dtype, device, contiguous), and ``sink`` then receives it.
 
@@ -201,6 +193,9 @@ class Merger:
         start = time.perf_counter()
         out_dtype = torch_dtype(plan.out_dtype)
         per: dict[str, str] = {}
+        fp_kind = digest and self.digest_kind == "fingerprint"
+        fp = Fingerprint() if fp_kind or fingerprint else None
+        sha = digest and not fp_kind
         bytes_out = bytes_in = 0
         with torch.no_grad():
             for task in plan.tasks:
@@ -209,12 +204,16 @@ class Merger:
                     dst = None
                 out = self._merge_task(plan, task, dst).to(out_dtype)
                 sink(task.out_name, out)
-                if digest:
-                    per[task.out_name] = _tensor_digest(out)
+                if sha:
+                    per[task.out_name] = tensor_digest(out)
+                if fp is not None:
+                    fp.add(task.out_name, out)
                 bytes_out += out.numel() * out.element_size()
                 bytes_in += sum(self.sources[r].nbytes(n) for r, n in task.inputs)
         shapes = {t.out_name: t.shape for t in plan.tasks}
-        return MergeResult(tensors_digest(per, shapes) if digest else "", time.perf_counter() - start, len(plan.tasks), bytes_out, bytes_in, per_tensor=per)
+        fp_hex = fp.hexdigest() if fp is not None else ""
+        value = fp_hex if fp_kind else tensors_digest(per, shapes) if sha else ""
+        return MergeResult(value, time.perf_counter() - start, len(plan.tasks), bytes_out, bytes_in, per_tensor=per, fingerprint=fp_hex)
 
     def build_model(self, plan: MergePlan) -> torch.nn.Module:
         """A ``transformers`` model shaped like the plan's output, on this device, weights unset.
@@ -222,20 +221,7 @@ class Merger:
         Raises:
             EvomergeError: transformers does not know the architecture.
         """
-        from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # transformers 4.x
-            from transformers.modeling_utils import no_init_weights
-
-        model_type = plan.out_config.get("model_type")
-        if model_type not in CONFIG_MAPPING:
-            raise EvomergeError(f"in-memory merge: transformers does not know model_type {model_type!r}")
-        config = CONFIG_MAPPING[model_type].from_dict(dict(plan.out_config))
-        with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(plan.out_dtype))
-        return model.to(self.device).eval()
+        return build_model(plan.out_config, plan.out_dtype, self.device)
 
     def merge_into(self, model: torch.nn.Module, plan: MergePlan, *, digest: bool = True) -> MergeResult:
         """Write the plan's merged tensors into ``model``'s parameters, in place.
@@ -246,7 +232,7 @@ class Merger:
         """
         targets = self._targets.get(id(model))
         if targets is None:
-            targets = dict(model.state_dict(keep_vars=True))
+            targets = checkpoint_targets(model, [t.out_name for t in plan.tasks])
             self._targets = {id(model): targets}
         missing = [t.out_name for t in plan.tasks if t.out_name not in targets]
         if missing:
@@ -328,6 +314,8 @@ def merge_to_disk(
     force: bool = False,
     card_extra: str = "",
     recipe_text: str | None = None,
+    stream: int = STREAM,
+    fingerprint: bool = False,
 ) -> MergeResult:
     """Merge a recipe into a Hugging Face model directory, atomically.
 
@@ -343,6 +331,8 @@ def merge_to_disk(
         force: replace an existing non-empty ``out_dir``.
         card_extra: markdown appended to the model card (e.g. the search's evaluation section).
         recipe_text: the text saved as ``mergekit_config.yml`` (default: the recipe as YAML).
+        stream: the random stream of masks (an exported recipe's seed comment names it).
+        fingerprint: also compute the device-side fingerprint (``MergeResult.fingerprint``).
 
     Returns:
         A :class:`MergeResult` with the tensor digest and timings.
@@ -356,14 +346,14 @@ def merge_to_disk(
     check_device(device)
     atomic = AtomicDir(out_dir, force=force)  # refuses a non-empty or unwritable target, creates nothing
     sources = open_sources(cfg.referenced_models(), file=cfg.source_file, allow_bin=allow_bin)
-    merger = Merger(sources, device=device, seed=seed, allow_crimes=allow_crimes)
+    merger = Merger(sources, device=device, seed=seed, allow_crimes=allow_crimes, stream=stream)
     plan = merger.plan(cfg)
     out_dtype = torch_dtype(plan.out_dtype)
     try:
         with atomic:  # removes its temp dir on any error below
             writer = ShardedWriter(atomic.path, [(t.out_name, t.shape, out_dtype) for t in plan.tasks], max_shard)
             try:
-                result = merger.execute(plan, writer.write)
+                result = merger.execute(plan, writer.write, fingerprint=fingerprint)
                 writer.close()
             finally:
                 writer.abort()

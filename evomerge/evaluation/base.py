@@ -153,6 +153,11 @@ class Evaluator(ABC):
         """Prompt + gold answer strings per task of ``split`` (for the memorization probe)."""
         return {}
 
+    def prompts(self, split: str = "search") -> dict[str, list[str]]:
+        """The prompts (questions without answers) of each task's items of ``split``, in item order
+        (mixture-of-experts routing prompts drawn from a task); may be empty."""
+        return {}
+
     def datasets(self) -> dict[str, list[str]]:
         """Dataset paths (hub ids or local files) per task; may be empty."""
         return {}

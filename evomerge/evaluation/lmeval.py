@@ -18,22 +18,8 @@ from typing import Any
 import torch
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.evaluation.base import (
-    SCORERS,
-    EvalConfig,
-    EvalResult,
-    Evaluator,
-    StagedEvaluation,
-    TaskSpec,
-    aggregate,
-)
-from evomerge.evaluation.items import (
-    LMEvalStaged,
-    RequestBank,
-    items_from_samples,
-    metric_value,
-    stageable,
-)
+from evomerge.evaluation.base import SCORERS, EvalConfig, EvalResult, Evaluator, StagedEvaluation, TaskSpec, aggregate
+from evomerge.evaluation.items import LMEvalStaged, RequestBank, items_from_samples, metric_value, stageable
 from evomerge.evaluation.scorer import make_lm
 
 __all__ = ["LMEvalEvaluator", "task_manager", "quiet_lm_eval", "local_task_names", "get_task_dict", "leaf_tasks", "doc_ids", "texts_of",
@@ -317,6 +303,12 @@ class LMEvalEvaluator(Evaluator):
             return {}
         tasks = leaf_tasks(self._dicts[split])
         return {name: texts_of(tasks, name, ids) for name, ids in self._samples[split].items()}
+
+    def prompts(self, split: str = "search") -> dict[str, list[str]]:
+        if split not in self._dicts:
+            return {}
+        tasks = leaf_tasks(self._dicts[split])
+        return {name: [str(tasks[name].doc_to_text(tasks[name].eval_docs[i])) for i in ids] for name, ids in self._samples[split].items()}
 
     def datasets(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}

@@ -18,6 +18,8 @@ from evomerge.engine.merger import Merger, MergeResult
 from evomerge.engine.plan import MergePlan
 from evomerge.errors import EvomergeError
 from evomerge.evaluation.base import EvalResult, Evaluator
+from evomerge.moe.config import is_moe_mapping
+from evomerge.moe.resident import ResidentMoE
 from evomerge.recipe.schema import parse_recipe
 from evomerge.search.records import Scores
 
@@ -36,6 +38,7 @@ class Candidates:
         self.merger = merger
         self.evaluator = evaluator
         self._models: dict[str, torch.nn.Module] = {}
+        self._moe: ResidentMoE | None = None
 
     def model_for(self, plan: MergePlan) -> torch.nn.Module:
         """The resident model for the plan's output layout (built once per layout)."""
@@ -49,7 +52,11 @@ class Candidates:
         return model
 
     def materialize(self, recipe: Mapping[str, Any], where: str) -> tuple[torch.nn.Module, MergeResult]:
-        """Merge ``recipe`` into its resident model; returns the model and the merge result."""
+        """Merge ``recipe`` into its resident model; returns the model and the merge result.
+        A mixture-of-experts configuration (``merge_method: moe``) is built by :class:`ResidentMoE`."""
+        if is_moe_mapping(recipe):
+            self._moe = self._moe or ResidentMoE(self.merger)
+            return self._moe.materialize(recipe, where)  # type: ignore[return-value]  # has .digest like MergeResult
         plan = self.merger.plan(parse_recipe(dict(recipe), where))
         model = self.model_for(plan)
         return model, self.merger.merge_into(model, plan)

@@ -131,6 +131,7 @@ class Search:
             include_path=list(include) if include else None, search_tasks=s.search_tasks, holdout_tasks=s.holdout_tasks,
             flags=s.assessment.columns() if s.assessment is not None else {},
             assessment=assessment_to_dict(s.assessment) if s.assessment is not None else None,
+            stream=records.meta().stream if old is not None else s.merger.stream,  # a resumed study keeps its masks
         ))
         enqueue_hand_recipes(s.space, s.baselines, records, layers_of=s.layers_of, log=s.log)
         records.set_setup(_digest(fingerprint))
@@ -265,6 +266,7 @@ class Search:
         fingerprint = _digest(self._fingerprint())
         self.claims.run_once("setup", done=lambda: records.refresh().setup_done(fingerprint), work=lambda: self.set_up_study(records),
                              check_interrupt=self._check_interrupt)
+        s.merger.stream = records.refresh().meta().stream  # the study's random stream (1 for studies made before streams)
         self._warn_flags(records)
         holdout = self._holdout(records)
         try:

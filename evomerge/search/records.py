@@ -138,6 +138,7 @@ class StudyMeta:
     holdout_tasks: list[str] = field(default_factory=list)
     flags: dict[str, Any] = field(default_factory=dict)
     assessment: dict[str, Any] | None = None
+    stream: int = 1  # random stream of masks (evomerge.engine.rng); studies that record none used 1
 
 
 class StudyRecords:

@@ -11,8 +11,10 @@ from typing import Any
 from evomerge.errors import ConfigError, did_you_mean
 from evomerge.io import read_yaml
 from evomerge.methods.registry import METHODS, get_method
+from evomerge.moe.config import is_moe_mapping, parse_moe_config
 from evomerge.recipe.schema import parse_recipe
 from evomerge.space.directives import Directive
+from evomerge.space.moe import check_moe_method, moe_section, validate_moe
 from evomerge.space.prune import parse_prune
 from evomerge.space.space import SearchSettings, Space
 
@@ -201,13 +203,16 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
                     e["parameters"] = p.params(s["parameters"], f"slices[{i}].parameters", f".s{i}")
                 slices.append(e)
             tree[k] = slices
+        elif k == "moe":
+            tree[k] = moe_section(p, v, _short)
         else:
             tree[k] = v
     method = tree.get("merge_method")
     if isinstance(method, Directive):
         for c in method.choices:
-            if c not in METHODS:
+            if c not in METHODS and c != "moe":  # moe: checked with its section below
                 raise p.err("merge_method.choice", f"unknown merge_method {c!r}{did_you_mean(str(c), METHODS)}")
+    check_moe_method(tree, p)
     search = _search_settings(data.get("search"), p)
     study_name, storage = _study_section(data.get("study"), p)
     _check_sampler(search, p)
@@ -272,7 +277,10 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
             if not path.is_file():
                 raise p.err(f"{f}.recipe", f"recipe file {recipe!r} not found")
             recipe = read_yaml(path)
-        parse_recipe(recipe, f"{p.file} ({f}.recipe)")
+        if is_moe_mapping(recipe):  # a mixture of experts as a hand baseline (a mergekit-moe configuration)
+            parse_moe_config(recipe, f"{p.file} ({f}.recipe)")
+        else:
+            parse_recipe(recipe, f"{p.file} ({f}.recipe)")
         baselines.append((name, recipe))
     return SearchSettings(sampler, trials, seed, finalists, tuple(baselines), tuple(objectives), startup, mask_seed, prune)
 
@@ -319,7 +327,7 @@ def _validate_corner(space: Space) -> None:
     method_dir = space.tree.get("merge_method")
     methods = method_dir.choices if isinstance(method_dir, Directive) else (method_dir,)
     if isinstance(method_dir, Directive):
-        known = {p.name for m in methods for p in get_method(m).params}
+        known = {p.name for m in methods if m != "moe" for p in get_method(m).params}
         for fld, block in _param_blocks(space.tree):
             for k in block:
                 if k not in known:
@@ -330,10 +338,15 @@ def _validate_corner(space: Space) -> None:
                 return _m
             if d.kind == "int" and d.path.endswith("layer_range[1]"):
                 return int(d.high)
+            if d.kind == "choice" and d.choices == (True, False):
+                return True  # an optional expert takes part
             return _corner(d)
 
         recipe = space.render(suggest, lambda ref: 8)
-        parse_recipe(_with_raw_params(space, recipe), space.file)
+        if method == "moe":
+            validate_moe(space.file, recipe)
+        else:
+            parse_recipe(_with_raw_params(space, recipe), space.file)
 
 
 def _param_blocks(tree: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:

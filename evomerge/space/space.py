@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.space.directives import Directive, LayersOf, Suggest
+from evomerge.space.moe import moe_model_refs
 from evomerge.space.prune import PruneSettings
 from evomerge.space.render import render, values_of
 
@@ -68,6 +69,7 @@ class Space:
     search: SearchSettings
     study_name: str | None = None
     storage: str | None = None
+    prompt_texts: Mapping[str, list[str]] | None = None  # search items' prompts, for moe from_task prompts
 
     @property
     def is_fixed(self) -> bool:
@@ -92,6 +94,8 @@ class Space:
             add(s.get("base_model"))
             for src in s.get("sources") or ():
                 add(src.get("model"))
+        for ref in moe_model_refs(self.tree.get("moe")):
+            add(ref)
         return out
 
     def render(self, suggest: Suggest, layers_of: LayersOf) -> dict[str, Any]:

@@ -30,11 +30,12 @@ import torch
 
 from evomerge.engine.kernels import compiled
 from evomerge.engine.kernels.common import combine_scalars, out_tensor
+from evomerge.engine.rng import uniform_range
 
 if TYPE_CHECKING:
     from evomerge.engine.inputs import TensorInputs
 
-__all__ = ["CHUNK", "SAMPLE", "weights_cancel", "run_chunks", "magnitude_rule", "rule_from_order", "fused_task_vectors", "fused_linear", "fused_slerp"]
+__all__ = ["CHUNK", "SAMPLE", "weights_cancel", "run_chunks", "run_each", "magnitude_rule", "rule_from_order", "fused_task_vectors", "fused_linear", "fused_slerp"]
 
 CHUNK = int(os.environ.get("EVOMERGE_CHUNK", 1 << 16))
 _GPU_CHUNK = 1 << 22
@@ -102,17 +103,19 @@ def single_threaded() -> Iterator[None]:
         _OUTER_THREADS = outer
 
 
-def run_chunks(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], Any]) -> list[Any]:
+def run_chunks(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], Any], chunk: int | None = None) -> list[Any]:
     """Call ``fn(lo, hi, scratch)`` over ``[0, n)`` in chunks; return the results in chunk order.
 
     On CUDA the whole range is one chunk (GPU kernels do not need the cache blocking).
+    ``chunk`` overrides the CPU chunk size (:data:`CHUNK` entries).
     """
     if device.type != "cpu":
         # GPU kernels need no cache blocking; chunks only bound the scratch memory.
         return [fn(lo, min(n, lo + _GPU_CHUNK), _scratch(device)) for lo in range(0, n, _GPU_CHUNK)]
-    if n <= CHUNK:
+    size = chunk or CHUNK
+    if n <= size:
         return [fn(0, n, _scratch(device))]
-    bounds = [(lo, min(n, lo + CHUNK)) for lo in range(0, n, CHUNK)]
+    bounds = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
     threads = torch.get_num_threads()
     workers = max(1, min(_OUTER_THREADS or threads, len(bounds)))
     if workers == 1:
@@ -129,6 +132,13 @@ def run_chunks(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], 
         parts = list(_pool(workers).map(work, groups))
     finally:
         torch.set_num_threads(threads)
+    return [r for part in parts for r in part]
+
+
+def run_each(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], Any]) -> list[Any]:
+    """Call ``fn(i, i + 1, scratch)`` for each ``i`` in ``[0, n)`` (units of work larger than a
+    chunk, e.g. a fingerprint's rows), spread over the threads like :func:`run_chunks`; results in order."""
+    parts = run_chunks(n, device, lambda lo, hi, s: [fn(i, i + 1, s) for i in range(lo, hi)], chunk=1)
     return [r for part in parts for r in part]
 
 
@@ -225,6 +235,7 @@ def fused_slerp(inp: TensorInputs, t: float, v0i: int, v1i: int, dot_threshold: 
 #   ("gt_extra", lam, idx)         keep |d| > lam plus the entries at the sorted flat positions idx
 #                                  (exact top-k when entries tie at the threshold);
 #   ("lt_uniform", field, p)       keep where a fixed U[0, 1) field is below p (DARE);
+#   ("lt_hash", k0, k1, p)         the same with stream 2's field, computed per chunk from its keys;
 #   ("mask", bool tensor)          keep where the mask is set.
 # Every rule is applied with float ops only: on CPU, comparisons that produce bool tensors and
 # float-by-bool products are several times slower than arithmetic on cache-resident chunks.
@@ -256,9 +267,14 @@ def _kept_delta(rule: Rule, d: torch.Tensor, lo: int, hi: int, s: _Scratch, key:
             if b > a:
                 pos = idx[a:b] - lo
                 kd[pos] = d[pos]
-    elif kind == "lt_uniform":
+    elif kind in ("lt_uniform", "lt_hash"):
         m = s.get(key + "m", hi - lo, d.dtype)
-        torch.sub(rule[1].view(-1)[lo:hi], rule[2], out=m)  # u - p < 0 exactly where u < p
+        if kind == "lt_hash":
+            n = hi - lo
+            u = uniform_range(rule[1], rule[2], lo, hi, d.device, (s.get("hx", n, torch.int64), s.get("ht", n, torch.int64), s.get("hu", n)))
+        else:
+            u = rule[1].view(-1)[lo:hi]
+        torch.sub(u, rule[-1], out=m)  # u - p < 0 exactly where u < p
         m.clamp_(max=0).sign_()  # -1 where kept, else 0
         torch.mul(d, m, out=kd).neg_()
     else:
