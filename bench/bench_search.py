@@ -67,7 +67,7 @@ def prune_runs(args, results: Path) -> None:
 
     setting = json.loads(args.prune_setting) if args.prune_setting else True
     table: dict[tuple[str, str], list[dict]] = {}
-    for name in PRUNE_SPACES:
+    for name in args.prune_spaces:
         space = ROOT / "search_spaces" / f"{name}.yml"
         for seed in args.prune_seeds:
             for mode in args.prune_modes:
@@ -86,7 +86,7 @@ def prune_runs(args, results: Path) -> None:
                 print(f"  {name:15} seed {seed} prune {mode:3}: items {row['items']:5} (in all {row['all']:5}), {row['pruned']:2} pruned, "
                       f"best search {score:.3f} holdout {holdout:.3f}  ({wall:.0f}s)", flush=True)
     print(f"\n== pruning off vs on ({setting}), {args.trials} trials, seeds {args.prune_seeds}: median [min, max]")
-    for name in PRUNE_SPACES:
+    for name in args.prune_spaces:
         for mode in args.prune_modes:
             rows = table.get((name, mode), [])
             if rows:
@@ -116,6 +116,7 @@ def main() -> int:
     ap.add_argument("--skip-compare", action="store_true")
     ap.add_argument("--prune", action="store_true", help="only the pruning comparison (part 3)")
     ap.add_argument("--prune-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--prune-spaces", nargs="+", default=list(PRUNE_SPACES), choices=PRUNE_SPACES)
     ap.add_argument("--prune-modes", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--prune-setting", default="", help="search.prune for the 'on' runs, as JSON (default: true)")
     ap.add_argument("--prune-tag", default="on", help="study name part of the 'on' runs (several settings in one --keep folder)")
@@ -135,7 +136,7 @@ def main() -> int:
             if args.simulate:
                 from bench_prune_sim import simulate
 
-                simulate(results, PRUNE_SPACES, args.prune_seeds)
+                simulate(results, tuple(args.prune_spaces), args.prune_seeds)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(tmp)
