@@ -33,9 +33,27 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--out-shard-size", default="5GB", help="maximum shard size, e.g. 2GB or 500M (default: 5GB)")
     p.add_argument("--seed", type=int, default=None, help="seed of random masks (dare, della) (default: the recipe's `# evomerge-seed: N` comment, else 0)")
+    p.add_argument("--stream", type=int, default=None, choices=(1, 2),
+                   help="random stream of masks: 2 (current), or 1 (evomerge before streams were named) "
+                   "(default: the recipe's `# evomerge-seed: N stream V` comment; a comment without a stream means 1; no comment: 2)")
     p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True, help="copy tokenizer files from the base model or tokenizer_source (default: on)")
     p.add_argument("--allow-crimes", action="store_true", help="merge models of different architectures when tensor shapes match")
     p.add_argument("--allow-bin", action="store_true", help="also read PyTorch .bin checkpoints (torch.load with weights_only=True)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+
+
+def _add_moe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "moe",
+        help="build a mixture of experts from a mergekit-moe config",
+        description="Build a Mixtral-style mixture of experts as a mergekit-moe configuration says; write a Hugging Face model directory.",
+    )
+    p.add_argument("config", help="mergekit-moe configuration (YAML): base_model, experts, gate_mode, experts_per_token, dtype")
+    p.add_argument("out", help="output directory (must be absent or empty unless --force)")
+    p.add_argument("--device", default="cpu", help="where the base model runs for gate_mode hidden: cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random routers (gate_mode random, uniform_random) and of noise_scale (default: 0)")
+    p.add_argument("--out-shard-size", default="5GB", help="maximum shard size, e.g. 2GB or 500M (default: 5GB)")
+    p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True, help="copy the base model's tokenizer files (default: on)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
 
 
@@ -73,6 +91,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="run N worker processes on this host on the study's storage: one per CUDA device, or N CPU workers with --device cpu")
     p.add_argument("--devices", default=None, metavar="LIST", help="one worker per listed CUDA device, e.g. 0,1,2,3")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="GPU memory the search may plan for, e.g. 60GB (default: the free memory); sources stay on the GPU when they fit "
+                   "beside the merged model and evaluation, else in pinned host memory, streamed each merge")
     p.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers: no leaderboard of its own
 
 
@@ -91,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     _add_search(sub)
     _add_merge(sub)
+    _add_moe(sub)
     p = _add_study_reader(sub, "export", "export a trial's recipe as plain mergekit YAML")
     p.add_argument("-o", "--output", required=True, help="recipe file to write")
     p.add_argument("--trial", type=int, default=None, help="trial number (default: best by holdout among finalists, else by search score)")
@@ -118,16 +140,17 @@ def _run(args: argparse.Namespace) -> int:
     register(SCHEME)  # also found through the entry point; explicit for uninstalled checkouts
     if args.verb == "merge":
         from evomerge.engine.merger import merge_to_disk
-        from evomerge.results.export import seed_from_text
+        from evomerge.engine.rng import pragma_from_text
 
+        text = _read_text(args.recipe, "recipe")
         try:
-            text = open(args.recipe, encoding="utf-8").read()
-        except OSError as e:
-            raise EvomergeError(f"{args.recipe}: cannot read recipe: {one_line(e.strerror or e)}") from None
-        except UnicodeDecodeError:
-            raise EvomergeError(f"{args.recipe}: cannot read recipe: not UTF-8 text; expected a mergekit YAML recipe") from None
+            seed, stream = pragma_from_text(text)
+        except ValueError as e:
+            raise EvomergeError(f"{args.recipe}: {e}") from None
         if args.seed is None:
-            args.seed = seed_from_text(text) or 0
+            args.seed = seed or 0
+        if args.stream is None:
+            args.stream = stream
         result = merge_to_disk(
             args.recipe,
             args.out,
@@ -139,13 +162,26 @@ def _run(args: argparse.Namespace) -> int:
             allow_bin=args.allow_bin,
             force=args.force,
             recipe_text=text,
+            stream=args.stream,
         )
         print(f"merged {result.n_tensors} tensors into {args.out} in {result.seconds:.1f}s ({result.bytes_out / 1e6:.1f} MB); tensor hash {result.digest[:16]}")
+        return 0
+    if args.verb == "moe":
+        from evomerge.moe import moe_to_disk
+
+        result = moe_to_disk(args.config, args.out, device=args.device, seed=args.seed, shard_size=args.out_shard_size,
+                             copy_tokenizer=args.copy_tokenizer, force=args.force, config_text=_read_text(args.config, "configuration"))
+        print(f"built a mixture of {result.n_tensors} tensors into {args.out} in {result.seconds:.1f}s ({result.bytes_out / 1e6:.1f} MB); tensor hash {result.digest[:16]}")
         return 0
     if args.verb == "zoo":
         from evomerge.zoo import main_zoo
 
         return int(main_zoo(out=args.out, size=args.size, seed=args.seed, rebuild=args.rebuild) or 0)
+    if args.verb == "search" and args.gpu_memory is not None:
+        from evomerge.engine.placement import GPU_MEMORY_ENV, budget_override
+
+        budget_override(args.gpu_memory)  # a bad size fails here, in one line
+        os.environ[GPU_MEMORY_ENV] = str(args.gpu_memory)  # worker processes inherit it
     if args.verb == "search":
         from evomerge.results.leaderboard import leaderboard, summary
         from evomerge.search import load_trials, run_search
@@ -177,6 +213,16 @@ def _run(args: argparse.Namespace) -> int:
 
         return int(main_report(args) or 0)
     raise AssertionError(args.verb)  # pragma: no cover - argparse restricts verbs
+
+
+def _read_text(path: str, what: str) -> str:
+    """A YAML file's text, or one line saying why it cannot be read."""
+    try:
+        return open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise EvomergeError(f"{path}: cannot read {what}: {one_line(e.strerror or e)}") from None
+    except UnicodeDecodeError:
+        raise EvomergeError(f"{path}: cannot read {what}: not UTF-8 text; expected a mergekit YAML {what}") from None
 
 
 def _search_workers(args: argparse.Namespace) -> tuple[int, SearchOutcome | None]:

@@ -64,7 +64,7 @@ def test_dare_block(tiny_family, tmp_path, capsys):
 
 def test_moe(tiny_family, tmp_path, capsys):
     base, models = tiny_family
-    refuse(tmp_path, {"merge_method": "moe", "base_model": str(base), "experts": [{"source_model": str(models[0])}]}, capsys, "merge_method", "mixture of experts")
+    refuse(tmp_path, {"merge_method": "moe", "base_model": str(base), "experts": [{"source_model": str(models[0])}]}, capsys, "experts", "mixture-of-experts", "evomerge moe")
 
 
 def test_layer_range_beyond_model(tiny_family, tmp_path, capsys):

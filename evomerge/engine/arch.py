@@ -4,7 +4,11 @@ A decoder checkpoint is a few tensors before the layers (embeddings), a numbered
 identical layers, and a few after (final norm, lm_head). The stack is the dotted prefix followed by
 a number whose distinct values match the config's layer count: ``model.layers.N.`` (Llama, Mistral,
 Qwen2, Gemma, Phi-3), ``transformer.h.N.`` (GPT-2), ``model.language_model.layers.N.`` and so on.
-Other numbered stacks (a vision tower, say) are treated as ordinary non-layer tensors.
+Other numbered stacks (a vision tower, say) are not sliced: their tensors are merged like the
+tensors outside the layers, each at the relative depth of its layer within its own stack (as
+mergekit merges the modules of a vision-language model). When a vision stack has as many layers as
+the language model (LLaVA: ``vision_tower.encoder.layers`` and ``language_model.model.layers``), the
+language stack is told apart by its name.
 """
 
 from __future__ import annotations
@@ -14,10 +18,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Arch", "detect_arch", "LAYER_COUNT_KEYS"]
+from evomerge.recipe.modules import OTHER_MODULE_HINTS
+
+__all__ = ["Arch", "detect_arch", "is_other_module", "is_pre_tensor", "LAYER_COUNT_KEYS"]
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _NUMBERED = re.compile(r"^(?P<prefix>(?:[A-Za-z_][\w]*\.)*?[A-Za-z_][\w]*)\.(?P<index>\d+)\.(?P<rest>.+)$")
+# Stacks that are not the language model's, and names that are, when several match the layer count.
+_OTHER_HINTS = OTHER_MODULE_HINTS
+_TEXT_HINTS = ("language_model", "text_model", "llm")
 _PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "tok_embeddings")
 
 
@@ -32,6 +41,7 @@ class Arch:
         num_layers: number of layers.
         count_key: path of the layer count in config.json, e.g. ``("num_hidden_layers",)`` or
             ``("text_config", "num_hidden_layers")``.
+        other_stacks: the other numbered stacks (a vision tower's layers), as ``(prefix, count)``.
     """
 
     model_type: str
@@ -39,6 +49,7 @@ class Arch:
     layer_prefix: str | None
     num_layers: int
     count_key: tuple[str, ...] | None
+    other_stacks: tuple[tuple[str, int], ...] = ()
 
     def split(self, name: str) -> tuple[int, str] | None:
         """``(layer index, name within the layer)`` for a layer tensor, else None."""
@@ -50,11 +61,37 @@ class Arch:
             return None
         return int(index), suffix
 
+    def depth(self, name: str) -> float:
+        """Relative depth of a tensor outside the layer stack: ``i / (n - 1)`` in another stack of n, else 0.
+
+        Example:
+            >>> a = Arch("llava", (), "language_model.model.layers", 2, None, (("vision_tower.encoder.layers", 3),))
+            >>> a.depth("vision_tower.encoder.layers.1.mlp.fc1.weight"), a.depth("vision_tower.post_layernorm.weight")
+            (0.5, 0.0)
+        """
+        for prefix, n in self.other_stacks:
+            if name.startswith(prefix + "."):
+                index = name[len(prefix) + 1 :].partition(".")[0]
+                if index.isdigit():
+                    return int(index) / (n - 1) if n > 1 else 1.0
+        return 0.0
+
     def layer_name(self, index: int, suffix: str) -> str:
         return f"{self.layer_prefix}.{index}.{suffix}"
 
     def compatible(self, other: Arch) -> bool:
         return self.model_type == other.model_type and self.architectures == other.architectures
+
+
+def is_other_module(name: str) -> bool:
+    """Whether a tensor belongs to another module than the language model (a vision tower, a projector).
+
+    Example:
+        >>> is_other_module("multi_modal_projector.linear_1.weight"), is_other_module("model.norm.weight")
+        (True, False)
+    """
+    low = name.lower()
+    return any(h in low for h in _OTHER_HINTS)
 
 
 def is_pre_tensor(name: str) -> bool:
@@ -97,9 +134,17 @@ def detect_arch(config: Mapping[str, Any], tensor_names: Iterable[str]) -> Arch:
     if stacks:
         matching = [p for p, idx in stacks.items() if n_config is not None and idx == set(range(n_config))]
         if matching:
-            prefix = max(matching, key=lambda p: counts[p])
+            prefix = max(matching, key=lambda p: _rank(p, counts[p]))
         elif n_config is None:
-            prefix = max(stacks, key=lambda p: counts[p])
+            prefix = max(stacks, key=lambda p: _rank(p, counts[p]))
     num = len(stacks[prefix]) if prefix is not None else 0
+    # Another module's stack (a vision tower: its name says so, its indices run 0..n-1); any other
+    # numbered tensor stays an ordinary tensor outside the layers, as mergekit's architectures have it.
+    others = tuple(sorted((p, len(idx)) for p, idx in stacks.items() if p != prefix and idx == set(range(len(idx))) and is_other_module(p)))
     archs = config.get("architectures") or ()
-    return Arch(str(config.get("model_type", "")), tuple(archs), prefix, num, key if prefix is not None else None)
+    return Arch(str(config.get("model_type", "")), tuple(archs), prefix, num, key if prefix is not None else None, others)
+
+
+def _rank(prefix: str, count: int) -> tuple[bool, bool, int]:
+    low = prefix.lower()
+    return (any(h in low for h in _TEXT_HINTS), not any(h in low for h in _OTHER_HINTS), count)

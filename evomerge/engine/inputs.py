@@ -6,17 +6,17 @@ resolved parameters, and three derived quantities that cost real time on large t
 - ``delta(i)``: input ``i`` minus the base (a task vector);
 - ``magnitude_rule(i, k)``: how to keep the exact top k entries of ``|delta|`` (TIES);
 - ``uniform(i)``: a fixed field of U[0, 1) numbers, keyed by ``(seed, tensor name, input index)``,
-  from which every random mask (DARE, DELLA) is drawn as ``uniform < p``.
+  from which every random mask (DARE, DELLA) is drawn as ``uniform < p`` (see :mod:`evomerge.engine.rng`;
+  ``random_rule(i, p)`` hands the fused kernels the stream's keys instead of a field).
 
 When merging to disk nothing outlives one tensor. When the search re-merges the same sources
 trial after trial, a :class:`PrepCache` keeps these quantities (a revisited density costs a
-lookup for its threshold; random fields are drawn once). Both paths compute the same numbers the same way,
+lookup for its threshold; stream 1's random fields are drawn once, stream 2's cost nothing to redraw). Both paths compute the same numbers the same way,
 which is what lets an exported recipe re-merge to the same tensors.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -24,37 +24,9 @@ from typing import Any
 import torch
 
 from evomerge.engine.kernels.chunked import magnitude_rule, rule_from_order
+from evomerge.engine.rng import STREAM, check_stream, stream_keys, stream_seed, uniform_field
 
 __all__ = ["TensorInputs", "PrepCache", "uniform_field", "stream_seed"]
-
-# Random fields are generated in fixed blocks, each from its own seed, so that the numbers do not
-# depend on how (or on which device) the field is later consumed.
-_BLOCK = 1 << 20
-
-
-def stream_seed(*key: object) -> int:
-    """A 63-bit seed from a key, stable across processes and platforms (unlike ``hash``)."""
-    digest = hashlib.sha256(repr(key).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def uniform_field(seed: int, name: str, index: int, shape: torch.Size, device: torch.device | str = "cpu") -> torch.Tensor:
-    """U[0, 1) numbers for input ``index`` of tensor ``name``; the same on every run and device.
-
-    Example:
-        >>> a = uniform_field(0, "model.layers.0.mlp.up_proj.weight", 1, torch.Size([3, 4]))
-        >>> torch.equal(a, uniform_field(0, "model.layers.0.mlp.up_proj.weight", 1, torch.Size([3, 4])))
-        True
-    """
-    n = 1
-    for s in shape:
-        n *= s
-    out = torch.empty(n, dtype=torch.float32)
-    for start in range(0, n, _BLOCK):
-        g = torch.Generator().manual_seed(stream_seed("uniform", seed, name, index, start // _BLOCK))
-        stop = min(n, start + _BLOCK)
-        torch.rand(stop - start, generator=g, out=out[start:stop])
-    return out.reshape(shape).to(device)
 
 
 def _nbytes(value: Any) -> int:
@@ -85,6 +57,9 @@ class PrepCache:
         """Count one more request of ``key`` (a bookkeeping key, holding nothing); return the count."""
         self._seen[key] = self._seen.get(key, 0) + 1
         return self._seen[key]
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
 
     def room(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more fit the budget without evicting anything."""
@@ -129,7 +104,8 @@ class TensorInputs:
         compute_dtype: the dtype kernels compute in.
         out_dtype: the dtype of the result (default: ``compute_dtype``).
         out: where a kernel may write its result (used when shape and dtype match).
-        compiled: let kernels use compiled code for large tensors (resident re-merges on CPU).
+        compiled: let kernels use compiled code for large tensors (resident re-merges).
+        stream: the random stream of masks (:data:`evomerge.engine.rng.STREAMS`).
     """
 
     def __init__(
@@ -147,6 +123,7 @@ class TensorInputs:
         out_dtype: torch.dtype | None = None,
         out: torch.Tensor | None = None,
         compiled: bool = False,
+        stream: int = STREAM,
     ) -> None:
         self.name = name
         self._raw = list(tensors)
@@ -168,6 +145,7 @@ class TensorInputs:
         # Whether kernels may use compiled code (see :mod:`evomerge.engine.kernels.compiled`): worth it only
         # when the same tensors are merged again and again.
         self.compiled = compiled
+        self.stream = check_stream(stream)
 
     def __len__(self) -> int:
         return len(self._raw)
@@ -251,12 +229,34 @@ class TensorInputs:
         return torch.sort(absd, descending=True, stable=True).indices.to(torch.int32)
 
     def uniform(self, i: int) -> torch.Tensor:
-        """The fixed U[0, 1) field of input ``i`` (see :func:`uniform_field`)."""
+        """The fixed U[0, 1) field of input ``i`` (see :func:`~evomerge.engine.rng.uniform_field`)."""
         t = self._raw[i]
-        # Kept only while there is room: drawing a field again costs a fraction of rebuilding
-        # what it would evict (a sorted order of |delta| costs a sort of the whole tensor).
+        if self.stream != 1:  # a few integer ops per entry, on the device: redrawn, not cached
+            return uniform_field(self.seed, self.name, i, t.shape, t.device, stream=self.stream)
+        # Stream 1 fields are kept only while there is room: drawing one again costs a fraction of
+        # rebuilding what it would evict (a sorted order of |delta| costs a sort of the whole tensor).
         return self._cached(
             ("uniform", self.seed, self.name, i, tuple(t.shape)),
-            lambda: uniform_field(self.seed, self.name, i, t.shape, t.device),
+            lambda: uniform_field(self.seed, self.name, i, t.shape, t.device, stream=1),
             evict=False,
         )
+
+    def random_rule(self, i: int, p: float) -> tuple[Any, ...]:
+        """Keep rule for "where input ``i``'s uniform field is below ``p``": stream 2's keys, which
+        the fused kernels expand chunk by chunk (``("lt_hash", k0, k1, p)``), or stream 1's field
+        (``("lt_uniform", field, p)``)."""
+        if self.stream == 1:
+            return ("lt_uniform", self.uniform(i), p)
+        t = self._raw[i]
+        cache = self.cache
+        if t.device.type == "cpu" and cache is not None:
+            # On a CPU the integer hash costs more than reading a field (64-bit multiplies): a
+            # resident merger keeps the field while there is room. Same bits either way.
+            key = ("uniform", self.seed, self.name, i, tuple(t.shape))
+            field = self._memo.get(key)
+            if field is None and (key in cache or cache.room(4 * t.numel())):
+                field = self._cached(key, lambda: uniform_field(self.seed, self.name, i, t.shape, t.device, stream=self.stream), evict=False)
+            if field is not None:
+                return ("lt_uniform", field, p)
+        k0, k1 = stream_keys(self.seed, self.name, i)
+        return ("lt_hash", k0, k1, p)

@@ -10,17 +10,18 @@ by tensor and hands each merged tensor to a sink; the two public paths differ on
   merger also keeps source tensors on the device and caches per-source work (task vectors, sorted
   magnitudes, random fields) across trials.
 
-Both paths hash the merged tensors the same way (:func:`tensors_digest`), so a trial's hash can be
-checked against ``evomerge merge`` of its exported recipe.
+Both paths hash the merged tensors the same ways: a sha256 of the bytes (:func:`tensors_digest`),
+or a fingerprint computed on the tensors' device (:mod:`evomerge.engine.hashes`, what the
+search records per trial on CUDA, where copying every tensor to the CPU for sha256 cost more
+than the merge). Either can be checked against ``evomerge merge`` of the exported recipe.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,29 +29,27 @@ from typing import Any
 import torch
 
 from evomerge.dtypes import torch_dtype
-from evomerge.engine.card import render_card
+from evomerge.engine.card import TOKENIZER_FILES, write_metadata
+from evomerge.engine.hashes import Fingerprint, digest_model_dir, tensor_digest, tensors_digest
 from evomerge.engine.inputs import PrepCache, TensorInputs
 from evomerge.engine.kernels.methods import kernel_for
+from evomerge.engine.placement import (
+    Placement,
+    budget_override,
+    cache_budget,
+    check_device,
+    place_sources,
+)
 from evomerge.engine.plan import MergePlan, TensorTask, make_plan
-from evomerge.engine.sources import ModelSource, open_sources, resolve_model
+from evomerge.engine.resident import build_model, checkpoint_targets
+from evomerge.engine.rng import STREAM, check_stream
+from evomerge.engine.sources import ModelSource, open_sources
 from evomerge.engine.writer import AtomicDir, ShardedWriter, parse_size
 from evomerge.errors import EvomergeError, one_line
-from evomerge.io import dump_yaml
 from evomerge.recipe.schema import MergeConfig, load_recipe
 
-__all__ = ["Merger", "MergeResult", "merge_to_disk", "merge_in_memory", "tensors_digest", "digest_model_dir", "check_device"]
+__all__ = ["Merger", "MergeResult", "merge_to_disk", "merge_in_memory", "tensor_digest", "tensors_digest", "digest_model_dir", "check_device", "TOKENIZER_FILES"]
 
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "vocab.txt",
-)
 
 
 class MergeError(EvomergeError):
@@ -68,32 +67,7 @@ class MergeResult:
     bytes_in: int
     out_dir: Path | None = None
     per_tensor: dict[str, str] = field(default_factory=dict, repr=False)
-
-
-def _tensor_digest(t: torch.Tensor) -> str:
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    h = hashlib.sha256(f"{t.dtype}|".encode())
-    h.update(memoryview(t.view(torch.uint8).numpy()))
-    return h.hexdigest()
-
-
-def tensors_digest(per_tensor: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """One hash for a set of tensors: sha256 over (name, shape, tensor digest), sorted by name."""
-    h = hashlib.sha256()
-    for name in sorted(per_tensor):
-        h.update(f"{name}|{list(shapes[name])}|{per_tensor[name]}\n".encode())
-    return h.hexdigest()
-
-
-def digest_model_dir(path: str | Path) -> str:
-    """The tensor hash of a saved model directory (same value as the merge that wrote it)."""
-    src = ModelSource(str(path), Path(path))
-    per, shapes = {}, {}
-    for name in src.names():
-        t = src.get(name)
-        per[name] = _tensor_digest(t)
-        shapes[name] = tuple(t.shape)
-    return tensors_digest(per, shapes)
+    fingerprint: str = ""  # set when asked for: the device-side fingerprint (``fp1-...``)
 
 
 class Merger:
@@ -105,10 +79,19 @@ class Merger:
         seed: seeds every random mask (with the tensor name and input position).
         resident: keep source tensors on ``device`` between merges and cache per-source work
             (for the search, which merges the same sources again and again).
-        cache_bytes: budget for that cache; default: a quarter of the device memory.
+        cache_bytes: budget for that cache; default: a quarter of the memory on a CPU, on a GPU
+            what the placement leaves spare (the sources, the model and evaluation come first).
         allow_crimes: plan merges across architectures when shapes match.
         compile: use compiled kernels (``torch.compile``) for large tensors; default: when
-            ``resident`` on CPU, where the compile time (seconds) is paid back over many merges.
+            ``resident``, where the compile time (seconds) is paid back over many merges.
+        stream: the random stream of masks (:data:`~evomerge.engine.rng.STREAMS`; default the current).
+        digest: what :attr:`MergeResult.digest` holds: ``"sha256"`` (bytes copied to the CPU),
+            ``"fingerprint"`` (computed on the device, :mod:`~evomerge.engine.fingerprint`), or
+            ``"auto"``: the fingerprint on CUDA, sha256 on CPU (where sha256 is twice as fast).
+        gpu_memory: device memory the resident merger may plan for (``"60GB"``, bytes); default:
+            ``$EVOMERGE_GPU_MEMORY``, else the free memory (see :mod:`~evomerge.engine.placement`).
+        hold: resident sources in their ``"stored"`` dtype (default) or converted to the
+            ``"compute"`` dtype (float32: twice the memory; for measuring the difference).
 
     Example:
         >>> merger = Merger(open_sources([...]), resident=True)            # doctest: +SKIP
@@ -126,17 +109,29 @@ class Merger:
         cache_bytes: int | None = None,
         allow_crimes: bool = False,
         compile: bool | None = None,
+        stream: int = STREAM,
+        digest: str = "auto",
+        gpu_memory: str | int | None = None,
+        hold: str = "stored",
     ) -> None:
         self.sources = sources
+        if digest not in ("auto", "sha256", "fingerprint"):
+            raise ValueError(f"digest must be auto, sha256 or fingerprint, got {digest!r}")
+        self.stream = check_stream(stream)
         self.device = check_device(device)
+        self.digest_kind = ("fingerprint" if self.device.type == "cuda" else "sha256") if digest == "auto" else digest
         self.seed = seed
         self.resident = resident
         self.allow_crimes = allow_crimes
-        self.compile = (resident and self.device.type == "cpu") if compile is None else compile
+        self.compile = resident if compile is None else compile
+        if hold not in ("stored", "compute"):
+            raise ValueError(f"hold must be stored or compute, got {hold!r}")
+        self.hold = hold
+        self.placement: Placement | None = place_sources(self.sources, self.device, hold=hold, override=budget_override(gpu_memory)) if resident else None
         if cache_bytes is None:
-            cache_bytes = _device_memory(self.device) // 4 if resident else 0
+            cache_bytes = cache_budget(self.device, self.placement) if resident else 0
         self.cache = PrepCache(cache_bytes) if resident and cache_bytes > 0 else None
-        self._resident: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
+        self._resident: dict[tuple[str, str, torch.dtype | None], torch.Tensor] = {}
         self._targets: dict[int, dict[str, torch.Tensor]] = {}
 
     def plan(self, cfg: MergeConfig) -> MergePlan:
@@ -148,11 +143,19 @@ class Merger:
 
     def _load(self, ref: str, name: str, dtype: torch.dtype) -> torch.Tensor:
         if self.resident:
-            key = (ref, name, dtype)
+            # Held in the stored dtype (bf16/f16: half of float32); kernels convert chunk by chunk.
+            compute = self.hold == "compute"
+            key = (ref, name, dtype if compute else None)
             t = self._resident.get(key)
             if t is None:
-                t = self.sources[ref].get(name).to(self.device, dtype)
+                t = self.sources[ref].get(name)
+                if compute or not t.is_floating_point():
+                    t = t.to(dtype)
+                assert self.placement is not None
+                t = t.pin_memory() if self.placement.where == "host" else t.to(self.device)
                 self._resident[key] = t
+            if self.placement is not None and self.placement.where == "host":
+                return t.to(self.device, non_blocking=True)  # streamed each merge from pinned memory
             return t
         # Streaming: keep the stored dtype (a memory map on CPU); kernels convert chunk by chunk.
         t = self.sources[ref].get(name)
@@ -166,7 +169,7 @@ class Merger:
         keys: list[Hashable] = list(task.inputs)
         inp = TensorInputs(
             task.out_name, tensors, keys, task.base, task.shared, list(task.per_input), self.seed, self.cache,
-            compute_dtype=compute, out_dtype=torch_dtype(plan.out_dtype), out=out, compiled=self.compile,
+            compute_dtype=compute, out_dtype=torch_dtype(plan.out_dtype), out=out, compiled=self.compile, stream=self.stream,
         )
         try:
             result = kernel_for(plan.recipe.method)(inp)
@@ -185,13 +188,15 @@ class Merger:
         *,
         digest: bool = True,
         targets: Mapping[str, torch.Tensor] | None = None,
+        fingerprint: bool = False,
     ) -> MergeResult:
         """Merge every tensor of ``plan`` in order and hand each (cast to the output dtype) to ``sink``.
 
         Args:
             plan: the plan.
             sink: receives ``(name, tensor)`` for each output tensor, in plan order.
-            digest: hash the merged tensors.
+            digest: hash the merged tensors (the merger's digest kind) into ``MergeResult.digest``.
+            fingerprint: also fill ``MergeResult.fingerprint``.
             targets: optional destination tensors by name; fused kernels write straight into a
                 matching one (same shape, dtype, device, contiguous), and ``sink`` then receives it.
 
@@ -201,20 +206,47 @@ class Merger:
         start = time.perf_counter()
         out_dtype = torch_dtype(plan.out_dtype)
         per: dict[str, str] = {}
+        fp_kind = digest and self.digest_kind == "fingerprint"
+        fp = Fingerprint() if fp_kind or fingerprint else None
+        sha = digest and not fp_kind
         bytes_out = bytes_in = 0
-        with torch.no_grad():
-            for task in plan.tasks:
-                dst = targets.get(task.out_name) if targets is not None else None
-                if dst is not None and not (dst.dtype == out_dtype and dst.device == self.device and tuple(dst.shape) == tuple(task.shape) and dst.is_contiguous()):
-                    dst = None
-                out = self._merge_task(plan, task, dst).to(out_dtype)
-                sink(task.out_name, out)
-                if digest:
-                    per[task.out_name] = _tensor_digest(out)
-                bytes_out += out.numel() * out.element_size()
-                bytes_in += sum(self.sources[r].nbytes(n) for r, n in task.inputs)
+
+        def book(name: str, out: torch.Tensor) -> None:
+            sink(name, out)
+            if sha:
+                per[name] = tensor_digest(out)
+
+        # Streaming to disk, the sink (a file write) and sha256 (both release the GIL) run in a
+        # second thread while the next tensor merges; at most two tensors wait, in plan order.
+        # In memory the targets are the model's own tensors: no overlap.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="evomerge-write") if targets is None and self.device.type == "cpu" else None
+        pending: deque[Future[None]] = deque()
+        try:
+            with torch.no_grad():
+                for task in plan.tasks:
+                    dst = targets.get(task.out_name) if targets is not None else None
+                    if dst is not None and not (dst.dtype == out_dtype and dst.device == self.device and tuple(dst.shape) == tuple(task.shape) and dst.is_contiguous()):
+                        dst = None
+                    out = self._merge_task(plan, task, dst).to(out_dtype)
+                    if pool is None:
+                        book(task.out_name, out)
+                    else:
+                        while len(pending) >= 2:
+                            pending.popleft().result()
+                        pending.append(pool.submit(book, task.out_name, out))
+                    if fp is not None:
+                        fp.add(task.out_name, out)
+                    bytes_out += out.numel() * out.element_size()
+                    bytes_in += sum(self.sources[r].nbytes(n) for r, n in task.inputs)
+            while pending:
+                pending.popleft().result()  # raises what the sink raised
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         shapes = {t.out_name: t.shape for t in plan.tasks}
-        return MergeResult(tensors_digest(per, shapes) if digest else "", time.perf_counter() - start, len(plan.tasks), bytes_out, bytes_in, per_tensor=per)
+        fp_hex = fp.hexdigest() if fp is not None else ""
+        value = fp_hex if fp_kind else tensors_digest(per, shapes) if sha else ""
+        return MergeResult(value, time.perf_counter() - start, len(plan.tasks), bytes_out, bytes_in, per_tensor=per, fingerprint=fp_hex)
 
     def build_model(self, plan: MergePlan) -> torch.nn.Module:
         """A ``transformers`` model shaped like the plan's output, on this device, weights unset.
@@ -222,20 +254,7 @@ class Merger:
         Raises:
             EvomergeError: transformers does not know the architecture.
         """
-        from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # transformers 4.x
-            from transformers.modeling_utils import no_init_weights
-
-        model_type = plan.out_config.get("model_type")
-        if model_type not in CONFIG_MAPPING:
-            raise EvomergeError(f"in-memory merge: transformers does not know model_type {model_type!r}")
-        config = CONFIG_MAPPING[model_type].from_dict(dict(plan.out_config))
-        with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(plan.out_dtype))
-        return model.to(self.device).eval()
+        return build_model(plan.out_config, plan.out_dtype, self.device)
 
     def merge_into(self, model: torch.nn.Module, plan: MergePlan, *, digest: bool = True) -> MergeResult:
         """Write the plan's merged tensors into ``model``'s parameters, in place.
@@ -246,7 +265,7 @@ class Merger:
         """
         targets = self._targets.get(id(model))
         if targets is None:
-            targets = dict(model.state_dict(keep_vars=True))
+            targets = checkpoint_targets(model, [t.out_name for t in plan.tasks])
             self._targets = {id(model): targets}
         missing = [t.out_name for t in plan.tasks if t.out_name not in targets]
         if missing:
@@ -260,39 +279,6 @@ class Merger:
                 dst.data.copy_(tensor)
 
         return self.execute(plan, sink, digest=digest, targets={n: t.data for n, t in targets.items()})
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """The torch device a merge runs on: ``cpu``, or ``cuda``/``cuda:N`` when that GPU exists.
-
-    Raises:
-        EvomergeError: not a device string, a device type evomerge does not merge on (``tpu``,
-            ``mps``, ``meta``...), or a CUDA device this machine does not have.
-    """
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise EvomergeError(f"--device {str(device)!r}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EvomergeError(f"--device {device}: no CUDA device is available (torch.cuda.is_available() is false); use --device cpu")
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise EvomergeError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    elif dev.type != "cpu":
-        raise EvomergeError(f"--device {device}: evomerge merges on cpu or cuda[:N], not {dev.type}")
-    return dev
-
-
-def _device_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        import os
-
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
-        return 8 << 30
 
 
 def merge_in_memory(recipe: MergeConfig | Mapping[str, Any] | str | Path, *, device: str = "cpu", seed: int = 0, allow_crimes: bool = False) -> torch.nn.Module:
@@ -328,6 +314,8 @@ def merge_to_disk(
     force: bool = False,
     card_extra: str = "",
     recipe_text: str | None = None,
+    stream: int = STREAM,
+    fingerprint: bool = False,
 ) -> MergeResult:
     """Merge a recipe into a Hugging Face model directory, atomically.
 
@@ -343,6 +331,8 @@ def merge_to_disk(
         force: replace an existing non-empty ``out_dir``.
         card_extra: markdown appended to the model card (e.g. the search's evaluation section).
         recipe_text: the text saved as ``mergekit_config.yml`` (default: the recipe as YAML).
+        stream: the random stream of masks (an exported recipe's seed comment names it).
+        fingerprint: also compute the device-side fingerprint (``MergeResult.fingerprint``).
 
     Returns:
         A :class:`MergeResult` with the tensor digest and timings.
@@ -356,50 +346,21 @@ def merge_to_disk(
     check_device(device)
     atomic = AtomicDir(out_dir, force=force)  # refuses a non-empty or unwritable target, creates nothing
     sources = open_sources(cfg.referenced_models(), file=cfg.source_file, allow_bin=allow_bin)
-    merger = Merger(sources, device=device, seed=seed, allow_crimes=allow_crimes)
+    merger = Merger(sources, device=device, seed=seed, allow_crimes=allow_crimes, stream=stream)
     plan = merger.plan(cfg)
     out_dtype = torch_dtype(plan.out_dtype)
     try:
         with atomic:  # removes its temp dir on any error below
             writer = ShardedWriter(atomic.path, [(t.out_name, t.shape, out_dtype) for t in plan.tasks], max_shard)
             try:
-                result = merger.execute(plan, writer.write)
+                result = merger.execute(plan, writer.write, fingerprint=fingerprint)
                 writer.close()
             finally:
                 writer.abort()
-            _write_metadata(atomic.path, plan, sources, copy_tokenizer, recipe_text, card_extra)
+            write_metadata(atomic.path, plan, sources, copy_tokenizer, recipe_text, card_extra)
     except MergeError as e:
         raise MergeError(f"{cfg.source_file}: {e}" if cfg.source_file else str(e)) from None
     except OSError as e:  # disk full, a permission changed mid-merge...
         raise EvomergeError(f"output {out_dir}: cannot write the merged model: {one_line(e.strerror or e)}") from None
     result.out_dir = Path(out_dir)
     return result
-
-
-def _write_metadata(path: Path, plan: MergePlan, sources: Mapping[str, ModelSource], copy_tokenizer: bool, recipe_text: str | None, card_extra: str) -> None:
-    cfg = plan.recipe
-    (path / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
-    ref_dir = sources[plan.reference].path
-    if (ref_dir / "generation_config.json").is_file():
-        shutil.copy2(ref_dir / "generation_config.json", path / "generation_config.json")
-    if copy_tokenizer:
-        tok = cfg.tokenizer_source
-        if tok is None or tok == "base":
-            tok_dir = ref_dir
-        elif tok in sources:
-            tok_dir = sources[tok].path
-        else:
-            tok_dir = resolve_model(tok, file=cfg.source_file, field="tokenizer_source")
-        for name in _TOKENIZER_FILES:
-            if (tok_dir / name).is_file():
-                shutil.copy2(tok_dir / name, path / name)
-        if cfg.chat_template:
-            tc_path = path / "tokenizer_config.json"
-            tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
-            tc["chat_template"] = cfg.chat_template
-            tc_path.write_text(json.dumps(tc, indent=2) + "\n")
-            (path / "chat_template.jinja").unlink(missing_ok=True)
-    text = recipe_text if recipe_text is not None else dump_yaml(dict(cfg.raw))
-    (path / "mergekit_config.yml").write_text(text)
-    (path / "README.md").write_text(render_card(plan, text, extra=card_extra))
-

@@ -9,7 +9,11 @@ slice's models, then each slice's layers are renumbered consecutively, then the 
 layers (final norm, lm_head) come from the last slice's models. A ``models:`` recipe is one slice
 covering every layer of every model, the base included even when unlisted. Within a slice of n
 layers, layer i has relative depth t = i / (n - 1) (t = 1 for a one-layer slice, as in mergekit);
-the tensors outside the layers take t = 0.
+the tensors outside the layers take t = 0, except those of another module's stack (a
+vision-language model's vision tower), which take their depth within that stack
+(:meth:`~evomerge.engine.arch.Arch.depth`): mergekit plans each module of such a model on its own.
+Slices cut the language model's layers only; another module comes whole from the first slice's
+models (mergekit asks for ``modules:`` there).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge.dtypes import name_of_code
-from evomerge.engine.arch import is_pre_tensor
+from evomerge.engine.arch import is_other_module, is_pre_tensor
 from evomerge.engine.params import ParamError, resolve
 from evomerge.engine.sources import ModelSource
 from evomerge.errors import ConfigError
@@ -135,6 +139,11 @@ def make_plan(cfg: MergeConfig, sources: Mapping[str, ModelSource], *, allow_cri
             if hi > n:
                 raise ConfigError(file, f"slices[{si}].sources[{j}].layer_range", f"[{lo}, {hi}] is beyond model {src.model!r}, which has {n} layers (allowed: 0 <= start < end <= {n})")
 
+    stacks = {0, ref_arch.num_layers} | {n for _, n in ref_arch.other_stacks}
+    for name, end in cfg.module_spans:
+        if end not in stacks:
+            raise ConfigError(file, f"modules.{name}", f"layer_range [0, {end}] covers no whole layer stack of {reference!r} (its stacks have {', '.join(str(n) for n in sorted(stacks - {0}))} layers); several modules are merged as one models: recipe, every layer of every stack")
+
     ref_layer_shapes: dict[str, tuple[int, ...]] = {}
     for name in ref_src.names():
         sp = ref_arch.split(name)
@@ -174,7 +183,8 @@ def make_plan(cfg: MergeConfig, sources: Mapping[str, ModelSource], *, allow_cri
 
     def outside(first_slice: OutputSlice, si: int, pre: bool) -> None:
         for name in ref_src.names():
-            if ref_arch.split(name) is not None or is_pre_tensor(name) != pre:
+            # Another module (a vision tower) comes whole from the first slice's models, with the embeddings.
+            if ref_arch.split(name) is not None or (is_pre_tensor(name) or is_other_module(name)) != pre:
                 continue
             in_names = []
             for src in first_slice.sources:
@@ -182,7 +192,7 @@ def make_plan(cfg: MergeConfig, sources: Mapping[str, ModelSource], *, allow_cri
                 if n is None:
                     raise ConfigError(file, None, f"model {src.model!r} has no tensor {name}")
                 in_names.append(n)
-            add(name, first_slice, si, in_names, 0.0, None)
+            add(name, first_slice, si, in_names, ref_arch.depth(name), None)
 
     outside(slices[0], 0, pre=True)
     out_layer = 0

@@ -125,7 +125,7 @@ KNOWN_PARAMS: frozenset[str] = frozenset(p.name for m in METHODS.values() for p 
 
 # Names that exist elsewhere but are not merge methods of this tool, with the reason.
 NOT_METHODS = {
-    "moe": "`moe` builds a mixture of experts, a different tool (mergekit-moe); evomerge merges dense models",
+    "moe": "`moe` builds a mixture of experts (a mergekit-moe configuration): build it with `evomerge moe` instead of `evomerge merge`",
 }
 
 

@@ -60,6 +60,9 @@ class MergeConfig:
     chat_template: str | None = None
     source_file: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    # A modules: recipe of several modules read as models: (evomerge.recipe.modules): each module's
+    # layer_range end, for the planner to check that it covers a whole layer stack.
+    module_spans: tuple[tuple[str, int], ...] = ()
 
     @property
     def method(self) -> Method:

@@ -36,6 +36,7 @@ from evomerge.io import dump_yaml, read_yaml
 from evomerge.methods.registry import KNOWN_PARAMS, METHODS, NOT_METHODS
 from evomerge.methods.spec import Method, Param
 from evomerge.recipe.config import Cond, InputModel, MergeConfig, OutputSlice, Scalar, Setting
+from evomerge.recipe.modules import flatten_modules
 
 __all__ = [
     "Cond",
@@ -199,17 +200,18 @@ def parse_recipe(data: Any, file: str | None = None, *, unused: Unused = "error"
     p = _Parser(file, unused)
     if data is None:
         raise p.err(None, "empty recipe: expected merge_method and models or slices")
-    m = p.mapping(data, None, _TOP_KEYS + ("experts", "gate_mode", "modules"))
+    if isinstance(data, Mapping) and ("experts" in data or "gate_mode" in data):  # before the key check: its keys are mergekit-moe's
+        key = "experts" if "experts" in data else "gate_mode"
+        raise p.err(key, "is a mergekit-moe key: this is a mixture-of-experts configuration; build it with `evomerge moe` instead of `evomerge merge`")
+    m = raw = p.mapping(data, None, _TOP_KEYS + ("modules",))
+    pre, spans = "", ()  # a modules: recipe is read as the models:/slices: recipe it amounts to
     if "modules" in m:
-        raise p.err("modules", "multi-module recipes are not supported; use models: or slices:")
+        m, pre, spans = flatten_modules(m, file)
     name = m.get("merge_method")
     if name is None:
         raise p.err("merge_method", f"missing (allowed: {', '.join(sorted(METHODS))})")
     if name in NOT_METHODS:
         raise p.err("merge_method", NOT_METHODS[str(name)])
-    if "experts" in m or "gate_mode" in m:
-        key = "experts" if "experts" in m else "gate_mode"
-        raise p.err(key, "is a mergekit-moe key; evomerge merges dense models (mixture-of-experts is a different tool)")
     if name not in METHODS:
         raise p.err("merge_method", f"unknown merge_method {name!r}{did_you_mean(str(name), METHODS)}")
     method = METHODS[name]
@@ -221,10 +223,10 @@ def parse_recipe(data: Any, file: str | None = None, *, unused: Unused = "error"
     models = slices = None
     if has_models:
         if not isinstance(m["models"], list) or not m["models"]:
-            raise p.err("models", "must be a non-empty list of {model, parameters}")
+            raise p.err(f"{pre}models", "must be a non-empty list of {model, parameters}")
         items = []
         for i, entry in enumerate(m["models"]):
-            f = f"models[{i}]"
+            f = f"{pre}models[{i}]"
             e = p.mapping(entry, f, ("model", "parameters"))
             if "model" not in e:
                 raise p.err(f, "needs a model")
@@ -235,10 +237,10 @@ def parse_recipe(data: Any, file: str | None = None, *, unused: Unused = "error"
         models = tuple(items)
     else:
         if not isinstance(m["slices"], list) or not m["slices"]:
-            raise p.err("slices", "must be a non-empty list of {sources: [...]}")
+            raise p.err(f"{pre}slices", "must be a non-empty list of {sources: [...]}")
         out_slices = []
         for si, s in enumerate(m["slices"]):
-            f = f"slices[{si}]"
+            f = f"{pre}slices[{si}]"
             sm = p.mapping(s, f, ("sources", "parameters", "base_model", "residual_weight"))
             if sm.get("residual_weight") is not None:
                 raise p.err(f"{f}.residual_weight", "is not supported")
@@ -299,7 +301,8 @@ def parse_recipe(data: Any, file: str | None = None, *, unused: Unused = "error"
         tokenizer_source=tokenizer_source,
         chat_template=chat_template,
         source_file=file,
-        raw=dict(m),
+        raw=dict(raw),
+        module_spans=spans,
     )
     _check_structure(cfg, p)
     required_params_missing(cfg)

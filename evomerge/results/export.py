@@ -9,7 +9,6 @@ comments, so ``mergekit-yaml best.yml out`` accepts the file for the methods it 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +16,21 @@ import yaml
 
 from evomerge.contamination.render import as_comments, render_contamination_section
 from evomerge.contamination.rules import assessment_from_dict
+from evomerge.engine.hashes import is_fingerprint
 from evomerge.engine.merger import merge_to_disk
+from evomerge.engine.rng import SEED_PRAGMA, pragma_from_text, seed_from_text
 from evomerge.errors import EvomergeError, one_line
 from evomerge.io import atomic_text, dump_yaml
+from evomerge.moe.config import is_moe_mapping
+from evomerge.moe.write import moe_to_disk
 from evomerge.recipe.schema import parse_recipe
+from evomerge.results.export_moe import moe_export
 from evomerge.schemes import resolve, scheme_of
 from evomerge.search.records import StudyRecords
 from evomerge.search.storage import load_study, locate
 from evomerge.search.table import best_row, trials_frame
 
-__all__ = ["export_recipe", "main_export", "SEED_PRAGMA", "seed_from_text"]
-
-# A comment line `evomerge merge` reads when --seed is not given, so exported recipes of random
-# methods (dare, della) re-merge to the trial's tensors without extra flags.
-SEED_PRAGMA = "# evomerge-seed: {seed}"
-_SEED_RE = re.compile(r"^#\s*evomerge-seed:\s*(\d+)\s*$", re.M)
-
-
-def seed_from_text(text: str) -> int | None:
-    """The seed recorded by :data:`SEED_PRAGMA` in a recipe's text, if any."""
-    m = _SEED_RE.search(text)
-    return int(m.group(1)) if m else None
-
+__all__ = ["export_recipe", "main_export", "SEED_PRAGMA", "seed_from_text", "pragma_from_text"]  # the pragma lives in evomerge.engine.rng
 
 def _num(x: Any) -> float | None:
     try:
@@ -71,17 +63,19 @@ def _atomic_write(path: Path, text: str, force: bool) -> None:
         raise EvomergeError(f"-o {path}: cannot write: {one_line(e.strerror or e)}") from None
 
 
-def export_recipe(study: Any, *, trial: int | None = None, space_file: str | None = None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def export_recipe(study: Any, *, trial: int | None = None, space_file: str | None = None, out: Path | None = None) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """The exported recipe text of a trial.
 
     Args:
         study: the Optuna study.
         trial: trial number; default: best by holdout among finalists, else by search score.
         space_file: named in the header.
+        out: where the recipe goes (a mixture of experts' merged experts are written beside it).
 
     Returns:
-        ``(text, recipe mapping, info)``; info has ``number``, ``digest``, ``seed``, ``section``
-        (the markdown contamination section for a model card).
+        ``(text, recipe mapping, info)``; info has ``number``, ``digest``, ``seed``, ``stream``, ``section``
+        (the markdown contamination section for a model card), ``moe`` (a mixture of experts) and
+        ``expert_files`` (its merged experts' recipe files, :class:`~evomerge.results.export_moe.ExpertFile`).
 
     Raises:
         EvomergeError: no such trial, or it did not complete.
@@ -105,6 +99,7 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
     rec = records.trial(study.trials[number])
     recipe = _plain_refs(yaml.safe_load(rec.recipe or "{}"))
     seed = int(meta.seed)
+    stream = int(getattr(meta, "stream", 1))
     score, score_se = _num(row.get("score")), _num(row.get("score_se"))
     hold, hold_se = _num(row.get("holdout")), _num(row.get("holdout_se"))
     assessment = assessment_from_dict(meta.assessment) if meta.assessment else None
@@ -120,37 +115,58 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
         (f"# Holdout score {hold:.4f} ± {hold_se or 0:.4f} on: {', '.join(meta.holdout_tasks)}" if hold is not None
          else "# Holdout score: not measured for this trial"),
         f"# Tensor hash of the merge: {rec.digest or ''}",
-        f"# Reproduce: evomerge merge THIS_FILE OUT_DIR   (random masks use seed {seed}, read from the next line)",
-        SEED_PRAGMA.format(seed=seed),
+        f"# Reproduce: evomerge merge THIS_FILE OUT_DIR   (random masks use seed {seed} and random stream {stream}, read from the next line)",
+        SEED_PRAGMA.format(seed=seed, stream=stream),
         "#",
     ]
     if section:
         head += [ln for ln in as_comments(section).splitlines()]
         head.append("#")
+    info = {"number": number, "digest": rec.digest or "", "seed": seed, "stream": stream, "section": section, "moe": False, "expert_files": []}
+    if is_moe_mapping(recipe):  # a mixture of experts: a mergekit-moe configuration (and its merged experts)
+        text, recipe, files = moe_export(recipe, head, out or Path("best.yml"))
+        return text, recipe, {**info, "moe": True, "expert_files": files}
     text = "\n".join(head) + "\n" + dump_yaml(recipe)
     parse_recipe(yaml.safe_load(text), "exported recipe")  # what we write must load as a recipe
-    return text, recipe, {"number": number, "digest": rec.digest or "", "seed": seed, "section": section}
+    return text, recipe, info
 
 
 def main_export(args: Any) -> int:
     """``evomerge export space.yml [--trial N] -o best.yml [--merge OUT_DIR]``."""
     paths = locate(args.space, study=args.study, storage=args.storage, results_dir=args.results_dir)
     study = load_study(paths)
-    text, recipe, info = export_recipe(study, trial=args.trial, space_file=args.space)
     out = Path(args.output)
+    text, recipe, info = export_recipe(study, trial=args.trial, space_file=args.space, out=out)
     if args.merge:
         if Path(args.merge).exists() and not Path(args.merge).is_dir():
             raise EvomergeError(f"--merge {args.merge}: exists and is not a directory")
         if Path(args.merge).exists() and any(Path(args.merge).iterdir()) and not args.force:
             raise EvomergeError(f"--merge {args.merge}: directory is not empty (pass --force to replace it)")
+    for f in info["expert_files"]:
+        _atomic_write(f.recipe_path, f.text, args.force)
     _atomic_write(out, text, args.force)
-    print(f"wrote {out}: trial {info['number']} of study {paths.name}")
-    if args.merge:
-        result = merge_to_disk(recipe, args.merge, device=args.device, seed=info["seed"], force=args.force,
-                               card_extra=info["section"], recipe_text=text)
-        same = result.digest == info["digest"]
-        print(f"merged into {args.merge} in {result.seconds:.1f}s; tensor hash {result.digest[:16]} "
-              + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:16]}"))
+    print(f"wrote {out}: trial {info['number']} of study {paths.name}" + "".join(f"; merged expert recipe {f.recipe_path}" for f in info["expert_files"]))
+    if args.merge and info["moe"]:
+        for f in info["expert_files"]:
+            merge_to_disk(f.recipe_path, f.model_dir, device=args.device, seed=info["seed"], force=args.force, stream=info["stream"])
+            print(f"merged expert into {f.model_dir}")
+        built = moe_to_disk(recipe, args.merge, device=args.device, seed=info["seed"], force=args.force, config_text=text, card_extra=info["section"])
+        same = built.digest == info["digest"]
+        print(f"built the mixture into {args.merge} in {built.seconds:.1f}s; hash {built.digest[:16]} "
+              + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:20]}"))
         if not same:
-            raise EvomergeError(f"--merge: the re-merged tensors differ from trial {info['number']}'s (hash {result.digest[:16]} vs {info['digest'][:16]})")
+            raise EvomergeError(f"--merge: the rebuilt mixture differs from trial {info['number']}'s ({built.digest[:20]} vs {info['digest'][:20]})")
+    elif args.merge:
+        # CUDA trials record a fingerprint of their tensors (evomerge.engine.hashes), CPU trials and studies made
+        # before fingerprints a sha256. The re-merge is checked against whichever the trial holds.
+        fp = is_fingerprint(info["digest"])
+        result = merge_to_disk(recipe, args.merge, device=args.device, seed=info["seed"], force=args.force,
+                               card_extra=info["section"], recipe_text=text, stream=info["stream"], fingerprint=fp)
+        got = result.fingerprint if fp else result.digest
+        same = got == info["digest"]
+        print(f"merged into {args.merge} in {result.seconds:.1f}s; tensor hash {result.digest[:16]} "
+              + (f"(fingerprint {got[:20]}) " if fp else "")
+              + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:20]}"))
+        if not same:
+            raise EvomergeError(f"--merge: the re-merged tensors differ from trial {info['number']}'s ({got[:20]} vs {info['digest'][:20]})")
     return 0

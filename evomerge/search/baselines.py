@@ -86,7 +86,7 @@ def _done(records: StudyRecords, name: str) -> bool:
 
 def _score_baseline(space: Space, name: str, recipe: dict[str, Any], candidates: Candidates, records: StudyRecords,
                     holdout: bool, log: Callable[[str], None]) -> None:
-    rec = TrialRecord(method=recipe.get("merge_method"), recipe=dump_yaml(recipe))
+    rec = TrialRecord(method=recipe.get("merge_method") or ("moe" if "experts" in recipe else None), recipe=dump_yaml(recipe))
     try:
         t0 = time.perf_counter()
         model, res = candidates.materialize(recipe, f"{space.file} (baseline {name})")

@@ -17,11 +17,13 @@ import torch
 from evomerge.engine.merger import Merger, MergeResult
 from evomerge.engine.plan import MergePlan
 from evomerge.errors import EvomergeError
-from evomerge.evaluation.base import Evaluator
+from evomerge.evaluation.base import EvalResult, Evaluator
+from evomerge.moe.config import is_moe_mapping
+from evomerge.moe.resident import ResidentMoE
 from evomerge.recipe.schema import parse_recipe
 from evomerge.search.records import Scores
 
-__all__ = ["Candidates"]
+__all__ = ["Candidates", "scores_of"]
 
 
 class Candidates:
@@ -36,6 +38,7 @@ class Candidates:
         self.merger = merger
         self.evaluator = evaluator
         self._models: dict[str, torch.nn.Module] = {}
+        self._moe: ResidentMoE | None = None
 
     def model_for(self, plan: MergePlan) -> torch.nn.Module:
         """The resident model for the plan's output layout (built once per layout)."""
@@ -49,7 +52,11 @@ class Candidates:
         return model
 
     def materialize(self, recipe: Mapping[str, Any], where: str) -> tuple[torch.nn.Module, MergeResult]:
-        """Merge ``recipe`` into its resident model; returns the model and the merge result."""
+        """Merge ``recipe`` into its resident model; returns the model and the merge result.
+        A mixture-of-experts configuration (``merge_method: moe``) is built by :class:`ResidentMoE`."""
+        if is_moe_mapping(recipe):
+            self._moe = self._moe or ResidentMoE(self.merger)
+            return self._moe.materialize(recipe, where)  # type: ignore[return-value]  # has .digest like MergeResult
         plan = self.merger.plan(parse_recipe(dict(recipe), where))
         model = self.model_for(plan)
         return model, self.merger.merge_into(model, plan)
@@ -60,8 +67,17 @@ class Candidates:
         Raises:
             EvomergeError: a task gave no score (NaN or missing).
         """
-        r = self.evaluator.evaluate(model, split)
-        bad = [t for t, v in r.scores.items() if v is None or (isinstance(v, float) and math.isnan(v))]
-        if bad:
-            raise EvomergeError(f"evaluation gave no score for {', '.join(bad)}")
-        return Scores(dict(r.scores), {k: float(v) for k, v in r.stderr.items()}, float(r.aggregate), float(r.aggregate_se), float(r.seconds))
+        return scores_of(self.evaluator.evaluate(model, split))
+
+
+def scores_of(r: EvalResult) -> Scores:
+    """The stored :class:`Scores` of an evaluation.
+
+    Raises:
+        EvomergeError: a task gave no score (NaN or missing).
+    """
+    bad = [t for t, v in r.scores.items() if v is None or (isinstance(v, float) and math.isnan(v))]
+    if bad:
+        raise EvomergeError(f"evaluation gave no score for {', '.join(bad)}")
+    return Scores(dict(r.scores), {k: float(v) for k, v in r.stderr.items()}, float(r.aggregate), float(r.aggregate_se), float(r.seconds),
+                  int(sum(r.n_items.values())), {k: list(v) for k, v in r.items.items()})

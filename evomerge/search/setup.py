@@ -29,6 +29,7 @@ from evomerge.search.liveness import Liveness
 from evomerge.search.recovery import on_stale
 from evomerge.search.storage import StudyPaths, open_storage, study_paths
 from evomerge.space import Space, load_space
+from evomerge.space.moe import check_prompt_tasks
 
 __all__ = ["Setup", "prepare"]
 
@@ -152,10 +153,12 @@ def prepare(space_file: str | Path, *, trials: int | None = None, device: str | 
         torch.set_num_threads(threads)
     seed = s.seed if seed is None else seed
     merger = Merger(sources, device=device, seed=seed if s.mask_seed is None else s.mask_seed, resident=True)
+    if merger.placement is not None and merger.device.type == "cuda":
+        log(merger.placement.describe())
     tokenizer_dir = _tokenizer_dir(space, sources, file)
     baselines = baseline_recipes(space)
     for name, recipe in baselines.items():
-        if name == "uniform" or name.startswith("hand:"):
+        if (name == "uniform" or name.startswith("hand:")) and recipe.get("merge_method") != "moe" and "experts" not in recipe:
             merger.plan(parse_recipe(recipe, f"{file} (baseline {name})"))
     # Evaluation: tasks, prompts and datasets built once for the whole study.
     if evaluator is None:
@@ -164,6 +167,9 @@ def prepare(space_file: str | Path, *, trials: int | None = None, device: str | 
         cfg = parse_evaluate(space.evaluate, file, space.base_dir)
         evaluator = LMEvalEvaluator(cfg, AutoTokenizer.from_pretrained(str(tokenizer_dir)), device=device)
     search_tasks = list(evaluator.task_names("search"))
+    if "moe" in space.tree:
+        space.prompt_texts = evaluator.prompts("search")  # routing prompts drawn from search items
+        check_prompt_tasks(file, space.tree, space.prompt_texts)
     holdout_tasks = list(evaluator.task_names("holdout"))
     objectives = list(s.objectives)
     if objectives == ["tasks"]:

@@ -11,8 +11,11 @@ from typing import Any
 from evomerge.errors import ConfigError, did_you_mean
 from evomerge.io import read_yaml
 from evomerge.methods.registry import METHODS, get_method
+from evomerge.moe.config import is_moe_mapping, parse_moe_config
 from evomerge.recipe.schema import parse_recipe
 from evomerge.space.directives import Directive
+from evomerge.space.moe import check_moe_method, moe_section, validate_moe
+from evomerge.space.prune import parse_prune
 from evomerge.space.space import SearchSettings, Space
 
 __all__ = ["parse_space", "load_space", "SAMPLERS"]
@@ -22,7 +25,7 @@ _MODIFIERS = ("log", "step", "anchors", "per_layers")
 _SECTIONS = ("evaluate", "search", "study")
 SAMPLERS = ("tpe", "cmaes", "random", "gp", "nsga2")
 DEFAULT_SAMPLER = SearchSettings.sampler  # gp: see SearchSettings
-_SEARCH_KEYS = ("sampler", "trials", "seed", "baselines", "finalists", "objectives", "mask_seed", "startup_trials")
+_SEARCH_KEYS = ("sampler", "trials", "seed", "baselines", "finalists", "objectives", "mask_seed", "startup_trials", "prune")
 _STUDY_KEYS = ("name", "storage")
 
 
@@ -130,6 +133,11 @@ class _SpaceParser:
         return {k: self.param_value(v, f"{fld}.{k}", f"{k}{suffix}") for k, v in block.items()}
 
 
+def _directive_inside(v: Any) -> bool:
+    items = v.values() if isinstance(v, Mapping) else v if isinstance(v, list) else ()
+    return (isinstance(v, Mapping) and any(k in _KINDS for k in v)) or any(_directive_inside(x) for x in items)
+
+
 def _slug(text: Any) -> str:
     s = re.sub(r"[^A-Za-z0-9_]+", "_", str(text)).strip("_")
     return s or "x"
@@ -201,13 +209,18 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
                     e["parameters"] = p.params(s["parameters"], f"slices[{i}].parameters", f".s{i}")
                 slices.append(e)
             tree[k] = slices
+        elif k == "moe":
+            tree[k] = moe_section(p, v, _short)
+        elif k == "modules" and _directive_inside(v):
+            raise p.err("modules", "search directives inside modules: are not supported; write the space with models: or slices: (a modules: recipe merges as the models: or slices: recipe it amounts to)")
         else:
             tree[k] = v
     method = tree.get("merge_method")
     if isinstance(method, Directive):
         for c in method.choices:
-            if c not in METHODS:
+            if c not in METHODS and c != "moe":  # moe: checked with its section below
                 raise p.err("merge_method.choice", f"unknown merge_method {c!r}{did_you_mean(str(c), METHODS)}")
+    check_moe_method(tree, p)
     search = _search_settings(data.get("search"), p)
     study_name, storage = _study_section(data.get("study"), p)
     _check_sampler(search, p)
@@ -248,6 +261,11 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
     sampler = section.get("sampler", DEFAULT_SAMPLER if not objectives else "tpe")
     if sampler not in SAMPLERS:
         raise p.err("search.sampler", f"unknown sampler {sampler!r}{did_you_mean(str(sampler), SAMPLERS)}")
+    prune = parse_prune(section.get("prune", True), p.err)
+    if prune is not None and objectives:
+        if "prune" in section:
+            raise p.err("search.prune", "stops a trial by its single score: it does not work with several objectives (set prune: false)")
+        prune = None  # on by default, off with several objectives
     baselines = []
     raw = section.get("baselines") or []
     if not isinstance(raw, list):
@@ -268,9 +286,12 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
             if not path.is_file():
                 raise p.err(f"{f}.recipe", f"recipe file {recipe!r} not found")
             recipe = read_yaml(path)
-        parse_recipe(recipe, f"{p.file} ({f}.recipe)")
+        if is_moe_mapping(recipe):  # a mixture of experts as a hand baseline (a mergekit-moe configuration)
+            parse_moe_config(recipe, f"{p.file} ({f}.recipe)")
+        else:
+            parse_recipe(recipe, f"{p.file} ({f}.recipe)")
         baselines.append((name, recipe))
-    return SearchSettings(sampler, trials, seed, finalists, tuple(baselines), tuple(objectives), startup, mask_seed)
+    return SearchSettings(sampler, trials, seed, finalists, tuple(baselines), tuple(objectives), startup, mask_seed, prune)
 
 
 def _study_section(section: Any, p: _SpaceParser) -> tuple[str | None, str | None]:
@@ -315,7 +336,7 @@ def _validate_corner(space: Space) -> None:
     method_dir = space.tree.get("merge_method")
     methods = method_dir.choices if isinstance(method_dir, Directive) else (method_dir,)
     if isinstance(method_dir, Directive):
-        known = {p.name for m in methods for p in get_method(m).params}
+        known = {p.name for m in methods if m != "moe" for p in get_method(m).params}
         for fld, block in _param_blocks(space.tree):
             for k in block:
                 if k not in known:
@@ -326,10 +347,15 @@ def _validate_corner(space: Space) -> None:
                 return _m
             if d.kind == "int" and d.path.endswith("layer_range[1]"):
                 return int(d.high)
+            if d.kind == "choice" and d.choices == (True, False):
+                return True  # an optional expert takes part
             return _corner(d)
 
         recipe = space.render(suggest, lambda ref: 8)
-        parse_recipe(_with_raw_params(space, recipe), space.file)
+        if method == "moe":
+            validate_moe(space.file, recipe)
+        else:
+            parse_recipe(_with_raw_params(space, recipe), space.file)
 
 
 def _param_blocks(tree: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -360,7 +386,7 @@ def _with_raw_params(space: Space, recipe: dict[str, Any]) -> dict[str, Any]:
         out["parameters"] = {**{k: 0 for k in space.tree["parameters"]}, **(recipe.get("parameters") or {})}
     if "models" in space.tree and "models" in recipe:
         models = []
-        for m, r in zip(space.tree["models"], recipe["models"]):
+        for m, r in zip(space.tree["models"], recipe["models"], strict=False):
             r = dict(r)
             if isinstance(m, Mapping) and isinstance(m.get("parameters"), Mapping):
                 extra = {k: 0 for k in m["parameters"] if k not in (r.get("parameters") or {})}

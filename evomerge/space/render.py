@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.methods.registry import METHODS, get_method
 from evomerge.space.directives import Directive, LayersOf, Suggest
+from evomerge.space.moe import render_moe
 
 if TYPE_CHECKING:
     from evomerge.space.space import Space
@@ -117,6 +118,8 @@ class _Renderer:
         tree = self.space.tree
         out: dict[str, Any] = {}
         method = self.value(tree.get("merge_method"))
+        if method == "moe" and "moe" in tree:
+            return render_moe(tree, self.value, self._expert_recipe, getattr(self.space, "prompt_texts", None))
         out["merge_method"] = method
         for k in ("base_model", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template"):
             if k in tree:
@@ -164,6 +167,9 @@ class _Renderer:
                 slices.append(sl)
             out["slices"] = slices
             n_global = None
+        if "modules" in tree:  # a modules: recipe holds no directive (parse_space refuses them there)
+            out["modules"] = tree["modules"]
+            n_global = None
         if "parameters" in tree:
             p = self.params(tree["parameters"], method, shared + per_model, n_global)
             if p:
@@ -172,6 +178,17 @@ class _Renderer:
 
     def _layers(self, ref: Any) -> int | None:
         return self.layers_of(ref) if isinstance(ref, str) else None
+
+    def _expert_recipe(self, tree: Mapping[str, Any]) -> dict[str, Any]:
+        """A merged expert's recipe (a recipe tree inside the ``moe:`` section)."""
+        return _Renderer(_Tree(dict(tree)), self.suggest, self.layers_of).recipe()  # type: ignore[arg-type]  # reads .tree only
+
+
+class _Tree:
+    """A recipe tree rendered on its own (a merged expert): what :class:`_Renderer` reads of a space."""
+
+    def __init__(self, tree: dict[str, Any]) -> None:
+        self.tree = tree
 
 
 # ----------------------------------------------------------------------------- parsing

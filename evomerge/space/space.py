@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.space.directives import Directive, LayersOf, Suggest
+from evomerge.space.moe import moe_model_refs
+from evomerge.space.prune import PruneSettings
 from evomerge.space.render import render, values_of
 
 __all__ = ["Space", "SearchSettings"]
@@ -45,6 +47,7 @@ class SearchSettings:
     objectives: tuple[str, ...] = ()
     startup_trials: int | None = None
     mask_seed: int | None = None  # seed of random masks (dare, della); None: ``seed``
+    prune: PruneSettings | None = PruneSettings()  # stop hopeless candidates early; None: off
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Space:
     search: SearchSettings
     study_name: str | None = None
     storage: str | None = None
+    prompt_texts: Mapping[str, list[str]] | None = None  # search items' prompts, for moe from_task prompts
 
     @property
     def is_fixed(self) -> bool:
@@ -92,6 +96,8 @@ class Space:
             add(s.get("base_model"))
             for src in s.get("sources") or ():
                 add(src.get("model"))
+        for ref in moe_model_refs(self.tree.get("moe")):
+            add(ref)
         return out
 
     def render(self, suggest: Suggest, layers_of: LayersOf) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 from evomerge.engine import merge_in_memory
 from evomerge.errors import EvomergeError
 from evomerge.evaluation import EvalConfig, LMEvalEvaluator, TaskSpec
+from evomerge.moe import moe_in_memory
 from evomerge.zoo.data import (
     SKILLS,
     eval_strings,
@@ -318,6 +319,11 @@ class ZooScorer:
         return out
 
 
+# The mixture of experts of the figures: gate_mode hidden, one expert per token, two prompts per expert.
+MOE_PROMPTS = {"rot": ["rot: abcde =", "rot: vwxyz ="], "sort": ["sort: dbeca =", "sort: qzmxa ="], "shift": ["shift: abcde =", "shift: lmnop ="]}
+MOE_LABEL = "mixture of experts (hidden, 1 per token, 2 prompts each)"
+
+
 def measure_figures(zoo_dir: Path, tasks_dir: Path, model_names: list[str], *, grid: tuple[Any, ...] = (1 / 3,)) -> dict[str, Any]:
     """lm-eval accuracy (search and holdout items) of every model and of merges of all experts.
 
@@ -345,6 +351,10 @@ def measure_figures(zoo_dir: Path, tasks_dir: Path, model_names: list[str], *, g
         figures["merges"][label] = scorer.score(merge_in_memory(recipe))
         if not isinstance(entry, tuple):
             uniform.append(label)
+    if set(model_names) <= set(MOE_PROMPTS):  # issue 14's mergekit-moe configuration, built by evomerge moe
+        experts = [{"source_model": str(Path(zoo_dir) / n), "positive_prompts": MOE_PROMPTS[n]} for n in model_names]
+        moe = {"base_model": str(Path(zoo_dir) / "base"), "gate_mode": "hidden", "experts_per_token": 1, "dtype": "float32", "experts": experts}
+        figures["moe"] = {MOE_LABEL: scorer.score(moe_in_memory(moe))}
     figures["eval_seconds"] = round(sum(scorer.seconds) / len(scorer.seconds), 3)
     figures["summary"] = _summary(figures, model_names, uniform)
     return figures
@@ -471,7 +481,7 @@ def format_figures(manifest: dict[str, Any]) -> str:
         return "(no figures measured)"
     search = manifest["tasks"]["search"]
     cols = [*search, "mean", "holdout_mean"]
-    rows = [(n, v) for n, v in fig["models"].items()] + [(n, v) for n, v in fig["merges"].items()]
+    rows = [(n, v) for n, v in fig["models"].items()] + [(n, v) for n, v in fig["merges"].items()] + list(fig.get("moe", {}).items())
     width = max(len(n) for n, _ in rows)
     lines = [f"{'model':<{width}}  " + "  ".join(f"{c:>12}" for c in cols)]
     for name, v in rows:

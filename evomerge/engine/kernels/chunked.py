@@ -30,11 +30,12 @@ import torch
 
 from evomerge.engine.kernels import compiled
 from evomerge.engine.kernels.common import combine_scalars, out_tensor
+from evomerge.engine.rng import uniform_range
 
 if TYPE_CHECKING:
     from evomerge.engine.inputs import TensorInputs
 
-__all__ = ["CHUNK", "SAMPLE", "weights_cancel", "run_chunks", "magnitude_rule", "rule_from_order", "fused_task_vectors", "fused_linear", "fused_slerp"]
+__all__ = ["CHUNK", "SAMPLE", "weights_cancel", "run_chunks", "run_each", "magnitude_rule", "rule_from_order", "fused_task_vectors", "fused_linear", "fused_slerp"]
 
 CHUNK = int(os.environ.get("EVOMERGE_CHUNK", 1 << 16))
 _GPU_CHUNK = 1 << 22
@@ -102,17 +103,19 @@ def single_threaded() -> Iterator[None]:
         _OUTER_THREADS = outer
 
 
-def run_chunks(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], Any]) -> list[Any]:
+def run_chunks(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], Any], chunk: int | None = None) -> list[Any]:
     """Call ``fn(lo, hi, scratch)`` over ``[0, n)`` in chunks; return the results in chunk order.
 
     On CUDA the whole range is one chunk (GPU kernels do not need the cache blocking).
+    ``chunk`` overrides the CPU chunk size (:data:`CHUNK` entries).
     """
     if device.type != "cpu":
         # GPU kernels need no cache blocking; chunks only bound the scratch memory.
         return [fn(lo, min(n, lo + _GPU_CHUNK), _scratch(device)) for lo in range(0, n, _GPU_CHUNK)]
-    if n <= CHUNK:
+    size = chunk or CHUNK
+    if n <= size:
         return [fn(0, n, _scratch(device))]
-    bounds = [(lo, min(n, lo + CHUNK)) for lo in range(0, n, CHUNK)]
+    bounds = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
     threads = torch.get_num_threads()
     workers = max(1, min(_OUTER_THREADS or threads, len(bounds)))
     if workers == 1:
@@ -129,6 +132,13 @@ def run_chunks(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], 
         parts = list(_pool(workers).map(work, groups))
     finally:
         torch.set_num_threads(threads)
+    return [r for part in parts for r in part]
+
+
+def run_each(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], Any]) -> list[Any]:
+    """Call ``fn(i, i + 1, scratch)`` for each ``i`` in ``[0, n)`` (units of work larger than a
+    chunk, e.g. a fingerprint's rows), spread over the threads like :func:`run_chunks`; results in order."""
+    parts = run_chunks(n, device, lambda lo, hi, s: [fn(i, i + 1, s) for i in range(lo, hi)], chunk=1)
     return [r for part in parts for r in part]
 
 
@@ -187,8 +197,13 @@ def fused_slerp(inp: TensorInputs, t: float, v0i: int, v1i: int, dot_threshold: 
     dtype = inp.compute_dtype
 
     def reduce(lo: int, hi: int, s: _Scratch) -> tuple[float, float, float]:
-        a = _f32(v0, lo, hi, s, "a", dtype)
-        b = _f32(v1, lo, hi, s, "b", dtype)
+        # float64: products of float32 values are exact there, and the sums' rounding (1e-16)
+        # stays far below float32's, so the coefficients come out the same on every device and
+        # chunking (a float32 dot's order-dependent error, 1e-7, made CUDA and CPU differ).
+        a = s.get("a64", hi - lo, torch.float64)
+        b = s.get("b64", hi - lo, torch.float64)
+        a.copy_(v0[lo:hi])
+        b.copy_(v1[lo:hi])
         return float(torch.dot(a, b)), float(torch.dot(a, a)), float(torch.dot(b, b))
 
     parts = run_chunks(v0.numel(), v0.device, reduce)
@@ -204,6 +219,8 @@ def fused_slerp(inp: TensorInputs, t: float, v0i: int, v1i: int, dot_threshold: 
         theta = math.acos(cos)
         c0 = math.sin((1 - t) * theta) / math.sin(theta)
         c1 = math.sin(t * theta) / math.sin(theta)
+    # The kernels multiply by the coefficients in the compute dtype: round them once, here.
+    c0, c1 = (float(torch.tensor(c, dtype=torch.float64).to(dtype)) for c in (c0, c1))
     out = out_tensor(inp, inp.raw(v0i).shape)
     flat_out = out.view(-1)
 
@@ -225,6 +242,7 @@ def fused_slerp(inp: TensorInputs, t: float, v0i: int, v1i: int, dot_threshold: 
 #   ("gt_extra", lam, idx)         keep |d| > lam plus the entries at the sorted flat positions idx
 #                                  (exact top-k when entries tie at the threshold);
 #   ("lt_uniform", field, p)       keep where a fixed U[0, 1) field is below p (DARE);
+#   ("lt_hash", k0, k1, p)         the same with stream 2's field, computed per chunk from its keys;
 #   ("mask", bool tensor)          keep where the mask is set.
 # Every rule is applied with float ops only: on CPU, comparisons that produce bool tensors and
 # float-by-bool products are several times slower than arithmetic on cache-resident chunks.
@@ -256,9 +274,14 @@ def _kept_delta(rule: Rule, d: torch.Tensor, lo: int, hi: int, s: _Scratch, key:
             if b > a:
                 pos = idx[a:b] - lo
                 kd[pos] = d[pos]
-    elif kind == "lt_uniform":
+    elif kind in ("lt_uniform", "lt_hash"):
         m = s.get(key + "m", hi - lo, d.dtype)
-        torch.sub(rule[1].view(-1)[lo:hi], rule[2], out=m)  # u - p < 0 exactly where u < p
+        if kind == "lt_hash":
+            n = hi - lo
+            u = uniform_range(rule[1], rule[2], lo, hi, d.device, (s.get("hx", n, torch.int64), s.get("ht", n, torch.int64), s.get("hu", n)))
+        else:
+            u = rule[1].view(-1)[lo:hi]
+        torch.sub(u, rule[-1], out=m)  # u - p < 0 exactly where u < p
         m.clamp_(max=0).sign_()  # -1 where kept, else 0
         torch.mul(d, m, out=kd).neg_()
     else:
@@ -376,8 +399,11 @@ def _l1_rescale(inp: TensorInputs, rules: list[Rule], others: list[int]) -> list
 
 
 # Sample size for bracketing a TIES threshold; tensors up to _WHOLE elements are not sampled.
-SAMPLE = 1 << 16
+# 16384 draws put ~4% of the entries in the bracket (65536 put 2%, but drawing them cost a third
+# of the threshold's time: a random gather from both inputs).
+SAMPLE = 1 << 14
 _WHOLE = 1 << 18
+_SAMPLE_IDX: dict[tuple[int, str], torch.Tensor] = {}
 
 
 def _below(x: float, dtype: torch.dtype) -> float:
@@ -459,8 +485,14 @@ def rule_from_order(inp: TensorInputs, i: int, k: int, order: torch.Tensor) -> R
 def _sample_bracket(x: torch.Tensor, base: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[float, float]:
     """Bounds that very likely hold the k-th largest ``|x - base|``, from a fixed random sample."""
     n = x.numel()
-    g = torch.Generator().manual_seed(n)
-    idx = torch.randint(0, n, (SAMPLE,), generator=g).to(x.device)
+    key = (n, str(x.device))
+    idx = _SAMPLE_IDX.get(key)
+    if idx is None or idx.numel() != SAMPLE:
+        g = torch.Generator().manual_seed(n)
+        idx = torch.randint(0, n, (SAMPLE,), generator=g).to(x.device)
+        if len(_SAMPLE_IDX) > 64:
+            _SAMPLE_IDX.clear()
+        _SAMPLE_IDX[key] = idx
     sample = (x[idx].to(dtype) - base[idx].to(dtype)).abs_()
     m = SAMPLE
     q = (n - k) / n  # the answer's quantile, ascending

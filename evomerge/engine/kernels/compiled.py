@@ -7,8 +7,10 @@ loop per tensor: every input is read once, nothing is materialised but the outpu
 runs on every core.
 
 Compiling costs seconds per kernel variant (method family, number of inputs, dtypes), so it is used
-only where merges repeat: by a resident :class:`~evomerge.engine.merger.Merger` (the search), on CPU,
-for tensors of at least :data:`MIN_NUMEL` entries. Should compiling fail (no C++ compiler, an
+only where merges repeat: by a resident :class:`~evomerge.engine.merger.Merger` (the search), on CPU
+or CUDA (inductor's C++ or Triton code), for tensors of at least :data:`MIN_NUMEL` entries. Stream 2
+random masks are computed inside the loop from the entry index (:func:`~evomerge.engine.rng.hash_uniform`),
+so a DARE re-merge reads no field. Should compiling fail (no C++ compiler, an
 unsupported platform), one warning is printed and the chunked kernels are used from then on.
 
 The op sequence mirrors :func:`~evomerge.engine.kernels.chunked.fused_task_vectors` op for op (the same
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from evomerge.engine.kernels.common import combine_scalars, out_tensor
+from evomerge.engine.rng import hash_uniform
 
 if TYPE_CHECKING:
     from evomerge.engine.inputs import TensorInputs
@@ -57,31 +60,40 @@ def usable(inp: TensorInputs, rules: list[tuple[Any, ...]]) -> bool:
     if not (inp.compiled and available()):
         return False
     base = inp.raw(inp.base) if inp.base is not None else None
-    if base is None or base.device.type != "cpu" or base.numel() < MIN_NUMEL:
+    if base is None or base.device.type not in ("cpu", "cuda") or base.numel() < MIN_NUMEL:
         return False
     kinds = {r[0] for r in rules}
-    return kinds <= {"all", "gt", "gt_extra"} or kinds <= {"all", "lt_uniform"}
+    return kinds <= {"all", "gt", "gt_extra"} or kinds <= {"all", "lt_uniform"} or kinds <= {"all", "lt_hash"}
 
 
-def _sparsify(d: torch.Tensor, j: int, magnitude: bool, fields: list[torch.Tensor], thr: torch.Tensor, cut: torch.Tensor, p: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """Input j's delta with the dropped entries set to 0, as :func:`fused._kept_delta` computes it."""
-    if magnitude:
+def _sparsify(d: torch.Tensor, j: int, mode: str, fields: list[torch.Tensor], keys: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, p: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Input j's delta with the dropped entries set to 0, as :func:`fused._kept_delta` computes it.
+
+    ``mode``: ``magnitude`` (TIES thresholds), ``field`` (stream 1 fields) or ``hash`` (stream 2,
+    the field computed in the loop from the keys and the entry index: integer ops, exact).
+    """
+    if mode == "magnitude":
         t = thr[j]
         kd = torch.where((d >= -t) & (d <= t), 0.0, d)  # hardshrink(d, t)
         assert idx is not None
         return torch.where((d.abs() == t) & (idx <= cut[j]), d, kd)  # ties kept in index order
-    m = (fields[j] - p[j]).clamp(max=0).sign()  # -1 where kept, else 0
+    if mode == "hash":
+        assert idx is not None
+        u = hash_uniform(idx, keys[j, 0], keys[j, 1])
+    else:
+        u = fields[j]
+    m = (u - p[j]).clamp(max=0).sign()  # -1 where kept, else 0
     return -(d * m)
 
 
-def _l1_sums(base: torch.Tensor, xs: list[torch.Tensor], fields: list[torch.Tensor], thr: torch.Tensor, cut: torch.Tensor, p: torch.Tensor, magnitude: bool) -> torch.Tensor:
+def _l1_sums(base: torch.Tensor, xs: list[torch.Tensor], fields: list[torch.Tensor], keys: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, p: torch.Tensor, mode: str) -> torch.Tensor:
     """Per input: ``[sum |delta|, sum |kept delta|]`` in float64."""
     b = base.to(thr.dtype)
-    idx = torch.arange(b.shape[0], device=b.device) if magnitude else None
+    idx = torch.arange(b.shape[0], device=b.device) if mode != "field" else None
     sums = []
     for j, x in enumerate(xs):
         d = x.to(thr.dtype) - b
-        kd = _sparsify(d, j, magnitude, fields, thr, cut, p, idx)
+        kd = _sparsify(d, j, mode, fields, keys, thr, cut, p, idx)
         sums.append(torch.stack([d.abs().sum(dtype=torch.float64), kd.abs().sum(dtype=torch.float64)]))
     return torch.stack(sums)
 
@@ -90,6 +102,7 @@ def _combine(
     base: torch.Tensor,
     xs: list[torch.Tensor],
     fields: list[torch.Tensor],
+    keys: torch.Tensor,
     thr: torch.Tensor,
     cut: torch.Tensor,
     p: torch.Tensor,
@@ -98,14 +111,14 @@ def _combine(
     lam: torch.Tensor,
     flat_div: torch.Tensor,
     out: torch.Tensor,
-    magnitude: bool,
+    mode: str,
     consensus: bool,
     normalize: bool,
 ) -> torch.Tensor:
     """``base + lam * combine(kept deltas)`` written into ``out``; returns whether it is all finite."""
     b = base.to(thr.dtype)
-    idx = torch.arange(b.shape[0], device=b.device) if magnitude else None
-    wds = [_sparsify(x.to(thr.dtype) - b, j, magnitude, fields, thr, cut, p, idx) * coef[j] for j, x in enumerate(xs)]
+    idx = torch.arange(b.shape[0], device=b.device) if mode != "field" else None
+    wds = [_sparsify(x.to(thr.dtype) - b, j, mode, fields, keys, thr, cut, p, idx) * coef[j] for j, x in enumerate(xs)]
     if consensus:
         total = wds[0]
         for wd in wds[1:]:
@@ -139,10 +152,14 @@ def _compiled(name: str) -> Any:
         # Each variant (method family, input count, dtypes) is one more compile of the same function;
         # a search over several methods can exceed dynamo's default of 8 per function.
         import torch._dynamo
+        import torch._inductor.config
 
         for key in ("recompile_limit", "cache_size_limit"):
             if getattr(torch._dynamo.config, key, 64) < 64:
                 setattr(torch._dynamo.config, key, 64)
+        # On CUDA, Triton contracts a * b + c into one FMA unless told not to: that rounds once
+        # where the eager and CPU kernels round twice, and the tensors would differ by device.
+        torch._inductor.config.emulate_precision_casts = True
         fn = torch.compile({"combine": _combine, "l1": _l1_sums}[name], dynamic=True, fullgraph=True)
         _COMPILED[name] = fn
     return fn
@@ -170,21 +187,26 @@ def compiled_task_vectors(inp: TensorInputs, rules: list[tuple[Any, ...]], other
     dtype = inp.compute_dtype
     base = inp.raw(b).reshape(-1)
     xs = [inp.raw(i).reshape(-1) for i in others]
-    magnitude = not any(r[0] == "lt_uniform" for r in rules)
-    thr, cut, p, fields = [], [], [], []
+    kinds = {r[0] for r in rules}
+    mode = "hash" if "lt_hash" in kinds else "field" if "lt_uniform" in kinds else "magnitude"
+    thr, cut, p, fields, keys = [], [], [], [], []
     for i, r in zip(others, rules):
         kind = r[0]
-        if not magnitude:  # an input kept whole (density 1) still gets its own field, with p = inf
+        # An input kept whole (density 1) still gets its own field or keys, with p = inf.
+        if mode == "field":
             fields.append(r[1].reshape(-1) if kind == "lt_uniform" else inp.uniform(i).reshape(-1))
+        keys.append((r[1], r[2]) if kind == "lt_hash" else (0, 0))
         thr.append(-1.0 if kind == "all" else float(r[1]) if kind in ("gt", "gt_extra") else 0.0)
         cut.append(int(r[2][-1]) if kind == "gt_extra" and r[2].numel() else -1)
-        p.append(float(r[2]) if kind == "lt_uniform" else math.inf)  # inf: u - inf < 0 keeps all
-    thr_t = torch.tensor(thr, dtype=dtype)
-    cut_t = torch.tensor(cut, dtype=torch.int64)
-    p_t = torch.tensor(p, dtype=dtype)
+        p.append(float(r[-1]) if kind in ("lt_uniform", "lt_hash") else math.inf)  # inf: u - inf < 0 keeps all
+    device = base.device
+    thr_t = torch.tensor(thr, dtype=dtype, device=device)
+    cut_t = torch.tensor(cut, dtype=torch.int64, device=device)
+    p_t = torch.tensor(p, dtype=dtype, device=device)
+    keys_t = torch.tensor(keys, dtype=torch.int64, device=device)
     l1 = None
     if rescale:
-        sums = _call("l1", base, xs, fields, thr_t, cut_t, p_t, magnitude)
+        sums = _call("l1", base, xs, fields, keys_t, thr_t, cut_t, p_t, mode)
         if sums is None:
             return None
         l1 = [(before, after) for before, after in sums.tolist()]
@@ -192,10 +214,10 @@ def compiled_task_vectors(inp: TensorInputs, rules: list[tuple[Any, ...]], other
     normalize = bool(inp.shared["normalize"])
     out = out_tensor(inp, inp.raw(b).shape)
     ok = _call(
-        "combine", base, xs, fields, thr_t, cut_t, p_t,
-        torch.tensor(coef, dtype=dtype), torch.tensor(weights, dtype=dtype),
-        torch.tensor(float(inp.shared["lambda"]), dtype=dtype), torch.tensor(flat_div, dtype=dtype),
-        out.view(-1), magnitude, consensus, normalize,
+        "combine", base, xs, fields, keys_t, thr_t, cut_t, p_t,
+        torch.tensor(coef, dtype=dtype, device=device), torch.tensor(weights, dtype=dtype, device=device),
+        torch.tensor(float(inp.shared["lambda"]), dtype=dtype, device=device), torch.tensor(flat_div, dtype=dtype, device=device),
+        out.view(-1), mode, consensus, normalize,
     )
     if ok is None:
         return None

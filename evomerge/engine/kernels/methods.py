@@ -61,7 +61,7 @@ def _keep_rule(inp: TensorInputs, i: int, kind: str | None) -> tuple[Any, ...]:
     if kind == "magnitude":
         return inp.magnitude_rule(i, max(1, int(density * n)))
     if kind == "random":
-        return ("lt_uniform", inp.uniform(i), density)
+        return inp.random_rule(i, density)
     delta = inp.delta(i)
     if kind == "magnitude_outliers":
         target = int(density * n)

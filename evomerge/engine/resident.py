@@ -1,0 +1,94 @@
+"""The model a search merges into: built once per output layout, its parameters found by checkpoint name.
+
+A plan names its tensors as the source checkpoints do. For most causal LMs those are the names of
+the model's own parameters. A model whose checkpoint layout differs from its module tree (LLaVA:
+the checkpoint's ``vision_tower.*`` and ``language_model.model.*`` are the modules
+``model.vision_tower.*`` and ``model.language_model.*`` since transformers 5) is matched through
+transformers' own save-time renaming (``revert_weight_conversion``), so a merged tensor lands in the
+parameter that ``from_pretrained`` would have loaded it into. A model whose checkpoint tensors are
+computed from its parameters (fused or split on save) is refused in one line: writing a merged
+tensor there would not reach the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from evomerge.dtypes import torch_dtype
+from evomerge.errors import EvomergeError
+
+__all__ = ["build_model", "checkpoint_targets"]
+
+
+def build_model(config: Mapping[str, Any], dtype: str, device: torch.device) -> torch.nn.Module:
+    """A ``transformers`` model for an output ``config.json``, weights unset, in eval mode.
+
+    A causal LM is built with ``AutoModelForCausalLM``; a model that class does not take (a
+    vision-language model) with the class its ``architectures`` names.
+
+    Args:
+        config: the output config (a plan's ``out_config``).
+        dtype: the dtype name of its parameters.
+        device: where it lives.
+
+    Returns:
+        The model.
+
+    Raises:
+        EvomergeError: transformers does not know the model type, or has no class for it.
+    """
+    import transformers
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise EvomergeError(f"in-memory merge: transformers does not know model_type {model_type!r}")
+    cfg = CONFIG_MAPPING[model_type].from_dict(dict(config))
+    archs = list(config.get("architectures") or [])
+    cls: Any = AutoModelForCausalLM
+    causal = getattr(AutoModelForCausalLM, "_model_mapping", None)  # config class -> model class
+    if causal is not None and type(cfg) not in causal:
+        named = getattr(transformers, archs[0], None) if archs else None
+        if named is None or not hasattr(named, "_from_config"):
+            raise EvomergeError(f"in-memory merge: transformers has no causal LM class for model_type {model_type!r} (architectures: {archs})")
+        cls = named
+    with no_init_weights():
+        model = cls.from_config(cfg, dtype=torch_dtype(dtype)) if cls is AutoModelForCausalLM else cls._from_config(cfg, dtype=torch_dtype(dtype))
+    return model.to(device).eval()
+
+
+def checkpoint_targets(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers by the checkpoint names of ``names``.
+
+    Args:
+        model: a model from :func:`build_model`.
+        names: the tensor names a plan writes.
+
+    Returns:
+        ``{checkpoint name: the model's tensor}`` for every name the model holds.
+
+    Raises:
+        EvomergeError: the model's checkpoint tensors are not its own parameters (transformers
+            fuses or splits them when it saves).
+    """
+    own = dict(model.state_dict(keep_vars=True))
+    if all(n in own for n in names):
+        return own
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4.x: checkpoint and module names are the same
+        return own
+    renamed = revert_weight_conversion(model, dict(own))
+    ids = {id(t) for t in own.values()}
+    converted = sorted(n for n, t in renamed.items() if id(t) not in ids)
+    if converted:
+        raise EvomergeError(f"in-memory merge: transformers converts {type(model).__name__}'s tensor {converted[0]} when it saves (not a plain renaming); merge to disk with evomerge merge instead")
+    return dict(renamed)
