@@ -21,6 +21,9 @@ Variants (``--samplers``):
   rest (the method choice and the TIES densities).
 - ``gp``: ``search.sampler: gp``.
 
+Pruning (``search.prune``) is off unless ``--prune`` (then the spaces' default rounds): a pruned
+trial counts as a trial and for its items, and never becomes the best.
+
 Results go to a JSON-lines file, one line per run (appended as runs finish, so several processes may
 share the work and an interrupted bench resumes); ``--report`` prints the table and writes the plot.
 
@@ -64,7 +67,7 @@ def _sampler_override(variant: str) -> Any:
     return build if variant in ("tpe_indep", "cmaes") else None
 
 
-def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path, startup: int | None = None) -> dict[str, Any]:
+def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path, startup: int | None = None, prune: bool = False) -> dict[str, Any]:
     """One search; returns its per-trial curve (best search score so far, the holdout score of that
     best trial, search items evaluated so far), its wall time and the time per trial spent outside
     merging and evaluating (the sampler's ask, mostly)."""
@@ -77,7 +80,7 @@ def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path
     override = _sampler_override(variant)
     # The space file names the sampler unless the bench builds it (cmaes with a choice, tpe_indep):
     # then it names random, which the parser accepts for any space, and make_sampler is replaced.
-    data["search"].update({"sampler": "random" if override else variant, "finalists": 0})
+    data["search"].update({"sampler": "random" if override else variant, "finalists": 0, "prune": prune})
     data["search"].pop("baselines", None)
     if startup is not None:
         data["search"]["startup_trials"] = startup
@@ -107,9 +110,17 @@ def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path
     curve_search, curve_holdout, items, used = [], [], [], 0
     k = 0
     for r in t.itertuples():
+        if r.state == "PRUNED":  # stopped early: counts as a trial and its items, never the best
+            used += int(r.items)
+            curve_search.append(best)
+            curve_holdout.append(best_holdout)
+            items.append(used)
+            continue
         if r.state != "COMPLETE":
             continue
-        if pd.isna(r.reused_from):  # a trial that reused another's scores evaluated nothing
+        if "items" in t.columns:
+            used += 0 if pd.isna(r.items) else int(r.items)
+        elif pd.isna(r.reused_from):  # a trial that reused another's scores evaluated nothing
             used += search_items[k]
             k += 1
         if r.score > best:
@@ -119,8 +130,8 @@ def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path
         curve_search.append(best)
         curve_holdout.append(best_holdout)
         items.append(used)
-    return {"space": space_name, "sampler": variant, "seed": seed, "trials": trials, "startup": startup, "wall_s": round(wall, 1),
-            "other_s_per_trial": round((wall - busy) / trials, 3),
+    return {"space": space_name, "sampler": variant, "seed": seed, "trials": trials, "startup": startup, "prune": prune, "wall_s": round(wall, 1),
+            **({} if prune else {"other_s_per_trial": round((wall - busy) / trials, 3)}),
             "best_search": curve_search, "best_holdout": curve_holdout, "items": items,
             "score_se": float(t["score_se"].median()), "methods": t["method"].value_counts().to_dict()}
 
@@ -247,6 +258,7 @@ def main() -> int:
                     help="random startup trials (default: the space's, i.e. make_sampler's for --trials); a run of N trials with "
                          "--startup S is the first N trials of a longer run with the same S")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_samplers.jsonl")
+    ap.add_argument("--prune", action="store_true", help="early stopping on (the space's default search.prune); default: off")
     ap.add_argument("--report", action="store_true", help="only print the table and write the plot from --out")
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
@@ -258,15 +270,16 @@ def main() -> int:
         for space in args.spaces:
             for seed in args.seeds:
                 for variant in args.samplers:
-                    if any((r["space"], r["sampler"], r["seed"]) == (space, variant, seed) and r["trials"] >= args.trials for r in _load(args.out)):
+                    if any((r["space"], r["sampler"], r["seed"], r.get("prune", False)) == (space, variant, seed, args.prune) and r["trials"] >= args.trials
+                           for r in _load(args.out)):
                         continue
                     with tempfile.TemporaryDirectory() as tmp:
-                        r = run_one(space, variant, seed, args.trials, Path(tmp), args.startup)
+                        r = run_one(space, variant, seed, args.trials, Path(tmp), args.startup, args.prune)
                     with args.out.open("a") as f:
                         f.write(json.dumps(r) + "\n")
                     print(f"{space:16} {variant:10} seed {seed}: best search {r['best_search'][-1]:.3f}, its holdout "
                           f"{r['best_holdout'][-1]:.3f} ({r['wall_s']:.0f}s)", flush=True)
-    runs = [r for r in _load(args.out) if r["space"] in args.spaces and r["sampler"] in args.samplers]
+    runs = [r for r in _load(args.out) if r["space"] in args.spaces and r["sampler"] in args.samplers and r.get("prune", False) == args.prune]
     if runs:
         report(runs, args.trials, args.plot)
     return 0

@@ -112,15 +112,16 @@ def test_plain_recipe_is_a_one_point_space():
 
 
 @pytest.mark.parametrize("search, sampler", [
-    (None, "gp"),                                   # no search section
-    ({"trials": 10}, "gp"),                         # a section without sampler
-    ({"objectives": "tasks"}, "tpe"),               # gp takes one objective: several default to tpe
+    (None, "tpe"),                                  # no search section: pruning on
+    ({"trials": 10}, "tpe"),                        # pruning on by default: tpe learns from pruned trials
+    ({"prune": False}, "gp"),                       # without pruning gp was the measured best
+    ({"prune": False, "objectives": "tasks"}, "tpe"),  # gp takes one objective
     ({"objectives": ["a", "b"], "sampler": "nsga2"}, "nsga2"),
-    ({"sampler": "random"}, "random"),
+    ({"prune": True, "sampler": "random"}, "random"),
 ])
-def test_default_sampler_is_gp_for_one_objective(search, sampler):
-    # gp is the measured best (bench/bench_samplers.py); a default must never be refused by the
-    # checks that follow it (gp with several objectives is).
+def test_default_sampler_follows_pruning_and_objectives(search, sampler):
+    # The measured best (bench/bench_samplers.py); a default must never be refused by the checks
+    # that follow it (gp with several objectives is).
     s = parse_space({**SPACE, **({"search": search} if search is not None else {})}, "s.yml")
     assert s.search.sampler == sampler
 

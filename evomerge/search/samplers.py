@@ -22,12 +22,14 @@ def make_sampler(name: str, seed: int, n_trials: int, startup: int | None = None
             the budget, 4 to 10).
         multi: several objectives.
 
-    ``gp`` is the default (``search.sampler`` unset, one objective): over 5 seeds at 24 trials it
-    found the best holdout score on the per-layer demo space and tied random search on the demo,
-    where TPE fell behind it (``bench/bench_samplers.py``). Parameters present in only some trials
-    (a TIES density when the method is a choice) are sampled at random by gp and cmaes. Optuna's
-    GPSampler costs about 1.5 s per trial on one busy CPU core at up to 24 trials: nothing beside
-    a real evaluation, but about double the demo's 1-1.5 s trials.
+    The default (``search.sampler`` unset) is measured (``bench/bench_samplers.py``): ``tpe`` while
+    pruning is on (the default) or with several objectives, ``gp`` with ``prune: false``. Without
+    pruning gp found the best holdout score on the per-layer demo space and tied random search on the
+    demo, over 5 seeds at 24 trials; but Optuna's GPSampler learns from COMPLETE trials only (its
+    startup counts them too), so with pruning it stayed at random search, while TPE models pruned
+    trials by their partial scores and beat random search. Parameters present in only some trials
+    (a TIES density when the method is a choice) are sampled at random by gp and cmaes. gp costs
+    about 1.5 s per trial on one busy CPU core at up to 24 trials.
 
     TPE runs with ``constant_liar``: trials other workers are running count as bad ones at their
     points, so that workers sampling at the same time spread out (alone, there are none); Optuna's

@@ -24,7 +24,7 @@ _KINDS = ("range", "int", "choice")
 _MODIFIERS = ("log", "step", "anchors", "per_layers")
 _SECTIONS = ("evaluate", "search", "study")
 SAMPLERS = ("tpe", "cmaes", "random", "gp", "nsga2")
-DEFAULT_SAMPLER = SearchSettings.sampler  # gp: see SearchSettings
+DEFAULT_SAMPLER = SearchSettings.sampler  # tpe: see SearchSettings
 _SEARCH_KEYS = ("sampler", "trials", "seed", "baselines", "finalists", "objectives", "mask_seed", "startup_trials", "prune")
 _STUDY_KEYS = ("name", "storage")
 
@@ -257,15 +257,16 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
         objectives = (objectives,)
     if not isinstance(objectives, (list, tuple)) or not all(isinstance(o, str) for o in objectives):
         raise p.err("search.objectives", "must be a list of task names (or `tasks` for every search task)")
-    # The default is the sampler measured best (bench/bench_samplers.py); gp takes one objective.
-    sampler = section.get("sampler", DEFAULT_SAMPLER if not objectives else "tpe")
-    if sampler not in SAMPLERS:
-        raise p.err("search.sampler", f"unknown sampler {sampler!r}{did_you_mean(str(sampler), SAMPLERS)}")
     prune = parse_prune(section.get("prune", True), p.err)
     if prune is not None and objectives:
         if "prune" in section:
             raise p.err("search.prune", "stops a trial by its single score: it does not work with several objectives (set prune: false)")
         prune = None  # on by default, off with several objectives
+    # The default is the sampler measured best (bench/bench_samplers.py): gp for one objective
+    # without pruning; tpe with pruning (gp learns from complete trials only) or several objectives.
+    sampler = section.get("sampler", "gp" if not objectives and prune is None else DEFAULT_SAMPLER)
+    if sampler not in SAMPLERS:
+        raise p.err("search.sampler", f"unknown sampler {sampler!r}{did_you_mean(str(sampler), SAMPLERS)}")
     baselines = []
     raw = section.get("baselines") or []
     if not isinstance(raw, list):
