@@ -81,11 +81,12 @@ def test_demo_moe_space_renders_merges_and_mixtures(zoo, tmp_path):
     assert merge["merge_method"] == "task_arithmetic" and "experts" not in merge and len(merge["models"]) == 3
 
 
-@pytest.mark.parametrize("case", ["no_section", "section_unused", "typo", "among", "expert_key", "bad_k"])
+@pytest.mark.parametrize("case", ["no_section", "section_unused", "typo", "among", "expert_key", "bad_k", "k_option", "gate_option", "expert_dtype_option"])
 def test_bad_moe_spaces_name_the_field(case, zoo, tmp_path):
     data = moe_space(zoo)
     must = {"no_section": "moe", "section_unused": "moe", "typo": "moe.gate_mod", "among": "moe.experts[0].positive_prompts.n",
-            "expert_key": "moe.experts[1].positive_prompt", "bad_k": "moe.experts_per_token"}[case]
+            "expert_key": "moe.experts[1].positive_prompt", "bad_k": "moe.experts_per_token", "k_option": "moe.experts_per_token.choice",
+            "gate_option": "moe.gate_mode.choice", "expert_dtype_option": "moe.experts[3].source_model.dtype.choice"}[case]
     if case == "no_section":
         del data["moe"]
     elif case == "section_unused":
@@ -98,6 +99,12 @@ def test_bad_moe_spaces_name_the_field(case, zoo, tmp_path):
         data["moe"]["experts"][1]["positive_prompt"] = data["moe"]["experts"][1].pop("positive_prompts")
     elif case == "bad_k":
         data["moe"]["experts_per_token"] = 5
+    elif case == "k_option":  # was a TypeError comparing 'x' with an int
+        data["moe"]["experts_per_token"] = {"choice": [1, "x"]}
+    elif case == "gate_option":  # an option past the first was only met by the trials that picked it (each failed)
+        data["moe"]["gate_mode"] = {"choice": ["hidden", "hiden"]}
+    elif case == "expert_dtype_option":
+        data["moe"]["experts"][3]["source_model"]["dtype"] = {"choice": ["float32", "flaot16"]}
     with pytest.raises(ConfigError) as e:
         load(tmp_path, data)
     assert e.value.file == str(tmp_path / "space.yml") and e.value.field == must, str(e.value)
@@ -151,6 +158,10 @@ def test_search_scores_moe_candidates_and_exports_them(zoo, tmp_path, capsys):
     out = tmp_path / "export" / "best.yml"
     out.parent.mkdir()
     args = ["export", str(space), "--results-dir", str(tmp_path / "results"), "--trial", str(number), "-o", str(out), "--merge", str(tmp_path / "built")]
+    out.write_text("mine")  # an existing -o file: refused before the merged experts' recipes are written
+    assert main(args) == 2
+    assert "file exists" in capsys.readouterr().err and out.read_text() == "mine" and not list(out.parent.glob("best.expert*"))
+    out.unlink()
     assert main(args) == 0
     assert "matches the trial" in capsys.readouterr().out
     exported = yaml.safe_load(out.read_text())
@@ -158,6 +169,13 @@ def test_search_scores_moe_candidates_and_exports_them(zoo, tmp_path, capsys):
     last = len(exported["experts"]) - 1  # the merged expert, named by its place in the mixture
     assert exported["experts"][last]["source_model"] == str((out.parent / f"best.expert{last}").absolute())
     assert (out.parent / f"best.expert{last}.yml").is_file() and (out.parent / f"best.expert{last}" / "config.json").is_file()
+    # A merged expert's model directory in the way: refused before any file is written.
+    (out.parent / f"again.expert{last}").mkdir()
+    (out.parent / f"again.expert{last}" / "keep").write_text("mine")
+    again = [*args[:-4], "-o", str(out.parent / "again.yml"), "--merge", str(tmp_path / "built2")]
+    assert main(again) == 2
+    assert "directory is not empty" in capsys.readouterr().err
+    assert not (out.parent / "again.yml").exists() and not (out.parent / f"again.expert{last}.yml").exists() and not (tmp_path / "built2").exists()
     if not MERGEKIT_MOE.is_file():
         return
     seed = seed_from_text(out.read_text())

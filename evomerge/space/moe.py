@@ -206,6 +206,10 @@ def moe_section(p: Any, v: Any, short: Callable[[Any], str]) -> dict[str, Any]:
     if "experts_per_token" in v:
         k = v["experts_per_token"]
         out["experts_per_token"] = p.directive(k, "moe.experts_per_token", "moe.k", ints=True) if isinstance(k, Mapping) else k
+        opts = out["experts_per_token"].choices if isinstance(out["experts_per_token"], Directive) else ()
+        bad = [c for c in opts if isinstance(c, bool) or not isinstance(c, int) or c < 1]
+        if bad:
+            raise p.err("moe.experts_per_token.choice", f"options must be whole numbers >= 1, got {bad[0]!r}")
     if "dtype" in v:
         out["dtype"] = p.scalar(v["dtype"], "moe.dtype", "moe.dtype")
     experts = v.get("experts")

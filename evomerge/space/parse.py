@@ -334,7 +334,11 @@ def _validate_corner(space: Space) -> None:
                 if k not in known:
                     raise ConfigError(space.file, f"{fld}.{k}", f"not a parameter of any method in merge_method.choice{did_you_mean(str(k), known, show_all=0)}; they take: {', '.join(sorted(known))}")
     for method in methods:
+        used: list[Directive] = []
+
         def suggest(name: str, d: Directive, _m: Any = method) -> Any:
+            if d not in used:
+                used.append(d)
             if d is method_dir:
                 return _m
             if d.kind == "int" and d.path.endswith("layer_range[1]"):
@@ -343,11 +347,33 @@ def _validate_corner(space: Space) -> None:
                 return True  # an optional expert takes part
             return _corner(d)
 
-        recipe = space.render(suggest, lambda ref: 8)
-        if method == "moe":
-            validate_moe(space.file, recipe)
-        else:
-            parse_recipe(_with_raw_params(space, recipe), space.file)
+        _check_point(space, method, space.render(suggest, lambda ref: 8))
+        _check_options(space, method, [d for d in used if d.kind == "choice" and d is not method_dir], suggest)
+
+
+def _check_point(space: Space, method: Any, recipe: dict[str, Any]) -> None:
+    if method == "moe":
+        validate_moe(space.file, recipe)
+    else:
+        parse_recipe(_with_raw_params(space, recipe), space.file)
+
+
+def _check_options(space: Space, method: Any, choices: list[Directive], corner: Any) -> None:
+    """Check every other option of each ``choice`` (the rest of the space at its corner), so that an
+    option no recipe takes (``gate_mode: {choice: [hidden, hiden]}``, a dtype typo) is reported at
+    load instead of failing the trials that pick it. An error that names another field (two
+    choices of the same expert model, say) is left to the trial that meets it."""
+    for d in choices:
+        for option in d.choices[1:]:
+            def suggest(name: str, x: Directive, _d: Directive = d, _o: Any = option) -> Any:
+                return _o if x is _d else corner(name, x)
+
+            try:
+                _check_point(space, method, space.render(suggest, lambda ref: 8))
+            except ConfigError as err:
+                fld = err.field or ""
+                if fld and (d.path == fld or d.path.endswith("." + fld)):
+                    raise ConfigError(space.file, f"{d.path}.choice", f"option {option!r}: {err.message}") from None
 
 
 def _param_blocks(tree: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
