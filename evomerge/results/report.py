@@ -276,6 +276,13 @@ def _flags(df: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _fmt_param(v: Any) -> str:
+    """A sampled value: whole numbers (a mixture's experts per token, prompt indices) without decimals."""
+    if not isinstance(v, (bool, str)) and isinstance(v, (int, float)) and float(v).is_integer():
+        return str(int(v))
+    return _fmt(v, 3)
+
+
 def _fmt(v: Any, digits: int = 4) -> str:
     if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -308,7 +315,7 @@ def _markdown(df: pd.DataFrame, study_name: str, obj: str, imp_method: str, pngs
                   "|---|---|---|---|---|---|---|"]
         for _, r in best.iterrows():
             name = f"[{r['baseline']}]" if str(r.get("baseline") or "") else f"#{r['number']}"
-            ps = " ".join(f"{c[2:]}={_fmt(r[c], 3)}" for c in params if pd.notna(r.get(c)))
+            ps = " ".join(f"{c[2:]}={_fmt_param(r[c])}" for c in params if pd.notna(r.get(c)))
             lines.append(f"| {name} | {_fmt(r.get(obj))} | {_fmt(r.get(obj + '_se'))} | "
                          f"{_fmt(r.get('holdout'))} | {flag_marks(r.to_dict()) or '-'} | "
                          f"{r.get('method') or ''} | {ps.replace('|', '/')} |")
