@@ -77,6 +77,8 @@ def test_demo_moe_space_renders_merges_and_mixtures(zoo, tmp_path):
     assert [e["positive_prompts"] for e in cfg["experts"]] == [["rot: item3 =", "rot: item4 ="], ["shift: item18 =", "shift: item19 ="],
                                                                ["rot: item0 =", "sort: item1 =", "shift: item2 ="]]
     assert cfg["experts"][2]["source_model"] == blend(zoo, (0.5, 0.25, 1.0)) | {"base_model": str(zoo / "base")}
+    with pytest.raises(ConfigError, match="moe.experts: no expert takes part at this point"):  # the trial fails, saying why
+        space.render(lambda n, d: False if n.startswith("moe.use.") else picks[n], lambda ref: 4)
     merge = space.render(lambda n, d: {"method": "task_arithmetic", "lambda": 1.0}.get(n, 0.5), lambda ref: 4)
     assert merge["merge_method"] == "task_arithmetic" and "experts" not in merge and len(merge["models"]) == 3
 

@@ -157,6 +157,8 @@ def render_moe(tree: Mapping[str, Any], value: Value, render_recipe: Callable[[M
             if key in e:
                 entry[key] = value(e[key])
         experts.append(entry)
+    if not experts:
+        raise ConfigError(None, "moe.experts", "no expert takes part at this point: every expert is optional and none was chosen")
     out["experts"] = experts
     if isinstance(out.get("experts_per_token"), int) and experts and out["experts_per_token"] > len(experts):
         out["experts_per_token"] = len(experts)  # fewer experts take part than a token may use: all of them
