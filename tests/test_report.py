@@ -183,3 +183,13 @@ def test_mixture_parameters_read_as_sampled(tmp_path):
     table = [ln for ln in (tmp_path / "rep" / "report.md").read_text().splitlines() if ln.startswith("| #")]
     assert table[0].endswith("| task_arithmetic | lambda=0.643 |")
     assert table[1].endswith("| moe | moe.k=2 moe.prompts.rot=15 moe.gate_mode=hidden moe.use.rot=True |")
+
+
+def test_a_study_of_mixtures_only_plots_which_experts_take_part(tmp_path):
+    """Every searched trial a mixture: ``p_moe.use.*`` is a bool column (no NaN from merge rows),
+    which the parallel-coordinates plot scaled with a numpy-bool subtraction (a TypeError)."""
+    rows = [_row(n, score=0.3 + 0.05 * n, method="moe", **{"p_moe.use.rot": n % 2 == 0, "p_moe.k": 1 + n % 2}) for n in range(4)]
+    df = pd.DataFrame(rows)
+    assert df["p_moe.use.rot"].dtype == bool
+    out = make_report(df, tmp_path / "rep", study_name="moe_only")
+    _png(next(p for p in out if p.name == "parallel.png"))

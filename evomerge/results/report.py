@@ -197,6 +197,8 @@ def _parallel(df: pd.DataFrame, obj: str, imp: dict[str, float], top: int, path:
     scaled = pd.DataFrame(index=done.index)
     for c in cols:
         num = pd.to_numeric(done[c], errors="coerce")
+        if pd.api.types.is_bool_dtype(num):  # whether a mixture's expert takes part, in a study of mixtures only
+            num = num.astype(float)
         if num.notna().sum() < done[c].notna().sum():  # categorical: its sorted order
             cats = sorted(done[c].dropna().astype(str).unique())
             num = done[c].map(lambda v, cats=cats: cats.index(str(v)) if pd.notna(v) else math.nan)
