@@ -90,7 +90,7 @@ def prune_runs(args, results: Path) -> None:
         for mode in args.prune_modes:
             rows = table.get((name, mode), [])
             if rows:
-                print(f"  {name:15} {mode:3}: " + "  ".join(f"{k} {_spread([r[k] for r in rows])}" for k in ("items", "all", "pruned", "holdout", "wall")))
+                print(f"  {name:15} {mode:3}: " + "  ".join(f"{k} {_spread([r[k] for r in rows], f)}" for k, f in (("items", ".0f"), ("all", ".0f"), ("pruned", ".0f"), ("holdout", ".3f"), ("wall", ".0f"))))
         off, on = table.get((name, "off"), []), table.get((name, "on"), [])
         if off and on:
             cut = [1 - b["items"] / a["items"] for a, b in zip(off, on, strict=True)]
