@@ -92,3 +92,17 @@ def test_refused_in_one_line(modules, field, says, tmp_path) -> None:
 def test_modules_and_models_together_are_refused() -> None:
     with pytest.raises(ConfigError, match="exactly one of models:, slices: or modules:"):
         load_recipe({"merge_method": "linear", "models": [{"model": "A"}], "modules": {"default": {"models": [{"model": "A"}]}}})
+
+
+def test_a_space_in_modules_form(tiny_family, tmp_path) -> None:
+    """A modules: recipe with no free value is a space of one point; directives inside modules: are refused."""
+    from evomerge.space import load_space
+
+    _, ft = tiny_family
+    recipe = {"merge_method": "linear", "modules": {"default": {"models": _linear([str(p) for p in ft[:2]], [0.5, 0.5])}}, "dtype": "float32"}
+    (tmp_path / "one.yml").write_text(dump_yaml(recipe))
+    assert load_space(tmp_path / "one.yml").directives == []
+    recipe["modules"]["default"]["models"][0]["parameters"]["weight"] = {"range": [0.1, 1.0]}
+    (tmp_path / "free.yml").write_text(dump_yaml(recipe))
+    with pytest.raises(ConfigError, match="directives inside modules: are not supported; write the space with models: or slices:"):
+        load_space(tmp_path / "free.yml")

@@ -34,6 +34,8 @@ def _llava(path: Path, seed: int, vision_layers: int) -> str:
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16))
     model.save_pretrained(path)
+    # A real LLaVA checkpoint ships its image processor's settings beside the weights.
+    (path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": 16, "width": 16}, "size": {"shortest_edge": 16}, "seed": seed}))
     return str(path)
 
 
@@ -78,6 +80,8 @@ def test_every_tensor_merged_each_module_at_its_own_depth(vlms, tmp_path) -> Non
         torch.testing.assert_close(out[name], want, rtol=0, atol=1e-6, msg=name)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == ["LlavaForConditionalGeneration"] and config["text_config"]["num_hidden_layers"] == 2
+    # the processor comes with the tokenizer, from the reference model (the first one here)
+    assert (tmp_path / "out" / "preprocessor_config.json").read_text() == (Path(a) / "preprocessor_config.json").read_text()
 
 
 def test_slices_cut_the_language_model_and_keep_the_vision_tower(vlms, tmp_path) -> None:

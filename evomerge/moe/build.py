@@ -248,7 +248,7 @@ class MoEBuilder:
         try:
             from transformers.initialization import no_init_weights
         except ImportError:  # transformers 4.x
-            from transformers.modeling_utils import no_init_weights
+            from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
         with no_init_weights():
             model = MixtralForCausalLM._from_config(layout.config, dtype=torch_dtype(layout.dtype))
         return model.to(self.device).eval()

@@ -132,6 +132,11 @@ class _SpaceParser:
         return {k: self.param_value(v, f"{fld}.{k}", f"{k}{suffix}") for k, v in block.items()}
 
 
+def _directive_inside(v: Any) -> bool:
+    items = v.values() if isinstance(v, Mapping) else v if isinstance(v, list) else ()
+    return (isinstance(v, Mapping) and any(k in _KINDS for k in v)) or any(_directive_inside(x) for x in items)
+
+
 def _slug(text: Any) -> str:
     s = re.sub(r"[^A-Za-z0-9_]+", "_", str(text)).strip("_")
     return s or "x"
@@ -205,6 +210,8 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
             tree[k] = slices
         elif k == "moe":
             tree[k] = moe_section(p, v, _short)
+        elif k == "modules" and _directive_inside(v):
+            raise p.err("modules", "search directives inside modules: are not supported; write the space with models: or slices: (a modules: recipe merges as the models: or slices: recipe it amounts to)")
         else:
             tree[k] = v
     method = tree.get("merge_method")
@@ -377,7 +384,7 @@ def _with_raw_params(space: Space, recipe: dict[str, Any]) -> dict[str, Any]:
         out["parameters"] = {**{k: 0 for k in space.tree["parameters"]}, **(recipe.get("parameters") or {})}
     if "models" in space.tree and "models" in recipe:
         models = []
-        for m, r in zip(space.tree["models"], recipe["models"]):
+        for m, r in zip(space.tree["models"], recipe["models"], strict=False):
             r = dict(r)
             if isinstance(m, Mapping) and isinstance(m.get("parameters"), Mapping):
                 extra = {k: 0 for k in m["parameters"] if k not in (r.get("parameters") or {})}

@@ -167,6 +167,9 @@ class _Renderer:
                 slices.append(sl)
             out["slices"] = slices
             n_global = None
+        if "modules" in tree:  # a modules: recipe holds no directive (parse_space refuses them there)
+            out["modules"] = tree["modules"]
+            n_global = None
         if "parameters" in tree:
             p = self.params(tree["parameters"], method, shared + per_model, n_global)
             if p:
@@ -178,7 +181,7 @@ class _Renderer:
 
     def _expert_recipe(self, tree: Mapping[str, Any]) -> dict[str, Any]:
         """A merged expert's recipe (a recipe tree inside the ``moe:`` section)."""
-        return _Renderer(_Tree(dict(tree)), self.suggest, self.layers_of).recipe()
+        return _Renderer(_Tree(dict(tree)), self.suggest, self.layers_of).recipe()  # type: ignore[arg-type]  # reads .tree only
 
 
 class _Tree:
