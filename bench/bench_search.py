@@ -14,7 +14,8 @@
    their aggressiveness cheaply: items saved, wrong stops, and the best trial kept or not.
 
 Usage: python bench/bench_search.py [--trials 40] [--compare-trials 24] [--seeds 0 1 2] [--skip-compare]
-       python bench/bench_search.py --prune [--prune-seeds 0 1 2 3 4] [--prune-modes off on] [--keep DIR] [--simulate]
+       python bench/bench_search.py --prune [--prune-seeds 0 1 2 3 4] [--prune-spaces demo demo_per_layer]
+              [--prune-modes off on] [--prune-setting JSON] [--prune-tag on] [--keep DIR] [--simulate]
 Everything runs in a temporary results folder (or ``--keep DIR``); the zoo is built (or reused) under results/zoo.
 """
 
