@@ -274,7 +274,7 @@ def inmem_bench(dirs: list[Path], rate: float, repeat: int) -> dict[str, Any]:
     # The floor: out = sum_i w_i * x_i over the same resident float32 tensors, written in place.
     plan = merger.plan(recipe("ties", 0.5, (0.5, 0.3, 0.2)))
     targets = dict(model.state_dict(keep_vars=True))
-    inputs = [[merger._load(ref, name, torch.float32) for ref, name in task.inputs] for task in plan.tasks]
+    inputs = [[merger._load(ref, name, torch.float32).float() for ref, name in task.inputs] for task in plan.tasks]  # sources are held in bf16
     weights = (0.4, 0.3, 0.2, 0.1)
     times = []
     n_in = n_out = 0

@@ -6,13 +6,23 @@
 2. TPE vs random search over 3 seeds at equal budget: median best holdout score (the holdout
    score of the best trial by search score, i.e. what a user would export).
 
+3. Pruning (``search.prune``, issue 12): the same searches with pruning off and on, per seed, on
+   the demo and the per-layer demo: search items evaluated by the trials, in all (baselines and
+   holdout re-scores included), the best trial's holdout score; medians and ranges over seeds.
+   ``--simulate`` replays the rules of stopping on the per-item values of the runs without
+   pruning (each trial against the trials before it that the rule kept), to compare rules and
+   their aggressiveness cheaply: items saved, wrong stops, and the best trial kept or not.
+
 Usage: python bench/bench_search.py [--trials 40] [--compare-trials 24] [--seeds 0 1 2] [--skip-compare]
-Everything runs in a temporary results folder; the zoo is built (or reused) under results/zoo.
+       python bench/bench_search.py --prune [--prune-seeds 0 1 2 3 4] [--prune-spaces demo demo_per_layer]
+              [--prune-modes off on] [--prune-setting JSON] [--prune-tag on] [--keep DIR] [--simulate]
+Everything runs in a temporary results folder (or ``--keep DIR``); the zoo is built (or reused) under results/zoo.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -24,13 +34,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(space: Path, results: Path, *, trials: int, seed: int, sampler: str | None = None, study: str) -> tuple[float, "object"]:
-    from evomerge.search.table import load_trials
+def run(space: Path, results: Path, *, trials: int, seed: int, sampler: str | None = None, study: str, prune: object = "keep") -> tuple[float, object]:
     from evomerge.search.loop import run_search
+    from evomerge.search.table import load_trials
 
-    if sampler is not None:
+    if sampler is not None or prune != "keep":
         data = yaml.safe_load(space.read_text())
-        data["search"]["sampler"] = sampler
+        if sampler is not None:
+            data["search"]["sampler"] = sampler
+        if prune != "keep":
+            data["search"]["prune"] = prune
         space = results / f"{study}.yml"
         space.parent.mkdir(parents=True, exist_ok=True)
         space.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -39,12 +52,77 @@ def run(space: Path, results: Path, *, trials: int, seed: int, sampler: str | No
     return time.perf_counter() - t0, load_trials(out.paths.csv)
 
 
+PRUNE_SPACES = ("demo", "demo_per_layer")
+
+
+def best_of(df) -> tuple[float, float]:
+    """(search score, holdout score) of the best searched COMPLETE trial by search score."""
+    t = df[(df["baseline"] == "") & (df["state"] == "COMPLETE")]
+    best = t.sort_values(["score", "number"], ascending=[False, True]).iloc[0]
+    return float(best["score"]), float(best["holdout"])
+
+
+def prune_runs(args, results: Path) -> None:
+    """Searches with pruning off and on, per space and seed; prints items and best holdout."""
+    from evomerge.search.outcome import item_totals
+
+    setting = json.loads(args.prune_setting) if args.prune_setting else True
+    table: dict[tuple[str, str], list[dict]] = {}
+    for name in args.prune_spaces:
+        space = ROOT / "search_spaces" / f"{name}.yml"
+        for seed in args.prune_seeds:
+            for mode in args.prune_modes:
+                study = f"pr_{name}_{mode if mode == 'off' else args.prune_tag}_{seed}"
+                if (results / study / "trials.csv").exists() and args.keep:
+                    from evomerge.search.table import load_trials
+
+                    wall, df = float("nan"), load_trials(results / study)
+                else:
+                    wall, df = run(space, results, trials=args.trials, seed=seed, study=study, prune=False if mode == "off" else setting)
+                n = item_totals(df)
+                score, holdout = best_of(df)
+                row = {"seed": seed, "items": n["trials"], "all": n["all"], "pruned": int(((df["state"] == "PRUNED") & (df["baseline"] == "")).sum()),
+                       "score": score, "holdout": holdout, "wall": wall}
+                table.setdefault((name, mode), []).append(row)
+                print(f"  {name:15} seed {seed} prune {mode:3}: items {row['items']:5} (in all {row['all']:5}), {row['pruned']:2} pruned, "
+                      f"best search {score:.3f} holdout {holdout:.3f}  ({wall:.0f}s)", flush=True)
+    print(f"\n== pruning off vs on ({setting}), {args.trials} trials, seeds {args.prune_seeds}: median [min, max]")
+    for name in args.prune_spaces:
+        for mode in args.prune_modes:
+            rows = table.get((name, mode), [])
+            if rows:
+                print(f"  {name:15} {mode:3}: " + "  ".join(f"{k} {_spread([r[k] for r in rows], f)}" for k, f in (("items", ".0f"), ("all", ".0f"), ("pruned", ".0f"), ("holdout", ".3f"), ("wall", ".0f"))))
+        off, on = table.get((name, "off"), []), table.get((name, "on"), [])
+        if off and on:
+            cut = [1 - b["items"] / a["items"] for a, b in zip(off, on, strict=True)]
+            cut_all = [1 - b["all"] / a["all"] for a, b in zip(off, on, strict=True)]
+            dh = [b["holdout"] - a["holdout"] for a, b in zip(off, on, strict=True)]
+            print(f"  {name:15} on vs off, per seed: trial items cut {_spread(cut, '.1%')}, all items cut {_spread(cut_all, '.1%')}, "
+                  f"best holdout on - off {_spread(dh, '+.3f')}; median best holdout {statistics.median(r['holdout'] for r in on):.3f} (on) "
+                  f"vs {statistics.median(r['holdout'] for r in off):.3f} (off)")
+
+
+def _spread(xs: list[float], fmt: str = ".3g") -> str:
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return "-"
+    return f"{format(statistics.median(xs), fmt)} [{format(min(xs), fmt)}, {format(max(xs), fmt)}]"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--compare-trials", type=int, default=24)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--skip-compare", action="store_true")
+    ap.add_argument("--prune", action="store_true", help="only the pruning comparison (part 3)")
+    ap.add_argument("--prune-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--prune-spaces", nargs="+", default=list(PRUNE_SPACES), choices=PRUNE_SPACES)
+    ap.add_argument("--prune-modes", nargs="+", default=["off", "on"], choices=["off", "on"])
+    ap.add_argument("--prune-setting", default="", help="search.prune for the 'on' runs, as JSON (default: true)")
+    ap.add_argument("--prune-tag", default="on", help="study name part of the 'on' runs (several settings in one --keep folder)")
+    ap.add_argument("--simulate", action="store_true", help="replay stopping rules on the runs without pruning")
+    ap.add_argument("--keep", default="", help="results folder to keep (and reuse) the runs in")
     args = ap.parse_args()
     space = ROOT / "search_spaces" / "demo.yml"
     from evomerge.zoo import ensure_zoo
@@ -52,6 +130,15 @@ def main() -> int:
     t0 = time.perf_counter()
     ensure_zoo("demo")
     print(f"zoo ready in {time.perf_counter() - t0:.1f}s")
+    if args.prune:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = Path(args.keep or tmp)
+            prune_runs(args, results)
+            if args.simulate:
+                from bench_prune_sim import simulate
+
+                simulate(results, tuple(args.prune_spaces), args.prune_seeds)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(tmp)
         wall, df = run(space, results, trials=args.trials, seed=0, study="bench_demo")

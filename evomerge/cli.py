@@ -91,6 +91,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="run N worker processes on this host on the study's storage: one per CUDA device, or N CPU workers with --device cpu")
     p.add_argument("--devices", default=None, metavar="LIST", help="one worker per listed CUDA device, e.g. 0,1,2,3")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="GPU memory the search may plan for, e.g. 60GB (default: the free memory); sources stay on the GPU when they fit "
+                   "beside the merged model and evaluation, else in pinned host memory, streamed each merge")
     p.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers: no leaderboard of its own
 
 
@@ -174,6 +177,11 @@ def _run(args: argparse.Namespace) -> int:
         from evomerge.zoo import main_zoo
 
         return int(main_zoo(out=args.out, size=args.size, seed=args.seed, rebuild=args.rebuild) or 0)
+    if args.verb == "search" and args.gpu_memory is not None:
+        from evomerge.engine.placement import GPU_MEMORY_ENV, budget_override
+
+        budget_override(args.gpu_memory)  # a bad size fails here, in one line
+        os.environ[GPU_MEMORY_ENV] = str(args.gpu_memory)  # worker processes inherit it
     if args.verb == "search":
         from evomerge.results.leaderboard import leaderboard, summary
         from evomerge.search import load_trials, run_search

@@ -22,6 +22,7 @@ class FakeResult:
     aggregate_se: float
     seconds: float
     n_items: dict = field(default_factory=dict)
+    items: dict = field(default_factory=dict)
 
 
 class TaskVectorEvaluator:

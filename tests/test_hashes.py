@@ -9,8 +9,7 @@ import struct
 import pytest
 import torch
 
-from evomerge.engine import Merger, digest_model_dir, merge_to_disk, open_sources
-from evomerge.engine import hashes
+from evomerge.engine import Merger, digest_model_dir, hashes, merge_to_disk, open_sources
 from evomerge.engine.hashes import ROW, Fingerprint, is_fingerprint, row_sums
 from evomerge.engine.rng import _mix_py
 from evomerge.recipe.schema import load_recipe
@@ -94,3 +93,41 @@ def test_a_fingerprint_merger_matches_the_saved_model(tiny_family, tmp_path):
     assert got.digest == disk.fingerprint
     with pytest.raises(ValueError, match="digest must be"):
         Merger({}, digest="md5")
+
+
+def test_export_checks_a_fingerprinted_trial_and_names_the_stream(tiny_family, tmp_path, monkeypatch):
+    # A CUDA search records fingerprints; here a CPU merger is told to, as it would be there.
+    import functools
+
+    import yaml
+    from _fake_eval import TaskVectorEvaluator
+
+    from evomerge.cli import main
+    from evomerge.search import load_trials, run_search, setup
+
+    monkeypatch.setattr(setup, "Merger", functools.partial(Merger, digest="fingerprint"))
+    base, fts = tiny_family
+    space = tmp_path / "s.yml"
+    space.write_text(yaml.safe_dump({
+        "merge_method": "dare_ties", "base_model": str(base), "dtype": "float32",
+        "models": [{"model": str(f), "parameters": {"weight": 0.5, "density": {"range": [0.3, 0.7]}}} for f in fts[:2]],
+        "search": {"trials": 2, "seed": 3, "finalists": 1, "sampler": "random"},
+    }, sort_keys=False))
+    out = run_search(space, evaluator=TaskVectorEvaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    df = load_trials(out.paths.csv)
+    number = int(df.loc[df["baseline"] == "", "number"].iloc[0])
+    digest = df.loc[df["number"] == number, "digest"].iloc[0]
+    assert is_fingerprint(digest)
+    best = tmp_path / "best.yml"
+    assert main(["export", str(space), "--results-dir", str(tmp_path / "r"), "--trial", str(number), "-o", str(best), "--merge", str(tmp_path / "m")]) == 0
+    assert "# evomerge-seed: 3 stream 2" in best.read_text()
+    assert digest_model_dir(tmp_path / "m", kind="fingerprint") == digest
+    # A study made before streams were named records none: its exports say stream 1.
+    from evomerge.search.storage import load_study, locate
+
+    study = load_study(locate(str(space), results_dir=str(tmp_path / "r")))
+    assert study.user_attrs["stream"] == 2
+    study.set_user_attr("stream", None)
+    old = tmp_path / "old.yml"
+    assert main(["export", str(space), "--results-dir", str(tmp_path / "r"), "--trial", str(number), "-o", str(old)]) == 0
+    assert "# evomerge-seed: 3 stream 1" in old.read_text()

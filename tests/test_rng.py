@@ -140,13 +140,15 @@ def test_resident_re_merges_equal_disk_merges(method, tiny_family, tmp_path):
     # (the compiled kernels' stream 2 masks equal the chunked kernels' in test_compiled.py)
     base, fts = tiny_family
     cfg = load_recipe(_dare_recipe(base, fts, method))
-    disk = merge_to_disk(cfg, tmp_path / "d", seed=3)
-    merger = Merger(open_sources([str(base), *map(str, fts)]), seed=3, resident=True, cache_bytes=1 << 24, compile=False)
-    plan = merger.plan(cfg)
-    model = merger.build_model(plan)
-    for _ in range(2):  # nothing cached changes the second merge
-        assert merger.merge_into(model, plan).digest == disk.digest
-    assert merger.cache is None or not any(k[0] == "uniform" for k in merger.cache._items)
+    disk = merge_to_disk(cfg, tmp_path / "d", seed=3)  # fields computed chunk by chunk from the keys
+    # A CPU merger keeps stream 2 fields while they fit its cache; with no room it hashes per chunk.
+    for cache_bytes, cached in ((1 << 24, method.startswith("dare")), (1, False)):
+        merger = Merger(open_sources([str(base), *map(str, fts)]), seed=3, resident=True, cache_bytes=cache_bytes, compile=False)
+        plan = merger.plan(cfg)
+        model = merger.build_model(plan)
+        for _ in range(2):  # the second merge reads what the first cached
+            assert merger.merge_into(model, plan).digest == disk.digest
+        assert any(k[0] == "uniform" for k in merger.cache._items) == cached
 
 
 @pytest.mark.slow  # starts a Python process (torch import: seconds)
@@ -171,3 +173,19 @@ def test_cpu_and_cuda_merges_are_bit_identical(method, tiny_family, tmp_path):
     plan = merger.plan(cfg)
     got = merger.merge_into(merger.build_model(plan), plan)
     assert got.digest == cpu.fingerprint  # a CUDA merger records fingerprints
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["slerp", "ties", "linear", "task_arithmetic"])
+def test_cpu_and_cuda_deterministic_methods_are_bit_identical(method, tiny_family, tmp_path):
+    # slerp's angle is reduced in float64 (exact products), so its coefficients agree across devices
+    base, fts = tiny_family
+    models = [{"model": str(f), "parameters": {"weight": w}} for f, w in zip(fts, (0.5, 0.3, 0.2))]
+    r = {
+        "slerp": {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(base)}, {"model": str(fts[0])}], "parameters": {"t": [0.1, 0.5, 0.9]}},
+        "ties": {"merge_method": "ties", "base_model": str(base), "models": models, "parameters": {"density": 0.5}},
+        "linear": {"merge_method": "linear", "models": models},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(base), "models": models},
+    }[method]
+    cfg = load_recipe({**r, "dtype": "float32"})
+    assert merge_to_disk(cfg, tmp_path / "cpu").digest == merge_to_disk(cfg, tmp_path / "cuda", device="cuda").digest

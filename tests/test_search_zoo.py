@@ -3,9 +3,8 @@ export round trip, and the overfit flag on mismatched vs matched search/holdout 
 
 from __future__ import annotations
 
-import yaml
-
 import pytest
+import yaml
 
 from evomerge.cli import main
 from evomerge.engine import digest_model_dir
@@ -40,7 +39,10 @@ def test_cli_search_on_the_micro_zoo_end_to_end(micro_zoo, tmp_path, capsys):
     assert "the best trial's holdout score" in out
     df = load_trials(results / "zoo")
     searched = df[df["baseline"] == ""]
-    assert (searched["state"] == "COMPLETE").sum() == 5
+    # pruning is on by default: a trial stopped early (PRUNED) counts against the budget with its items
+    assert searched["state"].isin(["COMPLETE", "PRUNED"]).sum() == 5 and (searched["state"] == "COMPLETE").any()
+    full = searched.loc[searched["state"] == "COMPLETE", "items"]
+    assert (full == full.max()).all() and (searched.loc[searched["state"] == "PRUNED", "items"] < full.max()).all()
     # real per-task accuracies in [0, 1] with binomial standard errors
     for task in SEARCH:
         assert df[f"s_{task}"].between(0, 1).all() and (df[f"se_{task}"] >= 0).all() and df[f"se_{task}"].max() > 0
@@ -52,7 +54,7 @@ def test_cli_search_on_the_micro_zoo_end_to_end(micro_zoo, tmp_path, capsys):
     # resume: the same command with a larger budget continues the same study
     assert main(["search", str(space), "--results-dir", str(results), "--quiet", "--trials", "7"]) == 0
     df2 = load_trials(results / "zoo")
-    assert ((df2["baseline"] == "") & (df2["state"] == "COMPLETE")).sum() == 7
+    assert ((df2["baseline"] == "") & df2["state"].isin(["COMPLETE", "PRUNED"])).sum() == 7
     assert set(df["digest"]) <= set(df2["digest"])
     # export and re-merge reproduces the trial's tensors
     best = tmp_path / "best.yml"

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from evomerge.engine.kernels.chunked import run_each
-from evomerge.engine.sources import ModelSource
 from evomerge.engine.rng import hash32
+from evomerge.engine.sources import ModelSource
 
 __all__ = ["PREFIX", "ROW", "Fingerprint", "is_fingerprint", "row_sums", "tensor_digest", "tensors_digest", "digest_model_dir"]
 

@@ -58,6 +58,9 @@ class PrepCache:
         self._seen[key] = self._seen.get(key, 0) + 1
         return self._seen[key]
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
     def room(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more fit the budget without evicting anything."""
         return self.bytes + nbytes <= self.max_bytes
@@ -228,7 +231,7 @@ class TensorInputs:
     def uniform(self, i: int) -> torch.Tensor:
         """The fixed U[0, 1) field of input ``i`` (see :func:`~evomerge.engine.rng.uniform_field`)."""
         t = self._raw[i]
-        if self.stream != 1:  # a few integer ops per entry, on the device: redrawn, never cached
+        if self.stream != 1:  # a few integer ops per entry, on the device: redrawn, not cached
             return uniform_field(self.seed, self.name, i, t.shape, t.device, stream=self.stream)
         # Stream 1 fields are kept only while there is room: drawing one again costs a fraction of
         # rebuilding what it would evict (a sorted order of |delta| costs a sort of the whole tensor).
@@ -244,5 +247,16 @@ class TensorInputs:
         (``("lt_uniform", field, p)``)."""
         if self.stream == 1:
             return ("lt_uniform", self.uniform(i), p)
+        t = self._raw[i]
+        cache = self.cache
+        if t.device.type == "cpu" and cache is not None:
+            # On a CPU the integer hash costs more than reading a field (64-bit multiplies): a
+            # resident merger keeps the field while there is room. Same bits either way.
+            key = ("uniform", self.seed, self.name, i, tuple(t.shape))
+            field = self._memo.get(key)
+            if field is None and (key in cache or cache.room(4 * t.numel())):
+                field = self._cached(key, lambda: uniform_field(self.seed, self.name, i, t.shape, t.device, stream=self.stream), evict=False)
+            if field is not None:
+                return ("lt_uniform", field, p)
         k0, k1 = stream_keys(self.seed, self.name, i)
         return ("lt_hash", k0, k1, p)

@@ -11,17 +11,17 @@ by tensor and hands each merged tensor to a sink; the two public paths differ on
   magnitudes, random fields) across trials.
 
 Both paths hash the merged tensors the same ways: a sha256 of the bytes (:func:`tensors_digest`),
-or a fingerprint computed on the tensors' device (:mod:`evomerge.engine.fingerprint`, what the
+or a fingerprint computed on the tensors' device (:mod:`evomerge.engine.hashes`, what the
 search records per trial on CUDA, where copying every tensor to the CPU for sha256 cost more
 than the merge). Either can be checked against ``evomerge merge`` of the exported recipe.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,37 +29,27 @@ from typing import Any
 import torch
 
 from evomerge.dtypes import torch_dtype
-from evomerge.engine.card import render_card
+from evomerge.engine.card import TOKENIZER_FILES, write_metadata
 from evomerge.engine.hashes import Fingerprint, digest_model_dir, tensor_digest, tensors_digest
 from evomerge.engine.inputs import PrepCache, TensorInputs
 from evomerge.engine.kernels.methods import kernel_for
+from evomerge.engine.placement import (
+    Placement,
+    budget_override,
+    cache_budget,
+    check_device,
+    place_sources,
+)
 from evomerge.engine.plan import MergePlan, TensorTask, make_plan
 from evomerge.engine.resident import build_model, checkpoint_targets
 from evomerge.engine.rng import STREAM, check_stream
-from evomerge.engine.sources import ModelSource, open_sources, resolve_model
+from evomerge.engine.sources import ModelSource, open_sources
 from evomerge.engine.writer import AtomicDir, ShardedWriter, parse_size
 from evomerge.errors import EvomergeError, one_line
-from evomerge.io import dump_yaml
 from evomerge.recipe.schema import MergeConfig, load_recipe
 
 __all__ = ["Merger", "MergeResult", "merge_to_disk", "merge_in_memory", "tensor_digest", "tensors_digest", "digest_model_dir", "check_device", "TOKENIZER_FILES"]
 
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "vocab.txt",
-    # a vision-language model's processor: without them AutoProcessor cannot load the merge
-    "preprocessor_config.json",
-    "processor_config.json",
-    "chat_template.json",
-)
-TOKENIZER_FILES = _TOKENIZER_FILES  # the files a merged model's tokenizer is copied from
 
 
 class MergeError(EvomergeError):
@@ -89,7 +79,8 @@ class Merger:
         seed: seeds every random mask (with the tensor name and input position).
         resident: keep source tensors on ``device`` between merges and cache per-source work
             (for the search, which merges the same sources again and again).
-        cache_bytes: budget for that cache; default: a quarter of the device memory.
+        cache_bytes: budget for that cache; default: a quarter of the memory on a CPU, on a GPU
+            what the placement leaves spare (the sources, the model and evaluation come first).
         allow_crimes: plan merges across architectures when shapes match.
         compile: use compiled kernels (``torch.compile``) for large tensors; default: when
             ``resident``, where the compile time (seconds) is paid back over many merges.
@@ -97,6 +88,10 @@ class Merger:
         digest: what :attr:`MergeResult.digest` holds: ``"sha256"`` (bytes copied to the CPU),
             ``"fingerprint"`` (computed on the device, :mod:`~evomerge.engine.fingerprint`), or
             ``"auto"``: the fingerprint on CUDA, sha256 on CPU (where sha256 is twice as fast).
+        gpu_memory: device memory the resident merger may plan for (``"60GB"``, bytes); default:
+            ``$EVOMERGE_GPU_MEMORY``, else the free memory (see :mod:`~evomerge.engine.placement`).
+        hold: resident sources in their ``"stored"`` dtype (default) or converted to the
+            ``"compute"`` dtype (float32: twice the memory; for measuring the difference).
 
     Example:
         >>> merger = Merger(open_sources([...]), resident=True)            # doctest: +SKIP
@@ -116,6 +111,8 @@ class Merger:
         compile: bool | None = None,
         stream: int = STREAM,
         digest: str = "auto",
+        gpu_memory: str | int | None = None,
+        hold: str = "stored",
     ) -> None:
         self.sources = sources
         if digest not in ("auto", "sha256", "fingerprint"):
@@ -127,10 +124,14 @@ class Merger:
         self.resident = resident
         self.allow_crimes = allow_crimes
         self.compile = resident if compile is None else compile
+        if hold not in ("stored", "compute"):
+            raise ValueError(f"hold must be stored or compute, got {hold!r}")
+        self.hold = hold
+        self.placement: Placement | None = place_sources(self.sources, self.device, hold=hold, override=budget_override(gpu_memory)) if resident else None
         if cache_bytes is None:
-            cache_bytes = _device_memory(self.device) // 4 if resident else 0
+            cache_bytes = cache_budget(self.device, self.placement) if resident else 0
         self.cache = PrepCache(cache_bytes) if resident and cache_bytes > 0 else None
-        self._resident: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
+        self._resident: dict[tuple[str, str, torch.dtype | None], torch.Tensor] = {}
         self._targets: dict[int, dict[str, torch.Tensor]] = {}
 
     def plan(self, cfg: MergeConfig) -> MergePlan:
@@ -142,11 +143,19 @@ class Merger:
 
     def _load(self, ref: str, name: str, dtype: torch.dtype) -> torch.Tensor:
         if self.resident:
-            key = (ref, name, dtype)
+            # Held in the stored dtype (bf16/f16: half of float32); kernels convert chunk by chunk.
+            compute = self.hold == "compute"
+            key = (ref, name, dtype if compute else None)
             t = self._resident.get(key)
             if t is None:
-                t = self.sources[ref].get(name).to(self.device, dtype)
+                t = self.sources[ref].get(name)
+                if compute or not t.is_floating_point():
+                    t = t.to(dtype)
+                assert self.placement is not None
+                t = t.pin_memory() if self.placement.where == "host" else t.to(self.device)
                 self._resident[key] = t
+            if self.placement is not None and self.placement.where == "host":
+                return t.to(self.device, non_blocking=True)  # streamed each merge from pinned memory
             return t
         # Streaming: keep the stored dtype (a memory map on CPU); kernels convert chunk by chunk.
         t = self.sources[ref].get(name)
@@ -201,19 +210,39 @@ class Merger:
         fp = Fingerprint() if fp_kind or fingerprint else None
         sha = digest and not fp_kind
         bytes_out = bytes_in = 0
-        with torch.no_grad():
-            for task in plan.tasks:
-                dst = targets.get(task.out_name) if targets is not None else None
-                if dst is not None and not (dst.dtype == out_dtype and dst.device == self.device and tuple(dst.shape) == tuple(task.shape) and dst.is_contiguous()):
-                    dst = None
-                out = self._merge_task(plan, task, dst).to(out_dtype)
-                sink(task.out_name, out)
-                if sha:
-                    per[task.out_name] = tensor_digest(out)
-                if fp is not None:
-                    fp.add(task.out_name, out)
-                bytes_out += out.numel() * out.element_size()
-                bytes_in += sum(self.sources[r].nbytes(n) for r, n in task.inputs)
+
+        def book(name: str, out: torch.Tensor) -> None:
+            sink(name, out)
+            if sha:
+                per[name] = tensor_digest(out)
+
+        # Streaming to disk, the sink (a file write) and sha256 (both release the GIL) run in a
+        # second thread while the next tensor merges; at most two tensors wait, in plan order.
+        # In memory the targets are the model's own tensors: no overlap.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="evomerge-write") if targets is None and self.device.type == "cpu" else None
+        pending: deque[Future[None]] = deque()
+        try:
+            with torch.no_grad():
+                for task in plan.tasks:
+                    dst = targets.get(task.out_name) if targets is not None else None
+                    if dst is not None and not (dst.dtype == out_dtype and dst.device == self.device and tuple(dst.shape) == tuple(task.shape) and dst.is_contiguous()):
+                        dst = None
+                    out = self._merge_task(plan, task, dst).to(out_dtype)
+                    if pool is None:
+                        book(task.out_name, out)
+                    else:
+                        while len(pending) >= 2:
+                            pending.popleft().result()
+                        pending.append(pool.submit(book, task.out_name, out))
+                    if fp is not None:
+                        fp.add(task.out_name, out)
+                    bytes_out += out.numel() * out.element_size()
+                    bytes_in += sum(self.sources[r].nbytes(n) for r, n in task.inputs)
+            while pending:
+                pending.popleft().result()  # raises what the sink raised
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         shapes = {t.out_name: t.shape for t in plan.tasks}
         fp_hex = fp.hexdigest() if fp is not None else ""
         value = fp_hex if fp_kind else tensors_digest(per, shapes) if sha else ""
@@ -250,39 +279,6 @@ class Merger:
                 dst.data.copy_(tensor)
 
         return self.execute(plan, sink, digest=digest, targets={n: t.data for n, t in targets.items()})
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """The torch device a merge runs on: ``cpu``, or ``cuda``/``cuda:N`` when that GPU exists.
-
-    Raises:
-        EvomergeError: not a device string, a device type evomerge does not merge on (``tpu``,
-            ``mps``, ``meta``...), or a CUDA device this machine does not have.
-    """
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise EvomergeError(f"--device {str(device)!r}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EvomergeError(f"--device {device}: no CUDA device is available (torch.cuda.is_available() is false); use --device cpu")
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise EvomergeError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    elif dev.type != "cpu":
-        raise EvomergeError(f"--device {device}: evomerge merges on cpu or cuda[:N], not {dev.type}")
-    return dev
-
-
-def _device_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        import os
-
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
-        return 8 << 30
 
 
 def merge_in_memory(recipe: MergeConfig | Mapping[str, Any] | str | Path, *, device: str = "cpu", seed: int = 0, allow_crimes: bool = False) -> torch.nn.Module:
@@ -361,39 +357,10 @@ def merge_to_disk(
                 writer.close()
             finally:
                 writer.abort()
-            _write_metadata(atomic.path, plan, sources, copy_tokenizer, recipe_text, card_extra)
+            write_metadata(atomic.path, plan, sources, copy_tokenizer, recipe_text, card_extra)
     except MergeError as e:
         raise MergeError(f"{cfg.source_file}: {e}" if cfg.source_file else str(e)) from None
     except OSError as e:  # disk full, a permission changed mid-merge...
         raise EvomergeError(f"output {out_dir}: cannot write the merged model: {one_line(e.strerror or e)}") from None
     result.out_dir = Path(out_dir)
     return result
-
-
-def _write_metadata(path: Path, plan: MergePlan, sources: Mapping[str, ModelSource], copy_tokenizer: bool, recipe_text: str | None, card_extra: str) -> None:
-    cfg = plan.recipe
-    (path / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
-    ref_dir = sources[plan.reference].path
-    if (ref_dir / "generation_config.json").is_file():
-        shutil.copy2(ref_dir / "generation_config.json", path / "generation_config.json")
-    if copy_tokenizer:
-        tok = cfg.tokenizer_source
-        if tok is None or tok == "base":
-            tok_dir = ref_dir
-        elif tok in sources:
-            tok_dir = sources[tok].path
-        else:
-            tok_dir = resolve_model(tok, file=cfg.source_file, field="tokenizer_source")
-        for name in _TOKENIZER_FILES:
-            if (tok_dir / name).is_file():
-                shutil.copy2(tok_dir / name, path / name)
-        if cfg.chat_template:
-            tc_path = path / "tokenizer_config.json"
-            tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
-            tc["chat_template"] = cfg.chat_template
-            tc_path.write_text(json.dumps(tc, indent=2) + "\n")
-            (path / "chat_template.jinja").unlink(missing_ok=True)
-    text = recipe_text if recipe_text is not None else dump_yaml(dict(cfg.raw))
-    (path / "mergekit_config.yml").write_text(text)
-    (path / "README.md").write_text(render_card(plan, text, extra=card_extra))
-

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["TaskSpec", "EvalConfig", "EvalResult", "Evaluator", "aggregate", "SCORERS"]
+__all__ = ["TaskSpec", "EvalConfig", "EvalResult", "Evaluator", "StagedEvaluation", "aggregate", "item_weights", "SCORERS"]
 
 # How lm-eval's loglikelihood requests are run: "shared" runs each distinct context once and scores
 # its continuations from the cached keys/values (evaluation/scorer.py); "hflm" is lm-eval's HFLM,
@@ -64,7 +64,12 @@ class EvalConfig:
 
 @dataclass
 class EvalResult:
-    """Scores of one model: per task, their standard errors and the weighted aggregate."""
+    """Scores of one model: per task, their standard errors and the weighted aggregate.
+
+    ``items`` holds, where the evaluator knows them, each task's per-item metric values in the
+    order of its items (lm-eval's per-document value of the task's metric: 0/1 for ``acc``);
+    ``None`` for an item not scored (a stopped candidate's). Paired comparisons use them.
+    """
 
     scores: dict[str, float]
     stderr: dict[str, float]
@@ -72,6 +77,7 @@ class EvalResult:
     aggregate_se: float
     seconds: float
     n_items: dict[str, int]
+    items: dict[str, list[float | None]] = field(default_factory=dict)
 
 
 def aggregate(specs: Iterable[TaskSpec], scores: Mapping[str, float], stderr: Mapping[str, float]) -> tuple[float, float]:
@@ -82,8 +88,58 @@ def aggregate(specs: Iterable[TaskSpec], scores: Mapping[str, float], stderr: Ma
     return agg, se
 
 
+def item_weights(specs: Iterable[TaskSpec], counts: Mapping[str, int]) -> dict[str, float]:
+    """Per task, the factor that turns an item's value into its share of the aggregate.
+
+    With ``N`` items in all, the mean over every item of ``value * factor`` is the weighted
+    aggregate of the task means: ``factor = weight / sum(weights) * N / n_task``.
+
+    Example:
+        >>> item_weights([TaskSpec("a"), TaskSpec("b", weight=3.0)], {"a": 10, "b": 30})
+        {'a': 1.0, 'b': 1.0}
+    """
+    specs = [s for s in specs if counts.get(s.name)]
+    wsum = sum(s.weight for s in specs)
+    total = sum(counts[s.name] for s in specs)
+    return {s.name: s.weight / wsum * total / counts[s.name] for s in specs}
+
+
+class StagedEvaluation(ABC):
+    """One model's evaluation on the search items, scored a subset at a time.
+
+    The contract: :meth:`score` may be called any number of times with any items; :meth:`result`
+    then scores whatever was not scored yet and returns exactly what ``evaluate(model, "search")``
+    returns (the same lm-eval metrics and aggregation), without scoring an item twice.
+    """
+
+    @abstractmethod
+    def score(self, items: Mapping[str, Sequence[int]]) -> dict[str, dict[int, float]]:
+        """Score some items.
+
+        Args:
+            items: task name -> indices into that task's search items (0 .. count - 1).
+
+        Returns:
+            task name -> {index: the item's metric value}.
+        """
+
+    @abstractmethod
+    def result(self) -> EvalResult:
+        """The full search evaluation of the model (every item), reusing the items scored so far."""
+
+    @property
+    @abstractmethod
+    def scored(self) -> int:
+        """How many distinct items were scored so far."""
+
+
 class Evaluator(ABC):
-    """Scores a model on the search items or on the holdout items."""
+    """Scores a model on the search items or on the holdout items.
+
+    Evaluators that can score the search items a subset at a time (needed to stop hopeless
+    candidates early) return item counts from :meth:`item_counts` and a
+    :class:`StagedEvaluation` from :meth:`staged`; the defaults say they cannot.
+    """
 
     @abstractmethod
     def evaluate(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
@@ -105,3 +161,15 @@ class Evaluator(ABC):
     def datasets(self) -> dict[str, list[str]]:
         """Dataset paths (hub ids or local files) per task; may be empty."""
         return {}
+
+    def item_counts(self) -> dict[str, int]:
+        """Search items per task when :meth:`staged` is supported, else ``{}``."""
+        return {}
+
+    def specs(self) -> list[TaskSpec]:
+        """The search tasks with their weights (for :func:`item_weights`)."""
+        return [TaskSpec(n) for n in self.task_names("search")]
+
+    def staged(self, model: torch.nn.Module) -> StagedEvaluation | None:
+        """A :class:`StagedEvaluation` of ``model`` on the search items, or None (not supported)."""
+        return None

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.evaluation.base import SCORERS, EvalConfig, EvalResult, Evaluator, TaskSpec, aggregate
+from evomerge.evaluation.base import SCORERS, EvalConfig, EvalResult, Evaluator, StagedEvaluation, TaskSpec, aggregate
+from evomerge.evaluation.items import LMEvalStaged, RequestBank, items_from_samples, metric_value, stageable
 from evomerge.evaluation.scorer import make_lm
 
 __all__ = ["LMEvalEvaluator", "task_manager", "quiet_lm_eval", "local_task_names", "get_task_dict", "leaf_tasks", "doc_ids", "texts_of",
@@ -216,19 +217,6 @@ def item_text(task, doc: Any) -> str:
     return f"{text}{delim}{target}"
 
 
-def _metric_value(res: Mapping[str, Any], metric: str) -> tuple[float, float] | None:
-    """(score, stderr) of ``metric`` in one task's lm-eval results; ``metric`` may name a filter
-    (``exact_match,flexible-extract``), else ``,none`` is preferred, then the first filter."""
-    keys = [metric] if "," in metric else [f"{metric},none"] + sorted(k for k in res if k.startswith(f"{metric},") and "_stderr" not in k)
-    for key in keys:
-        if key in res and isinstance(res[key], (int, float)):
-            name, _, filt = key.partition(",")
-            se = res.get(f"{name}_stderr,{filt}")
-            se = float(se) if isinstance(se, (int, float)) else float("nan")
-            return float(res[key]), se
-    return None
-
-
 class LMEvalEvaluator(Evaluator):
     """lm-evaluation-harness over an in-memory model.
 
@@ -272,6 +260,7 @@ class LMEvalEvaluator(Evaluator):
             self._specs["holdout"] = list(cfg.search)
         self._leaves = {split: self._leaves_per_spec(split) for split in self._dicts}
         self._samples = {split: self._sample_ids(split) for split in self._dicts}
+        self._bank: RequestBank | None = None  # built on the first staged evaluation
 
     # -- setup
 
@@ -335,6 +324,26 @@ class LMEvalEvaluator(Evaluator):
                 out[name] = paths
         return out
 
+    def item_counts(self) -> dict[str, int]:
+        """Search items per task, or ``{}`` when a metric is not a mean of per-item values."""
+        if stageable(leaf_tasks(self._dicts["search"]), self._leaves["search"], self._specs["search"]):
+            return {}
+        return {s.name: sum(len(self._samples["search"][leaf]) for leaf in self._leaves["search"][s.name]) for s in self._specs["search"]}
+
+    def specs(self) -> list[TaskSpec]:
+        return list(self._specs["search"])
+
+    def staged(self, model: torch.nn.Module) -> StagedEvaluation | None:
+        """Score ``model`` on the search items in rounds (:mod:`evomerge.evaluation.items`); None
+        when :meth:`item_counts` is empty."""
+        if not self.item_counts():
+            return None
+        if self._bank is None:
+            self._bank = RequestBank(leaf_tasks(self._dicts["search"]), self._samples["search"])
+        model.eval()
+        lm = make_lm(model, self.tokenizer, scorer=self.scorer, batch_size=self.batch_size, device=self.device)
+        return LMEvalStaged(self._bank, self._specs["search"], self._leaves["search"], lm, lambda memo: self._run(model, memo, "search"))
+
     def evaluate(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
         """Score ``model`` on the search or holdout items.
 
@@ -343,7 +352,8 @@ class LMEvalEvaluator(Evaluator):
             split: "search" or "holdout".
 
         Returns:
-            The :class:`EvalResult`; ``scores`` are fractions in [0, 1].
+            The :class:`EvalResult`; ``scores`` are fractions in [0, 1], ``items`` each task's
+            per-item values.
 
         Raises:
             EvomergeError: ``split`` is "holdout" and the config has none; a metric missing from
@@ -351,18 +361,20 @@ class LMEvalEvaluator(Evaluator):
         """
         if split not in self._dicts:
             raise EvomergeError(f"no {split} items configured (evaluate.holdout)")
+        quiet_lm_eval()
+        return self._run(model, make_lm(model, self.tokenizer, scorer=self.scorer, batch_size=self.batch_size, device=self.device), split)
+
+    def _run(self, model: torch.nn.Module, lm: Any, split: str) -> EvalResult:
+        import lm_eval.api.task as lm_task
         from lm_eval.evaluator import evaluate as lm_evaluate
 
         t0 = time.perf_counter()
         was_training = model.training
         model.eval()
-        quiet_lm_eval()
-        lm = make_lm(model, self.tokenizer, scorer=self.scorer, batch_size=self.batch_size, device=self.device)
         # lm-eval's evaluate() draws few-shot examples from each task's generator where the previous
         # call left it: reseed, so that every candidate is scored on the same prompts.
         for task in leaf_tasks(self._dicts[split]).values():
             task.set_fewshot_seed(seed=1234)
-        import lm_eval.api.task as lm_task
 
         # lm-eval draws a progress bar per task per call while building requests; a search
         # prints its own progress, so swap it for a pass-through during the call.
@@ -374,7 +386,7 @@ class LMEvalEvaluator(Evaluator):
                 self._dicts[split],
                 samples=self._samples[split],
                 bootstrap_iters=100,  # mean metrics use the closed form; this bounds the others
-                log_samples=False,
+                log_samples=True,  # per-item values (paired comparisons)
                 verbosity="ERROR",
             )
         finally:
@@ -382,15 +394,19 @@ class LMEvalEvaluator(Evaluator):
         if was_training:
             model.train()
         results = (out or {}).get("results", {})
+        tasks = leaf_tasks(self._dicts[split])
         scores: dict[str, float] = {}
         stderr: dict[str, float] = {}
         n_items: dict[str, int] = {}
+        items: dict[str, list[float | None]] = {}
         for spec in self._specs[split]:
-            got = _metric_value(results.get(spec.name, {}), spec.metric)
+            got = metric_value(results.get(spec.name, {}), spec.metric)
             if got is None:
                 have = sorted({k.split(",")[0] for k in results.get(spec.name, {}) if "," in k and "_stderr" not in k})
                 raise EvomergeError(f"task {spec.name!r} reports no metric {spec.metric!r} (it reports: {', '.join(have) or 'nothing'})")
             scores[spec.name], stderr[spec.name] = got
-            n_items[spec.name] = sum(len(self._samples[split].get(leaf, [])) for leaf in self._leaves[split][spec.name])
+            leaves = self._leaves[split][spec.name]
+            n_items[spec.name] = sum(len(self._samples[split].get(leaf, [])) for leaf in leaves)
+            items[spec.name] = items_from_samples((out or {}).get("samples", {}), spec, leaves, self._samples[split], tasks)
         agg, se = aggregate(self._specs[split], scores, {k: (0.0 if math.isnan(v) else v) for k, v in stderr.items()})
-        return EvalResult(scores, stderr, agg, se, time.perf_counter() - t0, n_items)
+        return EvalResult(scores, stderr, agg, se, time.perf_counter() - t0, n_items, items)

@@ -167,8 +167,8 @@ def main_export(args: Any) -> int:
         if not same:
             raise EvomergeError(f"--merge: the rebuilt mixture differs from trial {info['number']}'s ({built.digest[:20]} vs {info['digest'][:20]})")
     elif args.merge:
-        # Trials record a fingerprint of their tensors (evomerge.engine.fingerprint); studies made
-        # before it record a sha256. The re-merge is checked against whichever the trial holds.
+        # CUDA trials record a fingerprint of their tensors (evomerge.engine.hashes), CPU trials and studies made
+        # before fingerprints a sha256. The re-merge is checked against whichever the trial holds.
         fp = is_fingerprint(info["digest"])
         result = merge_to_disk(recipe, args.merge, device=args.device, seed=info["seed"], force=args.force,
                                card_extra=info["section"], recipe_text=text, stream=info["stream"], fingerprint=fp)

@@ -8,11 +8,11 @@ from typing import Any
 import pandas as pd
 
 from evomerge.contamination.render import flag_marks, legend
-from evomerge.search.loop import SearchOutcome
+from evomerge.search.outcome import SearchOutcome, item_totals
 from evomerge.search.storage import load_study, locate
 from evomerge.search.table import is_number, trials_frame
 
-__all__ = ["leaderboard", "summary", "main_results"]
+__all__ = ["leaderboard", "summary", "main_results", "items_line"]
 
 
 def leaderboard(df: pd.DataFrame, *, top: int = 15, show_all: bool = False) -> str:
@@ -23,8 +23,13 @@ def leaderboard(df: pd.DataFrame, *, top: int = 15, show_all: bool = False) -> s
         searched = view[view["baseline"] == ""].head(top)
         view = pd.concat([searched, view[view["baseline"] != ""]]).sort_values("_key", ascending=False)
     tasks = [c[2:] for c in df.columns if c.startswith("s_")]
+<<<<<<< HEAD
     params = sorted((c for c in df.columns if c.startswith("p_") and c != "p_method"), key=_param_order)
     head = f"{'trial':>16} {'state':8} {'score':>6} {'±':>5} {'holdout':>7} " + " ".join(f"{t[:10]:>10}" for t in tasks) + "  flags  method / params"
+=======
+    params = [c for c in df.columns if c.startswith("p_") and c != "p_method"]
+    head = f"{'trial':>16} {'state':8} {'score':>6} {'±':>5} {'holdout':>7} {'items':>6} " + " ".join(f"{t[:10]:>10}" for t in tasks) + "  flags  method / params"
+>>>>>>> main
     lines = [head, "-" * len(head)]
     for rd in view.to_dict("records"):
         name = f"[{_short_baseline(rd['baseline'])}]" if rd.get("baseline") else f"#{rd['number']}"
@@ -35,10 +40,28 @@ def leaderboard(df: pd.DataFrame, *, top: int = 15, show_all: bool = False) -> s
             desc += " " + " ".join(shown[:8]) + (" …" if len(shown) > 8 else "")
         if rd.get("state") != "COMPLETE" and rd.get("error"):
             desc = f"{rd['error']}"[:80]
-        lines.append(f"{name[:16]:>16} {str(rd['state'])[:8]:8} {_fmt(rd.get('score')):>6} {_fmt(rd.get('score_se')):>5} {_fmt(rd.get('holdout')):>7} "
+        lines.append(f"{name[:16]:>16} {str(rd['state'])[:8]:8} {_fmt(rd.get('score')):>6} {_fmt(rd.get('score_se')):>5} {_fmt(rd.get('holdout')):>7} {_count(rd.get('items')):>6} "
                      + " ".join(f"{_fmt(rd.get('s_' + t)):>10}" for t in tasks) + f"  {marks:5}  {desc}")
-    lines.append("[name] = baseline (not searched); holdout only for finalists and baselines. " + legend())
+    lines.append("[name] = baseline (not searched); holdout only for finalists and baselines; items: search items scored. " + legend())
+    pruned = df[(df["state"] == "PRUNED") & (df["baseline"] == "")]
+    if len(pruned) and not show_all:
+        lines.append(f"{len(pruned)} trials stopped early (PRUNED, on {_count(pruned['items'].sum())} items; their partial scores: --all)")
     return "\n".join(lines)
+
+
+def _count(x: Any) -> str:
+    return f"{int(x)}" if is_number(x) else "-"
+
+
+def items_line(df: pd.DataFrame) -> str:
+    """One line of the items a study evaluated (search items by trials; in all, with baselines and
+    holdout re-scores)."""
+    return _items_text(item_totals(df), int(((df["state"] == "PRUNED") & (df["baseline"] == "")).sum()))
+
+
+def _items_text(n: dict[str, int], pruned: int) -> str:
+    return (f"items evaluated: {n['trials']} search items by trials ({n['pruned']} of them by {pruned} trials stopped early), "
+            f"{n['all']} in all with baselines and holdout re-scores")
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -80,7 +103,10 @@ def _short_baseline(name: str) -> str:
 
 def summary(outcome: SearchOutcome) -> str:
     """The end-of-run comparison: best trial vs every source model and the uniform merge."""
-    lines = [f"study {outcome.paths.name}: {outcome.n_complete} complete trials, {outcome.n_failed} failed, {outcome.seconds:.0f}s; table: {outcome.paths.csv}"]
+    lines = [f"study {outcome.paths.name}: {outcome.n_complete} complete trials, {outcome.n_pruned} pruned, {outcome.n_failed} failed, "
+             f"{outcome.seconds:.0f}s; table: {outcome.paths.csv}"]
+    if outcome.items:
+        lines.append(_items_text(outcome.items, outcome.n_pruned))
     best = outcome.best
     if best is None:
         return "\n".join(lines + ["no completed trial"])
@@ -111,6 +137,7 @@ def main_results(space: str, *, study: str | None = None, storage: str | None = 
     paths = locate(space, study=study, storage=storage, results_dir=results_dir)
     df = trials_frame(load_study(paths))
     print(f"study {paths.name} ({paths.storage}): {int((df['state'] == 'COMPLETE').sum())} complete rows, "
-          f"{int((df['state'] == 'FAIL').sum())} failed")
+          f"{int((df['state'] == 'PRUNED').sum())} pruned, {int((df['state'] == 'FAIL').sum())} failed")
+    print(items_line(df))
     print(leaderboard(df, top=top, show_all=show_all))
     return 0

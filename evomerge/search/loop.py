@@ -15,8 +15,8 @@ marked failed on resume and its parameters are retried once. Ctrl-C marks the cu
 failed ("interrupted"), writes the table and exits with 130.
 
 Several workers, one study: any number of processes may run this loop on one storage, on one host
-or many. Each asks Optuna for its own trials; the budget is the number of COMPLETE trials in the
-storage, counted before every trial, and a worker does not start a trial that the trials other
+or many. Each asks Optuna for its own trials; the budget is the number of finished (COMPLETE or
+PRUNED: stopped early, see :mod:`.pruning`) trials in the storage, counted before every trial, and a worker does not start a trial that the trials other
 workers are running could make surplus (it waits for them instead). What runs once per study (the
 setup, each baseline, each holdout re-score) runs under a claim (:mod:`.claims`); a dead worker's
 trial is failed and retried by a live one (:mod:`.recovery`). Worker ``k`` (its slot among the
@@ -34,11 +34,9 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from evomerge.contamination.rules import assessment_from_dict, assessment_to_dict
@@ -49,36 +47,17 @@ from evomerge.search.baselines import enqueue_hand_recipes, run_baselines
 from evomerge.search.candidates import Candidates
 from evomerge.search.claims import Claim, Claims
 from evomerge.search.finalists import Holdout
+from evomerge.search.outcome import SearchOutcome
+from evomerge.search.pruning import RoundScorer
 from evomerge.search.records import StudyMeta, StudyRecords, TrialRecord
 from evomerge.search.recovery import recover_dead_trials, trial_pulse
 from evomerge.search.samplers import make_sampler, suggester
 from evomerge.search.setup import Setup, prepare
 from evomerge.search.storage import StudyPaths
-from evomerge.search.table import best_row, write_trials_csv
+from evomerge.search.table import write_trials_csv
 from evomerge.space import Directive
 
 __all__ = ["Search", "SearchOutcome", "run_search"]
-
-
-@dataclass
-class SearchOutcome:
-    """What a finished (or resumed-to-completion) search reports."""
-
-    paths: StudyPaths
-    n_complete: int
-    n_failed: int
-    best: Mapping[str, Any] | None
-    baselines: dict[str, Mapping[str, Any]] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @classmethod
-    def from_table(cls, paths: StudyPaths, df: pd.DataFrame, seconds: float) -> SearchOutcome:
-        """The outcome of a study, read off its results table (every worker's trials)."""
-        searched = df[df["baseline"] == ""]
-        best = best_row(df)
-        baselines = {r["baseline"]: r for r in df[df["baseline"] != ""].to_dict("records")}
-        return cls(paths, int((searched["state"] == "COMPLETE").sum()), int((df["state"] == "FAIL").sum()),
-                   None if best is None else best.to_dict(), baselines, seconds)
 
 
 def _jsonable(x: Any) -> Any:
@@ -112,6 +91,7 @@ class Search:
         self.quiet = quiet
         self.probe = probe
         self.candidates = Candidates(self.setup.merger, self.setup.evaluator)
+        self.rounds = RoundScorer(None if self.setup.objectives else self.setup.space.search.prune, self.candidates, self.setup.log)
         self.claims = Claims(self.setup.storage, self.setup.paths.name, self.setup.liveness, log=self.setup.log)
         self.worker = 0
         self._slot: Claim | None = None
@@ -190,11 +170,11 @@ class Search:
 
     def _surplus(self, records: StudyRecords, number: int) -> bool:
         # Another worker may have asked at the same moment: the trials that count first are the
-        # complete ones and the running ones asked before this one.
+        # finished ones (complete or pruned) and the running ones asked before this one.
         from optuna.trial import TrialState
 
-        ahead = [t for t in records.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-                 if t.state == TrialState.COMPLETE or t.number < number]
+        ahead = [t for t in records.study.get_trials(deepcopy=False, states=_counted())
+                 if t.state != TrialState.RUNNING or t.number < number]
         return len(ahead) >= self.setup.trials
 
     def _run_trial(self, records: StudyRecords, holdout: Holdout, trial: Any, best: float) -> tuple[str, int, TrialRecord]:
@@ -213,8 +193,12 @@ class Search:
                 rec.reused_from, rec.search = same
                 rec.eval_s = 0.0
             else:
-                rec.search = self.candidates.score(model, "search")
+                rec.search, pruned = self.rounds.score(model, records, lambda v, n: trial.report(v, n), prunable=not records.baseline_of(trial))
                 rec.eval_s = rec.search.seconds
+                if pruned:  # stopped early: its partial scores and items are kept, it is no finalist
+                    records.set_trial(trial, rec)
+                    _tell(study, trial, state=TrialState.PRUNED)
+                    return "PRUNED", trial.number, rec
         except KeyboardInterrupt:
             rec.error = "interrupted (Ctrl-C)"
             records.set_trial(trial, rec)
@@ -320,9 +304,9 @@ class Search:
         from optuna.trial import TrialState
 
         s, study = self.setup, records.study
-        n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        n_done = len(study.get_trials(deepcopy=False, states=_finished()))
         if n_done:
-            s.log(f"study {s.paths.name!r}: {n_done} of {s.trials} trials already complete")
+            s.log(f"study {s.paths.name!r}: {n_done} of {s.trials} trials already finished (complete or pruned)")
         bar = None
         if not self.quiet and n_done < s.trials:
             from tqdm.auto import tqdm
@@ -332,9 +316,9 @@ class Search:
         while attempts < 3 * s.trials + 10:
             self._check_interrupt()
             self._log_dead(recover_dead_trials(records, s.storage))
-            trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            trials = study.get_trials(deepcopy=False, states=_counted())
             complete = [t for t in trials if t.state == TrialState.COMPLETE]
-            n_done = len(complete)
+            n_done = sum(t.state != TrialState.RUNNING for t in trials)
             if bar is not None and n_done > bar.n:
                 bar.update(min(n_done, s.trials) - bar.n)
             if n_done >= s.trials:
@@ -348,7 +332,11 @@ class Search:
             write_trials_csv(study, s.paths.csv)
             self._check_interrupt()
             line = f"trial {number:>3} {state:8}"
-            if state == "COMPLETE" and rec.search is not None:
+            if state == "PRUNED" and rec.search is not None:
+                line += f" score {rec.search.aggregate:.3f} on {rec.search.n_items} items (stopped early)  {rec.method or ''}"
+                if bar is not None:
+                    bar.update(1)
+            elif state == "COMPLETE" and rec.search is not None:
                 line += f" score {rec.search.aggregate:.3f}  merge {rec.merge_s or 0:.2f}s eval {rec.eval_s or 0:.2f}s  {rec.method or ''}"
                 if bar is not None:
                     bar.update(1)
@@ -358,11 +346,24 @@ class Search:
             if not self.quiet:
                 (bar.write if bar is not None and not bar.disable else s.log)(line)
         else:
-            n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            n_done = len(study.get_trials(deepcopy=False, states=_finished()))
             s.log(f"stopped after {attempts} attempts with {n_done} complete trials: too many failures (see the error column)")
         if bar is not None:
             bar.close()
         return n_done
+
+
+def _finished() -> tuple[Any, ...]:
+    """The trial states that count against the budget (optuna is imported lazily)."""
+    from optuna.trial import TrialState
+
+    return (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def _counted() -> tuple[Any, ...]:
+    from optuna.trial import TrialState
+
+    return (*_finished(), TrialState.RUNNING)
 
 
 class _Finished(Exception):

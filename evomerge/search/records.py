@@ -49,23 +49,35 @@ HOST = os.environ.get("EVOMERGE_HOST") or socket.gethostname()
 @dataclass(frozen=True)
 class Scores:
     """One evaluation of one model on one split: per-task scores, their standard errors, the
-    weighted aggregate and the seconds it took."""
+    weighted aggregate and the seconds it took; ``n_items`` items were scored (0: not recorded, a
+    study of an older version), ``values`` holds each task's per-item values where the evaluator
+    gives them (None for an item a stopped trial did not score)."""
 
     scores: dict[str, float]
     stderr: dict[str, float]
     aggregate: float
     aggregate_se: float
     seconds: float
+    n_items: int = 0
+    values: dict[str, list[float | None]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.values:
+            del d["values"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Scores | None:
         if not d:
             return None
         return cls(dict(d.get("scores") or {}), {k: float(v) for k, v in (d.get("stderr") or {}).items()},
-                   float(d["aggregate"]), float(d.get("aggregate_se") or 0.0), float(d.get("seconds") or 0.0))
+                   float(d["aggregate"]), float(d.get("aggregate_se") or 0.0), float(d.get("seconds") or 0.0),
+                   int(d.get("n_items") or 0), {k: list(v) for k, v in (d.get("values") or {}).items()})
+
+    def complete(self, counts: Mapping[str, int]) -> bool:
+        """Whether ``values`` holds a value for every item of every task in ``counts``."""
+        return all(len(self.values.get(k) or ()) == n and None not in self.values[k] for k, n in counts.items())
 
 
 @dataclass

@@ -153,6 +153,8 @@ def prepare(space_file: str | Path, *, trials: int | None = None, device: str | 
         torch.set_num_threads(threads)
     seed = s.seed if seed is None else seed
     merger = Merger(sources, device=device, seed=seed if s.mask_seed is None else s.mask_seed, resident=True)
+    if merger.placement is not None and merger.device.type == "cuda":
+        log(merger.placement.describe())
     tokenizer_dir = _tokenizer_dir(space, sources, file)
     baselines = baseline_recipes(space)
     for name, recipe in baselines.items():

@@ -8,7 +8,9 @@ one to write has read every worker's last commit.
 
 Columns: ``number``, ``state``, ``baseline`` (name, empty for searched trials), ``method``,
 ``p_<param>`` (every sampled parameter), ``score``/``score_se`` (aggregate search score),
-``s_<task>``/``se_<task>``, ``holdout``/``holdout_se``, ``h_<task>``, ``merge_s``, ``eval_s``,
+``s_<task>``/``se_<task>``, ``holdout``/``holdout_se``, ``h_<task>``, ``items`` (search items this
+row's evaluation scored: all of them, fewer for a PRUNED trial, 0 for a trial that took the scores
+of an earlier one with the same tensors), ``holdout_items``, ``merge_s``, ``eval_s``,
 ``digest`` (hash of the merged tensors), the flag columns of :mod:`evomerge.contamination.rules` with their
 ``_evidence``, and ``error`` (why a trial failed).
 """
@@ -40,6 +42,13 @@ def _score_cols(scores: Scores | None, prefix: str, se_prefix: str, agg: str) ->
     return row
 
 
+def _items(search: Scores | None, reused: bool, holdout: Scores | None) -> dict[str, Any]:
+    # Items this row's evaluations scored (a trial that took another's scores scored none); None
+    # where the study predates item counts.
+    n = 0 if reused else (search.n_items or None) if search is not None else None
+    return {"items": n, "holdout_items": (holdout.n_items or None) if holdout is not None else None}
+
+
 def trials_frame(study: Any) -> pd.DataFrame:
     """The results table of ``study``: searched trials, then baselines.
 
@@ -54,7 +63,9 @@ def trials_frame(study: Any) -> pd.DataFrame:
         row: dict[str, Any] = {"number": t.number, "state": t.state.name, "baseline": records.baseline_of(t), "method": rec.method or ""}
         row.update({f"p_{k}": v for k, v in t.params.items()})
         row.update(_score_cols(rec.search, "s_", "se_", "score"))
-        row.update(_score_cols(records.holdout(t.number), "h_", "", "holdout"))
+        ho = records.holdout(t.number)
+        row.update(_score_cols(ho, "h_", "", "holdout"))
+        row.update(_items(rec.search, rec.reused_from is not None, ho))
         wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
         row.update({"merge_s": rec.merge_s, "eval_s": rec.eval_s, "wall_s": wall, "digest": rec.digest or "",
                     "retry_of": records.retry_of(t), "reused_from": rec.reused_from, "error": rec.error})
@@ -63,12 +74,13 @@ def trials_frame(study: Any) -> pd.DataFrame:
         row = {"number": None, "state": b.state or "COMPLETE", "baseline": name, "method": b.method or ""}
         row.update(_score_cols(b.search, "s_", "se_", "score"))
         row.update(_score_cols(b.holdout, "h_", "", "holdout"))
+        row.update(_items(b.search, False, b.holdout))
         row.update({"merge_s": b.merge_s, "eval_s": b.eval_s, "digest": b.digest or "", "error": b.error})
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         df = pd.DataFrame(columns=["number", "state", "baseline", "method", "score", "holdout"])
-    for c in ("score", "score_se", "holdout", "holdout_se"):
+    for c in ("score", "score_se", "holdout", "holdout_se", "items", "holdout_items"):
         if c not in df:
             df[c] = math.nan
     df["number"] = df["number"].astype("Int64")
@@ -82,7 +94,9 @@ def trials_frame(study: Any) -> pd.DataFrame:
     probes = {int(n): records.probe(int(n)) or {} for n in df["number"].dropna()}
     df["memorization_probe"] = [bool(probes.get(n, {}).get("memorization_probe", False)) if n is not pd.NA else False for n in df["number"]]
     df["memorization_probe_evidence"] = [probes.get(n, {}).get("memorization_probe_evidence", "") if n is not pd.NA else "" for n in df["number"]]
-    front = ["number", "state", "baseline", "method", "score", "score_se", "holdout", "holdout_se"]
+    df["items"] = df["items"].astype("Int64")
+    df["holdout_items"] = df["holdout_items"].astype("Int64")
+    front = ["number", "state", "baseline", "method", "score", "score_se", "holdout", "holdout_se", "items", "holdout_items"]
     rest = [c for c in df.columns if c not in front]
     order = front + sorted([c for c in rest if c.startswith("p_")]) + sorted([c for c in rest if c.startswith(("s_", "se_", "h_"))]) + \
         [c for c in rest if not c.startswith(("p_", "s_", "se_", "h_"))]

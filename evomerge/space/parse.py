@@ -15,6 +15,7 @@ from evomerge.moe.config import is_moe_mapping, parse_moe_config
 from evomerge.recipe.schema import parse_recipe
 from evomerge.space.directives import Directive
 from evomerge.space.moe import check_moe_method, moe_section
+from evomerge.space.prune import parse_prune
 from evomerge.space.space import SearchSettings, Space
 from evomerge.space.validate import validate_points
 
@@ -24,7 +25,7 @@ _KINDS = ("range", "int", "choice")
 _MODIFIERS = ("log", "step", "anchors", "per_layers")
 _SECTIONS = ("evaluate", "search", "study")
 SAMPLERS = ("tpe", "cmaes", "random", "gp", "nsga2")
-_SEARCH_KEYS = ("sampler", "trials", "seed", "baselines", "finalists", "objectives", "mask_seed", "startup_trials")
+_SEARCH_KEYS = ("sampler", "trials", "seed", "baselines", "finalists", "objectives", "mask_seed", "startup_trials", "prune")
 _STUDY_KEYS = ("name", "storage")
 
 
@@ -259,6 +260,11 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
         objectives = (objectives,)
     if not isinstance(objectives, (list, tuple)) or not all(isinstance(o, str) for o in objectives):
         raise p.err("search.objectives", "must be a list of task names (or `tasks` for every search task)")
+    prune = parse_prune(section.get("prune", True), p.err)
+    if prune is not None and objectives:
+        if "prune" in section:
+            raise p.err("search.prune", "stops a trial by its single score: it does not work with several objectives (set prune: false)")
+        prune = None  # on by default, off with several objectives
     baselines = []
     raw = section.get("baselines") or []
     if not isinstance(raw, list):
@@ -284,7 +290,7 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
         else:
             parse_recipe(recipe, f"{p.file} ({f}.recipe)")
         baselines.append((name, recipe))
-    return SearchSettings(sampler, trials, seed, finalists, tuple(baselines), tuple(objectives), startup, mask_seed)
+    return SearchSettings(sampler, trials, seed, finalists, tuple(baselines), tuple(objectives), startup, mask_seed, prune)
 
 
 def _study_section(section: Any, p: _SpaceParser) -> tuple[str | None, str | None]:

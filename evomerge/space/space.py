@@ -27,6 +27,7 @@ from typing import Any
 
 from evomerge.space.directives import Directive, LayersOf, Suggest
 from evomerge.space.moe import moe_model_refs
+from evomerge.space.prune import PruneSettings
 from evomerge.space.render import render, values_of
 
 __all__ = ["Space", "SearchSettings"]
@@ -44,6 +45,7 @@ class SearchSettings:
     objectives: tuple[str, ...] = ()
     startup_trials: int | None = None
     mask_seed: int | None = None  # seed of random masks (dare, della); None: ``seed``
+    prune: PruneSettings | None = PruneSettings()  # stop hopeless candidates early; None: off
 
 
 @dataclass

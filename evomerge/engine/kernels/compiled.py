@@ -152,7 +152,6 @@ def _compiled(name: str) -> Any:
         # Each variant (method family, input count, dtypes) is one more compile of the same function;
         # a search over several methods can exceed dynamo's default of 8 per function.
         import torch._dynamo
-
         import torch._inductor.config
 
         for key in ("recompile_limit", "cache_size_limit"):
