@@ -41,7 +41,7 @@ def test_summary_verdict_is_about_sources_and_the_uniform_merge_not_hand_recipes
     """A hand recipe equal to the best trial (same holdout) does not turn the verdict on sources into a 'does NOT beat'."""
     best = {"number": 3, "method": "task_arithmetic", "score": 0.867, "holdout": 0.95}
     base = {"state": "COMPLETE", "holdout": 0.25, "number": 0}
-    outcome = SimpleNamespace(paths=SimpleNamespace(name="s", csv="t.csv"), n_complete=2, n_failed=0, seconds=1.0, best=best,
+    outcome = SimpleNamespace(paths=SimpleNamespace(name="s", csv="t.csv"), n_complete=2, n_pruned=0, n_failed=0, items=None, seconds=1.0, best=best,
                               baselines={"source:zoo:demo/base": base, "uniform": {**base, "holdout": 0.77, "number": 1},
                                          "hand:m1": {**base, "holdout": 0.95, "number": 2}})
     text = summary(outcome)  # type: ignore[arg-type]

@@ -23,13 +23,8 @@ def leaderboard(df: pd.DataFrame, *, top: int = 15, show_all: bool = False) -> s
         searched = view[view["baseline"] == ""].head(top)
         view = pd.concat([searched, view[view["baseline"] != ""]]).sort_values("_key", ascending=False)
     tasks = [c[2:] for c in df.columns if c.startswith("s_")]
-<<<<<<< HEAD
     params = sorted((c for c in df.columns if c.startswith("p_") and c != "p_method"), key=_param_order)
-    head = f"{'trial':>16} {'state':8} {'score':>6} {'±':>5} {'holdout':>7} " + " ".join(f"{t[:10]:>10}" for t in tasks) + "  flags  method / params"
-=======
-    params = [c for c in df.columns if c.startswith("p_") and c != "p_method"]
     head = f"{'trial':>16} {'state':8} {'score':>6} {'±':>5} {'holdout':>7} {'items':>6} " + " ".join(f"{t[:10]:>10}" for t in tasks) + "  flags  method / params"
->>>>>>> main
     lines = [head, "-" * len(head)]
     for rd in view.to_dict("records"):
         name = f"[{_short_baseline(rd['baseline'])}]" if rd.get("baseline") else f"#{rd['number']}"
