@@ -143,7 +143,7 @@ def test_search_scores_moe_candidates_and_exports_them(zoo, tmp_path, capsys):
     from evomerge.search import load_trials, run_search
 
     data = moe_space(zoo, merge_method="moe")  # mixtures only, to get several of them in few trials
-    data["search"] = {"sampler": "random", "trials": 4, "seed": 1, "finalists": 1}
+    data["search"] = {"sampler": "random", "trials": 4, "seed": 1, "finalists": 1, "prune": False}  # every trial scored in full
     data["evaluate"]["include_path"] = str(zoo / "tasks")
     data["evaluate"]["limit"] = 20
     data["evaluate"]["holdout"] = {"tasks": ["zoo_rot_holdout"], "limit": 10}
