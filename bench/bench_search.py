@@ -14,7 +14,8 @@
    their aggressiveness cheaply: items saved, wrong stops, and the best trial kept or not.
 
 Usage: python bench/bench_search.py [--trials 40] [--compare-trials 24] [--seeds 0 1 2] [--skip-compare]
-       python bench/bench_search.py --prune [--prune-seeds 0 1 2 3 4] [--prune-modes off on] [--keep DIR] [--simulate]
+       python bench/bench_search.py --prune [--prune-seeds 0 1 2 3 4] [--prune-spaces demo demo_per_layer]
+              [--prune-modes off on] [--prune-setting JSON] [--prune-tag on] [--keep DIR] [--simulate]
 Everything runs in a temporary results folder (or ``--keep DIR``); the zoo is built (or reused) under results/zoo.
 """
 
@@ -90,7 +91,7 @@ def prune_runs(args, results: Path) -> None:
         for mode in args.prune_modes:
             rows = table.get((name, mode), [])
             if rows:
-                print(f"  {name:15} {mode:3}: " + "  ".join(f"{k} {_spread([r[k] for r in rows])}" for k in ("items", "all", "pruned", "holdout", "wall")))
+                print(f"  {name:15} {mode:3}: " + "  ".join(f"{k} {_spread([r[k] for r in rows], f)}" for k, f in (("items", ".0f"), ("all", ".0f"), ("pruned", ".0f"), ("holdout", ".3f"), ("wall", ".0f"))))
         off, on = table.get((name, "off"), []), table.get((name, "on"), [])
         if off and on:
             cut = [1 - b["items"] / a["items"] for a, b in zip(off, on, strict=True)]

@@ -34,6 +34,7 @@ _RUNS_A_SEARCH = re.compile(r"\brun_search\(|\bRUNNER\b|\b_runner\(")
 _ALSO_SLOW = {  # file: test or fixture names
     "test_flags.py": {"test_study_flag_with_real_lm_eval_configs"},  # indexes all of lm-eval's tasks (~7 s)
     "test_probe.py": {"family"},  # fine-tunes two models for the probe (~5 s)
+    "test_search_failures.py": {"test_a_model_without_tokenizer_files_is_one_line_before_any_output"},  # builds lm-eval's task index (~7 s)
 }
 
 

@@ -56,7 +56,7 @@ def configs(zoo: Path) -> dict[str, dict[str, Any]]:
 
     base = {"base_model": str(zoo / "base"), "dtype": "float32"}
     return {
-        # The configuration: what lm-eval scored at 43/62/29 with mergekit-moe.
+        # The configuration (its 43/62/29 came from second prompts it does not give; with these: 35/36/21).
         "hidden": base | {"gate_mode": "hidden", "experts_per_token": 1, "experts": experts()},
         "hidden_negative": base | {"gate_mode": "hidden", "experts_per_token": 2, "experts": experts(sort={"negative_prompts": ["rot: qwer ="]})},
         "cheap_embed": base | {"gate_mode": "cheap_embed", "experts_per_token": 2, "experts": experts(rot={"negative_prompts": ["shift: a ="]})},

@@ -72,6 +72,7 @@ def test_several_modules_that_merge_alike_are_one_models_recipe(tiny_family, tmp
         ({"text_decoder": {"models": [{"model": "A"}]}, "vision_tower": {"models": [{"model": "B"}]}}, "modules.vision_tower", "write it with models:"),
         ({"default": {"models": [{"model": "A"}], "slices": []}}, "modules.default", "exactly one of models: or slices:"),
         ({"default": {"models": [{"model": "A"}], "weight": 1}}, "modules.default.weight", "unknown key"),
+        ({"default": {"modles": [{"model": "A"}]}}, "modules.default.modles", "unknown key (did you mean models"),
         ({}, "modules", "non-empty mapping"),
         ({"vision_tower": {"models": [{"model": "A"}]}}, "modules.vision_tower", "alone would slice the language model"),
     ],
@@ -101,7 +102,9 @@ def test_a_space_in_modules_form(tiny_family, tmp_path) -> None:
     _, ft = tiny_family
     recipe = {"merge_method": "linear", "modules": {"default": {"models": _linear([str(p) for p in ft[:2]], [0.5, 0.5])}}, "dtype": "float32"}
     (tmp_path / "one.yml").write_text(dump_yaml(recipe))
-    assert load_space(tmp_path / "one.yml").directives == []
+    one = load_space(tmp_path / "one.yml")
+    assert one.directives == []
+    assert one.model_refs() == [str(p) for p in ft[:2]]  # its models are the baselines' sources (and uniform), as for models:
     recipe["modules"]["default"]["models"][0]["parameters"]["weight"] = {"range": [0.1, 1.0]}
     (tmp_path / "free.yml").write_text(dump_yaml(recipe))
     with pytest.raises(ConfigError, match="directives inside modules: are not supported; write the space with models: or slices:"):

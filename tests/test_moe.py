@@ -265,11 +265,18 @@ def _bad(zoo: Path, odd: dict[str, Path], case: str) -> tuple[dict[str, Any], li
     if case == "merge_method":
         c["merge_method"] = "ties"
         return c, ["merge_method", "merge_method: moe"]
+    if case == "noise_inf":  # refused by name before any tensor is drawn, not as a NaN/inf output tensor
+        c["experts"][1]["noise_scale"] = float("inf")
+        return c, ["experts[1].noise_scale", "finite number"]
+    if case == "k_default":  # one expert and no experts_per_token: the default 2 is too many
+        c["experts"] = c["experts"][:1]
+        del c["experts_per_token"]
+        return c, ["experts_per_token", "defaults to 2", "only 1 expert is listed"]
     raise AssertionError(case)
 
 
 BAD = ["same_prompts", "k_too_big", "k_zero", "other_arch", "other_shape", "missing_model", "typo", "gate_mode", "no_prompts",
-       "same_model", "shared", "architecture", "gpt2_base", "biased_base", "dtype", "merge_method"]
+       "same_model", "shared", "architecture", "gpt2_base", "biased_base", "dtype", "merge_method", "noise_inf", "k_default"]
 
 
 @pytest.mark.parametrize("case", BAD)

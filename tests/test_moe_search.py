@@ -77,15 +77,18 @@ def test_demo_moe_space_renders_merges_and_mixtures(zoo, tmp_path):
     assert [e["positive_prompts"] for e in cfg["experts"]] == [["rot: item3 =", "rot: item4 ="], ["shift: item18 =", "shift: item19 ="],
                                                                ["rot: item0 =", "sort: item1 =", "shift: item2 ="]]
     assert cfg["experts"][2]["source_model"] == blend(zoo, (0.5, 0.25, 1.0)) | {"base_model": str(zoo / "base")}
+    with pytest.raises(ConfigError, match="moe.experts: no expert takes part at this point"):  # the trial fails, saying why
+        space.render(lambda n, d: False if n.startswith("moe.use.") else picks[n], lambda ref: 4)
     merge = space.render(lambda n, d: {"method": "task_arithmetic", "lambda": 1.0}.get(n, 0.5), lambda ref: 4)
     assert merge["merge_method"] == "task_arithmetic" and "experts" not in merge and len(merge["models"]) == 3
 
 
-@pytest.mark.parametrize("case", ["no_section", "section_unused", "typo", "among", "expert_key", "bad_k"])
+@pytest.mark.parametrize("case", ["no_section", "section_unused", "typo", "among", "expert_key", "bad_k", "k_option", "gate_option", "expert_dtype_option"])
 def test_bad_moe_spaces_name_the_field(case, zoo, tmp_path):
     data = moe_space(zoo)
     must = {"no_section": "moe", "section_unused": "moe", "typo": "moe.gate_mod", "among": "moe.experts[0].positive_prompts.n",
-            "expert_key": "moe.experts[1].positive_prompt", "bad_k": "moe.experts_per_token"}[case]
+            "expert_key": "moe.experts[1].positive_prompt", "bad_k": "moe.experts_per_token", "k_option": "moe.experts_per_token.choice",
+            "gate_option": "moe.gate_mode.choice", "expert_dtype_option": "moe.experts[3].source_model.dtype.choice"}[case]
     if case == "no_section":
         del data["moe"]
     elif case == "section_unused":
@@ -98,6 +101,12 @@ def test_bad_moe_spaces_name_the_field(case, zoo, tmp_path):
         data["moe"]["experts"][1]["positive_prompt"] = data["moe"]["experts"][1].pop("positive_prompts")
     elif case == "bad_k":
         data["moe"]["experts_per_token"] = 5
+    elif case == "k_option":  # was a TypeError comparing 'x' with an int
+        data["moe"]["experts_per_token"] = {"choice": [1, "x"]}
+    elif case == "gate_option":  # an option past the first was only met by the trials that picked it (each failed)
+        data["moe"]["gate_mode"] = {"choice": ["hidden", "hiden"]}
+    elif case == "expert_dtype_option":
+        data["moe"]["experts"][3]["source_model"]["dtype"] = {"choice": ["float32", "flaot16"]}
     with pytest.raises(ConfigError) as e:
         load(tmp_path, data)
     assert e.value.file == str(tmp_path / "space.yml") and e.value.field == must, str(e.value)
@@ -134,7 +143,7 @@ def test_search_scores_moe_candidates_and_exports_them(zoo, tmp_path, capsys):
     from evomerge.search import load_trials, run_search
 
     data = moe_space(zoo, merge_method="moe")  # mixtures only, to get several of them in few trials
-    data["search"] = {"sampler": "random", "trials": 4, "seed": 1, "finalists": 1}
+    data["search"] = {"sampler": "random", "trials": 4, "seed": 1, "finalists": 1, "prune": False}  # every trial scored in full
     data["evaluate"]["include_path"] = str(zoo / "tasks")
     data["evaluate"]["limit"] = 20
     data["evaluate"]["holdout"] = {"tasks": ["zoo_rot_holdout"], "limit": 10}
@@ -151,6 +160,10 @@ def test_search_scores_moe_candidates_and_exports_them(zoo, tmp_path, capsys):
     out = tmp_path / "export" / "best.yml"
     out.parent.mkdir()
     args = ["export", str(space), "--results-dir", str(tmp_path / "results"), "--trial", str(number), "-o", str(out), "--merge", str(tmp_path / "built")]
+    out.write_text("mine")  # an existing -o file: refused before the merged experts' recipes are written
+    assert main(args) == 2
+    assert "file exists" in capsys.readouterr().err and out.read_text() == "mine" and not list(out.parent.glob("best.expert*"))
+    out.unlink()
     assert main(args) == 0
     assert "matches the trial" in capsys.readouterr().out
     exported = yaml.safe_load(out.read_text())
@@ -158,6 +171,13 @@ def test_search_scores_moe_candidates_and_exports_them(zoo, tmp_path, capsys):
     last = len(exported["experts"]) - 1  # the merged expert, named by its place in the mixture
     assert exported["experts"][last]["source_model"] == str((out.parent / f"best.expert{last}").absolute())
     assert (out.parent / f"best.expert{last}.yml").is_file() and (out.parent / f"best.expert{last}" / "config.json").is_file()
+    # A merged expert's model directory in the way: refused before any file is written.
+    (out.parent / f"again.expert{last}").mkdir()
+    (out.parent / f"again.expert{last}" / "keep").write_text("mine")
+    again = [*args[:-4], "-o", str(out.parent / "again.yml"), "--merge", str(tmp_path / "built2")]
+    assert main(again) == 2
+    assert "directory is not empty" in capsys.readouterr().err
+    assert not (out.parent / "again.yml").exists() and not (out.parent / f"again.expert{last}.yml").exists() and not (tmp_path / "built2").exists()
     if not MERGEKIT_MOE.is_file():
         return
     seed = seed_from_text(out.read_text())

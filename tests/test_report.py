@@ -172,3 +172,24 @@ def test_multiple_objectives_and_csv_round_trip(tmp_path):
     assert "- `overfit`: **raised** on 1 of 12 rows:" in out[-1].read_text()
     with pytest.raises(ValueError, match="nope"):
         make_report(df, tmp_path / "bad", study_name="x", objective_columns=["nope"])
+
+
+def test_mixture_parameters_read_as_sampled(tmp_path):
+    """A mixture's whole-number parameters (experts per token, a prompt's item index), stored as floats
+    beside merge trials' NaN, read as whole numbers; choices as written."""
+    rows = [_row(0, score=0.35, method="moe", **{"p_moe.k": 2.0, "p_moe.prompts.rot": 15.0, "p_moe.gate_mode": "hidden", "p_moe.use.rot": True, "p_lambda": NAN}),
+            _row(1, score=0.58, method="task_arithmetic", **{"p_moe.k": NAN, "p_moe.prompts.rot": NAN, "p_moe.gate_mode": NAN, "p_moe.use.rot": NAN, "p_lambda": 0.6434})]
+    make_report(pd.DataFrame(rows), tmp_path / "rep", study_name="moe")
+    table = [ln for ln in (tmp_path / "rep" / "report.md").read_text().splitlines() if ln.startswith("| #")]
+    assert table[0].endswith("| task_arithmetic | lambda=0.643 |")
+    assert table[1].endswith("| moe | moe.k=2 moe.prompts.rot=15 moe.gate_mode=hidden moe.use.rot=True |")
+
+
+def test_a_study_of_mixtures_only_plots_which_experts_take_part(tmp_path):
+    """Every searched trial a mixture: ``p_moe.use.*`` is a bool column (no NaN from merge rows),
+    which the parallel-coordinates plot scaled with a numpy-bool subtraction (a TypeError)."""
+    rows = [_row(n, score=0.3 + 0.05 * n, method="moe", **{"p_moe.use.rot": n % 2 == 0, "p_moe.k": 1 + n % 2}) for n in range(4)]
+    df = pd.DataFrame(rows)
+    assert df["p_moe.use.rot"].dtype == bool
+    out = make_report(df, tmp_path / "rep", study_name="moe_only")
+    _png(next(p for p in out if p.name == "parallel.png"))

@@ -108,3 +108,25 @@ def test_identical_tensors_are_scored_once(tmp_path, tiny_family):
     # evaluations: each baseline on search and holdout, then the first trial on search and (a new
     # best) holdout; without sharing, the three later trials would add three more
     assert ev.calls == 2 * len(df[df["baseline"] != ""]) + 2
+
+
+def test_a_model_without_tokenizer_files_is_one_line_before_any_output(tmp_path, tiny_family, capsys):
+    """The tiny models have no tokenizer (a checkpoint saved without one, as a LLaVA built in code):
+    the search says so in one line, exit 2, and creates no study folder (was a transformers traceback)."""
+    from evomerge.cli import main
+    from evomerge.io import dump_yaml
+
+    base, ft = tiny_family
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "one.jsonl").write_text('{"prompt": "a", "choices": ["b", "c"], "label": 0}\n')
+    (tmp_path / "tasks" / "one_task.yaml").write_text(dump_yaml({
+        "task": "one_task", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(tmp_path / "tasks" / "one.jsonl")}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{prompt}}", "doc_to_choice": "{{choices}}", "doc_to_target": "label"}))
+    space = tmp_path / "space.yml"
+    space.write_text(dump_yaml({"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": {"range": [0.1, 1.0]}}} for m in ft[:2]],
+                                "evaluate": {"include_path": str(tmp_path / "tasks"), "tasks": ["one_task"]}, "study": {"name": "notok"}}))
+    code = main(["search", str(space), "--trials", "1", "--results-dir", str(tmp_path / "results"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"evomerge: error: {space}: cannot load the tokenizer of {ft[0]}") and "tokenizer_source" in err
+    assert not (tmp_path / "results" / "notok").exists()

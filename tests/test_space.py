@@ -138,6 +138,8 @@ def test_default_sampler_follows_pruning_and_objectives(search, sampler):
     ({"search": {"sampler": "tpe2"}}, "search.sampler", "did you mean tpe"),
     ({"search": {"trails": 5}}, "search.trails", "did you mean trials"),
     ({"study": {"nme": "x"}}, "study.nme", "did you mean name"),
+    # every option of a choice is checked, not just the first (a typo past it failed each trial that picked it)
+    ({"dtype": {"choice": ["float32", "float33"]}}, "dtype.choice", "option 'float33': unknown dtype"),
 ])
 def test_bad_spaces_name_file_and_field(patch, field, words):
     data = {**SPACE, **patch}

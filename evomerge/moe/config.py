@@ -22,6 +22,7 @@ architecture) and ``architecture`` values other than Mixtral are refused in one 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -130,8 +131,8 @@ def _prompts(value: Any, file: str | None, fld: str) -> tuple[str, ...]:
 def _number(value: Any, file: str | None, fld: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ConfigError(file, fld, f"must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(file, fld, f"must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -184,7 +185,9 @@ def parse_moe_config(data: Any, file: str | None = None) -> MoEConfig:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(file, "experts_per_token", f"must be a whole number >= 1, got {k!r}")
     if k > len(experts):
-        raise ConfigError(file, "experts_per_token", f"is {k} but there are only {len(experts)} experts; it must be at most the number of experts")
+        given = "is" if "experts_per_token" in m else "is not given and defaults to"
+        listed = f"only {len(experts)} expert{'s are' if len(experts) > 1 else ' is'} listed"
+        raise ConfigError(file, "experts_per_token", f"{given} {k} but {listed}; it must be at most the number of experts")
     dtype = m.get("dtype")
     if dtype is not None and canonical(str(dtype)) is None:
         raise ConfigError(file, "dtype", f"unknown dtype {dtype!r}{did_you_mean(str(dtype), ALIASES)}")

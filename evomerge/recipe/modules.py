@@ -33,7 +33,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, did_you_mean
 
 __all__ = ["flatten_modules", "MODULE_KEYS", "OTHER_MODULE_HINTS"]
 
@@ -78,7 +78,7 @@ def flatten_modules(data: Mapping[str, Any], file: str | None) -> tuple[dict[str
             raise ConfigError(file, where, f"must be a mapping with keys {', '.join(MODULE_KEYS)}, got {type(module).__name__}")
         unknown = [k for k in module if k not in MODULE_KEYS]
         if unknown:
-            raise ConfigError(file, f"{where}.{unknown[0]}", f"unknown key (allowed: {', '.join(MODULE_KEYS)})")
+            raise ConfigError(file, f"{where}.{unknown[0]}", f"unknown key{did_you_mean(str(unknown[0]), MODULE_KEYS)}")
         if (module.get("models") is None) == (module.get("slices") is None):
             raise ConfigError(file, where, "give exactly one of models: or slices:")
         parts.append((str(name), module))

@@ -52,11 +52,15 @@ def _plain_refs(recipe: Any) -> Any:
     return recipe
 
 
-def _atomic_write(path: Path, text: str, force: bool) -> None:
-    if path.exists() and not force:
-        raise EvomergeError(f"-o {path}: file exists (pass --force to overwrite)")
+def _check_file(path: Path, force: bool) -> None:
     if path.is_dir():
         raise EvomergeError(f"-o {path}: is a directory; name the recipe file to write")
+    if path.exists() and not force:
+        raise EvomergeError(f"-o {path}: file exists (pass --force to overwrite)")
+
+
+def _atomic_write(path: Path, text: str, force: bool) -> None:
+    _check_file(path, force)
     try:
         atomic_text(path, text)
     except OSError as e:
@@ -137,11 +141,17 @@ def main_export(args: Any) -> int:
     study = load_study(paths)
     out = Path(args.output)
     text, recipe, info = export_recipe(study, trial=args.trial, space_file=args.space, out=out)
+    # Every file and directory this export writes is checked before the first is written.
+    for f in info["expert_files"]:
+        _check_file(f.recipe_path, args.force)
+    _check_file(out, args.force)
     if args.merge:
-        if Path(args.merge).exists() and not Path(args.merge).is_dir():
-            raise EvomergeError(f"--merge {args.merge}: exists and is not a directory")
-        if Path(args.merge).exists() and any(Path(args.merge).iterdir()) and not args.force:
-            raise EvomergeError(f"--merge {args.merge}: directory is not empty (pass --force to replace it)")
+        dirs = [(f"--merge {args.merge}", Path(args.merge))] + [(f"merged expert {f.model_dir}", f.model_dir) for f in info["expert_files"]]
+        for what, d in dirs:
+            if d.exists() and not d.is_dir():
+                raise EvomergeError(f"{what}: exists and is not a directory")
+            if d.exists() and any(d.iterdir()) and not args.force:
+                raise EvomergeError(f"{what}: directory is not empty (pass --force to replace it)")
     for f in info["expert_files"]:
         _atomic_write(f.recipe_path, f.text, args.force)
     _atomic_write(out, text, args.force)

@@ -23,7 +23,7 @@ def leaderboard(df: pd.DataFrame, *, top: int = 15, show_all: bool = False) -> s
         searched = view[view["baseline"] == ""].head(top)
         view = pd.concat([searched, view[view["baseline"] != ""]]).sort_values("_key", ascending=False)
     tasks = [c[2:] for c in df.columns if c.startswith("s_")]
-    params = [c for c in df.columns if c.startswith("p_") and c != "p_method"]
+    params = sorted((c for c in df.columns if c.startswith("p_") and c != "p_method"), key=_param_order)
     head = f"{'trial':>16} {'state':8} {'score':>6} {'±':>5} {'holdout':>7} {'items':>6} " + " ".join(f"{t[:10]:>10}" for t in tasks) + "  flags  method / params"
     lines = [head, "-" * len(head)]
     for rd in view.to_dict("records"):
@@ -31,7 +31,7 @@ def leaderboard(df: pd.DataFrame, *, top: int = 15, show_all: bool = False) -> s
         marks = flag_marks(rd)
         desc = str(rd.get("method") or "")
         if not rd.get("baseline"):
-            shown = [f"{p[2:]}={_fmt(rd.get(p), 2)}" for p in params if is_number(rd.get(p))]
+            shown = [f"{p[2:]}={v}" for p in params if (v := _param(rd.get(p))) is not None]
             desc += " " + " ".join(shown[:8]) + (" …" if len(shown) > 8 else "")
         if rd.get("state") != "COMPLETE" and rd.get("error"):
             desc = f"{rd['error']}"[:80]
@@ -67,6 +67,28 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{float(x):.{digits}f}"
 
 
+def _param_order(column: str) -> tuple[int, str]:
+    """A mixture's layout first (router, experts per token, which experts take part), then the rest
+    by name, so that the eight parameters a row shows say what the candidate is."""
+    for rank, prefix in enumerate(("p_moe.gate_mode", "p_moe.k", "p_moe.use.")):
+        if column.startswith(prefix):
+            return rank, column
+    return 3, column
+
+
+def _param(x: Any) -> str | None:
+    """A sampled value as the leaderboard shows it: None when the trial did not sample it, whole
+    numbers (experts per token, prompt indices) without decimals, choices as written."""
+    if x is None or (isinstance(x, str) and x in ("", "nan")):
+        return None
+    if isinstance(x, str) or type(x).__name__ in ("bool", "bool_"):
+        return str(x).lower() if str(x) in ("True", "False") else str(x)
+    if not is_number(x):
+        return None
+    v = float(x)
+    return str(int(v)) if v.is_integer() and abs(v) < 1e15 else f"{v:.2f}"
+
+
 def _short_baseline(name: str) -> str:
     kind, _, ref = name.partition(":")
     if kind == "source" and ref:
@@ -97,7 +119,8 @@ def summary(outcome: SearchOutcome) -> str:
             lines.append(f"  vs {name:<32} ({key} not measured)")
             continue
         diff = bval - float(r)
-        beaten_all &= diff > 0 or b.get("number") == best.get("number")
+        if name == "uniform" or name.startswith("source:"):  # what the verdict below is about; hand recipes are listed only
+            beaten_all &= diff > 0 or b.get("number") == best.get("number")
         lines.append(f"  vs {name:<32} {key} {float(r):.3f}  ({'+' if diff >= 0 else ''}{diff:.3f})")
     lines.append(f"the best trial's {key} score {'beats' if beaten_all else 'does NOT beat'} every source model and the uniform merge")
     return "\n".join(lines)

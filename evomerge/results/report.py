@@ -197,6 +197,8 @@ def _parallel(df: pd.DataFrame, obj: str, imp: dict[str, float], top: int, path:
     scaled = pd.DataFrame(index=done.index)
     for c in cols:
         num = pd.to_numeric(done[c], errors="coerce")
+        if pd.api.types.is_bool_dtype(num):  # whether a mixture's expert takes part, in a study of mixtures only
+            num = num.astype(float)
         if num.notna().sum() < done[c].notna().sum():  # categorical: its sorted order
             cats = sorted(done[c].dropna().astype(str).unique())
             num = done[c].map(lambda v, cats=cats: cats.index(str(v)) if pd.notna(v) else math.nan)
@@ -276,6 +278,13 @@ def _flags(df: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _fmt_param(v: Any) -> str:
+    """A sampled value: whole numbers (a mixture's experts per token, prompt indices) without decimals."""
+    if not isinstance(v, (bool, str)) and isinstance(v, (int, float)) and float(v).is_integer():
+        return str(int(v))
+    return _fmt(v, 3)
+
+
 def _fmt(v: Any, digits: int = 4) -> str:
     if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -308,7 +317,7 @@ def _markdown(df: pd.DataFrame, study_name: str, obj: str, imp_method: str, pngs
                   "|---|---|---|---|---|---|---|"]
         for _, r in best.iterrows():
             name = f"[{r['baseline']}]" if str(r.get("baseline") or "") else f"#{r['number']}"
-            ps = " ".join(f"{c[2:]}={_fmt(r[c], 3)}" for c in params if pd.notna(r.get(c)))
+            ps = " ".join(f"{c[2:]}={_fmt_param(r[c])}" for c in params if pd.notna(r.get(c)))
             lines.append(f"| {name} | {_fmt(r.get(obj))} | {_fmt(r.get(obj + '_se'))} | "
                          f"{_fmt(r.get('holdout'))} | {flag_marks(r.to_dict()) or '-'} | "
                          f"{r.get('method') or ''} | {ps.replace('|', '/')} |")

@@ -165,7 +165,12 @@ def prepare(space_file: str | Path, *, trials: int | None = None, device: str | 
         from transformers import AutoTokenizer
 
         cfg = parse_evaluate(space.evaluate, file, space.base_dir)
-        evaluator = LMEvalEvaluator(cfg, AutoTokenizer.from_pretrained(str(tokenizer_dir)), device=device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        except Exception as e:  # no tokenizer files (a checkpoint saved without them), an unreadable one
+            raise EvomergeError(f"{file}: cannot load the tokenizer of {tokenizer_dir} to score candidates ({one_line(e)[:160]}); "
+                                "add its tokenizer files or name a model that has them in tokenizer_source") from None
+        evaluator = LMEvalEvaluator(cfg, tokenizer, device=device)
     search_tasks = list(evaluator.task_names("search"))
     if "moe" in space.tree:
         space.prompt_texts = evaluator.prompts("search")  # routing prompts drawn from search items

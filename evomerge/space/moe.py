@@ -157,6 +157,8 @@ def render_moe(tree: Mapping[str, Any], value: Value, render_recipe: Callable[[M
             if key in e:
                 entry[key] = value(e[key])
         experts.append(entry)
+    if not experts:
+        raise ConfigError(None, "moe.experts", "no expert takes part at this point: every expert is optional and none was chosen")
     out["experts"] = experts
     if isinstance(out.get("experts_per_token"), int) and experts and out["experts_per_token"] > len(experts):
         out["experts_per_token"] = len(experts)  # fewer experts take part than a token may use: all of them
@@ -206,6 +208,10 @@ def moe_section(p: Any, v: Any, short: Callable[[Any], str]) -> dict[str, Any]:
     if "experts_per_token" in v:
         k = v["experts_per_token"]
         out["experts_per_token"] = p.directive(k, "moe.experts_per_token", "moe.k", ints=True) if isinstance(k, Mapping) else k
+        opts = out["experts_per_token"].choices if isinstance(out["experts_per_token"], Directive) else ()
+        bad = [c for c in opts if isinstance(c, bool) or not isinstance(c, int) or c < 1]
+        if bad:
+            raise p.err("moe.experts_per_token.choice", f"options must be whole numbers >= 1, got {bad[0]!r}")
     if "dtype" in v:
         out["dtype"] = p.scalar(v["dtype"], "moe.dtype", "moe.dtype")
     experts = v.get("experts")

@@ -10,13 +10,14 @@ from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
 from evomerge.io import read_yaml
-from evomerge.methods.registry import METHODS, get_method
+from evomerge.methods.registry import METHODS
 from evomerge.moe.config import is_moe_mapping, parse_moe_config
 from evomerge.recipe.schema import parse_recipe
 from evomerge.space.directives import Directive
-from evomerge.space.moe import check_moe_method, moe_section, validate_moe
+from evomerge.space.moe import check_moe_method, moe_section
 from evomerge.space.prune import parse_prune
 from evomerge.space.space import SearchSettings, Space
+from evomerge.space.validate import validate_points
 
 __all__ = ["parse_space", "load_space", "SAMPLERS"]
 
@@ -225,7 +226,7 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
     study_name, storage = _study_section(data.get("study"), p)
     _check_sampler(search, p)
     space = Space(file, base_dir or Path(file).resolve().parent, tree, p.directives, data.get("evaluate"), search, study_name, storage)
-    _validate_corner(space)
+    validate_points(space)
     return space
 
 
@@ -321,81 +322,6 @@ def _check_sampler(search: SearchSettings, p: _SpaceParser) -> None:
             raise p.err("search.sampler", f"cmaes cannot sample categorical parameters ({cats[0].path} is a choice); use tpe, gp, random or nsga2, or make it a range")
     if search.objectives and search.sampler not in ("nsga2", "tpe", "random"):
         raise p.err("search.objectives", f"several objectives need sampler nsga2, tpe or random, not {search.sampler}")
-
-
-def _corner(d: Directive) -> Any:
-    if d.kind == "choice":
-        return d.choices[0]
-    if d.kind == "int":
-        return int(d.low)
-    return d.low if d.log else (d.low + d.high) / 2
-
-
-def _validate_corner(space: Space) -> None:
-    """Check the recipe part against the mergekit schema at one point of the space per method,
-    so typos and unknown parameters are reported at load, naming the space file."""
-    method_dir = space.tree.get("merge_method")
-    methods = method_dir.choices if isinstance(method_dir, Directive) else (method_dir,)
-    if isinstance(method_dir, Directive):
-        known = {p.name for m in methods if m != "moe" for p in get_method(m).params}
-        for fld, block in _param_blocks(space.tree):
-            for k in block:
-                if k not in known:
-                    raise ConfigError(space.file, f"{fld}.{k}", f"not a parameter of any method in merge_method.choice{did_you_mean(str(k), known, show_all=0)}; they take: {', '.join(sorted(known))}")
-    for method in methods:
-        def suggest(name: str, d: Directive, _m: Any = method) -> Any:
-            if d is method_dir:
-                return _m
-            if d.kind == "int" and d.path.endswith("layer_range[1]"):
-                return int(d.high)
-            if d.kind == "choice" and d.choices == (True, False):
-                return True  # an optional expert takes part
-            return _corner(d)
-
-        recipe = space.render(suggest, lambda ref: 8)
-        if method == "moe":
-            validate_moe(space.file, recipe)
-        else:
-            parse_recipe(_with_raw_params(space, recipe), space.file)
-
-
-def _param_blocks(tree: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
-    out = []
-    if isinstance(tree.get("parameters"), Mapping):
-        out.append(("parameters", tree["parameters"]))
-    for i, m in enumerate(tree.get("models") or ()):
-        if isinstance(m, Mapping) and isinstance(m.get("parameters"), Mapping):
-            out.append((f"models[{i}].parameters", m["parameters"]))
-    for i, s in enumerate(tree.get("slices") or ()):
-        if not isinstance(s, Mapping):
-            continue
-        if isinstance(s.get("parameters"), Mapping):
-            out.append((f"slices[{i}].parameters", s["parameters"]))
-        for j, src in enumerate(s.get("sources") or ()):
-            if isinstance(src, Mapping) and isinstance(src.get("parameters"), Mapping):
-                out.append((f"slices[{i}].sources[{j}].parameters", src["parameters"]))
-    return out
-
-
-def _with_raw_params(space: Space, recipe: dict[str, Any]) -> dict[str, Any]:
-    """For schema checks, keep parameters the chosen method does not declare (so a typo such as
-    ``wieght`` is reported instead of silently dropped) unless the method is itself searched."""
-    if isinstance(space.tree.get("merge_method"), Directive):
-        return recipe
-    out = dict(recipe)
-    if "parameters" in space.tree:
-        out["parameters"] = {**{k: 0 for k in space.tree["parameters"]}, **(recipe.get("parameters") or {})}
-    if "models" in space.tree and "models" in recipe:
-        models = []
-        for m, r in zip(space.tree["models"], recipe["models"], strict=False):
-            r = dict(r)
-            if isinstance(m, Mapping) and isinstance(m.get("parameters"), Mapping):
-                extra = {k: 0 for k in m["parameters"] if k not in (r.get("parameters") or {})}
-                if extra:
-                    r["parameters"] = {**(r.get("parameters") or {}), **extra}
-            models.append(r)
-        out["models"] = models
-    return out
 
 
 def load_space(path: str | Path) -> Space:

@@ -99,6 +99,13 @@ class Space:
                 add(src.get("model"))
         for ref in moe_model_refs(self.tree.get("moe")):
             add(ref)
+        modules = self.tree.get("modules")
+        for module in modules.values() if isinstance(modules, Mapping) else ():  # a modules: recipe (no directives inside)
+            for m in (module.get("models") or ()) if isinstance(module, Mapping) else ():
+                add(m.get("model") if isinstance(m, Mapping) else None)
+            for s in (module.get("slices") or ()) if isinstance(module, Mapping) else ():
+                for src in (s.get("sources") or ()) if isinstance(s, Mapping) else ():
+                    add(src.get("model") if isinstance(src, Mapping) else None)
         return out
 
     def render(self, suggest: Suggest, layers_of: LayersOf) -> dict[str, Any]:
