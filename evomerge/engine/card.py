@@ -20,7 +20,7 @@ from evomerge.io import dump_yaml
 if TYPE_CHECKING:
     from evomerge.engine.plan import MergePlan
 
-__all__ = ["render_card", "write_metadata", "TOKENIZER_FILES"]
+__all__ = ["render_card", "write_metadata", "copy_model_files", "TOKENIZER_FILES"]
 
 TOKENIZER_FILES = (  # the files a merged model's tokenizer is copied from
     "tokenizer.json",
@@ -89,14 +89,21 @@ def render_card(plan: MergePlan, recipe_yaml: str, *, extra: str = "", name: str
     return "\n".join(lines)
 
 
+def copy_model_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:
+    """Copy each of ``names`` that ``src`` has into ``dst`` (a model's side files: the generation
+    config, the tokenizer's and processor's files)."""
+    for name in names:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
 def write_metadata(path: Path, plan: MergePlan, sources: Mapping[str, ModelSource], copy_tokenizer: bool, recipe_text: str | None, card_extra: str) -> None:
     """Write a merged model's files beside its weights: ``config.json``, the generation config,
     the tokenizer's (and processor's) files, ``mergekit_config.yml`` and the model card."""
     cfg = plan.recipe
     (path / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
     ref_dir = sources[plan.reference].path
-    if (ref_dir / "generation_config.json").is_file():
-        shutil.copy2(ref_dir / "generation_config.json", path / "generation_config.json")
+    copy_model_files(ref_dir, path, ("generation_config.json",))
     if copy_tokenizer:
         tok = cfg.tokenizer_source
         if tok is None or tok == "base":
@@ -105,9 +112,7 @@ def write_metadata(path: Path, plan: MergePlan, sources: Mapping[str, ModelSourc
             tok_dir = sources[tok].path
         else:
             tok_dir = resolve_model(tok, file=cfg.source_file, field="tokenizer_source")
-        for name in TOKENIZER_FILES:
-            if (tok_dir / name).is_file():
-                shutil.copy2(tok_dir / name, path / name)
+        copy_model_files(tok_dir, path, TOKENIZER_FILES)
         if cfg.chat_template:
             tc_path = path / "tokenizer_config.json"
             tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}

@@ -9,7 +9,6 @@ before anything is created.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from typing import Any
 import torch
 
 from evomerge.dtypes import torch_dtype
-from evomerge.engine.merger import TOKENIZER_FILES, check_device
+from evomerge.engine.card import TOKENIZER_FILES, copy_model_files
+from evomerge.engine.merger import check_device
 from evomerge.engine.sources import open_sources
 from evomerge.engine.writer import AtomicDir, ShardedWriter, parse_size
 from evomerge.errors import EvomergeError, one_line
@@ -87,11 +87,7 @@ def moe_to_disk(
             finally:
                 writer.abort()
             layout.config.save_pretrained(str(atomic.path))  # config.json, as transformers writes it
-            base_dir = sources[cfg.base_model].path
-            names = ("generation_config.json",) + (TOKENIZER_FILES if copy_tokenizer else ())
-            for name in names:
-                if (base_dir / name).is_file():
-                    shutil.copy2(base_dir / name, atomic.path / name)
+            copy_model_files(sources[cfg.base_model].path, atomic.path, ("generation_config.json",) + (TOKENIZER_FILES if copy_tokenizer else ()))
             text = config_text if config_text is not None else cfg.to_yaml()
             (atomic.path / CONFIG_NAME).write_text(text)
             (atomic.path / "README.md").write_text(render_moe_card(cfg, text, dtype=layout.dtype, extra=card_extra))
