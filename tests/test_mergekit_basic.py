@@ -1,8 +1,8 @@
 """Optional: mergekit's own basic merge tests (``tests/test_basic_merges.py``, 33 cases) through evomerge.
 
 Every recipe of those tests (:mod:`_mergekit_basic`) is merged by ``evomerge merge``'s library call
-and by mergekit 0.1.5 (``_mergekit_runner.py`` in ``.venv-mk``, found as in
-``test_mergekit_compat.py``; skipped without it, an error under CI). Each case must either:
+and by mergekit 0.1.5 (``_mergekit_runner.py`` run by mergekit's Python, found by ``_mergekit.py``;
+skipped without it, an error under CI). Each case must either:
 
 - merge, pass mergekit's own checks (``run_and_check_merge``: a model file, ``config.json``, no NaN,
   every tensor the architecture needs), load in transformers with no missing or unexpected key, pass
@@ -41,7 +41,6 @@ does for the source models (``_mergekit_runner.py``).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Any
 
 import pytest
 import torch
+from _mergekit import find
 from _mergekit_basic import RANDOM, Basic, Run, cases, run_all
 from safetensors.torch import load_file
 
@@ -56,12 +56,9 @@ from evomerge.engine import merge_to_disk
 from evomerge.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCAL_PY = ROOT / ".venv-mk" / "bin" / "python"
-MK_PY = str(Path(os.environ["EVOMERGE_MERGEKIT"]).parent / "python") if os.environ.get("EVOMERGE_MERGEKIT") else str(LOCAL_PY)
-FOUND = Path(MK_PY).is_file()
-IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-MISSING = f"mergekit's python not found ({MK_PY}): create it with `python3 -m venv .venv-mk && .venv-mk/bin/pip install torch==2.13.0 mergekit==0.1.5` or set EVOMERGE_MERGEKIT to its mergekit-yaml"
-pytestmark = [pytest.mark.mergekit, pytest.mark.slow, pytest.mark.skipif(not FOUND and not IN_CI, reason=MISSING)]
+MK_PY = find("python")  # mergekit's own Python, which runs _mergekit_runner.py
+pytestmark = MK_PY.marks
+_mergekit_present = MK_PY.present
 
 SELECTING = {"ties", "sce", "ram", "ramplus_tl"}  # magnitude ranks: exact ties may pick other elements
 SPHERICAL = {"slerp", "nuslerp", "multislerp", "karcher"}  # norms and angles: mergekit rounds each to bfloat16
@@ -69,16 +66,10 @@ STEP = 2.0**-8  # one bfloat16 step relative to a tensor's largest magnitude
 NAMES = [c.name for c in cases({k: k for k in ("llama_a", "llama_b", "llama_c", "granite_a", "granite_b", "gpt2", "vlm_a", "vlm_b", "vlm_c")})]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _mergekit_present() -> None:
-    if not FOUND:
-        pytest.fail(f"CI is set but {MISSING}", pytrace=False)
-
-
 @pytest.fixture(scope="module")
 def basic(tmp_path_factory) -> Basic:
     """Every case merged by both tools (mergekit in two processes), with mergekit's checks applied."""
-    return run_all(tmp_path_factory.mktemp("mkbasic"), MK_PY)
+    return run_all(tmp_path_factory.mktemp("mkbasic"), str(MK_PY.path))
 
 
 def _tensors(d: Path) -> dict[str, torch.Tensor]:

@@ -1,9 +1,7 @@
 """Optional: evomerge and mergekit-yaml give the same tensors for the same recipe.
 
-``mergekit-yaml`` is looked for in ``$EVOMERGE_MERGEKIT``, then in the repository's
-``.venv-mk/bin/`` (where ``.ci/run`` installs mergekit 0.1.5 in a venv of its own), then on PATH.
-Without one the tests are skipped, except under CI (``$CI`` set, not ``0``/``false``), where they
-fail. Each method's recipe is merged by both tools from the same tiny float32 models (absolute paths);
+``mergekit-yaml`` is found by ``_mergekit.py`` (``$EVOMERGE_MERGEKIT``, the repository's
+``.venv-mk/bin/``, PATH). Without one the tests are skipped, except under CI, where they fail. Each method's recipe is merged by both tools from the same tiny float32 models (absolute paths);
 deterministic methods must agree to float32 rounding, random ones (DARE, DELLA) in kept fraction
 and L1 norm of the merged task vector.
 """
@@ -11,7 +9,6 @@ and L1 norm of the merged task vector.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,26 +17,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from _mergekit import find
 from safetensors.torch import load_file
 
 from evomerge.engine import merge_to_disk
 
-LOCAL_MERGEKIT = Path(__file__).resolve().parents[1] / ".venv-mk" / "bin" / "mergekit-yaml"
-MERGEKIT = os.environ.get("EVOMERGE_MERGEKIT") or (str(LOCAL_MERGEKIT) if LOCAL_MERGEKIT.is_file() else shutil.which("mergekit-yaml"))
-FOUND = bool(MERGEKIT) and Path(str(MERGEKIT)).is_file()
-IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-MISSING = (
-    f"mergekit-yaml not found (EVOMERGE_MERGEKIT={os.environ.get('EVOMERGE_MERGEKIT')!r}, {LOCAL_MERGEKIT} absent, none on PATH): "
-    "create it with `python3 -m venv .venv-mk && .venv-mk/bin/pip install torch==2.13.0 mergekit==0.1.5` or set EVOMERGE_MERGEKIT"
-)
-pytestmark = [pytest.mark.mergekit, pytest.mark.slow, pytest.mark.skipif(not FOUND and not IN_CI, reason=MISSING)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _mergekit_present() -> None:
-    """Under CI a missing mergekit is an error, not a skip: the comparison must run on every submission."""
-    if not FOUND:
-        pytest.fail(f"CI is set but {MISSING}", pytrace=False)
+MERGEKIT = find("mergekit-yaml")
+pytestmark = MERGEKIT.marks
+_mergekit_present = MERGEKIT.present
 
 
 def recipes(base: Path, ft: list[Path]) -> dict[str, dict[str, Any]]:
@@ -94,7 +79,7 @@ def both(tiny_family, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     rs = recipes(base, ft)
 
     def mk(name: str) -> tuple[str, subprocess.CompletedProcess[str]]:
-        cmd = [str(MERGEKIT), str(root / f"{name}.yml"), str(root / f"{name}_mk"), "--no-copy-tokenizer", "--quiet", "--random-seed", "0"]
+        cmd = [str(MERGEKIT.path), str(root / f"{name}.yml"), str(root / f"{name}_mk"), "--no-copy-tokenizer", "--quiet", "--random-seed", "0"]
         return name, subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
     for name, r in rs.items():

@@ -1,8 +1,7 @@
 """Optional: ``evomerge moe`` and ``mergekit-moe`` build the same tensors from the same configuration.
 
-``mergekit-moe`` is looked for as in test_mergekit_compat.py: beside ``$EVOMERGE_MERGEKIT``, then in the
-repository's ``.venv-mk/bin/``, then on PATH; without it the tests are skipped, except under CI (``$CI``
-set), where they fail. Both tools build from the demo zoo (absolute paths, float32).
+``mergekit-moe`` is found by ``_mergekit.py`` (beside ``$EVOMERGE_MERGEKIT``, the repository's
+``.venv-mk/bin/``, PATH); without it the tests are skipped, except under CI, where they fail. Both tools build from the demo zoo (absolute paths, float32).
 
 What agrees: every tensor, bit for bit, for every gate mode, including ``hidden`` (both tools run the
 base in bfloat16 with the same tokenization) and the random modes and ``noise_scale`` (evomerge's
@@ -13,8 +12,6 @@ without prompts, which evomerge does not need.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,25 +19,16 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from _mergekit import find
 from safetensors.torch import load_file
 
 from evomerge.moe import moe_to_disk
 
-_LOCAL = Path(__file__).resolve().parents[1] / ".venv-mk" / "bin" / "mergekit-moe"
-_BESIDE = Path(os.environ["EVOMERGE_MERGEKIT"]).with_name("mergekit-moe") if os.environ.get("EVOMERGE_MERGEKIT") else None
-MERGEKIT_MOE = next((str(p) for p in (_BESIDE, _LOCAL) if p is not None and p.is_file()), None) or shutil.which("mergekit-moe")
-FOUND = bool(MERGEKIT_MOE)
-IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-MISSING = f"mergekit-moe not found (beside $EVOMERGE_MERGEKIT, {_LOCAL} or on PATH): create it with `python3 -m venv .venv-mk && .venv-mk/bin/pip install torch==2.13.0 mergekit==0.1.5`"
-pytestmark = [pytest.mark.mergekit, pytest.mark.slow, pytest.mark.skipif(not FOUND and not IN_CI, reason=MISSING)]
+MERGEKIT_MOE = find("mergekit-moe")
+pytestmark = MERGEKIT_MOE.marks
+_mergekit_present = MERGEKIT_MOE.present
 
 PROMPTS = {"rot": ["rot: abcde =", "rot: vwxyz ="], "sort": ["sort: dbeca =", "sort: qzmxa ="], "shift": ["shift: abcde =", "shift: lmnop ="]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _mergekit_present() -> None:
-    if not FOUND:
-        pytest.fail(f"CI is set but {MISSING}", pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +60,7 @@ def test_same_tensors_as_mergekit_moe(name: str, zoo: Path, tmp_path: Path) -> N
     path = tmp_path / "moe.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     theirs, ours = tmp_path / "mergekit", tmp_path / "evomerge"
-    run = subprocess.run([str(MERGEKIT_MOE), str(path), str(theirs), "--random-seed", "7", "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([str(MERGEKIT_MOE.path), str(path), str(theirs), "--random-seed", "7", "--device", "cpu"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     moe_to_disk(path, ours, seed=7)
     a, b = load_file(theirs / "model.safetensors"), load_file(ours / "model.safetensors")
