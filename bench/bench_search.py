@@ -9,13 +9,17 @@
 3. Pruning (``search.prune``, issue 12): the same searches with pruning off and on, per seed, on
    the demo and the per-layer demo: search items evaluated by the trials, in all (baselines and
    holdout re-scores included), the best trial's holdout score; medians and ranges over seeds.
+   ``--on-trials N`` gives the runs with pruning another trial budget (more trials for the items
+   saved): the best holdout is then compared at equal items, as a curve of the best trial so far
+   (by search score) against the search items spent, per seed and as the median over seeds, with
+   the items the runs with pruning need to reach the median best holdout of the runs without.
    ``--simulate`` replays the rules of stopping on the per-item values of the runs without
    pruning (each trial against the trials before it that the rule kept), to compare rules and
    their aggressiveness cheaply: items saved, wrong stops, and the best trial kept or not.
 
 Usage: python bench/bench_search.py [--trials 40] [--compare-trials 24] [--seeds 0 1 2] [--skip-compare]
        python bench/bench_search.py --prune [--prune-seeds 0 1 2 3 4] [--prune-spaces demo demo_per_layer]
-              [--prune-modes off on] [--prune-setting JSON] [--prune-tag on] [--keep DIR] [--simulate]
+              [--prune-modes off on] [--prune-setting JSON] [--prune-tag on] [--on-trials N] [--keep DIR] [--simulate]
 Everything runs in a temporary results folder (or ``--keep DIR``); the zoo is built (or reused) under results/zoo.
 """
 
@@ -62,12 +66,60 @@ def best_of(df) -> tuple[float, float]:
     return float(best["score"]), float(best["holdout"])
 
 
+def curve(df) -> list[tuple[int, float]]:
+    """(search items spent by the searched trials so far, holdout of the best COMPLETE trial so far by
+    search score) after each searched trial, in trial order. Every new best gets its holdout re-score
+    when it finishes, so the holdout is known at every point."""
+    t = df[df["baseline"] == ""].sort_values("number")
+    out, spent, best = [], 0, None
+    for _, r in t.iterrows():
+        spent += int(r["items"])
+        if r["state"] == "COMPLETE" and (best is None or r["score"] > best["score"]):
+            best = r
+        out.append((spent, float(best["holdout"]) if best is not None else float("nan")))
+    return out
+
+
+def at_items(points: list[tuple[int, float]], budget: int) -> float:
+    """The best holdout of a run once it has spent at most ``budget`` search items (nan: nothing yet)."""
+    got = [h for n, h in points if n <= budget]
+    return got[-1] if got else float("nan")
+
+
+def equal_items(curves: dict[str, list[list[tuple[int, float]]]], step: int) -> None:
+    """Best holdout against search items spent, off vs on: the median over seeds at budgets of
+    ``step`` items, and the smallest budget at which the runs with pruning reach the median best
+    holdout the runs without reach with all their items."""
+    off, on = curves["off"], curves["on"]
+    full = max(p[-1][0] for p in off)
+    target = statistics.median(p[-1][1] for p in off)
+    top = max(p[-1][0] for p in on)
+    print(f"  best holdout at equal search items (median [min, max] over seeds); off: all {full} items -> {target:.3f}")
+    reach = None
+    for budget in range(step, max(full, top) + step, step):
+        a = [at_items(p, budget) for p in off]
+        b = [at_items(p, budget) for p in on]
+        mb = statistics.median(b) if all(x == x for x in b) else float("nan")
+        if reach is None and mb >= target:
+            reach = budget
+        if budget % (4 * step) == 0 or budget == reach:
+            print(f"    {budget:6} items: off {_spread(a, '.3f')}  on {_spread(b, '.3f')}" + ("   <- on reaches off's final median" if budget == reach else ""))
+    if reach is None:
+        print(f"    the runs with pruning do not reach {target:.3f} within their {top} items")
+    else:
+        print(f"    on reaches off's median best holdout ({target:.3f}) at {reach} search items: {1 - reach / full:.1%} fewer than off's {full}")
+    per_seed = [next((n for n, h in q if h >= p[-1][1]), None) for p, q in zip(off, on, strict=True)]
+    print("    per seed, items on needs to reach that seed's off best holdout: "
+          + ", ".join("never" if n is None else f"{n} ({1 - n / p[-1][0]:.0%} fewer)" for n, p in zip(per_seed, off, strict=True)))
+
+
 def prune_runs(args, results: Path) -> None:
     """Searches with pruning off and on, per space and seed; prints items and best holdout."""
     from evomerge.search.outcome import item_totals
 
     setting = json.loads(args.prune_setting) if args.prune_setting else True
     table: dict[tuple[str, str], list[dict]] = {}
+    curves: dict[str, dict[str, list]] = {}
     for name in args.prune_spaces:
         space = ROOT / "search_spaces" / f"{name}.yml"
         for seed in args.prune_seeds:
@@ -78,7 +130,11 @@ def prune_runs(args, results: Path) -> None:
 
                     wall, df = float("nan"), load_trials(results / study)
                 else:
-                    wall, df = run(space, results, trials=args.trials, seed=seed, study=study, prune=False if mode == "off" else setting)
+                    trials = args.on_trials if mode != "off" and args.on_trials else args.trials
+                    wall, df = run(space, results, trials=trials, seed=seed, study=study, prune=False if mode == "off" else setting)
+                curves.setdefault(name, {}).setdefault(mode, []).append(curve(df))
+                if mode != "off" and args.on_trials:
+                    df = df[(df["baseline"] != "") | (df["number"] < args.trials)]  # the fixed-budget comparison: its first --trials trials
                 n = item_totals(df)
                 score, holdout = best_of(df)
                 row = {"seed": seed, "items": n["trials"], "all": n["all"], "pruned": int(((df["state"] == "PRUNED") & (df["baseline"] == "")).sum()),
@@ -100,6 +156,8 @@ def prune_runs(args, results: Path) -> None:
             print(f"  {name:15} on vs off, per seed: trial items cut {_spread(cut, '.1%')}, all items cut {_spread(cut_all, '.1%')}, "
                   f"best holdout on - off {_spread(dh, '+.3f')}; median best holdout {statistics.median(r['holdout'] for r in on):.3f} (on) "
                   f"vs {statistics.median(r['holdout'] for r in off):.3f} (off)")
+        if off and on:
+            equal_items(curves[name], 300)
 
 
 def _spread(xs: list[float], fmt: str = ".3g") -> str:
@@ -121,6 +179,7 @@ def main() -> int:
     ap.add_argument("--prune-modes", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--prune-setting", default="", help="search.prune for the 'on' runs, as JSON (default: true)")
     ap.add_argument("--prune-tag", default="on", help="study name part of the 'on' runs (several settings in one --keep folder)")
+    ap.add_argument("--on-trials", type=int, default=0, help="trial budget of the runs with pruning (default: --trials); compared at equal items too")
     ap.add_argument("--simulate", action="store_true", help="replay stopping rules on the runs without pruning")
     ap.add_argument("--keep", default="", help="results folder to keep (and reuse) the runs in")
     args = ap.parse_args()

@@ -31,7 +31,8 @@ class Tool:
     def __init__(self, name: str, path: str | None) -> None:
         self.name, self.path = name, path
         env = os.environ.get("EVOMERGE_MERGEKIT")
-        self.missing = f"{name} not found (EVOMERGE_MERGEKIT={env!r}, {LOCAL_BIN / name} absent{'' if name == 'python' else ', none on PATH'}): {INSTALL}"
+        what, where = ("mergekit's python", "") if name == "python" else (name, ", none on PATH")
+        self.missing = f"{what} not found (EVOMERGE_MERGEKIT={env!r}, {LOCAL_BIN / name} absent{where}): {INSTALL}"
         self.marks = [pytest.mark.mergekit, pytest.mark.slow, pytest.mark.skipif(path is None and not IN_CI, reason=self.missing)]
         self.present: Callable[[], None] = pytest.fixture(scope="module", autouse=True)(self._present)
 

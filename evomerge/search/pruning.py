@@ -119,6 +119,7 @@ class RoundScorer:
     def __init__(self, settings: PruneSettings | None, candidates: Candidates, log: Callable[[str], None]) -> None:
         self.candidates = candidates
         self.pruner: Pruner | None = None
+        self._reference: tuple[int, dict[str, list[float | None]] | None] = (-1, None)  # (complete trials, reference)
         ev: Evaluator = candidates.evaluator
         counts = ev.item_counts() if settings is not None and hasattr(ev, "item_counts") else {}
         if settings is not None and not counts:
@@ -128,19 +129,25 @@ class RoundScorer:
             self.pruner = Pruner(settings, counts, item_weights(ev.specs(), counts))
 
     def reference(self, records: StudyRecords) -> dict[str, list[float | None]] | None:
-        """Per-item values of the ``against``-th best COMPLETE trial, or None (too few yet)."""
+        """Per-item values of the ``against``-th best COMPLETE trial, or None (too few yet). A
+        complete trial never changes, so the reference is read again only when their number grew."""
         from optuna.trial import TrialState
 
         if self.pruner is None:
             return None
+        complete = records.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if self._reference[0] == len(complete):
+            return self._reference[1]
         done = []
-        for t in records.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for t in complete:
             s = records.trial(t).search
             if s is not None and s.complete(self.pruner.counts):
                 done.append((s.aggregate, -t.number, s))
         done.sort(key=lambda x: (x[0], x[1]), reverse=True)
         k = self.pruner.settings.against
-        return dict(done[k - 1][2].values) if len(done) >= k else None
+        ref = dict(done[k - 1][2].values) if len(done) >= k else None
+        self._reference = (len(complete), ref)
+        return ref
 
     def score(self, model: torch.nn.Module, records: StudyRecords, report: Callable[[float, int], None], *, prunable: bool = True) -> tuple[Scores, bool]:
         """Score ``model`` on the search items.
