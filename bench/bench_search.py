@@ -13,13 +13,14 @@
    saved): the best holdout is then compared at equal items, as a curve of the best trial so far
    (by search score) against the search items spent, per seed and as the median over seeds, with
    the items the runs with pruning need to reach the median best holdout of the runs without.
+   ``--on-items N`` sets their ``search.items`` (the item budget) with ``--on-trials`` as the cap.
    ``--simulate`` replays the rules of stopping on the per-item values of the runs without
    pruning (each trial against the trials before it that the rule kept), to compare rules and
    their aggressiveness cheaply: items saved, wrong stops, and the best trial kept or not.
 
 Usage: python bench/bench_search.py [--trials 40] [--compare-trials 24] [--seeds 0 1 2] [--skip-compare]
        python bench/bench_search.py --prune [--prune-seeds 0 1 2 3 4] [--prune-spaces demo demo_per_layer]
-              [--prune-modes off on] [--prune-setting JSON] [--prune-tag on] [--on-trials N] [--keep DIR] [--simulate]
+              [--prune-modes off on] [--prune-setting JSON] [--prune-tag on] [--on-trials N] [--on-items N] [--keep DIR] [--simulate]
 Everything runs in a temporary results folder (or ``--keep DIR``); the zoo is built (or reused) under results/zoo.
 """
 
@@ -38,16 +39,18 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(space: Path, results: Path, *, trials: int, seed: int, sampler: str | None = None, study: str, prune: object = "keep") -> tuple[float, object]:
+def run(space: Path, results: Path, *, trials: int, seed: int, sampler: str | None = None, study: str, prune: object = "keep", items: int | None = None) -> tuple[float, object]:
     from evomerge.search.loop import run_search
     from evomerge.search.table import load_trials
 
-    if sampler is not None or prune != "keep":
+    if sampler is not None or prune != "keep" or items:
         data = yaml.safe_load(space.read_text())
         if sampler is not None:
             data["search"]["sampler"] = sampler
         if prune != "keep":
             data["search"]["prune"] = prune
+        if items:
+            data["search"]["items"] = items
         space = results / f"{study}.yml"
         space.parent.mkdir(parents=True, exist_ok=True)
         space.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -131,7 +134,8 @@ def prune_runs(args, results: Path) -> None:
                     wall, df = float("nan"), load_trials(results / study)
                 else:
                     trials = args.on_trials if mode != "off" and args.on_trials else args.trials
-                    wall, df = run(space, results, trials=trials, seed=seed, study=study, prune=False if mode == "off" else setting)
+                    wall, df = run(space, results, trials=trials, seed=seed, study=study, prune=False if mode == "off" else setting,
+                                   items=args.on_items if mode != "off" else None)
                 curves.setdefault(name, {}).setdefault(mode, []).append(curve(df))
                 if mode != "off" and args.on_trials:
                     df = df[(df["baseline"] != "") | (df["number"] < args.trials)]  # the fixed-budget comparison: its first --trials trials
@@ -180,6 +184,7 @@ def main() -> int:
     ap.add_argument("--prune-setting", default="", help="search.prune for the 'on' runs, as JSON (default: true)")
     ap.add_argument("--prune-tag", default="on", help="study name part of the 'on' runs (several settings in one --keep folder)")
     ap.add_argument("--on-trials", type=int, default=0, help="trial budget of the runs with pruning (default: --trials); compared at equal items too")
+    ap.add_argument("--on-items", type=int, default=0, help="search.items of the runs with pruning (an item budget; with --on-trials as the cap)")
     ap.add_argument("--simulate", action="store_true", help="replay stopping rules on the runs without pruning")
     ap.add_argument("--keep", default="", help="results folder to keep (and reuse) the runs in")
     args = ap.parse_args()

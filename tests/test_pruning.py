@@ -216,6 +216,25 @@ def test_resume_keeps_pruned_trials_and_counts_them(tmp_path, tiny_family):
         assert new.loc[n, "state"] == row["state"] and new.loc[n, "items"] == row["items"] and new.loc[n, "score"] == row["score"]
 
 
+def test_item_budget_stops_the_search_and_resumes(tmp_path, tiny_family):
+    """``search.items``: no trial starts once the searched trials scored that many search items (a
+    stopped trial counts the items it used); a resumed study keeps the budget, a larger one goes on."""
+    base, fts = tiny_family
+    space = _space(tmp_path / "space.yml", base, fts, trials=60, items=600)
+    out = run_search(space, evaluator=_evaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    searched = load_trials(out.paths.csv).query("baseline == ''").sort_values("number")
+    spent = searched["items"].cumsum()
+    assert 600 <= spent.iloc[-1] < 600 + 120 and spent.iloc[-2] < 600  # the last trial crossed the budget
+    assert len(searched) < 60 and (searched["state"] == "PRUNED").any() and out.items["trials"] == spent.iloc[-1]
+    logged: list[str] = []
+    again = run_search(space, evaluator=_evaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=logged.append)
+    assert len(load_trials(again.paths.csv).query("baseline == ''")) == len(searched)  # resumed: the budget is spent
+    assert any("item budget reached" in m for m in logged)
+    more = _space(tmp_path / "space.yml", base, fts, trials=60, items=900)
+    out = run_search(more, evaluator=_evaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    assert 900 <= out.items["trials"] < 900 + 120
+
+
 def test_a_partial_score_is_never_reused(tmp_path):
     import optuna
     from optuna.trial import TrialState

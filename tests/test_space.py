@@ -135,6 +135,8 @@ def test_default_sampler_follows_pruning_and_objectives(search, sampler):
     ({"merge_method": {"choice": ["ties", "tie"]}}, "merge_method.choice", "unknown merge_method 'tie'"),
     ({"search": {"sampler": "cmaes"}}, "search.sampler", "cmaes cannot sample categorical"),
     ({"search": {"trials": 0}}, "search.trials", "positive integer"),
+    ({"search": {"items": 0}}, "search.items", "positive integer"),
+    ({"search": {"items": 2.5}}, "search.items", "positive integer"),
     ({"search": {"sampler": "tpe2"}}, "search.sampler", "did you mean tpe"),
     ({"search": {"trails": 5}}, "search.trails", "did you mean trials"),
     ({"study": {"nme": "x"}}, "study.nme", "did you mean name"),

@@ -177,6 +177,26 @@ class Search:
                  if t.state != TrialState.RUNNING or t.number < number]
         return len(ahead) >= self.setup.trials
 
+    def _budget_spent(self, records: StudyRecords, trials: list[Any]) -> bool:
+        """Whether the searched trials finished so far (every worker's) scored ``search.items`` search
+        items or more: the item budget, beside ``trials``. A trial stopped early counts the items it
+        used, one that reused another's scores none; hand recipes do not count (as in the table)."""
+        from optuna.trial import TrialState
+
+        budget = self.setup.space.search.items
+        if budget is None:
+            return False
+        spent = 0
+        for t in trials:
+            if t.state == TrialState.RUNNING or records.baseline_of(t):
+                continue
+            rec = records.trial(t)
+            if rec.search is not None and rec.reused_from is None:
+                spent += rec.search.n_items
+        if spent >= budget:
+            self.setup.log(f"item budget reached: the searched trials scored {spent} search items (search.items: {budget})")
+        return spent >= budget
+
     def _run_trial(self, records: StudyRecords, holdout: Holdout, trial: Any, best: float) -> tuple[str, int, TrialRecord]:
         from optuna.trial import TrialState
 
@@ -300,7 +320,8 @@ class Search:
             self.setup.log(f"trial(s) {', '.join(map(str, dead))} were running when their worker died: marked failed, parameters queued for one retry")
 
     def _search(self, records: StudyRecords, holdout: Holdout) -> int:
-        """Trials until the study has ``trials`` complete ones (all workers'); returns that count."""
+        """Trials until the study has ``trials`` finished ones (all workers'), or until they scored
+        ``search.items`` search items; returns the count."""
         from optuna.trial import TrialState
 
         s, study = self.setup, records.study
@@ -322,6 +343,8 @@ class Search:
             if bar is not None and n_done > bar.n:
                 bar.update(min(n_done, s.trials) - bar.n)
             if n_done >= s.trials:
+                break
+            if self._budget_spent(records, trials):
                 break
             if len(trials) >= s.trials:  # other workers' running trials may fill the budget: wait for them
                 time.sleep(s.liveness.poll)

@@ -26,7 +26,7 @@ _MODIFIERS = ("log", "step", "anchors", "per_layers")
 _SECTIONS = ("evaluate", "search", "study")
 SAMPLERS = ("tpe", "cmaes", "random", "gp", "nsga2")
 DEFAULT_SAMPLER = SearchSettings.sampler  # tpe: see SearchSettings
-_SEARCH_KEYS = ("sampler", "trials", "seed", "baselines", "finalists", "objectives", "mask_seed", "startup_trials", "prune")
+_SEARCH_KEYS = ("sampler", "trials", "seed", "baselines", "finalists", "objectives", "mask_seed", "startup_trials", "prune", "items")
 _STUDY_KEYS = ("name", "storage")
 
 
@@ -241,6 +241,9 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
     trials = section.get("trials", 40)
     if not isinstance(trials, int) or isinstance(trials, bool) or trials <= 0:
         raise p.err("search.trials", f"must be a positive integer, got {trials!r}")
+    items = section.get("items")
+    if items is not None and (not isinstance(items, int) or isinstance(items, bool) or items <= 0):
+        raise p.err("search.items", f"must be a positive integer (search items the searched trials may score in all), got {items!r}")
     seed = section.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise p.err("search.seed", f"must be a non-negative integer, got {seed!r}")
@@ -293,7 +296,7 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
         else:
             parse_recipe(recipe, f"{p.file} ({f}.recipe)")
         baselines.append((name, recipe))
-    return SearchSettings(sampler, trials, seed, finalists, tuple(baselines), tuple(objectives), startup, mask_seed, prune)
+    return SearchSettings(sampler, trials, seed, finalists, tuple(baselines), tuple(objectives), startup, mask_seed, prune, items)
 
 
 def _study_section(section: Any, p: _SpaceParser) -> tuple[str | None, str | None]:

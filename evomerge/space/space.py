@@ -49,6 +49,7 @@ class SearchSettings:
     startup_trials: int | None = None
     mask_seed: int | None = None  # seed of random masks (dare, della); None: ``seed``
     prune: PruneSettings | None = PruneSettings()  # stop hopeless candidates early; None: off
+    items: int | None = None  # search items the searched trials may score in all (a budget beside trials); None: no limit
 
 
 @dataclass
