@@ -177,22 +177,15 @@ class Search:
                  if t.state != TrialState.RUNNING or t.number < number]
         return len(ahead) >= self.setup.trials
 
-    def _budget_spent(self, records: StudyRecords, trials: list[Any]) -> bool:
-        """Whether the searched trials finished so far (every worker's) scored ``search.items`` search
-        items or more: the item budget, beside ``trials``. A trial stopped early counts the items it
-        used, one that reused another's scores none; hand recipes do not count (as in the table)."""
-        from optuna.trial import TrialState
-
+    def _budget_spent(self, records: StudyRecords, finished: list[tuple[Any, TrialRecord]]) -> bool:
+        """Whether the searched trials finished so far (every worker's; (trial, record) pairs) scored
+        ``search.items`` search items or more: the item budget, beside ``trials``. A trial stopped
+        early counts the items it used, one that reused another's scores none; hand recipes do not
+        count (as in the table)."""
         budget = self.setup.space.search.items
         if budget is None:
             return False
-        spent = 0
-        for t in trials:
-            if t.state == TrialState.RUNNING or records.baseline_of(t):
-                continue
-            rec = records.trial(t)
-            if rec.search is not None and rec.reused_from is None:
-                spent += rec.search.n_items
+        spent = sum(rec.search_items or 0 for t, rec in finished if not records.baseline_of(t))
         if spent >= budget:
             self.setup.log(f"item budget reached: the searched trials scored {spent} search items (search.items: {budget})")
         return spent >= budget
@@ -338,18 +331,18 @@ class Search:
             self._check_interrupt()
             self._log_dead(recover_dead_trials(records, s.storage))
             trials = study.get_trials(deepcopy=False, states=_counted())
-            complete = [t for t in trials if t.state == TrialState.COMPLETE]
-            n_done = sum(t.state != TrialState.RUNNING for t in trials)
+            finished = [(t, records.trial(t)) for t in trials if t.state != TrialState.RUNNING]  # each record read once
+            n_done = len(finished)
             if bar is not None and n_done > bar.n:
                 bar.update(min(n_done, s.trials) - bar.n)
             if n_done >= s.trials:
                 break
-            if self._budget_spent(records, trials):
+            if self._budget_spent(records, finished):
                 break
             if len(trials) >= s.trials:  # other workers' running trials may fill the budget: wait for them
                 time.sleep(s.liveness.poll)
                 continue
-            best = max((r.search.aggregate for r in map(records.trial, complete) if r.search is not None), default=-math.inf)
+            best = max((r.search.aggregate for t, r in finished if t.state == TrialState.COMPLETE and r.search is not None), default=-math.inf)
             attempts += 1
             state, number, rec = self.run_trial(records, holdout, best)
             write_trials_csv(study, s.paths.csv)

@@ -108,6 +108,14 @@ class TrialRecord:
     holdout: Scores | None = None
     reused_from: int | None = None
 
+    @property
+    def search_items(self) -> int | None:
+        """Search items this candidate's own evaluation scored: 0 when it took another trial's
+        scores, None when not recorded (a study older than item counts)."""
+        if self.reused_from is not None:
+            return 0
+        return (self.search.n_items or None) if self.search is not None else None
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(self):

@@ -27,7 +27,7 @@ import pandas as pd
 from evomerge.contamination.rules import overfit_columns
 from evomerge.errors import EvomergeError
 from evomerge.io import atomic_file
-from evomerge.search.records import Scores, StudyRecords
+from evomerge.search.records import Scores, StudyRecords, TrialRecord
 
 __all__ = ["trials_frame", "write_trials_csv", "load_trials", "best_row", "is_number"]
 
@@ -42,11 +42,10 @@ def _score_cols(scores: Scores | None, prefix: str, se_prefix: str, agg: str) ->
     return row
 
 
-def _items(search: Scores | None, reused: bool, holdout: Scores | None) -> dict[str, Any]:
-    # Items this row's evaluations scored (a trial that took another's scores scored none); None
-    # where the study predates item counts.
-    n = 0 if reused else (search.n_items or None) if search is not None else None
-    return {"items": n, "holdout_items": (holdout.n_items or None) if holdout is not None else None}
+def _items(rec: TrialRecord, holdout: Scores | None) -> dict[str, Any]:
+    # Items this row's evaluations scored (see TrialRecord.search_items); None where the study
+    # predates item counts.
+    return {"items": rec.search_items, "holdout_items": (holdout.n_items or None) if holdout is not None else None}
 
 
 def trials_frame(study: Any) -> pd.DataFrame:
@@ -65,7 +64,7 @@ def trials_frame(study: Any) -> pd.DataFrame:
         row.update(_score_cols(rec.search, "s_", "se_", "score"))
         ho = records.holdout(t.number)
         row.update(_score_cols(ho, "h_", "", "holdout"))
-        row.update(_items(rec.search, rec.reused_from is not None, ho))
+        row.update(_items(rec, ho))
         wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
         row.update({"merge_s": rec.merge_s, "eval_s": rec.eval_s, "wall_s": wall, "digest": rec.digest or "",
                     "retry_of": records.retry_of(t), "reused_from": rec.reused_from, "error": rec.error})
@@ -74,7 +73,7 @@ def trials_frame(study: Any) -> pd.DataFrame:
         row = {"number": None, "state": b.state or "COMPLETE", "baseline": name, "method": b.method or ""}
         row.update(_score_cols(b.search, "s_", "se_", "score"))
         row.update(_score_cols(b.holdout, "h_", "", "holdout"))
-        row.update(_items(b.search, False, b.holdout))
+        row.update(_items(b, b.holdout))
         row.update({"merge_s": b.merge_s, "eval_s": b.eval_s, "digest": b.digest or "", "error": b.error})
         rows.append(row)
     df = pd.DataFrame(rows)
