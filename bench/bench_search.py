@@ -20,7 +20,8 @@
 
 Usage: python bench/bench_search.py [--trials 40] [--compare-trials 24] [--seeds 0 1 2] [--skip-compare]
        python bench/bench_search.py --prune [--prune-seeds 0 1 2 3 4] [--prune-spaces demo demo_per_layer]
-              [--prune-modes off on] [--prune-setting JSON] [--prune-tag on] [--on-trials N] [--on-items N] [--keep DIR] [--simulate]
+              [--prune-modes off on] [--prune-setting JSON] [--prune-tag on] [--off-tag off] [--on-trials N] [--on-items N]
+              [--on-sampler NAME] [--off-sampler NAME] [--keep DIR] [--simulate]
 Everything runs in a temporary results folder (or ``--keep DIR``); the zoo is built (or reused) under results/zoo.
 """
 
@@ -127,7 +128,7 @@ def prune_runs(args, results: Path) -> None:
         space = ROOT / "search_spaces" / f"{name}.yml"
         for seed in args.prune_seeds:
             for mode in args.prune_modes:
-                study = f"pr_{name}_{mode if mode == 'off' else args.prune_tag}_{seed}"
+                study = f"pr_{name}_{args.off_tag if mode == 'off' else args.prune_tag}_{seed}"
                 if (results / study / "trials.csv").exists() and args.keep:
                     from evomerge.search.table import load_trials
 
@@ -135,7 +136,7 @@ def prune_runs(args, results: Path) -> None:
                 else:
                     trials = args.on_trials if mode != "off" and args.on_trials else args.trials
                     wall, df = run(space, results, trials=trials, seed=seed, study=study, prune=False if mode == "off" else setting,
-                                   items=args.on_items if mode != "off" else None)
+                                   items=args.on_items if mode != "off" else None, sampler=(args.off_sampler if mode == "off" else args.on_sampler) or None)
                 curves.setdefault(name, {}).setdefault(mode, []).append(curve(df))
                 if mode != "off" and args.on_trials:
                     df = df[(df["baseline"] != "") | (df["number"] < args.trials)]  # the fixed-budget comparison: its first --trials trials
@@ -185,6 +186,9 @@ def main() -> int:
     ap.add_argument("--prune-tag", default="on", help="study name part of the 'on' runs (several settings in one --keep folder)")
     ap.add_argument("--on-trials", type=int, default=0, help="trial budget of the runs with pruning (default: --trials); compared at equal items too")
     ap.add_argument("--on-items", type=int, default=0, help="search.items of the runs with pruning (an item budget; with --on-trials as the cap)")
+    ap.add_argument("--off-tag", default="off", help="study name part of the runs without pruning")
+    ap.add_argument("--on-sampler", default="", help="search.sampler of the runs with pruning (default: the space's)")
+    ap.add_argument("--off-sampler", default="", help="search.sampler of the runs without pruning (default: the space's)")
     ap.add_argument("--simulate", action="store_true", help="replay stopping rules on the runs without pruning")
     ap.add_argument("--keep", default="", help="results folder to keep (and reuse) the runs in")
     args = ap.parse_args()

@@ -53,6 +53,15 @@ def test_paired_rule_by_hand():
     assert not loose.hopeless({"a": {i: 0.0 for i in range(10)}}, ref)
 
 
+def test_paired_difference_by_hand():
+    # the example above: d = [-1, -1, 0, 0, 0], mean -0.4, se 0.1732 (5 of 10 items)
+    p = Pruner(PruneSettings(rounds=(0.5, 1.0)), {"a": 10}, {"a": 1.0})
+    mean, se = p.difference({"a": {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0, 4: 1.0}}, {"a": [1.0] * 10})
+    assert mean == pytest.approx(-0.4) and se == pytest.approx(math.sqrt(0.3) / math.sqrt(5) * math.sqrt(0.5))
+    # the items scored need not be the first ones: the reference's value of the same item is taken
+    assert p.difference({"a": {7: 1.0, 9: 0.0}}, {"a": [0.0] * 7 + [0.0, 1.0, 1.0]})[0] == pytest.approx(0.0)
+
+
 def test_item_weights_make_the_mean_the_aggregate():
     specs = [TaskSpec("a", weight=1.0), TaskSpec("b", weight=3.0)]
     w = item_weights(specs, {"a": 4, "b": 12})
@@ -183,11 +192,22 @@ def test_hopeless_trials_are_pruned_and_survivors_keep_their_full_score(tmp_path
     pruned, complete = searched[searched["state"] == "PRUNED"], searched[searched["state"] == "COMPLETE"]
     assert len(pruned) >= 3 and len(pruned) + len(complete) == 12 == out.n_complete + out.n_pruned  # pruned trials count against the budget
     best = complete["score"].max()
+    import optuna
+
+    records = StudyRecords(optuna.load_study(study_name=out.paths.name, storage=out.paths.storage))
+    trials = {t.number: records.trial(t) for t in records.study.get_trials()}
     for _, row in pruned.iterrows():
         assert row["items"] == 2 * 12  # stopped after the first round: 20% of 60 items per task
         assert _rescore(row, ev, base, fts) < best  # the answer is known: its full score would not have beaten the best
         assert math.isnan(row["holdout"])  # never a finalist
+        # its estimate: the reference's full score (the best complete trial before it) plus the mean
+        # per-item difference on the 24 items it scored (tasks of equal size and weight)
+        ref = complete[complete["number"] < row["number"]].sort_values(["score", "number"], ascending=[False, True]).iloc[0]
+        seen, rv = trials[int(row["number"])].search.values, trials[int(ref["number"])].search.values
+        d = [v - rv[t][i] for t in seen for i, v in enumerate(seen[t]) if v is not None]
+        assert len(d) == 24 and row["estimate"] == pytest.approx(ref["score"] + sum(d) / 24, abs=1e-12) and row["estimate"] < ref["score"]
     for _, row in complete.iterrows():
+        assert math.isnan(row["estimate"])
         assert row["items"] == 120
         assert row["score"] == pytest.approx(_rescore(row, ev, base, fts), abs=1e-12)  # the unpruned score
     assert out.best["state"] == "COMPLETE"
@@ -233,6 +253,58 @@ def test_item_budget_stops_the_search_and_resumes(tmp_path, tiny_family):
     more = _space(tmp_path / "space.yml", base, fts, trials=60, items=900)
     out = run_search(more, evaluator=_evaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
     assert 900 <= out.items["trials"] < 900 + 120
+
+
+def _study_of(rows: list[tuple[float, float, str, float]], sampler=None):
+    """A study of trials (x, y, state, value): COMPLETE ones at ``value``, PRUNED ones with a
+    partial score of 0 and ``value`` as their record's estimate."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    dist = {"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 1)}
+    for x, y, state, v in rows:
+        if state == "PRUNED":
+            t = create_trial(params={"x": x, "y": y}, distributions=dist, state=TrialState.PRUNED, intermediate_values={10: 0.0},
+                             user_attrs={"result": TrialRecord(estimate=v).to_dict()})
+        else:
+            t = create_trial(params={"x": x, "y": y}, distributions=dist, value=v, user_attrs={"result": TrialRecord().to_dict()})
+        study.add_trial(t)
+    return study
+
+
+def _proposals(study, n: int = 3) -> list[tuple[float, float]]:
+    out = []
+    for _ in range(n):
+        t = study.ask()
+        out.append((t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)))
+        study.tell(t, state=__import__("optuna").trial.TrialState.FAIL)
+    return out
+
+
+@pytest.mark.parametrize("name", ["tpe", "gp"])
+def test_the_sampler_sees_a_stopped_trial_at_its_estimate(name):
+    """With pruning on, tpe and gp propose what they would if each stopped trial had finished at
+    its estimate (the near-best stopped points stay in TPE's good group; gp learns from them and
+    counts them towards its startup), not what Optuna does with PRUNED trials."""
+    from evomerge.search.samplers import StoppedAsEstimated, make_sampler
+
+    rng = __import__("random").Random(0)
+    points = [(rng.random(), rng.random()) for _ in range(16)]
+    values = [1 - (x - 0.8) ** 2 - (y - 0.2) ** 2 for x, y in points]
+    rank = sorted(range(16), key=lambda i: -values[i])
+    # the best point finished; the next three were stopped just short of it, as were most others
+    stopped = set(rank[1:4]) | {i for i in rank[4:] if i % 3}
+    rows = [(x, y, "PRUNED" if i in stopped else "COMPLETE", values[i]) for i, (x, y) in enumerate(points)]
+    wrapped = make_sampler(name, 7, 40, startup=6, stopped_as_estimated=True)
+    assert isinstance(wrapped, StoppedAsEstimated)
+    finished = [(x, y, "COMPLETE", v) for x, y, _, v in rows]
+    got = _proposals(_study_of(rows, wrapped))
+    assert got == _proposals(_study_of(finished, make_sampler(name, 7, 40, startup=6)))
+    assert got != _proposals(_study_of(rows, make_sampler(name, 7, 40, startup=6)))  # as Optuna sees PRUNED trials
+    assert not isinstance(make_sampler("random", 7, 40, stopped_as_estimated=True), StoppedAsEstimated)
 
 
 def test_a_partial_score_is_never_reused(tmp_path):

@@ -107,7 +107,8 @@ class Search:
         import optuna
 
         s = self.setup
-        sampler = make_sampler(s.space.search.sampler, s.seed + self.worker, s.trials, s.space.search.startup_trials, bool(s.objectives))
+        sampler = make_sampler(s.space.search.sampler, s.seed + self.worker, s.trials, s.space.search.startup_trials, bool(s.objectives),
+                               stopped_as_estimated=self.rounds.pruner is not None)
         kw: dict[str, Any] = {"directions": ["maximize"] * len(s.objectives)} if s.objectives else {"direction": "maximize"}
         study = optuna.create_study(study_name=s.paths.name, storage=s.storage, sampler=sampler, load_if_exists=True, **kw)
         return StudyRecords(study)
@@ -206,9 +207,9 @@ class Search:
                 rec.reused_from, rec.search = same
                 rec.eval_s = 0.0
             else:
-                rec.search, pruned = self.rounds.score(model, records, lambda v, n: trial.report(v, n), prunable=not records.baseline_of(trial))
+                rec.search, rec.estimate = self.rounds.score(model, records, lambda v, n: trial.report(v, n), prunable=not records.baseline_of(trial))
                 rec.eval_s = rec.search.seconds
-                if pruned:  # stopped early: its partial scores and items are kept, it is no finalist
+                if rec.estimate is not None:  # stopped early: its partial scores and items are kept, it is no finalist
                     records.set_trial(trial, rec)
                     _tell(study, trial, state=TrialState.PRUNED)
                     return "PRUNED", trial.number, rec

@@ -22,6 +22,13 @@ rates are in ``bench/README.md``.
 A stopped trial is told to Optuna as PRUNED, its record holding the partial scores (per-item values
 of the items scored, ``n_items`` of them): it is no finalist, never a reference, and the digest
 reuse (:meth:`~evomerge.search.records.StudyRecords.scored`) never hands its partial score on.
+
+Its record also holds the estimate of its full score: the reference's full score plus ``d̄`` (a
+paired estimate; the partial score alone is not one, the first items may be easier or harder than
+the rest). The sampler sees a stopped trial at that estimate
+(:class:`~evomerge.search.samplers.StoppedAsEstimated`), so a candidate stopped just short of the
+best still counts among the good points TPE samples around, where Optuna would rank every PRUNED
+trial below every finished one.
 """
 
 from __future__ import annotations
@@ -83,15 +90,24 @@ class Pruner:
             out.append(step)
         return out
 
-    def hopeless(self, seen: Values, reference: Mapping[str, Sequence[float | None]]) -> bool:
-        """Whether the candidate's values ``seen`` say it cannot beat ``reference`` (every item's
-        value, per task): the paired rule of the module docstring."""
+    def difference(self, seen: Values, reference: Mapping[str, Sequence[float | None]]) -> tuple[float, float]:
+        """The paired estimate of the candidate's full score minus the reference's, from its values
+        ``seen`` and the reference's value of every item (per task), with its standard error (0
+        with fewer than two items, or every item scored)."""
         d = [self.weights[t] * (v - float(reference[t][i] or 0.0)) for t, vals in seen.items() for i, v in vals.items()]
         n = len(d)
         if n < 2 or n >= self.total:
+            return (math.fsum(d) / n if d else 0.0), 0.0
+        return math.fsum(d) / n, statistics.stdev(d) / math.sqrt(n) * math.sqrt(1 - n / self.total)
+
+    def hopeless(self, seen: Values, reference: Mapping[str, Sequence[float | None]]) -> bool:
+        """Whether the candidate's values ``seen`` say it cannot beat ``reference`` (every item's
+        value, per task): the paired rule of the module docstring."""
+        n = sum(len(v) for v in seen.values())
+        if n < 2 or n >= self.total:
             return False
-        se = statistics.stdev(d) / math.sqrt(n) * math.sqrt(1 - n / self.total)
-        return math.fsum(d) / n + self.z * se < 0
+        mean, se = self.difference(seen, reference)
+        return mean + self.z * se < 0
 
     def partial(self, seen: Values, seconds: float) -> Scores:
         """The scores of the items scored so far (each task's mean, aggregated with its weight)."""
@@ -119,7 +135,7 @@ class RoundScorer:
     def __init__(self, settings: PruneSettings | None, candidates: Candidates, log: Callable[[str], None]) -> None:
         self.candidates = candidates
         self.pruner: Pruner | None = None
-        self._reference: tuple[int, dict[str, list[float | None]] | None] = (-1, None)  # (complete trials, reference)
+        self._reference: tuple[int, Scores | None] = (-1, None)  # (complete trials, reference)
         ev: Evaluator = candidates.evaluator
         counts = ev.item_counts() if settings is not None and hasattr(ev, "item_counts") else {}
         if settings is not None and not counts:
@@ -128,9 +144,10 @@ class RoundScorer:
         elif settings is not None:
             self.pruner = Pruner(settings, counts, item_weights(ev.specs(), counts))
 
-    def reference(self, records: StudyRecords) -> dict[str, list[float | None]] | None:
-        """Per-item values of the ``against``-th best COMPLETE trial, or None (too few yet). A
-        complete trial never changes, so the reference is read again only when their number grew."""
+    def reference(self, records: StudyRecords) -> Scores | None:
+        """The search scores (per-item values included) of the ``against``-th best COMPLETE trial,
+        or None (too few yet). A complete trial never changes, so the reference is read again only
+        when their number grew."""
         from optuna.trial import TrialState
 
         if self.pruner is None:
@@ -145,11 +162,11 @@ class RoundScorer:
                 done.append((s.aggregate, -t.number, s))
         done.sort(key=lambda x: (x[0], x[1]), reverse=True)
         k = self.pruner.settings.against
-        ref = dict(done[k - 1][2].values) if len(done) >= k else None
+        ref = done[k - 1][2] if len(done) >= k else None
         self._reference = (len(complete), ref)
         return ref
 
-    def score(self, model: torch.nn.Module, records: StudyRecords, report: Callable[[float, int], None], *, prunable: bool = True) -> tuple[Scores, bool]:
+    def score(self, model: torch.nn.Module, records: StudyRecords, report: Callable[[float, int], None], *, prunable: bool = True) -> tuple[Scores, float | None]:
         """Score ``model`` on the search items.
 
         Args:
@@ -160,14 +177,15 @@ class RoundScorer:
             prunable: False scores every item at once (hand recipes are never stopped).
 
         Returns:
-            (scores, stopped): full scores and False, or the partial scores and True.
+            (scores, estimate): the full scores and None, or for a stopped candidate its partial
+            scores and the estimate of its full score (the reference's plus the paired difference).
         """
         p = self.pruner
         if p is None or not prunable or self.reference(records) is None:
-            return self.candidates.score(model, "search"), False
+            return self.candidates.score(model, "search"), None
         staged = self.candidates.evaluator.staged(model)
         if staged is None:
-            return self.candidates.score(model, "search"), False
+            return self.candidates.score(model, "search"), None
         t0 = time.perf_counter()
         seen: dict[str, dict[int, float]] = {t: {} for t in p.counts}
         for items in p.rounds()[:-1]:
@@ -178,6 +196,6 @@ class RoundScorer:
             partial = p.partial(seen, time.perf_counter() - t0)
             report(partial.aggregate, partial.n_items)
             ref = self.reference(records)
-            if ref is not None and p.hopeless(seen, ref):
-                return partial, True
-        return scores_of(staged.result()), False
+            if ref is not None and p.hopeless(seen, ref.values):
+                return partial, ref.aggregate + p.difference(seen, ref.values)[0]
+        return scores_of(staged.result()), None

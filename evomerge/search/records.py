@@ -95,6 +95,8 @@ class TrialRecord:
         holdout: baselines only (a searched trial's holdout re-score is a record of its own).
         reused_from: the earlier trial whose merged tensors had the same digest, whose search
             scores this trial took instead of evaluating the same model again.
+        estimate: a trial stopped early (PRUNED): the estimate of its full search score that
+            the sampler sees (see :mod:`evomerge.search.pruning`).
     """
 
     method: str | None = None
@@ -107,6 +109,7 @@ class TrialRecord:
     state: str | None = None
     holdout: Scores | None = None
     reused_from: int | None = None
+    estimate: float | None = None
 
     @property
     def search_items(self) -> int | None:
@@ -130,7 +133,8 @@ class TrialRecord:
         d = dict(d or {})
         return cls(method=d.get("method"), recipe=d.get("recipe"), merge_s=d.get("merge_s"), digest=d.get("digest"),
                    search=Scores.from_dict(d.get("search")), eval_s=d.get("eval_s"), error=d.get("error", "") or "",
-                   state=d.get("state"), holdout=Scores.from_dict(d.get("holdout")), reused_from=d.get("reused_from"))
+                   state=d.get("state"), holdout=Scores.from_dict(d.get("holdout")), reused_from=d.get("reused_from"),
+                   estimate=d.get("estimate"))
 
 
 @dataclass
@@ -265,6 +269,13 @@ class StudyRecords:
     @staticmethod
     def retry_of(t: Any) -> int | None:
         return t.user_attrs.get("retry_of")
+
+    @staticmethod
+    def estimate_of(t: Any) -> float | None:
+        """A stopped trial's estimate of its full search score (:attr:`TrialRecord.estimate`), read
+        without parsing the whole record (the sampler reads it for every trial it models)."""
+        v = (t.user_attrs.get("result") or {}).get("estimate")
+        return None if v is None else float(v)
 
     def mark_died(self, number: int, message: str) -> None:
         self._set(f"died:{number}", message)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.search.records import StudyRecords
 from evomerge.space import Directive
 
-__all__ = ["make_sampler", "suggester"]
+__all__ = ["make_sampler", "suggester", "StoppedAsEstimated"]
 
 
-def make_sampler(name: str, seed: int, n_trials: int, startup: int | None = None, multi: bool = False) -> Any:
+def make_sampler(name: str, seed: int, n_trials: int, startup: int | None = None, multi: bool = False, *,
+                 stopped_as_estimated: bool = False) -> Any:
     """The Optuna sampler for ``search.sampler``, seeded.
 
     Args:
@@ -21,13 +27,15 @@ def make_sampler(name: str, seed: int, n_trials: int, startup: int | None = None
         startup: random trials before the model-based sampler takes over (default: a quarter of
             the budget, 4 to 10).
         multi: several objectives.
+        stopped_as_estimated: pruning is on: the model-based samplers (tpe, gp, cmaes) see each
+            stopped trial as finished at the estimate of its full score (:class:`StoppedAsEstimated`).
 
     The default (``search.sampler`` unset) is measured (``bench/bench_samplers.py``): ``tpe`` while
     pruning is on (the default) or with several objectives, ``gp`` with ``prune: false``. Without
     pruning gp found the best holdout score on the per-layer demo space and tied random search on the
-    demo, over 5 seeds at 24 trials; but Optuna's GPSampler learns from COMPLETE trials only (its
-    startup counts them too), so with pruning it stayed at random search, while TPE models pruned
-    trials by their partial scores and beat random search. Parameters present in only some trials
+    demo, over 5 seeds at 24 trials. Optuna's GPSampler learns from COMPLETE trials only (its
+    startup counts them too), so with pruning alone it stayed at random search; with pruning, every
+    model-based sampler here sees stopped trials at their estimates (:class:`StoppedAsEstimated`). Parameters present in only some trials
     (a TIES density when the method is a choice) are sampled at random by gp and cmaes. gp costs
     about 1.5 s per trial on one busy CPU core at up to 24 trials.
 
@@ -35,11 +43,11 @@ def make_sampler(name: str, seed: int, n_trials: int, startup: int | None = None
     points, so that workers sampling at the same time spread out (alone, there are none); Optuna's
     GPSampler accounts for running trials on its own (q-batch expected improvement).
     """
-    import optuna
-
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if startup is None:
         startup = max(4, min(10, n_trials // 4))
+    if stopped_as_estimated and name in ("tpe", "gp", "cmaes"):
+        return StoppedAsEstimated(make_sampler(name, seed, n_trials, startup, multi))
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True)
     if name == "random":
@@ -51,6 +59,77 @@ def make_sampler(name: str, seed: int, n_trials: int, startup: int | None = None
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, n_trials // 4)))
     raise ValueError(f"unknown sampler {name!r}")  # pragma: no cover - validated when the space is parsed
+
+
+class _EstimatedView:
+    """``study`` as a sampler sees it under :class:`StoppedAsEstimated`: its trials, each stopped
+    one that has an estimate shown as COMPLETE at that value; everything else is the study's."""
+
+    def __init__(self, study: Any) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False) -> list[FrozenTrial]:
+        out = []
+        for t in self._study._get_trials(deepcopy=deepcopy, states=None, use_cache=use_cache):
+            est = StudyRecords.estimate_of(t) if t.state == TrialState.PRUNED else None
+            if est is not None:
+                t = copy.copy(t)
+                t.state, t.values = TrialState.COMPLETE, [est]
+            if states is None or t.state in states:
+                out.append(t)
+        return out
+
+    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()
+
+
+def _view(study: Any) -> Any:  # the view stands in for the Study the samplers are typed to take
+    return _EstimatedView(study)
+
+
+class StoppedAsEstimated(optuna.samplers.BaseSampler):
+    """A sampler that models a trial stopped early (PRUNED, see :mod:`evomerge.search.pruning`) as
+    finished at the estimate of its full search score, where Optuna's samplers rank it below every
+    finished trial (TPE) or leave it out (gp, cmaes).
+
+    With pruning, the trials stopped just short of the best are the points closest to it; ranked
+    last, they drop out of TPE's good group and a search loses its way. Measured on the per-layer
+    demo space (``bench/bench_search.py --prune``, 30 seeds): see ``bench/README.md``. The
+    estimate is a paired one (the reference trial's full score plus the mean per-item difference
+    on the items the stopped trial scored), not the partial score, whose items may be easier or
+    harder than the rest.
+
+    Args:
+        inner: the sampler that proposes the points; it sees the study through the view above.
+    """
+
+    def __init__(self, inner: optuna.samplers.BaseSampler) -> None:
+        self.inner = inner
+
+    def infer_relative_search_space(self, study: Any, trial: FrozenTrial) -> dict[str, Any]:
+        return self.inner.infer_relative_search_space(_view(study), trial)
+
+    def sample_relative(self, study: Any, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        return self.inner.sample_relative(_view(study), trial, search_space)
+
+    def sample_independent(self, study: Any, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:
+        return self.inner.sample_independent(_view(study), trial, param_name, param_distribution)
+
+    def before_trial(self, study: Any, trial: FrozenTrial) -> None:
+        self.inner.before_trial(_view(study), trial)
+
+    def after_trial(self, study: Any, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self.inner.after_trial(_view(study), trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
 
 
 def suggester(trial: Any) -> Callable[[str, Directive], Any]:

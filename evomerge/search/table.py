@@ -8,7 +8,8 @@ one to write has read every worker's last commit.
 
 Columns: ``number``, ``state``, ``baseline`` (name, empty for searched trials), ``method``,
 ``p_<param>`` (every sampled parameter), ``score``/``score_se`` (aggregate search score),
-``s_<task>``/``se_<task>``, ``holdout``/``holdout_se``, ``h_<task>``, ``items`` (search items this
+``s_<task>``/``se_<task>``, ``estimate`` (a PRUNED trial: the estimate of its full search score, what the
+sampler saw, see :mod:`evomerge.search.pruning`), ``holdout``/``holdout_se``, ``h_<task>``, ``items`` (search items this
 row's evaluation scored: all of them, fewer for a PRUNED trial, 0 for a trial that took the scores
 of an earlier one with the same tensors), ``holdout_items``, ``merge_s``, ``eval_s``,
 ``digest`` (hash of the merged tensors), the flag columns of :mod:`evomerge.contamination.rules` with their
@@ -62,6 +63,7 @@ def trials_frame(study: Any) -> pd.DataFrame:
         row: dict[str, Any] = {"number": t.number, "state": t.state.name, "baseline": records.baseline_of(t), "method": rec.method or ""}
         row.update({f"p_{k}": v for k, v in t.params.items()})
         row.update(_score_cols(rec.search, "s_", "se_", "score"))
+        row["estimate"] = rec.estimate
         ho = records.holdout(t.number)
         row.update(_score_cols(ho, "h_", "", "holdout"))
         row.update(_items(rec, ho))
