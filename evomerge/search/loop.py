@@ -350,7 +350,8 @@ class Search:
             self._check_interrupt()
             line = f"trial {number:>3} {state:8}"
             if state == "PRUNED" and rec.search is not None:
-                line += f" score {rec.search.aggregate:.3f} on {rec.search.n_items} items (stopped early)  {rec.method or ''}"
+                est = f", estimate {rec.estimate:.3f}" if rec.estimate is not None else ""
+                line += f" score {rec.search.aggregate:.3f} on {rec.search.n_items} items (stopped early{est})  {rec.method or ''}"
                 if bar is not None:
                     bar.update(1)
             elif state == "COMPLETE" and rec.search is not None:
