@@ -215,6 +215,8 @@ def test_hopeless_trials_are_pruned_and_survivors_keep_their_full_score(tmp_path
     # the leaderboard: pruned rows with --all, with their items; a line about them otherwise
     text = leaderboard(df, show_all=True)
     assert any(line.split()[1] == "PRUNED" and " 24 " in line for line in text.splitlines()[2:] if line.split())
+    first = pruned.sort_values("number").iloc[0]
+    assert f"(estimate {first['estimate']:.3f})" in next(line for line in text.splitlines() if line.split()[:1] == [f"#{first['number']}"])
     assert f"{len(pruned)} trials stopped early" in leaderboard(df)
     assert main_results(str(tmp_path / "space.yml"), results_dir=str(tmp_path / "r")) == 0
     printed = capsys.readouterr().out

@@ -33,6 +33,8 @@ def leaderboard(df: pd.DataFrame, *, top: int = 15, show_all: bool = False) -> s
         if not rd.get("baseline"):
             shown = [f"{p[2:]}={v}" for p in params if (v := _param(rd.get(p))) is not None]
             desc += " " + " ".join(shown[:8]) + (" …" if len(shown) > 8 else "")
+        if rd.get("state") == "PRUNED" and is_number(rd.get("estimate")):
+            desc = f"(estimate {float(rd['estimate']):.3f}) {desc}"  # what the sampler saw of it
         if rd.get("state") != "COMPLETE" and rd.get("error"):
             desc = f"{rd['error']}"[:80]
         lines.append(f"{name[:16]:>16} {str(rd['state'])[:8]:8} {_fmt(rd.get('score')):>6} {_fmt(rd.get('score_se')):>5} {_fmt(rd.get('holdout')):>7} {_count(rd.get('items')):>6} "
