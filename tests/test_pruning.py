@@ -5,6 +5,7 @@ the leaderboard and the budget, no reuse of a partial score, resume, and the set
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -278,11 +279,13 @@ def _study_of(rows: list[tuple[float, float, str, float]], sampler=None):
 
 
 def _proposals(study, n: int = 3) -> list[tuple[float, float]]:
+    from optuna.trial import TrialState
+
     out = []
     for _ in range(n):
         t = study.ask()
         out.append((t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)))
-        study.tell(t, state=__import__("optuna").trial.TrialState.FAIL)
+        study.tell(t, state=TrialState.FAIL)
     return out
 
 
@@ -293,7 +296,7 @@ def test_the_sampler_sees_a_stopped_trial_at_its_estimate(name):
     counts them towards its startup), not what Optuna does with PRUNED trials."""
     from evomerge.search.samplers import StoppedAsEstimated, make_sampler
 
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     points = [(rng.random(), rng.random()) for _ in range(16)]
     values = [1 - (x - 0.8) ** 2 - (y - 0.2) ** 2 for x, y in points]
     rank = sorted(range(16), key=lambda i: -values[i])
