@@ -44,8 +44,16 @@ def build_model(size: str, dtype: torch.dtype, device: str, max_len: int) -> tor
     from transformers import LlamaConfig, LlamaForCausalLM
 
     h, n_layers, heads, kv, inter, vocab = SIZES[size]
-    cfg = LlamaConfig(hidden_size=h, num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=kv,
-                      intermediate_size=inter, vocab_size=vocab, max_position_embeddings=max_len, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=h,
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        max_position_embeddings=max_len,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
@@ -62,17 +70,25 @@ def _doc(rng: random.Random, story_chars: int) -> dict:
     wrong = rng.sample(others, 3)
     label = rng.randrange(4)
     choices = wrong[:label] + [gold] + wrong[label:]
-    return {"question": f"{' '.join(words)}\nWhich word follows '{words[i]}'?", "choices": choices, "label": label}
+    return {
+        "question": f"{' '.join(words)}\nWhich word follows '{words[i]}'?",
+        "choices": choices,
+        "label": label,
+    }
 
 
 def write_task(folder: Path, *, items: int, shots: int, ctx_tokens: int, seed: int = 0) -> None:
     """A local lm-eval task: ``items`` test docs, a train split for the shots; the prompt of one
     doc with its shots is about ``ctx_tokens`` characters long."""
     rng = random.Random(seed)
-    story = max(20, ctx_tokens // (shots + 1) - 55)  # ~55 characters of question, answer and delimiters
+    story = max(
+        20, ctx_tokens // (shots + 1) - 55
+    )  # ~55 characters of question, answer and delimiters
     folder.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", max(4 * shots, 20)), ("test", items)):
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(_doc(rng, story)) + "\n" for _ in range(n)))
+        (folder / f"{split}.jsonl").write_text(
+            "".join(json.dumps(_doc(rng, story)) + "\n" for _ in range(n))
+        )
     (folder / f"{TASK}.yaml").write_text(
         f"task: {TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {folder / 'train.jsonl'}\n"
         f"    test: {folder / 'test.jsonl'}\ntraining_split: train\ntest_split: test\nfewshot_split: train\n"
@@ -82,7 +98,9 @@ def write_task(folder: Path, *, items: int, shots: int, ctx_tokens: int, seed: i
     )
 
 
-def trial(lm, task_dict, items: int) -> tuple[float, float, list[tuple[str, str]], list[tuple[float, bool]]]:
+def trial(
+    lm, task_dict, items: int
+) -> tuple[float, float, list[tuple[str, str]], list[tuple[float, bool]]]:
     """One scoring pass as LMEvalEvaluator runs it (plus the per-request answers)."""
     import lm_eval.api.task as lm_task
     from lm_eval.evaluator import evaluate
@@ -93,7 +111,14 @@ def trial(lm, task_dict, items: int) -> tuple[float, float, list[tuple[str, str]
     bar, lm_task.tqdm = lm_task.tqdm, lambda it, *a, **k: it
     try:
         t0 = time.perf_counter()
-        out = evaluate(lm, task_dict, samples={TASK: list(range(items))}, bootstrap_iters=100, log_samples=True, verbosity="ERROR")
+        out = evaluate(
+            lm,
+            task_dict,
+            samples={TASK: list(range(items))},
+            bootstrap_iters=100,
+            log_samples=True,
+            verbosity="ERROR",
+        )
         seconds = time.perf_counter() - t0
     finally:
         lm_task.tqdm = bar
@@ -111,9 +136,16 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--items", type=int, default=50)
     ap.add_argument("--shots", type=int, default=5)
-    ap.add_argument("--ctx-tokens", type=int, default=500, help="approximate context length of one item, shots included")
+    ap.add_argument(
+        "--ctx-tokens",
+        type=int,
+        default=500,
+        help="approximate context length of one item, shots included",
+    )
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--trials", type=int, default=1, help="timed trials per scorer (the best is reported)")
+    ap.add_argument(
+        "--trials", type=int, default=1, help="timed trials per scorer (the best is reported)"
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
@@ -141,9 +173,13 @@ def main() -> int:
     sec_h, acc_h, pairs_h, ans_h = got["hflm"]
     if pairs != pairs_h:
         raise SystemExit("the two runs scored different requests")
-    lens = [(len(tok(c).input_ids), len(tok(c + x).input_ids) - len(tok(c).input_ids)) for c, x in pairs]
+    lens = [
+        (len(tok(c).input_ids), len(tok(c + x).input_ids) - len(tok(c).input_ids)) for c, x in pairs
+    ]
     hflm_tokens = sum(c + x for c, x in lens)
-    shared_tokens = sum(c for c, _ in dict(zip((p[0] for p in pairs), lens, strict=True)).values()) + sum(x for _, x in lens)
+    shared_tokens = sum(
+        c for c, _ in dict(zip((p[0] for p in pairs), lens, strict=True)).values()
+    ) + sum(x for _, x in lens)
     dmax = max(abs(a[0] - b[0]) for a, b in zip(ans_s, ans_h, strict=True))
     greedy_equal = all(a[1] == b[1] for a, b in zip(ans_s, ans_h, strict=True))
 
@@ -158,22 +194,53 @@ def main() -> int:
             torch.cuda.synchronize()
         raw = x.numel() / (time.perf_counter() - t0)
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"model: random Llama, {n_params / 1e6:.1f}M params ({args.params}), {args.dtype}, on {device}")
-    print(f"task: {args.items} items x 4 choices, {args.shots}-shot, contexts {min(c for c, _ in lens)}-{max(c for c, _ in lens)} tokens "
-          f"(mean {sum(c for c, _ in lens) / len(lens):.0f}), continuations {min(x for _, x in lens)}-{max(x for _, x in lens)} tokens; batch size {args.batch_size}")
-    print(f"tokens: HFLM runs {hflm_tokens}, the shared scorer {shared_tokens} ({hflm_tokens / shared_tokens:.2f}x fewer)")
+    device = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"cpu ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"model: random Llama, {n_params / 1e6:.1f}M params ({args.params}), {args.dtype}, on {device}"
+    )
+    print(
+        f"task: {args.items} items x 4 choices, {args.shots}-shot, contexts {min(c for c, _ in lens)}-{max(c for c, _ in lens)} tokens "
+        f"(mean {sum(c for c, _ in lens) / len(lens):.0f}), continuations {min(x for _, x in lens)}-{max(x for _, x in lens)} tokens; batch size {args.batch_size}"
+    )
+    print(
+        f"tokens: HFLM runs {hflm_tokens}, the shared scorer {shared_tokens} ({hflm_tokens / shared_tokens:.2f}x fewer)"
+    )
     print(f"raw forward: {raw:,.0f} tokens/s -> HFLM's tokens would take {hflm_tokens / raw:.2f} s")
     for name, sec, ran in (("hflm", sec_h, hflm_tokens), ("shared", sec_s, shared_tokens)):
-        print(f"{name:>7}: {sec:7.2f} s per trial, {hflm_tokens / sec:,.0f} scored tokens/s ({ran / sec:,.0f} tokens/s run)")
+        print(
+            f"{name:>7}: {sec:7.2f} s per trial, {hflm_tokens / sec:,.0f} scored tokens/s ({ran / sec:,.0f} tokens/s run)"
+        )
     print(f"speed: shared is {sec_h / sec_s:.2f}x faster than HFLM")
-    print(f"agreement: max |delta loglik| {dmax:.2e} over {len(ans_s)} requests; is_greedy equal: {greedy_equal}; "
-          f"accuracy {acc_s:.3f} vs {acc_h:.3f} ({'equal' if acc_s == acc_h else 'DIFFERENT'})")
+    print(
+        f"agreement: max |delta loglik| {dmax:.2e} over {len(ans_s)} requests; is_greedy equal: {greedy_equal}; "
+        f"accuracy {acc_s:.3f} vs {acc_h:.3f} ({'equal' if acc_s == acc_h else 'DIFFERENT'})"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"params": n_params, "device": device, "dtype": args.dtype, "items": args.items,
-                                         "hflm_s": sec_h, "shared_s": sec_s, "speedup": sec_h / sec_s, "hflm_tokens": hflm_tokens,
-                                         "shared_tokens": shared_tokens, "raw_tokens_per_s": raw, "max_abs_dloglik": dmax,
-                                         "greedy_equal": greedy_equal, "acc_shared": acc_s, "acc_hflm": acc_h}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "params": n_params,
+                    "device": device,
+                    "dtype": args.dtype,
+                    "items": args.items,
+                    "hflm_s": sec_h,
+                    "shared_s": sec_s,
+                    "speedup": sec_h / sec_s,
+                    "hflm_tokens": hflm_tokens,
+                    "shared_tokens": shared_tokens,
+                    "raw_tokens_per_s": raw,
+                    "max_abs_dloglik": dmax,
+                    "greedy_equal": greedy_equal,
+                    "acc_shared": acc_s,
+                    "acc_hflm": acc_h,
+                },
+                indent=1,
+            )
+        )
     return 0 if acc_s == acc_h and greedy_equal else 1
 
 

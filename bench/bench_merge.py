@@ -59,7 +59,9 @@ def _llama_tensors(hidden: int, inter: int, layers: int, vocab: int) -> dict[str
     return shapes
 
 
-def build_models(cache: Path, *, hidden: int, inter: int, layers: int, vocab: int, n_ft: int = 3) -> list[Path]:
+def build_models(
+    cache: Path, *, hidden: int, inter: int, layers: int, vocab: int, n_ft: int = 3
+) -> list[Path]:
     """Write base + ``n_ft`` perturbed copies (bf16 safetensors) under ``cache``; reuse them if present.
 
     Returns:
@@ -101,7 +103,10 @@ def build_models(cache: Path, *, hidden: int, inter: int, layers: int, vocab: in
         if k == 0:
             tensors = base
         else:
-            tensors = {n: (t.float() + torch.randn(t.shape, generator=g) * 0.002).to(torch.bfloat16) for n, t in base.items()}
+            tensors = {
+                n: (t.float() + torch.randn(t.shape, generator=g) * 0.002).to(torch.bfloat16)
+                for n, t in base.items()
+            }
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.rmtree(d, ignore_errors=True)
@@ -117,14 +122,25 @@ def recipes(dirs: list[Path]) -> dict[str, dict[str, Any]]:
         "ties": {
             "merge_method": "ties",
             "base_model": base,
-            "models": [{"model": base}] + [{"model": m, "parameters": {"density": 0.5, "weight": w}} for m, w in zip(ft, (0.5, 0.3, 0.2))],
+            "models": [{"model": base}]
+            + [
+                {"model": m, "parameters": {"density": 0.5, "weight": w}}
+                for m, w in zip(ft, (0.5, 0.3, 0.2), strict=False)
+            ],
             "parameters": {"normalize": True},
             "dtype": "bfloat16",
         },
         "slerp": {
             "merge_method": "slerp",
             "base_model": base,
-            "slices": [{"sources": [{"model": base, "layer_range": [0, _layers(dirs[0])]}, {"model": ft[0], "layer_range": [0, _layers(dirs[0])]}]}],
+            "slices": [
+                {
+                    "sources": [
+                        {"model": base, "layer_range": [0, _layers(dirs[0])]},
+                        {"model": ft[0], "layer_range": [0, _layers(dirs[0])]},
+                    ]
+                }
+            ],
             "parameters": {
                 "t": [
                     {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
@@ -136,7 +152,10 @@ def recipes(dirs: list[Path]) -> dict[str, dict[str, Any]]:
         },
         "linear": {
             "merge_method": "linear",
-            "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(ft, (0.5, 0.3, 0.2))],
+            "models": [
+                {"model": m, "parameters": {"weight": w}}
+                for m, w in zip(ft, (0.5, 0.3, 0.2), strict=False)
+            ],
             "dtype": "bfloat16",
         },
     }
@@ -195,27 +214,69 @@ def _write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     return path
 
 
-def disk_bench(dirs: list[Path], work: Path, names: list[str], mergekit: str | None, rate: float) -> list[dict[str, Any]]:
+def disk_bench(
+    dirs: list[Path], work: Path, names: list[str], mergekit: str | None, rate: float
+) -> list[dict[str, Any]]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
     rows = []
     all_recipes = recipes(dirs)
     for name in names:
         recipe_file = _write_recipe(work / f"{name}.yml", all_recipes[name])
-        in_bytes = sum((Path(m["model"]) / "model.safetensors").stat().st_size for m in _inputs(all_recipes[name]))
+        in_bytes = sum(
+            (Path(m["model"]) / "model.safetensors").stat().st_size
+            for m in _inputs(all_recipes[name])
+        )
         row: dict[str, Any] = {"recipe": name}
-        tools = [("evomerge", [sys.executable, "-m", "evomerge.cli", "merge", str(recipe_file), str(work / f"{name}_evomerge"), "--force"])]
+        tools = [
+            (
+                "evomerge",
+                [
+                    sys.executable,
+                    "-m",
+                    "evomerge.cli",
+                    "merge",
+                    str(recipe_file),
+                    str(work / f"{name}_evomerge"),
+                    "--force",
+                ],
+            )
+        ]
         if mergekit:
-            tools.append(("mergekit", [mergekit, str(recipe_file), str(work / f"{name}_mergekit"), "--no-copy-tokenizer", "--quiet", "--no-write-model-card"]))
+            tools.append(
+                (
+                    "mergekit",
+                    [
+                        mergekit,
+                        str(recipe_file),
+                        str(work / f"{name}_mergekit"),
+                        "--no-copy-tokenizer",
+                        "--quiet",
+                        "--no-write-model-card",
+                    ],
+                )
+            )
         for tool, cmd in tools:
             shutil.rmtree(work / f"{name}_{tool}", ignore_errors=True)
             wall, rss, rc, tail = run_child(cmd, env)
             if rc != 0:
                 print(f"[{tool} {name}] failed (exit {rc}):\n{tail}", file=sys.stderr)
-            out_bytes = sum(f.stat().st_size for f in (work / f"{name}_{tool}").glob("*.safetensors"))
-            row[tool] = {"wall_s": wall, "rss_mib": rss, "rc": rc, "gbps": (in_bytes + out_bytes) / wall / 1e9}
-            print(f"  {name:7s} {tool:9s} {wall:7.1f} s  peak RSS {rss:7.0f} MiB  {(in_bytes + out_bytes) / wall / 1e9:5.2f} GB/s moved ({(in_bytes + out_bytes) / wall / rate:.1%} of memcpy)", flush=True)
+            out_bytes = sum(
+                f.stat().st_size for f in (work / f"{name}_{tool}").glob("*.safetensors")
+            )
+            row[tool] = {
+                "wall_s": wall,
+                "rss_mib": rss,
+                "rc": rc,
+                "gbps": (in_bytes + out_bytes) / wall / 1e9,
+            }
+            print(
+                f"  {name:7s} {tool:9s} {wall:7.1f} s  peak RSS {rss:7.0f} MiB  {(in_bytes + out_bytes) / wall / 1e9:5.2f} GB/s moved ({(in_bytes + out_bytes) / wall / rate:.1%} of memcpy)",
+                flush=True,
+            )
         if mergekit and row["evomerge"]["rc"] == 0 and row["mergekit"]["rc"] == 0:
-            row["max_abs_diff"] = _max_abs_diff(work / f"{name}_evomerge", work / f"{name}_mergekit")
+            row["max_abs_diff"] = _max_abs_diff(
+                work / f"{name}_evomerge", work / f"{name}_mergekit"
+            )
         rows.append(row)
     return rows
 
@@ -230,26 +291,38 @@ def _max_abs_diff(a: Path, b: Path) -> float:
     from safetensors import safe_open
 
     worst = 0.0
-    with safe_open(str(a / "model.safetensors"), "pt") as fa, safe_open(str(b / "model.safetensors"), "pt") as fb:
+    with (
+        safe_open(str(a / "model.safetensors"), "pt") as fa,
+        safe_open(str(b / "model.safetensors"), "pt") as fb,
+    ):
         for name in fa.keys():
-            worst = max(worst, float((fa.get_tensor(name).float() - fb.get_tensor(name).float()).abs().max()))
+            worst = max(
+                worst,
+                float((fa.get_tensor(name).float() - fb.get_tensor(name).float()).abs().max()),
+            )
     return worst
 
 
 def inmem_bench(dirs: list[Path], rate: float, repeat: int) -> dict[str, Any]:
     """Re-merge TIES and DARE-TIES into a resident model; compare with a plain weighted sum."""
-    from evomerge.recipe.schema import load_recipe
     from evomerge.engine import Merger, open_sources
+    from evomerge.recipe.schema import load_recipe
 
     base, ft = str(dirs[0]), [str(d) for d in dirs[1:]]
-    merger = Merger(open_sources([base, *ft]), device="cpu", seed=0, resident=True, cache_bytes=16 << 30)
+    merger = Merger(
+        open_sources([base, *ft]), device="cpu", seed=0, resident=True, cache_bytes=16 << 30
+    )
 
     def recipe(method: str, density: float, weights: tuple[float, ...]) -> Any:
         return load_recipe(
             {
                 "merge_method": method,
                 "base_model": base,
-                "models": [{"model": base}] + [{"model": m, "parameters": {"density": density, "weight": w}} for m, w in zip(ft, weights)],
+                "models": [{"model": base}]
+                + [
+                    {"model": m, "parameters": {"density": density, "weight": w}}
+                    for m, w in zip(ft, weights, strict=False)
+                ],
                 "dtype": "bfloat16",
             }
         )
@@ -257,7 +330,12 @@ def inmem_bench(dirs: list[Path], rate: float, repeat: int) -> dict[str, Any]:
     plan0 = merger.plan(recipe("ties", 0.5, (0.5, 0.3, 0.2)))
     model = merger.build_model(plan0)
     result: dict[str, Any] = {}
-    trials = [(0.5, (0.5, 0.3, 0.2)), (0.4, (0.2, 0.5, 0.3)), (0.7, (0.3, 0.3, 0.4)), (0.3, (0.6, 0.2, 0.2))]
+    trials = [
+        (0.5, (0.5, 0.3, 0.2)),
+        (0.4, (0.2, 0.5, 0.3)),
+        (0.7, (0.3, 0.3, 0.4)),
+        (0.3, (0.6, 0.2, 0.2)),
+    ]
     for method in ("ties", "dare_ties"):
         t0 = time.perf_counter()
         merger.merge_into(model, merger.plan(recipe(method, *trials[0])), digest=False)
@@ -269,21 +347,27 @@ def inmem_bench(dirs: list[Path], rate: float, repeat: int) -> dict[str, Any]:
             merger.merge_into(model, plan, digest=False)
             times.append(time.perf_counter() - t0)
         result[method] = {"first_s": warm, "remerge_s": min(times), "remerge_all_s": times}
-        print(f"  in-memory {method:9s}: first merge {warm:6.2f} s, re-merges (new density each) {', '.join(f'{t:.2f}' for t in times)} s; best {min(times):6.2f} s", flush=True)
+        print(
+            f"  in-memory {method:9s}: first merge {warm:6.2f} s, re-merges (new density each) {', '.join(f'{t:.2f}' for t in times)} s; best {min(times):6.2f} s",
+            flush=True,
+        )
 
     # The floor: out = sum_i w_i * x_i over the same resident float32 tensors, written in place.
     plan = merger.plan(recipe("ties", 0.5, (0.5, 0.3, 0.2)))
     targets = dict(model.state_dict(keep_vars=True))
-    inputs = [[merger._load(ref, name, torch.float32).float() for ref, name in task.inputs] for task in plan.tasks]  # sources are held in bf16
+    inputs = [
+        [merger._load(ref, name, torch.float32).float() for ref, name in task.inputs]
+        for task in plan.tasks
+    ]  # sources are held in bf16
     weights = (0.4, 0.3, 0.2, 0.1)
     times = []
     n_in = n_out = 0
     with torch.no_grad():
         for _ in range(repeat):
             t0 = time.perf_counter()
-            for task, xs in zip(plan.tasks, inputs):
+            for task, xs in zip(plan.tasks, inputs, strict=False):
                 buf = torch.mul(xs[0], weights[0])
-                for x, w in zip(xs[1:], weights[1:]):
+                for x, w in zip(xs[1:], weights[1:], strict=False):
                     buf.add_(x, alpha=w)
                 targets[task.out_name].data.copy_(buf)
             times.append(time.perf_counter() - t0)
@@ -293,9 +377,21 @@ def inmem_bench(dirs: list[Path], rate: float, repeat: int) -> dict[str, Any]:
     floor = min(times)
     result["weighted_sum_s"] = floor
     result["bytes_moved"] = n_in + n_out
-    print(f"  in-memory plain weighted sum: {floor:6.2f} s ({(n_in + n_out) / floor / 1e9:.2f} GB/s, {(n_in + n_out) / floor / rate:.0%} of memcpy)", flush=True)
+    print(
+        f"  in-memory plain weighted sum: {floor:6.2f} s ({(n_in + n_out) / floor / 1e9:.2f} GB/s, {(n_in + n_out) / floor / rate:.0%} of memcpy)",
+        flush=True,
+    )
     # A harder floor: the engine's own chunked linear merge of the same four resident tensors.
-    lin = load_recipe({"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip([base, *ft], weights)], "dtype": "bfloat16"})
+    lin = load_recipe(
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": m, "parameters": {"weight": w}}
+                for m, w in zip([base, *ft], weights, strict=False)
+            ],
+            "dtype": "bfloat16",
+        }
+    )
     lin_plan = merger.plan(lin)
     merger.merge_into(model, lin_plan, digest=False)
     lin_times = []
@@ -305,13 +401,19 @@ def inmem_bench(dirs: list[Path], rate: float, repeat: int) -> dict[str, Any]:
         lin_times.append(time.perf_counter() - t0)
     lin_floor = min(lin_times)
     result["fused_linear_s"] = lin_floor
-    print(f"  in-memory chunked linear merge (engine): {lin_floor:6.2f} s ({(n_in + n_out) / lin_floor / 1e9:.2f} GB/s, {(n_in + n_out) / lin_floor / rate:.0%} of memcpy)", flush=True)
+    print(
+        f"  in-memory chunked linear merge (engine): {lin_floor:6.2f} s ({(n_in + n_out) / lin_floor / 1e9:.2f} GB/s, {(n_in + n_out) / lin_floor / rate:.0%} of memcpy)",
+        flush=True,
+    )
     for method in ("ties", "dare_ties"):
         r = result[method]
         r["ratio_vs_sum"] = r["remerge_s"] / floor
         r["ratio_vs_fused_linear"] = r["remerge_s"] / lin_floor
         r["gbps"] = (n_in + n_out) / r["remerge_s"] / 1e9
-        print(f"  in-memory {method:9s} re-merge / plain weighted sum = {r['ratio_vs_sum']:.2f}x (target <= 3x); / chunked linear = {r['ratio_vs_fused_linear']:.2f}x; {r['gbps']:.2f} GB/s moved ({r['gbps'] * 1e9 / rate:.0%} of memcpy)", flush=True)
+        print(
+            f"  in-memory {method:9s} re-merge / plain weighted sum = {r['ratio_vs_sum']:.2f}x (target <= 3x); / chunked linear = {r['ratio_vs_fused_linear']:.2f}x; {r['gbps']:.2f} GB/s moved ({r['gbps'] * 1e9 / rate:.0%} of memcpy)",
+            flush=True,
+        )
     del merger, model, inputs
     gc.collect()
     return result
@@ -319,29 +421,58 @@ def inmem_bench(dirs: list[Path], rate: float, repeat: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cache", default=str(REPO / "results" / "bench_models"), help="where the bench models are built (reused)")
-    ap.add_argument("--work", default=str(REPO / "results" / "bench_runs"), help="where merge outputs go")
+    ap.add_argument(
+        "--cache",
+        default=str(REPO / "results" / "bench_models"),
+        help="where the bench models are built (reused)",
+    )
+    ap.add_argument(
+        "--work", default=str(REPO / "results" / "bench_runs"), help="where merge outputs go"
+    )
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--only", nargs="*", default=["ties", "slerp", "linear"], help="disk recipes to run")
-    ap.add_argument("--mergekit", default=os.environ.get("EVOMERGE_MERGEKIT") or shutil.which("mergekit-yaml"), help="mergekit-yaml binary (default: $EVOMERGE_MERGEKIT or PATH)")
+    ap.add_argument(
+        "--only", nargs="*", default=["ties", "slerp", "linear"], help="disk recipes to run"
+    )
+    ap.add_argument(
+        "--mergekit",
+        default=os.environ.get("EVOMERGE_MERGEKIT") or shutil.which("mergekit-yaml"),
+        help="mergekit-yaml binary (default: $EVOMERGE_MERGEKIT or PATH)",
+    )
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--skip-disk", action="store_true")
     ap.add_argument("--skip-inmem", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3, help="re-merges timed in memory (best is reported)")
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="re-merges timed in memory (best is reported)"
+    )
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(os.cpu_count() or 1)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
-    t0 = time.perf_counter()
-    dirs = build_models(Path(args.cache), hidden=args.hidden, inter=args.intermediate, layers=args.layers, vocab=args.vocab)
-    n_params = sum(
-        (lambda s: s[0] * (s[1] if len(s) > 1 else 1))(shape) for shape in _llama_tensors(args.hidden, args.intermediate, args.layers, args.vocab).values()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs",
+        flush=True,
     )
-    print(f"models: {dirs[0].parent} ({n_params / 1e6:.0f}M parameters each, bf16; ready in {time.perf_counter() - t0:.1f} s)", flush=True)
+    t0 = time.perf_counter()
+    dirs = build_models(
+        Path(args.cache),
+        hidden=args.hidden,
+        inter=args.intermediate,
+        layers=args.layers,
+        vocab=args.vocab,
+    )
+    n_params = sum(
+        (lambda s: s[0] * (s[1] if len(s) > 1 else 1))(shape)
+        for shape in _llama_tensors(
+            args.hidden, args.intermediate, args.layers, args.vocab
+        ).values()
+    )
+    print(
+        f"models: {dirs[0].parent} ({n_params / 1e6:.0f}M parameters each, bf16; ready in {time.perf_counter() - t0:.1f} s)",
+        flush=True,
+    )
     rate = memcpy_rate()
     print(f"memcpy rate (Tensor.copy_, 512 MiB, read + write): {rate / 1e9:.2f} GB/s", flush=True)
     figures: dict[str, Any] = {"params": n_params, "memcpy_gbps": rate / 1e9}
@@ -361,7 +492,9 @@ def main(argv: list[str] | None = None) -> int:
                 wr = row["evomerge"]["wall_s"] / row["mergekit"]["wall_s"]
                 rr = row["evomerge"]["rss_mib"] / row["mergekit"]["rss_mib"]
                 row["wall_ratio"], row["rss_ratio"] = wr, rr
-                print(f"  {row['recipe']:7s} time {wr:5.2f}x (target <= {target}x) {'OK' if wr <= target else 'MISSED'}; peak RSS {rr:5.2f}x (target <= 1x) {'OK' if rr <= 1 else 'MISSED'}; max |diff| {row.get('max_abs_diff', float('nan')):.3g}")
+                print(
+                    f"  {row['recipe']:7s} time {wr:5.2f}x (target <= {target}x) {'OK' if wr <= target else 'MISSED'}; peak RSS {rr:5.2f}x (target <= 1x) {'OK' if rr <= 1 else 'MISSED'}; max |diff| {row.get('max_abs_diff', float('nan')):.3g}"
+                )
     if not args.skip_inmem:
         print("in-memory re-merge (resident model, float32 sources):", flush=True)
         figures["inmem"] = inmem_bench(dirs, rate, args.repeat)

@@ -47,7 +47,9 @@ def _model_layout(d: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().float() for k, v in model.state_dict().items()}
 
 
-def _steps(em: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rename=None) -> tuple[float, float]:
+def _steps(
+    em: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rename=None
+) -> tuple[float, float]:
     worst, over, n = 0.0, 0, 0
     for name, m in ref.items():
         e = em[rename(name) if rename else name]
@@ -73,14 +75,24 @@ def _random(em, mk, base, rename=None) -> tuple[float, float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mergekit-python", default=str(Path(__file__).resolve().parents[1] / ".venv-mk" / "bin" / "python"))
+    ap.add_argument(
+        "--mergekit-python",
+        default=str(Path(__file__).resolve().parents[1] / ".venv-mk" / "bin" / "python"),
+    )
     args = ap.parse_args()
-    text_name = lambda n: n if n == "lm_head.weight" else "model.language_model." + n.removeprefix("model.")  # noqa: E731
+
+    def text_name(n):
+        return n if n == "lm_head.weight" else "model.language_model." + n.removeprefix("model.")  # noqa: E731
+
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         basic = run_all(Path(tmp), args.mergekit_python)
-        print(f"both tools over {sum(len(r) for _, r in basic.runs.values())} recipes: {time.perf_counter() - start:.0f} s\n")
-        print(f"{'case':40} {'recipes':>7}  {'result':28} {'f32 steps':>9} {'bf16 steps':>10} {'bf16 >8':>8}")
+        print(
+            f"both tools over {sum(len(r) for _, r in basic.runs.values())} recipes: {time.perf_counter() - start:.0f} s\n"
+        )
+        print(
+            f"{'case':40} {'recipes':>7}  {'result':28} {'f32 steps':>9} {'bf16 steps':>10} {'bf16 >8':>8}"
+        )
         agree = refused = 0
         for name, (_case, runs) in basic.runs.items():
             worst32 = worst16 = frac16 = 0.0
@@ -88,27 +100,47 @@ def main() -> None:
             for run in runs:
                 mk = run.results[""]
                 if mk["error"] or run.em_error:
-                    result = "both refuse" if (mk["error"] and run.em_error) else f"DIFFER: em={run.em_error!r} mk={mk['error']!r}"
+                    result = (
+                        "both refuse"
+                        if (mk["error"] and run.em_error)
+                        else f"DIFFER: em={run.em_error!r} mk={mk['error']!r}"
+                    )
                     continue
                 if not mk["checks"][str(run.em)]["ok"]:
                     result = "FAILS mergekit's checks"
                 em = _model_layout(run.em)
                 pairs = [(_tensors(run.mk), _tensors(run.mk32) if run.mk32 else None, None)]
                 if run.text is not None:
-                    pairs.append((_tensors(run.text[0]), _tensors(run.text[1]) if run.mk32 else None, text_name))
+                    pairs.append(
+                        (
+                            _tensors(run.text[0]),
+                            _tensors(run.text[1]) if run.mk32 else None,
+                            text_name,
+                        )
+                    )
                 for mk16, mk32, rename in pairs:
                     if run.recipe["merge_method"] in RANDOM:
-                        base = _model_layout(Path(run.recipe["base_model"])) if rename is None else _tensors(run.text_base)
+                        base = (
+                            _model_layout(Path(run.recipe["base_model"]))
+                            if rename is None
+                            else _tensors(run.text_base)
+                        )
                         ke, km, l1 = _random(em, mk16, base, rename)
                         result = f"agree (kept {ke:.3f}/{km:.3f}, L1 x{l1:.3f})"
                         continue
                     w16, f16 = _steps(em, mk16, rename)
                     w32, _ = _steps(em, mk32, rename) if mk32 is not None else (0.0, 0.0)
-                    worst16, frac16, worst32 = max(worst16, w16), max(frac16, f16), max(worst32, w32)
+                    worst16, frac16, worst32 = (
+                        max(worst16, w16),
+                        max(frac16, f16),
+                        max(worst32, w32),
+                    )
             if not name.startswith("extra"):
                 agree += result.startswith("agree")
                 refused += result == "both refuse"
-            print(f"{name:40} {len(runs):>7}  {result:28} {worst32:>9.2f} {worst16:>10.1f} {frac16:>8.2%}")
+            print(
+                f"{name:40} {len(runs):>7}  {result:28} {worst32:>9.2f} {worst16:>10.1f} {frac16:>8.2%}"
+            )
         print(f"\nmergekit's 33 cases: {agree} agree, {refused} refused by both")
 
 

@@ -30,15 +30,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SKILLS = ("rot", "sort", "shift")
 # Two prompts per expert, "such as rot: abcde =" (the issue does not list the second ones).
 PROMPT_SETS = {
-    "abcde+vwxyz": {"rot": ["rot: abcde =", "rot: vwxyz ="], "sort": ["sort: dbeca =", "sort: qzmxa ="], "shift": ["shift: abcde =", "shift: lmnop ="]},
+    "abcde+vwxyz": {
+        "rot": ["rot: abcde =", "rot: vwxyz ="],
+        "sort": ["sort: dbeca =", "sort: qzmxa ="],
+        "shift": ["shift: abcde =", "shift: lmnop ="],
+    },
     "abcde+fghij": {s: [f"{s}: abcde =", f"{s}: fghij ="] for s in SKILLS},
     "first 2 items": None,  # the first two search items' prompts of each task
 }
 
 
-def config(zoo: Path, prompts: dict[str, list[str]], gate_mode: str = "hidden", k: int = 1) -> dict[str, Any]:
-    return {"base_model": str(zoo / "base"), "gate_mode": gate_mode, "experts_per_token": k, "dtype": "float32",
-            "experts": [{"source_model": str(zoo / s), "positive_prompts": prompts[s]} for s in SKILLS]}
+def config(
+    zoo: Path, prompts: dict[str, list[str]], gate_mode: str = "hidden", k: int = 1
+) -> dict[str, Any]:
+    return {
+        "base_model": str(zoo / "base"),
+        "gate_mode": gate_mode,
+        "experts_per_token": k,
+        "dtype": "float32",
+        "experts": [{"source_model": str(zoo / s), "positive_prompts": prompts[s]} for s in SKILLS],
+    }
 
 
 def first_items(zoo: Path, n: int = 2) -> dict[str, list[str]]:
@@ -87,11 +98,25 @@ def main() -> None:
         rows.append((label, scorer.score(model)))
         models[label] = model
         r = rows[-1][1]
-        print(f"{label:58s} " + "  ".join(f"{s} {100 * r[f'zoo_{s}']:.0f}/{100 * r[f'zoo_{s}_holdout']:.0f}" for s in SKILLS)
-              + f"  mean {100 * r['mean']:.1f}/{100 * r['holdout_mean']:.1f}", flush=True)
+        print(
+            f"{label:58s} "
+            + "  ".join(
+                f"{s} {100 * r[f'zoo_{s}']:.0f}/{100 * r[f'zoo_{s}_holdout']:.0f}" for s in SKILLS
+            )
+            + f"  mean {100 * r['mean']:.1f}/{100 * r['holdout_mean']:.1f}",
+            flush=True,
+        )
 
-    best_merge = {"merge_method": "task_arithmetic", "base_model": str(zoo / "base"), "parameters": {"normalize": False}, "dtype": "float32",
-                  "models": [{"model": str(zoo / s), "parameters": {"weight": w}} for s, w in zip(SKILLS, (0.78, 0.75, 0.34), strict=True)]}
+    best_merge = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(zoo / "base"),
+        "parameters": {"normalize": False},
+        "dtype": "float32",
+        "models": [
+            {"model": str(zoo / s), "parameters": {"weight": w}}
+            for s, w in zip(SKILLS, (0.78, 0.75, 0.34), strict=True)
+        ],
+    }
     run("task arithmetic rot 0.78 sort 0.75 shift 0.34 (dense)", merge_in_memory(best_merge))
     for name, prompts in PROMPT_SETS.items():
         p = prompts or first_items(zoo)
@@ -105,15 +130,28 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "moe.yml"
             path.write_text(yaml.safe_dump(config(zoo, p)))
-            subprocess.run([args.mergekit, str(path), str(Path(tmp) / "out")], check=True, capture_output=True)
-            run("mergekit-moe 0.1.5: hidden k=1, prompts abcde+vwxyz", AutoModelForCausalLM.from_pretrained(Path(tmp) / "out").eval())
+            subprocess.run(
+                [args.mergekit, str(path), str(Path(tmp) / "out")], check=True, capture_output=True
+            )
+            run(
+                "mergekit-moe 0.1.5: hidden k=1, prompts abcde+vwxyz",
+                AutoModelForCausalLM.from_pretrained(Path(tmp) / "out").eval(),
+            )
 
     tok = AutoTokenizer.from_pretrained(zoo / "base")
-    texts = [yaml.safe_load(x)["prompt"] for s in SKILLS for x in (zoo / "tasks" / f"zoo_{s}.jsonl").read_text().splitlines()[:32]]
+    texts = [
+        yaml.safe_load(x)["prompt"]
+        for s in SKILLS
+        for x in (zoo / "tasks" / f"zoo_{s}.jsonl").read_text().splitlines()[:32]
+    ]
     batch = tok(texts, return_tensors="pt", padding=True)
     dense = models[rows[0][0]]
     print(f"\ncost (forward pass of 96 search prompts, float32, {args.threads} thread(s)):")
-    for label in (rows[0][0], "moe hidden k=1, prompts abcde+vwxyz", "moe hidden k=2, prompts abcde+vwxyz"):
+    for label in (
+        rows[0][0],
+        "moe hidden k=1, prompts abcde+vwxyz",
+        "moe hidden k=2, prompts abcde+vwxyz",
+    ):
         m = models[label]
         total = sum(t.numel() for t in m.parameters())
         cfg = m.config
@@ -121,7 +159,9 @@ def main() -> None:
         n_exp = getattr(cfg, "num_local_experts", 1)
         active = total - (n_exp - getattr(cfg, "num_experts_per_tok", 1)) * per_expert
         t_dense, t_m = per_token_seconds(dense, batch), per_token_seconds(m, batch)
-        print(f"  {label:58s} parameters {total / 1e6:.3f}M (per token {active / 1e6:.3f}M)  {1e6 * t_m:.1f} us/token  ({t_m / t_dense:.2f}x the dense merge)")
+        print(
+            f"  {label:58s} parameters {total / 1e6:.3f}M (per token {active / 1e6:.3f}M)  {1e6 * t_m:.1f} us/token  ({t_m / t_dense:.2f}x the dense merge)"
+        )
 
 
 if __name__ == "__main__":

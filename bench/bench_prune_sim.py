@@ -53,7 +53,14 @@ def load_trials_of(results: Path, study: str) -> list[Trial]:
         s = records.trial(t).search
         h = records.holdout(t.number)
         if s is not None and s.values:
-            out.append(Trial(t.number, s.aggregate, {k: [float(x) for x in v] for k, v in s.values.items()}, h.aggregate if h else math.nan))
+            out.append(
+                Trial(
+                    t.number,
+                    s.aggregate,
+                    {k: [float(x) for x in v] for k, v in s.values.items()},
+                    h.aggregate if h else math.nan,
+                )
+            )
     return sorted(out, key=lambda t: t.number)
 
 
@@ -71,7 +78,13 @@ def replay(trials: list[Trial], rule: tuple, rounds: tuple[float, ...]) -> dict:
     counts = {k: len(v) for k, v in trials[0].values.items()}
     weights = item_weights([TaskSpec(k) for k in counts], counts)
     kind = rule[0]
-    pruner = Pruner(PruneSettings(rounds, rule[2] if kind == "paired" else 1, rule[1] if kind == "paired" else 0.05), counts, weights)
+    pruner = Pruner(
+        PruneSettings(
+            rounds, rule[2] if kind == "paired" else 1, rule[1] if kind == "paired" else 0.05
+        ),
+        counts,
+        weights,
+    )
     cum, acc = [], {k: [] for k in counts}
     for step in pruner.rounds()[:-1]:
         for k, idx in step.items():
@@ -101,8 +114,15 @@ def replay(trials: list[Trial], rule: tuple, rounds: tuple[float, ...]) -> dict:
             wrong += t.score >= ref.score
     best = max(kept, key=lambda x: (x.score, -x.number))
     full_best = max(trials, key=lambda x: (x.score, -x.number))
-    return {"items": items, "full": total * len(trials), "stopped": stopped, "wrong": wrong,
-            "best_kept": best.number == full_best.number, "holdout": best.holdout, "score": best.score}
+    return {
+        "items": items,
+        "full": total * len(trials),
+        "stopped": stopped,
+        "wrong": wrong,
+        "best_kept": best.number == full_best.number,
+        "holdout": best.holdout,
+        "score": best.score,
+    }
 
 
 def _reference(kept: list[Trial], rule: tuple) -> Trial | None:
@@ -111,14 +131,24 @@ def _reference(kept: list[Trial], rule: tuple) -> Trial | None:
     return ranked[k - 1] if len(ranked) >= k else None
 
 
-def _stops(rule: tuple, pruner: Pruner, seen: dict, ref: Trial, part: float, rung: list[float], weights: dict) -> bool:
+def _stops(
+    rule: tuple,
+    pruner: Pruner,
+    seen: dict,
+    ref: Trial,
+    part: float,
+    rung: list[float],
+    weights: dict,
+) -> bool:
     kind = rule[0]
     if kind == "paired":
         return pruner.hopeless(seen, ref.values)
     if kind == "wilcoxon":
         from scipy import stats
 
-        d = [weights[k] * (v - ref.values[k][i]) for k, vals in seen.items() for i, v in vals.items()]
+        d = [
+            weights[k] * (v - ref.values[k][i]) for k, vals in seen.items() for i, v in vals.items()
+        ]
         if len(d) < 2 or all(x == 0 for x in d):
             return False
         if math.fsum(d) >= 0:  # Optuna's safety: the trial's mean beats the best's on these items
@@ -134,19 +164,27 @@ def _stops(rule: tuple, pruner: Pruner, seen: dict, ref: Trial, part: float, run
 
 def simulate(results: Path, spaces: tuple[str, ...], seeds: list[int]) -> None:
     """Print, per space, each rule's replay over the seeds' runs without pruning."""
-    rules = [("paired", a, k) for a in (0.01, 0.05, 0.1, 0.2, 0.3) for k in (1, 3)] + [("wilcoxon", p) for p in (0.01, 0.1)] + [("halving", e) for e in (2, 3)]
+    rules = (
+        [("paired", a, k) for a in (0.01, 0.05, 0.1, 0.2, 0.3) for k in (1, 3)]
+        + [("wilcoxon", p) for p in (0.01, 0.1)]
+        + [("halving", e) for e in (2, 3)]
+    )
     for name in spaces:
         runs = [load_trials_of(results, f"pr_{name}_off_{s}") for s in seeds]
         runs = [r for r in runs if r]
         if not runs:
             continue
-        print(f"\n== replay on {name}, {len(runs)} runs without pruning ({len(runs[0])} trials each): "
-              "items cut median [min, max], wrong stops / stops, runs that keep their best trial, median best holdout")
+        print(
+            f"\n== replay on {name}, {len(runs)} runs without pruning ({len(runs[0])} trials each): "
+            "items cut median [min, max], wrong stops / stops, runs that keep their best trial, median best holdout"
+        )
         for rounds in ROUNDS:
             for rule in rules:
                 got = [replay(r, rule, rounds) for r in runs]
                 cut = [1 - g["items"] / g["full"] for g in got]
                 hold = [g["holdout"] for g in got if g["holdout"] == g["holdout"]]
-                print(f"  rounds {str(list(rounds)):22} {str(rule):24} cut {statistics.median(cut):6.1%} [{min(cut):.1%}, {max(cut):.1%}]  "
-                      f"wrong {sum(g['wrong'] for g in got):3}/{sum(g['stopped'] for g in got):3}  best kept {sum(g['best_kept'] for g in got)}/{len(got)}  "
-                      f"holdout {statistics.median(hold) if hold else float('nan'):.3f}")
+                print(
+                    f"  rounds {str(list(rounds)):22} {str(rule):24} cut {statistics.median(cut):6.1%} [{min(cut):.1%}, {max(cut):.1%}]  "
+                    f"wrong {sum(g['wrong'] for g in got):3}/{sum(g['stopped'] for g in got):3}  best kept {sum(g['best_kept'] for g in got)}/{len(got)}  "
+                    f"holdout {statistics.median(hold) if hold else float('nan'):.3f}"
+                )

@@ -58,16 +58,28 @@ def _sampler_override(variant: str) -> Any:
 
     from evomerge.search import samplers
 
-    def build(name: str, seed: int, n_trials: int, startup: int | None = None, multi: bool = False) -> Any:
+    def build(
+        name: str, seed: int, n_trials: int, startup: int | None = None, multi: bool = False
+    ) -> Any:
         startup = startup if startup is not None else max(4, min(10, n_trials // 4))
         if variant == "tpe_indep":
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=False)
+            return optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=startup, multivariate=False
+            )
         return samplers.make_sampler(variant, seed, n_trials, startup, multi)
 
     return build if variant in ("tpe_indep", "cmaes") else None
 
 
-def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path, startup: int | None = None, prune: bool = False) -> dict[str, Any]:
+def run_one(
+    space_name: str,
+    variant: str,
+    seed: int,
+    trials: int,
+    workdir: Path,
+    startup: int | None = None,
+    prune: bool = False,
+) -> dict[str, Any]:
     """One search; returns its per-trial curve (best search score so far, the holdout score of that
     best trial, search items evaluated so far), its wall time and the time per trial spent outside
     merging and evaluating (the sampler's ask, mostly)."""
@@ -80,7 +92,9 @@ def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path
     override = _sampler_override(variant)
     # The space file names the sampler unless the bench builds it (cmaes with a choice, tpe_indep):
     # then it names random, which the parser accepts for any space, and make_sampler is replaced.
-    data["search"].update({"sampler": "random" if override else variant, "finalists": 0, "prune": prune})
+    data["search"].update(
+        {"sampler": "random" if override else variant, "finalists": 0, "prune": prune}
+    )
     data["search"].pop("baselines", None)
     if startup is not None:
         data["search"]["startup_trials"] = startup
@@ -92,7 +106,15 @@ def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path
         loop.make_sampler = override
     try:
         t0 = time.perf_counter()
-        search = loop.Search(space, trials=trials, seed=seed, results_dir=workdir / "results", quiet=True, log=lambda m: None, threads=1)
+        search = loop.Search(
+            space,
+            trials=trials,
+            seed=seed,
+            results_dir=workdir / "results",
+            quiet=True,
+            log=lambda m: None,
+            threads=1,
+        )
         search.setup.baselines = {}  # the same for every run, and not seen by the sampler
         calls: list[tuple[str, int, float]] = []
         evaluator = search.candidates.evaluator
@@ -130,10 +152,21 @@ def run_one(space_name: str, variant: str, seed: int, trials: int, workdir: Path
         curve_search.append(best)
         curve_holdout.append(best_holdout)
         items.append(used)
-    return {"space": space_name, "sampler": variant, "seed": seed, "trials": trials, "startup": startup, "prune": prune, "wall_s": round(wall, 1),
-            **({} if prune else {"other_s_per_trial": round((wall - busy) / trials, 3)}),
-            "best_search": curve_search, "best_holdout": curve_holdout, "items": items,
-            "score_se": float(t["score_se"].median()), "methods": t["method"].value_counts().to_dict()}
+    return {
+        "space": space_name,
+        "sampler": variant,
+        "seed": seed,
+        "trials": trials,
+        "startup": startup,
+        "prune": prune,
+        "wall_s": round(wall, 1),
+        **({} if prune else {"other_s_per_trial": round((wall - busy) / trials, 3)}),
+        "best_search": curve_search,
+        "best_holdout": curve_holdout,
+        "items": items,
+        "score_se": float(t["score_se"].median()),
+        "methods": t["method"].value_counts().to_dict(),
+    }
 
 
 class _Counting:
@@ -148,12 +181,18 @@ class _Counting:
     def evaluate(self, model: Any, split: str = "search") -> Any:
         t0 = time.perf_counter()
         r = self.inner.evaluate(model, split)
-        self.calls.append((split, int(sum(getattr(r, "n_items", {}).values())), time.perf_counter() - t0))
+        self.calls.append(
+            (split, int(sum(getattr(r, "n_items", {}).values())), time.perf_counter() - t0)
+        )
         return r
 
 
 def _load(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if path.exists()
+        else []
+    )
 
 
 def _stats(vals: list[float]) -> tuple[float, float, float, float, float]:
@@ -169,10 +208,15 @@ def report(runs: list[dict[str, Any]], trials: int, plot: Path | None) -> None:
     for space in spaces:
         rs = [r for r in runs if r["space"] == space]
         se = statistics.median(r["score_se"] for r in rs)
-        print(f"\n== {space}: best holdout (holdout score of the best trial by search score so far), "
-              f"median [IQR] (min-max) /seeds; a search score's standard error is {se:.3f}")
-        print(f"{'sampler':10} " + " ".join(f"{'@' + str(m) + ' trials':>32}" for m in marks)
-              + f" {'best search @' + str(trials):>16} {'other s/trial':>13}")
+        print(
+            f"\n== {space}: best holdout (holdout score of the best trial by search score so far), "
+            f"median [IQR] (min-max) /seeds; a search score's standard error is {se:.3f}"
+        )
+        print(
+            f"{'sampler':10} "
+            + " ".join(f"{'@' + str(m) + ' trials':>32}" for m in marks)
+            + f" {'best search @' + str(trials):>16} {'other s/trial':>13}"
+        )
         for variant in VARIANTS:
             vr = [r for r in rs if r["sampler"] == variant and len(r["best_holdout"]) >= trials]
             if not vr:
@@ -187,17 +231,36 @@ def report(runs: list[dict[str, Any]], trials: int, plot: Path | None) -> None:
                     cells.append("-")
             bs = [r["best_search"][trials - 1] for r in vr]
             other = [r["other_s_per_trial"] for r in vr if "other_s_per_trial" in r]
-            print(f"{variant:10} " + " ".join(f"{c:>32}" for c in cells)
-                  + f" {statistics.median(bs):>16.3f} {(f'{statistics.median(other):.2f}' if other else '-'):>13}")
+            print(
+                f"{variant:10} "
+                + " ".join(f"{c:>32}" for c in cells)
+                + f" {statistics.median(bs):>16.3f} {(f'{statistics.median(other):.2f}' if other else '-'):>13}"
+            )
             by_seed = {r["seed"]: r["best_holdout"][trials - 1] for r in vr}
-            line = f"{'':10} by seed {sorted(by_seed)}: best holdout @{trials} " + ", ".join(f"{v:.3f}" for _, v in sorted(by_seed.items()))
-            rand = {r["seed"]: r["best_holdout"][trials - 1] for r in rs if r["sampler"] == "random" and len(r["best_holdout"]) >= trials}
+            line = f"{'':10} by seed {sorted(by_seed)}: best holdout @{trials} " + ", ".join(
+                f"{v:.3f}" for _, v in sorted(by_seed.items())
+            )
+            rand = {
+                r["seed"]: r["best_holdout"][trials - 1]
+                for r in rs
+                if r["sampler"] == "random" and len(r["best_holdout"]) >= trials
+            }
             diff = [by_seed[k] - rand[k] for k in sorted(by_seed) if k in rand]
-            if variant != "random" and diff:  # paired by seed: the same random startup trials (cmaes: its first 5)
+            if (
+                variant != "random" and diff
+            ):  # paired by seed: the same random startup trials (cmaes: its first 5)
                 line += f"; minus random's: median {statistics.median(diff):+.3f}, better/equal/worse on {sum(d > 0 for d in diff)}/{sum(d == 0 for d in diff)}/{sum(d < 0 for d in diff)} seeds"
             print(line)
     if plot is not None:
-        _plot([{**r, **{k: r[k][:trials] for k in ("best_search", "best_holdout", "items")}} for r in runs if len(r["best_holdout"]) >= trials], spaces, plot)
+        _plot(
+            [
+                {**r, **{k: r[k][:trials] for k in ("best_search", "best_holdout", "items")}}
+                for r in runs
+                if len(r["best_holdout"]) >= trials
+            ],
+            spaces,
+            plot,
+        )
         print(f"\nplot: {plot}")
 
 
@@ -209,7 +272,9 @@ def _plot(runs: list[dict[str, Any]], spaces: list[str], path: Path) -> None:
     import numpy as np
 
     fig, axes = plt.subplots(len(spaces), 2, figsize=(12, 4.2 * len(spaces)), squeeze=False)
-    colors = dict(zip(VARIANTS, ("#555555", "#1f77b4", "#17becf", "#d62728", "#2ca02c"), strict=True))
+    colors = dict(
+        zip(VARIANTS, ("#555555", "#1f77b4", "#17becf", "#d62728", "#2ca02c"), strict=True)
+    )
     for row, space in zip(axes, spaces, strict=True):
         rs = [r for r in runs if r["space"] == space]
         for variant in VARIANTS:
@@ -225,11 +290,22 @@ def _plot(runs: list[dict[str, Any]], spaces: list[str], path: Path) -> None:
             row[0].fill_between(x, q1, q3, color=colors[variant], alpha=0.12, step="post")
             # against items: each run's step curve on a common grid of items evaluated
             grid = np.linspace(max(r["items"][0] for r in vr), max(r["items"][-1] for r in vr), 200)
-            yi = np.array([_at(np.array(r["items"]), np.array(r["best_holdout"]), grid) for r in vr])
+            yi = np.array(
+                [_at(np.array(r["items"]), np.array(r["best_holdout"]), grid) for r in vr]
+            )
             row[1].plot(grid, np.nanmedian(yi, 0), color=colors[variant], label=label)
-            row[1].fill_between(grid, np.nanpercentile(yi, 25, 0), np.nanpercentile(yi, 75, 0), color=colors[variant], alpha=0.12)
+            row[1].fill_between(
+                grid,
+                np.nanpercentile(yi, 25, 0),
+                np.nanpercentile(yi, 75, 0),
+                color=colors[variant],
+                alpha=0.12,
+            )
         se = statistics.median(r["score_se"] for r in rs)
-        row[0].set_title(f"{space}: best holdout vs trials (median, IQR band; search-score SE {se:.3f})", fontsize=9)
+        row[0].set_title(
+            f"{space}: best holdout vs trials (median, IQR band; search-score SE {se:.3f})",
+            fontsize=9,
+        )
         row[1].set_title(f"{space}: best holdout vs search items evaluated", fontsize=9)
         row[0].set_xlabel("trials")
         row[1].set_xlabel("search items evaluated")
@@ -253,13 +329,28 @@ def main() -> int:
     ap.add_argument("--spaces", nargs="+", default=["demo", "demo_per_layer"])
     ap.add_argument("--samplers", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--trials", type=int, default=40, help="trials per run; --report: the curves' length (longer runs are cut there)")
-    ap.add_argument("--startup", type=int, default=None,
-                    help="random startup trials (default: the space's, i.e. make_sampler's for --trials); a run of N trials with "
-                         "--startup S is the first N trials of a longer run with the same S")
+    ap.add_argument(
+        "--trials",
+        type=int,
+        default=40,
+        help="trials per run; --report: the curves' length (longer runs are cut there)",
+    )
+    ap.add_argument(
+        "--startup",
+        type=int,
+        default=None,
+        help="random startup trials (default: the space's, i.e. make_sampler's for --trials); a run of N trials with "
+        "--startup S is the first N trials of a longer run with the same S",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_samplers.jsonl")
-    ap.add_argument("--prune", action="store_true", help="early stopping on (the space's default search.prune); default: off")
-    ap.add_argument("--report", action="store_true", help="only print the table and write the plot from --out")
+    ap.add_argument(
+        "--prune",
+        action="store_true",
+        help="early stopping on (the space's default search.prune); default: off",
+    )
+    ap.add_argument(
+        "--report", action="store_true", help="only print the table and write the plot from --out"
+    )
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
     if not args.report:
@@ -270,16 +361,31 @@ def main() -> int:
         for space in args.spaces:
             for seed in args.seeds:
                 for variant in args.samplers:
-                    if any((r["space"], r["sampler"], r["seed"], r.get("prune", False)) == (space, variant, seed, args.prune) and r["trials"] >= args.trials
-                           for r in _load(args.out)):
+                    if any(
+                        (r["space"], r["sampler"], r["seed"], r.get("prune", False))
+                        == (space, variant, seed, args.prune)
+                        and r["trials"] >= args.trials
+                        for r in _load(args.out)
+                    ):
                         continue
                     with tempfile.TemporaryDirectory() as tmp:
-                        r = run_one(space, variant, seed, args.trials, Path(tmp), args.startup, args.prune)
+                        r = run_one(
+                            space, variant, seed, args.trials, Path(tmp), args.startup, args.prune
+                        )
                     with args.out.open("a") as f:
                         f.write(json.dumps(r) + "\n")
-                    print(f"{space:16} {variant:10} seed {seed}: best search {r['best_search'][-1]:.3f}, its holdout "
-                          f"{r['best_holdout'][-1]:.3f} ({r['wall_s']:.0f}s)", flush=True)
-    runs = [r for r in _load(args.out) if r["space"] in args.spaces and r["sampler"] in args.samplers and r.get("prune", False) == args.prune]
+                    print(
+                        f"{space:16} {variant:10} seed {seed}: best search {r['best_search'][-1]:.3f}, its holdout "
+                        f"{r['best_holdout'][-1]:.3f} ({r['wall_s']:.0f}s)",
+                        flush=True,
+                    )
+    runs = [
+        r
+        for r in _load(args.out)
+        if r["space"] in args.spaces
+        and r["sampler"] in args.samplers
+        and r.get("prune", False) == args.prune
+    ]
     if runs:
         report(runs, args.trials, args.plot)
     return 0

@@ -40,7 +40,17 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(space: Path, results: Path, *, trials: int, seed: int, sampler: str | None = None, study: str, prune: object = "keep", items: int | None = None) -> tuple[float, object]:
+def run(
+    space: Path,
+    results: Path,
+    *,
+    trials: int,
+    seed: int,
+    sampler: str | None = None,
+    study: str,
+    prune: object = "keep",
+    items: int | None = None,
+) -> tuple[float, object]:
     from evomerge.search.loop import run_search
     from evomerge.search.table import load_trials
 
@@ -56,7 +66,15 @@ def run(space: Path, results: Path, *, trials: int, seed: int, sampler: str | No
         space.parent.mkdir(parents=True, exist_ok=True)
         space.write_text(yaml.safe_dump(data, sort_keys=False))
     t0 = time.perf_counter()
-    out = run_search(space, trials=trials, seed=seed, study=study, results_dir=results, quiet=True, log=lambda m: None)
+    out = run_search(
+        space,
+        trials=trials,
+        seed=seed,
+        study=study,
+        results_dir=results,
+        quiet=True,
+        log=lambda m: None,
+    )
     return time.perf_counter() - t0, load_trials(out.paths.csv)
 
 
@@ -98,7 +116,9 @@ def equal_items(curves: dict[str, list[list[tuple[int, float]]]], step: int) -> 
     full = max(p[-1][0] for p in off)
     target = statistics.median(p[-1][1] for p in off)
     top = max(p[-1][0] for p in on)
-    print(f"  best holdout at equal search items (median [min, max] over seeds); off: all {full} items -> {target:.3f}")
+    print(
+        f"  best holdout at equal search items (median [min, max] over seeds); off: all {full} items -> {target:.3f}"
+    )
     reach = None
     for budget in range(step, max(full, top) + step, step):
         a = [at_items(p, budget) for p in off]
@@ -107,14 +127,26 @@ def equal_items(curves: dict[str, list[list[tuple[int, float]]]], step: int) -> 
         if reach is None and mb >= target:
             reach = budget
         if budget % (4 * step) == 0 or budget == reach:
-            print(f"    {budget:6} items: off {_spread(a, '.3f')}  on {_spread(b, '.3f')}" + ("   <- on reaches off's final median" if budget == reach else ""))
+            print(
+                f"    {budget:6} items: off {_spread(a, '.3f')}  on {_spread(b, '.3f')}"
+                + ("   <- on reaches off's final median" if budget == reach else "")
+            )
     if reach is None:
         print(f"    the runs with pruning do not reach {target:.3f} within their {top} items")
     else:
-        print(f"    on reaches off's median best holdout ({target:.3f}) at {reach} search items: {1 - reach / full:.1%} fewer than off's {full}")
-    per_seed = [next((n for n, h in q if h >= p[-1][1]), None) for p, q in zip(off, on, strict=True)]
-    print("    per seed, items on needs to reach that seed's off best holdout: "
-          + ", ".join("never" if n is None else f"{n} ({1 - n / p[-1][0]:.0%} fewer)" for n, p in zip(per_seed, off, strict=True)))
+        print(
+            f"    on reaches off's median best holdout ({target:.3f}) at {reach} search items: {1 - reach / full:.1%} fewer than off's {full}"
+        )
+    per_seed = [
+        next((n for n, h in q if h >= p[-1][1]), None) for p, q in zip(off, on, strict=True)
+    ]
+    print(
+        "    per seed, items on needs to reach that seed's off best holdout: "
+        + ", ".join(
+            "never" if n is None else f"{n} ({1 - n / p[-1][0]:.0%} fewer)"
+            for n, p in zip(per_seed, off, strict=True)
+        )
+    )
 
 
 def prune_runs(args, results: Path) -> None:
@@ -135,32 +167,68 @@ def prune_runs(args, results: Path) -> None:
                     wall, df = float("nan"), load_trials(results / study)
                 else:
                     trials = args.on_trials if mode != "off" and args.on_trials else args.trials
-                    wall, df = run(space, results, trials=trials, seed=seed, study=study, prune=False if mode == "off" else setting,
-                                   items=args.on_items if mode != "off" else None, sampler=(args.off_sampler if mode == "off" else args.on_sampler) or None)
+                    wall, df = run(
+                        space,
+                        results,
+                        trials=trials,
+                        seed=seed,
+                        study=study,
+                        prune=False if mode == "off" else setting,
+                        items=args.on_items if mode != "off" else None,
+                        sampler=(args.off_sampler if mode == "off" else args.on_sampler) or None,
+                    )
                 curves.setdefault(name, {}).setdefault(mode, []).append(curve(df))
                 if mode != "off" and args.on_trials:
-                    df = df[(df["baseline"] != "") | (df["number"] < args.trials)]  # the fixed-budget comparison: its first --trials trials
+                    df = df[
+                        (df["baseline"] != "") | (df["number"] < args.trials)
+                    ]  # the fixed-budget comparison: its first --trials trials
                 n = item_totals(df)
                 score, holdout = best_of(df)
-                row = {"seed": seed, "items": n["trials"], "all": n["all"], "pruned": int(((df["state"] == "PRUNED") & (df["baseline"] == "")).sum()),
-                       "score": score, "holdout": holdout, "wall": wall}
+                row = {
+                    "seed": seed,
+                    "items": n["trials"],
+                    "all": n["all"],
+                    "pruned": int(((df["state"] == "PRUNED") & (df["baseline"] == "")).sum()),
+                    "score": score,
+                    "holdout": holdout,
+                    "wall": wall,
+                }
                 table.setdefault((name, mode), []).append(row)
-                print(f"  {name:15} seed {seed} prune {mode:3}: items {row['items']:5} (in all {row['all']:5}), {row['pruned']:2} pruned, "
-                      f"best search {score:.3f} holdout {holdout:.3f}  ({wall:.0f}s)", flush=True)
-    print(f"\n== pruning off vs on ({setting}), {args.trials} trials, seeds {args.prune_seeds}: median [min, max]")
+                print(
+                    f"  {name:15} seed {seed} prune {mode:3}: items {row['items']:5} (in all {row['all']:5}), {row['pruned']:2} pruned, "
+                    f"best search {score:.3f} holdout {holdout:.3f}  ({wall:.0f}s)",
+                    flush=True,
+                )
+    print(
+        f"\n== pruning off vs on ({setting}), {args.trials} trials, seeds {args.prune_seeds}: median [min, max]"
+    )
     for name in args.prune_spaces:
         for mode in args.prune_modes:
             rows = table.get((name, mode), [])
             if rows:
-                print(f"  {name:15} {mode:3}: " + "  ".join(f"{k} {_spread([r[k] for r in rows], f)}" for k, f in (("items", ".0f"), ("all", ".0f"), ("pruned", ".0f"), ("holdout", ".3f"), ("wall", ".0f"))))
+                print(
+                    f"  {name:15} {mode:3}: "
+                    + "  ".join(
+                        f"{k} {_spread([r[k] for r in rows], f)}"
+                        for k, f in (
+                            ("items", ".0f"),
+                            ("all", ".0f"),
+                            ("pruned", ".0f"),
+                            ("holdout", ".3f"),
+                            ("wall", ".0f"),
+                        )
+                    )
+                )
         off, on = table.get((name, "off"), []), table.get((name, "on"), [])
         if off and on:
             cut = [1 - b["items"] / a["items"] for a, b in zip(off, on, strict=True)]
             cut_all = [1 - b["all"] / a["all"] for a, b in zip(off, on, strict=True)]
             dh = [b["holdout"] - a["holdout"] for a, b in zip(off, on, strict=True)]
-            print(f"  {name:15} on vs off, per seed: trial items cut {_spread(cut, '.1%')}, all items cut {_spread(cut_all, '.1%')}, "
-                  f"best holdout on - off {_spread(dh, '+.3f')}; median best holdout {statistics.median(r['holdout'] for r in on):.3f} (on) "
-                  f"vs {statistics.median(r['holdout'] for r in off):.3f} (off)")
+            print(
+                f"  {name:15} on vs off, per seed: trial items cut {_spread(cut, '.1%')}, all items cut {_spread(cut_all, '.1%')}, "
+                f"best holdout on - off {_spread(dh, '+.3f')}; median best holdout {statistics.median(r['holdout'] for r in on):.3f} (on) "
+                f"vs {statistics.median(r['holdout'] for r in off):.3f} (off)"
+            )
         if off and on:
             equal_items(curves[name], 300)
 
@@ -182,14 +250,42 @@ def main() -> int:
     ap.add_argument("--prune-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--prune-spaces", nargs="+", default=list(PRUNE_SPACES), choices=PRUNE_SPACES)
     ap.add_argument("--prune-modes", nargs="+", default=["off", "on"], choices=["off", "on"])
-    ap.add_argument("--prune-setting", default="", help="search.prune for the 'on' runs, as JSON (default: true)")
-    ap.add_argument("--prune-tag", default="on", help="study name part of the 'on' runs (several settings in one --keep folder)")
-    ap.add_argument("--on-trials", type=int, default=0, help="trial budget of the runs with pruning (default: --trials); compared at equal items too")
-    ap.add_argument("--on-items", type=int, default=0, help="search.items of the runs with pruning (an item budget; with --on-trials as the cap)")
+    ap.add_argument(
+        "--prune-setting",
+        default="",
+        help="search.prune for the 'on' runs, as JSON (default: true)",
+    )
+    ap.add_argument(
+        "--prune-tag",
+        default="on",
+        help="study name part of the 'on' runs (several settings in one --keep folder)",
+    )
+    ap.add_argument(
+        "--on-trials",
+        type=int,
+        default=0,
+        help="trial budget of the runs with pruning (default: --trials); compared at equal items too",
+    )
+    ap.add_argument(
+        "--on-items",
+        type=int,
+        default=0,
+        help="search.items of the runs with pruning (an item budget; with --on-trials as the cap)",
+    )
     ap.add_argument("--off-tag", default="off", help="study name part of the runs without pruning")
-    ap.add_argument("--on-sampler", default="", help="search.sampler of the runs with pruning (default: the space's)")
-    ap.add_argument("--off-sampler", default="", help="search.sampler of the runs without pruning (default: the space's)")
-    ap.add_argument("--simulate", action="store_true", help="replay stopping rules on the runs without pruning")
+    ap.add_argument(
+        "--on-sampler",
+        default="",
+        help="search.sampler of the runs with pruning (default: the space's)",
+    )
+    ap.add_argument(
+        "--off-sampler",
+        default="",
+        help="search.sampler of the runs without pruning (default: the space's)",
+    )
+    ap.add_argument(
+        "--simulate", action="store_true", help="replay stopping rules on the runs without pruning"
+    )
     ap.add_argument("--keep", default="", help="results folder to keep (and reuse) the runs in")
     args = ap.parse_args()
     space = ROOT / "search_spaces" / "demo.yml"
@@ -212,16 +308,26 @@ def main() -> int:
         wall, df = run(space, results, trials=args.trials, seed=0, study="bench_demo")
         t = df[(df["baseline"] == "") & (df["state"] == "COMPLETE")]
         share = (t["merge_s"] / t["wall_s"]).median()
-        print(f"\n== demo search: {len(t)} trials in {wall:.1f}s ({wall / 60:.1f} min, incl. {int((df['baseline'] != '').sum())} baselines and holdout re-scores)")
-        print(f"per trial (median): wall {t['wall_s'].median():.2f}s  merge {t['merge_s'].median():.3f}s  eval {t['eval_s'].median():.2f}s")
+        print(
+            f"\n== demo search: {len(t)} trials in {wall:.1f}s ({wall / 60:.1f} min, incl. {int((df['baseline'] != '').sum())} baselines and holdout re-scores)"
+        )
+        print(
+            f"per trial (median): wall {t['wall_s'].median():.2f}s  merge {t['merge_s'].median():.3f}s  eval {t['eval_s'].median():.2f}s"
+        )
         ratio = t["merge_s"] / t["wall_s"]
         worst = t.loc[ratio.idxmax()]
-        print(f"merge share of trial wall time: median {share:.1%}, 90th percentile {ratio.quantile(0.9):.1%}, "
-              f"max {ratio.max():.1%} (trial #{worst['number']}: merge {worst['merge_s']:.3f}s of {worst['wall_s']:.2f}s) (target <= 10%)")
-        print(f"totals: merge {t['merge_s'].sum():.1f}s = {t['merge_s'].sum() / t['wall_s'].sum():.1%} of trial wall time")
+        print(
+            f"merge share of trial wall time: median {share:.1%}, 90th percentile {ratio.quantile(0.9):.1%}, "
+            f"max {ratio.max():.1%} (trial #{worst['number']}: merge {worst['merge_s']:.3f}s of {worst['wall_s']:.2f}s) (target <= 10%)"
+        )
+        print(
+            f"totals: merge {t['merge_s'].sum():.1f}s = {t['merge_s'].sum() / t['wall_s'].sum():.1%} of trial wall time"
+        )
         best = t.sort_values("score", ascending=False).iloc[0]
         base = df[df["baseline"] != ""].set_index("baseline")
-        print(f"best trial #{best['number']}: search {best['score']:.3f}, holdout {best['holdout']:.3f}")
+        print(
+            f"best trial #{best['number']}: search {best['score']:.3f}, holdout {best['holdout']:.3f}"
+        )
         for name, r in base.iterrows():
             print(f"  baseline {name:<24} search {r['score']:.3f}  holdout {r['holdout']:.3f}")
         if args.skip_compare:
@@ -230,14 +336,27 @@ def main() -> int:
         summary: dict[str, list[float]] = {}
         for sampler in ("tpe", "random"):
             for seed in args.seeds:
-                wall, df = run(space, results, trials=args.compare_trials, seed=seed, sampler=sampler, study=f"cmp_{sampler}_{seed}")
+                wall, df = run(
+                    space,
+                    results,
+                    trials=args.compare_trials,
+                    seed=seed,
+                    sampler=sampler,
+                    study=f"cmp_{sampler}_{seed}",
+                )
                 t = df[(df["baseline"] == "") & (df["state"] == "COMPLETE")]
                 best = t.sort_values("score", ascending=False).iloc[0]
                 summary.setdefault(sampler, []).append(float(best["holdout"]))
-                print(f"  {sampler:6} seed {seed}: best search {best['score']:.3f}  its holdout {best['holdout']:.3f}  ({wall:.0f}s)")
+                print(
+                    f"  {sampler:6} seed {seed}: best search {best['score']:.3f}  its holdout {best['holdout']:.3f}  ({wall:.0f}s)"
+                )
         for sampler, vals in summary.items():
-            print(f"  {sampler:6} median best holdout over {len(vals)} seeds: {statistics.median(vals):.3f}")
-        print(f"  TPE - random (median): {statistics.median(summary['tpe']) - statistics.median(summary['random']):+.3f}")
+            print(
+                f"  {sampler:6} median best holdout over {len(vals)} seeds: {statistics.median(vals):.3f}"
+            )
+        print(
+            f"  TPE - random (median): {statistics.median(summary['tpe']) - statistics.median(summary['random']):+.3f}"
+        )
     return 0
 
 

@@ -63,16 +63,32 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    print(f"{'layers':>6} {'inputs GB':>9} {'output GB':>9} {'wall s':>7} {'peak RssAnon MiB':>17} {'peak RssFile MiB':>17}")
+    print(
+        f"{'layers':>6} {'inputs GB':>9} {'output GB':>9} {'wall s':>7} {'peak RssAnon MiB':>17} {'peak RssFile MiB':>17}"
+    )
     for layers in args.layers:
         dirs = build_models(Path(args.cache), hidden=1024, inter=2816, layers=layers, vocab=32000)
         recipe = _write_recipe(work / f"stream_ties_l{layers}.yml", recipes(dirs)["ties"])
         out = work / f"stream_ties_l{layers}"
-        cmd = [sys.executable, "-m", "evomerge.cli", "merge", str(recipe), str(out), "--force", "--out-shard-size", args.shard]
+        cmd = [
+            sys.executable,
+            "-m",
+            "evomerge.cli",
+            "merge",
+            str(recipe),
+            str(out),
+            "--force",
+            "--out-shard-size",
+            args.shard,
+        ]
         wall, code, anon, file = run_sampled(cmd, env)
         inputs = sum(f.stat().st_size for d in dirs for f in d.glob("*.safetensors"))
         output = sum(f.stat().st_size for f in out.glob("*.safetensors")) if out.is_dir() else 0
-        print(f"{layers:>6} {inputs / 1e9:>9.2f} {output / 1e9:>9.2f} {wall:>7.1f} {anon:>17} {file:>17}" + ("" if code == 0 else f"  (exit {code})"), flush=True)
+        print(
+            f"{layers:>6} {inputs / 1e9:>9.2f} {output / 1e9:>9.2f} {wall:>7.1f} {anon:>17} {file:>17}"
+            + ("" if code == 0 else f"  (exit {code})"),
+            flush=True,
+        )
     return 0
 
 

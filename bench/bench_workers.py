@@ -92,7 +92,16 @@ def _url(kind: str, folder: Path, postgres: str | None) -> str:
     return postgres
 
 
-def run(kind: str, workers: int, *, trials: int, sleep: float, models: tuple[Path, list[Path]], tmp: Path, postgres: str | None) -> dict:
+def run(
+    kind: str,
+    workers: int,
+    *,
+    trials: int,
+    sleep: float,
+    models: tuple[Path, list[Path]],
+    tmp: Path,
+    postgres: str | None,
+) -> dict:
     """One study with ``workers`` worker processes; figures read back from the storage."""
     import optuna
 
@@ -106,11 +115,28 @@ def run(kind: str, workers: int, *, trials: int, sleep: float, models: tuple[Pat
     url = _url(kind, folder, postgres)
     runner = folder / "runner.py"
     runner.write_text(RUNNER.format(tests=str(TESTS)))
-    cfg = {"base": str(base), "fts": [str(f) for f in fts], "space": str(space), "results": str(folder / "results"),
-           "storage": url, "study": study, "sleep": sleep, "barrier": str(folder), "timeline": str(folder / "timeline.txt")}
+    cfg = {
+        "base": str(base),
+        "fts": [str(f) for f in fts],
+        "space": str(space),
+        "results": str(folder / "results"),
+        "storage": url,
+        "study": study,
+        "sleep": sleep,
+        "barrier": str(folder),
+        "timeline": str(folder / "timeline.txt"),
+    }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(runner), json.dumps(cfg)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(workers)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(runner), json.dumps(cfg)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(workers)
+    ]
     while len(list(folder.glob("ready-*"))) < workers and all(p.poll() is None for p in procs):
         time.sleep(0.02)
     t0 = time.perf_counter()
@@ -119,9 +145,14 @@ def run(kind: str, workers: int, *, trials: int, sleep: float, models: tuple[Pat
     wall = time.perf_counter() - t0
     codes = [p.returncode for p in procs]
     if any(codes):
-        raise RuntimeError(f"{kind} x{workers}: worker exit codes {codes}\n" + "\n".join(o[-1500:] for o in outs))
+        raise RuntimeError(
+            f"{kind} x{workers}: worker exit codes {codes}\n" + "\n".join(o[-1500:] for o in outs)
+        )
     s = optuna.load_study(study_name=study, storage=open_storage(url))
-    searched = sorted((t for t in s.trials if t.datetime_start and t.datetime_complete), key=lambda t: t.datetime_start)
+    searched = sorted(
+        (t for t in s.trials if t.datetime_start and t.datetime_complete),
+        key=lambda t: t.datetime_start,
+    )
     done = [t for t in searched if t.state.name == "COMPLETE"]
     evals = [line.split() for line in (folder / "timeline.txt").read_text().splitlines()]
     # Throughput while every worker searches: trials started between the moment the last worker
@@ -138,16 +169,33 @@ def run(kind: str, workers: int, *, trials: int, sleep: float, models: tuple[Pat
     spare, n = 0.0, 0
     for pid, ts in by_worker.items():
         a, b = ts[0].datetime_start.timestamp(), ts[-1].datetime_complete.timestamp()
-        busy = sum((t.user_attrs["result"].get("merge_s") or 0) + (t.user_attrs["result"].get("eval_s") or 0) for t in ts)
-        busy += sum(float(e) - float(st) for p, split, st, e in evals if int(p) == pid and split == "holdout" and a <= float(st) <= b)
+        busy = sum(
+            (t.user_attrs["result"].get("merge_s") or 0)
+            + (t.user_attrs["result"].get("eval_s") or 0)
+            for t in ts
+        )
+        busy += sum(
+            float(e) - float(st)
+            for p, split, st, e in evals
+            if int(p) == pid and split == "holdout" and a <= float(st) <= b
+        )
         spare += b - a - busy
         n += len(ts)
     span = (searched[-1].datetime_complete - searched[0].datetime_start).total_seconds()
-    return {"storage": kind, "workers": workers, "trials": len(done), "failed": len(searched) - len(done), "sleep": sleep,
-            "search_s": round(span, 2), "wall_s": round(wall, 2),
-            "trials_per_min": round(len(steady) / window * 60, 1) if window > 0 and steady else round(len(done) / span * 60, 1),
-            "overhead_ms": round(spare / n * 1000, 1),
-            "errors": sum(o.count("Traceback") + o.count("database is locked") for o in outs)}
+    return {
+        "storage": kind,
+        "workers": workers,
+        "trials": len(done),
+        "failed": len(searched) - len(done),
+        "sleep": sleep,
+        "search_s": round(span, 2),
+        "wall_s": round(wall, 2),
+        "trials_per_min": round(len(steady) / window * 60, 1)
+        if window > 0 and steady
+        else round(len(done) / span * 60, 1),
+        "overhead_ms": round(spare / n * 1000, 1),
+        "errors": sum(o.count("Traceback") + o.count("database is locked") for o in outs),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,37 +203,77 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--storages", nargs="+", default=["sqlite", "journal", "postgresql"])
     ap.add_argument("--workers", nargs="+", type=int, default=[1, 2, 4])
     ap.add_argument("--trials", type=int, default=32)
-    ap.add_argument("--sleep", type=float, default=2.0, help="seconds per evaluation (the stand-in for a GPU evaluation)")
-    ap.add_argument("--overhead-trials", type=int, default=40, help="trials of the overhead runs (no sleep); 0 skips them")
+    ap.add_argument(
+        "--sleep",
+        type=float,
+        default=2.0,
+        help="seconds per evaluation (the stand-in for a GPU evaluation)",
+    )
+    ap.add_argument(
+        "--overhead-trials",
+        type=int,
+        default=40,
+        help="trials of the overhead runs (no sleep); 0 skips them",
+    )
     ap.add_argument("--postgres", default=os.environ.get("EVOMERGE_TEST_POSTGRES"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     kinds = [k for k in args.storages if k != "postgresql" or args.postgres]
     if len(kinds) < len(args.storages):
-        print("postgresql left out: no --postgres URL and no $EVOMERGE_TEST_POSTGRES (run under .ci/postgres)", flush=True)
+        print(
+            "postgresql left out: no --postgres URL and no $EVOMERGE_TEST_POSTGRES (run under .ci/postgres)",
+            flush=True,
+        )
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as d:
         tmp = Path(d)
         models = _models(tmp / "models")
         for kind in kinds:
             for w in args.workers:
-                r = run(kind, w, trials=args.trials, sleep=args.sleep, models=models, tmp=tmp, postgres=args.postgres)
-                one = next((x for x in rows if x["storage"] == kind and x["workers"] == 1 and x["sleep"] == args.sleep), r)
+                r = run(
+                    kind,
+                    w,
+                    trials=args.trials,
+                    sleep=args.sleep,
+                    models=models,
+                    tmp=tmp,
+                    postgres=args.postgres,
+                )
+                one = next(
+                    (
+                        x
+                        for x in rows
+                        if x["storage"] == kind and x["workers"] == 1 and x["sleep"] == args.sleep
+                    ),
+                    r,
+                )
                 r["speedup"] = round(r["trials_per_min"] / one["trials_per_min"], 2)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
         if args.overhead_trials:
             for kind in kinds:
                 for w in (1,):
-                    r = run(kind, w, trials=args.overhead_trials, sleep=0.0, models=models, tmp=tmp, postgres=args.postgres)
+                    r = run(
+                        kind,
+                        w,
+                        trials=args.overhead_trials,
+                        sleep=0.0,
+                        models=models,
+                        tmp=tmp,
+                        postgres=args.postgres,
+                    )
                     rows.append(r)
                     print(json.dumps(r), flush=True)
     print()
-    print("| storage | workers | sleep/eval | trials | wall (start to exit) | trials/min (all workers searching) | speed-up | bookkeeping/trial | errors |")
+    print(
+        "| storage | workers | sleep/eval | trials | wall (start to exit) | trials/min (all workers searching) | speed-up | bookkeeping/trial | errors |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['storage']} | {r['workers']} | {r['sleep']:g} s | {r['trials']} | {r['wall_s']:.1f} s | {r['trials_per_min']:.1f} | "
-              f"{r.get('speedup', '-')} | {r['overhead_ms']:.0f} ms | {r['errors']} |")
+        print(
+            f"| {r['storage']} | {r['workers']} | {r['sleep']:g} s | {r['trials']} | {r['wall_s']:.1f} s | {r['trials_per_min']:.1f} | "
+            f"{r.get('speedup', '-')} | {r['overhead_ms']:.0f} ms | {r['errors']} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -51,8 +51,15 @@ def search_weights(zoo: Path, manifest: dict, trials: int, max_weight: float) ->
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
     t0 = time.perf_counter()
-    study.optimize(lambda t: score(tuple(round(t.suggest_float(n, 0.0, max_weight), 2) for n in experts))[1]["mean"], n_trials=trials)
-    print(f"{trials} TPE trials over per-model weights in [0, {max_weight:g}] (search items), {time.perf_counter() - t0:.0f}s; best three, re-scored with holdout:")
+    study.optimize(
+        lambda t: score(tuple(round(t.suggest_float(n, 0.0, max_weight), 2) for n in experts))[1][
+            "mean"
+        ],
+        n_trials=trials,
+    )
+    print(
+        f"{trials} TPE trials over per-model weights in [0, {max_weight:g}] (search items), {time.perf_counter() - t0:.0f}s; best three, re-scored with holdout:"
+    )
     for t in sorted(study.trials, key=lambda t: -t.value)[:3]:
         show(*score(tuple(round(t.params[n], 2) for n in experts), holdout=True))
 
@@ -63,7 +70,9 @@ def main() -> None:
     ap.add_argument("--zoo", default=None, help="time an existing zoo instead of building one")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--weights", type=int, default=0, help="trials of a per-model weight search (0: none)")
+    ap.add_argument(
+        "--weights", type=int, default=0, help="trials of a per-model weight search (0: none)"
+    )
     ap.add_argument("--max-weight", type=float, default=1.5)
     args = ap.parse_args()
 
@@ -87,14 +96,20 @@ def main() -> None:
         if args.weights:
             search_weights(zoo, manifest, args.weights, args.max_weight)
             return
-        cfg = parse_evaluate({"include_path": str(zoo / "tasks"), "tasks": manifest["tasks"]["search"]}, "bench", Path("."))
+        cfg = parse_evaluate(
+            {"include_path": str(zoo / "tasks"), "tasks": manifest["tasks"]["search"]},
+            "bench",
+            Path("."),
+        )
         t0 = time.perf_counter()
         ev = LMEvalEvaluator(cfg, AutoTokenizer.from_pretrained(zoo / "base"), batch_size=64)
         print(f"evaluator setup (tasks built once): {time.perf_counter() - t0:.2f}s")
         model = AutoModelForCausalLM.from_pretrained(zoo / "base")
         secs = [ev.evaluate(model).seconds for _ in range(args.calls)]
         n = sum(manifest["tasks"]["items"][t] for t in manifest["tasks"]["search"])
-        print(f"lm-eval over all search tasks ({n} items, {args.threads} threads): median {statistics.median(secs):.2f}s, min {min(secs):.2f}s over {len(secs)} calls")
+        print(
+            f"lm-eval over all search tasks ({n} items, {args.threads} threads): median {statistics.median(secs):.2f}s, min {min(secs):.2f}s over {len(secs)} calls"
+        )
 
 
 if __name__ == "__main__":

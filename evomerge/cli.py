@@ -23,22 +23,55 @@ __all__ = ["main"]
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # One line instead of argparse's usage block.
-        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog.split()[0]} --help)\n")
+        self.exit(
+            2, f"{self.prog}: error: {one_line(message)} (see {self.prog.split()[0]} --help)\n"
+        )
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge", help="merge models with a mergekit recipe", description="Merge models as a mergekit recipe says; write a Hugging Face model directory.")
+    p = sub.add_parser(
+        "merge",
+        help="merge models with a mergekit recipe",
+        description="Merge models as a mergekit recipe says; write a Hugging Face model directory.",
+    )
     p.add_argument("recipe", help="mergekit merge configuration (YAML)")
     p.add_argument("out", help="output directory (must be absent or empty unless --force)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    p.add_argument("--out-shard-size", default="5GB", help="maximum shard size, e.g. 2GB or 500M (default: 5GB)")
-    p.add_argument("--seed", type=int, default=None, help="seed of random masks (dare, della) (default: the recipe's `# evomerge-seed: N` comment, else 0)")
-    p.add_argument("--stream", type=int, default=None, choices=(1, 2),
-                   help="random stream of masks: 2 (current), or 1 (evomerge before streams were named) "
-                   "(default: the recipe's `# evomerge-seed: N stream V` comment; a comment without a stream means 1; no comment: 2)")
-    p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True, help="copy tokenizer files from the base model or tokenizer_source (default: on)")
-    p.add_argument("--allow-crimes", action="store_true", help="merge models of different architectures when tensor shapes match")
-    p.add_argument("--allow-bin", action="store_true", help="also read PyTorch .bin checkpoints (torch.load with weights_only=True)")
+    p.add_argument(
+        "--out-shard-size",
+        default="5GB",
+        help="maximum shard size, e.g. 2GB or 500M (default: 5GB)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of random masks (dare, della) (default: the recipe's `# evomerge-seed: N` comment, else 0)",
+    )
+    p.add_argument(
+        "--stream",
+        type=int,
+        default=None,
+        choices=(1, 2),
+        help="random stream of masks: 2 (current), or 1 (evomerge before streams were named) "
+        "(default: the recipe's `# evomerge-seed: N stream V` comment; a comment without a stream means 1; no comment: 2)",
+    )
+    p.add_argument(
+        "--copy-tokenizer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="copy tokenizer files from the base model or tokenizer_source (default: on)",
+    )
+    p.add_argument(
+        "--allow-crimes",
+        action="store_true",
+        help="merge models of different architectures when tensor shapes match",
+    )
+    p.add_argument(
+        "--allow-bin",
+        action="store_true",
+        help="also read PyTorch .bin checkpoints (torch.load with weights_only=True)",
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
 
 
@@ -48,12 +81,33 @@ def _add_moe(sub: argparse._SubParsersAction) -> None:
         help="build a mixture of experts from a mergekit-moe config",
         description="Build a Mixtral-style mixture of experts as a mergekit-moe configuration says; write a Hugging Face model directory.",
     )
-    p.add_argument("config", help="mergekit-moe configuration (YAML): base_model, experts, gate_mode, experts_per_token, dtype")
+    p.add_argument(
+        "config",
+        help="mergekit-moe configuration (YAML): base_model, experts, gate_mode, experts_per_token, dtype",
+    )
     p.add_argument("out", help="output directory (must be absent or empty unless --force)")
-    p.add_argument("--device", default="cpu", help="where the base model runs for gate_mode hidden: cpu or cuda[:N] (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random routers (gate_mode random, uniform_random) and of noise_scale (default: 0)")
-    p.add_argument("--out-shard-size", default="5GB", help="maximum shard size, e.g. 2GB or 500M (default: 5GB)")
-    p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True, help="copy the base model's tokenizer files (default: on)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the base model runs for gate_mode hidden: cpu or cuda[:N] (default: cpu)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of random routers (gate_mode random, uniform_random) and of noise_scale (default: 0)",
+    )
+    p.add_argument(
+        "--out-shard-size",
+        default="5GB",
+        help="maximum shard size, e.g. 2GB or 500M (default: 5GB)",
+    )
+    p.add_argument(
+        "--copy-tokenizer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="copy the base model's tokenizer files (default: on)",
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
 
 
@@ -65,7 +119,12 @@ def _add_zoo(sub: argparse._SubParsersAction) -> None:
         "The demo zoo of seed 0 ships with evomerge and is installed in seconds; other seeds, the micro size and --rebuild train it with torch.",
     )
     p.add_argument("--out", default=None, help="where to put it (default: results/zoo/<size>)")
-    p.add_argument("--size", default="demo", choices=["demo", "micro"], help="demo (default) or micro (for tests)")
+    p.add_argument(
+        "--size",
+        default="demo",
+        choices=["demo", "micro"],
+        help="demo (default) or micro (for tests)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--rebuild",
@@ -76,28 +135,79 @@ def _add_zoo(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_search(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("search", help="search a merge space", description="Run (or resume) the Optuna study of a search space.")
+    p = sub.add_parser(
+        "search",
+        help="search a merge space",
+        description="Run (or resume) the Optuna study of a search space.",
+    )
     p.add_argument("space", help="search space YAML (a mergekit recipe with search directives)")
-    p.add_argument("--trials", type=int, default=None, help="total completed trials to reach (overrides search.trials)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
-    p.add_argument("--storage", default=None, help="Optuna storage URL, e.g. postgresql://user@host/db to share the study with workers on other hosts, "
-                   "or journal:///path/study.log (default: sqlite under results/<study>/)")
-    p.add_argument("--study", default=None, help="study name (default: study.name or the space's file name)")
-    p.add_argument("--seed", type=int, default=None, help="sampler and mask seed (overrides search.seed; worker k samples with seed + k)")
-    p.add_argument("--results-dir", default="results", help="where study folders go (default: results)")
-    p.add_argument("--probe-contamination", action="store_true", help="also run the Min-K%%++ memorization probe on finalists")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 for the demo zoo's tiny models, else torch's default)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="total completed trials to reach (overrides search.trials)",
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)"
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL, e.g. postgresql://user@host/db to share the study with workers on other hosts, "
+        "or journal:///path/study.log (default: sqlite under results/<study>/)",
+    )
+    p.add_argument(
+        "--study", default=None, help="study name (default: study.name or the space's file name)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sampler and mask seed (overrides search.seed; worker k samples with seed + k)",
+    )
+    p.add_argument(
+        "--results-dir", default="results", help="where study folders go (default: results)"
+    )
+    p.add_argument(
+        "--probe-contamination",
+        action="store_true",
+        help="also run the Min-K%%++ memorization probe on finalists",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: 1 for the demo zoo's tiny models, else torch's default)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the final summary")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="run N worker processes on this host on the study's storage: one per CUDA device, or N CPU workers with --device cpu")
-    p.add_argument("--devices", default=None, metavar="LIST", help="one worker per listed CUDA device, e.g. 0,1,2,3")
-    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
-                   help="GPU memory the search may plan for, e.g. 60GB (default: the free memory); sources stay on the GPU when they fit "
-                   "beside the merged model and evaluation, else in pinned host memory, streamed each merge")
-    p.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers: no leaderboard of its own
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N worker processes on this host on the study's storage: one per CUDA device, or N CPU workers with --device cpu",
+    )
+    p.add_argument(
+        "--devices",
+        default=None,
+        metavar="LIST",
+        help="one worker per listed CUDA device, e.g. 0,1,2,3",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        default=None,
+        metavar="SIZE",
+        help="GPU memory the search may plan for, e.g. 60GB (default: the free memory); sources stay on the GPU when they fit "
+        "beside the merged model and evaluation, else in pinned host memory, streamed each merge",
+    )
+    p.add_argument(
+        "--as-worker", action="store_true", help=argparse.SUPPRESS
+    )  # started by --workers: no leaderboard of its own
 
 
-def _add_study_reader(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+def _add_study_reader(
+    sub: argparse._SubParsersAction, name: str, help_text: str
+) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("space", help="the search space YAML the study was run from")
     p.add_argument("--storage", default=None)
@@ -115,10 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_moe(sub)
     p = _add_study_reader(sub, "export", "export a trial's recipe as plain mergekit YAML")
     p.add_argument("-o", "--output", required=True, help="recipe file to write")
-    p.add_argument("--trial", type=int, default=None, help="trial number (default: best by holdout among finalists, else by search score)")
-    p.add_argument("--merge", default=None, metavar="OUT_DIR", help="also materialize the model (with a model card) into OUT_DIR")
+    p.add_argument(
+        "--trial",
+        type=int,
+        default=None,
+        help="trial number (default: best by holdout among finalists, else by search score)",
+    )
+    p.add_argument(
+        "--merge",
+        default=None,
+        metavar="OUT_DIR",
+        help="also materialize the model (with a model card) into OUT_DIR",
+    )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--force", action="store_true", help="overwrite the recipe file / replace OUT_DIR")
+    p.add_argument(
+        "--force", action="store_true", help="overwrite the recipe file / replace OUT_DIR"
+    )
     p = _add_study_reader(sub, "results", "print the leaderboard of a study")
     p.add_argument("--top", type=int, default=15, help="rows to show (default 15)")
     p.add_argument("--all", action="store_true", help="show every trial, failed ones too")
@@ -164,19 +286,33 @@ def _run(args: argparse.Namespace) -> int:
             recipe_text=text,
             stream=args.stream,
         )
-        print(f"merged {result.n_tensors} tensors into {args.out} in {result.seconds:.1f}s ({result.bytes_out / 1e6:.1f} MB); tensor hash {result.digest[:16]}")
+        print(
+            f"merged {result.n_tensors} tensors into {args.out} in {result.seconds:.1f}s ({result.bytes_out / 1e6:.1f} MB); tensor hash {result.digest[:16]}"
+        )
         return 0
     if args.verb == "moe":
         from evomerge.moe import moe_to_disk
 
-        result = moe_to_disk(args.config, args.out, device=args.device, seed=args.seed, shard_size=args.out_shard_size,
-                             copy_tokenizer=args.copy_tokenizer, force=args.force, config_text=_read_text(args.config, "configuration"))
-        print(f"built a mixture of {result.n_tensors} tensors into {args.out} in {result.seconds:.1f}s ({result.bytes_out / 1e6:.1f} MB); tensor hash {result.digest[:16]}")
+        result = moe_to_disk(
+            args.config,
+            args.out,
+            device=args.device,
+            seed=args.seed,
+            shard_size=args.out_shard_size,
+            copy_tokenizer=args.copy_tokenizer,
+            force=args.force,
+            config_text=_read_text(args.config, "configuration"),
+        )
+        print(
+            f"built a mixture of {result.n_tensors} tensors into {args.out} in {result.seconds:.1f}s ({result.bytes_out / 1e6:.1f} MB); tensor hash {result.digest[:16]}"
+        )
         return 0
     if args.verb == "zoo":
         from evomerge.zoo import main_zoo
 
-        return int(main_zoo(out=args.out, size=args.size, seed=args.seed, rebuild=args.rebuild) or 0)
+        return int(
+            main_zoo(out=args.out, size=args.size, seed=args.seed, rebuild=args.rebuild) or 0
+        )
     if args.verb == "search" and args.gpu_memory is not None:
         from evomerge.engine.placement import GPU_MEMORY_ENV, budget_override
 
@@ -191,14 +327,28 @@ def _run(args: argparse.Namespace) -> int:
             if outcome is None:
                 return code
         else:
-            outcome = run_search(args.space, trials=args.trials, device=args.device, storage=args.storage, study=args.study, seed=args.seed,
-                                 results_dir=args.results_dir, probe=args.probe_contamination, quiet=args.quiet, threads=args.threads)
+            outcome = run_search(
+                args.space,
+                trials=args.trials,
+                device=args.device,
+                storage=args.storage,
+                study=args.study,
+                seed=args.seed,
+                results_dir=args.results_dir,
+                probe=args.probe_contamination,
+                quiet=args.quiet,
+                threads=args.threads,
+            )
             if args.as_worker:
-                print(f"worker done: study {outcome.paths.name} has {outcome.n_complete} complete trials")
+                print(
+                    f"worker done: study {outcome.paths.name} has {outcome.n_complete} complete trials"
+                )
                 return 0
         print(leaderboard(load_trials(outcome.paths.csv), top=10))
         print(summary(outcome))
-        print(f"next: evomerge export {args.space} -o best.yml   (and: evomerge report {args.space})")
+        print(
+            f"next: evomerge export {args.space} -o best.yml   (and: evomerge report {args.space})"
+        )
         return 0
     if args.verb == "export":
         from evomerge.results.export import main_export
@@ -207,7 +357,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "results":
         from evomerge.results.leaderboard import main_results
 
-        return main_results(args.space, study=args.study, storage=args.storage, results_dir=args.results_dir, top=args.top, show_all=args.all)
+        return main_results(
+            args.space,
+            study=args.study,
+            storage=args.storage,
+            results_dir=args.results_dir,
+            top=args.top,
+            show_all=args.all,
+        )
     if args.verb == "report":
         from evomerge.results.report import main_report
 
@@ -222,7 +379,9 @@ def _read_text(path: str, what: str) -> str:
     except OSError as e:
         raise EvomergeError(f"{path}: cannot read {what}: {one_line(e.strerror or e)}") from None
     except UnicodeDecodeError:
-        raise EvomergeError(f"{path}: cannot read {what}: not UTF-8 text; expected a mergekit YAML {what}") from None
+        raise EvomergeError(
+            f"{path}: cannot read {what}: not UTF-8 text; expected a mergekit YAML {what}"
+        ) from None
 
 
 def _search_workers(args: argparse.Namespace) -> tuple[int, SearchOutcome | None]:
@@ -236,14 +395,25 @@ def _search_workers(args: argparse.Namespace) -> tuple[int, SearchOutcome | None
     from evomerge.search.workers import run_workers, worker_devices
 
     devices = worker_devices(args.workers, args.devices, args.device)
-    paths = locate(args.space, study=args.study, storage=args.storage, results_dir=args.results_dir)  # a bad space: one line, no worker
+    paths = locate(
+        args.space, study=args.study, storage=args.storage, results_dir=args.results_dir
+    )  # a bad space: one line, no worker
     argv = ["search", args.space, "--results-dir", args.results_dir]
-    for flag, value in (("--trials", args.trials), ("--storage", args.storage), ("--study", args.study), ("--seed", args.seed), ("--threads", args.threads)):
+    for flag, value in (
+        ("--trials", args.trials),
+        ("--storage", args.storage),
+        ("--study", args.study),
+        ("--seed", args.seed),
+        ("--threads", args.threads),
+    ):
         if value is not None:
             argv += [flag, str(value)]
     argv += ["--probe-contamination"] * args.probe_contamination + ["--quiet"] * args.quiet
     where = "CPU" if devices[0] is None else "CUDA device(s) " + ",".join(str(d) for d in devices)
-    print(f"evomerge: {len(devices)} workers on {where}, study {paths.name} in {paths.storage}", flush=True)
+    print(
+        f"evomerge: {len(devices)} workers on {where}, study {paths.name} in {paths.storage}",
+        flush=True,
+    )
     start = time.perf_counter()
     code = run_workers(argv, devices)
     if code:
@@ -288,8 +458,10 @@ def _storage_failure(e: BaseException) -> str | None:
     if not kinds or not isinstance(e, tuple(kinds)):
         return None
     cause = e.__cause__ or e
-    return (f"the study's storage failed: {type(cause).__name__}: {one_line(getattr(cause, 'orig', None) or cause)[:200]} "
-            "(is the database locked by another program, or unreachable? running the same command again resumes the study)")
+    return (
+        f"the study's storage failed: {type(cause).__name__}: {one_line(getattr(cause, 'orig', None) or cause)[:200]} "
+        "(is the database locked by another program, or unreachable? running the same command again resumes the study)"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

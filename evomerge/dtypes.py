@@ -12,8 +12,17 @@ import torch
 __all__ = ["ALIASES", "FLOATS", "canonical", "torch_dtype", "code_of", "name_of_code", "itemsize"]
 
 # Names a recipe's `dtype:` accepts (mergekit's spellings), to the canonical float name.
-ALIASES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float32": "float32", "fp32": "float32", "float": "float32", "float64": "float64"}
+ALIASES = {
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float64": "float64",
+}
 FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 # (canonical name, torch dtype, safetensors code, bytes per element)

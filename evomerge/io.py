@@ -25,7 +25,9 @@ def atomic_file(path: Path, write: Callable[[Any], None], mode: str = "wb") -> P
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+        with os.fdopen(
+            fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})
+        ) as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:
@@ -57,7 +59,9 @@ _FlowDumper.add_representer(tuple, _represent_list)
 def dump_yaml(data: Any) -> str:
     """YAML in mergekit's style: keys in insertion order, number lists inline."""
     out = io.StringIO()
-    yaml.dump(data, out, Dumper=_FlowDumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    yaml.dump(
+        data, out, Dumper=_FlowDumper, sort_keys=False, default_flow_style=False, allow_unicode=True
+    )
     return out.getvalue()
 
 

@@ -36,7 +36,16 @@ class TaskVectorEvaluator:
         fail_if: a predicate on the model; when true, evaluation raises (a broken candidate).
     """
 
-    def __init__(self, base: Path, finetunes: list[Path], *, holdout_scale: float = 0.95, sleep: float = 0.0, fail_if=None, marker: str | None = None) -> None:
+    def __init__(
+        self,
+        base: Path,
+        finetunes: list[Path],
+        *,
+        holdout_scale: float = 0.95,
+        sleep: float = 0.0,
+        fail_if=None,
+        marker: str | None = None,
+    ) -> None:
         self.base = load_file(str(Path(base) / "model.safetensors"))
         self.fts = [load_file(str(Path(f) / "model.safetensors")) for f in finetunes]
         self.holdout_scale = holdout_scale
@@ -66,8 +75,12 @@ class TaskVectorEvaluator:
             raise EvomergeError("evaluation failed: the fake evaluator rejects this model")
         sd = {k: v.detach().float() for k, v in model.state_dict().items()}
         scores = {}
-        for name, ft in zip(self.task_names(split), self.fts):
-            num = sum(float(((sd[k] - self.base[k]) * (ft[k] - self.base[k])).sum()) for k in ft if k in sd)
+        for name, ft in zip(self.task_names(split), self.fts, strict=False):
+            num = sum(
+                float(((sd[k] - self.base[k]) * (ft[k] - self.base[k])).sum())
+                for k in ft
+                if k in sd
+            )
             den = sum(float(((ft[k] - self.base[k]) ** 2).sum()) for k in ft)
             s = max(-1.0, min(1.0, num / den))
             scores[name] = s * (self.holdout_scale if split == "holdout" else 1.0)

@@ -33,8 +33,14 @@ class Tool:
         env = os.environ.get("EVOMERGE_MERGEKIT")
         what, where = ("mergekit's python", "") if name == "python" else (name, ", none on PATH")
         self.missing = f"{what} not found (EVOMERGE_MERGEKIT={env!r}, {LOCAL_BIN / name} absent{where}): {INSTALL}"
-        self.marks = [pytest.mark.mergekit, pytest.mark.slow, pytest.mark.skipif(path is None and not IN_CI, reason=self.missing)]
-        self.present: Callable[[], None] = pytest.fixture(scope="module", autouse=True)(self._present)
+        self.marks = [
+            pytest.mark.mergekit,
+            pytest.mark.slow,
+            pytest.mark.skipif(path is None and not IN_CI, reason=self.missing),
+        ]
+        self.present: Callable[[], None] = pytest.fixture(scope="module", autouse=True)(
+            self._present
+        )
 
     def _present(self) -> None:
         if self.path is None:

@@ -30,16 +30,30 @@ from evomerge.engine import merge_to_disk
 from evomerge.errors import EvomergeError
 from evomerge.recipe.schema import load_recipe
 
-__all__ = ["Case", "Run", "Basic", "RANDOM", "cases", "extra_cases", "build_models", "text_only", "run_all"]
+__all__ = [
+    "Case",
+    "Run",
+    "Basic",
+    "RANDOM",
+    "cases",
+    "extra_cases",
+    "build_models",
+    "text_only",
+    "run_all",
+]
 
 RANDOM = {"dare_ties", "della"}  # random masks: compared by statistics, not element by element
 
-_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16, num_hidden_layers=2)
+_LLAMA = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16, num_hidden_layers=2
+)
+
 
 def _save(model: Any, path: Path) -> str:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     return str(path)
+
 
 def build_models(root: Path) -> dict[str, str]:
     """Build the tiny models of mergekit's basic tests (random weights, seeded) under ``root``.
@@ -68,13 +82,36 @@ def build_models(root: Path) -> dict[str, str]:
         cfg = GraniteConfig(**(_LLAMA | dict(num_attention_heads=2, num_key_value_heads=2)))
         out[f"granite_{n}"] = _save(GraniteForCausalLM(cfg), root / f"granite_{n}")
     torch.manual_seed(300)
-    out["gpt2"] = _save(GPT2LMHeadModel(GPT2Config(n_embd=64, n_head=4, n_layer=12, n_positions=128, vocab_size=256, bos_token_id=0, eos_token_id=0)), root / "gpt2")
-    vision = CLIPVisionConfig(image_size=32, patch_size=4, num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=128)
+    out["gpt2"] = _save(
+        GPT2LMHeadModel(
+            GPT2Config(
+                n_embd=64,
+                n_head=4,
+                n_layer=12,
+                n_positions=128,
+                vocab_size=256,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        ),
+        root / "gpt2",
+    )
+    vision = CLIPVisionConfig(
+        image_size=32,
+        patch_size=4,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        hidden_size=64,
+        intermediate_size=128,
+    )
     for i, n in enumerate("abc"):
         torch.manual_seed(400 + i)
-        cfg = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**_LLAMA), image_seq_length=16)
+        cfg = LlavaConfig(
+            vision_config=vision, text_config=LlamaConfig(**_LLAMA), image_seq_length=16
+        )
         out[f"vlm_{n}"] = _save(LlavaForConditionalGeneration(cfg), root / f"vlm_{n}")
     return out
+
 
 def text_only(vlm: str | Path, path: Path) -> str:
     """The language model of a saved LLaVA checkpoint, as a Llama checkpoint of its own.
@@ -97,6 +134,7 @@ def text_only(vlm: str | Path, path: Path) -> str:
         shutil.copy2(src / "generation_config.json", path / "generation_config.json")
     return str(path)
 
+
 @dataclass(frozen=True)
 class Case:
     """One test function of mergekit's ``test_basic_merges.py``.
@@ -116,30 +154,48 @@ class Case:
     mergekit_refuses: bool = False
     labels: tuple[str, ...] = field(default=())
 
-def _two(a: str, b: str, method: str, base: str | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
+
+def _two(
+    a: str, b: str, method: str, base: str | None = None, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
     # mergekit's two_model_config: weights 0.6 and 0.4 on the two models whatever the method.
     r: dict[str, Any] = {"merge_method": method}
     if base is not None:
         r["base_model"] = base
-    r["models"] = [{"model": a, "parameters": {"weight": 0.6}}, {"model": b, "parameters": {"weight": 0.4}}]
+    r["models"] = [
+        {"model": a, "parameters": {"weight": 0.6}},
+        {"model": b, "parameters": {"weight": 0.4}},
+    ]
     r["dtype"] = "bfloat16"
     if params is not None:
         r["parameters"] = params
     return r
+
 
 def _nuslerp(a: str, b: str, c: str) -> tuple[tuple[dict[str, Any], ...], tuple[str, ...]]:
     rs, labels = [], []
     for base in (None, c):
         for row_wise in (False, True):
             for flatten in (False, True):
-                rs.append(_two(a, b, "nuslerp", base, {"nuslerp_row_wise": row_wise, "nuslerp_flatten": flatten}))
-                labels.append(f"base={'c' if base else 'none'},row_wise={row_wise},flatten={flatten}")
+                rs.append(
+                    _two(
+                        a,
+                        b,
+                        "nuslerp",
+                        base,
+                        {"nuslerp_row_wise": row_wise, "nuslerp_flatten": flatten},
+                    )
+                )
+                labels.append(
+                    f"base={'c' if base else 'none'},row_wise={row_wise},flatten={flatten}"
+                )
     zero = _two(a, b, "nuslerp", c, {"nuslerp_row_wise": False, "nuslerp_flatten": False})
     zero["models"][0]["parameters"]["weight"] = -0.5
     zero["models"][1]["parameters"]["weight"] = 0.5
     rs.append(zero)
     labels.append("weights -0.5 and 0.5")
     return tuple(rs), tuple(labels)
+
 
 def cases(m: dict[str, str]) -> list[Case]:
     """The 33 cases over the models of :func:`build_models`, in mergekit's file order."""
@@ -152,12 +208,61 @@ def cases(m: dict[str, str]) -> list[Case]:
     nus, nus_labels = _nuslerp(a, b, c)
     vnus, vnus_labels = _nuslerp(va, vb, vc)
     out = [
-        Case("test_granite_copy", one({"merge_method": "passthrough", "models": [{"model": ga}], "dtype": "bfloat16"})),
+        Case(
+            "test_granite_copy",
+            one({"merge_method": "passthrough", "models": [{"model": ga}], "dtype": "bfloat16"}),
+        ),
         Case("test_granite_linear_merge", one(_two(ga, gb, "linear"))),
-        Case("test_granite_slerp", one({"merge_method": "slerp", "base_model": ga, "models": [{"model": ga}, {"model": gb}], "parameters": {"t": 0.5}, "dtype": "bfloat16"})),
-        Case("test_gpt2_copy", one({"merge_method": "passthrough", "models": [{"model": m["gpt2"]}], "dtype": "bfloat16"})),
-        Case("test_gpt2_stack", one({"merge_method": "passthrough", "slices": [{"sources": [{"model": m["gpt2"], "layer_range": [0, 12]}]}] * 2, "dtype": "bfloat16"}), validate="stack24"),
-        Case("test_passthrough_scale", one({"merge_method": "passthrough", "models": [{"model": a, "parameters": {"scale": [{"filter": "o_proj", "value": 0}, {"value": 1}]}}]}), validate="o_proj0"),
+        Case(
+            "test_granite_slerp",
+            one(
+                {
+                    "merge_method": "slerp",
+                    "base_model": ga,
+                    "models": [{"model": ga}, {"model": gb}],
+                    "parameters": {"t": 0.5},
+                    "dtype": "bfloat16",
+                }
+            ),
+        ),
+        Case(
+            "test_gpt2_copy",
+            one(
+                {
+                    "merge_method": "passthrough",
+                    "models": [{"model": m["gpt2"]}],
+                    "dtype": "bfloat16",
+                }
+            ),
+        ),
+        Case(
+            "test_gpt2_stack",
+            one(
+                {
+                    "merge_method": "passthrough",
+                    "slices": [{"sources": [{"model": m["gpt2"], "layer_range": [0, 12]}]}] * 2,
+                    "dtype": "bfloat16",
+                }
+            ),
+            validate="stack24",
+        ),
+        Case(
+            "test_passthrough_scale",
+            one(
+                {
+                    "merge_method": "passthrough",
+                    "models": [
+                        {
+                            "model": a,
+                            "parameters": {
+                                "scale": [{"filter": "o_proj", "value": 0}, {"value": 1}]
+                            },
+                        }
+                    ],
+                }
+            ),
+            validate="o_proj0",
+        ),
         Case("test_linear_merge", one(_two(a, b, "linear"))),
         Case("test_slerp_merge", one(slerp)),
         Case("test_nuslerp_merges", nus, labels=nus_labels),
@@ -170,11 +275,21 @@ def cases(m: dict[str, str]) -> list[Case]:
         Case("test_multislerp_merge", one(_two(a, b, "multislerp", c))),
         Case("test_dare_ties_merge", one(_two(a, b, "dare_ties", c, {"density": 0.66}))),
         Case("test_model_stock_merge", one(_two(b, c, "model_stock", a))),
-        Case("test_model_stock_filterwise_merge", one(_two(b, c, "model_stock", a, {"filter_wise": True}))),
+        Case(
+            "test_model_stock_filterwise_merge",
+            one(_two(b, c, "model_stock", a, {"filter_wise": True})),
+        ),
         Case("test_arcee_fusion_merge", one(_two(a, b, "arcee_fusion", a))),
         Case("test_nearswap_merge", one(_two(a, b, "nearswap", a, {"t": 0.0001}))),
-        Case("test_della_merge", one(_two(a, b, "della", c, {"density": 0.66, "epsilon": 0.05, "lambda": 0.5}))),
-        Case("test_della_invalid_epsilon", one(_two(a, b, "della", c, {"density": 0.66, "epsilon": 1.35, "lambda": 0.5})), mergekit_refuses=True),
+        Case(
+            "test_della_merge",
+            one(_two(a, b, "della", c, {"density": 0.66, "epsilon": 0.05, "lambda": 0.5})),
+        ),
+        Case(
+            "test_della_invalid_epsilon",
+            one(_two(a, b, "della", c, {"density": 0.66, "epsilon": 1.35, "lambda": 0.5})),
+            mergekit_refuses=True,
+        ),
         Case("test_karcher_merge", one(_two(a, b, "karcher", c, {"max_iter": 5, "tol": 1e-5}))),
         Case("test_linear_VLM_merge", one(_two(va, vb, "linear")), vlm=True),
         Case("test_slerp_VLM_merge", one(vslerp), vlm=True),
@@ -182,9 +297,17 @@ def cases(m: dict[str, str]) -> list[Case]:
         Case("test_task_arithmetic_VLM_merge", one(_two(va, vb, "task_arithmetic", vc)), vlm=True),
         Case("test_breadcrumbs_VLM_merge", one(_two(va, vb, "breadcrumbs", vc)), vlm=True),
         Case("test_ties_VLM_merge", one(_two(va, vb, "ties", vc, {"density": 0.3})), vlm=True),
-        Case("test_dare_ties_VLM_merge", one(_two(va, vb, "dare_ties", vc, {"density": 0.66})), vlm=True),
+        Case(
+            "test_dare_ties_VLM_merge",
+            one(_two(va, vb, "dare_ties", vc, {"density": 0.66})),
+            vlm=True,
+        ),
         Case("test_model_stock_VLM_merge", one(_two(vb, vc, "model_stock", va)), vlm=True),
-        Case("test_model_stock_filterwise_VLM_merge", one(_two(vb, vc, "model_stock", va, {"filter_wise": True})), vlm=True),
+        Case(
+            "test_model_stock_filterwise_VLM_merge",
+            one(_two(vb, vc, "model_stock", va, {"filter_wise": True})),
+            vlm=True,
+        ),
     ]
     assert len(out) == 33
     return out
@@ -194,9 +317,29 @@ def extra_cases(m: dict[str, str]) -> list[Case]:
     """Beyond mergekit's tests: a LLaVA merged with gradients, where each module's depth matters."""
     va, vb = m["vlm_a"], m["vlm_b"]
     grad = {"t": [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": [1.0, 0.25]}]}
-    slerp = {"merge_method": "slerp", "base_model": va, "models": [{"model": va}, {"model": vb}], "parameters": grad, "dtype": "bfloat16"}
-    lin = {"merge_method": "linear", "models": [{"model": va, "parameters": {"weight": [1.0, 0.2]}}, {"model": vb, "parameters": {"weight": [0.0, 0.8]}}], "dtype": "bfloat16"}
-    return [Case("extra_llava_gradients", (slerp, lin), vlm=True, labels=("slerp t gradient per filter", "linear weight gradients"))]
+    slerp = {
+        "merge_method": "slerp",
+        "base_model": va,
+        "models": [{"model": va}, {"model": vb}],
+        "parameters": grad,
+        "dtype": "bfloat16",
+    }
+    lin = {
+        "merge_method": "linear",
+        "models": [
+            {"model": va, "parameters": {"weight": [1.0, 0.2]}},
+            {"model": vb, "parameters": {"weight": [0.0, 0.8]}},
+        ],
+        "dtype": "bfloat16",
+    }
+    return [
+        Case(
+            "extra_llava_gradients",
+            (slerp, lin),
+            vlm=True,
+            labels=("slerp t gradient per filter", "linear weight gradients"),
+        )
+    ]
 
 
 @dataclass
@@ -209,7 +352,9 @@ class Run:
     em: Path
     mk: Path
     mk32: Path | None
-    text: tuple[Path, Path] | None = None  # mergekit on the language models alone (bf16, f32 compute)
+    text: tuple[Path, Path] | None = (
+        None  # mergekit on the language models alone (bf16, f32 compute)
+    )
     text_base: Path | None = None
     em_error: str | None = None
     digest: str | None = None
@@ -252,14 +397,27 @@ def run_all(root: Path, mk_python: str) -> Basic:
         The :class:`Basic` record.
     """
     models = build_models(root / "models")
-    text = {models[k]: text_only(models[k], root / "models" / f"text_{k}") for k in ("vlm_a", "vlm_b", "vlm_c")}
+    text = {
+        models[k]: text_only(models[k], root / "models" / f"text_{k}")
+        for k in ("vlm_a", "vlm_b", "vlm_c")
+    }
     jobs: list[dict[str, Any]] = []
     out: dict[str, tuple[Case, list[Run]]] = {}
 
-    def job(jid: str, recipe: dict[str, Any], dest: Path, check: list[Path], auto_arch: bool) -> None:
+    def job(
+        jid: str, recipe: dict[str, Any], dest: Path, check: list[Path], auto_arch: bool
+    ) -> None:
         y = root / f"{jid}.yml"
         y.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        jobs.append({"id": jid, "config": str(y), "out": str(dest), "check": [str(p) for p in check], "auto_arch": auto_arch})
+        jobs.append(
+            {
+                "id": jid,
+                "config": str(y),
+                "out": str(dest),
+                "check": [str(p) for p in check],
+                "auto_arch": auto_arch,
+            }
+        )
 
     for case in cases(models) + extra_cases(models):
         runs = []
@@ -268,7 +426,14 @@ def run_all(root: Path, mk_python: str) -> Basic:
             y = root / f"{cid}.yml"
             y.write_text(yaml.safe_dump(r, sort_keys=False))
             random = r["merge_method"] in RANDOM
-            run = Run(cid, r, y, root / f"{cid}_em", root / f"{cid}_mk", None if random else root / f"{cid}_mk32")
+            run = Run(
+                cid,
+                r,
+                y,
+                root / f"{cid}_em",
+                root / f"{cid}_mk",
+                None if random else root / f"{cid}_mk32",
+            )
             try:
                 run.digest = merge_to_disk(load_recipe(y), run.em, seed=0).digest
             except EvomergeError as e:
@@ -286,12 +451,30 @@ def run_all(root: Path, mk_python: str) -> Basic:
         out[case.name] = (case, runs)
 
     # mergekit's check of a source LLaVA itself, with the architecture it infers for a LLaVA recipe.
-    jobs.append({"id": "source:vlm_a", "config": str(root / "test_linear_VLM_merge.0.yml"), "out": None, "check": [models["vlm_a"]], "auto_arch": True})
+    jobs.append(
+        {
+            "id": "source:vlm_a",
+            "config": str(root / "test_linear_VLM_merge.0.yml"),
+            "out": None,
+            "check": [models["vlm_a"]],
+            "auto_arch": True,
+        }
+    )
     halves = [jobs[0::2], jobs[1::2]]
 
     def mergekit(k: int) -> dict[str, Any]:
         (root / f"jobs{k}.json").write_text(json.dumps(halves[k]))
-        proc = subprocess.run([mk_python, str(Path(__file__).with_name("_mergekit_runner.py")), str(root / f"jobs{k}.json"), str(root / f"results{k}.json")], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        proc = subprocess.run(
+            [
+                mk_python,
+                str(Path(__file__).with_name("_mergekit_runner.py")),
+                str(root / f"jobs{k}.json"),
+                str(root / f"results{k}.json"),
+            ],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"mergekit's runner failed: {proc.stderr[-3000:]}")
         return json.loads((root / f"results{k}.json").read_text())
@@ -300,6 +483,10 @@ def run_all(root: Path, mk_python: str) -> Basic:
         results = {k: v for part in pool.map(mergekit, (0, 1)) for k, v in part.items()}
     for _, runs in out.values():
         for run in runs:
-            run.results = {k.removeprefix(run.cid): v for k, v in results.items() if k == run.cid or k.startswith(run.cid + ".")}
+            run.results = {
+                k.removeprefix(run.cid): v
+                for k, v in results.items()
+                if k == run.cid or k.startswith(run.cid + ".")
+            }
     (source_check,) = results["source:vlm_a"]["checks"].values()
     return Basic(out, source_check, Path(models["vlm_a"]))

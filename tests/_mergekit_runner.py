@@ -49,7 +49,11 @@ def _check(path: str, config, auto_arch: bool) -> dict:
         if loader.get_tensor(name).view(-1).isnan().any():
             problems.append(f"NaN in {name}")
     model_config = AutoConfig.from_pretrained(path)
-    arch = get_architecture_info(config, MergeOptions()) if auto_arch else arch_info_for_config(model_config)
+    arch = (
+        get_architecture_info(config, MergeOptions())
+        if auto_arch
+        else arch_info_for_config(model_config)
+    )
     missing, strict = [], []
     if arch is None:
         problems.append(f"mergekit knows no architecture for {model_config.architectures}")
@@ -76,7 +80,13 @@ def main(jobs_file: str, results_file: str) -> None:
         res: dict = {"error": None, "checks": {}}
         if job.get("out"):
             try:
-                run_merge(config, out_path=job["out"], options=MergeOptions(random_seed=0, copy_tokenizer=False, write_model_card=False, quiet=True))
+                run_merge(
+                    config,
+                    out_path=job["out"],
+                    options=MergeOptions(
+                        random_seed=0, copy_tokenizer=False, write_model_card=False, quiet=True
+                    ),
+                )
                 # run_merge rewrites the recipe as the modules it planned: the modules: form to_yaml() writes.
                 res["modules_yaml"] = config.to_yaml()
             except Exception as e:  # recorded: the test decides whether a refusal was expected

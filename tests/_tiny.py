@@ -19,7 +19,13 @@ LLAMA = dict(
 )
 
 
-def make_tiny(path: Path, seed: int = 0, arch: str = "llama", dtype: torch.dtype = torch.float32, **overrides: Any) -> Path:
+def make_tiny(
+    path: Path,
+    seed: int = 0,
+    arch: str = "llama",
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> Path:
     """Save a randomly initialised tiny causal LM of the given architecture to ``path``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -57,6 +63,9 @@ def perturbed(base: Path, path: Path, seed: int, scale: float = 0.05) -> Path:
     g = torch.Generator().manual_seed(seed)
     for f in base.glob("*.safetensors"):
         sd = load_file(f)
-        out = {k: (v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in sd.items()}
+        out = {
+            k: (v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype)
+            for k, v in sd.items()
+        }
         save_file(out, path / f.name, metadata={"format": "pt"})
     return path

@@ -11,10 +11,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pytest  # noqa: E402
 from _tiny import make_tiny, perturbed  # noqa: E402,F401
 from _zoo_fixture import micro_zoo  # noqa: E402,F401
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -32,9 +31,13 @@ def tiny_family(tmp_path_factory):
 # test_search's runner script. test_mergekit_compat.py marks itself; the rest are named below.
 _RUNS_A_SEARCH = re.compile(r"\brun_search\(|\bRUNNER\b|\b_runner\(")
 _ALSO_SLOW = {  # file: test or fixture names
-    "test_flags.py": {"test_study_flag_with_real_lm_eval_configs"},  # indexes all of lm-eval's tasks (~7 s)
+    "test_flags.py": {
+        "test_study_flag_with_real_lm_eval_configs"
+    },  # indexes all of lm-eval's tasks (~7 s)
     "test_probe.py": {"family"},  # fine-tunes two models for the probe (~5 s)
-    "test_search_failures.py": {"test_a_model_without_tokenizer_files_is_one_line_before_any_output"},  # builds lm-eval's task index (~7 s)
+    "test_search_failures.py": {
+        "test_a_model_without_tokenizer_files_is_one_line_before_any_output"
+    },  # builds lm-eval's task index (~7 s)
 }
 
 
@@ -52,5 +55,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         named = _ALSO_SLOW.get(item.path.name, set())
-        if "micro_zoo" in fixtures or _runs_a_search(item) or named & (fixtures | {getattr(item, "originalname", item.name)}):
+        if (
+            "micro_zoo" in fixtures
+            or _runs_a_search(item)
+            or named & (fixtures | {getattr(item, "originalname", item.name)})
+        ):
             item.add_marker(pytest.mark.slow)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from evomerge.engine import METHODS
+from evomerge.engine.inputs import PrepCache, TensorInputs
 from evomerge.engine.kernels import compiled
 from evomerge.engine.kernels.methods import kernel_for
-from evomerge.engine.inputs import PrepCache, TensorInputs
 
 
 @pytest.fixture(autouse=True)
@@ -45,22 +45,50 @@ def _inputs(n: int, dtype: torch.dtype, seed: int = 0, k: int = 3) -> list[torch
     base[64:128] = -0.0
     xs = [base]
     for j in range(k):
-        d = torch.randint(-4, 5, (n,), generator=g).float() * 0.125 if j == 0 else 0.05 * torch.randn(n, generator=g)
+        d = (
+            torch.randint(-4, 5, (n,), generator=g).float() * 0.125
+            if j == 0
+            else 0.05 * torch.randn(n, generator=g)
+        )
         d[: 32 * (j + 1)] = 0.0
         xs.append(base + d)
     return [x.to(dtype) for x in xs]
 
 
-def _run(method: str, xs: list[torch.Tensor], per: dict[str, Any], shared: dict[str, Any], *, use_compiled: bool, out_dtype: torch.dtype, cache: PrepCache | None = None) -> tuple[torch.Tensor, bool | None]:
+def _run(
+    method: str,
+    xs: list[torch.Tensor],
+    per: dict[str, Any],
+    shared: dict[str, Any],
+    *,
+    use_compiled: bool,
+    out_dtype: torch.dtype,
+    cache: PrepCache | None = None,
+) -> tuple[torch.Tensor, bool | None]:
     m = METHODS[method]
     sh = {p.name: p.default for p in m.params if p.scope == "shared"}
     sh.update(shared)
     per_input = []
     for i in range(len(xs)):
-        d = {p.name: p.default for p in m.params if p.scope == "input" or (p.scope == "non_base" and i != 0)}
+        d = {
+            p.name: p.default
+            for p in m.params
+            if p.scope == "input" or (p.scope == "non_base" and i != 0)
+        }
         d.update({k: v[i - 1] if isinstance(v, list) else v for k, v in per.items()} if i else {})
         per_input.append(d)
-    inp = TensorInputs("model.layers.0.mlp.up_proj.weight", xs, [("m", i) for i in range(len(xs))], 0, sh, per_input, 5, cache, out_dtype=out_dtype, compiled=use_compiled)
+    inp = TensorInputs(
+        "model.layers.0.mlp.up_proj.weight",
+        xs,
+        [("m", i) for i in range(len(xs))],
+        0,
+        sh,
+        per_input,
+        5,
+        cache,
+        out_dtype=out_dtype,
+        compiled=use_compiled,
+    )
     with torch.no_grad():
         out = kernel_for(m)(inp)
     return out, inp.finite
@@ -72,14 +100,20 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 CASES = [
     ("ties", {"weight": [0.5, 0.3, 0.9], "density": [0.5, 0.37, 0.8]}, {}),
-    ("ties", {"weight": [1.0, -0.4, 0.7], "density": [1.0, 0.2, 0.6]}, {"normalize": False, "lambda": 0.8}),
+    (
+        "ties",
+        {"weight": [1.0, -0.4, 0.7], "density": [1.0, 0.2, 0.6]},
+        {"normalize": False, "lambda": 0.8},
+    ),
     ("dare_ties", {"weight": [0.5, 0.3, 0.9], "density": [0.5, 0.37, 1.0]}, {}),
     ("dare_linear", {"weight": [0.5, 0.3, 0.9], "density": [0.3, 0.6, 0.9]}, {"lambda": 1.3}),
     ("task_arithmetic", {"weight": [0.5, 0.3, 0.9]}, {"normalize": True}),
 ]
 
 
-@pytest.mark.parametrize("method,per,shared", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "method,per,shared", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)]
+)
 @needs_compiler
 def test_compiled_equals_chunked_bit_for_bit(method, per, shared):
     xs = _inputs(200_003, torch.float32)
@@ -110,7 +144,9 @@ def test_compiled_ties_reads_cached_order_and_bf16_sources():
 def test_non_finite_output_is_reported():
     xs = _inputs(4096, torch.float32)
     xs[2][7] = float("inf")
-    _, finite = _run("ties", xs, {"weight": 1.0, "density": 1.0}, {}, use_compiled=True, out_dtype=torch.float32)
+    _, finite = _run(
+        "ties", xs, {"weight": 1.0, "density": 1.0}, {}, use_compiled=True, out_dtype=torch.float32
+    )
     assert finite is False
 
 
@@ -137,19 +173,30 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch, capsys):
 def test_resident_search_merges_equal_disk_merges(tiny_family, tmp_path):
     # The search's path end to end: a resident merger (compiled kernels on by default on CPU)
     # re-merging with new densities and weights, against fresh `evomerge merge` runs to disk.
-    from evomerge.recipe.schema import load_recipe
     from evomerge.engine import Merger, merge_to_disk, open_sources
+    from evomerge.recipe.schema import load_recipe
 
     base, models = tiny_family
-    merger = Merger(open_sources([str(base), *map(str, models)]), seed=4, resident=True, cache_bytes=1 << 26)
+    merger = Merger(
+        open_sources([str(base), *map(str, models)]), seed=4, resident=True, cache_bytes=1 << 26
+    )
     assert merger.compile
     model = None
-    for method, density, weights in (("ties", 0.5, (0.5, 0.3, 0.9)), ("ties", 0.3, (1.0, 0.2, 0.4)), ("dare_ties", 0.6, (0.5, 0.5, 0.5)), ("dare_linear", 0.4, (0.2, 0.7, 0.3))):
+    for method, density, weights in (
+        ("ties", 0.5, (0.5, 0.3, 0.9)),
+        ("ties", 0.3, (1.0, 0.2, 0.4)),
+        ("dare_ties", 0.6, (0.5, 0.5, 0.5)),
+        ("dare_linear", 0.4, (0.2, 0.7, 0.3)),
+    ):
         cfg = load_recipe(
             {
                 "merge_method": method,
                 "base_model": str(base),
-                "models": [{"model": str(base)}] + [{"model": str(m), "parameters": {"weight": w, "density": density}} for m, w in zip(models, weights)],
+                "models": [{"model": str(base)}]
+                + [
+                    {"model": str(m), "parameters": {"weight": w, "density": density}}
+                    for m, w in zip(models, weights, strict=False)
+                ],
                 "dtype": "float32",
                 "out_dtype": "bfloat16",
             }

@@ -16,24 +16,36 @@ def _one_line_error(capsys, *argv: str) -> str:
 
 
 @pytest.mark.parametrize("verb", [["search"], ["results"], ["report"], ["export", "-o", "x.yml"]])
-@pytest.mark.parametrize("text, words", [("- a\n- b\n", "got list"), ("", "got NoneType"), ("just a string\n", "got str")])
+@pytest.mark.parametrize(
+    "text, words",
+    [("- a\n- b\n", "got list"), ("", "got NoneType"), ("just a string\n", "got str")],
+)
 def test_a_space_that_is_valid_yaml_but_not_a_mapping(tmp_path, capsys, verb, text, words):
     space = tmp_path / "space.yml"
     space.write_text(text)
-    err = _one_line_error(capsys, verb[0], str(space), *verb[1:], "--results-dir", str(tmp_path / "r"))
+    err = _one_line_error(
+        capsys, verb[0], str(space), *verb[1:], "--results-dir", str(tmp_path / "r")
+    )
     assert str(space) in err and "must be a mapping" in err and words in err
     assert not (tmp_path / "r").exists() and not (tmp_path / "x.yml").exists()
 
 
-@pytest.mark.parametrize("url, words", [
-    ("nonsense", "Could not parse SQLAlchemy URL"),
-    ("postgresql://u@127.0.0.1:1/x", "pip install 'psycopg[binary]'"),
-    ("sqlite:///{tmp}/not_a_db.db", "file is not a database"),
-    ("sqlite:///{tmp}/a_folder", "unable to open database file"),
-    ("sqlite:///{tmp}/missing/x.db", "does not exist"),
-])
-@pytest.mark.parametrize("verb", ["results", "report"])  # search: test_search.py (Search with a fake evaluator)
-def test_a_bad_storage_is_one_line_and_writes_nothing(tmp_path, tiny_family, capsys, url, words, verb):
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("nonsense", "Could not parse SQLAlchemy URL"),
+        ("postgresql://u@127.0.0.1:1/x", "pip install 'psycopg[binary]'"),
+        ("sqlite:///{tmp}/not_a_db.db", "file is not a database"),
+        ("sqlite:///{tmp}/a_folder", "unable to open database file"),
+        ("sqlite:///{tmp}/missing/x.db", "does not exist"),
+    ],
+)
+@pytest.mark.parametrize(
+    "verb", ["results", "report"]
+)  # search: test_search.py (Search with a fake evaluator)
+def test_a_bad_storage_is_one_line_and_writes_nothing(
+    tmp_path, tiny_family, capsys, url, words, verb
+):
     base, fts = tiny_family
     space = write_space(tmp_path / "space.yml", base, fts)
     (tmp_path / "not_a_db.db").write_text("this is not SQLite\n")
@@ -47,7 +59,9 @@ def test_a_bad_storage_is_one_line_and_writes_nothing(tmp_path, tiny_family, cap
             pass
     url = url.format(tmp=tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
-    err = _one_line_error(capsys, verb, str(space), "--storage", url, "--results-dir", str(tmp_path / "r"))
+    err = _one_line_error(
+        capsys, verb, str(space), "--storage", url, "--results-dir", str(tmp_path / "r")
+    )
     assert "--storage" in err and words in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
@@ -60,11 +74,36 @@ def test_export_of_a_missing_trial_and_onto_a_folder(tmp_path, tiny_family, caps
     base, fts = tiny_family
     space = write_space(tmp_path / "space.yml", base, fts, trials=2, finalists=1)
     results = tmp_path / "r"
-    run_search(space, evaluator=TaskVectorEvaluator(base, fts), results_dir=results, quiet=True, log=lambda m: None)
-    err = _one_line_error(capsys, "export", str(space), "--results-dir", str(results), "--trial", "99", "-o", str(tmp_path / "b.yml"))
+    run_search(
+        space,
+        evaluator=TaskVectorEvaluator(base, fts),
+        results_dir=results,
+        quiet=True,
+        log=lambda m: None,
+    )
+    err = _one_line_error(
+        capsys,
+        "export",
+        str(space),
+        "--results-dir",
+        str(results),
+        "--trial",
+        "99",
+        "-o",
+        str(tmp_path / "b.yml"),
+    )
     assert "has no trial 99" in err
     (tmp_path / "folder").mkdir()
-    err = _one_line_error(capsys, "export", str(space), "--results-dir", str(results), "-o", str(tmp_path / "folder"), "--force")
+    err = _one_line_error(
+        capsys,
+        "export",
+        str(space),
+        "--results-dir",
+        str(results),
+        "-o",
+        str(tmp_path / "folder"),
+        "--force",
+    )
     assert "is a directory" in err
     assert not (tmp_path / "b.yml").exists()
 
@@ -94,7 +133,10 @@ def test_a_storage_that_fails_mid_run_is_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "_run", locked)
     err = _one_line_error(capsys, "results", "space.yml")
-    assert "the study's storage failed: OperationalError: database is locked" in err and "resumes" in err
+    assert (
+        "the study's storage failed: OperationalError: database is locked" in err
+        and "resumes" in err
+    )
     monkeypatch.setattr(cli, "_run", lambda args: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # anything else is a bug, with its traceback
         cli.main(["results", "space.yml"])

@@ -28,12 +28,26 @@ def write(tmp: Path, recipe: Any, name: str = "recipe.yml") -> Path:
 
 def lin(models: list[Path], weights: list[float] | None = None, **top: Any) -> dict[str, Any]:
     weights = weights if weights is not None else [1.0] * len(models)
-    r: dict[str, Any] = {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights, strict=True)]}
+    r: dict[str, Any] = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(m), "parameters": {"weight": w}}
+            for m, w in zip(models, weights, strict=True)
+        ],
+    }
     r.update(top)
     return r
 
 
-def refuse(tmp: Path, recipe: Any, capsys: pytest.CaptureFixture[str], *must: str, extra: list[str] | None = None, out: Path | None = None, recipe_path: Path | None = None) -> str:
+def refuse(
+    tmp: Path,
+    recipe: Any,
+    capsys: pytest.CaptureFixture[str],
+    *must: str,
+    extra: list[str] | None = None,
+    out: Path | None = None,
+    recipe_path: Path | None = None,
+) -> str:
     """Run the CLI; check exit 2, one line without a traceback that holds every ``must``, and no output."""
     path = recipe_path if recipe_path is not None else write(tmp, recipe)
     out = out if out is not None else tmp / "out"
@@ -54,6 +68,7 @@ def refuse(tmp: Path, recipe: Any, capsys: pytest.CaptureFixture[str], *must: st
 
 
 # --- damaged model directories -------------------------------------------------------------
+
 
 def _header(f: Path) -> tuple[int, dict[str, Any], bytes]:
     b = f.read_bytes()
@@ -107,7 +122,9 @@ def offsets_past_end(d: Path) -> Path:
     # A header that lies: the last tensor's data reaches 4 KB past the end of the file.
     f = d / "model.safetensors"
     _, header, data = _header(f)
-    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    last = max(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1]
+    )
     header[last]["data_offsets"][1] += 4096
     f.write_bytes(_pack(header, data))
     return f
@@ -142,9 +159,17 @@ def _shard(d: Path) -> dict[str, str]:
     (d / "model.safetensors").unlink()
     names = sorted(sd)
     first, second = names[: len(names) // 2], names[len(names) // 2 :]
-    save_file({k: sd[k] for k in first}, d / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
-    save_file({k: sd[k] for k in second}, d / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
-    return {k: "model-00001-of-00002.safetensors" for k in first} | {k: "model-00002-of-00002.safetensors" for k in second}
+    save_file(
+        {k: sd[k] for k in first}, d / "model-00001-of-00002.safetensors", metadata={"format": "pt"}
+    )
+    save_file(
+        {k: sd[k] for k in second},
+        d / "model-00002-of-00002.safetensors",
+        metadata={"format": "pt"},
+    )
+    return {k: "model-00001-of-00002.safetensors" for k in first} | {
+        k: "model-00002-of-00002.safetensors" for k in second
+    }
 
 
 def missing_shard(d: Path) -> Path:
@@ -222,7 +247,14 @@ def test_damaged_model(damage, tiny_family, tmp_path, capsys):
     shutil.copytree(models[0], broken)
     bad_file = damage(broken)
     # The output's parents do not exist yet: a refused merge must not create them either.
-    line = refuse(tmp_path, lin([base, broken]), capsys, str(bad_file), BREAKS[damage], out=tmp_path / "new" / "out")
+    line = refuse(
+        tmp_path,
+        lin([base, broken]),
+        capsys,
+        str(bad_file),
+        BREAKS[damage],
+        out=tmp_path / "new" / "out",
+    )
     assert line.count(str(bad_file)) == 1
 
 
@@ -232,7 +264,14 @@ def test_damaged_bin_checkpoint(tiny_family, tmp_path, capsys):
     shutil.copytree(models[0], broken)
     (broken / "model.safetensors").unlink()
     (broken / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not really a zip")
-    refuse(tmp_path, lin([base, broken]), capsys, str(broken / "pytorch_model.bin"), "not a readable PyTorch checkpoint", extra=["--allow-bin"])
+    refuse(
+        tmp_path,
+        lin([base, broken]),
+        capsys,
+        str(broken / "pytorch_model.bin"),
+        "not a readable PyTorch checkpoint",
+        extra=["--allow-bin"],
+    )
 
 
 def test_damage_is_found_when_opening(tiny_family, tmp_path):
@@ -249,12 +288,20 @@ def test_damage_is_found_when_opening(tiny_family, tmp_path):
 
 # --- output directory ------------------------------------------------------------------------
 
+
 def test_output_is_a_file(tiny_family, tmp_path, capsys):
     base, models = tiny_family
     (tmp_path / "taken").write_text("x")
     refuse(tmp_path, lin(models[:2]), capsys, "taken", "not a directory", out=tmp_path / "taken")
     assert (tmp_path / "taken").read_text() == "x"
-    refuse(tmp_path, lin(models[:2]), capsys, str(tmp_path / "taken"), "is a file, not a directory", out=tmp_path / "taken" / "sub" / "out")
+    refuse(
+        tmp_path,
+        lin(models[:2]),
+        capsys,
+        str(tmp_path / "taken"),
+        "is a file, not a directory",
+        out=tmp_path / "taken" / "sub" / "out",
+    )
 
 
 def test_output_not_writable(tiny_family, tmp_path, capsys, monkeypatch):
@@ -263,7 +310,9 @@ def test_output_not_writable(tiny_family, tmp_path, capsys, monkeypatch):
     locked.mkdir()
     if os.geteuid() == 0:  # root may write anywhere: pretend the permission is missing
         real = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real(p, mode, **kw))
+        monkeypatch.setattr(
+            os, "access", lambda p, mode, **kw: False if Path(p) == locked else real(p, mode, **kw)
+        )
     else:
         locked.chmod(0o500)
     try:
@@ -293,19 +342,41 @@ def test_write_fails_midway(tiny_family, tmp_path, capsys, monkeypatch):
 
 # --- flags -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("size,message", [
-    ("abc", "cannot read 'abc'"), ("0", "must be a positive size"), ("-5", "must be a positive size"),
-    ("5B", "ambiguous"), ("1e400G", "cannot read"), ("", "cannot read"),
-])
+
+@pytest.mark.parametrize(
+    "size,message",
+    [
+        ("abc", "cannot read 'abc'"),
+        ("0", "must be a positive size"),
+        ("-5", "must be a positive size"),
+        ("5B", "ambiguous"),
+        ("1e400G", "cannot read"),
+        ("", "cannot read"),
+    ],
+)
 def test_bad_shard_size(size, message, tiny_family, tmp_path, capsys):
     base, models = tiny_family
-    refuse(tmp_path, lin(models[:2]), capsys, "--out-shard-size", message, extra=["--out-shard-size", size])
+    refuse(
+        tmp_path,
+        lin(models[:2]),
+        capsys,
+        "--out-shard-size",
+        message,
+        extra=["--out-shard-size", size],
+    )
 
 
-@pytest.mark.parametrize("device,message", [
-    ("tpu", "not a device"), ("", "not a device"), ("cuda:x", "not a device"),
-    ("meta", "cpu or cuda"), ("mps", "cpu or cuda"), ("cuda:99", "cuda"),
-])
+@pytest.mark.parametrize(
+    "device,message",
+    [
+        ("tpu", "not a device"),
+        ("", "not a device"),
+        ("cuda:x", "not a device"),
+        ("meta", "cpu or cuda"),
+        ("mps", "cpu or cuda"),
+        ("cuda:99", "cuda"),
+    ],
+)
 def test_bad_device(device, message, tiny_family, tmp_path, capsys):
     base, models = tiny_family
     refuse(tmp_path, lin(models[:2]), capsys, "--device", message, extra=["--device", device])
@@ -314,18 +385,29 @@ def test_bad_device(device, message, tiny_family, tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_gpu(tiny_family, tmp_path, capsys):
     base, models = tiny_family
-    refuse(tmp_path, lin(models[:2]), capsys, "--device cuda", "no CUDA device", extra=["--device", "cuda"])
+    refuse(
+        tmp_path,
+        lin(models[:2]),
+        capsys,
+        "--device cuda",
+        "no CUDA device",
+        extra=["--device", "cuda"],
+    )
 
 
 # --- recipe files ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,message", [
-    ("- linear\n- ties\n", "must be a mapping"),
-    ("42\n", "must be a mapping"),
-    ("linear\n", "must be a mapping"),
-    ("", "empty recipe"),
-    ("# only a comment\n", "empty recipe"),
-])
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("- linear\n- ties\n", "must be a mapping"),
+        ("42\n", "must be a mapping"),
+        ("linear\n", "must be a mapping"),
+        ("", "empty recipe"),
+        ("# only a comment\n", "empty recipe"),
+    ],
+)
 def test_recipe_not_a_mapping(text, message, tmp_path, capsys):
     path = write(tmp_path, text)
     refuse(tmp_path, None, capsys, str(path), message, recipe_path=path)
@@ -335,27 +417,56 @@ def test_recipe_unreadable(tmp_path, capsys):
     binary = tmp_path / "binary.yml"
     binary.write_bytes(b"\xff\xfe\x00merge_method")
     refuse(tmp_path, None, capsys, str(binary), "not UTF-8", recipe_path=binary)
-    refuse(tmp_path, None, capsys, str(tmp_path / "missing.yml"), "cannot read recipe", recipe_path=tmp_path / "missing.yml")
+    refuse(
+        tmp_path,
+        None,
+        capsys,
+        str(tmp_path / "missing.yml"),
+        "cannot read recipe",
+        recipe_path=tmp_path / "missing.yml",
+    )
     (tmp_path / "adir.yml").mkdir()
-    refuse(tmp_path, None, capsys, str(tmp_path / "adir.yml"), "cannot read recipe", recipe_path=tmp_path / "adir.yml")
+    refuse(
+        tmp_path,
+        None,
+        capsys,
+        str(tmp_path / "adir.yml"),
+        "cannot read recipe",
+        recipe_path=tmp_path / "adir.yml",
+    )
 
 
 # --- weights that cancel out -----------------------------------------------------------------
 
-@pytest.mark.parametrize("method,weights,shown", [
-    ("linear", [1.0, -1.0], "(1, -1) sum to 0"),
-    ("linear", [0.0, 0.0], "(0, 0) sum to 0"),
-    ("linear", [0.1, 0.2, -0.3], "(0.1, 0.2, -0.3) sum to 5.55112e-17"),
-    ("multislerp", [1.0, -1.0], "(1, -1) sum to 0"),
-])
+
+@pytest.mark.parametrize(
+    "method,weights,shown",
+    [
+        ("linear", [1.0, -1.0], "(1, -1) sum to 0"),
+        ("linear", [0.0, 0.0], "(0, 0) sum to 0"),
+        ("linear", [0.1, 0.2, -0.3], "(0.1, 0.2, -0.3) sum to 5.55112e-17"),
+        ("multislerp", [1.0, -1.0], "(1, -1) sum to 0"),
+    ],
+)
 def test_zero_weight_sum_is_refused(method, weights, shown, tiny_family, tmp_path, capsys):
     base, models = tiny_family
     path = write(tmp_path, lin(models[: len(weights)], weights, merge_method=method))
-    line = refuse(tmp_path, None, capsys, str(path), "tensor model.", f"{method}: the weights {shown}", "normalize", recipe_path=path)
+    line = refuse(
+        tmp_path,
+        None,
+        capsys,
+        str(path),
+        "tensor model.",
+        f"{method}: the weights {shown}",
+        "normalize",
+        recipe_path=path,
+    )
     assert "set normalize" in line
 
 
-def _merge(tmp: Path, recipe: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> dict[str, torch.Tensor]:
+def _merge(
+    tmp: Path, recipe: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> dict[str, torch.Tensor]:
     out = tmp / "merged"
     code = main(["merge", str(write(tmp, recipe)), str(out)])
     assert code == 0, capsys.readouterr().err
@@ -381,23 +492,44 @@ def test_tiny_weights_that_do_not_cancel_still_normalize(tiny_family, tmp_path, 
 def test_task_arithmetic_zero_sum_divides_by_one(tiny_family, tmp_path, capsys):
     """mergekit's rule for the task-vector family: a weight sum of 0 divides by 1."""
     base, models = tiny_family
-    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "parameters": {"normalize": True},
-              "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models[:2], [1.0, -1.0], strict=True)]}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "parameters": {"normalize": True},
+        "models": [
+            {"model": str(m), "parameters": {"weight": w}}
+            for m, w in zip(models[:2], [1.0, -1.0], strict=True)
+        ],
+    }
     merged = _merge(tmp_path, recipe, capsys)
     x0, a, b = (load_file(p / "model.safetensors") for p in (base, models[0], models[1]))
     for name, t in merged.items():
-        torch.testing.assert_close(t, x0[name] + (a[name] - x0[name]) - (b[name] - x0[name]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            t, x0[name] + (a[name] - x0[name]) - (b[name] - x0[name]), rtol=1e-5, atol=1e-6
+        )
 
 
-@pytest.mark.parametrize("method,params", [
-    ("ties", {"density": 0.5}), ("dare_linear", {"density": 0.5}), ("della", {"density": 0.5, "epsilon": 0.1}),
-    ("breadcrumbs", {"density": 0.8, "gamma": 0.05}), ("nuslerp", {}),
-])
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("ties", {"density": 0.5}),
+        ("dare_linear", {"density": 0.5}),
+        ("della", {"density": 0.5, "epsilon": 0.1}),
+        ("breadcrumbs", {"density": 0.8, "gamma": 0.05}),
+        ("nuslerp", {}),
+    ],
+)
 def test_cancelling_weights_of_other_methods_merge(method, params, tiny_family, tmp_path, capsys):
     """The other methods that divide by a weight sum follow mergekit's guards: finite output."""
     base, models = tiny_family
-    recipe: dict[str, Any] = {"merge_method": method, "base_model": str(base),
-                              "models": [{"model": str(m), "parameters": {"weight": w, **params}} for m, w in zip(models[:2], [1.0, -1.0], strict=True)]}
+    recipe: dict[str, Any] = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [
+            {"model": str(m), "parameters": {"weight": w, **params}}
+            for m, w in zip(models[:2], [1.0, -1.0], strict=True)
+        ],
+    }
     if method != "nuslerp":
         recipe["parameters"] = {"normalize": True}
     merged = _merge(tmp_path, recipe, capsys)

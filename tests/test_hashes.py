@@ -30,12 +30,19 @@ def test_row_sums_are_the_weighted_sums_of_16_bit_words():
     want = []
     for r0 in range(0, len(words), ROW):
         row = words[r0 : r0 + ROW]
-        want.append([sum(x * w[j][0] for j, x in enumerate(row)), sum(x * w[j][1] for j, x in enumerate(row))])
+        want.append(
+            [
+                sum(x * w[j][0] for j, x in enumerate(row)),
+                sum(x * w[j][1] for j, x in enumerate(row)),
+            ]
+        )
     assert row_sums(t).tolist() == want
     # float32: two words per entry (little-endian halves); int8: one byte each
     f = torch.tensor([1.5, -2.0])
     lo_hi = struct.unpack("<4h", f.numpy().tobytes())
-    assert row_sums(f).tolist() == [[sum(x * _weights(j)[k] for j, x in enumerate(lo_hi)) for k in (0, 1)]]
+    assert row_sums(f).tolist() == [
+        [sum(x * _weights(j)[k] for j, x in enumerate(lo_hi)) for k in (0, 1)]
+    ]
     b = torch.tensor([3, 250], dtype=torch.uint8)
     assert row_sums(b).tolist() == [[3 * _weights(0)[k] + 250 * _weights(1)[k] for k in (0, 1)]]
 
@@ -80,14 +87,30 @@ def test_any_changed_bit_name_shape_or_dtype_changes_the_fingerprint():
 
 def test_a_fingerprint_merger_matches_the_saved_model(tiny_family, tmp_path):
     base, fts = tiny_family
-    cfg = load_recipe({"merge_method": "ties", "base_model": str(base), "dtype": "float32", "out_dtype": "bfloat16",
-                       "models": [{"model": str(f), "parameters": {"weight": 0.5, "density": 0.5}} for f in fts]})
+    cfg = load_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": str(base),
+            "dtype": "float32",
+            "out_dtype": "bfloat16",
+            "models": [
+                {"model": str(f), "parameters": {"weight": 0.5, "density": 0.5}} for f in fts
+            ],
+        }
+    )
     disk = merge_to_disk(cfg, tmp_path / "m", fingerprint=True)
     assert is_fingerprint(disk.fingerprint) and not is_fingerprint(disk.digest)
     assert disk.fingerprint == digest_model_dir(tmp_path / "m", kind="fingerprint")
     assert disk.digest == digest_model_dir(tmp_path / "m")
-    merger = Merger(open_sources([str(base), *map(str, fts)]), resident=True, digest="fingerprint", compile=False)
-    assert Merger(open_sources([str(base)]), digest="auto").digest_kind == "sha256"  # CPU: sha256 is faster there
+    merger = Merger(
+        open_sources([str(base), *map(str, fts)]),
+        resident=True,
+        digest="fingerprint",
+        compile=False,
+    )
+    assert (
+        Merger(open_sources([str(base)]), digest="auto").digest_kind == "sha256"
+    )  # CPU: sha256 is faster there
     plan = merger.plan(cfg)
     got = merger.merge_into(merger.build_model(plan), plan)
     assert got.digest == disk.fingerprint
@@ -95,7 +118,9 @@ def test_a_fingerprint_merger_matches_the_saved_model(tiny_family, tmp_path):
         Merger({}, digest="md5")
 
 
-def test_export_checks_a_fingerprinted_trial_and_names_the_stream(tiny_family, tmp_path, monkeypatch):
+def test_export_checks_a_fingerprinted_trial_and_names_the_stream(
+    tiny_family, tmp_path, monkeypatch
+):
     # A CUDA search records fingerprints; here a CPU merger is told to, as it would be there.
     import functools
 
@@ -108,18 +133,53 @@ def test_export_checks_a_fingerprinted_trial_and_names_the_stream(tiny_family, t
     monkeypatch.setattr(setup, "Merger", functools.partial(Merger, digest="fingerprint"))
     base, fts = tiny_family
     space = tmp_path / "s.yml"
-    space.write_text(yaml.safe_dump({
-        "merge_method": "dare_ties", "base_model": str(base), "dtype": "float32",
-        "models": [{"model": str(f), "parameters": {"weight": 0.5, "density": {"range": [0.3, 0.7]}}} for f in fts[:2]],
-        "search": {"trials": 2, "seed": 3, "finalists": 1, "sampler": "random"},
-    }, sort_keys=False))
-    out = run_search(space, evaluator=TaskVectorEvaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "dare_ties",
+                "base_model": str(base),
+                "dtype": "float32",
+                "models": [
+                    {
+                        "model": str(f),
+                        "parameters": {"weight": 0.5, "density": {"range": [0.3, 0.7]}},
+                    }
+                    for f in fts[:2]
+                ],
+                "search": {"trials": 2, "seed": 3, "finalists": 1, "sampler": "random"},
+            },
+            sort_keys=False,
+        )
+    )
+    out = run_search(
+        space,
+        evaluator=TaskVectorEvaluator(base, fts),
+        results_dir=tmp_path / "r",
+        quiet=True,
+        log=lambda m: None,
+    )
     df = load_trials(out.paths.csv)
     number = int(df.loc[df["baseline"] == "", "number"].iloc[0])
     digest = df.loc[df["number"] == number, "digest"].iloc[0]
     assert is_fingerprint(digest)
     best = tmp_path / "best.yml"
-    assert main(["export", str(space), "--results-dir", str(tmp_path / "r"), "--trial", str(number), "-o", str(best), "--merge", str(tmp_path / "m")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(space),
+                "--results-dir",
+                str(tmp_path / "r"),
+                "--trial",
+                str(number),
+                "-o",
+                str(best),
+                "--merge",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
     assert "# evomerge-seed: 3 stream 2" in best.read_text()
     assert digest_model_dir(tmp_path / "m", kind="fingerprint") == digest
     # A study made before streams were named records none: its exports say stream 1.
@@ -129,5 +189,19 @@ def test_export_checks_a_fingerprinted_trial_and_names_the_stream(tiny_family, t
     assert study.user_attrs["stream"] == 2
     study.set_user_attr("stream", None)
     old = tmp_path / "old.yml"
-    assert main(["export", str(space), "--results-dir", str(tmp_path / "r"), "--trial", str(number), "-o", str(old)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(space),
+                "--results-dir",
+                str(tmp_path / "r"),
+                "--trial",
+                str(number),
+                "-o",
+                str(old),
+            ]
+        )
+        == 0
+    )
     assert "# evomerge-seed: 3 stream 1" in old.read_text()

@@ -12,13 +12,24 @@ from evomerge.search import load_trials, run_search
 
 
 def _space(path, base, fts, **search):
-    path.write_text(yaml.safe_dump({
-        "merge_method": "dare_ties",
-        "base_model": str(base),
-        "models": [{"model": str(f), "parameters": {"weight": 0.5, "density": {"range": [0.3, 0.7]}}} for f in fts[:2]],
-        "dtype": "float32",
-        "search": {"trials": 2, "seed": 3, "finalists": 1, "sampler": "random", **search},
-    }, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "dare_ties",
+                "base_model": str(base),
+                "models": [
+                    {
+                        "model": str(f),
+                        "parameters": {"weight": 0.5, "density": {"range": [0.3, 0.7]}},
+                    }
+                    for f in fts[:2]
+                ],
+                "dtype": "float32",
+                "search": {"trials": 2, "seed": 3, "finalists": 1, "sampler": "random", **search},
+            },
+            sort_keys=False,
+        )
+    )
     return path
 
 
@@ -27,7 +38,13 @@ def test_mask_seed_changes_the_masks_not_the_points_and_exports(tmp_path, tiny_f
     runs = {}
     for name, extra in (("plain", {}), ("masked", {"mask_seed": 11})):
         space = _space(tmp_path / f"{name}.yml", base, fts, **extra)
-        out = run_search(space, evaluator=TaskVectorEvaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+        out = run_search(
+            space,
+            evaluator=TaskVectorEvaluator(base, fts),
+            results_dir=tmp_path / "r",
+            quiet=True,
+            log=lambda m: None,
+        )
         df = load_trials(out.paths.csv)
         runs[name] = (space, df[df["baseline"] == ""].sort_values("number"))
     plain, masked = runs["plain"][1], runs["masked"][1]
@@ -36,7 +53,21 @@ def test_mask_seed_changes_the_masks_not_the_points_and_exports(tmp_path, tiny_f
     assert not set(plain["digest"]) & set(masked["digest"])
     space, df = runs["masked"]
     best = tmp_path / "best.yml"
-    assert main(["export", str(space), "--results-dir", str(tmp_path / "r"), "--trial", str(int(df["number"].iloc[0])), "-o", str(best)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(space),
+                "--results-dir",
+                str(tmp_path / "r"),
+                "--trial",
+                str(int(df["number"].iloc[0])),
+                "-o",
+                str(best),
+            ]
+        )
+        == 0
+    )
     assert "# evomerge-seed: 11" in best.read_text()
     assert main(["merge", str(best), str(tmp_path / "out")]) == 0
     assert digest_model_dir(tmp_path / "out") == df["digest"].iloc[0]

@@ -60,10 +60,38 @@ MK_PY = find("python")  # mergekit's own Python, which runs _mergekit_runner.py
 pytestmark = MK_PY.marks
 _mergekit_present = MK_PY.present
 
-SELECTING = {"ties", "sce", "ram", "ramplus_tl"}  # magnitude ranks: exact ties may pick other elements
-SPHERICAL = {"slerp", "nuslerp", "multislerp", "karcher"}  # norms and angles: mergekit rounds each to bfloat16
+SELECTING = {
+    "ties",
+    "sce",
+    "ram",
+    "ramplus_tl",
+}  # magnitude ranks: exact ties may pick other elements
+SPHERICAL = {
+    "slerp",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+}  # norms and angles: mergekit rounds each to bfloat16
 STEP = 2.0**-8  # one bfloat16 step relative to a tensor's largest magnitude
-NAMES = [c.name for c in cases({k: k for k in ("llama_a", "llama_b", "llama_c", "granite_a", "granite_b", "gpt2", "vlm_a", "vlm_b", "vlm_c")})]
+NAMES = [
+    c.name
+    for c in cases(
+        {
+            k: k
+            for k in (
+                "llama_a",
+                "llama_b",
+                "llama_c",
+                "granite_a",
+                "granite_b",
+                "gpt2",
+                "vlm_a",
+                "vlm_b",
+                "vlm_c",
+            )
+        }
+    )
+]
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +112,17 @@ def _loaded(d: Path) -> dict[str, torch.Tensor]:
     import transformers
 
     arch = json.loads((d / "config.json").read_text())["architectures"][0]
-    model, info = getattr(transformers, arch).from_pretrained(d, output_loading_info=True, dtype=torch.float32)
+    model, info = getattr(transformers, arch).from_pretrained(
+        d, output_loading_info=True, dtype=torch.float32
+    )
     bad = {k: sorted(v)[:3] for k, v in info.items() if v}
     assert not bad, f"{d.name} does not load cleanly as {arch}: {bad}"
     return {k: v.detach().float() for k, v in model.state_dict().items()}
 
 
-def _off(em: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rename: Any = None) -> dict[str, tuple[float, float]]:
+def _off(
+    em: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rename: Any = None
+) -> dict[str, tuple[float, float]]:
     """Per reference tensor: (largest difference, fraction of elements over 8 steps), in bf16 steps of its scale."""
     stats = {}
     for name, m in ref.items():
@@ -100,28 +132,49 @@ def _off(em: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rename: Any 
     return stats
 
 
-def _check_agree(method: str, em: dict[str, torch.Tensor], mk: dict[str, torch.Tensor], mk32: dict[str, torch.Tensor] | None, where: str, rename: Any = None) -> None:
+def _check_agree(
+    method: str,
+    em: dict[str, torch.Tensor],
+    mk: dict[str, torch.Tensor],
+    mk32: dict[str, torch.Tensor] | None,
+    where: str,
+    rename: Any = None,
+) -> None:
     assert mk, f"{where}: mergekit wrote no tensor to compare with"
     if mk32 is not None:  # mergekit computing in float32, as evomerge does
         for name, (worst, _) in _off(em, mk32, rename).items():
             if method in SELECTING:
                 e, m = em[rename(name) if rename else name], mk32[name]
                 frac = float(((e - m).abs() > float(m.abs().max()) * STEP).float().mean())
-                assert frac <= 0.001, f"{where} {name}: {frac:.2%} of elements differ from mergekit (float32 compute)"
+                assert frac <= 0.001, (
+                    f"{where} {name}: {frac:.2%} of elements differ from mergekit (float32 compute)"
+                )
             else:
-                assert worst <= 1.0, f"{where} {name}: {worst:.2f} bf16 steps from mergekit (float32 compute)"
+                assert worst <= 1.0, (
+                    f"{where} {name}: {worst:.2f} bf16 steps from mergekit (float32 compute)"
+                )
     limit = 0.15 if method == "arcee_fusion" else 0.01
     for name, (worst, frac) in _off(em, mk, rename).items():
         if method in RANDOM:
             continue
         if method in SELECTING or method == "arcee_fusion":
-            assert frac <= limit, f"{where} {name}: {frac:.2%} of elements more than 8 bf16 steps from mergekit's bfloat16 merge"
+            assert frac <= limit, (
+                f"{where} {name}: {frac:.2%} of elements more than 8 bf16 steps from mergekit's bfloat16 merge"
+            )
         else:
             steps = 32.0 if method in SPHERICAL else 8.0
-            assert worst <= steps, f"{where} {name}: {worst:.1f} bf16 steps from mergekit's bfloat16 merge"
+            assert worst <= steps, (
+                f"{where} {name}: {worst:.1f} bf16 steps from mergekit's bfloat16 merge"
+            )
 
 
-def _check_random(em: dict[str, torch.Tensor], mk: dict[str, torch.Tensor], base: dict[str, torch.Tensor], where: str, rename: Any = None) -> None:
+def _check_random(
+    em: dict[str, torch.Tensor],
+    mk: dict[str, torch.Tensor],
+    base: dict[str, torch.Tensor],
+    where: str,
+    rename: Any = None,
+) -> None:
     kept_e = kept_m = n = 0
     l1_e = l1_m = 0.0
     for name, m in mk.items():
@@ -132,17 +185,28 @@ def _check_random(em: dict[str, torch.Tensor], mk: dict[str, torch.Tensor], base
         n += de.numel()
         l1_e += float(de.abs().sum())
         l1_m += float(dm.abs().sum())
-    assert abs(kept_e - kept_m) / n < 0.01, f"{where}: kept {kept_e / n:.3f} of deltas, mergekit {kept_m / n:.3f}"
-    assert abs(l1_e - l1_m) / l1_m < 0.03, f"{where}: L1 of the merged task vector {l1_e:.4g}, mergekit {l1_m:.4g}"
+    assert abs(kept_e - kept_m) / n < 0.01, (
+        f"{where}: kept {kept_e / n:.3f} of deltas, mergekit {kept_m / n:.3f}"
+    )
+    assert abs(l1_e - l1_m) / l1_m < 0.03, (
+        f"{where}: L1 of the merged task vector {l1_e:.4g}, mergekit {l1_m:.4g}"
+    )
 
 
 def _llava_text_name(name: str) -> str:
-    return name if name == "lm_head.weight" else "model.language_model." + name.removeprefix("model.")
+    return (
+        name if name == "lm_head.weight" else "model.language_model." + name.removeprefix("model.")
+    )
 
 
 def _refused_in_one_line(run: Run) -> None:
     out = run.em.with_name(run.em.name + "_cli")
-    proc = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(run.yml), str(out)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", "merge", str(run.yml), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert not out.exists(), "a refused merge wrote its output directory"
@@ -155,8 +219,12 @@ def test_mergekit_basic_case(name: str, basic) -> None:
         where = f"{name}[{case.labels[i] if case.labels else i}]"
         mk_res = run.results[""]
         if case.mergekit_refuses:
-            assert mk_res["error"] and mk_res["error"].startswith("ValueError"), f"{where}: mergekit was expected to refuse: {mk_res}"
-            assert run.em_error and "\n" not in run.em_error, f"{where}: evomerge merged a recipe mergekit refuses"
+            assert mk_res["error"] and mk_res["error"].startswith("ValueError"), (
+                f"{where}: mergekit was expected to refuse: {mk_res}"
+            )
+            assert run.em_error and "\n" not in run.em_error, (
+                f"{where}: evomerge merged a recipe mergekit refuses"
+            )
             _refused_in_one_line(run)
             continue
         assert mk_res["error"] is None, f"{where}: mergekit failed: {mk_res['error']}"
@@ -165,16 +233,22 @@ def test_mergekit_basic_case(name: str, basic) -> None:
         modules = run.yml.with_name(run.yml.stem + ".modules.yml")
         modules.write_text(mk_res["modules_yaml"])
         assert "modules:" in mk_res["modules_yaml"]
-        again = merge_to_disk(load_recipe(modules), run.em.with_name(run.em.name + "_modules"), seed=0)
+        again = merge_to_disk(
+            load_recipe(modules), run.em.with_name(run.em.name + "_modules"), seed=0
+        )
         assert again.digest == run.digest, f"{where}: the modules: form merges to other tensors"
         check = mk_res["checks"][str(run.em)]
-        assert check["ok"], f"{where}: mergekit's checks fail on evomerge's output: {check['problems']}"
+        assert check["ok"], (
+            f"{where}: mergekit's checks fail on evomerge's output: {check['problems']}"
+        )
         em = _loaded(run.em)
         if case.validate == "stack24":
             assert json.loads((run.em / "config.json").read_text())["n_layer"] == 24
         if case.validate == "o_proj0":
             raw = _tensors(run.em)
-            assert any("o_proj" in k for k in raw) and all((v == 0).all() for k, v in raw.items() if "o_proj" in k)
+            assert any("o_proj" in k for k in raw) and all(
+                (v == 0).all() for k, v in raw.items() if "o_proj" in k
+            )
             assert raw["lm_head.weight"].count_nonzero() > 0
         method = run.recipe["merge_method"]
         mk = _tensors(run.mk)
@@ -183,14 +257,31 @@ def test_mergekit_basic_case(name: str, basic) -> None:
             _check_random(em, mk, base, where)
         else:
             _check_agree(method, em, mk, _tensors(run.mk32) if run.mk32 else None, where)
-        if run.text is not None:  # the LLaVA's language model, against mergekit on the language models alone
+        if (
+            run.text is not None
+        ):  # the LLaVA's language model, against mergekit on the language models alone
             text_mk = _tensors(run.text[0])
-            assert len(text_mk) == sum(k.startswith(("model.language_model.", "lm_head.")) for k in em)
+            assert len(text_mk) == sum(
+                k.startswith(("model.language_model.", "lm_head.")) for k in em
+            )
             if method in RANDOM:
                 assert run.text_base is not None
-                _check_random(em, text_mk, _tensors(run.text_base), where + " language model", _llava_text_name)
+                _check_random(
+                    em,
+                    text_mk,
+                    _tensors(run.text_base),
+                    where + " language model",
+                    _llava_text_name,
+                )
             else:
-                _check_agree(method, em, text_mk, _tensors(run.text[1]), where + " language model", _llava_text_name)
+                _check_agree(
+                    method,
+                    em,
+                    text_mk,
+                    _tensors(run.text[1]),
+                    where + " language model",
+                    _llava_text_name,
+                )
 
 
 def test_llava_names_are_the_checkpoints_own(basic) -> None:
@@ -202,5 +293,7 @@ def test_llava_names_are_the_checkpoints_own(basic) -> None:
     _, runs = basic.runs["test_linear_VLM_merge"]
     em_check = runs[0].results[""]["checks"][str(runs[0].em)]
     assert basic.source_check["ok"] and em_check["ok"]
-    assert basic.source_check["strict_missing"] and sorted(basic.source_check["strict_missing"]) == sorted(em_check["strict_missing"])
+    assert basic.source_check["strict_missing"] and sorted(
+        basic.source_check["strict_missing"]
+    ) == sorted(em_check["strict_missing"])
     assert set(_tensors(runs[0].em)) == set(_tensors(basic.source))

@@ -31,38 +31,120 @@ def recipes(base: Path, ft: list[Path]) -> dict[str, dict[str, Any]]:
     b, f = str(base), [str(x) for x in ft]
 
     def tv(method: str, **extra: Any) -> dict[str, Any]:
-        per = [{"weight": w, "density": d, **extra} for w, d in ((0.6, 0.5), (0.4, 0.7), (0.3, 0.6))]
-        return {"merge_method": method, "base_model": b, "models": [{"model": b}] + [{"model": m, "parameters": p} for m, p in zip(f, per)], "dtype": "float32"}
+        per = [
+            {"weight": w, "density": d, **extra} for w, d in ((0.6, 0.5), (0.4, 0.7), (0.3, 0.6))
+        ]
+        return {
+            "merge_method": method,
+            "base_model": b,
+            "models": [{"model": b}]
+            + [{"model": m, "parameters": p} for m, p in zip(f, per, strict=False)],
+            "dtype": "float32",
+        }
 
     slices = lambda *ms: [{"sources": [{"model": m, "layer_range": [0, 4]} for m in ms]}]  # noqa: E731
     return {
-        "linear": {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(f, (0.5, 0.3, 0.2))], "dtype": "float32"},
+        "linear": {
+            "merge_method": "linear",
+            "models": [
+                {"model": m, "parameters": {"weight": w}}
+                for m, w in zip(f, (0.5, 0.3, 0.2), strict=False)
+            ],
+            "dtype": "float32",
+        },
         "slerp": {
             "merge_method": "slerp",
             "base_model": b,
             "slices": slices(b, f[0]),
-            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]},
+            "parameters": {
+                "t": [
+                    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                    {"value": 0.5},
+                ]
+            },
             "dtype": "float32",
         },
         "task_arithmetic": tv("task_arithmetic") | {"parameters": {"lambda": 0.8}},
         "ties": tv("ties"),
         "breadcrumbs": tv("breadcrumbs", gamma=0.05),
         "breadcrumbs_ties": tv("breadcrumbs_ties", gamma=0.05),
-        "model_stock": {"merge_method": "model_stock", "base_model": b, "models": [{"model": m} for m in [b, *f]], "dtype": "float32"},
-        "nuslerp": {"merge_method": "nuslerp", "base_model": b, "models": [{"model": b}, {"model": f[0], "parameters": {"weight": 0.3}}, {"model": f[1], "parameters": {"weight": 0.7}}], "dtype": "float32"},
-        "multislerp": {"merge_method": "multislerp", "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(f, (0.5, 0.3, 0.2))], "dtype": "float32"},
-        "karcher": {"merge_method": "karcher", "models": [{"model": m} for m in f], "dtype": "float32"},
-        "sce": {"merge_method": "sce", "base_model": b, "models": [{"model": m} for m in [b, *f]], "parameters": {"select_topk": 0.5}, "dtype": "float32"},
-        "passthrough": {"merge_method": "passthrough", "slices": [{"sources": [{"model": b, "layer_range": [0, 3]}]}, {"sources": [{"model": f[0], "layer_range": [1, 4]}]}], "dtype": "float32"},
+        "model_stock": {
+            "merge_method": "model_stock",
+            "base_model": b,
+            "models": [{"model": m} for m in [b, *f]],
+            "dtype": "float32",
+        },
+        "nuslerp": {
+            "merge_method": "nuslerp",
+            "base_model": b,
+            "models": [
+                {"model": b},
+                {"model": f[0], "parameters": {"weight": 0.3}},
+                {"model": f[1], "parameters": {"weight": 0.7}},
+            ],
+            "dtype": "float32",
+        },
+        "multislerp": {
+            "merge_method": "multislerp",
+            "models": [
+                {"model": m, "parameters": {"weight": w}}
+                for m, w in zip(f, (0.5, 0.3, 0.2), strict=False)
+            ],
+            "dtype": "float32",
+        },
+        "karcher": {
+            "merge_method": "karcher",
+            "models": [{"model": m} for m in f],
+            "dtype": "float32",
+        },
+        "sce": {
+            "merge_method": "sce",
+            "base_model": b,
+            "models": [{"model": m} for m in [b, *f]],
+            "parameters": {"select_topk": 0.5},
+            "dtype": "float32",
+        },
+        "passthrough": {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": b, "layer_range": [0, 3]}]},
+                {"sources": [{"model": f[0], "layer_range": [1, 4]}]},
+            ],
+            "dtype": "float32",
+        },
         "dare_ties": tv("dare_ties"),
         "dare_linear": tv("dare_linear"),
         "della": tv("della", epsilon=0.1),
         "della_linear": tv("della_linear", epsilon=0.1),
         # mergekit 0.1.5's newer methods; epsilon = 0.05 leaves about 2/3 of each task vector unchanged (noise sd 0.05).
-        "nearswap": {"merge_method": "nearswap", "base_model": b, "models": [{"model": b}, {"model": f[0]}], "parameters": {"t": [{"filter": "mlp", "value": 0.02}, {"value": 0.05}]}, "dtype": "float32"},
-        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": b, "models": [{"model": b}, {"model": f[0]}], "dtype": "float32"},
-        "ram": {"merge_method": "ram", "base_model": b, "models": [{"model": m} for m in [b, *f]], "parameters": {"epsilon": 0.05}, "dtype": "float32"},
-        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": b, "models": [{"model": m} for m in [b, *f]], "parameters": {"epsilon": 0.05, "r": 0.5, "alpha": 2.0}, "dtype": "float32"},
+        "nearswap": {
+            "merge_method": "nearswap",
+            "base_model": b,
+            "models": [{"model": b}, {"model": f[0]}],
+            "parameters": {"t": [{"filter": "mlp", "value": 0.02}, {"value": 0.05}]},
+            "dtype": "float32",
+        },
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": b,
+            "models": [{"model": b}, {"model": f[0]}],
+            "dtype": "float32",
+        },
+        "ram": {
+            "merge_method": "ram",
+            "base_model": b,
+            "models": [{"model": m} for m in [b, *f]],
+            "parameters": {"epsilon": 0.05},
+            "dtype": "float32",
+        },
+        "ramplus_tl": {
+            "merge_method": "ramplus_tl",
+            "base_model": b,
+            "models": [{"model": m} for m in [b, *f]],
+            "parameters": {"epsilon": 0.05, "r": 0.5, "alpha": 2.0},
+            "dtype": "float32",
+        },
     }
 
 
@@ -79,8 +161,18 @@ def both(tiny_family, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     rs = recipes(base, ft)
 
     def mk(name: str) -> tuple[str, subprocess.CompletedProcess[str]]:
-        cmd = [str(MERGEKIT.path), str(root / f"{name}.yml"), str(root / f"{name}_mk"), "--no-copy-tokenizer", "--quiet", "--random-seed", "0"]
-        return name, subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        cmd = [
+            str(MERGEKIT.path),
+            str(root / f"{name}.yml"),
+            str(root / f"{name}_mk"),
+            "--no-copy-tokenizer",
+            "--quiet",
+            "--random-seed",
+            "0",
+        ]
+        return name, subprocess.run(
+            cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1")
+        )
 
     for name, r in rs.items():
         (root / f"{name}.yml").write_text(yaml.safe_dump(r, sort_keys=False))

@@ -28,7 +28,11 @@ MERGEKIT_MOE = find("mergekit-moe")
 pytestmark = MERGEKIT_MOE.marks
 _mergekit_present = MERGEKIT_MOE.present
 
-PROMPTS = {"rot": ["rot: abcde =", "rot: vwxyz ="], "sort": ["sort: dbeca =", "sort: qzmxa ="], "shift": ["shift: abcde =", "shift: lmnop ="]}
+PROMPTS = {
+    "rot": ["rot: abcde =", "rot: vwxyz ="],
+    "sort": ["sort: dbeca =", "sort: qzmxa ="],
+    "shift": ["shift: abcde =", "shift: lmnop ="],
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,27 +44,60 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def configs(zoo: Path) -> dict[str, dict[str, Any]]:
     def experts(**extra: Any) -> list[dict[str, Any]]:
-        return [{"source_model": str(zoo / s), "positive_prompts": p, **extra.get(s, {})} for s, p in PROMPTS.items()]
+        return [
+            {"source_model": str(zoo / s), "positive_prompts": p, **extra.get(s, {})}
+            for s, p in PROMPTS.items()
+        ]
 
     base = {"base_model": str(zoo / "base"), "dtype": "float32"}
     return {
         # The configuration (its 43/62/29 came from second prompts it does not give; with these: 35/36/21).
         "hidden": base | {"gate_mode": "hidden", "experts_per_token": 1, "experts": experts()},
-        "hidden_negative": base | {"gate_mode": "hidden", "experts_per_token": 2, "experts": experts(sort={"negative_prompts": ["rot: qwer ="]})},
-        "cheap_embed": base | {"gate_mode": "cheap_embed", "experts_per_token": 2, "experts": experts(rot={"negative_prompts": ["shift: a ="]})},
-        "random_noise": base | {"gate_mode": "random", "experts_per_token": 2, "experts": experts(rot={"noise_scale": 0.01}, sort={"residual_scale": 0.5})},
-        "uniform_random": base | {"gate_mode": "uniform_random", "experts_per_token": 1, "experts": experts()},
-        "bfloat16": base | {"dtype": "bfloat16", "gate_mode": "hidden", "experts_per_token": 1, "experts": experts()},
+        "hidden_negative": base
+        | {
+            "gate_mode": "hidden",
+            "experts_per_token": 2,
+            "experts": experts(sort={"negative_prompts": ["rot: qwer ="]}),
+        },
+        "cheap_embed": base
+        | {
+            "gate_mode": "cheap_embed",
+            "experts_per_token": 2,
+            "experts": experts(rot={"negative_prompts": ["shift: a ="]}),
+        },
+        "random_noise": base
+        | {
+            "gate_mode": "random",
+            "experts_per_token": 2,
+            "experts": experts(rot={"noise_scale": 0.01}, sort={"residual_scale": 0.5}),
+        },
+        "uniform_random": base
+        | {"gate_mode": "uniform_random", "experts_per_token": 1, "experts": experts()},
+        "bfloat16": base
+        | {
+            "dtype": "bfloat16",
+            "gate_mode": "hidden",
+            "experts_per_token": 1,
+            "experts": experts(),
+        },
     }
 
 
-@pytest.mark.parametrize("name", ["hidden", "hidden_negative", "cheap_embed", "random_noise", "uniform_random", "bfloat16"])
+@pytest.mark.parametrize(
+    "name",
+    ["hidden", "hidden_negative", "cheap_embed", "random_noise", "uniform_random", "bfloat16"],
+)
 def test_same_tensors_as_mergekit_moe(name: str, zoo: Path, tmp_path: Path) -> None:
     cfg = configs(zoo)[name]
     path = tmp_path / "moe.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     theirs, ours = tmp_path / "mergekit", tmp_path / "evomerge"
-    run = subprocess.run([str(MERGEKIT_MOE.path), str(path), str(theirs), "--random-seed", "7", "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [str(MERGEKIT_MOE.path), str(path), str(theirs), "--random-seed", "7", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     moe_to_disk(path, ours, seed=7)
     a, b = load_file(theirs / "model.safetensors"), load_file(ours / "model.safetensors")

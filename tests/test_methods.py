@@ -16,17 +16,33 @@ import torch
 from _tiny import make_tiny, perturbed
 from safetensors.torch import load_file, save_file
 
-from evomerge.recipe.schema import load_recipe
-from evomerge.engine import METHODS, Merger, digest_model_dir, make_plan, merge_to_disk, open_sources
+from evomerge.engine import (
+    METHODS,
+    Merger,
+    digest_model_dir,
+    make_plan,
+    merge_to_disk,
+    open_sources,
+)
 from evomerge.engine.inputs import TensorInputs
 from evomerge.engine.kernels.methods import kernel_for
 from evomerge.engine.params import evaluate_setting
 from evomerge.errors import EvomergeError
+from evomerge.recipe.schema import load_recipe
 
 S2 = math.sqrt(0.5)
 
 
-def run(method: str, tensors: list[list[float]] | list[torch.Tensor], *, base: int | None = None, shared: dict[str, Any] | None = None, per: list[dict[str, Any]] | None = None, seed: int = 0, name: str = "t.weight") -> torch.Tensor:
+def run(
+    method: str,
+    tensors: list[list[float]] | list[torch.Tensor],
+    *,
+    base: int | None = None,
+    shared: dict[str, Any] | None = None,
+    per: list[dict[str, Any]] | None = None,
+    seed: int = 0,
+    name: str = "t.weight",
+) -> torch.Tensor:
     """Run one method's kernel on small tensors, with the method's defaults for unset parameters."""
     m = METHODS[method]
     xs = [torch.as_tensor(x, dtype=torch.float32) for x in tensors]
@@ -34,7 +50,11 @@ def run(method: str, tensors: list[list[float]] | list[torch.Tensor], *, base: i
     sh.update(shared or {})
     per_input: list[dict[str, Any]] = []
     for i in range(len(xs)):
-        d = {p.name: p.default for p in m.params if p.scope == "input" or (p.scope == "non_base" and i != base)}
+        d = {
+            p.name: p.default
+            for p in m.params
+            if p.scope == "input" or (p.scope == "non_base" and i != base)
+        }
         d.update((per or [{}] * len(xs))[i])
         per_input.append(d)
     inp = TensorInputs(name, xs, [("m", i) for i in range(len(xs))], base, sh, per_input, seed)
@@ -52,8 +72,19 @@ def close(actual: torch.Tensor, expected: list[float], tol: float = 1e-5) -> Non
 
 def test_linear():
     # (1*[1,2,3] + 3*[3,0,-3]) = [10, 2, -6]; normalized by 1 + 3 = 4.
-    close(run("linear", [[1, 2, 3], [3, 0, -3]], per=[{"weight": 1.0}, {"weight": 3.0}]), [2.5, 0.5, -1.5])
-    close(run("linear", [[1, 2, 3], [3, 0, -3]], per=[{"weight": 1.0}, {"weight": 3.0}], shared={"normalize": False}), [10, 2, -6])
+    close(
+        run("linear", [[1, 2, 3], [3, 0, -3]], per=[{"weight": 1.0}, {"weight": 3.0}]),
+        [2.5, 0.5, -1.5],
+    )
+    close(
+        run(
+            "linear",
+            [[1, 2, 3], [3, 0, -3]],
+            per=[{"weight": 1.0}, {"weight": 3.0}],
+            shared={"normalize": False},
+        ),
+        [10, 2, -6],
+    )
 
 
 def test_slerp():
@@ -78,11 +109,20 @@ def test_task_arithmetic():
     # mixed = 0.5*[1,0,-1,0] + [0,2,0,-2] = [0.5, 2, -0.5, -2]; + base.
     close(run("task_arithmetic", [BASE4, M1, M2], base=0, per=per), [1.5, 3.0, 0.5, -1.0])
     # normalize: mixed / 1.5 = [1/3, 4/3, -1/3, -4/3].
-    close(run("task_arithmetic", [BASE4, M1, M2], base=0, per=per, shared={"normalize": True}), [4 / 3, 7 / 3, 2 / 3, -1 / 3])
+    close(
+        run("task_arithmetic", [BASE4, M1, M2], base=0, per=per, shared={"normalize": True}),
+        [4 / 3, 7 / 3, 2 / 3, -1 / 3],
+    )
     # lambda 2: base + 2 * mixed.
-    close(run("task_arithmetic", [BASE4, M1, M2], base=0, per=per, shared={"lambda": 2.0}), [2.0, 5.0, 0.0, -3.0])
+    close(
+        run("task_arithmetic", [BASE4, M1, M2], base=0, per=per, shared={"lambda": 2.0}),
+        [2.0, 5.0, 0.0, -3.0],
+    )
     # The base may sit anywhere among the inputs.
-    close(run("task_arithmetic", [M1, BASE4, M2], base=1, per=[{"weight": 0.5}, {}, {"weight": 1.0}]), [1.5, 3.0, 0.5, -1.0])
+    close(
+        run("task_arithmetic", [M1, BASE4, M2], base=1, per=[{"weight": 0.5}, {}, {"weight": 1.0}]),
+        [1.5, 3.0, 0.5, -1.0],
+    )
 
 
 # TIES example. base = 1; d1 = [3, -1, 2, -4, 0.5, 1], d2 = [-2, 2, 1, -1, 3, -0.5], density 0.5 (k = 3).
@@ -102,16 +142,26 @@ def _plus1(d: list[float]) -> list[float]:
 def test_ties():
     xs = [[1.0] * 6, _plus1(TIES_D1), _plus1(TIES_D2)]
     per = [{}, {"weight": 0.5, "density": 0.5}, {"weight": 1.0, "density": 0.5}]
-    close(run("ties", xs, base=0, per=per), _plus1([-2, 2, 2, -4, 3, 0]))  # normalize is on by default
-    close(run("ties", xs, base=0, per=per, shared={"normalize": False}), _plus1([-2, 2, 1, -2, 3, 0]))
+    close(
+        run("ties", xs, base=0, per=per), _plus1([-2, 2, 2, -4, 3, 0])
+    )  # normalize is on by default
+    close(
+        run("ties", xs, base=0, per=per, shared={"normalize": False}), _plus1([-2, 2, 1, -2, 3, 0])
+    )
     # density 1 keeps everything: sum = [-0.5, 2, 2, -3, 3.25, 0]; agree: idx0 d2; 1 d2; 2 both; 3 both; 4 both; 5 d1
     full = [{}, {"weight": 0.5}, {"weight": 1.0}]
-    close(run("ties", xs, base=0, per=full, shared={"normalize": False}), _plus1([-2, 2, 2, -3, 3.25, 0.5]))
+    close(
+        run("ties", xs, base=0, per=full, shared={"normalize": False}),
+        _plus1([-2, 2, 2, -3, 3.25, 0.5]),
+    )
 
 
 def test_ties_sign_sum_zero_elects_plus():
     # w*d = [+1] and [-1]: the sum is exactly 0, the elected sign is +, so only the first takes part.
-    close(run("ties", [[0.0], [1.0], [-1.0]], base=0, per=[{}, {"weight": 1.0}, {"weight": 1.0}]), [1.0])
+    close(
+        run("ties", [[0.0], [1.0], [-1.0]], base=0, per=[{}, {"weight": 1.0}, {"weight": 1.0}]),
+        [1.0],
+    )
 
 
 def _top_k_by_counting(d: torch.Tensor, k: int) -> torch.Tensor:
@@ -161,15 +211,30 @@ def test_breadcrumbs():
     # |d| ranks 1..10 -> kept |d| in {5, 6, 7, 8, 9}.
     d = [-3.0, 10.0, 1.0, -7.0, 5.0, 2.0, -9.0, 4.0, 8.0, -6.0]
     kept = [0, 0, 0, -7, 5, 0, -9, 0, 8, -6]
-    out = run("breadcrumbs", [[0.0] * 10, d], base=0, per=[{}, {"weight": 1.0, "density": 0.5, "gamma": 0.1}])
+    out = run(
+        "breadcrumbs",
+        [[0.0] * 10, d],
+        base=0,
+        per=[{}, {"weight": 1.0, "density": 0.5, "gamma": 0.1}],
+    )
     close(out, kept)
     # breadcrumbs_ties with a second model d2 = 0.1*[1..10] (kept: 0.5..0.9 at positions 4..8):
     # sum = [0,0,0,-7,5.5,0.6,-8.3,0.8,8.9,-6]; at 6 the elected sign is -, so d2's 0.7 drops out.
     d2 = [0.1 * (i + 1) for i in range(10)]
-    per = [{}, {"weight": 1.0, "density": 0.5, "gamma": 0.1}, {"weight": 1.0, "density": 0.5, "gamma": 0.1}]
-    close(run("breadcrumbs_ties", [[0.0] * 10, d, d2], base=0, per=per), [0, 0, 0, -7, 5.5, 0.6, -9, 0.8, 8.9, -6])
+    per = [
+        {},
+        {"weight": 1.0, "density": 0.5, "gamma": 0.1},
+        {"weight": 1.0, "density": 0.5, "gamma": 0.1},
+    ]
+    close(
+        run("breadcrumbs_ties", [[0.0] * 10, d, d2], base=0, per=per),
+        [0, 0, 0, -7, 5.5, 0.6, -9, 0.8, 8.9, -6],
+    )
     # normalized: divisor 2 where both agree (positions 4 and 8).
-    close(run("breadcrumbs_ties", [[0.0] * 10, d, d2], base=0, per=per, shared={"normalize": True}), [0, 0, 0, -7, 2.75, 0.6, -9, 0.8, 4.45, -6])
+    close(
+        run("breadcrumbs_ties", [[0.0] * 10, d, d2], base=0, per=per, shared={"normalize": True}),
+        [0, 0, 0, -7, 2.75, 0.6, -9, 0.8, 4.45, -6],
+    )
 
 
 def test_dare_keeps_density_and_l1():
@@ -183,9 +248,17 @@ def test_dare_keeps_density_and_l1():
     assert out.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-4)
     factor = out[kept] / delta[kept]
     assert torch.allclose(factor, factor[0].expand_as(factor))
-    assert factor[0].item() == pytest.approx(delta.abs().sum().item() / delta[kept].abs().sum().item(), rel=1e-4)
+    assert factor[0].item() == pytest.approx(
+        delta.abs().sum().item() / delta[kept].abs().sum().item(), rel=1e-4
+    )
     # Without rescale the kept entries are the delta itself.
-    raw = run("dare_linear", [base, delta], base=0, per=[{}, {"weight": 1.0, "density": 0.3}], shared={"rescale": False})
+    raw = run(
+        "dare_linear",
+        [base, delta],
+        base=0,
+        per=[{}, {"weight": 1.0, "density": 0.3}],
+        shared={"rescale": False},
+    )
     assert torch.equal(raw[raw != 0], delta[raw != 0])
 
 
@@ -194,8 +267,12 @@ def test_dare_seed_and_name_fix_the_mask():
     per = [{}, {"weight": 1.0, "density": 0.5}]
     a = run("dare_ties", [base, d], base=0, per=per, seed=1, name="x.weight")
     assert torch.equal(a, run("dare_ties", [base, d], base=0, per=per, seed=1, name="x.weight"))
-    assert not torch.equal(a != 0, run("dare_ties", [base, d], base=0, per=per, seed=2, name="x.weight") != 0)
-    assert not torch.equal(a != 0, run("dare_ties", [base, d], base=0, per=per, seed=1, name="y.weight") != 0)
+    assert not torch.equal(
+        a != 0, run("dare_ties", [base, d], base=0, per=per, seed=2, name="x.weight") != 0
+    )
+    assert not torch.equal(
+        a != 0, run("dare_ties", [base, d], base=0, per=per, seed=1, name="y.weight") != 0
+    )
 
 
 def test_della_keep_probability_follows_rank():
@@ -205,13 +282,24 @@ def test_della_keep_probability_follows_rank():
     mags = torch.tensor([1.0, 2.0, 3.0, 4.0]).repeat(rows, 1)
     perm = torch.argsort(torch.rand(rows, 4), dim=1)
     delta = torch.gather(mags, 1, perm) * torch.where(torch.rand(rows, 4) < 0.5, -1.0, 1.0)
-    out = run("della_linear", [torch.zeros(rows, 4), delta], base=0, per=[{}, {"weight": 1.0, "density": 0.5, "epsilon": 0.3}], shared={"rescale": False})
-    for mag, p in zip((1.0, 2.0, 3.0, 4.0), (0.2, 0.4, 0.6, 0.8)):
+    out = run(
+        "della_linear",
+        [torch.zeros(rows, 4), delta],
+        base=0,
+        per=[{}, {"weight": 1.0, "density": 0.5, "epsilon": 0.3}],
+        shared={"rescale": False},
+    )
+    for mag, p in zip((1.0, 2.0, 3.0, 4.0), (0.2, 0.4, 0.6, 0.8), strict=False):
         where = delta.abs() == mag
         assert abs((out[where] != 0).float().mean().item() - p) < 0.015
     assert torch.equal(out[out != 0], delta[out != 0])
     with pytest.raises(ValueError, match="epsilon"):
-        run("della", [torch.zeros(2, 4), delta[:2]], base=0, per=[{}, {"weight": 1.0, "density": 0.9, "epsilon": 0.15}])
+        run(
+            "della",
+            [torch.zeros(2, 4), delta[:2]],
+            base=0,
+            per=[{}, {"weight": 1.0, "density": 0.9, "epsilon": 0.15}],
+        )
 
 
 def test_model_stock():
@@ -227,12 +315,23 @@ def test_nuslerp():
     c, s = math.cos(math.radians(67.5)), math.sin(math.radians(67.5))
     close(run("nuslerp", [[1.0, 0.0], [0.0, 1.0]], per=[{"weight": 1.0}, {"weight": 3.0}]), [c, s])
     # With a base the task vectors [1,0], [0,1] are interpolated and added back.
-    close(run("nuslerp", [[1.0, 1.0], [2.0, 1.0], [1.0, 2.0]], base=0, per=[{}, {"weight": 1.0}, {"weight": 3.0}]), [1 + c, 1 + s])
+    close(
+        run(
+            "nuslerp",
+            [[1.0, 1.0], [2.0, 1.0], [1.0, 2.0]],
+            base=0,
+            per=[{}, {"weight": 1.0}, {"weight": 3.0}],
+        ),
+        [1 + c, 1 + s],
+    )
 
 
 def test_multislerp_and_karcher():
     # Equal weights on orthogonal unit vectors: the midpoint direction, scaled by the mean norm 1.
-    close(run("multislerp", [[1.0, 0.0], [0.0, 1.0]], per=[{"weight": 1.0}, {"weight": 1.0}]), [S2, S2])
+    close(
+        run("multislerp", [[1.0, 0.0], [0.0, 1.0]], per=[{"weight": 1.0}, {"weight": 1.0}]),
+        [S2, S2],
+    )
     # Karcher mean of [1,0] and [0,2]: direction 45 degrees, norm (1 + 2) / 2 = 1.5.
     close(run("karcher", [[1.0, 0.0], [0.0, 2.0]]), [1.5 * S2, 1.5 * S2])
 
@@ -241,7 +340,9 @@ def test_sce():
     # tvs d1 = [1,-2,3], d2 = [3,2,-1]; energies 14/3 each -> weights 0.5, 0.5.
     # sign of sum [4, 0, 2] -> all +; d1 kept at 0, 2; d2 at 0, 1.
     # out = [(0.5*1 + 0.5*3)/1, (0.5*2)/0.5, (0.5*3)/0.5] = [2, 2, 3].
-    close(run("sce", [[0.0, 0.0, 0.0], [1.0, -2.0, 3.0], [3.0, 2.0, -1.0]], base=0), [2.0, 2.0, 3.0])
+    close(
+        run("sce", [[0.0, 0.0, 0.0], [1.0, -2.0, 3.0], [3.0, 2.0, -1.0]], base=0), [2.0, 2.0, 3.0]
+    )
 
 
 def test_passthrough_scale():
@@ -257,12 +358,18 @@ def test_gradient_and_filters():
     t = METHODS["slerp"].param("t")
     assert t is not None
     # [0, 0.5, 0.3, 0.7, 1] at t = 1/3 sits at 4/3: 0.5 + (1/3)(0.3 - 0.5) = 0.43333.
-    assert evaluate_setting((0.0, 0.5, 0.3, 0.7, 1.0), "x", 1 / 3, t) == pytest.approx(0.433333, abs=1e-6)
-    assert evaluate_setting((0.0, 0.5, 0.3, 0.7, 1.0), "x", 2 / 3, t) == pytest.approx(0.566667, abs=1e-6)
+    assert evaluate_setting((0.0, 0.5, 0.3, 0.7, 1.0), "x", 1 / 3, t) == pytest.approx(
+        0.433333, abs=1e-6
+    )
+    assert evaluate_setting((0.0, 0.5, 0.3, 0.7, 1.0), "x", 2 / 3, t) == pytest.approx(
+        0.566667, abs=1e-6
+    )
     from evomerge.recipe.schema import Cond
 
     conds = (Cond(0.1, "mlp"), Cond(0.9, "mlp.up"), Cond(0.5, None))
-    assert evaluate_setting(conds, "model.layers.0.mlp.up_proj.weight", 0.0, t) == 0.1  # first match wins
+    assert (
+        evaluate_setting(conds, "model.layers.0.mlp.up_proj.weight", 0.0, t) == 0.1
+    )  # first match wins
     assert evaluate_setting(conds, "model.layers.0.self_attn.q_proj.weight", 0.0, t) == 0.5
     assert evaluate_setting((Cond(0.1, "mlp"),), "model.norm.weight", 0.0, t) is None
 
@@ -272,8 +379,21 @@ def test_plan_gradients_per_layer(tiny_family):
     recipe = {
         "merge_method": "slerp",
         "base_model": str(base),
-        "slices": [{"sources": [{"model": str(base), "layer_range": [0, 4]}, {"model": str(ft1), "layer_range": [0, 4]}]}],
-        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": [0.2, 1.0]}]},
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(base), "layer_range": [0, 4]},
+                    {"model": str(ft1), "layer_range": [0, 4]},
+                ]
+            }
+        ],
+        "parameters": {
+            "t": [
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": [0.2, 1.0]},
+            ]
+        },
     }
     cfg = load_recipe(recipe)
     plan = make_plan(cfg, open_sources(cfg.referenced_models()))
@@ -282,7 +402,9 @@ def test_plan_gradients_per_layer(tiny_family):
     for i, want in enumerate((0.0, 0.433333, 0.566667, 1.0)):
         assert t[f"model.layers.{i}.self_attn.q_proj.weight"] == pytest.approx(want, abs=1e-6)
         assert t[f"model.layers.{i}.mlp.up_proj.weight"] == pytest.approx(1 - want, abs=1e-6)
-        assert t[f"model.layers.{i}.input_layernorm.weight"] == pytest.approx(0.2 + 0.8 * i / 3, abs=1e-6)
+        assert t[f"model.layers.{i}.input_layernorm.weight"] == pytest.approx(
+            0.2 + 0.8 * i / 3, abs=1e-6
+        )
     # Outside the layers t = 0: the gradient's first value.
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         assert t[name] == pytest.approx(0.2)
@@ -295,7 +417,11 @@ def test_precedence_source_over_slice_over_global(tiny_family):
         "slices": [
             {
                 "sources": [
-                    {"model": str(ft1), "layer_range": [0, 4], "parameters": {"weight": [{"filter": "mlp", "value": 0.7}]}},
+                    {
+                        "model": str(ft1),
+                        "layer_range": [0, 4],
+                        "parameters": {"weight": [{"filter": "mlp", "value": 0.7}]},
+                    },
                     {"model": str(ft2), "layer_range": [0, 4]},
                 ],
                 "parameters": {"weight": [{"filter": "self_attn", "value": 0.3}]},
@@ -306,8 +432,14 @@ def test_precedence_source_over_slice_over_global(tiny_family):
     cfg = load_recipe(recipe)
     plan = make_plan(cfg, open_sources(cfg.referenced_models()))
     w = {task.out_name: [p["weight"] for p in task.per_input] for task in plan.tasks}
-    assert w["model.layers.1.mlp.up_proj.weight"] == [0.7, 0.1]  # ft1: source; ft2: no slice match -> global
-    assert w["model.layers.1.self_attn.q_proj.weight"] == [0.3, 0.3]  # source filter misses -> slice
+    assert w["model.layers.1.mlp.up_proj.weight"] == [
+        0.7,
+        0.1,
+    ]  # ft1: source; ft2: no slice match -> global
+    assert w["model.layers.1.self_attn.q_proj.weight"] == [
+        0.3,
+        0.3,
+    ]  # source filter misses -> slice
     assert w["model.norm.weight"] == [0.1, 0.1]  # global
 
 
@@ -318,7 +450,12 @@ def test_precedence_source_over_slice_over_global(tiny_family):
 def _recipe(method: str, base: Path, models: list[Path], **params: Any) -> dict[str, Any]:
     per = {k: v for k, v in params.items() if k in ("weight", "density")}
     glob = {k: v for k, v in params.items() if k not in per}
-    r: dict[str, Any] = {"merge_method": method, "base_model": str(base), "models": [{"model": str(base)}] + [{"model": str(m), "parameters": dict(per)} for m in models]}
+    r: dict[str, Any] = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(base)}]
+        + [{"model": str(m), "parameters": dict(per)} for m in models],
+    }
     if glob:
         r["parameters"] = glob
     return r
@@ -340,14 +477,21 @@ def test_dare_determinism_across_runs_and_order(tiny_family):
 
 def test_in_memory_equals_disk(tiny_family, tmp_path):
     base, models = tiny_family
-    for method, params in (("ties", {"weight": 0.5, "density": 0.5}), ("dare_linear", {"weight": 0.3, "density": 0.6})):
+    for method, params in (
+        ("ties", {"weight": 0.5, "density": 0.5}),
+        ("dare_linear", {"weight": 0.3, "density": 0.6}),
+    ):
         cfg = load_recipe(_recipe(method, base, models, **params))
         res = merge_to_disk(cfg, tmp_path / method, seed=3)
-        merger = Merger(open_sources(cfg.referenced_models()), seed=3, resident=True, cache_bytes=1 << 26)
+        merger = Merger(
+            open_sources(cfg.referenced_models()), seed=3, resident=True, cache_bytes=1 << 26
+        )
         plan = merger.plan(cfg)
         model = merger.build_model(plan)
         first = merger.merge_into(model, plan)
-        again = merger.merge_into(model, plan)  # cached task vectors / thresholds / masks give the same tensors
+        again = merger.merge_into(
+            model, plan
+        )  # cached task vectors / thresholds / masks give the same tensors
         assert first.digest == again.digest == res.digest == digest_model_dir(tmp_path / method)
         saved = load_file(tmp_path / method / "model.safetensors")
         state = model.state_dict()
@@ -360,14 +504,18 @@ def test_resident_ties_across_densities_equals_disk(tiny_family, tmp_path):
     # merger reads thresholds off a cached stable order of |delta|; the tensors must still be the
     # ones a fresh disk merge writes.
     base, models = tiny_family
-    merger = Merger(open_sources([str(base), *map(str, models)]), seed=0, resident=True, cache_bytes=1 << 26)
+    merger = Merger(
+        open_sources([str(base), *map(str, models)]), seed=0, resident=True, cache_bytes=1 << 26
+    )
     model = None
     for density in (0.5, 0.3, 0.7, 0.5):
         cfg = load_recipe(_recipe("ties", base, models, weight=0.5, density=density))
         plan = merger.plan(cfg)
         model = model or merger.build_model(plan)
         got = merger.merge_into(model, plan)
-        assert got.digest == merge_to_disk(cfg, tmp_path / f"d{density}", force=True).digest, density
+        assert got.digest == merge_to_disk(cfg, tmp_path / f"d{density}", force=True).digest, (
+            density
+        )
     assert any(k[0] == "order" for k in merger.cache._items)
 
 
@@ -395,12 +543,27 @@ def test_nan_is_an_error_naming_the_tensor(tiny_family, tmp_path):
     sd = load_file(bad / "model.safetensors")
     sd["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")
     save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
-    recipe = {"merge_method": "linear", "models": [{"model": str(ft1), "parameters": {"weight": 1}}, {"model": str(bad), "parameters": {"weight": 1}}]}
-    with pytest.raises(EvomergeError, match=r"model\.layers\.2\.mlp\.down_proj\.weight.*NaN or inf"):
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(ft1), "parameters": {"weight": 1}},
+            {"model": str(bad), "parameters": {"weight": 1}},
+        ],
+    }
+    with pytest.raises(
+        EvomergeError, match=r"model\.layers\.2\.mlp\.down_proj\.weight.*NaN or inf"
+    ):
         merge_to_disk(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # Overflow to inf is caught the same way.
-    huge = {"merge_method": "linear", "models": [{"model": str(ft1), "parameters": {"weight": 3e38}}, {"model": str(base), "parameters": {"weight": 3e38}}], "parameters": {"normalize": False}}
+    huge = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(ft1), "parameters": {"weight": 3e38}},
+            {"model": str(base), "parameters": {"weight": 3e38}},
+        ],
+        "parameters": {"normalize": False},
+    }
     with pytest.raises(EvomergeError, match="NaN or inf"):
         merge_to_disk(huge, tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
@@ -414,7 +577,13 @@ def test_architectures_linear_average(arch, tmp_path):
     extra = {"pad_token_id": 0, "eos_token_id": 0, "bos_token_id": 0} if arch == "phi3" else {}
     a = make_tiny(tmp_path / "a", seed=1, arch=arch, **extra)
     b = perturbed(a, tmp_path / "b", seed=2)
-    recipe = {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 1}}, {"model": str(b), "parameters": {"weight": 3}}]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(a), "parameters": {"weight": 1}},
+            {"model": str(b), "parameters": {"weight": 3}},
+        ],
+    }
     merge_to_disk(recipe, tmp_path / "out")
     sa, sb, so = (load_file(p / "model.safetensors") for p in (a, b, tmp_path / "out"))
     assert set(so) == set(sa)
@@ -432,15 +601,25 @@ def test_passthrough_stacks_layers(tiny_family, tmp_path):
     base, (ft1, *_) = tiny_family
     recipe = {
         "merge_method": "passthrough",
-        "slices": [{"sources": [{"model": str(base), "layer_range": [0, 4]}]}, {"sources": [{"model": str(ft1), "layer_range": [2, 4], "parameters": {"scale": 0.5}}]}],
+        "slices": [
+            {"sources": [{"model": str(base), "layer_range": [0, 4]}]},
+            {"sources": [{"model": str(ft1), "layer_range": [2, 4], "parameters": {"scale": 0.5}}]},
+        ],
     }
     merge_to_disk(recipe, tmp_path / "out")
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 6
     out, sb, sf = (load_file(p / "model.safetensors") for p in (tmp_path / "out", base, ft1))
-    assert torch.equal(out["model.layers.1.mlp.up_proj.weight"], sb["model.layers.1.mlp.up_proj.weight"])
-    assert torch.equal(out["model.layers.5.mlp.up_proj.weight"], sf["model.layers.3.mlp.up_proj.weight"] * 0.5)
-    assert torch.equal(out["model.layers.4.self_attn.q_proj.weight"], sf["model.layers.2.self_attn.q_proj.weight"] * 0.5)
+    assert torch.equal(
+        out["model.layers.1.mlp.up_proj.weight"], sb["model.layers.1.mlp.up_proj.weight"]
+    )
+    assert torch.equal(
+        out["model.layers.5.mlp.up_proj.weight"], sf["model.layers.3.mlp.up_proj.weight"] * 0.5
+    )
+    assert torch.equal(
+        out["model.layers.4.self_attn.q_proj.weight"],
+        sf["model.layers.2.self_attn.q_proj.weight"] * 0.5,
+    )
     # Tensors after the layers come from the last slice's model (scaled too).
     assert torch.equal(out["lm_head.weight"], sf["lm_head.weight"] * 0.5)
     assert torch.equal(out["model.embed_tokens.weight"], sb["model.embed_tokens.weight"])
@@ -456,13 +635,30 @@ def test_tied_embeddings(tmp_path):
     su, st = load_file(untied / "model.safetensors"), load_file(tied / "model.safetensors")
     assert "lm_head.weight" not in st
     # Untied reference: the tied model's head is its embedding matrix.
-    recipe = {"merge_method": "linear", "models": [{"model": str(untied), "parameters": {"weight": 1}}, {"model": str(tied), "parameters": {"weight": 1}}]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(untied), "parameters": {"weight": 1}},
+            {"model": str(tied), "parameters": {"weight": 1}},
+        ],
+    }
     merge_to_disk(recipe, tmp_path / "out", allow_crimes=True)
     so = load_file(tmp_path / "out" / "model.safetensors")
-    torch.testing.assert_close(so["lm_head.weight"], (su["lm_head.weight"] + st["model.embed_tokens.weight"]) / 2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        so["lm_head.weight"],
+        (su["lm_head.weight"] + st["model.embed_tokens.weight"]) / 2,
+        atol=1e-6,
+        rtol=0,
+    )
     # Tied reference: no lm_head is written and the output stays tied.
     tied2 = perturbed(tied, tmp_path / "t2", seed=3)
-    recipe2 = {"merge_method": "linear", "models": [{"model": str(tied), "parameters": {"weight": 1}}, {"model": str(tied2), "parameters": {"weight": 1}}]}
+    recipe2 = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(tied), "parameters": {"weight": 1}},
+            {"model": str(tied2), "parameters": {"weight": 1}},
+        ],
+    }
     merge_to_disk(recipe2, tmp_path / "out2")
     assert "lm_head.weight" not in load_file(tmp_path / "out2" / "model.safetensors")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out2")

@@ -25,13 +25,17 @@ from evomerge.recipe.schema import load_recipe, parse_recipe
 from evomerge.space import parse_space
 
 
-def run(method: str, tensors: list[Any], *, base: int, shared: dict[str, Any] | None = None) -> torch.Tensor:
+def run(
+    method: str, tensors: list[Any], *, base: int, shared: dict[str, Any] | None = None
+) -> torch.Tensor:
     """One method's kernel on small tensors, its defaults for the shared parameters not given."""
     m = METHODS[method]
     xs = [torch.as_tensor(x, dtype=torch.float32) for x in tensors]
     sh = {p.name: p.default for p in m.params if p.scope == "shared"}
     sh.update(shared or {})
-    inp = TensorInputs("t.weight", xs, [("m", i) for i in range(len(xs))], base, sh, [{} for _ in xs])
+    inp = TensorInputs(
+        "t.weight", xs, [("m", i) for i in range(len(xs))], base, sh, [{} for _ in xs]
+    )
     with torch.no_grad():
         return kernel_for(m)(inp)
 
@@ -106,7 +110,10 @@ def test_ram():
     close(run("ram", [RAM_BASE, *RAM_MODELS], base=0), [3.0, 3.0, 5.0, 1.0, 1 + 7 / 3], tol=1e-5)
     # epsilon = 2.5 keeps only m1's 3, m2's 3 (entry 0), m3's 4 and 5:
     # [3, 0, 4, 0, (3+5)/2] + base = [4, 1, 5, 1, 5].
-    close(run("ram", [*RAM_MODELS, RAM_BASE], base=3, shared={"epsilon": 2.5}), [4.0, 1.0, 5.0, 1.0, 5.0])
+    close(
+        run("ram", [*RAM_MODELS, RAM_BASE], base=3, shared={"epsilon": 2.5}),
+        [4.0, 1.0, 5.0, 1.0, 5.0],
+    )
     # The base alone is the base.
     close(run("ram", [RAM_BASE], base=0), RAM_BASE)
 
@@ -120,7 +127,11 @@ def test_ramplus_tl():
     got = run("ramplus_tl", [RAM_BASE, *RAM_MODELS], base=0, shared={"r": 0.5, "alpha": 1.5})
     close(got, [3.0, 4.5, 7.0, 1.0, 1 + 7 / 3], tol=1e-5)
     # Defaults r = 0.1, alpha = 0.2: every rho >= 0.2, boost 1.02: [2, 2.04, 4.08, 0, 7/3] + base.
-    close(run("ramplus_tl", [RAM_BASE, *RAM_MODELS], base=0), [3.0, 3.04, 5.08, 1.0, 1 + 7 / 3], tol=1e-5)
+    close(
+        run("ramplus_tl", [RAM_BASE, *RAM_MODELS], base=0),
+        [3.0, 3.04, 5.08, 1.0, 1 + 7 / 3],
+        tol=1e-5,
+    )
     # alpha = 0: no boost, the same as ram.
     same = run("ramplus_tl", [RAM_BASE, *RAM_MODELS], base=0, shared={"alpha": 0.0})
     torch.testing.assert_close(same, run("ram", [RAM_BASE, *RAM_MODELS], base=0))
@@ -131,7 +142,12 @@ def test_ramplus_tl():
 
 
 def _recipe(method: str, models: list[str], **extra: Any) -> dict[str, Any]:
-    return {"merge_method": method, "base_model": "b", "models": [{"model": m} for m in models], **extra}
+    return {
+        "merge_method": method,
+        "base_model": "b",
+        "models": [{"model": m} for m in models],
+        **extra,
+    }
 
 
 def test_declarations_follow_mergekit():
@@ -141,11 +157,15 @@ def test_declarations_follow_mergekit():
     load_recipe(_recipe("ram", ["b", "x", "y", "z"]))
     with pytest.raises(ConfigError, match=r"parameters: merge_method nearswap needs `t`"):
         load_recipe(_recipe("nearswap", ["b", "x"]))
-    with pytest.raises(ConfigError, match=r"models: merge_method arcee_fusion takes exactly 2 model\(s\), got 3"):
+    with pytest.raises(
+        ConfigError, match=r"models: merge_method arcee_fusion takes exactly 2 model\(s\), got 3"
+    ):
         load_recipe(_recipe("arcee_fusion", ["b", "x", "y"]))
     with pytest.raises(ConfigError, match=r"merge_method ram needs a base_model"):
         load_recipe({"merge_method": "ram", "models": [{"model": "x"}, {"model": "y"}]})
-    with pytest.raises(ConfigError, match=r"parameters.epsilon: must be a number in \(0, inf\), got 0"):
+    with pytest.raises(
+        ConfigError, match=r"parameters.epsilon: must be a number in \(0, inf\), got 0"
+    ):
         load_recipe(_recipe("ramplus_tl", ["b", "x"], parameters={"epsilon": 0}))
 
 
@@ -182,19 +202,23 @@ def test_models_merge_with_the_expected_invariants(tiny_family, tmp_path):
 
 
 def test_space_can_choose_nearswap_and_renders_a_valid_recipe():
-    space = parse_space({
-        "merge_method": {"choice": ["slerp", "nearswap", "arcee_fusion"]},
-        "base_model": "/m/a",
-        "models": [{"model": "/m/a"}, {"model": "/m/b"}],
-        "parameters": {"t": {"range": [0.0, 0.5]}},
-        "dtype": "float32",
-    }, "s.yml")
+    space = parse_space(
+        {
+            "merge_method": {"choice": ["slerp", "nearswap", "arcee_fusion"]},
+            "base_model": "/m/a",
+            "models": [{"model": "/m/a"}, {"model": "/m/b"}],
+            "parameters": {"t": {"range": [0.0, 0.5]}},
+            "dtype": "float32",
+        },
+        "s.yml",
+    )
     asked: list[str] = []
 
     def pick(method: str):
         def suggest(name, d):
             asked.append(name)
             return {"method": method, "t": 0.01}[name]
+
         return suggest
 
     r = space.render(pick("nearswap"), lambda ref: 4)
@@ -216,13 +240,18 @@ def _slerp(models: tuple[Path, Path], **params: Any) -> dict[str, Any]:
     return {
         "merge_method": "slerp",
         "base_model": b,
-        "models": [{"model": b, "parameters": dict(params)}, {"model": x, "parameters": dict(params)}],
+        "models": [
+            {"model": b, "parameters": dict(params)},
+            {"model": x, "parameters": dict(params)},
+        ],
         "parameters": {"t": 0.3},
         "dtype": "float32",
     }
 
 
-def test_a_parameter_the_method_does_not_use_is_ignored_with_one_warning(tiny_family, tmp_path, capsys):
+def test_a_parameter_the_method_does_not_use_is_ignored_with_one_warning(
+    tiny_family, tmp_path, capsys
+):
     base, ft = tiny_family
     plain = tmp_path / "plain.yml"
     plain.write_text(yaml.safe_dump(_slerp((base, ft[0]))))
@@ -238,13 +267,19 @@ def test_a_parameter_the_method_does_not_use_is_ignored_with_one_warning(tiny_fa
         f"{weighted}: models[0].parameters.weight: slerp does not use weight; ignored (as mergekit does)",
         f"{weighted}: models[1].parameters.weight: slerp does not use weight; ignored (as mergekit does)",
     ]
-    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    a, b = (
+        load_file(tmp_path / "a" / "model.safetensors"),
+        load_file(tmp_path / "b" / "model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_name_no_method_takes_is_still_an_error(capsys):
     recipe = _slerp((Path("/m/a"), Path("/m/b")), wieght=0.7)
-    with pytest.raises(ConfigError, match=r"models\[0\].parameters.wieght: unknown parameter for merge_method slerp \(did you mean weight\?\); it takes: t"):
+    with pytest.raises(
+        ConfigError,
+        match=r"models\[0\].parameters.wieght: unknown parameter for merge_method slerp \(did you mean weight\?\); it takes: t",
+    ):
         load_recipe(recipe)
     assert capsys.readouterr().err == ""
 
@@ -253,7 +288,22 @@ def test_the_strict_parser_and_the_search_space_still_refuse_it():
     # A search space (and the recipes the search renders) must not carry a parameter the method
     # ignores: a searched weight would be sampled for nothing.
     recipe = _slerp((Path("/m/a"), Path("/m/b")), weight=0.7)
-    with pytest.raises(ConfigError, match=r"models\[0\].parameters.weight: merge_method slerp does not use `weight`"):
+    with pytest.raises(
+        ConfigError,
+        match=r"models\[0\].parameters.weight: merge_method slerp does not use `weight`",
+    ):
         parse_recipe(recipe, "r.yml")
-    with pytest.raises(ConfigError, match=r"s.yml: models\[0\].parameters.weight: merge_method slerp does not use `weight`"):
-        parse_space({**recipe, "models": [{"model": "/m/a", "parameters": {"weight": {"range": [0.0, 1.0]}}}, {"model": "/m/b"}]}, "s.yml")
+    with pytest.raises(
+        ConfigError,
+        match=r"s.yml: models\[0\].parameters.weight: merge_method slerp does not use `weight`",
+    ):
+        parse_space(
+            {
+                **recipe,
+                "models": [
+                    {"model": "/m/a", "parameters": {"weight": {"range": [0.0, 1.0]}}},
+                    {"model": "/m/b"},
+                ],
+            },
+            "s.yml",
+        )

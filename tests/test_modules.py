@@ -28,8 +28,14 @@ def test_one_module_is_its_models_recipe(tiny_family, tmp_path) -> None:
     _, ft = tiny_family
     ms = [str(p) for p in ft[:2]]
     plain = {"merge_method": "linear", "models": _linear(ms, [0.7, 0.3]), "dtype": "float32"}
-    moduled = {"merge_method": "linear", "modules": {"text_decoder": {"models": _linear(ms, [0.7, 0.3])}}, "dtype": "float32"}
-    assert merge_to_disk(moduled, tmp_path / "a").digest == merge_to_disk(plain, tmp_path / "b").digest
+    moduled = {
+        "merge_method": "linear",
+        "modules": {"text_decoder": {"models": _linear(ms, [0.7, 0.3])}},
+        "dtype": "float32",
+    }
+    assert (
+        merge_to_disk(moduled, tmp_path / "a").digest == merge_to_disk(plain, tmp_path / "b").digest
+    )
     assert "modules" in load_recipe(moduled).raw  # written back as the user gave it
 
 
@@ -40,13 +46,20 @@ def test_module_parameters_sit_between_the_recipe_and_the_slice(tiny_family, tmp
     recipe = {
         "merge_method": "linear",
         "parameters": {"weight": 5.0, "normalize": False},  # the module's weight wins over this one
-        "modules": {"default": {"slices": [{"sources": src, "parameters": {"normalize": True}}], "parameters": {"weight": 1.0, "normalize": False}}},
+        "modules": {
+            "default": {
+                "slices": [{"sources": src, "parameters": {"normalize": True}}],
+                "parameters": {"weight": 1.0, "normalize": False},
+            }
+        },
         "dtype": "float32",
     }
     merge_to_disk(recipe, tmp_path / "out")
     out, sa, sb = (load_file(Path(p) / "model.safetensors") for p in (tmp_path / "out", a, b))
     name = "model.layers.2.mlp.up_proj.weight"
-    torch.testing.assert_close(out[name], (sa[name] + sb[name]) / 2)  # weight 1 each, normalized by the slice
+    torch.testing.assert_close(
+        out[name], (sa[name] + sb[name]) / 2
+    )  # weight 1 each, normalized by the slice
 
 
 def test_several_modules_that_merge_alike_are_one_models_recipe(tiny_family, tmp_path) -> None:
@@ -55,13 +68,37 @@ def test_several_modules_that_merge_alike_are_one_models_recipe(tiny_family, tmp
     ms = [str(p) for p in ft[:2]]
 
     def module(n: int) -> dict:
-        return {"slices": [{"sources": [{"model": m, "layer_range": [0, n], "parameters": {"weight": w}} for m, w in zip(ms, (0.6, 0.4), strict=True)]}]}
+        return {
+            "slices": [
+                {
+                    "sources": [
+                        {"model": m, "layer_range": [0, n], "parameters": {"weight": w}}
+                        for m, w in zip(ms, (0.6, 0.4), strict=True)
+                    ]
+                }
+            ]
+        }
 
-    moduled = {"merge_method": "task_arithmetic", "base_model": str(base), "modules": {"default": module(0), "model.layers": module(4)}, "dtype": "float32"}
-    plain = {"merge_method": "task_arithmetic", "base_model": str(base), "models": _linear(ms, [0.6, 0.4]), "dtype": "float32"}
-    assert merge_to_disk(moduled, tmp_path / "a").digest == merge_to_disk(plain, tmp_path / "b").digest
+    moduled = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "modules": {"default": module(0), "model.layers": module(4)},
+        "dtype": "float32",
+    }
+    plain = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": _linear(ms, [0.6, 0.4]),
+        "dtype": "float32",
+    }
+    assert (
+        merge_to_disk(moduled, tmp_path / "a").digest == merge_to_disk(plain, tmp_path / "b").digest
+    )
     short = moduled | {"modules": {"default": module(0), "model.layers": module(3)}}
-    with pytest.raises(ConfigError, match=r"modules\.model\.layers: layer_range \[0, 3\] covers no whole layer stack .* 4 layers"):
+    with pytest.raises(
+        ConfigError,
+        match=r"modules\.model\.layers: layer_range \[0, 3\] covers no whole layer stack .* 4 layers",
+    ):
         merge_to_disk(short, tmp_path / "c")
     assert not (tmp_path / "c").exists()
 
@@ -69,12 +106,35 @@ def test_several_modules_that_merge_alike_are_one_models_recipe(tiny_family, tmp
 @pytest.mark.parametrize(
     ("modules", "field", "says"),
     [
-        ({"text_decoder": {"models": [{"model": "A"}]}, "vision_tower": {"models": [{"model": "B"}]}}, "modules.vision_tower", "write it with models:"),
-        ({"default": {"models": [{"model": "A"}], "slices": []}}, "modules.default", "exactly one of models: or slices:"),
-        ({"default": {"models": [{"model": "A"}], "weight": 1}}, "modules.default.weight", "unknown key"),
-        ({"default": {"modles": [{"model": "A"}]}}, "modules.default.modles", "unknown key (did you mean models"),
+        (
+            {
+                "text_decoder": {"models": [{"model": "A"}]},
+                "vision_tower": {"models": [{"model": "B"}]},
+            },
+            "modules.vision_tower",
+            "write it with models:",
+        ),
+        (
+            {"default": {"models": [{"model": "A"}], "slices": []}},
+            "modules.default",
+            "exactly one of models: or slices:",
+        ),
+        (
+            {"default": {"models": [{"model": "A"}], "weight": 1}},
+            "modules.default.weight",
+            "unknown key",
+        ),
+        (
+            {"default": {"modles": [{"model": "A"}]}},
+            "modules.default.modles",
+            "unknown key (did you mean models",
+        ),
         ({}, "modules", "non-empty mapping"),
-        ({"vision_tower": {"models": [{"model": "A"}]}}, "modules.vision_tower", "alone would slice the language model"),
+        (
+            {"vision_tower": {"models": [{"model": "A"}]}},
+            "modules.vision_tower",
+            "alone would slice the language model",
+        ),
     ],
 )
 def test_refused_in_one_line(modules, field, says, tmp_path) -> None:
@@ -85,14 +145,26 @@ def test_refused_in_one_line(modules, field, says, tmp_path) -> None:
     assert e.value.field == field and says in str(e.value)
     if field != "modules.vision_tower":  # the command line once (a process costs seconds)
         return
-    proc = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(recipe), str(tmp_path / "out")], capture_output=True, text=True)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and field in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", "merge", str(recipe), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and field in proc.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
 def test_modules_and_models_together_are_refused() -> None:
     with pytest.raises(ConfigError, match="exactly one of models:, slices: or modules:"):
-        load_recipe({"merge_method": "linear", "models": [{"model": "A"}], "modules": {"default": {"models": [{"model": "A"}]}}})
+        load_recipe(
+            {
+                "merge_method": "linear",
+                "models": [{"model": "A"}],
+                "modules": {"default": {"models": [{"model": "A"}]}},
+            }
+        )
 
 
 def test_a_space_in_modules_form(tiny_family, tmp_path) -> None:
@@ -100,12 +172,21 @@ def test_a_space_in_modules_form(tiny_family, tmp_path) -> None:
     from evomerge.space import load_space
 
     _, ft = tiny_family
-    recipe = {"merge_method": "linear", "modules": {"default": {"models": _linear([str(p) for p in ft[:2]], [0.5, 0.5])}}, "dtype": "float32"}
+    recipe = {
+        "merge_method": "linear",
+        "modules": {"default": {"models": _linear([str(p) for p in ft[:2]], [0.5, 0.5])}},
+        "dtype": "float32",
+    }
     (tmp_path / "one.yml").write_text(dump_yaml(recipe))
     one = load_space(tmp_path / "one.yml")
     assert one.directives == []
-    assert one.model_refs() == [str(p) for p in ft[:2]]  # its models are the baselines' sources (and uniform), as for models:
+    assert one.model_refs() == [
+        str(p) for p in ft[:2]
+    ]  # its models are the baselines' sources (and uniform), as for models:
     recipe["modules"]["default"]["models"][0]["parameters"]["weight"] = {"range": [0.1, 1.0]}
     (tmp_path / "free.yml").write_text(dump_yaml(recipe))
-    with pytest.raises(ConfigError, match="directives inside modules: are not supported; write the space with models: or slices:"):
+    with pytest.raises(
+        ConfigError,
+        match="directives inside modules: are not supported; write the space with models: or slices:",
+    ):
         load_space(tmp_path / "free.yml")

@@ -20,7 +20,11 @@ from evomerge.engine import digest_model_dir
 from evomerge.moe import load_moe_config, moe_in_memory, moe_to_disk
 
 SKILLS = ("rot", "sort", "shift")
-PROMPTS = {"rot": ["rot: abcde =", "rot: vwxyz ="], "sort": ["sort: dbeca =", "sort: qzmxa ="], "shift": ["shift: abcde =", "shift: lmnop ="]}
+PROMPTS = {
+    "rot": ["rot: abcde =", "rot: vwxyz ="],
+    "sort": ["sort: dbeca =", "sort: qzmxa ="],
+    "shift": ["shift: abcde =", "shift: lmnop ="],
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,14 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def config(zoo: Path, gate_mode: str = "hidden", k: int = 1, **extra: Any) -> dict[str, Any]:
     experts = [{"source_model": str(zoo / s), "positive_prompts": PROMPTS[s]} for s in SKILLS]
-    return {"base_model": str(zoo / "base"), "gate_mode": gate_mode, "experts_per_token": k, "dtype": "float32", "experts": experts, **extra}
+    return {
+        "base_model": str(zoo / "base"),
+        "gate_mode": gate_mode,
+        "experts_per_token": k,
+        "dtype": "float32",
+        "experts": experts,
+        **extra,
+    }
 
 
 def write(tmp: Path, cfg: dict[str, Any], name: str = "moe.yml") -> Path:
@@ -65,15 +76,26 @@ def test_hidden_builds_a_mixtral_that_transformers_loads_and_runs(zoo, tmp_path,
     tok = AutoTokenizer.from_pretrained(out)
     batch = tok(["rot: abcde =", "sort: qzmx ="], return_tensors="pt", padding=True)
     logits = model(**batch).logits
-    assert logits.shape == (2, batch["input_ids"].shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
+    assert (
+        logits.shape == (2, batch["input_ids"].shape[1], model.config.vocab_size)
+        and torch.isfinite(logits).all()
+    )
     # Attention, embeddings, norms and lm_head are the base's, bit for bit.
     got, base = tensors(out), load_file(zoo / "base" / "model.safetensors")
     for name, t in base.items():
         if ".mlp." not in name:
             assert torch.equal(got[name], t), name
     # The usual files, and a card naming every expert and prompt.
-    assert {"config.json", "tokenizer.json", "README.md", "mergekit_moe_config.yml", "generation_config.json"} <= {p.name for p in out.iterdir()}
-    assert yaml.safe_load((out / "mergekit_moe_config.yml").read_text()) == yaml.safe_load(path.read_text())
+    assert {
+        "config.json",
+        "tokenizer.json",
+        "README.md",
+        "mergekit_moe_config.yml",
+        "generation_config.json",
+    } <= {p.name for p in out.iterdir()}
+    assert yaml.safe_load((out / "mergekit_moe_config.yml").read_text()) == yaml.safe_load(
+        path.read_text()
+    )
     card = (out / "README.md").read_text()
     for s in SKILLS:
         assert str(zoo / s) in card and f"`{PROMPTS[s][0]}`" in card
@@ -90,24 +112,41 @@ def test_random_gates_keep_every_expert_mlp_exactly(zoo, tmp_path):
     moe_to_disk(config(zoo, "random", k=2), out, seed=5)
     got = tensors(out)
     for layer in range(4):
-        gate_up, down = got[f"model.layers.{layer}.mlp.experts.gate_up_proj"], got[f"model.layers.{layer}.mlp.experts.down_proj"]
+        gate_up, down = (
+            got[f"model.layers.{layer}.mlp.experts.gate_up_proj"],
+            got[f"model.layers.{layer}.mlp.experts.down_proj"],
+        )
         assert gate_up.shape == (3, 768, 128) and down.shape == (3, 128, 384)
         for j, s in enumerate(SKILLS):
-            assert torch.equal(gate_up[j], torch.cat([mlp(zoo / s, layer, "gate_proj"), mlp(zoo / s, layer, "up_proj")]))
+            assert torch.equal(
+                gate_up[j],
+                torch.cat([mlp(zoo / s, layer, "gate_proj"), mlp(zoo / s, layer, "up_proj")]),
+            )
             assert torch.equal(down[j], mlp(zoo / s, layer, "down_proj"))
     # Routers: standard normal rows drawn from --seed, the same seed the same routers.
     routers = torch.stack([got[f"model.layers.{i}.mlp.gate.weight"] for i in range(4)])
-    assert torch.equal(routers, torch.randn((4, 3, 128), generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(
+        routers, torch.randn((4, 3, 128), generator=torch.Generator().manual_seed(5))
+    )
     moe_to_disk(config(zoo, "random", k=2), tmp_path / "again", seed=5)
     moe_to_disk(config(zoo, "random", k=2), tmp_path / "other", seed=6)
-    assert digest_model_dir(tmp_path / "again") == digest_model_dir(out) != digest_model_dir(tmp_path / "other")
+    assert (
+        digest_model_dir(tmp_path / "again")
+        == digest_model_dir(out)
+        != digest_model_dir(tmp_path / "other")
+    )
 
 
 def test_uniform_random_gates_are_within_linear_init_bounds(zoo, tmp_path):
     moe_to_disk(config(zoo, "uniform_random"), tmp_path / "out", seed=0)
     w = tensors(tmp_path / "out")["model.layers.2.mlp.gate.weight"]
     bound = 128**-0.5
-    assert w.shape == (3, 128) and w.abs().max() <= bound and w.abs().max() > 0.9 * bound and w.std() > bound / 2
+    assert (
+        w.shape == (3, 128)
+        and w.abs().max() <= bound
+        and w.abs().max() > 0.9 * bound
+        and w.std() > bound / 2
+    )
 
 
 def test_hidden_router_rows_are_normalized_last_token_states_of_the_base(zoo, tmp_path):
@@ -124,14 +163,18 @@ def test_hidden_router_rows_are_normalized_last_token_states_of_the_base(zoo, tm
 
     def states(prompts: list[str]) -> torch.Tensor:
         rows = []
-        for p in prompts:  # one at a time: the zoo's prompts of a list have equal length (no padding)
+        for (
+            p
+        ) in prompts:  # one at a time: the zoo's prompts of a list have equal length (no padding)
             ids = torch.tensor([[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"]])
             hs = base(input_ids=ids, output_hidden_states=True).hidden_states
             rows.append(torch.stack([h[0, -1].float() for h in hs[:-1]]))
         return torch.stack(rows).mean(0)
 
     for j, e in enumerate(cfg["experts"]):
-        v = states(e["positive_prompts"]) - (states(e["negative_prompts"]) if "negative_prompts" in e else 0)
+        v = states(e["positive_prompts"]) - (
+            states(e["negative_prompts"]) if "negative_prompts" in e else 0
+        )
         # Layer 0 sees only the last token's embedding: "=" for every prompt, so positive minus negative is 0.
         unit = (v.norm(dim=-1) > 1e-6).float()
         assert unit.tolist() == ([0.0, 1.0, 1.0, 1.0] if j == 1 else [1.0] * 4)
@@ -139,7 +182,11 @@ def test_hidden_router_rows_are_normalized_last_token_states_of_the_base(zoo, tm
         for layer in range(4):
             row = got[f"model.layers.{layer}.mlp.gate.weight"][j]
             assert abs(row.norm().item() - unit[layer].item()) < 1e-2
-            assert torch.allclose(row, v[layer], atol=2e-2), (j, layer, (row - v[layer]).abs().max())
+            assert torch.allclose(row, v[layer], atol=2e-2), (
+                j,
+                layer,
+                (row - v[layer]).abs().max(),
+            )
 
 
 def test_cheap_embed_router_is_the_normalized_embedding_sum(zoo, tmp_path):
@@ -150,7 +197,11 @@ def test_cheap_embed_router_is_the_normalized_embedding_sum(zoo, tmp_path):
     embed = load_file(zoo / "base" / "model.safetensors")["model.embed_tokens.weight"]
     tok = AutoTokenizer.from_pretrained(zoo / "base")
     for j, s in enumerate(SKILLS):
-        ids = [i for p in PROMPTS[s] for i in [tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"]]
+        ids = [
+            i
+            for p in PROMPTS[s]
+            for i in [tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"]
+        ]
         v = embed[ids].sum(0)
         v = v / v.norm()
         for layer in range(4):  # the same row at every layer
@@ -163,11 +214,19 @@ def test_noise_and_residual_scale(zoo, tmp_path):
     cfg["experts"][1]["noise_scale"] = 0.01
     moe_to_disk(cfg, tmp_path / "out", seed=1)
     got = tensors(tmp_path / "out")
-    assert torch.equal(got["model.layers.1.mlp.experts.down_proj"][0], mlp(zoo / "rot", 1, "down_proj") * 0.5)
-    assert torch.equal(got["model.layers.1.mlp.experts.gate_up_proj"][0][:384], mlp(zoo / "rot", 1, "gate_proj"))
-    noise = got["model.layers.1.mlp.experts.gate_up_proj"][1][:384] - mlp(zoo / "sort", 1, "gate_proj")
+    assert torch.equal(
+        got["model.layers.1.mlp.experts.down_proj"][0], mlp(zoo / "rot", 1, "down_proj") * 0.5
+    )
+    assert torch.equal(
+        got["model.layers.1.mlp.experts.gate_up_proj"][0][:384], mlp(zoo / "rot", 1, "gate_proj")
+    )
+    noise = got["model.layers.1.mlp.experts.gate_up_proj"][1][:384] - mlp(
+        zoo / "sort", 1, "gate_proj"
+    )
     assert 0.009 < noise.std().item() < 0.011 and abs(noise.mean().item()) < 1e-3
-    assert torch.equal(got["model.layers.1.mlp.experts.down_proj"][2], mlp(zoo / "shift", 1, "down_proj"))
+    assert torch.equal(
+        got["model.layers.1.mlp.experts.down_proj"][2], mlp(zoo / "shift", 1, "down_proj")
+    )
 
 
 def test_mistral_experts_and_bfloat16(tmp_path):
@@ -176,17 +235,25 @@ def test_mistral_experts_and_bfloat16(tmp_path):
 
     base = make_tiny(tmp_path / "base", arch="mistral", dtype=torch.bfloat16)
     experts = [perturbed(base, tmp_path / f"e{i}", seed=i) for i in range(2)]
-    cfg = {"base_model": str(base), "gate_mode": "random", "experts": [{"source_model": str(e)} for e in experts]}
+    cfg = {
+        "base_model": str(base),
+        "gate_mode": "random",
+        "experts": [{"source_model": str(e)} for e in experts],
+    }
     moe_to_disk(cfg, tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert model.config.num_experts_per_tok == 2 and model.dtype == torch.bfloat16  # mergekit-moe's default k; the base's dtype
+    assert (
+        model.config.num_experts_per_tok == 2 and model.dtype == torch.bfloat16
+    )  # mergekit-moe's default k; the base's dtype
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits.float()).all()
 
 
 def test_seed_recipe_form_builds(zoo, tmp_path):
     """The seed documents' ``merge_method: moe`` recipe (tests/seed_recipes/003_moe-from-merges.yml)
     with the zoo standing in for its models; ``evomerge merge`` on it points to ``evomerge moe``."""
-    seed = yaml.safe_load((Path(__file__).parent / "seed_recipes" / "003_moe-from-merges.yml").read_text())
+    seed = yaml.safe_load(
+        (Path(__file__).parent / "seed_recipes" / "003_moe-from-merges.yml").read_text()
+    )
     assert seed["merge_method"] == "moe"
     seed["base_model"] = str(zoo / "base")
     for e, s in zip(seed["experts"], SKILLS, strict=True):
@@ -205,7 +272,14 @@ def odd_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("odd")
     return {
         "gpt2": make_tiny(root / "gpt2", arch="gpt2"),
-        "small": make_tiny(root / "small", hidden_size=128, intermediate_size=192, num_hidden_layers=4, vocab_size=47, head_dim=32),
+        "small": make_tiny(
+            root / "small",
+            hidden_size=128,
+            intermediate_size=192,
+            num_hidden_layers=4,
+            vocab_size=47,
+            head_dim=32,
+        ),
         "biased": make_tiny(root / "biased", attention_bias=True),
     }
 
@@ -257,7 +331,9 @@ def _bad(zoo: Path, odd: dict[str, Path], case: str) -> tuple[dict[str, Any], li
         c["base_model"] = str(odd["biased"])
         for e in c["experts"]:
             e["source_model"] = str(odd["biased"])
-        c["experts"] = c["experts"][:1] + [{"source_model": str(zoo / "base"), "positive_prompts": ["x"]}]
+        c["experts"] = c["experts"][:1] + [
+            {"source_model": str(zoo / "base"), "positive_prompts": ["x"]}
+        ]
         return c, ["experts[1].source_model", "hidden_size"]
     if case == "dtype":
         c["dtype"] = "fp8"
@@ -265,7 +341,9 @@ def _bad(zoo: Path, odd: dict[str, Path], case: str) -> tuple[dict[str, Any], li
     if case == "merge_method":
         c["merge_method"] = "ties"
         return c, ["merge_method", "merge_method: moe"]
-    if case == "noise_inf":  # refused by name before any tensor is drawn, not as a NaN/inf output tensor
+    if (
+        case == "noise_inf"
+    ):  # refused by name before any tensor is drawn, not as a NaN/inf output tensor
         c["experts"][1]["noise_scale"] = float("inf")
         return c, ["experts[1].noise_scale", "finite number"]
     if case == "k_default":  # one expert and no experts_per_token: the default 2 is too many
@@ -275,8 +353,26 @@ def _bad(zoo: Path, odd: dict[str, Path], case: str) -> tuple[dict[str, Any], li
     raise AssertionError(case)
 
 
-BAD = ["same_prompts", "k_too_big", "k_zero", "other_arch", "other_shape", "missing_model", "typo", "gate_mode", "no_prompts",
-       "same_model", "shared", "architecture", "gpt2_base", "biased_base", "dtype", "merge_method", "noise_inf", "k_default"]
+BAD = [
+    "same_prompts",
+    "k_too_big",
+    "k_zero",
+    "other_arch",
+    "other_shape",
+    "missing_model",
+    "typo",
+    "gate_mode",
+    "no_prompts",
+    "same_model",
+    "shared",
+    "architecture",
+    "gpt2_base",
+    "biased_base",
+    "dtype",
+    "merge_method",
+    "noise_inf",
+    "k_default",
+]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -301,10 +397,22 @@ def test_biases_have_no_place_in_a_mixtral(odd_models, tmp_path, capsys):
 
     b = odd_models["biased"]
     e = perturbed(b, tmp_path / "e", seed=3)
-    path = write(tmp_path, {"base_model": str(b), "gate_mode": "random", "experts": [{"source_model": str(b)}, {"source_model": str(e)}]})
+    path = write(
+        tmp_path,
+        {
+            "base_model": str(b),
+            "gate_mode": "random",
+            "experts": [{"source_model": str(b)}, {"source_model": str(e)}],
+        },
+    )
     assert main(["moe", str(path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "base_model" in err and "bias" in err and "no place in a Mixtral model" in err and not (tmp_path / "out").exists()
+    assert (
+        "base_model" in err
+        and "bias" in err
+        and "no place in a Mixtral model" in err
+        and not (tmp_path / "out").exists()
+    )
 
 
 def test_nonempty_output_is_refused(zoo, tmp_path, capsys):
@@ -312,7 +420,9 @@ def test_nonempty_output_is_refused(zoo, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     assert main(["moe", str(write(tmp_path, config(zoo, "random"))), str(out)]) == 2
-    assert "not empty" in capsys.readouterr().err and [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert "not empty" in capsys.readouterr().err and [p.name for p in out.iterdir()] == [
+        "keep.txt"
+    ]
 
 
 def test_merge_points_to_moe(zoo, tmp_path, capsys):

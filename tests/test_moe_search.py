@@ -37,8 +37,16 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def blend(zoo: Path, weights: tuple[float, float, float]) -> dict[str, Any]:
-    return {"merge_method": "task_arithmetic", "base_model": str(zoo / "base"), "parameters": {"normalize": False}, "dtype": "float32",
-            "models": [{"model": str(zoo / s), "parameters": {"weight": w}} for s, w in zip(SKILLS, weights, strict=True)]}
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": str(zoo / "base"),
+        "parameters": {"normalize": False},
+        "dtype": "float32",
+        "models": [
+            {"model": str(zoo / s), "parameters": {"weight": w}}
+            for s, w in zip(SKILLS, weights, strict=True)
+        ],
+    }
 
 
 def moe_space(zoo: Path, **over: Any) -> dict[str, Any]:
@@ -60,11 +68,33 @@ def test_demo_moe_space_renders_merges_and_mixtures(zoo, tmp_path):
     space = load(tmp_path, moe_space(zoo))
     names = [d.name for d in space.directives]
     assert names[:5] == ["method", "weight.rot", "weight.sort", "weight.shift", "lambda"]
-    assert {"moe.gate_mode", "moe.k", "moe.use.rot", "moe.prompts.rot", "weight.rot.e3", "moe.prompts.e3.2", "moe.use.e3"} <= set(names)
+    assert {
+        "moe.gate_mode",
+        "moe.k",
+        "moe.use.rot",
+        "moe.prompts.rot",
+        "weight.rot.e3",
+        "moe.prompts.e3.2",
+        "moe.use.e3",
+    } <= set(names)
     space.prompt_texts = {f"zoo_{s}": [f"{s}: item{i} =" for i in range(20)] for s in SKILLS}
-    picks = {"method": "moe", "moe.gate_mode": "cheap_embed", "moe.k": 2, "moe.use.rot": True, "moe.use.sort": False, "moe.use.shift": True,
-             "moe.use.e3": True, "moe.prompts.rot": 3, "moe.prompts.shift": 18, "weight.rot.e3": 0.5, "weight.sort.e3": 0.25, "weight.shift.e3": 1.0,
-             "moe.prompts.e3.0": 0, "moe.prompts.e3.1": 1, "moe.prompts.e3.2": 2}
+    picks = {
+        "method": "moe",
+        "moe.gate_mode": "cheap_embed",
+        "moe.k": 2,
+        "moe.use.rot": True,
+        "moe.use.sort": False,
+        "moe.use.shift": True,
+        "moe.use.e3": True,
+        "moe.prompts.rot": 3,
+        "moe.prompts.shift": 18,
+        "weight.rot.e3": 0.5,
+        "weight.sort.e3": 0.25,
+        "weight.shift.e3": 1.0,
+        "moe.prompts.e3.0": 0,
+        "moe.prompts.e3.1": 1,
+        "moe.prompts.e3.2": 2,
+    }
     asked: list[str] = []
 
     def suggest(name: str, d: Directive) -> Any:
@@ -72,23 +102,64 @@ def test_demo_moe_space_renders_merges_and_mixtures(zoo, tmp_path):
         return picks[name]
 
     cfg = space.render(suggest, lambda ref: 4)
-    assert "moe.prompts.sort" not in asked and "weight.rot" not in asked  # an expert left out, the merge part: not sampled
-    assert cfg["merge_method"] == "moe" and cfg["gate_mode"] == "cheap_embed" and cfg["experts_per_token"] == 2 and cfg["dtype"] == "float32"
-    assert [e["positive_prompts"] for e in cfg["experts"]] == [["rot: item3 =", "rot: item4 ="], ["shift: item18 =", "shift: item19 ="],
-                                                               ["rot: item0 =", "sort: item1 =", "shift: item2 ="]]
-    assert cfg["experts"][2]["source_model"] == blend(zoo, (0.5, 0.25, 1.0)) | {"base_model": str(zoo / "base")}
-    with pytest.raises(ConfigError, match="moe.experts: no expert takes part at this point"):  # the trial fails, saying why
+    assert (
+        "moe.prompts.sort" not in asked and "weight.rot" not in asked
+    )  # an expert left out, the merge part: not sampled
+    assert (
+        cfg["merge_method"] == "moe"
+        and cfg["gate_mode"] == "cheap_embed"
+        and cfg["experts_per_token"] == 2
+        and cfg["dtype"] == "float32"
+    )
+    assert [e["positive_prompts"] for e in cfg["experts"]] == [
+        ["rot: item3 =", "rot: item4 ="],
+        ["shift: item18 =", "shift: item19 ="],
+        ["rot: item0 =", "sort: item1 =", "shift: item2 ="],
+    ]
+    assert cfg["experts"][2]["source_model"] == blend(zoo, (0.5, 0.25, 1.0)) | {
+        "base_model": str(zoo / "base")
+    }
+    with pytest.raises(
+        ConfigError, match="moe.experts: no expert takes part at this point"
+    ):  # the trial fails, saying why
         space.render(lambda n, d: False if n.startswith("moe.use.") else picks[n], lambda ref: 4)
-    merge = space.render(lambda n, d: {"method": "task_arithmetic", "lambda": 1.0}.get(n, 0.5), lambda ref: 4)
-    assert merge["merge_method"] == "task_arithmetic" and "experts" not in merge and len(merge["models"]) == 3
+    merge = space.render(
+        lambda n, d: {"method": "task_arithmetic", "lambda": 1.0}.get(n, 0.5), lambda ref: 4
+    )
+    assert (
+        merge["merge_method"] == "task_arithmetic"
+        and "experts" not in merge
+        and len(merge["models"]) == 3
+    )
 
 
-@pytest.mark.parametrize("case", ["no_section", "section_unused", "typo", "among", "expert_key", "bad_k", "k_option", "gate_option", "expert_dtype_option"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no_section",
+        "section_unused",
+        "typo",
+        "among",
+        "expert_key",
+        "bad_k",
+        "k_option",
+        "gate_option",
+        "expert_dtype_option",
+    ],
+)
 def test_bad_moe_spaces_name_the_field(case, zoo, tmp_path):
     data = moe_space(zoo)
-    must = {"no_section": "moe", "section_unused": "moe", "typo": "moe.gate_mod", "among": "moe.experts[0].positive_prompts.n",
-            "expert_key": "moe.experts[1].positive_prompt", "bad_k": "moe.experts_per_token", "k_option": "moe.experts_per_token.choice",
-            "gate_option": "moe.gate_mode.choice", "expert_dtype_option": "moe.experts[3].source_model.dtype.choice"}[case]
+    must = {
+        "no_section": "moe",
+        "section_unused": "moe",
+        "typo": "moe.gate_mod",
+        "among": "moe.experts[0].positive_prompts.n",
+        "expert_key": "moe.experts[1].positive_prompt",
+        "bad_k": "moe.experts_per_token",
+        "k_option": "moe.experts_per_token.choice",
+        "gate_option": "moe.gate_mode.choice",
+        "expert_dtype_option": "moe.experts[3].source_model.dtype.choice",
+    }[case]
     if case == "no_section":
         del data["moe"]
     elif case == "section_unused":
@@ -98,12 +169,16 @@ def test_bad_moe_spaces_name_the_field(case, zoo, tmp_path):
     elif case == "among":
         data["moe"]["experts"][0]["positive_prompts"] = {"from_task": "zoo_rot", "n": 5, "among": 3}
     elif case == "expert_key":
-        data["moe"]["experts"][1]["positive_prompt"] = data["moe"]["experts"][1].pop("positive_prompts")
+        data["moe"]["experts"][1]["positive_prompt"] = data["moe"]["experts"][1].pop(
+            "positive_prompts"
+        )
     elif case == "bad_k":
         data["moe"]["experts_per_token"] = 5
     elif case == "k_option":  # was a TypeError comparing 'x' with an int
         data["moe"]["experts_per_token"] = {"choice": [1, "x"]}
-    elif case == "gate_option":  # an option past the first was only met by the trials that picked it (each failed)
+    elif (
+        case == "gate_option"
+    ):  # an option past the first was only met by the trials that picked it (each failed)
         data["moe"]["gate_mode"] = {"choice": ["hidden", "hiden"]}
     elif case == "expert_dtype_option":
         data["moe"]["experts"][3]["source_model"]["dtype"] = {"choice": ["float32", "flaot16"]}
@@ -117,9 +192,21 @@ def test_resident_moe_with_a_merged_expert_equals_the_disk_build(zoo, tmp_path):
     refs = [str(zoo / n) for n in ("base", *SKILLS)]
     merger = Merger(open_sources(refs), resident=True, seed=3)
     resident = ResidentMoE(merger)
-    experts = [{"source_model": str(zoo / "rot"), "positive_prompts": ["rot: abcde ="]},
-               {"source_model": blend(zoo, (0.4, 0.9, 0.3)), "positive_prompts": ["sort: dbeca =", "shift: abcde ="]}]
-    cfg = {"merge_method": "moe", "base_model": str(zoo / "base"), "gate_mode": "hidden", "experts_per_token": 1, "dtype": "float32", "experts": experts}
+    experts = [
+        {"source_model": str(zoo / "rot"), "positive_prompts": ["rot: abcde ="]},
+        {
+            "source_model": blend(zoo, (0.4, 0.9, 0.3)),
+            "positive_prompts": ["sort: dbeca =", "shift: abcde ="],
+        },
+    ]
+    cfg = {
+        "merge_method": "moe",
+        "base_model": str(zoo / "base"),
+        "gate_mode": "hidden",
+        "experts_per_token": 1,
+        "dtype": "float32",
+        "experts": experts,
+    }
     model, res = resident.materialize(cfg, "test")
     merge_to_disk(blend(zoo, (0.4, 0.9, 0.3)), tmp_path / "blend")
     on_disk = copy.deepcopy(cfg)
@@ -143,7 +230,13 @@ def test_search_scores_moe_candidates_and_exports_them(zoo, tmp_path, capsys):
     from evomerge.search import load_trials, run_search
 
     data = moe_space(zoo, merge_method="moe")  # mixtures only, to get several of them in few trials
-    data["search"] = {"sampler": "random", "trials": 4, "seed": 1, "finalists": 1, "prune": False}  # every trial scored in full
+    data["search"] = {
+        "sampler": "random",
+        "trials": 4,
+        "seed": 1,
+        "finalists": 1,
+        "prune": False,
+    }  # every trial scored in full
     data["evaluate"]["include_path"] = str(zoo / "tasks")
     data["evaluate"]["limit"] = 20
     data["evaluate"]["holdout"] = {"tasks": ["zoo_rot_holdout"], "limit": 10}
@@ -153,36 +246,73 @@ def test_search_scores_moe_candidates_and_exports_them(zoo, tmp_path, capsys):
     outcome = run_search(space, results_dir=tmp_path / "results", quiet=True, device="cpu")
     df = load_trials(outcome.paths.csv)
     searched = df[df["baseline"].isna() | (df["baseline"] == "")]
-    assert (searched["state"] == "COMPLETE").sum() == 4  # the merged expert always takes part: every point builds
+    assert (
+        searched["state"] == "COMPLETE"
+    ).sum() == 4  # the merged expert always takes part: every point builds
     done = searched[searched["state"] == "COMPLETE"]
     assert len(done) >= 1 and set(done["method"]) == {"moe"} and done["score"].between(0, 1).all()
     number = int(done.sort_values("score").iloc[-1]["number"])
     out = tmp_path / "export" / "best.yml"
     out.parent.mkdir()
-    args = ["export", str(space), "--results-dir", str(tmp_path / "results"), "--trial", str(number), "-o", str(out), "--merge", str(tmp_path / "built")]
-    out.write_text("mine")  # an existing -o file: refused before the merged experts' recipes are written
+    args = [
+        "export",
+        str(space),
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--trial",
+        str(number),
+        "-o",
+        str(out),
+        "--merge",
+        str(tmp_path / "built"),
+    ]
+    out.write_text(
+        "mine"
+    )  # an existing -o file: refused before the merged experts' recipes are written
     assert main(args) == 2
-    assert "file exists" in capsys.readouterr().err and out.read_text() == "mine" and not list(out.parent.glob("best.expert*"))
+    assert (
+        "file exists" in capsys.readouterr().err
+        and out.read_text() == "mine"
+        and not list(out.parent.glob("best.expert*"))
+    )
     out.unlink()
     assert main(args) == 0
     assert "matches the trial" in capsys.readouterr().out
     exported = yaml.safe_load(out.read_text())
-    assert "merge_method" not in exported and isinstance(exported["experts"][-1]["source_model"], str)
+    assert "merge_method" not in exported and isinstance(
+        exported["experts"][-1]["source_model"], str
+    )
     last = len(exported["experts"]) - 1  # the merged expert, named by its place in the mixture
-    assert exported["experts"][last]["source_model"] == str((out.parent / f"best.expert{last}").absolute())
-    assert (out.parent / f"best.expert{last}.yml").is_file() and (out.parent / f"best.expert{last}" / "config.json").is_file()
+    assert exported["experts"][last]["source_model"] == str(
+        (out.parent / f"best.expert{last}").absolute()
+    )
+    assert (out.parent / f"best.expert{last}.yml").is_file() and (
+        out.parent / f"best.expert{last}" / "config.json"
+    ).is_file()
     # A merged expert's model directory in the way: refused before any file is written.
     (out.parent / f"again.expert{last}").mkdir()
     (out.parent / f"again.expert{last}" / "keep").write_text("mine")
     again = [*args[:-4], "-o", str(out.parent / "again.yml"), "--merge", str(tmp_path / "built2")]
     assert main(again) == 2
     assert "directory is not empty" in capsys.readouterr().err
-    assert not (out.parent / "again.yml").exists() and not (out.parent / f"again.expert{last}.yml").exists() and not (tmp_path / "built2").exists()
+    assert (
+        not (out.parent / "again.yml").exists()
+        and not (out.parent / f"again.expert{last}.yml").exists()
+        and not (tmp_path / "built2").exists()
+    )
     if not MERGEKIT_MOE.is_file():
         return
     seed = seed_from_text(out.read_text())
-    run = subprocess.run([str(MERGEKIT_MOE), str(out), str(tmp_path / "mk"), "--random-seed", str(seed)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [str(MERGEKIT_MOE), str(out), str(tmp_path / "mk"), "--random-seed", str(seed)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
-    a, b = load_file(tmp_path / "mk" / "model.safetensors"), load_file(tmp_path / "built" / "model.safetensors")
+    a, b = (
+        load_file(tmp_path / "mk" / "model.safetensors"),
+        load_file(tmp_path / "built" / "model.safetensors"),
+    )
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     shutil.rmtree(tmp_path / "mk")

@@ -55,17 +55,19 @@ def test_min_k_plus_plus_matches_hand_computed_scores():
     model = _FixedLogits(torch.tensor([math.log(3.0), 0.0]))
     tok = _ListTokenizer()
     hi, lo = math.sqrt(1 / 3), -math.sqrt(3)
-    texts = ["0 0 0 0 0 0",   # 5 scored tokens, all "0": every score hi
-             "0 1 0 0 1 0",   # scored tokens 1 0 0 1 0 -> two lo, three hi
-             "0 1 0",         # scored 1 0 -> keep floor(0.4*2)=0 -> at least one: lo
-             "1"]             # a single token: nothing to score -> NaN
+    texts = [
+        "0 0 0 0 0 0",  # 5 scored tokens, all "0": every score hi
+        "0 1 0 0 1 0",  # scored tokens 1 0 0 1 0 -> two lo, three hi
+        "0 1 0",  # scored 1 0 -> keep floor(0.4*2)=0 -> at least one: lo
+        "1",
+    ]  # a single token: nothing to score -> NaN
     got = P.min_k_plus_plus(model, tok, texts, k=0.4, batch_size=3)
     assert got.shape == (4,)
-    assert got[0].item() == pytest.approx(hi, abs=1e-5)           # mean of 2 lowest (both hi)
-    assert got[1].item() == pytest.approx(lo, abs=1e-5)           # the 2 lowest are both lo
+    assert got[0].item() == pytest.approx(hi, abs=1e-5)  # mean of 2 lowest (both hi)
+    assert got[1].item() == pytest.approx(lo, abs=1e-5)  # the 2 lowest are both lo
     assert got[2].item() == pytest.approx(lo, abs=1e-5)
     assert math.isnan(got[3].item())
-    got_all = P.min_k_plus_plus(model, tok, texts[1:2], k=1.0)    # k=1: mean of all 5
+    got_all = P.min_k_plus_plus(model, tok, texts[1:2], k=1.0)  # k=1: mean of all 5
     assert got_all[0].item() == pytest.approx((2 * lo + 3 * hi) / 5, abs=1e-5)
     # right padding with the pad id, and the mask marks the real tokens only
     ids, mask = model.seen[0]
@@ -76,7 +78,11 @@ def test_min_k_plus_plus_matches_hand_computed_scores():
 
 
 def test_perturb_texts_is_seeded_and_swaps_words_between_items_at_the_same_position():
-    texts = ["alpha beta gamma delta epsilon", "one two three four five", "red green blue cyan pink"]
+    texts = [
+        "alpha beta gamma delta epsilon",
+        "one two three four five",
+        "red green blue cyan pink",
+    ]
     a = P.perturb_texts(texts, rate=0.4, seed=3)
     assert a == P.perturb_texts(texts, rate=0.4, seed=3)
     assert a != P.perturb_texts(texts, rate=0.4, seed=4)
@@ -135,8 +141,10 @@ _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 ."
 
 
 def _sentence(rng: random.Random) -> str:
-    return (f"{rng.choice(_NAMES)} {rng.choice(_VERBS)} {rng.randint(2, 99)} "
-            f"{rng.choice(_COLORS)} {rng.choice(_NOUNS)} in the {rng.choice(_PLACES)}.")
+    return (
+        f"{rng.choice(_NAMES)} {rng.choice(_VERBS)} {rng.randint(2, 99)} "
+        f"{rng.choice(_COLORS)} {rng.choice(_NOUNS)} in the {rng.choice(_PLACES)}."
+    )
 
 
 def _tokenizer():
@@ -162,8 +170,9 @@ def _train(model, tok, texts, steps, lr, seed, batch=32):
     model.train()
     for _ in range(steps):
         idx = torch.randint(len(enc), (min(batch, len(enc)),), generator=g)
-        loss = model(input_ids=ids[idx], attention_mask=(labels[idx] != -100).long(),
-                     labels=labels[idx]).loss
+        loss = model(
+            input_ids=ids[idx], attention_mask=(labels[idx] != -100).long(), labels=labels[idx]
+        ).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -180,10 +189,18 @@ def family():
     rng = random.Random(0)
     pool = list(dict.fromkeys(_sentence(rng) for _ in range(3000)))
     generic, items, other, controls = pool[:2000], pool[2000:2024], pool[2024:2048], pool[2048:2072]
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, pad_token_id=0, bos_token_id=None,
-                      eos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small trains faster on one thread
     try:
@@ -225,14 +242,20 @@ def test_task_texts_of_local_lm_eval_tasks(tmp_path):
     def jsonl(name, rows):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    jsonl("add_test.jsonl", [{"q": "2+3", "choices": ["4", "5"], "label": 1},
-                             {"q": "1+1", "choices": ["2", "3"], "label": 0},
-                             {"q": "4+4", "choices": ["8", "9"], "label": 0}])
+    jsonl(
+        "add_test.jsonl",
+        [
+            {"q": "2+3", "choices": ["4", "5"], "label": 1},
+            {"q": "1+1", "choices": ["2", "3"], "label": 0},
+            {"q": "4+4", "choices": ["8", "9"], "label": 0},
+        ],
+    )
     jsonl("add_val.jsonl", [{"q": "6+1", "choices": ["7", "8"], "label": 0}])
     jsonl("rev_test.jsonl", [{"q": "rev abc", "a": "cba"}, {"q": "rev xy", "a": "yx"}])
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "t_add.yaml").write_text(textwrap.dedent(f"""
+    (tasks / "t_add.yaml").write_text(
+        textwrap.dedent(f"""
         task: t_add
         dataset_path: json
         dataset_kwargs:
@@ -245,8 +268,10 @@ def test_task_texts_of_local_lm_eval_tasks(tmp_path):
         doc_to_text: "Q: {{{{q}}}} A:"
         doc_to_target: label
         doc_to_choice: choices
-        """))
-    (tasks / "t_rev.yaml").write_text(textwrap.dedent(f"""
+        """)
+    )
+    (tasks / "t_rev.yaml").write_text(
+        textwrap.dedent(f"""
         task: t_rev
         dataset_path: json
         dataset_kwargs:
@@ -261,10 +286,16 @@ def test_task_texts_of_local_lm_eval_tasks(tmp_path):
           until: ["\\n"]
         metric_list:
           - metric: exact_match
-        """))
+        """)
+    )
     (tasks / "grp.yaml").write_text("group: t_both\ntask: [t_add, t_rev]\n")
     assert P.task_texts(["t_add", "t_rev"], tasks) == [
-        "Q: 2+3 A: 5", "Q: 1+1 A: 2", "Q: 4+4 A: 8", "rev abc =  cba", "rev xy =  yx"]
+        "Q: 2+3 A: 5",
+        "Q: 1+1 A: 2",
+        "Q: 4+4 A: 8",
+        "rev abc =  cba",
+        "rev xy =  yx",
+    ]
     assert P.task_texts(["t_both"], tasks, limit=1) == ["Q: 2+3 A: 5", "rev abc =  cba"]
     assert P.task_texts(["t_add"], tasks, split="validation") == ["Q: 6+1 A: 7"]
     with pytest.raises(ValueError, match="t_rev has no validation split"):

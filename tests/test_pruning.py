@@ -29,11 +29,22 @@ from evomerge.space.prune import PruneSettings
 def test_rounds_cover_every_item_once_in_a_fixed_order():
     p = Pruner(PruneSettings(rounds=(0.1, 0.25, 1.0)), {"a": 40, "b": 7}, {"a": 1.0, "b": 1.0})
     rounds = p.rounds()
-    assert [len(r["a"]) for r in rounds] == [4, 6, 30] and [len(r["b"]) for r in rounds] == [1, 1, 5]  # ceil(0.1*7)=1, ceil(0.25*7)=2
+    assert [len(r["a"]) for r in rounds] == [4, 6, 30] and [len(r["b"]) for r in rounds] == [
+        1,
+        1,
+        5,
+    ]  # ceil(0.1*7)=1, ceil(0.25*7)=2
     for task, n in (("a", 40), ("b", 7)):
         got = [i for r in rounds for i in r[task]]
-        assert sorted(got) == list(range(n))  # the rounds' union is the full item set, no item twice
-    assert rounds == Pruner(PruneSettings(rounds=(0.1, 0.25, 1.0)), {"a": 40, "b": 7}, {"a": 1.0, "b": 1.0}).rounds()  # same items for every candidate
+        assert sorted(got) == list(
+            range(n)
+        )  # the rounds' union is the full item set, no item twice
+    assert (
+        rounds
+        == Pruner(
+            PruneSettings(rounds=(0.1, 0.25, 1.0)), {"a": 40, "b": 7}, {"a": 1.0, "b": 1.0}
+        ).rounds()
+    )  # same items for every candidate
     assert rounds[0]["a"] != list(range(4))  # shuffled: a task sorted by topic is sampled evenly
 
 
@@ -58,15 +69,22 @@ def test_paired_difference_by_hand():
     # the example above: d = [-1, -1, 0, 0, 0], mean -0.4, se 0.1732 (5 of 10 items)
     p = Pruner(PruneSettings(rounds=(0.5, 1.0)), {"a": 10}, {"a": 1.0})
     mean, se = p.difference({"a": {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0, 4: 1.0}}, {"a": [1.0] * 10})
-    assert mean == pytest.approx(-0.4) and se == pytest.approx(math.sqrt(0.3) / math.sqrt(5) * math.sqrt(0.5))
+    assert mean == pytest.approx(-0.4) and se == pytest.approx(
+        math.sqrt(0.3) / math.sqrt(5) * math.sqrt(0.5)
+    )
     # the items scored need not be the first ones: the reference's value of the same item is taken
-    assert p.difference({"a": {7: 1.0, 9: 0.0}}, {"a": [0.0] * 7 + [0.0, 1.0, 1.0]})[0] == pytest.approx(0.0)
+    assert p.difference({"a": {7: 1.0, 9: 0.0}}, {"a": [0.0] * 7 + [0.0, 1.0, 1.0]})[
+        0
+    ] == pytest.approx(0.0)
 
 
 def test_item_weights_make_the_mean_the_aggregate():
     specs = [TaskSpec("a", weight=1.0), TaskSpec("b", weight=3.0)]
     w = item_weights(specs, {"a": 4, "b": 12})
-    a, b = [1, 0, 0, 1], [1] * 3 + [0] * 9  # task means 0.5 and 0.25; aggregate (0.5 + 3 * 0.25) / 4
+    a, b = (
+        [1, 0, 0, 1],
+        [1] * 3 + [0] * 9,
+    )  # task means 0.5 and 0.25; aggregate (0.5 + 3 * 0.25) / 4
     mean = (sum(w["a"] * x for x in a) + sum(w["b"] * x for x in b)) / 16
     assert mean == pytest.approx((0.5 + 3 * 0.25) / 4)
     p = Pruner(PruneSettings(rounds=(0.5, 1.0)), {"a": 4, "b": 12}, w)
@@ -92,7 +110,12 @@ def test_fake_staged_rounds_equal_the_full_evaluation(tiny_family):
     got = staged.score({"a": [3, 1], "b": [0]})
     assert got == {"a": {3: full.items["a"][3], 1: full.items["a"][1]}, "b": {0: 1.0}}
     result = staged.result()
-    assert (result.scores, result.stderr, result.aggregate, result.items) == (full.scores, full.stderr, full.aggregate, full.items)
+    assert (result.scores, result.stderr, result.aggregate, result.items) == (
+        full.scores,
+        full.stderr,
+        full.aggregate,
+        full.items,
+    )
     assert ev.items_scored == 100  # each item once, the three scored early included
 
 
@@ -100,7 +123,11 @@ def test_fake_staged_rounds_equal_the_full_evaluation(tiny_family):
 def long_tasks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("long")
     _write_long_task(folder, n=16)
-    (folder / f"{LONG_TASK}_n.yaml").write_text((folder / f"{LONG_TASK}.yaml").read_text().replace(f"task: {LONG_TASK}\n", f"task: {LONG_TASK}_n\n"))
+    (folder / f"{LONG_TASK}_n.yaml").write_text(
+        (folder / f"{LONG_TASK}.yaml")
+        .read_text()
+        .replace(f"task: {LONG_TASK}\n", f"task: {LONG_TASK}_n\n")
+    )
     return folder
 
 
@@ -122,18 +149,29 @@ def test_lm_eval_rounds_equal_the_full_evaluation(long_tasks, tmp_path, monkeypa
     def recording(*args, **kwargs):
         lm = make(*args, **kwargs)
         score = lm.loglikelihood
-        lm.loglikelihood = lambda reqs, disable_tqdm=False: seen.extend(r.args for r in reqs) or score(reqs)
+        lm.loglikelihood = lambda reqs, disable_tqdm=False: (
+            seen.extend(r.args for r in reqs) or score(reqs)
+        )
         return lm
 
     monkeypatch.setattr(lmeval, "make_lm", recording)
-    cfg = EvalConfig([TaskSpec(LONG_TASK), TaskSpec(LONG_TASK + "_n", "acc_norm", weight=2.0)], include_path=[str(long_tasks)])
+    cfg = EvalConfig(
+        [TaskSpec(LONG_TASK), TaskSpec(LONG_TASK + "_n", "acc_norm", weight=2.0)],
+        include_path=[str(long_tasks)],
+    )
     ev = LMEvalEvaluator(cfg, tok, batch_size=8)
     full = ev.evaluate(model)
     requests = list(seen)
     assert len(requests) == 2 * 16 * 4 and ev.item_counts() == {LONG_TASK: 16, LONG_TASK + "_n": 16}
-    assert all(v in (0.0, 1.0) for v in full.items[LONG_TASK]) and math.isclose(sum(full.items[LONG_TASK]) / 16, full.scores[LONG_TASK])
+    assert all(v in (0.0, 1.0) for v in full.items[LONG_TASK]) and math.isclose(
+        sum(full.items[LONG_TASK]) / 16, full.scores[LONG_TASK]
+    )
     seen.clear()
-    p = Pruner(PruneSettings(rounds=(0.25, 0.5, 1.0)), ev.item_counts(), item_weights(ev.specs(), ev.item_counts()))
+    p = Pruner(
+        PruneSettings(rounds=(0.25, 0.5, 1.0)),
+        ev.item_counts(),
+        item_weights(ev.specs(), ev.item_counts()),
+    )
     staged = ev.staged(model)
     for items in p.rounds()[:2]:
         got = staged.score(items)
@@ -141,7 +179,12 @@ def test_lm_eval_rounds_equal_the_full_evaluation(long_tasks, tmp_path, monkeypa
             assert vals and all(full.items[task][i] == v for i, v in vals.items())
     assert staged.scored == 2 * 8
     result = staged.result()
-    assert (result.scores, result.stderr, result.aggregate, result.items) == (full.scores, full.stderr, full.aggregate, full.items)
+    assert (result.scores, result.stderr, result.aggregate, result.items) == (
+        full.scores,
+        full.stderr,
+        full.aggregate,
+        full.items,
+    )
     assert sorted(seen) == sorted(requests)  # the same prompts, each run once
 
 
@@ -154,7 +197,14 @@ def _space(path: Path, base: Path, fts: list[Path], **search) -> Path:
         "base_model": str(base),
         "models": [{"model": str(f), "parameters": {"weight": {"range": [0.0, 1.5]}}} for f in fts],
         "dtype": "float32",
-        "search": {"trials": 12, "seed": 0, "finalists": 2, "sampler": "random", "prune": {"rounds": [0.2, 1.0], "alpha": 0.05}, **search},
+        "search": {
+            "trials": 12,
+            "seed": 0,
+            "finalists": 2,
+            "sampler": "random",
+            "prune": {"rounds": [0.2, 1.0], "alpha": 0.05},
+            **search,
+        },
     }
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path
@@ -165,7 +215,9 @@ def _evaluator(base: Path, fts: list[Path]) -> FakeEvaluator:
     random points are far off, so most trials are hopeless against the best one."""
     from transformers import AutoModelForCausalLM
 
-    s0, *s = [FakeEvaluator.layer_stats(AutoModelForCausalLM.from_pretrained(m)) for m in (base, *fts)]
+    s0, *s = [
+        FakeEvaluator.layer_stats(AutoModelForCausalLM.from_pretrained(m)) for m in (base, *fts)
+    ]
     width = sum(float(((x - s0) ** 2).sum()) for x in s)
     return FakeEvaluator({"a": s[0].tolist(), "b": s[0].tolist()}, width=width, items=60)
 
@@ -175,8 +227,15 @@ def _rescore(df_row, ev: FakeEvaluator, base: Path, fts: list[Path]) -> float:
     from evomerge.engine.sources import open_sources
     from evomerge.recipe.schema import parse_recipe
 
-    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
-              "models": [{"model": str(f), "parameters": {"weight": float(df_row[f"p_weight.{f.name}"])}} for f in fts]}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "dtype": "float32",
+        "models": [
+            {"model": str(f), "parameters": {"weight": float(df_row[f"p_weight.{f.name}"])}}
+            for f in fts
+        ],
+    }
     merger = Merger(open_sources([str(base), *map(str, fts)], file="test"), resident=True)
     plan = merger.plan(parse_recipe(recipe, "test"))
     model = merger.build_model(plan)
@@ -184,14 +243,27 @@ def _rescore(df_row, ev: FakeEvaluator, base: Path, fts: list[Path]) -> float:
     return ev.evaluate(model).aggregate
 
 
-def test_hopeless_trials_are_pruned_and_survivors_keep_their_full_score(tmp_path, tiny_family, capsys):
+def test_hopeless_trials_are_pruned_and_survivors_keep_their_full_score(
+    tmp_path, tiny_family, capsys
+):
     base, fts = tiny_family
     ev = _evaluator(base, fts)
-    out = run_search(_space(tmp_path / "space.yml", base, fts), evaluator=ev, results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    out = run_search(
+        _space(tmp_path / "space.yml", base, fts),
+        evaluator=ev,
+        results_dir=tmp_path / "r",
+        quiet=True,
+        log=lambda m: None,
+    )
     df = load_trials(out.paths.csv)
     searched = df[df["baseline"] == ""]
-    pruned, complete = searched[searched["state"] == "PRUNED"], searched[searched["state"] == "COMPLETE"]
-    assert len(pruned) >= 3 and len(pruned) + len(complete) == 12 == out.n_complete + out.n_pruned  # pruned trials count against the budget
+    pruned, complete = (
+        searched[searched["state"] == "PRUNED"],
+        searched[searched["state"] == "COMPLETE"],
+    )
+    assert (
+        len(pruned) >= 3 and len(pruned) + len(complete) == 12 == out.n_complete + out.n_pruned
+    )  # pruned trials count against the budget
     best = complete["score"].max()
     import optuna
 
@@ -199,44 +271,89 @@ def test_hopeless_trials_are_pruned_and_survivors_keep_their_full_score(tmp_path
     trials = {t.number: records.trial(t) for t in records.study.get_trials()}
     for _, row in pruned.iterrows():
         assert row["items"] == 2 * 12  # stopped after the first round: 20% of 60 items per task
-        assert _rescore(row, ev, base, fts) < best  # the answer is known: its full score would not have beaten the best
+        assert (
+            _rescore(row, ev, base, fts) < best
+        )  # the answer is known: its full score would not have beaten the best
         assert math.isnan(row["holdout"])  # never a finalist
         # its estimate: the reference's full score (the best complete trial before it) plus the mean
         # per-item difference on the 24 items it scored (tasks of equal size and weight)
-        ref = complete[complete["number"] < row["number"]].sort_values(["score", "number"], ascending=[False, True]).iloc[0]
-        seen, rv = trials[int(row["number"])].search.values, trials[int(ref["number"])].search.values
+        ref = (
+            complete[complete["number"] < row["number"]]
+            .sort_values(["score", "number"], ascending=[False, True])
+            .iloc[0]
+        )
+        seen, rv = (
+            trials[int(row["number"])].search.values,
+            trials[int(ref["number"])].search.values,
+        )
         d = [v - rv[t][i] for t in seen for i, v in enumerate(seen[t]) if v is not None]
-        assert len(d) == 24 and row["estimate"] == pytest.approx(ref["score"] + sum(d) / 24, abs=1e-12) and row["estimate"] < ref["score"]
+        assert (
+            len(d) == 24
+            and row["estimate"] == pytest.approx(ref["score"] + sum(d) / 24, abs=1e-12)
+            and row["estimate"] < ref["score"]
+        )
     for _, row in complete.iterrows():
         assert math.isnan(row["estimate"])
         assert row["items"] == 120
-        assert row["score"] == pytest.approx(_rescore(row, ev, base, fts), abs=1e-12)  # the unpruned score
+        assert row["score"] == pytest.approx(
+            _rescore(row, ev, base, fts), abs=1e-12
+        )  # the unpruned score
     assert out.best["state"] == "COMPLETE"
     assert out.items["trials"] == int(searched["items"].sum()) < 12 * 120
     # the leaderboard: pruned rows with --all, with their items; a line about them otherwise
     text = leaderboard(df, show_all=True)
-    assert any(line.split()[1] == "PRUNED" and " 24 " in line for line in text.splitlines()[2:] if line.split())
+    assert any(
+        line.split()[1] == "PRUNED" and " 24 " in line
+        for line in text.splitlines()[2:]
+        if line.split()
+    )
     first = pruned.sort_values("number").iloc[0]
-    assert f"(estimate {first['estimate']:.3f})" in next(line for line in text.splitlines() if line.split()[:1] == [f"#{first['number']}"])
+    assert f"(estimate {first['estimate']:.3f})" in next(
+        line for line in text.splitlines() if line.split()[:1] == [f"#{first['number']}"]
+    )
     assert f"{len(pruned)} trials stopped early" in leaderboard(df)
     assert main_results(str(tmp_path / "space.yml"), results_dir=str(tmp_path / "r")) == 0
     printed = capsys.readouterr().out
-    assert f"{len(pruned)} pruned" in printed and f"items evaluated: {out.items['trials']} search items by trials" in printed
+    assert (
+        f"{len(pruned)} pruned" in printed
+        and f"items evaluated: {out.items['trials']} search items by trials" in printed
+    )
 
 
 def test_resume_keeps_pruned_trials_and_counts_them(tmp_path, tiny_family):
     base, fts = tiny_family
     space = _space(tmp_path / "space.yml", base, fts, trials=6)
-    run_search(space, evaluator=_evaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    run_search(
+        space,
+        evaluator=_evaluator(base, fts),
+        results_dir=tmp_path / "r",
+        quiet=True,
+        log=lambda m: None,
+    )
     first = load_trials(tmp_path / "r" / "space")
-    out = run_search(space, evaluator=_evaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None, trials=12)
+    out = run_search(
+        space,
+        evaluator=_evaluator(base, fts),
+        results_dir=tmp_path / "r",
+        quiet=True,
+        log=lambda m: None,
+        trials=12,
+    )
     df = load_trials(out.paths.csv)
     searched = df[df["baseline"] == ""]
-    assert len(searched) == 12 and set(searched["state"]) <= {"COMPLETE", "PRUNED"} and (searched["state"] == "PRUNED").any()
+    assert (
+        len(searched) == 12
+        and set(searched["state"]) <= {"COMPLETE", "PRUNED"}
+        and (searched["state"] == "PRUNED").any()
+    )
     old = first[first["baseline"] == ""].set_index("number")
     new = searched.set_index("number")
     for n, row in old.iterrows():  # the first run's trials are unchanged, pruned ones included
-        assert new.loc[n, "state"] == row["state"] and new.loc[n, "items"] == row["items"] and new.loc[n, "score"] == row["score"]
+        assert (
+            new.loc[n, "state"] == row["state"]
+            and new.loc[n, "items"] == row["items"]
+            and new.loc[n, "score"] == row["score"]
+        )
 
 
 def test_item_budget_stops_the_search_and_resumes(tmp_path, tiny_family):
@@ -244,17 +361,43 @@ def test_item_budget_stops_the_search_and_resumes(tmp_path, tiny_family):
     stopped trial counts the items it used); a resumed study keeps the budget, a larger one goes on."""
     base, fts = tiny_family
     space = _space(tmp_path / "space.yml", base, fts, trials=60, items=600)
-    out = run_search(space, evaluator=_evaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    out = run_search(
+        space,
+        evaluator=_evaluator(base, fts),
+        results_dir=tmp_path / "r",
+        quiet=True,
+        log=lambda m: None,
+    )
     searched = load_trials(out.paths.csv).query("baseline == ''").sort_values("number")
     spent = searched["items"].cumsum()
-    assert 600 <= spent.iloc[-1] < 600 + 120 and spent.iloc[-2] < 600  # the last trial crossed the budget
-    assert len(searched) < 60 and (searched["state"] == "PRUNED").any() and out.items["trials"] == spent.iloc[-1]
+    assert (
+        600 <= spent.iloc[-1] < 600 + 120 and spent.iloc[-2] < 600
+    )  # the last trial crossed the budget
+    assert (
+        len(searched) < 60
+        and (searched["state"] == "PRUNED").any()
+        and out.items["trials"] == spent.iloc[-1]
+    )
     logged: list[str] = []
-    again = run_search(space, evaluator=_evaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=logged.append)
-    assert len(load_trials(again.paths.csv).query("baseline == ''")) == len(searched)  # resumed: the budget is spent
+    again = run_search(
+        space,
+        evaluator=_evaluator(base, fts),
+        results_dir=tmp_path / "r",
+        quiet=True,
+        log=logged.append,
+    )
+    assert len(load_trials(again.paths.csv).query("baseline == ''")) == len(
+        searched
+    )  # resumed: the budget is spent
     assert any("item budget reached" in m for m in logged)
     more = _space(tmp_path / "space.yml", base, fts, trials=60, items=900)
-    out = run_search(more, evaluator=_evaluator(base, fts), results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    out = run_search(
+        more,
+        evaluator=_evaluator(base, fts),
+        results_dir=tmp_path / "r",
+        quiet=True,
+        log=lambda m: None,
+    )
     assert 900 <= out.items["trials"] < 900 + 120
 
 
@@ -270,10 +413,20 @@ def _study_of(rows: list[tuple[float, float, str, float]], sampler=None):
     dist = {"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 1)}
     for x, y, state, v in rows:
         if state == "PRUNED":
-            t = create_trial(params={"x": x, "y": y}, distributions=dist, state=TrialState.PRUNED, intermediate_values={10: 0.0},
-                             user_attrs={"result": TrialRecord(estimate=v).to_dict()})
+            t = create_trial(
+                params={"x": x, "y": y},
+                distributions=dist,
+                state=TrialState.PRUNED,
+                intermediate_values={10: 0.0},
+                user_attrs={"result": TrialRecord(estimate=v).to_dict()},
+            )
         else:
-            t = create_trial(params={"x": x, "y": y}, distributions=dist, value=v, user_attrs={"result": TrialRecord().to_dict()})
+            t = create_trial(
+                params={"x": x, "y": y},
+                distributions=dist,
+                value=v,
+                user_attrs={"result": TrialRecord().to_dict()},
+            )
         study.add_trial(t)
     return study
 
@@ -302,14 +455,21 @@ def test_the_sampler_sees_a_stopped_trial_at_its_estimate(name):
     rank = sorted(range(16), key=lambda i: -values[i])
     # the best point finished; the next three were stopped just short of it, as were most others
     stopped = set(rank[1:4]) | {i for i in rank[4:] if i % 3}
-    rows = [(x, y, "PRUNED" if i in stopped else "COMPLETE", values[i]) for i, (x, y) in enumerate(points)]
+    rows = [
+        (x, y, "PRUNED" if i in stopped else "COMPLETE", values[i])
+        for i, (x, y) in enumerate(points)
+    ]
     wrapped = make_sampler(name, 7, 40, startup=6, stopped_as_estimated=True)
     assert isinstance(wrapped, StoppedAsEstimated)
     finished = [(x, y, "COMPLETE", v) for x, y, _, v in rows]
     got = _proposals(_study_of(rows, wrapped))
     assert got == _proposals(_study_of(finished, make_sampler(name, 7, 40, startup=6)))
-    assert got != _proposals(_study_of(rows, make_sampler(name, 7, 40, startup=6)))  # as Optuna sees PRUNED trials
-    assert not isinstance(make_sampler("random", 7, 40, stopped_as_estimated=True), StoppedAsEstimated)
+    assert got != _proposals(
+        _study_of(rows, make_sampler(name, 7, 40, startup=6))
+    )  # as Optuna sees PRUNED trials
+    assert not isinstance(
+        make_sampler("random", 7, 40, stopped_as_estimated=True), StoppedAsEstimated
+    )
 
 
 def test_a_partial_score_is_never_reused(tmp_path):
@@ -320,7 +480,9 @@ def test_a_partial_score_is_never_reused(tmp_path):
     part = Scores({"a": 0.9}, {"a": 0.1}, 0.9, 0.1, 0.0, 10, {"a": [1.0] * 10 + [None] * 30})
     for state in (TrialState.PRUNED, TrialState.COMPLETE):
         t = study.ask()
-        StudyRecords.set_trial(t, TrialRecord(digest="same" if state == TrialState.PRUNED else "other", search=part))
+        StudyRecords.set_trial(
+            t, TrialRecord(digest="same" if state == TrialState.PRUNED else "other", search=part)
+        )
         study.tell(t, state=state) if state == TrialState.PRUNED else study.tell(t, 0.9)
     records = StudyRecords(study)
     assert records.scored("same") is None  # the pruned trial's tensors are scored afresh
@@ -332,7 +494,15 @@ def test_a_partial_score_is_never_reused(tmp_path):
 
 def _load(tmp_path: Path, search: dict) -> object:
     p = tmp_path / "s.yml"
-    p.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}}], "search": search}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "models": [{"model": "a", "parameters": {"weight": 1.0}}],
+                "search": search,
+            }
+        )
+    )
     return load_space(p)
 
 
@@ -342,19 +512,24 @@ def test_prune_setting_defaults_and_off(tmp_path):
     assert _load(tmp_path, {"prune": False}).search.prune is None
     got = _load(tmp_path, {"prune": {"rounds": [0.5, 1], "against": 3, "alpha": 0.1}}).search.prune
     assert got == PruneSettings((0.5, 1.0), 3, 0.1)
-    assert _load(tmp_path, {"objectives": "tasks"}).search.prune is None  # several objectives: off by default
+    assert (
+        _load(tmp_path, {"objectives": "tasks"}).search.prune is None
+    )  # several objectives: off by default
 
 
-@pytest.mark.parametrize("prune, field, says", [
-    ({"round": [1.0]}, "search.prune.round", "did you mean rounds"),
-    ({"rounds": [0.5, 0.25, 1.0]}, "search.prune.rounds", "rise strictly"),
-    ({"rounds": [0.25, 0.5]}, "search.prune.rounds", "end at 1.0"),
-    ({"rounds": []}, "search.prune.rounds", "list of shares"),
-    ({"rounds": [0, 1]}, "search.prune.rounds", "within (0, 1]"),
-    ({"against": 0}, "search.prune.against", "positive integer"),
-    ({"alpha": 0.7}, "search.prune.alpha", "(0, 0.5)"),
-    ("yes", "search.prune", "true, false or a mapping"),
-])
+@pytest.mark.parametrize(
+    "prune, field, says",
+    [
+        ({"round": [1.0]}, "search.prune.round", "did you mean rounds"),
+        ({"rounds": [0.5, 0.25, 1.0]}, "search.prune.rounds", "rise strictly"),
+        ({"rounds": [0.25, 0.5]}, "search.prune.rounds", "end at 1.0"),
+        ({"rounds": []}, "search.prune.rounds", "list of shares"),
+        ({"rounds": [0, 1]}, "search.prune.rounds", "within (0, 1]"),
+        ({"against": 0}, "search.prune.against", "positive integer"),
+        ({"alpha": 0.7}, "search.prune.alpha", "(0, 0.5)"),
+        ("yes", "search.prune", "true, false or a mapping"),
+    ],
+)
 def test_prune_setting_errors_name_the_field(tmp_path, prune, field, says):
     with pytest.raises(ConfigError) as e:
         _load(tmp_path, {"prune": prune})
@@ -371,7 +546,15 @@ def test_cli_prune_error_is_one_line_exit_2(tmp_path, capsys):
     from evomerge.cli import main
 
     p = tmp_path / "s.yml"
-    p.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}}], "search": {"prune": {"alpha": 1}}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "models": [{"model": "a", "parameters": {"weight": 1.0}}],
+                "search": {"prune": {"alpha": 1}},
+            }
+        )
+    )
     assert main(["search", str(p)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "search.prune.alpha" in err

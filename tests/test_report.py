@@ -19,10 +19,23 @@ RED = np.array([214, 39, 40]) / 255  # the colour of failed trials and overfit p
 
 
 def _row(number, state="COMPLETE", score=NAN, baseline="", **kw):
-    row = {"number": number, "state": state, "baseline": baseline, "method": "ties",
-           "score": score, "score_se": 0.02 if not math.isnan(score) else NAN,
-           "s_zoo_add": score, "s_zoo_sub": score, "holdout": NAN, "holdout_se": NAN,
-           "h_zoo_add": NAN, "merge_s": 0.5, "eval_s": 1.0, "digest": "ab12", "error": ""}
+    row = {
+        "number": number,
+        "state": state,
+        "baseline": baseline,
+        "method": "ties",
+        "score": score,
+        "score_se": 0.02 if not math.isnan(score) else NAN,
+        "s_zoo_add": score,
+        "s_zoo_sub": score,
+        "holdout": NAN,
+        "holdout_se": NAN,
+        "h_zoo_add": NAN,
+        "merge_s": 0.5,
+        "eval_s": 1.0,
+        "digest": "ab12",
+        "error": "",
+    }
     for c in flags.FLAG_COLUMNS:
         row[c], row[f"{c}_evidence"] = False, ""
     row.update(kw)
@@ -34,11 +47,25 @@ def _table() -> pd.DataFrame:
     for n in range(10):  # trial 7 is the best; 3 and 5 fail; 9 is still running
         score = {3: NAN, 5: NAN, 9: NAN, 7: 0.90}.get(n, 0.40 + 0.04 * n)
         state = "FAIL" if n in (3, 5) else "RUNNING" if n == 9 else "COMPLETE"
-        rows.append(_row(n, state, score, p_weight_0=0.1 * n, p_density_1=1.0 - 0.05 * n,
-                         p_t_self_attn_0=(n * 7 % 10) / 10, p_method="ties" if n % 2 else "dare",
-                         error="CUDA out of memory" if state == "FAIL" else ""))
-    rows[7].update(holdout=0.60, holdout_se=0.03, h_zoo_add=0.60, overfit=True,
-                   overfit_evidence="search 0.900 ± 0.020 vs holdout 0.600 ± 0.030: gap +0.300 > 2 SE 0.072")
+        rows.append(
+            _row(
+                n,
+                state,
+                score,
+                p_weight_0=0.1 * n,
+                p_density_1=1.0 - 0.05 * n,
+                p_t_self_attn_0=(n * 7 % 10) / 10,
+                p_method="ties" if n % 2 else "dare",
+                error="CUDA out of memory" if state == "FAIL" else "",
+            )
+        )
+    rows[7].update(
+        holdout=0.60,
+        holdout_se=0.03,
+        h_zoo_add=0.60,
+        overfit=True,
+        overfit_evidence="search 0.900 ± 0.020 vs holdout 0.600 ± 0.030: gap +0.300 > 2 SE 0.072",
+    )
     rows[8].update(holdout=0.71, holdout_se=0.03)
     rows.append(_row(None, score=0.50, baseline="source:models/a", holdout=0.49, holdout_se=0.03))
     rows.append(_row(None, score=0.45, baseline="linear_average", holdout=0.46, holdout_se=0.03))
@@ -66,9 +93,9 @@ def test_full_table_writes_every_figure_and_the_markdown(tmp_path):
     assert [p.name for p in out] == FILES
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == sorted(FILES)  # no temp left
     imgs = {p.name: _png(p) for p in out if p.suffix == ".png"}
-    assert _red_pixels(imgs["history.png"]) > 0    # failed trials drawn as red x
-    assert _red_pixels(imgs["holdout.png"]) > 0    # trial 7 is overfit-flagged
-    assert _red_pixels(imgs["flags.png"]) > 0      # raised flags are red bars
+    assert _red_pixels(imgs["history.png"]) > 0  # failed trials drawn as red x
+    assert _red_pixels(imgs["holdout.png"]) > 0  # trial 7 is overfit-flagged
+    assert _red_pixels(imgs["flags.png"]) > 0  # raised flags are red bars
     md = (tmp_path / "rep" / "report.md").read_text()
     assert md.startswith("# evomerge report: demo\n")
     assert "7 completed, 2 failed, 1 running searched trials; 2 baselines." in md
@@ -77,7 +104,16 @@ def test_full_table_writes_every_figure_and_the_markdown(tmp_path):
     table = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| trial")]
     # by score: #7 .90, #8 .72, #6 .64, #4 .56, source .50, #2 .48, linear .45, #1 .44, #0 .40
     assert [ln.split(" | ")[0][2:] for ln in table] == [
-        "#7", "#8", "#6", "#4", "[source:models/a]", "#2", "[linear_average]", "#1", "#0"]
+        "#7",
+        "#8",
+        "#6",
+        "#4",
+        "[source:models/a]",
+        "#2",
+        "[linear_average]",
+        "#1",
+        "#0",
+    ]
     assert table[0].startswith("| #7 | 0.9000 | 0.0200 | 0.6000 | LO | ties |")
     assert table[0].endswith("| weight_0=0.700 density_1=0.650 t_self_attn_0=0.900 |")
     assert flags.legend() in md.splitlines()
@@ -102,16 +138,33 @@ def test_holdout_plot_has_no_red_without_an_overfit_flag(tmp_path):
 
 def test_spearman_fallback_on_hand_computed_values():
     # objective 1, 3, 2, 4 (trials 0..3)
-    df = pd.DataFrame([_row(i, score=s, p_a=float(i + 1), p_b=float(4 - i), p_c=7.0,
-                            p_cat=["x", "y", "x", "y"][i], p_sparse=[1.0, NAN, 2.0, NAN][i])
-                       for i, s in enumerate([0.1, 0.3, 0.2, 0.4])])
+    df = pd.DataFrame(
+        [
+            _row(
+                i,
+                score=s,
+                p_a=float(i + 1),
+                p_b=float(4 - i),
+                p_c=7.0,
+                p_cat=["x", "y", "x", "y"][i],
+                p_sparse=[1.0, NAN, 2.0, NAN][i],
+            )
+            for i, s in enumerate([0.1, 0.3, 0.2, 0.4])
+        ]
+    )
     imp, method = param_importances(df)
     assert method == "|Spearman rank correlation| with the objective"
     # ranks x 1,2,3,4 vs y 1,3,2,4: d = 0,-1,1,0, rho = 1 - 6*2/(4*15) = 0.8; p_b reversed: |-0.8|
     assert imp == {"p_a": pytest.approx(0.8), "p_b": pytest.approx(0.8)}
     # constant, categorical and 2-point columns are left out; baselines and failures ignored
-    df2 = pd.concat([df, pd.DataFrame([_row(None, score=9.0, baseline="b", p_a=0.0),
-                                       _row(9, state="FAIL", p_a=100.0)])])
+    df2 = pd.concat(
+        [
+            df,
+            pd.DataFrame(
+                [_row(None, score=9.0, baseline="b", p_a=0.0), _row(9, state="FAIL", p_a=100.0)]
+            ),
+        ]
+    )
     assert param_importances(df2)[0] == imp
     assert param_importances(df.head(2)) == ({}, method)
 
@@ -121,10 +174,16 @@ def test_importances_from_an_optuna_study(tmp_path):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    study.optimize(lambda t: 3 * t.suggest_float("weight_0", 0, 1) + 0.01 * t.suggest_float("density_1", 0, 1),
-                   n_trials=16)
-    df = pd.DataFrame([_row(t.number, score=t.value, **{f"p_{k}": v for k, v in t.params.items()})
-                       for t in study.trials])
+    study.optimize(
+        lambda t: 3 * t.suggest_float("weight_0", 0, 1) + 0.01 * t.suggest_float("density_1", 0, 1),
+        n_trials=16,
+    )
+    df = pd.DataFrame(
+        [
+            _row(t.number, score=t.value, **{f"p_{k}": v for k, v in t.params.items()})
+            for t in study.trials
+        ]
+    )
     imp, method = param_importances(df, study=study)
     assert method == "Optuna fANOVA" and list(imp) == ["p_weight_0", "p_density_1"]
     assert imp["p_weight_0"] > 0.9
@@ -165,7 +224,9 @@ def test_multiple_objectives_and_csv_round_trip(tmp_path):
     path = tmp_path / "trials.csv"
     _table().to_csv(path, index=False)
     df = pd.read_csv(path)  # flags come back as bools/strings, numbers with NaN
-    out = make_report(df, tmp_path / "r", study_name="csv", objective_columns=["score", "s_zoo_add"])
+    out = make_report(
+        df, tmp_path / "r", study_name="csv", objective_columns=["score", "s_zoo_add"]
+    )
     h2 = _png(out[0])
     h1 = _png(make_report(df, tmp_path / "r1", study_name="csv")[0])
     assert h2.shape[0] > 1.5 * h1.shape[0]  # one panel per objective
@@ -177,18 +238,56 @@ def test_multiple_objectives_and_csv_round_trip(tmp_path):
 def test_mixture_parameters_read_as_sampled(tmp_path):
     """A mixture's whole-number parameters (experts per token, a prompt's item index), stored as floats
     beside merge trials' NaN, read as whole numbers; choices as written."""
-    rows = [_row(0, score=0.35, method="moe", **{"p_moe.k": 2.0, "p_moe.prompts.rot": 15.0, "p_moe.gate_mode": "hidden", "p_moe.use.rot": True, "p_lambda": NAN}),
-            _row(1, score=0.58, method="task_arithmetic", **{"p_moe.k": NAN, "p_moe.prompts.rot": NAN, "p_moe.gate_mode": NAN, "p_moe.use.rot": NAN, "p_lambda": 0.6434})]
+    rows = [
+        _row(
+            0,
+            score=0.35,
+            method="moe",
+            **{
+                "p_moe.k": 2.0,
+                "p_moe.prompts.rot": 15.0,
+                "p_moe.gate_mode": "hidden",
+                "p_moe.use.rot": True,
+                "p_lambda": NAN,
+            },
+        ),
+        _row(
+            1,
+            score=0.58,
+            method="task_arithmetic",
+            **{
+                "p_moe.k": NAN,
+                "p_moe.prompts.rot": NAN,
+                "p_moe.gate_mode": NAN,
+                "p_moe.use.rot": NAN,
+                "p_lambda": 0.6434,
+            },
+        ),
+    ]
     make_report(pd.DataFrame(rows), tmp_path / "rep", study_name="moe")
-    table = [ln for ln in (tmp_path / "rep" / "report.md").read_text().splitlines() if ln.startswith("| #")]
+    table = [
+        ln
+        for ln in (tmp_path / "rep" / "report.md").read_text().splitlines()
+        if ln.startswith("| #")
+    ]
     assert table[0].endswith("| task_arithmetic | lambda=0.643 |")
-    assert table[1].endswith("| moe | moe.k=2 moe.prompts.rot=15 moe.gate_mode=hidden moe.use.rot=True |")
+    assert table[1].endswith(
+        "| moe | moe.k=2 moe.prompts.rot=15 moe.gate_mode=hidden moe.use.rot=True |"
+    )
 
 
 def test_a_study_of_mixtures_only_plots_which_experts_take_part(tmp_path):
     """Every searched trial a mixture: ``p_moe.use.*`` is a bool column (no NaN from merge rows),
     which the parallel-coordinates plot scaled with a numpy-bool subtraction (a TypeError)."""
-    rows = [_row(n, score=0.3 + 0.05 * n, method="moe", **{"p_moe.use.rot": n % 2 == 0, "p_moe.k": 1 + n % 2}) for n in range(4)]
+    rows = [
+        _row(
+            n,
+            score=0.3 + 0.05 * n,
+            method="moe",
+            **{"p_moe.use.rot": n % 2 == 0, "p_moe.k": 1 + n % 2},
+        )
+        for n in range(4)
+    ]
     df = pd.DataFrame(rows)
     assert df["p_moe.use.rot"].dtype == bool
     out = make_report(df, tmp_path / "rep", study_name="moe_only")

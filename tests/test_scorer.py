@@ -20,7 +20,14 @@ from evomerge.evaluation.scorer import make_lm, score_shared, shared_context_hfl
 from evomerge.zoo.data import make_tokenizer
 
 TOL = 1e-4  # float32: |sum of log-probs| differs by rounding only (matmul shapes differ)
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+SMALL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
 LONG_TASK = "long_mc"
 
 
@@ -35,7 +42,9 @@ def tok():
 def model(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(make_tiny(tmp_path_factory.mktemp("m") / "llama", seed=3, **SMALL)).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        make_tiny(tmp_path_factory.mktemp("m") / "llama", seed=3, **SMALL)
+    ).eval()
 
 
 def _hflm(model, tok, **kw):
@@ -50,10 +59,12 @@ def _greedy(model, ctx: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(ctx):]
+    return ids[len(ctx) :]
 
 
-def _token_requests(model, lengths=(1, 2, 17, 90, 90, 160, 300)) -> list[tuple[list[int], list[int]]]:
+def _token_requests(
+    model, lengths=(1, 2, 17, 90, 90, 160, 300)
+) -> list[tuple[list[int], list[int]]]:
     """Docs of 4 continuations (1-12 tokens, one of them the model's greedy continuation) after a
     shared context of 1-300 tokens; two docs share a context; one context is a single token."""
     rng = random.Random(0)
@@ -76,7 +87,9 @@ def _assert_same(got, want) -> None:
         assert gg == wg, f"request {i}: is_greedy {gg} vs HFLM's {wg}"
 
 
-@pytest.mark.parametrize("max_length,batch_size", [(None, 8), (64, 5), (64, 1)], ids=["whole", "truncated", "batch1"])
+@pytest.mark.parametrize(
+    "max_length,batch_size", [(None, 8), (64, 5), (64, 1)], ids=["whole", "truncated", "batch1"]
+)
 def test_token_requests_match_hflm(model, tok, max_length, batch_size):
     reqs = _token_requests(model)
     hflm = _hflm(model, tok, batch_size=batch_size, max_length=max_length)
@@ -94,10 +107,20 @@ def test_other_architectures_match_hflm(tmp_path, tok, arch):
     alternating sliding layers (gemma2, pairs inside its window)."""
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(make_tiny(tmp_path / arch, arch=arch, seed=2, **({"sliding_window": 64} if arch == "gemma2" else {}))).eval()
+    m = AutoModelForCausalLM.from_pretrained(
+        make_tiny(
+            tmp_path / arch,
+            arch=arch,
+            seed=2,
+            **({"sliding_window": 64} if arch == "gemma2" else {}),
+        )
+    ).eval()
     reqs = _token_requests(m, (1, 9, 30, 30, 44))
     hflm = _hflm(m, tok, batch_size=4)
-    _assert_same(score_shared(m, reqs, max_length=hflm.max_length, batch_size=4), hflm._loglikelihood_tokens([(("c", "x"), c, x) for c, x in reqs]))
+    _assert_same(
+        score_shared(m, reqs, max_length=hflm.max_length, batch_size=4),
+        hflm._loglikelihood_tokens([(("c", "x"), c, x) for c, x in reqs]),
+    )
 
 
 def test_bad_requests_are_refused(model):
@@ -113,11 +136,24 @@ def test_sliding_window_pairs_use_hflm(tmp_path, tok):
     """Pairs longer than half a sliding window go through HFLM's path; all match HFLM."""
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(make_tiny(tmp_path / "mistral", arch="mistral", **SMALL, sliding_window=32)).eval()
+    m = AutoModelForCausalLM.from_pretrained(
+        make_tiny(tmp_path / "mistral", arch="mistral", **SMALL, sliding_window=32)
+    ).eval()
     rng = random.Random(1)
-    pairs = [("".join(rng.choice("abcdefgh ") for _ in range(n)), " " + "".join(rng.choice("abcdefgh") for _ in range(k))) for n in (5, 10, 40, 70) for k in (1, 3, 6)]
-    want = _hflm(m, tok, batch_size=4).loglikelihood([_instance(c, x, i) for i, (c, x) in enumerate(pairs)])
-    got = shared_context_hflm()(pretrained=m, tokenizer=tok, batch_size=4, device="cpu").loglikelihood([_instance(c, x, i) for i, (c, x) in enumerate(pairs)])
+    pairs = [
+        (
+            "".join(rng.choice("abcdefgh ") for _ in range(n)),
+            " " + "".join(rng.choice("abcdefgh") for _ in range(k)),
+        )
+        for n in (5, 10, 40, 70)
+        for k in (1, 3, 6)
+    ]
+    want = _hflm(m, tok, batch_size=4).loglikelihood(
+        [_instance(c, x, i) for i, (c, x) in enumerate(pairs)]
+    )
+    got = shared_context_hflm()(
+        pretrained=m, tokenizer=tok, batch_size=4, device="cpu"
+    ).loglikelihood([_instance(c, x, i) for i, (c, x) in enumerate(pairs)])
     _assert_same(got, want)
 
 
@@ -132,11 +168,25 @@ def test_rolling_and_generation_are_hflms_and_logged(model, tok, caplog):
 
     scorer._SAID.clear()
     texts = ["abc def ghi " * 8, "jkl mno"]
-    shared, hflm = make_lm(model, tok, scorer="shared", batch_size=4), make_lm(model, tok, scorer="hflm", batch_size=4)
+    shared, hflm = (
+        make_lm(model, tok, scorer="shared", batch_size=4),
+        make_lm(model, tok, scorer="hflm", batch_size=4),
+    )
     with caplog.at_level(logging.INFO, logger="evomerge.evaluation.scorer"):
         rolling = [_instance("", "", i, "loglikelihood_rolling", (t,)) for i, t in enumerate(texts)]
-        assert shared.loglikelihood_rolling(rolling) == pytest.approx(hflm.loglikelihood_rolling(rolling), abs=TOL)
-        gen = [_instance("", "", i, "generate_until", ("rot: abcde =", {"until": ["\n"], "max_gen_toks": 6, "do_sample": False})) for i in range(2)]
+        assert shared.loglikelihood_rolling(rolling) == pytest.approx(
+            hflm.loglikelihood_rolling(rolling), abs=TOL
+        )
+        gen = [
+            _instance(
+                "",
+                "",
+                i,
+                "generate_until",
+                ("rot: abcde =", {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}),
+            )
+            for i in range(2)
+        ]
         assert shared.generate_until(gen) == hflm.generate_until(gen)
         shared.generate_until(gen)
     said = [r.getMessage() for r in caplog.records if r.name == "evomerge.evaluation.scorer"]
@@ -153,15 +203,24 @@ def _write_long_task(folder: Path, n: int = 24, shots: int = 4) -> None:
     rng = random.Random(7)
 
     def doc() -> dict:
-        words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 9))) for _ in range(16)]
+        words = [
+            "".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 9)))
+            for _ in range(16)
+        ]
         i = rng.randrange(15)
         wrong = rng.sample([w for w in words if w != words[i + 1]], 3)
         label = rng.randrange(4)
-        return {"q": f"{' '.join(words)}\nafter {words[i]}?", "choices": wrong[:label] + [words[i + 1]] + wrong[label:], "label": label}
+        return {
+            "q": f"{' '.join(words)}\nafter {words[i]}?",
+            "choices": wrong[:label] + [words[i + 1]] + wrong[label:],
+            "label": label,
+        }
 
     folder.mkdir(parents=True, exist_ok=True)
     for split, count in (("train", 12), ("test", n)):
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(doc()) + "\n" for _ in range(count)))
+        (folder / f"{split}.jsonl").write_text(
+            "".join(json.dumps(doc()) + "\n" for _ in range(count))
+        )
     (folder / f"{LONG_TASK}.yaml").write_text(
         f"task: {LONG_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {folder / 'train.jsonl'}\n"
         f"    test: {folder / 'test.jsonl'}\ntraining_split: train\ntest_split: test\nfewshot_split: train\nnum_fewshot: {shots}\n"
@@ -175,9 +234,14 @@ def _answers(lm, task_dict) -> tuple[dict[str, list], dict[str, dict]]:
     from lm_eval.evaluator import evaluate
 
     for task in _leaves(task_dict):
-        task.set_fewshot_seed(seed=1234)  # evaluate() goes on from where the last call left the shot sampler
+        task.set_fewshot_seed(
+            seed=1234
+        )  # evaluate() goes on from where the last call left the shot sampler
     out = evaluate(lm, task_dict, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
-    answers = {name: [tuple(r[0]) for s in sorted(samples, key=lambda s: s["doc_id"]) for r in s["resps"]] for name, samples in out["samples"].items()}
+    answers = {
+        name: [tuple(r[0]) for s in sorted(samples, key=lambda s: s["doc_id"]) for r in s["resps"]]
+        for name, samples in out["samples"].items()
+    }
     return answers, out["results"]
 
 
@@ -210,14 +274,25 @@ def test_evaluator_scores_equal_on_the_long_task(model, tok, tmp_path, monkeypat
     def recording(*args, **kwargs):
         lm = make(*args, **kwargs)
         score = lm.loglikelihood
-        lm.loglikelihood = lambda reqs, disable_tqdm=False: seen.append([r.args for r in reqs]) or score(reqs)
+        lm.loglikelihood = lambda reqs, disable_tqdm=False: (
+            seen.append([r.args for r in reqs]) or score(reqs)
+        )
         return lm
 
     monkeypatch.setattr(lmeval, "make_lm", recording)
     _write_long_task(tmp_path, n=16)
-    (tmp_path / f"{LONG_TASK}_n.yaml").write_text((tmp_path / f"{LONG_TASK}.yaml").read_text().replace(f"task: {LONG_TASK}\n", f"task: {LONG_TASK}_n\n"))
-    cfg = EvalConfig([TaskSpec(LONG_TASK), TaskSpec(LONG_TASK + "_n", "acc_norm")], include_path=[str(tmp_path)])
-    shared, hflm = LMEvalEvaluator(cfg, tok, batch_size=8), LMEvalEvaluator(cfg, tok, batch_size=8, scorer="hflm")
+    (tmp_path / f"{LONG_TASK}_n.yaml").write_text(
+        (tmp_path / f"{LONG_TASK}.yaml")
+        .read_text()
+        .replace(f"task: {LONG_TASK}\n", f"task: {LONG_TASK}_n\n")
+    )
+    cfg = EvalConfig(
+        [TaskSpec(LONG_TASK), TaskSpec(LONG_TASK + "_n", "acc_norm")], include_path=[str(tmp_path)]
+    )
+    shared, hflm = (
+        LMEvalEvaluator(cfg, tok, batch_size=8),
+        LMEvalEvaluator(cfg, tok, batch_size=8, scorer="hflm"),
+    )
     first = shared.evaluate(model)
     assert first.n_items == {LONG_TASK: 16, LONG_TASK + "_n": 16}
     assert hflm.evaluate(model).scores == first.scores == shared.evaluate(model).scores
@@ -266,13 +341,27 @@ def test_micro_zoo_requests_match_hflm(micro_zoo):
 def test_micro_zoo_evaluator_scores_equal(micro_zoo):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = parse_evaluate({"include_path": "zoo:micro", "tasks": ["zoo_rot", "zoo_sort", {"name": "zoo_shift", "metric": "acc_norm"}], "limit": 30,
-                          "holdout": {"limit": 18}}, "space.yml", Path("."))
+    cfg = parse_evaluate(
+        {
+            "include_path": "zoo:micro",
+            "tasks": ["zoo_rot", "zoo_sort", {"name": "zoo_shift", "metric": "acc_norm"}],
+            "limit": 30,
+            "holdout": {"limit": 18},
+        },
+        "space.yml",
+        Path("."),
+    )
     zoo_tok = AutoTokenizer.from_pretrained(micro_zoo / "base")
-    shared, hflm = LMEvalEvaluator(cfg, zoo_tok, batch_size=16), LMEvalEvaluator(cfg, zoo_tok, batch_size=16, scorer="hflm")
+    shared, hflm = (
+        LMEvalEvaluator(cfg, zoo_tok, batch_size=16),
+        LMEvalEvaluator(cfg, zoo_tok, batch_size=16, scorer="hflm"),
+    )
     assert shared.scorer == "shared" and hflm.scorer == "hflm"
     for name in ("base", "rot", "shift"):
         m = AutoModelForCausalLM.from_pretrained(micro_zoo / name)
         for split in ("search", "holdout"):
             a, b = shared.evaluate(m, split), hflm.evaluate(m, split)
-            assert a.scores == b.scores and a.aggregate == b.aggregate and a.n_items == b.n_items, (name, split)
+            assert a.scores == b.scores and a.aggregate == b.aggregate and a.n_items == b.n_items, (
+                name,
+                split,
+            )

@@ -19,8 +19,8 @@ from _fake_eval import TaskVectorEvaluator
 from evomerge.cli import main
 from evomerge.engine import digest_model_dir
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.search.table import load_trials
 from evomerge.search import Search, run_search
+from evomerge.search.table import load_trials
 from evomerge.space import SAMPLERS
 
 TESTS = Path(__file__).resolve().parent
@@ -30,7 +30,13 @@ def write_space(path: Path, base: Path, fts: list[Path], **search) -> Path:
     space = {
         "merge_method": {"choice": ["task_arithmetic", "ties", "dare_ties"]},
         "base_model": str(base),
-        "models": [{"model": str(f), "parameters": {"weight": {"range": [0.0, 1.5]}, "density": {"range": [0.3, 1.0]}}} for f in fts],
+        "models": [
+            {
+                "model": str(f),
+                "parameters": {"weight": {"range": [0.0, 1.5]}, "density": {"range": [0.3, 1.0]}},
+            }
+            for f in fts
+        ],
         "parameters": {"lambda": {"range": [0.5, 1.5]}},
         "dtype": "float32",
         "search": {"trials": 8, "seed": 1, "finalists": 3, **search},
@@ -48,7 +54,9 @@ def space(tmp_path, tiny_family):
 def test_search_fills_the_table_and_beats_its_baselines(space, tmp_path, tiny_family):
     base, fts = tiny_family
     ev = TaskVectorEvaluator(base, fts)
-    out = run_search(space, evaluator=ev, results_dir=tmp_path / "results", quiet=True, log=lambda m: None)
+    out = run_search(
+        space, evaluator=ev, results_dir=tmp_path / "results", quiet=True, log=lambda m: None
+    )
     df = load_trials(out.paths.csv)
     searched = df[df["baseline"] == ""]
     assert (searched["state"] == "COMPLETE").sum() == 8 == out.n_complete
@@ -56,14 +64,30 @@ def test_search_fills_the_table_and_beats_its_baselines(space, tmp_path, tiny_fa
     assert {"p_method", "p_weight.ft0", "p_density.ft0", "p_lambda"} <= set(df.columns)
     ta = searched[searched["p_method"] == "task_arithmetic"]
     assert ta["p_density.ft0"].isna().all()
-    for col in ("score", "score_se", "s_task_0", "se_task_0", "merge_s", "eval_s", "digest", "merge_lineage", "overfit", "public_benchmark_search", "error"):
+    for col in (
+        "score",
+        "score_se",
+        "s_task_0",
+        "se_task_0",
+        "merge_s",
+        "eval_s",
+        "digest",
+        "merge_lineage",
+        "overfit",
+        "public_benchmark_search",
+        "error",
+    ):
         assert col in df.columns, col
     # baselines: every source alone and the uniform merge, with search and holdout scores
     names = set(df.loc[df["baseline"] != "", "baseline"])
     assert names == {f"source:{base}", *(f"source:{f}" for f in fts), "uniform"}
-    assert df.loc[df["baseline"] == f"source:{base}", "score"].iloc[0] == pytest.approx(0.0, abs=1e-6)
+    assert df.loc[df["baseline"] == f"source:{base}", "score"].iloc[0] == pytest.approx(
+        0.0, abs=1e-6
+    )
     # the fine-tune alone carries all of its own task vector
-    assert df.loc[df["baseline"] == f"source:{fts[0]}", "s_task_0"].iloc[0] == pytest.approx(1.0, abs=1e-6)
+    assert df.loc[df["baseline"] == f"source:{fts[0]}", "s_task_0"].iloc[0] == pytest.approx(
+        1.0, abs=1e-6
+    )
     # finalists (top 3 by search score) were re-scored on the holdout
     top3 = searched.sort_values("score", ascending=False).head(3)
     assert top3["holdout"].notna().all()
@@ -77,20 +101,59 @@ def test_search_fills_the_table_and_beats_its_baselines(space, tmp_path, tiny_fa
 def test_export_reproduces_the_trial_tensors(space, tmp_path, tiny_family, capsys):
     base, fts = tiny_family
     results = tmp_path / "results"
-    run_search(space, evaluator=TaskVectorEvaluator(base, fts), results_dir=results, quiet=True, log=lambda m: None)
+    run_search(
+        space,
+        evaluator=TaskVectorEvaluator(base, fts),
+        results_dir=results,
+        quiet=True,
+        log=lambda m: None,
+    )
     df = load_trials(results / "space")
     # export a dare trial when there is one (random masks: the seed must travel with the recipe)
     dare = df[(df["p_method"] == "dare_ties") & (df["state"] == "COMPLETE")]
     number = int(dare["number"].iloc[0]) if len(dare) else int(df["number"].dropna().iloc[0])
     best = tmp_path / "best.yml"
-    assert main(["export", str(space), "--results-dir", str(results), "--trial", str(number), "-o", str(best)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(space),
+                "--results-dir",
+                str(results),
+                "--trial",
+                str(number),
+                "-o",
+                str(best),
+            ]
+        )
+        == 0
+    )
     text = best.read_text()
-    assert f"trial {number}" in text and "# evomerge-seed: 1" in text and "Contamination and evaluation" in text
+    assert (
+        f"trial {number}" in text
+        and "# evomerge-seed: 1" in text
+        and "Contamination and evaluation" in text
+    )
     assert "search:" not in yaml.safe_load(text)  # a plain mergekit recipe
     assert main(["merge", str(best), str(tmp_path / "out")]) == 0
     assert digest_model_dir(tmp_path / "out") == df.loc[df["number"] == number, "digest"].iloc[0]
     # default export = best by holdout among finalists; --merge writes the model with a card
-    assert main(["export", str(space), "--results-dir", str(results), "-o", str(best), "--force", "--merge", str(tmp_path / "m2")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(space),
+                "--results-dir",
+                str(results),
+                "-o",
+                str(best),
+                "--force",
+                "--merge",
+                str(tmp_path / "m2"),
+            ]
+        )
+        == 0
+    )
     card = (tmp_path / "m2" / "README.md").read_text()
     assert "Contamination and evaluation" in card and "tags:" in card and "- merge" in card
     assert "matches the trial" in capsys.readouterr().out
@@ -102,7 +165,14 @@ def test_same_seed_same_recipes_and_tensors(space, tmp_path, tiny_family):
     base, fts = tiny_family
     runs = []
     for name in ("a", "b"):
-        run_search(space, evaluator=TaskVectorEvaluator(base, fts), results_dir=tmp_path / name, quiet=True, log=lambda m: None, trials=5)
+        run_search(
+            space,
+            evaluator=TaskVectorEvaluator(base, fts),
+            results_dir=tmp_path / name,
+            quiet=True,
+            log=lambda m: None,
+            trials=5,
+        )
         df = load_trials(tmp_path / name / "space")
         runs.append(df[df["number"].notna()].sort_values("number"))
     a, b = runs
@@ -124,7 +194,9 @@ def test_failed_candidates_are_recorded_and_the_study_goes_on(space, tmp_path, t
         return r
 
     ev.evaluate = flaky
-    out = run_search(space, evaluator=ev, results_dir=tmp_path / "r", quiet=True, log=lambda m: None, trials=6)
+    out = run_search(
+        space, evaluator=ev, results_dir=tmp_path / "r", quiet=True, log=lambda m: None, trials=6
+    )
     df = load_trials(out.paths.csv)
     failed = df[(df["state"] == "FAIL") & (df["baseline"] == "")]
     assert len(failed) >= 1 and (failed["error"] == "evaluation failed: candidate rejected").all()
@@ -136,8 +208,15 @@ def test_bad_storage_and_mismatched_architectures_write_nothing(tmp_path, tiny_f
 
     base, fts = tiny_family
     space = write_space(tmp_path / "s.yml", base, fts)
-    with pytest.raises(EvomergeError, match=r"--storage: cannot open storage sqlite:////nonexistent/dir/x.db"):
-        Search(space, storage="sqlite:////nonexistent/dir/x.db", evaluator=TaskVectorEvaluator(base, fts), results_dir=tmp_path / "res")
+    with pytest.raises(
+        EvomergeError, match=r"--storage: cannot open storage sqlite:////nonexistent/dir/x.db"
+    ):
+        Search(
+            space,
+            storage="sqlite:////nonexistent/dir/x.db",
+            evaluator=TaskVectorEvaluator(base, fts),
+            results_dir=tmp_path / "res",
+        )
     other = make_tiny(tmp_path / "gpt2", seed=3, arch="gpt2")
     bad = write_space(tmp_path / "bad.yml", base, [fts[0], other])
     with pytest.raises(ConfigError, match="bad.yml"):
@@ -145,12 +224,21 @@ def test_bad_storage_and_mismatched_architectures_write_nothing(tmp_path, tiny_f
     assert not (tmp_path / "res").exists()
 
 
-@pytest.mark.parametrize("patch, words", [
-    ({"search": {"trials": 0}}, "search.trials: must be a positive integer"),
-    ({"parameters": {"lambda": {"range": [1.5, 0.5]}}}, "parameters.lambda.range: empty range"),
-    ({"parameters": {"lambda": {"ranges": [0.5, 1.5]}}}, "unknown search directive (did you mean range"),
-    ({"search": {"sampler": "cmaes"}}, "search.sampler: cmaes cannot sample categorical parameters (merge_method is a choice); use tpe"),
-])
+@pytest.mark.parametrize(
+    "patch, words",
+    [
+        ({"search": {"trials": 0}}, "search.trials: must be a positive integer"),
+        ({"parameters": {"lambda": {"range": [1.5, 0.5]}}}, "parameters.lambda.range: empty range"),
+        (
+            {"parameters": {"lambda": {"ranges": [0.5, 1.5]}}},
+            "unknown search directive (did you mean range",
+        ),
+        (
+            {"search": {"sampler": "cmaes"}},
+            "search.sampler: cmaes cannot sample categorical parameters (merge_method is a choice); use tpe",
+        ),
+    ],
+)
 def test_cli_bad_space_one_line_exit_2_nothing_written(tmp_path, tiny_family, capsys, patch, words):
     base, fts = tiny_family
     path = write_space(tmp_path / "bad.yml", base, fts)
@@ -179,7 +267,16 @@ RUNNER = textwrap.dedent("""
 
 def _runner(tmp_path, space, base, fts):
     script = tmp_path / "runner.py"
-    script.write_text(RUNNER.format(tests=str(TESTS), base=str(base), fts=[str(f) for f in fts], space=str(space), results=str(tmp_path / "results"), marker=str(tmp_path / "evaluating")))
+    script.write_text(
+        RUNNER.format(
+            tests=str(TESTS),
+            base=str(base),
+            fts=[str(f) for f in fts],
+            space=str(space),
+            results=str(tmp_path / "results"),
+            marker=str(tmp_path / "evaluating"),
+        )
+    )
     return script
 
 
@@ -206,24 +303,35 @@ def test_resume_after_sigkill_loses_nothing(tmp_path, tiny_family):
     script = _runner(tmp_path, space, base, fts)
     csv = tmp_path / "results" / "space" / "trials.csv"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), "0.4"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "0.4"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         # kill inside a trial's evaluation, after two trials have completed
-        assert _wait_for(lambda: len(_complete(csv)) >= 2 and (tmp_path / "evaluating").exists()), "search did not get going"
+        assert _wait_for(lambda: len(_complete(csv)) >= 2 and (tmp_path / "evaluating").exists()), (
+            "search did not get going"
+        )
         before = _complete(csv)[["number", "digest"]]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    rerun = subprocess.run([sys.executable, str(script), "0"], env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        [sys.executable, str(script), "0"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     df = load_trials(csv)
     searched = df[df["baseline"] == ""]
     done = searched[searched["state"] == "COMPLETE"]
     assert len(done) == 6
     # no completed trial lost, same tensors
-    merged = before.merge(done[["number", "digest"]], on="number", how="left", suffixes=("", "_after"))
+    merged = before.merge(
+        done[["number", "digest"]], on="number", how="left", suffixes=("", "_after")
+    )
     assert (merged["digest"] == merged["digest_after"]).all()
     dead = searched[searched["error"].str.contains("died while this trial was running")]
     assert len(dead) == 1 and (dead["state"] == "FAIL").all()
@@ -241,11 +349,25 @@ def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path, tiny_family):
     base, fts = tiny_family
     space = write_space(tmp_path / "space.yml", base, fts, trials=20)
     script = tmp_path / "cli_runner.py"
-    script.write_text(RUNNER.format(tests=str(TESTS), base=str(base), fts=[str(f) for f in fts], space=str(space), results=str(tmp_path / "results"), marker=str(tmp_path / "evaluating"))
-                      .replace("run_search(", "import evomerge.cli, evomerge.search.loop as st\nst_run = run_search\ndef _go():\n    return st_run(")
-                      .replace('print("DONE")', "try:\n    _go()\nexcept KeyboardInterrupt:\n    sys.exit(130)\n"))
+    script.write_text(
+        RUNNER.format(
+            tests=str(TESTS),
+            base=str(base),
+            fts=[str(f) for f in fts],
+            space=str(space),
+            results=str(tmp_path / "results"),
+            marker=str(tmp_path / "evaluating"),
+        )
+        .replace(
+            "run_search(",
+            "import evomerge.cli, evomerge.search.loop as st\nst_run = run_search\ndef _go():\n    return st_run(",
+        )
+        .replace('print("DONE")', "try:\n    _go()\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
+    )
     csv = tmp_path / "results" / "space" / "trials.csv"
-    proc = subprocess.Popen([sys.executable, str(script), "0.5"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "0.5"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         assert _wait_for(lambda: len(_complete(csv)) >= 1)
         time.sleep(0.2)
@@ -265,7 +387,14 @@ def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path, tiny_family):
 def test_results_and_report_commands(space, tmp_path, tiny_family, capsys):
     base, fts = tiny_family
     results = tmp_path / "results"
-    run_search(space, evaluator=TaskVectorEvaluator(base, fts), results_dir=results, quiet=True, log=lambda m: None, trials=5)
+    run_search(
+        space,
+        evaluator=TaskVectorEvaluator(base, fts),
+        results_dir=results,
+        quiet=True,
+        log=lambda m: None,
+        trials=5,
+    )
     assert main(["results", str(space), "--results-dir", str(results), "--top", "3"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -276,7 +405,14 @@ def test_results_and_report_commands(space, tmp_path, tiny_family, capsys):
     assert scores == sorted(scores, reverse=True)
     assert main(["report", str(space), "--results-dir", str(results)]) == 0
     report = results / "space" / "report"
-    for name in ("history.png", "importance.png", "parallel.png", "holdout.png", "flags.png", "report.md"):
+    for name in (
+        "history.png",
+        "importance.png",
+        "parallel.png",
+        "holdout.png",
+        "flags.png",
+        "report.md",
+    ):
         assert (report / name).stat().st_size > 0, name
     # a study that does not exist is a one-line error
     assert main(["results", str(space), "--results-dir", str(tmp_path / "nothing")]) == 2
@@ -288,17 +424,34 @@ def _sampler_run(tmp_path: Path, tiny_family, sampler: str, objectives, name: st
     import optuna
 
     base, fts = tiny_family
-    path = write_space(tmp_path / f"{name}.yml", base, fts, sampler=sampler, trials=6, startup_trials=2, finalists=1,
-                       **({"objectives": objectives} if objectives else {}))
+    path = write_space(
+        tmp_path / f"{name}.yml",
+        base,
+        fts,
+        sampler=sampler,
+        trials=6,
+        startup_trials=2,
+        finalists=1,
+        **({"objectives": objectives} if objectives else {}),
+    )
     data = yaml.safe_load(path.read_text())
     data["merge_method"] = "ties"
     path.write_text(yaml.safe_dump(data))
-    out = run_search(path, evaluator=TaskVectorEvaluator(base, fts), results_dir=tmp_path / name, quiet=True, log=lambda m: None)
+    out = run_search(
+        path,
+        evaluator=TaskVectorEvaluator(base, fts),
+        results_dir=tmp_path / name,
+        quiet=True,
+        log=lambda m: None,
+    )
     assert out.best is not None
     return optuna.load_study(study_name=name, storage=out.paths.storage).trials
 
 
-@pytest.mark.parametrize("sampler, objectives", [(s, None) for s in SAMPLERS] + [("nsga2", "tasks"), ("tpe", ["task_0", "task_1"])])
+@pytest.mark.parametrize(
+    "sampler, objectives",
+    [(s, None) for s in SAMPLERS] + [("nsga2", "tasks"), ("tpe", ["task_0", "task_1"])],
+)
 def test_every_sampler_runs_past_its_startup_trials(tmp_path, tiny_family, sampler, objectives):
     # Every name the space accepts must sample after its random startup phase too: a sampler
     # whose package is missing (cmaes) fails only there, at the third trial.

@@ -82,8 +82,14 @@ EXPECTED: dict[str, tuple[str, Any]] = {
     "003_math-code-mixtral": ("refused", ["different architectures", "mixtral", "mistral"]),
     "003_multi-task-mixtral": ("refused", ["different architectures", "mixtral", "mistral"]),
     "003_medical-specialist": ("refused", ["different architectures", "mistral", "llama"]),
-    "003_dare-ties-llama": ("refused", ["models[0].parameters.dare", "not a mergekit parameter", "density = 1 - drop_rate"]),
-    "003_moe-from-merges": ("refused", ["experts", "evomerge moe"]),  # built by `evomerge moe` (test_moe.py)
+    "003_dare-ties-llama": (
+        "refused",
+        ["models[0].parameters.dare", "not a mergekit parameter", "density = 1 - drop_rate"],
+    ),
+    "003_moe-from-merges": (
+        "refused",
+        ["experts", "evomerge moe"],
+    ),  # built by `evomerge moe` (test_moe.py)
     "003_multilingual-merge": ("refused", ["Qwen/Qwen3-7B", "not in the Hugging Face cache"]),
 }
 
@@ -106,14 +112,25 @@ def standins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _substitute(node: Any, paths: dict[str, Path]) -> Any:
     if isinstance(node, dict):
-        return {k: (str(paths[v]) if k in ("model", "base_model", "source_model") and isinstance(v, str) and v in paths else _substitute(v, paths)) for k, v in node.items()}
+        return {
+            k: (
+                str(paths[v])
+                if k in ("model", "base_model", "source_model")
+                and isinstance(v, str)
+                and v in paths
+                else _substitute(v, paths)
+            )
+            for k, v in node.items()
+        }
     if isinstance(node, list):
         return [_substitute(v, paths) for v in node]
     return node
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_seed_recipe(name: str, standins: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_seed_recipe(
+    name: str, standins: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     text = (HERE / f"{name}.yml").read_text()
     recipe = _substitute(yaml.safe_load(text), standins)
     path = tmp_path / f"{name}.yml"

@@ -85,17 +85,30 @@ def postgres():
         yield url
         return
     if not glob.glob("/usr/lib/postgresql/*/bin/initdb") and not shutil.which("initdb"):
-        _skip_or_fail("EVOMERGE_TEST_POSTGRES is unset and PostgreSQL is not installed here (run the tests through .ci/postgres)")
+        _skip_or_fail(
+            "EVOMERGE_TEST_POSTGRES is unset and PostgreSQL is not installed here (run the tests through .ci/postgres)"
+        )
     if os.geteuid() == 0 and not shutil.which("runuser"):
-        _skip_or_fail("EVOMERGE_TEST_POSTGRES is unset and there is no runuser to start PostgreSQL as an unprivileged user")
+        _skip_or_fail(
+            "EVOMERGE_TEST_POSTGRES is unset and there is no runuser to start PostgreSQL as an unprivileged user"
+        )
     # .ci/postgres keeps its server until our command ends: a python that prints the URL and waits for stdin to close.
-    hold = "import os, sys; print(os.environ['EVOMERGE_TEST_POSTGRES'], flush=True); sys.stdin.read()"
-    proc = subprocess.Popen([str(ROOT / ".ci" / "postgres"), sys.executable, "-c", hold], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    hold = (
+        "import os, sys; print(os.environ['EVOMERGE_TEST_POSTGRES'], flush=True); sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [str(ROOT / ".ci" / "postgres"), sys.executable, "-c", hold],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = proc.stdout.readline().strip() if proc.stdout else ""
     if not url.startswith("postgresql://"):
         proc.kill()
-        _skip_or_fail(f"EVOMERGE_TEST_POSTGRES is unset and .ci/postgres could not start a server: {proc.stderr.read()[-500:] if proc.stderr else ''}")
+        _skip_or_fail(
+            f"EVOMERGE_TEST_POSTGRES is unset and .ci/postgres could not start a server: {proc.stderr.read()[-500:] if proc.stderr else ''}"
+        )
     try:
         yield url
     finally:
@@ -103,11 +116,30 @@ def postgres():
         proc.wait(60)
 
 
-def _cfg(tmp_path: Path, tiny_family, storage: str, study: str, *, sleep: float, liveness=(1, 3, 0.3), marker: str | None = None) -> dict:
+def _cfg(
+    tmp_path: Path,
+    tiny_family,
+    storage: str,
+    study: str,
+    *,
+    sleep: float,
+    liveness=(1, 3, 0.3),
+    marker: str | None = None,
+) -> dict:
     base, fts = tiny_family
-    return {"tests": str(TESTS), "base": str(base), "fts": [str(f) for f in fts], "space": str(tmp_path / "space.yml"),
-            "results": str(tmp_path / "results"), "storage": storage, "study": study, "log": str(tmp_path / "evaluations.log"),
-            "sleep": sleep, "liveness": list(liveness), "marker": marker}
+    return {
+        "tests": str(TESTS),
+        "base": str(base),
+        "fts": [str(f) for f in fts],
+        "space": str(tmp_path / "space.yml"),
+        "results": str(tmp_path / "results"),
+        "storage": storage,
+        "study": study,
+        "log": str(tmp_path / "evaluations.log"),
+        "sleep": sleep,
+        "liveness": list(liveness),
+        "marker": marker,
+    }
 
 
 def _start(tmp_path: Path, cfg: dict, host: str | None = None) -> subprocess.Popen:
@@ -117,7 +149,13 @@ def _start(tmp_path: Path, cfg: dict, host: str | None = None) -> subprocess.Pop
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if host:
         env["EVOMERGE_HOST"] = host  # plays another host: its pid means nothing here
-    return subprocess.Popen([sys.executable, str(script), json.dumps(cfg)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), json.dumps(cfg)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _study(url: str, name: str):
@@ -129,7 +167,11 @@ def _study(url: str, name: str):
 def _claims_left(url: str, name: str) -> list[str]:
     import optuna
 
-    return [s.study_name for s in optuna.get_all_study_summaries(open_storage(url)) if s.study_name.startswith(name + "::")]
+    return [
+        s.study_name
+        for s in optuna.get_all_study_summaries(open_storage(url))
+        if s.study_name.startswith(name + "::")
+    ]
 
 
 def _evaluations(tmp_path: Path) -> dict[str, int]:
@@ -148,16 +190,29 @@ def three_workers(postgres, tiny_family, tmp_path_factory):
     write_space(tmp / "space.yml", base, fts, trials=9, finalists=3)
     study = f"three-{uuid.uuid4().hex[:8]}"
     # a grace period no busy 2-core box reaches by accident: nobody dies in this test
-    cfg = {**_cfg(tmp, tiny_family, postgres, study, sleep=0.4, liveness=(2, 30, 0.3)), "barrier": str(tmp)}
+    cfg = {
+        **_cfg(tmp, tiny_family, postgres, study, sleep=0.4, liveness=(2, 30, 0.3)),
+        "barrier": str(tmp),
+    }
     start = time.perf_counter()
     procs = [_start(tmp, cfg) for _ in range(3)]
     end = time.time() + 180
-    while len(list(tmp.glob("ready-*"))) < 3 and time.time() < end and all(p.poll() is None for p in procs):
+    while (
+        len(list(tmp.glob("ready-*"))) < 3
+        and time.time() < end
+        and all(p.poll() is None for p in procs)
+    ):
         time.sleep(0.05)
     (tmp / "go").touch()
     outs = [p.communicate(timeout=240)[0] for p in procs]
-    return {"url": postgres, "study": study, "tmp": tmp, "codes": [p.returncode for p in procs], "outs": outs,
-            "seconds": time.perf_counter() - start}
+    return {
+        "url": postgres,
+        "study": study,
+        "tmp": tmp,
+        "codes": [p.returncode for p in procs],
+        "outs": outs,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 @pytest.mark.slow
@@ -166,7 +221,9 @@ def test_three_workers_complete_the_budget_and_run_the_once_per_study_work_once(
     assert w["codes"] == [0, 0, 0], "\n".join(o[-1500:] for o in w["outs"])
     study = _study(w["url"], w["study"])
     states = [t.state.name for t in study.trials]
-    assert states.count("COMPLETE") == 9 and "RUNNING" not in states, "\n".join(o[-1500:] for o in w["outs"])
+    assert states.count("COMPLETE") == 9 and "RUNNING" not in states, "\n".join(
+        o[-1500:] for o in w["outs"]
+    )
     # every worker took trials (the study is shared, not run three times)
     owners = {t.user_attrs["proc"]["pid"] for t in study.trials if t.state.name == "COMPLETE"}
     assert len(owners) >= 2, "\n".join(o[-800:] for o in w["outs"])
@@ -174,11 +231,18 @@ def test_three_workers_complete_the_budget_and_run_the_once_per_study_work_once(
     baselines = sorted(k for k in attrs if k.startswith("baseline:"))
     assert len(baselines) == 5 and all(attrs[k]["state"] == "COMPLETE" for k in baselines)
     holdouts = [k for k in attrs if k.startswith("holdout:")]
-    top3 = sorted((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.value, reverse=True)[:3]
+    top3 = sorted(
+        (t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.value, reverse=True
+    )[:3]
     assert {f"holdout:{t.number}" for t in top3} <= set(holdouts)
     # each evaluation ran once across the workers: 5 baselines (search and holdout), one search
     # evaluation per trial that ran, one holdout evaluation per re-scored trial
-    ran = sum(1 for t in study.trials if t.user_attrs.get("result", {}).get("search") or "interrupted" in t.user_attrs.get("result", {}).get("error", ""))
+    ran = sum(
+        1
+        for t in study.trials
+        if t.user_attrs.get("result", {}).get("search")
+        or "interrupted" in t.user_attrs.get("result", {}).get("error", "")
+    )
     logs = "\n".join(o[-1500:] for o in w["outs"])
     assert _evaluations(w["tmp"]) == {"search": 5 + ran, "holdout": 5 + len(holdouts)}, logs
     assert ran == 9, logs
@@ -195,8 +259,24 @@ def test_results_read_from_the_storage_in_another_directory_and_process(three_wo
     other = tmp_path / "elsewhere"
     other.mkdir()
     shutil.copy(w["tmp"] / "space.yml", other / "space.yml")
-    r = subprocess.run([sys.executable, "-m", "evomerge.cli", "results", "space.yml", "--storage", w["url"], "--study", w["study"], "--all"],
-                       cwd=other, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evomerge.cli",
+            "results",
+            "space.yml",
+            "--storage",
+            w["url"],
+            "--study",
+            w["study"],
+            "--all",
+        ],
+        cwd=other,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-1500:]
     assert f"study {w['study']} ({w['url']}): 14 complete rows" in r.stdout  # 9 trials, 5 baselines
     assert "[uniform]" in r.stdout and "::claim::" not in r.stdout
@@ -211,15 +291,26 @@ def test_results_read_from_the_storage_in_another_directory_and_process(three_wo
 
 
 @pytest.mark.slow
-def test_a_sigkilled_worker_trial_is_failed_by_heartbeat_and_retried_once(postgres, tiny_family, tmp_path):
+def test_a_sigkilled_worker_trial_is_failed_by_heartbeat_and_retried_once(
+    postgres, tiny_family, tmp_path
+):
     base, fts = tiny_family
     write_space(tmp_path / "space.yml", base, fts, trials=8, finalists=2)
     study = f"kill-{uuid.uuid4().hex[:8]}"
     marker = tmp_path / "evaluating-A"
     beats = (1, 5, 0.3)
-    victim = _start(tmp_path, _cfg(tmp_path, tiny_family, postgres, study, sleep=0.6, liveness=beats, marker=str(marker)), host="host-A")
-    survivor = _start(tmp_path, _cfg(tmp_path, tiny_family, postgres, study, sleep=0.6, liveness=beats), host="host-B")
+    victim = _start(
+        tmp_path,
+        _cfg(tmp_path, tiny_family, postgres, study, sleep=0.6, liveness=beats, marker=str(marker)),
+        host="host-A",
+    )
+    survivor = _start(
+        tmp_path,
+        _cfg(tmp_path, tiny_family, postgres, study, sleep=0.6, liveness=beats),
+        host="host-B",
+    )
     try:
+
         def in_a_trial() -> bool:
             try:
                 s = _study(postgres, study)
@@ -243,12 +334,19 @@ def test_a_sigkilled_worker_trial_is_failed_by_heartbeat_and_retried_once(postgr
     assert survivor.returncode == 0, out[-2000:]
     s = _study(postgres, study)
     trials = s.trials
-    assert sum(t.state.name == "COMPLETE" for t in trials) == 8 and not any(t.state.name == "RUNNING" for t in trials)
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 8 and not any(
+        t.state.name == "RUNNING" for t in trials
+    )
     dead = [t for t in trials if f"died:{t.number}" in s.user_attrs]
     assert len(dead) == 1 and dead[0].state.name == "FAIL"
-    assert "no heartbeat" in s.user_attrs[f"died:{dead[0].number}"] and "host-A" in s.user_attrs[f"died:{dead[0].number}"]
+    assert (
+        "no heartbeat" in s.user_attrs[f"died:{dead[0].number}"]
+        and "host-A" in s.user_attrs[f"died:{dead[0].number}"]
+    )
     retry = [t for t in trials if t.user_attrs.get("retry_of") == dead[0].number]
-    assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == dead[0].params
+    assert (
+        len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == dead[0].params
+    )
     assert retry[0].user_attrs["proc"]["host"] == "host-B"
     # the dead worker's slot claim was swept by the survivor as it stopped
     assert _claims_left(postgres, study) == []
@@ -264,24 +362,49 @@ def test_cli_workers_2_on_cpu_share_the_default_sqlite_study(micro_zoo, tmp_path
     space = _space(tmp_path / "space.yml", tasks=SEARCH, holdout=HOLDOUT, trials=4)
     results = tmp_path / "results"
     env = {**os.environ, "EVOMERGE_ZOO_DIR": str(micro_zoo.parent)}
-    r = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(space), "--workers", "2", "--device", "cpu", "--results-dir", str(results)],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evomerge.cli",
+            "search",
+            str(space),
+            "--workers",
+            "2",
+            "--device",
+            "cpu",
+            "--results-dir",
+            str(results),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
     assert "evomerge: 2 workers on CPU" in r.stdout and "[w0] " in r.stdout and "[w1] " in r.stdout
-    assert "the best trial's holdout score" in r.stdout  # one leaderboard and summary, from the storage
+    assert (
+        "the best trial's holdout score" in r.stdout
+    )  # one leaderboard and summary, from the storage
     df = load_trials(results / "zoo")
     searched = df[df["baseline"] == ""]
-    assert searched["state"].isin(["COMPLETE", "PRUNED"]).sum() == 4  # pruned trials (on by default) count against the budget
-    assert sorted(df.loc[df["baseline"] != "", "baseline"]) == sorted(["uniform", *(f"source:zoo:micro/{m}" for m in ("base", "rot", "shift", "sort"))])
+    assert (
+        searched["state"].isin(["COMPLETE", "PRUNED"]).sum() == 4
+    )  # pruned trials (on by default) count against the budget
+    assert sorted(df.loc[df["baseline"] != "", "baseline"]) == sorted(
+        ["uniform", *(f"source:zoo:micro/{m}" for m in ("base", "rot", "shift", "sort"))]
+    )
     assert (results / "zoo" / "study.db").is_file()
 
 
 def test_workers_bad_counts_are_one_line_exit_2(tmp_path, tiny_family, capsys):
     base, fts = tiny_family
     space = write_space(tmp_path / "space.yml", base, fts)
-    for argv, words in ((["--workers", "0"], "--workers: must be a positive integer, got 0"),
-                        (["--devices", "0,x"], "--devices: must be distinct CUDA device indices"),
-                        (["--workers", "3", "--devices", "0,1"], "one worker per device")):
+    for argv, words in (
+        (["--workers", "0"], "--workers: must be a positive integer, got 0"),
+        (["--devices", "0,x"], "--devices: must be distinct CUDA device indices"),
+        (["--workers", "3", "--devices", "0,1"], "one worker per device"),
+    ):
         assert main(["search", str(space), "--results-dir", str(tmp_path / "r"), *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, err
@@ -291,7 +414,10 @@ def test_workers_bad_counts_are_one_line_exit_2(tmp_path, tiny_family, capsys):
 def test_a_missing_postgres_driver_names_the_extra(monkeypatch):
     for mod in ("psycopg", "psycopg2"):
         monkeypatch.setitem(sys.modules, mod, None)  # import psycopg raises ImportError
-    with pytest.raises(EvomergeError, match=r"its database driver is not installed \(pip install 'psycopg\[binary\]'\)"):
+    with pytest.raises(
+        EvomergeError,
+        match=r"its database driver is not installed \(pip install 'psycopg\[binary\]'\)",
+    ):
         open_storage("postgresql://u@127.0.0.1:1/x")
 
 
@@ -303,7 +429,10 @@ def test_claims_one_owner_takeover_of_a_dead_one_and_nothing_left(tmp_path, kind
 
     from evomerge.search.records import HOST
 
-    url = {"sqlite": f"sqlite:///{tmp_path / 'claims.db'}", "journal": f"journal:///{tmp_path / 'claims.log'}"}.get(kind)
+    url = {
+        "sqlite": f"sqlite:///{tmp_path / 'claims.db'}",
+        "journal": f"journal:///{tmp_path / 'claims.log'}",
+    }.get(kind)
     if kind == "postgresql":
         url = request.getfixturevalue("postgres")
     fast = Liveness(interval=1, grace=2, poll=0.1)
@@ -315,14 +444,19 @@ def test_claims_one_owner_takeover_of_a_dead_one_and_nothing_left(tmp_path, kind
     # the owner finishes: the other finds the work done and does not run it
     done = ["setup"]
     a.release(held)
-    assert b.run_once("setup", done=lambda: "setup" in done, work=lambda: pytest.fail("ran twice")) is False
+    assert (
+        b.run_once("setup", done=lambda: "setup" in done, work=lambda: pytest.fail("ran twice"))
+        is False
+    )
     # an owner that died (a pid of this host that is gone) is taken over at once, by the next generation
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     sid = storage.create_new_study([StudyDirection.MINIMIZE], a.name("baseline:x", 0))
     storage.set_study_user_attr(sid, "owner", {"host": HOST, "pid": dead.pid})
     ran = []
-    assert b.run_once("baseline:x", done=lambda: bool(ran), work=lambda: ran.append(1)) is True and ran == [1]
+    assert b.run_once(
+        "baseline:x", done=lambda: bool(ran), work=lambda: ran.append(1)
+    ) is True and ran == [1]
     # an owner on another host that stops beating is dead after the grace period (the database's
     # clock where there are heartbeats, the watcher's clock on the journal)
     frozen = a.acquire("holdout:3")
@@ -333,7 +467,11 @@ def test_claims_one_owner_takeover_of_a_dead_one_and_nothing_left(tmp_path, kind
     assert time.monotonic() - t0 >= fast.grace - 1.5
     # a worker that fails gives its claim up for the next one
     with pytest.raises(RuntimeError):
-        a.run_once("baseline:y", done=lambda: False, work=lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+        a.run_once(
+            "baseline:y",
+            done=lambda: False,
+            work=lambda: (_ for _ in ()).throw(RuntimeError("boom")),
+        )
     held_y = b.acquire("baseline:y")
     assert held_y is not None
     slot_a, slot_b = a.slot(), b.slot()
@@ -353,4 +491,3 @@ def test_claims_one_owner_takeover_of_a_dead_one_and_nothing_left(tmp_path, kind
 
 def _all_names(storage) -> list[str]:
     return [s.study_name for s in storage.get_all_studies()]
-

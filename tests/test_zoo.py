@@ -25,7 +25,19 @@ from evomerge.zoo.train import ZooSize, score_items
 
 pytestmark = pytest.mark.slow
 
-TINY = ZooSize(hidden=16, layers=1, heads=2, intermediate=32, base_steps=6, base_lr=1e-3, expert_steps=3, expert_lr=1e-3, batch=4, n_search=5, n_holdout=5)
+TINY = ZooSize(
+    hidden=16,
+    layers=1,
+    heads=2,
+    intermediate=32,
+    base_steps=6,
+    base_lr=1e-3,
+    expert_steps=3,
+    expert_lr=1e-3,
+    batch=4,
+    n_search=5,
+    n_holdout=5,
+)
 
 
 def _items(path: Path, skill: str) -> list[Item]:
@@ -36,7 +48,9 @@ def _items(path: Path, skill: str) -> list[Item]:
 def _load(zoo: Path, name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(zoo / name), AutoTokenizer.from_pretrained(zoo / name)
+    return AutoModelForCausalLM.from_pretrained(zoo / name), AutoTokenizer.from_pretrained(
+        zoo / name
+    )
 
 
 def _digest(model_dir: Path) -> str:
@@ -53,7 +67,11 @@ def test_task_items_are_well_formed(micro_zoo):
         assert {it.prompt.split(": ")[1][:5] for it in search + holdout} <= kept_out
         for it in search[:20]:
             letters = it.prompt.split(": ")[1].split(" ")[0]
-            gold = {"rot": letters[1:] + letters[:1], "sort": "".join(sorted(letters)), "shift": "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in letters)}[skill]
+            gold = {
+                "rot": letters[1:] + letters[:1],
+                "sort": "".join(sorted(letters)),
+                "shift": "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in letters),
+            }[skill]
             assert it.answer == gold  # the gold answer is the skill applied by hand
             assert len(set(it.choices)) == 4 and letters not in it.choices
 
@@ -74,7 +92,10 @@ def test_micro_experts_specialize(micro_zoo):
     acc: dict[str, dict[str, float]] = {}
     for name in ("base", *SKILLS):
         model, _ = _load(micro_zoo, name)
-        acc[name] = {s: score_items(model, tok, _items(micro_zoo / "tasks" / f"zoo_{s}.jsonl", s)) for s in SKILLS}
+        acc[name] = {
+            s: score_items(model, tok, _items(micro_zoo / "tasks" / f"zoo_{s}.jsonl", s))
+            for s in SKILLS
+        }
     for skill in SKILLS:
         own = acc[skill][skill]
         assert own >= acc["base"][skill] + 0.25, (skill, acc)
@@ -98,7 +119,9 @@ def test_manifest_lists_models_tasks_and_figures(micro_zoo):
     assert "task_arithmetic uniform 1/n" in m["figures"]["merges"]
     # every merge of the grid is scored on the holdout items too
     assert all(0 <= v["holdout_mean"] <= 1 for v in m["figures"]["merges"].values())
-    assert m["training"]["experts"] == {s: {"steps": 250, "lr": 1e-3, "batch": 32, "replay": 0.3} for s in SKILLS}
+    assert m["training"]["experts"] == {
+        s: {"steps": 250, "lr": 1e-3, "batch": 32, "replay": 0.3} for s in SKILLS
+    }
     assert m["training"]["base"]["answer_only"] is False
     for d in m["models"].values():
         assert (micro_zoo / d["dir"] / "config.json").is_file()
@@ -143,7 +166,9 @@ def test_same_seed_same_tensors(tmp_path):
     for name in a["models"]:
         assert _digest(tmp_path / "a" / name) == _digest(tmp_path / "b" / name)
         assert _digest(tmp_path / "a" / name) != _digest(tmp_path / "c" / name)
-    assert (tmp_path / "a" / "tasks" / "zoo_rot.jsonl").read_bytes() == (tmp_path / "b" / "tasks" / "zoo_rot.jsonl").read_bytes()
+    assert (tmp_path / "a" / "tasks" / "zoo_rot.jsonl").read_bytes() == (
+        tmp_path / "b" / "tasks" / "zoo_rot.jsonl"
+    ).read_bytes()
     # Experts differ from the base (they were trained).
     assert _digest(tmp_path / "a" / "rot") != _digest(tmp_path / "a" / "base")
 
@@ -183,8 +208,18 @@ def test_per_skill_learning_rate_changes_only_that_expert(tmp_path):
     from dataclasses import replace
 
     a = build_zoo(tmp_path / "a", "micro", 3, shape=TINY, progress=False, figures=False)
-    b = build_zoo(tmp_path / "b", "micro", 3, shape=replace(TINY, skill_lr={"rot": 3e-2}), progress=False, figures=False)
-    assert a["training"]["experts"]["rot"]["lr"] == 1e-3 and b["training"]["experts"]["rot"]["lr"] == 3e-2
+    b = build_zoo(
+        tmp_path / "b",
+        "micro",
+        3,
+        shape=replace(TINY, skill_lr={"rot": 3e-2}),
+        progress=False,
+        figures=False,
+    )
+    assert (
+        a["training"]["experts"]["rot"]["lr"] == 1e-3
+        and b["training"]["experts"]["rot"]["lr"] == 3e-2
+    )
     assert b["training"]["experts"]["sort"]["lr"] == 1e-3
     for name in ("base", "sort", "shift"):
         assert _digest(tmp_path / "a" / name) == _digest(tmp_path / "b" / name), name
@@ -193,7 +228,10 @@ def test_per_skill_learning_rate_changes_only_that_expert(tmp_path):
     from safetensors.torch import load_file
 
     def delta(zoo: Path) -> float:
-        base, rot = load_file(zoo / "base" / "model.safetensors"), load_file(zoo / "rot" / "model.safetensors")
+        base, rot = (
+            load_file(zoo / "base" / "model.safetensors"),
+            load_file(zoo / "rot" / "model.safetensors"),
+        )
         return float(sum(((rot[k] - base[k]) ** 2).sum() for k in base))
 
     assert delta(tmp_path / "b") > delta(tmp_path / "a")
@@ -207,7 +245,9 @@ def test_merge_recipe_labels_and_weights():
     assert [m["parameters"]["weight"] for m in r["models"]] == [1 / 3] * 3
     label, r = merge_recipe(Path("/z"), names, (0.7, 0.6, 0.4))
     assert label == "task_arithmetic rot=0.7 sort=0.6 shift=0.4"
-    assert [(m["model"], m["parameters"]["weight"]) for m in r["models"]] == [(str(Path("/z") / n), w) for n, w in zip(names, (0.7, 0.6, 0.4), strict=True)]
+    assert [(m["model"], m["parameters"]["weight"]) for m in r["models"]] == [
+        (str(Path("/z") / n), w) for n, w in zip(names, (0.7, 0.6, 0.4), strict=True)
+    ]
     label, r = merge_recipe(Path("/z"), names, {"method": "ties", "weight": 1.0, "density": 0.5})
     assert label == "ties uniform weight=1 density=0.5" and r["merge_method"] == "ties"
     assert all(m["parameters"] == {"weight": 1.0, "density": 0.5} for m in r["models"])
@@ -220,7 +260,12 @@ def test_summary_headroom_over_the_best_uniform_merge():
         return {"mean": mean, "holdout_mean": hold}
 
     fig = {
-        "models": {"base": acc(0.25, 0.25), "rot": acc(0.5, 0.52), "sort": acc(0.53, 0.48), "shift": acc(0.45, 0.5)},
+        "models": {
+            "base": acc(0.25, 0.25),
+            "rot": acc(0.5, 0.52),
+            "sort": acc(0.53, 0.48),
+            "shift": acc(0.45, 0.5),
+        },
         "merges": {
             "task_arithmetic uniform 1/n": acc(0.68, 0.67),
             "ties uniform weight=1 density=0.5": acc(0.58, 0.63),
@@ -228,13 +273,26 @@ def test_summary_headroom_over_the_best_uniform_merge():
             "task_arithmetic rot=0.9 sort=0.9 shift=0.9": acc(0.6, 0.61),
         },
     }
-    sm = _summary(fig, ["rot", "sort", "shift"], ["task_arithmetic uniform 1/n", "ties uniform weight=1 density=0.5"])
-    assert sm["best_expert"] == "sort" and sm["best_expert_mean"] == 0.53 and sm["best_expert_holdout_mean"] == 0.48
+    sm = _summary(
+        fig,
+        ["rot", "sort", "shift"],
+        ["task_arithmetic uniform 1/n", "ties uniform weight=1 density=0.5"],
+    )
+    assert (
+        sm["best_expert"] == "sort"
+        and sm["best_expert_mean"] == 0.53
+        and sm["best_expert_holdout_mean"] == 0.48
+    )
     assert sm["uniform_1n_mean"] == 0.68 and sm["uniform_ties_mean"] == 0.58
     assert sm["best_uniform"] == "task_arithmetic uniform 1/n"
     assert sm["best_per_model"] == "task_arithmetic rot=0.7 sort=0.6 shift=0.4" == sm["best_merge"]
     assert sm["headroom"] == 0.15 and sm["headroom_holdout"] == 0.19
-    text = format_figures({"figures": {**fig, "eval_seconds": 1.0, "summary": sm}, "tasks": {"search": ["zoo_rot"], "items": {"zoo_rot": 100}}})
+    text = format_figures(
+        {
+            "figures": {**fig, "eval_seconds": 1.0, "summary": sm},
+            "tasks": {"search": ["zoo_rot"], "items": {"zoo_rot": 100}},
+        }
+    )
     assert "+15.0 points over the best uniform merge (+19.0 on holdout)" in text
 
 
@@ -266,8 +324,17 @@ def test_shipped_demo_zoo_installs_without_training(tmp_path, monkeypatch):
     assert time.perf_counter() - t0 < 20
     assert zoo == (tmp_path / "demo").resolve()
     m = read_manifest(zoo)
-    assert m["source"] == "shipped" and m["version"] == ZOO_VERSION and m["size"] == "demo" and m["seed"] == 0
-    assert {name: _digest(zoo / name) for name in ("base", *SKILLS)} == DEMO_DIGESTS == m["shipped"]["digests"]
+    assert (
+        m["source"] == "shipped"
+        and m["version"] == ZOO_VERSION
+        and m["size"] == "demo"
+        and m["seed"] == 0
+    )
+    assert (
+        {name: _digest(zoo / name) for name in ("base", *SKILLS)}
+        == DEMO_DIGESTS
+        == m["shipped"]["digests"]
+    )
     # The task items are regenerated from the seed: the same bytes the figures were measured on,
     # and the YAMLs point at the installed JSONL files.
     assert tasks_sha256(zoo / "tasks") == shipped_manifest("demo")["shipped"]["tasks_sha256"]
@@ -316,7 +383,10 @@ def test_shipped_zoo_replaces_older_zoos_and_keeps_rebuilt_ones(tmp_path, monkey
     for zoo in (old, unstamped):
         assert not is_current(zoo, "demo", 0)
         assert main_zoo(str(zoo), "demo", 0) == 0
-        assert _digest(zoo / "rot") == DEMO_DIGESTS["rot"] and read_manifest(zoo)["source"] == "shipped"
+        assert (
+            _digest(zoo / "rot") == DEMO_DIGESTS["rot"]
+            and read_manifest(zoo)["source"] == "shipped"
+        )
     assert is_current(rebuilt, "demo", 0)
     capsys.readouterr()
     assert main_zoo(str(rebuilt), "demo", 0) == 0
@@ -386,7 +456,9 @@ def test_shipped_files_are_package_data():
     pyproject = root.parent / "pyproject.toml"
     if not pyproject.is_file():
         pytest.skip("installed package: no pyproject.toml")
-    patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["evomerge"]
+    patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"][
+        "evomerge"
+    ]
     covered = {p for pattern in patterns for p in root.glob(pattern) if p.is_file()}
     shipped = {p for p in SHIPPED_DIR.rglob("*") if p.is_file()}
     assert shipped and shipped <= covered, sorted(str(p) for p in shipped - covered)

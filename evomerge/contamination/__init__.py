@@ -57,14 +57,41 @@ from evomerge.contamination.taskdata import (
 
 __all__ = [
     # lineage
-    "MERGE_TAGS", "Card", "Lineage", "Resolver", "read_card", "default_resolve", "model_lineage",
+    "MERGE_TAGS",
+    "Card",
+    "Lineage",
+    "Resolver",
+    "read_card",
+    "default_resolve",
+    "model_lineage",
     # task data
-    "DatasetHit", "task_datasets", "norm_dataset", "dataset_hits", "eval_data_in_training",
+    "DatasetHit",
+    "task_datasets",
+    "norm_dataset",
+    "dataset_hits",
+    "eval_data_in_training",
     # rules
-    "FLAG_COLUMNS", "PUBLIC_BENCHMARKS", "public_benchmark_tasks", "OverfitResult", "overfit",
-    "overfit_columns", "Assessment", "assess", "source_flags", "assessment_to_dict", "assessment_from_dict",
+    "FLAG_COLUMNS",
+    "PUBLIC_BENCHMARKS",
+    "public_benchmark_tasks",
+    "OverfitResult",
+    "overfit",
+    "overfit_columns",
+    "Assessment",
+    "assess",
+    "source_flags",
+    "assessment_to_dict",
+    "assessment_from_dict",
     # display
-    "flag_raised", "flag_marks", "legend", "render_contamination_section", "as_comments",
+    "flag_raised",
+    "flag_marks",
+    "legend",
+    "render_contamination_section",
+    "as_comments",
     # memorization probe
-    "ProbeResult", "min_k_plus_plus", "perturb_texts", "probe_contamination", "task_texts",
+    "ProbeResult",
+    "min_k_plus_plus",
+    "perturb_texts",
+    "probe_contamination",
+    "task_texts",
 ]

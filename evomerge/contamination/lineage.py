@@ -29,14 +29,25 @@ import yaml
 from evomerge.engine.sources import resolve_model
 from evomerge.errors import ConfigError
 
-__all__ = ["MERGE_TAGS", "Card", "Lineage", "Resolver", "read_card", "default_resolve", "model_lineage"]
+__all__ = [
+    "MERGE_TAGS",
+    "Card",
+    "Lineage",
+    "Resolver",
+    "read_card",
+    "default_resolve",
+    "model_lineage",
+]
 
 MERGE_TAGS = ("merge", "mergekit", "lazymergekit", "moerge", "frankenmerge", "evomerge")
-_MERGE_TEXT = [re.compile(p, re.I) for p in (
-    r"\b(?:is|was) an? (?:[\w\-/]+ ){0,3}merge of\b",
-    r"\bwas merged (?:using|with|via)\b",
-    r"\bmerged (?:\w+ ){0,3}(?:using|with|via) \[?mergekit\b",
-)]
+_MERGE_TEXT = [
+    re.compile(p, re.I)
+    for p in (
+        r"\b(?:is|was) an? (?:[\w\-/]+ ){0,3}merge of\b",
+        r"\bwas merged (?:using|with|via)\b",
+        r"\bmerged (?:\w+ ){0,3}(?:using|with|via) \[?mergekit\b",
+    )
+]
 _MERGEKIT_FILES = ("mergekit_config.yml", "mergekit_moe_config.yml")
 
 Resolver = Callable[[str, "Path | None"], "Path | None"]
@@ -88,8 +99,9 @@ class Lineage:
 
     def chain(self) -> str:
         """E.g. ``A <- merge of (B <- merge of (C, D), E [not available locally])``."""
-        shown = [n for n in self.notes if n in ("not available locally", "cycle",
-                                                 "depth limit reached")]
+        shown = [
+            n for n in self.notes if n in ("not available locally", "cycle", "depth limit reached")
+        ]
         head = self.model + (f" [{'; '.join(shown)}]" if shown else "")
         if not self.ancestors:
             return head
@@ -119,7 +131,7 @@ def read_card(model_dir: str | os.PathLike[str]) -> Card:
         if text.lstrip().startswith("---"):
             return Card({}, text, "unreadable card: front matter is not closed")
         return Card({}, text, None)
-    body = text[m.end():]
+    body = text[m.end() :]
     try:
         meta = yaml.safe_load(m.group(1))
     except (yaml.YAMLError, ValueError) as err:
@@ -196,14 +208,23 @@ def _inspect_dir(path: Path) -> dict[str, Any]:
     if evidence and not parents:  # lazymergekit cards list the parents as "org/name" tags
         parents = [t for t in _strings(meta.get("tags")) if "/" in t]
     unique = list(dict.fromkeys(p for p in parents if p))
-    return {"is_merge": bool(evidence), "evidence": tuple(evidence), "parents": tuple(unique),
-            "relation": relation, "datasets": tuple(_strings(meta.get("datasets"))),
-            "notes": tuple(notes)}
+    return {
+        "is_merge": bool(evidence),
+        "evidence": tuple(evidence),
+        "parents": tuple(unique),
+        "relation": relation,
+        "datasets": tuple(_strings(meta.get("datasets"))),
+        "notes": tuple(notes),
+    }
 
 
 # ----------------------------------------------------------------------------- lineage
-def default_resolve(ref: str, base_dir: str | os.PathLike[str] | None = None, *,
-                    cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
+def default_resolve(
+    ref: str,
+    base_dir: str | os.PathLike[str] | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path | None:
     """Find a model reference on this machine, never on the network.
 
     A relative path is tried first against ``base_dir`` (the directory of the model whose card
@@ -221,7 +242,11 @@ def default_resolve(ref: str, base_dir: str | os.PathLike[str] | None = None, *,
     """
     ref = ref.strip()
     p = Path(ref).expanduser()
-    roots = [Path(base_dir), Path(base_dir).parent] if base_dir is not None and not p.is_absolute() else []
+    roots = (
+        [Path(base_dir), Path(base_dir).parent]
+        if base_dir is not None and not p.is_absolute()
+        else []
+    )
     for cand in [*(str(r / p) for r in roots if (r / p).is_dir()), ref]:
         try:
             with _hub_cache(cache_dir):
@@ -247,9 +272,14 @@ def _hub_cache(cache_dir: str | os.PathLike[str] | None) -> Iterator[None]:
         constants.HF_HUB_CACHE = saved
 
 
-def model_lineage(ref: str, resolve: Resolver = default_resolve, *,
-                  base_dir: str | os.PathLike[str] | None = None, max_depth: int = 8,
-                  max_nodes: int = 256) -> Lineage:
+def model_lineage(
+    ref: str,
+    resolve: Resolver = default_resolve,
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    max_depth: int = 8,
+    max_nodes: int = 256,
+) -> Lineage:
     """Lineage of one model, following parents recursively where they are available locally.
 
     Args:
@@ -277,10 +307,28 @@ def model_lineage(ref: str, resolve: Resolver = default_resolve, *,
         parents = [p for p in info["parents"] if p != ref]
         notes = info["notes"]
         if parents and (depth <= 0 or budget[0] <= 0):
-            return Lineage(ref, str(path), info["is_merge"], info["evidence"], tuple(parents),
-                           (), info["relation"], info["datasets"], notes + ("depth limit reached",))
+            return Lineage(
+                ref,
+                str(path),
+                info["is_merge"],
+                info["evidence"],
+                tuple(parents),
+                (),
+                info["relation"],
+                info["datasets"],
+                notes + ("depth limit reached",),
+            )
         ancestors = tuple(visit(p, path, depth - 1, seen | {key}) for p in parents)
-        return Lineage(ref, str(path), info["is_merge"], info["evidence"], tuple(parents),
-                       ancestors, info["relation"], info["datasets"], notes)
+        return Lineage(
+            ref,
+            str(path),
+            info["is_merge"],
+            info["evidence"],
+            tuple(parents),
+            ancestors,
+            info["relation"],
+            info["datasets"],
+            notes,
+        )
 
     return visit(ref, Path(base_dir) if base_dir is not None else None, max_depth, frozenset())

@@ -59,13 +59,19 @@ from evomerge.evaluation.lmeval import (
     task_docs,
 )
 
-__all__ = ["ProbeResult", "min_k_plus_plus", "perturb_texts", "probe_contamination",
-           "task_texts"]
+__all__ = ["ProbeResult", "min_k_plus_plus", "perturb_texts", "probe_contamination", "task_texts"]
 
 
 @torch.inference_mode()
-def min_k_plus_plus(model: Any, tokenizer: Any, texts: Sequence[str], *, k: float = 0.2,
-                    batch_size: int = 4, max_length: int = 512) -> torch.Tensor:
+def min_k_plus_plus(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    k: float = 0.2,
+    batch_size: int = 4,
+    max_length: int = 512,
+) -> torch.Tensor:
     """Min-K%++ score of every text under a causal LM (higher: more like training data).
 
     Args:
@@ -89,8 +95,10 @@ def min_k_plus_plus(model: Any, tokenizer: Any, texts: Sequence[str], *, k: floa
     out = []
     try:
         for start in range(0, len(texts), batch_size):
-            ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"]
-                   for t in texts[start:start + batch_size]]
+            ids = [
+                tokenizer(t, truncation=True, max_length=max_length)["input_ids"]
+                for t in texts[start : start + batch_size]
+            ]
             width = max(2, max(len(i) for i in ids))
             batch = torch.full((len(ids), width), pad, dtype=torch.long)
             mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -107,8 +115,9 @@ def min_k_plus_plus(model: Any, tokenizer: Any, texts: Sequence[str], *, k: floa
     return torch.cat(out) if out else torch.empty(0)
 
 
-def _min_k_pp_from_logits(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                          k: float) -> torch.Tensor:
+def _min_k_pp_from_logits(
+    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, k: float
+) -> torch.Tensor:
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     probs = logp.exp()
     mu = (probs * logp).sum(-1)
@@ -150,8 +159,9 @@ def perturb_texts(texts: Sequence[str], *, rate: float = 0.2, seed: int = 0) -> 
             continue
         # Replacement words come from the *original* other items, never from neighbours.
         others = [ws for j, ws in enumerate(words) if j != i]
-        slots = [sorted({ws[p] for ws in others if p < len(ws) and ws[p] != w[p]})
-                 for p in range(len(w))]
+        slots = [
+            sorted({ws[p] for ws in others if p < len(ws) and ws[p] != w[p]}) for p in range(len(w))
+        ]
         want = max(1, round(rate * len(w)))
         varying = [p for p in range(len(w)) if slots[p]]
         new = list(w)
@@ -171,14 +181,14 @@ class ProbeResult:
     """Outcome of :func:`probe_contamination`; scores are means in Min-K%++ units."""
 
     flag: bool
-    method: str            # "unseen controls" or "perturbed neighbours"
+    method: str  # "unseen controls" or "perturbed neighbours"
     n_items: int
     n_controls: int
-    merged_score: float    # merged model on the items
-    base_score: float      # base model on the items
+    merged_score: float  # merged model on the items
+    base_score: float  # base model on the items
     merged_control: float  # merged model on the controls
-    base_control: float    # base model on the controls
-    delta: float           # gain on items minus gain on controls
+    base_control: float  # base model on the controls
+    delta: float  # gain on items minus gain on controls
     se: float
     z: float
     threshold_z: float
@@ -193,22 +203,35 @@ class ProbeResult:
             return f"not enough scorable items ({self.n_items})"
         verdict = ">" if self.z > self.threshold_z else "not >"
         few = min(self.n_items, self.n_controls) < self.min_items
-        return (f"Min-K%++ gain of the merge over its base: {gain_items:+.3f} on {self.n_items} "
-                f"eval items vs {gain_ctrl:+.3f} on {self.n_controls} {self.method}; "
-                f"delta {self.delta:+.3f} ± {self.se:.3f} (z {self.z:.1f} {verdict} "
-                f"{self.threshold_z:g}, min delta {self.min_delta:g})"
-                + (f"; too few items to flag (need {self.min_items})" if few else ""))
+        return (
+            f"Min-K%++ gain of the merge over its base: {gain_items:+.3f} on {self.n_items} "
+            f"eval items vs {gain_ctrl:+.3f} on {self.n_controls} {self.method}; "
+            f"delta {self.delta:+.3f} ± {self.se:.3f} (z {self.z:.1f} {verdict} "
+            f"{self.threshold_z:g}, min delta {self.min_delta:g})"
+            + (f"; too few items to flag (need {self.min_items})" if few else "")
+        )
 
     def columns(self) -> dict[str, Any]:
         """``{"memorization_probe": flag, "memorization_probe_evidence": text}``."""
         return {"memorization_probe": self.flag, "memorization_probe_evidence": self.evidence}
 
 
-def probe_contamination(model: Any, base_model: Any, tokenizer: Any, eval_texts: Sequence[str],
-                        *, controls: Sequence[str] | None = None, k: float = 0.2,
-                        z: float = 3.0, min_delta: float = 0.1, min_items: int = 10,
-                        rate: float = 0.2, seed: int = 0, batch_size: int = 4,
-                        max_length: int = 512) -> ProbeResult:
+def probe_contamination(
+    model: Any,
+    base_model: Any,
+    tokenizer: Any,
+    eval_texts: Sequence[str],
+    *,
+    controls: Sequence[str] | None = None,
+    k: float = 0.2,
+    z: float = 3.0,
+    min_delta: float = 0.1,
+    min_items: int = 10,
+    rate: float = 0.2,
+    seed: int = 0,
+    batch_size: int = 4,
+    max_length: int = 512,
+) -> ProbeResult:
     """Does the merged model look like it was trained on the evaluation items?
 
     Args:
@@ -246,15 +269,33 @@ def probe_contamination(model: Any, base_model: Any, tokenizer: Any, eval_texts:
         se = math.sqrt(gi.var().item() / n + gc.var().item() / m) if n > 1 and m > 1 else math.nan
     stat = delta / se if se and not math.isnan(se) else (math.inf if delta > 0 else math.nan)
     flag = bool(n >= min_items and m >= min_items and delta > min_delta and stat > z)
-    mean = (lambda t: t.mean().item() if t.numel() else math.nan)  # noqa: E731
-    return ProbeResult(flag, "perturbed neighbours" if paired else "unseen controls", n, m,
-                       mean(m_i), mean(b_i), mean(m_c), mean(b_c), delta, se, stat, z, min_delta,
-                       min_items)
+    mean = lambda t: t.mean().item() if t.numel() else math.nan  # noqa: E731
+    return ProbeResult(
+        flag,
+        "perturbed neighbours" if paired else "unseen controls",
+        n,
+        m,
+        mean(m_i),
+        mean(b_i),
+        mean(m_c),
+        mean(b_c),
+        delta,
+        se,
+        stat,
+        z,
+        min_delta,
+        min_items,
+    )
 
 
-def task_texts(task_names: Iterable[str], include_path: Any = None, *,
-               limit: int | None = None, split: str = "eval",
-               task_manager: Any = None) -> list[str]:
+def task_texts(
+    task_names: Iterable[str],
+    include_path: Any = None,
+    *,
+    limit: int | None = None,
+    split: str = "eval",
+    task_manager: Any = None,
+) -> list[str]:
     """Items of lm-eval tasks as plain text: prompt, target delimiter and gold answer.
 
     Loads the tasks' documents through lm-eval (local files, or the datasets cache; nothing

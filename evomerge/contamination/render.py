@@ -21,13 +21,20 @@ from evomerge.contamination.rules import FLAG_COLUMNS, Assessment, overfit_colum
 
 __all__ = ["flag_raised", "flag_marks", "legend", "render_contamination_section", "as_comments"]
 
-_MARKS = {"merge_lineage": "L", "eval_data_in_training": "D", "public_benchmark_search": "B",
-          "overfit": "O", "memorization_probe": "M"}
-_MEANING = {"merge_lineage": "a source model is a merge",
-            "eval_data_in_training": "an eval dataset is in a source card's datasets",
-            "public_benchmark_search": "searched on a public benchmark",
-            "overfit": "search score > holdout + 2 SE",
-            "memorization_probe": "Min-K%++ memorization probe"}
+_MARKS = {
+    "merge_lineage": "L",
+    "eval_data_in_training": "D",
+    "public_benchmark_search": "B",
+    "overfit": "O",
+    "memorization_probe": "M",
+}
+_MEANING = {
+    "merge_lineage": "a source model is a merge",
+    "eval_data_in_training": "an eval dataset is in a source card's datasets",
+    "public_benchmark_search": "searched on a public benchmark",
+    "overfit": "search score > holdout + 2 SE",
+    "memorization_probe": "Min-K%++ memorization probe",
+}
 
 
 def flag_raised(value: Any) -> bool:
@@ -53,10 +60,14 @@ def legend() -> str:
     return "flags: " + ", ".join(f"{_MARKS[c]} = {c} ({_MEANING[c]})" for c in FLAG_COLUMNS)
 
 
-def render_contamination_section(assessment: Assessment, *,
-                                 search: tuple[float, float] | None = None,
-                                 holdout: tuple[float, float] | None = None,
-                                 probe: Mapping[str, Any] | None = None, level: int = 2) -> str:
+def render_contamination_section(
+    assessment: Assessment,
+    *,
+    search: tuple[float, float] | None = None,
+    holdout: tuple[float, float] | None = None,
+    probe: Mapping[str, Any] | None = None,
+    level: int = 2,
+) -> str:
     """Markdown "Contamination and evaluation" section for a model card or an export.
 
     Args:
@@ -74,10 +85,16 @@ def render_contamination_section(assessment: Assessment, *,
     else:
         cols.update({"overfit": False, "overfit_evidence": "not computed (no holdout score)"})
     if probe is not None:
-        cols.update({k: probe.get(k) for k in ("memorization_probe", "memorization_probe_evidence")})
+        cols.update(
+            {k: probe.get(k) for k in ("memorization_probe", "memorization_probe_evidence")}
+        )
     h = "#" * level
-    lines = [f"{h} Contamination and evaluation", "",
-             "Flags measured by evomerge; a raised flag marks a risk, with its evidence.", ""]
+    lines = [
+        f"{h} Contamination and evaluation",
+        "",
+        "Flags measured by evomerge; a raised flag marks a risk, with its evidence.",
+        "",
+    ]
     for c in FLAG_COLUMNS:
         if c == "memorization_probe" and probe is None:
             lines.append(f"- `{c}`: not run (opt-in: `--probe-contamination`)")
@@ -90,18 +107,26 @@ def render_contamination_section(assessment: Assessment, *,
         line = f"- {s.chain()}"
         if s.merges():
             line += ". Merge evidence: " + "; ".join(
-                f"{n.model}: {', '.join(n.evidence)}" for n in s.merges())
+                f"{n.model}: {', '.join(n.evidence)}" for n in s.merges()
+            )
         if s.datasets:
             line += ". Card datasets: " + ", ".join(s.datasets)
         notes = [n for n in s.notes if n != "not available locally"]
         lines.append(line + (". Notes: " + "; ".join(notes) if notes else ""))
-    lines += ["", f"{h}# Tasks", "",
-              "- Searched on: " + (", ".join(assessment.search_tasks) or "(none)"),
-              "- Holdout: " + (", ".join(assessment.holdout_tasks) or "(none)")]
+    lines += [
+        "",
+        f"{h}# Tasks",
+        "",
+        "- Searched on: " + (", ".join(assessment.search_tasks) or "(none)"),
+        "- Holdout: " + (", ".join(assessment.holdout_tasks) or "(none)"),
+    ]
     if search is not None:
         lines.append(f"- Search score: {search[0]:.4f} ± {search[1]:.4f}")
-    lines.append(f"- Holdout score: {holdout[0]:.4f} ± {holdout[1]:.4f}" if holdout is not None
-                 else "- Holdout score: not measured")
+    lines.append(
+        f"- Holdout score: {holdout[0]:.4f} ± {holdout[1]:.4f}"
+        if holdout is not None
+        else "- Holdout score: not measured"
+    )
     return "\n".join(lines) + "\n"
 
 

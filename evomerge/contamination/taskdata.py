@@ -31,10 +31,10 @@ _ALIASES = {"hendrycks_test": "mmlu", "truthful_qa": "truthfulqa"}
 class DatasetHit(NamedTuple):
     """A card ``datasets:`` entry that an evaluation task also reads."""
 
-    source: str        # the source model of the search
-    via: str           # the model whose card lists the dataset (source itself or an ancestor)
+    source: str  # the source model of the search
+    via: str  # the model whose card lists the dataset (source itself or an ancestor)
     card_dataset: str  # the entry as written in the card
-    task: str          # the evaluation task (as requested)
+    task: str  # the evaluation task (as requested)
     task_dataset: str  # the dataset the task reads
 
 
@@ -53,8 +53,9 @@ def _config_datasets(cfg: Mapping[str, Any]) -> set[str]:
     return {f for f in path_list(files) if f} or {path}
 
 
-def task_datasets(task_names: Iterable[str], include_path: Any = None, *,
-                  task_manager: Any = None) -> dict[str, set[str]]:
+def task_datasets(
+    task_names: Iterable[str], include_path: Any = None, *, task_manager: Any = None
+) -> dict[str, set[str]]:
     """The datasets each lm-eval task reads, from its YAML config (no data is downloaded).
 
     Groups and tags are expanded to their member tasks. Hub datasets are given as their
@@ -70,8 +71,10 @@ def task_datasets(task_names: Iterable[str], include_path: Any = None, *,
     """
     names = list(dict.fromkeys(task_names))
     tm = task_manager if task_manager is not None else manager_for(names, include_path)
-    return {n: set().union(*(_config_datasets(c) for c in cfgs))
-            for n, cfgs in task_configs(names, tm).items()}
+    return {
+        n: set().union(*(_config_datasets(c) for c in cfgs))
+        for n, cfgs in task_configs(names, tm).items()
+    }
 
 
 def norm_dataset(name: str) -> str:
@@ -111,8 +114,11 @@ def dataset_hits(source: Lineage, datasets: Mapping[str, Iterable[str]]) -> list
     return list(dict.fromkeys(hits))
 
 
-def eval_data_in_training(model_refs: Iterable[str], datasets: Mapping[str, Iterable[str]],
-                          resolve: Resolver = default_resolve) -> dict[str, list[DatasetHit]]:
+def eval_data_in_training(
+    model_refs: Iterable[str],
+    datasets: Mapping[str, Iterable[str]],
+    resolve: Resolver = default_resolve,
+) -> dict[str, list[DatasetHit]]:
     """Card ``datasets:`` entries (of each model and its local ancestors) that tasks read.
 
     Args:

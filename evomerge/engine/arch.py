@@ -23,7 +23,9 @@ from evomerge.recipe.modules import OTHER_MODULE_HINTS
 __all__ = ["Arch", "detect_arch", "is_other_module", "is_pre_tensor", "LAYER_COUNT_KEYS"]
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-_NUMBERED = re.compile(r"^(?P<prefix>(?:[A-Za-z_][\w]*\.)*?[A-Za-z_][\w]*)\.(?P<index>\d+)\.(?P<rest>.+)$")
+_NUMBERED = re.compile(
+    r"^(?P<prefix>(?:[A-Za-z_][\w]*\.)*?[A-Za-z_][\w]*)\.(?P<index>\d+)\.(?P<rest>.+)$"
+)
 # Stacks that are not the language model's, and names that are, when several match the layer count.
 _OTHER_HINTS = OTHER_MODULE_HINTS
 _TEXT_HINTS = ("language_model", "text_model", "llm")
@@ -132,7 +134,9 @@ def detect_arch(config: Mapping[str, Any], tensor_names: Iterable[str]) -> Arch:
     n_config, key = layer_count(config)
     prefix = None
     if stacks:
-        matching = [p for p, idx in stacks.items() if n_config is not None and idx == set(range(n_config))]
+        matching = [
+            p for p, idx in stacks.items() if n_config is not None and idx == set(range(n_config))
+        ]
         if matching:
             prefix = max(matching, key=lambda p: _rank(p, counts[p]))
         elif n_config is None:
@@ -140,9 +144,22 @@ def detect_arch(config: Mapping[str, Any], tensor_names: Iterable[str]) -> Arch:
     num = len(stacks[prefix]) if prefix is not None else 0
     # Another module's stack (a vision tower: its name says so, its indices run 0..n-1); any other
     # numbered tensor stays an ordinary tensor outside the layers, as mergekit's architectures have it.
-    others = tuple(sorted((p, len(idx)) for p, idx in stacks.items() if p != prefix and idx == set(range(len(idx))) and is_other_module(p)))
+    others = tuple(
+        sorted(
+            (p, len(idx))
+            for p, idx in stacks.items()
+            if p != prefix and idx == set(range(len(idx))) and is_other_module(p)
+        )
+    )
     archs = config.get("architectures") or ()
-    return Arch(str(config.get("model_type", "")), tuple(archs), prefix, num, key if prefix is not None else None, others)
+    return Arch(
+        str(config.get("model_type", "")),
+        tuple(archs),
+        prefix,
+        num,
+        key if prefix is not None else None,
+        others,
+    )
 
 
 def _rank(prefix: str, count: int) -> tuple[bool, bool, int]:

@@ -39,7 +39,9 @@ TOKENIZER_FILES = (  # the files a merged model's tokenizer is copied from
 )
 
 
-def render_card(plan: MergePlan, recipe_yaml: str, *, extra: str = "", name: str | None = None) -> str:
+def render_card(
+    plan: MergePlan, recipe_yaml: str, *, extra: str = "", name: str | None = None
+) -> str:
     """Markdown model card with front matter for a merge.
 
     Args:
@@ -97,7 +99,14 @@ def copy_model_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def write_metadata(path: Path, plan: MergePlan, sources: Mapping[str, ModelSource], copy_tokenizer: bool, recipe_text: str | None, card_extra: str) -> None:
+def write_metadata(
+    path: Path,
+    plan: MergePlan,
+    sources: Mapping[str, ModelSource],
+    copy_tokenizer: bool,
+    recipe_text: str | None,
+    card_extra: str,
+) -> None:
     """Write a merged model's files beside its weights: ``config.json``, the generation config,
     the tokenizer's (and processor's) files, ``mergekit_config.yml`` and the model card."""
     cfg = plan.recipe

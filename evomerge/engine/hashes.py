@@ -36,7 +36,16 @@ from evomerge.engine.kernels.chunked import run_each
 from evomerge.engine.rng import hash32
 from evomerge.engine.sources import ModelSource
 
-__all__ = ["PREFIX", "ROW", "Fingerprint", "is_fingerprint", "row_sums", "tensor_digest", "tensors_digest", "digest_model_dir"]
+__all__ = [
+    "PREFIX",
+    "ROW",
+    "Fingerprint",
+    "is_fingerprint",
+    "row_sums",
+    "tensor_digest",
+    "tensors_digest",
+    "digest_model_dir",
+]
 
 PREFIX = "fp1-"
 ROW = 1 << 16

@@ -178,7 +178,9 @@ class TensorInputs:
         b = self.base
         if b is None:
             raise ValueError("delta() needs a base input")
-        return self._cached(("delta", self.keys[i], self.keys[b]), lambda: self.tensor(i) - self.tensor(b))
+        return self._cached(
+            ("delta", self.keys[i], self.keys[b]), lambda: self.tensor(i) - self.tensor(b)
+        )
 
     def magnitude_rule(self, i: int, k: int) -> tuple[Any, ...]:
         """Keep rule for the exact top ``k`` entries of ``|delta(i)|`` (see :func:`~evomerge.engine.kernels.chunked.magnitude_rule`).
@@ -201,7 +203,12 @@ class TensorInputs:
             # every later threshold is a few lookups instead of a pass over the tensor.
             order = cache.get(("order", *pair))
             n = self._raw[i].numel()
-            if order is None and cache.seen(("thresholds", *pair)) >= 2 and n < 2**31 and cache.room(4 * n):
+            if (
+                order is None
+                and cache.seen(("thresholds", *pair)) >= 2
+                and n < 2**31
+                and cache.room(4 * n)
+            ):
                 order = self._magnitude_order(i)
                 cache.put(("order", *pair), order)
             if order is not None:
@@ -218,7 +225,10 @@ class TensorInputs:
         """Flat positions by descending ``|delta(i)|``, ties in index order (a stable sort), as int32."""
         b = self.base
         assert b is not None
-        absd = (self._raw[i].reshape(-1).to(self.compute_dtype) - self._raw[b].reshape(-1).to(self.compute_dtype)).abs_()
+        absd = (
+            self._raw[i].reshape(-1).to(self.compute_dtype)
+            - self._raw[b].reshape(-1).to(self.compute_dtype)
+        ).abs_()
         if absd.dtype == torch.float32:
             # The bit patterns of non-negative floats sort like their values, and torch sorts int32
             # keys with a radix sort (7x faster than a stable float sort measured on 33M entries).
@@ -255,7 +265,13 @@ class TensorInputs:
             key = ("uniform", self.seed, self.name, i, tuple(t.shape))
             field = self._memo.get(key)
             if field is None and (key in cache or cache.room(4 * t.numel())):
-                field = self._cached(key, lambda: uniform_field(self.seed, self.name, i, t.shape, t.device, stream=self.stream), evict=False)
+                field = self._cached(
+                    key,
+                    lambda: uniform_field(
+                        self.seed, self.name, i, t.shape, t.device, stream=self.stream
+                    ),
+                    evict=False,
+                )
             if field is not None:
                 return ("lt_uniform", field, p)
         k0, k1 = stream_keys(self.seed, self.name, i)

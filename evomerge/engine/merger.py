@@ -48,8 +48,17 @@ from evomerge.engine.writer import AtomicDir, ShardedWriter, parse_size
 from evomerge.errors import EvomergeError, one_line
 from evomerge.recipe.schema import MergeConfig, load_recipe
 
-__all__ = ["Merger", "MergeResult", "merge_to_disk", "merge_in_memory", "tensor_digest", "tensors_digest", "digest_model_dir", "check_device", "TOKENIZER_FILES"]
-
+__all__ = [
+    "Merger",
+    "MergeResult",
+    "merge_to_disk",
+    "merge_in_memory",
+    "tensor_digest",
+    "tensors_digest",
+    "digest_model_dir",
+    "check_device",
+    "TOKENIZER_FILES",
+]
 
 
 class MergeError(EvomergeError):
@@ -119,7 +128,11 @@ class Merger:
             raise ValueError(f"digest must be auto, sha256 or fingerprint, got {digest!r}")
         self.stream = check_stream(stream)
         self.device = check_device(device)
-        self.digest_kind = ("fingerprint" if self.device.type == "cuda" else "sha256") if digest == "auto" else digest
+        self.digest_kind = (
+            ("fingerprint" if self.device.type == "cuda" else "sha256")
+            if digest == "auto"
+            else digest
+        )
         self.seed = seed
         self.resident = resident
         self.allow_crimes = allow_crimes
@@ -127,7 +140,13 @@ class Merger:
         if hold not in ("stored", "compute"):
             raise ValueError(f"hold must be stored or compute, got {hold!r}")
         self.hold = hold
-        self.placement: Placement | None = place_sources(self.sources, self.device, hold=hold, override=budget_override(gpu_memory)) if resident else None
+        self.placement: Placement | None = (
+            place_sources(
+                self.sources, self.device, hold=hold, override=budget_override(gpu_memory)
+            )
+            if resident
+            else None
+        )
         if cache_bytes is None:
             cache_bytes = cache_budget(self.device, self.placement) if resident else 0
         self.cache = PrepCache(cache_bytes) if resident and cache_bytes > 0 else None
@@ -155,7 +174,9 @@ class Merger:
                 t = t.pin_memory() if self.placement.where == "host" else t.to(self.device)
                 self._resident[key] = t
             if self.placement is not None and self.placement.where == "host":
-                return t.to(self.device, non_blocking=True)  # streamed each merge from pinned memory
+                return t.to(
+                    self.device, non_blocking=True
+                )  # streamed each merge from pinned memory
             return t
         # Streaming: keep the stored dtype (a memory map on CPU); kernels convert chunk by chunk.
         t = self.sources[ref].get(name)
@@ -163,13 +184,26 @@ class Merger:
             return t.to(self.device, dtype)
         return t.to(self.device)
 
-    def _merge_task(self, plan: MergePlan, task: TensorTask, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _merge_task(
+        self, plan: MergePlan, task: TensorTask, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         compute = torch_dtype(plan.compute_dtype)
         tensors = [self._load(ref, name, compute) for ref, name in task.inputs]
         keys: list[Hashable] = list(task.inputs)
         inp = TensorInputs(
-            task.out_name, tensors, keys, task.base, task.shared, list(task.per_input), self.seed, self.cache,
-            compute_dtype=compute, out_dtype=torch_dtype(plan.out_dtype), out=out, compiled=self.compile, stream=self.stream,
+            task.out_name,
+            tensors,
+            keys,
+            task.base,
+            task.shared,
+            list(task.per_input),
+            self.seed,
+            self.cache,
+            compute_dtype=compute,
+            out_dtype=torch_dtype(plan.out_dtype),
+            out=out,
+            compiled=self.compile,
+            stream=self.stream,
         )
         try:
             result = kernel_for(plan.recipe.method)(inp)
@@ -178,7 +212,9 @@ class Merger:
         # Fused kernels check their output chunk by chunk (a whole-tensor isfinite costs more than a linear merge).
         finite = inp.finite if inp.finite is not None else bool(torch.isfinite(result).all())
         if not finite:
-            raise MergeError(f"merged tensor {task.out_name} has NaN or inf values ({plan.recipe.merge_method}, inputs: {', '.join(r for r, _ in task.inputs)})")
+            raise MergeError(
+                f"merged tensor {task.out_name} has NaN or inf values ({plan.recipe.merge_method}, inputs: {', '.join(r for r, _ in task.inputs)})"
+            )
         return result
 
     def execute(
@@ -219,13 +255,22 @@ class Merger:
         # Streaming to disk, the sink (a file write) and sha256 (both release the GIL) run in a
         # second thread while the next tensor merges; at most two tensors wait, in plan order.
         # In memory the targets are the model's own tensors: no overlap.
-        pool = ThreadPoolExecutor(1, thread_name_prefix="evomerge-write") if targets is None and self.device.type == "cpu" else None
+        pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="evomerge-write")
+            if targets is None and self.device.type == "cpu"
+            else None
+        )
         pending: deque[Future[None]] = deque()
         try:
             with torch.no_grad():
                 for task in plan.tasks:
                     dst = targets.get(task.out_name) if targets is not None else None
-                    if dst is not None and not (dst.dtype == out_dtype and dst.device == self.device and tuple(dst.shape) == tuple(task.shape) and dst.is_contiguous()):
+                    if dst is not None and not (
+                        dst.dtype == out_dtype
+                        and dst.device == self.device
+                        and tuple(dst.shape) == tuple(task.shape)
+                        and dst.is_contiguous()
+                    ):
                         dst = None
                     out = self._merge_task(plan, task, dst).to(out_dtype)
                     if pool is None:
@@ -246,7 +291,15 @@ class Merger:
         shapes = {t.out_name: t.shape for t in plan.tasks}
         fp_hex = fp.hexdigest() if fp is not None else ""
         value = fp_hex if fp_kind else tensors_digest(per, shapes) if sha else ""
-        return MergeResult(value, time.perf_counter() - start, len(plan.tasks), bytes_out, bytes_in, per_tensor=per, fingerprint=fp_hex)
+        return MergeResult(
+            value,
+            time.perf_counter() - start,
+            len(plan.tasks),
+            bytes_out,
+            bytes_in,
+            per_tensor=per,
+            fingerprint=fp_hex,
+        )
 
     def build_model(self, plan: MergePlan) -> torch.nn.Module:
         """A ``transformers`` model shaped like the plan's output, on this device, weights unset.
@@ -256,7 +309,9 @@ class Merger:
         """
         return build_model(plan.out_config, plan.out_dtype, self.device)
 
-    def merge_into(self, model: torch.nn.Module, plan: MergePlan, *, digest: bool = True) -> MergeResult:
+    def merge_into(
+        self, model: torch.nn.Module, plan: MergePlan, *, digest: bool = True
+    ) -> MergeResult:
         """Write the plan's merged tensors into ``model``'s parameters, in place.
 
         Raises:
@@ -269,19 +324,31 @@ class Merger:
             self._targets = {id(model): targets}
         missing = [t.out_name for t in plan.tasks if t.out_name not in targets]
         if missing:
-            raise EvomergeError(f"in-memory merge: the model has no tensor {missing[0]} (it was built for another layout)")
+            raise EvomergeError(
+                f"in-memory merge: the model has no tensor {missing[0]} (it was built for another layout)"
+            )
 
         def sink(name: str, tensor: torch.Tensor) -> None:
             dst = targets[name]
             if tuple(dst.shape) != tuple(tensor.shape):
-                raise EvomergeError(f"in-memory merge: {name} is {list(tensor.shape)} but the model holds {list(dst.shape)}")
+                raise EvomergeError(
+                    f"in-memory merge: {name} is {list(tensor.shape)} but the model holds {list(dst.shape)}"
+                )
             if tensor.data_ptr() != dst.data_ptr():  # fused kernels already wrote in place
                 dst.data.copy_(tensor)
 
-        return self.execute(plan, sink, digest=digest, targets={n: t.data for n, t in targets.items()})
+        return self.execute(
+            plan, sink, digest=digest, targets={n: t.data for n, t in targets.items()}
+        )
 
 
-def merge_in_memory(recipe: MergeConfig | Mapping[str, Any] | str | Path, *, device: str = "cpu", seed: int = 0, allow_crimes: bool = False) -> torch.nn.Module:
+def merge_in_memory(
+    recipe: MergeConfig | Mapping[str, Any] | str | Path,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    allow_crimes: bool = False,
+) -> torch.nn.Module:
     """Merge a recipe into a new in-memory ``transformers`` model (no disk writes).
 
     Args:
@@ -293,7 +360,12 @@ def merge_in_memory(recipe: MergeConfig | Mapping[str, Any] | str | Path, *, dev
         The merged model, in eval mode, with ``model.evomerge_digest`` set to its tensor hash.
     """
     cfg = recipe if isinstance(recipe, MergeConfig) else load_recipe(recipe)
-    merger = Merger(open_sources(cfg.referenced_models(), file=cfg.source_file), device=device, seed=seed, allow_crimes=allow_crimes)
+    merger = Merger(
+        open_sources(cfg.referenced_models(), file=cfg.source_file),
+        device=device,
+        seed=seed,
+        allow_crimes=allow_crimes,
+    )
     plan = merger.plan(cfg)
     model = merger.build_model(plan)
     result = merger.merge_into(model, plan)
@@ -344,14 +416,18 @@ def merge_to_disk(
     cfg = recipe if isinstance(recipe, MergeConfig) else load_recipe(recipe)
     max_shard = parse_size(shard_size)
     check_device(device)
-    atomic = AtomicDir(out_dir, force=force)  # refuses a non-empty or unwritable target, creates nothing
+    atomic = AtomicDir(
+        out_dir, force=force
+    )  # refuses a non-empty or unwritable target, creates nothing
     sources = open_sources(cfg.referenced_models(), file=cfg.source_file, allow_bin=allow_bin)
     merger = Merger(sources, device=device, seed=seed, allow_crimes=allow_crimes, stream=stream)
     plan = merger.plan(cfg)
     out_dtype = torch_dtype(plan.out_dtype)
     try:
         with atomic:  # removes its temp dir on any error below
-            writer = ShardedWriter(atomic.path, [(t.out_name, t.shape, out_dtype) for t in plan.tasks], max_shard)
+            writer = ShardedWriter(
+                atomic.path, [(t.out_name, t.shape, out_dtype) for t in plan.tasks], max_shard
+            )
             try:
                 result = merger.execute(plan, writer.write, fingerprint=fingerprint)
                 writer.close()
@@ -361,6 +437,8 @@ def merge_to_disk(
     except MergeError as e:
         raise MergeError(f"{cfg.source_file}: {e}" if cfg.source_file else str(e)) from None
     except OSError as e:  # disk full, a permission changed mid-merge...
-        raise EvomergeError(f"output {out_dir}: cannot write the merged model: {one_line(e.strerror or e)}") from None
+        raise EvomergeError(
+            f"output {out_dir}: cannot write the merged model: {one_line(e.strerror or e)}"
+        ) from None
     result.out_dir = Path(out_dir)
     return result

@@ -90,16 +90,26 @@ def resolve(
     per_input: list[dict[str, Any]] = [{} for _ in in_names]
     for p in method.params:
         if p.scope == "shared":
-            shared[p.name] = _first(p, (slice_params, global_params), out_name, t, f"tensor {out_name}")
+            shared[p.name] = _first(
+                p, (slice_params, global_params), out_name, t, f"tensor {out_name}"
+            )
             continue
         for i, name in enumerate(in_names):
             if p.scope == "non_base" and i == base:
                 continue
-            per_input[i][p.name] = _first(p, (source_params[i], slice_params, global_params), name, t, f"input {i} of tensor {out_name}")
+            per_input[i][p.name] = _first(
+                p,
+                (source_params[i], slice_params, global_params),
+                name,
+                t,
+                f"input {i} of tensor {out_name}",
+            )
     return shared, per_input
 
 
-def _first(p: Param, levels: Sequence[Mapping[str, Setting]], name: str, t: float, where: str) -> Any:
+def _first(
+    p: Param, levels: Sequence[Mapping[str, Setting]], name: str, t: float, where: str
+) -> Any:
     for level in levels:
         if p.name in level:
             try:
@@ -109,5 +119,7 @@ def _first(p: Param, levels: Sequence[Mapping[str, Setting]], name: str, t: floa
             if value is not None:
                 return value
     if p.required:
-        raise ParamError(f"`{p.name}` has no value for {where} ({p.allowed()}); no filter matched it and it has no default")
+        raise ParamError(
+            f"`{p.name}` has no value for {where} ({p.allowed()}); no filter matched it and it has no default"
+        )
     return p.default

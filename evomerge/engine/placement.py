@@ -31,7 +31,19 @@ import torch
 from evomerge.engine.writer import parse_size
 from evomerge.errors import EvomergeError
 
-__all__ = ["Placement", "choose_placement", "place_sources", "budget_override", "free_memory", "check_device", "device_memory", "cache_budget", "EVAL_MIN", "SCRATCH", "GPU_MEMORY_ENV"]
+__all__ = [
+    "Placement",
+    "choose_placement",
+    "place_sources",
+    "budget_override",
+    "free_memory",
+    "check_device",
+    "device_memory",
+    "cache_budget",
+    "EVAL_MIN",
+    "SCRATCH",
+    "GPU_MEMORY_ENV",
+]
 
 EVAL_MIN = 4 << 30  # room for evaluation at least (activations, logits, KV cache)
 SCRATCH = 1 << 30  # merge kernels' buffers, a fingerprint's slabs, the CUDA context's slack
@@ -72,15 +84,27 @@ class Placement:
         if self.where == "cpu":
             return f"placement: sources in host memory in their stored dtypes ({self.sources / _GiB:.2f} GiB), merged on the CPU"
         src = "--gpu-memory" if self.overridden else "free"
-        sums = (f"sources {self.sources / _GiB:.2f} + model {self.model / _GiB:.2f} + eval room {self.eval_room / _GiB:.2f} "
-                f"+ scratch {self.scratch / _GiB:.2f} = {self.needed / _GiB:.2f} GiB")
+        sums = (
+            f"sources {self.sources / _GiB:.2f} + model {self.model / _GiB:.2f} + eval room {self.eval_room / _GiB:.2f} "
+            f"+ scratch {self.scratch / _GiB:.2f} = {self.needed / _GiB:.2f} GiB"
+        )
         if self.where == "device":
             return f"placement: sources on the GPU in their stored dtypes: {sums} <= {self.available / _GiB:.2f} GiB {src}"
-        return (f"placement: sources in pinned host memory, streamed to the GPU tensor by tensor each merge: "
-                f"{sums} > {self.available / _GiB:.2f} GiB {src}")
+        return (
+            f"placement: sources in pinned host memory, streamed to the GPU tensor by tensor each merge: "
+            f"{sums} > {self.available / _GiB:.2f} GiB {src}"
+        )
 
 
-def choose_placement(sources: int, model: int, available: int, *, device_type: str = "cuda", eval_room: int | None = None, overridden: bool = False) -> Placement:
+def choose_placement(
+    sources: int,
+    model: int,
+    available: int,
+    *,
+    device_type: str = "cuda",
+    eval_room: int | None = None,
+    overridden: bool = False,
+) -> Placement:
     """Decide where resident sources live.
 
     Args:
@@ -117,7 +141,9 @@ def budget_override(value: str | int | None = None) -> int | None:
     try:
         return parse_size(raw)
     except EvomergeError:
-        raise EvomergeError(f"--gpu-memory: cannot read {raw!r}; use a size such as 60GB or 500M (decimal units), or a byte count") from None
+        raise EvomergeError(
+            f"--gpu-memory: cannot read {raw!r}; use a size such as 60GB or 500M (decimal units), or a byte count"
+        ) from None
 
 
 def free_memory(device: torch.device) -> int:
@@ -131,7 +157,13 @@ def free_memory(device: torch.device) -> int:
     return free
 
 
-def place_sources(sources: Mapping[str, Any], device: torch.device, *, hold: str = "stored", override: int | None = None) -> Placement:
+def place_sources(
+    sources: Mapping[str, Any],
+    device: torch.device,
+    *,
+    hold: str = "stored",
+    override: int | None = None,
+) -> Placement:
     """Where a resident merger over ``sources`` keeps them (see :func:`choose_placement`).
 
     Args:
@@ -163,15 +195,23 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise EvomergeError(f"--device {str(device)!r}: not a device; use cpu, cuda or cuda:N") from None
+        raise EvomergeError(
+            f"--device {str(device)!r}: not a device; use cpu, cuda or cuda:N"
+        ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise EvomergeError(f"--device {device}: no CUDA device is available (torch.cuda.is_available() is false); use --device cpu")
+            raise EvomergeError(
+                f"--device {device}: no CUDA device is available (torch.cuda.is_available() is false); use --device cpu"
+            )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise EvomergeError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+            raise EvomergeError(
+                f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
     elif dev.type != "cpu":
-        raise EvomergeError(f"--device {device}: evomerge merges on cpu or cuda[:N], not {dev.type}")
+        raise EvomergeError(
+            f"--device {device}: evomerge merges on cpu or cuda[:N], not {dev.type}"
+        )
     return dev
 
 
@@ -183,7 +223,9 @@ def cache_budget(device: torch.device, placement: Placement | None) -> int:
         return device_memory(device) // 4
     if placement.where == "device":
         return max(0, placement.available - placement.needed)
-    return max(0, (placement.available - placement.model - placement.eval_room - placement.scratch) // 2)
+    return max(
+        0, (placement.available - placement.model - placement.eval_room - placement.scratch) // 2
+    )
 
 
 def device_memory(device: torch.device) -> int:

@@ -33,7 +33,12 @@ from evomerge.recipe.schema import InputModel, MergeConfig, OutputSlice
 __all__ = ["TensorTask", "MergePlan", "make_plan"]
 
 _TIED_HEADS = ("lm_head.weight",)
-_EMBED_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight")
+_EMBED_NAMES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "tok_embeddings.weight",
+)
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,6 @@ class MergePlan:
         return tuple((t.out_name, t.shape) for t in self.tasks)
 
 
-
-
 def _normalized_slices(cfg: MergeConfig, sources: Mapping[str, ModelSource]) -> list[OutputSlice]:
     if cfg.slices is not None:
         return list(cfg.slices)
@@ -89,8 +92,14 @@ def _normalized_slices(cfg: MergeConfig, sources: Mapping[str, ModelSource]) -> 
     counts = {m.model: sources[m.model].arch.num_layers for m in items}
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
-        raise ConfigError(cfg.source_file, "models", f"models have different layer counts ({detail}); use slices: with matching layer_range")
-    return [OutputSlice(tuple(InputModel(m.model, m.parameters, (0, counts[m.model])) for m in items))]
+        raise ConfigError(
+            cfg.source_file,
+            "models",
+            f"models have different layer counts ({detail}); use slices: with matching layer_range",
+        )
+    return [
+        OutputSlice(tuple(InputModel(m.model, m.parameters, (0, counts[m.model])) for m in items))
+    ]
 
 
 def _input_name(src: ModelSource, name: str) -> str | None:
@@ -104,7 +113,9 @@ def _input_name(src: ModelSource, name: str) -> str | None:
     return None
 
 
-def make_plan(cfg: MergeConfig, sources: Mapping[str, ModelSource], *, allow_crimes: bool = False) -> MergePlan:
+def make_plan(
+    cfg: MergeConfig, sources: Mapping[str, ModelSource], *, allow_crimes: bool = False
+) -> MergePlan:
     """Plan a merge.
 
     Args:
@@ -129,20 +140,36 @@ def make_plan(cfg: MergeConfig, sources: Mapping[str, ModelSource], *, allow_cri
     for ref in cfg.referenced_models():
         a = sources[ref].arch
         if not allow_crimes and not a.compatible(ref_arch):
-            raise ConfigError(file, None, f"models have different architectures: {reference!r} is {ref_arch.model_type} {list(ref_arch.architectures)}, {ref!r} is {a.model_type} {list(a.architectures)} (--allow-crimes merges them when tensor shapes match)")
+            raise ConfigError(
+                file,
+                None,
+                f"models have different architectures: {reference!r} is {ref_arch.model_type} {list(ref_arch.architectures)}, {ref!r} is {a.model_type} {list(a.architectures)} (--allow-crimes merges them when tensor shapes match)",
+            )
     for si, s in enumerate(slices):
         for j, src in enumerate(s.sources):
             n = sources[src.model].arch.num_layers
             lo, hi = src.layer_range or (0, n)
             if sources[src.model].arch.layer_prefix is None:
-                raise ConfigError(file, f"slices[{si}].sources[{j}]", f"model {src.model!r}: no layer stack found in its tensor names")
+                raise ConfigError(
+                    file,
+                    f"slices[{si}].sources[{j}]",
+                    f"model {src.model!r}: no layer stack found in its tensor names",
+                )
             if hi > n:
-                raise ConfigError(file, f"slices[{si}].sources[{j}].layer_range", f"[{lo}, {hi}] is beyond model {src.model!r}, which has {n} layers (allowed: 0 <= start < end <= {n})")
+                raise ConfigError(
+                    file,
+                    f"slices[{si}].sources[{j}].layer_range",
+                    f"[{lo}, {hi}] is beyond model {src.model!r}, which has {n} layers (allowed: 0 <= start < end <= {n})",
+                )
 
     stacks = {0, ref_arch.num_layers} | {n for _, n in ref_arch.other_stacks}
     for name, end in cfg.module_spans:
         if end not in stacks:
-            raise ConfigError(file, f"modules.{name}", f"layer_range [0, {end}] covers no whole layer stack of {reference!r} (its stacks have {', '.join(str(n) for n in sorted(stacks - {0}))} layers); several modules are merged as one models: recipe, every layer of every stack")
+            raise ConfigError(
+                file,
+                f"modules.{name}",
+                f"layer_range [0, {end}] covers no whole layer stack of {reference!r} (its stacks have {', '.join(str(n) for n in sorted(stacks - {0}))} layers); several modules are merged as one models: recipe, every layer of every stack",
+            )
 
     ref_layer_shapes: dict[str, tuple[int, ...]] = {}
     for name in ref_src.names():
@@ -152,17 +179,36 @@ def make_plan(cfg: MergeConfig, sources: Mapping[str, ModelSource], *, allow_cri
 
     tasks: list[TensorTask] = []
 
-    def add(out_name: str, s: OutputSlice, si: int, in_names: list[str], t: float, expect: tuple[int, ...] | None) -> None:
+    def add(
+        out_name: str,
+        s: OutputSlice,
+        si: int,
+        in_names: list[str],
+        t: float,
+        expect: tuple[int, ...] | None,
+    ) -> None:
         base_ref = s.base_model or cfg.base_model
         models = [src.model for src in s.sources]
         base = models.index(base_ref) if (base_ref in models and method.base != "ignored") else None
-        shapes = [sources[m].shape(n) for m, n in zip(models, in_names)]
+        shapes = [sources[m].shape(n) for m, n in zip(models, in_names, strict=False)]
         if any(sh != shapes[0] for sh in shapes):
-            detail = ", ".join(f"{m}: {list(sh)}" for m, sh in zip(models, shapes))
-            hint = " (vocabularies differ: evomerge merges models with the same tokenizer)" if is_pre_tensor(out_name) or out_name.endswith(_TIED_HEADS) else ""
-            raise ConfigError(file, f"slices[{si}]" if cfg.slices else "models", f"tensor {out_name} has different shapes: {detail}{hint}")
+            detail = ", ".join(f"{m}: {list(sh)}" for m, sh in zip(models, shapes, strict=False))
+            hint = (
+                " (vocabularies differ: evomerge merges models with the same tokenizer)"
+                if is_pre_tensor(out_name) or out_name.endswith(_TIED_HEADS)
+                else ""
+            )
+            raise ConfigError(
+                file,
+                f"slices[{si}]" if cfg.slices else "models",
+                f"tensor {out_name} has different shapes: {detail}{hint}",
+            )
         if expect is not None and shapes[0] != expect:
-            raise ConfigError(file, f"slices[{si}]", f"tensor {out_name} would be {list(shapes[0])} but the output model ({reference}) needs {list(expect)}: slices mix incompatible models")
+            raise ConfigError(
+                file,
+                f"slices[{si}]",
+                f"tensor {out_name} would be {list(shapes[0])} but the output model ({reference}) needs {list(expect)}: slices mix incompatible models",
+            )
         try:
             shared, per_input = resolve(
                 method,
@@ -179,12 +225,24 @@ def make_plan(cfg: MergeConfig, sources: Mapping[str, ModelSource], *, allow_cri
         why = method.check_inputs(len(models), base is not None)
         if why:
             raise ConfigError(file, f"slices[{si}]" if cfg.slices else "models", why)
-        tasks.append(TensorTask(out_name, tuple(zip(models, in_names)), base, shared, tuple(per_input), shapes[0]))
+        tasks.append(
+            TensorTask(
+                out_name,
+                tuple(zip(models, in_names, strict=False)),
+                base,
+                shared,
+                tuple(per_input),
+                shapes[0],
+            )
+        )
 
     def outside(first_slice: OutputSlice, si: int, pre: bool) -> None:
         for name in ref_src.names():
             # Another module (a vision tower) comes whole from the first slice's models, with the embeddings.
-            if ref_arch.split(name) is not None or (is_pre_tensor(name) or is_other_module(name)) != pre:
+            if (
+                ref_arch.split(name) is not None
+                or (is_pre_tensor(name) or is_other_module(name)) != pre
+            ):
                 continue
             in_names = []
             for src in first_slice.sources:
@@ -204,16 +262,31 @@ def make_plan(cfg: MergeConfig, sources: Mapping[str, ModelSource], *, allow_cri
         for offset in range(length):
             t = offset / (length - 1) if length > 1 else 1.0
             first_src = sources[first.model]
-            suffixes = [sp[1] for n in first_src.names() if (sp := first_src.arch.split(n)) is not None and sp[0] == lo0 + offset]
+            suffixes = [
+                sp[1]
+                for n in first_src.names()
+                if (sp := first_src.arch.split(n)) is not None and sp[0] == lo0 + offset
+            ]
             for suffix in suffixes:
                 in_names = []
                 for src in s.sources:
                     m = sources[src.model]
                     n = m.arch.layer_name((src.layer_range or (0, 0))[0] + offset, suffix)
                     if n not in m:
-                        raise ConfigError(file, f"slices[{si}]" if cfg.slices else "models", f"model {src.model!r} has no tensor {n}")
+                        raise ConfigError(
+                            file,
+                            f"slices[{si}]" if cfg.slices else "models",
+                            f"model {src.model!r} has no tensor {n}",
+                        )
                     in_names.append(n)
-                add(ref_arch.layer_name(out_layer, suffix), s, si, in_names, t, ref_layer_shapes.get(suffix))
+                add(
+                    ref_arch.layer_name(out_layer, suffix),
+                    s,
+                    si,
+                    in_names,
+                    t,
+                    ref_layer_shapes.get(suffix),
+                )
             types = _layer_types(first_src.config, first_src.arch.count_key)
             layer_types.append(types[lo0 + offset] if types and lo0 + offset < len(types) else None)
             out_layer += 1

@@ -50,7 +50,9 @@ def build_model(config: Mapping[str, Any], dtype: str, device: torch.device) -> 
 
     model_type = config.get("model_type")
     if model_type not in CONFIG_MAPPING:
-        raise EvomergeError(f"in-memory merge: transformers does not know model_type {model_type!r}")
+        raise EvomergeError(
+            f"in-memory merge: transformers does not know model_type {model_type!r}"
+        )
     cfg = CONFIG_MAPPING[model_type].from_dict(dict(config))
     archs = list(config.get("architectures") or [])
     cls: Any = AutoModelForCausalLM
@@ -58,10 +60,16 @@ def build_model(config: Mapping[str, Any], dtype: str, device: torch.device) -> 
     if causal is not None and type(cfg) not in causal:
         named = getattr(transformers, archs[0], None) if archs else None
         if named is None or not hasattr(named, "_from_config"):
-            raise EvomergeError(f"in-memory merge: transformers has no causal LM class for model_type {model_type!r} (architectures: {archs})")
+            raise EvomergeError(
+                f"in-memory merge: transformers has no causal LM class for model_type {model_type!r} (architectures: {archs})"
+            )
         cls = named
     with no_init_weights():
-        model = cls.from_config(cfg, dtype=torch_dtype(dtype)) if cls is AutoModelForCausalLM else cls._from_config(cfg, dtype=torch_dtype(dtype))
+        model = (
+            cls.from_config(cfg, dtype=torch_dtype(dtype))
+            if cls is AutoModelForCausalLM
+            else cls._from_config(cfg, dtype=torch_dtype(dtype))
+        )
     return model.to(device).eval()
 
 
@@ -90,5 +98,7 @@ def checkpoint_targets(model: torch.nn.Module, names: list[str]) -> dict[str, to
     ids = {id(t) for t in own.values()}
     converted = sorted(n for n, t in renamed.items() if id(t) not in ids)
     if converted:
-        raise EvomergeError(f"in-memory merge: transformers converts {type(model).__name__}'s tensor {converted[0]} when it saves (not a plain renaming); merge to disk with evomerge merge instead")
+        raise EvomergeError(
+            f"in-memory merge: transformers converts {type(model).__name__}'s tensor {converted[0]} when it saves (not a plain renaming); merge to disk with evomerge merge instead"
+        )
     return dict(renamed)

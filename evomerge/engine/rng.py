@@ -29,7 +29,21 @@ import re
 
 import torch
 
-__all__ = ["SEED_PRAGMA", "pragma_from_text", "seed_from_text", "STREAM", "STREAMS", "stream_seed", "stream_keys", "check_stream", "reference_uniform", "hash32", "hash_uniform", "uniform_range", "uniform_field"]
+__all__ = [
+    "SEED_PRAGMA",
+    "pragma_from_text",
+    "seed_from_text",
+    "STREAM",
+    "STREAMS",
+    "stream_seed",
+    "stream_keys",
+    "check_stream",
+    "reference_uniform",
+    "hash32",
+    "hash_uniform",
+    "uniform_range",
+    "uniform_field",
+]
 
 STREAM = 2  # the stream new merges use
 STREAMS = (1, 2)  # the streams this version can draw
@@ -59,7 +73,9 @@ def check_stream(stream: int) -> int:
         ValueError: an unknown stream version (an export made by a newer evomerge).
     """
     if stream not in STREAMS:
-        raise ValueError(f"random stream {stream} is unknown to this evomerge (it draws streams {', '.join(map(str, STREAMS))}); the recipe was exported by a newer version: upgrade evomerge to re-merge it")
+        raise ValueError(
+            f"random stream {stream} is unknown to this evomerge (it draws streams {', '.join(map(str, STREAMS))}); the recipe was exported by a newer version: upgrade evomerge to re-merge it"
+        )
     return stream
 
 
@@ -105,7 +121,14 @@ def hash_uniform(idx: torch.Tensor, k0: int | torch.Tensor, k1: int | torch.Tens
     return (hash32(idx, k0, k1) >> 8).to(torch.float32) * _SCALE
 
 
-def uniform_range(k0: int, k1: int, lo: int, hi: int, device: torch.device, bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def uniform_range(
+    k0: int,
+    k1: int,
+    lo: int,
+    hi: int,
+    device: torch.device,
+    bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Stream 2's ``u`` of entries ``[lo, hi)``, computed in place in reusable buffers.
 
     Args:
@@ -122,7 +145,11 @@ def uniform_range(k0: int, k1: int, lo: int, hi: int, device: torch.device, bufs
         return hash_uniform(torch.arange(lo, hi, dtype=torch.int64, device=device), k0, k1)
     m = hi - lo
     if bufs is None:
-        bufs = (torch.empty(m, dtype=torch.int64, device=device), torch.empty(m, dtype=torch.int64, device=device), torch.empty(m, dtype=torch.float32, device=device))
+        bufs = (
+            torch.empty(m, dtype=torch.int64, device=device),
+            torch.empty(m, dtype=torch.int64, device=device),
+            torch.empty(m, dtype=torch.float32, device=device),
+        )
     x, t, u = bufs
     torch.arange(lo, hi, dtype=torch.int64, device=device, out=x)
     x.bitwise_xor_(k0)
@@ -146,7 +173,14 @@ def _mix_(x: torch.Tensor, t: torch.Tensor) -> None:
     x.bitwise_xor_(t)
 
 
-def uniform_field(seed: int, name: str, index: int, shape: torch.Size, device: torch.device | str = "cpu", stream: int = STREAM) -> torch.Tensor:
+def uniform_field(
+    seed: int,
+    name: str,
+    index: int,
+    shape: torch.Size,
+    device: torch.device | str = "cpu",
+    stream: int = STREAM,
+) -> torch.Tensor:
     """The U[0, 1) field of input ``index`` of tensor ``name``; the same on every run and device.
 
     Args:
@@ -177,7 +211,9 @@ def uniform_field(seed: int, name: str, index: int, shape: torch.Size, device: t
         return uniform_range(k0, k1, 0, n, torch.device(device)).reshape(shape)
     out = torch.empty(n, dtype=torch.float32)
     for start in range(0, n, _BLOCK):
-        g = torch.Generator().manual_seed(stream_seed("uniform", seed, name, index, start // _BLOCK))
+        g = torch.Generator().manual_seed(
+            stream_seed("uniform", seed, name, index, start // _BLOCK)
+        )
         stop = min(n, start + _BLOCK)
         torch.rand(stop - start, generator=g, out=out[start:stop])
     return out.reshape(shape).to(device)
@@ -211,10 +247,14 @@ def pragma_from_text(text: str) -> tuple[int | None, int]:
         return None, STREAM
     v = _VALUE_RE.match(m.group(1))
     if v is None:
-        raise ValueError(f"`# evomerge-seed:{m.group(1)}` must read `# evomerge-seed: N` or `# evomerge-seed: N stream V` (N, V non-negative integers)")
+        raise ValueError(
+            f"`# evomerge-seed:{m.group(1)}` must read `# evomerge-seed: N` or `# evomerge-seed: N stream V` (N, V non-negative integers)"
+        )
     stream = int(v.group(2)) if v.group(2) is not None else 1
     if stream not in STREAMS:
-        raise ValueError(f"`# evomerge-seed:{m.group(1)}` names random stream {stream}, which this evomerge cannot draw (streams {', '.join(map(str, STREAMS))}); it was exported by a newer version: upgrade evomerge to reproduce it")
+        raise ValueError(
+            f"`# evomerge-seed:{m.group(1)}` names random stream {stream}, which this evomerge cannot draw (streams {', '.join(map(str, STREAMS))}); it was exported by a newer version: upgrade evomerge to reproduce it"
+        )
     return int(v.group(1)), stream
 
 

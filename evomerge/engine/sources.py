@@ -30,10 +30,21 @@ from evomerge.schemes import known_refs, resolve, scheme_of
 __all__ = ["ModelSource", "resolve_model", "open_sources"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-_FETCH = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "README.md", "mergekit_config.yml", "*.tiktoken"]
+_FETCH = [
+    "*.json",
+    "*.safetensors",
+    "*.model",
+    "*.txt",
+    "*.jinja",
+    "README.md",
+    "mergekit_config.yml",
+    "*.tiktoken",
+]
 
 
-def resolve_model(ref: str, *, file: str | None = None, field: str | None = None, allow_download: bool = True) -> Path:
+def resolve_model(
+    ref: str, *, file: str | None = None, field: str | None = None, allow_download: bool = True
+) -> Path:
     """The local directory of a model reference.
 
     Args:
@@ -50,7 +61,11 @@ def resolve_model(ref: str, *, file: str | None = None, field: str | None = None
     if scheme_of(ref) is not None:
         path = resolve(ref)
         if path is None:
-            raise ConfigError(file, field, f"unknown model {ref!r}" + did_you_mean(ref, known_refs(ref), show_all=0))
+            raise ConfigError(
+                file,
+                field,
+                f"unknown model {ref!r}" + did_you_mean(ref, known_refs(ref), show_all=0),
+            )
         return path
     local = Path(ref).expanduser()
     if local.is_dir():
@@ -65,16 +80,28 @@ def resolve_model(ref: str, *, file: str | None = None, field: str | None = None
     except ImportError:  # pragma: no cover - transformers depends on it
         raise ConfigError(file, field, f"model {ref!r}: not a local directory") from None
     try:
-        return Path(snapshot_download(repo, revision=revision or None, local_files_only=True, allow_patterns=_FETCH))
+        return Path(
+            snapshot_download(
+                repo, revision=revision or None, local_files_only=True, allow_patterns=_FETCH
+            )
+        )
     except Exception:
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if not allow_download or offline:
-        raise ConfigError(file, field, f"model {ref!r} is not a local directory and not in the Hugging Face cache (offline: HF_HUB_OFFLINE is set)")
+        raise ConfigError(
+            file,
+            field,
+            f"model {ref!r} is not a local directory and not in the Hugging Face cache (offline: HF_HUB_OFFLINE is set)",
+        )
     try:
         return Path(snapshot_download(repo, revision=revision or None, allow_patterns=_FETCH))
     except Exception as e:
-        raise ConfigError(file, field, f"model {ref!r} is not a local directory, not in the Hugging Face cache, and could not be downloaded ({one_line(type(e).__name__)}); check the name or your connection") from None
+        raise ConfigError(
+            file,
+            field,
+            f"model {ref!r} is not a local directory, not in the Hugging Face cache, and could not be downloaded ({one_line(type(e).__name__)}); check the name or your connection",
+        ) from None
 
 
 class ModelSource:
@@ -96,7 +123,9 @@ class ModelSource:
     def __init__(self, ref: str, path: Path, *, allow_bin: bool = False) -> None:
         self.ref = ref
         self.path = path
-        self.config: dict[str, Any] = _read_json_object(path / "config.json", ref, "the model's config")
+        self.config: dict[str, Any] = _read_json_object(
+            path / "config.json", ref, "the model's config"
+        )
         self._where: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, str] = {}
@@ -118,7 +147,11 @@ class ModelSource:
                 try:
                     h = safe_open(str(f), framework="pt", device="cpu")
                 except (SafetensorError, OSError) as e:  # the library's own checks of the header
-                    raise _unreadable(f, self.ref, f"is not a valid safetensors file: {one_line(e)} (a damaged download? download it again)") from None
+                    raise _unreadable(
+                        f,
+                        self.ref,
+                        f"is not a valid safetensors file: {one_line(e)} (a damaged download? download it again)",
+                    ) from None
                 self._handles[f] = h
                 for name in h.keys():
                     sl = h.get_slice(name)
@@ -133,9 +166,15 @@ class ModelSource:
                 try:
                     sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
                 except Exception as e:  # a damaged zip, a refused pickle, an I/O error...
-                    raise _unreadable(f, self.ref, f"is not a readable PyTorch checkpoint ({one_line(e)[:200]})") from None
-                if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
-                    raise _unreadable(f, self.ref, "does not hold a flat dict of tensors (a state dict)")
+                    raise _unreadable(
+                        f, self.ref, f"is not a readable PyTorch checkpoint ({one_line(e)[:200]})"
+                    ) from None
+                if not isinstance(sd, dict) or not all(
+                    isinstance(t, torch.Tensor) for t in sd.values()
+                ):
+                    raise _unreadable(
+                        f, self.ref, "does not hold a flat dict of tensors (a state dict)"
+                    )
                 for name, t in sd.items():
                     self._bin[name] = t
                     self._where[name] = f
@@ -143,7 +182,9 @@ class ModelSource:
                     self._dtypes[name] = str(t.dtype)
             return
         if bins:
-            raise EvomergeError(f"model {self.ref!r} has only PyTorch .bin weights; pass --allow-bin to read them (loaded with weights_only=True), or convert it to safetensors")
+            raise EvomergeError(
+                f"model {self.ref!r} has only PyTorch .bin weights; pass --allow-bin to read them (loaded with weights_only=True), or convert it to safetensors"
+            )
         raise EvomergeError(f"model {self.ref!r}: no *.safetensors weights in {self.path}")
 
     def __contains__(self, name: str) -> bool:
@@ -174,11 +215,16 @@ class ModelSource:
         f = self._where[name]
         try:
             return self._handles[f].get_tensor(name)
-        except (SafetensorError, OSError) as e:  # the file changed since it was opened, or an I/O error
+        except (
+            SafetensorError,
+            OSError,
+        ) as e:  # the file changed since it was opened, or an I/O error
             raise _unreadable(f, self.ref, f"cannot read tensor {name} ({one_line(e)})") from None
 
     def __repr__(self) -> str:
-        return f"ModelSource({self.ref!r}, {len(self._where)} tensors, {self.arch.num_layers} layers)"
+        return (
+            f"ModelSource({self.ref!r}, {len(self._where)} tensors, {self.arch.num_layers} layers)"
+        )
 
 
 # safetensors refuses headers above 100 MB; a larger length means the file is something else.
@@ -197,9 +243,15 @@ def _read_json_object(f: Path, ref: str, what: str) -> dict[str, Any]:
     except OSError as e:
         raise _unreadable(f, ref, f"cannot read {what}: {one_line(e.strerror or e)}") from None
     except UnicodeDecodeError:
-        raise _unreadable(f, ref, f"{what} is not UTF-8 text; expected a JSON object (a damaged download?)") from None
+        raise _unreadable(
+            f, ref, f"{what} is not UTF-8 text; expected a JSON object (a damaged download?)"
+        ) from None
     except json.JSONDecodeError as e:
-        raise _unreadable(f, ref, f"{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); expected a JSON object (a damaged download?)") from None
+        raise _unreadable(
+            f,
+            ref,
+            f"{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); expected a JSON object (a damaged download?)",
+        ) from None
     if not isinstance(data, dict):
         raise _unreadable(f, ref, f"{what} must be a JSON object, got a JSON {type(data).__name__}")
     return data
@@ -209,7 +261,11 @@ def _shards_of_index(index: Path, ref: str) -> list[Path]:
     """The shard files a ``model.safetensors.index.json`` names, each checked to exist."""
     weight_map = _read_json_object(index, ref, "the shard index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise _unreadable(index, ref, "weight_map: must be a non-empty JSON object mapping tensor names to shard files")
+        raise _unreadable(
+            index,
+            ref,
+            "weight_map: must be a non-empty JSON object mapping tensor names to shard files",
+        )
     bad = next((v for v in weight_map.values() if not isinstance(v, str) or not v), None)
     if bad is not None:
         raise _unreadable(index, ref, f"weight_map: shard file names must be strings, got {bad!r}")
@@ -217,7 +273,11 @@ def _shards_of_index(index: Path, ref: str) -> list[Path]:
     for f in files:
         if not f.is_file():
             why = "is a directory" if f.is_dir() else "does not exist"
-            raise _unreadable(index, ref, f"weight_map names shard {f.name}, which {why} (an interrupted download? download the model again)")
+            raise _unreadable(
+                index,
+                ref,
+                f"weight_map names shard {f.name}, which {why} (an interrupted download? download the model again)",
+            )
     return files
 
 
@@ -242,13 +302,29 @@ def _check_safetensors(f: Path, ref: str) -> None:
     if size == 0:
         raise _unreadable(f, ref, "is empty (an interrupted download? download it again)")
     if start.startswith(b"version https://git-lfs"):
-        raise _unreadable(f, ref, "is a Git LFS pointer, not the weights (run `git lfs pull` in the model's repository)")
+        raise _unreadable(
+            f,
+            ref,
+            "is a Git LFS pointer, not the weights (run `git lfs pull` in the model's repository)",
+        )
     if n < 0:
-        raise _unreadable(f, ref, f"is only {size} bytes: truncated, or not a safetensors file (an interrupted download? download it again)")
+        raise _unreadable(
+            f,
+            ref,
+            f"is only {size} bytes: truncated, or not a safetensors file (an interrupted download? download it again)",
+        )
     if n > _MAX_HEADER:
-        raise _unreadable(f, ref, f"is not a safetensors file: it starts with {head!r}, not a header length (an error page saved as weights, or another format?)")
+        raise _unreadable(
+            f,
+            ref,
+            f"is not a safetensors file: it starts with {head!r}, not a header length (an error page saved as weights, or another format?)",
+        )
     if n > size - 8:
-        raise _unreadable(f, ref, f"is truncated: its header is {n} bytes but the file has {size} bytes (an interrupted download? download it again)")
+        raise _unreadable(
+            f,
+            ref,
+            f"is truncated: its header is {n} bytes but the file has {size} bytes (an interrupted download? download it again)",
+        )
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -260,15 +336,34 @@ def _check_safetensors(f: Path, ref: str) -> None:
         if name == "__metadata__":
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets) and offsets[0] <= offsets[1]):
-            raise _unreadable(f, ref, f"header entry {name!r} has no valid data_offsets [begin, end] (a damaged file)")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]
+        ):
+            raise _unreadable(
+                f,
+                ref,
+                f"header entry {name!r} has no valid data_offsets [begin, end] (a damaged file)",
+            )
         end = max(end, offsets[1])
     data = size - 8 - n
     if end > data:
-        raise _unreadable(f, ref, f"is truncated: its header says the tensor data takes {end} bytes but the file holds {data} (an interrupted download? download it again)")
+        raise _unreadable(
+            f,
+            ref,
+            f"is truncated: its header says the tensor data takes {end} bytes but the file holds {data} (an interrupted download? download it again)",
+        )
 
 
-def open_sources(refs: list[str], *, file: str | None = None, allow_bin: bool = False, fields: dict[str, str] | None = None) -> dict[str, ModelSource]:
+def open_sources(
+    refs: list[str],
+    *,
+    file: str | None = None,
+    allow_bin: bool = False,
+    fields: dict[str, str] | None = None,
+) -> dict[str, ModelSource]:
     """Resolve and open every referenced model once.
 
     Raises:

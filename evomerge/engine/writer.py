@@ -48,7 +48,9 @@ def parse_size(text: str | int) -> int:
         s = raw.removesuffix("B")
         scale = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
         if raw.endswith("B") and s[-1:].isdigit():
-            raise EvomergeError(f"--out-shard-size: {text!r} is ambiguous (mergekit reads B as billions); write {s}GB for {s} billion bytes, or {s} for {s} bytes")
+            raise EvomergeError(
+                f"--out-shard-size: {text!r} is ambiguous (mergekit reads B as billions); write {s}GB for {s} billion bytes, or {s} for {s} bytes"
+            )
         try:
             n = int(float(s[:-1]) * scale[s[-1]]) if s and s[-1] in scale else int(s)
         except (ValueError, OverflowError):
@@ -67,7 +69,12 @@ class ShardedWriter:
         max_shard_bytes: a new shard starts when the next tensor would exceed this size.
     """
 
-    def __init__(self, directory: Path, specs: Sequence[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        specs: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+        max_shard_bytes: int,
+    ) -> None:
         self.directory = directory
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
         size = 0
@@ -79,7 +86,11 @@ class ShardedWriter:
             shards[-1].append((name, shape, dtype, nbytes))
             size += nbytes
         n = len(shards)
-        self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.files = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         self._shards = shards
         self._order = [(si, name) for si, shard in enumerate(shards) for name, *_ in shard]
         self._next = 0
@@ -93,7 +104,11 @@ class ShardedWriter:
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name, shape, dtype, nbytes in self._shards[si]:
-            header[name] = {"dtype": code_of(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": code_of(dtype),
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
@@ -126,7 +141,9 @@ class ShardedWriter:
                 "metadata": {"total_size": self.total_bytes},
                 "weight_map": {name: self.files[si] for si, name in self._order},
             }
-            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            (self.directory / "model.safetensors.index.json").write_text(
+                json.dumps(index, indent=2) + "\n"
+            )
 
     def abort(self) -> None:
         if self._handle is not None:
@@ -158,9 +175,13 @@ class AtomicDir:
         self.target = Path(target)
         self.force = force
         if self.target.exists() and not self.target.is_dir():
-            raise EvomergeError(f"output {self.target} exists and is not a directory; give a directory path")
+            raise EvomergeError(
+                f"output {self.target} exists and is not a directory; give a directory path"
+            )
         if self.target.is_dir() and any(self.target.iterdir()) and not force:
-            raise EvomergeError(f"output directory {self.target} exists and is not empty (use --force to replace it)")
+            raise EvomergeError(
+                f"output directory {self.target} exists and is not empty (use --force to replace it)"
+            )
         # The nearest existing ancestor must be a directory we may write into.
         parent = self.target.absolute().parent
         while not parent.exists() and parent != parent.parent:
@@ -179,7 +200,9 @@ class AtomicDir:
                 shutil.rmtree(self.path)
             self.path.mkdir()
         except OSError as e:
-            raise EvomergeError(f"output {self.target}: cannot create it: {one_line(e.strerror or e)}") from None
+            raise EvomergeError(
+                f"output {self.target}: cannot create it: {one_line(e.strerror or e)}"
+            ) from None
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -196,7 +219,9 @@ class AtomicDir:
             shutil.rmtree(self.path, ignore_errors=True)
             if old is not None and not self.target.exists():
                 os.replace(old, self.target)  # put the replaced directory back
-            raise EvomergeError(f"output {self.target}: cannot move the merged model into place: {one_line(e.strerror or e)}") from None
+            raise EvomergeError(
+                f"output {self.target}: cannot move the merged model into place: {one_line(e.strerror or e)}"
+            ) from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

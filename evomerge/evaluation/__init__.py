@@ -8,4 +8,15 @@ from evomerge.evaluation.fake import FakeEvaluator
 from evomerge.evaluation.lmeval import LMEvalEvaluator, task_manager
 from evomerge.evaluation.section import PRESETS, parse_evaluate
 
-__all__ = ["EvalConfig", "EvalResult", "Evaluator", "TaskSpec", "aggregate", "FakeEvaluator", "LMEvalEvaluator", "task_manager", "PRESETS", "parse_evaluate"]
+__all__ = [
+    "EvalConfig",
+    "EvalResult",
+    "Evaluator",
+    "TaskSpec",
+    "aggregate",
+    "FakeEvaluator",
+    "LMEvalEvaluator",
+    "task_manager",
+    "PRESETS",
+    "parse_evaluate",
+]

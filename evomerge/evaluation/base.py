@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["TaskSpec", "EvalConfig", "EvalResult", "Evaluator", "StagedEvaluation", "aggregate", "item_weights", "SCORERS"]
+__all__ = [
+    "TaskSpec",
+    "EvalConfig",
+    "EvalResult",
+    "Evaluator",
+    "StagedEvaluation",
+    "aggregate",
+    "item_weights",
+    "SCORERS",
+]
 
 # How lm-eval's loglikelihood requests are run: "shared" runs each distinct context once and scores
 # its continuations from the cached keys/values (evaluation/scorer.py); "hflm" is lm-eval's HFLM,
@@ -80,7 +89,9 @@ class EvalResult:
     items: dict[str, list[float | None]] = field(default_factory=dict)
 
 
-def aggregate(specs: Iterable[TaskSpec], scores: Mapping[str, float], stderr: Mapping[str, float]) -> tuple[float, float]:
+def aggregate(
+    specs: Iterable[TaskSpec], scores: Mapping[str, float], stderr: Mapping[str, float]
+) -> tuple[float, float]:
     specs = list(specs)
     wsum = sum(s.weight for s in specs)
     agg = sum(s.weight * scores[s.name] for s in specs) / wsum

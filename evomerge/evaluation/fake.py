@@ -36,7 +36,14 @@ class FakeEvaluator(Evaluator):
         items: items per task (None: one smooth score per task, no items).
     """
 
-    def __init__(self, targets: Mapping[str, list[float]], *, width: float = 1e-3, holdout_shift: float = 0.0, items: int | None = None) -> None:
+    def __init__(
+        self,
+        targets: Mapping[str, list[float]],
+        *,
+        width: float = 1e-3,
+        holdout_shift: float = 0.0,
+        items: int | None = None,
+    ) -> None:
         self.targets = {k: torch.tensor(v, dtype=torch.float64) for k, v in targets.items()}
         self.width = width
         self.holdout_shift = holdout_shift
@@ -68,9 +75,11 @@ class FakeEvaluator(Evaluator):
         stats = self.layer_stats(model)
         shift = self.holdout_shift if split == "holdout" else 0.0
         out = {}
-        for name, target in zip(self.task_names(split), self.targets.values()):
+        for name, target in zip(self.task_names(split), self.targets.values(), strict=False):
             if target.numel() != stats.numel():
-                raise ValueError(f"FakeEvaluator: {target.numel()} targets for {stats.numel()} layers")
+                raise ValueError(
+                    f"FakeEvaluator: {target.numel()} targets for {stats.numel()} layers"
+                )
             out[name] = math.exp(-float(((stats - target - shift) ** 2).sum()) / self.width)
         return out
 
@@ -83,12 +92,16 @@ class FakeEvaluator(Evaluator):
         smooth = self.smooth(model, split)
         values = None
         if self.n:
-            values = {k: [self.item_value(k, j, v) for j in range(self.n)] for k, v in smooth.items()}
+            values = {
+                k: [self.item_value(k, j, v) for j in range(self.n)] for k, v in smooth.items()
+            }
             self.items_scored += self.n * len(values)
         return self.assemble(smooth, values, t0)
 
     @staticmethod
-    def assemble(smooth: Mapping[str, float], values: Mapping[str, list[float]] | None, t0: float) -> EvalResult:
+    def assemble(
+        smooth: Mapping[str, float], values: Mapping[str, list[float]] | None, t0: float
+    ) -> EvalResult:
         """The result: per-task means of ``values`` when given, else the smooth scores."""
         scores, stderr, n = {}, {}, {}
         items: dict[str, list[float | None]] = {}
@@ -133,4 +146,6 @@ class _FakeStaged(StagedEvaluation):
         t0 = time.perf_counter()
         n = self.ev.n or 0
         self.score({k: range(n) for k in self.values})
-        return self.ev.assemble(self.smooth, {k: [v[i] for i in range(n)] for k, v in self.values.items()}, t0)
+        return self.ev.assemble(
+            self.smooth, {k: [v[i] for i in range(n)] for k, v in self.values.items()}, t0
+        )

@@ -28,7 +28,15 @@ from typing import Any
 
 from evomerge.evaluation.base import EvalResult, StagedEvaluation, TaskSpec
 
-__all__ = ["RequestBank", "LMEvalStaged", "memo_lm", "metric_filter", "metric_value", "stageable", "items_from_samples"]
+__all__ = [
+    "RequestBank",
+    "LMEvalStaged",
+    "memo_lm",
+    "metric_filter",
+    "metric_value",
+    "stageable",
+    "items_from_samples",
+]
 
 FEWSHOT_SEED = 1234  # the seed every evaluation reseeds lm-eval's few-shot samplers with
 
@@ -54,7 +62,12 @@ def metric_value(res: Mapping[str, Any], metric: str) -> tuple[float, float] | N
     Returns:
         The pair, or None when the results have no such metric.
     """
-    keys = [metric] if "," in metric else [f"{metric},none"] + sorted(k for k in res if k.startswith(f"{metric},") and "_stderr" not in k)
+    keys = (
+        [metric]
+        if "," in metric
+        else [f"{metric},none"]
+        + sorted(k for k in res if k.startswith(f"{metric},") and "_stderr" not in k)
+    )
     for key in keys:
         if key in res and isinstance(res[key], (int, float)):
             name, _, filt = key.partition(",")
@@ -68,7 +81,9 @@ def _filters(task: Any) -> list[str]:
     return [f.name for f in getattr(task, "_filters", [])] or ["none"]
 
 
-def stageable(tasks: Mapping[str, Any], leaves: Mapping[str, list[str]], specs: Sequence[TaskSpec]) -> str:
+def stageable(
+    tasks: Mapping[str, Any], leaves: Mapping[str, list[str]], specs: Sequence[TaskSpec]
+) -> str:
     """Why the tasks cannot be scored item by item ("" when they can): every leaf task's metric
     must be one lm-eval aggregates by the mean."""
     from lm_eval.api.metrics import mean
@@ -104,9 +119,19 @@ class RequestBank:
 
     def _build(self, leaf: str, task: Any, ids: list[int]) -> None:
         task.set_fewshot_seed(seed=FEWSHOT_SEED)
-        task.build_all_requests(limit=None, samples=list(ids), rank=0, world_size=1, cache_requests=False,
-                                rewrite_requests_cache=False, system_instruction=None, apply_chat_template=False,
-                                fewshot_as_multiturn=False, chat_template=None, tokenizer_name="")
+        task.build_all_requests(
+            limit=None,
+            samples=list(ids),
+            rank=0,
+            world_size=1,
+            cache_requests=False,
+            rewrite_requests_cache=False,
+            system_instruction=None,
+            apply_chat_template=False,
+            fewshot_as_multiturn=False,
+            chat_template=None,
+            tokenizer_name="",
+        )
         by_doc: dict[int, list[Any]] = defaultdict(list)
         for inst in task.instances:  # doc_id is the position among the selected docs
             by_doc[inst.doc_id].append(inst)
@@ -148,7 +173,9 @@ def memo_lm(inner: Any) -> Any:
         def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
             return self._answer("loglikelihood", requests)
 
-        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+        def loglikelihood_rolling(
+            self, requests: list[Any], disable_tqdm: bool = False
+        ) -> list[Any]:
             return self._answer("loglikelihood_rolling", requests)
 
         def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
@@ -157,8 +184,13 @@ def memo_lm(inner: Any) -> Any:
     return _MemoLM()
 
 
-def items_from_samples(samples: Mapping[str, list[Mapping[str, Any]]], spec: TaskSpec, leaves: Sequence[str],
-                       ids: Mapping[str, list[int]], tasks: Mapping[str, Any]) -> list[float | None]:
+def items_from_samples(
+    samples: Mapping[str, list[Mapping[str, Any]]],
+    spec: TaskSpec,
+    leaves: Sequence[str],
+    ids: Mapping[str, list[int]],
+    tasks: Mapping[str, Any],
+) -> list[float | None]:
     """One spec's per-item values, in item order, from lm-eval's logged samples (None: not logged)."""
     out: list[float | None] = []
     for leaf in leaves:
@@ -166,7 +198,11 @@ def items_from_samples(samples: Mapping[str, list[Mapping[str, Any]]], spec: Tas
         pos = {d: i for i, d in enumerate(ids[leaf])}
         vals: list[float | None] = [None] * len(ids[leaf])
         for s in samples.get(leaf, []):
-            if s.get("filter") == filt and s.get("doc_id") in pos and isinstance(s.get(name), (int, float)):
+            if (
+                s.get("filter") == filt
+                and s.get("doc_id") in pos
+                and isinstance(s.get(name), (int, float))
+            ):
                 vals[pos[s["doc_id"]]] = float(s[name])
         out += vals
     return out
@@ -183,8 +219,14 @@ class LMEvalStaged(StagedEvaluation):
         finish: runs lm-eval's evaluation of every search item with a given LM.
     """
 
-    def __init__(self, bank: RequestBank, specs: Sequence[TaskSpec], leaves: Mapping[str, list[str]], lm: Any,
-                 finish: Callable[[Any], EvalResult]) -> None:
+    def __init__(
+        self,
+        bank: RequestBank,
+        specs: Sequence[TaskSpec],
+        leaves: Mapping[str, list[str]],
+        lm: Any,
+        finish: Callable[[Any], EvalResult],
+    ) -> None:
         self.bank, self.specs, self.leaves = bank, list(specs), leaves
         self.lm = memo_lm(lm)
         self.finish = finish
@@ -207,11 +249,21 @@ class LMEvalStaged(StagedEvaluation):
         t0 = time.perf_counter()
         todo: dict[str, list[tuple[int, str, int]]] = {}
         for spec in self.specs:
-            want = [i for i in dict.fromkeys(items.get(spec.name, ())) if i not in self.values[spec.name]]
+            want = [
+                i
+                for i in dict.fromkeys(items.get(spec.name, ()))
+                if i not in self.values[spec.name]
+            ]
             todo[spec.name] = [(i, *self._where(spec, i)) for i in want]
         # fresh copies of the stored requests: responses are written into them
-        fresh = {(leaf, pos): [dataclasses.replace(r, resps=[], filtered_resps={}) for r in self.bank.requests[leaf][pos]]
-                 for got in todo.values() for _, leaf, pos in got}
+        fresh = {
+            (leaf, pos): [
+                dataclasses.replace(r, resps=[], filtered_resps={})
+                for r in self.bank.requests[leaf][pos]
+            ]
+            for got in todo.values()
+            for _, leaf, pos in got
+        }
         by_kind: dict[str, list[Any]] = defaultdict(list)
         for reqs in fresh.values():
             for r in reqs:
@@ -230,7 +282,9 @@ class LMEvalStaged(StagedEvaluation):
                 metrics = task.process_results(reqs[0].doc, [r.filtered_resps[filt] for r in reqs])
                 self.values[spec.name][i] = float(metrics[name])
         self.seconds += time.perf_counter() - t0
-        return {s.name: {i: self.values[s.name][i] for i in items.get(s.name, ())} for s in self.specs}
+        return {
+            s.name: {i: self.values[s.name][i] for i in items.get(s.name, ())} for s in self.specs
+        }
 
     def result(self) -> EvalResult:
         r = self.finish(self.lm)

@@ -18,19 +18,55 @@ from typing import Any
 import torch
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.evaluation.base import SCORERS, EvalConfig, EvalResult, Evaluator, StagedEvaluation, TaskSpec, aggregate
-from evomerge.evaluation.items import LMEvalStaged, RequestBank, items_from_samples, metric_value, stageable
+from evomerge.evaluation.base import (
+    SCORERS,
+    EvalConfig,
+    EvalResult,
+    Evaluator,
+    StagedEvaluation,
+    TaskSpec,
+    aggregate,
+)
+from evomerge.evaluation.items import (
+    LMEvalStaged,
+    RequestBank,
+    items_from_samples,
+    metric_value,
+    stageable,
+)
 from evomerge.evaluation.scorer import make_lm
 
-__all__ = ["LMEvalEvaluator", "task_manager", "quiet_lm_eval", "local_task_names", "get_task_dict", "leaf_tasks", "doc_ids", "texts_of",
-           "manager_for", "task_configs", "load_leaf_tasks", "DOC_SPLITS", "task_docs", "item_text", "path_list"]
+__all__ = [
+    "LMEvalEvaluator",
+    "task_manager",
+    "quiet_lm_eval",
+    "local_task_names",
+    "get_task_dict",
+    "leaf_tasks",
+    "doc_ids",
+    "texts_of",
+    "manager_for",
+    "task_configs",
+    "load_leaf_tasks",
+    "DOC_SPLITS",
+    "task_docs",
+    "item_text",
+    "path_list",
+]
 
 
 def quiet_lm_eval() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.api.task", "lm_eval.models.huggingface", "datasets"):
+    for name in (
+        "lm-eval",
+        "lm_eval",
+        "lm_eval.evaluator",
+        "lm_eval.api.task",
+        "lm_eval.models.huggingface",
+        "datasets",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:  # datasets' progress bars during loading
         import datasets
@@ -147,7 +183,11 @@ def load_leaf_tasks(task_names: Iterable[str], tm) -> dict[str, Any]:
 
 
 DOC_SPLITS = ("eval", "test", "validation", "train")
-_SPLIT_API = {"test": ("has_test_docs", "test_docs"), "validation": ("has_validation_docs", "validation_docs"), "train": ("has_training_docs", "training_docs")}
+_SPLIT_API = {
+    "test": ("has_test_docs", "test_docs"),
+    "validation": ("has_validation_docs", "validation_docs"),
+    "train": ("has_training_docs", "training_docs"),
+}
 
 
 def task_docs(task, split: str = "eval") -> Any:
@@ -237,7 +277,15 @@ class LMEvalEvaluator(Evaluator):
         ValueError: an unknown ``scorer``.
     """
 
-    def __init__(self, cfg: EvalConfig, tokenizer, *, device: str = "cpu", batch_size: int | None = None, scorer: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        tokenizer,
+        *,
+        device: str = "cpu",
+        batch_size: int | None = None,
+        scorer: str | None = None,
+    ) -> None:
         quiet_lm_eval()
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -290,7 +338,11 @@ class LMEvalEvaluator(Evaluator):
         ids = {name: doc_ids(tasks, name, start, count) for name in tasks}
         for name, got in ids.items():
             if not got:
-                raise ConfigError(cfg.file, "evaluate.holdout.limit" if split == "holdout" else "evaluate.limit", f"task {name!r} has no docs in the range [{start}, {start + (count or 0)}) ({len(tasks[name].eval_docs)} docs in all)")
+                raise ConfigError(
+                    cfg.file,
+                    "evaluate.holdout.limit" if split == "holdout" else "evaluate.limit",
+                    f"task {name!r} has no docs in the range [{start}, {start + (count or 0)}) ({len(tasks[name].eval_docs)} docs in all)",
+                )
         return ids
 
     # -- API
@@ -308,7 +360,10 @@ class LMEvalEvaluator(Evaluator):
         if split not in self._dicts:
             return {}
         tasks = leaf_tasks(self._dicts[split])
-        return {name: [str(tasks[name].doc_to_text(tasks[name].eval_docs[i])) for i in ids] for name, ids in self._samples[split].items()}
+        return {
+            name: [str(tasks[name].doc_to_text(tasks[name].eval_docs[i])) for i in ids]
+            for name, ids in self._samples[split].items()
+        }
 
     def datasets(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -326,9 +381,16 @@ class LMEvalEvaluator(Evaluator):
 
     def item_counts(self) -> dict[str, int]:
         """Search items per task, or ``{}`` when a metric is not a mean of per-item values."""
-        if stageable(leaf_tasks(self._dicts["search"]), self._leaves["search"], self._specs["search"]):
+        if stageable(
+            leaf_tasks(self._dicts["search"]), self._leaves["search"], self._specs["search"]
+        ):
             return {}
-        return {s.name: sum(len(self._samples["search"][leaf]) for leaf in self._leaves["search"][s.name]) for s in self._specs["search"]}
+        return {
+            s.name: sum(
+                len(self._samples["search"][leaf]) for leaf in self._leaves["search"][s.name]
+            )
+            for s in self._specs["search"]
+        }
 
     def specs(self) -> list[TaskSpec]:
         return list(self._specs["search"])
@@ -341,8 +403,20 @@ class LMEvalEvaluator(Evaluator):
         if self._bank is None:
             self._bank = RequestBank(leaf_tasks(self._dicts["search"]), self._samples["search"])
         model.eval()
-        lm = make_lm(model, self.tokenizer, scorer=self.scorer, batch_size=self.batch_size, device=self.device)
-        return LMEvalStaged(self._bank, self._specs["search"], self._leaves["search"], lm, lambda memo: self._run(model, memo, "search"))
+        lm = make_lm(
+            model,
+            self.tokenizer,
+            scorer=self.scorer,
+            batch_size=self.batch_size,
+            device=self.device,
+        )
+        return LMEvalStaged(
+            self._bank,
+            self._specs["search"],
+            self._leaves["search"],
+            lm,
+            lambda memo: self._run(model, memo, "search"),
+        )
 
     def evaluate(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
         """Score ``model`` on the search or holdout items.
@@ -362,7 +436,17 @@ class LMEvalEvaluator(Evaluator):
         if split not in self._dicts:
             raise EvomergeError(f"no {split} items configured (evaluate.holdout)")
         quiet_lm_eval()
-        return self._run(model, make_lm(model, self.tokenizer, scorer=self.scorer, batch_size=self.batch_size, device=self.device), split)
+        return self._run(
+            model,
+            make_lm(
+                model,
+                self.tokenizer,
+                scorer=self.scorer,
+                batch_size=self.batch_size,
+                device=self.device,
+            ),
+            split,
+        )
 
     def _run(self, model: torch.nn.Module, lm: Any, split: str) -> EvalResult:
         import lm_eval.api.task as lm_task
@@ -402,11 +486,25 @@ class LMEvalEvaluator(Evaluator):
         for spec in self._specs[split]:
             got = metric_value(results.get(spec.name, {}), spec.metric)
             if got is None:
-                have = sorted({k.split(",")[0] for k in results.get(spec.name, {}) if "," in k and "_stderr" not in k})
-                raise EvomergeError(f"task {spec.name!r} reports no metric {spec.metric!r} (it reports: {', '.join(have) or 'nothing'})")
+                have = sorted(
+                    {
+                        k.split(",")[0]
+                        for k in results.get(spec.name, {})
+                        if "," in k and "_stderr" not in k
+                    }
+                )
+                raise EvomergeError(
+                    f"task {spec.name!r} reports no metric {spec.metric!r} (it reports: {', '.join(have) or 'nothing'})"
+                )
             scores[spec.name], stderr[spec.name] = got
             leaves = self._leaves[split][spec.name]
             n_items[spec.name] = sum(len(self._samples[split].get(leaf, [])) for leaf in leaves)
-            items[spec.name] = items_from_samples((out or {}).get("samples", {}), spec, leaves, self._samples[split], tasks)
-        agg, se = aggregate(self._specs[split], scores, {k: (0.0 if math.isnan(v) else v) for k, v in stderr.items()})
+            items[spec.name] = items_from_samples(
+                (out or {}).get("samples", {}), spec, leaves, self._samples[split], tasks
+            )
+        agg, se = aggregate(
+            self._specs[split],
+            scores,
+            {k: (0.0 if math.isnan(v) else v) for k, v in stderr.items()},
+        )
         return EvalResult(scores, stderr, agg, se, time.perf_counter() - t0, n_items, items)

@@ -55,7 +55,9 @@ class _Group:
     it runs once and stays as keys/values; each row starts with the context's last token."""
 
     prefix: tuple[int, ...]
-    rows: list[tuple[int, list[int], list[int]]] = field(default_factory=list)  # (request index, input, continuation)
+    rows: list[tuple[int, list[int], list[int]]] = field(
+        default_factory=list
+    )  # (request index, input, continuation)
 
 
 def _plan(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int) -> list[_Group]:
@@ -63,9 +65,13 @@ def _plan(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: i
     for i, (ctx, cont) in enumerate(requests):
         ctx, cont = list(ctx), list(cont)
         if not ctx or not cont:
-            raise ValueError(f"request {i}: context and continuation must both have tokens, got {len(ctx)} and {len(cont)}")
+            raise ValueError(
+                f"request {i}: context and continuation must both have tokens, got {len(ctx)} and {len(cont)}"
+            )
         if len(cont) > max_length:
-            raise ValueError(f"request {i}: the continuation ({len(cont)} tokens) must fit max_length ({max_length})")
+            raise ValueError(
+                f"request {i}: the continuation ({len(cont)} tokens) must fit max_length ({max_length})"
+            )
         # HFLM's window: the last max_length + 1 tokens of context + continuation, the last one dropped.
         keep = max_length + 1 - len(cont)
         ctx = ctx[-keep:]
@@ -91,7 +97,9 @@ def _rows_of(cache: Any, index: torch.Tensor) -> Any:
     """A new cache holding rows ``index`` (repeats allowed) of ``cache``; ``cache`` is left as it was
     (a forward appends to its cache's layers by rebinding their tensors, so shallow copies suffice)."""
     if not hasattr(cache, "layers") or not hasattr(cache, "batch_select_indices"):
-        raise TypeError(f"the model returned a {type(cache).__name__} cache; the shared-context scorer needs a transformers Cache with layers (use scorer: hflm)")
+        raise TypeError(
+            f"the model returned a {type(cache).__name__} cache; the shared-context scorer needs a transformers Cache with layers (use scorer: hflm)"
+        )
     out = copy.copy(cache)
     out.layers = [copy.copy(layer) for layer in cache.layers]
     out.batch_select_indices(index)
@@ -164,16 +172,22 @@ def score_shared(
     groups = _plan(requests, max_length)
     cache_name, keep_name = _forward_names(model)
     out: list[tuple[float, bool] | None] = [None] * len(requests)
-    autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    autocast = torch.autocast(
+        device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+    )
     with torch.no_grad(), autocast:
         for start in range(0, len(groups), batch_size):
             chunk = groups[start : start + batch_size]
             cache = _context_pass(model, chunk, device, keep_name)
-            _continuation_passes(model, chunk, cache, cache_name, batch_size, device, softmax_dtype, out)
+            _continuation_passes(
+                model, chunk, cache, cache_name, batch_size, device, softmax_dtype, out
+            )
     return [r for r in out if r is not None]
 
 
-def _context_pass(model: torch.nn.Module, chunk: list[_Group], device: torch.device, keep_name: str | None) -> Any:
+def _context_pass(
+    model: torch.nn.Module, chunk: list[_Group], device: torch.device, keep_name: str | None
+) -> Any:
     """Keys/values of the chunk's contexts, right-padded (causal attention never lets a context token
     see the padding after it; the continuation pass masks it out)."""
     width = max(len(g.prefix) for g in chunk)
@@ -190,8 +204,16 @@ def _context_pass(model: torch.nn.Module, chunk: list[_Group], device: torch.dev
     return cache if cache is not None else res.past_key_values
 
 
-def _continuation_passes(model, chunk: list[_Group], cache: Any, cache_name: str, batch_size: int, device: torch.device,
-                         softmax_dtype: torch.dtype | None, out: list[tuple[float, bool] | None]) -> None:
+def _continuation_passes(
+    model,
+    chunk: list[_Group],
+    cache: Any,
+    cache_name: str,
+    batch_size: int,
+    device: torch.device,
+    softmax_dtype: torch.dtype | None,
+    out: list[tuple[float, bool] | None],
+) -> None:
     width = max(len(g.prefix) for g in chunk)
     rows = [(gi, row) for gi, g in enumerate(chunk) for row in g.rows]
     for start in range(0, len(rows), batch_size):
@@ -199,7 +221,9 @@ def _continuation_passes(model, chunk: list[_Group], cache: Any, cache_name: str
         n_rows, cols = len(part), max(len(r[2]) for _, r in part)
         inp = torch.zeros((n_rows, cols), dtype=torch.long)  # (R, C)
         target = torch.zeros((n_rows, cols), dtype=torch.long)  # (R, C)
-        mask = torch.zeros((n_rows, width + cols), dtype=torch.long)  # (R, P + C): context row, then own tokens
+        mask = torch.zeros(
+            (n_rows, width + cols), dtype=torch.long
+        )  # (R, P + C): context row, then own tokens
         pos = torch.arange(cols).repeat(n_rows, 1)  # (R, C)
         lens = torch.tensor([len(r[2]) for _, r in part])  # (R,)
         for j, (gi, (_, x, cont)) in enumerate(part):
@@ -212,13 +236,19 @@ def _continuation_passes(model, chunk: list[_Group], cache: Any, cache_name: str
         kwargs: dict[str, Any] = {"position_ids": pos.to(device), "use_cache": False}
         if cache is not None:
             index = torch.tensor([gi for gi, _ in part], device=device)
-            kwargs |= {cache_name: _rows_of(cache, index), "attention_mask": mask.to(device), "use_cache": True}
+            kwargs |= {
+                cache_name: _rows_of(cache, index),
+                "attention_mask": mask.to(device),
+                "use_cache": True,
+            }
         logits = model(input_ids=inp.to(device), **kwargs).logits  # (R, C, V)
         logp = F.log_softmax(logits, dim=-1, dtype=softmax_dtype)
         target = target.to(device)
         valid = torch.arange(cols, device=device)[None, :] < lens.to(device)[:, None]  # (R, C)
         picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (R, C)
-        sums = torch.where(valid, picked, torch.zeros((), dtype=picked.dtype, device=device)).sum(-1)
+        sums = torch.where(valid, picked, torch.zeros((), dtype=picked.dtype, device=device)).sum(
+            -1
+        )
         greedy = ((logp.argmax(-1) == target) | ~valid).all(-1)
         for j, (_, (i, _, _)) in enumerate(part):
             out[i] = (float(sums[j]), bool(greedy[j]))
@@ -247,27 +277,53 @@ def shared_context_hflm() -> type:
     class SharedContextHFLM(HFLM):
         """HFLM whose loglikelihood requests run each shared context once (:func:`score_shared`)."""
 
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        def _loglikelihood_tokens(
+            self, requests, disable_tqdm: bool = False, override_bs: int | None = None
+        ):
             why = self._hflm_reason(requests)
             if why:
                 if why != "rolling":  # loglikelihood_rolling said so already
-                    _say_once(why, f"shared-context scorer: {why}: loglikelihood requests use HFLM's path")
-                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+                    _say_once(
+                        why, f"shared-context scorer: {why}: loglikelihood requests use HFLM's path"
+                    )
+                return super()._loglikelihood_tokens(
+                    requests, disable_tqdm=disable_tqdm, override_bs=override_bs
+                )
             cut = sum(len(c) + len(x) > self.max_length + 1 for _, c, x in requests)
             if cut:
-                _say_once("cut", f"shared-context scorer: {cut} of {len(requests)} requests exceed max_length ({self.max_length}): their contexts are left-truncated as HFLM does")
+                _say_once(
+                    "cut",
+                    f"shared-context scorer: {cut} of {len(requests)} requests exceed max_length ({self.max_length}): their contexts are left-truncated as HFLM does",
+                )
             # Right-padded rows stay inside a sliding window when every pair fits half of it.
             window = sliding_window(self.model)
-            mine = [i for i, (_, c, x) in enumerate(requests) if window is None or min(len(c) + len(x), self.max_length + 1) <= window // 2]
+            mine = [
+                i
+                for i, (_, c, x) in enumerate(requests)
+                if window is None or min(len(c) + len(x), self.max_length + 1) <= window // 2
+            ]
             rest = sorted(set(range(len(requests))) - set(mine))
             res: list[Any] = [None] * len(requests)
             if rest:
-                _say_once("window", f"shared-context scorer: pairs longer than half the sliding window ({window}) use HFLM's path")
-                for i, r in zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm=True), strict=True):
+                _say_once(
+                    "window",
+                    f"shared-context scorer: pairs longer than half the sliding window ({window}) use HFLM's path",
+                )
+                for i, r in zip(
+                    rest,
+                    super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm=True),
+                    strict=True,
+                ):
                     res[i] = r
-            got = score_shared(self.model, [(requests[i][1], requests[i][2]) for i in mine], max_length=self.max_length,
-                               batch_size=int(self.batch_size), device=self.device,
-                               softmax_dtype=getattr(self, "softmax_dtype", None), autocast_dtype=getattr(self, "mixed_precision_dtype", None))
+            got = score_shared(
+                self.model,
+                [(requests[i][1], requests[i][2]) for i in mine],
+                max_length=self.max_length,
+                batch_size=int(self.batch_size),
+                device=self.device,
+                softmax_dtype=getattr(self, "softmax_dtype", None),
+                autocast_dtype=getattr(self, "mixed_precision_dtype", None),
+            )
             for i, r in zip(mine, got, strict=True):
                 res[i] = r
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
@@ -285,7 +341,9 @@ def shared_context_hflm() -> type:
             return ""
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            _say_once("rolling", "shared-context scorer: loglikelihood_rolling requests use HFLM's path")
+            _say_once(
+                "rolling", "shared-context scorer: loglikelihood_rolling requests use HFLM's path"
+            )
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
         def generate_until(self, requests, disable_tqdm: bool = False):
@@ -317,7 +375,14 @@ def _quiet_class(scorer: str) -> type:
     return Quiet
 
 
-def make_lm(model: torch.nn.Module, tokenizer: Any, *, scorer: str = "shared", batch_size: int = 32, device: str = "cpu") -> Any:
+def make_lm(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    scorer: str = "shared",
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> Any:
     """The lm-eval LM that scores an in-memory model, without progress bars (a search prints its own).
 
     Args:
@@ -335,4 +400,6 @@ def make_lm(model: torch.nn.Module, tokenizer: Any, *, scorer: str = "shared", b
     """
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
-    return _quiet_class(scorer)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    return _quiet_class(scorer)(
+        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device
+    )

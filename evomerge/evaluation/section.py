@@ -82,12 +82,21 @@ def _resolve_include(value: Any, file: str, base_dir: Path) -> list[str]:
     for i, v in enumerate(values):
         where = "evaluate.include_path" + (f"[{i}]" if isinstance(value, list) else "")
         if not isinstance(v, str) or not v:
-            raise ConfigError(file, where, f"must be a directory path (or a scheme reference such as zoo:demo), got {v!r}")
+            raise ConfigError(
+                file,
+                where,
+                f"must be a directory path (or a scheme reference such as zoo:demo), got {v!r}",
+            )
         scheme = scheme_of(v)
         if scheme is not None:
             resolved = resolve(v)
             if resolved is None or not resolved.is_dir():
-                raise ConfigError(file, where, f"unknown {scheme.name} task folder {v!r}" + did_you_mean(v, [r for r in known_refs(v) if "/" not in r]))
+                raise ConfigError(
+                    file,
+                    where,
+                    f"unknown {scheme.name} task folder {v!r}"
+                    + did_you_mean(v, [r for r in known_refs(v) if "/" not in r]),
+                )
             out.append(str(resolved.resolve()))
             continue
         p = Path(v).expanduser()
@@ -111,19 +120,34 @@ def _parse_task(entry: Any, file: str, where: str) -> TaskSpec:
     if isinstance(entry, str) and entry:
         return TaskSpec(entry)
     if not isinstance(entry, Mapping):
-        raise ConfigError(file, where, f"must be a task name or a mapping with keys {sorted(_TASK_KEYS)}, got {entry!r}")
+        raise ConfigError(
+            file,
+            where,
+            f"must be a task name or a mapping with keys {sorted(_TASK_KEYS)}, got {entry!r}",
+        )
     unknown = set(entry) - _TASK_KEYS
     if unknown:
         key = sorted(unknown)[0]
-        raise ConfigError(file, f"{where}.{key}", "unknown key" + did_you_mean(str(key), _TASK_KEYS))
+        raise ConfigError(
+            file, f"{where}.{key}", "unknown key" + did_you_mean(str(key), _TASK_KEYS)
+        )
     name = entry.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError(file, f"{where}.name", "a task needs a name")
     metric = entry.get("metric", "acc")
     if not isinstance(metric, str) or not metric:
-        raise ConfigError(file, f"{where}.metric", f"must be a metric name such as acc or acc_norm, got {metric!r}")
+        raise ConfigError(
+            file,
+            f"{where}.metric",
+            f"must be a metric name such as acc or acc_norm, got {metric!r}",
+        )
     weight = entry.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 or not math.isfinite(weight):
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float))
+        or not weight > 0
+        or not math.isfinite(weight)
+    ):
         raise ConfigError(file, f"{where}.weight", f"must be a positive number, got {weight!r}")
     shots = _int_or_none(entry.get("num_fewshot"), file, f"{where}.num_fewshot", minimum=0)
     return TaskSpec(name, metric, float(weight), shots)
@@ -131,7 +155,9 @@ def _parse_task(entry: Any, file: str, where: str) -> TaskSpec:
 
 def _parse_task_list(value: Any, file: str, where: str) -> list[TaskSpec]:
     if not isinstance(value, list):
-        raise ConfigError(file, where, f"must be a list of task names or mappings, got {type(value).__name__}")
+        raise ConfigError(
+            file, where, f"must be a list of task names or mappings, got {type(value).__name__}"
+        )
     specs = [_parse_task(e, file, f"{where}[{i}]") for i, e in enumerate(value)]
     seen: set[str] = set()
     for i, s in enumerate(specs):
@@ -141,7 +167,9 @@ def _parse_task_list(value: Any, file: str, where: str) -> list[TaskSpec]:
     return specs
 
 
-def _check_names(specs: list[TaskSpec], where: str, file: str, include_path: list[str], *, skip: set[str]) -> None:
+def _check_names(
+    specs: list[TaskSpec], where: str, file: str, include_path: list[str], *, skip: set[str]
+) -> None:
     """Every task name must exist, locally or in lm-eval's own index (names only: no download)."""
     local = local_task_names(include_path) if include_path else set()
     missing = [(i, s) for i, s in enumerate(specs) if s.name not in local and s.name not in skip]
@@ -150,7 +178,11 @@ def _check_names(specs: list[TaskSpec], where: str, file: str, include_path: lis
     known = set(task_manager(tuple(include_path), True).all_tasks)
     for i, s in missing:
         if s.name not in known:
-            raise ConfigError(file, f"{where}[{i}]", f"unknown lm-eval task {s.name!r}" + did_you_mean(s.name, known, show_all=0))
+            raise ConfigError(
+                file,
+                f"{where}[{i}]",
+                f"unknown lm-eval task {s.name!r}" + did_you_mean(s.name, known, show_all=0),
+            )
 
 
 def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path) -> EvalConfig:
@@ -169,35 +201,56 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
             overlap search items.
     """
     if section is None:
-        raise ConfigError(file, "evaluate", "missing: name the tasks (or a preset) that score a candidate")
+        raise ConfigError(
+            file, "evaluate", "missing: name the tasks (or a preset) that score a candidate"
+        )
     if not isinstance(section, Mapping):
         raise ConfigError(file, "evaluate", f"must be a mapping, got {type(section).__name__}")
     unknown = set(section) - _KEYS
     if unknown:
         key = sorted(map(str, unknown))[0]
         raise ConfigError(file, f"evaluate.{key}", "unknown key" + did_you_mean(key, _KEYS))
-    include = _resolve_include(section["include_path"], file, Path(base_dir)) if section.get("include_path") is not None else []
+    include = (
+        _resolve_include(section["include_path"], file, Path(base_dir))
+        if section.get("include_path") is not None
+        else []
+    )
 
     preset = section.get("preset")
     search: list[TaskSpec] = []
     if preset is not None:
         if preset not in PRESETS:
-            raise ConfigError(file, "evaluate.preset", f"unknown preset {preset!r}" + did_you_mean(str(preset), PRESETS))
+            raise ConfigError(
+                file,
+                "evaluate.preset",
+                f"unknown preset {preset!r}" + did_you_mean(str(preset), PRESETS),
+            )
         search = [TaskSpec(n, m, 1.0, k) for n, m, k in PRESETS[preset]]
     if section.get("tasks") is not None:
         extra = _parse_task_list(section["tasks"], file, "evaluate.tasks")
         names = {s.name for s in search}
         for i, s in enumerate(extra):
             if s.name in names:
-                raise ConfigError(file, f"evaluate.tasks[{i}]", f"task {s.name!r} is already in preset {preset}")
+                raise ConfigError(
+                    file, f"evaluate.tasks[{i}]", f"task {s.name!r} is already in preset {preset}"
+                )
         search += extra
     if not search:
-        raise ConfigError(file, "evaluate.tasks", "name at least one task (or a preset: " + ", ".join(PRESETS) + ")")
+        raise ConfigError(
+            file,
+            "evaluate.tasks",
+            "name at least one task (or a preset: " + ", ".join(PRESETS) + ")",
+        )
     limit = _int_or_none(section.get("limit"), file, "evaluate.limit")
     batch_size = _int_or_none(section.get("batch_size", 32), file, "evaluate.batch_size")
     scorer = section.get("scorer", "shared")
     if scorer not in SCORERS:
-        raise ConfigError(file, "evaluate.scorer", f"must be one of {', '.join(SCORERS)}, got {scorer!r}" + did_you_mean(str(scorer), SCORERS))
+        raise ConfigError(
+            file,
+            "evaluate.scorer",
+            f"must be one of {', '.join(SCORERS)}, got {scorer!r}"
+            + did_you_mean(str(scorer), SCORERS),
+        )
     preset_names = {n for n, _, _ in PRESETS.get(preset or "", ())}
     _check_names(search, "evaluate.tasks", file, include, skip=preset_names)
 
@@ -206,20 +259,34 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
     h = section.get("holdout")
     if h is not None:
         if not isinstance(h, Mapping):
-            raise ConfigError(file, "evaluate.holdout", "must be a mapping: {tasks: [...]} or {limit: N}")
+            raise ConfigError(
+                file, "evaluate.holdout", "must be a mapping: {tasks: [...]} or {limit: N}"
+            )
         unknown = set(h) - _HOLDOUT_KEYS
         if unknown:
             key = sorted(map(str, unknown))[0]
-            raise ConfigError(file, f"evaluate.holdout.{key}", "unknown key" + did_you_mean(key, _HOLDOUT_KEYS))
+            raise ConfigError(
+                file, f"evaluate.holdout.{key}", "unknown key" + did_you_mean(key, _HOLDOUT_KEYS)
+            )
         holdout_limit = _int_or_none(h.get("limit"), file, "evaluate.holdout.limit")
         if h.get("tasks") is not None:
             holdout = _parse_task_list(h["tasks"], file, "evaluate.holdout.tasks")
             _check_names(holdout, "evaluate.holdout.tasks", file, include, skip=set())
         elif holdout_limit is None:
-            raise ConfigError(file, "evaluate.holdout", "give tasks (separate holdout tasks) or limit (the docs after the search docs)")
+            raise ConfigError(
+                file,
+                "evaluate.holdout",
+                "give tasks (separate holdout tasks) or limit (the docs after the search docs)",
+            )
         elif limit is None:
-            raise ConfigError(file, "evaluate.holdout.limit", "the holdout docs follow the search docs, so evaluate.limit must be set (otherwise search uses every doc and they overlap)")
-    cfg = EvalConfig(search, holdout, include, limit, holdout_limit, int(batch_size or 32), preset, file, scorer)
+            raise ConfigError(
+                file,
+                "evaluate.holdout.limit",
+                "the holdout docs follow the search docs, so evaluate.limit must be set (otherwise search uses every doc and they overlap)",
+            )
+    cfg = EvalConfig(
+        search, holdout, include, limit, holdout_limit, int(batch_size or 32), preset, file, scorer
+    )
     _check_disjoint(cfg)
     return cfg
 
@@ -230,7 +297,11 @@ def _check_disjoint(cfg: EvalConfig) -> None:
     search_names = {s.name for s in cfg.search}
     for i, s in enumerate(cfg.holdout):
         if s.name in search_names:
-            raise ConfigError(cfg.file, f"evaluate.holdout.tasks[{i}]", f"{s.name!r} is also a search task: its holdout items would overlap the search items (use holdout: {{limit: N}} for a later doc range)")
+            raise ConfigError(
+                cfg.file,
+                f"evaluate.holdout.tasks[{i}]",
+                f"{s.name!r} is also a search task: its holdout items would overlap the search items (use holdout: {{limit: N}} for a later doc range)",
+            )
     if not cfg.holdout or not cfg.include_path:
         return
     local = local_task_names(cfg.include_path)
@@ -247,8 +318,8 @@ def _check_disjoint(cfg: EvalConfig) -> None:
     for i, name in h_local:
         for t in texts_of(tasks, name, doc_ids(tasks, name, 0, cfg.holdout_limit)):
             if t in search_texts:
-                raise ConfigError(cfg.file, f"evaluate.holdout.tasks[{i}]", f"holdout task {name!r} shares items with search task {search_texts[t]!r} (e.g. {t[:60]!r})")
-
-
-
-
+                raise ConfigError(
+                    cfg.file,
+                    f"evaluate.holdout.tasks[{i}]",
+                    f"holdout task {name!r} shares items with search task {search_texts[t]!r} (e.g. {t[:60]!r})",
+                )

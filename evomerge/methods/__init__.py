@@ -5,4 +5,13 @@ from evomerge.methods.reference import sign_consensus, slerp_tensors
 from evomerge.methods.registry import METHODS, NOT_METHODS, get_method
 from evomerge.methods.spec import REQUIRED, Method, Param
 
-__all__ = ["METHODS", "NOT_METHODS", "REQUIRED", "Method", "Param", "get_method", "sign_consensus", "slerp_tensors"]
+__all__ = [
+    "METHODS",
+    "NOT_METHODS",
+    "REQUIRED",
+    "Method",
+    "Param",
+    "get_method",
+    "sign_consensus",
+    "slerp_tensors",
+]

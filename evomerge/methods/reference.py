@@ -13,7 +13,9 @@ import torch
 __all__ = ["slerp_tensors", "sign_consensus"]
 
 
-def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+def slerp_tensors(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> torch.Tensor:
     """Spherical interpolation of two tensors, each taken as one flattened vector.
 
     Interpolates the raw vectors (not their unit directions) with the angle between them; falls

@@ -85,7 +85,9 @@ class Param:
                 value = float(value)
             except ValueError:
                 raise ValueError(f"must be {self.allowed()}, got {value!r}") from None
-        if not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+        if not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)
+        ):
             raise ValueError(f"must be {self.allowed()}, got {value!r}")
         if self.kind is int:
             if float(value) != int(value):
@@ -140,15 +142,17 @@ class Method:
             return f"merge_method {self.name} needs a base_model that is one of the merged models"
         non_base = n_inputs - int(has_base and self.base != "ignored")
         if n_inputs < self.min_inputs:
-            return f"merge_method {self.name} needs at least {self.min_inputs} models, got {n_inputs}"
+            return (
+                f"merge_method {self.name} needs at least {self.min_inputs} models, got {n_inputs}"
+            )
         if self.max_inputs is not None and n_inputs > self.max_inputs:
             exact = "exactly" if self.max_inputs == self.min_inputs else "at most"
-            return f"merge_method {self.name} takes {exact} {self.max_inputs} model(s), got {n_inputs}"
+            return (
+                f"merge_method {self.name} takes {exact} {self.max_inputs} model(s), got {n_inputs}"
+            )
         if self.min_non_base is not None and non_base < self.min_non_base:
             return f"merge_method {self.name} needs at least {self.min_non_base} models besides the base, got {non_base}"
         if self.max_non_base is not None and non_base > self.max_non_base:
             exact = "exactly" if self.max_non_base == self.min_non_base else "at most"
             return f"merge_method {self.name} takes {exact} {self.max_non_base} models besides the base, got {non_base}"
         return None
-
-

@@ -87,7 +87,9 @@ class MoEBuilder:
         seed: seeds random routers and noise.
     """
 
-    def __init__(self, sources: dict[str, ModelSource], *, device: str | torch.device = "cpu", seed: int = 0) -> None:
+    def __init__(
+        self, sources: dict[str, ModelSource], *, device: str | torch.device = "cpu", seed: int = 0
+    ) -> None:
         self.sources = sources
         self.device = check_device(device)
         self.seed = seed
@@ -114,22 +116,38 @@ class MoEBuilder:
         base = self.sources[cfg.base_model]
         btype = base.config.get("model_type")
         if btype not in FAMILIES:
-            raise ConfigError(file, "base_model", f"is a {btype!r} model; evomerge builds Mixtral mixtures from Llama or Mistral models only (mergekit-moe builds other families as Qwen2-MoE or DeepSeek models)")
-        srcs = experts if experts is not None else [self.sources[e.source_model] for e in cfg.experts]
+            raise ConfigError(
+                file,
+                "base_model",
+                f"is a {btype!r} model; evomerge builds Mixtral mixtures from Llama or Mistral models only (mergekit-moe builds other families as Qwen2-MoE or DeepSeek models)",
+            )
+        srcs = (
+            experts if experts is not None else [self.sources[e.source_model] for e in cfg.experts]
+        )
         for i, src in enumerate(srcs):
             if src is None:
                 continue
             fld = f"experts[{i}].source_model"
             if src.config.get("model_type") != btype:
-                raise ConfigError(file, fld, f"is a {src.config.get('model_type')!r} model but the base is {btype!r}: every expert must have the base's architecture")
+                raise ConfigError(
+                    file,
+                    fld,
+                    f"is a {src.config.get('model_type')!r} model but the base is {btype!r}: every expert must have the base's architecture",
+                )
             for key in _SHAPE_KEYS:
                 if src.config.get(key) != base.config.get(key):
-                    raise ConfigError(file, fld, f"has {key} {src.config.get(key)} but the base has {base.config.get(key)}: every expert must have the base's shapes")
+                    raise ConfigError(
+                        file,
+                        fld,
+                        f"has {key} {src.config.get(key)} but the base has {base.config.get(key)}: every expert must have the base's shapes",
+                    )
             for layer in range(int(base.config["num_hidden_layers"])):
                 for proj in _PROJ_ORDER:
                     name = f"model.layers.{layer}.mlp.{proj}.weight"
                     if name not in src:
-                        raise ConfigError(file, fld, f"has no tensor {name}: not a Llama/Mistral MLP")
+                        raise ConfigError(
+                            file, fld, f"has no tensor {name}: not a Llama/Mistral MLP"
+                        )
 
     def layout(self, cfg: MoEConfig) -> MoELayout:
         """The output's config and tensor list (no tensor is read).
@@ -141,7 +159,13 @@ class MoEBuilder:
         from transformers import AutoConfig, MistralConfig, MixtralConfig
 
         base = self.sources[cfg.base_model]
-        dtype = cfg.dtype or canonical(str(base.config.get("dtype") or base.config.get("torch_dtype") or "float32")) or "float32"
+        dtype = (
+            cfg.dtype
+            or canonical(
+                str(base.config.get("dtype") or base.config.get("torch_dtype") or "float32")
+            )
+            or "float32"
+        )
         base_cfg = AutoConfig.from_pretrained(str(base.path))
         if not isinstance(base_cfg, MistralConfig):
             as_mistral = MistralConfig(**base_cfg.to_dict())
@@ -169,17 +193,33 @@ class MoEBuilder:
                 moe_parts.append((name, shape))
             elif name in base:
                 if base.shape(name) != shape:
-                    raise ConfigError(cfg.source_file, "base_model", f"tensor {name} is {list(base.shape(name))} but a Mixtral model of its config needs {list(shape)}")
+                    raise ConfigError(
+                        cfg.source_file,
+                        "base_model",
+                        f"tensor {name} is {list(base.shape(name))} but a Mixtral model of its config needs {list(shape)}",
+                    )
                 specs.append((name, shape))
             elif not (tied and name == "lm_head.weight"):
-                raise ConfigError(cfg.source_file, "base_model", f"has no tensor {name}, which the Mixtral model needs")
+                raise ConfigError(
+                    cfg.source_file,
+                    "base_model",
+                    f"has no tensor {name}, which the Mixtral model needs",
+                )
         left = [n for n in base.names() if n not in wanted and ".mlp." not in n]
         if left:
-            raise ConfigError(cfg.source_file, "base_model", f"tensor {left[0]} has no place in a Mixtral model (Mixtral has no attention or MLP biases)")
+            raise ConfigError(
+                cfg.source_file,
+                "base_model",
+                f"tensor {left[0]} has no place in a Mixtral model (Mixtral has no attention or MLP biases)",
+            )
         moe_parts.sort(key=lambda s: (_layer(s[0]), "down_proj" in s[0]))
-        return MoELayout(out, specs + moe_parts + sorted(routers, key=lambda s: _layer(s[0])), dtype)
+        return MoELayout(
+            out, specs + moe_parts + sorted(routers, key=lambda s: _layer(s[0])), dtype
+        )
 
-    def tensors(self, cfg: MoEConfig, layout: MoELayout, experts: Sequence[ExpertTensors] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(
+        self, cfg: MoEConfig, layout: MoELayout, experts: Sequence[ExpertTensors] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Every output tensor, in ``layout.specs`` order, in the output dtype (on the CPU).
 
         Args:
@@ -191,7 +231,11 @@ class MoEBuilder:
         gen = torch.Generator().manual_seed(self.seed)
         gates = self.router(cfg.base_model).gates(cfg.gate_mode, cfg.experts, gen)
         base = self.sources[cfg.base_model]
-        get = list(experts) if experts is not None else [self.sources[e.source_model].get for e in cfg.experts]
+        get = (
+            list(experts)
+            if experts is not None
+            else [self.sources[e.source_model].get for e in cfg.experts]
+        )
         for name, _ in layout.specs:
             if ".mlp." in name:
                 break
@@ -214,7 +258,13 @@ class MoEBuilder:
         for layer in range(gates.shape[0]):
             yield f"model.layers.{layer}.mlp.gate.weight", gates[layer].to(out_dtype).contiguous()
 
-    def run(self, cfg: MoEConfig, layout: MoELayout, sink: Callable[[str, torch.Tensor], None], experts: Sequence[ExpertTensors] | None = None) -> MoEResult:
+    def run(
+        self,
+        cfg: MoEConfig,
+        layout: MoELayout,
+        sink: Callable[[str, torch.Tensor], None],
+        experts: Sequence[ExpertTensors] | None = None,
+    ) -> MoEResult:
         """Hand every output tensor to ``sink`` in order, checking names, shapes and finiteness.
 
         Raises:
@@ -231,14 +281,20 @@ class MoEBuilder:
                 if name != expected:  # pragma: no cover - tensors() follows layout()
                     raise RuntimeError(f"MoE builder produced {name}, expected {expected}")
                 if tuple(t.shape) != shape:
-                    raise EvomergeError(f"{cfg.source_file or 'MoE'}: tensor {name} is {list(t.shape)} but the Mixtral model needs {list(shape)} (an expert of other shapes?)")
+                    raise EvomergeError(
+                        f"{cfg.source_file or 'MoE'}: tensor {name} is {list(t.shape)} but the Mixtral model needs {list(shape)} (an expert of other shapes?)"
+                    )
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise EvomergeError(f"{cfg.source_file or 'MoE'}: tensor {name} has NaN or inf values")
+                    raise EvomergeError(
+                        f"{cfg.source_file or 'MoE'}: tensor {name} has NaN or inf values"
+                    )
                 per[name] = tensor_digest(t)
                 nbytes += t.numel() * t.element_size()
                 sink(name, t)
         tensors = tensors_digest(per, shapes)
-        digest = hashlib.sha256(f"{tensors}|experts_per_token={cfg.experts_per_token}".encode()).hexdigest()
+        digest = hashlib.sha256(
+            f"{tensors}|experts_per_token={cfg.experts_per_token}".encode()
+        ).hexdigest()
         return MoEResult(digest, time.perf_counter() - start, len(per), nbytes, tensors, per)
 
     def build_model(self, layout: MoELayout) -> torch.nn.Module:
@@ -253,7 +309,13 @@ class MoEBuilder:
             model = MixtralForCausalLM._from_config(layout.config, dtype=torch_dtype(layout.dtype))
         return model.to(self.device).eval()
 
-    def build_into(self, model: torch.nn.Module, cfg: MoEConfig, layout: MoELayout, experts: Sequence[ExpertTensors] | None = None) -> MoEResult:
+    def build_into(
+        self,
+        model: torch.nn.Module,
+        cfg: MoEConfig,
+        layout: MoELayout,
+        experts: Sequence[ExpertTensors] | None = None,
+    ) -> MoEResult:
         """Write a mixture's tensors into ``model`` (built by :meth:`build_model` for the same layout)."""
         params: Mapping[str, torch.Tensor] = model.state_dict(keep_vars=True)
 

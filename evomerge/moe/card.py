@@ -13,7 +13,9 @@ def _quoted(prompts: tuple[str, ...]) -> str:
     return ", ".join(f"`{p}`" for p in prompts) if prompts else "none"
 
 
-def render_moe_card(cfg: MoEConfig, config_yaml: str, *, dtype: str, extra: str = "", name: str | None = None) -> str:
+def render_moe_card(
+    cfg: MoEConfig, config_yaml: str, *, dtype: str, extra: str = "", name: str | None = None
+) -> str:
     """Markdown model card with front matter for a mixture of experts.
 
     Args:
@@ -57,7 +59,9 @@ def render_moe_card(cfg: MoEConfig, config_yaml: str, *, dtype: str, extra: str 
         if e.residual_scale is not None:
             extras.append(f"residual_scale {e.residual_scale:g}")
         model = e.source_model + (f" ({', '.join(extras)})" if extras else "")
-        lines.append(f"| {i} | {model} | {_quoted(e.positive_prompts)} | {_quoted(e.negative_prompts)} |")
+        lines.append(
+            f"| {i} | {model} | {_quoted(e.positive_prompts)} | {_quoted(e.negative_prompts)} |"
+        )
     lines += [
         "",
         "## Configuration",

@@ -32,13 +32,36 @@ from evomerge.dtypes import ALIASES, canonical
 from evomerge.errors import ConfigError, did_you_mean
 from evomerge.io import dump_yaml, read_yaml
 
-__all__ = ["GATE_MODES", "PROMPTED_MODES", "Expert", "MoEConfig", "load_moe_config", "parse_moe_config", "is_moe_mapping"]
+__all__ = [
+    "GATE_MODES",
+    "PROMPTED_MODES",
+    "Expert",
+    "MoEConfig",
+    "load_moe_config",
+    "parse_moe_config",
+    "is_moe_mapping",
+]
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
 # Gate modes whose router weights come from each expert's prompts.
 PROMPTED_MODES = ("hidden", "cheap_embed")
-_TOP_KEYS = ("base_model", "experts", "gate_mode", "experts_per_token", "dtype", "shared_experts", "architecture", "merge_method")
-_EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
+_TOP_KEYS = (
+    "base_model",
+    "experts",
+    "gate_mode",
+    "experts_per_token",
+    "dtype",
+    "shared_experts",
+    "architecture",
+    "merge_method",
+)
+_EXPERT_KEYS = (
+    "source_model",
+    "positive_prompts",
+    "negative_prompts",
+    "noise_scale",
+    "residual_scale",
+)
 _ARCHITECTURES = ("mixtral", "deepseek", "qwen", "qwen3")
 
 
@@ -77,7 +100,9 @@ class MoEConfig:
 def is_moe_mapping(data: Any) -> bool:
     """Whether a parsed YAML mapping is a mixture-of-experts configuration (it has ``experts:``,
     ``gate_mode:`` or ``merge_method: moe``) rather than a merge recipe."""
-    return isinstance(data, Mapping) and ("experts" in data or "gate_mode" in data or data.get("merge_method") == "moe")
+    return isinstance(data, Mapping) and (
+        "experts" in data or "gate_mode" in data or data.get("merge_method") == "moe"
+    )
 
 
 def load_moe_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> MoEConfig:
@@ -109,12 +134,22 @@ def _model_ref(value: Any, file: str | None, fld: str) -> str:
     return value.strip()
 
 
-def _mapping(value: Any, file: str | None, fld: str | None, allowed: tuple[str, ...]) -> Mapping[str, Any]:
+def _mapping(
+    value: Any, file: str | None, fld: str | None, allowed: tuple[str, ...]
+) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise ConfigError(file, fld, f"must be a mapping with keys {', '.join(allowed)}, got {type(value).__name__}")
+        raise ConfigError(
+            file,
+            fld,
+            f"must be a mapping with keys {', '.join(allowed)}, got {type(value).__name__}",
+        )
     for key in value:
         if key not in allowed:
-            raise ConfigError(file, f"{fld}.{key}" if fld else str(key), f"unknown key{did_you_mean(str(key), allowed)}")
+            raise ConfigError(
+                file,
+                f"{fld}.{key}" if fld else str(key),
+                f"unknown key{did_you_mean(str(key), allowed)}",
+            )
     return value
 
 
@@ -159,27 +194,53 @@ def parse_moe_config(data: Any, file: str | None = None) -> MoEConfig:
         raise ConfigError(file, None, "empty configuration: expected base_model and experts")
     m = _mapping(data, file, None, _TOP_KEYS)
     if m.get("merge_method", "moe") != "moe":
-        raise ConfigError(file, "merge_method", f"a mixture-of-experts configuration takes merge_method: moe or none, got {m['merge_method']!r}")
+        raise ConfigError(
+            file,
+            "merge_method",
+            f"a mixture-of-experts configuration takes merge_method: moe or none, got {m['merge_method']!r}",
+        )
     if m.get("base_model") is None:
-        raise ConfigError(file, "base_model", "missing: the model whose attention, embeddings and norms the mixture keeps")
+        raise ConfigError(
+            file,
+            "base_model",
+            "missing: the model whose attention, embeddings and norms the mixture keeps",
+        )
     base = _model_ref(m["base_model"], file, "base_model")
     if m.get("shared_experts"):
-        raise ConfigError(file, "shared_experts", "is not supported: evomerge builds Mixtral models, which have no shared experts (mergekit-moe builds them as Qwen2-MoE or DeepSeek models)")
+        raise ConfigError(
+            file,
+            "shared_experts",
+            "is not supported: evomerge builds Mixtral models, which have no shared experts (mergekit-moe builds them as Qwen2-MoE or DeepSeek models)",
+        )
     arch = m.get("architecture")
     if arch is not None:
         if not isinstance(arch, str) or not arch.strip():
-            raise ConfigError(file, "architecture", f"must be a string such as mixtral, got {arch!r}")
+            raise ConfigError(
+                file, "architecture", f"must be a string such as mixtral, got {arch!r}"
+            )
         if not "mixtral".startswith(arch.strip().lower()):
             known = [a for a in _ARCHITECTURES if a.startswith(arch.strip().lower())]
             if not known:
-                raise ConfigError(file, "architecture", f"unknown output architecture {arch!r}{did_you_mean(arch.lower(), _ARCHITECTURES)}")
-            raise ConfigError(file, "architecture", f"{arch!r} output is not supported: evomerge builds Mixtral models from Llama or Mistral experts (use mergekit-moe for {known[0]})")
+                raise ConfigError(
+                    file,
+                    "architecture",
+                    f"unknown output architecture {arch!r}{did_you_mean(arch.lower(), _ARCHITECTURES)}",
+                )
+            raise ConfigError(
+                file,
+                "architecture",
+                f"{arch!r} output is not supported: evomerge builds Mixtral models from Llama or Mistral experts (use mergekit-moe for {known[0]})",
+            )
     mode = m.get("gate_mode", "hidden")
     if mode not in GATE_MODES:
-        raise ConfigError(file, "gate_mode", f"unknown gate_mode {mode!r}{did_you_mean(str(mode), GATE_MODES)}")
+        raise ConfigError(
+            file, "gate_mode", f"unknown gate_mode {mode!r}{did_you_mean(str(mode), GATE_MODES)}"
+        )
     raw_experts = m.get("experts")
     if not isinstance(raw_experts, list) or not raw_experts:
-        raise ConfigError(file, "experts", "must be a non-empty list of {source_model, positive_prompts}")
+        raise ConfigError(
+            file, "experts", "must be a non-empty list of {source_model, positive_prompts}"
+        )
     experts = tuple(_expert(e, file, f"experts[{i}]") for i, e in enumerate(raw_experts))
     k = m.get("experts_per_token", 2)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -187,25 +248,53 @@ def parse_moe_config(data: Any, file: str | None = None) -> MoEConfig:
     if k > len(experts):
         given = "is" if "experts_per_token" in m else "is not given and defaults to"
         listed = f"only {len(experts)} expert{'s are' if len(experts) > 1 else ' is'} listed"
-        raise ConfigError(file, "experts_per_token", f"{given} {k} but {listed}; it must be at most the number of experts")
+        raise ConfigError(
+            file,
+            "experts_per_token",
+            f"{given} {k} but {listed}; it must be at most the number of experts",
+        )
     dtype = m.get("dtype")
     if dtype is not None and canonical(str(dtype)) is None:
-        raise ConfigError(file, "dtype", f"unknown dtype {dtype!r}{did_you_mean(str(dtype), ALIASES)}")
+        raise ConfigError(
+            file, "dtype", f"unknown dtype {dtype!r}{did_you_mean(str(dtype), ALIASES)}"
+        )
     _check_routing(experts, mode, file)
-    return MoEConfig(base, experts, str(mode), k, canonical(str(dtype)) if dtype is not None else None, file, dict(m))
+    return MoEConfig(
+        base,
+        experts,
+        str(mode),
+        k,
+        canonical(str(dtype)) if dtype is not None else None,
+        file,
+        dict(m),
+    )
 
 
 def _check_routing(experts: tuple[Expert, ...], mode: str, file: str | None) -> None:
     """Refuse configurations whose routing cannot tell the experts apart."""
     if len(experts) > 1 and all(e.source_model == experts[0].source_model for e in experts[1:]):
-        raise ConfigError(file, "experts", f"every expert is {experts[0].source_model!r}: the mixture would compute the same MLP at greater cost; list different models")
+        raise ConfigError(
+            file,
+            "experts",
+            f"every expert is {experts[0].source_model!r}: the mixture would compute the same MLP at greater cost; list different models",
+        )
     if mode not in PROMPTED_MODES:
         return
     for i, e in enumerate(experts):
         if not e.positive_prompts:
-            raise ConfigError(file, f"experts[{i}].positive_prompts", f"missing: gate_mode {mode} routes tokens by each expert's prompts (or use gate_mode: random)")
+            raise ConfigError(
+                file,
+                f"experts[{i}].positive_prompts",
+                f"missing: gate_mode {mode} routes tokens by each expert's prompts (or use gate_mode: random)",
+            )
         if not any(p.strip() for p in e.positive_prompts):
             raise ConfigError(file, f"experts[{i}].positive_prompts", "has only empty prompts")
     first = (experts[0].positive_prompts, experts[0].negative_prompts)
-    if len(experts) > 1 and all((e.positive_prompts, e.negative_prompts) == first for e in experts[1:]):
-        raise ConfigError(file, "experts", f"every expert has the same prompts, so gate_mode {mode} would route every token to the same experts; give each expert prompts for what it should handle")
+    if len(experts) > 1 and all(
+        (e.positive_prompts, e.negative_prompts) == first for e in experts[1:]
+    ):
+        raise ConfigError(
+            file,
+            "experts",
+            f"every expert has the same prompts, so gate_mode {mode} would route every token to the same experts; give each expert prompts for what it should handle",
+        )

@@ -46,7 +46,9 @@ class ResidentMoE:
         self.builder = MoEBuilder(merger.sources, device=merger.device, seed=merger.seed)
         self._models: dict[str, torch.nn.Module] = {}
 
-    def materialize(self, mapping: Mapping[str, Any], where: str) -> tuple[torch.nn.Module, MoEResult]:
+    def materialize(
+        self, mapping: Mapping[str, Any], where: str
+    ) -> tuple[torch.nn.Module, MoEResult]:
         """Build the candidate into its resident model.
 
         Args:
@@ -72,16 +74,31 @@ class ResidentMoE:
                 getters.append(None)
             plain["experts"].append(e)
         cfg = parse_moe_config(plain, where)
-        missing = [r for r in cfg.referenced_models() if r not in self.merger.sources and not r.startswith("merged-expert-")]
+        missing = [
+            r
+            for r in cfg.referenced_models()
+            if r not in self.merger.sources and not r.startswith("merged-expert-")
+        ]
         if missing:
             self.merger.sources.update(open_sources(missing, file=where))
-        self.builder.check(cfg, [None if g is not None else self.merger.sources[e.source_model] for e, g in zip(cfg.experts, getters, strict=True)])
+        self.builder.check(
+            cfg,
+            [
+                None if g is not None else self.merger.sources[e.source_model]
+                for e, g in zip(cfg.experts, getters, strict=True)
+            ],
+        )
         layout = self.builder.layout(cfg)
-        tensors = [g if g is not None else self.merger.sources[e.source_model].get for e, g in zip(cfg.experts, getters, strict=True)]
+        tensors = [
+            g if g is not None else self.merger.sources[e.source_model].get
+            for e, g in zip(cfg.experts, getters, strict=True)
+        ]
         key = json.dumps(layout.config_dict(), sort_keys=True, default=str) + layout.dtype
         model = self._models.get(key)
         if model is None:
-            if len(self._models) >= 2:  # searches over experts_per_token or experts change layouts: bound memory
+            if (
+                len(self._models) >= 2
+            ):  # searches over experts_per_token or experts change layouts: bound memory
                 self._models.clear()
             model = self.builder.build_model(layout)
             self._models[key] = model
@@ -92,7 +109,11 @@ class ResidentMoE:
         cfg = parse_recipe(dict(recipe), where)
         plan = self.merger.plan(cfg)
         if plan.out_config.get("model_type") not in ("llama", "mistral"):
-            raise ConfigError(where, "merge_method", f"a merged expert must be a Llama or Mistral model, this merge gives {plan.out_config.get('model_type')!r}")
+            raise ConfigError(
+                where,
+                "merge_method",
+                f"a merged expert must be a Llama or Mistral model, this merge gives {plan.out_config.get('model_type')!r}",
+            )
         mlp_plan = dataclasses.replace(plan, tasks=[t for t in plan.tasks if ".mlp." in t.out_name])
         out: dict[str, torch.Tensor] = {}
 

@@ -53,7 +53,9 @@ class Router:
         self._model: torch.nn.Module | None = None
         self._cache: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
 
-    def gates(self, mode: str, experts: Sequence[Expert], generator: torch.Generator) -> torch.Tensor:
+    def gates(
+        self, mode: str, experts: Sequence[Expert], generator: torch.Generator
+    ) -> torch.Tensor:
         """Router weights, shape ``(layers, experts, hidden_size)``.
 
         Args:
@@ -88,7 +90,14 @@ class Router:
 
     def _tokenize(self, prompts: tuple[str, ...]) -> dict[str, torch.Tensor]:
         tok = self.tokenizer()
-        return dict(tok([(tok.bos_token or "") + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False))
+        return dict(
+            tok(
+                [(tok.bos_token or "") + p for p in prompts],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            )
+        )
 
     def tokenizer(self) -> Any:
         """The base model's tokenizer, left-padding with its beginning-of-sequence token."""
@@ -98,7 +107,9 @@ class Router:
             try:
                 tok = AutoTokenizer.from_pretrained(str(self.base.path))
             except Exception as e:  # no tokenizer files, an unreadable one
-                raise EvomergeError(f"model {self.base.ref!r}: cannot load its tokenizer to route by prompts ({one_line(e)[:200]}); use gate_mode random") from None
+                raise EvomergeError(
+                    f"model {self.base.ref!r}: cannot load its tokenizer to route by prompts ({one_line(e)[:200]}); use gate_mode random"
+                ) from None
             tok.padding_side = "left"
             tok.pad_token_id = tok.bos_token_id
             if tok.pad_token_id is None:
@@ -116,8 +127,14 @@ class Router:
     def _hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         model = self._base_model()
         with torch.no_grad():
-            out = model(**{k: v.to(self.device) for k, v in batch.items()}, output_hidden_states=True, return_dict=True)
-        states = torch.stack(out.hidden_states[:-1])[:, :, -1, :]  # (layers, prompts, hidden): entering each layer, last position
+            out = model(
+                **{k: v.to(self.device) for k, v in batch.items()},
+                output_hidden_states=True,
+                return_dict=True,
+            )
+        states = torch.stack(out.hidden_states[:-1])[
+            :, :, -1, :
+        ]  # (layers, prompts, hidden): entering each layer, last position
         return (states.sum(dim=1) / states.shape[1]).cpu()
 
     def _base_model(self) -> torch.nn.Module:
@@ -130,15 +147,24 @@ class Router:
             except ImportError:  # transformers 4.x
                 from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
             with no_init_weights():
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(self.base.path)), dtype=HIDDEN_DTYPE)
-            missing = set(model.load_state_dict({n: self.base.get(n) for n in self.base.names()}, strict=False).missing_keys)
+                model = AutoModelForCausalLM.from_config(
+                    AutoConfig.from_pretrained(str(self.base.path)), dtype=HIDDEN_DTYPE
+                )
+            missing = set(
+                model.load_state_dict(
+                    {n: self.base.get(n) for n in self.base.names()}, strict=False
+                ).missing_keys
+            )
             model.tie_weights()
-            if missing - {"lm_head.weight"} or ("lm_head.weight" in missing and not model.config.tie_word_embeddings):
-                raise EvomergeError(f"model {self.base.ref!r}: its checkpoint lacks {sorted(missing)[0]}, which its config needs")
+            if missing - {"lm_head.weight"} or (
+                "lm_head.weight" in missing and not model.config.tie_word_embeddings
+            ):
+                raise EvomergeError(
+                    f"model {self.base.ref!r}: its checkpoint lacks {sorted(missing)[0]}, which its config needs"
+                )
             self._model = model.to(self.device).eval()
         return self._model
 
     def release(self) -> None:
         """Drop the base model (the cached hidden states stay)."""
         self._model = None
-

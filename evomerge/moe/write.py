@@ -72,7 +72,9 @@ def moe_to_disk(
     cfg = config if isinstance(config, MoEConfig) else load_moe_config(config)
     max_shard = parse_size(shard_size)
     check_device(device)
-    atomic = AtomicDir(out_dir, force=force)  # refuses a non-empty or unwritable target, creates nothing
+    atomic = AtomicDir(
+        out_dir, force=force
+    )  # refuses a non-empty or unwritable target, creates nothing
     sources = open_sources(cfg.referenced_models(), file=cfg.source_file, fields=_fields(cfg))
     builder = MoEBuilder(sources, device=device, seed=seed)
     builder.check(cfg)
@@ -80,23 +82,37 @@ def moe_to_disk(
     out_dtype = torch_dtype(layout.dtype)
     try:
         with atomic:  # removes its temp dir on any error below
-            writer = ShardedWriter(atomic.path, [(n, s, out_dtype) for n, s in layout.specs], max_shard)
+            writer = ShardedWriter(
+                atomic.path, [(n, s, out_dtype) for n, s in layout.specs], max_shard
+            )
             try:
                 result = builder.run(cfg, layout, writer.write)
                 writer.close()
             finally:
                 writer.abort()
-            layout.config.save_pretrained(str(atomic.path))  # config.json, as transformers writes it
-            copy_model_files(sources[cfg.base_model].path, atomic.path, ("generation_config.json",) + (TOKENIZER_FILES if copy_tokenizer else ()))
+            layout.config.save_pretrained(
+                str(atomic.path)
+            )  # config.json, as transformers writes it
+            copy_model_files(
+                sources[cfg.base_model].path,
+                atomic.path,
+                ("generation_config.json",) + (TOKENIZER_FILES if copy_tokenizer else ()),
+            )
             text = config_text if config_text is not None else cfg.to_yaml()
             (atomic.path / CONFIG_NAME).write_text(text)
-            (atomic.path / "README.md").write_text(render_moe_card(cfg, text, dtype=layout.dtype, extra=card_extra))
+            (atomic.path / "README.md").write_text(
+                render_moe_card(cfg, text, dtype=layout.dtype, extra=card_extra)
+            )
     except OSError as e:  # disk full, a permission changed mid-build...
-        raise EvomergeError(f"output {out_dir}: cannot write the mixture of experts: {one_line(e.strerror or e)}") from None
+        raise EvomergeError(
+            f"output {out_dir}: cannot write the mixture of experts: {one_line(e.strerror or e)}"
+        ) from None
     return result
 
 
-def moe_in_memory(config: MoEConfig | Mapping[str, Any] | str | Path, *, device: str = "cpu", seed: int = 0) -> torch.nn.Module:
+def moe_in_memory(
+    config: MoEConfig | Mapping[str, Any] | str | Path, *, device: str = "cpu", seed: int = 0
+) -> torch.nn.Module:
     """Build a mixture of experts into a new in-memory ``MixtralForCausalLM`` (no disk writes).
 
     Args:
@@ -108,7 +124,11 @@ def moe_in_memory(config: MoEConfig | Mapping[str, Any] | str | Path, *, device:
         The model, in eval mode, with ``model.evomerge_digest`` set to its digest (:class:`~evomerge.moe.build.MoEResult`).
     """
     cfg = config if isinstance(config, MoEConfig) else load_moe_config(config)
-    builder = MoEBuilder(open_sources(cfg.referenced_models(), file=cfg.source_file, fields=_fields(cfg)), device=device, seed=seed)
+    builder = MoEBuilder(
+        open_sources(cfg.referenced_models(), file=cfg.source_file, fields=_fields(cfg)),
+        device=device,
+        seed=seed,
+    )
     builder.check(cfg)
     layout = builder.layout(cfg)
     model = builder.build_model(layout)

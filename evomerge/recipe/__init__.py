@@ -10,4 +10,12 @@ from evomerge.recipe.schema import (
     parse_recipe,
 )
 
-__all__ = ["Cond", "InputModel", "MergeConfig", "OutputSlice", "Setting", "load_recipe", "parse_recipe"]
+__all__ = [
+    "Cond",
+    "InputModel",
+    "MergeConfig",
+    "OutputSlice",
+    "Setting",
+    "load_recipe",
+    "parse_recipe",
+]

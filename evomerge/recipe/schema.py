@@ -54,7 +54,9 @@ __all__ = [
 Unused = Literal["warn", "error"]
 
 
-def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any], *, unused: Unused = "warn") -> MergeConfig:
+def load_recipe(
+    source: str | os.PathLike[str] | Mapping[str, Any], *, unused: Unused = "warn"
+) -> MergeConfig:
     """Load and validate a mergekit recipe from a YAML file or a mapping.
 
     Args:
@@ -80,7 +82,18 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any], *, unused: U
     return parse_recipe(read_yaml(source), str(source), unused=unused)
 
 
-_TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
+_TOP_KEYS = (
+    "merge_method",
+    "models",
+    "slices",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+)
 
 
 class _Parser:
@@ -94,7 +107,9 @@ class _Parser:
 
     def mapping(self, value: Any, fld: str | None, allowed: tuple[str, ...]) -> Mapping[str, Any]:
         if not isinstance(value, Mapping):
-            raise self.err(fld, f"must be a mapping with keys {', '.join(allowed)}, got {type(value).__name__}")
+            raise self.err(
+                fld, f"must be a mapping with keys {', '.join(allowed)}, got {type(value).__name__}"
+            )
         for key in value:
             if key not in allowed:
                 hint = did_you_mean(str(key), allowed)
@@ -109,7 +124,10 @@ class _Parser:
         if not isinstance(value, str) or not value.strip():
             raise self.err(fld, f"must be a model path or hub id string, got {value!r}")
         if "+" in value and not os.path.exists(value):
-            raise self.err(fld, f"LoRA references (model+adapter) are not supported; merge the adapter first: {value!r}")
+            raise self.err(
+                fld,
+                f"LoRA references (model+adapter) are not supported; merge the adapter first: {value!r}",
+            )
         return value.strip()
 
     def setting(self, value: Any, fld: str, param: Param) -> Setting:
@@ -134,7 +152,9 @@ class _Parser:
                 raise self.err(f, "a {filter, value} entry needs a value")
             flt = m.get("filter")
             if flt is not None and not isinstance(flt, str):
-                raise self.err(f"{f}.filter", f"must be a string (a substring of tensor names), got {flt!r}")
+                raise self.err(
+                    f"{f}.filter", f"must be a string (a substring of tensor names), got {flt!r}"
+                )
             return Cond(value_or_gradient(m["value"], f"{f}.value"), flt)
 
         if isinstance(value, Mapping):
@@ -153,7 +173,9 @@ class _Parser:
         if value is None:
             return {}
         if not isinstance(value, Mapping):
-            raise self.err(fld, f"must be a mapping of parameter names to values, got {type(value).__name__}")
+            raise self.err(
+                fld, f"must be a mapping of parameter names to values, got {type(value).__name__}"
+            )
         out: dict[str, Setting] = {}
         for name, setting in value.items():
             f = f"{fld}.{name}"
@@ -162,15 +184,31 @@ class _Parser:
                 allowed = [p.name for p in method.params]
                 if name in KNOWN_PARAMS:
                     if self.unused == "warn":
-                        self.ignored.append(f"{f}: {method.name} does not use {name}; ignored (as mergekit does)")
+                        self.ignored.append(
+                            f"{f}: {method.name} does not use {name}; ignored (as mergekit does)"
+                        )
                         continue
-                    raise self.err(f, f"merge_method {method.name} does not use `{name}` (another method's parameter); it takes: {', '.join(allowed) or 'none'}")
+                    raise self.err(
+                        f,
+                        f"merge_method {method.name} does not use `{name}` (another method's parameter); it takes: {', '.join(allowed) or 'none'}",
+                    )
                 if name == "dare" and isinstance(setting, Mapping):
-                    raise self.err(f, f"`dare:` is not a mergekit parameter; DARE is merge_method dare_ties or dare_linear, and density is the fraction kept (density = 1 - drop_rate). {method.name} takes: {', '.join(allowed)}")
-                hint = did_you_mean(str(name), allowed, show_all=0) or did_you_mean(str(name), KNOWN_PARAMS, show_all=0)
-                raise self.err(f, f"unknown parameter for merge_method {method.name}{hint}; it takes: {', '.join(allowed) or 'none'}")
+                    raise self.err(
+                        f,
+                        f"`dare:` is not a mergekit parameter; DARE is merge_method dare_ties or dare_linear, and density is the fraction kept (density = 1 - drop_rate). {method.name} takes: {', '.join(allowed)}",
+                    )
+                hint = did_you_mean(str(name), allowed, show_all=0) or did_you_mean(
+                    str(name), KNOWN_PARAMS, show_all=0
+                )
+                raise self.err(
+                    f,
+                    f"unknown parameter for merge_method {method.name}{hint}; it takes: {', '.join(allowed) or 'none'}",
+                )
             if level == "model" and param.scope == "shared":
-                raise self.err(f, f"`{name}` is set once per tensor, not per model: move it to the top-level (or slice) parameters")
+                raise self.err(
+                    f,
+                    f"`{name}` is set once per tensor, not per model: move it to the top-level (or slice) parameters",
+                )
             out[str(name)] = self.setting(setting, f, param)
         return out
 
@@ -179,11 +217,17 @@ class _Parser:
             return None
         name = str(value).removeprefix("torch.")
         if canonical(name) is None:
-            raise self.err(fld, f"unknown dtype {value!r} (allowed: float16, bfloat16, float32, float64)")
+            raise self.err(
+                fld, f"unknown dtype {value!r} (allowed: float16, bfloat16, float32, float64)"
+            )
         return canonical(name)
 
     def layer_range(self, value: Any, fld: str) -> tuple[int, int]:
-        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        if not (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
             raise self.err(fld, f"must be [start, end] with two integers, got {value!r}")
         start, end = value
         if start < 0 or end <= start:
@@ -200,9 +244,14 @@ def parse_recipe(data: Any, file: str | None = None, *, unused: Unused = "error"
     p = _Parser(file, unused)
     if data is None:
         raise p.err(None, "empty recipe: expected merge_method and models or slices")
-    if isinstance(data, Mapping) and ("experts" in data or "gate_mode" in data):  # before the key check: its keys are mergekit-moe's
+    if isinstance(data, Mapping) and (
+        "experts" in data or "gate_mode" in data
+    ):  # before the key check: its keys are mergekit-moe's
         key = "experts" if "experts" in data else "gate_mode"
-        raise p.err(key, "is a mergekit-moe key: this is a mixture-of-experts configuration; build it with `evomerge moe` instead of `evomerge merge`")
+        raise p.err(
+            key,
+            "is a mergekit-moe key: this is a mixture-of-experts configuration; build it with `evomerge moe` instead of `evomerge merge`",
+        )
     m = raw = p.mapping(data, None, _TOP_KEYS + ("modules",))
     pre, spans = "", ()  # a modules: recipe is read as the models:/slices: recipe it amounts to
     if "modules" in m:
@@ -213,11 +262,16 @@ def parse_recipe(data: Any, file: str | None = None, *, unused: Unused = "error"
     if name in NOT_METHODS:
         raise p.err("merge_method", NOT_METHODS[str(name)])
     if name not in METHODS:
-        raise p.err("merge_method", f"unknown merge_method {name!r}{did_you_mean(str(name), METHODS)}")
+        raise p.err(
+            "merge_method", f"unknown merge_method {name!r}{did_you_mean(str(name), METHODS)}"
+        )
     method = METHODS[name]
     has_models, has_slices = m.get("models") is not None, m.get("slices") is not None
     if has_models == has_slices:
-        raise p.err("models" if has_models else None, "give exactly one of models: or slices:" + (" (both are set)" if has_models else ""))
+        raise p.err(
+            "models" if has_models else None,
+            "give exactly one of models: or slices:" + (" (both are set)" if has_models else ""),
+        )
 
     base = p.model_ref(m["base_model"], "base_model") if m.get("base_model") is not None else None
     models = slices = None
@@ -230,7 +284,12 @@ def parse_recipe(data: Any, file: str | None = None, *, unused: Unused = "error"
             e = p.mapping(entry, f, ("model", "parameters"))
             if "model" not in e:
                 raise p.err(f, "needs a model")
-            items.append(InputModel(p.model_ref(e["model"], f"{f}.model"), p.parameters(e.get("parameters"), f"{f}.parameters", method, "model")))
+            items.append(
+                InputModel(
+                    p.model_ref(e["model"], f"{f}.model"),
+                    p.parameters(e.get("parameters"), f"{f}.parameters", method, "model"),
+                )
+            )
         dup = _first_duplicate([x.model for x in items])
         if dup:
             raise p.err("models", f"{dup!r} is listed twice")
@@ -260,15 +319,30 @@ def parse_recipe(data: Any, file: str | None = None, *, unused: Unused = "error"
                         p.layer_range(e["layer_range"], f"{g}.layer_range"),
                     )
                 )
-            lengths = {src.layer_range[1] - src.layer_range[0] for src in sources if src.layer_range}
+            lengths = {
+                src.layer_range[1] - src.layer_range[0] for src in sources if src.layer_range
+            }
             if len(lengths) > 1:
                 ranges = ", ".join(f"{list(src.layer_range or ())}" for src in sources)
-                raise p.err(f"{f}.sources", f"all sources of a slice must span the same number of layers, got {ranges}")
+                raise p.err(
+                    f"{f}.sources",
+                    f"all sources of a slice must span the same number of layers, got {ranges}",
+                )
             dup = _first_duplicate([x.model for x in sources])
             if dup:
                 raise p.err(f"{f}.sources", f"{dup!r} appears twice in one slice")
-            sbase = p.model_ref(sm["base_model"], f"{f}.base_model") if sm.get("base_model") is not None else None
-            out_slices.append(OutputSlice(tuple(sources), p.parameters(sm.get("parameters"), f"{f}.parameters", method, "slice"), sbase))
+            sbase = (
+                p.model_ref(sm["base_model"], f"{f}.base_model")
+                if sm.get("base_model") is not None
+                else None
+            )
+            out_slices.append(
+                OutputSlice(
+                    tuple(sources),
+                    p.parameters(sm.get("parameters"), f"{f}.parameters", method, "slice"),
+                    sbase,
+                )
+            )
         slices = tuple(out_slices)
 
     tokenizer_source = None
@@ -277,18 +351,29 @@ def parse_recipe(data: Any, file: str | None = None, *, unused: Unused = "error"
             raise p.err("tokenizer", "give tokenizer or tokenizer_source, not both")
         t = p.mapping(m["tokenizer"], "tokenizer", ("source", "tokens", "pad_to_multiple_of"))
         if t.get("tokens") or t.get("pad_to_multiple_of"):
-            raise p.err("tokenizer", "tokens and pad_to_multiple_of are not supported; use tokenizer_source: base or a model")
+            raise p.err(
+                "tokenizer",
+                "tokens and pad_to_multiple_of are not supported; use tokenizer_source: base or a model",
+            )
         tokenizer_source = t.get("source")
     elif m.get("tokenizer_source") is not None:
         tokenizer_source = m["tokenizer_source"]
     if tokenizer_source is not None:
         if tokenizer_source == "union":
-            raise p.err("tokenizer_source", "union (a merged vocabulary) is not supported; use base or a model path")
+            raise p.err(
+                "tokenizer_source",
+                "union (a merged vocabulary) is not supported; use base or a model path",
+            )
         tokenizer_source = p.model_ref(tokenizer_source, "tokenizer_source")
 
     chat_template = m.get("chat_template")
-    if chat_template is not None and (not isinstance(chat_template, str) or ("{{" not in chat_template and "{%" not in chat_template)):
-        raise p.err("chat_template", "must be a Jinja template string (named templates are not supported)")
+    if chat_template is not None and (
+        not isinstance(chat_template, str)
+        or ("{{" not in chat_template and "{%" not in chat_template)
+    ):
+        raise p.err(
+            "chat_template", "must be a Jinja template string (named templates are not supported)"
+        )
 
     cfg = MergeConfig(
         merge_method=str(name),
@@ -337,7 +422,10 @@ def _check_structure(cfg: MergeConfig, p: _Parser) -> None:
         names = [x.model for x in s.sources]
         if method.base != "ignored" and base is not None and base not in names:
             if method.base == "required" or len(cfg.slices or ()) == 1:
-                raise p.err(f"slices[{i}].sources", f"base_model {base!r} must be one of the slice's sources for merge_method {method.name}")
+                raise p.err(
+                    f"slices[{i}].sources",
+                    f"base_model {base!r} must be one of the slice's sources for merge_method {method.name}",
+                )
         has_base = base is not None and base in names and method.base != "ignored"
         why = method.check_inputs(len(names), has_base)
         if why:
@@ -357,17 +445,41 @@ def required_params_missing(cfg: MergeConfig) -> None:
         groups.append(("models", listed, {}, cfg.base_model))
     else:
         for i, s in enumerate(cfg.slices or ()):
-            groups.append((f"slices[{i}].sources", list(s.sources), s.parameters, s.base_model or cfg.base_model))
+            groups.append(
+                (
+                    f"slices[{i}].sources",
+                    list(s.sources),
+                    s.parameters,
+                    s.base_model or cfg.base_model,
+                )
+            )
     for fld, inputs, slice_params, base in groups:
         for prm in method.params:
             if not prm.required:
                 continue
             if prm.scope == "shared":
                 if prm.name not in slice_params and prm.name not in cfg.parameters:
-                    raise ConfigError(cfg.source_file, "parameters", f"merge_method {method.name} needs `{prm.name}` ({prm.allowed()})")
+                    raise ConfigError(
+                        cfg.source_file,
+                        "parameters",
+                        f"merge_method {method.name} needs `{prm.name}` ({prm.allowed()})",
+                    )
                 continue
             for j, x in enumerate(inputs):
-                if prm.scope == "non_base" and base is not None and x.model == base and method.base != "ignored":
+                if (
+                    prm.scope == "non_base"
+                    and base is not None
+                    and x.model == base
+                    and method.base != "ignored"
+                ):
                     continue
-                if prm.name not in x.parameters and prm.name not in slice_params and prm.name not in cfg.parameters:
-                    raise ConfigError(cfg.source_file, f"{fld}[{j}].parameters", f"merge_method {method.name} needs `{prm.name}` for model {x.model!r} ({prm.allowed()})")
+                if (
+                    prm.name not in x.parameters
+                    and prm.name not in slice_params
+                    and prm.name not in cfg.parameters
+                ):
+                    raise ConfigError(
+                        cfg.source_file,
+                        f"{fld}[{j}].parameters",
+                        f"merge_method {method.name} needs `{prm.name}` for model {x.model!r} ({prm.allowed()})",
+                    )

@@ -30,7 +30,14 @@ from evomerge.search.records import StudyRecords
 from evomerge.search.storage import load_study, locate
 from evomerge.search.table import best_row, trials_frame
 
-__all__ = ["export_recipe", "main_export", "SEED_PRAGMA", "seed_from_text", "pragma_from_text"]  # the pragma lives in evomerge.engine.rng
+__all__ = [
+    "export_recipe",
+    "main_export",
+    "SEED_PRAGMA",
+    "seed_from_text",
+    "pragma_from_text",
+]  # the pragma lives in evomerge.engine.rng
+
 
 def _num(x: Any) -> float | None:
     try:
@@ -67,7 +74,9 @@ def _atomic_write(path: Path, text: str, force: bool) -> None:
         raise EvomergeError(f"-o {path}: cannot write: {one_line(e.strerror or e)}") from None
 
 
-def export_recipe(study: Any, *, trial: int | None = None, space_file: str | None = None, out: Path | None = None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def export_recipe(
+    study: Any, *, trial: int | None = None, space_file: str | None = None, out: Path | None = None
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """The exported recipe text of a trial.
 
     Args:
@@ -96,10 +105,15 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
         number = trial
         hits = df[(df["number"] == number)] if len(df) else df
         if hits.empty:
-            raise EvomergeError(f"--trial {number}: study {study.study_name!r} has no trial {number} (it has 0..{len(study.trials) - 1})")
+            raise EvomergeError(
+                f"--trial {number}: study {study.study_name!r} has no trial {number} (it has 0..{len(study.trials) - 1})"
+            )
         row = hits.iloc[0]
         if row["state"] != "COMPLETE":
-            raise EvomergeError(f"--trial {number}: trial {number} is {row['state']}, not COMPLETE" + (f" ({row['error']})" if row.get("error") else ""))
+            raise EvomergeError(
+                f"--trial {number}: trial {number} is {row['state']}, not COMPLETE"
+                + (f" ({row['error']})" if row.get("error") else "")
+            )
     rec = records.trial(study.trials[number])
     recipe = _plain_refs(yaml.safe_load(rec.recipe or "{}"))
     seed = int(meta.seed)
@@ -110,14 +124,23 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
     section = ""
     if assessment is not None:
         section = render_contamination_section(
-            assessment, search=(score, score_se or 0.0) if score is not None else None,
+            assessment,
+            search=(score, score_se or 0.0) if score is not None else None,
             holdout=(hold, hold_se or 0.0) if hold is not None else None,
-            probe=records.probe(number))
+            probe=records.probe(number),
+        )
     head = [
-        f"# Exported by evomerge from study {study.study_name!r}" + (f" (space {space_file})" if space_file else "") + f", trial {number}.",
-        f"# Search score {score:.4f} ± {score_se or 0:.4f} on: {', '.join(meta.search_tasks)}" if score is not None else "# Search score: -",
-        (f"# Holdout score {hold:.4f} ± {hold_se or 0:.4f} on: {', '.join(meta.holdout_tasks)}" if hold is not None
-         else "# Holdout score: not measured for this trial"),
+        f"# Exported by evomerge from study {study.study_name!r}"
+        + (f" (space {space_file})" if space_file else "")
+        + f", trial {number}.",
+        f"# Search score {score:.4f} ± {score_se or 0:.4f} on: {', '.join(meta.search_tasks)}"
+        if score is not None
+        else "# Search score: -",
+        (
+            f"# Holdout score {hold:.4f} ± {hold_se or 0:.4f} on: {', '.join(meta.holdout_tasks)}"
+            if hold is not None
+            else "# Holdout score: not measured for this trial"
+        ),
         f"# Tensor hash of the merge: {rec.digest or ''}",
         f"# Reproduce: evomerge merge THIS_FILE OUT_DIR   (random masks use seed {seed} and random stream {stream}, read from the next line)",
         SEED_PRAGMA.format(seed=seed, stream=stream),
@@ -126,8 +149,18 @@ def export_recipe(study: Any, *, trial: int | None = None, space_file: str | Non
     if section:
         head += [ln for ln in as_comments(section).splitlines()]
         head.append("#")
-    info = {"number": number, "digest": rec.digest or "", "seed": seed, "stream": stream, "section": section, "moe": False, "expert_files": []}
-    if is_moe_mapping(recipe):  # a mixture of experts: a mergekit-moe configuration (and its merged experts)
+    info = {
+        "number": number,
+        "digest": rec.digest or "",
+        "seed": seed,
+        "stream": stream,
+        "section": section,
+        "moe": False,
+        "expert_files": [],
+    }
+    if is_moe_mapping(
+        recipe
+    ):  # a mixture of experts: a mergekit-moe configuration (and its merged experts)
         text, recipe, files = moe_export(recipe, head, out or Path("best.yml"))
         return text, recipe, {**info, "moe": True, "expert_files": files}
     text = "\n".join(head) + "\n" + dump_yaml(recipe)
@@ -146,7 +179,9 @@ def main_export(args: Any) -> int:
         _check_file(f.recipe_path, args.force)
     _check_file(out, args.force)
     if args.merge:
-        dirs = [(f"--merge {args.merge}", Path(args.merge))] + [(f"merged expert {f.model_dir}", f.model_dir) for f in info["expert_files"]]
+        dirs = [(f"--merge {args.merge}", Path(args.merge))] + [
+            (f"merged expert {f.model_dir}", f.model_dir) for f in info["expert_files"]
+        ]
         for what, d in dirs:
             if d.exists() and not d.is_dir():
                 raise EvomergeError(f"{what}: exists and is not a directory")
@@ -155,28 +190,63 @@ def main_export(args: Any) -> int:
     for f in info["expert_files"]:
         _atomic_write(f.recipe_path, f.text, args.force)
     _atomic_write(out, text, args.force)
-    print(f"wrote {out}: trial {info['number']} of study {paths.name}" + "".join(f"; merged expert recipe {f.recipe_path}" for f in info["expert_files"]))
+    print(
+        f"wrote {out}: trial {info['number']} of study {paths.name}"
+        + "".join(f"; merged expert recipe {f.recipe_path}" for f in info["expert_files"])
+    )
     if args.merge and info["moe"]:
         for f in info["expert_files"]:
-            merge_to_disk(f.recipe_path, f.model_dir, device=args.device, seed=info["seed"], force=args.force, stream=info["stream"])
+            merge_to_disk(
+                f.recipe_path,
+                f.model_dir,
+                device=args.device,
+                seed=info["seed"],
+                force=args.force,
+                stream=info["stream"],
+            )
             print(f"merged expert into {f.model_dir}")
-        built = moe_to_disk(recipe, args.merge, device=args.device, seed=info["seed"], force=args.force, config_text=text, card_extra=info["section"])
+        built = moe_to_disk(
+            recipe,
+            args.merge,
+            device=args.device,
+            seed=info["seed"],
+            force=args.force,
+            config_text=text,
+            card_extra=info["section"],
+        )
         same = built.digest == info["digest"]
-        print(f"built the mixture into {args.merge} in {built.seconds:.1f}s; hash {built.digest[:16]} "
-              + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:20]}"))
+        print(
+            f"built the mixture into {args.merge} in {built.seconds:.1f}s; hash {built.digest[:16]} "
+            + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:20]}")
+        )
         if not same:
-            raise EvomergeError(f"--merge: the rebuilt mixture differs from trial {info['number']}'s ({built.digest[:20]} vs {info['digest'][:20]})")
+            raise EvomergeError(
+                f"--merge: the rebuilt mixture differs from trial {info['number']}'s ({built.digest[:20]} vs {info['digest'][:20]})"
+            )
     elif args.merge:
         # CUDA trials record a fingerprint of their tensors (evomerge.engine.hashes), CPU trials and studies made
         # before fingerprints a sha256. The re-merge is checked against whichever the trial holds.
         fp = is_fingerprint(info["digest"])
-        result = merge_to_disk(recipe, args.merge, device=args.device, seed=info["seed"], force=args.force,
-                               card_extra=info["section"], recipe_text=text, stream=info["stream"], fingerprint=fp)
+        result = merge_to_disk(
+            recipe,
+            args.merge,
+            device=args.device,
+            seed=info["seed"],
+            force=args.force,
+            card_extra=info["section"],
+            recipe_text=text,
+            stream=info["stream"],
+            fingerprint=fp,
+        )
         got = result.fingerprint if fp else result.digest
         same = got == info["digest"]
-        print(f"merged into {args.merge} in {result.seconds:.1f}s; tensor hash {result.digest[:16]} "
-              + (f"(fingerprint {got[:20]}) " if fp else "")
-              + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:20]}"))
+        print(
+            f"merged into {args.merge} in {result.seconds:.1f}s; tensor hash {result.digest[:16]} "
+            + (f"(fingerprint {got[:20]}) " if fp else "")
+            + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:20]}")
+        )
         if not same:
-            raise EvomergeError(f"--merge: the re-merged tensors differ from trial {info['number']}'s ({got[:20]} vs {info['digest'][:20]})")
+            raise EvomergeError(
+                f"--merge: the re-merged tensors differ from trial {info['number']}'s ({got[:20]} vs {info['digest'][:20]})"
+            )
     return 0

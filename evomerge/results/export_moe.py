@@ -32,7 +32,9 @@ class ExpertFile:
     text: str
 
 
-def moe_export(recipe: Mapping[str, Any], head: list[str], out: Path) -> tuple[str, dict[str, Any], list[ExpertFile]]:
+def moe_export(
+    recipe: Mapping[str, Any], head: list[str], out: Path
+) -> tuple[str, dict[str, Any], list[ExpertFile]]:
     """The configuration text of an MoE trial, and its merged experts' recipe files.
 
     Args:
@@ -55,19 +57,27 @@ def moe_export(recipe: Mapping[str, Any], head: list[str], out: Path) -> tuple[s
         if isinstance(src, Mapping):
             rpath = out.parent / f"{out.stem}.expert{i}.yml"
             mdir = (out.parent / f"{out.stem}.expert{i}").absolute()
-            text = f"# Expert {i} of the mixture in {out.name}: merge it into {mdir} before building the mixture.\n" + dump_yaml(dict(src))
+            text = (
+                f"# Expert {i} of the mixture in {out.name}: merge it into {mdir} before building the mixture.\n"
+                + dump_yaml(dict(src))
+            )
             parse_recipe(dict(src), f"exported expert {i}")
             files.append(ExpertFile(rpath, mdir, text))
             e["source_model"] = str(mdir)
         experts.append(e)
     cfg["experts"] = experts
-    steps = [f"#   evomerge merge {f.recipe_path.name} {f.model_dir}   (or mergekit-yaml)" for f in files]
+    steps = [
+        f"#   evomerge merge {f.recipe_path.name} {f.model_dir}   (or mergekit-yaml)" for f in files
+    ]
     head = [ln for ln in head if not ln.startswith("# Reproduce:")]
     at = next((i for i, ln in enumerate(head) if ln.startswith("# evomerge-seed:")), len(head))
     seed = seed_from_text(head[at]) if at < len(head) else None
     seed = seed if seed is not None else 0
-    how = ["# A mergekit-moe configuration. Reproduce:", *steps,
-           f"#   evomerge moe THIS_FILE OUT_DIR --seed {seed}   (or mergekit-moe THIS_FILE OUT_DIR --random-seed {seed})"]
+    how = [
+        "# A mergekit-moe configuration. Reproduce:",
+        *steps,
+        f"#   evomerge moe THIS_FILE OUT_DIR --seed {seed}   (or mergekit-moe THIS_FILE OUT_DIR --random-seed {seed})",
+    ]
     text = "\n".join(head[:at] + how + head[at:]) + "\n" + dump_yaml(cfg)
     parse_moe_config(cfg, "exported configuration")  # what we write must load
     return text, cfg, files

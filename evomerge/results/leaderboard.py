@@ -21,10 +21,18 @@ def leaderboard(df: pd.DataFrame, *, top: int = 15, show_all: bool = False) -> s
     view = view.assign(_key=view["score"].fillna(-math.inf)).sort_values(["_key"], ascending=False)
     if not show_all:
         searched = view[view["baseline"] == ""].head(top)
-        view = pd.concat([searched, view[view["baseline"] != ""]]).sort_values("_key", ascending=False)
+        view = pd.concat([searched, view[view["baseline"] != ""]]).sort_values(
+            "_key", ascending=False
+        )
     tasks = [c[2:] for c in df.columns if c.startswith("s_")]
-    params = sorted((c for c in df.columns if c.startswith("p_") and c != "p_method"), key=_param_order)
-    head = f"{'trial':>16} {'state':8} {'score':>6} {'±':>5} {'holdout':>7} {'items':>6} " + " ".join(f"{t[:10]:>10}" for t in tasks) + "  flags  method / params"
+    params = sorted(
+        (c for c in df.columns if c.startswith("p_") and c != "p_method"), key=_param_order
+    )
+    head = (
+        f"{'trial':>16} {'state':8} {'score':>6} {'±':>5} {'holdout':>7} {'items':>6} "
+        + " ".join(f"{t[:10]:>10}" for t in tasks)
+        + "  flags  method / params"
+    )
     lines = [head, "-" * len(head)]
     for rd in view.to_dict("records"):
         name = f"[{_short_baseline(rd['baseline'])}]" if rd.get("baseline") else f"#{rd['number']}"
@@ -37,12 +45,20 @@ def leaderboard(df: pd.DataFrame, *, top: int = 15, show_all: bool = False) -> s
             desc = f"(estimate {float(rd['estimate']):.3f}) {desc}"  # what the sampler saw of it
         if rd.get("state") != "COMPLETE" and rd.get("error"):
             desc = f"{rd['error']}"[:80]
-        lines.append(f"{name[:16]:>16} {str(rd['state'])[:8]:8} {_fmt(rd.get('score')):>6} {_fmt(rd.get('score_se')):>5} {_fmt(rd.get('holdout')):>7} {_count(rd.get('items')):>6} "
-                     + " ".join(f"{_fmt(rd.get('s_' + t)):>10}" for t in tasks) + f"  {marks:5}  {desc}")
-    lines.append("[name] = baseline (not searched); holdout only for finalists and baselines; items: search items scored. " + legend())
+        lines.append(
+            f"{name[:16]:>16} {str(rd['state'])[:8]:8} {_fmt(rd.get('score')):>6} {_fmt(rd.get('score_se')):>5} {_fmt(rd.get('holdout')):>7} {_count(rd.get('items')):>6} "
+            + " ".join(f"{_fmt(rd.get('s_' + t)):>10}" for t in tasks)
+            + f"  {marks:5}  {desc}"
+        )
+    lines.append(
+        "[name] = baseline (not searched); holdout only for finalists and baselines; items: search items scored. "
+        + legend()
+    )
     pruned = df[(df["state"] == "PRUNED") & (df["baseline"] == "")]
     if len(pruned) and not show_all:
-        lines.append(f"{len(pruned)} trials stopped early (PRUNED, on {_count(pruned['items'].sum())} items; their partial scores: --all)")
+        lines.append(
+            f"{len(pruned)} trials stopped early (PRUNED, on {_count(pruned['items'].sum())} items; their partial scores: --all)"
+        )
     return "\n".join(lines)
 
 
@@ -53,12 +69,16 @@ def _count(x: Any) -> str:
 def items_line(df: pd.DataFrame) -> str:
     """One line of the items a study evaluated (search items by trials; in all, with baselines and
     holdout re-scores)."""
-    return _items_text(item_totals(df), int(((df["state"] == "PRUNED") & (df["baseline"] == "")).sum()))
+    return _items_text(
+        item_totals(df), int(((df["state"] == "PRUNED") & (df["baseline"] == "")).sum())
+    )
 
 
 def _items_text(n: dict[str, int], pruned: int) -> str:
-    return (f"items evaluated: {n['trials']} search items by trials ({n['pruned']} of them by {pruned} trials stopped early), "
-            f"{n['all']} in all with baselines and holdout re-scores")
+    return (
+        f"items evaluated: {n['trials']} search items by trials ({n['pruned']} of them by {pruned} trials stopped early), "
+        f"{n['all']} in all with baselines and holdout re-scores"
+    )
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -100,17 +120,24 @@ def _short_baseline(name: str) -> str:
 
 def summary(outcome: SearchOutcome) -> str:
     """The end-of-run comparison: best trial vs every source model and the uniform merge."""
-    lines = [f"study {outcome.paths.name}: {outcome.n_complete} complete trials, {outcome.n_pruned} pruned, {outcome.n_failed} failed, "
-             f"{outcome.seconds:.0f}s; table: {outcome.paths.csv}"]
+    lines = [
+        f"study {outcome.paths.name}: {outcome.n_complete} complete trials, {outcome.n_pruned} pruned, {outcome.n_failed} failed, "
+        f"{outcome.seconds:.0f}s; table: {outcome.paths.csv}"
+    ]
     if outcome.items:
         lines.append(_items_text(outcome.items, outcome.n_pruned))
     best = outcome.best
     if best is None:
         return "\n".join(lines + ["no completed trial"])
-    use_h = best.get("holdout") is not None and not (isinstance(best.get("holdout"), float) and math.isnan(best["holdout"]))
+    use_h = best.get("holdout") is not None and not (
+        isinstance(best.get("holdout"), float) and math.isnan(best["holdout"])
+    )
     key = "holdout" if use_h else "score"
     bval = float(best[key])
-    lines.append(f"best trial #{best['number']} ({best.get('method', '')}): search {float(best['score']):.3f}" + (f", holdout {bval:.3f}" if use_h else ""))
+    lines.append(
+        f"best trial #{best['number']} ({best.get('method', '')}): search {float(best['score']):.3f}"
+        + (f", holdout {bval:.3f}" if use_h else "")
+    )
     beaten_all = True
     for name, b in outcome.baselines.items():
         if b.get("state") != "COMPLETE":
@@ -121,20 +148,35 @@ def summary(outcome: SearchOutcome) -> str:
             lines.append(f"  vs {name:<32} ({key} not measured)")
             continue
         diff = bval - float(r)
-        if name == "uniform" or name.startswith("source:"):  # what the verdict below is about; hand recipes are listed only
+        if name == "uniform" or name.startswith(
+            "source:"
+        ):  # what the verdict below is about; hand recipes are listed only
             beaten_all &= diff > 0 or b.get("number") == best.get("number")
-        lines.append(f"  vs {name:<32} {key} {float(r):.3f}  ({'+' if diff >= 0 else ''}{diff:.3f})")
-    lines.append(f"the best trial's {key} score {'beats' if beaten_all else 'does NOT beat'} every source model and the uniform merge")
+        lines.append(
+            f"  vs {name:<32} {key} {float(r):.3f}  ({'+' if diff >= 0 else ''}{diff:.3f})"
+        )
+    lines.append(
+        f"the best trial's {key} score {'beats' if beaten_all else 'does NOT beat'} every source model and the uniform merge"
+    )
     return "\n".join(lines)
 
 
-def main_results(space: str, *, study: str | None = None, storage: str | None = None, results_dir: str = "results",
-                 top: int = 15, show_all: bool = False) -> int:
+def main_results(
+    space: str,
+    *,
+    study: str | None = None,
+    storage: str | None = None,
+    results_dir: str = "results",
+    top: int = 15,
+    show_all: bool = False,
+) -> int:
     """``evomerge results space.yml``: print the leaderboard of the space's study."""
     paths = locate(space, study=study, storage=storage, results_dir=results_dir)
     df = trials_frame(load_study(paths))
-    print(f"study {paths.name} ({paths.storage}): {int((df['state'] == 'COMPLETE').sum())} complete rows, "
-          f"{int((df['state'] == 'PRUNED').sum())} pruned, {int((df['state'] == 'FAIL').sum())} failed")
+    print(
+        f"study {paths.name} ({paths.storage}): {int((df['state'] == 'COMPLETE').sum())} complete rows, "
+        f"{int((df['state'] == 'PRUNED').sum())} pruned, {int((df['state'] == 'FAIL').sum())} failed"
+    )
     print(items_line(df))
     print(leaderboard(df, top=top, show_all=show_all))
     return 0

@@ -54,8 +54,7 @@ _LINES = ("#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f
 
 
 def _save(fig: Any, path: Path) -> Path:
-    return atomic_file(path, lambda f: fig.savefig(f, format="png", dpi=110,
-                                                     bbox_inches="tight"))
+    return atomic_file(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
 
 def _figure(w: float = 7.0, h: float = 4.2) -> Any:
@@ -99,8 +98,9 @@ def _param_cols(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c.startswith("p_") and df[c].notna().any()]
 
 
-def param_importances(df: pd.DataFrame, objective: str = "score", *,
-                      study: Any = None) -> tuple[dict[str, float], str]:
+def param_importances(
+    df: pd.DataFrame, objective: str = "score", *, study: Any = None
+) -> tuple[dict[str, float], str]:
     """Importance of every sampled parameter for the objective.
 
     Args:
@@ -116,8 +116,11 @@ def param_importances(df: pd.DataFrame, objective: str = "score", *,
             from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
             multi = len(study.directions) > 1
-            imp = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0),
-                                        target=(lambda t: t.values[0]) if multi else None)
+            imp = get_param_importances(
+                study,
+                evaluator=FanovaImportanceEvaluator(seed=0),
+                target=(lambda t: t.values[0]) if multi else None,
+            )
             if imp:  # an empty study gives {}: then the table is all there is
                 return {f"p_{k}": float(v) for k, v in imp.items()}, "Optuna fANOVA"
         except (RuntimeError, ValueError):  # too few trials, dynamic spaces: use the table
@@ -151,16 +154,27 @@ def _history(df: pd.DataFrame, objectives: Sequence[str], path: Path) -> Path:
             continue
         x = done["number"].astype(float)
         ax.scatter(x, done["_obj"], s=18, color=_OK, label="trial", zorder=3)
-        ax.step(x, done["_obj"].cummax(), where="post", color="black", lw=1.2,
-                label="best so far")
+        ax.step(x, done["_obj"].cummax(), where="post", color="black", lw=1.2, label="best so far")
         for i, (name, y) in enumerate(zip(base["baseline"], base_y, strict=True)):
             if math.isfinite(y):
-                ax.axhline(y, ls="--", lw=1, color=_LINES[i % len(_LINES)],
-                           label=f"baseline {_short(name)}")
+                ax.axhline(
+                    y,
+                    ls="--",
+                    lw=1,
+                    color=_LINES[i % len(_LINES)],
+                    label=f"baseline {_short(name)}",
+                )
         lo = min([v for v in [done["_obj"].min(), base_y.min()] if pd.notna(v)])
         if len(failed):
-            ax.scatter(failed["number"].astype(float), [lo] * len(failed), marker="x",
-                       color=_BAD, s=30, label=f"failed ({len(failed)})", zorder=3)
+            ax.scatter(
+                failed["number"].astype(float),
+                [lo] * len(failed),
+                marker="x",
+                color=_BAD,
+                s=30,
+                label=f"failed ({len(failed)})",
+                zorder=3,
+            )
         ax.set_xlabel("trial")
         ax.set_ylabel(obj)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -172,8 +186,9 @@ def _importance(imp: dict[str, float], method: str, path: Path) -> Path:
     fig = _figure(6.5, 0.6 + 0.3 * max(len(imp), 3))
     ax = fig.subplots()
     if not imp:
-        _message(ax, "no parameter importances: no sampled parameters, or fewer than 3 "
-                     "completed trials")
+        _message(
+            ax, "no parameter importances: no sampled parameters, or fewer than 3 completed trials"
+        )
     else:
         names = list(imp)[::-1]
         ax.barh([n[2:] for n in names], [imp[n] for n in names], color=_OK)
@@ -182,22 +197,26 @@ def _importance(imp: dict[str, float], method: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _parallel(df: pd.DataFrame, obj: str, imp: dict[str, float], top: int, path: Path,
-              max_axes: int = 12) -> Path:
+def _parallel(
+    df: pd.DataFrame, obj: str, imp: dict[str, float], top: int, path: Path, max_axes: int = 12
+) -> Path:
     fig = _figure(8.0, 4.2)
     ax = fig.subplots()
     done = _searched_complete(df, obj)
     cols = _param_cols(done)
     if done.empty or not cols:
-        _message(ax, "no completed trials" if done.empty
-                 else "no sampled parameters (a one-point space)")
+        _message(
+            ax, "no completed trials" if done.empty else "no sampled parameters (a one-point space)"
+        )
         return _save(fig, path)
     # The most important parameters first; the rest dropped when there are too many.
     cols = sorted(cols, key=lambda c: (-imp.get(c, -1.0), c))[:max_axes]
     scaled = pd.DataFrame(index=done.index)
     for c in cols:
         num = pd.to_numeric(done[c], errors="coerce")
-        if pd.api.types.is_bool_dtype(num):  # whether a mixture's expert takes part, in a study of mixtures only
+        if pd.api.types.is_bool_dtype(
+            num
+        ):  # whether a mixture's expert takes part, in a study of mixtures only
             num = num.astype(float)
         if num.notna().sum() < done[c].notna().sum():  # categorical: its sorted order
             cats = sorted(done[c].dropna().astype(str).unique())
@@ -210,14 +229,23 @@ def _parallel(df: pd.DataFrame, obj: str, imp: dict[str, float], top: int, path:
     norm = mpl.colors.Normalize(best["_obj"].min(), best["_obj"].max())
     cmap = mpl.colormaps["viridis"]
     for idx in best.index[::-1]:  # best drawn last, on top
-        ax.plot(range(len(cols)), scaled.loc[idx, cols].astype(float), marker="o", ms=3,
-                color=cmap(norm(best.loc[idx, "_obj"])), lw=1.4)
+        ax.plot(
+            range(len(cols)),
+            scaled.loc[idx, cols].astype(float),
+            marker="o",
+            ms=3,
+            color=cmap(norm(best.loc[idx, "_obj"])),
+            lw=1.4,
+        )
     ax.set_xticks(range(len(cols)), [c[2:] for c in cols], rotation=35, ha="right", fontsize=7)
     ax.set_ylim(-0.05, 1.05)
     ax.set_ylabel("scaled to the explored range")
     fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=obj)
-    more = f", {len(_param_cols(done)) - len(cols)} parameters not shown" \
-        if len(_param_cols(done)) > len(cols) else ""
+    more = (
+        f", {len(_param_cols(done)) - len(cols)} parameters not shown"
+        if len(_param_cols(done)) > len(cols)
+        else ""
+    )
     ax.set_title(f"Top {len(best)} trials by {obj}{more}", fontsize=9)
     return _save(fig, path)
 
@@ -225,7 +253,10 @@ def _parallel(df: pd.DataFrame, obj: str, imp: dict[str, float], top: int, path:
 def _holdout(df: pd.DataFrame, path: Path) -> Path:
     fig = _figure(5.2, 5.0)
     ax = fig.subplots()
-    s, h = pd.to_numeric(_col(df, "score"), errors="coerce"), pd.to_numeric(_col(df, "holdout"), errors="coerce")
+    s, h = (
+        pd.to_numeric(_col(df, "score"), errors="coerce"),
+        pd.to_numeric(_col(df, "holdout"), errors="coerce"),
+    )
     rows = df[s.notna() & h.notna()]
     if rows.empty:
         _message(ax, "no holdout scores (the holdout is scored for finalists and baselines)")
@@ -235,18 +266,37 @@ def _holdout(df: pd.DataFrame, path: Path) -> Path:
     se_h = pd.to_numeric(_col(rows, "holdout_se"), errors="coerce").fillna(0)
     over = _col(rows, "overfit", False).map(flag_raised)
     is_base = _baseline_mask(rows)
-    for mask, color, marker, label in ((~over & ~is_base, _OK, "o", "finalist"),
-                                       (~over & is_base, _BASE, "s", "baseline"),
-                                       (over, _BAD, "D", "overfit flagged")):
+    for mask, color, marker, label in (
+        (~over & ~is_base, _OK, "o", "finalist"),
+        (~over & is_base, _BASE, "s", "baseline"),
+        (over, _BAD, "D", "overfit flagged"),
+    ):
         if mask.any():
-            ax.errorbar(s[mask], h[mask], xerr=se_s[mask], yerr=se_h[mask], fmt=marker,
-                        color=color, ms=5, capsize=2, lw=0.8, label=label)
+            ax.errorbar(
+                s[mask],
+                h[mask],
+                xerr=se_s[mask],
+                yerr=se_h[mask],
+                fmt=marker,
+                color=color,
+                ms=5,
+                capsize=2,
+                lw=0.8,
+                label=label,
+            )
     for i in rows.index:
         name = _short(str(rows.at[i, "baseline"])) if is_base[i] else f"#{rows.at[i, 'number']}"
         ax.annotate(name, (s[i], h[i]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     lo, hi = min(s.min(), h.min()), max(s.max(), h.max())
     pad = (hi - lo) * 0.08 or 0.05
-    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], ls=":", color="gray", lw=1, label="search = holdout")
+    ax.plot(
+        [lo - pad, hi + pad],
+        [lo - pad, hi + pad],
+        ls=":",
+        color="gray",
+        lw=1,
+        label="search = holdout",
+    )
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_ylim(lo - pad, hi + pad)
     ax.set_xlabel("search score")
@@ -268,8 +318,11 @@ def _flags(df: pd.DataFrame, path: Path) -> Path:
         _message(ax, "no flag columns in the results table")
     else:
         names = list(counts)[::-1]
-        ax.barh(names, [counts[n] for n in names],
-                color=[_BAD if counts[n] else "lightgray" for n in names])
+        ax.barh(
+            names,
+            [counts[n] for n in names],
+            color=[_BAD if counts[n] else "lightgray" for n in names],
+        )
         for y, n in enumerate(names):
             ax.text(counts[n], y, f" {counts[n]}/{len(df)}", va="center", fontsize=8)
         ax.set_xlim(0, max(len(df), 1) * 1.15)
@@ -296,15 +349,20 @@ def _fmt(v: Any, digits: int = 4) -> str:
         return str(v)
 
 
-def _markdown(df: pd.DataFrame, study_name: str, obj: str, imp_method: str, pngs: list[Path],
-              top: int) -> str:
+def _markdown(
+    df: pd.DataFrame, study_name: str, obj: str, imp_method: str, pngs: list[Path], top: int
+) -> str:
     state = _col(df, "state", "")
     searched = ~_baseline_mask(df)
-    lines = [f"# evomerge report: {study_name}", "",
-             f"{int((searched & (state == 'COMPLETE')).sum())} completed, "
-             f"{int((searched & (state == 'FAIL')).sum())} failed, "
-             f"{int((searched & (state == 'RUNNING')).sum())} running searched trials; "
-             f"{int((~searched).sum())} baselines. Objective: `{obj}` (higher is better).", ""]
+    lines = [
+        f"# evomerge report: {study_name}",
+        "",
+        f"{int((searched & (state == 'COMPLETE')).sum())} completed, "
+        f"{int((searched & (state == 'FAIL')).sum())} failed, "
+        f"{int((searched & (state == 'RUNNING')).sum())} running searched trials; "
+        f"{int((~searched).sum())} baselines. Objective: `{obj}` (higher is better).",
+        "",
+    ]
     lines += [f"![{p.stem}]({p.name})" for p in pngs]
     lines += ["", f"Parameter importances: {imp_method}.", "", f"## Top trials by {obj}", ""]
     done = df[(state == "COMPLETE")].assign(_obj=pd.to_numeric(_col(df, obj), errors="coerce"))
@@ -313,14 +371,18 @@ def _markdown(df: pd.DataFrame, study_name: str, obj: str, imp_method: str, pngs
     if best.empty:
         lines.append("No completed trials.")
     else:
-        lines += ["| trial | score | ± | holdout | flags | method | parameters |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| trial | score | ± | holdout | flags | method | parameters |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for _, r in best.iterrows():
             name = f"[{r['baseline']}]" if str(r.get("baseline") or "") else f"#{r['number']}"
             ps = " ".join(f"{c[2:]}={_fmt_param(r[c])}" for c in params if pd.notna(r.get(c)))
-            lines.append(f"| {name} | {_fmt(r.get(obj))} | {_fmt(r.get(obj + '_se'))} | "
-                         f"{_fmt(r.get('holdout'))} | {flag_marks(r.to_dict()) or '-'} | "
-                         f"{r.get('method') or ''} | {ps.replace('|', '/')} |")
+            lines.append(
+                f"| {name} | {_fmt(r.get(obj))} | {_fmt(r.get(obj + '_se'))} | "
+                f"{_fmt(r.get('holdout'))} | {flag_marks(r.to_dict()) or '-'} | "
+                f"{r.get('method') or ''} | {ps.replace('|', '/')} |"
+            )
     lines += ["", "## Flags", "", legend(), ""]
     counts = _flag_counts(df)
     for c, n in counts.items():
@@ -330,16 +392,24 @@ def _markdown(df: pd.DataFrame, study_name: str, obj: str, imp_method: str, pngs
         ev = _col(df, f"{c}_evidence", "")[df[c].map(flag_raised)].fillna("").astype(str)
         uniq = list(dict.fromkeys(e for e in ev if e))
         lines.append(f"- `{c}`: **raised** on {n} of {len(df)} rows" + (":" if uniq else ""))
-        lines += [f"  - {e}" for e in uniq[:10]] + ([f"  - ... {len(uniq) - 10} more"] if len(uniq) > 10 else [])
+        lines += [f"  - {e}" for e in uniq[:10]] + (
+            [f"  - ... {len(uniq) - 10} more"] if len(uniq) > 10 else []
+        )
     if not counts:
         lines.append("The results table has no flag columns.")
     lines += ["", "A raised flag marks a risk, with its evidence; it is not a proof."]
     return "\n".join(lines) + "\n"
 
 
-def make_report(df: pd.DataFrame, out_dir: Path, *, study_name: str,
-                objective_columns: Sequence[str] | None = None, study: Any = None,
-                top: int = 10) -> list[Path]:
+def make_report(
+    df: pd.DataFrame,
+    out_dir: Path,
+    *,
+    study_name: str,
+    objective_columns: Sequence[str] | None = None,
+    study: Any = None,
+    top: int = 10,
+) -> list[Path]:
     """Write the report figures and ``report.md`` of a results table into ``out_dir``.
 
     Args:
@@ -359,17 +429,21 @@ def make_report(df: pd.DataFrame, out_dir: Path, *, study_name: str,
     objectives = list(objective_columns or ["score"])
     missing = [c for c in objectives if c not in df.columns]
     if missing:
-        raise ValueError(f"objective column(s) {missing} not in the results table "
-                         f"(columns: {', '.join(map(str, df.columns))})")
+        raise ValueError(
+            f"objective column(s) {missing} not in the results table "
+            f"(columns: {', '.join(map(str, df.columns))})"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     obj = objectives[0]
     imp, method = param_importances(df, obj, study=study)
-    pngs = [_history(df, objectives, out_dir / "history.png"),
-            _importance(imp, method, out_dir / "importance.png"),
-            _parallel(df, obj, imp, top, out_dir / "parallel.png"),
-            _holdout(df, out_dir / "holdout.png"),
-            _flags(df, out_dir / "flags.png")]
+    pngs = [
+        _history(df, objectives, out_dir / "history.png"),
+        _importance(imp, method, out_dir / "importance.png"),
+        _parallel(df, obj, imp, top, out_dir / "parallel.png"),
+        _holdout(df, out_dir / "holdout.png"),
+        _flags(df, out_dir / "flags.png"),
+    ]
     text = _markdown(df, study_name, obj, method, pngs, top)
     md = atomic_file(out_dir / "report.md", lambda f: f.write(text), mode="w")
     return [*pngs, md]
@@ -384,8 +458,12 @@ def main_report(args: Any) -> int:
     Returns:
         0 on success.
     """
-    paths = locate(args.space, study=getattr(args, "study", None), storage=getattr(args, "storage", None),
-                   results_dir=getattr(args, "results_dir", None) or "results")
+    paths = locate(
+        args.space,
+        study=getattr(args, "study", None),
+        storage=getattr(args, "storage", None),
+        results_dir=getattr(args, "results_dir", None) or "results",
+    )
     study = load_study(paths)
     out = Path(getattr(args, "out", None) or paths.folder / "report")
     written = make_report(trials_frame(study), out, study_name=paths.name, study=study)

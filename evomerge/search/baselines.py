@@ -31,19 +31,33 @@ def baseline_recipes(space: Space) -> dict[str, dict[str, Any]]:
     extra = {"dtype": dtype} if isinstance(dtype, str) else {}
     out: dict[str, dict[str, Any]] = {}
     for ref in refs:
-        out[f"source:{ref}"] = {"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}}], **extra}
+        out[f"source:{ref}"] = {
+            "merge_method": "linear",
+            "models": [{"model": ref, "parameters": {"weight": 1.0}}],
+            **extra,
+        }
     tuned = [r for r in refs if r != base]
     if len(tuned) < 2:
         tuned = refs
     if len(tuned) >= 2:
-        out["uniform"] = {"merge_method": "linear", "models": [{"model": r, "parameters": {"weight": 1.0}} for r in tuned], **extra}
+        out["uniform"] = {
+            "merge_method": "linear",
+            "models": [{"model": r, "parameters": {"weight": 1.0}} for r in tuned],
+            **extra,
+        }
     for name, recipe in space.search.baselines:
         out[f"hand:{name}"] = dict(recipe)
     return out
 
 
-def enqueue_hand_recipes(space: Space, recipes: dict[str, dict[str, Any]], records: StudyRecords, *,
-                         layers_of: Callable[[str], int], log: Callable[[str], None]) -> None:
+def enqueue_hand_recipes(
+    space: Space,
+    recipes: dict[str, dict[str, Any]],
+    records: StudyRecords,
+    *,
+    layers_of: Callable[[str], int],
+    log: Callable[[str], None],
+) -> None:
     """Queue each hand recipe that is a point of the space as a searched trial (once per study:
     run under the study's ``setup`` claim; a resumed study skips those it has)."""
     for name, recipe in recipes.items():
@@ -56,8 +70,18 @@ def enqueue_hand_recipes(space: Space, recipes: dict[str, dict[str, Any]], recor
             log(f"baseline {name}: a point of the space, queued as the first trial")
 
 
-def run_baselines(space: Space, recipes: dict[str, dict[str, Any]], candidates: Candidates, records: StudyRecords, claims: Claims, *,
-                  holdout: bool, log: Callable[[str], None], check_interrupt: Callable[[], None], wait: bool) -> None:
+def run_baselines(
+    space: Space,
+    recipes: dict[str, dict[str, Any]],
+    candidates: Candidates,
+    records: StudyRecords,
+    claims: Claims,
+    *,
+    holdout: bool,
+    log: Callable[[str], None],
+    check_interrupt: Callable[[], None],
+    wait: bool,
+) -> None:
     """Score every baseline not scored yet, each once across the study's workers.
 
     Args:
@@ -75,18 +99,32 @@ def run_baselines(space: Space, recipes: dict[str, dict[str, Any]], candidates: 
     """
     for name, recipe in recipes.items():
         check_interrupt()
-        claims.run_once(f"baseline:{name}", done=partial(_done, records, name),
-                        work=partial(_score_baseline, space, name, recipe, candidates, records, holdout, log),
-                        wait=wait, check_interrupt=check_interrupt)
+        claims.run_once(
+            f"baseline:{name}",
+            done=partial(_done, records, name),
+            work=partial(_score_baseline, space, name, recipe, candidates, records, holdout, log),
+            wait=wait,
+            check_interrupt=check_interrupt,
+        )
 
 
 def _done(records: StudyRecords, name: str) -> bool:
     return records.refresh().baseline_done(name)
 
 
-def _score_baseline(space: Space, name: str, recipe: dict[str, Any], candidates: Candidates, records: StudyRecords,
-                    holdout: bool, log: Callable[[str], None]) -> None:
-    rec = TrialRecord(method=recipe.get("merge_method") or ("moe" if "experts" in recipe else None), recipe=dump_yaml(recipe))
+def _score_baseline(
+    space: Space,
+    name: str,
+    recipe: dict[str, Any],
+    candidates: Candidates,
+    records: StudyRecords,
+    holdout: bool,
+    log: Callable[[str], None],
+) -> None:
+    rec = TrialRecord(
+        method=recipe.get("merge_method") or ("moe" if "experts" in recipe else None),
+        recipe=dump_yaml(recipe),
+    )
     try:
         t0 = time.perf_counter()
         model, res = candidates.materialize(recipe, f"{space.file} (baseline {name})")
@@ -96,7 +134,10 @@ def _score_baseline(space: Space, name: str, recipe: dict[str, Any], candidates:
         if holdout:
             rec.holdout = candidates.score(model, "holdout")
         rec.state = "COMPLETE"
-        log(f"baseline {name:<28} search {rec.search.aggregate:.3f}" + (f"  holdout {rec.holdout.aggregate:.3f}" if rec.holdout else ""))
+        log(
+            f"baseline {name:<28} search {rec.search.aggregate:.3f}"
+            + (f"  holdout {rec.holdout.aggregate:.3f}" if rec.holdout else "")
+        )
     except KeyboardInterrupt:
         raise
     except Exception as e:  # a baseline that cannot be merged or scored is reported, not fatal

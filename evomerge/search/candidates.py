@@ -51,7 +51,9 @@ class Candidates:
             self._models[key] = model
         return model
 
-    def materialize(self, recipe: Mapping[str, Any], where: str) -> tuple[torch.nn.Module, MergeResult]:
+    def materialize(
+        self, recipe: Mapping[str, Any], where: str
+    ) -> tuple[torch.nn.Module, MergeResult]:
         """Merge ``recipe`` into its resident model; returns the model and the merge result.
         A mixture-of-experts configuration (``merge_method: moe``) is built by :class:`ResidentMoE`."""
         if is_moe_mapping(recipe):
@@ -79,5 +81,12 @@ def scores_of(r: EvalResult) -> Scores:
     bad = [t for t, v in r.scores.items() if v is None or (isinstance(v, float) and math.isnan(v))]
     if bad:
         raise EvomergeError(f"evaluation gave no score for {', '.join(bad)}")
-    return Scores(dict(r.scores), {k: float(v) for k, v in r.stderr.items()}, float(r.aggregate), float(r.aggregate_se), float(r.seconds),
-                  int(sum(r.n_items.values())), {k: list(v) for k, v in r.items.items()})
+    return Scores(
+        dict(r.scores),
+        {k: float(v) for k, v in r.stderr.items()},
+        float(r.aggregate),
+        float(r.aggregate_se),
+        float(r.seconds),
+        int(sum(r.n_items.values())),
+        {k: list(v) for k, v in r.items.items()},
+    )

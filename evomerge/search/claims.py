@@ -81,10 +81,19 @@ class Claims:
         True
     """
 
-    def __init__(self, storage: Any, study: str, liveness: Liveness, *, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        storage: Any,
+        study: str,
+        liveness: Liveness,
+        *,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         self.storage, self.study, self.liveness = storage, study, liveness
         self.log = log or (lambda msg: None)
-        self._seen: dict[int, tuple[Any, float]] = {}  # claim study id -> (beat, when it was first seen)
+        self._seen: dict[
+            int, tuple[Any, float]
+        ] = {}  # claim study id -> (beat, when it was first seen)
 
     def name(self, task: str, gen: int) -> str:
         return f"{self.study}{CLAIM}{task}#{gen}"
@@ -98,7 +107,11 @@ class Claims:
             sid = self.storage.create_new_study([StudyDirection.MINIMIZE], self.name(task, gen))
         except optuna.exceptions.DuplicatedStudyError:
             return None
-        owner = {"host": HOST, "pid": os.getpid(), "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        owner = {
+            "host": HOST,
+            "pid": os.getpid(),
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         self.storage.set_study_user_attr(sid, "owner", owner)
         beat: Callable[[], None]
         if heartbeats(self.storage):  # the claim's one RUNNING trial carries Optuna's heartbeat
@@ -113,7 +126,12 @@ class Claims:
                 count[0] += 1
                 self.storage.set_study_user_attr(sid, "beat", count[0])
 
-        return Claim(task, gen, sid, Pulse(beat, self.liveness.interval, name=f"evomerge-claim-{task}").start())
+        return Claim(
+            task,
+            gen,
+            sid,
+            Pulse(beat, self.liveness.interval, name=f"evomerge-claim-{task}").start(),
+        )
 
     def _look(self, name: str) -> tuple[str, dict[str, Any]]:
         """``("missing" | "live" | "dead", owner)`` of the claim study ``name``."""
@@ -124,7 +142,12 @@ class Claims:
             attrs = self.storage.get_study_user_attrs(sid)
             owner = attrs.get("owner") or {}
             pid = owner.get("pid")
-            if owner.get("host") == HOST and isinstance(pid, int) and pid != os.getpid() and not pid_alive(pid):
+            if (
+                owner.get("host") == HOST
+                and isinstance(pid, int)
+                and pid != os.getpid()
+                and not pid_alive(pid)
+            ):
                 return "dead", owner
             if heartbeats(self.storage) and self.storage.get_all_trials(sid, deepcopy=False):
                 self._fail_stale(name)  # the database's clock decides, as for trials
@@ -144,7 +167,9 @@ class Claims:
     def _fail_stale(self, name: str) -> None:
         import optuna
 
-        study = optuna.load_study(study_name=name, storage=self.storage, sampler=optuna.samplers.RandomSampler())
+        study = optuna.load_study(
+            study_name=name, storage=self.storage, sampler=optuna.samplers.RandomSampler()
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
@@ -167,7 +192,9 @@ class Claims:
             if state == "live":
                 return None
             if state == "dead":
-                self.log(f"{task}: its worker (pid {owner.get('pid')} on {owner.get('host')}) is gone; taking it over")
+                self.log(
+                    f"{task}: its worker (pid {owner.get('pid')} on {owner.get('host')}) is gone; taking it over"
+                )
                 gen += 1
             # "missing": released or finished meanwhile; try this generation again
 
@@ -179,8 +206,15 @@ class Claims:
         for gen in range(claim.gen, -1, -1):
             self._delete(self.name(claim.task, gen))
 
-    def run_once(self, task: str, *, done: Callable[[], bool], work: Callable[[], None], wait: bool = True,
-                 check_interrupt: Callable[[], None] = lambda: None) -> bool:
+    def run_once(
+        self,
+        task: str,
+        *,
+        done: Callable[[], bool],
+        work: Callable[[], None],
+        wait: bool = True,
+        check_interrupt: Callable[[], None] = lambda: None,
+    ) -> bool:
         """Run ``work()`` unless ``done()`` or another worker runs it.
 
         Args:
@@ -223,7 +257,11 @@ class Claims:
         kept = {self.name(c.task, c.gen) for c in keep}
         dead = []
         for s in self.storage.get_all_studies():
-            if s.study_name.startswith(prefix) and s.study_name not in kept and self._look(s.study_name)[0] == "dead":
+            if (
+                s.study_name.startswith(prefix)
+                and s.study_name not in kept
+                and self._look(s.study_name)[0] == "dead"
+            ):
                 self._delete(s.study_name)
                 dead.append(s.study_name)
         return dead

@@ -40,9 +40,23 @@ class Holdout:
         device, seed, file, log: the search's.
     """
 
-    def __init__(self, candidates: Candidates, records: StudyRecords, claims: Claims, *, enabled: bool, finalists: int, probe: bool,
-                 base_ref: str | None, base_dir: str | None, tokenizer_dir: str, device: str, seed: int, file: str,
-                 log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        candidates: Candidates,
+        records: StudyRecords,
+        claims: Claims,
+        *,
+        enabled: bool,
+        finalists: int,
+        probe: bool,
+        base_ref: str | None,
+        base_dir: str | None,
+        tokenizer_dir: str,
+        device: str,
+        seed: int,
+        file: str,
+        log: Callable[[str], None],
+    ) -> None:
         self.candidates, self.records, self.claims = candidates, records, claims
         self.enabled, self.n_finalists, self.probe = enabled, finalists, probe
         self.base_ref, self.base_dir, self.tokenizer_dir = base_ref, base_dir, tokenizer_dir
@@ -50,7 +64,9 @@ class Holdout:
         self._base_model: Any = None
         self._tokenizer: Any = None
 
-    def rescore(self, number: int, model: ModelOrMaker, check_interrupt: Callable[[], None] = lambda: None) -> Scores | None:
+    def rescore(
+        self, number: int, model: ModelOrMaker, check_interrupt: Callable[[], None] = lambda: None
+    ) -> Scores | None:
         """The holdout scores of trial ``number``, measured once across the study's workers.
 
         Args:
@@ -69,25 +85,44 @@ class Holdout:
             if self.probe:
                 self._probe(number, m)
 
-        self.claims.run_once(f"holdout:{number}", done=lambda: self.records.refresh().holdout(number) is not None,
-                             work=work, check_interrupt=check_interrupt)
+        self.claims.run_once(
+            f"holdout:{number}",
+            done=lambda: self.records.refresh().holdout(number) is not None,
+            work=work,
+            check_interrupt=check_interrupt,
+        )
         return self.records.holdout(number)
 
     def _probe(self, number: int, model: torch.nn.Module) -> None:
         if self.base_dir is None:
-            self.records.set_probe(number, {"memorization_probe": False, "memorization_probe_evidence": "not run: the space has no base_model"})
+            self.records.set_probe(
+                number,
+                {
+                    "memorization_probe": False,
+                    "memorization_probe_evidence": "not run: the space has no base_model",
+                },
+            )
             return
         if self._base_model is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self._base_model = AutoModelForCausalLM.from_pretrained(self.base_dir).to(self.device).eval()
+            self._base_model = (
+                AutoModelForCausalLM.from_pretrained(self.base_dir).to(self.device).eval()
+            )
             self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         evaluator = self.candidates.evaluator
         texts = [x for v in evaluator.texts("search").values() for x in v]
         # Unseen items of the same distribution are the best controls (perturbed neighbours can
         # over-flag a merge that merely learned the skill): use the holdout items.
         controls = [x for v in evaluator.texts("holdout").values() for x in v]
-        r = probe_contamination(model, self._base_model, self._tokenizer, texts, controls=controls or None, seed=self.seed)
+        r = probe_contamination(
+            model,
+            self._base_model,
+            self._tokenizer,
+            texts,
+            controls=controls or None,
+            seed=self.seed,
+        )
         self.records.set_probe(number, r.columns())
 
     def finalists(self, check_interrupt: Callable[[], None]) -> None:
@@ -108,7 +143,11 @@ class Holdout:
             self.rescore(number, partial(self._remerge, number, rec), check_interrupt)
 
     def _remerge(self, number: int, rec: Any) -> torch.nn.Module:
-        model, res = self.candidates.materialize(yaml.safe_load(rec.recipe or "{}"), f"{self.file} (trial {number})")
+        model, res = self.candidates.materialize(
+            yaml.safe_load(rec.recipe or "{}"), f"{self.file} (trial {number})"
+        )
         if res.digest != rec.digest:
-            self.log(f"warning: trial {number} re-merged to a different tensor hash ({res.digest[:12]} vs {str(rec.digest)[:12]})")
+            self.log(
+                f"warning: trial {number} re-merged to a different tensor hash ({res.digest[:12]} vs {str(rec.digest)[:12]})"
+            )
         return model

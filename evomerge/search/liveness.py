@@ -31,7 +31,9 @@ class Liveness:
 
     def __post_init__(self) -> None:
         if not (self.interval >= 1 and self.grace > self.interval and self.poll > 0):
-            raise ValueError(f"`1 <= interval < grace` and `poll > 0` must hold, but got (interval={self.interval}, grace={self.grace}, poll={self.poll})")
+            raise ValueError(
+                f"`1 <= interval < grace` and `poll > 0` must hold, but got (interval={self.interval}, grace={self.grace}, poll={self.poll})"
+            )
 
 
 class Pulse:
@@ -41,7 +43,9 @@ class Pulse:
     trial may also have been taken over or deleted meanwhile).
     """
 
-    def __init__(self, beat: Callable[[], None], interval: float, name: str = "evomerge-pulse") -> None:
+    def __init__(
+        self, beat: Callable[[], None], interval: float, name: str = "evomerge-pulse"
+    ) -> None:
         self._beat, self._interval = beat, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)

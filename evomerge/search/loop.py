@@ -62,8 +62,17 @@ __all__ = ["Search", "SearchOutcome", "run_search"]
 
 def _jsonable(x: Any) -> Any:
     if isinstance(x, Directive):
-        return {"directive": x.kind, "name": x.name, "low": x.low, "high": x.high, "log": x.log, "step": x.step,
-                "choices": list(x.choices), "anchors": x.anchors, "per_layers": x.per_layers}
+        return {
+            "directive": x.kind,
+            "name": x.name,
+            "low": x.low,
+            "high": x.high,
+            "log": x.log,
+            "step": x.step,
+            "choices": list(x.choices),
+            "anchors": x.anchors,
+            "per_layers": x.per_layers,
+        }
     if isinstance(x, Mapping):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -86,13 +95,27 @@ class Search:
             storage (checked before anything is written).
     """
 
-    def __init__(self, space_file: str | Path, *, probe: bool = False, quiet: bool = False, evaluator: Evaluator | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        space_file: str | Path,
+        *,
+        probe: bool = False,
+        quiet: bool = False,
+        evaluator: Evaluator | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.setup: Setup = prepare(space_file, evaluator=evaluator, **kwargs)
         self.quiet = quiet
         self.probe = probe
         self.candidates = Candidates(self.setup.merger, self.setup.evaluator)
-        self.rounds = RoundScorer(None if self.setup.objectives else self.setup.space.search.prune, self.candidates, self.setup.log)
-        self.claims = Claims(self.setup.storage, self.setup.paths.name, self.setup.liveness, log=self.setup.log)
+        self.rounds = RoundScorer(
+            None if self.setup.objectives else self.setup.space.search.prune,
+            self.candidates,
+            self.setup.log,
+        )
+        self.claims = Claims(
+            self.setup.storage, self.setup.paths.name, self.setup.liveness, log=self.setup.log
+        )
         self.worker = 0
         self._slot: Claim | None = None
         self._interrupted = False
@@ -107,15 +130,31 @@ class Search:
         import optuna
 
         s = self.setup
-        sampler = make_sampler(s.space.search.sampler, s.seed + self.worker, s.trials, s.space.search.startup_trials, bool(s.objectives),
-                               stopped_as_estimated=self.rounds.pruner is not None)
-        kw: dict[str, Any] = {"directions": ["maximize"] * len(s.objectives)} if s.objectives else {"direction": "maximize"}
-        study = optuna.create_study(study_name=s.paths.name, storage=s.storage, sampler=sampler, load_if_exists=True, **kw)
+        sampler = make_sampler(
+            s.space.search.sampler,
+            s.seed + self.worker,
+            s.trials,
+            s.space.search.startup_trials,
+            bool(s.objectives),
+            stopped_as_estimated=self.rounds.pruner is not None,
+        )
+        kw: dict[str, Any] = (
+            {"directions": ["maximize"] * len(s.objectives)}
+            if s.objectives
+            else {"direction": "maximize"}
+        )
+        study = optuna.create_study(
+            study_name=s.paths.name, storage=s.storage, sampler=sampler, load_if_exists=True, **kw
+        )
         return StudyRecords(study)
 
     def _fingerprint(self) -> str:
         s = self.setup
-        return json.dumps({"tree": _jsonable(s.space.tree), "objectives": s.objectives}, sort_keys=True, default=str)
+        return json.dumps(
+            {"tree": _jsonable(s.space.tree), "objectives": s.objectives},
+            sort_keys=True,
+            default=str,
+        )
 
     def set_up_study(self, records: StudyRecords) -> None:
         """Once per study (and again when the space changed): assess contamination, record what
@@ -124,28 +163,55 @@ class Search:
         fingerprint = self._fingerprint()
         old = records.refresh().meta().space
         if old is not None and old != fingerprint:
-            s.log(f"warning: the space changed since study {s.paths.name!r} started; earlier trials keep their recipes (use --study NEW to start afresh)")
+            s.log(
+                f"warning: the space changed since study {s.paths.name!r} started; earlier trials keep their recipes (use --study NEW to start afresh)"
+            )
         s.assessment = s.assess()
         include = getattr(getattr(s.evaluator, "cfg", None), "include_path", None)
-        records.set_meta(StudyMeta(
-            space=fingerprint, space_file=str(Path(s.file).resolve()), seed=s.mask_seed, model_refs=s.space.model_refs(),
-            include_path=list(include) if include else None, search_tasks=s.search_tasks, holdout_tasks=s.holdout_tasks,
-            flags=s.assessment.columns() if s.assessment is not None else {},
-            assessment=assessment_to_dict(s.assessment) if s.assessment is not None else None,
-            stream=records.meta().stream if old is not None else s.merger.stream,  # a resumed study keeps its masks
-        ))
+        records.set_meta(
+            StudyMeta(
+                space=fingerprint,
+                space_file=str(Path(s.file).resolve()),
+                seed=s.mask_seed,
+                model_refs=s.space.model_refs(),
+                include_path=list(include) if include else None,
+                search_tasks=s.search_tasks,
+                holdout_tasks=s.holdout_tasks,
+                flags=s.assessment.columns() if s.assessment is not None else {},
+                assessment=assessment_to_dict(s.assessment) if s.assessment is not None else None,
+                stream=records.meta().stream
+                if old is not None
+                else s.merger.stream,  # a resumed study keeps its masks
+            )
+        )
         enqueue_hand_recipes(s.space, s.baselines, records, layers_of=s.layers_of, log=s.log)
         records.set_setup(_digest(fingerprint))
 
     def _holdout(self, records: StudyRecords) -> Holdout:
         s = self.setup
         base = s.space.tree.get("base_model")
-        base_dir = str(s.sources[base].path) if isinstance(base, str) and base in s.sources else None
-        return Holdout(self.candidates, records, self.claims, enabled=bool(s.holdout_tasks), finalists=s.space.search.finalists, probe=self.probe,
-                       base_ref=base if isinstance(base, str) else None, base_dir=base_dir, tokenizer_dir=str(s.tokenizer_dir),
-                       device=s.device, seed=s.seed, file=s.file, log=s.log)
+        base_dir = (
+            str(s.sources[base].path) if isinstance(base, str) and base in s.sources else None
+        )
+        return Holdout(
+            self.candidates,
+            records,
+            self.claims,
+            enabled=bool(s.holdout_tasks),
+            finalists=s.space.search.finalists,
+            probe=self.probe,
+            base_ref=base if isinstance(base, str) else None,
+            base_dir=base_dir,
+            tokenizer_dir=str(s.tokenizer_dir),
+            device=s.device,
+            seed=s.seed,
+            file=s.file,
+            log=s.log,
+        )
 
-    def run_trial(self, records: StudyRecords, holdout: Holdout, best: float) -> tuple[str, int, TrialRecord]:
+    def run_trial(
+        self, records: StudyRecords, holdout: Holdout, best: float
+    ) -> tuple[str, int, TrialRecord]:
         """One ask -> materialize -> evaluate -> tell round, with the trial's heartbeat recorded
         while it runs. ``best`` is the study's best search score so far (a better trial gets its
         holdout re-score now). Returns (state, trial number, record)."""
@@ -153,7 +219,9 @@ class Search:
         from optuna.trial import TrialState
 
         s, study = self.setup, records.study
-        with warnings.catch_warnings():  # Optuna expects heartbeats with optimize(); ours are recorded by trial_pulse
+        with (
+            warnings.catch_warnings()
+        ):  # Optuna expects heartbeats with optimize(); ours are recorded by trial_pulse
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             trial = study.ask()
         records.claim(trial)
@@ -166,7 +234,9 @@ class Search:
             with trial_pulse(s.storage, s.paths.name, trial.number, s.liveness.interval):
                 return self._run_trial(records, holdout, trial, best)
         except (UpdateFinishedTrialError, _Finished):
-            rec = TrialRecord(error=f"marked failed by another worker (no heartbeat for {s.liveness.grace} s); its result was not counted")
+            rec = TrialRecord(
+                error=f"marked failed by another worker (no heartbeat for {s.liveness.grace} s); its result was not counted"
+            )
             return "FAIL", trial.number, rec
 
     def _surplus(self, records: StudyRecords, number: int) -> bool:
@@ -174,8 +244,11 @@ class Search:
         # finished ones (complete or pruned) and the running ones asked before this one.
         from optuna.trial import TrialState
 
-        ahead = [t for t in records.study.get_trials(deepcopy=False, states=_counted())
-                 if t.state != TrialState.RUNNING or t.number < number]
+        ahead = [
+            t
+            for t in records.study.get_trials(deepcopy=False, states=_counted())
+            if t.state != TrialState.RUNNING or t.number < number
+        ]
         return len(ahead) >= self.setup.trials
 
     def _budget_spent(self, records: StudyRecords, finished: list[tuple[Any, TrialRecord]]) -> bool:
@@ -188,10 +261,14 @@ class Search:
             return False
         spent = sum(rec.search_items or 0 for t, rec in finished if not records.baseline_of(t))
         if spent >= budget:
-            self.setup.log(f"item budget reached: the searched trials scored {spent} search items (search.items: {budget})")
+            self.setup.log(
+                f"item budget reached: the searched trials scored {spent} search items (search.items: {budget})"
+            )
         return spent >= budget
 
-    def _run_trial(self, records: StudyRecords, holdout: Holdout, trial: Any, best: float) -> tuple[str, int, TrialRecord]:
+    def _run_trial(
+        self, records: StudyRecords, holdout: Holdout, trial: Any, best: float
+    ) -> tuple[str, int, TrialRecord]:
         from optuna.trial import TrialState
 
         s, study = self.setup, records.study
@@ -207,9 +284,16 @@ class Search:
                 rec.reused_from, rec.search = same
                 rec.eval_s = 0.0
             else:
-                rec.search, rec.estimate = self.rounds.score(model, records, lambda v, n: trial.report(v, n), prunable=not records.baseline_of(trial))
+                rec.search, rec.estimate = self.rounds.score(
+                    model,
+                    records,
+                    lambda v, n: trial.report(v, n),
+                    prunable=not records.baseline_of(trial),
+                )
                 rec.eval_s = rec.search.seconds
-                if rec.estimate is not None:  # stopped early: its partial scores and items are kept, it is no finalist
+                if (
+                    rec.estimate is not None
+                ):  # stopped early: its partial scores and items are kept, it is no finalist
                     records.set_trial(trial, rec)
                     _tell(study, trial, state=TrialState.PRUNED)
                     return "PRUNED", trial.number, rec
@@ -227,9 +311,15 @@ class Search:
             return "FAIL", trial.number, rec
         records.set_trial(trial, rec)  # one write for everything the table needs (each is a commit)
         scores = rec.search
-        _tell(study, trial, [scores.scores[o] for o in s.objectives] if s.objectives else scores.aggregate)
+        _tell(
+            study,
+            trial,
+            [scores.scores[o] for o in s.objectives] if s.objectives else scores.aggregate,
+        )
         if scores.aggregate > best or records.baseline_of(trial):
-            holdout.rescore(trial.number, model, self._check_interrupt)  # every new best (and hand recipe) gets its holdout re-score now
+            holdout.rescore(
+                trial.number, model, self._check_interrupt
+            )  # every new best (and hand recipe) gets its holdout re-score now
         return "COMPLETE", trial.number, rec
 
     def run(self) -> SearchOutcome:
@@ -275,21 +365,47 @@ class Search:
         records = self.open_study()
         study = records.study
         if self.worker:
-            s.log(f"worker {self.worker} of study {s.paths.name!r} (sampler seed {s.seed + self.worker})")
+            s.log(
+                f"worker {self.worker} of study {s.paths.name!r} (sampler seed {s.seed + self.worker})"
+            )
         self._log_dead(recover_dead_trials(records, s.storage))
         fingerprint = _digest(self._fingerprint())
-        self.claims.run_once("setup", done=lambda: records.refresh().setup_done(fingerprint), work=lambda: self.set_up_study(records),
-                             check_interrupt=self._check_interrupt)
-        s.merger.stream = records.refresh().meta().stream  # the study's random stream (1 for studies made before streams)
+        self.claims.run_once(
+            "setup",
+            done=lambda: records.refresh().setup_done(fingerprint),
+            work=lambda: self.set_up_study(records),
+            check_interrupt=self._check_interrupt,
+        )
+        s.merger.stream = (
+            records.refresh().meta().stream
+        )  # the study's random stream (1 for studies made before streams)
         self._warn_flags(records)
         holdout = self._holdout(records)
         try:
-            run_baselines(s.space, s.baselines, self.candidates, records, self.claims, holdout=bool(s.holdout_tasks),
-                          log=s.log, check_interrupt=self._check_interrupt, wait=False)
+            run_baselines(
+                s.space,
+                s.baselines,
+                self.candidates,
+                records,
+                self.claims,
+                holdout=bool(s.holdout_tasks),
+                log=s.log,
+                check_interrupt=self._check_interrupt,
+                wait=False,
+            )
             write_trials_csv(study, s.paths.csv)
             self._search(records, holdout)
-            run_baselines(s.space, s.baselines, self.candidates, records, self.claims, holdout=bool(s.holdout_tasks),
-                          log=s.log, check_interrupt=self._check_interrupt, wait=True)
+            run_baselines(
+                s.space,
+                s.baselines,
+                self.candidates,
+                records,
+                self.claims,
+                holdout=bool(s.holdout_tasks),
+                log=s.log,
+                check_interrupt=self._check_interrupt,
+                wait=True,
+            )
             holdout.finalists(self._check_interrupt)
         except KeyboardInterrupt:
             write_trials_csv(study, s.paths.csv)
@@ -311,7 +427,9 @@ class Search:
 
     def _log_dead(self, dead: list[int]) -> None:
         if dead:
-            self.setup.log(f"trial(s) {', '.join(map(str, dead))} were running when their worker died: marked failed, parameters queued for one retry")
+            self.setup.log(
+                f"trial(s) {', '.join(map(str, dead))} were running when their worker died: marked failed, parameters queued for one retry"
+            )
 
     def _search(self, records: StudyRecords, holdout: Holdout) -> int:
         """Trials until the study has ``trials`` finished ones (all workers'), or until they scored
@@ -321,18 +439,30 @@ class Search:
         s, study = self.setup, records.study
         n_done = len(study.get_trials(deepcopy=False, states=_finished()))
         if n_done:
-            s.log(f"study {s.paths.name!r}: {n_done} of {s.trials} trials already finished (complete or pruned)")
+            s.log(
+                f"study {s.paths.name!r}: {n_done} of {s.trials} trials already finished (complete or pruned)"
+            )
         bar = None
         if not self.quiet and n_done < s.trials:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=s.trials, initial=n_done, desc="trials", unit="trial", dynamic_ncols=True, file=sys.stderr, disable=None)
+            bar = tqdm(
+                total=s.trials,
+                initial=n_done,
+                desc="trials",
+                unit="trial",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                disable=None,
+            )
         attempts = 0
         while attempts < 3 * s.trials + 10:
             self._check_interrupt()
             self._log_dead(recover_dead_trials(records, s.storage))
             trials = study.get_trials(deepcopy=False, states=_counted())
-            finished = [(t, records.trial(t)) for t in trials if t.state != TrialState.RUNNING]  # each record read once
+            finished = [
+                (t, records.trial(t)) for t in trials if t.state != TrialState.RUNNING
+            ]  # each record read once
             n_done = len(finished)
             if bar is not None and n_done > bar.n:
                 bar.update(min(n_done, s.trials) - bar.n)
@@ -340,10 +470,19 @@ class Search:
                 break
             if self._budget_spent(records, finished):
                 break
-            if len(trials) >= s.trials:  # other workers' running trials may fill the budget: wait for them
+            if (
+                len(trials) >= s.trials
+            ):  # other workers' running trials may fill the budget: wait for them
                 time.sleep(s.liveness.poll)
                 continue
-            best = max((r.search.aggregate for t, r in finished if t.state == TrialState.COMPLETE and r.search is not None), default=-math.inf)
+            best = max(
+                (
+                    r.search.aggregate
+                    for t, r in finished
+                    if t.state == TrialState.COMPLETE and r.search is not None
+                ),
+                default=-math.inf,
+            )
             attempts += 1
             state, number, rec = self.run_trial(records, holdout, best)
             write_trials_csv(study, s.paths.csv)
@@ -365,7 +504,9 @@ class Search:
                 (bar.write if bar is not None and not bar.disable else s.log)(line)
         else:
             n_done = len(study.get_trials(deepcopy=False, states=_finished()))
-            s.log(f"stopped after {attempts} attempts with {n_done} complete trials: too many failures (see the error column)")
+            s.log(
+                f"stopped after {attempts} attempts with {n_done} complete trials: too many failures (see the error column)"
+            )
         if bar is not None:
             bar.close()
         return n_done

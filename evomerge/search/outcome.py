@@ -21,12 +21,16 @@ def item_totals(df: pd.DataFrame) -> dict[str, int]:
         ``trials``: search items scored by searched trials; ``pruned``: the part of those scored
         by trials stopped early; ``all``: with the baselines' and every holdout re-score's items.
     """
+
     def total(rows: pd.DataFrame, col: str) -> int:
         return int(pd.to_numeric(rows[col], errors="coerce").fillna(0).sum()) if col in rows else 0
 
     searched = df[df["baseline"] == ""]
-    return {"trials": total(searched, "items"), "pruned": total(searched[searched["state"] == "PRUNED"], "items"),
-            "all": total(df, "items") + total(df, "holdout_items")}
+    return {
+        "trials": total(searched, "items"),
+        "pruned": total(searched[searched["state"] == "PRUNED"], "items"),
+        "all": total(df, "items") + total(df, "holdout_items"),
+    }
 
 
 @dataclass
@@ -48,6 +52,13 @@ class SearchOutcome:
         searched = df[df["baseline"] == ""]
         best = best_row(df)
         baselines = {r["baseline"]: r for r in df[df["baseline"] != ""].to_dict("records")}
-        return cls(paths, int((searched["state"] == "COMPLETE").sum()), int((df["state"] == "FAIL").sum()),
-                   None if best is None else best.to_dict(), baselines, seconds,
-                   int((searched["state"] == "PRUNED").sum()), item_totals(df))
+        return cls(
+            paths,
+            int((searched["state"] == "COMPLETE").sum()),
+            int((df["state"] == "FAIL").sum()),
+            None if best is None else best.to_dict(),
+            baselines,
+            seconds,
+            int((searched["state"] == "PRUNED").sum()),
+            item_totals(df),
+        )

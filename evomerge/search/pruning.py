@@ -67,7 +67,9 @@ class Pruner:
         True
     """
 
-    def __init__(self, settings: PruneSettings, counts: Mapping[str, int], weights: Mapping[str, float]) -> None:
+    def __init__(
+        self, settings: PruneSettings, counts: Mapping[str, int], weights: Mapping[str, float]
+    ) -> None:
         self.settings = settings
         self.counts = dict(counts)
         self.weights = dict(weights)
@@ -86,15 +88,21 @@ class Pruner:
             step = {}
             for task, n in self.counts.items():
                 cut = n if share >= 1 else min(n, max(1, math.ceil(share * n)))
-                step[task], done[task] = self.order[task][done[task]:cut], max(cut, done[task])
+                step[task], done[task] = self.order[task][done[task] : cut], max(cut, done[task])
             out.append(step)
         return out
 
-    def difference(self, seen: Values, reference: Mapping[str, Sequence[float | None]]) -> tuple[float, float]:
+    def difference(
+        self, seen: Values, reference: Mapping[str, Sequence[float | None]]
+    ) -> tuple[float, float]:
         """The paired estimate of the candidate's full score minus the reference's, from its values
         ``seen`` and the reference's value of every item (per task), with its standard error (0
         with fewer than two items, or every item scored)."""
-        d = [self.weights[t] * (v - float(reference[t][i] or 0.0)) for t, vals in seen.items() for i, v in vals.items()]
+        d = [
+            self.weights[t] * (v - float(reference[t][i] or 0.0))
+            for t, vals in seen.items()
+            for i, v in vals.items()
+        ]
         n = len(d)
         if n < 2 or n >= self.total:
             return (math.fsum(d) / n if d else 0.0), 0.0
@@ -116,7 +124,9 @@ class Pruner:
             x = list(vals.values())
             scores[t] = math.fsum(x) / len(x) if x else math.nan
             stderr[t] = statistics.stdev(x) / math.sqrt(len(x)) if len(x) > 1 else 0.0
-        share = {t: self.weights[t] * self.counts[t] / self.total for t in seen}  # = weight / sum(weights)
+        share = {
+            t: self.weights[t] * self.counts[t] / self.total for t in seen
+        }  # = weight / sum(weights)
         agg = math.fsum(share[t] * scores[t] for t in seen)
         se = math.sqrt(math.fsum((share[t] * stderr[t]) ** 2 for t in seen))
         values = {t: [seen[t].get(i) for i in range(self.counts[t])] for t in seen}
@@ -132,15 +142,19 @@ class RoundScorer:
         log: where to say that pruning is off because the evaluator cannot do it.
     """
 
-    def __init__(self, settings: PruneSettings | None, candidates: Candidates, log: Callable[[str], None]) -> None:
+    def __init__(
+        self, settings: PruneSettings | None, candidates: Candidates, log: Callable[[str], None]
+    ) -> None:
         self.candidates = candidates
         self.pruner: Pruner | None = None
         self._reference: tuple[int, Scores | None] = (-1, None)  # (complete trials, reference)
         ev: Evaluator = candidates.evaluator
         counts = ev.item_counts() if settings is not None and hasattr(ev, "item_counts") else {}
         if settings is not None and not counts:
-            log("pruning is off: the evaluator cannot score the search items a subset at a time "
-                "(every task's metric must be a mean over items, such as acc or exact_match)")
+            log(
+                "pruning is off: the evaluator cannot score the search items a subset at a time "
+                "(every task's metric must be a mean over items, such as acc or exact_match)"
+            )
         elif settings is not None:
             self.pruner = Pruner(settings, counts, item_weights(ev.specs(), counts))
 
@@ -166,7 +180,14 @@ class RoundScorer:
         self._reference = (len(complete), ref)
         return ref
 
-    def score(self, model: torch.nn.Module, records: StudyRecords, report: Callable[[float, int], None], *, prunable: bool = True) -> tuple[Scores, float | None]:
+    def score(
+        self,
+        model: torch.nn.Module,
+        records: StudyRecords,
+        report: Callable[[float, int], None],
+        *,
+        prunable: bool = True,
+    ) -> tuple[Scores, float | None]:
         """Score ``model`` on the search items.
 
         Args:

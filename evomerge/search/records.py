@@ -71,13 +71,22 @@ class Scores:
     def from_dict(cls, d: Mapping[str, Any] | None) -> Scores | None:
         if not d:
             return None
-        return cls(dict(d.get("scores") or {}), {k: float(v) for k, v in (d.get("stderr") or {}).items()},
-                   float(d["aggregate"]), float(d.get("aggregate_se") or 0.0), float(d.get("seconds") or 0.0),
-                   int(d.get("n_items") or 0), {k: list(v) for k, v in (d.get("values") or {}).items()})
+        return cls(
+            dict(d.get("scores") or {}),
+            {k: float(v) for k, v in (d.get("stderr") or {}).items()},
+            float(d["aggregate"]),
+            float(d.get("aggregate_se") or 0.0),
+            float(d.get("seconds") or 0.0),
+            int(d.get("n_items") or 0),
+            {k: list(v) for k, v in (d.get("values") or {}).items()},
+        )
 
     def complete(self, counts: Mapping[str, int]) -> bool:
         """Whether ``values`` holds a value for every item of every task in ``counts``."""
-        return all(len(self.values.get(k) or ()) == n and None not in self.values[k] for k, n in counts.items())
+        return all(
+            len(self.values.get(k) or ()) == n and None not in self.values[k]
+            for k, n in counts.items()
+        )
 
 
 @dataclass
@@ -131,10 +140,19 @@ class TrialRecord:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> TrialRecord:
         d = dict(d or {})
-        return cls(method=d.get("method"), recipe=d.get("recipe"), merge_s=d.get("merge_s"), digest=d.get("digest"),
-                   search=Scores.from_dict(d.get("search")), eval_s=d.get("eval_s"), error=d.get("error", "") or "",
-                   state=d.get("state"), holdout=Scores.from_dict(d.get("holdout")), reused_from=d.get("reused_from"),
-                   estimate=d.get("estimate"))
+        return cls(
+            method=d.get("method"),
+            recipe=d.get("recipe"),
+            merge_s=d.get("merge_s"),
+            digest=d.get("digest"),
+            search=Scores.from_dict(d.get("search")),
+            eval_s=d.get("eval_s"),
+            error=d.get("error", "") or "",
+            state=d.get("state"),
+            holdout=Scores.from_dict(d.get("holdout")),
+            reused_from=d.get("reused_from"),
+            estimate=d.get("estimate"),
+        )
 
 
 @dataclass
@@ -190,7 +208,13 @@ class StudyRecords:
 
     def meta(self) -> StudyMeta:
         a = self.attrs()
-        return StudyMeta(**{f.name: a[f.name] for f in fields(StudyMeta) if f.name in a and a[f.name] is not None})
+        return StudyMeta(
+            **{
+                f.name: a[f.name]
+                for f in fields(StudyMeta)
+                if f.name in a and a[f.name] is not None
+            }
+        )
 
     def set_meta(self, meta: StudyMeta) -> None:
         for f in fields(StudyMeta):
@@ -202,7 +226,11 @@ class StudyRecords:
     def baselines(self) -> dict[str, TrialRecord]:
         """Every baseline that ran, by name, in name order."""
         a = self.attrs()
-        return {k.split(":", 1)[1]: TrialRecord.from_dict(a[k]) for k in sorted(a) if k.startswith("baseline:")}
+        return {
+            k.split(":", 1)[1]: TrialRecord.from_dict(a[k])
+            for k in sorted(a)
+            if k.startswith("baseline:")
+        }
 
     def baseline_done(self, name: str) -> bool:
         """Whether the baseline ran, or was queued as a searched trial."""

@@ -35,8 +35,12 @@ def trial_pulse(storage: Any, study_name: str, number: int, interval: float) -> 
     """A :class:`Pulse` recording the heartbeat of trial ``number`` (a no-op without heartbeats)."""
     if not heartbeats(storage):
         return Pulse(lambda: None, 3600.0)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
-    return Pulse(lambda: storage.record_heartbeat(trial_id), interval, name=f"evomerge-heartbeat-{number}")
+    trial_id = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study_name), number
+    )
+    return Pulse(
+        lambda: storage.record_heartbeat(trial_id), interval, name=f"evomerge-heartbeat-{number}"
+    )
 
 
 def _fail_and_retry(records: StudyRecords, t: Any, message: str) -> None:
@@ -51,7 +55,11 @@ def on_stale(study: Any, trial: Any) -> None:
     if is_claim(study.study_name):
         return
     pid, host = StudyRecords.owner(trial)
-    _fail_and_retry(StudyRecords(study), trial, f"worker {pid} on {host} died while this trial was running (no heartbeat)")
+    _fail_and_retry(
+        StudyRecords(study),
+        trial,
+        f"worker {pid} on {host} died while this trial was running (no heartbeat)",
+    )
 
 
 def recover_dead_trials(records: StudyRecords, storage: Any) -> list[int]:
@@ -92,5 +100,9 @@ def recover_dead_trials(records: StudyRecords, storage: Any) -> list[int]:
             optuna.storages.fail_stale_trials(study)  # calls on_stale for each trial it failed
         still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         attrs = records.attrs(refresh=True)
-        dead += [t.number for t in running if t.number not in still and t.number not in dead and f"died:{t.number}" in attrs]
+        dead += [
+            t.number
+            for t in running
+            if t.number not in still and t.number not in dead and f"died:{t.number}" in attrs
+        ]
     return sorted(dead)

@@ -16,8 +16,15 @@ from evomerge.space import Directive
 __all__ = ["make_sampler", "suggester", "StoppedAsEstimated"]
 
 
-def make_sampler(name: str, seed: int, n_trials: int, startup: int | None = None, multi: bool = False, *,
-                 stopped_as_estimated: bool = False) -> Any:
+def make_sampler(
+    name: str,
+    seed: int,
+    n_trials: int,
+    startup: int | None = None,
+    multi: bool = False,
+    *,
+    stopped_as_estimated: bool = False,
+) -> Any:
     """The Optuna sampler for ``search.sampler``, seeded.
 
     Args:
@@ -50,16 +57,26 @@ def make_sampler(name: str, seed: int, n_trials: int, startup: int | None = None
     if stopped_as_estimated and name in ("tpe", "gp", "cmaes"):
         return StoppedAsEstimated(make_sampler(name, seed, n_trials, startup, multi))
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True
+        )
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=min(startup, 5), warn_independent_sampling=False)
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=min(startup, 5), warn_independent_sampling=False
+        )
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
+        return optuna.samplers.GPSampler(
+            seed=seed, n_startup_trials=startup, warn_independent_sampling=False
+        )
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, n_trials // 4)))
-    raise ValueError(f"unknown sampler {name!r}")  # pragma: no cover - validated when the space is parsed
+        return optuna.samplers.NSGAIISampler(
+            seed=seed, population_size=max(4, min(20, n_trials // 4))
+        )
+    raise ValueError(
+        f"unknown sampler {name!r}"
+    )  # pragma: no cover - validated when the space is parsed
 
 
 class _EstimatedView:
@@ -72,7 +89,12 @@ class _EstimatedView:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
 
-    def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False) -> list[FrozenTrial]:
+    def _get_trials(
+        self,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+        use_cache: bool = False,
+    ) -> list[FrozenTrial]:
         out = []
         for t in self._study._get_trials(deepcopy=deepcopy, states=None, use_cache=use_cache):
             est = StudyRecords.estimate_of(t) if t.state == TrialState.PRUNED else None
@@ -83,7 +105,9 @@ class _EstimatedView:
                 out.append(t)
         return out
 
-    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+    def get_trials(
+        self, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
         return self._get_trials(deepcopy=deepcopy, states=states)
 
     @property
@@ -117,10 +141,14 @@ class StoppedAsEstimated(optuna.samplers.BaseSampler):
     def infer_relative_search_space(self, study: Any, trial: FrozenTrial) -> dict[str, Any]:
         return self.inner.infer_relative_search_space(_view(study), trial)
 
-    def sample_relative(self, study: Any, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: Any, trial: FrozenTrial, search_space: dict[str, Any]
+    ) -> dict[str, Any]:
         return self.inner.sample_relative(_view(study), trial, search_space)
 
-    def sample_independent(self, study: Any, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:
+    def sample_independent(
+        self, study: Any, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
         return self.inner.sample_independent(_view(study), trial, param_name, param_distribution)
 
     def before_trial(self, study: Any, trial: FrozenTrial) -> None:

@@ -96,13 +96,23 @@ def _threads(device: str, sources: dict[str, ModelSource]) -> int | None:
 
 
 def _tokenizer_dir(space: Space, sources: dict[str, ModelSource], file: str) -> Path:
-    ref = space.tree.get("tokenizer_source") if isinstance(space.tree.get("tokenizer_source"), str) else None
+    ref = (
+        space.tree.get("tokenizer_source")
+        if isinstance(space.tree.get("tokenizer_source"), str)
+        else None
+    )
     if ref in (None, "base"):
         ref = space.model_refs()[0]
     return sources[ref].path if ref in sources else open_sources([ref], file=file)[ref].path
 
 
-def _assess(space: Space, evaluator: Evaluator, search_tasks: list[str], holdout_tasks: list[str], log: Callable[[str], None]) -> Assessment | None:
+def _assess(
+    space: Space,
+    evaluator: Evaluator,
+    search_tasks: list[str],
+    holdout_tasks: list[str],
+    log: Callable[[str], None],
+) -> Assessment | None:
     include = getattr(getattr(evaluator, "cfg", None), "include_path", None)
     # Reuse the evaluator's lm-eval task index (building one reads ~15k YAML files); an
     # evaluator without lm-eval tasks (tests, custom scorers) has no datasets to look up.
@@ -110,7 +120,9 @@ def _assess(space: Space, evaluator: Evaluator, search_tasks: list[str], holdout
     if tm is None and include is None:
         tm = SimpleNamespace(task_index={})
     try:
-        return assess(space.model_refs(), search_tasks, holdout_tasks, include_path=include, task_manager=tm)
+        return assess(
+            space.model_refs(), search_tasks, holdout_tasks, include_path=include, task_manager=tm
+        )
     except EvomergeError:
         raise
     except Exception as e:  # flags are evidence, never a reason to refuse a search
@@ -118,9 +130,20 @@ def _assess(space: Space, evaluator: Evaluator, search_tasks: list[str], holdout
         return None
 
 
-def prepare(space_file: str | Path, *, trials: int | None = None, device: str | None = None, storage: str | None = None,
-            study: str | None = None, seed: int | None = None, results_dir: str | Path = "results", evaluator: Evaluator | None = None,
-            log: Callable[[str], None] | None = None, threads: int | None = None, liveness: Liveness | None = None) -> Setup:
+def prepare(
+    space_file: str | Path,
+    *,
+    trials: int | None = None,
+    device: str | None = None,
+    storage: str | None = None,
+    study: str | None = None,
+    seed: int | None = None,
+    results_dir: str | Path = "results",
+    evaluator: Evaluator | None = None,
+    log: Callable[[str], None] | None = None,
+    threads: int | None = None,
+    liveness: Liveness | None = None,
+) -> Setup:
     """Check and open everything a search needs.
 
     Args:
@@ -145,20 +168,33 @@ def prepare(space_file: str | Path, *, trials: int | None = None, device: str | 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_device(device)
-    paths = study_paths(space_file, study=study, space_study=space.study_name, storage=storage, space_storage=space.storage, results_dir=results_dir)
+    paths = study_paths(
+        space_file,
+        study=study,
+        space_study=space.study_name,
+        storage=storage,
+        space_storage=space.storage,
+        results_dir=results_dir,
+    )
     # Models: open once; a space whose models cannot merge fails here, before any output.
     sources = open_sources(space.model_refs(), file=file)
     threads = threads if threads is not None else _threads(device, sources)
     if threads:
         torch.set_num_threads(threads)
     seed = s.seed if seed is None else seed
-    merger = Merger(sources, device=device, seed=seed if s.mask_seed is None else s.mask_seed, resident=True)
+    merger = Merger(
+        sources, device=device, seed=seed if s.mask_seed is None else s.mask_seed, resident=True
+    )
     if merger.placement is not None and merger.device.type == "cuda":
         log(merger.placement.describe())
     tokenizer_dir = _tokenizer_dir(space, sources, file)
     baselines = baseline_recipes(space)
     for name, recipe in baselines.items():
-        if (name == "uniform" or name.startswith("hand:")) and recipe.get("merge_method") != "moe" and "experts" not in recipe:
+        if (
+            (name == "uniform" or name.startswith("hand:"))
+            and recipe.get("merge_method") != "moe"
+            and "experts" not in recipe
+        ):
             merger.plan(parse_recipe(recipe, f"{file} (baseline {name})"))
     # Evaluation: tasks, prompts and datasets built once for the whole study.
     if evaluator is None:
@@ -167,9 +203,13 @@ def prepare(space_file: str | Path, *, trials: int | None = None, device: str | 
         cfg = parse_evaluate(space.evaluate, file, space.base_dir)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        except Exception as e:  # no tokenizer files (a checkpoint saved without them), an unreadable one
-            raise EvomergeError(f"{file}: cannot load the tokenizer of {tokenizer_dir} to score candidates ({one_line(e)[:160]}); "
-                                "add its tokenizer files or name a model that has them in tokenizer_source") from None
+        except (
+            Exception
+        ) as e:  # no tokenizer files (a checkpoint saved without them), an unreadable one
+            raise EvomergeError(
+                f"{file}: cannot load the tokenizer of {tokenizer_dir} to score candidates ({one_line(e)[:160]}); "
+                "add its tokenizer files or name a model that has them in tokenizer_source"
+            ) from None
         evaluator = LMEvalEvaluator(cfg, tokenizer, device=device)
     search_tasks = list(evaluator.task_names("search"))
     if "moe" in space.tree:
@@ -181,12 +221,38 @@ def prepare(space_file: str | Path, *, trials: int | None = None, device: str | 
         objectives = search_tasks
     for o in objectives:
         if o not in search_tasks:
-            raise ConfigError(file, "search.objectives", f"{o!r} is not a search task (tasks: {', '.join(search_tasks)})")
+            raise ConfigError(
+                file,
+                "search.objectives",
+                f"{o!r} is not a search task (tasks: {', '.join(search_tasks)})",
+            )
     # Storage last: a bad URL is reported before anything is written; the folder is created
     # only now that every check has passed.
     if paths.default_storage:
         paths.folder.mkdir(parents=True, exist_ok=True)
     liveness = liveness or Liveness()
-    opened = open_storage(paths.storage, field="--storage" if storage else "study.storage", liveness=liveness, on_stale=on_stale)
-    return Setup(space, file, trials or s.trials, seed, device, paths, sources, merger, evaluator, tokenizer_dir, baselines,
-                 search_tasks, holdout_tasks, objectives, opened, log, liveness)
+    opened = open_storage(
+        paths.storage,
+        field="--storage" if storage else "study.storage",
+        liveness=liveness,
+        on_stale=on_stale,
+    )
+    return Setup(
+        space,
+        file,
+        trials or s.trials,
+        seed,
+        device,
+        paths,
+        sources,
+        merger,
+        evaluator,
+        tokenizer_dir,
+        baselines,
+        search_tasks,
+        holdout_tasks,
+        objectives,
+        opened,
+        log,
+        liveness,
+    )

@@ -34,7 +34,10 @@ from evomerge.space import load_space
 __all__ = ["StudyPaths", "study_paths", "open_storage", "load_study", "locate"]
 
 # What to install for a storage URL's database (SQLAlchemy 2 maps postgresql:// to psycopg 3).
-_DRIVERS = {"postgresql": "'psycopg[binary]'", "mysql": "pymysql (and write the URL as mysql+pymysql://)"}
+_DRIVERS = {
+    "postgresql": "'psycopg[binary]'",
+    "mysql": "pymysql (and write the URL as mysql+pymysql://)",
+}
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,15 @@ class StudyPaths:
         return self.folder / "trials.csv"
 
 
-def study_paths(space_file: str | Path, *, study: str | None = None, space_study: str | None = None,
-                storage: str | None = None, space_storage: str | None = None, results_dir: str | Path = "results") -> StudyPaths:
+def study_paths(
+    space_file: str | Path,
+    *,
+    study: str | None = None,
+    space_study: str | None = None,
+    storage: str | None = None,
+    space_storage: str | None = None,
+    results_dir: str | Path = "results",
+) -> StudyPaths:
     """Resolve the study name (``--study`` > ``study.name`` > the space's file name), its
     folder ``results/<study>/`` and its storage (``--storage`` > ``study.storage`` > SQLite in
     the folder)."""
@@ -77,12 +87,17 @@ def _installed(module: str) -> bool:
 def _sqlalchemy_url(url: str) -> str:
     # SQLAlchemy 2.1 maps postgresql:// to psycopg 3, 2.0 to psycopg2: use whichever is installed.
     if url.startswith("postgresql://") and not _installed("psycopg2") and _installed("psycopg"):
-        return "postgresql+psycopg://" + url[len("postgresql://"):]
+        return "postgresql+psycopg://" + url[len("postgresql://") :]
     return url
 
 
-def open_storage(url: str, *, field: str = "--storage", liveness: Liveness | None = None,
-                 on_stale: Callable[[Any, Any], None] | None = None) -> Any:
+def open_storage(
+    url: str,
+    *,
+    field: str = "--storage",
+    liveness: Liveness | None = None,
+    on_stale: Callable[[Any, Any], None] | None = None,
+) -> Any:
     """An Optuna storage for ``url``; a clear error when it cannot be reached.
 
     Args:
@@ -101,19 +116,31 @@ def open_storage(url: str, *, field: str = "--storage", liveness: Liveness | Non
     if url.startswith(JOURNAL):
         return _journal(url, field)
     if url.startswith("sqlite:///"):
-        folder = Path(url[len("sqlite:///"):]).parent
+        folder = Path(url[len("sqlite:///") :]).parent
         if not folder.is_dir():
-            raise EvomergeError(f"{field}: cannot open storage {url}: folder {folder} does not exist")
+            raise EvomergeError(
+                f"{field}: cannot open storage {url}: folder {folder} does not exist"
+            )
     beats: dict[str, Any] = {}
     if liveness is not None:
-        beats = {"heartbeat_interval": liveness.interval, "grace_period": liveness.grace, "heartbeat_stale_trial_callback": on_stale}
+        beats = {
+            "heartbeat_interval": liveness.interval,
+            "grace_period": liveness.grace,
+            "heartbeat_stale_trial_callback": on_stale,
+        }
     try:
         storage = _rdb(url, beats)
     except ImportError:
-        driver = _DRIVERS.get(url.split(":", 1)[0].split("+", 1)[0], "the SQLAlchemy driver for this database")
-        raise EvomergeError(f"{field}: cannot open storage {url}: its database driver is not installed (pip install {driver})") from None
+        driver = _DRIVERS.get(
+            url.split(":", 1)[0].split("+", 1)[0], "the SQLAlchemy driver for this database"
+        )
+        raise EvomergeError(
+            f"{field}: cannot open storage {url}: its database driver is not installed (pip install {driver})"
+        ) from None
     except Exception as e:  # sqlalchemy raises many types here
-        raise EvomergeError(f"{field}: cannot open storage {url}: {one_line(type(e).__name__)}: {one_line(e)[:200]}") from None
+        raise EvomergeError(
+            f"{field}: cannot open storage {url}: {one_line(type(e).__name__)}: {one_line(e)[:200]}"
+        ) from None
     if url.startswith("sqlite"):
         _fast_sqlite(storage.engine, immediate=liveness is not None)
     return storage
@@ -122,17 +149,25 @@ def open_storage(url: str, *, field: str = "--storage", liveness: Liveness | Non
 def _rdb(url: str, beats: dict[str, Any]) -> Any:
     import optuna
 
-    engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}}
+    engine = (
+        {"pool_pre_ping": True}
+        if not url.startswith("sqlite")
+        else {"connect_args": {"timeout": 60}}
+    )
     for attempt in range(5):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(_sqlalchemy_url(url), engine_kwargs=engine, **beats)
+                return optuna.storages.RDBStorage(
+                    _sqlalchemy_url(url), engine_kwargs=engine, **beats
+                )
         except Exception as e:
             # Workers that start together on a new database all create its tables; the losers
             # of that race see "already exists" (or a duplicate key) once, then find the tables.
             text = str(e).lower()
-            if attempt == 4 or not ("already exists" in text or "duplicate key" in text or "unique constraint" in text):
+            if attempt == 4 or not (
+                "already exists" in text or "duplicate key" in text or "unique constraint" in text
+            ):
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")  # pragma: no cover
@@ -142,13 +177,17 @@ def _journal(url: str, field: str) -> Any:
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
-    path = Path(url[len(JOURNAL):])  # like sqlite: journal:///rel/path, journal:////abs/path
+    path = Path(url[len(JOURNAL) :])  # like sqlite: journal:///rel/path, journal:////abs/path
     if not path.parent.is_dir():
-        raise EvomergeError(f"{field}: cannot open storage {url}: folder {path.parent} does not exist")
+        raise EvomergeError(
+            f"{field}: cannot open storage {url}: folder {path.parent} does not exist"
+        )
     try:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     except Exception as e:
-        raise EvomergeError(f"{field}: cannot open storage {url}: {one_line(type(e).__name__)}: {one_line(e)[:200]}") from None
+        raise EvomergeError(
+            f"{field}: cannot open storage {url}: {one_line(type(e).__name__)}: {one_line(e)[:200]}"
+        ) from None
 
 
 def _fast_sqlite(engine: Any, *, immediate: bool) -> None:
@@ -185,21 +224,42 @@ def load_study(paths: StudyPaths) -> Any:
     import optuna
 
     if paths.default_storage and not (paths.folder / "study.db").is_file():
-        raise EvomergeError(f"no study {paths.name!r} yet ({paths.folder / 'study.db'} does not exist); run `evomerge search` on the space first")
+        raise EvomergeError(
+            f"no study {paths.name!r} yet ({paths.folder / 'study.db'} does not exist); run `evomerge search` on the space first"
+        )
     storage = open_storage(paths.storage)
     try:
         return optuna.load_study(study_name=paths.name, storage=storage)
     except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage) if not is_claim(s.study_name)]
-        raise EvomergeError(f"no study {paths.name!r} in {paths.storage}" + (f" (it has: {', '.join(names)})" if names else "")) from None
+        names = [
+            s.study_name
+            for s in optuna.get_all_study_summaries(storage)
+            if not is_claim(s.study_name)
+        ]
+        raise EvomergeError(
+            f"no study {paths.name!r} in {paths.storage}"
+            + (f" (it has: {', '.join(names)})" if names else "")
+        ) from None
 
 
-def locate(space_file: str | Path, *, study: str | None = None, storage: str | None = None, results_dir: str | Path = "results") -> StudyPaths:
+def locate(
+    space_file: str | Path,
+    *,
+    study: str | None = None,
+    storage: str | None = None,
+    results_dir: str | Path = "results",
+) -> StudyPaths:
     """The study of a space file, as the readers (``results``, ``export``, ``report``) find it.
 
     Raises:
         ConfigError: the space file is unreadable or invalid.
     """
     space = load_space(space_file)
-    return study_paths(space_file, study=study, space_study=space.study_name, storage=storage,
-                       space_storage=space.storage, results_dir=results_dir)
+    return study_paths(
+        space_file,
+        study=study,
+        space_study=space.study_name,
+        storage=storage,
+        space_storage=space.storage,
+        results_dir=results_dir,
+    )

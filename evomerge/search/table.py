@@ -46,7 +46,10 @@ def _score_cols(scores: Scores | None, prefix: str, se_prefix: str, agg: str) ->
 def _items(rec: TrialRecord, holdout: Scores | None) -> dict[str, Any]:
     # Items this row's evaluations scored (see TrialRecord.search_items); None where the study
     # predates item counts.
-    return {"items": rec.search_items, "holdout_items": (holdout.n_items or None) if holdout is not None else None}
+    return {
+        "items": rec.search_items,
+        "holdout_items": (holdout.n_items or None) if holdout is not None else None,
+    }
 
 
 def trials_frame(study: Any) -> pd.DataFrame:
@@ -60,23 +63,48 @@ def trials_frame(study: Any) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for t in study.get_trials(deepcopy=False):
         rec = records.trial(t)
-        row: dict[str, Any] = {"number": t.number, "state": t.state.name, "baseline": records.baseline_of(t), "method": rec.method or ""}
+        row: dict[str, Any] = {
+            "number": t.number,
+            "state": t.state.name,
+            "baseline": records.baseline_of(t),
+            "method": rec.method or "",
+        }
         row.update({f"p_{k}": v for k, v in t.params.items()})
         row.update(_score_cols(rec.search, "s_", "se_", "score"))
         row["estimate"] = rec.estimate
         ho = records.holdout(t.number)
         row.update(_score_cols(ho, "h_", "", "holdout"))
         row.update(_items(rec, ho))
-        wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
-        row.update({"merge_s": rec.merge_s, "eval_s": rec.eval_s, "wall_s": wall, "digest": rec.digest or "",
-                    "retry_of": records.retry_of(t), "reused_from": rec.reused_from, "error": rec.error})
+        wall = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else None
+        )
+        row.update(
+            {
+                "merge_s": rec.merge_s,
+                "eval_s": rec.eval_s,
+                "wall_s": wall,
+                "digest": rec.digest or "",
+                "retry_of": records.retry_of(t),
+                "reused_from": rec.reused_from,
+                "error": rec.error,
+            }
+        )
         rows.append(row)
     for name, b in records.baselines().items():
-        row = {"number": None, "state": b.state or "COMPLETE", "baseline": name, "method": b.method or ""}
+        row = {
+            "number": None,
+            "state": b.state or "COMPLETE",
+            "baseline": name,
+            "method": b.method or "",
+        }
         row.update(_score_cols(b.search, "s_", "se_", "score"))
         row.update(_score_cols(b.holdout, "h_", "", "holdout"))
         row.update(_items(b, b.holdout))
-        row.update({"merge_s": b.merge_s, "eval_s": b.eval_s, "digest": b.digest or "", "error": b.error})
+        row.update(
+            {"merge_s": b.merge_s, "eval_s": b.eval_s, "digest": b.digest or "", "error": b.error}
+        )
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -88,19 +116,44 @@ def trials_frame(study: Any) -> pd.DataFrame:
     # Flags: study-level and source columns hold for every row; overfit per scored finalist.
     for col, val in meta.flags.items():
         df[col] = [val] * len(df)
-    over = [overfit_columns(r.score, r.score_se, r.holdout, r.holdout_se) if is_number(r.holdout) and is_number(r.score) else {"overfit": False, "overfit_evidence": ""}
-            for r in df.itertuples()]
+    over = [
+        overfit_columns(r.score, r.score_se, r.holdout, r.holdout_se)
+        if is_number(r.holdout) and is_number(r.score)
+        else {"overfit": False, "overfit_evidence": ""}
+        for r in df.itertuples()
+    ]
     df["overfit"] = [o["overfit"] for o in over]
     df["overfit_evidence"] = [o["overfit_evidence"] for o in over]
     probes = {int(n): records.probe(int(n)) or {} for n in df["number"].dropna()}
-    df["memorization_probe"] = [bool(probes.get(n, {}).get("memorization_probe", False)) if n is not pd.NA else False for n in df["number"]]
-    df["memorization_probe_evidence"] = [probes.get(n, {}).get("memorization_probe_evidence", "") if n is not pd.NA else "" for n in df["number"]]
+    df["memorization_probe"] = [
+        bool(probes.get(n, {}).get("memorization_probe", False)) if n is not pd.NA else False
+        for n in df["number"]
+    ]
+    df["memorization_probe_evidence"] = [
+        probes.get(n, {}).get("memorization_probe_evidence", "") if n is not pd.NA else ""
+        for n in df["number"]
+    ]
     df["items"] = df["items"].astype("Int64")
     df["holdout_items"] = df["holdout_items"].astype("Int64")
-    front = ["number", "state", "baseline", "method", "score", "score_se", "holdout", "holdout_se", "items", "holdout_items"]
+    front = [
+        "number",
+        "state",
+        "baseline",
+        "method",
+        "score",
+        "score_se",
+        "holdout",
+        "holdout_se",
+        "items",
+        "holdout_items",
+    ]
     rest = [c for c in df.columns if c not in front]
-    order = front + sorted([c for c in rest if c.startswith("p_")]) + sorted([c for c in rest if c.startswith(("s_", "se_", "h_"))]) + \
-        [c for c in rest if not c.startswith(("p_", "s_", "se_", "h_"))]
+    order = (
+        front
+        + sorted([c for c in rest if c.startswith("p_")])
+        + sorted([c for c in rest if c.startswith(("s_", "se_", "h_"))])
+        + [c for c in rest if not c.startswith(("p_", "s_", "se_", "h_"))]
+    )
     return df[order]
 
 

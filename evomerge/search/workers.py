@@ -29,7 +29,9 @@ __all__ = ["worker_devices", "run_workers"]
 ERROR_PREFIX = "evomerge: error: "
 
 
-def worker_devices(workers: int | None, devices: str | None, device: str | None) -> list[str | None]:
+def worker_devices(
+    workers: int | None, devices: str | None, device: str | None
+) -> list[str | None]:
     """The device of each worker: a CUDA device index (as ``CUDA_VISIBLE_DEVICES`` takes it), or
     None for a CPU worker.
 
@@ -50,23 +52,35 @@ def worker_devices(workers: int | None, devices: str | None, device: str | None)
     if devices is not None:
         ids = [d.strip() for d in devices.split(",") if d.strip()]
         if not ids or not all(d.isdigit() for d in ids) or len(set(ids)) != len(ids):
-            raise EvomergeError(f"--devices: must be distinct CUDA device indices separated by commas, e.g. 0,1,2,3; got {devices!r}")
+            raise EvomergeError(
+                f"--devices: must be distinct CUDA device indices separated by commas, e.g. 0,1,2,3; got {devices!r}"
+            )
         if workers is not None and workers != len(ids):
-            raise EvomergeError(f"--workers {workers} with --devices {devices}: one worker per device; give one of the two")
+            raise EvomergeError(
+                f"--workers {workers} with --devices {devices}: one worker per device; give one of the two"
+            )
         if device is not None and not device.startswith("cuda"):
-            raise EvomergeError(f"--devices with --device {device}: --devices names CUDA devices; for CPU workers use --workers N --device cpu")
+            raise EvomergeError(
+                f"--devices with --device {device}: --devices names CUDA devices; for CPU workers use --workers N --device cpu"
+            )
         return list(ids)
     if workers is None or workers < 1:
         raise EvomergeError(f"--workers: must be a positive integer, got {workers}")
     import torch
 
-    if (device is not None and device.startswith("cpu")) or (device is None and not torch.cuda.is_available()):
+    if (device is not None and device.startswith("cpu")) or (
+        device is None and not torch.cuda.is_available()
+    ):
         return [None] * workers
     n = torch.cuda.device_count()
     if n == 0:
-        raise EvomergeError(f"--device {device}: no CUDA device is available (torch.cuda.is_available() is false); use --device cpu")
+        raise EvomergeError(
+            f"--device {device}: no CUDA device is available (torch.cuda.is_available() is false); use --device cpu"
+        )
     if workers > n:
-        raise EvomergeError(f"--workers {workers}: this host has {n} CUDA device(s); use at most {n}, or --device cpu for CPU workers")
+        raise EvomergeError(
+            f"--workers {workers}: this host has {n} CUDA device(s); use at most {n}, or --device cpu for CPU workers"
+        )
     return [str(i) for i in range(workers)]
 
 
@@ -79,8 +93,13 @@ def _env(device: str | None, n: int) -> dict[str, str]:
     return env
 
 
-def run_workers(argv: Sequence[str], devices: Sequence[str | None], *, out: Callable[[str], None] | None = None,
-                python: Sequence[str] = (sys.executable, "-m", "evomerge.cli")) -> int:
+def run_workers(
+    argv: Sequence[str],
+    devices: Sequence[str | None],
+    *,
+    out: Callable[[str], None] | None = None,
+    python: Sequence[str] = (sys.executable, "-m", "evomerge.cli"),
+) -> int:
     """Run one ``evomerge search`` worker per device and wait for all of them.
 
     Args:
@@ -105,7 +124,7 @@ def run_workers(argv: Sequence[str], devices: Sequence[str | None], *, out: Call
             line = line.rstrip("\n")
             with lock:
                 if line.startswith(ERROR_PREFIX):
-                    errors.setdefault(line[len(ERROR_PREFIX):])
+                    errors.setdefault(line[len(ERROR_PREFIX) :])
                 else:
                     out(f"[w{i}] {line}")
 
@@ -117,15 +136,29 @@ def run_workers(argv: Sequence[str], devices: Sequence[str | None], *, out: Call
             if p.poll() is None:
                 p.send_signal(signal.SIGINT if interrupts[0] == 1 else signal.SIGTERM)
         if interrupts[0] == 1:
-            out(f"evomerge: stopping {n} worker(s) (their running trials are marked failed); Ctrl-C again to stop them at once")
+            out(
+                f"evomerge: stopping {n} worker(s) (their running trials are marked failed); Ctrl-C again to stop them at once"
+            )
 
-    restore = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if threading.current_thread() is threading.main_thread() else {}
+    restore = (
+        {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        if threading.current_thread() is threading.main_thread()
+        else {}
+    )
     relays = []
     try:
         for i, dev in enumerate(devices):
             cmd = [*python, *argv, "--device", "cpu" if dev is None else "cuda", "--as-worker"]
-            p = subprocess.Popen(cmd, env=_env(dev, n), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 text=True, bufsize=1, start_new_session=True)
+            p = subprocess.Popen(
+                cmd,
+                env=_env(dev, n),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                bufsize=1,
+                start_new_session=True,
+            )
             procs.append(p)
             t = threading.Thread(target=relay, args=(i, p.stdout), daemon=True)
             t.start()

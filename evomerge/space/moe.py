@@ -41,10 +41,27 @@ from evomerge.moe.config import parse_moe_config
 from evomerge.recipe.schema import parse_recipe
 from evomerge.space.directives import Directive
 
-__all__ = ["MOE_KEYS", "EXPERT_KEYS", "FromTask", "check_moe_method", "check_prompt_tasks", "moe_model_refs", "moe_section", "render_moe", "validate_moe"]
+__all__ = [
+    "MOE_KEYS",
+    "EXPERT_KEYS",
+    "FromTask",
+    "check_moe_method",
+    "check_prompt_tasks",
+    "moe_model_refs",
+    "moe_section",
+    "render_moe",
+    "validate_moe",
+]
 
 MOE_KEYS = ("gate_mode", "experts_per_token", "experts", "dtype")
-EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale", "optional")
+EXPERT_KEYS = (
+    "source_model",
+    "positive_prompts",
+    "negative_prompts",
+    "noise_scale",
+    "residual_scale",
+    "optional",
+)
 _FROM_TASK_KEYS = ("from_task", "n", "among")
 
 
@@ -58,11 +75,15 @@ class FromTask:
     fld: str
 
 
-def parse_from_task(m: Mapping[str, Any], file: str, fld: str, name: str, directive: Callable[..., Directive]) -> FromTask:
+def parse_from_task(
+    m: Mapping[str, Any], file: str, fld: str, name: str, directive: Callable[..., Directive]
+) -> FromTask:
     """Validate ``{from_task, n, among}``; ``start`` becomes an int directive over ``[0, among - n]``."""
     for k in m:
         if k not in _FROM_TASK_KEYS:
-            raise ConfigError(file, f"{fld}.{k}", f"unknown key{did_you_mean(str(k), _FROM_TASK_KEYS)}")
+            raise ConfigError(
+                file, f"{fld}.{k}", f"unknown key{did_you_mean(str(k), _FROM_TASK_KEYS)}"
+            )
     task, n, among = m.get("from_task"), m.get("n", 2), m.get("among", 20)
     if not isinstance(task, str) or not task:
         raise ConfigError(file, f"{fld}.from_task", f"must be a search task name, got {task!r}")
@@ -70,12 +91,20 @@ def parse_from_task(m: Mapping[str, Any], file: str, fld: str, name: str, direct
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(file, f"{fld}.{key}", f"must be a positive whole number, got {v!r}")
     if n > among:
-        raise ConfigError(file, f"{fld}.n", f"is {n} but among is {among}: n prompts are drawn from the first `among` items")
-    start: Directive | int = directive({"int": [0, among - n]}, f"{fld}.among", name, ints=True) if among > n else 0
+        raise ConfigError(
+            file,
+            f"{fld}.n",
+            f"is {n} but among is {among}: n prompts are drawn from the first `among` items",
+        )
+    start: Directive | int = (
+        directive({"int": [0, among - n]}, f"{fld}.among", name, ints=True) if among > n else 0
+    )
     return FromTask(task, n, start, fld)
 
 
-def check_prompt_tasks(file: str, tree: Mapping[str, Any], prompts: Mapping[str, list[str]]) -> None:
+def check_prompt_tasks(
+    file: str, tree: Mapping[str, Any], prompts: Mapping[str, list[str]]
+) -> None:
     """Check every ``from_task`` against the search tasks' items (once the evaluator exists).
 
     Raises:
@@ -90,10 +119,18 @@ def check_prompt_tasks(file: str, tree: Mapping[str, Any], prompts: Mapping[str,
 
 def _check_one(file: str, p: FromTask, prompts: Mapping[str, list[str]]) -> None:
     if p.task not in prompts:
-        raise ConfigError(file, f"{p.fld}.from_task", f"{p.task!r} is not a search task with item prompts{did_you_mean(p.task, prompts)}")
+        raise ConfigError(
+            file,
+            f"{p.fld}.from_task",
+            f"{p.task!r} is not a search task with item prompts{did_you_mean(p.task, prompts)}",
+        )
     high = p.start.high if isinstance(p.start, Directive) else 0
     if int(high) + p.n > len(prompts[p.task]):
-        raise ConfigError(file, f"{p.fld}.among", f"task {p.task} has {len(prompts[p.task])} search items, fewer than among")
+        raise ConfigError(
+            file,
+            f"{p.fld}.among",
+            f"task {p.task} has {len(prompts[p.task])} search items, fewer than among",
+        )
 
 
 def moe_model_refs(section: Any) -> list[Any]:
@@ -117,7 +154,12 @@ Value = Callable[[Any], Any]
 Prompts = Mapping[str, list[str]] | None
 
 
-def render_moe(tree: Mapping[str, Any], value: Value, render_recipe: Callable[[Mapping[str, Any]], dict[str, Any]], prompts: Prompts) -> dict[str, Any]:
+def render_moe(
+    tree: Mapping[str, Any],
+    value: Value,
+    render_recipe: Callable[[Mapping[str, Any]], dict[str, Any]],
+    prompts: Prompts,
+) -> dict[str, Any]:
     """The mixture-of-experts configuration (``merge_method: moe`` form) at the current point.
 
     Args:
@@ -150,7 +192,15 @@ def render_moe(tree: Mapping[str, Any], value: Value, render_recipe: Callable[[M
                 p = e[key]
                 parts = p if isinstance(p, list) else [p]
                 if any(isinstance(x, FromTask) for x in parts):
-                    entry[key] = [t for x in parts for t in (_prompts(x, value(x.start), prompts) if isinstance(x, FromTask) else [value(x)])]
+                    entry[key] = [
+                        t
+                        for x in parts
+                        for t in (
+                            _prompts(x, value(x.start), prompts)
+                            if isinstance(x, FromTask)
+                            else [value(x)]
+                        )
+                    ]
                 else:
                     entry[key] = value(p)
         for key in ("noise_scale", "residual_scale"):
@@ -158,10 +208,20 @@ def render_moe(tree: Mapping[str, Any], value: Value, render_recipe: Callable[[M
                 entry[key] = value(e[key])
         experts.append(entry)
     if not experts:
-        raise ConfigError(None, "moe.experts", "no expert takes part at this point: every expert is optional and none was chosen")
+        raise ConfigError(
+            None,
+            "moe.experts",
+            "no expert takes part at this point: every expert is optional and none was chosen",
+        )
     out["experts"] = experts
-    if isinstance(out.get("experts_per_token"), int) and experts and out["experts_per_token"] > len(experts):
-        out["experts_per_token"] = len(experts)  # fewer experts take part than a token may use: all of them
+    if (
+        isinstance(out.get("experts_per_token"), int)
+        and experts
+        and out["experts_per_token"] > len(experts)
+    ):
+        out["experts_per_token"] = len(
+            experts
+        )  # fewer experts take part than a token may use: all of them
     return out
 
 
@@ -169,10 +229,16 @@ def _prompts(p: FromTask, start: int, prompts: Prompts) -> list[str]:
     if prompts is None:
         return [f"<{p.task} item {start + i}>" for i in range(p.n)]
     if p.task not in prompts:
-        raise ConfigError(None, f"{p.fld}.from_task", f"{p.task!r} is not a search task{did_you_mean(p.task, prompts)}")
+        raise ConfigError(
+            None,
+            f"{p.fld}.from_task",
+            f"{p.task!r} is not a search task{did_you_mean(p.task, prompts)}",
+        )
     items = prompts[p.task]
     if start + p.n > len(items):
-        raise ConfigError(None, f"{p.fld}.among", f"task {p.task} has {len(items)} search items, fewer than among")
+        raise ConfigError(
+            None, f"{p.fld}.among", f"task {p.task} has {len(items)} search items, fewer than among"
+        )
     return list(items[start : start + p.n])
 
 
@@ -181,9 +247,15 @@ def check_moe_method(tree: Mapping[str, Any], p: Any) -> None:
     method = tree.get("merge_method")
     methods = method.choices if isinstance(method, Directive) else (method,)
     if "moe" in methods and "moe" not in tree:
-        raise p.err("moe", "missing: merge_method moe builds a mixture of experts from the moe: section (gate_mode, experts_per_token, experts)")
+        raise p.err(
+            "moe",
+            "missing: merge_method moe builds a mixture of experts from the moe: section (gate_mode, experts_per_token, experts)",
+        )
     if "moe" in tree and "moe" not in methods:
-        raise p.err("moe", "is used only when merge_method is moe or chooses it (merge_method: {choice: [..., moe]})")
+        raise p.err(
+            "moe",
+            "is used only when merge_method is moe or chooses it (merge_method: {choice: [..., moe]})",
+        )
 
 
 def moe_section(p: Any, v: Any, short: Callable[[Any], str]) -> dict[str, Any]:
@@ -207,17 +279,33 @@ def moe_section(p: Any, v: Any, short: Callable[[Any], str]) -> dict[str, Any]:
         out["gate_mode"] = p.scalar(v["gate_mode"], "moe.gate_mode", "moe.gate_mode")
     if "experts_per_token" in v:
         k = v["experts_per_token"]
-        out["experts_per_token"] = p.directive(k, "moe.experts_per_token", "moe.k", ints=True) if isinstance(k, Mapping) else k
-        opts = out["experts_per_token"].choices if isinstance(out["experts_per_token"], Directive) else ()
+        out["experts_per_token"] = (
+            p.directive(k, "moe.experts_per_token", "moe.k", ints=True)
+            if isinstance(k, Mapping)
+            else k
+        )
+        opts = (
+            out["experts_per_token"].choices
+            if isinstance(out["experts_per_token"], Directive)
+            else ()
+        )
         bad = [c for c in opts if isinstance(c, bool) or not isinstance(c, int) or c < 1]
         if bad:
-            raise p.err("moe.experts_per_token.choice", f"options must be whole numbers >= 1, got {bad[0]!r}")
+            raise p.err(
+                "moe.experts_per_token.choice",
+                f"options must be whole numbers >= 1, got {bad[0]!r}",
+            )
     if "dtype" in v:
         out["dtype"] = p.scalar(v["dtype"], "moe.dtype", "moe.dtype")
     experts = v.get("experts")
     if not isinstance(experts, list) or not experts:
         raise p.err("moe.experts", "must be a non-empty list of {source_model, positive_prompts}")
-    shorts = [short(e.get("source_model")) if isinstance(e, Mapping) and isinstance(e.get("source_model"), str) else f"e{i}" for i, e in enumerate(experts)]
+    shorts = [
+        short(e.get("source_model"))
+        if isinstance(e, Mapping) and isinstance(e.get("source_model"), str)
+        else f"e{i}"
+        for i, e in enumerate(experts)
+    ]
     out["experts"] = []
     for i, e in enumerate(experts):
         f = f"moe.experts[{i}]"
@@ -237,11 +325,19 @@ def moe_section(p: Any, v: Any, short: Callable[[Any], str]) -> dict[str, Any]:
             x["source_model"] = p.scalar(src, f"{f}.source_model", f"moe.model.{tag}")
         for key in ("positive_prompts", "negative_prompts"):
             if key in e:
-                val, name = e[key], f"moe.prompts.{tag}" + ("" if key == "positive_prompts" else ".neg")
+                val, name = (
+                    e[key],
+                    f"moe.prompts.{tag}" + ("" if key == "positive_prompts" else ".neg"),
+                )
                 if isinstance(val, Mapping):
                     x[key] = parse_from_task(val, p.file, f"{f}.{key}", name, p.directive)
                 elif isinstance(val, list):  # prompts, and {from_task} entries among them
-                    x[key] = [parse_from_task(v, p.file, f"{f}.{key}[{j}]", f"{name}.{j}", p.directive) if isinstance(v, Mapping) else v for j, v in enumerate(val)]
+                    x[key] = [
+                        parse_from_task(v, p.file, f"{f}.{key}[{j}]", f"{name}.{j}", p.directive)
+                        if isinstance(v, Mapping)
+                        else v
+                        for j, v in enumerate(val)
+                    ]
                 else:
                     x[key] = val
         for key in ("noise_scale", "residual_scale"):
@@ -251,26 +347,46 @@ def moe_section(p: Any, v: Any, short: Callable[[Any], str]) -> dict[str, Any]:
         if isinstance(opt, Mapping):
             x["optional"] = p.directive(opt, f"{f}.optional", f"moe.use.{tag}")
         elif opt is True:
-            x["optional"] = p.directive({"choice": [True, False]}, f"{f}.optional", f"moe.use.{tag}")
+            x["optional"] = p.directive(
+                {"choice": [True, False]}, f"{f}.optional", f"moe.use.{tag}"
+            )
         elif opt is not False:
             raise p.err(f"{f}.optional", f"must be true or false, got {opt!r}")
         out["experts"].append(x)
     k = out.get("experts_per_token")
-    most = k.high if isinstance(k, Directive) and k.kind == "int" else max(k.choices) if isinstance(k, Directive) else k
+    most = (
+        k.high
+        if isinstance(k, Directive) and k.kind == "int"
+        else max(k.choices)
+        if isinstance(k, Directive)
+        else k
+    )
     if isinstance(most, (int, float)) and most > len(experts):
-        raise p.err("moe.experts_per_token", f"goes up to {most} but the section lists {len(experts)} experts")
+        raise p.err(
+            "moe.experts_per_token",
+            f"goes up to {most} but the section lists {len(experts)} experts",
+        )
     return out
 
 
-def _nested_recipe(p: Any, m: Mapping[str, Any], fld: str, tag: str, short: Callable[[Any], str]) -> dict[str, Any]:
+def _nested_recipe(
+    p: Any, m: Mapping[str, Any], fld: str, tag: str, short: Callable[[Any], str]
+) -> dict[str, Any]:
     """A merged expert's recipe (``merge_method``, ``base_model``, ``models``, ``parameters``, ``dtype``)."""
     allowed = ("merge_method", "base_model", "models", "parameters", "dtype")
     for k in m:
         if k not in allowed:
-            raise p.err(f"{fld}.{k}", f"unknown key of a merged expert's recipe{did_you_mean(str(k), allowed)}")
+            raise p.err(
+                f"{fld}.{k}",
+                f"unknown key of a merged expert's recipe{did_you_mean(str(k), allowed)}",
+            )
     out: dict[str, Any] = {}
     method = m["merge_method"]
-    out["merge_method"] = p.directive(method, f"{fld}.merge_method", f"method.{tag}") if isinstance(method, Mapping) else method
+    out["merge_method"] = (
+        p.directive(method, f"{fld}.merge_method", f"method.{tag}")
+        if isinstance(method, Mapping)
+        else method
+    )
     for k in ("base_model", "dtype"):
         if k in m:
             out[k] = p.scalar(m[k], f"{fld}.{k}", f"{k}.{tag}")

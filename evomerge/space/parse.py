@@ -26,7 +26,18 @@ _MODIFIERS = ("log", "step", "anchors", "per_layers")
 _SECTIONS = ("evaluate", "search", "study")
 SAMPLERS = ("tpe", "cmaes", "random", "gp", "nsga2")
 DEFAULT_SAMPLER = SearchSettings.sampler  # tpe: see SearchSettings
-_SEARCH_KEYS = ("sampler", "trials", "seed", "baselines", "finalists", "objectives", "mask_seed", "startup_trials", "prune", "items")
+_SEARCH_KEYS = (
+    "sampler",
+    "trials",
+    "seed",
+    "baselines",
+    "finalists",
+    "objectives",
+    "mask_seed",
+    "startup_trials",
+    "prune",
+    "items",
+)
 _STUDY_KEYS = ("name", "storage")
 
 
@@ -46,14 +57,27 @@ class _SpaceParser:
         self.names.add(name)
         return name
 
-    def directive(self, m: Mapping[str, Any], fld: str, name: str, *, numbers_only: bool = False, ints: bool = False) -> Directive:
+    def directive(
+        self,
+        m: Mapping[str, Any],
+        fld: str,
+        name: str,
+        *,
+        numbers_only: bool = False,
+        ints: bool = False,
+    ) -> Directive:
         keys = [str(k) for k in m]
         kinds = [k for k in keys if k in _KINDS]
         for k in keys:
             if k not in _KINDS and k not in _MODIFIERS:
-                raise self.err(f"{fld}.{k}", f"unknown search directive{did_you_mean(k, _KINDS + _MODIFIERS)}")
+                raise self.err(
+                    f"{fld}.{k}", f"unknown search directive{did_you_mean(k, _KINDS + _MODIFIERS)}"
+                )
         if len(kinds) != 1:
-            raise self.err(fld, "a search directive needs exactly one of range: [low, high], int: [low, high] or choice: [options]")
+            raise self.err(
+                fld,
+                "a search directive needs exactly one of range: [low, high], int: [low, high] or choice: [options]",
+            )
         kind = kinds[0]
         spec = m[kind]
         f = f"{fld}.{kind}"
@@ -73,15 +97,29 @@ class _SpaceParser:
             for k in ("log", "step"):
                 if k in m:
                     raise self.err(f"{fld}.{k}", "applies to range and int, not choice")
-            d = Directive("choice", self.unique(name), fld, choices=tuple(spec), anchors=anchors, per_layers=per_layers)
+            d = Directive(
+                "choice",
+                self.unique(name),
+                fld,
+                choices=tuple(spec),
+                anchors=anchors,
+                per_layers=per_layers,
+            )
         else:
-            if not (isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in spec)):
+            if not (
+                isinstance(spec, list)
+                and len(spec) == 2
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in spec)
+            ):
                 raise self.err(f, f"must be [low, high] with two numbers, got {spec!r}")
             low, high = spec
             if kind == "int" and not all(isinstance(x, int) for x in spec):
                 raise self.err(f, f"int bounds must be integers, got {spec!r}")
             if not low < high:
-                raise self.err(f, f"empty range: `low < high` must hold, but got (low={low}, high={high}); for a fixed value write the value itself")
+                raise self.err(
+                    f,
+                    f"empty range: `low < high` must hold, but got (low={low}, high={high}); for a fixed value write the value itself",
+                )
             log = m.get("log", False)
             if not isinstance(log, bool):
                 raise self.err(f"{fld}.log", f"must be true or false, got {log!r}")
@@ -89,15 +127,35 @@ class _SpaceParser:
                 raise self.err(f"{fld}.log", f"a log range needs low > 0, got {low}")
             step = m.get("step")
             if step is not None:
-                if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 or step > high - low:
-                    raise self.err(f"{fld}.step", f"must be a number in (0, high - low], got {step!r}")
+                if (
+                    isinstance(step, bool)
+                    or not isinstance(step, (int, float))
+                    or step <= 0
+                    or step > high - low
+                ):
+                    raise self.err(
+                        f"{fld}.step", f"must be a number in (0, high - low], got {step!r}"
+                    )
                 if log:
                     raise self.err(f"{fld}.step", "cannot be combined with log: true")
-            d = Directive("int" if kind == "int" else "float", self.unique(name), fld, float(low) if kind == "range" else low,
-                          float(high) if kind == "range" else high, log, step, anchors=anchors, per_layers=per_layers)
+            d = Directive(
+                "int" if kind == "int" else "float",
+                self.unique(name),
+                fld,
+                float(low) if kind == "range" else low,
+                float(high) if kind == "range" else high,
+                log,
+                step,
+                anchors=anchors,
+                per_layers=per_layers,
+            )
         if ints and d.kind == "float":
             raise self.err(fld, "layer indices take int: [low, high], not range")
-        if numbers_only and d.kind == "choice" and not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in d.choices):
+        if (
+            numbers_only
+            and d.kind == "choice"
+            and not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in d.choices)
+        ):
             raise self.err(f, "options of a parameter value must be numbers")
         self.directives.append(d)
         return d
@@ -124,8 +182,12 @@ class _SpaceParser:
         if isinstance(v, list):
             if any(isinstance(x, Mapping) and not self.is_directive(x) for x in v):
                 return [self.param_value(x, f"{fld}[{i}]", name) for i, x in enumerate(v)]
-            return [self.directive(x, f"{fld}[{i}]", f"{name}.{i}", numbers_only=True) if isinstance(x, Mapping) else x
-                    for i, x in enumerate(v)]
+            return [
+                self.directive(x, f"{fld}[{i}]", f"{name}.{i}", numbers_only=True)
+                if isinstance(x, Mapping)
+                else x
+                for i, x in enumerate(v)
+            ]
         return v
 
     def params(self, block: Any, fld: str, suffix: str) -> Any:
@@ -136,7 +198,9 @@ class _SpaceParser:
 
 def _directive_inside(v: Any) -> bool:
     items = v.values() if isinstance(v, Mapping) else v if isinstance(v, list) else ()
-    return (isinstance(v, Mapping) and any(k in _KINDS for k in v)) or any(_directive_inside(x) for x in items)
+    return (isinstance(v, Mapping) and any(k in _KINDS for k in v)) or any(
+        _directive_inside(x) for x in items
+    )
 
 
 def _slug(text: Any) -> str:
@@ -145,14 +209,21 @@ def _slug(text: Any) -> str:
 
 
 def _short(ref: Any) -> str:
-    return _slug(str(ref).rstrip("/").split("/")[-1].split(":")[-1]) if isinstance(ref, str) else "model"
+    return (
+        _slug(str(ref).rstrip("/").split("/")[-1].split(":")[-1])
+        if isinstance(ref, str)
+        else "model"
+    )
 
 
 def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
     """Validate a space mapping (see :func:`load_space`)."""
     p = _SpaceParser(file)
     if not isinstance(data, Mapping):
-        raise p.err("", f"a search space must be a mapping (a mergekit recipe plus evaluate:/search:/study:), got {type(data).__name__}")
+        raise p.err(
+            "",
+            f"a search space must be a mapping (a mergekit recipe plus evaluate:/search:/study:), got {type(data).__name__}",
+        )
     tree: dict[str, Any] = {}
     for k, v in data.items():
         if k in _SECTIONS:
@@ -197,10 +268,25 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
                         se["model"] = p.scalar(src["model"], f"{f}.model", f"{tag}.model")
                     lr = src.get("layer_range")
                     if isinstance(lr, list):
-                        se["layer_range"] = [p.directive(x, f"{f}.layer_range[{n}]", f"{tag}.{('start', 'end')[n] if n < 2 else n}", ints=True)
-                                             if isinstance(x, Mapping) else x for n, x in enumerate(lr)]
-                        if any(isinstance(x, Directive) and (x.anchors or x.per_layers) for x in se["layer_range"]):
-                            raise p.err(f"{f}.layer_range", "layer indices take plain int: [low, high] directives")
+                        se["layer_range"] = [
+                            p.directive(
+                                x,
+                                f"{f}.layer_range[{n}]",
+                                f"{tag}.{('start', 'end')[n] if n < 2 else n}",
+                                ints=True,
+                            )
+                            if isinstance(x, Mapping)
+                            else x
+                            for n, x in enumerate(lr)
+                        ]
+                        if any(
+                            isinstance(x, Directive) and (x.anchors or x.per_layers)
+                            for x in se["layer_range"]
+                        ):
+                            raise p.err(
+                                f"{f}.layer_range",
+                                "layer indices take plain int: [low, high] directives",
+                            )
                     if "parameters" in src:
                         se["parameters"] = p.params(src["parameters"], f"{f}.parameters", f".{tag}")
                     srcs.append(se)
@@ -213,19 +299,34 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
         elif k == "moe":
             tree[k] = moe_section(p, v, _short)
         elif k == "modules" and _directive_inside(v):
-            raise p.err("modules", "search directives inside modules: are not supported; write the space with models: or slices: (a modules: recipe merges as the models: or slices: recipe it amounts to)")
+            raise p.err(
+                "modules",
+                "search directives inside modules: are not supported; write the space with models: or slices: (a modules: recipe merges as the models: or slices: recipe it amounts to)",
+            )
         else:
             tree[k] = v
     method = tree.get("merge_method")
     if isinstance(method, Directive):
         for c in method.choices:
             if c not in METHODS and c != "moe":  # moe: checked with its section below
-                raise p.err("merge_method.choice", f"unknown merge_method {c!r}{did_you_mean(str(c), METHODS)}")
+                raise p.err(
+                    "merge_method.choice",
+                    f"unknown merge_method {c!r}{did_you_mean(str(c), METHODS)}",
+                )
     check_moe_method(tree, p)
     search = _search_settings(data.get("search"), p)
     study_name, storage = _study_section(data.get("study"), p)
     _check_sampler(search, p)
-    space = Space(file, base_dir or Path(file).resolve().parent, tree, p.directives, data.get("evaluate"), search, study_name, storage)
+    space = Space(
+        file,
+        base_dir or Path(file).resolve().parent,
+        tree,
+        p.directives,
+        data.get("evaluate"),
+        search,
+        study_name,
+        storage,
+    )
     validate_points(space)
     return space
 
@@ -243,38 +344,55 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
         raise p.err("search.trials", f"must be a positive integer, got {trials!r}")
     items = section.get("items")
     if items is not None and (not isinstance(items, int) or isinstance(items, bool) or items <= 0):
-        raise p.err("search.items", f"must be a positive integer (search items the searched trials may score in all), got {items!r}")
+        raise p.err(
+            "search.items",
+            f"must be a positive integer (search items the searched trials may score in all), got {items!r}",
+        )
     seed = section.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise p.err("search.seed", f"must be a non-negative integer, got {seed!r}")
     mask_seed = section.get("mask_seed")
-    if mask_seed is not None and (not isinstance(mask_seed, int) or isinstance(mask_seed, bool) or mask_seed < 0):
+    if mask_seed is not None and (
+        not isinstance(mask_seed, int) or isinstance(mask_seed, bool) or mask_seed < 0
+    ):
         raise p.err("search.mask_seed", f"must be a non-negative integer, got {mask_seed!r}")
     finalists = section.get("finalists", 5)
     if not isinstance(finalists, int) or isinstance(finalists, bool) or finalists < 0:
         raise p.err("search.finalists", f"must be a non-negative integer, got {finalists!r}")
     startup = section.get("startup_trials")
-    if startup is not None and (not isinstance(startup, int) or isinstance(startup, bool) or startup < 0):
+    if startup is not None and (
+        not isinstance(startup, int) or isinstance(startup, bool) or startup < 0
+    ):
         raise p.err("search.startup_trials", f"must be a non-negative integer, got {startup!r}")
     objectives = section.get("objectives", ())
     if isinstance(objectives, str):
         objectives = (objectives,)
     if not isinstance(objectives, (list, tuple)) or not all(isinstance(o, str) for o in objectives):
-        raise p.err("search.objectives", "must be a list of task names (or `tasks` for every search task)")
+        raise p.err(
+            "search.objectives", "must be a list of task names (or `tasks` for every search task)"
+        )
     prune = parse_prune(section.get("prune", True), p.err)
     if prune is not None and objectives:
         if "prune" in section:
-            raise p.err("search.prune", "stops a trial by its single score: it does not work with several objectives (set prune: false)")
+            raise p.err(
+                "search.prune",
+                "stops a trial by its single score: it does not work with several objectives (set prune: false)",
+            )
         prune = None  # on by default, off with several objectives
     # The default is the sampler measured best (bench/bench_samplers.py): gp for one objective
     # without pruning; tpe with pruning (gp learns from complete trials only) or several objectives.
     sampler = section.get("sampler", "gp" if not objectives and prune is None else DEFAULT_SAMPLER)
     if sampler not in SAMPLERS:
-        raise p.err("search.sampler", f"unknown sampler {sampler!r}{did_you_mean(str(sampler), SAMPLERS)}")
+        raise p.err(
+            "search.sampler", f"unknown sampler {sampler!r}{did_you_mean(str(sampler), SAMPLERS)}"
+        )
     baselines = []
     raw = section.get("baselines") or []
     if not isinstance(raw, list):
-        raise p.err("search.baselines", "must be a list of {name, recipe} hand recipes (recipe: a mergekit recipe mapping or a file path)")
+        raise p.err(
+            "search.baselines",
+            "must be a list of {name, recipe} hand recipes (recipe: a mergekit recipe mapping or a file path)",
+        )
     for i, b in enumerate(raw):
         f = f"search.baselines[{i}]"
         if not isinstance(b, Mapping) or "recipe" not in b:
@@ -291,12 +409,25 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
             if not path.is_file():
                 raise p.err(f"{f}.recipe", f"recipe file {recipe!r} not found")
             recipe = read_yaml(path)
-        if is_moe_mapping(recipe):  # a mixture of experts as a hand baseline (a mergekit-moe configuration)
+        if is_moe_mapping(
+            recipe
+        ):  # a mixture of experts as a hand baseline (a mergekit-moe configuration)
             parse_moe_config(recipe, f"{p.file} ({f}.recipe)")
         else:
             parse_recipe(recipe, f"{p.file} ({f}.recipe)")
         baselines.append((name, recipe))
-    return SearchSettings(sampler, trials, seed, finalists, tuple(baselines), tuple(objectives), startup, mask_seed, prune, items)
+    return SearchSettings(
+        sampler,
+        trials,
+        seed,
+        finalists,
+        tuple(baselines),
+        tuple(objectives),
+        startup,
+        mask_seed,
+        prune,
+        items,
+    )
 
 
 def _study_section(section: Any, p: _SpaceParser) -> tuple[str | None, str | None]:
@@ -322,9 +453,15 @@ def _check_sampler(search: SearchSettings, p: _SpaceParser) -> None:
     if search.sampler == "cmaes":
         cats = [d for d in p.directives if d.kind == "choice"]
         if cats:
-            raise p.err("search.sampler", f"cmaes cannot sample categorical parameters ({cats[0].path} is a choice); use tpe, gp, random or nsga2, or make it a range")
+            raise p.err(
+                "search.sampler",
+                f"cmaes cannot sample categorical parameters ({cats[0].path} is a choice); use tpe, gp, random or nsga2, or make it a range",
+            )
     if search.objectives and search.sampler not in ("nsga2", "tpe", "random"):
-        raise p.err("search.objectives", f"several objectives need sampler nsga2, tpe or random, not {search.sampler}")
+        raise p.err(
+            "search.objectives",
+            f"several objectives need sampler nsga2, tpe or random, not {search.sampler}",
+        )
 
 
 def load_space(path: str | Path) -> Space:

@@ -64,20 +64,39 @@ def parse_prune(value: Any, err: Callable[[str, str], ConfigError]) -> PruneSett
     if value is True:
         return PruneSettings()
     if not isinstance(value, Mapping):
-        raise err("search.prune", f"must be true, false or a mapping with keys {', '.join(PRUNE_KEYS)}, got {value!r}")
+        raise err(
+            "search.prune",
+            f"must be true, false or a mapping with keys {', '.join(PRUNE_KEYS)}, got {value!r}",
+        )
     for k in value:
         if k not in PRUNE_KEYS:
             raise err(f"search.prune.{k}", f"unknown key{did_you_mean(str(k), PRUNE_KEYS)}")
     d = PruneSettings()
     rounds = value.get("rounds", list(d.rounds))
     if not isinstance(rounds, list) or not rounds or not all(_number(r) for r in rounds):
-        raise err("search.prune.rounds", f"must be a list of shares of the search items, such as [0.1, 0.25, 1.0], got {rounds!r}")
-    if not all(0 < r <= 1 for r in rounds) or any(b <= a for a, b in zip(rounds, rounds[1:], strict=False)) or rounds[-1] != 1:
-        raise err("search.prune.rounds", f"must rise strictly within (0, 1] and end at 1.0 (every item is scored by a candidate that is not stopped), got {rounds!r}")
+        raise err(
+            "search.prune.rounds",
+            f"must be a list of shares of the search items, such as [0.1, 0.25, 1.0], got {rounds!r}",
+        )
+    if (
+        not all(0 < r <= 1 for r in rounds)
+        or any(b <= a for a, b in zip(rounds, rounds[1:], strict=False))
+        or rounds[-1] != 1
+    ):
+        raise err(
+            "search.prune.rounds",
+            f"must rise strictly within (0, 1] and end at 1.0 (every item is scored by a candidate that is not stopped), got {rounds!r}",
+        )
     against = value.get("against", d.against)
     if not isinstance(against, int) or isinstance(against, bool) or against < 1:
-        raise err("search.prune.against", f"must be a positive integer (1: beat the best finished trial, k: the k-th best), got {against!r}")
+        raise err(
+            "search.prune.against",
+            f"must be a positive integer (1: beat the best finished trial, k: the k-th best), got {against!r}",
+        )
     alpha = value.get("alpha", d.alpha)
     if not _number(alpha) or not 0 < alpha < 0.5:
-        raise err("search.prune.alpha", f"must be a number in (0, 0.5), the one-sided error of the test per round, got {alpha!r}")
+        raise err(
+            "search.prune.alpha",
+            f"must be a number in (0, 0.5), the one-sided error of the test per round, got {alpha!r}",
+        )
     return PruneSettings(tuple(float(r) for r in rounds), int(against), float(alpha))

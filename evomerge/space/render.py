@@ -28,13 +28,20 @@ def _same(a: Any, b: Any) -> bool:
         keys = {k for k in a if a[k] is not None} | {k for k in b if b[k] is not None}
         return all(_same(a.get(k), b.get(k)) for k in keys)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=False))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
     return a == b
 
 
-def _collect(tree: Any, recipe: Any, found: dict[str, Any], space: Space, layers_of: LayersOf, n_layers: int | None = None) -> None:
+def _collect(
+    tree: Any,
+    recipe: Any,
+    found: dict[str, Any],
+    space: Space,
+    layers_of: LayersOf,
+    n_layers: int | None = None,
+) -> None:
     """Read directive values off a concrete recipe that has the space's shape."""
     if isinstance(tree, Directive):
         names = tree.names(n_layers)
@@ -50,7 +57,7 @@ def _collect(tree: Any, recipe: Any, found: dict[str, Any], space: Space, layers
                 raise _NotInSpace
         else:
             vals = [recipe]
-        for n, v in zip(names, vals):
+        for n, v in zip(names, vals, strict=False):
             if not tree.contains(v):
                 raise _NotInSpace
             found[n] = v
@@ -60,18 +67,33 @@ def _collect(tree: Any, recipe: Any, found: dict[str, Any], space: Space, layers
             raise _NotInSpace
         for k, v in tree.items():
             if k in recipe:
-                _collect(v, recipe[k], found, space, layers_of, _layers_hint(tree, recipe, k, layers_of, n_layers))
+                _collect(
+                    v,
+                    recipe[k],
+                    found,
+                    space,
+                    layers_of,
+                    _layers_hint(tree, recipe, k, layers_of, n_layers),
+                )
         return
     if isinstance(tree, list):
         if not isinstance(recipe, (list, tuple)) or len(recipe) != len(tree):
             raise _NotInSpace
-        for x, y in zip(tree, recipe):
+        for x, y in zip(tree, recipe, strict=False):
             _collect(x, y, found, space, layers_of, n_layers)
 
 
-def _layers_hint(tree: Mapping[str, Any], recipe: Mapping[str, Any], key: str, layers_of: LayersOf, current: int | None) -> int | None:
+def _layers_hint(
+    tree: Mapping[str, Any],
+    recipe: Mapping[str, Any],
+    key: str,
+    layers_of: LayersOf,
+    current: int | None,
+) -> int | None:
     if key in ("models", "parameters") and "merge_method" in tree:
-        ref = recipe.get("base_model") or next((m.get("model") for m in recipe.get("models") or ()), None)
+        ref = recipe.get("base_model") or next(
+            (m.get("model") for m in recipe.get("models") or ()), None
+        )
         if isinstance(ref, str):
             try:
                 return layers_of(ref)
@@ -106,10 +128,14 @@ class _Renderer:
         if not isinstance(block, Mapping):
             return self.value(block, n_layers)
         chosen = isinstance(self.space.tree.get("merge_method"), Directive)
-        decl = {p.name: p for p in get_method(method).params} if chosen and method in METHODS else None
+        decl = (
+            {p.name: p for p in get_method(method).params} if chosen and method in METHODS else None
+        )
         out = {}
         for k, v in block.items():
-            if decl is not None and (k not in decl or decl[k].scope not in scopes or k in UNUSED.get(method, ())):
+            if decl is not None and (
+                k not in decl or decl[k].scope not in scopes or k in UNUSED.get(method, ())
+            ):
                 continue  # not a parameter of the chosen method: neither sampled nor written
             out[k] = self.value(v, n_layers)
         return out
@@ -119,9 +145,18 @@ class _Renderer:
         out: dict[str, Any] = {}
         method = self.value(tree.get("merge_method"))
         if method == "moe" and "moe" in tree:
-            return render_moe(tree, self.value, self._expert_recipe, getattr(self.space, "prompt_texts", None))
+            return render_moe(
+                tree, self.value, self._expert_recipe, getattr(self.space, "prompt_texts", None)
+            )
         out["merge_method"] = method
-        for k in ("base_model", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template"):
+        for k in (
+            "base_model",
+            "dtype",
+            "out_dtype",
+            "tokenizer_source",
+            "tokenizer",
+            "chat_template",
+        ):
             if k in tree:
                 out[k] = self.value(tree[k])
         base = out.get("base_model")
@@ -152,10 +187,14 @@ class _Renderer:
                     if "layer_range" in src:
                         lr = self.value(src["layer_range"])
                         e["layer_range"] = lr
-                        if isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr):
+                        if (
+                            isinstance(lr, list)
+                            and len(lr) == 2
+                            and all(isinstance(x, int) for x in lr)
+                        ):
                             n_slice = lr[1] - lr[0]
                     srcs.append(e)
-                for e, src in zip(srcs, s.get("sources") or ()):
+                for e, src in zip(srcs, s.get("sources") or (), strict=False):
                     if "parameters" in src:
                         e["parameters"] = self.params(src["parameters"], method, per_model, n_slice)
                 sl["sources"] = srcs
@@ -167,7 +206,9 @@ class _Renderer:
                 slices.append(sl)
             out["slices"] = slices
             n_global = None
-        if "modules" in tree:  # a modules: recipe holds no directive (parse_space refuses them there)
+        if (
+            "modules" in tree
+        ):  # a modules: recipe holds no directive (parse_space refuses them there)
             out["modules"] = tree["modules"]
             n_global = None
         if "parameters" in tree:
@@ -199,7 +240,9 @@ def render(space: Space, suggest: Suggest, layers_of: LayersOf) -> dict[str, Any
     return _Renderer(space, suggest, layers_of).recipe()
 
 
-def values_of(space: Space, recipe: Mapping[str, Any], layers_of: LayersOf) -> dict[str, Any] | None:
+def values_of(
+    space: Space, recipe: Mapping[str, Any], layers_of: LayersOf
+) -> dict[str, Any] | None:
     """The parameter values that render to ``recipe``, or None (see :meth:`Space.values_of`)."""
     found: dict[str, Any] = {}
 

@@ -49,7 +49,9 @@ class SearchSettings:
     startup_trials: int | None = None
     mask_seed: int | None = None  # seed of random masks (dare, della); None: ``seed``
     prune: PruneSettings | None = PruneSettings()  # stop hopeless candidates early; None: off
-    items: int | None = None  # search items the searched trials may score in all (a budget beside trials); None: no limit
+    items: int | None = (
+        None  # search items the searched trials may score in all (a budget beside trials); None: no limit
+    )
 
 
 @dataclass
@@ -73,7 +75,9 @@ class Space:
     search: SearchSettings
     study_name: str | None = None
     storage: str | None = None
-    prompt_texts: Mapping[str, list[str]] | None = None  # search items' prompts, for moe from_task prompts
+    prompt_texts: Mapping[str, list[str]] | None = (
+        None  # search items' prompts, for moe from_task prompts
+    )
 
     @property
     def is_fixed(self) -> bool:
@@ -101,7 +105,9 @@ class Space:
         for ref in moe_model_refs(self.tree.get("moe")):
             add(ref)
         modules = self.tree.get("modules")
-        for module in modules.values() if isinstance(modules, Mapping) else ():  # a modules: recipe (no directives inside)
+        for module in (
+            modules.values() if isinstance(modules, Mapping) else ()
+        ):  # a modules: recipe (no directives inside)
             for m in (module.get("models") or ()) if isinstance(module, Mapping) else ():
                 add(m.get("model") if isinstance(m, Mapping) else None)
             for s in (module.get("slices") or ()) if isinstance(module, Mapping) else ():

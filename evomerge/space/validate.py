@@ -37,11 +37,17 @@ def validate_points(space: Space) -> None:
         for fld, block in _param_blocks(space.tree):
             for k in block:
                 if k not in known:
-                    raise ConfigError(space.file, f"{fld}.{k}", f"not a parameter of any method in merge_method.choice{did_you_mean(str(k), known, show_all=0)}; they take: {', '.join(sorted(known))}")
+                    raise ConfigError(
+                        space.file,
+                        f"{fld}.{k}",
+                        f"not a parameter of any method in merge_method.choice{did_you_mean(str(k), known, show_all=0)}; they take: {', '.join(sorted(known))}",
+                    )
     for method in methods:
         used: list[Directive] = []
 
-        def suggest(name: str, d: Directive, _m: Any = method, _used: list[Directive] = used) -> Any:
+        def suggest(
+            name: str, d: Directive, _m: Any = method, _used: list[Directive] = used
+        ) -> Any:
             if d not in _used:
                 _used.append(d)
             if d is method_dir:
@@ -53,7 +59,9 @@ def validate_points(space: Space) -> None:
             return _corner(d)
 
         _check_point(space, method, space.render(suggest, lambda ref: 8))
-        _check_options(space, method, [d for d in used if d.kind == "choice" and d is not method_dir], suggest)
+        _check_options(
+            space, method, [d for d in used if d.kind == "choice" and d is not method_dir], suggest
+        )
 
 
 def _check_point(space: Space, method: Any, recipe: dict[str, Any]) -> None:
@@ -70,6 +78,7 @@ def _check_options(space: Space, method: Any, choices: list[Directive], corner: 
     choices of the same expert model, say) is left to the trial that meets it."""
     for d in choices:
         for option in d.choices[1:]:
+
             def suggest(name: str, x: Directive, _d: Directive = d, _o: Any = option) -> Any:
                 return _o if x is _d else corner(name, x)
 
@@ -78,7 +87,9 @@ def _check_options(space: Space, method: Any, choices: list[Directive], corner: 
             except ConfigError as err:
                 fld = err.field or ""
                 if fld and (d.path == fld or d.path.endswith("." + fld)):
-                    raise ConfigError(space.file, f"{d.path}.choice", f"option {option!r}: {err.message}") from None
+                    raise ConfigError(
+                        space.file, f"{d.path}.choice", f"option {option!r}: {err.message}"
+                    ) from None
 
 
 def _param_blocks(tree: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -106,7 +117,10 @@ def _with_raw_params(space: Space, recipe: dict[str, Any]) -> dict[str, Any]:
         return recipe
     out = dict(recipe)
     if "parameters" in space.tree:
-        out["parameters"] = {**{k: 0 for k in space.tree["parameters"]}, **(recipe.get("parameters") or {})}
+        out["parameters"] = {
+            **{k: 0 for k in space.tree["parameters"]},
+            **(recipe.get("parameters") or {}),
+        }
     if "models" in space.tree and "models" in recipe:
         models = []
         for m, r in zip(space.tree["models"], recipe["models"], strict=False):

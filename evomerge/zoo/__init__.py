@@ -29,7 +29,17 @@ from evomerge.zoo.build import (
 from evomerge.zoo.data import SKILLS, rewrite_task_yamls, task_names
 from evomerge.zoo.train import SIZES
 
-__all__ = ["ZOO_SIZES", "ZOO_VERSION", "SKILLS", "default_root", "ensure_zoo", "resolve_zoo_ref", "main_zoo", "read_manifest", "task_names"]
+__all__ = [
+    "ZOO_SIZES",
+    "ZOO_VERSION",
+    "SKILLS",
+    "default_root",
+    "ensure_zoo",
+    "resolve_zoo_ref",
+    "main_zoo",
+    "read_manifest",
+    "task_names",
+]
 
 ZOO_SIZES: tuple[str, ...] = tuple(SIZES)
 
@@ -40,19 +50,25 @@ def default_root() -> Path:
     return Path(env) if env else Path("results") / "zoo"
 
 
-def _ensure_at(zoo_dir: Path, size: str, seed: int | None, *, progress: bool = True, rebuild: bool = False) -> Path:
+def _ensure_at(
+    zoo_dir: Path, size: str, seed: int | None, *, progress: bool = True, rebuild: bool = False
+) -> Path:
     zoo_dir = Path(zoo_dir).resolve()
     try:
         return _ensure(zoo_dir, size, seed, progress=progress, rebuild=rebuild)
     except OSError as e:  # a folder that cannot be written (read-only, a file in the way, /proc...)
         where = e.filename or zoo_dir
-        raise EvomergeError(f"zoo folder {zoo_dir}: cannot write there ({where}: {e.strerror or e}); choose another with --out or EVOMERGE_ZOO_DIR") from None
+        raise EvomergeError(
+            f"zoo folder {zoo_dir}: cannot write there ({where}: {e.strerror or e}); choose another with --out or EVOMERGE_ZOO_DIR"
+        ) from None
 
 
 def _ensure(zoo_dir: Path, size: str, seed: int | None, *, progress: bool, rebuild: bool) -> Path:
     if zoo_dir.is_dir() and any(zoo_dir.iterdir()) and not (zoo_dir / "zoo.json").is_file():
         # A rebuild replaces the directory: never do that to something that is not a zoo.
-        raise EvomergeError(f"{zoo_dir} exists and is not a zoo (no zoo.json); choose an empty or new directory")
+        raise EvomergeError(
+            f"{zoo_dir} exists and is not a zoo (no zoo.json); choose an empty or new directory"
+        )
     if rebuild or not is_current(zoo_dir, size, seed):
         with zoo_lock(zoo_dir):
             # Another process may have set it up while we waited for the lock.
@@ -89,11 +105,15 @@ def _train_zoo(zoo_dir: Path, size: str, seed: int, *, progress: bool = True) ->
     # The child imports this very evomerge, installed or not.
     src = str(Path(__file__).resolve().parents[2])  # the folder holding this evomerge package
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    code = "import sys; from evomerge.zoo.build import build_main; sys.exit(build_main(sys.argv[1:]))"
+    code = (
+        "import sys; from evomerge.zoo.build import build_main; sys.exit(build_main(sys.argv[1:]))"
+    )
     cmd = [sys.executable, "-c", code, str(zoo_dir), size, str(seed), "1" if progress else "0"]
     rc = subprocess.run(cmd, env=env, check=False).returncode
     if rc != 0:
-        raise EvomergeError(f"building the {size} zoo failed (exit status {rc}; its error is printed above)")
+        raise EvomergeError(
+            f"building the {size} zoo failed (exit status {rc}; its error is printed above)"
+        )
 
 
 def _fix_task_paths(zoo_dir: Path) -> None:
@@ -132,7 +152,7 @@ def resolve_zoo_ref(ref: str) -> str | None:
     """
     if not ref.startswith("zoo:"):
         return None
-    size, _, model = ref[len("zoo:"):].partition("/")
+    size, _, model = ref[len("zoo:") :].partition("/")
     if size not in SIZES:
         return None
     if model and model not in ("base", *SKILLS):
@@ -160,12 +180,21 @@ def main_zoo(out: str | None, size: str, seed: int, rebuild: bool = False) -> in
     zoo_dir = _ensure_at(zoo_dir, size, seed, rebuild=rebuild)
     manifest = read_manifest(zoo_dir) or {}
     source = manifest.get("source", "trained")
-    how = ("installed from the shipped weights" if source == "shipped" else "built (trained here)") if fresh else "up to date, reused"
+    how = (
+        ("installed from the shipped weights" if source == "shipped" else "built (trained here)")
+        if fresh
+        else "up to date, reused"
+    )
     print(f"zoo {size} (seed {seed}) at {zoo_dir}: {how} in {time.perf_counter() - t0:.1f}s")
-    print(f"models: {', '.join(manifest.get('models', {}))}; tasks: {', '.join(manifest['tasks']['search'] + manifest['tasks']['holdout'])}")
+    print(
+        f"models: {', '.join(manifest.get('models', {}))}; tasks: {', '.join(manifest['tasks']['search'] + manifest['tasks']['holdout'])}"
+    )
     shipped = shipped_manifest(size, seed)
     if source != "shipped" and shipped is not None:
-        digests = {name: file_sha256(zoo_dir / info["dir"] / "model.safetensors") for name, info in manifest["models"].items()}
+        digests = {
+            name: file_sha256(zoo_dir / info["dir"] / "model.safetensors")
+            for name, info in manifest["models"].items()
+        }
         if digests == shipped["shipped"]["digests"]:
             print("trained here; bit-identical to the shipped weights")
         else:

@@ -35,7 +35,23 @@ from evomerge.zoo.data import (
 )
 from evomerge.zoo.train import SIZES, ZooSize, new_model, train
 
-__all__ = ["ZOO_VERSION", "SHIPPED_DIR", "build_zoo", "install_zoo", "pack_zoo", "shipped_manifest", "file_sha256", "tasks_sha256", "zoo_lock", "read_manifest", "is_current", "format_figures", "measure_figures", "merge_recipe", "ZooScorer"]
+__all__ = [
+    "ZOO_VERSION",
+    "SHIPPED_DIR",
+    "build_zoo",
+    "install_zoo",
+    "pack_zoo",
+    "shipped_manifest",
+    "file_sha256",
+    "tasks_sha256",
+    "zoo_lock",
+    "read_manifest",
+    "is_current",
+    "format_figures",
+    "measure_figures",
+    "merge_recipe",
+    "ZooScorer",
+]
 
 # Bump when the data, the models or the training change: existing zoos are then rebuilt.
 ZOO_VERSION = "6"
@@ -100,7 +116,9 @@ def shipped_manifest(size: str, seed: int | None = None) -> dict[str, Any] | Non
         return None
     if seed is not None and m.get("seed") != seed:
         return None
-    if not all((src / d["dir"] / "model.safetensors").is_file() for d in m.get("models", {}).values()):
+    if not all(
+        (src / d["dir"] / "model.safetensors").is_file() for d in m.get("models", {}).values()
+    ):
         return None
     return m
 
@@ -130,7 +148,9 @@ def install_zoo(dest: str | Path, size: str = "demo", *, progress: bool = True) 
     """
     shipped = shipped_manifest(size)
     if shipped is None:
-        raise EvomergeError(f"evomerge ships no {size} zoo of version {ZOO_VERSION}; build it with `evomerge zoo --size {size} --rebuild`")
+        raise EvomergeError(
+            f"evomerge ships no {size} zoo of version {ZOO_VERSION}; build it with `evomerge zoo --size {size} --rebuild`"
+        )
     dest = Path(dest).resolve()
     src = SHIPPED_DIR / size
     t0 = time.perf_counter()
@@ -148,17 +168,30 @@ def install_zoo(dest: str | Path, size: str = "demo", *, progress: bool = True) 
                     f"reinstall evomerge, or train the zoo with `evomerge zoo --size {size} --rebuild`"
                 )
         shape = SIZES[size]
-        counts = write_tasks(tmp / "tasks", dest / "tasks", shape.n_search, shape.n_holdout, shipped["seed"])
-        if counts != shipped["tasks"]["items"] or tasks_sha256(tmp / "tasks") != shipped["shipped"]["tasks_sha256"]:
+        counts = write_tasks(
+            tmp / "tasks", dest / "tasks", shape.n_search, shape.n_holdout, shipped["seed"]
+        )
+        if (
+            counts != shipped["tasks"]["items"]
+            or tasks_sha256(tmp / "tasks") != shipped["shipped"]["tasks_sha256"]
+        ):
             raise EvomergeError(
                 f"the task items regenerated from seed {shipped['seed']} differ from those the shipped {size} zoo was measured on "
                 f"(has Python's random module changed?); train the zoo here with `evomerge zoo --size {size} --rebuild`"
             )
-        manifest = {**shipped, "source": "shipped", "install_seconds": round(time.perf_counter() - t0, 2)}
+        manifest = {
+            **shipped,
+            "source": "shipped",
+            "install_seconds": round(time.perf_counter() - t0, 2),
+        }
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _move_into_place(tmp, dest)
         if progress:
-            print(f"[zoo {size}] installed the shipped weights in {manifest['install_seconds']:.1f}s", file=sys.stderr, flush=True)
+            print(
+                f"[zoo {size}] installed the shipped weights in {manifest['install_seconds']:.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -190,18 +223,26 @@ def pack_zoo(zoo_dir: str | Path, out: str | Path | None = None) -> dict[str, An
     for info in m["models"].values():
         shutil.copytree(zoo_dir / info["dir"], out / info["dir"])
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         cpu = platform.processor()
     m = {k: v for k, v in m.items() if k not in ("source", "install_seconds")}
     m["shipped"] = {
-        "digests": {name: file_sha256(zoo_dir / info["dir"] / "model.safetensors") for name, info in m["models"].items()},
+        "digests": {
+            name: file_sha256(zoo_dir / info["dir"] / "model.safetensors")
+            for name, info in m["models"].items()
+        },
         "tasks_sha256": tasks_sha256(zoo_dir / "tasks"),
         "built_on": {
             "cpu": cpu,
             "machine": platform.machine(),
             "torch": torch.__version__,
-            "cpu_capability": m["training"].get("cpu_capability") or torch.backends.cpu.get_cpu_capability(),
+            "cpu_capability": m["training"].get("cpu_capability")
+            or torch.backends.cpu.get_cpu_capability(),
             "mkl_cbwr": m["training"].get("mkl_cbwr", os.environ.get("MKL_CBWR")),
             "python": platform.python_version(),
         },
@@ -220,7 +261,9 @@ def zoo_lock(zoo_dir: Path):
             import fcntl
 
             fcntl.flock(fh, fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover - non-POSIX: no lock, the atomic rename still protects
+        except (
+            ImportError
+        ):  # pragma: no cover - non-POSIX: no lock, the atomic rename still protects
             pass
         try:
             yield
@@ -250,7 +293,11 @@ def _expert_line(skill: str, replay: float, avoid: frozenset[str]):
     other formats stay where the base left them (small, mergeable deltas)."""
 
     def line(rng) -> str:
-        return pretrain_text(rng, avoid) if rng.random() < replay else skill_text(skill, rng, avoid=avoid)
+        return (
+            pretrain_text(rng, avoid)
+            if rng.random() < replay
+            else skill_text(skill, rng, avoid=avoid)
+        )
 
     return line
 
@@ -277,13 +324,20 @@ def merge_recipe(zoo_dir: Path, model_names: list[str], entry: Any) -> tuple[str
     recipe = {
         "merge_method": method,
         "base_model": str(Path(zoo_dir) / "base"),
-        "models": [{"model": str(Path(zoo_dir) / n), "parameters": {"weight": w, **extra}} for n, w in zip(model_names, weights, strict=True)],
+        "models": [
+            {"model": str(Path(zoo_dir) / n), "parameters": {"weight": w, **extra}}
+            for n, w in zip(model_names, weights, strict=True)
+        ],
         "dtype": "float32",
     }
     if isinstance(entry, dict):
-        label = f"{method} uniform " + " ".join(f"{k}={v:g}" for k, v in {"weight": weights[0], **extra}.items())
+        label = f"{method} uniform " + " ".join(
+            f"{k}={v:g}" for k, v in {"weight": weights[0], **extra}.items()
+        )
     elif isinstance(entry, tuple):
-        label = "task_arithmetic " + " ".join(f"{n}={w:g}" for n, w in zip(model_names, weights, strict=True))
+        label = "task_arithmetic " + " ".join(
+            f"{n}={w:g}" for n, w in zip(model_names, weights, strict=True)
+        )
     elif abs(entry - 1 / len(model_names)) < 1e-9:
         label = "task_arithmetic uniform 1/n"
     else:
@@ -303,7 +357,13 @@ class ZooScorer:
         from transformers import AutoTokenizer
 
         self.search, self.holdout = task_names(SKILLS)
-        cfg = EvalConfig(search=[TaskSpec(n) for n in self.search], holdout=[TaskSpec(n) for n in self.holdout], include_path=[str(Path(tasks_dir).resolve())], batch_size=64, file="zoo.json")
+        cfg = EvalConfig(
+            search=[TaskSpec(n) for n in self.search],
+            holdout=[TaskSpec(n) for n in self.holdout],
+            include_path=[str(Path(tasks_dir).resolve())],
+            batch_size=64,
+            file="zoo.json",
+        )
         self._ev = LMEvalEvaluator(cfg, AutoTokenizer.from_pretrained(Path(zoo_dir) / "base"))
         self.seconds: list[float] = []  # of every search-task pass
 
@@ -314,17 +374,25 @@ class ZooScorer:
         out = {k: round(v, 4) for k, v in r.scores.items()}
         out["mean"] = round(sum(out[n] for n in self.search) / len(self.search), 4)
         if holdout:
-            out.update({k: round(v, 4) for k, v in self._ev.evaluate(model, "holdout").scores.items()})
+            out.update(
+                {k: round(v, 4) for k, v in self._ev.evaluate(model, "holdout").scores.items()}
+            )
             out["holdout_mean"] = round(sum(out[n] for n in self.holdout) / len(self.holdout), 4)
         return out
 
 
 # The mixture of experts of the figures: gate_mode hidden, one expert per token, two prompts per expert.
-MOE_PROMPTS = {"rot": ["rot: abcde =", "rot: vwxyz ="], "sort": ["sort: dbeca =", "sort: qzmxa ="], "shift": ["shift: abcde =", "shift: lmnop ="]}
+MOE_PROMPTS = {
+    "rot": ["rot: abcde =", "rot: vwxyz ="],
+    "sort": ["sort: dbeca =", "sort: qzmxa ="],
+    "shift": ["shift: abcde =", "shift: lmnop ="],
+}
 MOE_LABEL = "mixture of experts (hidden, 1 per token, 2 prompts each)"
 
 
-def measure_figures(zoo_dir: Path, tasks_dir: Path, model_names: list[str], *, grid: tuple[Any, ...] = (1 / 3,)) -> dict[str, Any]:
+def measure_figures(
+    zoo_dir: Path, tasks_dir: Path, model_names: list[str], *, grid: tuple[Any, ...] = (1 / 3,)
+) -> dict[str, Any]:
     """lm-eval accuracy (search and holdout items) of every model and of merges of all experts.
 
     Args:
@@ -351,9 +419,20 @@ def measure_figures(zoo_dir: Path, tasks_dir: Path, model_names: list[str], *, g
         figures["merges"][label] = scorer.score(merge_in_memory(recipe))
         if not isinstance(entry, tuple):
             uniform.append(label)
-    if set(model_names) <= set(MOE_PROMPTS):  # issue 14's mergekit-moe configuration, built by evomerge moe
-        experts = [{"source_model": str(Path(zoo_dir) / n), "positive_prompts": MOE_PROMPTS[n]} for n in model_names]
-        moe = {"base_model": str(Path(zoo_dir) / "base"), "gate_mode": "hidden", "experts_per_token": 1, "dtype": "float32", "experts": experts}
+    if set(model_names) <= set(
+        MOE_PROMPTS
+    ):  # issue 14's mergekit-moe configuration, built by evomerge moe
+        experts = [
+            {"source_model": str(Path(zoo_dir) / n), "positive_prompts": MOE_PROMPTS[n]}
+            for n in model_names
+        ]
+        moe = {
+            "base_model": str(Path(zoo_dir) / "base"),
+            "gate_mode": "hidden",
+            "experts_per_token": 1,
+            "dtype": "float32",
+            "experts": experts,
+        }
         figures["moe"] = {MOE_LABEL: scorer.score(moe_in_memory(moe))}
     figures["eval_seconds"] = round(sum(scorer.seconds) / len(scorer.seconds), 3)
     figures["summary"] = _summary(figures, model_names, uniform)
@@ -383,11 +462,21 @@ def _summary(figures: dict[str, Any], model_names: list[str], uniform: list[str]
     if best_uniform and best_weighted:
         # How far per-model weights get above the best uniform merge: the room a search has.
         out["headroom"] = round(merges[best_weighted]["mean"] - merges[best_uniform]["mean"], 4)
-        out["headroom_holdout"] = round(merges[best_weighted]["holdout_mean"] - merges[best_uniform]["holdout_mean"], 4)
+        out["headroom_holdout"] = round(
+            merges[best_weighted]["holdout_mean"] - merges[best_uniform]["holdout_mean"], 4
+        )
     return out
 
 
-def build_zoo(dest: str | Path, size: str = "demo", seed: int = 0, *, shape: ZooSize | None = None, progress: bool = True, figures: bool = True) -> dict[str, Any]:
+def build_zoo(
+    dest: str | Path,
+    size: str = "demo",
+    seed: int = 0,
+    *,
+    shape: ZooSize | None = None,
+    progress: bool = True,
+    figures: bool = True,
+) -> dict[str, Any]:
     """Build a zoo into ``dest`` atomically (temp dir, then ``os.replace``); returns its manifest.
 
     Args:
@@ -420,16 +509,39 @@ def build_zoo(dest: str | Path, size: str = "demo", seed: int = 0, *, shape: Zoo
     try:
         tok = make_tokenizer()
         counts = write_tasks(tmp / "tasks", tmp / "tasks", shape.n_search, shape.n_holdout, seed)
-        base = new_model(shape, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed)
+        base = new_model(
+            shape, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed
+        )
         n_params = sum(p.numel() for p in base.parameters())
         say(f"pretraining the base ({n_params / 1e6:.2f}M parameters, {shape.base_steps} steps)")
         avoid = eval_strings(shape.n_search + shape.n_holdout, seed)
-        train(base, tok, _base_line(avoid), steps=shape.base_steps, lr=shape.base_lr, batch=shape.batch, seed=seed * 1000 + 1, answer_only=shape.base_answer_only, progress="base" if progress else None)
+        train(
+            base,
+            tok,
+            _base_line(avoid),
+            steps=shape.base_steps,
+            lr=shape.base_lr,
+            batch=shape.batch,
+            seed=seed * 1000 + 1,
+            answer_only=shape.base_answer_only,
+            progress="base" if progress else None,
+        )
         _save(base, tok, tmp / "base")
         models: dict[str, dict[str, Any]] = {"base": {"dir": "base", "role": "base", "skill": None}}
         for i, skill in enumerate(SKILLS):
             expert = copy.deepcopy(base)
-            train(expert, tok, _expert_line(skill, shape.replay, avoid), steps=shape.expert_steps, lr=shape.lr_for(skill), batch=shape.expert_batch or shape.batch, seed=seed * 1000 + 10 + i, answer_only=True, warmup=20, progress=skill if progress else None)
+            train(
+                expert,
+                tok,
+                _expert_line(skill, shape.replay, avoid),
+                steps=shape.expert_steps,
+                lr=shape.lr_for(skill),
+                batch=shape.expert_batch or shape.batch,
+                seed=seed * 1000 + 10 + i,
+                answer_only=True,
+                warmup=20,
+                progress=skill if progress else None,
+            )
             _save(expert, tok, tmp / skill)
             models[skill] = {"dir": skill, "role": "expert", "skill": skill}
             del expert
@@ -441,10 +553,28 @@ def build_zoo(dest: str | Path, size: str = "demo", seed: int = 0, *, shape: Zoo
             "seed": seed,
             "parameters": n_params,
             "models": models,
-            "tasks": {"search": search, "holdout": holdout, "items": counts, "include_path": "tasks"},
+            "tasks": {
+                "search": search,
+                "holdout": holdout,
+                "items": counts,
+                "include_path": "tasks",
+            },
             "training": {
-                "base": {"steps": shape.base_steps, "lr": shape.base_lr, "batch": shape.batch, "answer_only": shape.base_answer_only},
-                "experts": {s: {"steps": shape.expert_steps, "lr": shape.lr_for(s), "batch": shape.expert_batch or shape.batch, "replay": shape.replay} for s in SKILLS},
+                "base": {
+                    "steps": shape.base_steps,
+                    "lr": shape.base_lr,
+                    "batch": shape.batch,
+                    "answer_only": shape.base_answer_only,
+                },
+                "experts": {
+                    s: {
+                        "steps": shape.expert_steps,
+                        "lr": shape.lr_for(s),
+                        "batch": shape.expert_batch or shape.batch,
+                        "replay": shape.replay,
+                    }
+                    for s in SKILLS
+                },
                 "threads": shape.threads,
                 # The kernels the rounding depends on (see __init__._train_zoo).
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -455,7 +585,9 @@ def build_zoo(dest: str | Path, size: str = "demo", seed: int = 0, *, shape: Zoo
         }
         if figures:
             say("measuring accuracies with lm-eval")
-            manifest["figures"] = measure_figures(tmp, tmp / "tasks", list(SKILLS), grid=shape.merge_grid)
+            manifest["figures"] = measure_figures(
+                tmp, tmp / "tasks", list(SKILLS), grid=shape.merge_grid
+            )
         manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         rewrite_task_yamls(tmp / "tasks", dest / "tasks")
@@ -481,21 +613,37 @@ def format_figures(manifest: dict[str, Any]) -> str:
         return "(no figures measured)"
     search = manifest["tasks"]["search"]
     cols = [*search, "mean", "holdout_mean"]
-    rows = [(n, v) for n, v in fig["models"].items()] + [(n, v) for n, v in fig["merges"].items()] + list(fig.get("moe", {}).items())
+    rows = (
+        [(n, v) for n, v in fig["models"].items()]
+        + [(n, v) for n, v in fig["merges"].items()]
+        + list(fig.get("moe", {}).items())
+    )
     width = max(len(n) for n, _ in rows)
     lines = [f"{'model':<{width}}  " + "  ".join(f"{c:>12}" for c in cols)]
     for name, v in rows:
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * v[c]:>11.1f}%" if c in v else f"{'-':>12}" for c in cols))
+        lines.append(
+            f"{name:<{width}}  "
+            + "  ".join(f"{100 * v[c]:>11.1f}%" if c in v else f"{'-':>12}" for c in cols)
+        )
     sm = fig.get("summary", {})
     merges = fig["merges"]
 
     def pct(label: str) -> str:
         v = merges[label]
-        return f"{100 * v['mean']:.1f}%" + (f" (holdout {100 * v['holdout_mean']:.1f}%)" if "holdout_mean" in v else "")
+        return f"{100 * v['mean']:.1f}%" + (
+            f" (holdout {100 * v['holdout_mean']:.1f}%)" if "holdout_mean" in v else ""
+        )
 
     if sm:
         expert = fig["models"][sm["best_expert"]]
-        lines.append(f"best single expert ({sm['best_expert']}): mean {100 * expert['mean']:.1f}%" + (f" (holdout {100 * expert['holdout_mean']:.1f}%)" if "holdout_mean" in expert else ""))
+        lines.append(
+            f"best single expert ({sm['best_expert']}): mean {100 * expert['mean']:.1f}%"
+            + (
+                f" (holdout {100 * expert['holdout_mean']:.1f}%)"
+                if "holdout_mean" in expert
+                else ""
+            )
+        )
         uniform = [n for n in merges if "uniform" in n]
         if uniform:
             lines.append("uniform merges: " + "; ".join(f"{n} {pct(n)}" for n in uniform))
@@ -504,7 +652,9 @@ def format_figures(manifest: dict[str, Any]) -> str:
             if "headroom" in sm:
                 line += f", {100 * sm['headroom']:+.1f} points over the best uniform merge ({100 * sm['headroom_holdout']:+.1f} on holdout)"
             lines.append(line)
-    lines.append(f"(accuracy on {manifest['tasks']['items'][search[0]]} search items per task; holdout_mean over the disjoint holdout tasks; chance is 25%)")
+    lines.append(
+        f"(accuracy on {manifest['tasks']['items'][search[0]]} search items per task; holdout_mean over the disjoint holdout tasks; chance is 25%)"
+    )
     timing = f"one lm-eval pass over all search tasks: {fig['eval_seconds']:.2f}s; build time {manifest.get('build_seconds', 0):.0f}s"
     built_on = manifest.get("shipped", {}).get("built_on")
     if manifest.get("source") == "shipped" and built_on:

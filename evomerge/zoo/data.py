@@ -146,7 +146,9 @@ def make_items(skill: str, n: int, seed: int, exclude: set[str] | None = None) -
     return out
 
 
-def skill_text(skill: str, rng: random.Random, *, correct: bool = True, avoid: frozenset[str] = frozenset()) -> str:
+def skill_text(
+    skill: str, rng: random.Random, *, correct: bool = True, avoid: frozenset[str] = frozenset()
+) -> str:
     """One training line ``prompt + " " + answer + "\\n"``; ``correct=False`` draws a random answer
     of the skill's family (a random permutation, a random shift), used to pretrain the base.
     Letter strings in ``avoid`` (those of the evaluation items) are never trained on."""
@@ -172,7 +174,11 @@ def pretrain_text(rng: random.Random, avoid: frozenset[str] = frozenset()) -> st
 def eval_strings(n: int, seed: int, skills: Sequence[str] = SKILLS) -> frozenset[str]:
     """The letter strings of every evaluation item (search and holdout, all skills): kept out of
     training so that no zoo task item was ever seen by a zoo model."""
-    return frozenset(it.prompt.split(": ", 1)[1][:STRING_LEN] for skill in skills for it in make_items(skill, n, seed))
+    return frozenset(
+        it.prompt.split(": ", 1)[1][:STRING_LEN]
+        for skill in skills
+        for it in make_items(skill, n, seed)
+    )
 
 
 def task_names(skills: Sequence[str] = SKILLS) -> tuple[list[str], list[str]]:
@@ -205,7 +211,14 @@ metadata:
 """
 
 
-def write_tasks(tasks_dir: Path, final_tasks_dir: Path, n_search: int, n_holdout: int, seed: int, skills: Sequence[str] = SKILLS) -> dict[str, int]:
+def write_tasks(
+    tasks_dir: Path,
+    final_tasks_dir: Path,
+    n_search: int,
+    n_holdout: int,
+    seed: int,
+    skills: Sequence[str] = SKILLS,
+) -> dict[str, int]:
     """Write ``zoo_<skill>.jsonl`` / ``zoo_<skill>_holdout.jsonl`` and their lm-eval YAMLs.
 
     The holdout items are drawn after the search items with their prompts excluded, so the two
@@ -225,7 +238,10 @@ def write_tasks(tasks_dir: Path, final_tasks_dir: Path, n_search: int, n_holdout
     counts: dict[str, int] = {}
     for skill in skills:
         items = make_items(skill, n_search + n_holdout, seed)
-        for name, part in ((f"zoo_{skill}", items[:n_search]), (f"zoo_{skill}_holdout", items[n_search:])):
+        for name, part in (
+            (f"zoo_{skill}", items[:n_search]),
+            (f"zoo_{skill}_holdout", items[n_search:]),
+        ):
             with open(tasks_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
                 for it in part:
                     f.write(json.dumps(it.to_json()) + "\n")

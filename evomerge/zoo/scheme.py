@@ -20,7 +20,9 @@ def _resolve(rest: str) -> Path | None:
 
 
 def _examples() -> list[str]:
-    return [f"zoo:{s}" for s in ZOO_SIZES] + [f"zoo:{s}/{m}" for s in ZOO_SIZES for m in ("base", *SKILLS)]
+    return [f"zoo:{s}" for s in ZOO_SIZES] + [
+        f"zoo:{s}/{m}" for s in ZOO_SIZES for m in ("base", *SKILLS)
+    ]
 
 
 SCHEME = Scheme("zoo", _resolve, _examples)

@@ -42,7 +42,10 @@ class ZooSize:
     skill_lr: Mapping[str, float] = field(default_factory=dict)
     # Merges measured at build time: one task-arithmetic weight for every expert, a tuple with one
     # per expert, or a dict for another method with uniform parameters.
-    merge_grid: tuple[float | tuple[float, ...] | dict[str, Any], ...] = (1 / 3, {"method": "ties", "weight": 1.0, "density": 0.5})
+    merge_grid: tuple[float | tuple[float, ...] | dict[str, Any], ...] = (
+        1 / 3,
+        {"method": "ties", "weight": 1.0, "density": 0.5},
+    )
 
     def lr_for(self, skill: str) -> float:
         """The fine-tuning learning rate of ``skill``'s expert."""
@@ -51,19 +54,46 @@ class ZooSize:
 
 SIZES: dict[str, ZooSize] = {
     "demo": ZooSize(
-        hidden=128, layers=4, heads=4, intermediate=384, base_steps=1600, base_lr=2e-3, base_answer_only=True,
-        expert_steps=200, expert_lr=1e-3, skill_lr={"rot": 3e-4, "sort": 1e-3, "shift": 2e-3},
-        batch=32, expert_batch=64, n_search=100, n_holdout=100,
+        hidden=128,
+        layers=4,
+        heads=4,
+        intermediate=384,
+        base_steps=1600,
+        base_lr=2e-3,
+        base_answer_only=True,
+        expert_steps=200,
+        expert_lr=1e-3,
+        skill_lr={"rot": 3e-4, "sort": 1e-3, "shift": 2e-3},
+        batch=32,
+        expert_batch=64,
+        n_search=100,
+        n_holdout=100,
         merge_grid=(
             1 / 3,
             0.5,
             1.0,
             {"method": "ties", "weight": 1.0, "density": 0.5},
-            (0.78, 0.75, 0.34),  # the best of 60 TPE trials (bench/bench_zoo.py --weights 60) on the seed-0 demo zoo
+            (
+                0.78,
+                0.75,
+                0.34,
+            ),  # the best of 60 TPE trials (bench/bench_zoo.py --weights 60) on the seed-0 demo zoo
         ),
     ),
     # Tests only need clear specialization, so the experts train harder than the demo's.
-    "micro": ZooSize(hidden=64, layers=2, heads=4, intermediate=192, base_steps=400, base_lr=3e-3, expert_steps=250, expert_lr=1e-3, batch=32, n_search=48, n_holdout=48),
+    "micro": ZooSize(
+        hidden=64,
+        layers=2,
+        heads=4,
+        intermediate=192,
+        base_steps=400,
+        base_lr=3e-3,
+        expert_steps=250,
+        expert_lr=1e-3,
+        batch=32,
+        n_search=48,
+        n_holdout=48,
+    ),
 }
 
 
@@ -89,7 +119,9 @@ def new_model(size: ZooSize, vocab_size: int, pad_id: int, bos_id: int, eos_id: 
     return LlamaForCausalLM(cfg)
 
 
-def _batch(tokenizer, lines: Sequence[str], answer_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(
+    tokenizer, lines: Sequence[str], answer_only: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     enc = tokenizer(list(lines), padding=True, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     labels = ids.masked_fill(mask == 0, -100)
@@ -172,7 +204,9 @@ def score_items(model, tokenizer, items: Sequence[Item]) -> float:
     logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
     tok_lp = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
     pos = torch.arange(ids.shape[1] - 1)[None]
-    start = torch.tensor(spans)[:, None]  # continuation (" " + choice) starts at token index len(prompt)
+    start = torch.tensor(spans)[
+        :, None
+    ]  # continuation (" " + choice) starts at token index len(prompt)
     keep = (pos >= start - 1) & (mask[:, 1:] == 1)
     total = (tok_lp * keep).sum(1).view(len(items), -1)
     pred = total.argmax(1)

@@ -35,7 +35,18 @@ from evomerge.engine.rng import uniform_range
 if TYPE_CHECKING:
     from evomerge.engine.inputs import TensorInputs
 
-__all__ = ["CHUNK", "SAMPLE", "weights_cancel", "run_chunks", "run_each", "magnitude_rule", "rule_from_order", "fused_task_vectors", "fused_linear", "fused_slerp"]
+__all__ = [
+    "CHUNK",
+    "SAMPLE",
+    "weights_cancel",
+    "run_chunks",
+    "run_each",
+    "magnitude_rule",
+    "rule_from_order",
+    "fused_task_vectors",
+    "fused_linear",
+    "fused_slerp",
+]
 
 CHUNK = int(os.environ.get("EVOMERGE_CHUNK", 1 << 16))
 _GPU_CHUNK = 1 << 22
@@ -64,7 +75,9 @@ class _Scratch:
     def get(self, key: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         b = self.bufs.get((key, dtype))
         if b is None or b.numel() < n:
-            b = torch.empty(max(n, CHUNK if self.device.type == "cpu" else 0), dtype=dtype, device=self.device)
+            b = torch.empty(
+                max(n, CHUNK if self.device.type == "cpu" else 0), dtype=dtype, device=self.device
+            )
             self.bufs[(key, dtype)] = b
         return b[:n]
 
@@ -72,7 +85,9 @@ class _Scratch:
         """A cached chunk of ones (never written)."""
         b = self.bufs.get(("__ones", dtype))
         if b is None or b.numel() < n:
-            b = torch.ones(max(n, CHUNK if self.device.type == "cpu" else 0), dtype=dtype, device=self.device)
+            b = torch.ones(
+                max(n, CHUNK if self.device.type == "cpu" else 0), dtype=dtype, device=self.device
+            )
             self.bufs[("__ones", dtype)] = b
         return b[:n]
 
@@ -103,7 +118,9 @@ def single_threaded() -> Iterator[None]:
         _OUTER_THREADS = outer
 
 
-def run_chunks(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], Any], chunk: int | None = None) -> list[Any]:
+def run_chunks(
+    n: int, device: torch.device, fn: Callable[[int, int, _Scratch], Any], chunk: int | None = None
+) -> list[Any]:
     """Call ``fn(lo, hi, scratch)`` over ``[0, n)`` in chunks; return the results in chunk order.
 
     On CUDA the whole range is one chunk (GPU kernels do not need the cache blocking).
@@ -138,11 +155,15 @@ def run_chunks(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], 
 def run_each(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], Any]) -> list[Any]:
     """Call ``fn(i, i + 1, scratch)`` for each ``i`` in ``[0, n)`` (units of work larger than a
     chunk, e.g. a fingerprint's rows), spread over the threads like :func:`run_chunks`; results in order."""
-    parts = run_chunks(n, device, lambda lo, hi, s: [fn(i, i + 1, s) for i in range(lo, hi)], chunk=1)
+    parts = run_chunks(
+        n, device, lambda lo, hi, s: [fn(i, i + 1, s) for i in range(lo, hi)], chunk=1
+    )
     return [r for part in parts for r in part]
 
 
-def _f32(x: torch.Tensor, lo: int, hi: int, s: _Scratch, key: str, dtype: torch.dtype) -> torch.Tensor:
+def _f32(
+    x: torch.Tensor, lo: int, hi: int, s: _Scratch, key: str, dtype: torch.dtype
+) -> torch.Tensor:
     """Chunk ``[lo, hi)`` of a flat input in the compute dtype (a view when already in it)."""
     c = x[lo:hi]
     if c.dtype == dtype:
@@ -168,7 +189,9 @@ def fused_linear(inp: TensorInputs) -> torch.Tensor:
     weights = [float(p["weight"]) for p in inp.per_input]
     if inp.shared["normalize"] and weights_cancel(weights):
         shown = ", ".join(f"{w:g}" for w in weights)
-        raise ValueError(f"linear: the weights ({shown}) sum to {sum(weights):g}, and normalize divides by that sum (mergekit would write NaN/inf); use weights that do not cancel out, or set normalize: false")
+        raise ValueError(
+            f"linear: the weights ({shown}) sum to {sum(weights):g}, and normalize divides by that sum (mergekit would write NaN/inf); use weights that do not cancel out, or set normalize: false"
+        )
     scale = 1.0 / sum(weights) if inp.shared["normalize"] else 1.0
     xs = [inp.raw(i).reshape(-1) for i in range(len(inp))]
     out = out_tensor(inp, inp.raw(0).shape)
@@ -177,7 +200,7 @@ def fused_linear(inp: TensorInputs) -> torch.Tensor:
 
     def fn(lo: int, hi: int, s: _Scratch) -> bool:
         acc = s.get("acc", hi - lo, dtype)
-        for i, (x, w) in enumerate(zip(xs, weights)):
+        for i, (x, w) in enumerate(zip(xs, weights, strict=False)):
             c = _f32(x, lo, hi, s, "x", dtype)
             if i == 0:
                 torch.mul(c, w * scale, out=acc)
@@ -191,7 +214,14 @@ def fused_linear(inp: TensorInputs) -> torch.Tensor:
     return out
 
 
-def fused_slerp(inp: TensorInputs, t: float, v0i: int, v1i: int, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+def fused_slerp(
+    inp: TensorInputs,
+    t: float,
+    v0i: int,
+    v1i: int,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+) -> torch.Tensor:
     """Slerp of two whole tensors (one flattened vector each): a reduction pass, then a blend pass."""
     v0, v1 = inp.raw(v0i).reshape(-1), inp.raw(v1i).reshape(-1)
     dtype = inp.compute_dtype
@@ -249,7 +279,9 @@ def fused_slerp(inp: TensorInputs, t: float, v0i: int, v1i: int, dot_threshold: 
 Rule = tuple[Any, ...]
 
 
-def _delta_chunk(inp: TensorInputs, i: int, lo: int, hi: int, s: _Scratch, base_c: torch.Tensor, key: str) -> torch.Tensor:
+def _delta_chunk(
+    inp: TensorInputs, i: int, lo: int, hi: int, s: _Scratch, base_c: torch.Tensor, key: str
+) -> torch.Tensor:
     d = s.get(key, hi - lo, inp.compute_dtype)
     x = inp.raw(i).reshape(-1)[lo:hi]
     if x.dtype == d.dtype:
@@ -260,7 +292,9 @@ def _delta_chunk(inp: TensorInputs, i: int, lo: int, hi: int, s: _Scratch, base_
     return d
 
 
-def _kept_delta(rule: Rule, d: torch.Tensor, lo: int, hi: int, s: _Scratch, key: str) -> torch.Tensor:
+def _kept_delta(
+    rule: Rule, d: torch.Tensor, lo: int, hi: int, s: _Scratch, key: str
+) -> torch.Tensor:
     """The delta chunk with the dropped entries set to 0 (``d`` itself when everything is kept)."""
     kind = rule[0]
     if kind == "all":
@@ -270,7 +304,9 @@ def _kept_delta(rule: Rule, d: torch.Tensor, lo: int, hi: int, s: _Scratch, key:
         torch.hardshrink(d, rule[1], out=kd)  # x where |x| > lam, else 0
         if kind == "gt_extra":
             idx = rule[2]
-            a, b = torch.searchsorted(idx, torch.tensor([lo, hi], dtype=idx.dtype, device=idx.device)).tolist()
+            a, b = torch.searchsorted(
+                idx, torch.tensor([lo, hi], dtype=idx.dtype, device=idx.device)
+            ).tolist()
             if b > a:
                 pos = idx[a:b] - lo
                 kd[pos] = d[pos]
@@ -278,7 +314,14 @@ def _kept_delta(rule: Rule, d: torch.Tensor, lo: int, hi: int, s: _Scratch, key:
         m = s.get(key + "m", hi - lo, d.dtype)
         if kind == "lt_hash":
             n = hi - lo
-            u = uniform_range(rule[1], rule[2], lo, hi, d.device, (s.get("hx", n, torch.int64), s.get("ht", n, torch.int64), s.get("hu", n)))
+            u = uniform_range(
+                rule[1],
+                rule[2],
+                lo,
+                hi,
+                d.device,
+                (s.get("hx", n, torch.int64), s.get("ht", n, torch.int64), s.get("hu", n)),
+            )
         else:
             u = rule[1].view(-1)[lo:hi]
         torch.sub(u, rule[-1], out=m)  # u - p < 0 exactly where u < p
@@ -299,7 +342,9 @@ def _finite(acc: torch.Tensor, out: torch.Tensor) -> bool:
     return bool(torch.isfinite(out).all())
 
 
-def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], consensus: bool, rescale: bool) -> torch.Tensor:
+def fused_task_vectors(
+    inp: TensorInputs, rules: list[Rule], others: list[int], consensus: bool, rescale: bool
+) -> torch.Tensor:
     """The task-vector family's combine step, given each input's keep rule.
 
     ``base + lambda * (sum_i w_i r_i k_i d_i) / divisor`` where ``d_i`` is the delta, ``k_i`` the
@@ -317,7 +362,9 @@ def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], 
     base = inp.raw(b).reshape(-1)
     dtype = inp.compute_dtype
     n = base.numel()
-    weights, coef, flat_div = combine_scalars(inp, others, _l1_rescale(inp, rules, others) if rescale else None)
+    weights, coef, flat_div = combine_scalars(
+        inp, others, _l1_rescale(inp, rules, others) if rescale else None
+    )
     normalize = bool(inp.shared["normalize"])
     lam = float(inp.shared["lambda"])
     out = out_tensor(inp, inp.raw(b).shape)
@@ -349,7 +396,9 @@ def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], 
                 wd.mul_(sign).clamp_(min=0)  # > 0 exactly where this term's sign is the elected one
                 if div is not None:
                     torch.sign(wd, out=took)  # 1 where it takes part, else 0
-                    torch.mul(took, weights[j], out=div) if j == 0 else div.add_(took, alpha=weights[j])
+                    torch.mul(took, weights[j], out=div) if j == 0 else div.add_(
+                        took, alpha=weights[j]
+                    )
                 acc.copy_(wd) if j == 0 else acc.add_(wd)
             acc.mul_(sign)
             if div is not None:
@@ -375,7 +424,9 @@ def fused_task_vectors(inp: TensorInputs, rules: list[Rule], others: list[int], 
     return out
 
 
-def _l1_rescale(inp: TensorInputs, rules: list[Rule], others: list[int]) -> list[tuple[float, float]]:
+def _l1_rescale(
+    inp: TensorInputs, rules: list[Rule], others: list[int]
+) -> list[tuple[float, float]]:
     """Per input: ``(L1(delta), L1(kept delta))``, summed in float64."""
     b = inp.base
     assert b is not None
@@ -395,7 +446,10 @@ def _l1_rescale(inp: TensorInputs, rules: list[Rule], others: list[int]) -> list
         return res
 
     parts = run_chunks(base.numel(), base.device, fn)
-    return [(math.fsum(p[j][0] for p in parts), math.fsum(p[j][1] for p in parts)) for j in range(len(others))]
+    return [
+        (math.fsum(p[j][0] for p in parts), math.fsum(p[j][1] for p in parts))
+        for j in range(len(others))
+    ]
 
 
 # Sample size for bracketing a TIES threshold; tensors up to _WHOLE elements are not sampled.
@@ -464,7 +518,9 @@ def rule_from_order(inp: TensorInputs, i: int, k: int, order: torch.Tensor) -> R
         return ("all",)
 
     def mag(j: int) -> float:
-        p = int(order[j])  # |delta| in the compute dtype, exactly as the order and the combine see it
+        p = int(
+            order[j]
+        )  # |delta| in the compute dtype, exactly as the order and the combine see it
         return float((x[p].to(dtype) - base[p].to(dtype)).abs())
 
     thr = mag(k - 1)
@@ -482,7 +538,9 @@ def rule_from_order(inp: TensorInputs, i: int, k: int, order: torch.Tensor) -> R
     return ("gt_extra", thr, extra)
 
 
-def _sample_bracket(x: torch.Tensor, base: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[float, float]:
+def _sample_bracket(
+    x: torch.Tensor, base: torch.Tensor, k: int, dtype: torch.dtype
+) -> tuple[float, float]:
     """Bounds that very likely hold the k-th largest ``|x - base|``, from a fixed random sample."""
     n = x.numel()
     key = (n, str(x.device))
@@ -503,7 +561,9 @@ def _sample_bracket(x: torch.Tensor, base: torch.Tensor, k: int, dtype: torch.dt
     return lo_v, hi_v
 
 
-def _bracket_pass(inp: TensorInputs, x: torch.Tensor, base: torch.Tensor, lo_v: float, hi_v: float) -> tuple[int, torch.Tensor, torch.Tensor]:
+def _bracket_pass(
+    inp: TensorInputs, x: torch.Tensor, base: torch.Tensor, lo_v: float, hi_v: float
+) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Count ``|x - base| > hi_v``; return it with the flat positions and values in ``[lo_v, hi_v]``."""
     dtype = inp.compute_dtype
     bounded = hi_v != math.inf
@@ -533,4 +593,3 @@ def _bracket_pass(inp: TensorInputs, x: torch.Tensor, base: torch.Tensor, lo_v: 
     parts = run_chunks(x.numel(), x.device, fn)
     above = sum(p[0] for p in parts)
     return above, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
-

@@ -20,7 +20,9 @@ def out_tensor(inp: TensorInputs, shape: torch.Size) -> torch.Tensor:
     return torch.empty(shape, dtype=inp.out_dtype, device=inp.raw(0).device)
 
 
-def combine_scalars(inp: TensorInputs, others: list[int], l1: list[tuple[float, float]] | None) -> tuple[list[float], list[float], float]:
+def combine_scalars(
+    inp: TensorInputs, others: list[int], l1: list[tuple[float, float]] | None
+) -> tuple[list[float], list[float], float]:
     """The per-tensor scalars of the task-vector combine, shared by the chunked and compiled kernels.
 
     Args:
@@ -36,7 +38,11 @@ def combine_scalars(inp: TensorInputs, others: list[int], l1: list[tuple[float, 
     """
     weights = [float(inp.per_input[i]["weight"]) for i in others]
     eps = 1e-7
-    scales = [1.0] * len(others) if l1 is None else [1.0 if before < eps or after < eps else before / after for before, after in l1]
+    scales = (
+        [1.0] * len(others)
+        if l1 is None
+        else [1.0 if before < eps or after < eps else before / after for before, after in l1]
+    )
     total_w = sum(weights)
     flat_div = total_w if inp.shared["normalize"] and abs(total_w) >= 1e-8 else 1.0
-    return weights, [w * r for w, r in zip(weights, scales)], flat_div
+    return weights, [w * r for w, r in zip(weights, scales, strict=False)], flat_div

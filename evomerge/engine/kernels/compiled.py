@@ -63,10 +63,24 @@ def usable(inp: TensorInputs, rules: list[tuple[Any, ...]]) -> bool:
     if base is None or base.device.type not in ("cpu", "cuda") or base.numel() < MIN_NUMEL:
         return False
     kinds = {r[0] for r in rules}
-    return kinds <= {"all", "gt", "gt_extra"} or kinds <= {"all", "lt_uniform"} or kinds <= {"all", "lt_hash"}
+    return (
+        kinds <= {"all", "gt", "gt_extra"}
+        or kinds <= {"all", "lt_uniform"}
+        or kinds <= {"all", "lt_hash"}
+    )
 
 
-def _sparsify(d: torch.Tensor, j: int, mode: str, fields: list[torch.Tensor], keys: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, p: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+def _sparsify(
+    d: torch.Tensor,
+    j: int,
+    mode: str,
+    fields: list[torch.Tensor],
+    keys: torch.Tensor,
+    thr: torch.Tensor,
+    cut: torch.Tensor,
+    p: torch.Tensor,
+    idx: torch.Tensor | None,
+) -> torch.Tensor:
     """Input j's delta with the dropped entries set to 0, as :func:`fused._kept_delta` computes it.
 
     ``mode``: ``magnitude`` (TIES thresholds), ``field`` (stream 1 fields) or ``hash`` (stream 2,
@@ -86,7 +100,16 @@ def _sparsify(d: torch.Tensor, j: int, mode: str, fields: list[torch.Tensor], ke
     return -(d * m)
 
 
-def _l1_sums(base: torch.Tensor, xs: list[torch.Tensor], fields: list[torch.Tensor], keys: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, p: torch.Tensor, mode: str) -> torch.Tensor:
+def _l1_sums(
+    base: torch.Tensor,
+    xs: list[torch.Tensor],
+    fields: list[torch.Tensor],
+    keys: torch.Tensor,
+    thr: torch.Tensor,
+    cut: torch.Tensor,
+    p: torch.Tensor,
+    mode: str,
+) -> torch.Tensor:
     """Per input: ``[sum |delta|, sum |kept delta|]`` in float64."""
     b = base.to(thr.dtype)
     idx = torch.arange(b.shape[0], device=b.device) if mode != "field" else None
@@ -94,7 +117,9 @@ def _l1_sums(base: torch.Tensor, xs: list[torch.Tensor], fields: list[torch.Tens
     for j, x in enumerate(xs):
         d = x.to(thr.dtype) - b
         kd = _sparsify(d, j, mode, fields, keys, thr, cut, p, idx)
-        sums.append(torch.stack([d.abs().sum(dtype=torch.float64), kd.abs().sum(dtype=torch.float64)]))
+        sums.append(
+            torch.stack([d.abs().sum(dtype=torch.float64), kd.abs().sum(dtype=torch.float64)])
+        )
     return torch.stack(sums)
 
 
@@ -118,7 +143,10 @@ def _combine(
     """``base + lam * combine(kept deltas)`` written into ``out``; returns whether it is all finite."""
     b = base.to(thr.dtype)
     idx = torch.arange(b.shape[0], device=b.device) if mode != "field" else None
-    wds = [_sparsify(x.to(thr.dtype) - b, j, mode, fields, keys, thr, cut, p, idx) * coef[j] for j, x in enumerate(xs)]
+    wds = [
+        _sparsify(x.to(thr.dtype) - b, j, mode, fields, keys, thr, cut, p, idx) * coef[j]
+        for j, x in enumerate(xs)
+    ]
     if consensus:
         total = wds[0]
         for wd in wds[1:]:
@@ -160,7 +188,9 @@ def _compiled(name: str) -> Any:
         # On CUDA, Triton contracts a * b + c into one FMA unless told not to: that rounds once
         # where the eager and CPU kernels round twice, and the tensors would differ by device.
         torch._inductor.config.emulate_precision_casts = True
-        fn = torch.compile({"combine": _combine, "l1": _l1_sums}[name], dynamic=True, fullgraph=True)
+        fn = torch.compile(
+            {"combine": _combine, "l1": _l1_sums}[name], dynamic=True, fullgraph=True
+        )
         _COMPILED[name] = fn
     return fn
 
@@ -172,11 +202,20 @@ def _call(name: str, *args: Any, **kwargs: Any) -> Any:
         return _compiled(name)(*args, **kwargs)
     except Exception as e:  # inductor raises many types (no compiler, codegen, ...)
         _FAILED = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        print(f"evomerge: torch.compile is unavailable ({_FAILED[:200]}); re-merges use the chunked kernels", file=sys.stderr)
+        print(
+            f"evomerge: torch.compile is unavailable ({_FAILED[:200]}); re-merges use the chunked kernels",
+            file=sys.stderr,
+        )
         return None
 
 
-def compiled_task_vectors(inp: TensorInputs, rules: list[tuple[Any, ...]], others: list[int], consensus: bool, rescale: bool) -> torch.Tensor | None:
+def compiled_task_vectors(
+    inp: TensorInputs,
+    rules: list[tuple[Any, ...]],
+    others: list[int],
+    consensus: bool,
+    rescale: bool,
+) -> torch.Tensor | None:
     """The task-vector combine of :func:`~evomerge.engine.kernels.chunked.fused_task_vectors`, compiled.
 
     Returns the output tensor (``inp.out`` when it fits) and sets ``inp.finite``, or returns None when
@@ -190,7 +229,7 @@ def compiled_task_vectors(inp: TensorInputs, rules: list[tuple[Any, ...]], other
     kinds = {r[0] for r in rules}
     mode = "hash" if "lt_hash" in kinds else "field" if "lt_uniform" in kinds else "magnitude"
     thr, cut, p, fields, keys = [], [], [], [], []
-    for i, r in zip(others, rules):
+    for i, r in zip(others, rules, strict=False):
         kind = r[0]
         # An input kept whole (density 1) still gets its own field or keys, with p = inf.
         if mode == "field":
@@ -198,7 +237,9 @@ def compiled_task_vectors(inp: TensorInputs, rules: list[tuple[Any, ...]], other
         keys.append((r[1], r[2]) if kind == "lt_hash" else (0, 0))
         thr.append(-1.0 if kind == "all" else float(r[1]) if kind in ("gt", "gt_extra") else 0.0)
         cut.append(int(r[2][-1]) if kind == "gt_extra" and r[2].numel() else -1)
-        p.append(float(r[-1]) if kind in ("lt_uniform", "lt_hash") else math.inf)  # inf: u - inf < 0 keeps all
+        p.append(
+            float(r[-1]) if kind in ("lt_uniform", "lt_hash") else math.inf
+        )  # inf: u - inf < 0 keeps all
     device = base.device
     thr_t = torch.tensor(thr, dtype=dtype, device=device)
     cut_t = torch.tensor(cut, dtype=torch.int64, device=device)
@@ -214,10 +255,22 @@ def compiled_task_vectors(inp: TensorInputs, rules: list[tuple[Any, ...]], other
     normalize = bool(inp.shared["normalize"])
     out = out_tensor(inp, inp.raw(b).shape)
     ok = _call(
-        "combine", base, xs, fields, keys_t, thr_t, cut_t, p_t,
-        torch.tensor(coef, dtype=dtype, device=device), torch.tensor(weights, dtype=dtype, device=device),
-        torch.tensor(float(inp.shared["lambda"]), dtype=dtype, device=device), torch.tensor(flat_div, dtype=dtype, device=device),
-        out.view(-1), mode, consensus, normalize,
+        "combine",
+        base,
+        xs,
+        fields,
+        keys_t,
+        thr_t,
+        cut_t,
+        p_t,
+        torch.tensor(coef, dtype=dtype, device=device),
+        torch.tensor(weights, dtype=dtype, device=device),
+        torch.tensor(float(inp.shared["lambda"]), dtype=dtype, device=device),
+        torch.tensor(flat_div, dtype=dtype, device=device),
+        out.view(-1),
+        mode,
+        consensus,
+        normalize,
     )
     if ok is None:
         return None

@@ -42,7 +42,9 @@ def _quartiles(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     last = flat.numel() - 1
     # kthvalue is 1-based; (last * q) is exact in integers, where mergekit's float32 product is
     # exact too for the at most a million entries it sorts.
-    q1, median, q3 = (torch.kthvalue(flat, k + 1).values for k in (last // 4, last // 2, 3 * last // 4))
+    q1, median, q3 = (
+        torch.kthvalue(flat, k + 1).values for k in (last // 4, last // 2, 3 * last // 4)
+    )
     return q1, median, q3
 
 

@@ -74,7 +74,9 @@ def _keep_rule(inp: TensorInputs, i: int, kind: str | None) -> tuple[Any, ...]:
     if kind == "della":
         eps = p["epsilon"]
         if density - eps <= 0 or density + eps >= 1:
-            raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1, got density={density:g}, epsilon={eps:g}")
+            raise ValueError(
+                f"della needs 0 < density - epsilon and density + epsilon < 1, got density={density:g}, epsilon={eps:g}"
+            )
         rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
         ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(delta.dtype)
         width = max(rows.shape[1] - 1, 1)
@@ -83,7 +85,9 @@ def _keep_rule(inp: TensorInputs, i: int, kind: str | None) -> tuple[Any, ...]:
     raise ValueError(kind)  # pragma: no cover - the registry only uses the kinds above
 
 
-def _task_vector_kernel(sparsifier: str | None, consensus: bool) -> Callable[[TensorInputs], torch.Tensor]:
+def _task_vector_kernel(
+    sparsifier: str | None, consensus: bool
+) -> Callable[[TensorInputs], torch.Tensor]:
     def kernel(inp: TensorInputs) -> torch.Tensor:
         b = inp.base
         assert b is not None
@@ -118,7 +122,9 @@ def _model_stock(inp: TensorInputs) -> torch.Tensor:
     cosines = []
     for a in range(len(offsets)):
         for c in range(a + 1, len(offsets)):
-            norms = torch.linalg.vector_norm(offsets[a], dim=-1) * torch.linalg.vector_norm(offsets[c], dim=-1)
+            norms = torch.linalg.vector_norm(offsets[a], dim=-1) * torch.linalg.vector_norm(
+                offsets[c], dim=-1
+            )
             cosines.append(((offsets[a] * offsets[c]).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(0).unsqueeze(-1)
     n = len(ws)
@@ -130,7 +136,9 @@ def _model_stock(inp: TensorInputs) -> torch.Tensor:
     return (t * average + (1 - t) * w0).reshape(shape)
 
 
-def _nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8) -> torch.Tensor:
+def _nuslerp_vectors(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8
+) -> torch.Tensor:
     shape = v0.shape
     if flatten:
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
@@ -175,7 +183,9 @@ def _multislerp(inp: TensorInputs) -> torch.Tensor:
     weights = [float(inp.per_input[i]["weight"]) for i in others]
     if inp.shared["normalize_weights"] and weights_cancel(weights):
         shown = ", ".join(f"{v:g}" for v in weights)
-        raise ValueError(f"multislerp: the weights ({shown}) sum to {sum(weights):g}, and normalize_weights divides by that sum (mergekit would write NaN/inf); use weights that do not cancel out, or set normalize_weights: false")
+        raise ValueError(
+            f"multislerp: the weights ({shown}) sum to {sum(weights):g}, and normalize_weights divides by that sum (mergekit would write NaN/inf); use weights that do not cancel out, or set normalize_weights: false"
+        )
     w = torch.tensor(weights, dtype=x.dtype, device=x.device)
     if inp.shared["normalize_weights"]:
         w = w / w.sum()
@@ -187,7 +197,9 @@ def _multislerp(inp: TensorInputs) -> torch.Tensor:
         if len(others) == 2:
             out = (x[0] * w[0] + x[1] * w[1]).reshape(x.shape[1:])
             return out + inp.tensor(b) if b is not None else out
-        raise ValueError("multislerp: the weighted sum of the input directions is zero (antipodal inputs with balancing weights); change the weights")
+        raise ValueError(
+            "multislerp: the weighted sum of the input directions is zero (antipodal inputs with balancing weights); change the weights"
+        )
     mean = mean / mean_norm
     # Barycentre on the sphere: project to the tangent space at the mean, average, map back.
     tangent = units - (units * mean).sum(-1, keepdim=True) * mean
@@ -205,19 +217,21 @@ def _karcher(inp: TensorInputs) -> torch.Tensor:
     max_iter, tol = inp.shared["max_iter"], inp.shared["tol"]
     alphas = [1.0 / len(xs)] * len(xs)
     norms = [torch.linalg.vector_norm(x) for x in xs]
-    units = [x / n if n.item() != 0 else torch.zeros_like(x) for x, n in zip(xs, norms)]
+    units = [
+        x / n if n.item() != 0 else torch.zeros_like(x) for x, n in zip(xs, norms, strict=False)
+    ]
     valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
         return torch.zeros_like(xs[0])
     va = [alphas[i] for i in valid]
     va = [a / sum(va) for a in va]
     vu = [units[i] for i in valid]
-    mean = sum(a * u for a, u in zip(va, vu))
+    mean = sum(a * u for a, u in zip(va, vu, strict=False))
     mn = torch.linalg.vector_norm(mean)
     mean = vu[0].clone() if mn.item() < tol else mean / mn
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
-        for a, u in zip(va, vu):
+        for a, u in zip(va, vu, strict=False):
             dot = torch.clamp(torch.dot(mean.reshape(-1), u.reshape(-1)), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
@@ -230,7 +244,7 @@ def _karcher(inp: TensorInputs) -> torch.Tensor:
         un = torch.linalg.vector_norm(mean)
         if un.item() > tol:
             mean = mean / un
-    return sum(a * n for a, n in zip(alphas, norms)) * mean
+    return sum(a * n for a, n in zip(alphas, norms, strict=False)) * mean
 
 
 def _sce(inp: TensorInputs) -> torch.Tensor:
@@ -275,7 +289,8 @@ _DENSE: dict[str, Kernel] = {
 
 # One kernel per registered method: the task-vector family is one kernel parametrised by its data.
 KERNELS: dict[str, Kernel] = {
-    name: _DENSE[name] if name in _DENSE else _task_vector_kernel(m.sparsifier, m.consensus) for name, m in METHODS.items()
+    name: _DENSE[name] if name in _DENSE else _task_vector_kernel(m.sparsifier, m.consensus)
+    for name, m in METHODS.items()
 }
 
 
