@@ -27,6 +27,7 @@ from evomerge.evaluation.base import (
     TaskSpec,
     aggregate,
 )
+from evomerge.evaluation.genlm import check_generation_tasks
 from evomerge.evaluation.items import (
     LMEvalStaged,
     RequestBank,
@@ -53,6 +54,17 @@ __all__ = [
     "item_text",
     "path_list",
 ]
+
+
+_NOTED: set[str] = set()
+logger = logging.getLogger(__name__)
+
+
+def _note_once(line: str) -> None:
+    """Log a line about the evaluation setup once per process (evaluators are built per study)."""
+    if line not in _NOTED:
+        _NOTED.add(line)
+        logger.warning(line)
 
 
 def quiet_lm_eval() -> None:
@@ -270,10 +282,15 @@ class LMEvalEvaluator(Evaluator):
         device: where inputs go (the model must already live there).
         batch_size: overrides ``cfg.batch_size``.
         scorer: overrides ``cfg.scorer``: ``"shared"`` runs each context of a multiple-choice item
-            once (:mod:`evomerge.evaluation.scorer`), ``"hflm"`` is lm-eval's ``HFLM`` as is.
+            once (:mod:`evomerge.evaluation.scorer`) and each generation task's prompt prefix once
+            (:mod:`evomerge.evaluation.genlm`), ``"hflm"`` is lm-eval's ``HFLM`` as is.
+        max_length: the models' context length in tokens
+            (:func:`~evomerge.evaluation.genlm.context_length`); None: generation budgets are not
+            checked against it.
 
     Raises:
-        ConfigError: a holdout range with no docs left after the search docs.
+        ConfigError: a holdout range with no docs left after the search docs; a generation task
+            whose ``max_gen_toks`` leaves no room for a prompt in ``max_length``.
         ValueError: an unknown ``scorer``.
     """
 
@@ -285,6 +302,7 @@ class LMEvalEvaluator(Evaluator):
         device: str = "cpu",
         batch_size: int | None = None,
         scorer: str | None = None,
+        max_length: int | None = None,
     ) -> None:
         quiet_lm_eval()
         self.cfg = cfg
@@ -309,6 +327,7 @@ class LMEvalEvaluator(Evaluator):
         self._leaves = {split: self._leaves_per_spec(split) for split in self._dicts}
         self._samples = {split: self._sample_ids(split) for split in self._dicts}
         self._bank: RequestBank | None = None  # built on the first staged evaluation
+        self._hflm_tasks = self._check_generation(max_length)
 
     # -- setup
 
@@ -325,6 +344,23 @@ class LMEvalEvaluator(Evaluator):
                     task.set_config(key="num_fewshot", value=spec.num_fewshot)
                 task.set_fewshot_seed(seed=1234)
         return out
+
+    def _check_generation(self, max_length: int | None) -> dict[str, str]:
+        """Check the generation tasks (:func:`check_generation_tasks`): errors stop here, notes are
+        logged once; returns the tasks whose answers HFLM's path generates."""
+        hflm: dict[str, str] = {}
+        for split, where in (("search", "evaluate.tasks"), ("holdout", "evaluate.holdout.tasks")):
+            if split not in self._dicts or (split == "holdout" and self.cfg.holdout_same_tasks):
+                continue
+            found = check_generation_tasks(leaf_tasks(self._dicts[split]), max_length)
+            for i, spec in enumerate(self._specs[split]):
+                for leaf in self._leaves[split][spec.name]:
+                    if leaf in found.errors:
+                        raise ConfigError(self.cfg.file, f"{where}[{i}]", found.errors[leaf])
+            for note in found.notes:
+                _note_once(note)
+            hflm |= found.hflm_tasks
+        return hflm
 
     def _sample_ids(self, split: str) -> dict[str, list[int]]:
         cfg = self.cfg
@@ -409,6 +445,7 @@ class LMEvalEvaluator(Evaluator):
             scorer=self.scorer,
             batch_size=self.batch_size,
             device=self.device,
+            hflm_tasks=self._hflm_tasks,
         )
         return LMEvalStaged(
             self._bank,
@@ -444,6 +481,7 @@ class LMEvalEvaluator(Evaluator):
                 scorer=self.scorer,
                 batch_size=self.batch_size,
                 device=self.device,
+                hflm_tasks=self._hflm_tasks,
             ),
             split,
         )

@@ -18,14 +18,12 @@ continuation's length. Pairs are grouped by that *truncated* context, so truncat
 match HFLM (positions restart at 0 as in HFLM), they just share less.
 
 :func:`shared_context_hflm` wraps this as a subclass of lm-eval's ``HFLM`` (tokenizing, batching
-options, ``loglikelihood_rolling`` and ``generate_until`` stay HFLM's). lm-eval is imported on first
-use only.
+options and ``loglikelihood_rolling`` stay HFLM's); its ``generate_until`` runs each task's shared
+prompt prefix once too (:mod:`evomerge.evaluation.genlm`). lm-eval is imported on first use only.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from evomerge.evaluation.base import SCORERS
+from evomerge.evaluation.genlm import generate_until_shared
+from evomerge.evaluation.kv import cache_rows as _rows_of
+from evomerge.evaluation.kv import forward_names as _forward_names
+from evomerge.evaluation.kv import sliding_window
 
 __all__ = ["score_shared", "shared_context_hflm", "sliding_window", "make_lm"]
 
@@ -82,51 +84,6 @@ def _plan(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: i
     for g in out:
         g.rows.sort(key=lambda r: -len(r[2]))
     return out
-
-
-def _forward_names(model: torch.nn.Module) -> tuple[str, str | None]:
-    """The forward's name for the cache (``cache`` in transformers 5, ``past_key_values`` before) and
-    for the number of logits to keep (None when it takes none)."""
-    params = inspect.signature(model.forward).parameters
-    cache = "cache" if "cache" in params else "past_key_values"
-    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-    return cache, keep
-
-
-def _rows_of(cache: Any, index: torch.Tensor) -> Any:
-    """A new cache holding rows ``index`` (repeats allowed) of ``cache``; ``cache`` is left as it was
-    (a forward appends to its cache's layers by rebinding their tensors, so shallow copies suffice)."""
-    if not hasattr(cache, "layers") or not hasattr(cache, "batch_select_indices"):
-        raise TypeError(
-            f"the model returned a {type(cache).__name__} cache; the shared-context scorer needs a transformers Cache with layers (use scorer: hflm)"
-        )
-    out = copy.copy(cache)
-    out.layers = [copy.copy(layer) for layer in cache.layers]
-    out.batch_select_indices(index)
-    return out
-
-
-def sliding_window(model: torch.nn.Module) -> int | None:
-    """The smallest attention window of ``model`` when some layer attends through one, else None.
-
-    Args:
-        model: a ``transformers`` causal LM.
-
-    Returns:
-        The window in tokens, or None (every layer attends to the whole sequence).
-    """
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None
-    if hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
-    window = getattr(cfg, "sliding_window", None)
-    if not isinstance(window, int) or window <= 0:
-        return None
-    types = getattr(cfg, "layer_types", None)
-    if types is not None:
-        return window if any("sliding" in str(t) for t in types) else None
-    return window if getattr(cfg, "use_sliding_window", True) else None
 
 
 def score_shared(
@@ -256,11 +213,13 @@ def _continuation_passes(
 
 @lru_cache(maxsize=1)
 def shared_context_hflm() -> type:
-    """lm-eval's ``HFLM`` with :func:`score_shared` under ``loglikelihood``.
+    """lm-eval's ``HFLM`` with :func:`score_shared` under ``loglikelihood`` and
+    :func:`~evomerge.evaluation.genlm.generate_until_shared` under ``generate_until``.
 
     Tokenization (``tok_encode``, the moved trailing space, the empty-context prefix token),
     ``max_length`` and ``batch_size`` are HFLM's; only the forward passes of loglikelihood
-    requests change. HFLM's own path still runs: ``loglikelihood_rolling`` and ``generate_until``;
+    requests change. HFLM's own path still runs: ``loglikelihood_rolling``, the generations
+    ``generate_until_shared`` leaves out (and the tasks in the instance's ``hflm_tasks``);
     ``batch_size="auto"``, seq2seq models and several processes; and on models with a sliding
     attention window, pairs longer than half the window. The response cache hook is fed as
     HFLM feeds it (a no-op unless lm-eval's ``use_cache`` wraps the LM, which evomerge never does).
@@ -275,7 +234,8 @@ def shared_context_hflm() -> type:
     from lm_eval.models.huggingface import HFLM
 
     class SharedContextHFLM(HFLM):
-        """HFLM whose loglikelihood requests run each shared context once (:func:`score_shared`)."""
+        """HFLM whose loglikelihood requests run each shared context once (:func:`score_shared`)
+        and whose generations run each task's shared prompt prefix once."""
 
         def _loglikelihood_tokens(
             self, requests, disable_tqdm: bool = False, override_bs: int | None = None
@@ -347,8 +307,12 @@ def shared_context_hflm() -> type:
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
         def generate_until(self, requests, disable_tqdm: bool = False):
-            _say_once("generate", "shared-context scorer: generate_until requests use HFLM's path")
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+            return generate_until_shared(
+                self,
+                requests,
+                lambda reqs: super(SharedContextHFLM, self).generate_until(reqs, disable_tqdm),
+                getattr(self, "hflm_tasks", None),
+            )
 
     SharedContextHFLM.__qualname__ = "SharedContextHFLM"
     SharedContextHFLM.__module__ = __name__
@@ -382,6 +346,7 @@ def make_lm(
     scorer: str = "shared",
     batch_size: int = 32,
     device: str = "cpu",
+    hflm_tasks: dict[str, str] | None = None,
 ) -> Any:
     """The lm-eval LM that scores an in-memory model, without progress bars (a search prints its own).
 
@@ -391,6 +356,8 @@ def make_lm(
         scorer: ``"shared"`` (:func:`shared_context_hflm`) or ``"hflm"`` (lm-eval's ``HFLM`` as is).
         batch_size: sequences per forward pass.
         device: where inputs go.
+        hflm_tasks: task name -> why HFLM's path generates its answers (the shared scorer's
+            ``generate_until`` runs the others with a shared prompt prefix).
 
     Returns:
         The ``HFLM`` (subclass) instance.
@@ -400,6 +367,8 @@ def make_lm(
     """
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
-    return _quiet_class(scorer)(
+    lm = _quiet_class(scorer)(
         pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device
     )
+    lm.hflm_tasks = dict(hflm_tasks or {})
+    return lm

@@ -21,6 +21,7 @@ from evomerge.engine.merger import Merger, check_device
 from evomerge.engine.sources import ModelSource, open_sources
 from evomerge.errors import ConfigError, EvomergeError, one_line
 from evomerge.evaluation.base import Evaluator
+from evomerge.evaluation.genlm import context_length
 from evomerge.evaluation.lmeval import LMEvalEvaluator
 from evomerge.evaluation.section import parse_evaluate
 from evomerge.recipe.schema import parse_recipe
@@ -93,6 +94,18 @@ def _threads(device: str, sources: dict[str, ModelSource]) -> int | None:
     if not device.startswith("cpu") or not sources:
         return None
     return 1 if max(_parameters(s) for s in sources.values()) < SMALL_MODEL else None
+
+
+def _context(space: Space, sources: dict[str, ModelSource], tokenizer: Any) -> int:
+    """The candidates' context length as HFLM reads it: the base model's config where the space
+    has one, else the shortest of the sources'."""
+    base = space.tree.get("base_model")
+    configs = (
+        [sources[base].config]
+        if isinstance(base, str) and base in sources
+        else [s.config for s in sources.values()]
+    )
+    return min(context_length(c, tokenizer) for c in configs)
 
 
 def _tokenizer_dir(space: Space, sources: dict[str, ModelSource], file: str) -> Path:
@@ -210,7 +223,9 @@ def prepare(
                 f"{file}: cannot load the tokenizer of {tokenizer_dir} to score candidates ({one_line(e)[:160]}); "
                 "add its tokenizer files or name a model that has them in tokenizer_source"
             ) from None
-        evaluator = LMEvalEvaluator(cfg, tokenizer, device=device)
+        evaluator = LMEvalEvaluator(
+            cfg, tokenizer, device=device, max_length=_context(space, sources, tokenizer)
+        )
     search_tasks = list(evaluator.task_names("search"))
     if "moe" in space.tree:
         space.prompt_texts = evaluator.prompts("search")  # routing prompts drawn from search items
