@@ -35,12 +35,16 @@ def word_problem(rng: random.Random, steps: int = 4) -> dict[str, str]:
         n, verb, when = rng.randint(2, 40), rng.choice(VERBS), rng.choice(WHEN)
         if rng.random() < 0.5:
             question.append(f"Then {name} {verb} {n} more {thing} {when}.")
-            answer.append(f"{name} has {total} + {n} = <<{total}+{n}={total + n}>>{total + n} {thing} after {when}.")
+            answer.append(
+                f"{name} has {total} + {n} = <<{total}+{n}={total + n}>>{total + n} {thing} after {when}."
+            )
             total += n
         else:
             k = rng.randint(2, 4)
             question.append(f"Then {name} {verb} {k} times as many {thing} as before {when}.")
-            answer.append(f"{name} has {total} * {k} = <<{total}*{k}={total * k}>>{total * k} {thing} after {when}.")
+            answer.append(
+                f"{name} has {total} * {k} = <<{total}*{k}={total * k}>>{total * k} {thing} after {when}."
+            )
             total *= k
     question.append(f"How many {thing} does {name} have now?")
     answer.append(f"#### {total}")

@@ -35,6 +35,10 @@ _ALSO_SLOW = {  # file: test or fixture names
         "test_study_flag_with_real_lm_eval_configs"
     },  # indexes all of lm-eval's tasks (~7 s)
     "test_probe.py": {"family"},  # fine-tunes two models for the probe (~5 s)
+    "test_generate.py": {"gsm8k"},  # trains a 32k BPE tokenizer (~10 s)
+    "test_zoo_gen.py": {
+        "test_shared_scorer_generates_hflms_answers_on_the_zoo"
+    },  # four lm-eval runs per case
     "test_search_failures.py": {
         "test_a_model_without_tokenizer_files_is_one_line_before_any_output"
     },  # builds lm-eval's task index (~7 s)
