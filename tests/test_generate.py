@@ -343,3 +343,32 @@ def test_context_length_reads_hflms_sources():
     assert context_length({}, Tok()) == 500
     Tok.model_max_length = int(1e30)
     assert context_length({}, Tok()) == 2048
+
+
+def test_growing_cache_holds_what_a_dynamic_cache_holds(model):
+    import copy
+
+    from evomerge.evaluation.kv import cache_cat, cache_length, cache_paddable, growing
+
+    ids = torch.randint(4, 47, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(input_ids=ids[:, :5], use_cache=True).past_key_values
+        grown = growing(copy.deepcopy(plain))
+        assert cache_paddable(grown) and type(grown.layers[0]).__name__ == "GrowingLayer"
+        for t in range(5, 9):  # appends write into the buffers: the same keys, the same logits
+            a = model(input_ids=ids[:, t : t + 1], cache=plain, use_cache=True)
+            b = model(input_ids=ids[:, t : t + 1], cache=grown, use_cache=True)
+            assert torch.equal(a.logits, b.logits)
+        for la, lb in zip(plain.layers, grown.layers, strict=True):
+            assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+        one = torch.tensor([1])
+        plain.batch_select_indices(one)
+        grown.batch_select_indices(one)
+        assert torch.equal(plain.layers[1].keys, grown.layers[1].keys)
+        grown.crop(-2)
+        assert cache_length(grown) == 7
+        short = growing(model(input_ids=ids[:1, :3], use_cache=True).past_key_values)
+        both = cache_cat(grown, short)  # rows of each, the shorter padded with zero columns
+        k = both.layers[0].keys
+        assert k.shape[0] == 2 and cache_length(both) == 7
+        assert torch.equal(k[1, :, :3], short.layers[0].keys[0]) and not k[1, :, 3:].any()

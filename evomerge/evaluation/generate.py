@@ -35,6 +35,7 @@ from evomerge.evaluation.kv import (
     cache_paddable,
     cache_rows,
     forward_names,
+    growing,
 )
 
 __all__ = ["GenRequest", "GenStats", "generate_shared", "common_prefix"]
@@ -207,7 +208,7 @@ class _Decoder:
         return res.logits[:, -1], cache if cache is not None else res.past_key_values
 
     def prefix_pass(self, prefix: list[int]) -> Any:
-        return self._forward(input_ids=torch.tensor([prefix], device=self.device))[1]
+        return growing(self._forward(input_ids=torch.tensor([prefix], device=self.device))[1])
 
     def run_group(self, prefix: Any, p: int, todo: list[_Row], batch_size: int) -> None:
         pending = list(reversed(todo))  # pop() takes the longest first
@@ -253,7 +254,7 @@ class _Decoder:
             **kwargs,
         )
         nxt = pos[:, -1].to(self.device) + 1
-        return self._pick(rows, logits, cache, mask, nxt)
+        return self._pick(rows, logits, growing(cache), mask, nxt)
 
     def advance(self, b: _Batch) -> _Batch | None:
         """Feed each row's last token; returns the rows not finished."""
