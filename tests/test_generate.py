@@ -372,3 +372,81 @@ def test_growing_cache_holds_what_a_dynamic_cache_holds(model):
         k = both.layers[0].keys
         assert k.shape[0] == 2 and cache_length(both) == 7
         assert torch.equal(k[1, :, :3], short.layers[0].keys[0]) and not k[1, :, 3:].any()
+
+
+CHAT = (
+    "{% for m in messages %}{{ m['role'][0] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}a:{% endif %}"
+)
+
+
+def test_chat_template_asked_for_and_missing_is_an_error(tmp_path, tok):
+    from evomerge.evaluation import parse_evaluate
+
+    _gen_task(tmp_path, "g_chat")
+    section = {"include_path": str(tmp_path), "tasks": ["g_chat"]}
+    assert parse_evaluate(section, "space.yml", tmp_path).chat_template is False
+    assert parse_evaluate({**section, "chat_template": True}, "s.yml", tmp_path).chat_template
+    with pytest.raises(ConfigError) as e:
+        parse_evaluate({**section, "chat_template": "yes"}, "space.yml", tmp_path)
+    assert e.value.field == "evaluate.chat_template" and "true or false" in str(e.value)
+    cfg = EvalConfig(
+        [TaskSpec("g_chat", "exact_match")],
+        include_path=[str(tmp_path)],
+        file="space.yml",
+        chat_template=True,
+    )
+    with pytest.raises(ConfigError) as e:
+        LMEvalEvaluator(cfg, tok)
+    assert "space.yml" in str(e.value) and "evaluate.chat_template" in str(e.value)
+    assert "no chat template" in str(e.value)
+
+
+def test_chat_prompts_staged_and_full_agree_with_hflm(tmp_path, model):
+    t = make_tokenizer()
+    t.model_max_length = 1024
+    t.chat_template = CHAT
+    for i in range(2):
+        _gen_task(tmp_path, f"c{i}", extra="num_fewshot: 2\nfewshot_split: test\n", max_gen=6)
+    cfg = EvalConfig(
+        [TaskSpec(f"c{i}", "exact_match") for i in range(2)],
+        include_path=[str(tmp_path)],
+        batch_size=4,
+        chat_template=True,
+    )
+    ev = LMEvalEvaluator(cfg, t, max_length=1024)
+    full = ev.evaluate(model)
+    staged = ev.staged(model)
+    staged.score({"c0": [1, 4], "c1": [0]})
+    assert staged.result().items == full.items
+    prompt = ev._bank.requests["c0"][1][0].args[0]
+    assert prompt.startswith("u: rot: abc") and prompt.count("u: ") == 3 and prompt.endswith("a:")
+    assert LMEvalEvaluator(cfg, t, scorer="hflm").evaluate(model).items == full.items
+
+
+@pytest.mark.parametrize("bad", ["chat", "budget"])
+def test_search_stops_before_its_first_trial_with_one_line(tmp_path, monkeypatch, capsys, bad):
+    from evomerge.cli import main
+    from evomerge.zoo import ensure_zoo
+
+    monkeypatch.setenv("EVOMERGE_ZOO_DIR", str(tmp_path / "zoo"))
+    ensure_zoo("demo")  # its install line goes to stderr before the search
+    capsys.readouterr()
+    _gen_task(tmp_path / "tasks", "g_demo", max_gen=40 if bad == "budget" else 8)
+    space = tmp_path / "space.yml"
+    space.write_text(
+        "merge_method: task_arithmetic\nbase_model: zoo:demo/base\nmodels:\n"
+        "  - model: zoo:demo/rot\n    parameters: {weight: {range: [0.0, 1.0]}}\n"
+        f"evaluate:\n  include_path: {tmp_path / 'tasks'}\n"
+        "  tasks: [{name: g_demo, metric: exact_match}]\n"
+        + ("  chat_template: true\n" if bad == "chat" else "")
+        + "search: {trials: 1}\n"
+    )
+    assert main(["search", str(space), "--results-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evomerge: error: ") and "\n" not in err and "Traceback" not in err
+    if bad == "chat":
+        assert "evaluate.chat_template" in err and "no chat template" in err
+    else:
+        assert "evaluate.tasks[0]" in err and "40 tokens" in err and "context of 32" in err
+    assert not (tmp_path / "r").exists()

@@ -49,7 +49,9 @@ class EvalConfig:
     an empty ``holdout`` list means: the holdout items are docs ``[limit, limit + holdout_limit)`` of
     the search tasks themselves; with holdout tasks it takes their first ``holdout_limit`` docs.
     ``file`` is the space file, named in errors found later (a holdout range past the end).
-    ``scorer`` is one of :data:`SCORERS`.
+    ``scorer`` is one of :data:`SCORERS`. ``chat_template`` renders every prompt with the
+    tokenizer's chat template, the few-shot examples as turns (lm-eval's ``apply_chat_template``
+    and ``fewshot_as_multiturn``).
     """
 
     search: list[TaskSpec]
@@ -61,6 +63,7 @@ class EvalConfig:
     preset: str | None = None
     file: str = ""
     scorer: str = "shared"
+    chat_template: bool = False
 
     @property
     def holdout_same_tasks(self) -> bool:

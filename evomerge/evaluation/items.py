@@ -103,10 +103,16 @@ class RequestBank:
     Args:
         tasks: leaf task name -> lm-eval ``Task``.
         ids: leaf task name -> the doc ids of its search items, ascending.
+        chat: an lm-eval LM whose chat template renders the prompts, the few-shot examples as
+            turns (as ``evaluate(apply_chat_template=True, fewshot_as_multiturn=True)``); None:
+            plain prompts.
     """
 
-    def __init__(self, tasks: Mapping[str, Any], ids: Mapping[str, list[int]]) -> None:
+    def __init__(
+        self, tasks: Mapping[str, Any], ids: Mapping[str, list[int]], chat: Any = None
+    ) -> None:
         self.tasks = dict(tasks)
+        self.chat = chat
         self.requests: dict[str, list[list[Any]]] = {}
         import lm_eval.api.task as lm_task
 
@@ -127,10 +133,10 @@ class RequestBank:
             cache_requests=False,
             rewrite_requests_cache=False,
             system_instruction=None,
-            apply_chat_template=False,
-            fewshot_as_multiturn=False,
-            chat_template=None,
-            tokenizer_name="",
+            apply_chat_template=self.chat is not None,
+            fewshot_as_multiturn=self.chat is not None,
+            chat_template=getattr(self.chat, "apply_chat_template", None),
+            tokenizer_name=getattr(self.chat, "tokenizer_name", ""),
         )
         by_doc: dict[int, list[Any]] = defaultdict(list)
         for inst in task.instances:  # doc_id is the position among the selected docs
@@ -180,6 +186,18 @@ def memo_lm(inner: Any) -> Any:
 
         def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
             return self._answer("generate_until", requests)
+
+        # Prompts rendered with a chat template are the inner LM's (the full evaluation after
+        # staged rounds must build the prompts the rounds were scored on).
+        def apply_chat_template(self, chat_history: list[Any], add_generation_prompt=True) -> str:
+            return inner.apply_chat_template(chat_history, add_generation_prompt)
+
+        @property
+        def tokenizer_name(self) -> str:
+            return inner.tokenizer_name
+
+        def chat_template(self, chat_template: Any = False) -> Any:
+            return inner.chat_template(chat_template)
 
     return _MemoLM()
 

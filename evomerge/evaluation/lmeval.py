@@ -290,7 +290,8 @@ class LMEvalEvaluator(Evaluator):
 
     Raises:
         ConfigError: a holdout range with no docs left after the search docs; a generation task
-            whose ``max_gen_toks`` leaves no room for a prompt in ``max_length``.
+            whose ``max_gen_toks`` leaves no room for a prompt in ``max_length``; ``chat_template``
+            asked for and the tokenizer has none.
         ValueError: an unknown ``scorer``.
     """
 
@@ -312,6 +313,13 @@ class LMEvalEvaluator(Evaluator):
         self.scorer = scorer or cfg.scorer
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
+        if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                cfg.file,
+                "evaluate.chat_template",
+                f"the tokenizer ({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}) has no chat template; "
+                "set chat_template: false, or name a model whose tokenizer has one in tokenizer_source",
+            )
         local = local_task_names(cfg.include_path) if cfg.include_path else set()
         all_specs = cfg.search + cfg.holdout
         tm = task_manager(tuple(cfg.include_path), not all(s.name in local for s in all_specs))
@@ -436,8 +444,6 @@ class LMEvalEvaluator(Evaluator):
         when :meth:`item_counts` is empty."""
         if not self.item_counts():
             return None
-        if self._bank is None:
-            self._bank = RequestBank(leaf_tasks(self._dicts["search"]), self._samples["search"])
         model.eval()
         lm = make_lm(
             model,
@@ -447,6 +453,12 @@ class LMEvalEvaluator(Evaluator):
             device=self.device,
             hflm_tasks=self._hflm_tasks,
         )
+        if self._bank is None:
+            self._bank = RequestBank(
+                leaf_tasks(self._dicts["search"]),
+                self._samples["search"],
+                chat=lm if self.cfg.chat_template else None,
+            )
         return LMEvalStaged(
             self._bank,
             self._specs["search"],
@@ -510,6 +522,8 @@ class LMEvalEvaluator(Evaluator):
                 bootstrap_iters=100,  # mean metrics use the closed form; this bounds the others
                 log_samples=True,  # per-item values (paired comparisons)
                 verbosity="ERROR",
+                apply_chat_template=self.cfg.chat_template,
+                fewshot_as_multiturn=self.cfg.chat_template,
             )
         finally:
             lm_task.tqdm = bar

@@ -68,7 +68,16 @@ PRESETS: dict[str, tuple[tuple[str, str, int], ...]] = {
     ),
 }
 
-_KEYS = {"include_path", "tasks", "preset", "limit", "holdout", "batch_size", "scorer"}
+_KEYS = {
+    "include_path",
+    "tasks",
+    "preset",
+    "limit",
+    "holdout",
+    "batch_size",
+    "scorer",
+    "chat_template",
+}
 _TASK_KEYS = {"name", "metric", "weight", "num_fewshot"}
 _HOLDOUT_KEYS = {"tasks", "limit"}
 
@@ -251,6 +260,9 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
             f"must be one of {', '.join(SCORERS)}, got {scorer!r}"
             + did_you_mean(str(scorer), SCORERS),
         )
+    chat = section.get("chat_template", False)
+    if not isinstance(chat, bool):
+        raise ConfigError(file, "evaluate.chat_template", f"must be true or false, got {chat!r}")
     preset_names = {n for n, _, _ in PRESETS.get(preset or "", ())}
     _check_names(search, "evaluate.tasks", file, include, skip=preset_names)
 
@@ -285,7 +297,16 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
                 "the holdout docs follow the search docs, so evaluate.limit must be set (otherwise search uses every doc and they overlap)",
             )
     cfg = EvalConfig(
-        search, holdout, include, limit, holdout_limit, int(batch_size or 32), preset, file, scorer
+        search,
+        holdout,
+        include,
+        limit,
+        holdout_limit,
+        int(batch_size or 32),
+        preset,
+        file,
+        scorer,
+        chat_template=chat,
     )
     _check_disjoint(cfg)
     return cfg
