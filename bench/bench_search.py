@@ -19,7 +19,7 @@
    their aggressiveness cheaply: items saved, wrong stops, and the best trial kept or not.
 
 Usage: python bench/bench_search.py [--trials 40] [--compare-trials 24] [--seeds 0 1 2] [--skip-compare]
-       python bench/bench_search.py --prune [--prune-seeds 0 1 2 3 4] [--prune-spaces demo demo_per_layer]
+       python bench/bench_search.py --prune [--prune-seeds 0 1 2 3 4] [--prune-spaces demo demo_per_layer demo_gen]
               [--prune-modes off on] [--prune-setting JSON] [--prune-tag on] [--off-tag off] [--on-trials N] [--on-items N]
               [--on-sampler NAME] [--off-sampler NAME] [--keep DIR] [--simulate]
 Everything runs in a temporary results folder (or ``--keep DIR``); the zoo is built (or reused) under results/zoo.
@@ -79,6 +79,15 @@ def run(
 
 
 PRUNE_SPACES = ("demo", "demo_per_layer")
+
+
+def space_file(name: str) -> Path:
+    """A space named by its file under search_spaces/ (``demo_gen``) or by a path."""
+    path = Path(name) if name.endswith((".yml", ".yaml")) or "/" in name else None
+    path = path or ROOT / "search_spaces" / f"{name}.yml"
+    if not path.is_file():
+        raise SystemExit(f"--prune-spaces: no space file {path}")
+    return path
 
 
 def best_of(df) -> tuple[float, float]:
@@ -157,7 +166,8 @@ def prune_runs(args, results: Path) -> None:
     table: dict[tuple[str, str], list[dict]] = {}
     curves: dict[str, dict[str, list]] = {}
     for name in args.prune_spaces:
-        space = ROOT / "search_spaces" / f"{name}.yml"
+        space = space_file(name)
+        name = space.stem
         for seed in args.prune_seeds:
             for mode in args.prune_modes:
                 study = f"pr_{name}_{args.off_tag if mode == 'off' else args.prune_tag}_{seed}"
@@ -202,7 +212,7 @@ def prune_runs(args, results: Path) -> None:
     print(
         f"\n== pruning off vs on ({setting}), {args.trials} trials, seeds {args.prune_seeds}: median [min, max]"
     )
-    for name in args.prune_spaces:
+    for name in (space_file(n).stem for n in args.prune_spaces):
         for mode in args.prune_modes:
             rows = table.get((name, mode), [])
             if rows:
@@ -248,7 +258,12 @@ def main() -> int:
     ap.add_argument("--skip-compare", action="store_true")
     ap.add_argument("--prune", action="store_true", help="only the pruning comparison (part 3)")
     ap.add_argument("--prune-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--prune-spaces", nargs="+", default=list(PRUNE_SPACES), choices=PRUNE_SPACES)
+    ap.add_argument(
+        "--prune-spaces",
+        nargs="+",
+        default=list(PRUNE_SPACES),
+        help="spaces: names under search_spaces/ (demo, demo_per_layer, demo_gen) or paths",
+    )
     ap.add_argument("--prune-modes", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument(
         "--prune-setting",
@@ -301,7 +316,9 @@ def main() -> int:
             if args.simulate:
                 from bench_prune_sim import simulate
 
-                simulate(results, tuple(args.prune_spaces), args.prune_seeds)
+                simulate(
+                    results, tuple(space_file(n).stem for n in args.prune_spaces), args.prune_seeds
+                )
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(tmp)

@@ -5,6 +5,7 @@ HFLM's generations on them (shipped demo zoo, installed without training)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -129,3 +130,76 @@ def test_shared_scorer_generates_hflms_answers_on_the_zoo(demo, shots):
                 assert got_scores["zoo_rot_gen"] == 1.0 and got_scores["zoo_shift_gen"] < 0.1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_best_demo_gen_trial_exported_merged_and_scored_by_plain_lm_eval(tmp_path, monkeypatch):
+    """The done-when check of issue 23: ``search_spaces/demo_gen.yml`` (fewer trials), its best
+    trial exported and merged (``evomerge export --merge``), scored by ``lm_eval --model hf`` on the
+    generation holdout tasks, gives the trial's holdout scores."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from evomerge.cli import main
+    from evomerge.search.loop import run_search
+    from evomerge.search.table import best_row, load_trials
+
+    monkeypatch.setenv("EVOMERGE_ZOO_DIR", str(tmp_path / "zoo"))
+    zoo = ensure_zoo("demo")
+    repo = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((repo / "search_spaces" / "demo_gen.yml").read_text())
+    data["search"]["trials"] = 8
+    space = tmp_path / "demo_gen.yml"
+    space.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = run_search(space, results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
+    df = load_trials(out.paths.csv)
+    best = best_row(df)
+    assert best is not None and best["holdout"] == best["holdout"]  # re-scored on the holdout
+    model_dir = tmp_path / "best"
+    rc = main(
+        [
+            "export",
+            str(space),
+            "-o",
+            str(tmp_path / "best.yml"),
+            "--trial",
+            str(int(best["number"])),
+            "--merge",
+            str(model_dir),
+            "--results-dir",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert rc == 0
+    holdout = gen_task_names()[1]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={model_dir}",
+            "--tasks",
+            ",".join(holdout),
+            "--include_path",
+            str(zoo / "tasks"),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "16",
+            "--output_path",
+            str(tmp_path / "lm_eval"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = (tmp_path / "lm_eval").rglob("results_*.json")
+    got = json.loads(result.read_text())["results"]
+    for name in holdout:
+        assert got[name]["exact_match,extract"] == pytest.approx(best[f"h_{name}"], abs=1e-9)
