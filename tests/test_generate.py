@@ -13,6 +13,7 @@ import torch
 from _gsm8k import TASK as GSM_TASK
 from _gsm8k import build_model, build_tokenizer, write_task
 from _tiny import make_tiny
+from test_scorer import SMALL
 
 from evomerge.errors import ConfigError
 from evomerge.evaluation import EvalConfig, LMEvalEvaluator, TaskSpec
@@ -21,15 +22,6 @@ from evomerge.evaluation.genlm import context_length
 from evomerge.evaluation.lmeval import get_task_dict, leaf_tasks, manager_for, quiet_lm_eval
 from evomerge.evaluation.scorer import make_lm
 from evomerge.zoo.data import make_tokenizer
-
-SMALL = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,7 +36,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tok():
-    t = make_tokenizer()  # one token per character; 47 ids, all below the model's 64
+    t = make_tokenizer()  # one token per character
     t.model_max_length = 1024
     return t
 

@@ -26,6 +26,7 @@ from evomerge.evaluation.kv import sliding_window
 
 __all__ = [
     "generate_until_shared",
+    "hflm_only",
     "GenerationChecks",
     "check_generation_tasks",
     "context_length",
@@ -74,14 +75,29 @@ def _say_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
-def _lm_reason(lm: Any) -> str:
-    """Why none of this LM's generations can take the fast path ("" when they can)."""
+def hflm_only(lm: Any) -> str:
+    """Why an ``HFLM`` runs only its own paths ("" when evomerge's may run): a seq2seq model,
+    ``batch_size="auto"``, several processes.
+
+    Args:
+        lm: the ``HFLM`` (or subclass) instance.
+
+    Returns:
+        The reason, or "".
+    """
     if lm.backend != "causal":
         return f"a {lm.backend} model"
     if not str(lm.batch_size).isdigit():
         return f"batch_size={lm.batch_size}"
     if lm.world_size > 1:
         return "several processes"
+    return ""
+
+
+def _lm_reason(lm: Any) -> str:
+    """Why none of this LM's generations can take the fast path ("" when they can)."""
+    if hflm_only(lm):
+        return hflm_only(lm)
     if getattr(lm, "think_end_token", None) is not None:
         return "think_end_token is set"
     if getattr(lm, "truncation", False):

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from evomerge.evaluation.base import SCORERS
-from evomerge.evaluation.genlm import generate_until_shared
+from evomerge.evaluation.genlm import generate_until_shared, hflm_only
 from evomerge.evaluation.kv import cache_rows as _rows_of
 from evomerge.evaluation.kv import forward_names as _forward_names
 from evomerge.evaluation.kv import sliding_window
@@ -292,13 +292,7 @@ def shared_context_hflm() -> type:
         def _hflm_reason(self, requests) -> str:
             if any(r[0] is None for r in requests):  # the windows of loglikelihood_rolling
                 return "rolling"
-            if self.backend != "causal":
-                return f"a {self.backend} model"
-            if not str(self.batch_size).isdigit():
-                return f"batch_size={self.batch_size}"
-            if self.world_size > 1:
-                return "several processes"
-            return ""
+            return hflm_only(self)
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
             _say_once(
