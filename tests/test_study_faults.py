@@ -29,7 +29,6 @@ STOP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import conftest  # offline env
     from _fake_eval import TaskVectorEvaluator
-from _stopper import POINTS, install
     from _stopper import install
     from evomerge.search.liveness import Liveness
     from evomerge.search.loop import run_search
@@ -135,7 +134,6 @@ def _search_elsewhere(space: Path, tmp_path: Path, tiny_family) -> subprocess.Co
         sys.path.insert(0, {str(TESTS)!r})
         import conftest  # offline env
         from _fake_eval import TaskVectorEvaluator
-from _stopper import POINTS, install
         from evomerge.errors import EvomergeError, one_line
         from evomerge.search.loop import run_search
         try:
