@@ -133,17 +133,19 @@ def test_shared_scorer_generates_hflms_answers_on_the_zoo(demo, shots):
 
 
 def test_best_demo_gen_trial_exported_merged_and_scored_by_plain_lm_eval(tmp_path, monkeypatch):
-    """The done-when check of issue 23: ``search_spaces/demo_gen.yml`` (fewer trials), its best
-    trial exported and merged (``evomerge export --merge``), scored by ``lm_eval --model hf`` on the
-    generation holdout tasks, gives the trial's holdout scores."""
+    """The done-when check of issue 23: ``search_spaces/demo_gen.yml`` (fewer trials), the trial
+    ``evomerge export`` takes, merged (``--merge``) and scored by ``lm_eval --model hf`` on the
+    generation holdout tasks, gives the trial's scores: its validation scores on the validation
+    items and its test scores on the test items (the holdout split of the evaluator)."""
     import subprocess
     import sys
 
     import yaml
 
     from evomerge.cli import main
+    from evomerge.evaluation.base import VALIDATION, split_holdout
     from evomerge.search.loop import run_search
-    from evomerge.search.table import best_row, load_trials
+    from evomerge.search.table import chosen_row, load_trials
 
     monkeypatch.setenv("EVOMERGE_ZOO_DIR", str(tmp_path / "zoo"))
     zoo = ensure_zoo("demo")
@@ -153,25 +155,12 @@ def test_best_demo_gen_trial_exported_merged_and_scored_by_plain_lm_eval(tmp_pat
     space = tmp_path / "demo_gen.yml"
     space.write_text(yaml.safe_dump(data, sort_keys=False))
     out = run_search(space, results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
-    df = load_trials(out.paths.csv)
-    best = best_row(df)
-    assert best is not None and best["holdout"] == best["holdout"]  # re-scored on the holdout
+    best = chosen_row(load_trials(out.paths.csv))
+    assert best is not None
     model_dir = tmp_path / "best"
-    rc = main(
-        [
-            "export",
-            str(space),
-            "-o",
-            str(tmp_path / "best.yml"),
-            "--trial",
-            str(int(best["number"])),
-            "--merge",
-            str(model_dir),
-            "--results-dir",
-            str(tmp_path / "r"),
-        ]
-    )
-    assert rc == 0
+    argv = ["export", str(space), "-o", str(tmp_path / "best.yml"), "--merge", str(model_dir)]
+    assert main([*argv, "--results-dir", str(tmp_path / "r")]) == 0
+    assert f"trial {int(best['number'])}" in (tmp_path / "best.yml").read_text()
     holdout = gen_task_names()[1]
     proc = subprocess.run(
         [
@@ -190,6 +179,7 @@ def test_best_demo_gen_trial_exported_merged_and_scored_by_plain_lm_eval(tmp_pat
             "cpu",
             "--batch_size",
             "16",
+            "--log_samples",
             "--output_path",
             str(tmp_path / "lm_eval"),
         ],
@@ -199,7 +189,13 @@ def test_best_demo_gen_trial_exported_merged_and_scored_by_plain_lm_eval(tmp_pat
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (result,) = (tmp_path / "lm_eval").rglob("results_*.json")
-    got = json.loads(result.read_text())["results"]
     for name in holdout:
-        assert got[name]["exact_match,extract"] == pytest.approx(best[f"h_{name}"], abs=1e-9)
+        (log,) = (tmp_path / "lm_eval").rglob(f"samples_{name}_*.jsonl")
+        value = {
+            s["doc_id"]: s["exact_match"] for s in map(json.loads, log.read_text().splitlines())
+        }
+        val, test = split_holdout(sorted(value), VALIDATION)
+        for ids, col in ((val, f"v_{name}"), (test, f"t_{name}")):
+            if col in best and best[col] == best[col]:  # scored (the test: the chosen trial)
+                assert sum(value[i] for i in ids) / len(ids) == pytest.approx(best[col], abs=1e-9)
+        assert best[f"v_{name}"] == best[f"v_{name}"]
