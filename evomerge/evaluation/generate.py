@@ -12,9 +12,12 @@ is decoded greedily, a batch of items at a time::
 The item tokens are right-aligned (padding sits between the prefix and them, masked out), so every
 row's last input is in the last column; positions are each row's own (``P + i``), as in HF's
 ``generate`` with left padding. A row stops at its own stop strings, end-of-text ids or token budget
-and leaves the batch (its cache rows are dropped), so a batch costs what its rows need rather than
-what its longest row needs. Greedy decoding picks the first maximum of each row's logits, as HF's
-greedy search does; the two agree up to float rounding (matmul shapes differ).
+and leaves the batch (its cache rows are dropped); when a quarter of the places are free, the
+group's next rows run their own tokens and join the batch (the shorter cache padded with masked
+columns), so the decoding costs what the rows need rather than what each batch's longest row
+needs. Greedy decoding picks the first maximum of each row's logits, as HF's greedy search does;
+the two agree up to float rounding (matmul shapes differ). The cache appends in place
+(:func:`~evomerge.evaluation.kv.growing`).
 
 A stop string is looked for in the decoded text of the row's last few tokens, then confirmed in
 the decoded text of all its tokens: a row stops at the first token after which its decoded text
@@ -62,13 +65,6 @@ class GenStats:
     generated: int = 0
     steps: int = 0
     groups: list[int] = field(default_factory=list)  # prefix length of each group
-
-    def add(self, other: GenStats) -> None:
-        self.prefix_tokens += other.prefix_tokens
-        self.item_tokens += other.item_tokens
-        self.generated += other.generated
-        self.steps += other.steps
-        self.groups += other.groups
 
 
 def common_prefix(seqs: Sequence[Sequence[int]]) -> int:

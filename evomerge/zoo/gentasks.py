@@ -10,7 +10,7 @@ Few-shot examples come from ``gen/zoo_<skill>_shots.jsonl``: letter strings that
 item of any skill, drawn from the zoo's seed, taken in file order by lm-eval's ``first_n`` sampler
 (as GSM8K's configuration does), so every item gets the same examples. The tasks are zero-shot by
 default: the zoo's models were trained on one line per sequence, and with a worked example before
-the prompt they copy the example's letters (every expert scores 0 on its own skill with one shot),
+the prompt they copy the example's letters instead of solving the prompt (docs/guides/generation.md),
 so ``num_fewshot`` is for exercising a shared few-shot prefix, not for accuracy.
 """
 
