@@ -39,6 +39,7 @@ from evomerge.evaluation.kv import (
     cache_rows,
     forward_names,
     growing,
+    sdpa_gqa,
 )
 
 __all__ = ["GenRequest", "GenStats", "generate_shared", "common_prefix"]
@@ -147,7 +148,7 @@ def generate_shared(
     autocast = torch.autocast(
         device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
     )
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast, sdpa_gqa(device):
         for members in groups.values():
             seqs = [list(requests[i].tokens) for i in members]
             # Every row keeps at least one token of its own: its last logits start the generation.
