@@ -158,7 +158,7 @@ def main() -> int:
         "--gen-cases",
         nargs="+",
         default=["gsm8k_shaped", "gsm8k_shaped_random_shots", "demo"],
-        choices=["gsm8k_shaped", "gsm8k_shaped_random_shots", "demo"],
+        choices=["gsm8k_shaped", "gsm8k_shaped_random_shots", "demo", "demo_shots"],
     )
     ap.add_argument("--gen-items", type=int, default=40, help="items of the GSM8K-shaped task")
     ap.add_argument(

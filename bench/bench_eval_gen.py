@@ -240,6 +240,40 @@ def _demo_case(args) -> tuple[Any, Any, Any]:
     )
 
 
+def demo_shots(args) -> None:
+    """Each expert of the demo zoo on its own generation task with 0, 1 and 3 few-shot examples:
+    through lm-eval (the zoo's 32-token context keeps the last 24 tokens of a prompt) and with the
+    whole prompt given to ``generate`` (no truncation), 100 items each."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluation.lmeval import get_task_dict, leaf_tasks, manager_for
+    from evomerge.evaluation.scorer import make_lm
+    from evomerge.zoo import SKILLS, ensure_zoo
+
+    zoo = ensure_zoo("demo")
+    tok = AutoTokenizer.from_pretrained(zoo / "base")
+    print("\n== demo zoo experts on their own generation task, exact match by number of shots")
+    for skill in SKILLS:
+        name = f"zoo_{skill}_gen"
+        model = AutoModelForCausalLM.from_pretrained(zoo / skill).eval()
+        td = get_task_dict([name], manager_for([name], str(zoo / "tasks")))
+        task = leaf_tasks(td)[name]
+        cells = []
+        for shots in (0, 1, 3):
+            task.set_config(key="num_fewshot", value=shots)
+            _, gens, scores = _trial(make_lm(model, tok, batch_size=32), td)
+            whole = 0
+            for doc in task.eval_docs:
+                ids = tok(task.fewshot_context(doc, shots), return_tensors="pt").input_ids
+                out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+                text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+                whole += text.split("\n")[0].strip() == task.doc_to_target(doc)
+            cells.append(
+                f"{shots} shots: lm-eval {scores[f'{name} extract']:.2f}, whole prompt {whole / len(task.eval_docs):.2f}"
+            )
+        print(f"  {skill:5}  " + "; ".join(cells))
+
+
 def main_gen(args) -> int:
     """Run the generation cases and print their rows; exit status 1 if any generation differs."""
     from evomerge.evaluation.lmeval import quiet_lm_eval
@@ -253,6 +287,9 @@ def main_gen(args) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.gen_cases:
+            if case == "demo_shots":
+                demo_shots(args)
+                continue
             if case == "demo":
                 model, tok, td = _demo_case(args)
             else:
