@@ -75,7 +75,7 @@ def _trial(lm, task_dict) -> tuple[float, dict[str, list[str]], dict[str, float]
 def _floor(model, stats, batch: int, device: str) -> float:
     """Seconds of raw forwards over the ideal tokens: the prefix once, the items' own tokens in
     batches, the generated tokens as decode steps of ``batch`` rows on a cache of typical length."""
-    from evomerge.evaluation.kv import cache_rows, forward_names
+    from evomerge.evaluation.kv import cache_rows, forward_names, sdpa_gqa
 
     name, _ = forward_names(model)
     n_items = max(1, stats["items"])
@@ -96,7 +96,7 @@ def _floor(model, stats, batch: int, device: str) -> float:
         return best, out
 
     vocab = model.config.vocab_size
-    with torch.no_grad():
+    with torch.no_grad(), sdpa_gqa(torch.device(device)):  # as the shared path runs them
         ids = torch.randint(0, vocab, (1, max(1, p)), device=device)
         t_prefix, res = timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
         cache = res.past_key_values
