@@ -103,6 +103,9 @@ class TensorInputs:
         cache: optional :class:`PrepCache` shared across merges.
         compute_dtype: the dtype kernels compute in.
         out_dtype: the dtype of the result (default: ``compute_dtype``).
+        decision_dtype: the dtype mergekit computes this tensor in (default: ``compute_dtype``);
+            a kernel makes a discrete choice that rounding can flip in it (see
+            :class:`~evomerge.engine.plan.TensorTask`).
         out: where a kernel may write its result (used when shape and dtype match).
         compiled: let kernels use compiled code for large tensors (resident re-merges).
         stream: the random stream of masks (:data:`evomerge.engine.rng.STREAMS`).
@@ -121,6 +124,7 @@ class TensorInputs:
         *,
         compute_dtype: torch.dtype = torch.float32,
         out_dtype: torch.dtype | None = None,
+        decision_dtype: torch.dtype | None = None,
         out: torch.Tensor | None = None,
         compiled: bool = False,
         stream: int = STREAM,
@@ -136,6 +140,7 @@ class TensorInputs:
         self.cache = cache
         self.compute_dtype = compute_dtype
         self.out_dtype = out_dtype or compute_dtype
+        self.decision_dtype = decision_dtype or compute_dtype
         # Where a fused kernel may write its result directly (a resident model's parameter).
         self.out = out if (out is not None and out.dtype == self.out_dtype) else None
         self._memo: dict[Hashable, Any] = {}

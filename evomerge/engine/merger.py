@@ -201,6 +201,7 @@ class Merger:
             self.cache,
             compute_dtype=compute,
             out_dtype=torch_dtype(plan.out_dtype),
+            decision_dtype=torch_dtype(task.decision_dtype),
             out=out,
             compiled=self.compile,
             stream=self.stream,

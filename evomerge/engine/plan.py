@@ -19,11 +19,13 @@ models (mergekit asks for ``modules:`` there).
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from evomerge.dtypes import name_of_code
+import torch
+
+from evomerge.dtypes import name_of_code, torch_dtype
 from evomerge.engine.arch import is_other_module, is_pre_tensor
 from evomerge.engine.params import ParamError, resolve
 from evomerge.engine.sources import ModelSource
@@ -43,7 +45,13 @@ _EMBED_NAMES = (
 
 @dataclass(frozen=True)
 class TensorTask:
-    """One output tensor: where its inputs come from and the parameters to merge them with."""
+    """One output tensor: where its inputs come from and the parameters to merge them with.
+
+    ``decision_dtype`` is the dtype mergekit computes this tensor in: the recipe's ``dtype``, else
+    the promotion of the inputs' stored dtypes. Kernels compute in float32 (``compute_dtype``), but
+    a discrete choice that rounding can flip (arcee_fusion's mask) is made in this dtype, as
+    mergekit makes it.
+    """
 
     out_name: str
     inputs: tuple[tuple[str, str], ...]  # (model reference, tensor name in that model)
@@ -51,6 +59,7 @@ class TensorTask:
     shared: Mapping[str, Any]
     per_input: tuple[Mapping[str, Any], ...]
     shape: tuple[int, ...]
+    decision_dtype: str = "float32"
 
 
 @dataclass
@@ -100,6 +109,17 @@ def _normalized_slices(cfg: MergeConfig, sources: Mapping[str, ModelSource]) -> 
     return [
         OutputSlice(tuple(InputModel(m.model, m.parameters, (0, counts[m.model])) for m in items))
     ]
+
+
+def _promoted(codes: Sequence[str]) -> str:
+    """The float dtype mergekit computes in when a recipe sets none: the inputs' promoted."""
+    floats = [torch_dtype(n) for c in codes if (n := name_of_code(c)) is not None]
+    if not floats:
+        return "float32"
+    dtype = floats[0]
+    for d in floats[1:]:
+        dtype = torch.promote_types(dtype, d)
+    return str(dtype).removeprefix("torch.")
 
 
 def _input_name(src: ModelSource, name: str) -> str | None:
@@ -233,6 +253,10 @@ def make_plan(
                 shared,
                 tuple(per_input),
                 shapes[0],
+                cfg.dtype
+                or _promoted(
+                    [sources[m].dtype_code(n) for m, n in zip(models, in_names, strict=True)]
+                ),
             )
         )
 
