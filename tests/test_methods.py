@@ -26,6 +26,7 @@ from evomerge.engine import (
 )
 from evomerge.engine.inputs import TensorInputs
 from evomerge.engine.kernels.methods import kernel_for
+from evomerge.engine.kernels.rules import KeepAbove
 from evomerge.engine.params import evaluate_setting
 from evomerge.errors import EvomergeError
 from evomerge.recipe.schema import load_recipe
@@ -559,10 +560,10 @@ def test_rule_from_order_matches_counting():
     order = torch.sort(d.abs(), descending=True, stable=True).indices.to(torch.int32)
     for k in (1, 777, n // 2, n - 1):
         rule = rule_from_order(inp, 1, k, order)
-        assert rule[0] in ("gt", "gt_extra")
-        kept = d.abs() > rule[1]
-        if rule[0] == "gt_extra":
-            kept[rule[2]] = True
+        assert isinstance(rule, KeepAbove)
+        kept = d.abs() > rule.threshold
+        if rule.extra is not None:
+            kept[rule.extra] = True
         assert torch.equal(kept, _top_k_by_counting(d, k)), k
 
 

@@ -86,10 +86,6 @@ class MergePlan:
     compute_dtype: str
     parents: list[str] = field(default_factory=list)
 
-    def structure_key(self) -> tuple[Any, ...]:
-        """Equal for plans whose outputs have the same names and shapes (one resident model fits both)."""
-        return tuple((t.out_name, t.shape) for t in self.tasks)
-
 
 def _normalized_slices(cfg: MergeConfig, sources: Mapping[str, ModelSource]) -> list[OutputSlice]:
     if cfg.slices is not None:
