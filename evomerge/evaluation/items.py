@@ -26,6 +26,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from evomerge.compat import build_task_requests, quiet_task_progress
 from evomerge.evaluation.base import EvalResult, StagedEvaluation, TaskSpec
 
 __all__ = [
@@ -108,30 +109,13 @@ class RequestBank:
     def __init__(self, tasks: Mapping[str, Any], ids: Mapping[str, list[int]]) -> None:
         self.tasks = dict(tasks)
         self.requests: dict[str, list[list[Any]]] = {}
-        import lm_eval.api.task as lm_task
-
-        bar, lm_task.tqdm = lm_task.tqdm, lambda it, *a, **k: it  # no progress bar per task
-        try:
+        with quiet_task_progress():
             for leaf, task in self.tasks.items():
                 self._build(leaf, task, ids[leaf])
-        finally:
-            lm_task.tqdm = bar
 
     def _build(self, leaf: str, task: Any, ids: list[int]) -> None:
         task.set_fewshot_seed(seed=FEWSHOT_SEED)
-        task.build_all_requests(
-            limit=None,
-            samples=list(ids),
-            rank=0,
-            world_size=1,
-            cache_requests=False,
-            rewrite_requests_cache=False,
-            system_instruction=None,
-            apply_chat_template=False,
-            fewshot_as_multiturn=False,
-            chat_template=None,
-            tokenizer_name="",
-        )
+        build_task_requests(task, ids)
         by_doc: dict[int, list[Any]] = defaultdict(list)
         for inst in task.instances:  # doc_id is the position among the selected docs
             by_doc[inst.doc_id].append(inst)

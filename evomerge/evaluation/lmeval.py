@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from evomerge.compat import quiet_task_progress
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluation.base import (
     SCORERS,
@@ -449,7 +450,6 @@ class LMEvalEvaluator(Evaluator):
         )
 
     def _run(self, model: torch.nn.Module, lm: Any, split: str) -> EvalResult:
-        import lm_eval.api.task as lm_task
         from lm_eval.evaluator import evaluate as lm_evaluate
 
         t0 = time.perf_counter()
@@ -462,9 +462,7 @@ class LMEvalEvaluator(Evaluator):
 
         # lm-eval draws a progress bar per task per call while building requests; a search
         # prints its own progress, so swap it for a pass-through during the call.
-        bar = lm_task.tqdm
-        lm_task.tqdm = lambda it, *a, **k: it
-        try:
+        with quiet_task_progress():
             out = lm_evaluate(
                 lm,
                 self._dicts[split],
@@ -473,8 +471,6 @@ class LMEvalEvaluator(Evaluator):
                 log_samples=True,  # per-item values (paired comparisons)
                 verbosity="ERROR",
             )
-        finally:
-            lm_task.tqdm = bar
         if was_training:
             model.train()
         results = (out or {}).get("results", {})

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from evomerge.compat import feed_cache_hook, hflm_loglikelihood_tokens
 from evomerge.evaluation.base import SCORERS
 
 __all__ = ["score_shared", "shared_context_hflm", "sliding_window", "make_lm"]
@@ -277,7 +278,7 @@ def shared_context_hflm() -> type:
     class SharedContextHFLM(HFLM):
         """HFLM whose loglikelihood requests run each shared context once (:func:`score_shared`)."""
 
-        def _loglikelihood_tokens(
+        def _loglikelihood_tokens(  # compat.HFLM_TOKENS: what HFLM.loglikelihood calls
             self, requests, disable_tqdm: bool = False, override_bs: int | None = None
         ):
             why = self._hflm_reason(requests)
@@ -286,8 +287,8 @@ def shared_context_hflm() -> type:
                     _say_once(
                         why, f"shared-context scorer: {why}: loglikelihood requests use HFLM's path"
                     )
-                return super()._loglikelihood_tokens(
-                    requests, disable_tqdm=disable_tqdm, override_bs=override_bs
+                return hflm_loglikelihood_tokens(
+                    self, requests, disable_tqdm=disable_tqdm, override_bs=override_bs
                 )
             cut = sum(len(c) + len(x) > self.max_length + 1 for _, c, x in requests)
             if cut:
@@ -311,7 +312,7 @@ def shared_context_hflm() -> type:
                 )
                 for i, r in zip(
                     rest,
-                    super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm=True),
+                    hflm_loglikelihood_tokens(self, [requests[i] for i in rest], disable_tqdm=True),
                     strict=True,
                 ):
                     res[i] = r
@@ -326,7 +327,7 @@ def shared_context_hflm() -> type:
             )
             for i, r in zip(mine, got, strict=True):
                 res[i] = r
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+                feed_cache_hook(self, requests[i][0], r)
             return res
 
         def _hflm_reason(self, requests) -> str:
