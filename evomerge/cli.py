@@ -53,7 +53,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         choices=(1, 2),
-        help="random stream of masks: 2 (current), or 1 (evomerge before streams were named) "
+        help="random stream of masks: 2 (the default), or 1 (the stream of an export whose comment names none) "
         "(default: the recipe's `# evomerge-seed: N stream V` comment; a comment without a stream means 1; no comment: 2)",
     )
     p.add_argument(
@@ -293,7 +293,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "moe":
         from evomerge.moe import moe_to_disk
 
-        result = moe_to_disk(
+        built = moe_to_disk(
             args.config,
             args.out,
             device=args.device,
@@ -304,7 +304,7 @@ def _run(args: argparse.Namespace) -> int:
             config_text=_read_text(args.config, "configuration"),
         )
         print(
-            f"built a mixture of {result.n_tensors} tensors into {args.out} in {result.seconds:.1f}s ({result.bytes_out / 1e6:.1f} MB); tensor hash {result.digest[:16]}"
+            f"built a mixture of {built.n_tensors} tensors into {args.out} in {built.seconds:.1f}s ({built.bytes_out / 1e6:.1f} MB); tensor hash {built.digest[:16]}"
         )
         return 0
     if args.verb == "zoo":
@@ -446,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _storage_failure(e: BaseException) -> str | None:
     """One line for a study storage that failed mid-run (a database locked by another program for
     longer than the 60 s timeout, a server that went away); None for any other exception."""
-    kinds = []
+    kinds: list[type[BaseException]] = []
     if "optuna" in sys.modules:
         from optuna.exceptions import StorageInternalError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,9 @@ def atomic_file(path: Path, write: Callable[[Any], None], mode: str = "wb") -> P
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        text = "b" not in mode
         with os.fdopen(
-            fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})
+            fd, mode, encoding="utf-8" if text else None, newline="" if text else None
         ) as f:
             write(f)
         os.replace(tmp, path)
@@ -47,7 +48,7 @@ class _FlowDumper(yaml.SafeDumper):
     pass
 
 
-def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+def _represent_list(dumper: Any, data: Sequence[Any]) -> yaml.Node:
     flow = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in data)
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 

@@ -248,8 +248,8 @@ def probe_contamination(
         :class:`ProbeResult`.
     """
     paired = controls is None
-    ctrl = perturb_texts(eval_texts, rate=rate, seed=seed) if paired else list(controls)
-    kw = {"k": k, "batch_size": batch_size, "max_length": max_length}
+    ctrl = perturb_texts(eval_texts, rate=rate, seed=seed) if controls is None else list(controls)
+    kw: dict[str, Any] = {"k": k, "batch_size": batch_size, "max_length": max_length}
     m_i, b_i = (min_k_plus_plus(x, tokenizer, eval_texts, **kw) for x in (model, base_model))
     m_c, b_c = (min_k_plus_plus(x, tokenizer, ctrl, **kw) for x in (model, base_model))
     gain_i, gain_c = (m_i - b_i).double(), (m_c - b_c).double()

@@ -224,8 +224,8 @@ def main_export(args: Any) -> int:
                 f"--merge: the rebuilt mixture differs from trial {info['number']}'s ({built.digest[:20]} vs {info['digest'][:20]})"
             )
     elif args.merge:
-        # CUDA trials record a fingerprint of their tensors (evomerge.engine.hashes), CPU trials and studies made
-        # before fingerprints a sha256. The re-merge is checked against whichever the trial holds.
+        # CUDA trials record a fingerprint of their tensors (evomerge.engine.hashes), CPU trials a
+        # sha256. The re-merge is checked against whichever the trial holds.
         fp = is_fingerprint(info["digest"])
         result = merge_to_disk(
             recipe,

@@ -18,6 +18,7 @@ from evomerge.engine.merger import Merger, MergeResult
 from evomerge.engine.plan import MergePlan
 from evomerge.errors import EvomergeError
 from evomerge.evaluation.base import EvalResult, Evaluator
+from evomerge.moe.build import MoEResult
 from evomerge.moe.config import is_moe_mapping
 from evomerge.moe.resident import ResidentMoE
 from evomerge.recipe.schema import parse_recipe
@@ -53,12 +54,12 @@ class Candidates:
 
     def materialize(
         self, recipe: Mapping[str, Any], where: str
-    ) -> tuple[torch.nn.Module, MergeResult]:
+    ) -> tuple[torch.nn.Module, MergeResult | MoEResult]:
         """Merge ``recipe`` into its resident model; returns the model and the merge result.
         A mixture-of-experts configuration (``merge_method: moe``) is built by :class:`ResidentMoE`."""
         if is_moe_mapping(recipe):
             self._moe = self._moe or ResidentMoE(self.merger)
-            return self._moe.materialize(recipe, where)  # type: ignore[return-value]  # has .digest like MergeResult
+            return self._moe.materialize(recipe, where)
         plan = self.merger.plan(parse_recipe(dict(recipe), where))
         model = self.model_for(plan)
         return model, self.merger.merge_into(model, plan)

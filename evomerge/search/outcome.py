@@ -56,7 +56,7 @@ class SearchOutcome:
             paths,
             int((searched["state"] == "COMPLETE").sum()),
             int((df["state"] == "FAIL").sum()),
-            None if best is None else best.to_dict(),
+            None if best is None else {str(k): v for k, v in best.to_dict().items()},
             baselines,
             seconds,
             int((searched["state"] == "PRUNED").sum()),

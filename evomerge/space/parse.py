@@ -379,8 +379,8 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
                 "stops a trial by its single score: it does not work with several objectives (set prune: false)",
             )
         prune = None  # on by default, off with several objectives
-    # The default is the sampler measured best (bench/bench_samplers.py): gp for one objective
-    # without pruning; tpe with pruning (gp learns from complete trials only) or several objectives.
+    # The default is the sampler measured best (docs/benchmarks/samplers.md): gp for one objective
+    # without pruning; tpe with pruning (as good as gp there, and cheaper) or several objectives.
     sampler = section.get("sampler", "gp" if not objectives and prune is None else DEFAULT_SAMPLER)
     if sampler not in SAMPLERS:
         raise p.err(

@@ -38,8 +38,7 @@ class SearchSettings:
     """The ``search:`` section."""
 
     # tpe with pruning (the default) or several objectives; gp with `prune: false` and one objective,
-    # where it found the best holdout scores (bench/bench_samplers.py). gp learns from complete
-    # trials only: with pruning it stayed at random search.
+    # where it found the best holdout scores (docs/benchmarks/samplers.md).
     sampler: str = "tpe"
     trials: int = 40
     seed: int = 0
