@@ -125,7 +125,12 @@ def _add_zoo(sub: argparse._SubParsersAction) -> None:
         choices=["demo", "micro"],
         help="demo (default) or micro (for tests)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the zoo's data and training (default: 0, the shipped zoo)",
+    )
     p.add_argument(
         "--rebuild",
         action="store_true",
@@ -210,9 +215,17 @@ def _add_study_reader(
 ) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("space", help="the search space YAML the study was run from")
-    p.add_argument("--storage", default=None)
-    p.add_argument("--study", default=None)
-    p.add_argument("--results-dir", default="results")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="the study's Optuna storage URL (default: the SQLite file under results/<study>/)",
+    )
+    p.add_argument(
+        "--study", default=None, help="study name (default: study.name or the space's file name)"
+    )
+    p.add_argument(
+        "--results-dir", default="results", help="where study folders are (default: results)"
+    )
     return p
 
 
@@ -237,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT_DIR",
         help="also materialize the model (with a model card) into OUT_DIR",
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="device of the --merge, cpu or cuda[:N]")
     p.add_argument(
         "--force", action="store_true", help="overwrite the recipe file / replace OUT_DIR"
     )

@@ -241,9 +241,13 @@ def probe_contamination(
         eval_texts: the evaluation items as text (see :func:`task_texts`).
         controls: unseen same-distribution texts; ``None``: perturbed neighbours of the items.
         k: Min-K%++ share of tokens.
-        z, min_delta, min_items: the flag rule (see the module docstring).
-        rate, seed: neighbour perturbation (ignored with ``controls``).
-        batch_size, max_length: passed to :func:`min_k_plus_plus`.
+        z: the flag rule's z threshold (see the module docstring).
+        min_delta: the flag rule's smallest mean gain difference.
+        min_items: the flag rule's smallest number of items.
+        rate: the share of words replaced in a neighbour (ignored with ``controls``).
+        seed: the neighbours' seed (ignored with ``controls``).
+        batch_size: passed to :func:`min_k_plus_plus`.
+        max_length: passed to :func:`min_k_plus_plus`.
     Returns:
         :class:`ProbeResult`.
     """

@@ -479,7 +479,7 @@ def load_space(path: str | Path) -> Space:
 
     Example:
         >>> space = load_space("search_spaces/demo.yml")   # doctest: +SKIP
-        >>> [d.name for d in space.directives][:2]          # doctest: +SKIP
+        >>> [d.name for d in space.directives[:2]]          # doctest: +SKIP
         ['method', 'weight.add']
     """
     path = Path(path)
