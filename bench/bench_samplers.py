@@ -29,7 +29,7 @@ share the work and an interrupted bench resumes); ``--report`` prints the table 
 
 Usage:
     python bench/bench_samplers.py --spaces demo demo_per_layer --seeds 0 1 2 3 4 --out results/samplers.jsonl
-    python bench/bench_samplers.py --report --out results/samplers.jsonl --plot bench/samplers.png
+    python bench/bench_samplers.py --report --out results/samplers.jsonl --plot docs/benchmarks/samplers.png
 """
 
 from __future__ import annotations
