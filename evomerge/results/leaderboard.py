@@ -52,9 +52,7 @@ def leaderboard(df: pd.DataFrame, *, top: int = 15, show_all: bool = False) -> s
             + " ".join(f"{_fmt(rd.get('s_' + t)):>10}" for t in tasks)
             + f"  {marks:5}  {desc}"
         )
-    by = (
-        list(df.loc[df["chosen"].map(flag_raised), "chosen_by"]) if "chosen" in df else []
-    )
+    by = list(df.loc[df["chosen"].map(flag_raised), "chosen_by"]) if "chosen" in df else []
     chose = {"validation": "the best valid score", "search": "the best search score"}.get(
         str(by[0]) if by else "",
         "the best valid (holdout) score: this study predates test items",
