@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from _tiny import make_tiny
+from _tiny import llava_config, make_tiny
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
@@ -211,27 +211,7 @@ def test_no_init_weights_skips_torch_initialization():
 
 
 def _llava_config():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    return LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            image_size=16,
-            patch_size=4,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            hidden_size=16,
-            intermediate_size=32,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=32,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_hidden_layers=1,
-        ),
-        image_seq_length=16,
-    )
+    return llava_config(vision_layers=1, text_layers=1)
 
 
 def test_the_causal_lm_auto_class_maps_config_classes():
