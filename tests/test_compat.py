@@ -14,7 +14,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from evomerge import compat
-from evomerge.evaluation.lmeval import get_task_dict, leaf_tasks, manager_for, quiet_lm_eval
+from evomerge.evaluation.tasks import get_task_dict, leaf_tasks, manager_for, quiet_lm_eval
 from evomerge.zoo.data import make_tokenizer
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
