@@ -44,7 +44,7 @@ def _integer(low: int, high: int | None = None, what: str = "an integer") -> Cal
         except ValueError:
             value = None
         if value is None or value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
 
     return convert
@@ -453,7 +453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``evomerge`` console script; returns the exit code."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad flag (argparse printed its one line)
+        return e.code if isinstance(e.code, int) else 2
 
     def fail(line: str) -> int:
         # Every error line hides passwords: of URLs in it, and of the --storage URL wherever a

@@ -160,18 +160,46 @@ def test_a_study_s_outputs_follow_the_umask(study, tmp_path, capsys):
     old = os.umask(0o027)
     try:
         assert main(["report", str(space), "--results-dir", str(results)]) == 0
-        out = tmp_path / "best.yml"
-        assert main(["export", str(space), "--results-dir", str(results), "-o", str(out)]) == 0
+        out, model = tmp_path / "best.yml", tmp_path / "model"
+        argv = ["export", str(space), "--results-dir", str(results), "-o", str(out)]
+        assert main([*argv, "--merge", str(model)]) == 0
     finally:
         os.umask(old)
     capsys.readouterr()
-    written = [out, *sorted((results / "space" / "report").iterdir())]
-    assert len(written) == 7
+    written = [out, *(results / "space" / "report").iterdir(), *model.iterdir()]
+    assert {"README.md", "config.json", "tokenizer_config.json", "model.safetensors"} <= {
+        p.name for p in written
+    }
     for p in written:
         assert stat.S_IMODE(p.stat().st_mode) == 0o640, p
+    assert stat.S_IMODE(model.stat().st_mode) == 0o750
     # trials.csv was written by the search under the test's umask, like the database beside it
     db, csv = results / "space" / "study.db", results / "space" / "trials.csv"
     assert stat.S_IMODE(csv.stat().st_mode) == stat.S_IMODE(db.stat().st_mode)
+
+
+def test_a_merged_model_s_copied_files_do_not_keep_a_read_only_mode(tmp_path, tiny_family):
+    import shutil
+
+    from evomerge.engine.merger import merge_to_disk
+
+    base, fts = tiny_family
+    src = tmp_path / "src"
+    shutil.copytree(fts[0], src)
+    (src / "tokenizer_config.json").chmod(0o444)  # a shared, read-only cache
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(src), "parameters": {"weight": 1.0}}],
+    }
+    recipe["chat_template"] = "{{ messages }}"  # rewrites the copied tokenizer_config.json
+    old = os.umask(0o022)
+    try:
+        merge_to_disk(recipe, tmp_path / "out")
+    finally:
+        os.umask(old)
+    copied = tmp_path / "out" / "tokenizer_config.json"
+    assert stat.S_IMODE(copied.stat().st_mode) == 0o644
+    assert "chat_template" in copied.read_text()
 
 
 # ---------------------------------------------------------------- passwords
@@ -278,9 +306,7 @@ def test_a_bad_count_is_one_line_before_anything_runs(tmp_path, capsys, argv, fl
     space = tmp_path / "space.yml"
     space.write_text("merge_method: linear\n")
     argv = [a.format(space=space, tmp=tmp_path) for a in argv]
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    assert exit_.value.code == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err and flag in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yml"]
