@@ -55,22 +55,28 @@ class _FailingEvaluator(TaskVectorEvaluator):
         raise RuntimeError("this evaluator fails every candidate")
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory, tiny_family):
-    """A finished two-trial study of the tiny family: (root, space file, results folder)."""
+def _searched(root: Path, tiny_family, evaluator: type, **search) -> tuple[Path, Path]:
+    """Run a study of the tiny family in ``root``: (space file, results folder)."""
     from evomerge.search import run_search
 
     base, fts = tiny_family
-    root = tmp_path_factory.mktemp("study")
-    space = write_space(root / "space.yml", base, fts, trials=2, finalists=1)
+    space = write_space(root / "space.yml", base, fts, **search)
     run_search(
         space,
-        evaluator=TaskVectorEvaluator(base, fts),
+        evaluator=evaluator(base, fts),
         results_dir=root / "results",
         quiet=True,
         log=lambda m: None,
     )
-    return root, space, root / "results"
+    return space, root / "results"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_family):
+    """A finished two-trial study of the tiny family: (root, space file, results folder). Tests
+    that use it run a search: they are marked slow."""
+    root = tmp_path_factory.mktemp("study")
+    return (root, *_searched(root, tiny_family, TaskVectorEvaluator, trials=2, finalists=1))
 
 
 # ---------------------------------------------------------------- names that leave their folder
@@ -155,6 +161,7 @@ def test_a_replaced_file_keeps_its_mode(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o640 and path.read_text() == "new\n"
 
 
+@pytest.mark.slow
 def test_a_study_s_outputs_follow_the_umask(study, tmp_path, capsys):
     root, space, results = study
     old = os.umask(0o027)
@@ -332,6 +339,7 @@ def test_a_search_seed_out_of_range_in_the_space_is_one_line(tmp_path, tiny_fami
 # ---------------------------------------------------------------- closed pipes
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_ends_quietly(study, monkeypatch, capsys):
     root, space, results = study
 
@@ -348,6 +356,7 @@ def test_a_closed_stdout_ends_quietly(study, monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_results_into_head_exits_quietly(study):
     """``evomerge results ... | head -1``, for real: the reader closes the pipe at once."""
     root, space, results = study
@@ -394,6 +403,7 @@ def unwritable(tmp_path):
     pytest.skip("no folder here refuses a new file")
 
 
+@pytest.mark.slow
 def test_report_into_an_unwritable_folder_is_one_line(study, unwritable, capsys, tmp_path):
     root, space, results = study
     # the report goes to results/<study>/report: make that an unwritable folder
@@ -410,6 +420,7 @@ def test_report_into_an_unwritable_folder_is_one_line(study, unwritable, capsys,
     assert str(report) in err and ("permission" in err or "read-only" in err.lower())
 
 
+@pytest.mark.slow
 def test_export_and_merge_into_an_unwritable_folder_are_one_line(
     study, unwritable, capsys, tmp_path, tiny_family
 ):
@@ -457,6 +468,7 @@ def _refusals(root: Path, space: Path, results: Path) -> list[tuple[list[str], s
     ]
 
 
+@pytest.mark.slow
 def test_commands_that_refuse_leave_every_file_as_it_was(study, capsys):
     root, space, results = study
     for argv, words in _refusals(root, space, results):
@@ -466,27 +478,12 @@ def test_commands_that_refuse_leave_every_file_as_it_was(study, capsys):
         assert _tree(root) == before, argv
 
 
+@pytest.mark.slow
 def test_a_study_without_a_completed_trial_exports_nothing(tmp_path, tiny_family, capsys):
-    from evomerge.search import run_search
-
-    base, fts = tiny_family
-    space = write_space(tmp_path / "space.yml", base, fts, trials=1, finalists=0)
-    run_search(
-        space,
-        evaluator=_FailingEvaluator(base, fts),
-        results_dir=tmp_path / "r",
-        quiet=True,
-        log=lambda m: None,
-    )
+    space, results = _searched(tmp_path, tiny_family, _FailingEvaluator, trials=1, finalists=0)
     before = _tree(tmp_path)
     err = _one_line_error(
-        capsys,
-        "export",
-        str(space),
-        "--results-dir",
-        str(tmp_path / "r"),
-        "-o",
-        str(tmp_path / "b.yml"),
+        capsys, "export", str(space), "--results-dir", str(results), "-o", str(tmp_path / "b.yml")
     )
     assert "no completed trial" in err
     assert _tree(tmp_path) == before
