@@ -30,11 +30,6 @@ class _Parser(argparse.ArgumentParser):
         )
 
 
-# evomerge.space.parse.MAX_SEED (a test checks they agree), written out: the parser is built before
-# any heavy import, so that `--help` and a bad flag answer at once.
-MAX_SEED = 2**31 - 1
-
-
 def _integer(low: int, high: int | None = None, what: str = "an integer") -> Callable[[str], int]:
     """An argparse type: an integer in [low, high], else argparse's one-line error."""
 
@@ -52,7 +47,8 @@ def _integer(low: int, high: int | None = None, what: str = "an integer") -> Cal
 
 _count = _integer(1, what="a positive integer")  # --threads, --workers, --trials, --top
 _index = _integer(0, what="a non-negative integer")  # --trial
-_seed = _integer(0, MAX_SEED, what=f"an integer in [0, {MAX_SEED}]")
+_seed = _integer(0, what="a non-negative integer")  # --seed of search and merge: hashed, any size
+_torch_seed = _integer(0, 2**64 - 1, what="an integer in [0, 2**64)")  # moe, zoo: torch.manual_seed
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -71,7 +67,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--seed",
-        type=_integer(0, what="a non-negative integer"),
+        type=_seed,
         default=None,
         help="seed of random masks (dare, della) (default: the recipe's `# evomerge-seed: N` comment, else 0)",
     )
@@ -120,7 +116,7 @@ def _add_moe(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--seed",
-        type=_seed,
+        type=_torch_seed,
         default=0,
         help="seed of random routers (gate_mode random, uniform_random) and of noise_scale (default: 0)",
     )
@@ -152,7 +148,7 @@ def _add_zoo(sub: argparse._SubParsersAction) -> None:
         choices=["demo", "micro"],
         help="demo (default) or micro (for tests)",
     )
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=_torch_seed, default=0)
     p.add_argument(
         "--rebuild",
         action="store_true",
@@ -190,7 +186,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         "--seed",
         type=_seed,
         default=None,
-        help="sampler and mask seed (overrides search.seed; worker k samples with seed + k)",
+        help="sampler and mask seed (overrides search.seed)",
     )
     p.add_argument(
         "--results-dir", default="results", help="where study folders go (default: results)"
@@ -256,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--trial",
         type=_index,
         default=None,
-        help="trial number (default: best by holdout among finalists, else by search score)",
+        help="trial number (default: the chosen trial: best validation score among the re-scored trials, else best search score)",
     )
     p.add_argument(
         "--merge",
@@ -371,8 +367,9 @@ def _run(args: argparse.Namespace) -> int:
                     f"worker done: study {outcome.paths.name} has {outcome.n_complete} complete trials"
                 )
                 return 0
-        print(leaderboard(load_trials(outcome.paths.csv), top=10))
-        print(summary(outcome))
+        df = load_trials(outcome.paths.csv)
+        print(leaderboard(df, top=10))
+        print(summary(outcome, df))
         print(
             f"next: evomerge export {args.space} -o best.yml   (and: evomerge report {args.space})"
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluation import (
     PRESETS,
     EvalConfig,
@@ -267,6 +267,77 @@ def test_holdout_by_doc_range_is_disjoint(micro_zoo, tok):
     assert r.n_items == {"zoo_rot": 15, "zoo_sort": 15}
     assert ev.task_names("holdout") == ["zoo_rot", "zoo_sort"]
     assert ev.datasets()["zoo_rot"][-1].endswith("zoo_rot.jsonl")
+
+
+def test_validation_and_test_items_split_the_holdout(micro_zoo, tok):
+    """Validation items (which choose) and test items (which report) are disjoint, interleaved
+    over the holdout, and together all of it; each split scores only its own items."""
+    section = {
+        "include_path": "zoo:micro",
+        "tasks": ["zoo_rot", "zoo_sort"],
+        "limit": 20,
+        "holdout": {"limit": 15, "validation": 0.4},
+    }
+    ev = LMEvalEvaluator(parse_evaluate(section, FILE, Path(".")), tok)
+    hold, val, test = ev.texts("holdout"), ev.texts("validation"), ev.texts("test")
+    for task in ("zoo_rot", "zoo_sort"):
+        assert len(val[task]) == 6 and len(test[task]) == 9
+        assert set(val[task]).isdisjoint(test[task]) and sorted(val[task] + test[task]) == sorted(
+            hold[task]
+        )
+        assert val[task][-1] in hold[task][10:]  # spread over the range, not its first part
+    model = _model(micro_zoo, "rot")
+    rv, rt = ev.evaluate(model, "validation"), ev.evaluate(model, "test")
+    assert rv.n_items == {"zoo_rot": 6, "zoo_sort": 6} and rt.n_items == {
+        "zoo_rot": 9,
+        "zoo_sort": 9,
+    }
+    full = ev.evaluate(model, "holdout")
+    for task in ("zoo_rot", "zoo_sort"):  # the two parts' items are the holdout's items
+        assert sorted(rv.items[task] + rt.items[task]) == sorted(full.items[task])
+    # the digest a study keeps changes with what the scores depend on
+    other = LMEvalEvaluator(
+        parse_evaluate({**section, "holdout": {"limit": 15, "validation": 0.5}}, FILE, Path(".")),
+        tok,
+    )
+    assert (
+        other.digest()
+        != ev.digest()
+        == LMEvalEvaluator(parse_evaluate(section, FILE, Path(".")), tok).digest()
+    )
+    # share 0: every holdout item is a test item, no validation split
+    none = LMEvalEvaluator(
+        parse_evaluate({**section, "holdout": {"limit": 15, "validation": 0}}, FILE, Path(".")), tok
+    )
+    assert none.task_names("validation") == [] and none.texts("test") == hold
+    with pytest.raises(EvomergeError, match="validation is 0"):
+        none.evaluate(model, "validation")
+
+
+@pytest.mark.parametrize("share", [1, -0.1, "half", True])
+def test_a_validation_share_outside_0_1_is_refused(share):
+    with pytest.raises(ConfigError) as e:
+        parse_evaluate(
+            {
+                "tasks": ["zoo_rot"],
+                "include_path": "zoo:micro",
+                "holdout": {"tasks": ["zoo_rot_holdout"], "validation": share},
+            },
+            FILE,
+            Path("."),
+        )
+    assert e.value.field == "evaluate.holdout.validation" and "[0, 1)" in str(e.value)
+
+
+def test_too_few_holdout_items_to_split_is_an_error(micro_zoo, tok):
+    cfg = parse_evaluate(
+        {"include_path": "zoo:micro", "tasks": ["zoo_rot"], "limit": 10, "holdout": {"limit": 1}},
+        FILE,
+        Path("."),
+    )
+    with pytest.raises(ConfigError) as e:
+        LMEvalEvaluator(cfg, tok)
+    assert e.value.field == "evaluate.holdout.validation" and "too few" in str(e.value)
 
 
 def test_holdout_range_past_the_end_is_an_error(micro_zoo, tok):

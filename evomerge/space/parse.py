@@ -20,7 +20,7 @@ from evomerge.space.prune import parse_prune
 from evomerge.space.space import SearchSettings, Space
 from evomerge.space.validate import validate_points
 
-__all__ = ["parse_space", "load_space", "SAMPLERS", "MAX_SEED"]
+__all__ = ["parse_space", "load_space", "SAMPLERS"]
 
 _KINDS = ("range", "int", "choice")
 _MODIFIERS = ("log", "step", "anchors", "per_layers")
@@ -40,8 +40,6 @@ _SEARCH_KEYS = (
     "items",
 )
 _STUDY_KEYS = ("name", "storage")
-# Optuna's samplers take seeds below 2**32; worker k of a study samples with seed + k.
-MAX_SEED = 2**31 - 1
 
 
 class _SpaceParser:
@@ -357,15 +355,13 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
             f"must be a positive integer (search items the searched trials may score in all), got {items!r}",
         )
     seed = section.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        raise p.err("search.seed", f"must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise p.err("search.seed", f"must be a non-negative integer, got {seed!r}")
     mask_seed = section.get("mask_seed")
     if mask_seed is not None and (
-        not isinstance(mask_seed, int)
-        or isinstance(mask_seed, bool)
-        or not 0 <= mask_seed <= MAX_SEED
+        not isinstance(mask_seed, int) or isinstance(mask_seed, bool) or mask_seed < 0
     ):
-        raise p.err("search.mask_seed", f"must be an integer in [0, {MAX_SEED}], got {mask_seed!r}")
+        raise p.err("search.mask_seed", f"must be a non-negative integer, got {mask_seed!r}")
     finalists = section.get("finalists", 5)
     if not isinstance(finalists, int) or isinstance(finalists, bool) or finalists < 0:
         raise p.err("search.finalists", f"must be a non-negative integer, got {finalists!r}")
