@@ -80,7 +80,7 @@ def failure_line(e: BaseException) -> str:
 # without `:` or `/`, a password without `@`), and of a `password=` query parameter.
 _USERINFO = re.compile(r"(\b[A-Za-z][\w+.-]*://[^:/@\s]*:)([^@\s]*)(@)")
 _QUERY = re.compile(r"([?&](?:password|passwd|pwd)=)([^&#\s]*)", re.IGNORECASE)
-MASK = "***"
+_MASK = "***"
 
 
 def hide_password(text: str, url: str | None = None) -> str:
@@ -97,10 +97,10 @@ def hide_password(text: str, url: str | None = None) -> str:
         secrets.add(found.group(2))
     for found in _QUERY.finditer(url) if url else ():
         secrets.add(found.group(2))
-    text = _USERINFO.sub(lambda m: m.group(1) + MASK + m.group(3), text)
-    text = _QUERY.sub(lambda m: m.group(1) + MASK, text)
+    text = _USERINFO.sub(lambda m: m.group(1) + _MASK + m.group(3), text)
+    text = _QUERY.sub(lambda m: m.group(1) + _MASK, text)
     for secret in sorted(secrets, key=len, reverse=True):
         for form in {secret, unquote(secret)}:
             if form:
-                text = text.replace(form, MASK)
+                text = text.replace(form, _MASK)
     return text

@@ -47,9 +47,9 @@ class _SpaceParser:
         self.file = file
         self.directives: list[Directive] = []
         self.names: set[str] = set()
-        self.next_suffix: dict[
-            str, int
-        ] = {}  # where unique() resumes for a name: linear, not quadratic
+        # The suffix unique() tries next for a name: a space of n same-named values is then read
+        # in linear time, not quadratic.
+        self.next_suffix: dict[str, int] = {}
 
     def err(self, fld: str, msg: str) -> ConfigError:
         return ConfigError(self.file, fld, msg)
