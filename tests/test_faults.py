@@ -57,7 +57,7 @@ class _FailingEvaluator(TaskVectorEvaluator):
 
 def _searched(root: Path, tiny_family, evaluator: type, **search) -> tuple[Path, Path]:
     """Run a study of the tiny family in ``root``: (space file, results folder)."""
-    from evomerge.search import run_search
+    from evomerge.search.loop import run_search
 
     base, fts = tiny_family
     space = write_space(root / "space.yml", base, fts, **search)
@@ -235,7 +235,7 @@ _URLS = [
 def test_a_storage_password_is_never_shown(
     tmp_path, tiny_family, capsys, monkeypatch, url, in_space
 ):
-    import evomerge.search.workers as workers
+    import evomerge.search.distributed.workers as workers
 
     base, fts = tiny_family
     space = write_space(tmp_path / "space.yml", base, fts)
