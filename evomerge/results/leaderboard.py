@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from evomerge.contamination.render import flag_marks, flag_raised, legend
+from evomerge.errors import hide_password
 from evomerge.results.provenance import evaluation_lines
 from evomerge.search.outcome import SearchOutcome, item_totals
 from evomerge.search.storage import load_study, locate
@@ -185,7 +186,7 @@ def main_results(
     paths = locate(space, study=study, storage=storage, results_dir=results_dir)
     df = trials_frame(load_study(paths))
     print(
-        f"study {paths.name} ({paths.storage}): {int((df['state'] == 'COMPLETE').sum())} complete rows, "
+        f"study {paths.name} ({hide_password(paths.storage)}): {int((df['state'] == 'COMPLETE').sum())} complete rows, "
         f"{int((df['state'] == 'PRUNED').sum())} pruned, {int((df['state'] == 'FAIL').sum())} failed"
     )
     print(items_line(df))

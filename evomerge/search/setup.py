@@ -41,6 +41,7 @@ from evomerge.search.records import StudyMeta, StudyRecords
 from evomerge.search.storage import StudyPaths, open_storage, study_paths
 from evomerge.space import Directive, Space, load_space
 from evomerge.space.moe import check_prompt_tasks
+from evomerge.space.validate import check_layer_groups
 
 __all__ = ["Setup", "prepare"]
 
@@ -302,6 +303,7 @@ def prepare(
     )
     # Models: open once; a space whose models cannot merge fails here, before any output.
     sources = open_sources(space.model_refs(), file=file)
+    check_layer_groups(space, lambda ref: sources[ref].arch.num_layers)
     threads = threads if threads is not None else _threads(device, sources)
     if threads:
         torch.set_num_threads(threads)
