@@ -1,39 +1,34 @@
-"""A deterministic stand-in for lm-eval in search tests: each "task" scores how much of one
-fine-tune's task vector a merged model carries (projection onto ``ft - base``, clipped to
-[-1, 1]). It depends on the merged tensors only, so it rewards exactly what a good merge does
-(keep every expert's delta) and is cheap enough for dozens of trials per test.
+"""The search tests' evaluator: evomerge's :class:`~evomerge.evaluation.fake.FakeEvaluator` where
+task ``<i>`` scores how much of fine-tune ``i``'s task vector a merged model carries (projection
+onto ``ft - base``, clipped to [-1, 1]). It depends on the merged tensors only, so it rewards
+exactly what a good merge does (keep every expert's delta) and is cheap enough for dozens of
+trials per test.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-
-@dataclass
-class FakeResult:
-    scores: dict
-    stderr: dict
-    aggregate: float
-    aggregate_se: float
-    seconds: float
-    n_items: dict = field(default_factory=dict)
-    items: dict = field(default_factory=dict)
+from evomerge.errors import EvomergeError
+from evomerge.evaluation.fake import FakeEvaluator
 
 
-class TaskVectorEvaluator:
+class TaskVectorEvaluator(FakeEvaluator):
     """Scores ``task_<i>`` = projection of (model - base) on (ft_i - base) / |ft_i - base|^2.
 
     Args:
         base, finetunes: model directories.
-        holdout_scale: holdout scores are search scores times this (1.0: no search/holdout gap).
+        holdout_scale: validation scores are search scores times this (1.0: no search/holdout gap).
+        test_scale: test scores are search scores times this (default: ``holdout_scale``).
+        validation: the holdout has validation items (False: only test items, as with
+            ``evaluate.holdout.validation: 0``).
         sleep: seconds to wait per evaluation (to catch a search mid-trial in resume tests).
-        marker: a file that exists while a search-split evaluation is running.
         fail_if: a predicate on the model; when true, evaluation raises (a broken candidate).
+        marker: a file that exists while a search-split evaluation is running.
     """
 
     def __init__(
@@ -42,29 +37,39 @@ class TaskVectorEvaluator:
         finetunes: list[Path],
         *,
         holdout_scale: float = 0.95,
+        test_scale: float | None = None,
+        validation: bool = True,
         sleep: float = 0.0,
         fail_if=None,
         marker: str | None = None,
     ) -> None:
         self.base = load_file(str(Path(base) / "model.safetensors"))
         self.fts = [load_file(str(Path(f) / "model.safetensors")) for f in finetunes]
-        self.holdout_scale = holdout_scale
-        self.sleep = sleep
-        self.fail_if = fail_if
-        self.calls = 0
+        self.scale = {"search": 1.0, "test": holdout_scale if test_scale is None else test_scale}
+        self.holdout_scale, self.sleep, self.fail_if = holdout_scale, sleep, fail_if
         self.marker = Path(marker) if marker else None
+        super().__init__(
+            [f"task_{i}" for i in range(len(self.fts))],
+            self._score,
+            validation=0.5 if validation else 0.0,
+            before=self._before,
+            fingerprint=[holdout_scale, test_scale, [str(f) for f in finetunes]],
+        )
 
-    def task_names(self, split: str = "search") -> list[str]:
-        return [f"{'task' if split == 'search' else 'holdout'}_{i}" for i in range(len(self.fts))]
+    def _score(self, model: torch.nn.Module, split: str) -> dict[str, float]:
+        sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+        out = {}
+        for name, ft in zip(self.tasks, self.fts, strict=True):
+            num = sum(
+                float(((sd[k] - self.base[k]) * (ft[k] - self.base[k])).sum())
+                for k in ft
+                if k in sd
+            )
+            den = sum(float(((ft[k] - self.base[k]) ** 2).sum()) for k in ft)
+            out[name] = max(-1.0, min(1.0, num / den)) * self.scale.get(split, self.holdout_scale)
+        return out
 
-    def texts(self, split: str = "search") -> dict:
-        return {}
-
-    def evaluate(self, model: torch.nn.Module, split: str = "search") -> FakeResult:
-        from evomerge.errors import EvomergeError
-
-        self.calls += 1
-        start = time.perf_counter()
+    def _before(self, model: torch.nn.Module, split: str) -> None:
         if self.marker is not None and split == "search":
             self.marker.write_text(str(self.calls))  # "a search evaluation is in progress"
         if self.sleep:
@@ -73,17 +78,3 @@ class TaskVectorEvaluator:
             self.marker.unlink(missing_ok=True)
         if self.fail_if is not None and self.fail_if(model):
             raise EvomergeError("evaluation failed: the fake evaluator rejects this model")
-        sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-        scores = {}
-        for name, ft in zip(self.task_names(split), self.fts, strict=False):
-            num = sum(
-                float(((sd[k] - self.base[k]) * (ft[k] - self.base[k])).sum())
-                for k in ft
-                if k in sd
-            )
-            den = sum(float(((ft[k] - self.base[k]) ** 2).sum()) for k in ft)
-            s = max(-1.0, min(1.0, num / den))
-            scores[name] = s * (self.holdout_scale if split == "holdout" else 1.0)
-        agg = sum(scores.values()) / len(scores)
-        se = {k: 0.01 for k in scores}
-        return FakeResult(scores, se, agg, 0.01 / len(scores) ** 0.5, time.perf_counter() - start)

@@ -240,7 +240,7 @@ class TensorInputs:
         ).abs_()
         if absd.dtype == torch.float32:
             # The bit patterns of non-negative floats sort like their values, and torch sorts int32
-            # keys with a radix sort (7x faster than a stable float sort measured on 33M entries).
+            # keys with a radix sort (several times faster than a stable float sort).
             # Ascending keys of (INT32_MAX - bits) give the descending order, ties in index order.
             key = 0x7FFFFFFF - absd.view(torch.int32)
             del absd

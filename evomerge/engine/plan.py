@@ -291,14 +291,14 @@ def make_plan(
                 in_names = []
                 for src in s.sources:
                     m = sources[src.model]
-                    n = m.arch.layer_name((src.layer_range or (0, 0))[0] + offset, suffix)
-                    if n not in m:
+                    name = m.arch.layer_name((src.layer_range or (0, 0))[0] + offset, suffix)
+                    if name not in m:
                         raise ConfigError(
                             file,
                             f"slices[{si}]" if cfg.slices else "models",
-                            f"model {src.model!r} has no tensor {n}",
+                            f"model {src.model!r} has no tensor {name}",
                         )
-                    in_names.append(n)
+                    in_names.append(name)
                 add(
                     ref_arch.layer_name(out_layer, suffix),
                     s,

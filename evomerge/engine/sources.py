@@ -49,7 +49,8 @@ def resolve_model(
 
     Args:
         ref: local path, hub id (optionally ``@revision``) or a scheme reference (``zoo:demo/base``).
-        file, field: where the reference was written, for the error message.
+        file: the file the reference was written in, for the error message.
+        field: the field it was written in, for the error message.
         allow_download: try the hub when the model is not cached and the hub is not disabled.
 
     Returns:
@@ -189,6 +190,10 @@ class ModelSource:
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
+
+    def files(self) -> list[Path]:
+        """The files the model's tensors and config are read from, sorted."""
+        return sorted({self.path / "config.json", *self._where.values()})
 
     def names(self) -> Iterator[str]:
         return iter(self._where)

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
-from evomerge.evaluation.base import SCORERS, EvalConfig, TaskSpec
-from evomerge.evaluation.lmeval import (
+from evomerge.evaluation.base import SCORERS, VALIDATION, EvalConfig, TaskSpec
+from evomerge.evaluation.tasks import (
     doc_ids,
     get_task_dict,
     leaf_tasks,
@@ -21,7 +21,7 @@ from evomerge.evaluation.lmeval import (
 )
 from evomerge.schemes import known_refs, resolve, scheme_of
 
-__all__ = ["PRESETS", "parse_evaluate"]
+__all__ = ["PRESETS", "parse_evaluate", "check_tasks_of"]
 
 # Public benchmark bundles. Names were checked against lm-eval 0.4.13's TaskManager.
 PRESETS: dict[str, tuple[tuple[str, str, int], ...]] = {
@@ -70,7 +70,7 @@ PRESETS: dict[str, tuple[tuple[str, str, int], ...]] = {
 
 _KEYS = {"include_path", "tasks", "preset", "limit", "holdout", "batch_size", "scorer"}
 _TASK_KEYS = {"name", "metric", "weight", "num_fewshot"}
-_HOLDOUT_KEYS = {"tasks", "limit"}
+_HOLDOUT_KEYS = {"tasks", "limit", "validation"}
 
 
 # ----------------------------------------------------------------------------------------- parsing
@@ -114,6 +114,22 @@ def _int_or_none(value: Any, file: str, where: str, *, minimum: int = 1) -> int 
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(file, where, f"must be an integer >= {minimum} or null, got {value!r}")
     return value
+
+
+def _share(value: Any, file: str, where: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= value < 1
+        or not math.isfinite(value)
+    ):
+        raise ConfigError(
+            file,
+            where,
+            "must be the share of each holdout task's items that choose among the finalists, "
+            f"a number in [0, 1) (0: choose by search score, every holdout item a test item), got {value!r}",
+        )
+    return float(value)
 
 
 def _parse_task(entry: Any, file: str, where: str) -> TaskSpec:
@@ -185,7 +201,9 @@ def _check_names(
             )
 
 
-def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path) -> EvalConfig:
+def parse_evaluate(
+    section: Mapping[str, Any] | None, file: str, base_dir: Path, *, check_tasks: bool = True
+) -> EvalConfig:
     """Parse and validate the ``evaluate:`` section of a search space.
 
     Args:
@@ -195,6 +213,11 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
 
     Returns:
         The :class:`EvalConfig`.
+
+        check_tasks: also look the task names up (local ones, then lm-eval's index, which takes
+            seconds to build) and compare local holdout items with search items
+            (:func:`check_tasks`); a space file is parsed without, and the evaluator checks them
+            when it loads the tasks.
 
     Raises:
         ConfigError: unknown key or task, missing include path, bad limit/weight, holdout items that
@@ -251,11 +274,10 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
             f"must be one of {', '.join(SCORERS)}, got {scorer!r}"
             + did_you_mean(str(scorer), SCORERS),
         )
-    preset_names = {n for n, _, _ in PRESETS.get(preset or "", ())}
-    _check_names(search, "evaluate.tasks", file, include, skip=preset_names)
 
     holdout: list[TaskSpec] = []
     holdout_limit: int | None = None
+    validation = VALIDATION
     h = section.get("holdout")
     if h is not None:
         if not isinstance(h, Mapping):
@@ -269,9 +291,9 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
                 file, f"evaluate.holdout.{key}", "unknown key" + did_you_mean(key, _HOLDOUT_KEYS)
             )
         holdout_limit = _int_or_none(h.get("limit"), file, "evaluate.holdout.limit")
+        validation = _share(h.get("validation", VALIDATION), file, "evaluate.holdout.validation")
         if h.get("tasks") is not None:
             holdout = _parse_task_list(h["tasks"], file, "evaluate.holdout.tasks")
-            _check_names(holdout, "evaluate.holdout.tasks", file, include, skip=set())
         elif holdout_limit is None:
             raise ConfigError(
                 file,
@@ -285,10 +307,37 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
                 "the holdout docs follow the search docs, so evaluate.limit must be set (otherwise search uses every doc and they overlap)",
             )
     cfg = EvalConfig(
-        search, holdout, include, limit, holdout_limit, int(batch_size or 32), preset, file, scorer
+        search,
+        holdout,
+        include,
+        limit,
+        holdout_limit,
+        int(batch_size or 32),
+        preset,
+        file,
+        scorer,
+        validation,
     )
-    _check_disjoint(cfg)
+    if check_tasks:
+        check_tasks_of(cfg)
     return cfg
+
+
+def check_tasks_of(cfg: EvalConfig) -> None:
+    """Every task name exists (locally or in lm-eval's index; names only, nothing downloaded),
+    holdout tasks do not repeat search tasks, and local holdout tasks share no item with local
+    search tasks.
+
+    Raises:
+        ConfigError: naming the file and the task's field.
+    """
+    preset = PRESETS.get(cfg.preset or "", ())
+    # the tasks: list as written (indices in messages), after the preset's
+    _check_names(
+        cfg.search[len(preset) :], "evaluate.tasks", cfg.file, cfg.include_path, skip=set()
+    )
+    _check_names(cfg.holdout, "evaluate.holdout.tasks", cfg.file, cfg.include_path, skip=set())
+    _check_disjoint(cfg)
 
 
 def _check_disjoint(cfg: EvalConfig) -> None:

@@ -9,6 +9,7 @@ comments, so ``mergekit-yaml best.yml out`` accepts the file for the methods it 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,18 @@ from evomerge.contamination.rules import assessment_from_dict
 from evomerge.engine.hashes import is_fingerprint
 from evomerge.engine.merger import merge_to_disk
 from evomerge.engine.rng import SEED_PRAGMA, pragma_from_text, seed_from_text
+from evomerge.engine.writer import AtomicDir
 from evomerge.errors import EvomergeError, one_line
 from evomerge.io import atomic_text, dump_yaml
 from evomerge.moe.config import is_moe_mapping
 from evomerge.moe.write import moe_to_disk
 from evomerge.recipe.schema import parse_recipe
 from evomerge.results.export_moe import moe_export
+from evomerge.results.provenance import evaluation_lines, unseen_score
 from evomerge.schemes import resolve, scheme_of
 from evomerge.search.records import StudyRecords
 from evomerge.search.storage import load_study, locate
-from evomerge.search.table import best_row, trials_frame
+from evomerge.search.table import chosen_row, trials_frame
 
 __all__ = [
     "export_recipe",
@@ -81,13 +84,16 @@ def export_recipe(
 
     Args:
         study: the Optuna study.
-        trial: trial number; default: best by holdout among finalists, else by search score.
+        trial: trial number; default: the chosen trial (:func:`~evomerge.search.table.chosen_row`:
+            the best validation score among the re-scored trials, else the best search score).
         space_file: named in the header.
         out: where the recipe goes (a mixture of experts' merged experts are written beside it).
 
     Returns:
         ``(text, recipe mapping, info)``; info has ``number``, ``digest``, ``seed``, ``stream``, ``section``
-        (the markdown contamination section for a model card), ``moe`` (a mixture of experts) and
+        (the markdown contamination section for a model card), ``evaluation`` (which items chose
+        the trial and which scored it, :func:`~evomerge.results.provenance.evaluation_lines`),
+        ``moe`` (a mixture of experts) and
         ``expert_files`` (its merged experts' recipe files, :class:`~evomerge.results.export_moe.ExpertFile`).
 
     Raises:
@@ -97,7 +103,7 @@ def export_recipe(
     meta = records.meta()
     df = trials_frame(study)
     if trial is None:
-        row = best_row(df)
+        row = chosen_row(df)
         if row is None:
             raise EvomergeError(f"study {study.study_name!r} has no completed trial to export")
         number = int(row["number"])
@@ -119,28 +125,26 @@ def export_recipe(
     seed = int(meta.seed)
     stream = int(getattr(meta, "stream", 1))
     score, score_se = _num(row.get("score")), _num(row.get("score_se"))
-    hold, hold_se = _num(row.get("holdout")), _num(row.get("holdout_se"))
+    unseen = unseen_score(row)
+    evaluation = evaluation_lines(df, row)
     assessment = assessment_from_dict(meta.assessment) if meta.assessment else None
     section = ""
     if assessment is not None:
         section = render_contamination_section(
             assessment,
             search=(score, score_se or 0.0) if score is not None else None,
-            holdout=(hold, hold_se or 0.0) if hold is not None else None,
+            unseen=unseen[1:] if unseen is not None else None,
+            unseen_split=unseen[0] if unseen is not None else "test",
+            evaluation=evaluation,
             probe=records.probe(number),
         )
     head = [
         f"# Exported by evomerge from study {study.study_name!r}"
         + (f" (space {space_file})" if space_file else "")
         + f", trial {number}.",
-        f"# Search score {score:.4f} ± {score_se or 0:.4f} on: {', '.join(meta.search_tasks)}"
-        if score is not None
-        else "# Search score: -",
-        (
-            f"# Holdout score {hold:.4f} ± {hold_se or 0:.4f} on: {', '.join(meta.holdout_tasks)}"
-            if hold is not None
-            else "# Holdout score: not measured for this trial"
-        ),
+        f"# Search tasks: {', '.join(meta.search_tasks)}; holdout (validation and test) tasks: "
+        + (", ".join(meta.holdout_tasks) or "none"),
+        *(f"# {line}." for line in evaluation),
         f"# Tensor hash of the merge: {rec.digest or ''}",
         f"# Reproduce: evomerge merge THIS_FILE OUT_DIR   (random masks use seed {seed} and random stream {stream}, read from the next line)",
         SEED_PRAGMA.format(seed=seed, stream=stream),
@@ -155,6 +159,7 @@ def export_recipe(
         "seed": seed,
         "stream": stream,
         "section": section,
+        "evaluation": evaluation,
         "moe": False,
         "expert_files": [],
     }
@@ -168,25 +173,36 @@ def export_recipe(
     return text, recipe, info
 
 
+def _check_dir(what: str, d: Path, force: bool) -> None:
+    if d.exists() and not d.is_dir():
+        raise EvomergeError(f"{what}: exists and is not a directory")
+    if d.exists() and any(d.iterdir()) and not force:
+        raise EvomergeError(f"{what}: directory is not empty (pass --force to replace it)")
+    AtomicDir(d, force=force)  # checks (creating nothing) that it can be made there
+
+
 def main_export(args: Any) -> int:
-    """``evomerge export space.yml [--trial N] -o best.yml [--merge OUT_DIR]``."""
+    """``evomerge export space.yml [--trial N] -o best.yml [--merge OUT_DIR]``.
+
+    A refusal leaves every file as it was: the outputs are checked before the study is read, the
+    merged experts' once they are known, and the recipe files this run created are removed again
+    when the merge fails.
+    """
     paths = locate(args.space, study=args.study, storage=args.storage, results_dir=args.results_dir)
-    study = load_study(paths)
     out = Path(args.output)
+    _check_file(out, args.force)
+    if args.merge:
+        _check_dir(f"--merge {args.merge}", Path(args.merge), args.force)
+    study = load_study(paths)
     text, recipe, info = export_recipe(study, trial=args.trial, space_file=args.space, out=out)
     # Every file and directory this export writes is checked before the first is written.
     for f in info["expert_files"]:
         _check_file(f.recipe_path, args.force)
-    _check_file(out, args.force)
-    if args.merge:
-        dirs = [(f"--merge {args.merge}", Path(args.merge))] + [
-            (f"merged expert {f.model_dir}", f.model_dir) for f in info["expert_files"]
-        ]
-        for what, d in dirs:
-            if d.exists() and not d.is_dir():
-                raise EvomergeError(f"{what}: exists and is not a directory")
-            if d.exists() and any(d.iterdir()) and not args.force:
-                raise EvomergeError(f"{what}: directory is not empty (pass --force to replace it)")
+        if args.merge:
+            _check_dir(f"merged expert {f.model_dir}", f.model_dir, args.force)
+    files = [f.recipe_path for f in info["expert_files"]] + [out]
+    dirs = [f.model_dir for f in info["expert_files"]] if args.merge else []
+    created = [p for p in files + dirs if not p.exists()]
     for f in info["expert_files"]:
         _atomic_write(f.recipe_path, f.text, args.force)
     _atomic_write(out, text, args.force)
@@ -194,6 +210,25 @@ def main_export(args: Any) -> int:
         f"wrote {out}: trial {info['number']} of study {paths.name}"
         + "".join(f"; merged expert recipe {f.recipe_path}" for f in info["expert_files"])
     )
+    for line in info["evaluation"]:
+        print(f"  {line}")
+    try:
+        differs = _merge(args, recipe, text, info)
+    except BaseException:
+        for p in created:  # the merge failed: the export leaves nothing of its own behind
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        raise
+    if differs:
+        raise EvomergeError(differs)
+    return 0
+
+
+def _merge(args: Any, recipe: Any, text: str, info: dict[str, Any]) -> str | None:
+    """Merge the exported recipe into ``--merge`` (nothing without it); why the merged tensors
+    differ from the trial's, or None when they are the same."""
     if args.merge and info["moe"]:
         for f in info["expert_files"]:
             merge_to_disk(
@@ -220,12 +255,10 @@ def main_export(args: Any) -> int:
             + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:20]}")
         )
         if not same:
-            raise EvomergeError(
-                f"--merge: the rebuilt mixture differs from trial {info['number']}'s ({built.digest[:20]} vs {info['digest'][:20]})"
-            )
+            return f"--merge: the rebuilt mixture differs from trial {info['number']}'s ({built.digest[:20]} vs {info['digest'][:20]})"
     elif args.merge:
-        # CUDA trials record a fingerprint of their tensors (evomerge.engine.hashes), CPU trials and studies made
-        # before fingerprints a sha256. The re-merge is checked against whichever the trial holds.
+        # CUDA trials record a fingerprint of their tensors (evomerge.engine.hashes), CPU trials a
+        # sha256. The re-merge is checked against whichever the trial holds.
         fp = is_fingerprint(info["digest"])
         result = merge_to_disk(
             recipe,
@@ -246,7 +279,5 @@ def main_export(args: Any) -> int:
             + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:20]}")
         )
         if not same:
-            raise EvomergeError(
-                f"--merge: the re-merged tensors differ from trial {info['number']}'s ({got[:20]} vs {info['digest'][:20]})"
-            )
-    return 0
+            return f"--merge: the re-merged tensors differ from trial {info['number']}'s ({got[:20]} vs {info['digest'][:20]})"
+    return None

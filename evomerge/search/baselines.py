@@ -3,7 +3,7 @@
 Every source model alone, the uniform average of the fine-tunes, and the space's hand recipes. A
 hand recipe that is a point of the space is queued as the first searched trial instead, so that
 the sampler learns from it. With several workers, each baseline is scored by one of them (a claim
-``baseline:<name>``, see :mod:`evomerge.search.claims`).
+``baseline:<name>``, see :mod:`evomerge.search.distributed.claims`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from evomerge.errors import failure_line
 from evomerge.io import dump_yaml
 from evomerge.search.candidates import Candidates
-from evomerge.search.claims import Claims
+from evomerge.search.distributed.coordinator import Coordinator
 from evomerge.search.records import StudyRecords, TrialRecord
 from evomerge.space import Space
 
@@ -61,12 +61,15 @@ def enqueue_hand_recipes(
     """Queue each hand recipe that is a point of the space as a searched trial (once per study:
     run under the study's ``setup`` claim; a resumed study skips those it has)."""
     for name, recipe in recipes.items():
-        if not name.startswith("hand:") or records.baseline_done(name):
+        text = dump_yaml(recipe)
+        if not name.startswith("hand:") or records.baseline_done(name, text):
             continue
         values = space.values_of(recipe, layers_of)
         if values is not None:
+            if records.baseline_done(name):
+                log(f"baseline {name}: its recipe changed since it was queued; queued again")
             records.study.enqueue_trial(values, user_attrs={"baseline": name})
-            records.mark_enqueued(name)
+            records.mark_enqueued(name, text)
             log(f"baseline {name}: a point of the space, queued as the first trial")
 
 
@@ -75,9 +78,9 @@ def run_baselines(
     recipes: dict[str, dict[str, Any]],
     candidates: Candidates,
     records: StudyRecords,
-    claims: Claims,
+    coordinator: Coordinator,
     *,
-    holdout: bool,
+    splits: tuple[str, ...],
     log: Callable[[str], None],
     check_interrupt: Callable[[], None],
     wait: bool,
@@ -90,8 +93,8 @@ def run_baselines(
             :func:`enqueue_hand_recipes` are done already).
         candidates: merges and scores.
         records: the study's records.
-        claims: the study's claims (``baseline:<name>``).
-        holdout: also score the holdout items.
+        coordinator: runs each baseline in one worker of the study (``baseline:<name>``).
+        splits: the holdout splits to score too (validation, test).
         log: progress lines.
         check_interrupt: raises KeyboardInterrupt once Ctrl-C was pressed.
         wait: wait for baselines another worker is scoring (at the end of a search); False: leave
@@ -99,17 +102,20 @@ def run_baselines(
     """
     for name, recipe in recipes.items():
         check_interrupt()
-        claims.run_once(
+        text = dump_yaml(recipe)
+        if not _done(records, name, text) and records.baseline_done(name):
+            log(f"baseline {name}: its recipe changed since it was scored; scoring it again")
+        coordinator.once(
             f"baseline:{name}",
-            done=partial(_done, records, name),
-            work=partial(_score_baseline, space, name, recipe, candidates, records, holdout, log),
+            done=partial(_done, records, name, text),
+            work=partial(_score_baseline, space, name, recipe, candidates, records, splits, log),
             wait=wait,
             check_interrupt=check_interrupt,
         )
 
 
-def _done(records: StudyRecords, name: str) -> bool:
-    return records.refresh().baseline_done(name)
+def _done(records: StudyRecords, name: str, recipe: str) -> bool:
+    return records.refresh().baseline_done(name, recipe)
 
 
 def _score_baseline(
@@ -118,7 +124,7 @@ def _score_baseline(
     recipe: dict[str, Any],
     candidates: Candidates,
     records: StudyRecords,
-    holdout: bool,
+    splits: tuple[str, ...],
     log: Callable[[str], None],
 ) -> None:
     rec = TrialRecord(
@@ -131,12 +137,12 @@ def _score_baseline(
         rec.merge_s, rec.digest = time.perf_counter() - t0, res.digest
         rec.search = candidates.score(model, "search")
         rec.eval_s = rec.search.seconds
-        if holdout:
-            rec.holdout = candidates.score(model, "holdout")
+        for split in splits:
+            setattr(rec, split, candidates.score(model, split))
         rec.state = "COMPLETE"
         log(
             f"baseline {name:<28} search {rec.search.aggregate:.3f}"
-            + (f"  holdout {rec.holdout.aggregate:.3f}" if rec.holdout else "")
+            + "".join(f"  {k} {v.aggregate:.3f}" for k in splits if (v := getattr(rec, k)))
         )
     except KeyboardInterrupt:
         raise

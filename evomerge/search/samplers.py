@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import copy
+import hashlib
 import warnings
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.search.records import StudyRecords
+from evomerge.search.pruning import StoppedAsEstimated
 from evomerge.space import Directive
 
-__all__ = ["make_sampler", "suggester", "StoppedAsEstimated"]
+__all__ = ["make_sampler", "suggester", "SeededPerTrial", "trial_seed"]
 
 
 def make_sampler(
@@ -37,15 +37,10 @@ def make_sampler(
         stopped_as_estimated: pruning is on: the model-based samplers (tpe, gp, cmaes) see each
             stopped trial as finished at the estimate of its full score (:class:`StoppedAsEstimated`).
 
-    The default (``search.sampler`` unset) is measured (``bench/bench_samplers.py``): ``tpe`` while
-    pruning is on (the default) or with several objectives, ``gp`` with ``prune: false``. Without
-    pruning gp found the best holdout score on the per-layer demo space and tied random search on the
-    demo, over 5 seeds at 24 trials. Optuna's GPSampler learns from COMPLETE trials only (its
-    startup counts them too), so with pruning alone it stayed at random search; every model-based
-    sampler here now sees stopped trials at their estimates (:class:`StoppedAsEstimated`), and with
-    them gp and tpe tie (both demo spaces, 40 trials, 20 seeds each); tpe costs less. Parameters
-    present in only some trials (a TIES density when the method is a choice) are sampled at random
-    by gp and cmaes. gp costs about 1.5 s per trial on one busy CPU core at up to 24 trials.
+    The default (``search.sampler`` unset) is ``tpe`` while pruning is on (the default) or with
+    several objectives, and ``gp`` with ``prune: false``; the benchmark pages give the
+    measurements behind it. Parameters present in only some trials (a TIES density when the
+    method is a choice) are sampled at random by gp and cmaes.
 
     TPE runs with ``constant_liar``: trials other workers are running count as bad ones at their
     points, so that workers sampling at the same time spread out (alone, there are none); Optuna's
@@ -54,8 +49,17 @@ def make_sampler(
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if startup is None:
         startup = max(4, min(10, n_trials // 4))
-    if stopped_as_estimated and name in ("tpe", "gp", "cmaes"):
-        return StoppedAsEstimated(make_sampler(name, seed, n_trials, startup, multi))
+
+    def seeded(trial_seed: int) -> optuna.samplers.BaseSampler:
+        inner = _sampler(name, trial_seed, n_trials, startup)
+        if stopped_as_estimated and name in ("tpe", "gp", "cmaes"):
+            return StoppedAsEstimated(inner)
+        return inner
+
+    return SeededPerTrial(seeded, seed)
+
+
+def _sampler(name: str, seed: int, n_trials: int, startup: int) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True
@@ -79,86 +83,67 @@ def make_sampler(
     )  # pragma: no cover - validated when the space is parsed
 
 
-class _EstimatedView:
-    """``study`` as a sampler sees it under :class:`StoppedAsEstimated`: its trials, each stopped
-    one that has an estimate shown as COMPLETE at that value; everything else is the study's."""
+def trial_seed(seed: int, number: int) -> int:
+    """The seed of the sampler that proposes trial ``number`` of a study searched with ``seed``.
 
-    def __init__(self, study: Any) -> None:
-        self._study = study
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def _get_trials(
-        self,
-        deepcopy: bool = True,
-        states: Container[TrialState] | None = None,
-        use_cache: bool = False,
-    ) -> list[FrozenTrial]:
-        out = []
-        for t in self._study._get_trials(deepcopy=deepcopy, states=None, use_cache=use_cache):
-            est = StudyRecords.estimate_of(t) if t.state == TrialState.PRUNED else None
-            if est is not None:
-                t = copy.copy(t)
-                t.state, t.values = TrialState.COMPLETE, [est]
-            if states is None or t.state in states:
-                out.append(t)
-        return out
-
-    def get_trials(
-        self, deepcopy: bool = True, states: Container[TrialState] | None = None
-    ) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    @property
-    def trials(self) -> list[FrozenTrial]:
-        return self.get_trials()
+    Example:
+        >>> trial_seed(0, 3) == trial_seed(0, 3) != trial_seed(0, 4)
+        True
+    """
+    digest = hashlib.sha256(f"evomerge-sampler:{seed}:{number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
-def _view(study: Any) -> Any:  # the view stands in for the Study the samplers are typed to take
-    return _EstimatedView(study)
+class SeededPerTrial(optuna.samplers.BaseSampler):
+    """Proposes each trial with a sampler of its own, seeded by the search seed and the trial's
+    number (:func:`trial_seed`).
 
-
-class StoppedAsEstimated(optuna.samplers.BaseSampler):
-    """A sampler that models a trial stopped early (PRUNED, see :mod:`evomerge.search.pruning`) as
-    finished at the estimate of its full search score, where Optuna's samplers rank it below every
-    finished trial (TPE) or leave it out (gp, cmaes).
-
-    With pruning, the trials stopped just short of the best are the points closest to it; ranked
-    last, they drop out of TPE's good group and a search loses its way. Measured on the per-layer
-    demo space (``bench/bench_search.py --prune``, 30 seeds): see ``bench/README.md``. The
-    estimate is a paired one (the reference trial's full score plus the mean per-item difference
-    on the items the stopped trial scored), not the partial score, whose items may be easier or
-    harder than the rest.
+    A proposal is then a function of the seed, the trial's number and the trials before it, never
+    of how many proposals this process made before: a study resumed after an interruption goes on
+    where it stopped (a sampler seeded once would draw its first points again, and those take the
+    scores of the trials that already have them), and workers sharing a study draw different
+    points without seeds of their own. Optuna's samplers keep their state in the study (CMA-ES's
+    optimizer, NSGA-II's generations), so a fresh one per trial loses nothing.
 
     Args:
-        inner: the sampler that proposes the points; it sees the study through the view above.
+        make: builds the sampler for one trial from its seed.
+        seed: the search seed.
     """
 
-    def __init__(self, inner: optuna.samplers.BaseSampler) -> None:
-        self.inner = inner
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self.make, self.seed = make, seed
+        self._samplers: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _of(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        sampler = self._samplers.get(trial.number)
+        if sampler is None:
+            if len(self._samplers) > 16:  # trials told elsewhere (another worker's) leave none
+                self._samplers.clear()
+            sampler = self._samplers[trial.number] = self.make(trial_seed(self.seed, trial.number))
+        return sampler
 
     def infer_relative_search_space(self, study: Any, trial: FrozenTrial) -> dict[str, Any]:
-        return self.inner.infer_relative_search_space(_view(study), trial)
+        return self._of(trial).infer_relative_search_space(study, trial)
 
     def sample_relative(
         self, study: Any, trial: FrozenTrial, search_space: dict[str, Any]
     ) -> dict[str, Any]:
-        return self.inner.sample_relative(_view(study), trial, search_space)
+        return self._of(trial).sample_relative(study, trial, search_space)
 
     def sample_independent(
         self, study: Any, trial: FrozenTrial, param_name: str, param_distribution: Any
     ) -> Any:
-        return self.inner.sample_independent(_view(study), trial, param_name, param_distribution)
+        return self._of(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: Any, trial: FrozenTrial) -> None:
-        self.inner.before_trial(_view(study), trial)
+        self._of(trial).before_trial(study, trial)
 
     def after_trial(self, study: Any, trial: FrozenTrial, state: TrialState, values: Any) -> None:
-        self.inner.after_trial(_view(study), trial, state, values)
+        self._of(trial).after_trial(study, trial, state, values)
+        self._samplers.pop(trial.number, None)
 
-    def reseed_rng(self) -> None:
-        self.inner.reseed_rng()
+    def reseed_rng(self) -> None:  # seeds come from the trial numbers
+        pass
 
 
 def suggester(trial: Any) -> Callable[[str, Directive], Any]:

@@ -200,7 +200,7 @@ def main_zoo(out: str | None, size: str, seed: int, rebuild: bool = False) -> in
         else:
             print(
                 "trained here; the tensors differ from the shipped weights (training rounds differently on other CPUs), "
-                "so the figures below are this zoo's own, not the README's; delete the directory to install the shipped zoo"
+                "so the figures below are this zoo's own, not the shipped zoo's; delete the directory to install the shipped zoo"
             )
     print(format_figures(manifest))
     sys.stdout.flush()

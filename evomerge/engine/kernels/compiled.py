@@ -1,7 +1,7 @@
 """Compiled (``torch.compile``) task-vector kernels for re-merging resident tensors on CPU.
 
 The chunked kernels of :mod:`evomerge.engine.kernels.chunked` run ~40 torch ops per 64K-entry chunk: on a CPU
-that is bound by op dispatch, not by memory (a TIES re-merge measured 8.6x a plain weighted sum).
+that is bound by op dispatch, not by memory (see the benchmark pages for the figures).
 Here the same arithmetic is written once as whole-tensor torch ops and compiled by inductor into one
 loop per tensor: every input is read once, nothing is materialised but the output, and the loop
 runs on every core.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -182,9 +183,8 @@ def _compiled(name: str) -> Any:
         # On CUDA, Triton contracts a * b + c into one FMA unless told not to: that rounds once
         # where the eager and CPU kernels round twice, and the tensors would differ by device.
         torch._inductor.config.emulate_precision_casts = True
-        fn = torch.compile(
-            {"combine": _combine, "l1": _l1_sums}[name], dynamic=True, fullgraph=True
-        )
+        kernels: dict[str, Callable[..., Any]] = {"combine": _combine, "l1": _l1_sums}
+        fn = torch.compile(kernels[name], dynamic=True, fullgraph=True)
         _COMPILED[name] = fn
     return fn
 
