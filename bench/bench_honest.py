@@ -32,17 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def one_seed(results: Path, seed: int, trials: int) -> dict[str, float]:
     from evomerge.search.loop import Search
+    from evomerge.search.setup import prepare
     from evomerge.search.table import chosen_row, trials_frame
 
-    search = Search(
+    setup = prepare(
         ROOT / "search_spaces" / "demo.yml",
         trials=trials,
         seed=seed,
         study=f"honest_{seed}",
         results_dir=results,
-        quiet=True,
         log=lambda m: None,
     )
+    search = Search(setup, quiet=True)
     out = search.run()
     records = search.open_study()
     df = trials_frame(records.study)

@@ -87,6 +87,7 @@ def run_one(
     import pandas as pd
 
     from evomerge.search import loop
+    from evomerge.search.setup import prepare
     from evomerge.search.table import load_trials
 
     data = yaml.safe_load((ROOT / "search_spaces" / f"{space_name}.yml").read_text())
@@ -107,15 +108,15 @@ def run_one(
         loop.make_sampler = override
     try:
         t0 = time.perf_counter()
-        search = loop.Search(
+        setup = prepare(
             space,
             trials=trials,
             seed=seed,
             results_dir=workdir / "results",
-            quiet=True,
             log=lambda m: None,
             threads=1,
         )
+        search = loop.Search(setup, quiet=True)
         search.setup.baselines = {}  # the same for every run, and not seen by the sampler
         calls: list[tuple[str, int, float]] = []
         evaluator = search.candidates.evaluator

@@ -444,9 +444,9 @@ def test_the_zoo_figures_moe_row_is_what_evomerge_moe_scores(zoo):
     got = ZooScorer(zoo, zoo / "tasks").score(moe_in_memory(config(zoo)))
     # The shipped figures were measured on one CPU; another CPU's kernels round differently and
     # may flip an item whose choices tie to the last bits: at most one item of a task (of 100;
-    # a mean over the three tasks moves by 1/300).
+    # a mean over the three tasks moves by 1/300), figures being rounded to 4 decimals.
     assert got.keys() == shipped.keys()
     for key, value in got.items():
         one = 1 / 300 if "mean" in key else 1 / 100
-        assert abs(value - shipped[key]) <= one + 1e-9, (key, value, shipped[key])
+        assert abs(value - shipped[key]) <= one + 1e-4, (key, value, shipped[key])
     assert shipped["mean"] == 0.3067 and shipped["holdout_mean"] == 0.3333
