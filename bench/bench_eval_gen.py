@@ -47,7 +47,7 @@ def _trial(lm, task_dict) -> tuple[float, dict[str, list[str]], dict[str, float]
     import lm_eval.api.task as lm_task
     from lm_eval.evaluator import evaluate
 
-    from evomerge.evaluation.lmeval import leaf_tasks
+    from evomerge.evaluation.tasks import leaf_tasks
 
     for t in leaf_tasks(task_dict).values():
         t.set_fewshot_seed(seed=1234)
@@ -78,7 +78,8 @@ def _trial(lm, task_dict) -> tuple[float, dict[str, list[str]], dict[str, float]
 def _floor(model, stats, batch: int, device: str) -> float:
     """Seconds of raw forwards over the ideal tokens: the prefix once, the items' own tokens in
     batches, the generated tokens as decode steps of ``batch`` rows on a cache of typical length."""
-    from evomerge.evaluation.kv import cache_rows, forward_names, sdpa_gqa
+    from evomerge.compat import sdpa_grouped_heads
+    from evomerge.evaluation.kv import cache_rows, forward_names
 
     name, _ = forward_names(model)
     n_items = max(1, stats["items"])
@@ -99,7 +100,7 @@ def _floor(model, stats, batch: int, device: str) -> float:
         return best, out
 
     vocab = model.config.vocab_size
-    with torch.no_grad(), sdpa_gqa(torch.device(device)):  # as the shared path runs them
+    with torch.no_grad(), sdpa_grouped_heads(torch.device(device)):  # as the shared path runs them
         ids = torch.randint(0, vocab, (1, max(1, p)), device=device)
         t_prefix, res = timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
         cache = res.past_key_values
@@ -126,7 +127,7 @@ def _floor(model, stats, batch: int, device: str) -> float:
 def _case(name: str, model, tok, task_dict, args) -> dict[str, Any]:
     import evomerge.evaluation.genlm as genlm
     from evomerge.evaluation.generate import GenStats
-    from evomerge.evaluation.scorer import make_lm
+    from evomerge.evaluation.hflm import make_lm
 
     stats = GenStats()
     real = genlm.generate_shared
@@ -183,7 +184,7 @@ def _case(name: str, model, tok, task_dict, args) -> dict[str, Any]:
 
 def _context_tokens(lm, task_dict) -> list[int]:
     """Prompt tokens of every item (what HFLM runs before generating), after its truncation."""
-    from evomerge.evaluation.lmeval import leaf_tasks
+    from evomerge.evaluation.tasks import leaf_tasks
 
     out = []
     for task in leaf_tasks(task_dict).values():
@@ -197,7 +198,7 @@ def _context_tokens(lm, task_dict) -> list[int]:
 def _gsm8k_case(args, folder: Path, sampler: str) -> tuple[Any, Any, Any]:
     import _gsm8k as G
 
-    from evomerge.evaluation.lmeval import get_task_dict, manager_for
+    from evomerge.evaluation.tasks import get_task_dict, manager_for
 
     tok = _gsm8k_case.tok if hasattr(_gsm8k_case, "tok") else G.build_tokenizer(folder / "tok")
     _gsm8k_case.tok = tok  # type: ignore[attr-defined]
@@ -220,7 +221,7 @@ def _gsm8k_case(args, folder: Path, sampler: str) -> tuple[Any, Any, Any]:
 def _demo_case(args) -> tuple[Any, Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.evaluation.lmeval import get_task_dict, manager_for
+    from evomerge.evaluation.tasks import get_task_dict, manager_for
     from evomerge.zoo import ensure_zoo, gen_task_names
 
     zoo = ensure_zoo("demo")
@@ -250,8 +251,8 @@ def demo_shots(args) -> None:
     whole prompt given to ``generate`` (no truncation), 100 items each."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.evaluation.lmeval import get_task_dict, leaf_tasks, manager_for
-    from evomerge.evaluation.scorer import make_lm
+    from evomerge.evaluation.hflm import make_lm
+    from evomerge.evaluation.tasks import get_task_dict, leaf_tasks, manager_for
     from evomerge.zoo import SKILLS, ensure_zoo
 
     zoo = ensure_zoo("demo")
@@ -280,7 +281,7 @@ def demo_shots(args) -> None:
 
 def main_gen(args) -> int:
     """Run the generation cases and print their rows; exit status 1 if any generation differs."""
-    from evomerge.evaluation.lmeval import quiet_lm_eval
+    from evomerge.evaluation.tasks import quiet_lm_eval
 
     quiet_lm_eval()
     device = (

@@ -16,11 +16,12 @@ from _tiny import make_tiny
 from test_scorer import SMALL
 
 from evomerge.errors import ConfigError
-from evomerge.evaluation import EvalConfig, LMEvalEvaluator, TaskSpec
+from evomerge.evaluation import EvalConfig, TaskSpec
 from evomerge.evaluation.generate import GenRequest, GenStats, common_prefix, generate_shared
 from evomerge.evaluation.genlm import context_length
-from evomerge.evaluation.lmeval import get_task_dict, leaf_tasks, manager_for, quiet_lm_eval
-from evomerge.evaluation.scorer import make_lm
+from evomerge.evaluation.hflm import make_lm
+from evomerge.evaluation.lmeval import LMEvalEvaluator
+from evomerge.evaluation.tasks import get_task_dict, leaf_tasks, manager_for, quiet_lm_eval
 from evomerge.zoo.data import make_tokenizer
 
 
@@ -299,7 +300,7 @@ def test_notes_for_a_missing_stop_and_a_foreign_filter(tmp_path, tok, model, cap
     assert any("'g_foreign'" in s and "Upper" in s and "HFLM's path" in s for s in said)
     shared = ev.evaluate(model)
     hflm = LMEvalEvaluator(cfg, tok, scorer="hflm").evaluate(model)
-    assert shared.scores == hflm.scores and shared.items == hflm.items
+    assert shared.scores == hflm.scores and shared.values == hflm.values
 
 
 def test_staged_generation_equals_the_full_evaluation(tmp_path, tok, model):
@@ -316,13 +317,13 @@ def test_staged_generation_equals_the_full_evaluation(tmp_path, tok, model):
     staged = ev.staged(model)
     part = staged.score({"g0": [0, 3], "g2": [5]})
     assert part == {
-        "g0": {0: full.items["g0"][0], 3: full.items["g0"][3]},
+        "g0": {0: full.values["g0"][0], 3: full.values["g0"][3]},
         "g1": {},
-        "g2": {5: full.items["g2"][5]},
+        "g2": {5: full.values["g2"][5]},
     }
     assert staged.scored == 3
     res = staged.result()
-    assert res.scores == full.scores and res.items == full.items
+    assert res.scores == full.scores and res.values == full.values
 
 
 def test_context_length_reads_hflms_sources():
@@ -410,10 +411,10 @@ def test_chat_prompts_staged_and_full_agree_with_hflm(tmp_path, model):
     full = ev.evaluate(model)
     staged = ev.staged(model)
     staged.score({"c0": [1, 4], "c1": [0]})
-    assert staged.result().items == full.items
+    assert staged.result().values == full.values
     prompt = ev._bank.requests["c0"][1][0].args[0]
     assert prompt.startswith("u: rot: abc") and prompt.count("u: ") == 3 and prompt.endswith("a:")
-    assert LMEvalEvaluator(cfg, t, scorer="hflm").evaluate(model).items == full.items
+    assert LMEvalEvaluator(cfg, t, scorer="hflm").evaluate(model).values == full.values
 
 
 @pytest.mark.parametrize("bad", ["chat", "budget"])

@@ -17,8 +17,8 @@ from _stopper import POINTS, install
 from test_search import write_space
 
 from evomerge.errors import EvomergeError
-from evomerge.search import run_search
-from evomerge.search.liveness import Liveness
+from evomerge.search.distributed.liveness import Liveness
+from evomerge.search.loop import run_search
 from evomerge.search.table import load_trials
 
 TESTS = Path(__file__).resolve().parent
@@ -30,7 +30,7 @@ STOP_SCRIPT = textwrap.dedent("""
     import conftest  # offline env
     from _fake_eval import TaskVectorEvaluator
     from _stopper import install
-    from evomerge.search.liveness import Liveness
+    from evomerge.search.distributed.liveness import Liveness
     from evomerge.search.loop import run_search
     if sys.argv[1] != "go":
         install(sys.argv[1], lambda: os.kill(os.getpid(), signal.SIGKILL))

@@ -27,8 +27,9 @@ from test_search import write_space
 
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
-from evomerge.search.claims import Claims, is_claim
-from evomerge.search.liveness import Liveness
+from evomerge.search.distributed.claims import Claims, is_claim
+from evomerge.search.distributed.liveness import Liveness
+from evomerge.search.records import StudyRecords
 from evomerge.search.storage import open_storage
 
 TESTS = Path(__file__).resolve().parent
@@ -42,7 +43,7 @@ RUNNER = textwrap.dedent("""
     import conftest  # offline env
     from _fake_eval import TaskVectorEvaluator
     from evomerge.search.loop import run_search
-    from evomerge.search.liveness import Liveness
+    from evomerge.search.distributed.liveness import Liveness
 
     cfg = json.loads(sys.argv[1])
 
@@ -352,7 +353,7 @@ def test_a_sigkilled_worker_trial_is_failed_by_heartbeat_and_retried_once(
         "no heartbeat" in s.user_attrs[f"died:{dead[0].number}"]
         and "host-A" in s.user_attrs[f"died:{dead[0].number}"]
     )
-    retry = [t for t in trials if t.user_attrs.get("retry_of") == dead[0].number]
+    retry = [t for t in trials if StudyRecords.retry_of(t) == dead[0].number]
     assert (
         len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == dead[0].params
     )

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge.evaluation.lmeval import get_task_dict, leaf_tasks, manager_for, quiet_lm_eval
-from evomerge.evaluation.scorer import make_lm
+from evomerge.evaluation.hflm import make_lm
+from evomerge.evaluation.tasks import get_task_dict, leaf_tasks, manager_for, quiet_lm_eval
 from evomerge.zoo import ensure_zoo, gen_task_names
 from evomerge.zoo.build import shipped_manifest, tasks_sha256
 from evomerge.zoo.data import SKILLS, eval_strings, skill_answer, write_tasks

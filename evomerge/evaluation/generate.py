@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from evomerge.compat import sdpa_grouped_heads
 from evomerge.evaluation.kv import (
     cache_cat,
     cache_length,
@@ -39,7 +40,6 @@ from evomerge.evaluation.kv import (
     cache_rows,
     forward_names,
     growing,
-    sdpa_gqa,
 )
 
 __all__ = ["GenRequest", "GenStats", "generate_shared", "common_prefix"]
@@ -148,7 +148,7 @@ def generate_shared(
     autocast = torch.autocast(
         device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
     )
-    with torch.no_grad(), autocast, sdpa_gqa(device):
+    with torch.no_grad(), autocast, sdpa_grouped_heads(device):
         for members in groups.values():
             seqs = [list(requests[i].tokens) for i in members]
             # Every row keeps at least one token of its own: its last logits start the generation.
@@ -162,8 +162,8 @@ def generate_shared(
             todo = sorted((r for r in rows if r.max_new > 0), key=lambda r: -len(r.suffix))
             if todo:  # longest first: memory errors show at once
                 dec.run_group(dec.prefix_pass(seqs[0][:p]) if p else None, p, todo, batch_size)
-            for r in rows:
-                out[r.index] = r.out
+            for row in rows:
+                out[row.index] = row.out
     return out
 
 

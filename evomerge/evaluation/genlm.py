@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from evomerge.compat import feed_cache_hook, task_filters
 from evomerge.evaluation.generate import GenRequest, GenStats, generate_shared
 from evomerge.evaluation.kv import sliding_window
 
@@ -206,7 +207,7 @@ def generate_until_shared(
     for (i, _, until), tokens in zip(mine, got, strict=True):
         s = postprocess_generated_text(lm.tok_decode(tokens), stop=until, think_end_token=None)
         out[i] = s
-        lm.cache_hook.add_partial("generate_until", requests[i].args, s)
+        feed_cache_hook(lm, requests[i].args, s, "generate_until")
     return out
 
 
@@ -250,7 +251,7 @@ def context_length(config: Mapping[str, Any] | Any, tokenizer: Any = None) -> in
 
 
 def _filter_reason(task: Any) -> str:
-    for ensemble in getattr(task, "_filters", []):
+    for ensemble in task_filters(task):
         for step in ensemble.filters:
             cls = getattr(step, "func", step)
             module = getattr(cls, "__module__", "") or ""

@@ -5,10 +5,12 @@ those values for a subset of the items without changing what the full evaluation
 pieces do it:
 
 - :class:`RequestBank` builds the requests of every search item once per evaluator, with lm-eval's
-  own ``build_all_requests`` over all search docs after the few-shot reseed every evaluation does:
+  own ``build_all_requests`` over all search docs after the few-shot reseed every evaluation does
+  (:func:`~evomerge.evaluation.hflm.reseed_fewshot`):
   each item's prompt is the one a full evaluation gives it (few-shot examples are drawn in doc
   order, so building a subset alone would give later items other examples).
-- :func:`memo_lm` wraps a candidate's LM: a request it ran once is answered from memory.
+- :class:`~evomerge.evaluation.hflm.MemoLM` wraps a candidate's LM: a request it ran once is
+  answered from memory.
 - :class:`LMEvalStaged` runs a round's items through that LM and computes each item's value with
   the task's own filters and ``process_results``; :meth:`LMEvalStaged.result` then runs lm-eval's
   ``evaluate`` over every item with the same LM, so lm-eval computes the metrics, the aggregation
@@ -26,19 +28,18 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from evomerge.evaluation.base import EvalResult, StagedEvaluation, TaskSpec
+from evomerge.compat import build_task_requests, task_filters
+from evomerge.evaluation.base import Scores, StagedEvaluation, TaskSpec
+from evomerge.evaluation.hflm import MemoLM, no_task_bars, reseed_fewshot
 
 __all__ = [
     "RequestBank",
     "LMEvalStaged",
-    "memo_lm",
     "metric_filter",
     "metric_value",
     "stageable",
     "items_from_samples",
 ]
-
-FEWSHOT_SEED = 1234  # the seed every evaluation reseeds lm-eval's few-shot samplers with
 
 
 def metric_filter(metric: str, filters: Sequence[str]) -> tuple[str, str]:
@@ -78,7 +79,7 @@ def metric_value(res: Mapping[str, Any], metric: str) -> tuple[float, float] | N
 
 
 def _filters(task: Any) -> list[str]:
-    return [f.name for f in getattr(task, "_filters", [])] or ["none"]
+    return [f.name for f in task_filters(task)] or ["none"]
 
 
 def stageable(
@@ -114,92 +115,18 @@ class RequestBank:
         self.tasks = dict(tasks)
         self.chat = chat
         self.requests: dict[str, list[list[Any]]] = {}
-        import lm_eval.api.task as lm_task
-
-        bar, lm_task.tqdm = lm_task.tqdm, lambda it, *a, **k: it  # no progress bar per task
-        try:
+        with no_task_bars():
             for leaf, task in self.tasks.items():
                 self._build(leaf, task, ids[leaf])
-        finally:
-            lm_task.tqdm = bar
 
     def _build(self, leaf: str, task: Any, ids: list[int]) -> None:
-        task.set_fewshot_seed(seed=FEWSHOT_SEED)
-        task.build_all_requests(
-            limit=None,
-            samples=list(ids),
-            rank=0,
-            world_size=1,
-            cache_requests=False,
-            rewrite_requests_cache=False,
-            system_instruction=None,
-            apply_chat_template=self.chat is not None,
-            fewshot_as_multiturn=self.chat is not None,
-            chat_template=getattr(self.chat, "apply_chat_template", None),
-            tokenizer_name=getattr(self.chat, "tokenizer_name", ""),
-        )
+        reseed_fewshot([task])  # as the full evaluation does: the same prompts
+        build_task_requests(task, ids, chat=self.chat)
         by_doc: dict[int, list[Any]] = defaultdict(list)
         for inst in task.instances:  # doc_id is the position among the selected docs
             by_doc[inst.doc_id].append(inst)
         self.requests[leaf] = [sorted(by_doc[pos], key=lambda x: x.idx) for pos in range(len(ids))]
-        task.set_fewshot_seed(seed=FEWSHOT_SEED)
-
-
-def memo_lm(inner: Any) -> Any:
-    """An lm-eval ``LM`` that forwards to ``inner`` the requests it has not answered yet and answers
-    the others from memory (one candidate's: never share it between models).
-
-    Args:
-        inner: the candidate's lm-eval LM.
-
-    Returns:
-        The wrapping ``lm_eval.api.model.LM``.
-    """
-    from lm_eval.api.model import LM
-
-    class _MemoLM(LM):
-        def __init__(self) -> None:
-            super().__init__()
-            self.memo: dict[tuple[str, str, int], Any] = {}
-
-        def _answer(self, kind: str, requests: list[Any]) -> list[Any]:
-            # The n-th copy of one request (lm-eval repeats a request for sampled generations)
-            # is its own entry, so repeats keep their distinct answers.
-            seen: dict[tuple[str, str], int] = defaultdict(int)
-            keys = []
-            for r in requests:
-                base = (kind, repr(r.args))
-                keys.append((*base, seen[base]))
-                seen[base] += 1
-            todo = {k: r for k, r in zip(keys, requests, strict=True) if k not in self.memo}
-            if todo:
-                self.memo.update(zip(todo, getattr(inner, kind)(list(todo.values())), strict=True))
-            return [self.memo[k] for k in keys]
-
-        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-            return self._answer("loglikelihood", requests)
-
-        def loglikelihood_rolling(
-            self, requests: list[Any], disable_tqdm: bool = False
-        ) -> list[Any]:
-            return self._answer("loglikelihood_rolling", requests)
-
-        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-            return self._answer("generate_until", requests)
-
-        # Prompts rendered with a chat template are the inner LM's (the full evaluation after
-        # staged rounds must build the prompts the rounds were scored on).
-        def apply_chat_template(self, chat_history: list[Any], add_generation_prompt=True) -> str:
-            return inner.apply_chat_template(chat_history, add_generation_prompt)
-
-        @property
-        def tokenizer_name(self) -> str:
-            return inner.tokenizer_name
-
-        def chat_template(self, chat_template: Any = False) -> Any:
-            return inner.chat_template(chat_template)
-
-    return _MemoLM()
+        reseed_fewshot([task])
 
 
 def items_from_samples(
@@ -233,7 +160,7 @@ class LMEvalStaged(StagedEvaluation):
         bank: the search items' requests.
         specs: the search task specs.
         leaves: spec name -> its leaf task names.
-        lm: the candidate's lm-eval LM (wrapped by :func:`memo_lm` here).
+        lm: the candidate's lm-eval LM (wrapped in a :class:`~evomerge.evaluation.hflm.MemoLM` here).
         finish: runs lm-eval's evaluation of every search item with a given LM.
     """
 
@@ -243,10 +170,10 @@ class LMEvalStaged(StagedEvaluation):
         specs: Sequence[TaskSpec],
         leaves: Mapping[str, list[str]],
         lm: Any,
-        finish: Callable[[Any], EvalResult],
+        finish: Callable[[Any], Scores],
     ) -> None:
         self.bank, self.specs, self.leaves = bank, list(specs), leaves
-        self.lm = memo_lm(lm)
+        self.lm = MemoLM(lm)
         self.finish = finish
         self.values: dict[str, dict[int, float]] = {s.name: {} for s in self.specs}
         self.seconds = 0.0
@@ -291,7 +218,7 @@ class LMEvalStaged(StagedEvaluation):
                 r.resps.append(x)
         for leaf in {leaf for leaf, _ in fresh}:
             insts = [r for (lf, _), reqs in fresh.items() if lf == leaf for r in reqs]
-            for f in getattr(self.bank.tasks[leaf], "_filters", []):
+            for f in task_filters(self.bank.tasks[leaf]):
                 f.apply(insts)
         for spec in self.specs:
             for i, leaf, pos in todo[spec.name]:
@@ -304,7 +231,6 @@ class LMEvalStaged(StagedEvaluation):
             s.name: {i: self.values[s.name][i] for i in items.get(s.name, ())} for s in self.specs
         }
 
-    def result(self) -> EvalResult:
+    def result(self) -> Scores:
         r = self.finish(self.lm)
-        r.seconds += self.seconds
-        return r
+        return dataclasses.replace(r, seconds=r.seconds + self.seconds)

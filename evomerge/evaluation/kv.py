@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -19,6 +16,7 @@ __all__ = [
     "cache_cat",
     "cache_length",
     "cache_paddable",
+    "growing",
     "sliding_window",
 ]
 
@@ -73,7 +71,7 @@ def cache_paddable(cache: Any) -> bool:
     per token) or a :func:`growing` one, so that :func:`cache_cat` may pad it."""
     from transformers.cache_utils import DynamicLayer
 
-    layers = getattr(cache, "layers", None)
+    layers = getattr(cache, "layers", None) or []
     grow = _growing_layer()
     return bool(layers) and all(type(x) in (DynamicLayer, grow) for x in layers)
 
@@ -180,27 +178,6 @@ def cache_cat(a: Any, b: Any) -> Any | None:
         for la, lb in zip(a.layers, b.layers, strict=True)
     ]
     return out
-
-
-@contextmanager
-def sdpa_gqa(device: torch.device) -> Iterator[None]:
-    """On CPU, let ``transformers``' SDPA attention take grouped key/value heads as they are
-    (``enable_gqa``) rather than repeat them for every query head, a copy of the whole cache per
-    layer and per forward that the CPU kernel does not need; the results are the same. On other
-    devices nothing changes (their fast kernels take no mask with grouped heads).
-
-    Args:
-        device: where the forwards run.
-    """
-    name = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers at each attention call
-    if device.type != "cpu" or os.environ.get(name) is not None:
-        yield
-        return
-    os.environ[name] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
 
 
 def sliding_window(model: torch.nn.Module) -> int | None:

@@ -9,6 +9,7 @@ comments, so ``mergekit-yaml best.yml out`` accepts the file for the methods it 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from evomerge.contamination.rules import assessment_from_dict
 from evomerge.engine.hashes import is_fingerprint
 from evomerge.engine.merger import merge_to_disk
 from evomerge.engine.rng import SEED_PRAGMA, pragma_from_text, seed_from_text
+from evomerge.engine.writer import AtomicDir
 from evomerge.errors import EvomergeError, one_line
 from evomerge.io import atomic_text, dump_yaml
 from evomerge.moe.config import is_moe_mapping
@@ -171,25 +173,36 @@ def export_recipe(
     return text, recipe, info
 
 
+def _check_dir(what: str, d: Path, force: bool) -> None:
+    if d.exists() and not d.is_dir():
+        raise EvomergeError(f"{what}: exists and is not a directory")
+    if d.exists() and any(d.iterdir()) and not force:
+        raise EvomergeError(f"{what}: directory is not empty (pass --force to replace it)")
+    AtomicDir(d, force=force)  # checks (creating nothing) that it can be made there
+
+
 def main_export(args: Any) -> int:
-    """``evomerge export space.yml [--trial N] -o best.yml [--merge OUT_DIR]``."""
+    """``evomerge export space.yml [--trial N] -o best.yml [--merge OUT_DIR]``.
+
+    A refusal leaves every file as it was: the outputs are checked before the study is read, the
+    merged experts' once they are known, and the recipe files this run created are removed again
+    when the merge fails.
+    """
     paths = locate(args.space, study=args.study, storage=args.storage, results_dir=args.results_dir)
-    study = load_study(paths)
     out = Path(args.output)
+    _check_file(out, args.force)
+    if args.merge:
+        _check_dir(f"--merge {args.merge}", Path(args.merge), args.force)
+    study = load_study(paths)
     text, recipe, info = export_recipe(study, trial=args.trial, space_file=args.space, out=out)
     # Every file and directory this export writes is checked before the first is written.
     for f in info["expert_files"]:
         _check_file(f.recipe_path, args.force)
-    _check_file(out, args.force)
-    if args.merge:
-        dirs = [(f"--merge {args.merge}", Path(args.merge))] + [
-            (f"merged expert {f.model_dir}", f.model_dir) for f in info["expert_files"]
-        ]
-        for what, d in dirs:
-            if d.exists() and not d.is_dir():
-                raise EvomergeError(f"{what}: exists and is not a directory")
-            if d.exists() and any(d.iterdir()) and not args.force:
-                raise EvomergeError(f"{what}: directory is not empty (pass --force to replace it)")
+        if args.merge:
+            _check_dir(f"merged expert {f.model_dir}", f.model_dir, args.force)
+    files = [f.recipe_path for f in info["expert_files"]] + [out]
+    dirs = [f.model_dir for f in info["expert_files"]] if args.merge else []
+    created = [p for p in files + dirs if not p.exists()]
     for f in info["expert_files"]:
         _atomic_write(f.recipe_path, f.text, args.force)
     _atomic_write(out, text, args.force)
@@ -199,6 +212,23 @@ def main_export(args: Any) -> int:
     )
     for line in info["evaluation"]:
         print(f"  {line}")
+    try:
+        differs = _merge(args, recipe, text, info)
+    except BaseException:
+        for p in created:  # the merge failed: the export leaves nothing of its own behind
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        raise
+    if differs:
+        raise EvomergeError(differs)
+    return 0
+
+
+def _merge(args: Any, recipe: Any, text: str, info: dict[str, Any]) -> str | None:
+    """Merge the exported recipe into ``--merge`` (nothing without it); why the merged tensors
+    differ from the trial's, or None when they are the same."""
     if args.merge and info["moe"]:
         for f in info["expert_files"]:
             merge_to_disk(
@@ -225,12 +255,10 @@ def main_export(args: Any) -> int:
             + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:20]}")
         )
         if not same:
-            raise EvomergeError(
-                f"--merge: the rebuilt mixture differs from trial {info['number']}'s ({built.digest[:20]} vs {info['digest'][:20]})"
-            )
+            return f"--merge: the rebuilt mixture differs from trial {info['number']}'s ({built.digest[:20]} vs {info['digest'][:20]})"
     elif args.merge:
-        # CUDA trials record a fingerprint of their tensors (evomerge.engine.hashes), CPU trials and studies made
-        # before fingerprints a sha256. The re-merge is checked against whichever the trial holds.
+        # CUDA trials record a fingerprint of their tensors (evomerge.engine.hashes), CPU trials a
+        # sha256. The re-merge is checked against whichever the trial holds.
         fp = is_fingerprint(info["digest"])
         result = merge_to_disk(
             recipe,
@@ -251,7 +279,5 @@ def main_export(args: Any) -> int:
             + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:20]}")
         )
         if not same:
-            raise EvomergeError(
-                f"--merge: the re-merged tensors differ from trial {info['number']}'s ({got[:20]} vs {info['digest'][:20]})"
-            )
-    return 0
+            return f"--merge: the re-merged tensors differ from trial {info['number']}'s ({got[:20]} vs {info['digest'][:20]})"
+    return None

@@ -4,12 +4,14 @@ space, and the ``search:`` and ``study:`` sections."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
-from evomerge.io import read_yaml
+from evomerge.evaluation.section import parse_evaluate
+from evomerge.io import plain_name, read_yaml
 from evomerge.methods.registry import METHODS
 from evomerge.moe.config import is_moe_mapping, parse_moe_config
 from evomerge.recipe.schema import parse_recipe
@@ -46,14 +48,18 @@ class _SpaceParser:
         self.file = file
         self.directives: list[Directive] = []
         self.names: set[str] = set()
+        # The suffix unique() tries next for a name: a space of n same-named values is then read
+        # in linear time, not quadratic.
+        self.next_suffix: dict[str, int] = {}
 
     def err(self, fld: str, msg: str) -> ConfigError:
         return ConfigError(self.file, fld, msg)
 
     def unique(self, name: str) -> str:
-        base, i = name, 2
+        base, i = name, self.next_suffix.get(name, 2)
         while name in self.names:
             name, i = f"{base}_{i}", i + 1
+        self.next_suffix[base] = i
         self.names.add(name)
         return name
 
@@ -237,12 +243,13 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
         elif k == "models" and isinstance(v, list):
             models = []
             shorts = [_short(m.get("model")) if isinstance(m, Mapping) else "model" for m in v]
+            count = Counter(shorts)
             for i, m in enumerate(v):
                 if not isinstance(m, Mapping):
                     models.append(m)
                     continue
                 e = dict(m)
-                suffix = f".{shorts[i]}" if shorts.count(shorts[i]) == 1 else f".{i}"
+                suffix = f".{shorts[i]}" if count[shorts[i]] == 1 else f".{i}"
                 if "model" in m:
                     e["model"] = p.scalar(m["model"], f"models[{i}].model", f"model{suffix}")
                 if "parameters" in m:
@@ -317,16 +324,10 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
     search = _search_settings(data.get("search"), p)
     study_name, storage = _study_section(data.get("study"), p)
     _check_sampler(search, p)
-    space = Space(
-        file,
-        base_dir or Path(file).resolve().parent,
-        tree,
-        p.directives,
-        data.get("evaluate"),
-        search,
-        study_name,
-        storage,
-    )
+    base = base_dir or Path(file).resolve().parent
+    section = data.get("evaluate")
+    evaluation = None if section is None else parse_evaluate(section, file, base, check_tasks=False)
+    space = Space(file, base, tree, p.directives, evaluation, search, study_name, storage)
     validate_points(space)
     return space
 
@@ -379,14 +380,15 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
                 "stops a trial by its single score: it does not work with several objectives (set prune: false)",
             )
         prune = None  # on by default, off with several objectives
-    # The default is the sampler measured best (bench/bench_samplers.py): gp for one objective
-    # without pruning; tpe with pruning (gp learns from complete trials only) or several objectives.
+    # The default sampler: gp for one objective without pruning; tpe with pruning or several
+    # objectives (the benchmark pages say why).
     sampler = section.get("sampler", "gp" if not objectives and prune is None else DEFAULT_SAMPLER)
     if sampler not in SAMPLERS:
         raise p.err(
             "search.sampler", f"unknown sampler {sampler!r}{did_you_mean(str(sampler), SAMPLERS)}"
         )
-    baselines = []
+    baselines: list[tuple[str, Any]] = []
+    named: dict[str, int] = {}  # name -> index of the baseline that has it
     raw = section.get("baselines") or []
     if not isinstance(raw, list):
         raise p.err(
@@ -401,6 +403,12 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
             if k not in ("name", "recipe"):
                 raise p.err(f"{f}.{k}", f"unknown key{did_you_mean(str(k), ('name', 'recipe'))}")
         name = str(b.get("name") or f"hand_{i}")
+        if name in named:
+            raise p.err(
+                f"{f}.name",
+                f"baseline {name!r} is named twice (also search.baselines[{named[name]}]); give each baseline its own name",
+            )
+        named[name] = i
         recipe = b["recipe"]
         if isinstance(recipe, str):
             path = Path(recipe).expanduser()
@@ -434,15 +442,15 @@ def _study_section(section: Any, p: _SpaceParser) -> tuple[str | None, str | Non
     if section is None:
         return None, None
     if isinstance(section, str):
-        return section, None
+        return plain_name(section, p.file, "study"), None
     if not isinstance(section, Mapping):
         raise p.err("study", "must be a mapping {name, storage} or a study name")
     for k in section:
         if k not in _STUDY_KEYS:
             raise p.err(f"study.{k}", f"unknown key{did_you_mean(str(k), _STUDY_KEYS)}")
     name = section.get("name")
-    if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name)):
-        raise p.err("study.name", f"must be a plain name (letters, digits, _ . -), got {name!r}")
+    if name is not None:
+        plain_name(name, p.file, "study.name")  # it becomes the folder results/<name>
     storage = section.get("storage")
     if storage is not None and not isinstance(storage, str):
         raise p.err("study.storage", f"must be an Optuna storage URL string, got {storage!r}")
