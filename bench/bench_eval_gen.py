@@ -44,22 +44,18 @@ GEN_SIZES = {
 
 
 def _trial(lm, task_dict) -> tuple[float, dict[str, list[str]], dict[str, float]]:
-    import lm_eval.api.task as lm_task
     from lm_eval.evaluator import evaluate
 
+    from evomerge.evaluation.hflm import no_task_bars, reseed_fewshot
     from evomerge.evaluation.tasks import leaf_tasks
 
-    for t in leaf_tasks(task_dict).values():
-        t.set_fewshot_seed(seed=1234)
-    bar, lm_task.tqdm = lm_task.tqdm, lambda it, *a, **k: it
-    try:
+    reseed_fewshot(leaf_tasks(task_dict).values())  # as the evaluator does: the same prompts
+    with no_task_bars():
         t0 = time.perf_counter()
         out = evaluate(lm, task_dict, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
         if str(getattr(lm, "device", "cpu")).startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-    finally:
-        lm_task.tqdm = bar
     gens = {  # one string per item (lm-eval logs an item once per filter)
         n: list(
             {s["doc_id"]: s["resps"][0][0] for s in sorted(v, key=lambda s: s["doc_id"])}.values()

@@ -100,6 +100,18 @@ def best_of(df) -> tuple[float, float]:
     return float(best["score"]), float(best["validation"])
 
 
+def chosen_of(df) -> tuple[float, float]:
+    """(validation, test) of the chosen trial (:func:`~evomerge.search.table.chosen_row`: the best
+    validation score among the trials re-scored there; what export takes), as the study reports
+    them; nan where the table has none."""
+    from evomerge.search.table import chosen_row
+
+    row = chosen_row(df[df["baseline"] == ""])
+    if row is None:
+        return float("nan"), float("nan")
+    return float(row.get("validation", float("nan"))), float(row.get("test", float("nan")))
+
+
 def curve(df) -> list[tuple[int, float]]:
     """(search items spent by the searched trials so far, holdout of the best COMPLETE trial so far by
     search score) after each searched trial, in trial order. Every new best gets its holdout re-score
@@ -197,6 +209,7 @@ def prune_runs(args, results: Path) -> None:
                     ]  # the fixed-budget comparison: its first --trials trials
                 n = item_totals(df)
                 score, holdout = best_of(df)
+                chosen_v, chosen_t = chosen_of(df)
                 row = {
                     "seed": seed,
                     "items": n["trials"],
@@ -204,12 +217,14 @@ def prune_runs(args, results: Path) -> None:
                     "pruned": int(((df["state"] == "PRUNED") & (df["baseline"] == "")).sum()),
                     "score": score,
                     "holdout": holdout,
+                    "chosen_v": chosen_v,
+                    "chosen_t": chosen_t,
                     "wall": wall,
                 }
                 table.setdefault((name, mode), []).append(row)
                 print(
                     f"  {name:15} seed {seed} prune {mode:3}: items {row['items']:5} (in all {row['all']:5}), {row['pruned']:2} pruned, "
-                    f"best search {score:.3f} holdout {holdout:.3f}  ({wall:.0f}s)",
+                    f"best search {score:.3f} holdout {holdout:.3f}; chosen validation {chosen_v:.3f} test {chosen_t:.3f}  ({wall:.0f}s)",
                     flush=True,
                 )
     print(
@@ -228,6 +243,8 @@ def prune_runs(args, results: Path) -> None:
                             ("all", ".0f"),
                             ("pruned", ".0f"),
                             ("holdout", ".3f"),
+                            ("chosen_v", ".3f"),
+                            ("chosen_t", ".3f"),
                             ("wall", ".0f"),
                         )
                     )
@@ -237,10 +254,11 @@ def prune_runs(args, results: Path) -> None:
             cut = [1 - b["items"] / a["items"] for a, b in zip(off, on, strict=True)]
             cut_all = [1 - b["all"] / a["all"] for a, b in zip(off, on, strict=True)]
             dh = [b["holdout"] - a["holdout"] for a, b in zip(off, on, strict=True)]
+            dt = [b["chosen_t"] - a["chosen_t"] for a, b in zip(off, on, strict=True)]
             print(
                 f"  {name:15} on vs off, per seed: trial items cut {_spread(cut, '.1%')}, all items cut {_spread(cut_all, '.1%')}, "
                 f"best holdout on - off {_spread(dh, '+.3f')}; median best holdout {statistics.median(r['holdout'] for r in on):.3f} (on) "
-                f"vs {statistics.median(r['holdout'] for r in off):.3f} (off)"
+                f"vs {statistics.median(r['holdout'] for r in off):.3f} (off); chosen trial's test on - off {_spread(dt, '+.3f')}"
             )
         if off and on:
             equal_items(curves[name], 300)
