@@ -75,7 +75,7 @@ def _floor(model, stats, batch: int, device: str) -> float:
     """Seconds of raw forwards over the ideal tokens: the prefix once, the items' own tokens in
     batches, the generated tokens as decode steps of ``batch`` rows on a cache of typical length."""
     from evomerge.compat import sdpa_grouped_heads
-    from evomerge.evaluation.kv import cache_rows, forward_names
+    from evomerge.evaluation.kv import cache_rows, forward_names, output_cache
 
     name, _ = forward_names(model)
     n_items = max(1, stats["items"])
@@ -99,7 +99,7 @@ def _floor(model, stats, batch: int, device: str) -> float:
     with torch.no_grad(), sdpa_grouped_heads(torch.device(device)):  # as the shared path runs them
         ids = torch.randint(0, vocab, (1, max(1, p)), device=device)
         t_prefix, res = timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
-        cache = res.past_key_values
+        cache = output_cache(res)
         rows = min(batch, n_items)
         own_ids = torch.randint(0, vocab, (rows, width), device=device)
 
@@ -108,7 +108,7 @@ def _floor(model, stats, batch: int, device: str) -> float:
             return model(input_ids=own_ids, use_cache=True, logits_to_keep=1, **{name: c})
 
         t_own, res = timed(own_pass)
-        step_cache = res.past_key_values
+        step_cache = output_cache(res)
         one = torch.randint(0, vocab, (rows, 1), device=device)
 
         def step():

@@ -179,7 +179,6 @@ def test_what_the_fast_path_leaves_out_is_hflms_with_a_line(model, tok, caplog):
         assert shared.generate_until(_instances(texts, plain, "filt")) == hflm.generate_until(
             _instances(texts, plain, "filt")
         )
-        shared.generate_until(_instances(texts, plain, "filt"))  # said once only
         model.generation_config.repetition_penalty = 1.3
         try:
             assert shared.generate_until(_instances(texts, plain)) == hflm.generate_until(
@@ -190,7 +189,7 @@ def test_what_the_fast_path_leaves_out_is_hflms_with_a_line(model, tok, caplog):
     said = [r.getMessage() for r in caplog.records if r.name == "evomerge.evaluation.genlm"]
     assert sum("sampling (do_sample)" in s for s in said) == 1
     assert sum("generation_kwargs num_beams" in s for s in said) == 1
-    assert sum("task filt: a reason: HFLM's path" in s for s in said) == 1
+    assert not any("a reason" in s for s in said)  # the evaluator said why when it loaded the task
     assert sum("repetition_penalty=1.3" in s for s in said) == 1
 
 

@@ -40,6 +40,7 @@ from evomerge.evaluation.kv import (
     cache_rows,
     forward_names,
     growing,
+    output_cache,
 )
 
 __all__ = ["GenRequest", "GenStats", "generate_shared", "common_prefix"]
@@ -201,8 +202,7 @@ class _Decoder:
         if self.keep is not None:
             kwargs[self.keep] = 1  # only the last position's logits are used
         res = self.model(use_cache=True, **kwargs)
-        cache = getattr(res, "cache", None)
-        return res.logits[:, -1], cache if cache is not None else res.past_key_values
+        return res.logits[:, -1], output_cache(res)
 
     def prefix_pass(self, prefix: list[int]) -> Any:
         return growing(self._forward(input_ids=torch.tensor([prefix], device=self.device))[1])

@@ -141,7 +141,9 @@ def generate_until_shared(
         lm: the ``HFLM`` (tokenizer, ``max_length``, batch size, device and model are read from it).
         requests: lm-eval ``Instance`` objects of type ``generate_until``.
         hflm_generate: HFLM's own ``generate_until`` (for what the fast path leaves out).
-        hflm_tasks: task name -> why its requests go to ``hflm_generate``.
+        hflm_tasks: task name -> why its requests go to ``hflm_generate`` (the caller has said
+            why: :class:`~evomerge.evaluation.lmeval.LMEvalEvaluator` logs it when it loads the
+            tasks, so no second line here).
         stats: if given, the fast path's token counts are added to it.
 
     Returns:
@@ -168,7 +170,10 @@ def generate_until_shared(
         context, gen_kwargs = r.args
         kw = normalize_gen_kwargs(gen_kwargs, lm.max_gen_toks)
         task = getattr(r, "task_name", None)
-        why = (hflm_tasks or {}).get(task or "", "") or _kwargs_reason(gen_kwargs, kw)
+        if task in (hflm_tasks or {}):
+            rest.append(i)
+            continue
+        why = _kwargs_reason(gen_kwargs, kw)
         if why:
             _say_once(f"{task}:{why}", f"generation: task {task}: {why}: HFLM's path")
             rest.append(i)

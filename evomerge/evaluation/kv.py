@@ -12,6 +12,7 @@ import torch
 
 __all__ = [
     "forward_names",
+    "output_cache",
     "cache_rows",
     "cache_cat",
     "cache_length",
@@ -35,6 +36,20 @@ def forward_names(model: torch.nn.Module) -> tuple[str, str | None]:
     cache = "cache" if "cache" in params else "past_key_values"
     keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
     return cache, keep
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a forward returned: ``output.cache`` in transformers 5 (where reading
+    ``past_key_values`` logs a deprecation line), ``output.past_key_values`` before.
+
+    Args:
+        output: a ``transformers`` model output of a forward with ``use_cache=True``.
+
+    Returns:
+        The cache (None when the forward returned none).
+    """
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def cache_rows(cache: Any, index: torch.Tensor) -> Any:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from evomerge.evaluation.kv import cache_rows as _rows_of
 from evomerge.evaluation.kv import forward_names as _forward_names
+from evomerge.evaluation.kv import output_cache
 
 __all__ = ["score_shared", "say_once"]
 
@@ -154,9 +155,7 @@ def _context_pass(
     kwargs: dict[str, Any] = {"use_cache": True}
     if keep_name is not None:
         kwargs[keep_name] = 1  # the context's logits are not needed
-    res = model(input_ids=ids.to(device), **kwargs)
-    cache = getattr(res, "cache", None)
-    return cache if cache is not None else res.past_key_values
+    return output_cache(model(input_ids=ids.to(device), **kwargs))
 
 
 def _continuation_passes(
