@@ -73,9 +73,10 @@ def _trial(lm, task_dict) -> tuple[float, dict[str, list[str]], dict[str, float]
 
 def _floor(model, stats, batch: int, device: str) -> float:
     """Seconds of raw forwards over the ideal tokens: the prefix once, the items' own tokens in
-    batches, the generated tokens as decode steps of ``batch`` rows on a cache of typical length."""
+    batches, the generated tokens as decode steps of ``batch`` rows on a cache of typical length
+    that appends in place (:func:`~evomerge.evaluation.kv.growing`, as the shared path's)."""
     from evomerge.compat import sdpa_grouped_heads
-    from evomerge.evaluation.kv import cache_rows, forward_names, output_cache
+    from evomerge.evaluation.kv import cache_rows, forward_names, growing, output_cache
 
     name, _ = forward_names(model)
     n_items = max(1, stats["items"])
@@ -108,7 +109,7 @@ def _floor(model, stats, batch: int, device: str) -> float:
             return model(input_ids=own_ids, use_cache=True, logits_to_keep=1, **{name: c})
 
         t_own, res = timed(own_pass)
-        step_cache = output_cache(res)
+        step_cache = growing(output_cache(res))  # appends in place, as the shared path's
         one = torch.randint(0, vocab, (rows, 1), device=device)
 
         def step():
