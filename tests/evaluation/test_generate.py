@@ -12,8 +12,8 @@ import pytest
 import torch
 from _gsm8k import TASK as GSM_TASK
 from _gsm8k import build_model, build_tokenizer, write_task
+from _long_task import SMALL
 from _tiny import make_tiny
-from test_scorer import SMALL
 
 from evomerge.errors import ConfigError
 from evomerge.evaluation import EvalConfig, TaskSpec
@@ -215,6 +215,7 @@ def _run(lm, task_dict, task: str):
     return [s["resps"][0][0] for s in samples], out["results"][task]
 
 
+@pytest.mark.slow  # trains a 32k BPE tokenizer (~10 s)
 def test_gsm8k_shaped_task_matches_hflm(gsm8k):
     tokenizer, m, folder = gsm8k
     assert len(tokenizer) == 32000
@@ -416,6 +417,7 @@ def test_chat_prompts_staged_and_full_agree_with_hflm(tmp_path, model):
     assert LMEvalEvaluator(cfg, t, scorer="hflm").evaluate(model).values == full.values
 
 
+@pytest.mark.slow  # a search started from the CLI (the zoo, lm-eval's task index)
 @pytest.mark.parametrize("bad", ["chat", "budget"])
 def test_search_stops_before_its_first_trial_with_one_line(tmp_path, monkeypatch, capsys, bad):
     from evomerge.cli import main

@@ -104,6 +104,7 @@ def _generations(lm, task_dict) -> tuple[dict[str, list[str]], dict[str, float]]
     return gens, {n: r["exact_match,extract"] for n, r in out["results"].items()}
 
 
+@pytest.mark.slow  # four lm-eval runs per case
 @pytest.mark.parametrize("shots", [0, 3])
 def test_shared_scorer_generates_hflms_answers_on_the_zoo(demo, shots):
     """Zero-shot, and three shots, which the zoo's 32-token context left-truncates (HFLM keeps the
@@ -132,6 +133,7 @@ def test_shared_scorer_generates_hflms_answers_on_the_zoo(demo, shots):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # a search, an export with a merge, lm_eval in a child process
 def test_best_demo_gen_trial_exported_merged_and_scored_by_plain_lm_eval(tmp_path, monkeypatch):
     """The done-when check of issue 23: ``search_spaces/demo_gen.yml`` (fewer trials), the trial
     ``evomerge export`` takes, merged (``--merge``) and scored by ``lm_eval --model hf`` on the
@@ -149,7 +151,7 @@ def test_best_demo_gen_trial_exported_merged_and_scored_by_plain_lm_eval(tmp_pat
 
     monkeypatch.setenv("EVOMERGE_ZOO_DIR", str(tmp_path / "zoo"))
     zoo = ensure_zoo("demo")
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     data = yaml.safe_load((repo / "search_spaces" / "demo_gen.yml").read_text())
     data["search"]["trials"] = 8
     space = tmp_path / "demo_gen.yml"
