@@ -13,6 +13,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from evomerge.dataflow.section import plain_sources, recipe_sources
 from evomerge.errors import failure_line
 from evomerge.io import dump_yaml
 from evomerge.search.candidates import Candidates
@@ -25,7 +26,9 @@ __all__ = ["baseline_recipes", "enqueue_hand_recipes", "run_baselines"]
 
 def baseline_recipes(space: Space) -> dict[str, dict[str, Any]]:
     """``{name: recipe}``: ``source:<ref>`` for each model, ``uniform``, and ``hand:<name>``."""
-    refs = space.model_refs()
+    dataflow = space.tree.get("dataflow")
+    # A data-flow space's baselines are its sources (a merge source's base model is no source).
+    refs = space.model_refs() if dataflow is None else plain_sources(dataflow)
     base = space.tree.get("base_model") if isinstance(space.tree.get("base_model"), str) else None
     dtype = space.tree.get("dtype")
     extra = {"dtype": dtype} if isinstance(dtype, str) else {}
@@ -45,6 +48,9 @@ def baseline_recipes(space: Space) -> dict[str, dict[str, Any]]:
             "models": [{"model": r, "parameters": {"weight": 1.0}} for r in tuned],
             **extra,
         }
+    if dataflow is not None:  # a merge whose layers a data-flow search runs, on its own
+        for name, recipe in recipe_sources(dataflow):
+            out[f"source:{name}"] = dict(recipe)
     for name, recipe in space.search.baselines:
         out[f"hand:{name}"] = dict(recipe)
     return out

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from evomerge.contamination.rules import Assessment, assess
+from evomerge.dataflow.section import check_section
 from evomerge.engine.merger import Merger, check_device
 from evomerge.engine.sources import ModelSource, open_sources
 from evomerge.errors import ConfigError, EvomergeError, one_line
@@ -28,6 +29,7 @@ from evomerge.search.baselines import baseline_recipes
 from evomerge.search.liveness import Liveness
 from evomerge.search.recovery import on_stale
 from evomerge.search.storage import StudyPaths, open_storage, study_paths
+from evomerge.search.study_source import resolve_study_sources
 from evomerge.space import Space, load_space
 from evomerge.space.moe import check_prompt_tasks
 
@@ -176,8 +178,13 @@ def prepare(
         space_storage=space.storage,
         results_dir=results_dir,
     )
+    dataflow = space.tree.get("dataflow")
+    if dataflow is not None:  # PS+DFS: a finished study's trial is a source
+        resolve_study_sources(space, results_dir=results_dir, log=log)
     # Models: open once; a space whose models cannot merge fails here, before any output.
     sources = open_sources(space.model_refs(), file=file)
+    if dataflow is not None:
+        check_section(dataflow, file, sources, lambda ref: sources[ref].arch.num_layers)
     threads = threads if threads is not None else _threads(device, sources)
     if threads:
         torch.set_num_threads(threads)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evomerge.dataflow.section import section_model_refs
 from evomerge.space.directives import Directive, LayersOf, Suggest
 from evomerge.space.moe import moe_model_refs
 from evomerge.space.prune import PruneSettings
@@ -103,6 +104,8 @@ class Space:
             for src in s.get("sources") or ():
                 add(src.get("model"))
         for ref in moe_model_refs(self.tree.get("moe")):
+            add(ref)
+        for ref in section_model_refs(self.tree.get("dataflow")):
             add(ref)
         modules = self.tree.get("modules")
         for module in (
