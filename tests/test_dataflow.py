@@ -96,7 +96,9 @@ def exact_norms(tmp_path_factory):
     return base, perturbed(base, root / "ft", seed=4, scale=0.1)
 
 
-def _input_scaled(sources: dict[str, torch.nn.Module], path: list[list], ids: torch.Tensor) -> torch.Tensor:
+def _input_scaled(
+    sources: dict[str, torch.nn.Module], path: list[list], ids: torch.Tensor
+) -> torch.Tensor:
     """Sakana's definition, literally: each step runs its layer on the stream times its scale."""
     first, last = sources[path[0][0]].model, sources[path[-1][0]]
     with torch.no_grad():
@@ -105,7 +107,9 @@ def _input_scaled(sources: dict[str, torch.nn.Module], path: list[list], ids: to
         rope = first.rotary_emb(h, pos)
         mask = torch.full((ids.shape[1],) * 2, float("-inf")).triu(1)[None, None]
         for name, layer, s in path:
-            h = sources[name].model.layers[layer](h * s, attention_mask=mask, position_embeddings=rope, position_ids=pos)
+            h = sources[name].model.layers[layer](
+                h * s, attention_mask=mask, position_embeddings=rope, position_ids=pos
+            )
         return last.lm_head(last.model.norm(h))
 
 
@@ -125,15 +129,31 @@ def test_output_scales_compute_sakanas_input_scaling(exact_norms):
 def test_the_export_builds_the_tensors_and_logits_of_the_path(tiny_family, tmp_path):
     base, fts = tiny_family
     srcs = {"a": fts[0], "b": fts[1]}
-    path = [["a", 0, 1.0], ["a", 1, 1.3], ["b", 1, 0.7], ["b", 1, 1.1], ["b", 2, 1.0], ["a", 3, 0.9]]
+    path = [
+        ["a", 0, 1.0],
+        ["a", 1, 1.3],
+        ["b", 1, 0.7],
+        ["b", 1, 1.1],
+        ["b", 2, 1.0],
+        ["a", 3, 0.9],
+    ]
     m = cand(srcs, path)
     model, _ = paths_over(*srcs.values()).materialize(m, "t")
     c = parse_candidate(m, "t")
     recipe = passthrough_recipe(c, {k: str(v) for k, v in srcs.items()}, "float32")
     # runs of one source's consecutive layers at one output scale share a slice
-    assert [s["sources"][0]["layer_range"] for s in recipe["slices"]] == [[0, 1], [1, 2], [1, 2], [1, 3], [3, 4]]
+    assert [s["sources"][0]["layer_range"] for s in recipe["slices"]] == [
+        [0, 1],
+        [1, 2],
+        [1, 2],
+        [1, 3],
+        [3, 4],
+    ]
     assert "parameters" not in recipe["slices"][0]
-    assert recipe["slices"][1]["parameters"]["scale"][0] == {"filter": "self_attn.o_proj", "value": 1 / 1.3}
+    assert recipe["slices"][1]["parameters"]["scale"][0] == {
+        "filter": "self_attn.o_proj",
+        "value": 1 / 1.3,
+    }
     merge_to_disk(recipe, tmp_path / "out")
     n, worst = compare_built(c, srcs, tmp_path / "out")
     assert n > 0 and worst == 0.0
@@ -142,12 +162,23 @@ def test_the_export_builds_the_tensors_and_logits_of_the_path(tiny_family, tmp_p
 
 def test_sliding_window_layers_keep_their_type_in_path_order(tmp_path):
     qwen = make_tiny(
-        tmp_path / "q", arch="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=2, max_position_embeddings=64
+        tmp_path / "q",
+        arch="qwen2",
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=2,
+        max_position_embeddings=64,
     )
     rp = paths_over(qwen)
     path = [["q", 3, 1.0], ["q", 0, 1.0], ["q", 2, 0.8], ["q", 2, 1.1], ["q", 1, 1.0]]
     model, _ = rp.materialize(cand({"q": qwen}, path), "t")
-    types = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    types = [
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+    ]
     assert model.config.layer_types == types
     assert [m.self_attn.sliding_window for m in model.model.layers] == [4, None, 4, 4, None]
     c = parse_candidate(cand({"q": qwen}, path), "t")
@@ -211,7 +242,9 @@ def test_sources_of_other_shapes_are_refused(tiny_family, tmp_path):
     bigvocab = make_tiny(tmp_path / "vocab", vocab_size=80)
     for other, words in ((wide, "hidden sizes"), (bigvocab, "vocabularies")):
         with pytest.raises(ConfigError, match=words):
-            paths_over(fts[0], other).materialize(cand({"a": fts[0], "b": other}, [["a", 0, 1.0]]), "t")
+            paths_over(fts[0], other).materialize(
+                cand({"a": fts[0], "b": other}, [["a", 0, 1.0]]), "t"
+            )
     gpt2 = make_tiny(tmp_path / "gpt2", arch="gpt2")
     with pytest.raises(ConfigError, match="pre-norm models"):
         paths_over(gpt2).materialize(cand({"g": gpt2}, [["g", 0, 1.0]]), "t")

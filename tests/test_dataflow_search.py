@@ -21,7 +21,9 @@ from evomerge.cli import main
 from evomerge.search import run_search
 from evomerge.search.table import load_trials
 
-IDS = torch.tensor([[5, 9, 3, 17, 40, 2, 11, 33, 7, 60, 21, 8], [1, 4, 4, 50, 13, 2, 9, 9, 30, 6, 44, 3]])
+IDS = torch.tensor(
+    [[5, 9, 3, 17, 40, 2, 11, 33, 7, 60, 21, 8], [1, 4, 4, 50, 13, 2, 9, 9, 30, 6, 44, 3]]
+)
 
 
 @dataclass
@@ -50,7 +52,9 @@ class LogitsEvaluator:
         self.calls = 0
 
     def task_names(self, split: str = "search") -> list[str]:
-        return [f"{'task' if split == 'search' else 'holdout'}_{i}" for i in range(len(self.targets))]
+        return [
+            f"{'task' if split == 'search' else 'holdout'}_{i}" for i in range(len(self.targets))
+        ]
 
     def texts(self, split: str = "search") -> dict:
         return {}
@@ -74,7 +78,13 @@ class LogitsEvaluator:
 def dfs_space(path: Path, sources: list[Any], trials: int = 12, **section: Any) -> Path:
     data = {
         "dataflow": {"sources": sources, "repeats": 1, **section},
-        "search": {"trials": trials, "seed": 3, "finalists": 2, "sampler": "tpe", "startup_trials": 4},
+        "search": {
+            "trials": trials,
+            "seed": 3,
+            "finalists": 2,
+            "sampler": "tpe",
+            "startup_trials": 4,
+        },
     }
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -83,41 +93,67 @@ def dfs_space(path: Path, sources: list[Any], trials: int = 12, **section: Any) 
 def test_a_dataflow_search_reuses_identical_paths_resumes_and_rescores(tiny_family, tmp_path):
     base, fts = tiny_family
     # 3 searched slots and a fixed scale: 8 paths, so 12 trials must meet one twice
-    space = dfs_space(tmp_path / "s.yml", [str(fts[0]), str(fts[1])], slots=[1, 2, 5], first="fixed", scale=1.0)
+    space = dfs_space(
+        tmp_path / "s.yml", [str(fts[0]), str(fts[1])], slots=[1, 2, 5], first="fixed", scale=1.0
+    )
     ev = LogitsEvaluator(fts[:2])
     logs: list[str] = []
     out = run_search(space, evaluator=ev, results_dir=tmp_path / "r", quiet=True, log=logs.append)
     df = load_trials(out.paths.csv)
     searched = df[df["baseline"] == ""]
     assert (searched["state"] == "COMPLETE").sum() == 12
-    assert (searched["method"] == "dataflow").all() and searched["digest"].str.startswith("dfs1-").all()
+    assert (searched["method"] == "dataflow").all() and searched["digest"].str.startswith(
+        "dfs1-"
+    ).all()
     reused = searched[searched["reused_from"].notna()]
     assert len(reused) >= 4
     for _, row in reused.iterrows():  # the same path, the same scores, not scored again
         src = searched[searched["number"] == int(float(row["reused_from"]))].iloc[0]
-        assert row["digest"] == src["digest"] and row["score"] == src["score"] and row["eval_s"] == 0
+        assert (
+            row["digest"] == src["digest"] and row["score"] == src["score"] and row["eval_s"] == 0
+        )
     # the sources alone and their uniform merge are the baselines
-    assert sorted(df.loc[df["baseline"] != "", "baseline"]) == sorted([f"source:{fts[0]}", f"source:{fts[1]}", "uniform"])
+    assert sorted(df.loc[df["baseline"] != "", "baseline"]) == sorted(
+        [f"source:{fts[0]}", f"source:{fts[1]}", "uniform"]
+    )
     # finalists re-built from their stored paths: same digest (no warning), holdout scored
     assert not [m for m in logs if "different tensor hash" in m]
     assert searched["holdout"].notna().sum() >= 2
     # resume to 16 trials: the first 12 rows are kept
-    out2 = run_search(space, evaluator=ev, results_dir=tmp_path / "r", quiet=True, log=logs.append, trials=16)
+    out2 = run_search(
+        space, evaluator=ev, results_dir=tmp_path / "r", quiet=True, log=logs.append, trials=16
+    )
     df2 = load_trials(out2.paths.csv)
     s2 = df2[df2["baseline"] == ""]
     assert (s2["state"] == "COMPLETE").sum() == 16
-    assert s2.set_index("number").loc[searched["number"], "digest"].tolist() == searched["digest"].tolist()
+    assert (
+        s2.set_index("number").loc[searched["number"], "digest"].tolist()
+        == searched["digest"].tolist()
+    )
 
 
 def test_export_of_a_path_builds_and_scores_what_the_trial_scored(tiny_family, tmp_path, capsys):
     base, fts = tiny_family
-    space = dfs_space(tmp_path / "s.yml", [str(fts[0]), str(fts[1]), str(fts[2])], trials=6, max_depth=6)
+    space = dfs_space(
+        tmp_path / "s.yml", [str(fts[0]), str(fts[1]), str(fts[2])], trials=6, max_depth=6
+    )
     ev = LogitsEvaluator(fts)
     run_search(space, evaluator=ev, results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
     best, out_dir = tmp_path / "best.yml", tmp_path / "built"
-    code = main(["export", str(space), "-o", str(best), "--merge", str(out_dir), "--results-dir", str(tmp_path / "r")])
+    code = main(
+        [
+            "export",
+            str(space),
+            "-o",
+            str(best),
+            "--merge",
+            str(out_dir),
+            "--results-dir",
+            str(tmp_path / "r"),
+        ]
+    )
     text = capsys.readouterr().out
-    assert code == 0 and "tensors are those trial" in text, text
+    assert code == 0 and "tensors are the path's of trial" in text, text
     recipe = yaml.safe_load(best.read_text())
     assert recipe["merge_method"] == "passthrough" and recipe["slices"]
     number = int(text.split("trial ")[1].split()[0])
@@ -145,7 +181,12 @@ def test_ps_then_dfs_takes_the_best_trial_of_a_finished_study(tiny_family, tmp_p
     run_search(ps, evaluator=ev, results_dir=results, quiet=True, log=lambda m: None)
     ps_df = load_trials(results / "ps" / "trials.csv")
     ps_best = ps_df[ps_df["baseline"] == ""].sort_values("score", ascending=False).iloc[0]
-    space = dfs_space(tmp_path / "dfs.yml", [{"study": "ps.yml", "name": "ps"}, str(fts[0])], trials=4, first="fixed")
+    space = dfs_space(
+        tmp_path / "dfs.yml",
+        [{"study": "ps.yml", "name": "ps"}, str(fts[0])],
+        trials=4,
+        first="fixed",
+    )
     logs: list[str] = []
     out = run_search(space, evaluator=ev, results_dir=results, quiet=True, log=logs.append)
     assert f"dataflow source ps: trial {int(ps_best['number'])} of the study of" in "\n".join(logs)
@@ -155,9 +196,20 @@ def test_ps_then_dfs_takes_the_best_trial_of_a_finished_study(tiny_family, tmp_p
     assert alone["score"] == pytest.approx(ps_best["score"], abs=1e-9)
     # an export names the merge's own recipe file and the directory it is merged into
     best = tmp_path / "best.yml"
-    code = main(["export", str(space), "-o", str(best), "--merge", str(tmp_path / "built"), "--results-dir", str(results)])
+    code = main(
+        [
+            "export",
+            str(space),
+            "-o",
+            str(best),
+            "--merge",
+            str(tmp_path / "built"),
+            "--results-dir",
+            str(results),
+        ]
+    )
     text = capsys.readouterr().out
-    assert code == 0 and "tensors are those trial" in text, text
+    assert code == 0 and "tensors are the path's of trial" in text, text
     recipe = yaml.safe_load(best.read_text())
     models = {s["sources"][0]["model"] for s in recipe["slices"]}
     assert str((tmp_path / "best.ps").absolute()) in models  # first: fixed, the path starts in ps
@@ -168,7 +220,9 @@ def test_several_workers_share_a_dataflow_study(tmp_path):
     from evomerge.zoo import ensure_zoo
 
     zoo = ensure_zoo("demo", tmp_path / "zoo")
-    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / "demo_dataflow.yml").read_text())
+    data = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "search_spaces" / "demo_dataflow.yml").read_text()
+    )
     data["dataflow"]["repeats"] = 1
     data["evaluate"]["limit"] = 10
     data["evaluate"]["holdout"] = {"tasks": data["evaluate"]["holdout"]["tasks"], "limit": 10}
@@ -176,8 +230,24 @@ def test_several_workers_share_a_dataflow_study(tmp_path):
     space = tmp_path / "dfs.yml"
     space.write_text(yaml.safe_dump(data, sort_keys=False))
     env = {**os.environ, "EVOMERGE_ZOO_DIR": str(zoo.parent)}
-    cmd = [sys.executable, "-m", "evomerge.cli", "search", str(space), "--workers", "2", "--device", "cpu"]
-    r = subprocess.run([*cmd, "--results-dir", str(tmp_path / "r")], env=env, capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "evomerge.cli",
+        "search",
+        str(space),
+        "--workers",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    r = subprocess.run(
+        [*cmd, "--results-dir", str(tmp_path / "r")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
     assert "[w0] " in r.stdout and "[w1] " in r.stdout
     df = load_trials(tmp_path / "r" / "demo_dataflow")

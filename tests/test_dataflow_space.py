@@ -43,12 +43,21 @@ class Recorder:
     def __call__(self, name: str, d: Any) -> Any:
         self.asked.append(name)
         if d.kind == "choice":
-            return self.rng.random() < self.on if d.choices == (True, False) else self.rng.choice(d.choices)
+            return (
+                self.rng.random() < self.on
+                if d.choices == (True, False)
+                else self.rng.choice(d.choices)
+            )
         return d.low + (d.high - d.low) * self.rng.random()
 
 
 def test_a_section_parses_and_names_its_slots(tmp_path, two):
-    space = load_space(write(tmp_path, {"sources": [two[0], {"name": "b", "model": two[1], "layers": [1, 3]}], "repeats": 2}))
+    space = load_space(
+        write(
+            tmp_path,
+            {"sources": [two[0], {"name": "b", "model": two[1], "layers": [1, 3]}], "repeats": 2},
+        )
+    )
     section = space.tree["dataflow"]
     assert [s["name"] for s in section["sources"]] == ["ft0", "b"]
     assert slot_names(section, layers_of) == [
@@ -72,22 +81,37 @@ def test_structured_samples_a_scale_only_where_its_slot_is_on(tmp_path, two):
     scaled = {n[len("scale.") :] for n in rec.asked if n.startswith("scale.")}
     assert len(used) == 16 and 0 < len(scaled) < 16
     assert len(cand["path"]) == len(scaled)
-    assert [f"r{r}.{s}.{i}" for r in (0, 1) for s in ("ft0", "ft1") for i in range(4)] == [n[4:] for n in used]
-    for name, layer, s in cand["path"]:
+    assert [f"r{r}.{s}.{i}" for r in (0, 1) for s in ("ft0", "ft1") for i in range(4)] == [
+        n[4:] for n in used
+    ]
+    for _name, _layer, s in cand["path"]:
         assert 0.5 <= s <= 2.0
 
 
 def test_flat_samples_every_slot_and_scale_as_numbers(tmp_path, two):
-    space = load_space(write(tmp_path, {"sources": two, "layout": "flat"}, search={"sampler": "cmaes"}))
+    space = load_space(
+        write(tmp_path, {"sources": two, "layout": "flat"}, search={"sampler": "cmaes"})
+    )
     rec = Recorder(seed=2)
     cand = space.render(rec, layers_of)
-    assert sum(n.startswith("use.") for n in rec.asked) == 8 == sum(n.startswith("scale.") for n in rec.asked)
+    assert (
+        sum(n.startswith("use.") for n in rec.asked)
+        == 8
+        == sum(n.startswith("scale.") for n in rec.asked)
+    )
     assert [d.kind for d in space.directives] == ["float", "float"]  # on/off and scale: numbers
     assert 0 < len(cand["path"]) <= 8
 
 
 def test_fixed_ends_and_caps(tmp_path, two):
-    section = {"sources": two, "repeats": 2, "first": "fixed", "last": "fixed", "max_depth": 5, "scale": 1.0}
+    section = {
+        "sources": two,
+        "repeats": 2,
+        "first": "fixed",
+        "last": "fixed",
+        "max_depth": 5,
+        "scale": 1.0,
+    }
     space = load_space(write(tmp_path, section))
     for seed in range(5):
         rec = Recorder(seed=seed, on=0.9)
@@ -115,9 +139,21 @@ def test_max_params_caps_the_depth_once_the_models_are_open(tmp_path, two):
     [
         ({"sources": []}, "dataflow.sources", "non-empty list"),
         ({"sources": ["X"], "repet": 2}, "dataflow.repet", "did you mean repeats"),
-        ({"sources": ["X"], "scale": {"range": [0.0, 2.0]}}, "dataflow.scale.range", "must be above 0"),
-        ({"sources": ["X"], "scale": {"range": [-1.0, 2.0]}}, "dataflow.scale.range", "must be above 0"),
-        ({"sources": ["X"], "scale": {"choice": [0.5, 0]}}, "dataflow.scale.choice", "must be above 0"),
+        (
+            {"sources": ["X"], "scale": {"range": [0.0, 2.0]}},
+            "dataflow.scale.range",
+            "must be above 0",
+        ),
+        (
+            {"sources": ["X"], "scale": {"range": [-1.0, 2.0]}},
+            "dataflow.scale.range",
+            "must be above 0",
+        ),
+        (
+            {"sources": ["X"], "scale": {"choice": [0.5, 0]}},
+            "dataflow.scale.choice",
+            "must be above 0",
+        ),
         ({"sources": ["X"], "scale": 0}, "dataflow.scale", "must be a number above 0"),
         ({"sources": ["X"], "slots": []}, "dataflow.slots", "a path with no slot has no layers"),
         ({"sources": ["X"], "slots": [[4, 2]]}, "dataflow.slots[0]", "start < end"),
@@ -127,11 +163,19 @@ def test_max_params_caps_the_depth_once_the_models_are_open(tmp_path, two):
         ({"sources": ["X"], "max_depth": 0}, "dataflow.max_depth", "whole number >= 1"),
         ({"sources": ["X"], "dtype": "float33"}, "dataflow.dtype", "unknown dtype"),
         ({"sources": ["X", "X"]}, "dataflow.sources[1].name", "names two sources"),
-        ({"sources": [{"model": "X", "layers": [3, 1]}]}, "dataflow.sources[0].layers", "0 <= start < end"),
+        (
+            {"sources": [{"model": "X", "layers": [3, 1]}]},
+            "dataflow.sources[0].layers",
+            "0 <= start < end",
+        ),
         ({"sources": [{"model": "X", "recipe": "r.yml"}]}, "dataflow.sources[0]", "exactly one of"),
         ({"sources": [{"study": "nothere.yml"}]}, "dataflow.sources[0].study", "not found"),
         ({"sources": [{"recipe": "nothere.yml"}]}, "dataflow.sources[0].recipe", "not found"),
-        ({"sources": [{"model": "X", "trial": 3}]}, "dataflow.sources[0].trial", "belongs to a study"),
+        (
+            {"sources": [{"model": "X", "trial": 3}]},
+            "dataflow.sources[0].trial",
+            "belongs to a study",
+        ),
     ],
 )
 def test_bad_sections_name_the_field(tmp_path, two, section, field, words):
@@ -142,7 +186,9 @@ def test_bad_sections_name_the_field(tmp_path, two, section, field, words):
 
 
 def test_a_dataflow_space_holds_no_merge_beside_it(tmp_path, two):
-    with pytest.raises(ConfigError, match="merge_method: a data-flow space has no merge recipe beside"):
+    with pytest.raises(
+        ConfigError, match="merge_method: a data-flow space has no merge recipe beside"
+    ):
         load_space(write(tmp_path, {"sources": two}, merge_method="linear"))
 
 
@@ -154,7 +200,11 @@ def test_cmaes_needs_the_flat_layout(tmp_path, two):
 @pytest.mark.parametrize(
     "section, field, words",
     [
-        ({"sources": [{"model": "A", "layers": [0, 6]}]}, "dataflow.sources[0].layers", "goes beyond the 4 layers"),
+        (
+            {"sources": [{"model": "A", "layers": [0, 6]}]},
+            "dataflow.sources[0].layers",
+            "goes beyond the 4 layers",
+        ),
         ({"sources": ["A"], "slots": [2, 9]}, "dataflow.slots", "slot 9 is beyond the 4 slots"),
         ({"sources": ["A", "WIDE"]}, "dataflow.sources[1]", "different hidden sizes"),
         ({"sources": ["A", "VOCAB"]}, "dataflow.sources[1]", "different vocabularies"),
@@ -164,7 +214,12 @@ def test_cmaes_needs_the_flat_layout(tmp_path, two):
 def test_sections_are_checked_against_the_models(tmp_path, two, section, field, words):
     wide = make_tiny(tmp_path / "wide", hidden_size=32)
     vocab = make_tiny(tmp_path / "vocab", vocab_size=80)
-    text = yaml.safe_dump(section).replace("WIDE", str(wide)).replace("VOCAB", str(vocab)).replace("A", two[0])
+    text = (
+        yaml.safe_dump(section)
+        .replace("WIDE", str(wide))
+        .replace("VOCAB", str(vocab))
+        .replace("A", two[0])
+    )
     space = load_space(write(tmp_path, yaml.safe_load(text)))
     srcs = open_sources(space.model_refs())
     with pytest.raises(ConfigError) as e:
@@ -175,14 +230,26 @@ def test_sections_are_checked_against_the_models(tmp_path, two, section, field, 
 @pytest.mark.parametrize(
     "section, words",
     [
-        ({"sources": ["A"], "scale": {"range": [0.0, 1.0]}}, "dataflow.scale.range: must be above 0"),
-        ({"sources": [{"model": "A", "layers": [0, 9]}]}, "dataflow.sources[0].layers: [0, 9] goes beyond the 4 layers"),
+        (
+            {"sources": ["A"], "scale": {"range": [0.0, 1.0]}},
+            "dataflow.scale.range: must be above 0",
+        ),
+        (
+            {"sources": [{"model": "A", "layers": [0, 9]}]},
+            "dataflow.sources[0].layers: [0, 9] goes beyond the 4 layers",
+        ),
         ({"sources": [{"study": "SPACE"}]}, "dataflow.sources[0].study: no study 'other' yet"),
     ],
 )
-def test_cli_bad_dataflow_space_one_line_exit_2_nothing_written(tmp_path, two, capsys, section, words):
+def test_cli_bad_dataflow_space_one_line_exit_2_nothing_written(
+    tmp_path, two, capsys, section, words
+):
     other = tmp_path / "other.yml"
-    other.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": two[0], "parameters": {"weight": 1.0}}]}))
+    other.write_text(
+        yaml.safe_dump(
+            {"merge_method": "linear", "models": [{"model": two[0], "parameters": {"weight": 1.0}}]}
+        )
+    )
     text = yaml.safe_dump(section).replace("SPACE", str(other)).replace("A", two[0])
     path = write(tmp_path, yaml.safe_load(text))
     code = main(["search", str(path), "--results-dir", str(tmp_path / "res")])

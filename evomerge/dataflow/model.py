@@ -203,11 +203,15 @@ class PathBuilder:
         shell_cfg = dict(first.config)
         shell_cfg["num_hidden_layers"] = 0
         if isinstance(shell_cfg.get("layer_types"), list):
-            shell_cfg["layer_types"] = []
+            # One layer of each type the sources have (their list is removed below): a model reads
+            # at construction which types it must prepare masks for.
+            kinds = sorted({str(t) for s in self.sources.values() for t in s.layer_types or ()})
+            shell_cfg["num_hidden_layers"], shell_cfg["layer_types"] = len(kinds), kinds
         self.model = build_model(shell_cfg, dtype, device)
         self.config = self.model.config
         prefix = self.arch.layer_prefix or ""
         self.layers = self.model.get_submodule(prefix)
+        self.layers._modules.clear()
         if not isinstance(self.layers, torch.nn.ModuleList):
             raise ConfigError(
                 None,

@@ -291,7 +291,7 @@ def _build_dataflow(args: Any, recipe: dict[str, Any], text: str, info: dict[str
     print(
         f"built the path into {args.merge} in {result.seconds:.1f}s; "
         + (
-            f"its {n} tensors are those trial {info['number']} computed with"
+            f"its {n} tensors are the path's of trial {info['number']} (each step's weights times its output scale)"
             if worst == 0.0
             else f"DIFFERS from trial {info['number']}'s path by up to {worst:.3g}"
         )
