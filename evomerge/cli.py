@@ -163,7 +163,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         "--seed",
         type=int,
         default=None,
-        help="sampler and mask seed (overrides search.seed; worker k samples with seed + k)",
+        help="sampler and mask seed (overrides search.seed)",
     )
     p.add_argument(
         "--results-dir", default="results", help="where study folders go (default: results)"
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--trial",
         type=int,
         default=None,
-        help="trial number (default: best by holdout among finalists, else by search score)",
+        help="trial number (default: the chosen trial: best validation score among the re-scored trials, else best search score)",
     )
     p.add_argument(
         "--merge",
@@ -344,8 +344,9 @@ def _run(args: argparse.Namespace) -> int:
                     f"worker done: study {outcome.paths.name} has {outcome.n_complete} complete trials"
                 )
                 return 0
-        print(leaderboard(load_trials(outcome.paths.csv), top=10))
-        print(summary(outcome))
+        df = load_trials(outcome.paths.csv)
+        print(leaderboard(df, top=10))
+        print(summary(outcome, df))
         print(
             f"next: evomerge export {args.space} -o best.yml   (and: evomerge report {args.space})"
         )

@@ -7,30 +7,23 @@ fine-tune's task vector a merged model carries (projection onto ``ft - base``, c
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-
-@dataclass
-class FakeResult:
-    scores: dict
-    stderr: dict
-    aggregate: float
-    aggregate_se: float
-    seconds: float
-    n_items: dict = field(default_factory=dict)
-    items: dict = field(default_factory=dict)
+from evomerge.evaluation.base import EvalResult, Evaluator, digest_of
 
 
-class TaskVectorEvaluator:
+class TaskVectorEvaluator(Evaluator):
     """Scores ``task_<i>`` = projection of (model - base) on (ft_i - base) / |ft_i - base|^2.
 
     Args:
         base, finetunes: model directories.
-        holdout_scale: holdout scores are search scores times this (1.0: no search/holdout gap).
+        holdout_scale: validation scores are search scores times this (1.0: no search/holdout gap).
+        test_scale: test scores are search scores times this (default: ``holdout_scale``).
+        validation: the holdout has validation items (False: only test items, as with
+            ``evaluate.holdout.validation: 0``).
         sleep: seconds to wait per evaluation (to catch a search mid-trial in resume tests).
         marker: a file that exists while a search-split evaluation is running.
         fail_if: a predicate on the model; when true, evaluation raises (a broken candidate).
@@ -42,6 +35,8 @@ class TaskVectorEvaluator:
         finetunes: list[Path],
         *,
         holdout_scale: float = 0.95,
+        test_scale: float | None = None,
+        validation: bool = True,
         sleep: float = 0.0,
         fail_if=None,
         marker: str | None = None,
@@ -49,18 +44,26 @@ class TaskVectorEvaluator:
         self.base = load_file(str(Path(base) / "model.safetensors"))
         self.fts = [load_file(str(Path(f) / "model.safetensors")) for f in finetunes]
         self.holdout_scale = holdout_scale
+        self.test_scale = holdout_scale if test_scale is None else test_scale
+        self.validation = validation
+        self.finetunes = [str(f) for f in finetunes]
         self.sleep = sleep
         self.fail_if = fail_if
         self.calls = 0
         self.marker = Path(marker) if marker else None
 
     def task_names(self, split: str = "search") -> list[str]:
+        if split == "validation" and not self.validation:
+            return []
         return [f"{'task' if split == 'search' else 'holdout'}_{i}" for i in range(len(self.fts))]
+
+    def digest(self) -> str:
+        return digest_of([self.holdout_scale, self.test_scale, self.validation, self.finetunes])
 
     def texts(self, split: str = "search") -> dict:
         return {}
 
-    def evaluate(self, model: torch.nn.Module, split: str = "search") -> FakeResult:
+    def evaluate(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
         from evomerge.errors import EvomergeError
 
         self.calls += 1
@@ -83,7 +86,10 @@ class TaskVectorEvaluator:
             )
             den = sum(float(((ft[k] - self.base[k]) ** 2).sum()) for k in ft)
             s = max(-1.0, min(1.0, num / den))
-            scores[name] = s * (self.holdout_scale if split == "holdout" else 1.0)
+            scale = {"search": 1.0, "test": self.test_scale}.get(split, self.holdout_scale)
+            scores[name] = s * scale
         agg = sum(scores.values()) / len(scores)
         se = {k: 0.01 for k in scores}
-        return FakeResult(scores, se, agg, 0.01 / len(scores) ** 0.5, time.perf_counter() - start)
+        return EvalResult(
+            scores, se, agg, 0.01 / len(scores) ** 0.5, time.perf_counter() - start, {}, {}
+        )

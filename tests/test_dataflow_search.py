@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 import yaml
 
 from evomerge.cli import main
+from evomerge.evaluation.base import EvalResult, Evaluator, digest_of
 from evomerge.search import run_search
 from evomerge.search.table import load_trials
 
@@ -26,53 +26,41 @@ IDS = torch.tensor(
 )
 
 
-@dataclass
-class Result:
-    scores: dict
-    stderr: dict
-    aggregate: float
-    aggregate_se: float
-    seconds: float
-    n_items: dict = field(default_factory=dict)
-    items: dict = field(default_factory=dict)
-
-
-class LogitsEvaluator:
+class LogitsEvaluator(Evaluator):
     """Task ``i`` scores how close a model's next-token distribution is to fine-tune ``i``'s on a few
-    fixed inputs (``exp(-KL)``): it runs the model, so it scores paths of any depth."""
+    fixed inputs (``exp(-KL)``): it runs the model, so it scores paths of any depth. Validation and
+    test scores are the search score times 0.97 and 0.96."""
 
     def __init__(self, targets: list[Path]) -> None:
         from transformers import AutoModelForCausalLM
 
+        self.names = [str(t) for t in targets]
         self.targets = []
         for t in targets:
             m = AutoModelForCausalLM.from_pretrained(str(t)).eval()
             with torch.no_grad():
                 self.targets.append(torch.log_softmax(m(IDS).logits, -1))
-        self.calls = 0
 
     def task_names(self, split: str = "search") -> list[str]:
         return [
             f"{'task' if split == 'search' else 'holdout'}_{i}" for i in range(len(self.targets))
         ]
 
-    def texts(self, split: str = "search") -> dict:
-        return {}
+    def digest(self) -> str:
+        return digest_of(self.names)
 
-    def staged(self, model: Any) -> None:
-        return None
-
-    def evaluate(self, model: torch.nn.Module, split: str = "search") -> Result:
-        self.calls += 1
+    def evaluate(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
         start = time.perf_counter()
         with torch.no_grad():
             logp = torch.log_softmax(model(IDS).logits, -1)
         scores = {}
         for name, t in zip(self.task_names(split), self.targets, strict=True):
             kl = float((t.exp() * (t - logp)).sum(-1).mean())
-            scores[name] = math.exp(-kl) * (0.97 if split == "holdout" else 1.0)
+            scores[name] = math.exp(-kl) * {"search": 1.0, "test": 0.96}.get(split, 0.97)
         agg = sum(scores.values()) / len(scores)
-        return Result(scores, {k: 0.01 for k in scores}, agg, 0.01, time.perf_counter() - start)
+        return EvalResult(
+            scores, {k: 0.01 for k in scores}, agg, 0.01, time.perf_counter() - start, {}, {}
+        )
 
 
 def dfs_space(path: Path, sources: list[Any], trials: int = 12, **section: Any) -> Path:
@@ -118,7 +106,7 @@ def test_a_dataflow_search_reuses_identical_paths_resumes_and_rescores(tiny_fami
     )
     # finalists re-built from their stored paths: same digest (no warning), holdout scored
     assert not [m for m in logs if "different tensor hash" in m]
-    assert searched["holdout"].notna().sum() >= 2
+    assert searched["validation"].notna().sum() >= 2
     # resume to 16 trials: the first 12 rows are kept
     out2 = run_search(
         space, evaluator=ev, results_dir=tmp_path / "r", quiet=True, log=logs.append, trials=16
@@ -180,7 +168,7 @@ def test_ps_then_dfs_takes_the_best_trial_of_a_finished_study(tiny_family, tmp_p
     results = tmp_path / "r"
     run_search(ps, evaluator=ev, results_dir=results, quiet=True, log=lambda m: None)
     ps_df = load_trials(results / "ps" / "trials.csv")
-    ps_best = ps_df[ps_df["baseline"] == ""].sort_values("score", ascending=False).iloc[0]
+    ps_best = ps_df[ps_df["chosen"].astype(bool)].iloc[0]  # what `evomerge export` of it takes
     space = dfs_space(
         tmp_path / "dfs.yml",
         [{"study": "ps.yml", "name": "ps"}, str(fts[0])],

@@ -386,14 +386,14 @@ def test_marks_legend_and_rendered_section(zoo, tmp_path):
         ("zoo_add_holdout",),
         public_benchmarks={"arc_challenge": "public benchmark name"},
     )
-    md = F.render_contamination_section(assess, search=(0.81, 0.03), holdout=(0.70, 0.04))
+    md = F.render_contamination_section(assess, search=(0.81, 0.03), unseen=(0.70, 0.04))
     lines = md.splitlines()
     assert lines[0] == "## Contamination and evaluation"
     assert f"- `merge_lineage`: **raised**: {assess.columns()['merge_lineage_evidence']}" in lines
     assert "- `eval_data_in_training`: not raised" in lines
     assert "- `public_benchmark_search`: **raised**: arc_challenge (public benchmark name)" in lines
     assert (
-        "- `overfit`: **raised**: search 0.810 ± 0.030 vs holdout 0.700 ± 0.040: gap +0.110 "
+        "- `overfit`: **raised**: search 0.810 ± 0.030 vs test 0.700 ± 0.040: gap +0.110 "
         "> 2 SE 0.100"
     ) in lines
     assert "- `memorization_probe`: not run (opt-in: `--probe-contamination`)" in lines
@@ -404,17 +404,16 @@ def test_marks_legend_and_rendered_section(zoo, tmp_path):
     ) in lines
     assert f"- {e}. Notes: no model card" in lines
     assert (
-        "- Searched on: arc_challenge, zoo_add" in lines and "- Holdout: zoo_add_holdout" in lines
+        "- Searched on: arc_challenge, zoo_add" in lines
+        and "- Holdout (validation and test items): zoo_add_holdout" in lines
     )
-    assert (
-        "- Search score: 0.8100 ± 0.0300" in lines and "- Holdout score: 0.7000 ± 0.0400" in lines
-    )
+    assert "- Search score: 0.8100 ± 0.0300" in lines and "- Test score: 0.7000 ± 0.0400" in lines
     probe = {"memorization_probe": False, "memorization_probe_evidence": "delta +0.01"}
     md2 = F.render_contamination_section(assess, probe=probe, level=3)
     assert md2.startswith("### Contamination and evaluation\n")
-    assert "- `overfit`: not raised: not computed (no holdout score)" in md2
+    assert "- `overfit`: not raised: not computed (no score on unseen items)" in md2
     assert "- `memorization_probe`: not raised: delta +0.01" in md2
-    assert "- Holdout score: not measured" in md2
+    assert "- Test score: not measured" in md2
     comments = F.as_comments(md)
     assert all(ln.startswith("#") for ln in comments.splitlines())
     assert comments.splitlines()[0] == "# ## Contamination and evaluation"

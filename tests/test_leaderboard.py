@@ -87,10 +87,34 @@ def test_mixture_rows_show_router_experts_per_token_and_experts_first_as_written
     ]  # a mixture's parameters: not in a merge's row
 
 
-def test_summary_verdict_is_about_sources_and_the_uniform_merge_not_hand_recipes():
-    """A hand recipe equal to the best trial (same holdout) does not turn the verdict on sources into a 'does NOT beat'."""
-    best = {"number": 3, "method": "task_arithmetic", "score": 0.867, "holdout": 0.95}
-    base = {"state": "COMPLETE", "holdout": 0.25, "number": 0}
+def _study(uniform_test: float) -> tuple[SimpleNamespace, pd.DataFrame]:
+    """A finished study's outcome and table: trial 3 chosen on validation items, tested; two
+    baselines and a hand recipe with test scores."""
+    row = {"state": "COMPLETE", "baseline": "", "items": 300, "chosen": False, "chosen_by": ""}
+    chosen = {
+        **row,
+        "number": 3,
+        "method": "task_arithmetic",
+        "score": 0.867,
+        "score_se": 0.02,
+        "validation": 0.9,
+        "validation_se": 0.03,
+        "validation_items": 150,
+        "test": 0.95,
+        "test_se": 0.02,
+        "test_items": 150,
+        "chosen": True,
+        "chosen_by": "validation",
+    }
+    other = {**row, "number": 4, "method": "ties", "score": 0.8, "validation": 0.85, "test": NAN}
+    base = {"state": "COMPLETE", "number": NAN, "score": 0.2, "test": 0.25, "validation": 0.2}
+    baselines = {
+        "source:zoo:demo/base": base,
+        "uniform": {**base, "test": uniform_test},
+        "hand:m1": {**base, "test": 0.95},
+    }
+    df = pd.DataFrame([chosen, other] + [{**b, "baseline": k} for k, b in baselines.items()])
+    df["number"] = df["number"].astype("Int64")  # as load_trials reads it
     outcome = SimpleNamespace(
         paths=SimpleNamespace(name="s", csv="t.csv"),
         n_complete=2,
@@ -98,18 +122,38 @@ def test_summary_verdict_is_about_sources_and_the_uniform_merge_not_hand_recipes
         n_failed=0,
         items=None,
         seconds=1.0,
-        best=best,
-        baselines={
-            "source:zoo:demo/base": base,
-            "uniform": {**base, "holdout": 0.77, "number": 1},
-            "hand:m1": {**base, "holdout": 0.95, "number": 2},
-        },
+        chosen=chosen,
+        baselines=baselines,
     )
-    text = summary(outcome)  # type: ignore[arg-type]
-    assert "vs hand:m1" in text and "(+0.000)" in text
+    return outcome, df
+
+
+def test_summary_compares_the_chosen_trial_on_test_items_with_sources_and_the_uniform_merge():
+    """The verdict uses test scores (items that chose nothing) and is about the sources and the
+    uniform merge: a hand recipe as good as the chosen trial does not turn it."""
+    outcome, df = _study(0.77)
+    text = summary(outcome, df)  # type: ignore[arg-type]
+    lines = text.splitlines()
+    assert "vs hand:m1" in text and "test 0.950  (+0.000)" in text
+    assert "  vs uniform                          test 0.770  (+0.180)" in lines
+    assert any(
+        ln.startswith(
+            "  Chosen by its validation score 0.9000 ± 0.0300 on 150 validation items, the best of the 2 trials"
+        )
+        for ln in lines
+    )
+    assert "  Test score: 0.9500 ± 0.0200 on 150 test items, which chose nothing" in text
     assert (
-        text.splitlines()[-1]
-        == "the best trial's holdout score beats every source model and the uniform merge"
+        lines[-1]
+        == "on the test items, the chosen trial beats every source model and the uniform merge"
     )
-    outcome.baselines["uniform"] = {**base, "holdout": 0.96, "number": 1}
-    assert "does NOT beat" in summary(outcome).splitlines()[-1]  # type: ignore[arg-type]
+    outcome, df = _study(0.96)
+    assert "does NOT beat" in summary(outcome, df).splitlines()[-1]  # type: ignore[arg-type]
+
+
+def test_leaderboard_stars_the_chosen_trial_and_says_what_chose_it():
+    _, df = _study(0.77)
+    lines = leaderboard(df).splitlines()
+    assert next(ln for ln in lines if "task_arithmetic" in ln).lstrip().startswith("#3*")
+    assert next(ln for ln in lines if " ties" in ln).lstrip().startswith("#4 ")
+    assert "* = the chosen trial (the best valid score; what export takes)" in lines[-1]

@@ -274,7 +274,7 @@ def test_hopeless_trials_are_pruned_and_survivors_keep_their_full_score(
         assert (
             _rescore(row, ev, base, fts) < best
         )  # the answer is known: its full score would not have beaten the best
-        assert math.isnan(row["holdout"])  # never a finalist
+        assert math.isnan(row["validation"])  # never a finalist
         # its estimate: the reference's full score (the best complete trial before it) plus the mean
         # per-item difference on the 24 items it scored (tasks of equal size and weight)
         ref = (
@@ -298,7 +298,7 @@ def test_hopeless_trials_are_pruned_and_survivors_keep_their_full_score(
         assert row["score"] == pytest.approx(
             _rescore(row, ev, base, fts), abs=1e-12
         )  # the unpruned score
-    assert out.best["state"] == "COMPLETE"
+    assert out.chosen["state"] == "COMPLETE"
     assert out.items["trials"] == int(searched["items"].sum()) < 12 * 120
     # the leaderboard: pruned rows with --all, with their items; a line about them otherwise
     text = leaderboard(df, show_all=True)
@@ -460,7 +460,7 @@ def test_the_sampler_sees_a_stopped_trial_at_its_estimate(name):
         for i, (x, y) in enumerate(points)
     ]
     wrapped = make_sampler(name, 7, 40, startup=6, stopped_as_estimated=True)
-    assert isinstance(wrapped, StoppedAsEstimated)
+    assert isinstance(wrapped.make(0), StoppedAsEstimated)  # inside the per-trial seeding
     finished = [(x, y, "COMPLETE", v) for x, y, _, v in rows]
     got = _proposals(_study_of(rows, wrapped))
     assert got == _proposals(_study_of(finished, make_sampler(name, 7, 40, startup=6)))
@@ -468,7 +468,7 @@ def test_the_sampler_sees_a_stopped_trial_at_its_estimate(name):
         _study_of(rows, make_sampler(name, 7, 40, startup=6))
     )  # as Optuna sees PRUNED trials
     assert not isinstance(
-        make_sampler("random", 7, 40, stopped_as_estimated=True), StoppedAsEstimated
+        make_sampler("random", 7, 40, stopped_as_estimated=True).make(0), StoppedAsEstimated
     )
 
 

@@ -28,8 +28,10 @@ def _row(number, state="COMPLETE", score=NAN, baseline="", **kw):
         "score_se": 0.02 if not math.isnan(score) else NAN,
         "s_zoo_add": score,
         "s_zoo_sub": score,
-        "holdout": NAN,
-        "holdout_se": NAN,
+        "validation": NAN,
+        "validation_se": NAN,
+        "test": NAN,
+        "test_se": NAN,
         "h_zoo_add": NAN,
         "merge_s": 0.5,
         "eval_s": 1.0,
@@ -60,15 +62,15 @@ def _table() -> pd.DataFrame:
             )
         )
     rows[7].update(
-        holdout=0.60,
-        holdout_se=0.03,
-        h_zoo_add=0.60,
+        validation=0.60,
+        validation_se=0.03,
+        v_zoo_add=0.60,
         overfit=True,
-        overfit_evidence="search 0.900 ± 0.020 vs holdout 0.600 ± 0.030: gap +0.300 > 2 SE 0.072",
+        overfit_evidence="search 0.900 ± 0.020 vs validation 0.600 ± 0.030: gap +0.300 > 2 SE 0.072",
     )
-    rows[8].update(holdout=0.71, holdout_se=0.03)
-    rows.append(_row(None, score=0.50, baseline="source:models/a", holdout=0.49, holdout_se=0.03))
-    rows.append(_row(None, score=0.45, baseline="linear_average", holdout=0.46, holdout_se=0.03))
+    rows[8].update(validation=0.71, validation_se=0.03, test=0.69, test_se=0.03)
+    rows.append(_row(None, score=0.50, baseline="source:models/a", test=0.49, test_se=0.03))
+    rows.append(_row(None, score=0.45, baseline="linear_average", test=0.46, test_se=0.03))
     df = pd.DataFrame(rows)
     df["merge_lineage"] = True  # a source is a merge: a study-wide column
     df["merge_lineage_evidence"] = "models/a <- merge of (x, y) [models/a: tags: merge]"
@@ -103,7 +105,7 @@ def test_full_table_writes_every_figure_and_the_markdown(tmp_path):
         assert f"]({name})" in md
     table = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| trial")]
     # by score: #7 .90, #8 .72, #6 .64, #4 .56, source .50, #2 .48, linear .45, #1 .44, #0 .40
-    assert [ln.split(" | ")[0][2:] for ln in table] == [
+    assert [ln.split(" | ")[0][2:].removesuffix(" (chosen)") for ln in table] == [
         "#7",
         "#8",
         "#6",
@@ -114,11 +116,15 @@ def test_full_table_writes_every_figure_and_the_markdown(tmp_path):
         "#1",
         "#0",
     ]
-    assert table[0].startswith("| #7 | 0.9000 | 0.0200 | 0.6000 | LO | ties |")
+    assert table[0].startswith("| #7 | 0.9000 | 0.0200 | 0.6000 | - | LO | ties |")
+    # the chosen trial: the best validation score (#8), tested; #7 searched better but is not it
+    assert table[1].startswith("| #8 (chosen) | 0.7200 | 0.0200 | 0.7100 | 0.6900 |")
+    assert "## The chosen trial: #8" in md
+    assert "- Test score: 0.6900 ± 0.0300, which chose nothing: an unbiased estimate" in md
     assert table[0].endswith("| weight_0=0.700 density_1=0.650 t_self_attn_0=0.900 |")
     assert flags.legend() in md.splitlines()
     assert "- `overfit`: **raised** on 1 of 12 rows:" in md
-    assert "  - search 0.900 ± 0.020 vs holdout 0.600 ± 0.030: gap +0.300 > 2 SE 0.072" in md
+    assert "  - search 0.900 ± 0.020 vs validation 0.600 ± 0.030: gap +0.300 > 2 SE 0.072" in md
     assert "- `merge_lineage`: **raised** on 12 of 12 rows:" in md
     assert md.count("models/a <- merge of (x, y)") == 1  # study-wide evidence shown once
     assert "- `memorization_probe`: not raised" in md
@@ -200,7 +206,7 @@ def test_degenerate_tables_still_write_valid_figures(tmp_path, case):
     if case == "single":
         df = df[df["number"] == 7]
     elif case == "no_holdout":
-        df = df.assign(holdout=NAN, holdout_se=NAN, overfit=False)
+        df = df.assign(validation=NAN, validation_se=NAN, test=NAN, test_se=NAN, overfit=False)
     elif case == "no_params":  # a one-point space: nothing sampled
         df = df.drop(columns=[c for c in df.columns if c.startswith("p_")])
     elif case == "all_failed":
@@ -217,7 +223,9 @@ def test_degenerate_tables_still_write_valid_figures(tmp_path, case):
         assert "No completed trials." in md
     if case == "single":
         assert "1 completed, 0 failed, 0 running" in md
-        assert [ln for ln in md.splitlines() if ln.startswith("| #")][0].startswith("| #7 | 0.9000")
+        assert [ln for ln in md.splitlines() if ln.startswith("| #")][0].startswith(
+            "| #7 (chosen) | 0.9000"
+        )
 
 
 def test_multiple_objectives_and_csv_round_trip(tmp_path):

@@ -88,14 +88,24 @@ def test_search_fills_the_table_and_beats_its_baselines(space, tmp_path, tiny_fa
     assert df.loc[df["baseline"] == f"source:{fts[0]}", "s_task_0"].iloc[0] == pytest.approx(
         1.0, abs=1e-6
     )
-    # finalists (top 3 by search score) were re-scored on the holdout
+    # finalists (top 3 by search score) were re-scored on the validation items, and the chosen
+    # trial is the best of them there; only it (and the baselines) has a test score
     top3 = searched.sort_values("score", ascending=False).head(3)
-    assert top3["holdout"].notna().all()
-    assert out.best is not None and out.best["holdout"] == pytest.approx(searched["holdout"].max())
-    # the task-vector objective rewards keeping every delta: the search beats the obvious
-    uniform = df.loc[df["baseline"] == "uniform", "holdout"].iloc[0]
-    assert out.best["holdout"] > uniform
-    assert out.best["holdout"] > df.loc[df["baseline"].str.startswith("source:"), "holdout"].max()
+    assert top3["validation"].notna().all()
+    chosen = out.chosen
+    assert chosen is not None and chosen["validation"] == pytest.approx(
+        searched["validation"].max()
+    )
+    assert df["chosen"].sum() == 1 and df.loc[df["chosen"], "number"].iloc[0] == chosen["number"]
+    assert df.loc[df["chosen"], "chosen_by"].iloc[0] == "validation"
+    assert list(searched.loc[searched["test"].notna(), "number"]) == [chosen["number"]]
+    baselines = df[df["baseline"] != ""]
+    assert baselines["validation"].notna().all() and baselines["test"].notna().all()
+    # the task-vector objective rewards keeping every delta: the search beats the obvious, on
+    # the test items, which chose nothing
+    uniform = df.loc[df["baseline"] == "uniform", "test"].iloc[0]
+    assert chosen["test"] > uniform
+    assert chosen["test"] > df.loc[df["baseline"].str.startswith("source:"), "test"].max()
 
 
 def test_export_reproduces_the_trial_tensors(space, tmp_path, tiny_family, capsys):
@@ -444,7 +454,7 @@ def _sampler_run(tmp_path: Path, tiny_family, sampler: str, objectives, name: st
         quiet=True,
         log=lambda m: None,
     )
-    assert out.best is not None
+    assert out.chosen is not None
     return optuna.load_study(study_name=name, storage=out.paths.storage).trials
 
 

@@ -137,9 +137,10 @@ def test_identical_tensors_are_scored_once(tmp_path, tiny_family):
     reused = searched[searched["number"] != first]
     assert (reused["reused_from"] == first).all() and (reused["eval_s"] == 0).all()
     assert (searched["score"] == searched["score"].iloc[0]).all()
-    # evaluations: each baseline on search and holdout, then the first trial on search and (a new
-    # best) holdout; without sharing, the three later trials would add three more
-    assert ev.calls == 2 * len(df[df["baseline"] != ""]) + 2
+    # evaluations: each baseline on search, validation and test, then the first trial on search,
+    # (a new best) validation and (the chosen trial) test; without sharing, the three later
+    # trials would add three more
+    assert ev.calls == 3 * len(df[df["baseline"] != ""]) + 3
 
 
 def test_a_model_without_tokenizer_files_is_one_line_before_any_output(

@@ -44,7 +44,7 @@ def test_cli_search_on_the_micro_zoo_end_to_end(micro_zoo, tmp_path, capsys):
     results = tmp_path / "results"
     assert main(["search", str(space), "--results-dir", str(results), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "the best trial's holdout score" in out
+    assert "on the test items, the chosen trial" in out
     df = load_trials(results / "zoo")
     searched = df[df["baseline"] == ""]
     # pruning is on by default: a trial stopped early (PRUNED) counts against the budget with its items
@@ -125,7 +125,8 @@ def test_overfit_flag_on_easy_search_hard_holdout_and_not_on_matched_sets(micro_
     from evomerge.search.loop import run_search
 
     # Search on an easy item set (every merge scores 1.0), holdout on the real items: the
-    # finalists' search scores overstate the holdout far beyond two standard errors.
+    # finalists' search scores overstate their validation (and the chosen one's test) scores far
+    # beyond two standard errors.
     easy = _easy_task(micro_zoo, tmp_path / "easy")
     skewed = _space(
         tmp_path / "skewed.yml", tasks=["zoo_easy"], holdout=HOLDOUT, trials=3, name="skewed"
@@ -135,10 +136,10 @@ def test_overfit_flag_on_easy_search_hard_holdout_and_not_on_matched_sets(micro_
     skewed.write_text(yaml.safe_dump(data))
     out = run_search(skewed, results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
     df = load_trials(out.paths.csv)
-    fin = df[(df["baseline"] == "") & df["holdout"].notna()]
+    fin = df[(df["baseline"] == "") & df["validation"].notna()]
     assert len(fin) >= 2 and (fin["score"] == 1.0).all()
     assert fin["overfit"].astype(str).str.lower().eq("true").all(), fin[
-        ["score", "holdout", "overfit_evidence"]
+        ["score", "validation", "test", "overfit_evidence"]
     ]
     assert fin["overfit_evidence"].str.contains("gap").all()
     # Matched sets (the same tasks, disjoint items): no overfit flag on any finalist.
@@ -147,9 +148,9 @@ def test_overfit_flag_on_easy_search_hard_holdout_and_not_on_matched_sets(micro_
     )
     out = run_search(matched, results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
     df = load_trials(out.paths.csv)
-    fin = df[(df["baseline"] == "") & df["holdout"].notna()]
+    fin = df[(df["baseline"] == "") & df["validation"].notna()]
     assert len(fin) >= 2 and not fin["overfit"].astype(str).str.lower().eq("true").any(), fin[
-        ["score", "holdout", "overfit_evidence"]
+        ["score", "validation", "test", "overfit_evidence"]
     ]
 
 
@@ -159,7 +160,7 @@ def test_probe_contamination_runs_on_finalists(micro_zoo, tmp_path):
     space = _space(tmp_path / "probe.yml", tasks=SEARCH, holdout=HOLDOUT, trials=2, name="probe")
     out = run_search(space, results_dir=tmp_path / "r", quiet=True, log=lambda m: None, probe=True)
     df = load_trials(out.paths.csv)
-    fin = df[(df["baseline"] == "") & df["holdout"].notna()]
+    fin = df[(df["baseline"] == "") & df["validation"].notna()]
     assert len(fin) >= 1
     # the probe ran against the base with the holdout items as controls, and says so
     assert (

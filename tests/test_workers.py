@@ -230,13 +230,18 @@ def test_three_workers_complete_the_budget_and_run_the_once_per_study_work_once(
     attrs = study.user_attrs
     baselines = sorted(k for k in attrs if k.startswith("baseline:"))
     assert len(baselines) == 5 and all(attrs[k]["state"] == "COMPLETE" for k in baselines)
-    holdouts = [k for k in attrs if k.startswith("holdout:")]
+    validated = [k for k in attrs if k.startswith("validation:")]
+    tested = [k for k in attrs if k.startswith("test:")]
     top3 = sorted(
         (t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.value, reverse=True
     )[:3]
-    assert {f"holdout:{t.number}" for t in top3} <= set(holdouts)
-    # each evaluation ran once across the workers: 5 baselines (search and holdout), one search
-    # evaluation per trial that ran, one holdout evaluation per re-scored trial
+    assert {f"validation:{t.number}" for t in top3} <= set(validated)
+    # the chosen trial (best validation score) was tested; every tested trial was validated
+    chosen = max(validated, key=lambda k: (attrs[k]["aggregate"], -int(k.split(":")[1])))
+    assert f"test:{chosen.split(':')[1]}" in tested
+    assert {k.split(":")[1] for k in tested} <= {k.split(":")[1] for k in validated}
+    # each evaluation ran once across the workers: 5 baselines (search, validation and test), one
+    # search evaluation per trial that ran, one evaluation per re-score
     ran = sum(
         1
         for t in study.trials
@@ -244,10 +249,14 @@ def test_three_workers_complete_the_budget_and_run_the_once_per_study_work_once(
         or "interrupted" in t.user_attrs.get("result", {}).get("error", "")
     )
     logs = "\n".join(o[-1500:] for o in w["outs"])
-    assert _evaluations(w["tmp"]) == {"search": 5 + ran, "holdout": 5 + len(holdouts)}, logs
+    assert _evaluations(w["tmp"]) == {
+        "search": 5 + ran,
+        "validation": 5 + len(validated),
+        "test": 5 + len(tested),
+    }, logs
     assert ran == 9, logs
     assert attrs["setup"] and attrs["search_tasks"] == ["task_0", "task_1", "task_2"]
-    # the workers sampled with different seeds: no two trials drew the same point
+    # each trial was proposed with a seed of its own (by its number): no two drew the same point
     points = [tuple(sorted(t.params.items())) for t in study.trials if t.params]
     assert len(set(points)) == len(points)
     assert _claims_left(w["url"], w["study"]) == []
@@ -384,7 +393,7 @@ def test_cli_workers_2_on_cpu_share_the_default_sqlite_study(micro_zoo, tmp_path
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
     assert "evomerge: 2 workers on CPU" in r.stdout and "[w0] " in r.stdout and "[w1] " in r.stdout
     assert (
-        "the best trial's holdout score" in r.stdout
+        "on the test items, the chosen trial" in r.stdout
     )  # one leaderboard and summary, from the storage
     df = load_trials(results / "zoo")
     searched = df[df["baseline"] == ""]

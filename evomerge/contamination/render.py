@@ -7,14 +7,14 @@ Results tables are read back from CSV, so a flag cell may be ``True``, ``"True"`
 Example::
 
     flag_marks({"merge_lineage": True, "overfit": "True"})   # 'LO'
-    md = render_contamination_section(assessment, search=(0.81, 0.03), holdout=(0.70, 0.04))
+    md = render_contamination_section(assessment, search=(0.81, 0.03), unseen=(0.70, 0.04))
     recipe_head = as_comments(md)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from evomerge.contamination.rules import FLAG_COLUMNS, Assessment, overfit_columns
@@ -32,7 +32,7 @@ _MEANING = {
     "merge_lineage": "a source model is a merge",
     "eval_data_in_training": "an eval dataset is in a source card's datasets",
     "public_benchmark_search": "searched on a public benchmark",
-    "overfit": "search score > holdout + 2 SE",
+    "overfit": "search score > test (else validation) score + 2 SE",
     "memorization_probe": "Min-K%++ memorization probe",
 }
 
@@ -64,7 +64,9 @@ def render_contamination_section(
     assessment: Assessment,
     *,
     search: tuple[float, float] | None = None,
-    holdout: tuple[float, float] | None = None,
+    unseen: tuple[float, float] | None = None,
+    unseen_split: str = "test",
+    evaluation: Sequence[str] = (),
     probe: Mapping[str, Any] | None = None,
     level: int = 2,
 ) -> str:
@@ -73,17 +75,23 @@ def render_contamination_section(
     Args:
         assessment: from :func:`~evomerge.contamination.rules.assess`.
         search: the exported model's ``(score, standard error)`` on the search tasks.
-        holdout: the same on the holdout tasks (``None``: no holdout was scored).
+        unseen: the same on items the search did not score (``None``: none was scored), for
+            the overfit flag: its test score where it has one, else its validation score.
+        unseen_split: which items ``unseen`` comes from ("test", "validation").
+        evaluation: lines (markdown, without the bullet) saying which items chose the model and
+            which scored it; default: the scores above.
         probe: ``ProbeResult.columns()`` from :mod:`evomerge.contamination.probe`, or ``None`` if not run.
         level: heading level of the section title.
     Returns:
         Markdown text ending with a newline.
     """
     cols = assessment.columns()
-    if search is not None and holdout is not None:
-        cols.update(overfit_columns(search[0], search[1], holdout[0], holdout[1]))
+    if search is not None and unseen is not None:
+        cols.update(overfit_columns(search[0], search[1], unseen[0], unseen[1], unseen_split))
     else:
-        cols.update({"overfit": False, "overfit_evidence": "not computed (no holdout score)"})
+        cols.update(
+            {"overfit": False, "overfit_evidence": "not computed (no score on unseen items)"}
+        )
     if probe is not None:
         cols.update(
             {k: probe.get(k) for k in ("memorization_probe", "memorization_probe_evidence")}
@@ -118,15 +126,17 @@ def render_contamination_section(
         f"{h}# Tasks",
         "",
         "- Searched on: " + (", ".join(assessment.search_tasks) or "(none)"),
-        "- Holdout: " + (", ".join(assessment.holdout_tasks) or "(none)"),
+        "- Holdout (validation and test items): "
+        + (", ".join(assessment.holdout_tasks) or "(none)"),
     ]
-    if search is not None:
-        lines.append(f"- Search score: {search[0]:.4f} ± {search[1]:.4f}")
-    lines.append(
-        f"- Holdout score: {holdout[0]:.4f} ± {holdout[1]:.4f}"
-        if holdout is not None
-        else "- Holdout score: not measured"
-    )
+    if not evaluation:
+        evaluation = [f"Search score: {search[0]:.4f} ± {search[1]:.4f}"] if search else []
+        evaluation.append(
+            f"{unseen_split.capitalize()} score: {unseen[0]:.4f} ± {unseen[1]:.4f}"
+            if unseen is not None
+            else f"{unseen_split.capitalize()} score: not measured"
+        )
+    lines += [f"- {e}" for e in evaluation]
     return "\n".join(lines) + "\n"
 
 

@@ -15,8 +15,9 @@ carry the evidence. Five flags (:data:`FLAG_COLUMNS`), each a column with a comp
     Study level: a search task is a public benchmark (:data:`PUBLIC_BENCHMARKS`, their
     ``tiny*`` variants and ``leaderboard_*``), by name or by its dataset.
 ``overfit``
-    A finalist's search score exceeds its holdout score by more than twice their combined
-    standard error: ``search - holdout > 2 * sqrt(se_search**2 + se_holdout**2)``.
+    A re-scored trial's search score exceeds its score on unseen items (its test score where it
+    has one, else its validation score) by more than twice their combined standard error:
+    ``search - unseen > 2 * sqrt(se_search**2 + se_unseen**2)``.
 ``memorization_probe``
     Opt-in Min-K%++ probe; see :mod:`evomerge.contamination.probe`.
 
@@ -25,7 +26,7 @@ Typical use by the study::
     a = assess(model_refs, search_tasks, holdout_tasks, include_path=task_dir)
     for line in a.warnings(): log.warning(line)          # loud, at start
     row.update(a.columns())                              # every trials.csv row
-    row.update(overfit_columns(s, s_se, h, h_se))        # finalists
+    row.update(overfit_columns(s, s_se, t, t_se, "test"))  # re-scored rows
 """
 
 from __future__ import annotations
@@ -168,20 +169,25 @@ def overfit(
 
 
 def overfit_columns(
-    search: float | None, search_se: float | None, holdout: float | None, holdout_se: float | None
+    search: float | None,
+    search_se: float | None,
+    holdout: float | None,
+    holdout_se: float | None,
+    split: str = "holdout",
 ) -> dict[str, Any]:
-    """``{"overfit": bool, "overfit_evidence": text}`` for one finalist (see :func:`overfit`)."""
+    """``{"overfit": bool, "overfit_evidence": text}`` for one re-scored row (see :func:`overfit`);
+    ``split`` names the unseen items the search score is compared with (test, validation)."""
     r = overfit(search, search_se, holdout, holdout_se)
     if math.isnan(r.threshold):
         what = (
-            "no holdout score"
+            f"no {split} score"
             if holdout is None or math.isnan(float(holdout))
             else "score or standard error missing"
         )
         return {"overfit": False, "overfit_evidence": what}
     op = ">" if r.flag else "<="
     text = (
-        f"search {search:.3f} ± {search_se:.3f} vs holdout {holdout:.3f} ± {holdout_se:.3f}: "
+        f"search {search:.3f} ± {search_se:.3f} vs {split} {holdout:.3f} ± {holdout_se:.3f}: "
         f"gap {r.gap:+.3f} {op} 2 SE {r.threshold:.3f}"
     )
     return {"overfit": r.flag, "overfit_evidence": text}

@@ -190,6 +190,10 @@ class ModelSource:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def files(self) -> list[Path]:
+        """The files the model's tensors and config are read from, sorted."""
+        return sorted({self.path / "config.json", *self._where.values()})
+
     def names(self) -> Iterator[str]:
         return iter(self._where)
 

@@ -7,6 +7,8 @@ metrics); :class:`~evomerge.evaluation.fake.FakeEvaluator` scores from tensors a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,12 +25,42 @@ __all__ = [
     "aggregate",
     "item_weights",
     "SCORERS",
+    "SPLITS",
+    "split_holdout",
+    "digest_of",
 ]
 
 # How lm-eval's loglikelihood requests are run: "shared" runs each distinct context once and scores
 # its continuations from the cached keys/values (evaluation/scorer.py); "hflm" is lm-eval's HFLM,
 # one full sequence per (context, continuation) pair. Both give the same numbers up to float rounding.
 SCORERS = ("shared", "hflm")
+
+# The item sets a model is scored on. Search items guide the sampler; validation items (a part of
+# the holdout) re-score the finalists and choose the trial a user gets; test items (the rest of the
+# holdout) are scored for the chosen trial and the baselines only, and never choose anything, so
+# the score reported for the chosen model is an unbiased estimate. "holdout" is validation + test.
+SPLITS = ("search", "validation", "test", "holdout")
+
+# The default share of each holdout task's items that are validation items.
+VALIDATION = 0.5
+
+
+def split_holdout(ids: Sequence[int], validation: float) -> tuple[list[int], list[int]]:
+    """Split one task's holdout items into (validation, test), interleaved so that both spread
+    over the whole range (task files are often ordered by source or difficulty): item ``i`` is a
+    validation item when ``floor((i + 1) * validation)`` steps past ``floor(i * validation)``.
+
+    Example:
+        >>> split_holdout(range(10, 16), 0.5)
+        ([11, 13, 15], [10, 12, 14])
+        >>> split_holdout(range(4), 0.0)
+        ([], [0, 1, 2, 3])
+    """
+    val: list[int] = []
+    test: list[int] = []
+    for i, doc in enumerate(ids):
+        (val if math.floor((i + 1) * validation) > math.floor(i * validation) else test).append(doc)
+    return val, test
 
 
 @dataclass(frozen=True)
@@ -49,7 +81,8 @@ class EvalConfig:
     an empty ``holdout`` list means: the holdout items are docs ``[limit, limit + holdout_limit)`` of
     the search tasks themselves; with holdout tasks it takes their first ``holdout_limit`` docs.
     ``file`` is the space file, named in errors found later (a holdout range past the end).
-    ``scorer`` is one of :data:`SCORERS`.
+    ``scorer`` is one of :data:`SCORERS`. ``validation`` is the share of each holdout task's
+    items that are validation items (:func:`split_holdout`); the rest are test items.
     """
 
     search: list[TaskSpec]
@@ -61,14 +94,7 @@ class EvalConfig:
     preset: str | None = None
     file: str = ""
     scorer: str = "shared"
-
-    @property
-    def holdout_same_tasks(self) -> bool:
-        """True when the holdout is a later doc range of the search tasks."""
-        return not self.holdout and self.holdout_limit is not None
-
-    def has_holdout(self) -> bool:
-        return bool(self.holdout) or self.holdout_limit is not None
+    validation: float = VALIDATION
 
 
 @dataclass
@@ -115,6 +141,12 @@ def item_weights(specs: Iterable[TaskSpec], counts: Mapping[str, int]) -> dict[s
     return {s.name: s.weight / wsum * total / counts[s.name] for s in specs}
 
 
+def digest_of(value: object) -> str:
+    """A short sha256 of a JSON-able value (keys sorted; other objects by ``str``)."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class StagedEvaluation(ABC):
     """One model's evaluation on the search items, scored a subset at a time.
 
@@ -145,7 +177,9 @@ class StagedEvaluation(ABC):
 
 
 class Evaluator(ABC):
-    """Scores a model on the search items or on the holdout items.
+    """Scores a model on one of the item sets of :data:`SPLITS`: the search items, or the
+    validation or test part of the holdout items (an evaluator without holdout items has tasks
+    for "search" only: :meth:`task_names` of the others is empty).
 
     Evaluators that can score the search items a subset at a time (needed to stop hopeless
     candidates early) return item counts from :meth:`item_counts` and a
@@ -154,7 +188,7 @@ class Evaluator(ABC):
 
     @abstractmethod
     def evaluate(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
-        """Score ``model`` (in memory) on ``split`` ("search" or "holdout")."""
+        """Score ``model`` (in memory) on ``split`` (one of :data:`SPLITS`)."""
 
     @abstractmethod
     def task_names(self, split: str = "search") -> list[str]:
@@ -163,6 +197,13 @@ class Evaluator(ABC):
     def texts(self, split: str = "search") -> dict[str, list[str]]:
         """Prompt + gold answer strings per task of ``split`` (for the memorization probe)."""
         return {}
+
+    def digest(self) -> str:
+        """A digest of what a score depends on (tasks, metrics, weights, shots, which items are in
+        which split and what they say): a study refuses to resume when it changed, since its
+        earlier scores would not compare with new ones. The default covers the task names of
+        every split; evaluators that know more include it."""
+        return digest_of({split: self.task_names(split) for split in SPLITS})
 
     def prompts(self, split: str = "search") -> dict[str, list[str]]:
         """The prompts (questions without answers) of each task's items of ``split``, in item order

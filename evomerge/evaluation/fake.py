@@ -10,7 +10,16 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from evomerge.evaluation.base import EvalResult, Evaluator, StagedEvaluation, TaskSpec, aggregate
+from evomerge.evaluation.base import (
+    VALIDATION,
+    EvalResult,
+    Evaluator,
+    StagedEvaluation,
+    TaskSpec,
+    aggregate,
+    digest_of,
+    split_holdout,
+)
 
 __all__ = ["FakeEvaluator"]
 
@@ -21,19 +30,23 @@ class FakeEvaluator(Evaluator):
     Each task ``k`` has a target value per decoder layer; a layer's statistic is the mean of its
     parameters, and the task's score is ``exp(-sum_l (stat_l - target_kl)^2 / width)``: a smooth
     landscape with one optimum per task, so a search has something real to climb. The holdout score
-    is the same function with targets shifted by ``holdout_shift`` (a slightly different optimum).
+    (validation and test) is the same function with targets shifted by ``holdout_shift`` (a slightly
+    different optimum).
 
     With ``items=n`` each task has ``n`` items instead, as lm-eval's tasks do: item ``j`` has a
     difficulty ``u_j``, the numbers ``(0.5 .. n-0.5) / n`` in a seeded order, and is right (1.0)
     when ``u_j`` is below the smooth score, else wrong (0.0); the task's score is the mean of its
     items (the smooth score rounded down to a multiple of ``1/n``). It can then score the search
     items a subset at a time (:meth:`staged`), and counts every item it scores in ``items_scored``.
+    Each holdout task has ``n`` items too, split into validation and test items by ``validation``
+    as lm-eval's holdout is (:func:`~evomerge.evaluation.base.split_holdout`).
 
     Args:
         targets: task name -> per-layer target statistics (length = number of layers).
         width: how quickly the score falls off.
         holdout_shift: added to every target for the holdout split.
         items: items per task (None: one smooth score per task, no items).
+        validation: the share of holdout items that are validation items.
     """
 
     def __init__(
@@ -43,11 +56,16 @@ class FakeEvaluator(Evaluator):
         width: float = 1e-3,
         holdout_shift: float = 0.0,
         items: int | None = None,
+        validation: float = VALIDATION,
     ) -> None:
         self.targets = {k: torch.tensor(v, dtype=torch.float64) for k, v in targets.items()}
         self.width = width
         self.holdout_shift = holdout_shift
         self.n = items
+        self.validation = validation
+        val, test = split_holdout(range(items or 0), validation)
+        self._split_items = {"search": list(range(items or 0)), "holdout": list(range(items or 0))}
+        self._split_items.update(validation=val, test=test)
         self.items_scored = 0
         self._difficulty: dict[str, list[float]] = {}
         for k in self.targets:
@@ -68,12 +86,20 @@ class FakeEvaluator(Evaluator):
         return torch.tensor([sums[i][0] / sums[i][1] for i in sorted(sums)], dtype=torch.float64)
 
     def task_names(self, split: str = "search") -> list[str]:
+        if split == "validation" and self.validation == 0:
+            return []
         return list(self.targets) if split == "search" else [f"{k}_holdout" for k in self.targets]
+
+    def digest(self) -> str:
+        return digest_of(
+            [sorted((k, v.tolist()) for k, v in self.targets.items()), self.width]
+            + [self.holdout_shift, self.n, self.validation]
+        )
 
     def smooth(self, model: torch.nn.Module, split: str = "search") -> dict[str, float]:
         """The smooth score of each task of ``split`` (before items)."""
         stats = self.layer_stats(model)
-        shift = self.holdout_shift if split == "holdout" else 0.0
+        shift = self.holdout_shift if split != "search" else 0.0
         out = {}
         for name, target in zip(self.task_names(split), self.targets.values(), strict=False):
             if target.numel() != stats.numel():
@@ -92,10 +118,9 @@ class FakeEvaluator(Evaluator):
         smooth = self.smooth(model, split)
         values = None
         if self.n:
-            values = {
-                k: [self.item_value(k, j, v) for j in range(self.n)] for k, v in smooth.items()
-            }
-            self.items_scored += self.n * len(values)
+            ids = self._split_items[split]
+            values = {k: [self.item_value(k, j, v) for j in ids] for k, v in smooth.items()}
+            self.items_scored += len(ids) * len(values)
         return self.assemble(smooth, values, t0)
 
     @staticmethod

@@ -26,6 +26,8 @@ from evomerge.evaluation.base import (
     StagedEvaluation,
     TaskSpec,
     aggregate,
+    digest_of,
+    split_holdout,
 )
 from evomerge.evaluation.items import (
     LMEvalStaged,
@@ -308,6 +310,8 @@ class LMEvalEvaluator(Evaluator):
             self._specs["holdout"] = list(cfg.search)
         self._leaves = {split: self._leaves_per_spec(split) for split in self._dicts}
         self._samples = {split: self._sample_ids(split) for split in self._dicts}
+        if "holdout" in self._dicts:
+            self._split_holdout()
         self._bank: RequestBank | None = None  # built on the first staged evaluation
 
     # -- setup
@@ -345,10 +349,48 @@ class LMEvalEvaluator(Evaluator):
                 )
         return ids
 
+    def _split_holdout(self) -> None:
+        """The validation and test splits: each holdout task's items, interleaved
+        (:func:`~evomerge.evaluation.base.split_holdout`); both must have items per task
+        (validation none at all when its share is 0)."""
+        cfg = self.cfg
+        parts = {
+            leaf: split_holdout(ids, cfg.validation)
+            for leaf, ids in self._samples["holdout"].items()
+        }
+        for split, k in (("validation", 0), ("test", 1)):
+            if split == "validation" and cfg.validation == 0:
+                continue
+            self._dicts[split] = self._dicts["holdout"]
+            self._specs[split] = self._specs["holdout"]
+            self._leaves[split] = self._leaves["holdout"]
+            self._samples[split] = {leaf: p[k] for leaf, p in parts.items()}
+            for spec in self._specs[split]:
+                if not any(self._samples[split][leaf] for leaf in self._leaves[split][spec.name]):
+                    raise ConfigError(
+                        cfg.file,
+                        "evaluate.holdout.validation",
+                        f"task {spec.name!r} has {sum(len(self._samples['holdout'][leaf]) for leaf in self._leaves['holdout'][spec.name])} "
+                        f"holdout item(s): too few to split into validation and test items at share {cfg.validation}",
+                    )
+
     # -- API
 
     def task_names(self, split: str = "search") -> list[str]:
         return [s.name for s in self._specs.get(split, [])]
+
+    def digest(self) -> str:
+        """Tasks with metric, weight and shots, and each split's items (ids and texts) per task."""
+        return digest_of(
+            {
+                split: {
+                    "specs": [(s.name, s.metric, s.weight, s.num_fewshot) for s in specs],
+                    "items": self._samples[split],
+                    "texts": digest_of(self.texts(split)),
+                }
+                for split, specs in self._specs.items()
+            }
+        )
 
     def texts(self, split: str = "search") -> dict[str, list[str]]:
         if split not in self._dicts:
@@ -423,7 +465,7 @@ class LMEvalEvaluator(Evaluator):
 
         Args:
             model: a ``transformers`` causal LM (in memory, on ``device``).
-            split: "search" or "holdout".
+            split: one of :data:`~evomerge.evaluation.base.SPLITS`.
 
         Returns:
             The :class:`EvalResult`; ``scores`` are fractions in [0, 1], ``items`` each task's
@@ -434,7 +476,14 @@ class LMEvalEvaluator(Evaluator):
                 lm-eval's results.
         """
         if split not in self._dicts:
-            raise EvomergeError(f"no {split} items configured (evaluate.holdout)")
+            raise EvomergeError(
+                f"no {split} items configured (evaluate.holdout"
+                + (
+                    ".validation is 0)"
+                    if split == "validation" and "holdout" in self._dicts
+                    else ")"
+                )
+            )
         quiet_lm_eval()
         return self._run(
             model,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
-from evomerge.evaluation.base import SCORERS, EvalConfig, TaskSpec
+from evomerge.evaluation.base import SCORERS, VALIDATION, EvalConfig, TaskSpec
 from evomerge.evaluation.lmeval import (
     doc_ids,
     get_task_dict,
@@ -70,7 +70,7 @@ PRESETS: dict[str, tuple[tuple[str, str, int], ...]] = {
 
 _KEYS = {"include_path", "tasks", "preset", "limit", "holdout", "batch_size", "scorer"}
 _TASK_KEYS = {"name", "metric", "weight", "num_fewshot"}
-_HOLDOUT_KEYS = {"tasks", "limit"}
+_HOLDOUT_KEYS = {"tasks", "limit", "validation"}
 
 
 # ----------------------------------------------------------------------------------------- parsing
@@ -114,6 +114,22 @@ def _int_or_none(value: Any, file: str, where: str, *, minimum: int = 1) -> int 
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(file, where, f"must be an integer >= {minimum} or null, got {value!r}")
     return value
+
+
+def _share(value: Any, file: str, where: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= value < 1
+        or not math.isfinite(value)
+    ):
+        raise ConfigError(
+            file,
+            where,
+            "must be the share of each holdout task's items that choose among the finalists, "
+            f"a number in [0, 1) (0: choose by search score, every holdout item a test item), got {value!r}",
+        )
+    return float(value)
 
 
 def _parse_task(entry: Any, file: str, where: str) -> TaskSpec:
@@ -256,6 +272,7 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
 
     holdout: list[TaskSpec] = []
     holdout_limit: int | None = None
+    validation = VALIDATION
     h = section.get("holdout")
     if h is not None:
         if not isinstance(h, Mapping):
@@ -269,6 +286,7 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
                 file, f"evaluate.holdout.{key}", "unknown key" + did_you_mean(key, _HOLDOUT_KEYS)
             )
         holdout_limit = _int_or_none(h.get("limit"), file, "evaluate.holdout.limit")
+        validation = _share(h.get("validation", VALIDATION), file, "evaluate.holdout.validation")
         if h.get("tasks") is not None:
             holdout = _parse_task_list(h["tasks"], file, "evaluate.holdout.tasks")
             _check_names(holdout, "evaluate.holdout.tasks", file, include, skip=set())
@@ -285,7 +303,16 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
                 "the holdout docs follow the search docs, so evaluate.limit must be set (otherwise search uses every doc and they overlap)",
             )
     cfg = EvalConfig(
-        search, holdout, include, limit, holdout_limit, int(batch_size or 32), preset, file, scorer
+        search,
+        holdout,
+        include,
+        limit,
+        holdout_limit,
+        int(batch_size or 32),
+        preset,
+        file,
+        scorer,
+        validation,
     )
     _check_disjoint(cfg)
     return cfg

@@ -28,10 +28,11 @@ from evomerge.moe.write import moe_to_disk
 from evomerge.recipe.schema import parse_recipe
 from evomerge.results.export_dataflow import dataflow_export, source_dirs
 from evomerge.results.export_moe import moe_export
+from evomerge.results.provenance import evaluation_lines, unseen_score
 from evomerge.schemes import resolve, scheme_of
 from evomerge.search.records import StudyRecords
 from evomerge.search.storage import load_study, locate
-from evomerge.search.table import best_row, trials_frame
+from evomerge.search.table import chosen_row, trials_frame
 
 __all__ = [
     "export_recipe",
@@ -84,13 +85,16 @@ def export_recipe(
 
     Args:
         study: the Optuna study.
-        trial: trial number; default: best by holdout among finalists, else by search score.
+        trial: trial number; default: the chosen trial (:func:`~evomerge.search.table.chosen_row`:
+            the best validation score among the re-scored trials, else the best search score).
         space_file: named in the header.
         out: where the recipe goes (a mixture of experts' merged experts are written beside it).
 
     Returns:
         ``(text, recipe mapping, info)``; info has ``number``, ``digest``, ``seed``, ``stream``, ``section``
-        (the markdown contamination section for a model card), ``moe`` (a mixture of experts) and
+        (the markdown contamination section for a model card), ``evaluation`` (which items chose
+        the trial and which scored it, :func:`~evomerge.results.provenance.evaluation_lines`),
+        ``moe`` (a mixture of experts) and
         ``expert_files`` (its merged experts' recipe files, :class:`~evomerge.results.export_moe.ExpertFile`).
 
     Raises:
@@ -100,7 +104,7 @@ def export_recipe(
     meta = records.meta()
     df = trials_frame(study)
     if trial is None:
-        row = best_row(df)
+        row = chosen_row(df)
         if row is None:
             raise EvomergeError(f"study {study.study_name!r} has no completed trial to export")
         number = int(row["number"])
@@ -122,28 +126,26 @@ def export_recipe(
     seed = int(meta.seed)
     stream = int(getattr(meta, "stream", 1))
     score, score_se = _num(row.get("score")), _num(row.get("score_se"))
-    hold, hold_se = _num(row.get("holdout")), _num(row.get("holdout_se"))
+    unseen = unseen_score(row)
+    evaluation = evaluation_lines(df, row)
     assessment = assessment_from_dict(meta.assessment) if meta.assessment else None
     section = ""
     if assessment is not None:
         section = render_contamination_section(
             assessment,
             search=(score, score_se or 0.0) if score is not None else None,
-            holdout=(hold, hold_se or 0.0) if hold is not None else None,
+            unseen=unseen[1:] if unseen is not None else None,
+            unseen_split=unseen[0] if unseen is not None else "test",
+            evaluation=evaluation,
             probe=records.probe(number),
         )
     head = [
         f"# Exported by evomerge from study {study.study_name!r}"
         + (f" (space {space_file})" if space_file else "")
         + f", trial {number}.",
-        f"# Search score {score:.4f} ± {score_se or 0:.4f} on: {', '.join(meta.search_tasks)}"
-        if score is not None
-        else "# Search score: -",
-        (
-            f"# Holdout score {hold:.4f} ± {hold_se or 0:.4f} on: {', '.join(meta.holdout_tasks)}"
-            if hold is not None
-            else "# Holdout score: not measured for this trial"
-        ),
+        f"# Search tasks: {', '.join(meta.search_tasks)}; holdout (validation and test) tasks: "
+        + (", ".join(meta.holdout_tasks) or "none"),
+        *(f"# {line}." for line in evaluation),
         f"# Path digest of the trial (it copied no tensors, so none were hashed): {rec.digest or ''}"
         if is_dataflow_mapping(recipe)
         else f"# Tensor hash of the merge: {rec.digest or ''}",
@@ -160,6 +162,7 @@ def export_recipe(
         "seed": seed,
         "stream": stream,
         "section": section,
+        "evaluation": evaluation,
         "moe": False,
         "dataflow": None,
         "expert_files": [],
@@ -204,6 +207,8 @@ def main_export(args: Any) -> int:
         f"wrote {out}: trial {info['number']} of study {paths.name}"
         + "".join(f"; {kind} recipe {f.recipe_path}" for f in info["expert_files"])
     )
+    for line in info["evaluation"]:
+        print(f"  {line}")
     if args.merge and info["moe"]:
         for f in info["expert_files"]:
             merge_to_disk(

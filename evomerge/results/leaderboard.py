@@ -7,7 +7,8 @@ from typing import Any
 
 import pandas as pd
 
-from evomerge.contamination.render import flag_marks, legend
+from evomerge.contamination.render import flag_marks, flag_raised, legend
+from evomerge.results.provenance import evaluation_lines
 from evomerge.search.outcome import SearchOutcome, item_totals
 from evomerge.search.storage import load_study, locate
 from evomerge.search.table import is_number, trials_frame
@@ -29,13 +30,14 @@ def leaderboard(df: pd.DataFrame, *, top: int = 15, show_all: bool = False) -> s
         (c for c in df.columns if c.startswith("p_") and c != "p_method"), key=_param_order
     )
     head = (
-        f"{'trial':>16} {'state':8} {'score':>6} {'±':>5} {'holdout':>7} {'items':>6} "
+        f"{'trial':>16} {'state':8} {'score':>6} {'±':>5} {'valid':>6} {'test':>6} {'items':>6} "
         + " ".join(f"{t[:10]:>10}" for t in tasks)
         + "  flags  method / params"
     )
     lines = [head, "-" * len(head)]
     for rd in view.to_dict("records"):
         name = f"[{_short_baseline(rd['baseline'])}]" if rd.get("baseline") else f"#{rd['number']}"
+        name += "*" if flag_raised(rd.get("chosen")) else ""
         marks = flag_marks(rd)
         desc = str(rd.get("method") or "")
         if not rd.get("baseline"):
@@ -46,13 +48,20 @@ def leaderboard(df: pd.DataFrame, *, top: int = 15, show_all: bool = False) -> s
         if rd.get("state") != "COMPLETE" and rd.get("error"):
             desc = f"{rd['error']}"[:80]
         lines.append(
-            f"{name[:16]:>16} {str(rd['state'])[:8]:8} {_fmt(rd.get('score')):>6} {_fmt(rd.get('score_se')):>5} {_fmt(rd.get('holdout')):>7} {_count(rd.get('items')):>6} "
+            f"{name[:16]:>16} {str(rd['state'])[:8]:8} {_fmt(rd.get('score')):>6} {_fmt(rd.get('score_se')):>5} {_fmt(rd.get('validation')):>6} {_fmt(rd.get('test')):>6} {_count(rd.get('items')):>6} "
             + " ".join(f"{_fmt(rd.get('s_' + t)):>10}" for t in tasks)
             + f"  {marks:5}  {desc}"
         )
+    by = df.loc[df["chosen"].map(flag_raised), "chosen_by"] if "chosen" in df else []
+    chose = {"validation": "the best valid score", "search": "the best search score"}.get(
+        str(by.iloc[0]) if len(by) else "",
+        "the best valid (holdout) score: this study predates test items",
+    )
     lines.append(
-        "[name] = baseline (not searched); holdout only for finalists and baselines; items: search items scored. "
-        + legend()
+        f"* = the chosen trial ({chose}; what export takes); valid: validation items, re-scored "
+        "for new bests and finalists to choose; test: items that choose nothing, scored for the "
+        "chosen trial, hand recipes and baselines; [name] = baseline (not searched); items: "
+        "search items scored. " + legend()
     )
     pruned = df[(df["state"] == "PRUNED") & (df["baseline"] == "")]
     if len(pruned) and not show_all:
@@ -118,45 +127,47 @@ def _short_baseline(name: str) -> str:
     return name
 
 
-def summary(outcome: SearchOutcome) -> str:
-    """The end-of-run comparison: best trial vs every source model and the uniform merge."""
+def summary(outcome: SearchOutcome, df: pd.DataFrame) -> str:
+    """The end-of-run comparison: the chosen trial against every source model and the uniform
+    merge, on the test items (none of which chose anything) where they were scored.
+
+    Args:
+        outcome: the finished search.
+        df: the study's results table.
+    """
     lines = [
         f"study {outcome.paths.name}: {outcome.n_complete} complete trials, {outcome.n_pruned} pruned, {outcome.n_failed} failed, "
         f"{outcome.seconds:.0f}s; table: {outcome.paths.csv}"
     ]
     if outcome.items:
         lines.append(_items_text(outcome.items, outcome.n_pruned))
-    best = outcome.best
+    best = outcome.chosen
     if best is None:
         return "\n".join(lines + ["no completed trial"])
-    use_h = best.get("holdout") is not None and not (
-        isinstance(best.get("holdout"), float) and math.isnan(best["holdout"])
-    )
-    key = "holdout" if use_h else "score"
+    lines.append(f"chosen trial #{best['number']} ({best.get('method', '')}):")
+    lines += [f"  {line}" for line in evaluation_lines(df, best)]
+    key = "test" if is_number(best.get("test")) else "score"
     bval = float(best[key])
-    lines.append(
-        f"best trial #{best['number']} ({best.get('method', '')}): search {float(best['score']):.3f}"
-        + (f", holdout {bval:.3f}" if use_h else "")
-    )
+    where = "test" if key == "test" else "search (they chose the trial: the comparison favours it)"
     beaten_all = True
     for name, b in outcome.baselines.items():
         if b.get("state") != "COMPLETE":
             lines.append(f"  vs {name:<32} (failed: {b.get('error', '')})")
             continue
         r = b.get(key)
-        if r is None or (isinstance(r, float) and math.isnan(r)):
+        if not is_number(r):
             lines.append(f"  vs {name:<32} ({key} not measured)")
             continue
         diff = bval - float(r)
-        if name == "uniform" or name.startswith(
-            "source:"
-        ):  # what the verdict below is about; hand recipes are listed only
-            beaten_all &= diff > 0 or b.get("number") == best.get("number")
+        if name == "uniform" or name.startswith("source:"):
+            # what the verdict below is about; hand recipes are listed only
+            beaten_all &= diff > 0
         lines.append(
             f"  vs {name:<32} {key} {float(r):.3f}  ({'+' if diff >= 0 else ''}{diff:.3f})"
         )
     lines.append(
-        f"the best trial's {key} score {'beats' if beaten_all else 'does NOT beat'} every source model and the uniform merge"
+        f"on the {where} items, the chosen trial {'beats' if beaten_all else 'does NOT beat'} "
+        "every source model and the uniform merge"
     )
     return "\n".join(lines)
 

@@ -21,13 +21,14 @@ It writes, always (a figure says why when there is nothing to draw):
     Parallel coordinates of the top trials, every parameter scaled to [0, 1] over the range
     the completed trials explored (categories: their sorted order), coloured by objective.
 ``holdout.png``
-    Search score vs holdout score of the rows that have both (finalists and baselines), with
-    standard errors and the diagonal; ``overfit``-flagged rows in red.
+    Search score vs the score on unseen items of the rows that have one: test items (the
+    chosen trial, hand recipes, baselines), else validation items (finalists), with standard
+    errors and the diagonal; ``overfit``-flagged rows in red.
 ``flags.png``
     How many rows raise each flag of :mod:`evomerge.contamination.rules`.
 ``report.md``
-    Links to the figures, the top trials with their flag letters, the legend and the
-    evidence of every raised flag.
+    Links to the figures, the top trials with their flag letters, which items chose the chosen
+    trial and which scored it, the legend and the evidence of every raised flag.
 
 Every file is written to a temporary name and moved into place, never half-written.
 """
@@ -44,8 +45,9 @@ import pandas as pd
 from evomerge.contamination.render import flag_marks, flag_raised, legend
 from evomerge.contamination.rules import FLAG_COLUMNS
 from evomerge.io import atomic_file
+from evomerge.results.provenance import evaluation_lines
 from evomerge.search.storage import load_study, locate
-from evomerge.search.table import trials_frame
+from evomerge.search.table import chosen_row, trials_frame
 
 __all__ = ["make_report", "param_importances", "main_report"]
 
@@ -253,22 +255,30 @@ def _parallel(
 def _holdout(df: pd.DataFrame, path: Path) -> Path:
     fig = _figure(5.2, 5.0)
     ax = fig.subplots()
-    s, h = (
-        pd.to_numeric(_col(df, "score"), errors="coerce"),
-        pd.to_numeric(_col(df, "holdout"), errors="coerce"),
+    # Each row at its score on unseen items: test where it has one (the chosen trial, hand
+    # recipes, baselines), else validation (new bests and finalists).
+    s = pd.to_numeric(_col(df, "score"), errors="coerce")
+    t = pd.to_numeric(_col(df, "test"), errors="coerce")
+    v = pd.to_numeric(_col(df, "validation"), errors="coerce")
+    h = t.where(t.notna(), v)
+    se = pd.to_numeric(_col(df, "test_se"), errors="coerce").where(
+        t.notna(), pd.to_numeric(_col(df, "validation_se"), errors="coerce")
     )
     rows = df[s.notna() & h.notna()]
     if rows.empty:
-        _message(ax, "no holdout scores (the holdout is scored for finalists and baselines)")
+        _message(
+            ax, "no validation or test scores (re-scored: finalists, the chosen trial, baselines)"
+        )
         return _save(fig, path)
-    s, h = s[rows.index], h[rows.index]
+    s, h, tested = s[rows.index], h[rows.index], t[rows.index].notna()
     se_s = pd.to_numeric(_col(rows, "score_se"), errors="coerce").fillna(0)
-    se_h = pd.to_numeric(_col(rows, "holdout_se"), errors="coerce").fillna(0)
+    se_h = se[rows.index].fillna(0)
     over = _col(rows, "overfit", False).map(flag_raised)
     is_base = _baseline_mask(rows)
     for mask, color, marker, label in (
-        (~over & ~is_base, _OK, "o", "finalist"),
-        (~over & is_base, _BASE, "s", "baseline"),
+        (~over & ~is_base & ~tested, _OK, "o", "validation (finalists)"),
+        (~over & ~is_base & tested, _OK, "*", "test (the chosen trial, hand recipes)"),
+        (~over & is_base, _BASE, "s", "test (baselines)"),
         (over, _BAD, "D", "overfit flagged"),
     ):
         if mask.any():
@@ -295,13 +305,13 @@ def _holdout(df: pd.DataFrame, path: Path) -> Path:
         ls=":",
         color="gray",
         lw=1,
-        label="search = holdout",
+        label="search = unseen",
     )
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_ylim(lo - pad, hi + pad)
     ax.set_xlabel("search score")
-    ax.set_ylabel("holdout score")
-    ax.set_title("Search vs holdout (below the diagonal: worse on unseen items)", fontsize=9)
+    ax.set_ylabel("score on unseen items (test, else validation)")
+    ax.set_title("Search vs unseen items (below the diagonal: worse on unseen items)", fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -372,17 +382,25 @@ def _markdown(
         lines.append("No completed trials.")
     else:
         lines += [
-            "| trial | score | ± | holdout | flags | method | parameters |",
-            "|---|---|---|---|---|---|---|",
+            "| trial | score | ± | validation | test | flags | method | parameters |",
+            "|---|---|---|---|---|---|---|---|",
         ]
+        chosen = chosen_row(df)
         for _, r in best.iterrows():
             name = f"[{r['baseline']}]" if str(r.get("baseline") or "") else f"#{r['number']}"
+            if chosen is not None and not r.get("baseline") and r["number"] == chosen["number"]:
+                name += " (chosen)"
             ps = " ".join(f"{c[2:]}={_fmt_param(r[c])}" for c in params if pd.notna(r.get(c)))
             lines.append(
                 f"| {name} | {_fmt(r.get(obj))} | {_fmt(r.get(obj + '_se'))} | "
-                f"{_fmt(r.get('holdout'))} | {flag_marks(r.to_dict()) or '-'} | "
+                f"{_fmt(r.get('validation'))} | {_fmt(r.get('test'))} | "
+                f"{flag_marks(r.to_dict()) or '-'} | "
                 f"{r.get('method') or ''} | {ps.replace('|', '/')} |"
             )
+    chosen = chosen_row(df)
+    if chosen is not None:
+        lines += ["", f"## The chosen trial: #{chosen['number']}", ""]
+        lines += [f"- {line}." for line in evaluation_lines(df, chosen)]
     lines += ["", "## Flags", "", legend(), ""]
     counts = _flag_counts(df)
     for c, n in counts.items():

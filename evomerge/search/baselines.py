@@ -67,12 +67,15 @@ def enqueue_hand_recipes(
     """Queue each hand recipe that is a point of the space as a searched trial (once per study:
     run under the study's ``setup`` claim; a resumed study skips those it has)."""
     for name, recipe in recipes.items():
-        if not name.startswith("hand:") or records.baseline_done(name):
+        text = dump_yaml(recipe)
+        if not name.startswith("hand:") or records.baseline_done(name, text):
             continue
         values = space.values_of(recipe, layers_of)
         if values is not None:
+            if records.baseline_done(name):
+                log(f"baseline {name}: its recipe changed since it was queued; queued again")
             records.study.enqueue_trial(values, user_attrs={"baseline": name})
-            records.mark_enqueued(name)
+            records.mark_enqueued(name, text)
             log(f"baseline {name}: a point of the space, queued as the first trial")
 
 
@@ -83,7 +86,7 @@ def run_baselines(
     records: StudyRecords,
     claims: Claims,
     *,
-    holdout: bool,
+    splits: tuple[str, ...],
     log: Callable[[str], None],
     check_interrupt: Callable[[], None],
     wait: bool,
@@ -97,7 +100,7 @@ def run_baselines(
         candidates: merges and scores.
         records: the study's records.
         claims: the study's claims (``baseline:<name>``).
-        holdout: also score the holdout items.
+        splits: the holdout splits to score too (validation, test).
         log: progress lines.
         check_interrupt: raises KeyboardInterrupt once Ctrl-C was pressed.
         wait: wait for baselines another worker is scoring (at the end of a search); False: leave
@@ -105,17 +108,20 @@ def run_baselines(
     """
     for name, recipe in recipes.items():
         check_interrupt()
+        text = dump_yaml(recipe)
+        if not _done(records, name, text) and records.baseline_done(name):
+            log(f"baseline {name}: its recipe changed since it was scored; scoring it again")
         claims.run_once(
             f"baseline:{name}",
-            done=partial(_done, records, name),
-            work=partial(_score_baseline, space, name, recipe, candidates, records, holdout, log),
+            done=partial(_done, records, name, text),
+            work=partial(_score_baseline, space, name, recipe, candidates, records, splits, log),
             wait=wait,
             check_interrupt=check_interrupt,
         )
 
 
-def _done(records: StudyRecords, name: str) -> bool:
-    return records.refresh().baseline_done(name)
+def _done(records: StudyRecords, name: str, recipe: str) -> bool:
+    return records.refresh().baseline_done(name, recipe)
 
 
 def _score_baseline(
@@ -124,7 +130,7 @@ def _score_baseline(
     recipe: dict[str, Any],
     candidates: Candidates,
     records: StudyRecords,
-    holdout: bool,
+    splits: tuple[str, ...],
     log: Callable[[str], None],
 ) -> None:
     rec = TrialRecord(
@@ -137,12 +143,12 @@ def _score_baseline(
         rec.merge_s, rec.digest = time.perf_counter() - t0, res.digest
         rec.search = candidates.score(model, "search")
         rec.eval_s = rec.search.seconds
-        if holdout:
-            rec.holdout = candidates.score(model, "holdout")
+        for split in splits:
+            setattr(rec, split, candidates.score(model, split))
         rec.state = "COMPLETE"
         log(
             f"baseline {name:<28} search {rec.search.aggregate:.3f}"
-            + (f"  holdout {rec.holdout.aggregate:.3f}" if rec.holdout else "")
+            + "".join(f"  {k} {v.aggregate:.3f}" for k in splits if (v := getattr(rec, k)))
         )
     except KeyboardInterrupt:
         raise

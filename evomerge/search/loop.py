@@ -47,6 +47,7 @@ from evomerge.search.baselines import enqueue_hand_recipes, run_baselines
 from evomerge.search.candidates import Candidates
 from evomerge.search.claims import Claim, Claims
 from evomerge.search.finalists import Holdout
+from evomerge.search.inputs import check_inputs, check_table
 from evomerge.search.outcome import SearchOutcome
 from evomerge.search.pruning import RoundScorer
 from evomerge.search.records import StudyMeta, StudyRecords, TrialRecord
@@ -119,6 +120,7 @@ class Search:
         self.worker = 0
         self._slot: Claim | None = None
         self._interrupted = False
+        self._deferred = False  # Ctrl-C is only noted (not raised) while a trial is being claimed
 
     @property
     def paths(self) -> StudyPaths:
@@ -126,13 +128,14 @@ class Search:
 
     # ------------------------------------------------------------------ the study
     def open_study(self) -> StudyRecords:
-        """Create or load the study (this worker's sampler seeded with ``seed + worker``)."""
+        """Create or load the study (its sampler seeded per trial, see
+        :class:`~evomerge.search.samplers.SeededPerTrial`)."""
         import optuna
 
         s = self.setup
         sampler = make_sampler(
             s.space.search.sampler,
-            s.seed + self.worker,
+            s.seed,
             s.trials,
             s.space.search.startup_trials,
             bool(s.objectives),
@@ -150,8 +153,10 @@ class Search:
 
     def _fingerprint(self) -> str:
         s = self.setup
+        hand = {k: v for k, v in s.baselines.items() if k.startswith("hand:")}
         return json.dumps(
-            {"tree": _jsonable(s.space.tree), "objectives": s.objectives},
+            {"tree": _jsonable(s.space.tree), "objectives": s.objectives}
+            | ({"hand": hand} if hand else {}),  # a hand recipe's file may change alone
             sort_keys=True,
             default=str,
         )
@@ -182,6 +187,8 @@ class Search:
                 stream=records.meta().stream
                 if old is not None
                 else s.merger.stream,  # a resumed study keeps its masks
+                selection="validation" if "validation" in s.splits else "search",
+                inputs=s.inputs,
             )
         )
         enqueue_hand_recipes(s.space, s.baselines, records, layers_of=s.layers_of, log=s.log)
@@ -197,7 +204,7 @@ class Search:
             self.candidates,
             records,
             self.claims,
-            enabled=bool(s.holdout_tasks),
+            splits=s.splits,
             finalists=s.space.search.finalists,
             probe=self.probe,
             base_ref=base if isinstance(base, str) else None,
@@ -223,14 +230,22 @@ class Search:
             warnings.catch_warnings()
         ):  # Optuna expects heartbeats with optimize(); ours are recorded by trial_pulse
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            trial = study.ask()
-        records.claim(trial)
-        if self._surplus(records, trial.number):
-            rec = TrialRecord(error="not run: trials of other workers reached the budget")
-            records.set_trial(trial, rec)
-            study.tell(trial, state=TrialState.FAIL)
-            return "FAIL", trial.number, rec
+            # Asking creates the trial RUNNING; until it is claimed no one could tell it from
+            # another worker's, so Ctrl-C waits for the claim (a kill -9 here leaves a trial
+            # nobody claimed: recover_dead_trials fails it after the grace period).
+            self._deferred = True
+            try:
+                trial = study.ask()
+                records.claim(trial)
+            finally:
+                self._deferred = False
         try:
+            self._check_interrupt()
+            if self._surplus(records, trial.number):
+                rec = TrialRecord(error="not run: trials of other workers reached the budget")
+                records.set_trial(trial, rec)
+                study.tell(trial, state=TrialState.FAIL)
+                return "FAIL", trial.number, rec
             with trial_pulse(s.storage, s.paths.name, trial.number, s.liveness.interval):
                 return self._run_trial(records, holdout, trial, best)
         except (UpdateFinishedTrialError, _Finished):
@@ -238,6 +253,11 @@ class Search:
                 error=f"marked failed by another worker (no heartbeat for {s.liveness.grace} s); its result was not counted"
             )
             return "FAIL", trial.number, rec
+        except BaseException:
+            # Ctrl-C (or anything) between ask and the trial's own handling: never leave the
+            # trial RUNNING, or the next run would wait for it.
+            _fail_quietly(study, trial, "interrupted (Ctrl-C)")
+            raise
 
     def _surplus(self, records: StudyRecords, number: int) -> bool:
         # Another worker may have asked at the same moment: the trials that count first are the
@@ -316,10 +336,12 @@ class Search:
             trial,
             [scores.scores[o] for o in s.objectives] if s.objectives else scores.aggregate,
         )
+        # Every new best (and hand recipe) is re-scored on the validation items now, while its
+        # model is at hand; a hand recipe is scored on the test items too, as baselines are.
         if scores.aggregate > best or records.baseline_of(trial):
-            holdout.rescore(
-                trial.number, model, self._check_interrupt
-            )  # every new best (and hand recipe) gets its holdout re-score now
+            holdout.rescore(trial.number, model, "validation", self._check_interrupt)
+        if records.baseline_of(trial):
+            holdout.rescore(trial.number, model, "test", self._check_interrupt)
         return "COMPLETE", trial.number, rec
 
     def run(self) -> SearchOutcome:
@@ -340,7 +362,8 @@ class Search:
 
             def on_sigint(signum: int, frame: Any) -> None:
                 self._interrupted = True
-                raise KeyboardInterrupt
+                if not self._deferred:
+                    raise KeyboardInterrupt
 
             signal.signal(signal.SIGINT, on_sigint)
         try:
@@ -365,10 +388,15 @@ class Search:
         records = self.open_study()
         study = records.study
         if self.worker:
-            s.log(
-                f"worker {self.worker} of study {s.paths.name!r} (sampler seed {s.seed + self.worker})"
-            )
-        self._log_dead(recover_dead_trials(records, s.storage))
+            s.log(f"worker {self.worker} of study {s.paths.name!r}")
+        # Nothing is written before these checks: a table the storage cannot account for is kept,
+        # and a study whose inputs changed is not mixed with new scores.
+        check_table(study, s.paths.csv)
+        stored = records.meta().inputs
+        check_inputs(stored, s.inputs, file=s.file, study=s.paths.name)
+        if stored is None and records.meta().space is not None:  # set up before inputs were kept
+            records.set_inputs(s.inputs)
+        self._log_dead(recover_dead_trials(records, s.storage, s.liveness.grace))
         fingerprint = _digest(self._fingerprint())
         self.claims.run_once(
             "setup",
@@ -388,7 +416,7 @@ class Search:
                 self.candidates,
                 records,
                 self.claims,
-                holdout=bool(s.holdout_tasks),
+                splits=s.splits,
                 log=s.log,
                 check_interrupt=self._check_interrupt,
                 wait=False,
@@ -401,7 +429,7 @@ class Search:
                 self.candidates,
                 records,
                 self.claims,
-                holdout=bool(s.holdout_tasks),
+                splits=s.splits,
                 log=s.log,
                 check_interrupt=self._check_interrupt,
                 wait=True,
@@ -458,7 +486,7 @@ class Search:
         attempts = 0
         while attempts < 3 * s.trials + 10:
             self._check_interrupt()
-            self._log_dead(recover_dead_trials(records, s.storage))
+            self._log_dead(recover_dead_trials(records, s.storage, s.liveness.grace))
             trials = study.get_trials(deepcopy=False, states=_counted())
             finished = [
                 (t, records.trial(t)) for t in trials if t.state != TrialState.RUNNING
@@ -525,6 +553,19 @@ def _counted() -> tuple[Any, ...]:
     return (*_finished(), TrialState.RUNNING)
 
 
+def _fail_quietly(study: Any, trial: Any, error: str) -> None:
+    """Fail a trial that may be finished already (by its own handler, or another worker)."""
+    from optuna.trial import TrialState
+
+    try:
+        rec = TrialRecord.from_dict(trial.user_attrs.get("result"))
+        rec.error = rec.error or error
+        StudyRecords.set_trial(trial, rec)
+        study.tell(trial, state=TrialState.FAIL)
+    except Exception:  # noqa: BLE001 - already finished: nothing to do
+        pass
+
+
 class _Finished(Exception):
     """The trial was finished by another worker (it found the trial's heartbeat stale)."""
 
@@ -547,6 +588,6 @@ def run_search(space_file: str | Path, **kwargs: Any) -> SearchOutcome:
 
     Example:
         >>> out = run_search("search_spaces/demo.yml", trials=40)   # doctest: +SKIP
-        >>> out.best["holdout"]                                      # doctest: +SKIP
+        >>> out.chosen["test"]                                       # doctest: +SKIP
     """
     return Search(space_file, **kwargs).run()

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from evomerge.search.storage import StudyPaths
-from evomerge.search.table import best_row
+from evomerge.search.table import chosen_row
 
 __all__ = ["SearchOutcome", "item_totals"]
 
@@ -19,7 +19,8 @@ def item_totals(df: pd.DataFrame) -> dict[str, int]:
 
     Returns:
         ``trials``: search items scored by searched trials; ``pruned``: the part of those scored
-        by trials stopped early; ``all``: with the baselines' and every holdout re-score's items.
+        by trials stopped early; ``all``: with the baselines' and every validation and test
+        re-score's items.
     """
 
     def total(rows: pd.DataFrame, col: str) -> int:
@@ -29,7 +30,7 @@ def item_totals(df: pd.DataFrame) -> dict[str, int]:
     return {
         "trials": total(searched, "items"),
         "pruned": total(searched[searched["state"] == "PRUNED"], "items"),
-        "all": total(df, "items") + total(df, "holdout_items"),
+        "all": total(df, "items") + total(df, "validation_items") + total(df, "test_items"),
     }
 
 
@@ -40,7 +41,7 @@ class SearchOutcome:
     paths: StudyPaths
     n_complete: int
     n_failed: int
-    best: Mapping[str, Any] | None
+    chosen: Mapping[str, Any] | None  # the row of the trial a user gets (export's default)
     baselines: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
     n_pruned: int = 0
@@ -50,13 +51,13 @@ class SearchOutcome:
     def from_table(cls, paths: StudyPaths, df: pd.DataFrame, seconds: float) -> SearchOutcome:
         """The outcome of a study, read off its results table (every worker's trials)."""
         searched = df[df["baseline"] == ""]
-        best = best_row(df)
+        chosen = chosen_row(df)
         baselines = {r["baseline"]: r for r in df[df["baseline"] != ""].to_dict("records")}
         return cls(
             paths,
             int((searched["state"] == "COMPLETE").sum()),
             int((df["state"] == "FAIL").sum()),
-            None if best is None else best.to_dict(),
+            None if chosen is None else chosen.to_dict(),
             baselines,
             seconds,
             int((searched["state"] == "PRUNED").sum()),

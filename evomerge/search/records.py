@@ -5,10 +5,12 @@ The storage is the single source of truth of a study. Each record below has one 
 | record | where | key |
 |---|---|---|
 | :class:`TrialRecord` of a searched trial | the trial's user attributes | ``result`` |
-| :class:`TrialRecord` of a baseline (``state``, ``search``, ``holdout`` set) | the study's user attributes | ``baseline:<name>`` |
-| :class:`Scores` of a finalist's holdout re-score | the study's user attributes | ``holdout:<number>`` |
+| :class:`TrialRecord` of a baseline (``state``, ``search``, ``validation``, ``test`` set) | the study's user attributes | ``baseline:<name>`` |
+| :class:`Scores` of a trial's re-score on the validation items | the study's user attributes | ``validation:<number>`` |
+| :class:`Scores` of a trial's score on the test items | the study's user attributes | ``test:<number>`` |
+| :class:`Scores` of a finalist's holdout re-score, in a study made before the validation/test split (that score also chose the trial) | the study's user attributes | ``holdout:<number>`` |
 | memorization-probe columns of a finalist | the study's user attributes | ``probe:<number>`` |
-| a hand recipe queued as a searched trial | the study's user attributes | ``enqueued:<name>`` |
+| a hand recipe queued as a searched trial (its YAML text) | the study's user attributes | ``enqueued:<name>`` |
 | why a trial left RUNNING by a dead process failed | the study's user attributes | ``died:<number>`` |
 | :class:`StudyMeta` (seed, tasks, flags...) | the study's user attributes | one key per field |
 | the space fingerprint the study was set up for (meta, assessment, hand recipes queued) | the study's user attributes | ``setup`` |
@@ -101,7 +103,8 @@ class TrialRecord:
         search: its scores on the search items.
         error: why it failed ("" when it did not).
         state: baselines only (searched trials have Optuna's state): COMPLETE or FAIL.
-        holdout: baselines only (a searched trial's holdout re-score is a record of its own).
+        validation, test: baselines only (a searched trial's re-scores are records of their own).
+        holdout: a baseline of a study made before the validation/test split.
         reused_from: the earlier trial whose merged tensors had the same digest, whose search
             scores this trial took instead of evaluating the same model again.
         estimate: a trial stopped early (PRUNED): the estimate of its full search score that
@@ -119,6 +122,8 @@ class TrialRecord:
     holdout: Scores | None = None
     reused_from: int | None = None
     estimate: float | None = None
+    validation: Scores | None = None
+    test: Scores | None = None
 
     @property
     def search_items(self) -> int | None:
@@ -152,6 +157,8 @@ class TrialRecord:
             holdout=Scores.from_dict(d.get("holdout")),
             reused_from=d.get("reused_from"),
             estimate=d.get("estimate"),
+            validation=Scores.from_dict(d.get("validation")),
+            test=Scores.from_dict(d.get("test")),
         )
 
 
@@ -169,6 +176,13 @@ class StudyMeta:
     flags: dict[str, Any] = field(default_factory=dict)
     assessment: dict[str, Any] | None = None
     stream: int = 1  # random stream of masks (evomerge.engine.rng); studies that record none used 1
+    # What chooses the trial a user gets: "validation" (the best validation score among the trials
+    # re-scored there) or "search" (the best search score: the space has no validation items).
+    # None: a study made before the validation/test split, whose holdout score chose.
+    selection: str | None = None
+    # Digests of what every score depends on (the evaluator's tasks and items; the source models'
+    # files): a study whose inputs changed does not resume (see evomerge.search.inputs).
+    inputs: dict[str, str] | None = None
 
 
 class StudyRecords:
@@ -223,6 +237,9 @@ class StudyRecords:
                 continue  # a study without an assessment keeps none (and a resumed one keeps its own)
             self._set(f.name, value)
 
+    def set_inputs(self, inputs: Mapping[str, str]) -> None:
+        self._set("inputs", dict(inputs))
+
     def baselines(self) -> dict[str, TrialRecord]:
         """Every baseline that ran, by name, in name order."""
         a = self.attrs()
@@ -232,22 +249,30 @@ class StudyRecords:
             if k.startswith("baseline:")
         }
 
-    def baseline_done(self, name: str) -> bool:
-        """Whether the baseline ran, or was queued as a searched trial."""
+    def baseline_done(self, name: str, recipe: str | None = None) -> bool:
+        """Whether the baseline ran, or was queued as a searched trial; with ``recipe`` (its YAML
+        text), only when it ran or was queued with that recipe (a hand recipe whose file changed
+        runs again). Records of older studies that kept no recipe count as done."""
         a = self.attrs()
-        return f"baseline:{name}" in a or f"enqueued:{name}" in a
+        if f"baseline:{name}" in a:
+            return recipe is None or a[f"baseline:{name}"].get("recipe") in (None, recipe)
+        queued = a.get(f"enqueued:{name}")
+        return queued is not None and (recipe is None or queued is True or queued == recipe)
 
     def set_baseline(self, name: str, record: TrialRecord) -> None:
         self._set(f"baseline:{name}", record.to_dict())
 
-    def mark_enqueued(self, name: str) -> None:
-        self._set(f"enqueued:{name}", True)
+    def mark_enqueued(self, name: str, recipe: str) -> None:
+        """Record that hand recipe ``name`` (its YAML text) was queued as a searched trial."""
+        self._set(f"enqueued:{name}", recipe)
 
-    def holdout(self, number: int) -> Scores | None:
-        return Scores.from_dict(self.attrs().get(f"holdout:{number}"))
+    def rescore(self, number: int, split: str) -> Scores | None:
+        """Trial ``number``'s scores on ``split`` ("validation", "test", or "holdout": a study
+        made before the validation/test split)."""
+        return Scores.from_dict(self.attrs().get(f"{split}:{number}"))
 
-    def set_holdout(self, number: int, scores: Scores) -> None:
-        self._set(f"holdout:{number}", scores.to_dict())
+    def set_rescore(self, number: int, split: str, scores: Scores) -> None:
+        self._set(f"{split}:{number}", scores.to_dict())
 
     def probe(self, number: int) -> dict[str, Any] | None:
         return self.attrs().get(f"probe:{number}")

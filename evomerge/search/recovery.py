@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from datetime import datetime
 from typing import Any
 
 from evomerge.search.claims import is_claim
@@ -62,13 +63,15 @@ def on_stale(study: Any, trial: Any) -> None:
     )
 
 
-def recover_dead_trials(records: StudyRecords, storage: Any) -> list[int]:
-    """Fail the RUNNING trials whose process is gone (this host, by pid) or whose heartbeat
-    stopped (any host); queue each one's parameters once.
+def recover_dead_trials(records: StudyRecords, storage: Any, grace: float) -> list[int]:
+    """Fail the RUNNING trials whose process is gone (this host, by pid), whose heartbeat
+    stopped (any host), or that no process claimed within ``grace`` seconds of their start (a
+    worker killed between asking for a trial and claiming it); queue each one's parameters once.
 
     Args:
         records: the study's records.
         storage: the raw storage the study was opened on (for trial-level updates).
+        grace: seconds after which a trial nobody claimed is taken as dead.
 
     Returns:
         The numbers of the trials found dead (by this process or, at the same moment, another).
@@ -82,17 +85,25 @@ def recover_dead_trials(records: StudyRecords, storage: Any) -> list[int]:
         return []
     dead = []
     study_id = storage.get_study_id_from_name(study.study_name)
+    now = datetime.now()
     for t in running:
         pid, host = records.owner(t)
-        if host != HOST or pid is None or (pid != os.getpid() and pid_alive(int(pid))):
+        if pid is None:  # never claimed: its worker died (or was interrupted) right after asking
+            started = t.datetime_start
+            if started is None or (now - started).total_seconds() < grace:
+                continue
+            why = "its worker stopped before it claimed the trial (no owner)"
+        elif host != HOST or (pid != os.getpid() and pid_alive(int(pid))):
             continue
+        else:
+            why = f"process {pid} died while this trial was running"
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         try:  # one process wins this update; only it records the death and queues the retry
             if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-        _fail_and_retry(records, t, f"process {pid} died while this trial was running")
+        _fail_and_retry(records, t, why)
         dead.append(t.number)
     if heartbeats(storage):
         with warnings.catch_warnings():

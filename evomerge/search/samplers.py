@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import warnings
 from collections.abc import Callable, Container
 from typing import Any
@@ -13,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.search.records import StudyRecords
 from evomerge.space import Directive
 
-__all__ = ["make_sampler", "suggester", "StoppedAsEstimated"]
+__all__ = ["make_sampler", "suggester", "StoppedAsEstimated", "SeededPerTrial", "trial_seed"]
 
 
 def make_sampler(
@@ -54,8 +55,17 @@ def make_sampler(
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if startup is None:
         startup = max(4, min(10, n_trials // 4))
-    if stopped_as_estimated and name in ("tpe", "gp", "cmaes"):
-        return StoppedAsEstimated(make_sampler(name, seed, n_trials, startup, multi))
+
+    def seeded(trial_seed: int) -> optuna.samplers.BaseSampler:
+        inner = _sampler(name, trial_seed, n_trials, startup)
+        if stopped_as_estimated and name in ("tpe", "gp", "cmaes"):
+            return StoppedAsEstimated(inner)
+        return inner
+
+    return SeededPerTrial(seeded, seed)
+
+
+def _sampler(name: str, seed: int, n_trials: int, startup: int) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True
@@ -77,6 +87,69 @@ def make_sampler(
     raise ValueError(
         f"unknown sampler {name!r}"
     )  # pragma: no cover - validated when the space is parsed
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The seed of the sampler that proposes trial ``number`` of a study searched with ``seed``.
+
+    Example:
+        >>> trial_seed(0, 3) == trial_seed(0, 3) != trial_seed(0, 4)
+        True
+    """
+    digest = hashlib.sha256(f"evomerge-sampler:{seed}:{number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class SeededPerTrial(optuna.samplers.BaseSampler):
+    """Proposes each trial with a sampler of its own, seeded by the search seed and the trial's
+    number (:func:`trial_seed`).
+
+    A proposal is then a function of the seed, the trial's number and the trials before it, never
+    of how many proposals this process made before: a study resumed after an interruption goes on
+    where it stopped (a sampler seeded once would draw its first points again, and those take the
+    scores of the trials that already have them), and workers sharing a study draw different
+    points without seeds of their own. Optuna's samplers keep their state in the study (CMA-ES's
+    optimizer, NSGA-II's generations), so a fresh one per trial loses nothing.
+
+    Args:
+        make: builds the sampler for one trial from its seed.
+        seed: the search seed.
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self.make, self.seed = make, seed
+        self._samplers: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _of(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        sampler = self._samplers.get(trial.number)
+        if sampler is None:
+            if len(self._samplers) > 16:  # trials told elsewhere (another worker's) leave none
+                self._samplers.clear()
+            sampler = self._samplers[trial.number] = self.make(trial_seed(self.seed, trial.number))
+        return sampler
+
+    def infer_relative_search_space(self, study: Any, trial: FrozenTrial) -> dict[str, Any]:
+        return self._of(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: Any, trial: FrozenTrial, search_space: dict[str, Any]
+    ) -> dict[str, Any]:
+        return self._of(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: Any, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
+        return self._of(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: Any, trial: FrozenTrial) -> None:
+        self._of(trial).before_trial(study, trial)
+
+    def after_trial(self, study: Any, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self._of(trial).after_trial(study, trial, state, values)
+        self._samplers.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:  # seeds come from the trial numbers
+        pass
 
 
 class _EstimatedView:

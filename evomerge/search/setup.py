@@ -8,8 +8,10 @@ or a bad storage URL is reported before anything is written. The contamination a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,6 +28,7 @@ from evomerge.evaluation.lmeval import LMEvalEvaluator
 from evomerge.evaluation.section import parse_evaluate
 from evomerge.recipe.schema import parse_recipe
 from evomerge.search.baselines import baseline_recipes
+from evomerge.search.inputs import sources_digest
 from evomerge.search.liveness import Liveness
 from evomerge.search.recovery import on_stale
 from evomerge.search.storage import StudyPaths, open_storage, study_paths
@@ -58,6 +61,7 @@ class Setup:
     baselines: dict[str, dict[str, Any]]
     search_tasks: list[str]
     holdout_tasks: list[str]
+    splits: tuple[str, ...]  # the holdout's splits: validation (unless its share is 0) and test
     objectives: list[str]
     storage: Any
     log: Callable[[str], None]
@@ -68,6 +72,11 @@ class Setup:
         """The contamination assessment of the space's sources and tasks (None when the checks
         themselves failed: flags are evidence, never a reason to refuse a search)."""
         return _assess(self.space, self.evaluator, self.search_tasks, self.holdout_tasks, self.log)
+
+    @cached_property
+    def inputs(self) -> dict[str, str]:
+        """Digests of what every score depends on (:mod:`evomerge.search.inputs`)."""
+        return {"evaluation": self.evaluator.digest(), "sources": sources_digest(self.sources)}
 
     @property
     def mask_seed(self) -> int:
@@ -130,6 +139,20 @@ def _assess(
     except Exception as e:  # flags are evidence, never a reason to refuse a search
         log(f"warning: contamination checks failed: {one_line(e)}")
         return None
+
+
+def _study_folder(folder: Path) -> None:
+    """Create the study's folder; one line when it cannot be made or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvomergeError(
+            f"cannot create the study's folder {folder}: {one_line(e.strerror or e)}"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EvomergeError(
+            f"{folder}: the study's folder is not writable (its results table goes there)"
+        )
 
 
 def prepare(
@@ -223,6 +246,7 @@ def prepare(
         space.prompt_texts = evaluator.prompts("search")  # routing prompts drawn from search items
         check_prompt_tasks(file, space.tree, space.prompt_texts)
     holdout_tasks = list(evaluator.task_names("holdout"))
+    splits = tuple(split for split in ("validation", "test") if evaluator.task_names(split))
     objectives = list(s.objectives)
     if objectives == ["tasks"]:
         objectives = search_tasks
@@ -236,7 +260,7 @@ def prepare(
     # Storage last: a bad URL is reported before anything is written; the folder is created
     # only now that every check has passed.
     if paths.default_storage:
-        paths.folder.mkdir(parents=True, exist_ok=True)
+        _study_folder(paths.folder)
     liveness = liveness or Liveness()
     opened = open_storage(
         paths.storage,
@@ -244,6 +268,7 @@ def prepare(
         liveness=liveness,
         on_stale=on_stale,
     )
+    _study_folder(paths.folder)
     return Setup(
         space,
         file,
@@ -258,6 +283,7 @@ def prepare(
         baselines,
         search_tasks,
         holdout_tasks,
+        splits,
         objectives,
         opened,
         log,

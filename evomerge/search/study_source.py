@@ -2,8 +2,9 @@
 
 A data-flow space may name a parameter-space study as a source (``{study: demo.yml}``, PS+DFS): the
 search reads that study's chosen trial when it starts and runs the layers of its merge. The trial is
-the best by *search* score among the completed searched trials (or ``trial: N``), so that the
-second stage's holdout scores come from items that chose nothing.
+the one ``evomerge export`` takes (:func:`~evomerge.search.table.chosen_row`: chosen on search and
+validation items), or ``trial: N``; the test items chose nothing in either stage, so the second
+stage's test scores stay an honest report.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.moe.config import is_moe_mapping
 from evomerge.search.records import StudyRecords
 from evomerge.search.storage import load_study, locate
-from evomerge.search.table import trials_frame
+from evomerge.search.table import chosen_row, trials_frame
 from evomerge.space import Space
 
 __all__ = ["resolve_study_sources", "study_recipe"]
@@ -39,7 +40,7 @@ def study_recipe(
 
     Args:
         space_file: the study's space file (its study name and storage are read from it).
-        trial: a trial number; None: the best completed searched trial by search score.
+        trial: a trial number; None: the study's chosen trial (what ``evomerge export`` takes).
         storage: the study's storage URL instead of the space's.
         results_dir: where default storages live.
         file, fld: name the referring space file and field in messages.
@@ -59,15 +60,14 @@ def study_recipe(
     df = trials_frame(study)
     done = df[(df["state"] == "COMPLETE") & df["number"].notna()] if len(df) else df
     if trial is None:
-        if done.empty:
+        row = chosen_row(df) if len(df) else None
+        if row is None:
             raise ConfigError(
                 file,
                 fld,
                 f"study {paths.name!r} has no completed trial yet; finish `evomerge search {space_file}` first",
             )
-        number = int(
-            done.sort_values(["score", "number"], ascending=[False, True]).iloc[0]["number"]
-        )
+        number = int(row["number"])
     else:
         number = trial
         if done.empty or number not in set(done["number"].astype(int)):

@@ -6,14 +6,24 @@ trial, so it is never half-written and always matches the storage. Several worke
 write it in turn (a lock file beside it): each reads the storage after taking the lock, so the last
 one to write has read every worker's last commit.
 
-Columns: ``number``, ``state``, ``baseline`` (name, empty for searched trials), ``method``,
-``p_<param>`` (every sampled parameter), ``score``/``score_se`` (aggregate search score),
-``s_<task>``/``se_<task>``, ``estimate`` (a PRUNED trial: the estimate of its full search score, what the
-sampler saw, see :mod:`evomerge.search.pruning`), ``holdout``/``holdout_se``, ``h_<task>``, ``items`` (search items this
-row's evaluation scored: all of them, fewer for a PRUNED trial, 0 for a trial that took the scores
-of an earlier one with the same tensors), ``holdout_items``, ``merge_s``, ``eval_s``,
-``digest`` (hash of the merged tensors), the flag columns of :mod:`evomerge.contamination.rules` with their
-``_evidence``, and ``error`` (why a trial failed).
+Columns:
+
+- ``number``, ``state``, ``baseline`` (name, empty for searched trials), ``method``;
+- ``score``/``score_se`` (aggregate search score), ``s_<task>``/``se_<task>``, ``estimate`` (a
+  PRUNED trial: the estimate of its full search score, what the sampler saw, see
+  :mod:`evomerge.search.pruning`), ``items`` (search items this row's evaluation scored: all of
+  them, fewer for a PRUNED trial, 0 for a trial that took the scores of an earlier one with the
+  same tensors);
+- ``validation``/``validation_se``, ``v_<task>``, ``validation_items``: the re-score on the
+  validation items (every new best, the finalists, hand recipes and baselines);
+- ``test``/``test_se``, ``t_<task>``, ``test_items``: the score on the test items, which choose
+  nothing (the chosen trial, hand recipes and baselines);
+- ``chosen`` (the trial a user gets, :func:`chosen_row`) and, on its row, ``chosen_by`` (the
+  items that chose it: ``validation``, ``search``, or ``holdout``: a study made before the
+  validation/test split, whose holdout re-scores are shown as validation scores, chose by them);
+- ``p_<param>`` (every sampled parameter), ``merge_s``, ``eval_s``, ``wall_s``, ``digest`` (hash of
+  the merged tensors), ``retry_of``, ``reused_from``, the flag columns of
+  :mod:`evomerge.contamination.rules` with their ``_evidence``, and ``error`` (why a trial failed).
 """
 
 from __future__ import annotations
@@ -26,11 +36,17 @@ from typing import Any
 import pandas as pd
 
 from evomerge.contamination.rules import overfit_columns
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, one_line
 from evomerge.io import atomic_file
-from evomerge.search.records import Scores, StudyRecords, TrialRecord
+from evomerge.search.records import Scores, StudyRecords
 
-__all__ = ["trials_frame", "write_trials_csv", "load_trials", "best_row", "is_number"]
+__all__ = [
+    "trials_frame",
+    "write_trials_csv",
+    "load_trials",
+    "chosen_row",
+    "is_number",
+]
 
 
 def _score_cols(scores: Scores | None, prefix: str, se_prefix: str, agg: str) -> dict[str, Any]:
@@ -43,13 +59,11 @@ def _score_cols(scores: Scores | None, prefix: str, se_prefix: str, agg: str) ->
     return row
 
 
-def _items(rec: TrialRecord, holdout: Scores | None) -> dict[str, Any]:
-    # Items this row's evaluations scored (see TrialRecord.search_items); None where the study
-    # predates item counts.
-    return {
-        "items": rec.search_items,
-        "holdout_items": (holdout.n_items or None) if holdout is not None else None,
-    }
+def _rescore_cols(validation: Scores | None, test: Scores | None) -> dict[str, Any]:
+    row = _score_cols(validation, "v_", "", "validation") | _score_cols(test, "t_", "", "test")
+    for split, scores in (("validation", validation), ("test", test)):
+        row[f"{split}_items"] = (scores.n_items or None) if scores is not None else None
+    return row
 
 
 def trials_frame(study: Any) -> pd.DataFrame:
@@ -72,9 +86,13 @@ def trials_frame(study: Any) -> pd.DataFrame:
         row.update({f"p_{k}": v for k, v in t.params.items()})
         row.update(_score_cols(rec.search, "s_", "se_", "score"))
         row["estimate"] = rec.estimate
-        ho = records.holdout(t.number)
-        row.update(_score_cols(ho, "h_", "", "holdout"))
-        row.update(_items(rec, ho))
+        # A study made before the validation/test split has holdout re-scores, which chose as
+        # validation scores do: they are shown as such, and the chosen row says so.
+        val = records.rescore(t.number, "validation")
+        legacy = val is None and (val := records.rescore(t.number, "holdout")) is not None
+        row.update(_rescore_cols(val, records.rescore(t.number, "test")))
+        row["_legacy"] = legacy
+        row["items"] = rec.search_items
         wall = (
             (t.datetime_complete - t.datetime_start).total_seconds()
             if t.datetime_complete and t.datetime_start
@@ -100,28 +118,34 @@ def trials_frame(study: Any) -> pd.DataFrame:
             "method": b.method or "",
         }
         row.update(_score_cols(b.search, "s_", "se_", "score"))
-        row.update(_score_cols(b.holdout, "h_", "", "holdout"))
-        row.update(_items(b, b.holdout))
+        row.update(_rescore_cols(b.validation or b.holdout, b.test))
+        row["items"] = b.search_items
         row.update(
             {"merge_s": b.merge_s, "eval_s": b.eval_s, "digest": b.digest or "", "error": b.error}
         )
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
-        df = pd.DataFrame(columns=["number", "state", "baseline", "method", "score", "holdout"])
-    for c in ("score", "score_se", "holdout", "holdout_se", "items", "holdout_items"):
+        df = pd.DataFrame(columns=["number", "state", "baseline", "method"])
+    for c in FRONT:
         if c not in df:
             df[c] = math.nan
     df["number"] = df["number"].astype("Int64")
-    # Flags: study-level and source columns hold for every row; overfit per scored finalist.
+    for c in ("items", "validation_items", "test_items"):
+        df[c] = df[c].astype("Int64")
+    chosen = chosen_row(df)
+    df["chosen"] = df["number"].eq(chosen["number"]).fillna(False) if chosen is not None else False
+    by = ""
+    if chosen is not None:
+        by = "holdout" if chosen["_legacy"] in (True,) else "search"
+        by = by if by == "holdout" or not is_number(chosen["validation"]) else "validation"
+    df["chosen_by"] = [by if c else "" for c in df["chosen"]]
+    df = df.drop(columns=["_legacy"], errors="ignore")
+    # Flags: study-level and source columns hold for every row; overfit per re-scored row, against
+    # its test score where it has one (a score that chose nothing), else its validation score.
     for col, val in meta.flags.items():
         df[col] = [val] * len(df)
-    over = [
-        overfit_columns(r.score, r.score_se, r.holdout, r.holdout_se)
-        if is_number(r.holdout) and is_number(r.score)
-        else {"overfit": False, "overfit_evidence": ""}
-        for r in df.itertuples()
-    ]
+    over = [_overfit(r) for r in df.to_dict("records")]
     df["overfit"] = [o["overfit"] for o in over]
     df["overfit_evidence"] = [o["overfit_evidence"] for o in over]
     probes = {int(n): records.probe(int(n)) or {} for n in df["number"].dropna()}
@@ -133,28 +157,39 @@ def trials_frame(study: Any) -> pd.DataFrame:
         probes.get(n, {}).get("memorization_probe_evidence", "") if n is not pd.NA else ""
         for n in df["number"]
     ]
-    df["items"] = df["items"].astype("Int64")
-    df["holdout_items"] = df["holdout_items"].astype("Int64")
-    front = [
-        "number",
-        "state",
-        "baseline",
-        "method",
-        "score",
-        "score_se",
-        "holdout",
-        "holdout_se",
-        "items",
-        "holdout_items",
-    ]
-    rest = [c for c in df.columns if c not in front]
+    rest = [c for c in df.columns if c not in FRONT]
+    prefixes = ("s_", "se_", "v_", "t_")
     order = (
-        front
+        FRONT
         + sorted([c for c in rest if c.startswith("p_")])
-        + sorted([c for c in rest if c.startswith(("s_", "se_", "h_"))])
-        + [c for c in rest if not c.startswith(("p_", "s_", "se_", "h_"))]
+        + sorted([c for c in rest if c.startswith(prefixes)])
+        + [c for c in rest if not c.startswith(("p_", *prefixes))]
     )
     return df[order]
+
+
+FRONT = [
+    "number",
+    "state",
+    "baseline",
+    "method",
+    "score",
+    "score_se",
+    "validation",
+    "validation_se",
+    "test",
+    "test_se",
+    "items",
+    "validation_items",
+    "test_items",
+]
+
+
+def _overfit(row: dict[str, Any]) -> dict[str, Any]:
+    split = "test" if is_number(row.get("test")) else "validation"
+    if not (is_number(row.get(split)) and is_number(row.get("score"))):
+        return {"overfit": False, "overfit_evidence": ""}
+    return overfit_columns(row["score"], row["score_se"], row[split], row[f"{split}_se"], split)
 
 
 def is_number(x: Any) -> bool:
@@ -167,13 +202,25 @@ def is_number(x: Any) -> bool:
 
 def write_trials_csv(study: Any, path: str | Path) -> pd.DataFrame:
     """Rewrite ``trials.csv`` from the storage, atomically (temp file, then rename), one writer
-    of this host at a time."""
+    of this host at a time.
+
+    Raises:
+        EvomergeError: the folder cannot be written (the storage keeps every trial: the table can
+            be written again once it can).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        df = trials_frame(study)
-        atomic_file(path, lambda f: df.to_csv(f, index=False), mode="w")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            df = trials_frame(study)
+            atomic_file(path, lambda f: df.to_csv(f, index=False), mode="w")
+    except OSError as e:
+        raise EvomergeError(
+            f"cannot write the results table {path}: {one_line(e.strerror or e)}; the study's "
+            "storage keeps every trial: once the folder is writable, the same search command "
+            "writes the table again (and resumes the study)"
+        ) from None
     return df
 
 
@@ -189,24 +236,44 @@ def load_trials(path: str | Path) -> pd.DataFrame:
         path = path / "trials.csv"
     if not path.is_file():
         raise EvomergeError(f"{path}: no results table; run `evomerge search` first")
-    text_cols = ("baseline", "error", "digest", "method", "state")
+    text_cols = ("baseline", "error", "digest", "method", "state", "chosen_by")
     df = pd.read_csv(path, keep_default_na=True, dtype={c: str for c in text_cols})
+    if "validation" not in df and "holdout" in df:
+        # a table written before the validation/test split: its holdout chose, as validation does
+        df = df.rename(
+            columns=lambda c: {"holdout": "validation", "holdout_se": "validation_se"}.get(
+                c,
+                "validation_items"
+                if c == "holdout_items"
+                else f"v_{c[2:]}"
+                if c.startswith("h_")
+                else c,
+            )
+        )
     if "number" in df:
         df["number"] = df["number"].astype("Int64")
-    for c in ("baseline", "error", "digest", "method"):
+    for c in ("baseline", "error", "digest", "method", "chosen_by"):
         if c in df:
             df[c] = df[c].fillna("")
     return df
 
 
-def best_row(df: pd.DataFrame, *, searched_only: bool = True) -> pd.Series | None:
-    """The best trial: best holdout among finalists when any was re-scored, else best search score."""
-    ok = df[df["state"] == "COMPLETE"]
-    if searched_only:
-        ok = ok[ok["number"].notna()]
+def chosen_row(df: pd.DataFrame) -> pd.Series | None:
+    """The searched trial a user gets (what ``evomerge export`` takes by default): among the
+    complete searched trials, the best validation score where any trial was re-scored on the
+    validation items (ties: the better search score), else the best search score. The test score
+    plays no part: it is the unbiased report of the trial chosen here.
+
+    Returns:
+        The chosen row, or None when no searched trial completed.
+    """
+    ok = df[(df["state"] == "COMPLETE") & df["number"].notna()]
     if ok.empty:
         return None
-    scored = ok[ok["holdout"].notna()]
+    val = ok["validation"] if "validation" in ok else pd.Series(math.nan, index=ok.index)
+    scored = ok[pd.to_numeric(val, errors="coerce").notna()]
     if not scored.empty:
-        return scored.sort_values(["holdout", "score"], ascending=False).iloc[0]
-    return ok.sort_values("score", ascending=False).iloc[0]
+        return scored.sort_values(
+            ["validation", "score", "number"], ascending=[False, False, True]
+        ).iloc[0]
+    return ok.sort_values(["score", "number"], ascending=[False, True]).iloc[0]
