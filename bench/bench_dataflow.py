@@ -3,8 +3,9 @@
 Every arm runs the real search (``evomerge search``, one process per run, lm-eval on the zoo's
 tasks, one thread) with pruning off, so that every trial scores every search item and arms with the
 same number of trials spent the same evaluations. The measure is what a user would export: the
-**holdout score of the best trial by search score** (the search re-scores every new best on the
-holdout items). Arms (``--arms``):
+trial chosen by search score (``evaluate.holdout.validation: 0``: no validation items, every holdout
+item is a test item), reported by its **test score** on the 300 holdout items, which chose nothing.
+Arms (``--arms``):
 
 - ``ps``: ``search_spaces/demo.yml`` (parameter space: task arithmetic or TIES, per-half weights),
   ``--trials`` trials.
@@ -18,8 +19,8 @@ holdout items). Arms (``--arms``):
   over its best trial: twice the evaluations of ``ps``; compare it with ``ps2x``.
 - ``ps2x``: ``demo.yml`` with twice ``--trials``.
 
-For a PS+DFS arm the table also shows the first stage's best trial (its holdout), and "picked": the
-holdout of whichever of the two stages' best trials has the higher search score (what a user would
+For a PS+DFS arm the table also shows the first stage's chosen trial (its test score), and "picked": the
+test score of whichever of the two stages' chosen trials has the higher search score (what a user would
 keep, choosing on search items only). Each run appends one JSON line to ``--out`` as it finishes (an
 interrupted bench resumes; runs already there are skipped); ``report`` prints the table.
 
@@ -56,6 +57,7 @@ def _space(
     data = yaml.safe_load((SPACES / f"{name}.yml").read_text())
     data["search"].update({"trials": trials, "prune": False, **search})
     data["search"].pop("baselines", None)
+    data["evaluate"]["holdout"]["validation"] = 0  # choose by search score; report on test items
     data["study"] = {"name": study}
     return work / f"{study}.yml", data
 
@@ -77,19 +79,20 @@ def _search(space: Path, seed: int, work: Path) -> float:
 
 
 def _best(work: Path, study: str) -> dict[str, Any]:
-    """The best searched trial by search score (the first of equals) and its holdout."""
+    """The chosen trial (the best by search score: no validation items) and its test score."""
     import pandas as pd
 
     df = pd.read_csv(work / "results" / study / "trials.csv")
     t = df[(df["baseline"].fillna("") == "") & (df["state"] == "COMPLETE")]
-    row = t.sort_values(["score", "number"], ascending=[False, True]).iloc[0]
+    row = t[t["chosen"].astype(bool)].iloc[0]
+    assert row["score"] == t["score"].max(), "the chosen trial is not the best by search score"
     dfs = t[t["method"] == "dataflow"]
     ratio = (dfs["merge_s"] / dfs["eval_s"]).dropna()
     ratio = ratio[dfs.loc[ratio.index, "reused_from"].isna()] if "reused_from" in dfs else ratio
     return {
         "trial": int(row["number"]),
         "search": float(row["score"]),
-        "holdout": float(row["holdout"]),
+        "test": float(row["test"]),
         "trials": int(len(t)),
         "merge_over_eval": float(ratio.median()) if len(ratio) else None,
         "depth": _depth(work, study, int(row["number"])),
@@ -141,7 +144,7 @@ def run_arm(arm: str, seed: int, trials: int, work: Path) -> dict[str, Any]:
         wall += _search(_write(path2, data2), seed, work)
         out["final"] = _best(work, f"{arm}_{seed}")
         a, b = out["stage1"], out["final"]
-        out["picked"] = b["holdout"] if b["search"] > a["search"] else a["holdout"]
+        out["picked"] = b["test"] if b["search"] > a["search"] else a["test"]
     out["wall_s"] = round(wall, 1)
     return out
 
@@ -194,7 +197,7 @@ def _fmt(vals: list[float]) -> str:
 def cmd_report(args: argparse.Namespace) -> None:
     rows = _load(Path(args.out))
     print(
-        "| arm | trials (evaluations) | seeds | best-by-search holdout, median [min, max] | its search score | first stage's best holdout | picked by search | merge / eval time (DFS trials, median) |"
+        "| arm | trials (evaluations) | seeds | test score of the trial chosen by search, median [min, max] | its search score | first stage's chosen trial, test | picked by search | merge / eval time (DFS trials, median) |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for arm in ARMS:
@@ -212,25 +215,25 @@ def cmd_report(args: argparse.Namespace) -> None:
                 if r["final"].get("merge_over_eval") is not None
             ]
             print(
-                f"| {arm} | {evals} | {len(group)} | {_fmt([r['final']['holdout'] for r in group])} "
+                f"| {arm} | {evals} | {len(group)} | {_fmt([r['final']['test'] for r in group])} "
                 f"| {_fmt([r['final']['search'] for r in group])} "
-                f"| {_fmt([r['stage1']['holdout'] for r in group if 'stage1' in r])} "
+                f"| {_fmt([r['stage1']['test'] for r in group if 'stage1' in r])} "
                 f"| {_fmt([r['picked'] for r in group if 'picked' in r])} "
                 f"| {f'{100 * statistics.median(ratios):.2f}%' if ratios else '-'} |"
             )
     seeds = sorted({r["seed"] for r in rows})
-    print(f"\nper seed (best-by-search holdout), seeds {seeds}:")
+    print(f"\nper seed (test score of the chosen trial), seeds {seeds}:")
     for arm in ARMS:
         rs = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])
         if rs:
-            print(f"  {arm:<15} " + "  ".join(f"{r['final']['holdout']:.3f}" for r in rs))
+            print(f"  {arm:<15} " + "  ".join(f"{r['final']['test']:.3f}" for r in rs))
     if rows:
         print(
             f"\nmachine: {rows[0].get('machine')}; {len(rows)} runs, {sum(r['wall_s'] for r in rows) / 60:.0f} min of runs"
         )
-    nan = [r for r in rows if math.isnan(r["final"]["holdout"])]
+    nan = [r for r in rows if math.isnan(r["final"]["test"])]
     if nan:
-        print(f"warning: {len(nan)} runs have no holdout for their best trial")
+        print(f"warning: {len(nan)} runs have no test score for their chosen trial")
 
 
 def main() -> None:
