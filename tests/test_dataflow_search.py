@@ -78,6 +78,15 @@ def dfs_space(path: Path, sources: list[Any], trials: int = 12, **section: Any) 
     return path
 
 
+def export_and_build(space: Path, best: Path, out: Path, results: Path, capsys) -> str:
+    """``evomerge export --merge`` of the chosen trial; returns what it printed."""
+    args = ["export", str(space), "-o", str(best), "--merge", str(out)]
+    code = main([*args, "--results-dir", str(results)])
+    text = capsys.readouterr().out
+    assert code == 0 and "tensors are the path's of trial" in text, text
+    return text
+
+
 def test_a_dataflow_search_reuses_identical_paths_resumes_and_rescores(tiny_family, tmp_path):
     base, fts = tiny_family
     # 3 searched slots and a fixed scale: 8 paths, so 12 trials must meet one twice
@@ -128,20 +137,7 @@ def test_export_of_a_path_builds_and_scores_what_the_trial_scored(tiny_family, t
     ev = LogitsEvaluator(fts)
     run_search(space, evaluator=ev, results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
     best, out_dir = tmp_path / "best.yml", tmp_path / "built"
-    code = main(
-        [
-            "export",
-            str(space),
-            "-o",
-            str(best),
-            "--merge",
-            str(out_dir),
-            "--results-dir",
-            str(tmp_path / "r"),
-        ]
-    )
-    text = capsys.readouterr().out
-    assert code == 0 and "tensors are the path's of trial" in text, text
+    text = export_and_build(space, best, out_dir, tmp_path / "r", capsys)
     recipe = yaml.safe_load(best.read_text())
     assert recipe["merge_method"] == "passthrough" and recipe["slices"]
     number = int(text.split("trial ")[1].split()[0])
@@ -184,20 +180,7 @@ def test_ps_then_dfs_takes_the_best_trial_of_a_finished_study(tiny_family, tmp_p
     assert alone["score"] == pytest.approx(ps_best["score"], abs=1e-9)
     # an export names the merge's own recipe file and the directory it is merged into
     best = tmp_path / "best.yml"
-    code = main(
-        [
-            "export",
-            str(space),
-            "-o",
-            str(best),
-            "--merge",
-            str(tmp_path / "built"),
-            "--results-dir",
-            str(results),
-        ]
-    )
-    text = capsys.readouterr().out
-    assert code == 0 and "tensors are the path's of trial" in text, text
+    export_and_build(space, best, tmp_path / "built", results, capsys)
     recipe = yaml.safe_load(best.read_text())
     models = {s["sources"][0]["model"] for s in recipe["slices"]}
     assert str((tmp_path / "best.ps").absolute()) in models  # first: fixed, the path starts in ps

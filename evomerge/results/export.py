@@ -210,16 +210,7 @@ def main_export(args: Any) -> int:
     for line in info["evaluation"]:
         print(f"  {line}")
     if args.merge and info["moe"]:
-        for f in info["expert_files"]:
-            merge_to_disk(
-                f.recipe_path,
-                f.model_dir,
-                device=args.device,
-                seed=info["seed"],
-                force=args.force,
-                stream=info["stream"],
-            )
-            print(f"merged expert into {f.model_dir}")
+        _merge_parts(args, info, "merged expert")
         built = moe_to_disk(
             recipe,
             args.merge,
@@ -269,9 +260,9 @@ def main_export(args: Any) -> int:
     return 0
 
 
-def _build_dataflow(args: Any, recipe: dict[str, Any], text: str, info: dict[str, Any]) -> None:
-    """``--merge`` of a data-flow trial: its merged sources, the passthrough recipe, and the check
-    that the built tensors are those the trial's path computed with (bit for bit)."""
+def _merge_parts(args: Any, info: dict[str, Any], what: str) -> None:
+    """Merge the recipe files an export wrote beside its own (a mixture's merged experts, a path's
+    merged sources) into the directories it names."""
     for f in info["expert_files"]:
         merge_to_disk(
             f.recipe_path,
@@ -281,7 +272,13 @@ def _build_dataflow(args: Any, recipe: dict[str, Any], text: str, info: dict[str
             force=args.force,
             stream=info["stream"],
         )
-        print(f"merged source into {f.model_dir}")
+        print(f"{what} into {f.model_dir}")
+
+
+def _build_dataflow(args: Any, recipe: dict[str, Any], text: str, info: dict[str, Any]) -> None:
+    """``--merge`` of a data-flow trial: its merged sources, the passthrough recipe, and the check
+    that the built tensors are those the trial's path computed with (bit for bit)."""
+    _merge_parts(args, info, "merged source")
     result = merge_to_disk(
         recipe,
         args.merge,
