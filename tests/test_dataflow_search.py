@@ -63,7 +63,9 @@ class LogitsEvaluator(Evaluator):
         )
 
 
-def dfs_space(path: Path, sources: list[Any], trials: int = 12, **section: Any) -> Path:
+def dfs_space(
+    path: Path, sources: list[Any], trials: int = 12, baselines: list | None = None, **section: Any
+) -> Path:
     data = {
         "dataflow": {"sources": sources, "repeats": 1, **section},
         "search": {
@@ -72,6 +74,7 @@ def dfs_space(path: Path, sources: list[Any], trials: int = 12, **section: Any) 
             "finalists": 2,
             "sampler": "tpe",
             "startup_trials": 4,
+            "baselines": baselines or [],
         },
     }
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -90,8 +93,18 @@ def export_and_build(space: Path, best: Path, out: Path, results: Path, capsys) 
 def test_a_dataflow_search_reuses_identical_paths_resumes_and_rescores(tiny_family, tmp_path):
     base, fts = tiny_family
     # 3 searched slots and a fixed scale: 8 paths, so 12 trials must meet one twice
+    frank = {  # a hand-written path, scored as a baseline
+        "merge_method": "dataflow",
+        "sources": {"a": str(fts[0])},
+        "path": [["a", 0, 1.0], ["a", 1, 1.0], ["a", 1, 1.0], ["a", 2, 1.0], ["a", 3, 1.0]],
+    }
     space = dfs_space(
-        tmp_path / "s.yml", [str(fts[0]), str(fts[1])], slots=[1, 2, 5], first="fixed", scale=1.0
+        tmp_path / "s.yml",
+        [str(fts[0]), str(fts[1])],
+        slots=[1, 2, 5],
+        first="fixed",
+        scale=1.0,
+        baselines=[{"name": "frank", "recipe": frank}],
     )
     ev = LogitsEvaluator(fts[:2])
     logs: list[str] = []
@@ -111,8 +124,11 @@ def test_a_dataflow_search_reuses_identical_paths_resumes_and_rescores(tiny_fami
         )
     # the sources alone and their uniform merge are the baselines
     assert sorted(df.loc[df["baseline"] != "", "baseline"]) == sorted(
-        [f"source:{fts[0]}", f"source:{fts[1]}", "uniform"]
+        [f"source:{fts[0]}", f"source:{fts[1]}", "uniform", "hand:frank"]
     )
+    hand = df[df["baseline"] == "hand:frank"].iloc[0]
+    assert hand["method"] == "dataflow" and hand["digest"].startswith("dfs1-")
+    assert hand["state"] == "COMPLETE" and hand["score"] > 0
     # finalists re-built from their stored paths: same digest (no warning), holdout scored
     assert not [m for m in logs if "different tensor hash" in m]
     assert searched["validation"].notna().sum() >= 2

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from evomerge.contamination.rules import Assessment, assess
+from evomerge.dataflow.candidate import METHOD
 from evomerge.dataflow.section import check_section
 from evomerge.engine.merger import Merger, check_device
 from evomerge.engine.sources import ModelSource, open_sources
@@ -222,7 +223,7 @@ def prepare(
     for name, recipe in baselines.items():
         if (
             (name == "uniform" or name.startswith("hand:"))
-            and recipe.get("merge_method") != "moe"
+            and recipe.get("merge_method") not in ("moe", METHOD)
             and "experts" not in recipe
         ):
             merger.plan(parse_recipe(recipe, f"{file} (baseline {name})"))

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from evomerge.dataflow.candidate import is_dataflow_mapping, parse_candidate
 from evomerge.dataflow.section import dataflow_section
 from evomerge.errors import ConfigError, did_you_mean
 from evomerge.io import read_yaml
@@ -430,6 +431,8 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
             recipe
         ):  # a mixture of experts as a hand baseline (a mergekit-moe configuration)
             parse_moe_config(recipe, f"{p.file} ({f}.recipe)")
+        elif is_dataflow_mapping(recipe):  # a hand-written path (merge_method: dataflow)
+            parse_candidate(recipe, f"{p.file} ({f}.recipe)")
         else:
             parse_recipe(recipe, f"{p.file} ({f}.recipe)")
         baselines.append((name, recipe))
