@@ -12,7 +12,7 @@ import yaml
 from _tiny import make_tiny
 
 from evomerge.cli import main
-from evomerge.dataflow.section import check_section, slot_names
+from evomerge.dataflow.slots import check_section, slot_names
 from evomerge.engine.sources import open_sources
 from evomerge.errors import ConfigError
 from evomerge.space import load_space

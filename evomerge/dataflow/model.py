@@ -207,17 +207,18 @@ class PathBuilder:
             # at construction which types it must prepare masks for.
             kinds = sorted({str(t) for s in self.sources.values() for t in s.layer_types or ()})
             shell_cfg["num_hidden_layers"], shell_cfg["layer_types"] = len(kinds), kinds
-        self.model = build_model(shell_cfg, dtype, device)
-        self.config = self.model.config
+        self.model: Any = build_model(shell_cfg, dtype, device)  # a transformers model
+        self.config: Any = self.model.config
         prefix = self.arch.layer_prefix or ""
-        self.layers = self.model.get_submodule(prefix)
-        self.layers._modules.clear()
-        if not isinstance(self.layers, torch.nn.ModuleList):
+        layers = self.model.get_submodule(prefix)
+        if not isinstance(layers, torch.nn.ModuleList):
             raise ConfigError(
                 None,
                 "dataflow.sources",
                 f"{first.name}: its layers ({prefix}) are not a module list",
             )
+        self.layers: torch.nn.ModuleList = layers
+        self.layers._modules.clear()  # the shell's own layers: each path brings its steps
         self._layer_cls = _layer_class(self.config, prefix)
         self._configs: dict[Any, Any] = {}
         self._steps: dict[tuple[str, int, int], torch.nn.Module] = {}
@@ -251,7 +252,7 @@ class PathBuilder:
             m = self._step((name, layer, occ))
             for sub in m.modules():
                 if hasattr(sub, "layer_idx"):
-                    sub.layer_idx = k  # its own place in the KV cache
+                    setattr(sub, "layer_idx", k)  # noqa: B010  # its own place in the KV cache
             for w in self.writers:
                 setattr(m.get_submodule(w), _SCALE, float(c))
             modules.append(m)

@@ -49,8 +49,8 @@ def baseline_recipes(space: Space) -> dict[str, dict[str, Any]]:
             **extra,
         }
     if dataflow is not None:  # a merge whose layers a data-flow search runs, on its own
-        for name, recipe in recipe_sources(dataflow):
-            out[f"source:{name}"] = dict(recipe)
+        for name, merge in recipe_sources(dataflow):
+            out[f"source:{name}"] = dict(merge)
     for name, recipe in space.search.baselines:
         out[f"hand:{name}"] = dict(recipe)
     return out

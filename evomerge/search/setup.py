@@ -20,7 +20,7 @@ import torch
 
 from evomerge.contamination.rules import Assessment, assess
 from evomerge.dataflow.candidate import METHOD
-from evomerge.dataflow.section import check_section
+from evomerge.dataflow.slots import check_section
 from evomerge.engine.merger import Merger, check_device
 from evomerge.engine.sources import ModelSource, open_sources
 from evomerge.errors import ConfigError, EvomergeError, one_line

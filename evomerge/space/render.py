@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from evomerge.dataflow.section import render_dataflow
+from evomerge.dataflow.slots import render_dataflow
 from evomerge.methods.registry import METHODS, get_method
 from evomerge.space.directives import Directive, LayersOf, Suggest
 from evomerge.space.moe import render_moe
