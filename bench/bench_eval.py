@@ -152,8 +152,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from evomerge.evaluation.lmeval import get_task_dict, manager_for, quiet_lm_eval
     from evomerge.evaluation.scorer import make_lm
+    from evomerge.evaluation.tasks import get_task_dict, manager_for, quiet_lm_eval
     from evomerge.zoo.data import make_tokenizer
 
     quiet_lm_eval()

@@ -51,7 +51,7 @@ def load_trials_of(results: Path, study: str) -> list[Trial]:
     out = []
     for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         s = records.trial(t).search
-        h = records.holdout(t.number)
+        h = records.rescore(t.number, "validation")
         if s is not None and s.values:
             out.append(
                 Trial(

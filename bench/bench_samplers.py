@@ -3,8 +3,9 @@ for the same number of trials?
 
 Every sampler runs the same space at the same trial budget over several seeds, through the real
 search loop (``evomerge.search.Search``: in-memory merges, lm-eval on the zoo's tasks, one thread).
-The measure is what a user would export: the **holdout score of the best trial by search score so
-far**, after each trial. The loop already re-scores every new best on the holdout items the moment
+The measure: the **validation score of the best trial by search score so far** (its score on
+holdout items the choice by search score did not see), after each trial. The loop re-scores every
+new best on the validation items the moment
 it appears (a later trial that only ties the best does not replace it), so the curve is read off the
 results table with no extra evaluation; baselines are skipped (they are the same for every run and
 do not feed the sampler) and ``finalists`` is 0 (finalists only add holdout scores of non-best trials).
@@ -146,7 +147,7 @@ def run_one(
             used += search_items[k]
             k += 1
         if r.score > best:
-            best, best_holdout = float(r.score), float(r.holdout)
+            best, best_holdout = float(r.score), float(r.validation)
             if math.isnan(best_holdout):
                 raise RuntimeError(f"trial {r.number} became the best but has no holdout score")
         curve_search.append(best)

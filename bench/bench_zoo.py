@@ -79,7 +79,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.evaluation import LMEvalEvaluator, parse_evaluate
+    from evomerge.evaluation import parse_evaluate
+    from evomerge.evaluation.lmeval import LMEvalEvaluator
     from evomerge.zoo.build import build_zoo, format_figures, read_manifest
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -320,7 +320,8 @@ def _run(args: argparse.Namespace) -> int:
         os.environ[GPU_MEMORY_ENV] = str(args.gpu_memory)  # worker processes inherit it
     if args.verb == "search":
         from evomerge.results.leaderboard import leaderboard, summary
-        from evomerge.search import load_trials, run_search
+        from evomerge.search.loop import run_search
+        from evomerge.search.table import load_trials
 
         if args.workers is not None or args.devices is not None:
             code, outcome = _search_workers(args)
@@ -390,10 +391,10 @@ def _search_workers(args: argparse.Namespace) -> tuple[int, SearchOutcome | None
     the study's outcome read from the storage (None when a worker failed, or after Ctrl-C)."""
     import time
 
+    from evomerge.search.distributed.workers import run_workers, worker_devices
     from evomerge.search.loop import SearchOutcome
     from evomerge.search.storage import load_study, locate
     from evomerge.search.table import write_trials_csv
-    from evomerge.search.workers import run_workers, worker_devices
 
     devices = worker_devices(args.workers, args.devices, args.device)
     paths = locate(

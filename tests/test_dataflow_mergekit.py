@@ -19,7 +19,7 @@ from _mergekit import find
 
 from evomerge.cli import main
 from evomerge.dataflow import compare_built, parse_candidate
-from evomerge.search import Search
+from evomerge.search.loop import Search
 from evomerge.search.table import load_trials
 
 MERGEKIT = find("mergekit-yaml")

@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,8 @@ import torch
 import yaml
 
 from evomerge.cli import main
-from evomerge.evaluation.base import EvalResult, Evaluator, digest_of
-from evomerge.search import run_search
+from evomerge.evaluation.fake import FakeEvaluator
+from evomerge.search.loop import run_search
 from evomerge.search.table import load_trials
 
 IDS = torch.tensor(
@@ -26,41 +25,30 @@ IDS = torch.tensor(
 )
 
 
-class LogitsEvaluator(Evaluator):
+def logits_evaluator(targets: list[Path]) -> FakeEvaluator:
     """Task ``i`` scores how close a model's next-token distribution is to fine-tune ``i``'s on a few
     fixed inputs (``exp(-KL)``): it runs the model, so it scores paths of any depth. Validation and
     test scores are the search score times 0.97 and 0.96."""
+    from transformers import AutoModelForCausalLM
 
-    def __init__(self, targets: list[Path]) -> None:
-        from transformers import AutoModelForCausalLM
+    logps = []
+    for t in targets:
+        m = AutoModelForCausalLM.from_pretrained(str(t)).eval()
+        with torch.no_grad():
+            logps.append(torch.log_softmax(m(IDS).logits, -1))
 
-        self.names = [str(t) for t in targets]
-        self.targets = []
-        for t in targets:
-            m = AutoModelForCausalLM.from_pretrained(str(t)).eval()
-            with torch.no_grad():
-                self.targets.append(torch.log_softmax(m(IDS).logits, -1))
-
-    def task_names(self, split: str = "search") -> list[str]:
-        return [
-            f"{'task' if split == 'search' else 'holdout'}_{i}" for i in range(len(self.targets))
-        ]
-
-    def digest(self) -> str:
-        return digest_of(self.names)
-
-    def evaluate(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
-        start = time.perf_counter()
+    def score(model: torch.nn.Module, split: str) -> dict[str, float]:
         with torch.no_grad():
             logp = torch.log_softmax(model(IDS).logits, -1)
-        scores = {}
-        for name, t in zip(self.task_names(split), self.targets, strict=True):
-            kl = float((t.exp() * (t - logp)).sum(-1).mean())
-            scores[name] = math.exp(-kl) * {"search": 1.0, "test": 0.96}.get(split, 0.97)
-        agg = sum(scores.values()) / len(scores)
-        return EvalResult(
-            scores, {k: 0.01 for k in scores}, agg, 0.01, time.perf_counter() - start, {}, {}
-        )
+        factor = {"search": 1.0, "test": 0.96}.get(split, 0.97)
+        return {
+            f"task_{i}": math.exp(-float((t.exp() * (t - logp)).sum(-1).mean())) * factor
+            for i, t in enumerate(logps)
+        }
+
+    return FakeEvaluator(
+        [f"task_{i}" for i in range(len(targets))], score, fingerprint=[str(t) for t in targets]
+    )
 
 
 def dfs_space(
@@ -106,7 +94,7 @@ def test_a_dataflow_search_reuses_identical_paths_resumes_and_rescores(tiny_fami
         scale=1.0,
         baselines=[{"name": "frank", "recipe": frank}],
     )
-    ev = LogitsEvaluator(fts[:2])
+    ev = logits_evaluator(fts[:2])
     logs: list[str] = []
     out = run_search(space, evaluator=ev, results_dir=tmp_path / "r", quiet=True, log=logs.append)
     df = load_trials(out.paths.csv)
@@ -150,7 +138,7 @@ def test_export_of_a_path_builds_and_scores_what_the_trial_scored(tiny_family, t
     space = dfs_space(
         tmp_path / "s.yml", [str(fts[0]), str(fts[1]), str(fts[2])], trials=6, max_depth=6
     )
-    ev = LogitsEvaluator(fts)
+    ev = logits_evaluator(fts)
     run_search(space, evaluator=ev, results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
     best, out_dir = tmp_path / "best.yml", tmp_path / "built"
     text = export_and_build(space, best, out_dir, tmp_path / "r", capsys)
@@ -170,7 +158,7 @@ def test_ps_then_dfs_takes_the_best_trial_of_a_finished_study(tiny_family, tmp_p
     from test_search import write_space
 
     base, fts = tiny_family
-    ev = LogitsEvaluator(fts)
+    ev = logits_evaluator(fts)
     ps = write_space(tmp_path / "ps.yml", base, fts, trials=5, sampler="random")
     ps_data = yaml.safe_load(ps.read_text())
     ps_data["merge_method"] = "task_arithmetic"

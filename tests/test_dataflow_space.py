@@ -3,6 +3,7 @@ structured and the flat layout, fixed ends, depth and parameter caps), checks ag
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 from typing import Any
@@ -124,12 +125,13 @@ def test_fixed_ends_and_caps(tmp_path, two):
 
 def test_max_params_caps_the_depth_once_the_models_are_open(tmp_path, two):
     space = load_space(write(tmp_path, {"sources": two, "repeats": 2, "max_params": 10_000}))
-    section = space.tree["dataflow"]
     srcs = open_sources(two)
-    check_section(section, str(tmp_path / "space.yml"), srcs, lambda r: srcs[r].arch.num_layers)
+    section = check_section(space.tree["dataflow"], space.file, srcs, lambda r: 4)
+    assert "params" not in space.tree["dataflow"]  # the parsed space is left as it was
     outside, per = section["params"]
     cap = (10_000 - outside) // per
     assert cap >= 1
+    space = dataclasses.replace(space, tree={"dataflow": section})
     for seed in range(3):
         assert len(space.render(Recorder(seed=seed, on=1.0), layers_of)["path"]) == cap
 

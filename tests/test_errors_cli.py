@@ -69,7 +69,7 @@ def test_a_bad_storage_is_one_line_and_writes_nothing(
 def test_export_of_a_missing_trial_and_onto_a_folder(tmp_path, tiny_family, capsys):
     from _fake_eval import TaskVectorEvaluator
 
-    from evomerge.search import run_search
+    from evomerge.search.loop import run_search
 
     base, fts = tiny_family
     space = write_space(tmp_path / "space.yml", base, fts, trials=2, finalists=1)

@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluation import (
     PRESETS,
     EvalConfig,
     FakeEvaluator,
-    LMEvalEvaluator,
     TaskSpec,
     parse_evaluate,
 )
+from evomerge.evaluation.fake import layer_stats
+from evomerge.evaluation.lmeval import LMEvalEvaluator
 from evomerge.zoo.data import Item, make_tokenizer
 from evomerge.zoo.train import score_items
 
@@ -210,7 +211,7 @@ def test_scores_match_a_hand_scorer_and_experts_win(micro_zoo, tok):
         model = _model(micro_zoo, name)
         r = ev.evaluate(model)
         res[name] = r
-        assert r.n_items == {"zoo_rot": 24, "zoo_shift": 24}
+        assert r.counts() == {"zoo_rot": 24, "zoo_shift": 24}
         for task in ("zoo_rot", "zoo_shift"):
             # Same rule as lm-eval's acc, computed independently over the first 24 items.
             assert (
@@ -264,9 +265,80 @@ def test_holdout_by_doc_range_is_disjoint(micro_zoo, tok):
         assert holdout[task] == [f"{it.prompt} {it.answer}" for it in items[20:35]]
         assert set(search[task]).isdisjoint(holdout[task])
     r = ev.evaluate(_model(micro_zoo, "rot"), "holdout")
-    assert r.n_items == {"zoo_rot": 15, "zoo_sort": 15}
+    assert r.counts() == {"zoo_rot": 15, "zoo_sort": 15}
     assert ev.task_names("holdout") == ["zoo_rot", "zoo_sort"]
     assert ev.datasets()["zoo_rot"][-1].endswith("zoo_rot.jsonl")
+
+
+def test_validation_and_test_items_split_the_holdout(micro_zoo, tok):
+    """Validation items (which choose) and test items (which report) are disjoint, interleaved
+    over the holdout, and together all of it; each split scores only its own items."""
+    section = {
+        "include_path": "zoo:micro",
+        "tasks": ["zoo_rot", "zoo_sort"],
+        "limit": 20,
+        "holdout": {"limit": 15, "validation": 0.4},
+    }
+    ev = LMEvalEvaluator(parse_evaluate(section, FILE, Path(".")), tok)
+    hold, val, test = ev.texts("holdout"), ev.texts("validation"), ev.texts("test")
+    for task in ("zoo_rot", "zoo_sort"):
+        assert len(val[task]) == 6 and len(test[task]) == 9
+        assert set(val[task]).isdisjoint(test[task]) and sorted(val[task] + test[task]) == sorted(
+            hold[task]
+        )
+        assert val[task][-1] in hold[task][10:]  # spread over the range, not its first part
+    model = _model(micro_zoo, "rot")
+    rv, rt = ev.evaluate(model, "validation"), ev.evaluate(model, "test")
+    assert rv.counts() == {"zoo_rot": 6, "zoo_sort": 6} and rt.counts() == {
+        "zoo_rot": 9,
+        "zoo_sort": 9,
+    }
+    full = ev.evaluate(model, "holdout")
+    for task in ("zoo_rot", "zoo_sort"):  # the two parts' items are the holdout's items
+        assert sorted(rv.values[task] + rt.values[task]) == sorted(full.values[task])
+    # the digest a study keeps changes with what the scores depend on
+    other = LMEvalEvaluator(
+        parse_evaluate({**section, "holdout": {"limit": 15, "validation": 0.5}}, FILE, Path(".")),
+        tok,
+    )
+    assert (
+        other.digest()
+        != ev.digest()
+        == LMEvalEvaluator(parse_evaluate(section, FILE, Path(".")), tok).digest()
+    )
+    # share 0: every holdout item is a test item, no validation split
+    none = LMEvalEvaluator(
+        parse_evaluate({**section, "holdout": {"limit": 15, "validation": 0}}, FILE, Path(".")), tok
+    )
+    assert none.task_names("validation") == [] and none.texts("test") == hold
+    with pytest.raises(EvomergeError, match="validation is 0"):
+        none.evaluate(model, "validation")
+
+
+@pytest.mark.parametrize("share", [1, -0.1, "half", True])
+def test_a_validation_share_outside_0_1_is_refused(share):
+    with pytest.raises(ConfigError) as e:
+        parse_evaluate(
+            {
+                "tasks": ["zoo_rot"],
+                "include_path": "zoo:micro",
+                "holdout": {"tasks": ["zoo_rot_holdout"], "validation": share},
+            },
+            FILE,
+            Path("."),
+        )
+    assert e.value.field == "evaluate.holdout.validation" and "[0, 1)" in str(e.value)
+
+
+def test_too_few_holdout_items_to_split_is_an_error(micro_zoo, tok):
+    cfg = parse_evaluate(
+        {"include_path": "zoo:micro", "tasks": ["zoo_rot"], "limit": 10, "holdout": {"limit": 1}},
+        FILE,
+        Path("."),
+    )
+    with pytest.raises(ConfigError) as e:
+        LMEvalEvaluator(cfg, tok)
+    assert e.value.field == "evaluate.holdout.validation" and "too few" in str(e.value)
 
 
 def test_holdout_range_past_the_end_is_an_error(micro_zoo, tok):
@@ -290,7 +362,7 @@ def test_holdout_tasks_score_separately(micro_zoo, tok):
     )
     ev = LMEvalEvaluator(cfg, tok)
     r = ev.evaluate(_model(micro_zoo, "rot"), "holdout")
-    assert list(r.scores) == ["zoo_rot_holdout"] and r.n_items == {"zoo_rot_holdout": 12}
+    assert list(r.scores) == ["zoo_rot_holdout"] and r.counts() == {"zoo_rot_holdout": 12}
     assert ev.texts("holdout")["zoo_rot_holdout"][0] == "{} {}".format(
         *(lambda it: (it.prompt, it.answer))(_items(micro_zoo, "zoo_rot_holdout")[0])
     )
@@ -298,14 +370,14 @@ def test_holdout_tasks_score_separately(micro_zoo, tok):
 
 def test_fake_evaluator_is_a_known_function_of_the_weights(micro_zoo):
     model = _model(micro_zoo, "base")
-    stats = FakeEvaluator.layer_stats(model)
+    stats = layer_stats(model)
     assert stats.shape == (2,)
     by_hand = float(
         sum(p.detach().double().sum() for n, p in model.named_parameters() if ".layers.0." in n)
         / sum(p.numel() for n, p in model.named_parameters() if ".layers.0." in n)
     )
     assert float(stats[0]) == pytest.approx(by_hand)
-    ev = FakeEvaluator(
+    ev = FakeEvaluator.layer_targets(
         {"a": stats.tolist(), "b": (stats + 0.01).tolist()}, width=1e-3, holdout_shift=0.01
     )
     r = ev.evaluate(model)

@@ -128,7 +128,9 @@ def test_export_checks_a_fingerprinted_trial_and_names_the_stream(
     from _fake_eval import TaskVectorEvaluator
 
     from evomerge.cli import main
-    from evomerge.search import load_trials, run_search, setup
+    from evomerge.search import setup
+    from evomerge.search.loop import run_search
+    from evomerge.search.table import load_trials
 
     monkeypatch.setattr(setup, "Merger", functools.partial(Merger, digest="fingerprint"))
     base, fts = tiny_family

@@ -10,7 +10,7 @@ from test_search import write_space
 
 from evomerge.cli import main
 from evomerge.evaluation.base import split_holdout
-from evomerge.search import run_search
+from evomerge.search.loop import run_search
 from evomerge.search.records import Scores, StudyMeta, StudyRecords, TrialRecord
 from evomerge.search.storage import load_study, locate
 from evomerge.search.table import chosen_row, load_trials, trials_frame

@@ -8,7 +8,8 @@ from _fake_eval import TaskVectorEvaluator
 
 from evomerge.cli import main
 from evomerge.engine import digest_model_dir
-from evomerge.search import load_trials, run_search
+from evomerge.search.loop import run_search
+from evomerge.search.table import load_trials
 
 
 def _space(path, base, fts, **search):

@@ -77,7 +77,7 @@ def test_demo_moe_space_renders_merges_and_mixtures(zoo, tmp_path):
         "moe.prompts.e3.2",
         "moe.use.e3",
     } <= set(names)
-    space.prompt_texts = {f"zoo_{s}": [f"{s}: item{i} =" for i in range(20)] for s in SKILLS}
+    prompts = {f"zoo_{s}": [f"{s}: item{i} =" for i in range(20)] for s in SKILLS}
     picks = {
         "method": "moe",
         "moe.gate_mode": "cheap_embed",
@@ -101,7 +101,7 @@ def test_demo_moe_space_renders_merges_and_mixtures(zoo, tmp_path):
         asked.append(name)
         return picks[name]
 
-    cfg = space.render(suggest, lambda ref: 4)
+    cfg = space.render(suggest, lambda ref: 4, prompts)
     assert (
         "moe.prompts.sort" not in asked and "weight.rot" not in asked
     )  # an expert left out, the merge part: not sampled
@@ -122,7 +122,9 @@ def test_demo_moe_space_renders_merges_and_mixtures(zoo, tmp_path):
     with pytest.raises(
         ConfigError, match="moe.experts: no expert takes part at this point"
     ):  # the trial fails, saying why
-        space.render(lambda n, d: False if n.startswith("moe.use.") else picks[n], lambda ref: 4)
+        space.render(
+            lambda n, d: False if n.startswith("moe.use.") else picks[n], lambda ref: 4, prompts
+        )
     merge = space.render(
         lambda n, d: {"method": "task_arithmetic", "lambda": 1.0}.get(n, 0.5), lambda ref: 4
     )
@@ -227,7 +229,8 @@ def test_search_scores_moe_candidates_and_exports_them(zoo, tmp_path, capsys):
     export of its best mixture: re-built with --merge it has the trial's tensors, and mergekit-moe
     (when present) accepts the exported file and builds the same tensors."""
     from evomerge.cli import main
-    from evomerge.search import load_trials, run_search
+    from evomerge.search.loop import run_search
+    from evomerge.search.table import load_trials
 
     data = moe_space(zoo, merge_method="moe")  # mixtures only, to get several of them in few trials
     data["search"] = {

@@ -13,10 +13,12 @@ import yaml
 from test_scorer import LONG_TASK, SMALL, _write_long_task
 
 from evomerge.errors import ConfigError
-from evomerge.evaluation import EvalConfig, FakeEvaluator, LMEvalEvaluator, TaskSpec
+from evomerge.evaluation import EvalConfig, FakeEvaluator, TaskSpec
 from evomerge.evaluation.base import item_weights
+from evomerge.evaluation.fake import layer_stats
+from evomerge.evaluation.lmeval import LMEvalEvaluator
 from evomerge.results.leaderboard import leaderboard, main_results
-from evomerge.search import run_search
+from evomerge.search.loop import run_search
 from evomerge.search.pruning import Pruner
 from evomerge.search.records import Scores, StudyRecords, TrialRecord
 from evomerge.search.table import load_trials
@@ -101,20 +103,22 @@ def test_fake_staged_rounds_equal_the_full_evaluation(tiny_family):
 
     base, fts = tiny_family
     model = AutoModelForCausalLM.from_pretrained(fts[0])
-    stats = FakeEvaluator.layer_stats(model)
-    ev = FakeEvaluator({"a": (stats + 0.01).tolist(), "b": stats.tolist()}, width=4e-4, items=50)
+    stats = layer_stats(model)
+    ev = FakeEvaluator.layer_targets(
+        {"a": (stats + 0.01).tolist(), "b": stats.tolist()}, width=4e-4, items=50
+    )
     full = ev.evaluate(model)
     assert 0 < full.scores["a"] < 1 and full.scores["b"] == 1.0
     ev.items_scored = 0
     staged = ev.staged(model)
     got = staged.score({"a": [3, 1], "b": [0]})
-    assert got == {"a": {3: full.items["a"][3], 1: full.items["a"][1]}, "b": {0: 1.0}}
+    assert got == {"a": {3: full.values["a"][3], 1: full.values["a"][1]}, "b": {0: 1.0}}
     result = staged.result()
-    assert (result.scores, result.stderr, result.aggregate, result.items) == (
+    assert (result.scores, result.stderr, result.aggregate, result.values) == (
         full.scores,
         full.stderr,
         full.aggregate,
-        full.items,
+        full.values,
     )
     assert ev.items_scored == 100  # each item once, the three scored early included
 
@@ -163,8 +167,8 @@ def test_lm_eval_rounds_equal_the_full_evaluation(long_tasks, tmp_path, monkeypa
     full = ev.evaluate(model)
     requests = list(seen)
     assert len(requests) == 2 * 16 * 4 and ev.item_counts() == {LONG_TASK: 16, LONG_TASK + "_n": 16}
-    assert all(v in (0.0, 1.0) for v in full.items[LONG_TASK]) and math.isclose(
-        sum(full.items[LONG_TASK]) / 16, full.scores[LONG_TASK]
+    assert all(v in (0.0, 1.0) for v in full.values[LONG_TASK]) and math.isclose(
+        sum(full.values[LONG_TASK]) / 16, full.scores[LONG_TASK]
     )
     seen.clear()
     p = Pruner(
@@ -176,14 +180,14 @@ def test_lm_eval_rounds_equal_the_full_evaluation(long_tasks, tmp_path, monkeypa
     for items in p.rounds()[:2]:
         got = staged.score(items)
         for task, vals in got.items():
-            assert vals and all(full.items[task][i] == v for i, v in vals.items())
+            assert vals and all(full.values[task][i] == v for i, v in vals.items())
     assert staged.scored == 2 * 8
     result = staged.result()
-    assert (result.scores, result.stderr, result.aggregate, result.items) == (
+    assert (result.scores, result.stderr, result.aggregate, result.values) == (
         full.scores,
         full.stderr,
         full.aggregate,
-        full.items,
+        full.values,
     )
     assert sorted(seen) == sorted(requests)  # the same prompts, each run once
 
@@ -215,11 +219,11 @@ def _evaluator(base: Path, fts: list[Path]) -> FakeEvaluator:
     random points are far off, so most trials are hopeless against the best one."""
     from transformers import AutoModelForCausalLM
 
-    s0, *s = [
-        FakeEvaluator.layer_stats(AutoModelForCausalLM.from_pretrained(m)) for m in (base, *fts)
-    ]
+    s0, *s = [layer_stats(AutoModelForCausalLM.from_pretrained(m)) for m in (base, *fts)]
     width = sum(float(((x - s0) ** 2).sum()) for x in s)
-    return FakeEvaluator({"a": s[0].tolist(), "b": s[0].tolist()}, width=width, items=60)
+    return FakeEvaluator.layer_targets(
+        {"a": s[0].tolist(), "b": s[0].tolist()}, width=width, items=60
+    )
 
 
 def _rescore(df_row, ev: FakeEvaluator, base: Path, fts: list[Path]) -> float:

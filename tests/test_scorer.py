@@ -14,9 +14,11 @@ import torch
 from _tiny import make_tiny
 
 from evomerge.errors import ConfigError
-from evomerge.evaluation import EvalConfig, LMEvalEvaluator, TaskSpec, parse_evaluate
-from evomerge.evaluation.lmeval import get_task_dict, manager_for, quiet_lm_eval
-from evomerge.evaluation.scorer import make_lm, score_shared, shared_context_hflm
+from evomerge.evaluation import EvalConfig, TaskSpec, parse_evaluate
+from evomerge.evaluation.hflm import SharedContextHFLM, make_lm
+from evomerge.evaluation.lmeval import LMEvalEvaluator
+from evomerge.evaluation.scorer import score_shared
+from evomerge.evaluation.tasks import get_task_dict, manager_for, quiet_lm_eval
 from evomerge.zoo.data import make_tokenizer
 
 TOL = 1e-4  # float32: |sum of log-probs| differs by rounding only (matmul shapes differ)
@@ -151,9 +153,9 @@ def test_sliding_window_pairs_use_hflm(tmp_path, tok):
     want = _hflm(m, tok, batch_size=4).loglikelihood(
         [_instance(c, x, i) for i, (c, x) in enumerate(pairs)]
     )
-    got = shared_context_hflm()(
-        pretrained=m, tokenizer=tok, batch_size=4, device="cpu"
-    ).loglikelihood([_instance(c, x, i) for i, (c, x) in enumerate(pairs)])
+    got = SharedContextHFLM(pretrained=m, tokenizer=tok, batch_size=4, device="cpu").loglikelihood(
+        [_instance(c, x, i) for i, (c, x) in enumerate(pairs)]
+    )
     _assert_same(got, want)
 
 
@@ -294,7 +296,7 @@ def test_evaluator_scores_equal_on_the_long_task(model, tok, tmp_path, monkeypat
         LMEvalEvaluator(cfg, tok, batch_size=8, scorer="hflm"),
     )
     first = shared.evaluate(model)
-    assert first.n_items == {LONG_TASK: 16, LONG_TASK + "_n": 16}
+    assert first.counts() == {LONG_TASK: 16, LONG_TASK + "_n": 16}
     assert hflm.evaluate(model).scores == first.scores == shared.evaluate(model).scores
     # lm-eval would draw new shots on each call; the evaluator reseeds the sampler every time.
     assert len(seen) == 3 and len(seen[0]) == 2 * 16 * 4 and seen[0] == seen[1] == seen[2]
@@ -361,7 +363,9 @@ def test_micro_zoo_evaluator_scores_equal(micro_zoo):
         m = AutoModelForCausalLM.from_pretrained(micro_zoo / name)
         for split in ("search", "holdout"):
             a, b = shared.evaluate(m, split), hflm.evaluate(m, split)
-            assert a.scores == b.scores and a.aggregate == b.aggregate and a.n_items == b.n_items, (
+            assert (
+                a.scores == b.scores and a.aggregate == b.aggregate and a.counts() == b.counts()
+            ), (
                 name,
                 split,
             )

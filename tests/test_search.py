@@ -19,7 +19,7 @@ from _fake_eval import TaskVectorEvaluator
 from evomerge.cli import main
 from evomerge.engine import digest_model_dir
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.search import Search, run_search
+from evomerge.search.loop import Search, run_search
 from evomerge.search.table import load_trials
 from evomerge.space import SAMPLERS
 

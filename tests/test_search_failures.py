@@ -8,7 +8,8 @@ from _fake_eval import TaskVectorEvaluator
 from test_search import write_space
 
 from evomerge.engine.kernels import methods as kernels
-from evomerge.search import load_trials, run_search
+from evomerge.search.loop import run_search
+from evomerge.search.table import load_trials
 
 
 class Boom(Exception):

@@ -17,8 +17,8 @@ from _stopper import POINTS, install
 from test_search import write_space
 
 from evomerge.errors import EvomergeError
-from evomerge.search import run_search
-from evomerge.search.liveness import Liveness
+from evomerge.search.distributed.liveness import Liveness
+from evomerge.search.loop import run_search
 from evomerge.search.table import load_trials
 
 TESTS = Path(__file__).resolve().parent
@@ -29,9 +29,8 @@ STOP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import conftest  # offline env
     from _fake_eval import TaskVectorEvaluator
-from _stopper import POINTS, install
     from _stopper import install
-    from evomerge.search.liveness import Liveness
+    from evomerge.search.distributed.liveness import Liveness
     from evomerge.search.loop import run_search
     if sys.argv[1] != "go":
         install(sys.argv[1], lambda: os.kill(os.getpid(), signal.SIGKILL))
@@ -135,7 +134,6 @@ def _search_elsewhere(space: Path, tmp_path: Path, tiny_family) -> subprocess.Co
         sys.path.insert(0, {str(TESTS)!r})
         import conftest  # offline env
         from _fake_eval import TaskVectorEvaluator
-from _stopper import POINTS, install
         from evomerge.errors import EvomergeError, one_line
         from evomerge.search.loop import run_search
         try:

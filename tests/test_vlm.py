@@ -259,7 +259,7 @@ def test_search_merges_llava_candidates_in_memory_and_exports_them(vlms, tmp_pat
 
     from evomerge.cli import main
     from evomerge.engine import digest_model_dir
-    from evomerge.search import run_search
+    from evomerge.search.loop import run_search
     from evomerge.search.table import load_trials
 
     base = Path(_llava(tmp_path / "base", 3, 3))

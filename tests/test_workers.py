@@ -27,8 +27,8 @@ from test_search import write_space
 
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
-from evomerge.search.claims import Claims, is_claim
-from evomerge.search.liveness import Liveness
+from evomerge.search.distributed.claims import Claims, is_claim
+from evomerge.search.distributed.liveness import Liveness
 from evomerge.search.storage import open_storage
 
 TESTS = Path(__file__).resolve().parent
@@ -42,7 +42,7 @@ RUNNER = textwrap.dedent("""
     import conftest  # offline env
     from _fake_eval import TaskVectorEvaluator
     from evomerge.search.loop import run_search
-    from evomerge.search.liveness import Liveness
+    from evomerge.search.distributed.liveness import Liveness
 
     cfg = json.loads(sys.argv[1])
 

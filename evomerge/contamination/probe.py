@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from evomerge.evaluation.lmeval import (
+from evomerge.evaluation.tasks import (
     DOC_SPLITS,
     item_text,
     load_leaf_tasks,

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from evomerge.contamination.lineage import Lineage, Resolver, default_resolve, model_lineage
-from evomerge.evaluation.lmeval import manager_for, path_list, task_configs
+from evomerge.evaluation.tasks import manager_for, path_list, task_configs
 
 __all__ = ["DatasetHit", "task_datasets", "norm_dataset", "dataset_hits", "eval_data_in_training"]
 

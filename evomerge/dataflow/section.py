@@ -25,7 +25,7 @@ above 0.5) and every scale, a fixed-length vector of numbers as CMA-ES needs. A 
 ``max_depth`` (or than ``max_params`` allows) keeps its first steps, and the last slot when ``last``
 is fixed. Parameter names: ``use.r<repeat>.<source>.<layer>`` and ``scale.r<repeat>.<source>.<layer>``.
 
-A study source is resolved when a search starts (:func:`set_study_recipe`); the rest is checked
+A study source is resolved when a search starts (:func:`with_study_recipe`); the rest is checked
 against the opened models then (:func:`evomerge.dataflow.slots.check_section`): layer ranges,
 hidden sizes, vocabularies. Rendering a point is :func:`evomerge.dataflow.slots.render_dataflow`.
 """
@@ -51,7 +51,7 @@ __all__ = [
     "recipe_refs",
     "recipe_sources",
     "study_sources",
-    "set_study_recipe",
+    "with_study_recipe",
 ]
 
 DATAFLOW_KEYS = (
@@ -329,12 +329,13 @@ def study_sources(section: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]
     return [(i, s) for i, s in enumerate(section["sources"]) if s["kind"] == "study"]
 
 
-def set_study_recipe(
+def with_study_recipe(
     section: Mapping[str, Any], index: int, recipe: Mapping[str, Any], trial: int
-) -> None:
-    """Record what a study source resolved to: the trial and its recipe."""
-    s = section["sources"][index]
-    s["recipe"], s["resolved_trial"] = dict(recipe), trial
+) -> dict[str, Any]:
+    """The section with study source ``index`` resolved: its trial and that trial's recipe."""
+    sources = list(section["sources"])
+    sources[index] = {**sources[index], "recipe": dict(recipe), "resolved_trial": trial}
+    return {**section, "sources": sources}
 
 
 def section_model_refs(section: Any) -> list[str]:

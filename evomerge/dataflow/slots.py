@@ -4,7 +4,7 @@ repeated, checked against the opened models, and a point of the space rendered a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from evomerge.dataflow.candidate import METHOD
@@ -63,11 +63,11 @@ def _searched(section: Mapping[str, Any], total: int) -> set[int]:
 
 
 def check_section(
-    section: MutableMapping[str, Any],
+    section: Mapping[str, Any],
     file: str,
     sources: Mapping[str, Any],
     layers_of: Callable[[str], int],
-) -> None:
+) -> dict[str, Any]:
     """Check the section against the opened models (once a search has them).
 
     Args:
@@ -75,6 +75,10 @@ def check_section(
         file: the space file, for messages.
         sources: opened models by reference (:class:`~evomerge.engine.sources.ModelSource`).
         layers_of: a model reference's layer count.
+
+    Returns:
+        The section with what rendering needs of the models: ``params``, the parameters outside
+        the layers and per layer (``max_params`` caps paths by them).
 
     Raises:
         ConfigError: a layer range beyond a source's layers, a slot beyond the slots, no slot that
@@ -114,15 +118,14 @@ def check_section(
             "dataflow.slots",
             f"slot {bad[0]} is beyond the {total} slots ({section['repeats']} repeats of {total // section['repeats']} layers: slots 0..{total - 1})",
         )
-    if section["max_params"] is not None:
-        outside, per = _param_counts(sources[refs[0]])
-        section["params"] = [outside, per]  # what render_dataflow caps paths by
-        if section["max_params"] < outside + per:
-            raise ConfigError(
-                file,
-                "dataflow.max_params",
-                f"{section['max_params']} is below a one-layer path ({outside + per} parameters: {outside} outside the layers, {per} per layer)",
-            )
+    outside, per = _param_counts(sources[refs[0]])
+    if section["max_params"] is not None and section["max_params"] < outside + per:
+        raise ConfigError(
+            file,
+            "dataflow.max_params",
+            f"{section['max_params']} is below a one-layer path ({outside + per} parameters: {outside} outside the layers, {per} per layer)",
+        )
+    return {**section, "params": [outside, per]}
 
 
 def _param_counts(src: Any) -> tuple[int, int]:

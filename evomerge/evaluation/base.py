@@ -12,14 +12,18 @@ import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
+
+from evomerge.errors import EvomergeError
 
 __all__ = [
     "TaskSpec",
     "EvalConfig",
-    "EvalResult",
+    "Scores",
+    "make_scores",
     "Evaluator",
     "StagedEvaluation",
     "aggregate",
@@ -97,13 +101,18 @@ class EvalConfig:
     validation: float = VALIDATION
 
 
-@dataclass
-class EvalResult:
-    """Scores of one model: per task, their standard errors and the weighted aggregate.
+@dataclass(frozen=True)
+class Scores:
+    """One evaluation of one model on one split: per-task scores, their standard errors, the
+    weighted aggregate and the seconds it took. ``n_items`` items were scored (0: not recorded, a
+    study of an older version); ``values`` holds each task's per-item metric values in item order
+    where the evaluator gives them (lm-eval's per-document value of the task's metric: 0/1 for
+    ``acc``; None for an item a stopped candidate did not score). Paired comparisons use them.
 
-    ``items`` holds, where the evaluator knows them, each task's per-item metric values in the
-    order of its items (lm-eval's per-document value of the task's metric: 0/1 for ``acc``);
-    ``None`` for an item not scored (a stopped candidate's). Paired comparisons use them.
+    Example:
+        >>> s = Scores({"a": 0.5}, {"a": 0.05}, 0.5, 0.05, 1.0)
+        >>> Scores.from_dict(s.to_dict()) == s
+        True
     """
 
     scores: dict[str, float]
@@ -111,8 +120,72 @@ class EvalResult:
     aggregate: float
     aggregate_se: float
     seconds: float
-    n_items: dict[str, int]
-    items: dict[str, list[float | None]] = field(default_factory=dict)
+    n_items: int = 0
+    values: dict[str, list[float | None]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not self.values:
+            del d["values"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Scores | None:
+        if not d:
+            return None
+        return cls(
+            dict(d.get("scores") or {}),
+            {k: float(v) for k, v in (d.get("stderr") or {}).items()},
+            float(d["aggregate"]),
+            float(d.get("aggregate_se") or 0.0),
+            float(d.get("seconds") or 0.0),
+            int(d.get("n_items") or 0),
+            {k: list(v) for k, v in (d.get("values") or {}).items()},
+        )
+
+    def counts(self) -> dict[str, int]:
+        """Items per task (those with per-item values)."""
+        return {k: len(v) for k, v in self.values.items()}
+
+    def complete(self, counts: Mapping[str, int]) -> bool:
+        """Whether ``values`` holds a value for every item of every task in ``counts``."""
+        return all(
+            len(self.values.get(k) or ()) == n and None not in self.values[k]
+            for k, n in counts.items()
+        )
+
+    def checked(self) -> Scores:
+        """These scores, after checking every task gave one.
+
+        Raises:
+            EvomergeError: a task gave no score (NaN or missing).
+        """
+        bad = [
+            t
+            for t, v in self.scores.items()
+            if v is None or (isinstance(v, float) and math.isnan(v))
+        ]
+        if bad:
+            raise EvomergeError(f"evaluation gave no score for {', '.join(bad)}")
+        return self
+
+
+def make_scores(
+    specs: Iterable[TaskSpec],
+    scores: Mapping[str, float],
+    stderr: Mapping[str, float],
+    seconds: float,
+    values: Mapping[str, Sequence[float | None]] | None = None,
+    n_items: int | None = None,
+) -> Scores:
+    """The :class:`Scores` of per-task scores, their weighted aggregate (:func:`aggregate`; a
+    NaN standard error counts as 0 there) and the items scored (every value's, or ``n_items``)."""
+    agg, se = aggregate(
+        specs, scores, {k: (0.0 if math.isnan(v) else v) for k, v in stderr.items()}
+    )
+    values = {k: list(v) for k, v in (values or {}).items()}
+    n = sum(len(v) for v in values.values()) if n_items is None else n_items
+    return Scores(dict(scores), dict(stderr), agg, se, seconds, n, values)
 
 
 def aggregate(
@@ -167,7 +240,7 @@ class StagedEvaluation(ABC):
         """
 
     @abstractmethod
-    def result(self) -> EvalResult:
+    def result(self) -> Scores:
         """The full search evaluation of the model (every item), reusing the items scored so far."""
 
     @property
@@ -187,7 +260,7 @@ class Evaluator(ABC):
     """
 
     @abstractmethod
-    def evaluate(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
+    def evaluate(self, model: torch.nn.Module, split: str = "search") -> Scores:
         """Score ``model`` (in memory) on ``split`` (one of :data:`SPLITS`)."""
 
     @abstractmethod
@@ -209,6 +282,15 @@ class Evaluator(ABC):
         """The prompts (questions without answers) of each task's items of ``split``, in item order
         (mixture-of-experts routing prompts drawn from a task); may be empty."""
         return {}
+
+    def include_path(self) -> list[str]:
+        """The local task directories the tasks come from (empty: none)."""
+        return []
+
+    def tasks_index(self) -> Any:
+        """lm-eval's ``TaskManager`` that knows the tasks (the contamination flags look up each
+        task's dataset in it), or None for an evaluator without lm-eval tasks."""
+        return None
 
     def datasets(self) -> dict[str, list[str]]:
         """Dataset paths (hub ids or local files) per task; may be empty."""

@@ -6,119 +6,158 @@ import math
 import random
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from evomerge.evaluation.base import (
     VALIDATION,
-    EvalResult,
     Evaluator,
+    Scores,
     StagedEvaluation,
     TaskSpec,
-    aggregate,
     digest_of,
+    make_scores,
     split_holdout,
 )
 
-__all__ = ["FakeEvaluator"]
+__all__ = ["FakeEvaluator", "layer_stats"]
+
+# (model, split) -> each search task's smooth score in [-1, 1] on that split.
+ScoreFn = Callable[[torch.nn.Module, str], Mapping[str, float]]
+
+
+def layer_stats(model: torch.nn.Module) -> torch.Tensor:
+    """Mean parameter value of each decoder layer (``layers.<i>.`` in the parameter name)."""
+    sums: dict[int, list[float]] = {}
+    for name, p in model.named_parameters():
+        m = re.search(r"layers\.(\d+)\.", name)
+        if m:
+            s = sums.setdefault(int(m.group(1)), [0.0, 0.0])
+            s[0] += float(p.detach().double().sum())
+            s[1] += p.numel()
+    return torch.tensor([sums[i][0] / sums[i][1] for i in sorted(sums)], dtype=torch.float64)
 
 
 class FakeEvaluator(Evaluator):
     """A deterministic stand-in for lm-eval: scores a model from its tensors alone, in milliseconds.
 
-    Each task ``k`` has a target value per decoder layer; a layer's statistic is the mean of its
-    parameters, and the task's score is ``exp(-sum_l (stat_l - target_kl)^2 / width)``: a smooth
-    landscape with one optimum per task, so a search has something real to climb. The holdout score
-    (validation and test) is the same function with targets shifted by ``holdout_shift`` (a slightly
-    different optimum).
+    ``score(model, split)`` gives each search task's *smooth* score on a split (the holdout tasks
+    are the search tasks' twins, named ``<task>_holdout``; a split may shift or scale the
+    function, as other items of the same tasks would). Without ``items`` that smooth score is the
+    task's score. With ``items=n`` each task has ``n`` items, as lm-eval's tasks do: item ``j``
+    has a difficulty ``u_j``, the numbers ``(0.5 .. n-0.5) / n`` in a seeded order, and is right
+    (1.0) when ``u_j`` is below the smooth score, else wrong (0.0); the task's score is the mean of
+    its items. It can then score the search items a subset at a time (:meth:`staged`), and counts
+    every item it scores in ``items_scored``. Each holdout task has ``n`` items too, split into
+    validation and test items as lm-eval's holdout is
+    (:func:`~evomerge.evaluation.base.split_holdout`).
 
-    With ``items=n`` each task has ``n`` items instead, as lm-eval's tasks do: item ``j`` has a
-    difficulty ``u_j``, the numbers ``(0.5 .. n-0.5) / n`` in a seeded order, and is right (1.0)
-    when ``u_j`` is below the smooth score, else wrong (0.0); the task's score is the mean of its
-    items (the smooth score rounded down to a multiple of ``1/n``). It can then score the search
-    items a subset at a time (:meth:`staged`), and counts every item it scores in ``items_scored``.
-    Each holdout task has ``n`` items too, split into validation and test items by ``validation``
-    as lm-eval's holdout is (:func:`~evomerge.evaluation.base.split_holdout`).
+    :meth:`layer_targets` builds the usual one: a smooth landscape over the layers' mean weights
+    with one optimum per task, so that a search has something real to climb.
 
     Args:
-        targets: task name -> per-layer target statistics (length = number of layers).
-        width: how quickly the score falls off.
-        holdout_shift: added to every target for the holdout split.
+        tasks: the search tasks' names.
+        score: the smooth scores, see above.
         items: items per task (None: one smooth score per task, no items).
-        validation: the share of holdout items that are validation items.
+        validation: the share of holdout items that are validation items (0: none).
+        before: called as ``before(model, split)`` at the start of every evaluation (tests use it
+            to wait, to leave a marker or to fail).
+        fingerprint: what else ``score`` depends on, for :meth:`digest`.
+
+    Example:
+        >>> ev = FakeEvaluator(["a"], lambda m, split: {"a": 0.5})
+        >>> ev.task_names("test"), ev.evaluate(torch.nn.Linear(1, 1), "test").aggregate
+        (['a_holdout'], 0.5)
     """
 
     def __init__(
         self,
-        targets: Mapping[str, list[float]],
+        tasks: Sequence[str],
+        score: ScoreFn,
+        *,
+        items: int | None = None,
+        validation: float = VALIDATION,
+        before: Callable[[torch.nn.Module, str], None] | None = None,
+        fingerprint: object = None,
+    ) -> None:
+        self.tasks, self.score, self.n = list(tasks), score, items
+        self.validation, self.before, self.fingerprint = validation, before, fingerprint
+        self.calls = 0
+        self.items_scored = 0
+        every = list(range(items or 0))
+        val, test = split_holdout(every, validation)
+        self._ids = {"search": every, "holdout": every, "validation": val, "test": test}
+        self._difficulty: dict[str, list[float]] = {}
+        for k in self.tasks:
+            order = list(every)
+            random.Random(f"fake-items:{k}").shuffle(order)
+            self._difficulty[k] = [(j + 0.5) / len(order) for j in order]
+
+    @classmethod
+    def layer_targets(
+        cls,
+        targets: Mapping[str, Sequence[float]],
         *,
         width: float = 1e-3,
         holdout_shift: float = 0.0,
         items: int | None = None,
         validation: float = VALIDATION,
-    ) -> None:
-        self.targets = {k: torch.tensor(v, dtype=torch.float64) for k, v in targets.items()}
-        self.width = width
-        self.holdout_shift = holdout_shift
-        self.n = items
-        self.validation = validation
-        val, test = split_holdout(range(items or 0), validation)
-        self._split_items = {"search": list(range(items or 0)), "holdout": list(range(items or 0))}
-        self._split_items.update(validation=val, test=test)
-        self.items_scored = 0
-        self._difficulty: dict[str, list[float]] = {}
-        for k in self.targets:
-            order = list(range(items or 0))
-            random.Random(f"fake-items:{k}").shuffle(order)
-            self._difficulty[k] = [(j + 0.5) / len(order) for j in order]
+    ) -> FakeEvaluator:
+        """Task ``k`` scores ``exp(-sum_l (stat_l - target_kl)^2 / width)``, ``stat_l`` the mean
+        parameter of layer ``l`` (:func:`layer_stats`); on the holdout the targets shift by
+        ``holdout_shift`` (a slightly different optimum).
 
-    @staticmethod
-    def layer_stats(model: torch.nn.Module) -> torch.Tensor:
-        """Mean parameter value of each decoder layer (``layers.<i>.`` in the parameter name)."""
-        sums: dict[int, list[float]] = {}
-        for name, p in model.named_parameters():
-            m = re.search(r"layers\.(\d+)\.", name)
-            if m:
-                s = sums.setdefault(int(m.group(1)), [0.0, 0.0])
-                s[0] += float(p.detach().double().sum())
-                s[1] += p.numel()
-        return torch.tensor([sums[i][0] / sums[i][1] for i in sorted(sums)], dtype=torch.float64)
+        Raises:
+            ValueError: (when scoring) a model with another number of layers than targets.
+        """
+        tensors = {k: torch.tensor(list(v), dtype=torch.float64) for k, v in targets.items()}
+
+        def score(model: torch.nn.Module, split: str) -> dict[str, float]:
+            stats = layer_stats(model)
+            shift = holdout_shift if split != "search" else 0.0
+            out = {}
+            for name, target in tensors.items():
+                if target.numel() != stats.numel():
+                    raise ValueError(
+                        f"FakeEvaluator: {target.numel()} targets for {stats.numel()} layers"
+                    )
+                out[name] = math.exp(-float(((stats - target - shift) ** 2).sum()) / width)
+            return out
+
+        fingerprint = [sorted((k, list(v)) for k, v in targets.items()), width, holdout_shift]
+        return cls(
+            list(targets), score, items=items, validation=validation, fingerprint=fingerprint
+        )
 
     def task_names(self, split: str = "search") -> list[str]:
         if split == "validation" and self.validation == 0:
             return []
-        return list(self.targets) if split == "search" else [f"{k}_holdout" for k in self.targets]
+        return list(self.tasks) if split == "search" else [f"{k}_holdout" for k in self.tasks]
 
     def digest(self) -> str:
-        return digest_of(
-            [sorted((k, v.tolist()) for k, v in self.targets.items()), self.width]
-            + [self.holdout_shift, self.n, self.validation]
-        )
-
-    def smooth(self, model: torch.nn.Module, split: str = "search") -> dict[str, float]:
-        """The smooth score of each task of ``split`` (before items)."""
-        stats = self.layer_stats(model)
-        shift = self.holdout_shift if split != "search" else 0.0
-        out = {}
-        for name, target in zip(self.task_names(split), self.targets.values(), strict=False):
-            if target.numel() != stats.numel():
-                raise ValueError(
-                    f"FakeEvaluator: {target.numel()} targets for {stats.numel()} layers"
-                )
-            out[name] = math.exp(-float(((stats - target - shift) ** 2).sum()) / self.width)
-        return out
+        return digest_of([self.tasks, self.n, self.validation, self.fingerprint])
 
     def item_value(self, task: str, index: int, smooth: float) -> float:
         """Item ``index`` of search task ``task`` (or its holdout twin) at smooth score ``smooth``."""
         return 1.0 if self._difficulty[task.removesuffix("_holdout")][index] < smooth else 0.0
 
-    def evaluate(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
+    def smooth(self, model: torch.nn.Module, split: str = "search") -> dict[str, float]:
+        """The smooth score of each task of ``split`` (before items), by its name there."""
+        got = self.score(model, split)
+        return {
+            name: float(got[k]) for name, k in zip(self.task_names(split), self.tasks, strict=True)
+        }
+
+    def evaluate(self, model: torch.nn.Module, split: str = "search") -> Scores:
+        self.calls += 1
+        if self.before is not None:
+            self.before(model, split)
         t0 = time.perf_counter()
         smooth = self.smooth(model, split)
         values = None
         if self.n:
-            ids = self._split_items[split]
+            ids = self._ids[split]
             values = {k: [self.item_value(k, j, v) for j in ids] for k, v in smooth.items()}
             self.items_scored += len(ids) * len(values)
         return self.assemble(smooth, values, t0)
@@ -126,24 +165,23 @@ class FakeEvaluator(Evaluator):
     @staticmethod
     def assemble(
         smooth: Mapping[str, float], values: Mapping[str, list[float]] | None, t0: float
-    ) -> EvalResult:
-        """The result: per-task means of ``values`` when given, else the smooth scores."""
-        scores, stderr, n = {}, {}, {}
-        items: dict[str, list[float | None]] = {}
+    ) -> Scores:
+        """The scores: per-task means of ``values`` when given, else the smooth scores."""
+        scores, stderr = {}, {}
         for name, value in smooth.items():
             if values is not None:
                 vals = values[name]
                 p = sum(vals) / len(vals)
-                items[name], scores[name], n[name] = list(vals), p, len(vals)
+                scores[name] = p
                 stderr[name] = math.sqrt(p * (1 - p) / (len(vals) - 1)) if len(vals) > 1 else 0.0
             else:
-                scores[name], stderr[name], n[name] = value, 0.01, 100
+                scores[name], stderr[name] = value, 0.01
         specs = [TaskSpec(k) for k in scores]
-        agg, se = aggregate(specs, scores, stderr)
-        return EvalResult(scores, stderr, agg, se, time.perf_counter() - t0, n, items)
+        n = None if values is not None else 100 * len(scores)
+        return make_scores(specs, scores, stderr, time.perf_counter() - t0, values, n)
 
     def item_counts(self) -> dict[str, int]:
-        return {k: self.n for k in self.targets} if self.n else {}
+        return dict.fromkeys(self.tasks, self.n) if self.n else {}
 
     def staged(self, model: torch.nn.Module) -> StagedEvaluation | None:
         return _FakeStaged(self, model) if self.n else None
@@ -152,6 +190,9 @@ class FakeEvaluator(Evaluator):
 class _FakeStaged(StagedEvaluation):
     def __init__(self, ev: FakeEvaluator, model: torch.nn.Module) -> None:
         self.ev, self.model = ev, model
+        ev.calls += 1
+        if ev.before is not None:
+            ev.before(model, "search")
         self.smooth = ev.smooth(model)
         self.values: dict[str, dict[int, float]] = {k: {} for k in self.smooth}
 
@@ -167,7 +208,7 @@ class _FakeStaged(StagedEvaluation):
                     self.ev.items_scored += 1
         return {task: {i: self.values[task][i] for i in idx} for task, idx in items.items()}
 
-    def result(self) -> EvalResult:
+    def result(self) -> Scores:
         t0 = time.perf_counter()
         n = self.ev.n or 0
         self.score({k: range(n) for k in self.values})

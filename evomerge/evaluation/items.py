@@ -5,10 +5,12 @@ those values for a subset of the items without changing what the full evaluation
 pieces do it:
 
 - :class:`RequestBank` builds the requests of every search item once per evaluator, with lm-eval's
-  own ``build_all_requests`` over all search docs after the few-shot reseed every evaluation does:
+  own ``build_all_requests`` over all search docs after the few-shot reseed every evaluation does
+  (:func:`~evomerge.evaluation.hflm.reseed_fewshot`):
   each item's prompt is the one a full evaluation gives it (few-shot examples are drawn in doc
   order, so building a subset alone would give later items other examples).
-- :func:`memo_lm` wraps a candidate's LM: a request it ran once is answered from memory.
+- :class:`~evomerge.evaluation.hflm.MemoLM` wraps a candidate's LM: a request it ran once is
+  answered from memory.
 - :class:`LMEvalStaged` runs a round's items through that LM and computes each item's value with
   the task's own filters and ``process_results``; :meth:`LMEvalStaged.result` then runs lm-eval's
   ``evaluate`` over every item with the same LM, so lm-eval computes the metrics, the aggregation
@@ -26,19 +28,17 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from evomerge.evaluation.base import EvalResult, StagedEvaluation, TaskSpec
+from evomerge.evaluation.base import Scores, StagedEvaluation, TaskSpec
+from evomerge.evaluation.hflm import MemoLM, no_task_bars, reseed_fewshot
 
 __all__ = [
     "RequestBank",
     "LMEvalStaged",
-    "memo_lm",
     "metric_filter",
     "metric_value",
     "stageable",
     "items_from_samples",
 ]
-
-FEWSHOT_SEED = 1234  # the seed every evaluation reseeds lm-eval's few-shot samplers with
 
 
 def metric_filter(metric: str, filters: Sequence[str]) -> tuple[str, str]:
@@ -108,17 +108,12 @@ class RequestBank:
     def __init__(self, tasks: Mapping[str, Any], ids: Mapping[str, list[int]]) -> None:
         self.tasks = dict(tasks)
         self.requests: dict[str, list[list[Any]]] = {}
-        import lm_eval.api.task as lm_task
-
-        bar, lm_task.tqdm = lm_task.tqdm, lambda it, *a, **k: it  # no progress bar per task
-        try:
+        with no_task_bars():
             for leaf, task in self.tasks.items():
                 self._build(leaf, task, ids[leaf])
-        finally:
-            lm_task.tqdm = bar
 
     def _build(self, leaf: str, task: Any, ids: list[int]) -> None:
-        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+        reseed_fewshot([task])  # as the full evaluation does: the same prompts
         task.build_all_requests(
             limit=None,
             samples=list(ids),
@@ -136,52 +131,7 @@ class RequestBank:
         for inst in task.instances:  # doc_id is the position among the selected docs
             by_doc[inst.doc_id].append(inst)
         self.requests[leaf] = [sorted(by_doc[pos], key=lambda x: x.idx) for pos in range(len(ids))]
-        task.set_fewshot_seed(seed=FEWSHOT_SEED)
-
-
-def memo_lm(inner: Any) -> Any:
-    """An lm-eval ``LM`` that forwards to ``inner`` the requests it has not answered yet and answers
-    the others from memory (one candidate's: never share it between models).
-
-    Args:
-        inner: the candidate's lm-eval LM.
-
-    Returns:
-        The wrapping ``lm_eval.api.model.LM``.
-    """
-    from lm_eval.api.model import LM
-
-    class _MemoLM(LM):
-        def __init__(self) -> None:
-            super().__init__()
-            self.memo: dict[tuple[str, str, int], Any] = {}
-
-        def _answer(self, kind: str, requests: list[Any]) -> list[Any]:
-            # The n-th copy of one request (lm-eval repeats a request for sampled generations)
-            # is its own entry, so repeats keep their distinct answers.
-            seen: dict[tuple[str, str], int] = defaultdict(int)
-            keys = []
-            for r in requests:
-                base = (kind, repr(r.args))
-                keys.append((*base, seen[base]))
-                seen[base] += 1
-            todo = {k: r for k, r in zip(keys, requests, strict=True) if k not in self.memo}
-            if todo:
-                self.memo.update(zip(todo, getattr(inner, kind)(list(todo.values())), strict=True))
-            return [self.memo[k] for k in keys]
-
-        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-            return self._answer("loglikelihood", requests)
-
-        def loglikelihood_rolling(
-            self, requests: list[Any], disable_tqdm: bool = False
-        ) -> list[Any]:
-            return self._answer("loglikelihood_rolling", requests)
-
-        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-            return self._answer("generate_until", requests)
-
-    return _MemoLM()
+        reseed_fewshot([task])
 
 
 def items_from_samples(
@@ -215,7 +165,7 @@ class LMEvalStaged(StagedEvaluation):
         bank: the search items' requests.
         specs: the search task specs.
         leaves: spec name -> its leaf task names.
-        lm: the candidate's lm-eval LM (wrapped by :func:`memo_lm` here).
+        lm: the candidate's lm-eval LM (wrapped in a :class:`~evomerge.evaluation.hflm.MemoLM` here).
         finish: runs lm-eval's evaluation of every search item with a given LM.
     """
 
@@ -225,10 +175,10 @@ class LMEvalStaged(StagedEvaluation):
         specs: Sequence[TaskSpec],
         leaves: Mapping[str, list[str]],
         lm: Any,
-        finish: Callable[[Any], EvalResult],
+        finish: Callable[[Any], Scores],
     ) -> None:
         self.bank, self.specs, self.leaves = bank, list(specs), leaves
-        self.lm = memo_lm(lm)
+        self.lm = MemoLM(lm)
         self.finish = finish
         self.values: dict[str, dict[int, float]] = {s.name: {} for s in self.specs}
         self.seconds = 0.0
@@ -286,7 +236,6 @@ class LMEvalStaged(StagedEvaluation):
             s.name: {i: self.values[s.name][i] for i in items.get(s.name, ())} for s in self.specs
         }
 
-    def result(self) -> EvalResult:
+    def result(self) -> Scores:
         r = self.finish(self.lm)
-        r.seconds += self.seconds
-        return r
+        return dataclasses.replace(r, seconds=r.seconds + self.seconds)

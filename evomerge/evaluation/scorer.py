@@ -17,9 +17,9 @@ Truncation is HFLM's, exactly: a pair longer than ``max_length + 1`` tokens keep
 continuation's length. Pairs are grouped by that *truncated* context, so truncated pairs still
 match HFLM (positions restart at 0 as in HFLM), they just share less.
 
-:func:`shared_context_hflm` wraps this as a subclass of lm-eval's ``HFLM`` (tokenizing, batching
-options, ``loglikelihood_rolling`` and ``generate_until`` stay HFLM's). lm-eval is imported on first
-use only.
+:class:`~evomerge.evaluation.hflm.SharedContextHFLM` puts this under lm-eval's ``HFLM``
+(tokenizing, batching options, ``loglikelihood_rolling`` and ``generate_until`` stay HFLM's).
+This module is torch only.
 """
 
 from __future__ import annotations
@@ -29,21 +29,19 @@ import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from evomerge.evaluation.base import SCORERS
-
-__all__ = ["score_shared", "shared_context_hflm", "sliding_window", "make_lm"]
+__all__ = ["score_shared", "sliding_window", "say_once"]
 
 logger = logging.getLogger(__name__)
 _SAID: set[str] = set()
 
 
-def _say_once(key: str, message: str) -> None:
+def say_once(key: str, message: str) -> None:
+    """Log ``message`` at INFO level the first time ``key`` comes up in this process."""
     if key not in _SAID:
         _SAID.add(key)
         logger.info(message)
@@ -252,154 +250,3 @@ def _continuation_passes(
         greedy = ((logp.argmax(-1) == target) | ~valid).all(-1)
         for j, (_, (i, _, _)) in enumerate(part):
             out[i] = (float(sums[j]), bool(greedy[j]))
-
-
-@lru_cache(maxsize=1)
-def shared_context_hflm() -> type:
-    """lm-eval's ``HFLM`` with :func:`score_shared` under ``loglikelihood``.
-
-    Tokenization (``tok_encode``, the moved trailing space, the empty-context prefix token),
-    ``max_length`` and ``batch_size`` are HFLM's; only the forward passes of loglikelihood
-    requests change. HFLM's own path still runs: ``loglikelihood_rolling`` and ``generate_until``;
-    ``batch_size="auto"``, seq2seq models and several processes; and on models with a sliding
-    attention window, pairs longer than half the window. The response cache hook is fed as
-    HFLM feeds it (a no-op unless lm-eval's ``use_cache`` wraps the LM, which evomerge never does).
-
-    Returns:
-        The class ``SharedContextHFLM``; construct it like ``HFLM``.
-
-    Example:
-        >>> lm = shared_context_hflm()(pretrained=model, tokenizer=tok, batch_size=16, device="cpu")  # doctest: +SKIP
-        >>> lm_eval.evaluator.evaluate(lm, task_dict)  # doctest: +SKIP
-    """
-    from lm_eval.models.huggingface import HFLM
-
-    class SharedContextHFLM(HFLM):
-        """HFLM whose loglikelihood requests run each shared context once (:func:`score_shared`)."""
-
-        def _loglikelihood_tokens(
-            self, requests, disable_tqdm: bool = False, override_bs: int | None = None
-        ):
-            why = self._hflm_reason(requests)
-            if why:
-                if why != "rolling":  # loglikelihood_rolling said so already
-                    _say_once(
-                        why, f"shared-context scorer: {why}: loglikelihood requests use HFLM's path"
-                    )
-                return super()._loglikelihood_tokens(
-                    requests, disable_tqdm=disable_tqdm, override_bs=override_bs
-                )
-            cut = sum(len(c) + len(x) > self.max_length + 1 for _, c, x in requests)
-            if cut:
-                _say_once(
-                    "cut",
-                    f"shared-context scorer: {cut} of {len(requests)} requests exceed max_length ({self.max_length}): their contexts are left-truncated as HFLM does",
-                )
-            # Right-padded rows stay inside a sliding window when every pair fits half of it.
-            window = sliding_window(self.model)
-            mine = [
-                i
-                for i, (_, c, x) in enumerate(requests)
-                if window is None or min(len(c) + len(x), self.max_length + 1) <= window // 2
-            ]
-            rest = sorted(set(range(len(requests))) - set(mine))
-            res: list[Any] = [None] * len(requests)
-            if rest:
-                _say_once(
-                    "window",
-                    f"shared-context scorer: pairs longer than half the sliding window ({window}) use HFLM's path",
-                )
-                for i, r in zip(
-                    rest,
-                    super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm=True),
-                    strict=True,
-                ):
-                    res[i] = r
-            got = score_shared(
-                self.model,
-                [(requests[i][1], requests[i][2]) for i in mine],
-                max_length=self.max_length,
-                batch_size=int(self.batch_size),
-                device=self.device,
-                softmax_dtype=getattr(self, "softmax_dtype", None),
-                autocast_dtype=getattr(self, "mixed_precision_dtype", None),
-            )
-            for i, r in zip(mine, got, strict=True):
-                res[i] = r
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
-            return res
-
-        def _hflm_reason(self, requests) -> str:
-            if any(r[0] is None for r in requests):  # the windows of loglikelihood_rolling
-                return "rolling"
-            if self.backend != "causal":
-                return f"a {self.backend} model"
-            if not str(self.batch_size).isdigit():
-                return f"batch_size={self.batch_size}"
-            if self.world_size > 1:
-                return "several processes"
-            return ""
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            _say_once(
-                "rolling", "shared-context scorer: loglikelihood_rolling requests use HFLM's path"
-            )
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            _say_once("generate", "shared-context scorer: generate_until requests use HFLM's path")
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
-
-    SharedContextHFLM.__qualname__ = "SharedContextHFLM"
-    SharedContextHFLM.__module__ = __name__
-    return SharedContextHFLM
-
-
-@lru_cache(maxsize=2)
-def _quiet_class(scorer: str) -> type:
-    from lm_eval.models.huggingface import HFLM
-
-    base = shared_context_hflm() if scorer == "shared" else HFLM
-
-    class Quiet(base):  # type: ignore[misc, valid-type]
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood(requests, disable_tqdm=True)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood_rolling(requests, disable_tqdm=True)
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            return super().generate_until(requests, disable_tqdm=True)
-
-    Quiet.__qualname__ = Quiet.__name__ = f"Quiet{base.__name__}"
-    return Quiet
-
-
-def make_lm(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    *,
-    scorer: str = "shared",
-    batch_size: int = 32,
-    device: str = "cpu",
-) -> Any:
-    """The lm-eval LM that scores an in-memory model, without progress bars (a search prints its own).
-
-    Args:
-        model: a ``transformers`` causal LM on ``device`` (wrapped, not copied).
-        tokenizer: its tokenizer.
-        scorer: ``"shared"`` (:func:`shared_context_hflm`) or ``"hflm"`` (lm-eval's ``HFLM`` as is).
-        batch_size: sequences per forward pass.
-        device: where inputs go.
-
-    Returns:
-        The ``HFLM`` (subclass) instance.
-
-    Raises:
-        ValueError: ``scorer`` is neither ``"shared"`` nor ``"hflm"``.
-    """
-    if scorer not in SCORERS:
-        raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
-    return _quiet_class(scorer)(
-        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device
-    )

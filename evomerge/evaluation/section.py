@@ -11,7 +11,7 @@ from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
 from evomerge.evaluation.base import SCORERS, VALIDATION, EvalConfig, TaskSpec
-from evomerge.evaluation.lmeval import (
+from evomerge.evaluation.tasks import (
     doc_ids,
     get_task_dict,
     leaf_tasks,
@@ -21,7 +21,7 @@ from evomerge.evaluation.lmeval import (
 )
 from evomerge.schemes import known_refs, resolve, scheme_of
 
-__all__ = ["PRESETS", "parse_evaluate"]
+__all__ = ["PRESETS", "parse_evaluate", "check_tasks_of"]
 
 # Public benchmark bundles. Names were checked against lm-eval 0.4.13's TaskManager.
 PRESETS: dict[str, tuple[tuple[str, str, int], ...]] = {
@@ -201,7 +201,9 @@ def _check_names(
             )
 
 
-def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path) -> EvalConfig:
+def parse_evaluate(
+    section: Mapping[str, Any] | None, file: str, base_dir: Path, *, check_tasks: bool = True
+) -> EvalConfig:
     """Parse and validate the ``evaluate:`` section of a search space.
 
     Args:
@@ -211,6 +213,11 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
 
     Returns:
         The :class:`EvalConfig`.
+
+        check_tasks: also look the task names up (local ones, then lm-eval's index, which takes
+            seconds to build) and compare local holdout items with search items
+            (:func:`check_tasks`); a space file is parsed without, and the evaluator checks them
+            when it loads the tasks.
 
     Raises:
         ConfigError: unknown key or task, missing include path, bad limit/weight, holdout items that
@@ -267,8 +274,6 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
             f"must be one of {', '.join(SCORERS)}, got {scorer!r}"
             + did_you_mean(str(scorer), SCORERS),
         )
-    preset_names = {n for n, _, _ in PRESETS.get(preset or "", ())}
-    _check_names(search, "evaluate.tasks", file, include, skip=preset_names)
 
     holdout: list[TaskSpec] = []
     holdout_limit: int | None = None
@@ -289,7 +294,6 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
         validation = _share(h.get("validation", VALIDATION), file, "evaluate.holdout.validation")
         if h.get("tasks") is not None:
             holdout = _parse_task_list(h["tasks"], file, "evaluate.holdout.tasks")
-            _check_names(holdout, "evaluate.holdout.tasks", file, include, skip=set())
         elif holdout_limit is None:
             raise ConfigError(
                 file,
@@ -314,8 +318,26 @@ def parse_evaluate(section: Mapping[str, Any] | None, file: str, base_dir: Path)
         scorer,
         validation,
     )
-    _check_disjoint(cfg)
+    if check_tasks:
+        check_tasks_of(cfg)
     return cfg
+
+
+def check_tasks_of(cfg: EvalConfig) -> None:
+    """Every task name exists (locally or in lm-eval's index; names only, nothing downloaded),
+    holdout tasks do not repeat search tasks, and local holdout tasks share no item with local
+    search tasks.
+
+    Raises:
+        ConfigError: naming the file and the task's field.
+    """
+    preset = PRESETS.get(cfg.preset or "", ())
+    # the tasks: list as written (indices in messages), after the preset's
+    _check_names(
+        cfg.search[len(preset) :], "evaluate.tasks", cfg.file, cfg.include_path, skip=set()
+    )
+    _check_names(cfg.holdout, "evaluate.holdout.tasks", cfg.file, cfg.include_path, skip=set())
+    _check_disjoint(cfg)
 
 
 def _check_disjoint(cfg: EvalConfig) -> None:

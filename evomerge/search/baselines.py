@@ -3,7 +3,7 @@
 Every source model alone, the uniform average of the fine-tunes, and the space's hand recipes. A
 hand recipe that is a point of the space is queued as the first searched trial instead, so that
 the sampler learns from it. With several workers, each baseline is scored by one of them (a claim
-``baseline:<name>``, see :mod:`evomerge.search.claims`).
+``baseline:<name>``, see :mod:`evomerge.search.distributed.claims`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from evomerge.dataflow.section import plain_sources, recipe_sources
 from evomerge.errors import failure_line
 from evomerge.io import dump_yaml
 from evomerge.search.candidates import Candidates
-from evomerge.search.claims import Claims
+from evomerge.search.distributed.coordinator import Coordinator
 from evomerge.search.records import StudyRecords, TrialRecord
 from evomerge.space import Space
 
@@ -84,7 +84,7 @@ def run_baselines(
     recipes: dict[str, dict[str, Any]],
     candidates: Candidates,
     records: StudyRecords,
-    claims: Claims,
+    coordinator: Coordinator,
     *,
     splits: tuple[str, ...],
     log: Callable[[str], None],
@@ -99,7 +99,7 @@ def run_baselines(
             :func:`enqueue_hand_recipes` are done already).
         candidates: merges and scores.
         records: the study's records.
-        claims: the study's claims (``baseline:<name>``).
+        coordinator: runs each baseline in one worker of the study (``baseline:<name>``).
         splits: the holdout splits to score too (validation, test).
         log: progress lines.
         check_interrupt: raises KeyboardInterrupt once Ctrl-C was pressed.
@@ -111,7 +111,7 @@ def run_baselines(
         text = dump_yaml(recipe)
         if not _done(records, name, text) and records.baseline_done(name):
             log(f"baseline {name}: its recipe changed since it was scored; scoring it again")
-        claims.run_once(
+        coordinator.once(
             f"baseline:{name}",
             done=partial(_done, records, name, text),
             work=partial(_score_baseline, space, name, recipe, candidates, records, splits, log),

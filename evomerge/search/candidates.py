@@ -8,7 +8,6 @@ round trip and no model construction.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,14 +17,13 @@ from evomerge.dataflow.candidate import is_dataflow_mapping
 from evomerge.dataflow.resident import ResidentPaths
 from evomerge.engine.merger import Merger, MergeResult
 from evomerge.engine.plan import MergePlan
-from evomerge.errors import EvomergeError
-from evomerge.evaluation.base import EvalResult, Evaluator
+from evomerge.evaluation.base import Evaluator
 from evomerge.moe.config import is_moe_mapping
 from evomerge.moe.resident import ResidentMoE
 from evomerge.recipe.schema import parse_recipe
 from evomerge.search.records import Scores
 
-__all__ = ["Candidates", "scores_of"]
+__all__ = ["Candidates"]
 
 
 class Candidates:
@@ -76,24 +74,4 @@ class Candidates:
         Raises:
             EvomergeError: a task gave no score (NaN or missing).
         """
-        return scores_of(self.evaluator.evaluate(model, split))
-
-
-def scores_of(r: EvalResult) -> Scores:
-    """The stored :class:`Scores` of an evaluation.
-
-    Raises:
-        EvomergeError: a task gave no score (NaN or missing).
-    """
-    bad = [t for t, v in r.scores.items() if v is None or (isinstance(v, float) and math.isnan(v))]
-    if bad:
-        raise EvomergeError(f"evaluation gave no score for {', '.join(bad)}")
-    return Scores(
-        dict(r.scores),
-        {k: float(v) for k, v in r.stderr.items()},
-        float(r.aggregate),
-        float(r.aggregate_se),
-        float(r.seconds),
-        int(sum(r.n_items.values())),
-        {k: list(v) for k, v in r.items.items()},
-    )
+        return self.evaluator.evaluate(model, split).checked()

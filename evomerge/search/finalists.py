@@ -11,7 +11,7 @@
   candidates' scores would not be.
 
 Each re-score runs once across the study's workers (a claim ``<split>:<number>``, see
-:mod:`evomerge.search.claims`). Every worker that stops re-scores the top ``finalists`` it sees
+:mod:`evomerge.search.distributed.claims`). Every worker that stops re-scores the top ``finalists`` it sees
 and tests the trial it would choose; the last one to stop sees every trial, so the study's final
 finalists and chosen trial are all scored.
 """
@@ -27,8 +27,9 @@ import yaml
 
 from evomerge.contamination.probe import probe_contamination
 from evomerge.search.candidates import Candidates
-from evomerge.search.claims import Claims
+from evomerge.search.distributed.coordinator import Coordinator
 from evomerge.search.records import Scores, StudyRecords
+from evomerge.search.setup import Setup
 from evomerge.search.table import chosen_row, trials_frame
 
 __all__ = ["Holdout"]
@@ -42,7 +43,7 @@ class Holdout:
     Args:
         candidates: merges and scores.
         records: the study's records.
-        claims: the study's claims.
+        coordinator: runs each re-score in one worker of the study.
         splits: the holdout splits the space has: ``("validation", "test")``, ``("test",)``
             (validation share 0: the search score chooses) or ``()`` (no holdout).
         finalists: how many top trials by search score :meth:`finalists` re-scores.
@@ -56,7 +57,7 @@ class Holdout:
         self,
         candidates: Candidates,
         records: StudyRecords,
-        claims: Claims,
+        coordinator: Coordinator,
         *,
         splits: tuple[str, ...],
         finalists: int,
@@ -69,12 +70,40 @@ class Holdout:
         file: str,
         log: Callable[[str], None],
     ) -> None:
-        self.candidates, self.records, self.claims = candidates, records, claims
+        self.candidates, self.records, self.coordinator = candidates, records, coordinator
         self.splits, self.n_finalists, self.probe = splits, finalists, probe
         self.base_ref, self.base_dir, self.tokenizer_dir = base_ref, base_dir, tokenizer_dir
         self.device, self.seed, self.file, self.log = device, seed, file, log
         self._base_model: Any = None
         self._tokenizer: Any = None
+
+    @classmethod
+    def of(
+        cls,
+        setup: Setup,
+        candidates: Candidates,
+        records: StudyRecords,
+        coordinator: Coordinator,
+        probe: bool,
+    ) -> Holdout:
+        """The holdout of a prepared search."""
+        base = setup.space.tree.get("base_model")
+        src = setup.sources.get(base) if isinstance(base, str) else None
+        return cls(
+            candidates,
+            records,
+            coordinator,
+            splits=setup.splits,
+            finalists=setup.space.search.finalists,
+            probe=probe,
+            base_ref=base if isinstance(base, str) else None,
+            base_dir=str(src.path) if src is not None else None,
+            tokenizer_dir=str(setup.tokenizer_dir),
+            device=setup.device,
+            seed=setup.seed,
+            file=setup.file,
+            log=setup.log,
+        )
 
     def rescore(
         self,
@@ -103,7 +132,7 @@ class Holdout:
             if self.probe and split == "validation":
                 self._probe(number, m)
 
-        self.claims.run_once(
+        self.coordinator.once(
             f"{split}:{number}",
             done=lambda: self.records.refresh().rescore(number, split) is not None,
             work=work,

@@ -16,9 +16,10 @@ The storage is the single source of truth of a study. Each record below has one 
 | the space fingerprint the study was set up for (meta, assessment, hand recipes queued) | the study's user attributes | ``setup`` |
 
 Trial user attributes also hold ``proc`` (pid and host of the process running it), ``baseline``
-(the hand recipe a queued trial came from) and ``retry_of`` (the trial a retry repeats). The keys
+(the hand recipe a queued trial came from); a retried trial's system attributes hold the trial it
+repeats (Optuna's ``RetryFailedTrialCallback``; ``retry_of`` in older studies). The keys
 and dict shapes are the file format of existing studies: keep them. Claims (which worker runs
-which once-per-study task) are studies of their own, see :mod:`evomerge.search.claims`.
+which once-per-study task) are studies of their own, see :mod:`evomerge.search.distributed.claims`.
 
 Several workers write one study: a record is written by the one worker that ran its task, and read
 fresh (:meth:`StudyRecords.attrs` with ``refresh``) wherever another worker may have written it.
@@ -35,60 +36,14 @@ Example:
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["Scores", "TrialRecord", "StudyMeta", "StudyRecords", "HOST"]
+from evomerge.evaluation.base import Scores
+from evomerge.search.distributed.liveness import HOST
 
-# This host's name in ``proc`` and claim owners (a dead process is recognised by its pid on its own
-# host only). EVOMERGE_HOST overrides it where hosts share a name (containers started with one
-# --hostname on several machines) and in tests that play several hosts on one.
-HOST = os.environ.get("EVOMERGE_HOST") or socket.gethostname()
-
-
-@dataclass(frozen=True)
-class Scores:
-    """One evaluation of one model on one split: per-task scores, their standard errors, the
-    weighted aggregate and the seconds it took; ``n_items`` items were scored (0: not recorded, a
-    study of an older version), ``values`` holds each task's per-item values where the evaluator
-    gives them (None for an item a stopped trial did not score)."""
-
-    scores: dict[str, float]
-    stderr: dict[str, float]
-    aggregate: float
-    aggregate_se: float
-    seconds: float
-    n_items: int = 0
-    values: dict[str, list[float | None]] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if not self.values:
-            del d["values"]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> Scores | None:
-        if not d:
-            return None
-        return cls(
-            dict(d.get("scores") or {}),
-            {k: float(v) for k, v in (d.get("stderr") or {}).items()},
-            float(d["aggregate"]),
-            float(d.get("aggregate_se") or 0.0),
-            float(d.get("seconds") or 0.0),
-            int(d.get("n_items") or 0),
-            {k: list(v) for k, v in (d.get("values") or {}).items()},
-        )
-
-    def complete(self, counts: Mapping[str, int]) -> bool:
-        """Whether ``values`` holds a value for every item of every task in ``counts``."""
-        return all(
-            len(self.values.get(k) or ()) == n and None not in self.values[k]
-            for k, n in counts.items()
-        )
+__all__ = ["Scores", "TrialRecord", "StudyMeta", "StudyRecords"]
 
 
 @dataclass
@@ -321,7 +276,15 @@ class StudyRecords:
 
     @staticmethod
     def retry_of(t: Any) -> int | None:
-        return t.user_attrs.get("retry_of")
+        """The trial a retry repeats (Optuna's retry callback records it; older studies kept it
+        in the user attribute ``retry_of``)."""
+        from optuna.storages import RetryFailedTrialCallback
+
+        return (
+            RetryFailedTrialCallback.retried_trial_number(t)
+            if "failed_trial" in t.system_attrs
+            else t.user_attrs.get("retry_of")
+        )
 
     @staticmethod
     def estimate_of(t: Any) -> float | None:

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import warnings
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.search.records import StudyRecords
+from evomerge.search.pruning import StoppedAsEstimated
 from evomerge.space import Directive
 
-__all__ = ["make_sampler", "suggester", "StoppedAsEstimated", "SeededPerTrial", "trial_seed"]
+__all__ = ["make_sampler", "suggester", "SeededPerTrial", "trial_seed"]
 
 
 def make_sampler(
@@ -38,15 +37,10 @@ def make_sampler(
         stopped_as_estimated: pruning is on: the model-based samplers (tpe, gp, cmaes) see each
             stopped trial as finished at the estimate of its full score (:class:`StoppedAsEstimated`).
 
-    The default (``search.sampler`` unset) is measured (``bench/bench_samplers.py``): ``tpe`` while
-    pruning is on (the default) or with several objectives, ``gp`` with ``prune: false``. Without
-    pruning gp found the best holdout score on the per-layer demo space and tied random search on the
-    demo, over 5 seeds at 24 trials. Optuna's GPSampler learns from COMPLETE trials only (its
-    startup counts them too), so with pruning alone it stayed at random search; every model-based
-    sampler here now sees stopped trials at their estimates (:class:`StoppedAsEstimated`), and with
-    them gp and tpe tie (both demo spaces, 40 trials, 20 seeds each); tpe costs less. Parameters
-    present in only some trials (a TIES density when the method is a choice) are sampled at random
-    by gp and cmaes. gp costs about 1.5 s per trial on one busy CPU core at up to 24 trials.
+    The default (``search.sampler`` unset) is ``tpe`` while pruning is on (the default) or with
+    several objectives, and ``gp`` with ``prune: false``; the benchmark pages give the
+    measurements behind it. Parameters present in only some trials (a TIES density when the
+    method is a choice) are sampled at random by gp and cmaes.
 
     TPE runs with ``constant_liar``: trials other workers are running count as bad ones at their
     points, so that workers sampling at the same time spread out (alone, there are none); Optuna's
@@ -150,88 +144,6 @@ class SeededPerTrial(optuna.samplers.BaseSampler):
 
     def reseed_rng(self) -> None:  # seeds come from the trial numbers
         pass
-
-
-class _EstimatedView:
-    """``study`` as a sampler sees it under :class:`StoppedAsEstimated`: its trials, each stopped
-    one that has an estimate shown as COMPLETE at that value; everything else is the study's."""
-
-    def __init__(self, study: Any) -> None:
-        self._study = study
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def _get_trials(
-        self,
-        deepcopy: bool = True,
-        states: Container[TrialState] | None = None,
-        use_cache: bool = False,
-    ) -> list[FrozenTrial]:
-        out = []
-        for t in self._study._get_trials(deepcopy=deepcopy, states=None, use_cache=use_cache):
-            est = StudyRecords.estimate_of(t) if t.state == TrialState.PRUNED else None
-            if est is not None:
-                t = copy.copy(t)
-                t.state, t.values = TrialState.COMPLETE, [est]
-            if states is None or t.state in states:
-                out.append(t)
-        return out
-
-    def get_trials(
-        self, deepcopy: bool = True, states: Container[TrialState] | None = None
-    ) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    @property
-    def trials(self) -> list[FrozenTrial]:
-        return self.get_trials()
-
-
-def _view(study: Any) -> Any:  # the view stands in for the Study the samplers are typed to take
-    return _EstimatedView(study)
-
-
-class StoppedAsEstimated(optuna.samplers.BaseSampler):
-    """A sampler that models a trial stopped early (PRUNED, see :mod:`evomerge.search.pruning`) as
-    finished at the estimate of its full search score, where Optuna's samplers rank it below every
-    finished trial (TPE) or leave it out (gp, cmaes).
-
-    With pruning, the trials stopped just short of the best are the points closest to it; ranked
-    last, they drop out of TPE's good group and a search loses its way. Measured on the per-layer
-    demo space (``bench/bench_search.py --prune``, 30 seeds): see ``bench/README.md``. The
-    estimate is a paired one (the reference trial's full score plus the mean per-item difference
-    on the items the stopped trial scored), not the partial score, whose items may be easier or
-    harder than the rest.
-
-    Args:
-        inner: the sampler that proposes the points; it sees the study through the view above.
-    """
-
-    def __init__(self, inner: optuna.samplers.BaseSampler) -> None:
-        self.inner = inner
-
-    def infer_relative_search_space(self, study: Any, trial: FrozenTrial) -> dict[str, Any]:
-        return self.inner.infer_relative_search_space(_view(study), trial)
-
-    def sample_relative(
-        self, study: Any, trial: FrozenTrial, search_space: dict[str, Any]
-    ) -> dict[str, Any]:
-        return self.inner.sample_relative(_view(study), trial, search_space)
-
-    def sample_independent(
-        self, study: Any, trial: FrozenTrial, param_name: str, param_distribution: Any
-    ) -> Any:
-        return self.inner.sample_independent(_view(study), trial, param_name, param_distribution)
-
-    def before_trial(self, study: Any, trial: FrozenTrial) -> None:
-        self.inner.before_trial(_view(study), trial)
-
-    def after_trial(self, study: Any, trial: FrozenTrial, state: TrialState, values: Any) -> None:
-        self.inner.after_trial(_view(study), trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.inner.reseed_rng()
 
 
 def suggester(trial: Any) -> Callable[[str, Directive], Any]:

@@ -8,9 +8,11 @@ or a bad storage URL is reported before anything is written. The contamination a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +20,12 @@ from typing import Any
 
 import torch
 
-from evomerge.contamination.rules import Assessment, assess
+from evomerge.contamination.rules import (
+    Assessment,
+    assess,
+    assessment_from_dict,
+    assessment_to_dict,
+)
 from evomerge.dataflow.candidate import METHOD
 from evomerge.dataflow.slots import check_section
 from evomerge.engine.merger import Merger, check_device
@@ -26,22 +33,22 @@ from evomerge.engine.sources import ModelSource, open_sources
 from evomerge.errors import ConfigError, EvomergeError, one_line
 from evomerge.evaluation.base import Evaluator
 from evomerge.evaluation.lmeval import LMEvalEvaluator
-from evomerge.evaluation.section import parse_evaluate
+from evomerge.evaluation.section import check_tasks_of
 from evomerge.recipe.schema import parse_recipe
-from evomerge.search.baselines import baseline_recipes
-from evomerge.search.inputs import sources_digest
-from evomerge.search.liveness import Liveness
-from evomerge.search.recovery import on_stale
+from evomerge.search.baselines import baseline_recipes, enqueue_hand_recipes
+from evomerge.search.distributed.liveness import Liveness
+from evomerge.search.distributed.recovery import on_stale
+from evomerge.search.inputs import check_inputs, check_table, sources_digest
+from evomerge.search.records import StudyMeta, StudyRecords
 from evomerge.search.storage import StudyPaths, open_storage, study_paths
 from evomerge.search.study_source import resolve_study_sources
-from evomerge.space import Space, load_space
+from evomerge.space import Directive, Space, load_space
 from evomerge.space.moe import check_prompt_tasks
 
 __all__ = ["Setup", "prepare"]
 
 # Below this many parameters per model, CPU merges and forward passes run on one thread: their
-# matrices are too small for intra-op threads to pay, and on a busy machine two threads were
-# measured 4-50x slower than one (the demo zoo's models have 0.9M).
+# matrices are too small for intra-op threads to pay (the demo zoo's models have 0.9M).
 SMALL_MODEL = 50_000_000
 
 
@@ -63,6 +70,7 @@ class Setup:
     search_tasks: list[str]
     holdout_tasks: list[str]
     splits: tuple[str, ...]  # the holdout's splits: validation (unless its share is 0) and test
+    prompts: Mapping[str, list[str]] | None  # search items' prompts (mixtures' routing prompts)
     objectives: list[str]
     storage: Any
     log: Callable[[str], None]
@@ -79,16 +87,109 @@ class Setup:
         """Digests of what every score depends on (:mod:`evomerge.search.inputs`)."""
         return {"evaluation": self.evaluator.digest(), "sources": sources_digest(self.sources)}
 
+    def check(self, records: StudyRecords) -> None:
+        """Refuse a study that cannot go on as it is, before anything is written: a results table
+        the storage cannot account for, inputs changed since it started
+        (:mod:`evomerge.search.inputs`). A study set up before inputs were kept records them now.
+
+        Raises:
+            EvomergeError: one line saying which, and what to do.
+        """
+        check_table(records.study, self.paths.csv)
+        stored = records.meta().inputs
+        check_inputs(stored, self.inputs, file=self.file, study=self.paths.name)
+        if stored is None and records.meta().space is not None:
+            records.set_inputs(self.inputs)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """What the study is set up for: the space's tree, the objectives, the hand recipes (a
+        hand recipe's file may change alone)."""
+        hand = {k: v for k, v in self.baselines.items() if k.startswith("hand:")}
+        return json.dumps(
+            {"tree": _jsonable(self.space.tree), "objectives": self.objectives}
+            | ({"hand": hand} if hand else {}),
+            sort_keys=True,
+            default=str,
+        )
+
+    @property
+    def setup_digest(self) -> str:
+        return hashlib.sha256(self.fingerprint.encode()).hexdigest()[:16]
+
+    def set_up_study(self, records: StudyRecords) -> None:
+        """Once per study (and again when the space changed): assess contamination, record what
+        readers need, queue the hand recipes that are points of the space."""
+        s = self
+        fingerprint = self.fingerprint
+        old = records.refresh().meta().space
+        if old is not None and old != fingerprint:
+            s.log(
+                f"warning: the space changed since study {s.paths.name!r} started; earlier trials keep their recipes (use --study NEW to start afresh)"
+            )
+        s.assessment = s.assess()
+        include = s.evaluator.include_path()
+        records.set_meta(
+            StudyMeta(
+                space=fingerprint,
+                space_file=str(Path(s.file).resolve()),
+                seed=s.mask_seed,
+                model_refs=s.space.model_refs(),
+                include_path=include or None,
+                search_tasks=s.search_tasks,
+                holdout_tasks=s.holdout_tasks,
+                flags=s.assessment.columns() if s.assessment is not None else {},
+                assessment=assessment_to_dict(s.assessment) if s.assessment is not None else None,
+                # a resumed study keeps its random stream of masks
+                stream=records.meta().stream if old is not None else s.merger.stream,
+                selection="validation" if "validation" in s.splits else "search",
+                inputs=s.inputs,
+            )
+        )
+        enqueue_hand_recipes(s.space, s.baselines, records, layers_of=s.layers_of, log=s.log)
+        records.set_setup(self.setup_digest)
+
+    def warn_flags(self, records: StudyRecords) -> None:
+        """Log the contamination warnings (the study's, when another worker set it up)."""
+        s = self
+        if s.assessment is None:  # another worker set the study up: its assessment is in the study
+            stored = records.refresh().meta().assessment
+            s.assessment = assessment_from_dict(stored) if stored else None
+        for w in s.assessment.warnings() if s.assessment is not None else ():
+            s.log(w)
+
     @property
     def mask_seed(self) -> int:
         """The seed of random masks (``search.mask_seed``, else the search seed)."""
         return self.seed if self.space.search.mask_seed is None else self.space.search.mask_seed
 
     def layers_of(self, ref: str) -> int:
-        """Decoder layers of a model (opening it when the space did not name it up front)."""
-        if ref not in self.sources:
-            self.sources.update(open_sources([ref], file=self.file))
+        """Decoder layers of a model of the space (every one is opened by :func:`prepare`).
+
+        Raises:
+            KeyError: a model the space does not name.
+        """
         return self.sources[ref].arch.num_layers
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Directive):
+        return {
+            "directive": x.kind,
+            "name": x.name,
+            "low": x.low,
+            "high": x.high,
+            "log": x.log,
+            "step": x.step,
+            "choices": list(x.choices),
+            "anchors": x.anchors,
+            "per_layers": x.per_layers,
+        }
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
 
 
 def _parameters(source: ModelSource) -> int:
@@ -125,10 +226,10 @@ def _assess(
     holdout_tasks: list[str],
     log: Callable[[str], None],
 ) -> Assessment | None:
-    include = getattr(getattr(evaluator, "cfg", None), "include_path", None)
+    include = evaluator.include_path() or None
     # Reuse the evaluator's lm-eval task index (building one reads ~15k YAML files); an
     # evaluator without lm-eval tasks (tests, custom scorers) has no datasets to look up.
-    tm = getattr(evaluator, "task_manager", None)
+    tm = evaluator.tasks_index()
     if tm is None and include is None:
         tm = SimpleNamespace(task_index={})
     try:
@@ -179,7 +280,7 @@ def prepare(
         log: where progress lines go (default: stdout).
         threads: CPU threads for torch (default: 1 for models under 50M parameters, else torch's).
         liveness: heartbeat interval, grace period and polling of the study's workers (default:
-            :class:`~evomerge.search.recovery.Liveness` ()).
+            :class:`~evomerge.search.distributed.liveness.Liveness` ()).
 
     Raises:
         ConfigError / EvomergeError: anything wrong with the space, its models, its tasks or the
@@ -202,13 +303,15 @@ def prepare(
         space_storage=space.storage,
         results_dir=results_dir,
     )
-    dataflow = space.tree.get("dataflow")
-    if dataflow is not None:  # PS+DFS: a finished study's trial is a source
-        resolve_study_sources(space, results_dir=results_dir, log=log)
+    if "dataflow" in space.tree:  # PS+DFS: a finished study's trial is a source
+        space = resolve_study_sources(space, results_dir=results_dir, log=log)
     # Models: open once; a space whose models cannot merge fails here, before any output.
     sources = open_sources(space.model_refs(), file=file)
-    if dataflow is not None:
-        check_section(dataflow, file, sources, lambda ref: sources[ref].arch.num_layers)
+    if "dataflow" in space.tree:  # checked against the models; caps read off them
+        section = check_section(
+            space.tree["dataflow"], file, sources, lambda ref: sources[ref].arch.num_layers
+        )
+        space = replace(space, tree={**space.tree, "dataflow": section})
     threads = threads if threads is not None else _threads(device, sources)
     if threads:
         torch.set_num_threads(threads)
@@ -231,7 +334,11 @@ def prepare(
     if evaluator is None:
         from transformers import AutoTokenizer
 
-        cfg = parse_evaluate(space.evaluate, file, space.base_dir)
+        if space.evaluation is None:
+            raise ConfigError(
+                file, "evaluate", "missing: name the tasks (or a preset) that score a candidate"
+            )
+        check_tasks_of(space.evaluation)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         except (
@@ -241,11 +348,12 @@ def prepare(
                 f"{file}: cannot load the tokenizer of {tokenizer_dir} to score candidates ({one_line(e)[:160]}); "
                 "add its tokenizer files or name a model that has them in tokenizer_source"
             ) from None
-        evaluator = LMEvalEvaluator(cfg, tokenizer, device=device)
+        evaluator = LMEvalEvaluator(space.evaluation, tokenizer, device=device)
     search_tasks = list(evaluator.task_names("search"))
-    if "moe" in space.tree:
-        space.prompt_texts = evaluator.prompts("search")  # routing prompts drawn from search items
-        check_prompt_tasks(file, space.tree, space.prompt_texts)
+    prompts = None
+    if "moe" in space.tree:  # routing prompts drawn from search items
+        prompts = evaluator.prompts("search")
+        check_prompt_tasks(file, space.tree, prompts)
     holdout_tasks = list(evaluator.task_names("holdout"))
     splits = tuple(split for split in ("validation", "test") if evaluator.task_names(split))
     objectives = list(s.objectives)
@@ -285,6 +393,7 @@ def prepare(
         search_tasks,
         holdout_tasks,
         splits,
+        prompts,
         objectives,
         opened,
         log,

@@ -4,7 +4,7 @@ The default storage is an SQLite file in the study's folder, with a WAL journal;
 (or the space's ``study.storage``) takes any Optuna RDB URL (``postgresql://``, ``mysql+pymysql://``,
 ``sqlite:///``), or ``journal:///path/study.log`` for Optuna's journal file storage (a relative
 path; ``journal:////abs/study.log`` for an absolute one, as with ``sqlite:``). Several workers
-may share one storage (see :mod:`evomerge.search.claims` and :mod:`evomerge.search.recovery`):
+may share one storage (see :mod:`evomerge.search.distributed`):
 
 - RDB storages record a heartbeat per running trial (``liveness``), so that a live worker on any
   host can fail the trial of a dead one.
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError, one_line
-from evomerge.search.claims import is_claim
-from evomerge.search.liveness import Liveness
+from evomerge.search.distributed.claims import is_claim
+from evomerge.search.distributed.liveness import Liveness
 from evomerge.space import load_space
 
 __all__ = ["StudyPaths", "study_paths", "open_storage", "load_study", "locate"]

@@ -9,6 +9,7 @@ stage's test scores stay an honest report.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import yaml
 
 from evomerge.dataflow.candidate import is_dataflow_mapping
-from evomerge.dataflow.section import set_study_recipe, study_sources
+from evomerge.dataflow.section import study_sources, with_study_recipe
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.moe.config import is_moe_mapping
 from evomerge.search.records import StudyRecords
@@ -87,8 +88,9 @@ def study_recipe(
     return number, dict(recipe)
 
 
-def resolve_study_sources(space: Space, *, results_dir: str | Path, log: Any = None) -> None:
-    """Resolve every study source of a data-flow space to its trial's recipe, in place.
+def resolve_study_sources(space: Space, *, results_dir: str | Path, log: Any = None) -> Space:
+    """The space with every study source of its ``dataflow:`` section resolved to its trial's
+    recipe (a new space; the parsed one is left as it is).
 
     Raises:
         ConfigError: see :func:`study_recipe`.
@@ -103,6 +105,7 @@ def resolve_study_sources(space: Space, *, results_dir: str | Path, log: Any = N
             file=space.file,
             fld=f"dataflow.sources[{i}].study",
         )
-        set_study_recipe(section, i, recipe, number)
+        section = with_study_recipe(section, i, recipe, number)
         if log is not None:
             log(f"dataflow source {s['name']}: trial {number} of the study of {s['study']}")
+    return dataclasses.replace(space, tree={**space.tree, "dataflow": section})

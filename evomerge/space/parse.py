@@ -11,6 +11,7 @@ from typing import Any
 from evomerge.dataflow.candidate import is_dataflow_mapping, parse_candidate
 from evomerge.dataflow.section import dataflow_section
 from evomerge.errors import ConfigError, did_you_mean
+from evomerge.evaluation.section import parse_evaluate
 from evomerge.io import read_yaml
 from evomerge.methods.registry import METHODS
 from evomerge.moe.config import is_moe_mapping, parse_moe_config
@@ -324,16 +325,10 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
     search = _search_settings(data.get("search"), p)
     study_name, storage = _study_section(data.get("study"), p)
     _check_sampler(search, p)
-    space = Space(
-        file,
-        base_dir or Path(file).resolve().parent,
-        tree,
-        p.directives,
-        data.get("evaluate"),
-        search,
-        study_name,
-        storage,
-    )
+    base = base_dir or Path(file).resolve().parent
+    section = data.get("evaluate")
+    evaluation = None if section is None else parse_evaluate(section, file, base, check_tasks=False)
+    space = Space(file, base, tree, p.directives, evaluation, search, study_name, storage)
     if "dataflow" not in tree:  # the section checked itself; the rest when the models are open
         validate_points(space)
     return space
@@ -397,8 +392,8 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
                 "stops a trial by its single score: it does not work with several objectives (set prune: false)",
             )
         prune = None  # on by default, off with several objectives
-    # The default is the sampler measured best (bench/bench_samplers.py): gp for one objective
-    # without pruning; tpe with pruning (gp learns from complete trials only) or several objectives.
+    # The default sampler: gp for one objective without pruning; tpe with pruning or several
+    # objectives (the benchmark pages say why).
     sampler = section.get("sampler", "gp" if not objectives and prune is None else DEFAULT_SAMPLER)
     if sampler not in SAMPLERS:
         raise p.err(

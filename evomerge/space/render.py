@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from evomerge.dataflow.slots import render_dataflow
 from evomerge.methods.registry import METHODS, get_method
 from evomerge.space.directives import Directive, LayersOf, Suggest
-from evomerge.space.moe import render_moe
-
-if TYPE_CHECKING:
-    from evomerge.space.space import Space
+from evomerge.space.moe import Prompts, render_moe
 
 __all__ = ["render", "values_of", "UNUSED"]
 
@@ -39,7 +36,6 @@ def _collect(
     tree: Any,
     recipe: Any,
     found: dict[str, Any],
-    space: Space,
     layers_of: LayersOf,
     n_layers: int | None = None,
 ) -> None:
@@ -72,7 +68,6 @@ def _collect(
                     v,
                     recipe[k],
                     found,
-                    space,
                     layers_of,
                     _layers_hint(tree, recipe, k, layers_of, n_layers),
                 )
@@ -81,7 +76,7 @@ def _collect(
         if not isinstance(recipe, (list, tuple)) or len(recipe) != len(tree):
             raise _NotInSpace
         for x, y in zip(tree, recipe, strict=False):
-            _collect(x, y, found, space, layers_of, n_layers)
+            _collect(x, y, found, layers_of, n_layers)
 
 
 def _layers_hint(
@@ -104,10 +99,10 @@ def _layers_hint(
 
 
 class _Renderer:
-    def __init__(self, space: Space, suggest: Suggest, layers_of: LayersOf) -> None:
-        self.space = space
-        self.suggest = suggest
-        self.layers_of = layers_of
+    def __init__(
+        self, tree: Mapping[str, Any], suggest: Suggest, layers_of: LayersOf, prompts: Prompts
+    ) -> None:
+        self.tree, self.suggest, self.layers_of, self.prompts = tree, suggest, layers_of, prompts
 
     def value(self, v: Any, n_layers: int | None = None) -> Any:
         if isinstance(v, Directive):
@@ -128,7 +123,7 @@ class _Renderer:
     def params(self, block: Any, method: str, scopes: tuple[str, ...], n_layers: int | None) -> Any:
         if not isinstance(block, Mapping):
             return self.value(block, n_layers)
-        chosen = isinstance(self.space.tree.get("merge_method"), Directive)
+        chosen = isinstance(self.tree.get("merge_method"), Directive)
         decl = (
             {p.name: p for p in get_method(method).params} if chosen and method in METHODS else None
         )
@@ -142,15 +137,13 @@ class _Renderer:
         return out
 
     def recipe(self) -> dict[str, Any]:
-        tree = self.space.tree
+        tree = self.tree
         if "dataflow" in tree:  # a data-flow candidate (the space holds nothing else)
             return render_dataflow(tree["dataflow"], self.suggest, self.layers_of)
         out: dict[str, Any] = {}
         method = self.value(tree.get("merge_method"))
         if method == "moe" and "moe" in tree:
-            return render_moe(
-                tree, self.value, self._expert_recipe, getattr(self.space, "prompt_texts", None)
-            )
+            return render_moe(tree, self.value, self._expert_recipe, self.prompts)
         out["merge_method"] = method
         for k in (
             "base_model",
@@ -225,26 +218,22 @@ class _Renderer:
 
     def _expert_recipe(self, tree: Mapping[str, Any]) -> dict[str, Any]:
         """A merged expert's recipe (a recipe tree inside the ``moe:`` section)."""
-        return _Renderer(_Tree(dict(tree)), self.suggest, self.layers_of).recipe()  # type: ignore[arg-type]  # reads .tree only
-
-
-class _Tree:
-    """A recipe tree rendered on its own (a merged expert): what :class:`_Renderer` reads of a space."""
-
-    def __init__(self, tree: dict[str, Any]) -> None:
-        self.tree = tree
+        return _Renderer(dict(tree), self.suggest, self.layers_of, self.prompts).recipe()
 
 
 # ----------------------------------------------------------------------------- parsing
 
 
-def render(space: Space, suggest: Suggest, layers_of: LayersOf) -> dict[str, Any]:
-    """The plain recipe of ``space`` at the point ``suggest`` picks (see :meth:`Space.render`)."""
-    return _Renderer(space, suggest, layers_of).recipe()
+def render(
+    tree: Mapping[str, Any], suggest: Suggest, layers_of: LayersOf, prompts: Prompts = None
+) -> dict[str, Any]:
+    """The plain recipe of a space's ``tree`` at the point ``suggest`` picks (see
+    :meth:`~evomerge.space.space.Space.render`)."""
+    return _Renderer(tree, suggest, layers_of, prompts).recipe()
 
 
 def values_of(
-    space: Space, recipe: Mapping[str, Any], layers_of: LayersOf
+    tree: Mapping[str, Any], recipe: Mapping[str, Any], layers_of: LayersOf
 ) -> dict[str, Any] | None:
     """The parameter values that render to ``recipe``, or None (see :meth:`Space.values_of`)."""
     found: dict[str, Any] = {}
@@ -255,8 +244,8 @@ def values_of(
         return found[name]
 
     try:
-        _collect(space.tree, recipe, found, space, layers_of)
-        rendered = render(space, suggest, layers_of)
+        _collect(tree, recipe, found, layers_of)
+        rendered = render(tree, suggest, layers_of)
     except (_NotInSpace, KeyError, TypeError, IndexError):
         return None
     return found if _same(rendered, recipe) else None

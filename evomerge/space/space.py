@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.dataflow.section import section_model_refs
+from evomerge.evaluation.base import EvalConfig
 from evomerge.space.directives import Directive, LayersOf, Suggest
-from evomerge.space.moe import moe_model_refs
+from evomerge.space.moe import Prompts, moe_model_refs
 from evomerge.space.prune import PruneSettings
 from evomerge.space.render import render, values_of
 
@@ -38,9 +39,8 @@ __all__ = ["Space", "SearchSettings"]
 class SearchSettings:
     """The ``search:`` section."""
 
-    # tpe with pruning (the default) or several objectives; gp with `prune: false` and one objective,
-    # where it found the best holdout scores (bench/bench_samplers.py). gp learns from complete
-    # trials only: with pruning it stayed at random search.
+    # tpe with pruning (the default) or several objectives; gp with `prune: false` and one
+    # objective (the parser sets it)
     sampler: str = "tpe"
     trials: int = 40
     seed: int = 0
@@ -55,7 +55,7 @@ class SearchSettings:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Space:
     """A parsed search space.
 
@@ -63,7 +63,8 @@ class Space:
         file: the space file (for messages) and ``base_dir`` (relative paths in it).
         tree: the recipe with :class:`Directive` objects where values are searched.
         directives: every directive, in file order.
-        evaluate: the raw ``evaluate:`` section (parsed by :mod:`evomerge.evaluation.section`).
+        evaluation: the ``evaluate:`` section (None when absent: an evaluator is then given to
+            the search); its task names are looked up when the evaluator loads the tasks.
         search: the ``search:`` settings.
         study_name, storage: the ``study:`` section (``None`` when absent).
     """
@@ -72,13 +73,10 @@ class Space:
     base_dir: Path
     tree: dict[str, Any]
     directives: list[Directive]
-    evaluate: Mapping[str, Any] | None
+    evaluation: EvalConfig | None
     search: SearchSettings
     study_name: str | None = None
     storage: str | None = None
-    prompt_texts: Mapping[str, list[str]] | None = (
-        None  # search items' prompts, for moe from_task prompts
-    )
 
     @property
     def is_fixed(self) -> bool:
@@ -118,17 +116,21 @@ class Space:
                     add(src.get("model") if isinstance(src, Mapping) else None)
         return out
 
-    def render(self, suggest: Suggest, layers_of: LayersOf) -> dict[str, Any]:
+    def render(
+        self, suggest: Suggest, layers_of: LayersOf, prompts: Prompts = None
+    ) -> dict[str, Any]:
         """The plain recipe at the point ``suggest`` picks.
 
         Args:
             suggest: ``(parameter name, directive) -> value``, e.g. an Optuna trial's suggest_*.
             layers_of: number of layers of a model reference (for ``per_layers``).
+            prompts: each search task's item prompts (a mixture of experts' ``from_task`` routing
+                prompts); None renders placeholders.
 
         Returns:
             A recipe mapping (no directives left).
         """
-        return render(self, suggest, layers_of)
+        return render(self.tree, suggest, layers_of, prompts)
 
     def render_values(self, values: Mapping[str, Any], layers_of: LayersOf) -> dict[str, Any]:
         """The plain recipe at stored parameter values (a trial's ``params``)."""
@@ -143,4 +145,4 @@ class Space:
     def values_of(self, recipe: Mapping[str, Any], layers_of: LayersOf) -> dict[str, Any] | None:
         """The parameter values that render to ``recipe`` (a hand recipe), or ``None`` when the
         recipe is not a point of this space (other structure, or values outside the ranges)."""
-        return values_of(self, recipe, layers_of)
+        return values_of(self.tree, recipe, layers_of)

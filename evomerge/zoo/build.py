@@ -21,7 +21,8 @@ import torch
 
 from evomerge.engine import merge_in_memory
 from evomerge.errors import EvomergeError
-from evomerge.evaluation import EvalConfig, LMEvalEvaluator, TaskSpec
+from evomerge.evaluation import EvalConfig, TaskSpec
+from evomerge.evaluation.lmeval import LMEvalEvaluator
 from evomerge.moe import moe_in_memory
 from evomerge.zoo.data import (
     SKILLS,

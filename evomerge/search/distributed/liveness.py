@@ -6,12 +6,18 @@ compares them with the database's clock, so no two hosts' clocks are compared)."
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Liveness", "Pulse", "pid_alive", "heartbeats"]
+__all__ = ["HOST", "Liveness", "Pulse", "pid_alive", "heartbeats"]
+
+# This host's name in a trial's ``proc`` and a claim's owner (a dead process is recognised by its
+# pid on its own host only). EVOMERGE_HOST overrides it where hosts share a name (containers
+# started with one --hostname on several machines) and in tests that play several hosts on one.
+HOST = os.environ.get("EVOMERGE_HOST") or socket.gethostname()
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ import warnings
 from datetime import datetime
 from typing import Any
 
-from evomerge.search.claims import is_claim
-from evomerge.search.liveness import Pulse, heartbeats, pid_alive
-from evomerge.search.records import HOST, StudyRecords
+from evomerge.search.distributed.claims import is_claim
+from evomerge.search.distributed.liveness import HOST, Pulse, heartbeats, pid_alive
+from evomerge.search.records import StudyRecords
 
 __all__ = ["trial_pulse", "on_stale", "recover_dead_trials"]
 
@@ -45,9 +45,11 @@ def trial_pulse(storage: Any, study_name: str, number: int, interval: float) -> 
 
 
 def _fail_and_retry(records: StudyRecords, t: Any, message: str) -> None:
+    from optuna.storages import RetryFailedTrialCallback
+
     records.mark_died(t.number, message)
-    if records.retry_of(t) is None and t.params:
-        records.study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+    if t.params:  # Optuna's retry: the same point queued once more (a retry is not retried)
+        RetryFailedTrialCallback(max_retry=1)(records.study, t)
 
 
 def on_stale(study: Any, trial: Any) -> None:

@@ -43,8 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from evomerge.search.liveness import Liveness, Pulse, heartbeats, pid_alive
-from evomerge.search.records import HOST
+from evomerge.search.distributed.liveness import HOST, Liveness, Pulse, heartbeats, pid_alive
 
 __all__ = ["CLAIM", "is_claim", "Claim", "Claims"]
 

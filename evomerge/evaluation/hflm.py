@@ -1,0 +1,233 @@
+"""The lm-eval LMs that score an in-memory model, and what every evaluation path shares.
+
+- :class:`SharedContextHFLM`: lm-eval's ``HFLM`` whose loglikelihood requests run each shared
+  context once (:func:`~evomerge.evaluation.scorer.score_shared`);
+- :class:`QuietHFLM` and :class:`QuietSharedContextHFLM`: the same without progress bars (a
+  search prints its own); :func:`make_lm` picks one by ``evaluate.scorer``;
+- :class:`MemoLM`: answers the requests it ran once from memory (one candidate's; scoring a
+  subset of the items, then all of them, runs each request once);
+- :func:`reseed_fewshot` and :func:`no_task_bars`: what the full and the staged evaluation both
+  do before lm-eval builds requests, so that both give every item the same prompt.
+
+This module imports ``lm_eval`` (and ``transformers``) when it is imported: the search imports it,
+the readers of a study (results, export, report) do not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import lm_eval.api.task as lm_task
+import torch
+from lm_eval.api.model import LM
+from lm_eval.models.huggingface import HFLM
+
+from evomerge.evaluation.base import SCORERS
+from evomerge.evaluation.scorer import say_once, score_shared, sliding_window
+
+__all__ = [
+    "SharedContextHFLM",
+    "QuietHFLM",
+    "QuietSharedContextHFLM",
+    "MemoLM",
+    "make_lm",
+    "FEWSHOT_SEED",
+    "reseed_fewshot",
+    "no_task_bars",
+]
+
+FEWSHOT_SEED = 1234  # every evaluation reseeds lm-eval's few-shot samplers with it
+
+
+def reseed_fewshot(tasks: Iterable[Any]) -> None:
+    """Reseed the few-shot sampler of each lm-eval task: lm-eval draws few-shot examples from a
+    task's generator where the previous call left it, so every evaluation starts from here."""
+    for task in tasks:
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+
+
+@contextlib.contextmanager
+def no_task_bars() -> Iterator[None]:
+    """lm-eval draws a progress bar per task while it builds requests (the module global
+    ``lm_eval.api.task.tqdm``); a search prints its own progress, so it is a pass-through here."""
+    bar = lm_task.tqdm
+    lm_task.tqdm = lambda it, *a, **k: it
+    try:
+        yield
+    finally:
+        lm_task.tqdm = bar
+
+
+class SharedContextHFLM(HFLM):
+    """lm-eval's ``HFLM`` with :func:`~evomerge.evaluation.scorer.score_shared` under
+    ``loglikelihood``.
+
+    Tokenization (``tok_encode``, the moved trailing space, the empty-context prefix token),
+    ``max_length`` and ``batch_size`` are HFLM's; only the forward passes of loglikelihood
+    requests change. HFLM's own path still runs: ``loglikelihood_rolling`` and ``generate_until``;
+    ``batch_size="auto"``, seq2seq models and several processes; and on models with a sliding
+    attention window, pairs longer than half the window. The response cache hook is fed as
+    HFLM feeds it (a no-op unless lm-eval's ``use_cache`` wraps the LM, which evomerge never does).
+
+    Example:
+        >>> lm = SharedContextHFLM(pretrained=model, tokenizer=tok, batch_size=16, device="cpu")  # doctest: +SKIP
+        >>> lm_eval.evaluator.evaluate(lm, task_dict)  # doctest: +SKIP
+    """
+
+    def _loglikelihood_tokens(
+        self, requests: Any, disable_tqdm: bool = False, override_bs: int | None = None
+    ) -> Any:
+        why = self._hflm_reason(requests)
+        if why:
+            if why != "rolling":  # loglikelihood_rolling said so already
+                say_once(
+                    why, f"shared-context scorer: {why}: loglikelihood requests use HFLM's path"
+                )
+            return super()._loglikelihood_tokens(
+                requests, disable_tqdm=disable_tqdm, override_bs=override_bs
+            )
+        cut = sum(len(c) + len(x) > self.max_length + 1 for _, c, x in requests)
+        if cut:
+            say_once(
+                "cut",
+                f"shared-context scorer: {cut} of {len(requests)} requests exceed max_length ({self.max_length}): their contexts are left-truncated as HFLM does",
+            )
+        # Right-padded rows stay inside a sliding window when every pair fits half of it.
+        window = sliding_window(self.model)
+        mine = [
+            i
+            for i, (_, c, x) in enumerate(requests)
+            if window is None or min(len(c) + len(x), self.max_length + 1) <= window // 2
+        ]
+        rest = sorted(set(range(len(requests))) - set(mine))
+        res: list[Any] = [None] * len(requests)
+        if rest:
+            say_once(
+                "window",
+                f"shared-context scorer: pairs longer than half the sliding window ({window}) use HFLM's path",
+            )
+            hflm = super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm=True)
+            for i, r in zip(rest, hflm, strict=True):
+                res[i] = r
+        got = score_shared(
+            self.model,
+            [(requests[i][1], requests[i][2]) for i in mine],
+            max_length=self.max_length,
+            batch_size=int(self.batch_size),
+            device=self.device,
+            softmax_dtype=getattr(self, "softmax_dtype", None),
+            autocast_dtype=getattr(self, "mixed_precision_dtype", None),
+        )
+        for i, r in zip(mine, got, strict=True):
+            res[i] = r
+            self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+        return res
+
+    def _hflm_reason(self, requests: Any) -> str:
+        if any(r[0] is None for r in requests):  # the windows of loglikelihood_rolling
+            return "rolling"
+        if self.backend != "causal":
+            return f"a {self.backend} model"
+        if not str(self.batch_size).isdigit():
+            return f"batch_size={self.batch_size}"
+        if self.world_size > 1:
+            return "several processes"
+        return ""
+
+    def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        say_once("rolling", "shared-context scorer: loglikelihood_rolling requests use HFLM's path")
+        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        say_once("generate", "shared-context scorer: generate_until requests use HFLM's path")
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+
+class _Quiet:
+    """No progress bars on any request type (mixed into an HFLM class)."""
+
+    def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        return super().loglikelihood(requests, disable_tqdm=True)  # type: ignore[misc]
+
+    def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        return super().loglikelihood_rolling(requests, disable_tqdm=True)  # type: ignore[misc]
+
+    def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        return super().generate_until(requests, disable_tqdm=True)  # type: ignore[misc]
+
+
+class QuietHFLM(_Quiet, HFLM):
+    """lm-eval's ``HFLM`` as is, without progress bars."""
+
+
+class QuietSharedContextHFLM(_Quiet, SharedContextHFLM):
+    """:class:`SharedContextHFLM` without progress bars."""
+
+
+def make_lm(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    scorer: str = "shared",
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> HFLM:
+    """The lm-eval LM that scores an in-memory model, without progress bars.
+
+    Args:
+        model: a ``transformers`` causal LM on ``device`` (wrapped, not copied).
+        tokenizer: its tokenizer.
+        scorer: ``"shared"`` (:class:`SharedContextHFLM`) or ``"hflm"`` (lm-eval's ``HFLM`` as is).
+        batch_size: sequences per forward pass.
+        device: where inputs go.
+
+    Returns:
+        The ``HFLM`` (subclass) instance.
+
+    Raises:
+        ValueError: ``scorer`` is neither ``"shared"`` nor ``"hflm"``.
+    """
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    cls = QuietSharedContextHFLM if scorer == "shared" else QuietHFLM
+    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+
+
+class MemoLM(LM):
+    """An lm-eval ``LM`` that forwards to ``inner`` the requests it has not answered yet and answers
+    the others from memory (one candidate's: never share it between models).
+
+    Args:
+        inner: the candidate's lm-eval LM.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+        self.memo: dict[tuple[str, str, int], Any] = {}
+
+    def _answer(self, kind: str, requests: list[Any]) -> list[Any]:
+        # The n-th copy of one request (lm-eval repeats a request for sampled generations)
+        # is its own entry, so repeats keep their distinct answers.
+        seen: dict[tuple[str, str], int] = defaultdict(int)
+        keys = []
+        for r in requests:
+            base = (kind, repr(r.args))
+            keys.append((*base, seen[base]))
+            seen[base] += 1
+        todo = {k: r for k, r in zip(keys, requests, strict=True) if k not in self.memo}
+        if todo:
+            self.memo.update(zip(todo, getattr(self.inner, kind)(list(todo.values())), strict=True))
+        return [self.memo[k] for k in keys]
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+        return self._answer("loglikelihood", requests)
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+        return self._answer("loglikelihood_rolling", requests)
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+        return self._answer("generate_until", requests)

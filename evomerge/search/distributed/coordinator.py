@@ -1,0 +1,190 @@
+"""What one worker of a study does with the others: the :class:`Coordinator` interface, and its
+two implementations.
+
+The search loop (:mod:`evomerge.search.loop`) calls a coordinator at five points and nowhere else:
+it joins the study (and gets its worker number), runs the work done once per study through
+:meth:`~Coordinator.once` (the setup, each baseline, each re-score), keeps a trial's heartbeat
+while it runs (:meth:`~Coordinator.running`), fails the trials of dead workers before each trial
+(:meth:`~Coordinator.recover`), and asks whether the trials other workers run already fill the
+budget (:meth:`~Coordinator.busy`).
+
+- :class:`SharedCoordinator` (the default) works for any number of processes on one storage, on
+  one host or many: claims (:mod:`.claims`), heartbeats (:mod:`.liveness`) and recovery of dead
+  workers' trials (:mod:`.recovery`). A single process pays a few storage writes per trial.
+- :class:`LocalCoordinator` is for a study no other process can see (an in-memory storage): it
+  runs each task at once, keeps no heartbeat and has nothing to recover.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from evomerge.search.distributed.claims import Claim, Claims
+from evomerge.search.distributed.liveness import Liveness
+from evomerge.search.distributed.recovery import recover_dead_trials, trial_pulse
+from evomerge.search.records import StudyRecords
+
+__all__ = ["Coordinator", "SharedCoordinator", "LocalCoordinator", "coordinator_for"]
+
+
+class Coordinator(ABC):
+    """The several-worker side of a search, as the loop sees it.
+
+    The contract: :meth:`join` before anything else and :meth:`leave` at the end (also after an
+    error); :meth:`once` runs ``work`` in exactly one worker of the study unless ``done()`` (and,
+    with ``wait``, returns only once it is done); :meth:`running` wraps a trial from its claim to
+    its tell; :meth:`recover` and :meth:`busy` may be called before any trial.
+    """
+
+    liveness: Liveness
+
+    @abstractmethod
+    def join(self) -> int:
+        """Take a worker slot; returns this worker's number among the live ones (0 alone)."""
+
+    @abstractmethod
+    def leave(self) -> list[str]:
+        """Give the slot back; returns the claims of dead workers removed on the way out."""
+
+    @abstractmethod
+    def once(
+        self,
+        task: str,
+        *,
+        done: Callable[[], bool],
+        work: Callable[[], None],
+        wait: bool = True,
+        check_interrupt: Callable[[], None] = lambda: None,
+    ) -> bool:
+        """Run ``work()`` unless ``done()`` or another worker runs it; True when this one did."""
+
+    @abstractmethod
+    def running(self, number: int) -> contextlib.AbstractContextManager[Any]:
+        """A context in which trial ``number`` is known to be alive (its heartbeat)."""
+
+    @abstractmethod
+    def recover(self, records: StudyRecords) -> list[int]:
+        """Fail the trials of dead workers, queue each for one retry; returns their numbers."""
+
+    @abstractmethod
+    def busy(self, records: StudyRecords, budget: int) -> bool:
+        """Whether finished trials and those other workers are running reach ``budget`` (then
+        this worker waits instead of starting one that could be surplus)."""
+
+    @abstractmethod
+    def wait(self) -> None:
+        """Pause before looking at the other workers' trials again."""
+
+
+class LocalCoordinator(Coordinator):
+    """A study only this process sees: every task runs at once, nothing to keep alive or recover."""
+
+    def __init__(self, liveness: Liveness | None = None) -> None:
+        self.liveness = liveness or Liveness()
+
+    def join(self) -> int:
+        return 0
+
+    def leave(self) -> list[str]:
+        return []
+
+    def once(
+        self,
+        task: str,
+        *,
+        done: Callable[[], bool],
+        work: Callable[[], None],
+        wait: bool = True,
+        check_interrupt: Callable[[], None] = lambda: None,
+    ) -> bool:
+        if done():
+            return False
+        work()
+        return True
+
+    def running(self, number: int) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def recover(self, records: StudyRecords) -> list[int]:
+        return []
+
+    def busy(self, records: StudyRecords, budget: int) -> bool:
+        return False
+
+    def wait(self) -> None:
+        return None
+
+
+class SharedCoordinator(Coordinator):
+    """Workers sharing one study through its storage (see the module docstring).
+
+    Args:
+        storage: the study's raw Optuna storage.
+        study: the study's name.
+        liveness: heartbeat interval, grace period and polling.
+        log: progress lines (takeovers of dead workers' tasks).
+    """
+
+    def __init__(
+        self, storage: Any, study: str, liveness: Liveness, log: Callable[[str], None]
+    ) -> None:
+        self.storage, self.study, self.liveness = storage, study, liveness
+        self.claims = Claims(storage, study, liveness, log=log)
+        self._slot: Claim | None = None
+
+    def join(self) -> int:
+        self._slot = self.claims.slot()
+        return int(self._slot.task.split(":")[1])
+
+    def leave(self) -> list[str]:
+        swept = self.claims.sweep(keep=[self._slot] if self._slot else [])
+        if self._slot is not None:
+            self.claims.release(self._slot)
+            self._slot = None
+        return swept
+
+    def once(
+        self,
+        task: str,
+        *,
+        done: Callable[[], bool],
+        work: Callable[[], None],
+        wait: bool = True,
+        check_interrupt: Callable[[], None] = lambda: None,
+    ) -> bool:
+        return self.claims.run_once(
+            task, done=done, work=work, wait=wait, check_interrupt=check_interrupt
+        )
+
+    @contextlib.contextmanager
+    def running(self, number: int) -> Iterator[None]:
+        with trial_pulse(self.storage, self.study, number, self.liveness.interval):
+            yield
+
+    def recover(self, records: StudyRecords) -> list[int]:
+        return recover_dead_trials(records, self.storage, self.liveness.grace)
+
+    def busy(self, records: StudyRecords, budget: int) -> bool:
+        from optuna.trial import TrialState
+
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        return len(records.study.get_trials(deepcopy=False, states=states)) >= budget
+
+    def wait(self) -> None:
+        time.sleep(self.liveness.poll)
+
+
+def coordinator_for(
+    storage: Any, study: str, liveness: Liveness, log: Callable[[str], None]
+) -> Coordinator:
+    """The coordinator of a study on ``storage``: local for an in-memory storage (no other
+    process can see it), shared for every other."""
+    import optuna
+
+    if isinstance(storage, optuna.storages.InMemoryStorage):
+        return LocalCoordinator(liveness)
+    return SharedCoordinator(storage, study, liveness, log)
