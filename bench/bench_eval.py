@@ -102,14 +102,14 @@ def trial(
     lm, task_dict, items: int
 ) -> tuple[float, float, list[tuple[str, str]], list[tuple[float, bool]]]:
     """One scoring pass as LMEvalEvaluator runs it (plus the per-request answers)."""
-    import lm_eval.api.task as lm_task
     from lm_eval.evaluator import evaluate
+
+    from evomerge.compat import quiet_task_progress
 
     # lm-eval's evaluate() draws the shots from the task's generator where the last call left it;
     # reseed so that both scorers see the same prompts.
     task_dict[TASK].set_fewshot_seed(seed=1234)
-    bar, lm_task.tqdm = lm_task.tqdm, lambda it, *a, **k: it
-    try:
+    with quiet_task_progress():
         t0 = time.perf_counter()
         out = evaluate(
             lm,
@@ -120,8 +120,6 @@ def trial(
             verbosity="ERROR",
         )
         seconds = time.perf_counter() - t0
-    finally:
-        lm_task.tqdm = bar
     args, answers = [], []
     for s in sorted(out["samples"][TASK], key=lambda s: s["doc_id"]):
         args += [tuple(a) for a in s["arguments"]]

@@ -30,7 +30,7 @@ share the work and an interrupted bench resumes); ``--report`` prints the table 
 
 Usage:
     python bench/bench_samplers.py --spaces demo demo_per_layer --seeds 0 1 2 3 4 --out results/samplers.jsonl
-    python bench/bench_samplers.py --report --out results/samplers.jsonl --plot bench/samplers.png
+    python bench/bench_samplers.py --report --out results/samplers.jsonl --plot docs/benchmarks/samplers.png
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def run_one(
     import pandas as pd
 
     from evomerge.search import loop
+    from evomerge.search.setup import prepare
     from evomerge.search.table import load_trials
 
     data = yaml.safe_load((ROOT / "search_spaces" / f"{space_name}.yml").read_text())
@@ -107,15 +108,15 @@ def run_one(
         loop.make_sampler = override
     try:
         t0 = time.perf_counter()
-        search = loop.Search(
+        setup = prepare(
             space,
             trials=trials,
             seed=seed,
             results_dir=workdir / "results",
-            quiet=True,
             log=lambda m: None,
             threads=1,
         )
+        search = loop.Search(setup, quiet=True)
         search.setup.baselines = {}  # the same for every run, and not seen by the sampler
         calls: list[tuple[str, int, float]] = []
         evaluator = search.candidates.evaluator

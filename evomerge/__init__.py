@@ -6,4 +6,4 @@ on disjoint holdout items; results carry contamination flags; the best recipe ex
 mergekit YAML.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

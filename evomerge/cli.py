@@ -7,12 +7,14 @@ Every user mistake surfaces as :class:`~evomerge.errors.EvomergeError` and is pr
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from evomerge.errors import EvomergeError, one_line
+from evomerge.errors import EvomergeError, hide_password, one_line
 
 if TYPE_CHECKING:
     from evomerge.search.loop import SearchOutcome
@@ -26,6 +28,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(
             2, f"{self.prog}: error: {one_line(message)} (see {self.prog.split()[0]} --help)\n"
         )
+
+
+def _integer(low: int, high: int | None = None, what: str = "an integer") -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], else argparse's one-line error."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return convert
+
+
+_count = _integer(1, what="a positive integer")  # --threads, --workers, --trials, --top
+_index = _integer(0, what="a non-negative integer")  # --trial
+_seed = _integer(0, what="a non-negative integer")  # --seed of search and merge: hashed, any size
+_torch_seed = _integer(0, 2**64 - 1, what="an integer in [0, 2**64)")  # moe, zoo: torch.manual_seed
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +67,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=None,
         help="seed of random masks (dare, della) (default: the recipe's `# evomerge-seed: N` comment, else 0)",
     )
@@ -53,7 +76,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         choices=(1, 2),
-        help="random stream of masks: 2 (current), or 1 (evomerge before streams were named) "
+        help="random stream of masks: 2 (the default), or 1 (the stream of an export whose comment names none) "
         "(default: the recipe's `# evomerge-seed: N stream V` comment; a comment without a stream means 1; no comment: 2)",
     )
     p.add_argument(
@@ -93,7 +116,7 @@ def _add_moe(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=_torch_seed,
         default=0,
         help="seed of random routers (gate_mode random, uniform_random) and of noise_scale (default: 0)",
     )
@@ -125,7 +148,12 @@ def _add_zoo(sub: argparse._SubParsersAction) -> None:
         choices=["demo", "micro"],
         help="demo (default) or micro (for tests)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=_torch_seed,
+        default=0,
+        help="seed of the zoo's data and training (default: 0, the shipped zoo)",
+    )
     p.add_argument(
         "--rebuild",
         action="store_true",
@@ -143,7 +171,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("space", help="search space YAML (a mergekit recipe with search directives)")
     p.add_argument(
         "--trials",
-        type=int,
+        type=_count,
         default=None,
         help="total completed trials to reach (overrides search.trials)",
     )
@@ -161,7 +189,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=None,
         help="sampler and mask seed (overrides search.seed)",
     )
@@ -175,14 +203,14 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=_count,
         default=None,
         help="CPU threads for torch (default: 1 for the demo zoo's tiny models, else torch's default)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the final summary")
     p.add_argument(
         "--workers",
-        type=int,
+        type=_count,
         default=None,
         metavar="N",
         help="run N worker processes on this host on the study's storage: one per CUDA device, or N CPU workers with --device cpu",
@@ -210,9 +238,17 @@ def _add_study_reader(
 ) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("space", help="the search space YAML the study was run from")
-    p.add_argument("--storage", default=None)
-    p.add_argument("--study", default=None)
-    p.add_argument("--results-dir", default="results")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="the study's Optuna storage URL (default: the SQLite file under results/<study>/)",
+    )
+    p.add_argument(
+        "--study", default=None, help="study name (default: study.name or the space's file name)"
+    )
+    p.add_argument(
+        "--results-dir", default="results", help="where study folders are (default: results)"
+    )
     return p
 
 
@@ -227,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="recipe file to write")
     p.add_argument(
         "--trial",
-        type=int,
+        type=_index,
         default=None,
         help="trial number (default: the chosen trial: best validation score among the re-scored trials, else best search score)",
     )
@@ -237,12 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT_DIR",
         help="also materialize the model (with a model card) into OUT_DIR",
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="device of the --merge, cpu or cuda[:N]")
     p.add_argument(
         "--force", action="store_true", help="overwrite the recipe file / replace OUT_DIR"
     )
     p = _add_study_reader(sub, "results", "print the leaderboard of a study")
-    p.add_argument("--top", type=int, default=15, help="rows to show (default 15)")
+    p.add_argument("--top", type=_count, default=15, help="rows to show (default 15)")
     p.add_argument("--all", action="store_true", help="show every trial, failed ones too")
     _add_study_reader(sub, "report", "write PNG plots of a study")
     _add_zoo(sub)
@@ -293,7 +329,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "moe":
         from evomerge.moe import moe_to_disk
 
-        result = moe_to_disk(
+        built = moe_to_disk(
             args.config,
             args.out,
             device=args.device,
@@ -304,7 +340,7 @@ def _run(args: argparse.Namespace) -> int:
             config_text=_read_text(args.config, "configuration"),
         )
         print(
-            f"built a mixture of {result.n_tensors} tensors into {args.out} in {result.seconds:.1f}s ({result.bytes_out / 1e6:.1f} MB); tensor hash {result.digest[:16]}"
+            f"built a mixture of {built.n_tensors} tensors into {args.out} in {built.seconds:.1f}s ({built.bytes_out / 1e6:.1f} MB); tensor hash {built.digest[:16]}"
         )
         return 0
     if args.verb == "zoo":
@@ -413,7 +449,7 @@ def _search_workers(args: argparse.Namespace) -> tuple[int, SearchOutcome | None
     argv += ["--probe-contamination"] * args.probe_contamination + ["--quiet"] * args.quiet
     where = "CPU" if devices[0] is None else "CUDA device(s) " + ",".join(str(d) for d in devices)
     print(
-        f"evomerge: {len(devices)} workers on {where}, study {paths.name} in {paths.storage}",
+        f"evomerge: {len(devices)} workers on {where}, study {paths.name} in {hide_password(paths.storage)}",
         flush=True,
     )
     start = time.perf_counter()
@@ -428,27 +464,80 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``evomerge`` console script; returns the exit code."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
     try:
-        return _run(args)
-    except EvomergeError as e:
-        print(f"evomerge: error: {one_line(e)}", file=sys.stderr)
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad flag (argparse printed its one line)
+        return e.code if isinstance(e.code, int) else 2
+
+    def fail(line: str) -> int:
+        # Every error line hides passwords: of URLs in it, and of the --storage URL wherever a
+        # library quotes it.
+        print(
+            f"evomerge: error: {hide_password(line, getattr(args, 'storage', None))}",
+            file=sys.stderr,
+        )
         return 2
+
+    try:
+        code = _run(args)
+        sys.stdout.flush()  # a closed pipe fails here, inside the handlers below
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
+    except EvomergeError as e:
+        return fail(one_line(e))
     except KeyboardInterrupt:
         print("evomerge: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        reason = _file_failure(e)
+        if reason is None:
+            raise
+        return fail(reason)
     except Exception as e:
         reason = _storage_failure(e)
         if reason is None:
             raise
-        print(f"evomerge: error: {reason}", file=sys.stderr)
-        return 2
+        return fail(reason)
+
+
+def _closed_pipe() -> int:
+    """``evomerge results ... | head -1``: the reader has gone. Exit quietly, as a Unix tool killed
+    by SIGPIPE does, and point stdout at /dev/null so that Python's last flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (tests)
+        pass
+    return 128 + signal.SIGPIPE
+
+
+# Failures of the file system, not of evomerge: a folder that is read-only or not ours, a full disk.
+_FILE_ERRNOS = {
+    errno.EACCES: "check the folder's permissions, or choose another folder",
+    errno.EPERM: "check the folder's permissions, or choose another folder",
+    errno.EROFS: "choose a folder on a writable file system",
+    errno.ENOSPC: "free some space, or choose another disk",
+    errno.EDQUOT: "free some space, or choose another disk",
+    errno.ENOTDIR: "a file stands where a folder should be",
+    errno.EISDIR: "a folder stands where a file should be",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+def _file_failure(e: OSError) -> str | None:
+    """One line for a path that the file system refuses (None for other OSErrors: bugs keep
+    their traceback)."""
+    hint = _FILE_ERRNOS.get(e.errno) if e.errno is not None else None
+    if hint is None or e.filename is None:
+        return None
+    return f"{e.filename}: {e.strerror} ({hint})"
 
 
 def _storage_failure(e: BaseException) -> str | None:
     """One line for a study storage that failed mid-run (a database locked by another program for
     longer than the 60 s timeout, a server that went away); None for any other exception."""
-    kinds = []
+    kinds: list[type[BaseException]] = []
     if "optuna" in sys.modules:
         from optuna.exceptions import StorageInternalError
 
@@ -460,8 +549,9 @@ def _storage_failure(e: BaseException) -> str | None:
     if not kinds or not isinstance(e, tuple(kinds)):
         return None
     cause = e.__cause__ or e
+    reason = hide_password(one_line(getattr(cause, "orig", None) or cause))[:200]
     return (
-        f"the study's storage failed: {type(cause).__name__}: {one_line(getattr(cause, 'orig', None) or cause)[:200]} "
+        f"the study's storage failed: {type(cause).__name__}: {reason} "
         "(is the database locked by another program, or unreachable? running the same command again resumes the study)"
     )
 

@@ -8,9 +8,18 @@ traceback. Programming errors stay ordinary exceptions so that they keep their t
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
+from urllib.parse import unquote
 
-__all__ = ["EvomergeError", "ConfigError", "did_you_mean", "one_line", "failure_line"]
+__all__ = [
+    "EvomergeError",
+    "ConfigError",
+    "did_you_mean",
+    "one_line",
+    "failure_line",
+    "hide_password",
+]
 
 
 class EvomergeError(Exception):
@@ -65,3 +74,33 @@ def failure_line(e: BaseException) -> str:
         'ZeroDivisionError: float division by zero'
     """
     return one_line(e if isinstance(e, EvomergeError) else f"{type(e).__name__}: {e}")[:500]
+
+
+# The password of `scheme://user:password@host...`, parsed as SQLAlchemy parses URLs (a username
+# without `:` or `/`, a password without `@`), and of a `password=` query parameter.
+_USERINFO = re.compile(r"(\b[A-Za-z][\w+.-]*://[^:/@\s]*:)([^@\s]*)(@)")
+_QUERY = re.compile(r"([?&](?:password|passwd|pwd)=)([^&#\s]*)", re.IGNORECASE)
+_MASK = "***"
+
+
+def hide_password(text: str, url: str | None = None) -> str:
+    """``text`` as it may be shown: the password of every URL in it masked, and every occurrence
+    of ``url``'s password (as written or percent-decoded) too, for messages that quote a
+    database driver. Use it on anything that may hold a storage URL before it is shown or logged.
+
+    Example:
+        >>> hide_password("cannot open postgresql://ann:s3cret@db:5432/evo")
+        'cannot open postgresql://ann:***@db:5432/evo'
+    """
+    secrets: set[str] = set()
+    for found in _USERINFO.finditer(url) if url else ():
+        secrets.add(found.group(2))
+    for found in _QUERY.finditer(url) if url else ():
+        secrets.add(found.group(2))
+    text = _USERINFO.sub(lambda m: m.group(1) + _MASK + m.group(3), text)
+    text = _QUERY.sub(lambda m: m.group(1) + _MASK, text)
+    for secret in sorted(secrets, key=len, reverse=True):
+        for form in {secret, unquote(secret)}:
+            if form:
+                text = text.replace(form, _MASK)
+    return text

@@ -38,6 +38,7 @@ __all__ = [
     "cases",
     "extra_cases",
     "build_models",
+    "build_llava",
     "text_only",
     "run_all",
 ]
@@ -62,15 +63,12 @@ def build_models(root: Path) -> dict[str, str]:
         Paths by name: ``llama_a/b/c``, ``granite_a/b``, ``gpt2``, ``vlm_a/b/c``.
     """
     from transformers import (
-        CLIPVisionConfig,
         GPT2Config,
         GPT2LMHeadModel,
         GraniteConfig,
         GraniteForCausalLM,
         LlamaConfig,
         LlamaForCausalLM,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
     )
 
     out: dict[str, str] = {}
@@ -96,6 +94,21 @@ def build_models(root: Path) -> dict[str, str]:
         ),
         root / "gpt2",
     )
+    for i, n in enumerate("abc"):
+        out[f"vlm_{n}"] = build_llava(root / f"vlm_{n}", 400 + i)
+    return out
+
+
+def build_llava(path: Path, seed: int) -> str:
+    """One tiny LLaVA of mergekit's basic tests (its vision tower's patch embedding is 4-D,
+    64 x 3 x 4 x 4), random weights from ``seed``, saved at ``path``."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
     vision = CLIPVisionConfig(
         image_size=32,
         patch_size=4,
@@ -104,13 +117,9 @@ def build_models(root: Path) -> dict[str, str]:
         hidden_size=64,
         intermediate_size=128,
     )
-    for i, n in enumerate("abc"):
-        torch.manual_seed(400 + i)
-        cfg = LlavaConfig(
-            vision_config=vision, text_config=LlamaConfig(**_LLAMA), image_seq_length=16
-        )
-        out[f"vlm_{n}"] = _save(LlavaForConditionalGeneration(cfg), root / f"vlm_{n}")
-    return out
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**_LLAMA), image_seq_length=16)
+    return _save(LlavaForConditionalGeneration(cfg), path)
 
 
 def text_only(vlm: str | Path, path: Path) -> str:

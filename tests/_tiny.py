@@ -69,3 +69,26 @@ def perturbed(base: Path, path: Path, seed: int, scale: float = 0.05) -> Path:
         }
         save_file(out, path / f.name, metadata={"format": "pt"})
     return path
+
+
+def llava_config(vision_layers: int = 3, text_layers: int = 2) -> Any:
+    """A tiny LLaVA config: a CLIP vision tower and a Llama language model, 16 wide."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        image_size=16,
+        patch_size=4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2,
+        hidden_size=16,
+        intermediate_size=32,
+    )
+    text = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=text_layers,
+    )
+    return LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16)

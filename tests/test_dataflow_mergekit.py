@@ -20,6 +20,7 @@ from _mergekit import find
 from evomerge.cli import main
 from evomerge.dataflow import compare_built, parse_candidate
 from evomerge.search.loop import Search
+from evomerge.search.setup import prepare
 from evomerge.search.table import load_trials
 
 MERGEKIT = find("mergekit-yaml")
@@ -109,14 +110,14 @@ def test_dfs_and_ps_dfs_exports_build_with_mergekit_and_score_as_their_trials(
     monkeypatch.chdir(tmp_path)
     results = tmp_path / "results"
     dfs = small("demo_dataflow", tmp_path, trials=3, repeats=1)
-    search = Search(dfs, results_dir=results, quiet=True, log=lambda m: None)
+    search = Search(prepare(dfs, results_dir=results, log=lambda m: None), quiet=True)
     search.run()
     export_build_and_rescore(dfs, tmp_path, search, capsys, atol=1e-5)
     # PS+DFS: the PS study first (demo.yml), then the DFS over its best trial
     ps = small("demo", tmp_path, trials=3)
-    Search(ps, results_dir=results, quiet=True, log=lambda m: None).run()
+    Search(prepare(ps, results_dir=results, log=lambda m: None), quiet=True).run()
     ps_dfs = small("demo_ps_dfs", tmp_path, trials=3)
-    search = Search(ps_dfs, results_dir=results, quiet=True, log=lambda m: None)
+    search = Search(prepare(ps_dfs, results_dir=results, log=lambda m: None), quiet=True)
     search.run()
     df = load_trials(results / "demo_ps_dfs")
     assert "source:ps" in set(df["baseline"])

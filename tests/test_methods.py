@@ -26,6 +26,7 @@ from evomerge.engine import (
 )
 from evomerge.engine.inputs import TensorInputs
 from evomerge.engine.kernels.methods import kernel_for
+from evomerge.engine.kernels.rules import KeepAbove
 from evomerge.engine.params import evaluate_setting
 from evomerge.errors import EvomergeError
 from evomerge.recipe.schema import load_recipe
@@ -326,6 +327,36 @@ def test_nuslerp():
     )
 
 
+@pytest.mark.parametrize(
+    ("row_wise", "flatten", "expected"),
+    [
+        # The whole tensor as one vector: v0 = [1,0,0,1], v1 = [0,1,0,1], cos = 1/2, angle 60
+        # degrees; at t = 1/2 both coefficients are sin(30)/sin(60) = 1/sqrt(3): (v0 + v1)/sqrt(3).
+        (False, True, [[1 / 3**0.5, 1 / 3**0.5], [0.0, 2 / 3**0.5]]),
+        (True, True, [[1 / 3**0.5, 1 / 3**0.5], [0.0, 2 / 3**0.5]]),  # flatten wins
+        # Rows of the last axis: [1,0] -> [0,1] at 90 degrees gives [S2, S2]; [0,1] -> [0,1] is
+        # colinear and lerps to [0,1].
+        (False, False, [[S2, S2], [0.0, 1.0]]),
+        # Vectors along the first axis, one per position of the others: at the first position
+        # [1,0] -> [0,0] (a zero vector has no direction: cos 0, angle 90) gives sin(45)*[1,0] =
+        # [S2, 0]; at the second [0,1] -> [1,1] (45 degrees) gives (sin(22.5)/sin(45))*[1,2].
+        (True, False, [[S2, 0.5412], [0.0, 1.0824]]),
+    ],
+)
+def test_nuslerp_splits_a_4d_tensor_into_vectors(row_wise, flatten, expected):
+    # A 2x1x1x2 tensor (a conv kernel's shape): v0[:, 0, 0, :] = [[1,0],[0,1]], v1's = [[0,1],[0,1]].
+    v0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).reshape(2, 1, 1, 2)
+    v1 = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).reshape(2, 1, 1, 2)
+    out = run(
+        "nuslerp",
+        [v0, v1],
+        shared={"nuslerp_row_wise": row_wise, "nuslerp_flatten": flatten},
+        per=[{"weight": 1.0}, {"weight": 1.0}],
+    )
+    assert out.shape == (2, 1, 1, 2)
+    close(out.reshape(2, 2), expected, tol=1e-4)
+
+
 def test_multislerp_and_karcher():
     # Equal weights on orthogonal unit vectors: the midpoint direction, scaled by the mean norm 1.
     close(
@@ -529,10 +560,10 @@ def test_rule_from_order_matches_counting():
     order = torch.sort(d.abs(), descending=True, stable=True).indices.to(torch.int32)
     for k in (1, 777, n // 2, n - 1):
         rule = rule_from_order(inp, 1, k, order)
-        assert rule[0] in ("gt", "gt_extra")
-        kept = d.abs() > rule[1]
-        if rule[0] == "gt_extra":
-            kept[rule[2]] = True
+        assert isinstance(rule, KeepAbove)
+        kept = d.abs() > rule.threshold
+        if rule.extra is not None:
+            kept[rule.extra] = True
         assert torch.equal(kept, _top_k_by_counting(d, k)), k
 
 

@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from _tiny import make_tiny
 from safetensors.torch import load_file
 
 from evomerge.cli import main
-from evomerge.engine import METHODS, merge_to_disk
+from evomerge.engine import METHODS, make_plan, merge_to_disk, open_sources
 from evomerge.engine.inputs import TensorInputs
 from evomerge.engine.kernels.extra import _quartiles
 from evomerge.engine.kernels.methods import kernel_for
@@ -26,7 +27,12 @@ from evomerge.space import parse_space
 
 
 def run(
-    method: str, tensors: list[Any], *, base: int, shared: dict[str, Any] | None = None
+    method: str,
+    tensors: list[Any],
+    *,
+    base: int,
+    shared: dict[str, Any] | None = None,
+    decision_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One method's kernel on small tensors, its defaults for the shared parameters not given."""
     m = METHODS[method]
@@ -34,7 +40,13 @@ def run(
     sh = {p.name: p.default for p in m.params if p.scope == "shared"}
     sh.update(shared or {})
     inp = TensorInputs(
-        "t.weight", xs, [("m", i) for i in range(len(xs))], base, sh, [{} for _ in xs]
+        "t.weight",
+        xs,
+        [("m", i) for i in range(len(xs))],
+        base,
+        sh,
+        [{} for _ in xs],
+        decision_dtype=decision_dtype,
     )
     with torch.no_grad():
         return kernel_for(m)(inp)
@@ -83,6 +95,44 @@ def test_arcee_fusion_weighs_each_row_by_its_kl_divergence():
     base = [[0.0] * 4, [0.0] * 4]
     other = [[5.0] * 4, [0.1, -0.2, 0.25, 2.0]]
     close(run("arcee_fusion", [base, other], base=0), [[0.0] * 4, [0.0, 0.0, 0.0, 2.0]])
+
+
+def test_arcee_fusion_decides_its_mask_in_the_recipes_dtype():
+    # As the first test, with the change 1.6 made 1.4990234375 (1.5 - 2^-10): |delta| sorted =
+    # [0, 0, 0, 0, 0, 1, 1.499, 9], q1 = median = 0, q3 = k, threshold 1.5 k. In float32,
+    # 1.499 k < 1.5 k: the change reverts. bfloat16 keeps 8 significant bits (steps of 2^-7 in
+    # [1, 2)): the change rounds to 1.5, its importance is bf16(1.5 k), the threshold computed by
+    # the same ops, and it is kept (mergekit keeps it in a bfloat16 recipe), with its float32 value.
+    # float16 (steps of 2^-10) holds 1.499 exactly: below the threshold, as in float32.
+    base = [0.0] * 8
+    other = [0.0, 1.4990234375, 0.0, 1.0, 0.0, 9.0, 0.0, 0.0]
+    reverted = [0.0, 0.0, 0.0, 0.0, 0.0, 9.0, 0.0, 0.0]
+    close(run("arcee_fusion", [base, other], base=0), reverted)
+    close(run("arcee_fusion", [base, other], base=0, decision_dtype=torch.float16), reverted)
+    kept = run("arcee_fusion", [base, other], base=0, decision_dtype=torch.bfloat16)
+    assert kept.dtype == torch.float32
+    close(kept, [0.0, 1.4990234375, 0.0, 0.0, 0.0, 9.0, 0.0, 0.0], tol=0.0)
+
+
+def test_plan_decides_in_the_recipes_dtype_else_the_stored_one(tmp_path):
+    # mergekit computes in the recipe's dtype, else in the inputs' dtypes promoted
+    # (bfloat16 with float16 promotes to float32).
+    f32 = make_tiny(tmp_path / "f32", seed=0)
+    bf16, bf16b = (make_tiny(tmp_path / f"bf16{s}", seed=s, dtype=torch.bfloat16) for s in (1, 2))
+    f16, f16b = (make_tiny(tmp_path / f"f16{s}", seed=s, dtype=torch.float16) for s in (3, 4))
+
+    def decided(models: list[Path], dtype: str | None) -> set[str]:
+        recipe = {"merge_method": "arcee_fusion", "base_model": str(models[0])}
+        recipe["models"] = [{"model": str(m)} for m in models]
+        cfg = parse_recipe(recipe | ({"dtype": dtype} if dtype else {}))
+        plan = make_plan(cfg, open_sources(cfg.referenced_models()))
+        return {t.decision_dtype for t in plan.tasks}
+
+    assert decided([f32, bf16], "bfloat16") == {"bfloat16"}
+    assert decided([bf16, bf16b], None) == {"bfloat16"}
+    assert decided([f32, bf16], None) == {"float32"}
+    assert decided([f16, bf16], None) == {"float32"}
+    assert decided([f16, f16b], None) == {"float16"}
 
 
 def test_arcee_fusion_quartiles_are_exact_beyond_mergekits_sample_size():

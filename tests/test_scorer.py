@@ -13,6 +13,7 @@ import pytest
 import torch
 from _tiny import make_tiny
 
+from evomerge.compat import hflm_loglikelihood_tokens
 from evomerge.errors import ConfigError
 from evomerge.evaluation import EvalConfig, TaskSpec, parse_evaluate
 from evomerge.evaluation.hflm import SharedContextHFLM, make_lm
@@ -95,7 +96,7 @@ def _assert_same(got, want) -> None:
 def test_token_requests_match_hflm(model, tok, max_length, batch_size):
     reqs = _token_requests(model)
     hflm = _hflm(model, tok, batch_size=batch_size, max_length=max_length)
-    want = hflm._loglikelihood_tokens([(("c", "x"), c, x) for c, x in reqs])
+    want = hflm_loglikelihood_tokens(hflm, [(("c", "x"), c, x) for c, x in reqs])
     got = score_shared(model, reqs, max_length=hflm.max_length, batch_size=batch_size)
     _assert_same(got, want)
     # The greedy continuations are greedy (those after a cut context need not be).
@@ -121,7 +122,7 @@ def test_other_architectures_match_hflm(tmp_path, tok, arch):
     hflm = _hflm(m, tok, batch_size=4)
     _assert_same(
         score_shared(m, reqs, max_length=hflm.max_length, batch_size=4),
-        hflm._loglikelihood_tokens([(("c", "x"), c, x) for c, x in reqs]),
+        hflm_loglikelihood_tokens(hflm, [(("c", "x"), c, x) for c, x in reqs]),
     )
 
 

@@ -19,7 +19,8 @@ from _fake_eval import TaskVectorEvaluator
 from evomerge.cli import main
 from evomerge.engine import digest_model_dir
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.search.loop import Search, run_search
+from evomerge.search.loop import run_search
+from evomerge.search.setup import prepare
 from evomerge.search.table import load_trials
 from evomerge.space import SAMPLERS
 
@@ -221,7 +222,7 @@ def test_bad_storage_and_mismatched_architectures_write_nothing(tmp_path, tiny_f
     with pytest.raises(
         EvomergeError, match=r"--storage: cannot open storage sqlite:////nonexistent/dir/x.db"
     ):
-        Search(
+        prepare(
             space,
             storage="sqlite:////nonexistent/dir/x.db",
             evaluator=TaskVectorEvaluator(base, fts),
@@ -230,7 +231,7 @@ def test_bad_storage_and_mismatched_architectures_write_nothing(tmp_path, tiny_f
     other = make_tiny(tmp_path / "gpt2", seed=3, arch="gpt2")
     bad = write_space(tmp_path / "bad.yml", base, [fts[0], other])
     with pytest.raises(ConfigError, match="bad.yml"):
-        Search(bad, evaluator=TaskVectorEvaluator(base, fts[:1]), results_dir=tmp_path / "res")
+        prepare(bad, evaluator=TaskVectorEvaluator(base, fts[:1]), results_dir=tmp_path / "res")
     assert not (tmp_path / "res").exists()
 
 

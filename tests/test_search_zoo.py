@@ -16,7 +16,7 @@ SEARCH, HOLDOUT = task_names()
 pytestmark = pytest.mark.slow
 
 
-def _space(path, *, tasks, holdout, trials=5, name="zoo"):
+def _space(path, *, tasks, holdout, trials=5, name="zoo", **search):
     space = {
         "merge_method": "task_arithmetic",
         "base_model": "zoo:micro/base",
@@ -32,7 +32,7 @@ def _space(path, *, tasks, holdout, trials=5, name="zoo"):
             "holdout": {"tasks": holdout},
             "batch_size": 64,
         },
-        "search": {"trials": trials, "seed": 0, "finalists": 2},
+        "search": {"trials": trials, "seed": 0, "finalists": 2, **search},
         "study": {"name": name},
     }
     path.write_text(yaml.safe_dump(space, sort_keys=False))
@@ -143,8 +143,13 @@ def test_overfit_flag_on_easy_search_hard_holdout_and_not_on_matched_sets(micro_
     ]
     assert fin["overfit_evidence"].str.contains("gap").all()
     # Matched sets (the same tasks, disjoint items): no overfit flag on any finalist.
-    matched = _space(
-        tmp_path / "matched.yml", tasks=SEARCH, holdout=HOLDOUT, trials=3, name="matched"
+    matched = _space(  # every trial complete (none stopped early): two finalists to compare
+        tmp_path / "matched.yml",
+        tasks=SEARCH,
+        holdout=HOLDOUT,
+        trials=3,
+        name="matched",
+        prune=False,
     )
     out = run_search(matched, results_dir=tmp_path / "r", quiet=True, log=lambda m: None)
     df = load_trials(out.paths.csv)

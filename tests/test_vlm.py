@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import llava_config
 from safetensors.torch import load_file
 
 from evomerge.engine import merge_in_memory, merge_to_disk
@@ -22,33 +23,10 @@ from evomerge.io import dump_yaml
 
 
 def _llava(path: Path, seed: int, vision_layers: int) -> str:
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
+    from transformers import LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(
-        image_size=16,
-        patch_size=4,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=2,
-        hidden_size=16,
-        intermediate_size=32,
-    )
-    text = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-    )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(
-        LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16)
-    )
+    model = LlavaForConditionalGeneration(llava_config(vision_layers))
     model.save_pretrained(path)
     # A real LLaVA checkpoint ships its image processor's settings beside the weights.
     (path / "preprocessor_config.json").write_text(

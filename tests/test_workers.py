@@ -29,6 +29,7 @@ from evomerge.cli import main
 from evomerge.errors import EvomergeError
 from evomerge.search.distributed.claims import Claims, is_claim
 from evomerge.search.distributed.liveness import Liveness
+from evomerge.search.records import StudyRecords
 from evomerge.search.storage import open_storage
 
 TESTS = Path(__file__).resolve().parent
@@ -352,7 +353,7 @@ def test_a_sigkilled_worker_trial_is_failed_by_heartbeat_and_retried_once(
         "no heartbeat" in s.user_attrs[f"died:{dead[0].number}"]
         and "host-A" in s.user_attrs[f"died:{dead[0].number}"]
     )
-    retry = [t for t in trials if t.user_attrs.get("retry_of") == dead[0].number]
+    retry = [t for t in trials if StudyRecords.retry_of(t) == dead[0].number]
     assert (
         len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == dead[0].params
     )

@@ -241,15 +241,19 @@ def probe_contamination(
         eval_texts: the evaluation items as text (see :func:`task_texts`).
         controls: unseen same-distribution texts; ``None``: perturbed neighbours of the items.
         k: Min-K%++ share of tokens.
-        z, min_delta, min_items: the flag rule (see the module docstring).
-        rate, seed: neighbour perturbation (ignored with ``controls``).
-        batch_size, max_length: passed to :func:`min_k_plus_plus`.
+        z: the flag rule's z threshold (see the module docstring).
+        min_delta: the flag rule's smallest mean gain difference.
+        min_items: the flag rule's smallest number of items.
+        rate: the share of words replaced in a neighbour (ignored with ``controls``).
+        seed: the neighbours' seed (ignored with ``controls``).
+        batch_size: passed to :func:`min_k_plus_plus`.
+        max_length: passed to :func:`min_k_plus_plus`.
     Returns:
         :class:`ProbeResult`.
     """
     paired = controls is None
-    ctrl = perturb_texts(eval_texts, rate=rate, seed=seed) if paired else list(controls)
-    kw = {"k": k, "batch_size": batch_size, "max_length": max_length}
+    ctrl = perturb_texts(eval_texts, rate=rate, seed=seed) if controls is None else list(controls)
+    kw: dict[str, Any] = {"k": k, "batch_size": batch_size, "max_length": max_length}
     m_i, b_i = (min_k_plus_plus(x, tokenizer, eval_texts, **kw) for x in (model, base_model))
     m_c, b_c = (min_k_plus_plus(x, tokenizer, ctrl, **kw) for x in (model, base_model))
     gain_i, gain_c = (m_i - b_i).double(), (m_c - b_c).double()

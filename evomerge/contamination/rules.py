@@ -146,8 +146,10 @@ def overfit(
     """Search score above holdout score by more than twice their combined standard error.
 
     Args:
-        search, search_se: the finalist's score on the search items and its standard error.
-        holdout, holdout_se: the same on the holdout items.
+        search: the finalist's score on the search items.
+        search_se: its standard error.
+        holdout: the finalist's score on the holdout items.
+        holdout_se: its standard error.
     Returns:
         ``OverfitResult(flag, gap, threshold)`` with ``gap = search - holdout`` and
         ``threshold = 2 * sqrt(search_se**2 + holdout_se**2)``; any missing/NaN input gives
@@ -282,7 +284,9 @@ def assess(
         search_tasks: tasks the search optimizes on.
         holdout_tasks: tasks scored only for the holdout (checked for eval data too).
         include_path: lm-eval include path for local tasks.
-        resolve, base_dir, max_depth: see :func:`~evomerge.contamination.lineage.model_lineage`.
+        resolve: see :func:`~evomerge.contamination.lineage.model_lineage`.
+        base_dir: see :func:`~evomerge.contamination.lineage.model_lineage`.
+        max_depth: see :func:`~evomerge.contamination.lineage.model_lineage`.
         task_manager: an ``lm_eval.tasks.TaskManager`` to reuse.
     Returns:
         The :class:`Assessment`.

@@ -108,9 +108,9 @@ def layer_count(config: Mapping[str, Any]) -> tuple[int | None, tuple[str, ...] 
     for sub in ("text_config", "language_config", "llm_config"):
         nested = config.get(sub)
         if isinstance(nested, Mapping):
-            n, key = layer_count(nested)
-            if n is not None and key is not None:
-                return n, (sub, *key)
+            n, path = layer_count(nested)
+            if n is not None and path is not None:
+                return n, (sub, *path)
     return None, None
 
 

@@ -93,10 +93,11 @@ def render_card(
 
 def copy_model_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:
     """Copy each of ``names`` that ``src`` has into ``dst`` (a model's side files: the generation
-    config, the tokenizer's and processor's files)."""
+    config, the tokenizer's and processor's files). The copies are new files: their mode follows
+    the umask like every file written, not the source's (a read-only file of a shared cache)."""
     for name in names:
         if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+            shutil.copyfile(src / name, dst / name)
 
 
 def write_metadata(

@@ -114,7 +114,7 @@ def _row_sums_slabs(w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 def _row_sums_cpu(w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     # One row per chunk, in the chunked kernels' thread pool: the int64 words and products stay
-    # in cache (whole-tensor int64 temporaries made this 13x slower than a sha256 of the bytes).
+    # in cache (whole-tensor int64 temporaries made this many times slower than a sha256).
     rows = (w.numel() + ROW - 1) // ROW
 
     def fn(r: int, _hi: int, s: Any) -> tuple[int, int]:
@@ -151,7 +151,7 @@ class Fingerprint:
         for name in sorted(self._sums):
             shape, dtype, sums = self._sums[name]
             h.update(f"{name}|{list(shape)}|{dtype}|".encode())
-            h.update(memoryview(sums.to("cpu").contiguous().view(torch.uint8).numpy()))
+            h.update(sums.to("cpu").contiguous().view(torch.uint8).numpy().data)
         return PREFIX + h.hexdigest()[:32]
 
 
@@ -159,7 +159,7 @@ def tensor_digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's dtype and bytes (copied to the CPU)."""
     t = t.detach().to("cpu").contiguous().reshape(-1)
     h = hashlib.sha256(f"{t.dtype}|".encode())
-    h.update(memoryview(t.view(torch.uint8).numpy()))
+    h.update(t.view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -176,7 +176,7 @@ def digest_model_dir(path: str | Path, kind: str = "sha256") -> str:
 
     Args:
         path: the model directory.
-        kind: ``"sha256"`` or ``"fingerprint"`` (:mod:`evomerge.engine.fingerprint`).
+        kind: ``"sha256"`` or ``"fingerprint"`` (:class:`Fingerprint`).
     """
     src = ModelSource(str(path), Path(path))
     per, shapes = {}, {}

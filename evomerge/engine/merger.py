@@ -95,7 +95,7 @@ class Merger:
             ``resident``, where the compile time (seconds) is paid back over many merges.
         stream: the random stream of masks (:data:`~evomerge.engine.rng.STREAMS`; default the current).
         digest: what :attr:`MergeResult.digest` holds: ``"sha256"`` (bytes copied to the CPU),
-            ``"fingerprint"`` (computed on the device, :mod:`~evomerge.engine.fingerprint`), or
+            ``"fingerprint"`` (computed on the device, :class:`~evomerge.engine.hashes.Fingerprint`), or
             ``"auto"``: the fingerprint on CUDA, sha256 on CPU (where sha256 is twice as fast).
         gpu_memory: device memory the resident merger may plan for (``"60GB"``, bytes); default:
             ``$EVOMERGE_GPU_MEMORY``, else the free memory (see :mod:`~evomerge.engine.placement`).
@@ -201,6 +201,7 @@ class Merger:
             self.cache,
             compute_dtype=compute,
             out_dtype=torch_dtype(plan.out_dtype),
+            decision_dtype=torch_dtype(task.decision_dtype),
             out=out,
             compiled=self.compile,
             stream=self.stream,

@@ -3,8 +3,8 @@
 The search merges the same sources trial after trial. Sources are held in their stored dtype
 (bf16/f16: 2 bytes a parameter, half of float32) and kernels compute in float32 chunk by chunk.
 On a GPU they stay on the card when they fit a budget; otherwise they sit in pinned host memory
-and each merge streams them to the card tensor by tensor (PCIe 5 moves four 7B bf16 sources, 58 GB,
-in 1-2 s: small next to evaluating a 7B model).
+and each merge streams them to the card tensor by tensor (a PCIe 5 link moves four 7B bf16
+sources, 58 GB, in a second or two: small next to evaluating a 7B model).
 
 The budget is the device memory evomerge may use (the free memory at start, or ``--gpu-memory``)
 minus what the trial needs besides the sources: the merged model (the largest source's size),
@@ -15,7 +15,7 @@ sources (7.24e9 parameters, bf16) on an 80 GB H100 (79.1 GiB free)::
     sources 4 x 13.49 GiB = 53.96 GiB     model 13.49 GiB     eval room 4 GiB     scratch 1 GiB
     53.96 + 13.49 + 4 + 1 = 72.44 GiB <= 79.1 GiB: sources on the device, 6.7 GiB to spare
 
-(in float32, as before, the sources alone would be 107.9 GiB). ``tests/test_placement.py`` checks
+(in float32 the sources alone would be 107.9 GiB). ``tests/test_placement.py`` checks
 this arithmetic; the search log prints it for the study's own models.
 """
 

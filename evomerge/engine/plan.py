@@ -19,11 +19,13 @@ models (mergekit asks for ``modules:`` there).
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from evomerge.dtypes import name_of_code
+import torch
+
+from evomerge.dtypes import name_of_code, torch_dtype
 from evomerge.engine.arch import is_other_module, is_pre_tensor
 from evomerge.engine.params import ParamError, resolve
 from evomerge.engine.sources import ModelSource
@@ -43,7 +45,13 @@ _EMBED_NAMES = (
 
 @dataclass(frozen=True)
 class TensorTask:
-    """One output tensor: where its inputs come from and the parameters to merge them with."""
+    """One output tensor: where its inputs come from and the parameters to merge them with.
+
+    ``decision_dtype`` is the dtype mergekit computes this tensor in: the recipe's ``dtype``, else
+    the promotion of the inputs' stored dtypes. Kernels compute in float32 (``compute_dtype``), but
+    a discrete choice that rounding can flip (arcee_fusion's mask) is made in this dtype, as
+    mergekit makes it.
+    """
 
     out_name: str
     inputs: tuple[tuple[str, str], ...]  # (model reference, tensor name in that model)
@@ -51,6 +59,7 @@ class TensorTask:
     shared: Mapping[str, Any]
     per_input: tuple[Mapping[str, Any], ...]
     shape: tuple[int, ...]
+    decision_dtype: str = "float32"
 
 
 @dataclass
@@ -77,10 +86,6 @@ class MergePlan:
     compute_dtype: str
     parents: list[str] = field(default_factory=list)
 
-    def structure_key(self) -> tuple[Any, ...]:
-        """Equal for plans whose outputs have the same names and shapes (one resident model fits both)."""
-        return tuple((t.out_name, t.shape) for t in self.tasks)
-
 
 def _normalized_slices(cfg: MergeConfig, sources: Mapping[str, ModelSource]) -> list[OutputSlice]:
     if cfg.slices is not None:
@@ -100,6 +105,17 @@ def _normalized_slices(cfg: MergeConfig, sources: Mapping[str, ModelSource]) -> 
     return [
         OutputSlice(tuple(InputModel(m.model, m.parameters, (0, counts[m.model])) for m in items))
     ]
+
+
+def _promoted(codes: Sequence[str]) -> str:
+    """The float dtype mergekit computes in when a recipe sets none: the inputs' promoted."""
+    floats = [torch_dtype(n) for c in codes if (n := name_of_code(c)) is not None]
+    if not floats:
+        return "float32"
+    dtype = floats[0]
+    for d in floats[1:]:
+        dtype = torch.promote_types(dtype, d)
+    return str(dtype).removeprefix("torch.")
 
 
 def _input_name(src: ModelSource, name: str) -> str | None:
@@ -233,6 +249,10 @@ def make_plan(
                 shared,
                 tuple(per_input),
                 shapes[0],
+                cfg.dtype
+                or _promoted(
+                    [sources[m].dtype_code(n) for m, n in zip(models, in_names, strict=True)]
+                ),
             )
         )
 
@@ -271,14 +291,14 @@ def make_plan(
                 in_names = []
                 for src in s.sources:
                     m = sources[src.model]
-                    n = m.arch.layer_name((src.layer_range or (0, 0))[0] + offset, suffix)
-                    if n not in m:
+                    name = m.arch.layer_name((src.layer_range or (0, 0))[0] + offset, suffix)
+                    if name not in m:
                         raise ConfigError(
                             file,
                             f"slices[{si}]" if cfg.slices else "models",
-                            f"model {src.model!r} has no tensor {n}",
+                            f"model {src.model!r} has no tensor {name}",
                         )
-                    in_names.append(n)
+                    in_names.append(name)
                 add(
                     ref_arch.layer_name(out_layer, suffix),
                     s,

@@ -3,7 +3,7 @@
 A plan names its tensors as the source checkpoints do. For most causal LMs those are the names of
 the model's own parameters. A model whose checkpoint layout differs from its module tree (LLaVA:
 the checkpoint's ``vision_tower.*`` and ``language_model.model.*`` are the modules
-``model.vision_tower.*`` and ``model.language_model.*`` since transformers 5) is matched through
+``model.vision_tower.*`` and ``model.language_model.*`` under transformers 5) is matched through
 transformers' own save-time renaming (``revert_weight_conversion``), so a merged tensor lands in the
 parameter that ``from_pretrained`` would have loaded it into. A model whose checkpoint tensors are
 computed from its parameters (fused or split on save) is refused in one line: writing a merged
@@ -17,6 +17,13 @@ from typing import Any
 
 import torch
 
+from evomerge.compat import (
+    can_build_from_config,
+    checkpoint_renaming,
+    has_causal_lm_class,
+    model_from_config,
+    no_init_weights,
+)
 from evomerge.dtypes import torch_dtype
 from evomerge.errors import EvomergeError
 
@@ -43,23 +50,17 @@ def build_model(config: Mapping[str, Any], dtype: str, device: torch.device) -> 
     import transformers
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
-
     model_type = config.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise EvomergeError(
             f"in-memory merge: transformers does not know model_type {model_type!r}"
         )
-    cfg = CONFIG_MAPPING[model_type].from_dict(dict(config))
+    cfg = CONFIG_MAPPING[str(model_type)].from_dict(dict(config))
     archs = list(config.get("architectures") or [])
     cls: Any = AutoModelForCausalLM
-    causal = getattr(AutoModelForCausalLM, "_model_mapping", None)  # config class -> model class
-    if causal is not None and type(cfg) not in causal:
+    if not has_causal_lm_class(cfg):
         named = getattr(transformers, archs[0], None) if archs else None
-        if named is None or not hasattr(named, "_from_config"):
+        if not can_build_from_config(named):
             raise EvomergeError(
                 f"in-memory merge: transformers has no causal LM class for model_type {model_type!r} (architectures: {archs})"
             )
@@ -68,7 +69,7 @@ def build_model(config: Mapping[str, Any], dtype: str, device: torch.device) -> 
         model = (
             cls.from_config(cfg, dtype=torch_dtype(dtype))
             if cls is AutoModelForCausalLM
-            else cls._from_config(cfg, dtype=torch_dtype(dtype))
+            else model_from_config(cls, cfg, torch_dtype(dtype))
         )
     return model.to(device).eval()
 
@@ -90,11 +91,9 @@ def checkpoint_targets(model: torch.nn.Module, names: list[str]) -> dict[str, to
     own = dict(model.state_dict(keep_vars=True))
     if all(n in own for n in names):
         return own
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # transformers 4.x: checkpoint and module names are the same
+    renamed = checkpoint_renaming(model, own)
+    if renamed is None:  # transformers 4.x: checkpoint and module names are the same
         return own
-    renamed = revert_weight_conversion(model, dict(own))
     ids = {id(t) for t in own.values()}
     converted = sorted(n for n, t in renamed.items() if id(t) not in ids)
     if converted:

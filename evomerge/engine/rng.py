@@ -221,8 +221,9 @@ def uniform_field(
 
 # A comment line `evomerge merge` reads when --seed is not given, so exported recipes of random
 # methods (dare, della) re-merge to the trial's tensors without extra flags. It names the random
-# stream too (evomerge.engine.rng): a new stream draws other masks from the same seed. Exports
-# written before streams were named say only `# evomerge-seed: N`, which means stream 1.
+# stream too (evomerge.engine.rng): another stream draws other masks from the same seed. A
+# comment that names no stream (`# evomerge-seed: N`, as evomerge 0.1.0's first exports wrote
+# it) means stream 1.
 SEED_PRAGMA = "# evomerge-seed: {seed} stream {stream}"
 _PRAGMA_RE = re.compile(r"^#\s*evomerge-seed:(.*)$", re.M)
 _VALUE_RE = re.compile(r"^\s*(\d+)(?:\s+stream\s+(\d+))?\s*$")
@@ -233,7 +234,7 @@ def pragma_from_text(text: str) -> tuple[int | None, int]:
 
     Returns:
         ``(seed, stream)``: ``(None, STREAM)`` without the comment (the current stream); a comment
-        naming no stream means stream 1 (exports made before streams were named).
+        naming no stream means stream 1.
 
     Raises:
         ValueError: a malformed comment, or a stream this version cannot draw (one line).

@@ -49,7 +49,8 @@ def resolve_model(
 
     Args:
         ref: local path, hub id (optionally ``@revision``) or a scheme reference (``zoo:demo/base``).
-        file, field: where the reference was written, for the error message.
+        file: the file the reference was written in, for the error message.
+        field: the field it was written in, for the error message.
         allow_download: try the hub when the model is not cached and the hub is not disabled.
 
     Returns:

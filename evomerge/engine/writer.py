@@ -126,7 +126,7 @@ class ShardedWriter:
             self._start(si)
         assert self._handle is not None
         t = tensor.detach().to("cpu").contiguous()
-        self._handle.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._handle.write(t.reshape(-1).view(torch.uint8).numpy().data)
         self._next += 1
 
     def close(self) -> None:

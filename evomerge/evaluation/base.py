@@ -183,9 +183,9 @@ def make_scores(
     agg, se = aggregate(
         specs, scores, {k: (0.0 if math.isnan(v) else v) for k, v in stderr.items()}
     )
-    values = {k: list(v) for k, v in (values or {}).items()}
-    n = sum(len(v) for v in values.values()) if n_items is None else n_items
-    return Scores(dict(scores), dict(stderr), agg, se, seconds, n, values)
+    per_item = {k: list(v) for k, v in (values or {}).items()}
+    n = sum(len(v) for v in per_item.values()) if n_items is None else n_items
+    return Scores(dict(scores), dict(stderr), agg, se, seconds, n, per_item)
 
 
 def aggregate(

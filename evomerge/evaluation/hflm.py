@@ -20,11 +20,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import lm_eval.api.task as lm_task
 import torch
 from lm_eval.api.model import LM
 from lm_eval.models.huggingface import HFLM
 
+from evomerge.compat import feed_cache_hook, hflm_loglikelihood_tokens, quiet_task_progress
 from evomerge.evaluation.base import SCORERS
 from evomerge.evaluation.scorer import say_once, score_shared, sliding_window
 
@@ -53,12 +53,8 @@ def reseed_fewshot(tasks: Iterable[Any]) -> None:
 def no_task_bars() -> Iterator[None]:
     """lm-eval draws a progress bar per task while it builds requests (the module global
     ``lm_eval.api.task.tqdm``); a search prints its own progress, so it is a pass-through here."""
-    bar = lm_task.tqdm
-    lm_task.tqdm = lambda it, *a, **k: it
-    try:
+    with quiet_task_progress():
         yield
-    finally:
-        lm_task.tqdm = bar
 
 
 class SharedContextHFLM(HFLM):
@@ -77,7 +73,7 @@ class SharedContextHFLM(HFLM):
         >>> lm_eval.evaluator.evaluate(lm, task_dict)  # doctest: +SKIP
     """
 
-    def _loglikelihood_tokens(
+    def _loglikelihood_tokens(  # compat.HFLM_TOKENS: what HFLM.loglikelihood calls
         self, requests: Any, disable_tqdm: bool = False, override_bs: int | None = None
     ) -> Any:
         why = self._hflm_reason(requests)
@@ -86,8 +82,8 @@ class SharedContextHFLM(HFLM):
                 say_once(
                     why, f"shared-context scorer: {why}: loglikelihood requests use HFLM's path"
                 )
-            return super()._loglikelihood_tokens(
-                requests, disable_tqdm=disable_tqdm, override_bs=override_bs
+            return hflm_loglikelihood_tokens(
+                self, requests, disable_tqdm=disable_tqdm, override_bs=override_bs
             )
         cut = sum(len(c) + len(x) > self.max_length + 1 for _, c, x in requests)
         if cut:
@@ -109,7 +105,7 @@ class SharedContextHFLM(HFLM):
                 "window",
                 f"shared-context scorer: pairs longer than half the sliding window ({window}) use HFLM's path",
             )
-            hflm = super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm=True)
+            hflm = hflm_loglikelihood_tokens(self, [requests[i] for i in rest], disable_tqdm=True)
             for i, r in zip(rest, hflm, strict=True):
                 res[i] = r
         got = score_shared(
@@ -123,7 +119,7 @@ class SharedContextHFLM(HFLM):
         )
         for i, r in zip(mine, got, strict=True):
             res[i] = r
-            self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+            feed_cache_hook(self, requests[i][0], r)
         return res
 
     def _hflm_reason(self, requests: Any) -> str:

@@ -28,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from evomerge.compat import build_task_requests
 from evomerge.evaluation.base import Scores, StagedEvaluation, TaskSpec
 from evomerge.evaluation.hflm import MemoLM, no_task_bars, reseed_fewshot
 
@@ -114,19 +115,7 @@ class RequestBank:
 
     def _build(self, leaf: str, task: Any, ids: list[int]) -> None:
         reseed_fewshot([task])  # as the full evaluation does: the same prompts
-        task.build_all_requests(
-            limit=None,
-            samples=list(ids),
-            rank=0,
-            world_size=1,
-            cache_requests=False,
-            rewrite_requests_cache=False,
-            system_instruction=None,
-            apply_chat_template=False,
-            fewshot_as_multiturn=False,
-            chat_template=None,
-            tokenizer_name="",
-        )
+        build_task_requests(task, ids)
         by_doc: dict[int, list[Any]] = defaultdict(list)
         for inst in task.instances:  # doc_id is the position among the selected docs
             by_doc[inst.doc_id].append(inst)

@@ -1,7 +1,11 @@
 """The registry of merge methods: one explicit dict, nothing registered by import side effects.
 
+The task-vector family is one generalized method: each entry says, by keyword, how it sparsifies
+each task vector, whether TIES sign consensus elects the entries that take part, and which of
+``normalize`` and ``rescale`` are on by default (mergekit 0.1.5's generalized task arithmetic).
+
 Example:
-    >>> METHODS["ties"].sparsifier, METHODS["ties"].consensus
+    >>> METHODS["ties"].sparsifier.value, METHODS["ties"].consensus
     ('magnitude', True)
     >>> [p.name for p in get_method("slerp").params]
     ['t']
@@ -9,7 +13,9 @@ Example:
 
 from __future__ import annotations
 
-from evomerge.methods.spec import Method, Param
+from dataclasses import replace
+
+from evomerge.methods.spec import Method, Param, Sparsifier
 
 __all__ = ["METHODS", "NOT_METHODS", "KNOWN_PARAMS", "get_method"]
 
@@ -43,62 +49,55 @@ _TV_SHARED = (
     ),
     Param("lambda", float, "shared", 1.0, help="scale of the merged task vector"),
 )
+# What a sparsifier takes beyond the density.
+_SPARSIFIER_PARAMS = {
+    Sparsifier.MAGNITUDE_OUTLIERS: Param(
+        "gamma",
+        float,
+        "non_base",
+        0.01,
+        low=0.0,
+        high=1.0,
+        high_open=True,
+        help="fraction of largest entries dropped",
+    ),
+    Sparsifier.DELLA: Param(
+        "epsilon",
+        float,
+        "non_base",
+        0.15,
+        low=0.0,
+        high=1.0,
+        high_open=True,
+        help="spread of keep probabilities around density",
+    ),
+}
 
 
-def _task_vector_method(
+def _task_vector(
     name: str,
-    sparsifier: str | None,
-    consensus: bool,
-    normalize: bool,
-    rescale: bool,
+    sparsifier: Sparsifier | None = None,
+    *,
+    consensus: bool = False,
+    normalize: bool = False,
+    rescale: bool = False,
     reference: str,
 ) -> Method:
-    shared = tuple(
-        Param(
-            p.name,
-            p.kind,
-            p.scope,
-            {"normalize": normalize, "rescale": rescale}.get(p.name, p.default),
-            help=p.help,
-        )
-        for p in _TV_SHARED
-    )
-    extra: tuple[Param, ...] = ()
-    if sparsifier == "magnitude_outliers":
-        extra = (
-            Param(
-                "gamma",
-                float,
-                "non_base",
-                0.01,
-                low=0.0,
-                high=1.0,
-                high_open=True,
-                help="fraction of largest entries dropped",
-            ),
-        )
-    elif sparsifier == "della":
-        extra = (
-            Param(
-                "epsilon",
-                float,
-                "non_base",
-                0.15,
-                low=0.0,
-                high=1.0,
-                high_open=True,
-                help="spread of keep probabilities around density",
-            ),
-        )
+    defaults = {"normalize": normalize, "rescale": rescale}
+    shared = tuple(replace(p, default=defaults.get(p.name, p.default)) for p in _TV_SHARED)
+    extra = (_SPARSIFIER_PARAMS[sparsifier],) if sparsifier in _SPARSIFIER_PARAMS else ()
     return Method(
-        name=name,
-        params=shared + (_WEIGHT, _DENSITY) + extra,
+        name,
+        shared + (_WEIGHT, _DENSITY) + extra,
         base="required",
         sparsifier=sparsifier,
         consensus=consensus,
         reference=reference,
     )
 
+
+_TIES, _DARE = "https://arxiv.org/abs/2306.01708", "https://arxiv.org/abs/2311.03099"
+_BREADCRUMBS, _DELLA = "https://arxiv.org/abs/2312.06795", "https://arxiv.org/abs/2406.11617"
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -116,38 +115,26 @@ METHODS: dict[str, Method] = {
             max_inputs=2,
             reference="https://en.wikipedia.org/wiki/Slerp",
         ),
-        _task_vector_method(
-            "task_arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089"
-        ),
-        _task_vector_method(
-            "ties", "magnitude", True, True, False, "https://arxiv.org/abs/2306.01708"
-        ),
-        _task_vector_method(
-            "dare_ties", "random", True, False, True, "https://arxiv.org/abs/2311.03099"
-        ),
-        _task_vector_method(
-            "dare_linear", "random", False, False, True, "https://arxiv.org/abs/2311.03099"
-        ),
-        _task_vector_method(
-            "breadcrumbs",
-            "magnitude_outliers",
-            False,
-            False,
-            False,
-            "https://arxiv.org/abs/2312.06795",
-        ),
-        _task_vector_method(
+        _task_vector("task_arithmetic", reference="https://arxiv.org/abs/2212.04089"),
+        _task_vector("ties", Sparsifier.MAGNITUDE, consensus=True, normalize=True, reference=_TIES),
+        _task_vector("dare_ties", Sparsifier.RANDOM, consensus=True, rescale=True, reference=_DARE),
+        _task_vector("dare_linear", Sparsifier.RANDOM, rescale=True, reference=_DARE),
+        _task_vector("breadcrumbs", Sparsifier.MAGNITUDE_OUTLIERS, reference=_BREADCRUMBS),
+        _task_vector(
             "breadcrumbs_ties",
-            "magnitude_outliers",
-            True,
-            False,
-            False,
-            "https://arxiv.org/abs/2312.06795",
+            Sparsifier.MAGNITUDE_OUTLIERS,
+            consensus=True,
+            reference=_BREADCRUMBS,
         ),
-        _task_vector_method("della", "della", True, True, True, "https://arxiv.org/abs/2406.11617"),
-        _task_vector_method(
-            "della_linear", "della", False, False, True, "https://arxiv.org/abs/2406.11617"
+        _task_vector(
+            "della",
+            Sparsifier.DELLA,
+            consensus=True,
+            normalize=True,
+            rescale=True,
+            reference=_DELLA,
         ),
+        _task_vector("della_linear", Sparsifier.DELLA, rescale=True, reference=_DELLA),
         Method(
             "model_stock",
             (Param("filter_wise", bool, "shared", False),),
@@ -264,9 +251,6 @@ def get_method(name: str) -> Method:
     """Look up a method by name.
 
     Raises:
-        KeyError: with a message naming close matches (callers turn it into a ConfigError).
+        KeyError: ``name`` is not a method (callers turn it into a ConfigError naming close matches).
     """
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise KeyError(name) from None
+    return METHODS[name]

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
-__all__ = ["REQUIRED", "Param", "Method"]
+__all__ = ["REQUIRED", "Param", "Method", "Sparsifier"]
 
 
 class _Required:
@@ -102,6 +103,15 @@ class Param:
         return value
 
 
+class Sparsifier(str, Enum):
+    """How a task-vector method sparsifies each input's task vector (delta) before combining."""
+
+    MAGNITUDE = "magnitude"  # the top int(density * n) entries by |delta| (TIES)
+    RANDOM = "random"  # each entry with probability density (DARE)
+    MAGNITUDE_OUTLIERS = "magnitude_outliers"  # drop the top gamma fraction, then the smallest
+    DELLA = "della"  # probabilities from density - epsilon to + epsilon, ranked by |delta| in a row
+
+
 @dataclass(frozen=True)
 class Method:
     """A merge method: its declaration (the engine picks its kernel by name).
@@ -113,7 +123,7 @@ class Method:
             or ``"ignored"`` (a base_model in the recipe plays no special role).
         min_inputs, max_inputs, min_non_base, max_non_base: input counts per output tensor.
         sparsifier: for the task-vector family, how each task vector is sparsified (``None``: kept
-            whole; ``magnitude``, ``random``, ``magnitude_outliers`` or ``della``).
+            whole).
         consensus: for the task-vector family, TIES sign election on or off.
         reference: the paper or post that defines it.
     """
@@ -125,7 +135,7 @@ class Method:
     max_inputs: int | None = None
     min_non_base: int | None = None
     max_non_base: int | None = None
-    sparsifier: str | None = None
+    sparsifier: Sparsifier | None = None
     consensus: bool = False
     reference: str = ""
     _by_name: dict[str, Param] = field(init=False, repr=False, compare=False)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from evomerge.compat import model_from_config, no_init_weights
 from evomerge.dtypes import canonical, torch_dtype
 from evomerge.engine.hashes import tensor_digest, tensors_digest
 from evomerge.engine.merger import check_device
@@ -301,12 +302,8 @@ class MoEBuilder:
         """An empty ``MixtralForCausalLM`` of the layout, on this builder's device."""
         from transformers import MixtralForCausalLM
 
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # transformers 4.x
-            from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
         with no_init_weights():
-            model = MixtralForCausalLM._from_config(layout.config, dtype=torch_dtype(layout.dtype))
+            model = model_from_config(MixtralForCausalLM, layout.config, torch_dtype(layout.dtype))
         return model.to(self.device).eval()
 
     def build_into(

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from evomerge.compat import no_init_weights
 from evomerge.engine.sources import ModelSource
 from evomerge.errors import EvomergeError, one_line
 from evomerge.moe.config import Expert
@@ -142,10 +143,6 @@ class Router:
         if self._model is None:
             from transformers import AutoConfig, AutoModelForCausalLM
 
-            try:
-                from transformers.initialization import no_init_weights
-            except ImportError:  # transformers 4.x
-                from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
             with no_init_weights():
                 model = AutoModelForCausalLM.from_config(
                     AutoConfig.from_pretrained(str(self.base.path)), dtype=HIDDEN_DTYPE

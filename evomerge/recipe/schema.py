@@ -253,7 +253,8 @@ def parse_recipe(data: Any, file: str | None = None, *, unused: Unused = "error"
             "is a mergekit-moe key: this is a mixture-of-experts configuration; build it with `evomerge moe` instead of `evomerge merge`",
         )
     m = raw = p.mapping(data, None, _TOP_KEYS + ("modules",))
-    pre, spans = "", ()  # a modules: recipe is read as the models:/slices: recipe it amounts to
+    spans: tuple[tuple[str, int], ...] = ()
+    pre = ""  # a modules: recipe is read as the models:/slices: recipe it amounts to
     if "modules" in m:
         m, pre, spans = flatten_modules(m, file)
     name = m.get("merge_method")

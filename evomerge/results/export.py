@@ -9,6 +9,7 @@ comments, so ``mergekit-yaml best.yml out`` accepts the file for the methods it 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from evomerge.dataflow.export import compare_built
 from evomerge.engine.hashes import is_fingerprint
 from evomerge.engine.merger import merge_to_disk
 from evomerge.engine.rng import SEED_PRAGMA, pragma_from_text, seed_from_text
+from evomerge.engine.writer import AtomicDir
 from evomerge.errors import EvomergeError, one_line
 from evomerge.io import atomic_text, dump_yaml
 from evomerge.moe.config import is_moe_mapping
@@ -180,26 +182,37 @@ def export_recipe(
     return text, recipe, info
 
 
+def _check_dir(what: str, d: Path, force: bool) -> None:
+    if d.exists() and not d.is_dir():
+        raise EvomergeError(f"{what}: exists and is not a directory")
+    if d.exists() and any(d.iterdir()) and not force:
+        raise EvomergeError(f"{what}: directory is not empty (pass --force to replace it)")
+    AtomicDir(d, force=force)  # checks (creating nothing) that it can be made there
+
+
 def main_export(args: Any) -> int:
-    """``evomerge export space.yml [--trial N] -o best.yml [--merge OUT_DIR]``."""
+    """``evomerge export space.yml [--trial N] -o best.yml [--merge OUT_DIR]``.
+
+    A refusal leaves every file as it was: the outputs are checked before the study is read, the
+    merged experts' once they are known, and the recipe files this run created are removed again
+    when the merge fails.
+    """
     paths = locate(args.space, study=args.study, storage=args.storage, results_dir=args.results_dir)
-    study = load_study(paths)
     out = Path(args.output)
+    _check_file(out, args.force)
+    if args.merge:
+        _check_dir(f"--merge {args.merge}", Path(args.merge), args.force)
+    study = load_study(paths)
     text, recipe, info = export_recipe(study, trial=args.trial, space_file=args.space, out=out)
     kind = "merged source" if info["dataflow"] is not None else "merged expert"
     # Every file and directory this export writes is checked before the first is written.
     for f in info["expert_files"]:
         _check_file(f.recipe_path, args.force)
-    _check_file(out, args.force)
-    if args.merge:
-        dirs = [(f"--merge {args.merge}", Path(args.merge))] + [
-            (f"{kind} {f.model_dir}", f.model_dir) for f in info["expert_files"]
-        ]
-        for what, d in dirs:
-            if d.exists() and not d.is_dir():
-                raise EvomergeError(f"{what}: exists and is not a directory")
-            if d.exists() and any(d.iterdir()) and not args.force:
-                raise EvomergeError(f"{what}: directory is not empty (pass --force to replace it)")
+        if args.merge:
+            _check_dir(f"{kind} {f.model_dir}", f.model_dir, args.force)
+    files = [f.recipe_path for f in info["expert_files"]] + [out]
+    dirs = [f.model_dir for f in info["expert_files"]] if args.merge else []
+    created = [p for p in files + dirs if not p.exists()]
     for f in info["expert_files"]:
         _atomic_write(f.recipe_path, f.text, args.force)
     _atomic_write(out, text, args.force)
@@ -209,6 +222,23 @@ def main_export(args: Any) -> int:
     )
     for line in info["evaluation"]:
         print(f"  {line}")
+    try:
+        differs = _merge(args, recipe, text, info)
+    except BaseException:
+        for p in created:  # the merge failed: the export leaves nothing of its own behind
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        raise
+    if differs:
+        raise EvomergeError(differs)
+    return 0
+
+
+def _merge(args: Any, recipe: Any, text: str, info: dict[str, Any]) -> str | None:
+    """Merge the exported recipe into ``--merge`` (nothing without it); why the merged tensors
+    differ from the trial's, or None when they are the same."""
     if args.merge and info["moe"]:
         _merge_parts(args, info, "merged expert")
         built = moe_to_disk(
@@ -226,14 +256,12 @@ def main_export(args: Any) -> int:
             + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:20]}")
         )
         if not same:
-            raise EvomergeError(
-                f"--merge: the rebuilt mixture differs from trial {info['number']}'s ({built.digest[:20]} vs {info['digest'][:20]})"
-            )
+            return f"--merge: the rebuilt mixture differs from trial {info['number']}'s ({built.digest[:20]} vs {info['digest'][:20]})"
     elif args.merge and info["dataflow"] is not None:
-        _build_dataflow(args, recipe, text, info)
+        return _build_dataflow(args, recipe, text, info)
     elif args.merge:
-        # CUDA trials record a fingerprint of their tensors (evomerge.engine.hashes), CPU trials and studies made
-        # before fingerprints a sha256. The re-merge is checked against whichever the trial holds.
+        # CUDA trials record a fingerprint of their tensors (evomerge.engine.hashes), CPU trials a
+        # sha256. The re-merge is checked against whichever the trial holds.
         fp = is_fingerprint(info["digest"])
         result = merge_to_disk(
             recipe,
@@ -254,10 +282,8 @@ def main_export(args: Any) -> int:
             + ("matches the trial" if same else f"DIFFERS from the trial's {info['digest'][:20]}")
         )
         if not same:
-            raise EvomergeError(
-                f"--merge: the re-merged tensors differ from trial {info['number']}'s ({got[:20]} vs {info['digest'][:20]})"
-            )
-    return 0
+            return f"--merge: the re-merged tensors differ from trial {info['number']}'s ({got[:20]} vs {info['digest'][:20]})"
+    return None
 
 
 def _merge_parts(args: Any, info: dict[str, Any], what: str) -> None:
@@ -275,9 +301,12 @@ def _merge_parts(args: Any, info: dict[str, Any], what: str) -> None:
         print(f"{what} into {f.model_dir}")
 
 
-def _build_dataflow(args: Any, recipe: dict[str, Any], text: str, info: dict[str, Any]) -> None:
+def _build_dataflow(
+    args: Any, recipe: dict[str, Any], text: str, info: dict[str, Any]
+) -> str | None:
     """``--merge`` of a data-flow trial: its merged sources, the passthrough recipe, and the check
-    that the built tensors are those the trial's path computed with (bit for bit)."""
+    that the built tensors are those the trial's path computed with (bit for bit); why they differ,
+    or None when they are the same."""
     _merge_parts(args, info, "merged source")
     result = merge_to_disk(
         recipe,
@@ -299,6 +328,5 @@ def _build_dataflow(args: Any, recipe: dict[str, Any], text: str, info: dict[str
         )
     )
     if worst != 0.0:
-        raise EvomergeError(
-            f"--merge: the built tensors differ from trial {info['number']}'s path (largest difference {worst:.3g})"
-        )
+        return f"--merge: the built tensors differ from trial {info['number']}'s path (largest difference {worst:.3g})"
+    return None

@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from evomerge.contamination.render import flag_marks, flag_raised, legend
+from evomerge.errors import hide_password
 from evomerge.results.provenance import evaluation_lines
 from evomerge.search.outcome import SearchOutcome, item_totals
 from evomerge.search.storage import load_study, locate
@@ -52,9 +53,9 @@ def leaderboard(df: pd.DataFrame, *, top: int = 15, show_all: bool = False) -> s
             + " ".join(f"{_fmt(rd.get('s_' + t)):>10}" for t in tasks)
             + f"  {marks:5}  {desc}"
         )
-    by = df.loc[df["chosen"].map(flag_raised), "chosen_by"] if "chosen" in df else []
+    by = list(df.loc[df["chosen"].map(flag_raised), "chosen_by"]) if "chosen" in df else []
     chose = {"validation": "the best valid score", "search": "the best search score"}.get(
-        str(by.iloc[0]) if len(by) else "",
+        str(by[0]) if by else "",
         "the best valid (holdout) score: this study predates test items",
     )
     lines.append(
@@ -154,7 +155,7 @@ def summary(outcome: SearchOutcome, df: pd.DataFrame) -> str:
         if b.get("state") != "COMPLETE":
             lines.append(f"  vs {name:<32} (failed: {b.get('error', '')})")
             continue
-        r = b.get(key)
+        r: Any = b.get(key)
         if not is_number(r):
             lines.append(f"  vs {name:<32} ({key} not measured)")
             continue
@@ -185,7 +186,7 @@ def main_results(
     paths = locate(space, study=study, storage=storage, results_dir=results_dir)
     df = trials_frame(load_study(paths))
     print(
-        f"study {paths.name} ({paths.storage}): {int((df['state'] == 'COMPLETE').sum())} complete rows, "
+        f"study {paths.name} ({hide_password(paths.storage)}): {int((df['state'] == 'COMPLETE').sum())} complete rows, "
         f"{int((df['state'] == 'PRUNED').sum())} pruned, {int((df['state'] == 'FAIL').sum())} failed"
     )
     print(items_line(df))

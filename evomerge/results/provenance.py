@@ -20,7 +20,7 @@ __all__ = ["evaluation_lines", "unseen_score"]
 def _n(df: pd.DataFrame, col: str) -> int:
     """Items per evaluation of a split: the most any complete row scored."""
     done = df[df["state"] == "COMPLETE"]
-    v = pd.to_numeric(done[col], errors="coerce").max() if col in done and len(done) else None
+    v: Any = pd.to_numeric(done[col], errors="coerce").max() if col in done and len(done) else None
     return int(v) if is_number(v) else 0
 
 

@@ -35,6 +35,7 @@ Every file is written to a temporary name and moved into place, never half-writt
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ import pandas as pd
 
 from evomerge.contamination.render import flag_marks, flag_raised, legend
 from evomerge.contamination.rules import FLAG_COLUMNS
+from evomerge.errors import EvomergeError
 from evomerge.io import atomic_file
 from evomerge.results.provenance import evaluation_lines
 from evomerge.search.storage import load_study, locate
@@ -475,7 +477,14 @@ def main_report(args: Any) -> int:
             ``results_dir``, ``out``).
     Returns:
         0 on success.
+
+    Raises:
+        EvomergeError: matplotlib is not installed (the ``report`` extra).
     """
+    if importlib.util.find_spec("matplotlib") is None:
+        raise EvomergeError(
+            "evomerge report draws with matplotlib, which is not installed: pip install 'evomerge[report]'"
+        )
     paths = locate(
         args.space,
         study=getattr(args, "study", None),

@@ -153,9 +153,8 @@ class Holdout:
         if self._base_model is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self._base_model = (
-                AutoModelForCausalLM.from_pretrained(self.base_dir).to(self.device).eval()
-            )
+            base: Any = AutoModelForCausalLM.from_pretrained(self.base_dir)
+            self._base_model = base.to(self.device).eval()
             self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         evaluator = self.candidates.evaluator
         texts = [x for v in evaluator.texts("search").values() for x in v]

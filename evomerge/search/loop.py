@@ -48,7 +48,7 @@ from evomerge.search.progress import Interrupts, Progress
 from evomerge.search.pruning import RoundScorer
 from evomerge.search.records import StudyRecords, TrialRecord
 from evomerge.search.samplers import make_sampler
-from evomerge.search.setup import prepare
+from evomerge.search.setup import Setup, prepare
 from evomerge.search.table import write_trials_csv
 from evomerge.search.trial import TrialRunner
 
@@ -59,51 +59,16 @@ class Search:
     """A prepared search and its loop (see the module docstring).
 
     Args:
-        space_file: the search space YAML.
-        trials, device, storage, study, seed, results_dir: overrides of the space's settings
-            (see :func:`~evomerge.search.setup.prepare`).
-        evaluator: an :class:`~evomerge.evaluation.base.Evaluator` instead of lm-eval.
+        setup: the prepared search (:func:`~evomerge.search.setup.prepare`).
         probe: run the Min-K%++ memorization probe on the trials re-scored for validation.
         quiet: no progress bar and no trial lines.
-        threads: CPU threads for torch.
-        log: where progress lines go (default: stdout).
-        liveness: heartbeat interval, grace period and polling of the study's workers.
 
-    Raises:
-        ConfigError / EvomergeError: anything wrong with the space, its models, its tasks or the
-            storage (checked before anything is written).
+    Example:
+        >>> Search(prepare("search_spaces/demo.yml", trials=8)).run().chosen["test"]  # doctest: +SKIP
     """
 
-    def __init__(
-        self,
-        space_file: str | Path,
-        *,
-        trials: int | None = None,
-        device: str | None = None,
-        storage: str | None = None,
-        study: str | None = None,
-        seed: int | None = None,
-        results_dir: str | Path = "results",
-        evaluator: Evaluator | None = None,
-        probe: bool = False,
-        quiet: bool = False,
-        threads: int | None = None,
-        log: Callable[[str], None] | None = None,
-        liveness: Liveness | None = None,
-    ) -> None:
-        s = self.setup = prepare(
-            space_file,
-            trials=trials,
-            device=device,
-            storage=storage,
-            study=study,
-            seed=seed,
-            results_dir=results_dir,
-            evaluator=evaluator,
-            log=log,
-            threads=threads,
-            liveness=liveness,
-        )
+    def __init__(self, setup: Setup, *, probe: bool = False, quiet: bool = False) -> None:
+        s = self.setup = setup
         self.quiet, self.probe = quiet, probe
         self.candidates = Candidates(s.merger, s.evaluator)
         self.rounds = RoundScorer(
@@ -291,7 +256,12 @@ def run_search(
 
     Args:
         space_file: the search space YAML.
-        trials, device, storage, study, seed, results_dir: overrides of the space's settings.
+        trials: the trial budget (default: the space's ``search.trials``).
+        device: cpu or cuda[:N] (default: cuda when available).
+        storage: an Optuna storage URL (default: the space's, else SQLite under ``results_dir``).
+        study: the study name (default: the space's).
+        seed: the sampler and mask seed (default: the space's ``search.seed``).
+        results_dir: where study folders go.
         evaluator: an :class:`~evomerge.evaluation.base.Evaluator` instead of lm-eval.
         probe: run the Min-K%++ memorization probe on the trials re-scored for validation.
         quiet: no progress bar and no trial lines.
@@ -311,7 +281,7 @@ def run_search(
         >>> out = run_search("search_spaces/demo.yml", trials=40)   # doctest: +SKIP
         >>> out.chosen["test"]                                       # doctest: +SKIP
     """
-    return Search(
+    setup = prepare(
         space_file,
         trials=trials,
         device=device,
@@ -320,9 +290,8 @@ def run_search(
         seed=seed,
         results_dir=results_dir,
         evaluator=evaluator,
-        probe=probe,
-        quiet=quiet,
-        threads=threads,
         log=log,
+        threads=threads,
         liveness=liveness,
-    ).run()
+    )
+    return Search(setup, probe=probe, quiet=quiet).run()

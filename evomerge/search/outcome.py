@@ -57,7 +57,7 @@ class SearchOutcome:
             paths,
             int((searched["state"] == "COMPLETE").sum()),
             int((df["state"] == "FAIL").sum()),
-            None if chosen is None else chosen.to_dict(),
+            None if chosen is None else {str(k): v for k, v in chosen.to_dict().items()},
             baselines,
             seconds,
             int((searched["state"] == "PRUNED").sum()),

@@ -44,6 +44,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.compat import study_trials
 from evomerge.evaluation.base import Evaluator, item_weights
 from evomerge.search.candidates import Candidates
 from evomerge.search.records import Scores, StudyRecords
@@ -235,14 +236,14 @@ class _EstimatedView:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
 
-    def _get_trials(
+    def _get_trials(  # compat.SAMPLER_TRIALS: what Optuna's samplers call
         self,
         deepcopy: bool = True,
         states: Container[TrialState] | None = None,
         use_cache: bool = False,
     ) -> list[FrozenTrial]:
         out = []
-        for t in self._study._get_trials(deepcopy=deepcopy, states=None, use_cache=use_cache):
+        for t in study_trials(self._study, deepcopy=deepcopy, use_cache=use_cache):
             est = StudyRecords.estimate_of(t) if t.state == TrialState.PRUNED else None
             if est is not None:
                 t = copy.copy(t)

@@ -44,6 +44,7 @@ from evomerge.search.storage import StudyPaths, open_storage, study_paths
 from evomerge.search.study_source import resolve_study_sources
 from evomerge.space import Directive, Space, load_space
 from evomerge.space.moe import check_prompt_tasks
+from evomerge.space.validate import check_layer_groups
 
 __all__ = ["Setup", "prepare"]
 
@@ -307,6 +308,7 @@ def prepare(
         space = resolve_study_sources(space, results_dir=results_dir, log=log)
     # Models: open once; a space whose models cannot merge fails here, before any output.
     sources = open_sources(space.model_refs(), file=file)
+    check_layer_groups(space, lambda ref: sources[ref].arch.num_layers)
     if "dataflow" in space.tree:  # checked against the models; caps read off them
         section = check_section(
             space.tree["dataflow"], file, sources, lambda ref: sources[ref].arch.num_layers

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import EvomergeError, one_line
+from evomerge.errors import EvomergeError, hide_password, one_line
+from evomerge.io import plain_name
 from evomerge.search.distributed.claims import is_claim
 from evomerge.search.distributed.liveness import Liveness
 from evomerge.space import load_space
@@ -65,8 +66,20 @@ def study_paths(
 ) -> StudyPaths:
     """Resolve the study name (``--study`` > ``study.name`` > the space's file name), its
     folder ``results/<study>/`` and its storage (``--storage`` > ``study.storage`` > SQLite in
-    the folder)."""
-    name = study or space_study or re.sub(r"[^\w.-]+", "_", Path(space_file).stem)
+    the folder).
+
+    Raises:
+        ConfigError: a name that is not a plain name (:func:`~evomerge.io.plain_name`): one that
+            would put the study's folder outside ``results_dir`` (``../x``, ``/abs``, ``a/b``),
+            a hidden one, or one with characters a URL would read.
+    """
+    if study is not None:
+        name = plain_name(study, None, "--study")
+    elif space_study is not None:
+        name = plain_name(space_study, str(space_file), "study.name")
+    else:  # the file name, made plain: `my space.yml` -> my_space, `.hidden.yml` -> hidden
+        stem = re.sub(r"[^\w.-]+", "_", Path(space_file).stem).lstrip(".-")
+        name = plain_name(stem[:128] or "space", str(space_file), "the space's file name")
     folder = Path(results_dir) / name
     url = storage or space_storage
     if url is None:
@@ -113,6 +126,18 @@ def open_storage(
         EvomergeError: the URL is malformed or the database cannot be opened.
     """
 
+    try:
+        return _open(url, field, liveness, on_stale)
+    except EvomergeError as e:  # every message shows the URL, never its password
+        raise EvomergeError(hide_password(str(e), url)) from None
+
+
+def _open(
+    url: str,
+    field: str,
+    liveness: Liveness | None,
+    on_stale: Callable[[Any, Any], None] | None,
+) -> Any:
     if url.startswith(JOURNAL):
         return _journal(url, field)
     if url.startswith("sqlite:///"):
@@ -237,7 +262,7 @@ def load_study(paths: StudyPaths) -> Any:
             if not is_claim(s.study_name)
         ]
         raise EvomergeError(
-            f"no study {paths.name!r} in {paths.storage}"
+            f"no study {paths.name!r} in {hide_password(paths.storage)}"
             + (f" (it has: {', '.join(names)})" if names else "")
         ) from None
 

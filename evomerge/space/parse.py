@@ -4,6 +4,7 @@ space, and the ``search:`` and ``study:`` sections."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from evomerge.dataflow.candidate import is_dataflow_mapping, parse_candidate
 from evomerge.dataflow.section import dataflow_section
 from evomerge.errors import ConfigError, did_you_mean
 from evomerge.evaluation.section import parse_evaluate
-from evomerge.io import read_yaml
+from evomerge.io import plain_name, read_yaml
 from evomerge.methods.registry import METHODS
 from evomerge.moe.config import is_moe_mapping, parse_moe_config
 from evomerge.recipe.schema import parse_recipe
@@ -49,14 +50,18 @@ class _SpaceParser:
         self.file = file
         self.directives: list[Directive] = []
         self.names: set[str] = set()
+        # The suffix unique() tries next for a name: a space of n same-named values is then read
+        # in linear time, not quadratic.
+        self.next_suffix: dict[str, int] = {}
 
     def err(self, fld: str, msg: str) -> ConfigError:
         return ConfigError(self.file, fld, msg)
 
     def unique(self, name: str) -> str:
-        base, i = name, 2
+        base, i = name, self.next_suffix.get(name, 2)
         while name in self.names:
             name, i = f"{base}_{i}", i + 1
+        self.next_suffix[base] = i
         self.names.add(name)
         return name
 
@@ -240,12 +245,13 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
         elif k == "models" and isinstance(v, list):
             models = []
             shorts = [_short(m.get("model")) if isinstance(m, Mapping) else "model" for m in v]
+            count = Counter(shorts)
             for i, m in enumerate(v):
                 if not isinstance(m, Mapping):
                     models.append(m)
                     continue
                 e = dict(m)
-                suffix = f".{shorts[i]}" if shorts.count(shorts[i]) == 1 else f".{i}"
+                suffix = f".{shorts[i]}" if count[shorts[i]] == 1 else f".{i}"
                 if "model" in m:
                     e["model"] = p.scalar(m["model"], f"models[{i}].model", f"model{suffix}")
                 if "parameters" in m:
@@ -399,7 +405,8 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
         raise p.err(
             "search.sampler", f"unknown sampler {sampler!r}{did_you_mean(str(sampler), SAMPLERS)}"
         )
-    baselines = []
+    baselines: list[tuple[str, Any]] = []
+    named: dict[str, int] = {}  # name -> index of the baseline that has it
     raw = section.get("baselines") or []
     if not isinstance(raw, list):
         raise p.err(
@@ -414,6 +421,12 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
             if k not in ("name", "recipe"):
                 raise p.err(f"{f}.{k}", f"unknown key{did_you_mean(str(k), ('name', 'recipe'))}")
         name = str(b.get("name") or f"hand_{i}")
+        if name in named:
+            raise p.err(
+                f"{f}.name",
+                f"baseline {name!r} is named twice (also search.baselines[{named[name]}]); give each baseline its own name",
+            )
+        named[name] = i
         recipe = b["recipe"]
         if isinstance(recipe, str):
             path = Path(recipe).expanduser()
@@ -449,15 +462,15 @@ def _study_section(section: Any, p: _SpaceParser) -> tuple[str | None, str | Non
     if section is None:
         return None, None
     if isinstance(section, str):
-        return section, None
+        return plain_name(section, p.file, "study"), None
     if not isinstance(section, Mapping):
         raise p.err("study", "must be a mapping {name, storage} or a study name")
     for k in section:
         if k not in _STUDY_KEYS:
             raise p.err(f"study.{k}", f"unknown key{did_you_mean(str(k), _STUDY_KEYS)}")
     name = section.get("name")
-    if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name)):
-        raise p.err("study.name", f"must be a plain name (letters, digits, _ . -), got {name!r}")
+    if name is not None:
+        plain_name(name, p.file, "study.name")  # it becomes the folder results/<name>
     storage = section.get("storage")
     if storage is not None and not isinstance(storage, str):
         raise p.err("study.storage", f"must be an Optuna storage URL string, got {storage!r}")

@@ -12,11 +12,11 @@ from typing import Any
 from evomerge.errors import ConfigError, did_you_mean
 from evomerge.methods.registry import get_method
 from evomerge.recipe.schema import parse_recipe
-from evomerge.space.directives import Directive
+from evomerge.space.directives import Directive, LayersOf
 from evomerge.space.moe import validate_moe
 from evomerge.space.space import Space
 
-__all__ = ["validate_points"]
+__all__ = ["validate_points", "check_layer_groups"]
 
 
 def _corner(d: Directive) -> Any:
@@ -43,13 +43,12 @@ def validate_points(space: Space) -> None:
                         f"not a parameter of any method in merge_method.choice{did_you_mean(str(k), known, show_all=0)}; they take: {', '.join(sorted(known))}",
                     )
     for method in methods:
-        used: list[Directive] = []
+        used: dict[int, Directive] = {}  # by identity: a list's `in` compared dataclasses, n**2
 
         def suggest(
-            name: str, d: Directive, _m: Any = method, _used: list[Directive] = used
+            name: str, d: Directive, _m: Any = method, _used: dict[int, Directive] = used
         ) -> Any:
-            if d not in _used:
-                _used.append(d)
+            _used.setdefault(id(d), d)
             if d is method_dir:
                 return _m
             if d.kind == "int" and d.path.endswith("layer_range[1]"):
@@ -60,7 +59,10 @@ def validate_points(space: Space) -> None:
 
         _check_point(space, method, space.render(suggest, lambda ref: 8))
         _check_options(
-            space, method, [d for d in used if d.kind == "choice" and d is not method_dir], suggest
+            space,
+            method,
+            [d for d in used.values() if d.kind == "choice" and d is not method_dir],
+            suggest,
         )
 
 
@@ -132,3 +134,85 @@ def _with_raw_params(space: Space, recipe: dict[str, Any]) -> dict[str, Any]:
             models.append(r)
         out["models"] = models
     return out
+
+
+def check_layer_groups(space: Space, layers_of: LayersOf) -> None:
+    """Check each ``per_layers`` against the layers it groups, once the models are open: a group
+    larger than the model (or the slice) would search one value for all its layers.
+
+    Args:
+        space: the parsed space.
+        layers_of: the number of layers of a model reference.
+
+    Raises:
+        ConfigError: names the directive's ``per_layers`` field, the group size and the layer count.
+    """
+    _check_groups(space.file, space.tree, layers_of)
+    moe = space.tree.get("moe")
+    for e in (moe.get("experts") or ()) if isinstance(moe, Mapping) else ():
+        src = e.get("source_model") if isinstance(e, Mapping) else None
+        if isinstance(src, Mapping):  # a merged expert: a recipe tree of its own
+            _check_groups(space.file, src, layers_of)
+
+
+def _refs(v: Any) -> list[str]:
+    if isinstance(v, Directive):
+        return [c for c in v.choices if isinstance(c, str)]
+    return [v] if isinstance(v, str) else []
+
+
+def _grouped(block: Any) -> list[Directive]:
+    """The ``per_layers`` directives in a parameters block (plain, in lists, in {filter, value})."""
+    if isinstance(block, Directive):
+        return [block] if block.per_layers else []
+    if isinstance(block, Mapping):
+        return [d for v in block.values() for d in _grouped(v)]
+    if isinstance(block, list):
+        return [d for v in block for d in _grouped(v)]
+    return []
+
+
+def _check_groups(file: str, tree: Mapping[str, Any], layers_of: LayersOf) -> None:
+    # The layer counts the renderer (evomerge.space.render) gives each block: a models: entry and
+    # the global parameters count the base model's layers (the entry's own model without a base);
+    # a slice counts its layer_range (searched ranges vary by point and are left alone).
+    base = _refs(tree.get("base_model"))
+    models = [m for m in tree.get("models") or () if isinstance(m, Mapping)]
+    for m in models:
+        _check_block(file, m.get("parameters"), base or _refs(m.get("model")), layers_of)
+    if models and "slices" not in tree:
+        _check_block(file, tree.get("parameters"), base or _refs(models[0].get("model")), layers_of)
+    for s in tree.get("slices") or ():
+        if not isinstance(s, Mapping):
+            continue
+        n: tuple[int, str] | None = None
+        for src in s.get("sources") or ():
+            lr = src.get("layer_range") if isinstance(src, Mapping) else None
+            if isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr):
+                n = (lr[1] - lr[0], f"the slice's layer_range {lr}")
+            elif isinstance(lr, list):
+                n = None  # searched
+        blocks = [s.get("parameters")] + [
+            src.get("parameters") for src in s.get("sources") or () if isinstance(src, Mapping)
+        ]
+        if n is None or n[0] <= 0:
+            continue
+        for block in blocks:
+            for d in _grouped(block):
+                _refuse_group(file, d, *n)
+
+
+def _check_block(file: str, block: Any, refs: list[str], layers_of: LayersOf) -> None:
+    for d in _grouped(block):
+        for ref in refs:
+            _refuse_group(file, d, layers_of(ref), f"model {ref}")
+
+
+def _refuse_group(file: str, d: Directive, n_layers: int, what: str) -> None:
+    if d.per_layers is not None and d.per_layers > n_layers:
+        raise ConfigError(
+            file,
+            f"{d.path}.per_layers",
+            f"{d.per_layers} is more than the {n_layers} layers of {what} (one group would cover every layer); "
+            f"allowed: 1 to {n_layers}",
+        )

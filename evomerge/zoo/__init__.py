@@ -38,6 +38,7 @@ __all__ = [
     "resolve_zoo_ref",
     "main_zoo",
     "read_manifest",
+    "zoo_kernel_env",
     "task_names",
 ]
 
@@ -95,25 +96,39 @@ def _train_zoo(zoo_dir: Path, size: str, seed: int, *, progress: bool = True) ->
     AMD EPYC: bit-identical to the shipped weights). The variables are read once per process, when
     torch first runs a kernel, hence the child. A variable the user set is left as it is.
     """
-    import platform
     import subprocess
+
+    code = (
+        "import sys; from evomerge.zoo.build import build_main; sys.exit(build_main(sys.argv[1:]))"
+    )
+    cmd = [sys.executable, "-c", code, str(zoo_dir), size, str(seed), "1" if progress else "0"]
+    rc = subprocess.run(cmd, env=zoo_kernel_env(), check=False).returncode
+    if rc != 0:
+        raise EvomergeError(
+            f"building the {size} zoo failed (exit status {rc}; its error is printed above)"
+        )
+
+
+def zoo_kernel_env() -> dict[str, str]:
+    """The environment of a child process that computes as the shipped zoo was computed.
+
+    On x86-64, torch's AVX2 kernels and MKL's AVX2 code path (a variable the user set is left as
+    it is); ``PYTHONPATH`` leads to this very evomerge, installed or not. The shipped weights and
+    the figures in ``zoo.json`` were computed so; a child with this environment reproduces them on
+    an AVX-512 CPU too, where the default kernels round differently.
+
+    Returns:
+        A copy of ``os.environ`` with those variables set.
+    """
+    import platform
 
     env = dict(os.environ)
     if platform.machine().lower() in ("x86_64", "amd64"):
         env.setdefault("ATEN_CPU_CAPABILITY", "avx2")
         env.setdefault("MKL_CBWR", "AVX2")
-    # The child imports this very evomerge, installed or not.
     src = str(Path(__file__).resolve().parents[2])  # the folder holding this evomerge package
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    code = (
-        "import sys; from evomerge.zoo.build import build_main; sys.exit(build_main(sys.argv[1:]))"
-    )
-    cmd = [sys.executable, "-c", code, str(zoo_dir), size, str(seed), "1" if progress else "0"]
-    rc = subprocess.run(cmd, env=env, check=False).returncode
-    if rc != 0:
-        raise EvomergeError(
-            f"building the {size} zoo failed (exit status {rc}; its error is printed above)"
-        )
+    return env
 
 
 def _fix_task_paths(zoo_dir: Path) -> None:
@@ -200,7 +215,7 @@ def main_zoo(out: str | None, size: str, seed: int, rebuild: bool = False) -> in
         else:
             print(
                 "trained here; the tensors differ from the shipped weights (training rounds differently on other CPUs), "
-                "so the figures below are this zoo's own, not the README's; delete the directory to install the shipped zoo"
+                "so the figures below are this zoo's own, not the shipped zoo's; delete the directory to install the shipped zoo"
             )
     print(format_figures(manifest))
     sys.stdout.flush()

@@ -69,9 +69,8 @@ def read_manifest(zoo_dir: Path) -> dict[str, Any] | None:
 def is_current(zoo_dir: Path, size: str, seed: int | None = None) -> bool:
     """True when ``zoo_dir`` holds a complete zoo of this version, size (and seed, if given).
 
-    A zoo trained before its weights shipped with evomerge (no ``source`` in ``zoo.json``) is not
-    current where shipped weights exist for its size and seed: it is replaced by the shipped zoo,
-    whose figures are the README's. A zoo trained on purpose (``evomerge zoo --rebuild``) is kept.
+    A trained zoo without a ``source`` in its ``zoo.json`` (one an older evomerge trained) is not
+    current where shipped weights exist for its size and seed: it is replaced by the shipped zoo. A zoo trained on purpose (``evomerge zoo --rebuild``) is kept.
     """
     m = read_manifest(zoo_dir)
     if not m or m.get("version") != ZOO_VERSION or m.get("size") != size:
@@ -422,7 +421,7 @@ def measure_figures(
             uniform.append(label)
     if set(model_names) <= set(
         MOE_PROMPTS
-    ):  # issue 14's mergekit-moe configuration, built by evomerge moe
+    ):  # search_spaces/demo_moe_mergekit.yml's configuration, built by evomerge moe
         experts = [
             {"source_model": str(Path(zoo_dir) / n), "positive_prompts": MOE_PROMPTS[n]}
             for n in model_names
@@ -503,8 +502,8 @@ def build_zoo(
             print(f"[zoo {size}] {msg}", file=sys.stderr, flush=True)
 
     # A fixed thread count per size keeps the float reduction order (so the tensor hashes) the same
-    # on any machine. One thread: two are faster on an idle 2-core machine but 20-50x slower as
-    # soon as another process competes for the cores (measured), which is the common case here.
+    # on any machine. One thread: two are faster on an idle 2-core machine but far slower as soon
+    # as another process competes for the cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(shape.threads)
     try:

@@ -30,6 +30,7 @@ import torch
 
 from evomerge.engine.kernels import compiled
 from evomerge.engine.kernels.common import combine_scalars, out_tensor
+from evomerge.engine.kernels.rules import KeepAbove, KeepAll, KeepRandom, KeepRule
 from evomerge.engine.rng import uniform_range
 
 if TYPE_CHECKING:
@@ -79,17 +80,13 @@ class _Scratch:
                 max(n, CHUNK if self.device.type == "cpu" else 0), dtype=dtype, device=self.device
             )
             self.bufs[(key, dtype)] = b
+            if key == "__ones":
+                b.fill_(1)
         return b[:n]
 
     def ones(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A cached chunk of ones (never written)."""
-        b = self.bufs.get(("__ones", dtype))
-        if b is None or b.numel() < n:
-            b = torch.ones(
-                max(n, CHUNK if self.device.type == "cpu" else 0), dtype=dtype, device=self.device
-            )
-            self.bufs[("__ones", dtype)] = b
-        return b[:n]
+        return self.get("__ones", n, dtype)
 
 
 _LOCAL = threading.local()
@@ -266,19 +263,6 @@ def fused_slerp(
     return out
 
 
-# A keep rule for one input, applied chunk by chunk to its delta d:
-#   ("all",)                       keep everything;
-#   ("gt", lam)                    keep |d| > lam (lam just below the TIES threshold: keeps |d| >= it);
-#   ("gt_extra", lam, idx)         keep |d| > lam plus the entries at the sorted flat positions idx
-#                                  (exact top-k when entries tie at the threshold);
-#   ("lt_uniform", field, p)       keep where a fixed U[0, 1) field is below p (DARE);
-#   ("lt_hash", k0, k1, p)         the same with stream 2's field, computed per chunk from its keys;
-#   ("mask", bool tensor)          keep where the mask is set.
-# Every rule is applied with float ops only: on CPU, comparisons that produce bool tensors and
-# float-by-bool products are several times slower than arithmetic on cache-resident chunks.
-Rule = tuple[Any, ...]
-
-
 def _delta_chunk(
     inp: TensorInputs, i: int, lo: int, hi: int, s: _Scratch, base_c: torch.Tensor, key: str
 ) -> torch.Tensor:
@@ -293,42 +277,38 @@ def _delta_chunk(
 
 
 def _kept_delta(
-    rule: Rule, d: torch.Tensor, lo: int, hi: int, s: _Scratch, key: str
+    rule: KeepRule, d: torch.Tensor, lo: int, hi: int, s: _Scratch, key: str
 ) -> torch.Tensor:
-    """The delta chunk with the dropped entries set to 0 (``d`` itself when everything is kept)."""
-    kind = rule[0]
-    if kind == "all":
+    """The delta chunk with the entries ``rule`` drops set to 0 (``d`` itself when it keeps all).
+
+    Float ops only: on CPU, comparisons that make bool tensors and float-by-bool products are
+    several times slower than arithmetic on cache-resident chunks.
+    """
+    if isinstance(rule, KeepAll):
         return d
     kd = s.get(key, hi - lo, d.dtype)
-    if kind in ("gt", "gt_extra"):
-        torch.hardshrink(d, rule[1], out=kd)  # x where |x| > lam, else 0
-        if kind == "gt_extra":
-            idx = rule[2]
-            a, b = torch.searchsorted(
-                idx, torch.tensor([lo, hi], dtype=idx.dtype, device=idx.device)
-            ).tolist()
+    if isinstance(rule, KeepAbove):
+        torch.hardshrink(d, rule.threshold, out=kd)  # d where |d| > threshold, else 0
+        if rule.extra is not None:
+            idx = rule.extra
+            bounds = torch.tensor([lo, hi], dtype=idx.dtype, device=idx.device)
+            a, b = torch.searchsorted(idx, bounds).tolist()
             if b > a:
                 pos = idx[a:b] - lo
                 kd[pos] = d[pos]
-    elif kind in ("lt_uniform", "lt_hash"):
-        m = s.get(key + "m", hi - lo, d.dtype)
-        if kind == "lt_hash":
-            n = hi - lo
-            u = uniform_range(
-                rule[1],
-                rule[2],
-                lo,
-                hi,
-                d.device,
-                (s.get("hx", n, torch.int64), s.get("ht", n, torch.int64), s.get("hu", n)),
-            )
+    elif isinstance(rule, KeepRandom):
+        if rule.field is not None:
+            u = rule.field.view(-1)[lo:hi]
         else:
-            u = rule[1].view(-1)[lo:hi]
-        torch.sub(u, rule[-1], out=m)  # u - p < 0 exactly where u < p
+            n = hi - lo
+            scratch = (s.get("hx", n, torch.int64), s.get("ht", n, torch.int64), s.get("hu", n))
+            u = uniform_range(*rule.keys, lo, hi, d.device, scratch)
+        m = s.get(key + "m", hi - lo, d.dtype)
+        torch.sub(u, rule.p, out=m)  # u - p < 0 exactly where u < p
         m.clamp_(max=0).sign_()  # -1 where kept, else 0
         torch.mul(d, m, out=kd).neg_()
-    else:
-        torch.mul(d, rule[1].view(-1)[lo:hi], out=kd)
+    else:  # KeepMask
+        torch.mul(d, rule.mask.view(-1)[lo:hi], out=kd)
     return kd
 
 
@@ -343,20 +323,19 @@ def _finite(acc: torch.Tensor, out: torch.Tensor) -> bool:
 
 
 def fused_task_vectors(
-    inp: TensorInputs, rules: list[Rule], others: list[int], consensus: bool, rescale: bool
+    inp: TensorInputs, rules: list[KeepRule], others: list[int], consensus: bool, rescale: bool
 ) -> torch.Tensor:
     """The task-vector family's combine step, given each input's keep rule.
 
-    ``base + lambda * (sum_i w_i r_i k_i d_i) / divisor`` where ``d_i`` is the delta, ``k_i`` the
-    keep mask, ``r_i`` the L1 rescale factor (when ``rescale``), and, with ``consensus``, only the
-    terms whose sign equals the sign of the sum take part and ``divisor`` sums their weights;
-    without it ``divisor`` is the sum of all weights. Division happens only with ``normalize``.
-    Sets ``inp.finite``.
+    ``base + lambda * (sum_i w_i r_i k_i d_i) / divisor`` where ``d_i`` is the delta, ``k_i`` its
+    keep rule (:mod:`~evomerge.engine.kernels.rules`), ``r_i`` the L1 rescale factor (when
+    ``rescale``), and, with ``consensus``, only the terms whose sign equals the sign of the sum
+    take part and ``divisor`` sums their weights; without it ``divisor`` is the sum of all weights.
+    Division happens only with ``normalize``. Sets ``inp.finite``.
     """
-    if compiled.usable(inp, rules):
-        result = compiled.compiled_task_vectors(inp, rules, others, consensus, rescale)
-        if result is not None:
-            return result
+    result = compiled.compiled_task_vectors(inp, rules, others, consensus, rescale)
+    if result is not None:
+        return result
     b = inp.base
     assert b is not None
     base = inp.raw(b).reshape(-1)
@@ -425,7 +404,7 @@ def fused_task_vectors(
 
 
 def _l1_rescale(
-    inp: TensorInputs, rules: list[Rule], others: list[int]
+    inp: TensorInputs, rules: list[KeepRule], others: list[int]
 ) -> list[tuple[float, float]]:
     """Per input: ``(L1(delta), L1(kept delta))``, summed in float64."""
     b = inp.base
@@ -466,7 +445,7 @@ def _below(x: float, dtype: torch.dtype) -> float:
     return float(torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype)))
 
 
-def magnitude_rule(inp: TensorInputs, i: int, k: int) -> Rule:
+def magnitude_rule(inp: TensorInputs, i: int, k: int) -> KeepAll | KeepAbove:
     """Keep rule for the exact top ``k`` entries of ``|input i - base|`` (ties kept in index order).
 
     The k-th largest value is found without sorting or a whole-tensor selection: a random sample
@@ -478,34 +457,27 @@ def magnitude_rule(inp: TensorInputs, i: int, k: int) -> Rule:
     b = inp.base
     assert b is not None
     x, base = inp.raw(i).reshape(-1), inp.raw(b).reshape(-1)
-    if k >= x.numel():
-        return ("all",)
-    if x.device.type != "cpu":
-        return _magnitude_rule(inp, i, k, x, base)
-    with single_threaded():
-        return _magnitude_rule(inp, i, k, x, base)
+    n, dtype = x.numel(), inp.compute_dtype
+    if k >= n:
+        return KeepAll()
+    with single_threaded() if x.device.type == "cpu" else contextlib.nullcontext():
+        lo_v, hi_v = _sample_bracket(x, base, k, dtype) if n > _WHOLE else (0.0, math.inf)
+        above, cidx, cval = _bracket_pass(inp, i, lo_v, hi_v)
+        need = k - above  # the answer's rank from the top among the candidates
+        if not 1 <= need <= cval.numel():
+            above, cidx, cval = _bracket_pass(inp, i, 0.0, math.inf)
+            need = k
+            if cval.numel() < n:  # NaN never compares >= 0
+                raise ValueError(f"the task vector of input {i} has NaN values")
+        thr = float(torch.kthvalue(cval, cval.numel() - need + 1).values)
+        n_gt = above + int(torch.count_nonzero(cval > thr))
+        eq = cval == thr
+        if n_gt + int(torch.count_nonzero(eq)) == k:
+            return KeepAbove(_below(thr, dtype)) if thr > 0 else KeepAll()
+        return KeepAbove(thr, cidx[eq][: k - n_gt].contiguous())
 
 
-def _magnitude_rule(inp: TensorInputs, i: int, k: int, x: torch.Tensor, base: torch.Tensor) -> Rule:
-    n = x.numel()
-    dtype = inp.compute_dtype
-    lo_v, hi_v = _sample_bracket(x, base, k, dtype) if n > _WHOLE else (0.0, math.inf)
-    above, cidx, cval = _bracket_pass(inp, x, base, lo_v, hi_v)
-    need = k - above  # the answer's rank from the top among the candidates
-    if not 1 <= need <= cval.numel():
-        above, cidx, cval = _bracket_pass(inp, x, base, 0.0, math.inf)
-        need = k
-        if cval.numel() < n:  # NaN never compares >= 0
-            raise ValueError(f"the task vector of input {i} has NaN values")
-    thr = float(torch.kthvalue(cval, cval.numel() - need + 1).values)
-    n_gt = above + int(torch.count_nonzero(cval > thr))
-    eq = cval == thr
-    if n_gt + int(torch.count_nonzero(eq)) == k:
-        return ("gt", _below(thr, dtype)) if thr > 0 else ("all",)
-    return ("gt_extra", thr, cidx[eq][: k - n_gt].contiguous())
-
-
-def rule_from_order(inp: TensorInputs, i: int, k: int, order: torch.Tensor) -> Rule:
+def rule_from_order(inp: TensorInputs, i: int, k: int, order: torch.Tensor) -> KeepAll | KeepAbove:
     """The same rule as :func:`magnitude_rule`, read off a cached stable descending order of
     ``|input i - base|`` (``order``): the top k are ``order[:k]``; the entries tied with the k-th
     form a run ending at k, found by binary search on values gathered from the inputs."""
@@ -515,12 +487,11 @@ def rule_from_order(inp: TensorInputs, i: int, k: int, order: torch.Tensor) -> R
     n = x.numel()
     dtype = inp.compute_dtype
     if k >= n:
-        return ("all",)
+        return KeepAll()
 
     def mag(j: int) -> float:
-        p = int(
-            order[j]
-        )  # |delta| in the compute dtype, exactly as the order and the combine see it
+        # |delta| in the compute dtype, exactly as the order and the combine see it
+        p = int(order[j])
         return float((x[p].to(dtype) - base[p].to(dtype)).abs())
 
     thr = mag(k - 1)
@@ -533,9 +504,8 @@ def rule_from_order(inp: TensorInputs, i: int, k: int, order: torch.Tensor) -> R
             hi = mid
     start = lo
     if mag(k) < thr:  # nothing past k ties with it: the top k are exactly |d| >= thr
-        return ("gt", _below(thr, dtype)) if thr > 0 else ("all",)
-    extra = torch.sort(order[start:k].to(torch.int64)).values
-    return ("gt_extra", thr, extra)
+        return KeepAbove(_below(thr, dtype)) if thr > 0 else KeepAll()
+    return KeepAbove(thr, torch.sort(order[start:k].to(torch.int64)).values)
 
 
 def _sample_bracket(
@@ -562,23 +532,18 @@ def _sample_bracket(
 
 
 def _bracket_pass(
-    inp: TensorInputs, x: torch.Tensor, base: torch.Tensor, lo_v: float, hi_v: float
+    inp: TensorInputs, i: int, lo_v: float, hi_v: float
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Count ``|x - base| > hi_v``; return it with the flat positions and values in ``[lo_v, hi_v]``."""
-    dtype = inp.compute_dtype
+    """Count ``|delta_i| > hi_v``; return it with the flat positions and values in ``[lo_v, hi_v]``."""
+    b = inp.base
+    assert b is not None
+    base = inp.raw(b).reshape(-1)
     bounded = hi_v != math.inf
 
     def fn(lo: int, hi: int, s: _Scratch) -> tuple[int, torch.Tensor, torch.Tensor]:
         m = hi - lo
-        base_c = _f32(base, lo, hi, s, "base", dtype)
-        a = s.get("a", m, dtype)
-        xc = x[lo:hi]
-        if xc.dtype == dtype:
-            torch.sub(xc, base_c, out=a)
-        else:
-            a.copy_(xc)
-            a.sub_(base_c)
-        a.abs_()
+        base_c = _f32(base, lo, hi, s, "base", inp.compute_dtype)
+        a = _delta_chunk(inp, i, lo, hi, s, base_c, "a").abs_()
         inside = s.get("in", m, torch.bool)
         torch.ge(a, lo_v, out=inside)
         above = 0
@@ -590,6 +555,6 @@ def _bracket_pass(
         pos = torch.nonzero(inside).view(-1)
         return above, pos + lo, a[pos]
 
-    parts = run_chunks(x.numel(), x.device, fn)
+    parts = run_chunks(base.numel(), base.device, fn)
     above = sum(p[0] for p in parts)
     return above, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])

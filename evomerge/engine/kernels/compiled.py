@@ -1,7 +1,7 @@
 """Compiled (``torch.compile``) task-vector kernels for re-merging resident tensors on CPU.
 
 The chunked kernels of :mod:`evomerge.engine.kernels.chunked` run ~40 torch ops per 64K-entry chunk: on a CPU
-that is bound by op dispatch, not by memory (a TIES re-merge measured 8.6x a plain weighted sum).
+that is bound by op dispatch, not by memory (see the benchmark pages for the figures).
 Here the same arithmetic is written once as whole-tensor torch ops and compiled by inductor into one
 loop per tensor: every input is read once, nothing is materialised but the output, and the loop
 runs on every core.
@@ -24,17 +24,19 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from evomerge.engine.kernels.common import combine_scalars, out_tensor
+from evomerge.engine.kernels.rules import KeepAbove, KeepAll, KeepRandom, KeepRule
 from evomerge.engine.rng import hash_uniform
 
 if TYPE_CHECKING:
     from evomerge.engine.inputs import TensorInputs
 
-__all__ = ["MIN_NUMEL", "available", "usable", "compiled_task_vectors", "reset"]
+__all__ = ["MIN_NUMEL", "available", "compiled_task_vectors", "reset"]
 
 # Tensors below this size use the chunked kernels: one compiled call costs tens of microseconds of
 # guards and launch, and small tensors are a negligible share of a model anyway.
@@ -55,68 +57,66 @@ def reset() -> None:
     _COMPILED.clear()
 
 
-def usable(inp: TensorInputs, rules: list[tuple[Any, ...]]) -> bool:
-    """Whether :func:`compiled_task_vectors` can merge these inputs with these keep rules."""
-    if not (inp.compiled and available()):
-        return False
-    base = inp.raw(inp.base) if inp.base is not None else None
-    if base is None or base.device.type not in ("cpu", "cuda") or base.numel() < MIN_NUMEL:
-        return False
-    kinds = {r[0] for r in rules}
-    return (
-        kinds <= {"all", "gt", "gt_extra"}
-        or kinds <= {"all", "lt_uniform"}
-        or kinds <= {"all", "lt_hash"}
-    )
+def _mode(inp: TensorInputs, rules: list[KeepRule]) -> str | None:
+    """How the compiled loop applies ``rules``: ``magnitude`` (thresholds), ``field`` (drawn
+    U[0, 1) fields) or ``hash`` (stream 2's keys); None when it cannot (compiling disabled, a
+    small tensor, masks, or drawn fields mixed with keys)."""
+    if not (inp.compiled and available()) or inp.base is None:
+        return None
+    base = inp.raw(inp.base)
+    if base.device.type not in ("cpu", "cuda") or base.numel() < MIN_NUMEL:
+        return None
+    if all(isinstance(r, (KeepAll, KeepAbove)) for r in rules):
+        return "magnitude"
+    if not all(isinstance(r, (KeepAll, KeepRandom)) for r in rules):
+        return None
+    drawn = {r.field is not None for r in rules if isinstance(r, KeepRandom)}
+    return None if len(drawn) > 1 else "field" if True in drawn else "hash"
+
+
+class _Rules(NamedTuple):
+    """Every input's keep rule as the compiled loop reads it, one entry per input: ``thr`` the
+    threshold of :class:`~evomerge.engine.kernels.rules.KeepAbove` (-1 keeps all) and ``cut`` the
+    last of its ``extra`` positions (-1: none); ``p`` the probability of ``KeepRandom`` (inf keeps
+    all) with its ``fields`` (``field`` mode) or its ``keys`` (``hash`` mode)."""
+
+    fields: list[torch.Tensor]
+    keys: torch.Tensor
+    thr: torch.Tensor
+    cut: torch.Tensor
+    p: torch.Tensor
 
 
 def _sparsify(
-    d: torch.Tensor,
-    j: int,
-    mode: str,
-    fields: list[torch.Tensor],
-    keys: torch.Tensor,
-    thr: torch.Tensor,
-    cut: torch.Tensor,
-    p: torch.Tensor,
-    idx: torch.Tensor | None,
+    d: torch.Tensor, j: int, mode: str, r: _Rules, idx: torch.Tensor | None
 ) -> torch.Tensor:
-    """Input j's delta with the dropped entries set to 0, as :func:`fused._kept_delta` computes it.
+    """Input j's delta with the dropped entries set to 0, as the chunked kernels compute it.
 
     ``mode``: ``magnitude`` (TIES thresholds), ``field`` (stream 1 fields) or ``hash`` (stream 2,
     the field computed in the loop from the keys and the entry index: integer ops, exact).
     """
     if mode == "magnitude":
-        t = thr[j]
+        t = r.thr[j]
         kd = torch.where((d >= -t) & (d <= t), 0.0, d)  # hardshrink(d, t)
         assert idx is not None
-        return torch.where((d.abs() == t) & (idx <= cut[j]), d, kd)  # ties kept in index order
+        return torch.where((d.abs() == t) & (idx <= r.cut[j]), d, kd)  # ties kept in index order
     if mode == "hash":
         assert idx is not None
-        u = hash_uniform(idx, keys[j, 0], keys[j, 1])
+        u = hash_uniform(idx, r.keys[j, 0], r.keys[j, 1])
     else:
-        u = fields[j]
-    m = (u - p[j]).clamp(max=0).sign()  # -1 where kept, else 0
+        u = r.fields[j]
+    m = (u - r.p[j]).clamp(max=0).sign()  # -1 where kept, else 0
     return -(d * m)
 
 
-def _l1_sums(
-    base: torch.Tensor,
-    xs: list[torch.Tensor],
-    fields: list[torch.Tensor],
-    keys: torch.Tensor,
-    thr: torch.Tensor,
-    cut: torch.Tensor,
-    p: torch.Tensor,
-    mode: str,
-) -> torch.Tensor:
+def _l1_sums(base: torch.Tensor, xs: list[torch.Tensor], r: _Rules, mode: str) -> torch.Tensor:
     """Per input: ``[sum |delta|, sum |kept delta|]`` in float64."""
-    b = base.to(thr.dtype)
+    b = base.to(r.thr.dtype)
     idx = torch.arange(b.shape[0], device=b.device) if mode != "field" else None
     sums = []
     for j, x in enumerate(xs):
-        d = x.to(thr.dtype) - b
-        kd = _sparsify(d, j, mode, fields, keys, thr, cut, p, idx)
+        d = x.to(r.thr.dtype) - b
+        kd = _sparsify(d, j, mode, r, idx)
         sums.append(
             torch.stack([d.abs().sum(dtype=torch.float64), kd.abs().sum(dtype=torch.float64)])
         )
@@ -126,27 +126,22 @@ def _l1_sums(
 def _combine(
     base: torch.Tensor,
     xs: list[torch.Tensor],
-    fields: list[torch.Tensor],
-    keys: torch.Tensor,
-    thr: torch.Tensor,
-    cut: torch.Tensor,
-    p: torch.Tensor,
-    coef: torch.Tensor,
-    w: torch.Tensor,
-    lam: torch.Tensor,
-    flat_div: torch.Tensor,
-    out: torch.Tensor,
+    r: _Rules,
     mode: str,
+    scalars: tuple[torch.Tensor, ...],
+    out: torch.Tensor,
     consensus: bool,
     normalize: bool,
 ) -> torch.Tensor:
-    """``base + lam * combine(kept deltas)`` written into ``out``; returns whether it is all finite."""
-    b = base.to(thr.dtype)
+    """``base + lam * combine(kept deltas)`` written into ``out``; returns whether it is all finite.
+
+    ``scalars``: the per-input coefficients and weights, lambda and the flat divisor
+    (:func:`~evomerge.engine.kernels.common.combine_scalars`).
+    """
+    coef, w, lam, flat_div = scalars
+    b = base.to(r.thr.dtype)
     idx = torch.arange(b.shape[0], device=b.device) if mode != "field" else None
-    wds = [
-        _sparsify(x.to(thr.dtype) - b, j, mode, fields, keys, thr, cut, p, idx) * coef[j]
-        for j, x in enumerate(xs)
-    ]
+    wds = [_sparsify(x.to(r.thr.dtype) - b, j, mode, r, idx) * coef[j] for j, x in enumerate(xs)]
     if consensus:
         total = wds[0]
         for wd in wds[1:]:
@@ -188,9 +183,8 @@ def _compiled(name: str) -> Any:
         # On CUDA, Triton contracts a * b + c into one FMA unless told not to: that rounds once
         # where the eager and CPU kernels round twice, and the tensors would differ by device.
         torch._inductor.config.emulate_precision_casts = True
-        fn = torch.compile(
-            {"combine": _combine, "l1": _l1_sums}[name], dynamic=True, fullgraph=True
-        )
+        kernels: dict[str, Callable[..., Any]] = {"combine": _combine, "l1": _l1_sums}
+        fn = torch.compile(kernels[name], dynamic=True, fullgraph=True)
         _COMPILED[name] = fn
     return fn
 
@@ -211,67 +205,55 @@ def _call(name: str, *args: Any, **kwargs: Any) -> Any:
 
 def compiled_task_vectors(
     inp: TensorInputs,
-    rules: list[tuple[Any, ...]],
+    rules: list[KeepRule],
     others: list[int],
     consensus: bool,
     rescale: bool,
 ) -> torch.Tensor | None:
     """The task-vector combine of :func:`~evomerge.engine.kernels.chunked.fused_task_vectors`, compiled.
 
-    Returns the output tensor (``inp.out`` when it fits) and sets ``inp.finite``, or returns None when
-    compiling failed (the caller then runs the chunked kernel).
+    Returns the output tensor (``inp.out`` when it fits) and sets ``inp.finite``, or returns None
+    when these inputs and rules are not for the compiled loop, or compiling failed (the caller then
+    runs the chunked kernel).
     """
+    mode = _mode(inp, rules)
+    if mode is None:
+        return None
     b = inp.base
     assert b is not None
     dtype = inp.compute_dtype
     base = inp.raw(b).reshape(-1)
     xs = [inp.raw(i).reshape(-1) for i in others]
-    kinds = {r[0] for r in rules}
-    mode = "hash" if "lt_hash" in kinds else "field" if "lt_uniform" in kinds else "magnitude"
     thr, cut, p, fields, keys = [], [], [], [], []
-    for i, r in zip(others, rules, strict=False):
-        kind = r[0]
-        # An input kept whole (density 1) still gets its own field or keys, with p = inf.
-        if mode == "field":
-            fields.append(r[1].reshape(-1) if kind == "lt_uniform" else inp.uniform(i).reshape(-1))
-        keys.append((r[1], r[2]) if kind == "lt_hash" else (0, 0))
-        thr.append(-1.0 if kind == "all" else float(r[1]) if kind in ("gt", "gt_extra") else 0.0)
-        cut.append(int(r[2][-1]) if kind == "gt_extra" and r[2].numel() else -1)
-        p.append(
-            float(r[-1]) if kind in ("lt_uniform", "lt_hash") else math.inf
-        )  # inf: u - inf < 0 keeps all
+    for i, r in zip(others, rules, strict=True):
+        extra = r.extra if isinstance(r, KeepAbove) else None
+        thr.append(r.threshold if isinstance(r, KeepAbove) else -1.0)
+        cut.append(int(extra[-1]) if extra is not None and extra.numel() else -1)
+        p.append(r.p if isinstance(r, KeepRandom) else math.inf)
+        keys.append(r.keys if isinstance(r, KeepRandom) else (0, 0))
+        if mode == "field":  # an input kept whole still needs a field: p = inf keeps all of it
+            drawn = r.field if isinstance(r, KeepRandom) else None
+            fields.append((drawn if drawn is not None else inp.uniform(i)).reshape(-1))
     device = base.device
-    thr_t = torch.tensor(thr, dtype=dtype, device=device)
-    cut_t = torch.tensor(cut, dtype=torch.int64, device=device)
-    p_t = torch.tensor(p, dtype=dtype, device=device)
-    keys_t = torch.tensor(keys, dtype=torch.int64, device=device)
+    encoded = _Rules(
+        fields,
+        torch.tensor(keys, dtype=torch.int64, device=device),
+        torch.tensor(thr, dtype=dtype, device=device),
+        torch.tensor(cut, dtype=torch.int64, device=device),
+        torch.tensor(p, dtype=dtype, device=device),
+    )
     l1 = None
     if rescale:
-        sums = _call("l1", base, xs, fields, keys_t, thr_t, cut_t, p_t, mode)
+        sums = _call("l1", base, xs, encoded, mode)
         if sums is None:
             return None
         l1 = [(before, after) for before, after in sums.tolist()]
     weights, coef, flat_div = combine_scalars(inp, others, l1)
-    normalize = bool(inp.shared["normalize"])
+    values = (coef, weights, float(inp.shared["lambda"]), flat_div)
+    scalars = tuple(torch.tensor(v, dtype=dtype, device=device) for v in values)
     out = out_tensor(inp, inp.raw(b).shape)
-    ok = _call(
-        "combine",
-        base,
-        xs,
-        fields,
-        keys_t,
-        thr_t,
-        cut_t,
-        p_t,
-        torch.tensor(coef, dtype=dtype, device=device),
-        torch.tensor(weights, dtype=dtype, device=device),
-        torch.tensor(float(inp.shared["lambda"]), dtype=dtype, device=device),
-        torch.tensor(flat_div, dtype=dtype, device=device),
-        out.view(-1),
-        mode,
-        consensus,
-        normalize,
-    )
+    normalize = bool(inp.shared["normalize"])
+    ok = _call("combine", base, xs, encoded, mode, scalars, out.view(-1), consensus, normalize)
     if ok is None:
         return None
     inp.finite = bool(ok)

@@ -51,20 +51,25 @@ def _quartiles(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 def _arcee_fusion(inp: TensorInputs) -> torch.Tensor:
     """Keep the other model's change only where it matters most: importance = |delta| times the KL
     divergence of the row softmaxes (other model against base, per row of the last axis); changes
-    with importance >= median + 1.5 * IQR over the tensor are kept, the rest revert to the base."""
+    with importance >= median + 1.5 * IQR over the tensor are kept, the rest revert to the base.
+
+    The mask is a threshold on values that rounding moves across it: it is computed in
+    ``inp.decision_dtype`` (the dtype mergekit computes in, bfloat16 for most recipes), op for op
+    as mergekit does, so both keep the same entries; the kept changes are added in float32.
+    """
     b, (other,) = _base_and_others(inp)
-    base, x = inp.tensor(b), inp.tensor(other)
-    delta = inp.delta(other)
-    if delta.numel() == 0:
+    base = inp.tensor(b)
+    if base.numel() == 0:
         return base.clone()
+    y, x = inp.raw(b).to(inp.decision_dtype), inp.raw(other).to(inp.decision_dtype)
     p = torch.softmax(x, dim=-1) + 1e-8
-    q = torch.softmax(base, dim=-1) + 1e-8
+    q = torch.softmax(y, dim=-1) + 1e-8
     kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)  # (..., 1): one divergence per row
-    importance = delta.abs() * kl
-    del p, q
+    importance = (x - y).abs() * kl
+    del p, q, kl, x, y
     q1, median, q3 = _quartiles(importance)
-    keep = (importance >= median + 1.5 * (q3 - q1)).to(delta.dtype)
-    return base + delta * keep
+    keep = importance >= median + 1.5 * (q3 - q1)
+    return base + inp.delta(other) * keep.to(base.dtype)
 
 
 def _ram_parts(inp: TensorInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

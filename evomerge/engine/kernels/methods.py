@@ -11,7 +11,6 @@ mergekit 0.1.5's formulas (nearswap, arcee_fusion, ram and ramplus_tl in
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -23,17 +22,13 @@ from evomerge.engine.kernels.chunked import (
     weights_cancel,
 )
 from evomerge.engine.kernels.extra import EXTRA_KERNELS
-from evomerge.methods.reference import sign_consensus
+from evomerge.engine.kernels.rules import KeepAll, KeepMask, KeepRule
 from evomerge.methods.registry import METHODS
-from evomerge.methods.spec import Method
+from evomerge.methods.spec import Method, Sparsifier
 
 __all__ = ["KERNELS", "kernel_for"]
 
 Kernel = Callable[[TensorInputs], torch.Tensor]
-
-
-def _linear(inp: TensorInputs) -> torch.Tensor:
-    return fused_linear(inp)
 
 
 def _slerp(inp: TensorInputs) -> torch.Tensor:
@@ -42,60 +37,59 @@ def _slerp(inp: TensorInputs) -> torch.Tensor:
     return fused_slerp(inp, inp.shared["t"], b, 1 - b)
 
 
-def _keep_rule(inp: TensorInputs, i: int, kind: str | None) -> tuple[Any, ...]:
-    """How input ``i``'s task vector is sparsified, as a rule the fused combine applies chunk by chunk.
-
-    ``magnitude`` keeps the top k = int(density * n) entries by |delta| (at least one); ``random``
-    keeps where a fixed U[0, 1) field is below density (Bernoulli(density)); ``magnitude_outliers``
-    drops the top ``gamma`` fraction and then the smallest entries to keep int(density * n);
-    ``della`` keeps with probabilities ranked by |delta| within each row from density - epsilon
-    to density + epsilon.
-    """
-    p = inp.per_input[i]
-    density = p["density"]
-    if kind is None or density >= 1:
-        return ("all",)
-    n = inp.raw(i).numel()
-    if n == 0:
-        return ("all",)
-    if kind == "magnitude":
-        return inp.magnitude_rule(i, max(1, int(density * n)))
-    if kind == "random":
-        return inp.random_rule(i, density)
+def _outliers(inp: TensorInputs, i: int, density: float, n: int) -> KeepRule:
+    # Breadcrumbs: drop the top gamma fraction by |delta|, then the smallest, keeping int(density n).
     delta = inp.delta(i)
-    if kind == "magnitude_outliers":
-        target = int(density * n)
-        n_top = int(p["gamma"] * n)
-        n_bot = max(0, n - target - n_top)
-        order = torch.sort(delta.abs().reshape(-1), stable=True).indices
-        mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-        mask[order[n_bot : n_bot + target]] = True
-        return ("mask", mask.reshape(delta.shape))
-    if kind == "della":
-        eps = p["epsilon"]
-        if density - eps <= 0 or density + eps >= 1:
-            raise ValueError(
-                f"della needs 0 < density - epsilon and density + epsilon < 1, got density={density:g}, epsilon={eps:g}"
-            )
-        rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-        ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(delta.dtype)
-        width = max(rows.shape[1] - 1, 1)
-        probs = (density - eps) + (ranks / width) * (2 * eps)
-        return ("mask", (inp.uniform(i).reshape(rows.shape) < probs).reshape(delta.shape))
-    raise ValueError(kind)  # pragma: no cover - the registry only uses the kinds above
+    target, n_top = int(density * n), int(inp.per_input[i]["gamma"] * n)
+    n_bot = max(0, n - target - n_top)
+    order = torch.sort(delta.abs().reshape(-1), stable=True).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[order[n_bot : n_bot + target]] = True
+    return KeepMask(mask.reshape(delta.shape))
 
 
-def _task_vector_kernel(
-    sparsifier: str | None, consensus: bool
-) -> Callable[[TensorInputs], torch.Tensor]:
+def _della(inp: TensorInputs, i: int, density: float, n: int) -> KeepRule:
+    # Keep with probabilities from density - epsilon to density + epsilon, ranked by |delta| in
+    # each row (of the first axis; a 1-D tensor is one row), drawn from the input's U[0, 1) field.
+    delta, eps = inp.delta(i), inp.per_input[i]["epsilon"]
+    if density - eps <= 0 or density + eps >= 1:
+        raise ValueError(
+            f"della needs 0 < density - epsilon and density + epsilon < 1, got density={density:g}, epsilon={eps:g}"
+        )
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(delta.dtype)
+    probs = (density - eps) + (ranks / max(rows.shape[1] - 1, 1)) * (2 * eps)
+    return KeepMask((inp.uniform(i).reshape(rows.shape) < probs).reshape(delta.shape))
+
+
+# How each sparsifier keeps entries of input i's task vector of n entries at a density below 1.
+_SPARSIFY: dict[Sparsifier, Callable[[TensorInputs, int, float, int], KeepRule]] = {
+    # The top k = int(density * n) entries by |delta| (at least one).
+    Sparsifier.MAGNITUDE: lambda inp, i, d, n: inp.magnitude_rule(i, max(1, int(d * n))),
+    # Where the input's fixed U[0, 1) field is below density: Bernoulli(density).
+    Sparsifier.RANDOM: lambda inp, i, d, n: inp.random_rule(i, d),
+    Sparsifier.MAGNITUDE_OUTLIERS: _outliers,
+    Sparsifier.DELLA: _della,
+}
+
+
+def _task_vector_kernel(sparsifier: Sparsifier | None, consensus: bool) -> Kernel:
+    sparsify = None if sparsifier is None else _SPARSIFY[sparsifier]
+
+    def keep(inp: TensorInputs, i: int) -> KeepRule:
+        density, n = inp.per_input[i]["density"], inp.raw(i).numel()
+        if sparsify is None or density >= 1 or n == 0:
+            return KeepAll()
+        return sparsify(inp, i, density, n)
+
     def kernel(inp: TensorInputs) -> torch.Tensor:
         b = inp.base
         assert b is not None
         others = [i for i in range(len(inp)) if i != b]
         if not others:
             return inp.tensor(b).clone()
-        rules = [_keep_rule(inp, i, sparsifier) for i in others]
-        rescale = bool(inp.shared["rescale"]) and sparsifier is not None
+        rescale = bool(inp.shared["rescale"]) and sparsify is not None
+        rules = [keep(inp, i) for i in others]
         return fused_task_vectors(inp, rules, others, consensus, rescale)
 
     return kernel
@@ -268,15 +262,18 @@ def _sce(inp: TensorInputs) -> torch.Tensor:
     energy = tvs.square().reshape(len(others), -1).mean(1)
     total = energy.sum().item()
     weights = torch.full_like(energy, 1 / len(others)) if abs(total) < 1e-6 else energy / total
-    # Erase: drop entries disagreeing with the elected sign.
-    elected = sign_consensus(list(tvs))
+    # Erase: drop entries disagreeing with the elected sign (+1 where the sum is >= 0, else -1).
+    summed = torch.zeros_like(tvs[0])
+    for tv in tvs:
+        summed.add_(tv)  # in input order, one add each: the same rounding on every path
+    elected = torch.where(summed >= 0, 1.0, -1.0).to(tvs.dtype)
     keep = (torch.sign(tvs) == elected).to(tvs.dtype)
     w = weights.reshape(-1, *([1] * (tvs.dim() - 1))) * keep
     return base + (tvs * w).sum(0) / w.sum(0).clamp(min=1e-6)
 
 
 _DENSE: dict[str, Kernel] = {
-    "linear": _linear,
+    "linear": fused_linear,
     "slerp": _slerp,
     "model_stock": _model_stock,
     "nuslerp": _nuslerp,
