@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from _tiny import make_tiny
 
 from evomerge.cli import main
 from evomerge.evaluation.fake import FakeEvaluator
+from evomerge.results.leaderboard import summary
 from evomerge.search.loop import run_search
 from evomerge.search.table import load_trials
 
@@ -152,6 +154,27 @@ def test_export_of_a_path_builds_and_scores_what_the_trial_scored(tiny_family, t
     built = AutoModelForCausalLM.from_pretrained(str(out_dir)).eval()
     again = ev.evaluate(built)
     assert again.aggregate == pytest.approx(row["score"], abs=1e-5)
+
+
+def test_sources_of_different_depths_search_without_a_uniform_baseline(tiny_family, tmp_path):
+    base, fts = tiny_family
+    deep = make_tiny(tmp_path / "deep", seed=7, num_hidden_layers=6)  # 6 layers beside 4
+    space = dfs_space(tmp_path / "s.yml", [str(fts[0]), str(deep)], trials=3, max_depth=6)
+    out = run_search(
+        space,
+        evaluator=logits_evaluator([fts[0], deep]),
+        results_dir=tmp_path / "r",
+        quiet=True,
+        log=lambda m: None,
+    )
+    df = load_trials(out.paths.csv)
+    # no average of a 4-layer and a 6-layer model exists: each source alone is the baseline
+    assert sorted(df.loc[df["baseline"] != "", "baseline"]) == sorted(
+        [f"source:{fts[0]}", f"source:{deep}"]
+    )
+    assert (df.loc[df["baseline"] != "", "state"] == "COMPLETE").all()
+    assert (df.loc[df["baseline"] == "", "state"] == "COMPLETE").sum() == 3
+    assert summary(out, df).splitlines()[-1].endswith("every source model")
 
 
 def test_ps_then_dfs_takes_the_best_trial_of_a_finished_study(tiny_family, tmp_path, capsys):

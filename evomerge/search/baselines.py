@@ -20,12 +20,20 @@ from evomerge.search.candidates import Candidates
 from evomerge.search.distributed.coordinator import Coordinator
 from evomerge.search.records import StudyRecords, TrialRecord
 from evomerge.space import Space
+from evomerge.space.directives import LayersOf
 
 __all__ = ["baseline_recipes", "enqueue_hand_recipes", "run_baselines"]
 
 
-def baseline_recipes(space: Space) -> dict[str, dict[str, Any]]:
-    """``{name: recipe}``: ``source:<ref>`` for each model, ``uniform``, and ``hand:<name>``."""
+def baseline_recipes(space: Space, layers_of: LayersOf | None = None) -> dict[str, dict[str, Any]]:
+    """``{name: recipe}``: ``source:<ref>`` for each model, ``uniform``, and ``hand:<name>``.
+
+    Args:
+        space: the parsed space.
+        layers_of: the layer count of a model reference. A data-flow space may run the layers of
+            models of different depths, which no average merges: it has a ``uniform`` baseline
+            only where its model sources have one layer count (always without ``layers_of``).
+    """
     dataflow = space.tree.get("dataflow")
     # A data-flow space's baselines are its sources (a merge source's base model is no source).
     refs = space.model_refs() if dataflow is None else plain_sources(dataflow)
@@ -42,7 +50,8 @@ def baseline_recipes(space: Space) -> dict[str, dict[str, Any]]:
     tuned = [r for r in refs if r != base]
     if len(tuned) < 2:
         tuned = refs
-    if len(tuned) >= 2:
+    same_depth = dataflow is None or layers_of is None or len({layers_of(r) for r in tuned}) == 1
+    if len(tuned) >= 2 and same_depth:
         out["uniform"] = {
             "merge_method": "linear",
             "models": [{"model": r, "parameters": {"weight": 1.0}} for r in tuned],

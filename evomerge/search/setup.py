@@ -308,11 +308,13 @@ def prepare(
         space = resolve_study_sources(space, results_dir=results_dir, log=log)
     # Models: open once; a space whose models cannot merge fails here, before any output.
     sources = open_sources(space.model_refs(), file=file)
-    check_layer_groups(space, lambda ref: sources[ref].arch.num_layers)
+
+    def layers_of(ref: str) -> int:
+        return sources[ref].arch.num_layers
+
+    check_layer_groups(space, layers_of)
     if "dataflow" in space.tree:  # checked against the models; caps read off them
-        section = check_section(
-            space.tree["dataflow"], file, sources, lambda ref: sources[ref].arch.num_layers
-        )
+        section = check_section(space.tree["dataflow"], file, sources, layers_of)
         space = replace(space, tree={**space.tree, "dataflow": section})
     threads = threads if threads is not None else _threads(device, sources)
     if threads:
@@ -324,7 +326,7 @@ def prepare(
     if merger.placement is not None and merger.device.type == "cuda":
         log(merger.placement.describe())
     tokenizer_dir = _tokenizer_dir(space, sources, file)
-    baselines = baseline_recipes(space)
+    baselines = baseline_recipes(space, layers_of)
     for name, recipe in baselines.items():
         if (
             (name == "uniform" or name.startswith("hand:"))
