@@ -19,6 +19,12 @@ Arms (``--arms``):
   over its best trial: twice the evaluations of ``ps``; compare it with ``ps2x``.
 - ``ps2x``: ``demo.yml`` with twice ``--trials``.
 
+``cost`` measures, in one process, what one trial costs: it prepares the PS space (``demo.yml``), the
+DFS space (``demo_dataflow.yml``) and the PS+DFS space over a PS study's chosen trial, draws random
+points of each (Optuna's random sampler), and alternates them (PS, DFS, PS+DFS, PS, ...): the seconds
+to build each candidate (a merge into the resident model; a path pointed at resident layers) and to
+score it on the 300 search items. It prints the medians and the ratios, per point kind.
+
 For a PS+DFS arm the table also shows the first stage's chosen trial (its test score), and "picked": the
 test score of whichever of the two stages' chosen trials has the higher search score (what a user would
 keep, choosing on search items only). Each run appends one JSON line to ``--out`` as it finishes (an
@@ -27,6 +33,7 @@ interrupted bench resumes; runs already there are skipped); ``report`` prints th
 Usage:
     python bench/bench_dataflow.py run --arms ps dfs ps_dfs --seeds 0 1 2 3 4 --out results/bench_dataflow.jsonl [--jobs 2]
     python bench/bench_dataflow.py report --out results/bench_dataflow.jsonl
+    python bench/bench_dataflow.py cost --points 12 [--work results/bench_dataflow_cost]
 """
 
 from __future__ import annotations
@@ -236,6 +243,66 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(f"warning: {len(nan)} runs have no test score for their chosen trial")
 
 
+def cmd_cost(args: argparse.Namespace) -> None:
+    import optuna
+    import torch
+
+    from evomerge.search.candidates import Candidates
+    from evomerge.search.samplers import suggester
+    from evomerge.search.setup import prepare
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    results = work / "results"
+    quiet = lambda m: None  # noqa: E731
+    ps_path, ps_data = _space("demo", "cost_ps", work, 8, sampler="tpe")
+    if not (results / "cost_ps" / "trials.csv").is_file():  # the PS+DFS source: a small PS study
+        _search(_write(ps_path, ps_data), 0, work)
+    spaces = {"ps": _write(ps_path, ps_data)}
+    path, data = _space("demo_dataflow", "cost_dfs", work, 1)
+    spaces["dfs"] = _write(path, data)
+    path, data = _space("demo_ps_dfs", "cost_ps_dfs", work, 1)
+    for src in data["dataflow"]["sources"]:
+        if isinstance(src, dict) and "study" in src:
+            src["study"] = str(ps_path)
+    spaces["ps_dfs"] = _write(path, data)
+    kinds = {}
+    for kind, space in spaces.items():
+        setup = prepare(space, results_dir=results, log=quiet)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=args.seed))
+        kinds[kind] = (setup, Candidates(setup.merger, setup.evaluator), study)
+    times: dict[str, dict[str, list[float]]] = {k: {"build": [], "eval": []} for k in kinds}
+    # the first point of each kind loads its sources (a merge source is merged once): not counted
+    for i in range(args.points + 1):
+        for kind, (setup, cands, study) in kinds.items():
+            recipe = setup.space.render(suggester(study.ask()), setup.layers_of, setup.prompts)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model, _ = cands.materialize(recipe, f"{kind} point {i}")
+            t1 = time.perf_counter()
+            setup.evaluator.evaluate(model, "search")
+            t2 = time.perf_counter()
+            if i:
+                times[kind]["build"].append(t1 - t0)
+                times[kind]["eval"].append(t2 - t1)
+    ps_build = statistics.median(times["ps"]["build"])
+    print(
+        f"{args.points} points of each kind, interleaved; torch threads {torch.get_num_threads()}"
+    )
+    print(
+        "| candidate | build s (median) | eval s (median) | build / eval (median) | build / PS build |"
+    )
+    print("|---|---|---|---|---|")
+    for kind, t in times.items():
+        ratio = statistics.median(b / e for b, e in zip(t["build"], t["eval"], strict=True))
+        print(
+            f"| {kind} | {statistics.median(t['build']):.4f} | {statistics.median(t['eval']):.3f} "
+            f"| {100 * ratio:.2f}% | {statistics.median(t['build']) / ps_build:.3f} |"
+        )
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores (shared)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -248,8 +315,12 @@ def main() -> None:
     r.add_argument("--out", default="results/bench_dataflow.jsonl")
     p = sub.add_parser("report")
     p.add_argument("--out", default="results/bench_dataflow.jsonl")
+    c = sub.add_parser("cost")
+    c.add_argument("--points", type=int, default=12)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--work", default="results/bench_dataflow_cost")
     args = ap.parse_args()
-    cmd_run(args) if args.cmd == "run" else cmd_report(args)
+    {"run": cmd_run, "report": cmd_report, "cost": cmd_cost}[args.cmd](args)
 
 
 if __name__ == "__main__":

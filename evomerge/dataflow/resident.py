@@ -46,6 +46,7 @@ class ResidentPaths:
         self.merger = merger
         self._held: dict[tuple[str, str], LayerSource] = {}
         self._builders: dict[tuple[Any, ...], PathBuilder] = {}
+        self._configs: dict[str, Mapping[str, Any]] = {}
 
     def materialize(
         self, mapping: Mapping[str, Any], where: str
@@ -100,7 +101,10 @@ class ResidentPaths:
         if isinstance(src, str):
             self._open(src, where)
             return self.merger.sources[src].config
-        return self.merger.plan(parse_recipe(dict(src), where)).out_config
+        key = source_identity(src)  # a merge source is planned once, not at every trial
+        if key not in self._configs:
+            self._configs[key] = self.merger.plan(parse_recipe(dict(src), where)).out_config
+        return self._configs[key]
 
     def _open(self, ref: str, where: str) -> None:
         if ref not in self.merger.sources:
