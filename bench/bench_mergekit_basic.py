@@ -3,7 +3,7 @@
     python bench/bench_mergekit_basic.py [--mergekit-python .venv-mk/bin/python]
 
 Runs the 33 cases of mergekit's ``tests/test_basic_merges.py`` (and the LLaVA gradient extras)
-exactly as ``tests/test_mergekit_basic.py`` does (``tests/_mergekit_basic.py``) and prints, per case,
+exactly as ``tests/mergekit/test_mergekit_basic.py`` does (``tests/_mergekit_basic.py``) and prints, per case,
 whether both tools merged, mergekit's checks on evomerge's output, and the largest difference from
 mergekit's tensors in bfloat16 steps of each tensor's scale (2^-8 of its largest magnitude): against
 mergekit computing in float32 (``f32``) and in bfloat16 as the recipe says (``bf16``, with the share of

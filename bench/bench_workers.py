@@ -78,7 +78,7 @@ def _models(root: Path) -> tuple[Path, list[Path]]:
 
 def _space(path: Path, base: Path, fts: list[Path], trials: int) -> Path:
     sys.path.insert(0, str(TESTS))
-    from test_search import write_space
+    from _spaces import write_space
 
     return write_space(path, base, fts, trials=trials, finalists=3)
 

@@ -45,6 +45,7 @@ def test_paths_and_hub_ids_are_not_scheme_references():
         assert scheme_of(ref) is None and resolve(ref) is None
 
 
+@pytest.mark.slow
 def test_the_zoo_registers_through_its_entry_point_without_being_imported():
     code = (
         "import sys; from evomerge.schemes import scheme_of; import evomerge.engine; "

@@ -35,13 +35,14 @@ from evomerge.engine.inputs import PrepCache, TensorInputs
 from evomerge.engine.kernels.methods import kernel_for
 from evomerge.engine.placement import (
     Placement,
+    SourceTensors,
     budget_override,
     cache_budget,
     check_device,
     place_sources,
 )
 from evomerge.engine.plan import MergePlan, TensorTask, make_plan
-from evomerge.engine.resident import build_model, checkpoint_targets
+from evomerge.engine.resident import build_model, checkpoint_targets, copy_into
 from evomerge.engine.rng import STREAM, check_stream
 from evomerge.engine.sources import ModelSource, open_sources
 from evomerge.engine.writer import AtomicDir, ShardedWriter, parse_size
@@ -77,6 +78,59 @@ class MergeResult:
     out_dir: Path | None = None
     per_tensor: dict[str, str] = field(default_factory=dict, repr=False)
     fingerprint: str = ""  # set when asked for: the device-side fingerprint (``fp1-...``)
+
+
+def _digest_kind(digest: str, device: torch.device) -> str:
+    """What a merger's digest holds: ``digest``, with ``"auto"`` the fingerprint on CUDA, sha256
+    elsewhere."""
+    if digest not in ("auto", "sha256", "fingerprint"):
+        raise ValueError(f"digest must be auto, sha256 or fingerprint, got {digest!r}")
+    if digest == "auto":
+        return "fingerprint" if device.type == "cuda" else "sha256"
+    return digest
+
+
+def _fits(
+    targets: Mapping[str, torch.Tensor] | None,
+    task: TensorTask,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """The target a fused kernel may write ``task``'s output into: same shape, dtype and device,
+    contiguous; else None."""
+    dst = targets.get(task.out_name) if targets is not None else None
+    if dst is None or dst.dtype != dtype or dst.device != device or not dst.is_contiguous():
+        return None
+    return dst if tuple(dst.shape) == tuple(task.shape) else None
+
+
+class _Digests:
+    """The digests one merge computes: sha256 per tensor, and/or the device-side fingerprint.
+
+    ``digest`` asks for the merger's digest kind (the fingerprint when ``by_fingerprint``, else
+    sha256); ``fingerprint`` asks for the fingerprint as well.
+    """
+
+    def __init__(self, digest: bool, by_fingerprint: bool, fingerprint: bool) -> None:
+        self.by_fingerprint = digest and by_fingerprint
+        self.by_sha = digest and not by_fingerprint
+        self.fp = Fingerprint() if self.by_fingerprint or fingerprint else None
+        self.per: dict[str, str] = {}
+
+    def sha(self, name: str, out: torch.Tensor) -> None:
+        if self.by_sha:
+            self.per[name] = tensor_digest(out)
+
+    def fingerprint(self, name: str, out: torch.Tensor) -> None:
+        if self.fp is not None:
+            self.fp.add(name, out)
+
+    def result(self, shapes: Mapping[str, Any]) -> tuple[str, str]:
+        """``(digest, fingerprint)``: the digest asked for ("" if none) and the fingerprint ("")."""
+        fp_hex = self.fp.hexdigest() if self.fp is not None else ""
+        if self.by_fingerprint:
+            return fp_hex, fp_hex
+        return (tensors_digest(self.per, shapes) if self.by_sha else ""), fp_hex
 
 
 class Merger:
@@ -124,15 +178,9 @@ class Merger:
         hold: str = "stored",
     ) -> None:
         self.sources = sources
-        if digest not in ("auto", "sha256", "fingerprint"):
-            raise ValueError(f"digest must be auto, sha256 or fingerprint, got {digest!r}")
         self.stream = check_stream(stream)
         self.device = check_device(device)
-        self.digest_kind = (
-            ("fingerprint" if self.device.type == "cuda" else "sha256")
-            if digest == "auto"
-            else digest
-        )
+        self.digest_kind = _digest_kind(digest, self.device)
         self.seed = seed
         self.resident = resident
         self.allow_crimes = allow_crimes
@@ -140,17 +188,14 @@ class Merger:
         if hold not in ("stored", "compute"):
             raise ValueError(f"hold must be stored or compute, got {hold!r}")
         self.hold = hold
+        override = budget_override(gpu_memory)
         self.placement: Placement | None = (
-            place_sources(
-                self.sources, self.device, hold=hold, override=budget_override(gpu_memory)
-            )
-            if resident
-            else None
+            place_sources(sources, self.device, hold=hold, override=override) if resident else None
         )
         if cache_bytes is None:
             cache_bytes = cache_budget(self.device, self.placement) if resident else 0
         self.cache = PrepCache(cache_bytes) if resident and cache_bytes > 0 else None
-        self._resident: dict[tuple[str, str, torch.dtype | None], torch.Tensor] = {}
+        self.tensors = SourceTensors(self.sources, self.device, self.placement, hold)
         self._targets: dict[int, dict[str, torch.Tensor]] = {}
 
     def plan(self, cfg: MergeConfig) -> MergePlan:
@@ -160,35 +205,11 @@ class Merger:
             self.sources.update(open_sources(missing, file=cfg.source_file))
         return make_plan(cfg, self.sources, allow_crimes=self.allow_crimes)
 
-    def _load(self, ref: str, name: str, dtype: torch.dtype) -> torch.Tensor:
-        if self.resident:
-            # Held in the stored dtype (bf16/f16: half of float32); kernels convert chunk by chunk.
-            compute = self.hold == "compute"
-            key = (ref, name, dtype if compute else None)
-            t = self._resident.get(key)
-            if t is None:
-                t = self.sources[ref].get(name)
-                if compute or not t.is_floating_point():
-                    t = t.to(dtype)
-                assert self.placement is not None
-                t = t.pin_memory() if self.placement.where == "host" else t.to(self.device)
-                self._resident[key] = t
-            if self.placement is not None and self.placement.where == "host":
-                return t.to(
-                    self.device, non_blocking=True
-                )  # streamed each merge from pinned memory
-            return t
-        # Streaming: keep the stored dtype (a memory map on CPU); kernels convert chunk by chunk.
-        t = self.sources[ref].get(name)
-        if not t.is_floating_point():
-            return t.to(self.device, dtype)
-        return t.to(self.device)
-
     def _merge_task(
         self, plan: MergePlan, task: TensorTask, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         compute = torch_dtype(plan.compute_dtype)
-        tensors = [self._load(ref, name, compute) for ref, name in task.inputs]
+        tensors = [self.tensors.get(ref, name, compute) for ref, name in task.inputs]
         keys: list[Hashable] = list(task.inputs)
         inp = TensorInputs(
             task.out_name,
@@ -242,16 +263,12 @@ class Merger:
         """
         start = time.perf_counter()
         out_dtype = torch_dtype(plan.out_dtype)
-        per: dict[str, str] = {}
-        fp_kind = digest and self.digest_kind == "fingerprint"
-        fp = Fingerprint() if fp_kind or fingerprint else None
-        sha = digest and not fp_kind
+        digests = _Digests(digest, self.digest_kind == "fingerprint", fingerprint)
         bytes_out = bytes_in = 0
 
         def book(name: str, out: torch.Tensor) -> None:
             sink(name, out)
-            if sha:
-                per[name] = tensor_digest(out)
+            digests.sha(name, out)
 
         # Streaming to disk, the sink (a file write) and sha256 (both release the GIL) run in a
         # second thread while the next tensor merges; at most two tensors wait, in plan order.
@@ -265,14 +282,7 @@ class Merger:
         try:
             with torch.no_grad():
                 for task in plan.tasks:
-                    dst = targets.get(task.out_name) if targets is not None else None
-                    if dst is not None and not (
-                        dst.dtype == out_dtype
-                        and dst.device == self.device
-                        and tuple(dst.shape) == tuple(task.shape)
-                        and dst.is_contiguous()
-                    ):
-                        dst = None
+                    dst = _fits(targets, task, out_dtype, self.device)
                     out = self._merge_task(plan, task, dst).to(out_dtype)
                     if pool is None:
                         book(task.out_name, out)
@@ -280,8 +290,7 @@ class Merger:
                         while len(pending) >= 2:
                             pending.popleft().result()
                         pending.append(pool.submit(book, task.out_name, out))
-                    if fp is not None:
-                        fp.add(task.out_name, out)
+                    digests.fingerprint(task.out_name, out)
                     bytes_out += out.numel() * out.element_size()
                     bytes_in += sum(self.sources[r].nbytes(n) for r, n in task.inputs)
             while pending:
@@ -289,16 +298,14 @@ class Merger:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        shapes = {t.out_name: t.shape for t in plan.tasks}
-        fp_hex = fp.hexdigest() if fp is not None else ""
-        value = fp_hex if fp_kind else tensors_digest(per, shapes) if sha else ""
+        value, fp_hex = digests.result({t.out_name: t.shape for t in plan.tasks})
         return MergeResult(
             value,
             time.perf_counter() - start,
             len(plan.tasks),
             bytes_out,
             bytes_in,
-            per_tensor=per,
+            per_tensor=digests.per,
             fingerprint=fp_hex,
         )
 
@@ -329,17 +336,8 @@ class Merger:
                 f"in-memory merge: the model has no tensor {missing[0]} (it was built for another layout)"
             )
 
-        def sink(name: str, tensor: torch.Tensor) -> None:
-            dst = targets[name]
-            if tuple(dst.shape) != tuple(tensor.shape):
-                raise EvomergeError(
-                    f"in-memory merge: {name} is {list(tensor.shape)} but the model holds {list(dst.shape)}"
-                )
-            if tensor.data_ptr() != dst.data_ptr():  # fused kernels already wrote in place
-                dst.data.copy_(tensor)
-
         return self.execute(
-            plan, sink, digest=digest, targets={n: t.data for n, t in targets.items()}
+            plan, copy_into(targets), digest=digest, targets={n: t.data for n, t in targets.items()}
         )
 
 

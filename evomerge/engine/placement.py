@@ -15,7 +15,7 @@ sources (7.24e9 parameters, bf16) on an 80 GB H100 (79.1 GiB free)::
     sources 4 x 13.49 GiB = 53.96 GiB     model 13.49 GiB     eval room 4 GiB     scratch 1 GiB
     53.96 + 13.49 + 4 + 1 = 72.44 GiB <= 79.1 GiB: sources on the device, 6.7 GiB to spare
 
-(in float32 the sources alone would be 107.9 GiB). ``tests/test_placement.py`` checks
+(in float32 the sources alone would be 107.9 GiB). ``tests/engine/test_placement.py`` checks
 this arithmetic; the search log prints it for the study's own models.
 """
 
@@ -28,10 +28,12 @@ from typing import Any
 
 import torch
 
+from evomerge.engine.sources import ModelSource
 from evomerge.engine.writer import parse_size
 from evomerge.errors import EvomergeError
 
 __all__ = [
+    "SourceTensors",
     "Placement",
     "choose_placement",
     "place_sources",
@@ -236,3 +238,52 @@ def device_memory(device: torch.device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover
         return 8 << 30
+
+
+class SourceTensors:
+    """The source tensors a merger reads: streamed from the sources, or held resident.
+
+    Streamed (``placement`` None), each read comes from the source (a memory map on a CPU) in its
+    stored dtype, on ``device``. Resident, each tensor is read once and kept where the placement
+    says: on ``device``, or in pinned host memory and copied to ``device`` at each read. Held in
+    the stored dtype (``hold="stored"``; bf16 takes half the memory of float32, and kernels
+    convert chunk by chunk) or converted once to the compute dtype (``hold="compute"``).
+
+    Args:
+        sources: opened models by reference.
+        device: where reads are delivered.
+        placement: where resident tensors live; None streams.
+        hold: ``"stored"`` or ``"compute"``.
+    """
+
+    def __init__(
+        self,
+        sources: dict[str, ModelSource],
+        device: torch.device,
+        placement: Placement | None,
+        hold: str = "stored",
+    ) -> None:
+        self.sources = sources
+        self.device = device
+        self.placement = placement
+        self.hold = hold
+        self.held: dict[tuple[str, str, torch.dtype | None], torch.Tensor] = {}
+
+    def get(self, ref: str, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Tensor ``name`` of source ``ref`` on the device (integer tensors converted to ``dtype``)."""
+        if self.placement is None:
+            t = self.sources[ref].get(name)
+            return t.to(self.device, dtype) if not t.is_floating_point() else t.to(self.device)
+        compute = self.hold == "compute"
+        key = (ref, name, dtype if compute else None)
+        held = self.held.get(key)
+        if held is None:
+            held = self.sources[ref].get(name)
+            if compute or not held.is_floating_point():
+                held = held.to(dtype)
+            where = self.placement.where
+            held = held.pin_memory() if where == "host" else held.to(self.device)
+            self.held[key] = held
+        if self.placement.where == "host":
+            return held.to(self.device, non_blocking=True)
+        return held

@@ -12,7 +12,7 @@ tensor there would not reach the model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from evomerge.compat import (
 from evomerge.dtypes import torch_dtype
 from evomerge.errors import EvomergeError
 
-__all__ = ["build_model", "checkpoint_targets"]
+__all__ = ["build_model", "checkpoint_targets", "copy_into"]
 
 
 def build_model(config: Mapping[str, Any], dtype: str, device: torch.device) -> torch.nn.Module:
@@ -101,3 +101,26 @@ def checkpoint_targets(model: torch.nn.Module, names: list[str]) -> dict[str, to
             f"in-memory merge: transformers converts {type(model).__name__}'s tensor {converted[0]} when it saves (not a plain renaming); merge to disk with evomerge merge instead"
         )
     return dict(renamed)
+
+
+def copy_into(targets: Mapping[str, torch.Tensor]) -> Callable[[str, torch.Tensor], None]:
+    """A merge sink that copies each merged tensor into the model tensor of its name.
+
+    Args:
+        targets: the model's tensors by checkpoint name (:func:`checkpoint_targets`).
+
+    Returns:
+        ``sink(name, tensor)``; it raises :class:`EvomergeError` when the shapes differ (the model
+        was built for another layout), and copies nothing when a fused kernel already wrote there.
+    """
+
+    def sink(name: str, tensor: torch.Tensor) -> None:
+        dst = targets[name]
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise EvomergeError(
+                f"in-memory merge: {name} is {list(tensor.shape)} but the model holds {list(dst.shape)}"
+            )
+        if tensor.data_ptr() != dst.data_ptr():
+            dst.data.copy_(tensor)
+
+    return sink

@@ -79,6 +79,57 @@ def _layer(name: str) -> int:
     return int(name.split(".")[2])
 
 
+def _check_expert(file: str | None, fld: str, src: ModelSource, base: ModelSource) -> None:
+    """Refuse an expert of another family or shape than the base, or without Llama MLP tensors."""
+    btype = base.config.get("model_type")
+    if src.config.get("model_type") != btype:
+        raise ConfigError(
+            file,
+            fld,
+            f"is a {src.config.get('model_type')!r} model but the base is {btype!r}: every expert must have the base's architecture",
+        )
+    for key in _SHAPE_KEYS:
+        if src.config.get(key) != base.config.get(key):
+            raise ConfigError(
+                file,
+                fld,
+                f"has {key} {src.config.get(key)} but the base has {base.config.get(key)}: every expert must have the base's shapes",
+            )
+    for layer in range(int(base.config["num_hidden_layers"])):
+        for proj in _PROJ_ORDER:
+            name = f"model.layers.{layer}.mlp.{proj}.weight"
+            if name not in src:
+                raise ConfigError(file, fld, f"has no tensor {name}: not a Llama/Mistral MLP")
+
+
+def _check_output(where: str, name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Refuse an output tensor of the wrong shape (an expert of other shapes) or not finite."""
+    if tuple(t.shape) != shape:
+        raise EvomergeError(
+            f"{where}: tensor {name} is {list(t.shape)} but the Mixtral model needs {list(shape)} (an expert of other shapes?)"
+        )
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise EvomergeError(f"{where}: tensor {name} has NaN or inf values")
+
+
+def _mixtral_config(base: ModelSource, cfg: MoEConfig, dtype: str) -> Any:
+    """The ``MixtralConfig`` of a mixture over ``base`` (read as a Mistral model, no sliding window)."""
+    from transformers import AutoConfig, MistralConfig, MixtralConfig
+
+    base_cfg = AutoConfig.from_pretrained(str(base.path))
+    if not isinstance(base_cfg, MistralConfig):
+        as_mistral = MistralConfig(**base_cfg.to_dict())
+        as_mistral.sliding_window = None
+        base_cfg = as_mistral
+    out = MixtralConfig(**base_cfg.to_dict())
+    out.architectures = ["MixtralForCausalLM"]
+    out.num_local_experts = len(cfg.experts)
+    out.num_experts_per_tok = cfg.experts_per_token
+    out.sliding_window = None
+    out.dtype = dtype
+    return out
+
+
 class MoEBuilder:
     """Builds mixtures over opened models (base and experts).
 
@@ -126,29 +177,8 @@ class MoEBuilder:
             experts if experts is not None else [self.sources[e.source_model] for e in cfg.experts]
         )
         for i, src in enumerate(srcs):
-            if src is None:
-                continue
-            fld = f"experts[{i}].source_model"
-            if src.config.get("model_type") != btype:
-                raise ConfigError(
-                    file,
-                    fld,
-                    f"is a {src.config.get('model_type')!r} model but the base is {btype!r}: every expert must have the base's architecture",
-                )
-            for key in _SHAPE_KEYS:
-                if src.config.get(key) != base.config.get(key):
-                    raise ConfigError(
-                        file,
-                        fld,
-                        f"has {key} {src.config.get(key)} but the base has {base.config.get(key)}: every expert must have the base's shapes",
-                    )
-            for layer in range(int(base.config["num_hidden_layers"])):
-                for proj in _PROJ_ORDER:
-                    name = f"model.layers.{layer}.mlp.{proj}.weight"
-                    if name not in src:
-                        raise ConfigError(
-                            file, fld, f"has no tensor {name}: not a Llama/Mistral MLP"
-                        )
+            if src is not None:
+                _check_expert(file, f"experts[{i}].source_model", src, base)
 
     def layout(self, cfg: MoEConfig) -> MoELayout:
         """The output's config and tensor list (no tensor is read).
@@ -157,8 +187,6 @@ class MoEBuilder:
             ConfigError: a base tensor has no place in a Mixtral model (biases, say), or a Mixtral
                 tensor has no source in the base.
         """
-        from transformers import AutoConfig, MistralConfig, MixtralConfig
-
         base = self.sources[cfg.base_model]
         dtype = (
             cfg.dtype
@@ -167,17 +195,7 @@ class MoEBuilder:
             )
             or "float32"
         )
-        base_cfg = AutoConfig.from_pretrained(str(base.path))
-        if not isinstance(base_cfg, MistralConfig):
-            as_mistral = MistralConfig(**base_cfg.to_dict())
-            as_mistral.sliding_window = None
-            base_cfg = as_mistral
-        out = MixtralConfig(**base_cfg.to_dict())
-        out.architectures = ["MixtralForCausalLM"]
-        out.num_local_experts = len(cfg.experts)
-        out.num_experts_per_tok = cfg.experts_per_token
-        out.sliding_window = None
-        out.dtype = dtype
+        out = _mixtral_config(base, cfg, dtype)
         with torch.device("meta"):
             from transformers import MixtralForCausalLM
 
@@ -281,14 +299,7 @@ class MoEBuilder:
                 expected, shape = next(order)
                 if name != expected:  # pragma: no cover - tensors() follows layout()
                     raise RuntimeError(f"MoE builder produced {name}, expected {expected}")
-                if tuple(t.shape) != shape:
-                    raise EvomergeError(
-                        f"{cfg.source_file or 'MoE'}: tensor {name} is {list(t.shape)} but the Mixtral model needs {list(shape)} (an expert of other shapes?)"
-                    )
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise EvomergeError(
-                        f"{cfg.source_file or 'MoE'}: tensor {name} has NaN or inf values"
-                    )
+                _check_output(cfg.source_file or "MoE", name, t, shape)
                 per[name] = tensor_digest(t)
                 nbytes += t.numel() * t.element_size()
                 sink(name, t)

@@ -16,7 +16,7 @@ unsupported platform), one warning is printed and the chunked kernels are used f
 The op sequence mirrors :func:`~evomerge.engine.kernels.chunked.fused_task_vectors` op for op (the same
 rounding at every step; inductor does not contract or reassociate floating-point math by
 default), so both paths produce the same tensors: an exported recipe re-merges on disk to the
-tensors the search scored. ``tests/test_compiled.py`` checks that bit for bit.
+tensors the search scored. ``tests/engine/test_compiled.py`` checks that bit for bit.
 """
 
 from __future__ import annotations

@@ -214,6 +214,7 @@ def family():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_probe_flags_the_model_tuned_on_the_eval_items(family):
     base, a, b, tok, items, controls = family
     ra = P.probe_contamination(a, base, tok, items, controls=controls, seed=0)
@@ -224,6 +225,7 @@ def test_probe_flags_the_model_tuned_on_the_eval_items(family):
     assert ra.method == "unseen controls" and ra.n_items == 24 and ra.n_controls == 24
 
 
+@pytest.mark.slow
 def test_probe_with_perturbed_neighbours(family):
     base, a, b, tok, items, _ = family
     ra = P.probe_contamination(a, base, tok, items, seed=0)

@@ -58,7 +58,7 @@ from safetensors.torch import load_file
 from evomerge.engine import merge_to_disk
 from evomerge.recipe.schema import load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MK_PY = find("python")  # mergekit's own Python, which runs _mergekit_runner.py
 pytestmark = MK_PY.marks
 _mergekit_present = MK_PY.present

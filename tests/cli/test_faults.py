@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from _fake_eval import TaskVectorEvaluator
-from test_search import write_space
+from _spaces import write_space
 
 from evomerge.cli import main
 from evomerge.errors import ConfigError, EvomergeError, hide_password

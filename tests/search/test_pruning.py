@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_scorer import LONG_TASK, SMALL, _write_long_task
+from _long_task import LONG_TASK, SMALL, write_long_task
 
 from evomerge.errors import ConfigError
 from evomerge.evaluation import EvalConfig, FakeEvaluator, TaskSpec
@@ -126,7 +126,7 @@ def test_fake_staged_rounds_equal_the_full_evaluation(tiny_family):
 @pytest.fixture(scope="module")
 def long_tasks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("long")
-    _write_long_task(folder, n=16)
+    write_long_task(folder, n=16)
     (folder / f"{LONG_TASK}_n.yaml").write_text(
         (folder / f"{LONG_TASK}.yaml")
         .read_text()
@@ -247,6 +247,7 @@ def _rescore(df_row, ev: FakeEvaluator, base: Path, fts: list[Path]) -> float:
     return ev.evaluate(model).aggregate
 
 
+@pytest.mark.slow
 def test_hopeless_trials_are_pruned_and_survivors_keep_their_full_score(
     tmp_path, tiny_family, capsys
 ):
@@ -324,6 +325,7 @@ def test_hopeless_trials_are_pruned_and_survivors_keep_their_full_score(
     )
 
 
+@pytest.mark.slow
 def test_resume_keeps_pruned_trials_and_counts_them(tmp_path, tiny_family):
     base, fts = tiny_family
     space = _space(tmp_path / "space.yml", base, fts, trials=6)
@@ -360,6 +362,7 @@ def test_resume_keeps_pruned_trials_and_counts_them(tmp_path, tiny_family):
         )
 
 
+@pytest.mark.slow
 def test_item_budget_stops_the_search_and_resumes(tmp_path, tiny_family):
     """``search.items``: no trial starts once the searched trials scored that many search items (a
     stopped trial counts the items it used); a resumed study keeps the budget, a larger one goes on."""

@@ -3,6 +3,7 @@ export records it so that the exported recipe re-merges to the trial's tensors."
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from _fake_eval import TaskVectorEvaluator
 
@@ -10,6 +11,8 @@ from evomerge.cli import main
 from evomerge.engine import digest_model_dir
 from evomerge.search.loop import run_search
 from evomerge.search.table import load_trials
+
+pytestmark = pytest.mark.slow
 
 
 def _space(path, base, fts, **search):

@@ -231,6 +231,7 @@ class _CheckpointNames(torch.nn.Module):
         return dict(self._held)
 
 
+@pytest.mark.slow
 def test_search_merges_llava_candidates_in_memory_and_exports_them(vlms, tmp_path) -> None:
     """Trials merged into a resident LLaVA score what they carry; the exported recipe re-merges to the trial's tensors."""
     from _fake_eval import TaskVectorEvaluator

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 from _fake_eval import TaskVectorEvaluator
-from test_search import write_space
+from _spaces import write_space
 
 from evomerge.engine.kernels import methods as kernels
 from evomerge.search.loop import run_search
 from evomerge.search.table import load_trials
+
+pytestmark = pytest.mark.slow
 
 
 class Boom(Exception):

@@ -1,6 +1,6 @@
 """Every recipe from the seed documents either merges (and loads) or is refused with one line saying why.
 
-The YAML files in ``tests/seed_recipes/`` are copied verbatim from
+The YAML files in ``tests/mergekit/seed_recipes/`` are copied verbatim from
 ``shared/seeds/001_46108d6075ea698b.txt`` (``001_*``) and ``shared/seeds/003_927c06bd1beb2ef0.txt``
 (``003_*``). At load time each hub id is replaced by a tiny local model of the same architecture
 family and layer count (hidden size 16); names that do not exist on the hub (``Qwen/Qwen3-7B``,

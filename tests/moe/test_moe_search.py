@@ -24,9 +24,9 @@ from evomerge.space import load_space
 from evomerge.space.directives import Directive
 
 SKILLS = ("rot", "sort", "shift")
-HERE = Path(__file__).resolve().parent
-DEMO_MOE = HERE.parent / "search_spaces" / "demo_moe.yml"
-MERGEKIT_MOE = HERE.parent / ".venv-mk" / "bin" / "mergekit-moe"
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_MOE = ROOT / "search_spaces" / "demo_moe.yml"
+MERGEKIT_MOE = ROOT / ".venv-mk" / "bin" / "mergekit-moe"
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +224,7 @@ def test_resident_moe_with_a_merged_expert_equals_the_disk_build(zoo, tmp_path):
     assert again is model and res3.digest == res.digest
 
 
+@pytest.mark.slow
 def test_search_scores_moe_candidates_and_exports_them(zoo, tmp_path, capsys):
     """A short search of merges and mixtures (merged experts included) on the demo zoo, then the
     export of its best mixture: re-built with --merge it has the trial's tensors, and mergekit-moe

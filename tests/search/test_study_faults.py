@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 from _fake_eval import TaskVectorEvaluator
+from _spaces import write_space
 from _stopper import POINTS, install
-from test_search import write_space
 
 from evomerge.errors import EvomergeError
 from evomerge.search.distributed.liveness import Liveness
 from evomerge.search.loop import run_search
 from evomerge.search.table import load_trials
 
-TESTS = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).resolve().parents[1]  # the helpers (_fake_eval, _stopper, ...)
 FAST = Liveness(interval=1, grace=2, poll=0.2)  # a trial nobody claimed is dead after 2 s
 
 STOP_SCRIPT = textwrap.dedent("""

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_search import write_space
+from _spaces import write_space, zoo_space
 
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
@@ -31,8 +31,9 @@ from evomerge.search.distributed.claims import Claims, is_claim
 from evomerge.search.distributed.liveness import Liveness
 from evomerge.search.records import StudyRecords
 from evomerge.search.storage import open_storage
+from evomerge.zoo import task_names
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # the helpers (_fake_eval, _stopper, ...)
 ROOT = TESTS.parent
 UNDER_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
@@ -365,11 +366,10 @@ def test_a_sigkilled_worker_trial_is_failed_by_heartbeat_and_retried_once(
 # ----------------------------------------------------------------------------------- one host
 @pytest.mark.slow
 def test_cli_workers_2_on_cpu_share_the_default_sqlite_study(micro_zoo, tmp_path, capsys):
-    from test_search_zoo import HOLDOUT, SEARCH, _space
-
     from evomerge.search.table import load_trials
 
-    space = _space(tmp_path / "space.yml", tasks=SEARCH, holdout=HOLDOUT, trials=4)
+    search, holdout = task_names()
+    space = zoo_space(tmp_path / "space.yml", tasks=search, holdout=holdout, trials=4)
     results = tmp_path / "results"
     env = {**os.environ, "EVOMERGE_ZOO_DIR": str(micro_zoo.parent)}
     r = subprocess.run(

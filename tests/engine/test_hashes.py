@@ -118,6 +118,7 @@ def test_a_fingerprint_merger_matches_the_saved_model(tiny_family, tmp_path):
         Merger({}, digest="md5")
 
 
+@pytest.mark.slow
 def test_export_checks_a_fingerprinted_trial_and_names_the_stream(
     tiny_family, tmp_path, monkeypatch
 ):

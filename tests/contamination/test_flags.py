@@ -319,6 +319,7 @@ def test_public_benchmark_names():
     ) == {"x": "reads tinyBenchmarks/tinyAI2_arc", "y": "reads Rowan/hellaswag"}
 
 
+@pytest.mark.slow
 def test_study_flag_with_real_lm_eval_configs(zoo, tmp_path):
     """Search tasks named like public benchmarks raise the study flag; the datasets come
     from lm-eval's own task YAMLs, so a card listing ``cais/mmlu`` matches ``mmlu_*`` tasks."""

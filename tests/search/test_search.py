@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 from _fake_eval import TaskVectorEvaluator
+from _spaces import write_space
 
 from evomerge.cli import main
 from evomerge.engine import digest_model_dir
@@ -24,26 +25,7 @@ from evomerge.search.setup import prepare
 from evomerge.search.table import load_trials
 from evomerge.space import SAMPLERS
 
-TESTS = Path(__file__).resolve().parent
-
-
-def write_space(path: Path, base: Path, fts: list[Path], **search) -> Path:
-    space = {
-        "merge_method": {"choice": ["task_arithmetic", "ties", "dare_ties"]},
-        "base_model": str(base),
-        "models": [
-            {
-                "model": str(f),
-                "parameters": {"weight": {"range": [0.0, 1.5]}, "density": {"range": [0.3, 1.0]}},
-            }
-            for f in fts
-        ],
-        "parameters": {"lambda": {"range": [0.5, 1.5]}},
-        "dtype": "float32",
-        "search": {"trials": 8, "seed": 1, "finalists": 3, **search},
-    }
-    path.write_text(yaml.safe_dump(space, sort_keys=False))
-    return path
+TESTS = Path(__file__).resolve().parents[1]  # the helpers (_fake_eval, _stopper, ...)
 
 
 @pytest.fixture
@@ -52,6 +34,7 @@ def space(tmp_path, tiny_family):
     return write_space(tmp_path / "space.yml", base, fts)
 
 
+@pytest.mark.slow
 def test_search_fills_the_table_and_beats_its_baselines(space, tmp_path, tiny_family):
     base, fts = tiny_family
     ev = TaskVectorEvaluator(base, fts)
@@ -109,6 +92,7 @@ def test_search_fills_the_table_and_beats_its_baselines(space, tmp_path, tiny_fa
     assert chosen["test"] > df.loc[df["baseline"].str.startswith("source:"), "test"].max()
 
 
+@pytest.mark.slow
 def test_export_reproduces_the_trial_tensors(space, tmp_path, tiny_family, capsys):
     base, fts = tiny_family
     results = tmp_path / "results"
@@ -172,6 +156,7 @@ def test_export_reproduces_the_trial_tensors(space, tmp_path, tiny_family, capsy
     assert main(["export", str(space), "--results-dir", str(results), "-o", str(best)]) == 2
 
 
+@pytest.mark.slow
 def test_same_seed_same_recipes_and_tensors(space, tmp_path, tiny_family):
     base, fts = tiny_family
     runs = []
@@ -192,6 +177,7 @@ def test_same_seed_same_recipes_and_tensors(space, tmp_path, tiny_family):
     assert list(a["digest"]) == list(b["digest"]) and a["digest"].str.len().min() == 64
 
 
+@pytest.mark.slow
 def test_failed_candidates_are_recorded_and_the_study_goes_on(space, tmp_path, tiny_family):
     base, fts = tiny_family
     # reject merges where the first fine-tune's delta is scaled up a lot
@@ -308,6 +294,7 @@ def _complete(csv: Path) -> pd.DataFrame:
     return df[(df["baseline"] == "") & (df["state"] == "COMPLETE")]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_loses_nothing(tmp_path, tiny_family):
     base, fts = tiny_family
     space = write_space(tmp_path / "space.yml", base, fts, trials=6, finalists=2)
@@ -356,6 +343,7 @@ def test_resume_after_sigkill_loses_nothing(tmp_path, tiny_family):
     assert (df["baseline"].str.startswith("source:")).sum() == 4
 
 
+@pytest.mark.slow
 def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path, tiny_family):
     base, fts = tiny_family
     space = write_space(tmp_path / "space.yml", base, fts, trials=20)
@@ -395,6 +383,7 @@ def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path, tiny_family):
     assert ((df["baseline"] == "") & (df["state"] == "COMPLETE")).sum() < 20
 
 
+@pytest.mark.slow
 def test_results_and_report_commands(space, tmp_path, tiny_family, capsys):
     base, fts = tiny_family
     results = tmp_path / "results"
@@ -463,6 +452,7 @@ def _sampler_run(tmp_path: Path, tiny_family, sampler: str, objectives, name: st
     "sampler, objectives",
     [(s, None) for s in SAMPLERS] + [("nsga2", "tasks"), ("tpe", ["task_0", "task_1"])],
 )
+@pytest.mark.slow
 def test_every_sampler_runs_past_its_startup_trials(tmp_path, tiny_family, sampler, objectives):
     # Every name the space accepts must sample after its random startup phase too: a sampler
     # whose package is missing (cmaes) fails only there, at the third trial.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from _spaces import zoo_space
 
 from evomerge.cli import main
 from evomerge.engine import digest_model_dir
@@ -16,31 +17,8 @@ SEARCH, HOLDOUT = task_names()
 pytestmark = pytest.mark.slow
 
 
-def _space(path, *, tasks, holdout, trials=5, name="zoo", **search):
-    space = {
-        "merge_method": "task_arithmetic",
-        "base_model": "zoo:micro/base",
-        "models": [
-            {"model": f"zoo:micro/{s}", "parameters": {"weight": {"range": [0.0, 1.5]}}}
-            for s in SKILLS
-        ],
-        "parameters": {"lambda": {"range": [0.5, 1.5]}},
-        "dtype": "float32",
-        "evaluate": {
-            "include_path": "zoo:micro",
-            "tasks": tasks,
-            "holdout": {"tasks": holdout},
-            "batch_size": 64,
-        },
-        "search": {"trials": trials, "seed": 0, "finalists": 2, **search},
-        "study": {"name": name},
-    }
-    path.write_text(yaml.safe_dump(space, sort_keys=False))
-    return path
-
-
 def test_cli_search_on_the_micro_zoo_end_to_end(micro_zoo, tmp_path, capsys):
-    space = _space(tmp_path / "space.yml", tasks=SEARCH, holdout=HOLDOUT)
+    space = zoo_space(tmp_path / "space.yml", tasks=SEARCH, holdout=HOLDOUT)
     results = tmp_path / "results"
     assert main(["search", str(space), "--results-dir", str(results), "--quiet"]) == 0
     out = capsys.readouterr().out
@@ -128,7 +106,7 @@ def test_overfit_flag_on_easy_search_hard_holdout_and_not_on_matched_sets(micro_
     # finalists' search scores overstate their validation (and the chosen one's test) scores far
     # beyond two standard errors.
     easy = _easy_task(micro_zoo, tmp_path / "easy")
-    skewed = _space(
+    skewed = zoo_space(
         tmp_path / "skewed.yml", tasks=["zoo_easy"], holdout=HOLDOUT, trials=3, name="skewed"
     )
     data = yaml.safe_load(skewed.read_text())
@@ -143,7 +121,7 @@ def test_overfit_flag_on_easy_search_hard_holdout_and_not_on_matched_sets(micro_
     ]
     assert fin["overfit_evidence"].str.contains("gap").all()
     # Matched sets (the same tasks, disjoint items): no overfit flag on any finalist.
-    matched = _space(  # every trial complete (none stopped early): two finalists to compare
+    matched = zoo_space(  # every trial complete (none stopped early): two finalists to compare
         tmp_path / "matched.yml",
         tasks=SEARCH,
         holdout=HOLDOUT,
@@ -162,7 +140,7 @@ def test_overfit_flag_on_easy_search_hard_holdout_and_not_on_matched_sets(micro_
 def test_probe_contamination_runs_on_finalists(micro_zoo, tmp_path):
     from evomerge.search.loop import run_search
 
-    space = _space(tmp_path / "probe.yml", tasks=SEARCH, holdout=HOLDOUT, trials=2, name="probe")
+    space = zoo_space(tmp_path / "probe.yml", tasks=SEARCH, holdout=HOLDOUT, trials=2, name="probe")
     out = run_search(space, results_dir=tmp_path / "r", quiet=True, log=lambda m: None, probe=True)
     df = load_trials(out.paths.csv)
     fin = df[(df["baseline"] == "") & df["validation"].notna()]

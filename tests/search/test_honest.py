@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 from _fake_eval import TaskVectorEvaluator
-from test_search import write_space
+from _spaces import write_space
 
 from evomerge.cli import main
 from evomerge.evaluation.base import split_holdout
@@ -110,6 +110,7 @@ def test_a_study_made_before_the_split_reads_and_says_its_holdout_chose(tmp_path
     assert lines[-1] == "Test score: none (the study has no test items)"
 
 
+@pytest.mark.slow
 def test_a_resumed_study_goes_on_where_it_stopped(tmp_path, tiny_family):
     """Three trials, then a resume to six, propose the same six points as one run of six: the
     resumed sampler neither repeats the first three nor depends on the interruption."""
@@ -131,6 +132,7 @@ def test_a_resumed_study_goes_on_where_it_stopped(tmp_path, tiny_family):
     assert resumed == once
 
 
+@pytest.mark.slow
 def test_baseline_recipe_changed_is_scored_again(tmp_path, tiny_family):
     base, fts = tiny_family
     hand = tmp_path / "hand.yml"

@@ -103,7 +103,7 @@ def merged(tmp_path_factory) -> dict[str, tuple[dict[str, Any], Path, Path]]:
         )
         out[name] = (r, root / f"{name}_em", root / f"{name}_mk")
     (root / "jobs.json").write_text(json.dumps(jobs))
-    runner = Path(__file__).with_name("_mergekit_runner.py")
+    runner = Path(__file__).parents[1] / "_mergekit_runner.py"
     proc = subprocess.run(
         [str(MK_PY.path), str(runner), str(root / "jobs.json"), str(root / "results.json")],
         capture_output=True,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_search import write_space
+from _spaces import write_space
 
 from evomerge.cli import main
 
@@ -66,6 +66,7 @@ def test_a_bad_storage_is_one_line_and_writes_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_export_of_a_missing_trial_and_onto_a_folder(tmp_path, tiny_family, capsys):
     from _fake_eval import TaskVectorEvaluator
 

@@ -19,6 +19,8 @@ from evomerge.engine.inputs import PrepCache, TensorInputs
 from evomerge.engine.kernels import compiled
 from evomerge.engine.kernels.methods import kernel_for
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(autouse=True)
 def _small_tensors_compile(monkeypatch):

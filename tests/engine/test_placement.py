@@ -138,7 +138,7 @@ def test_sources_are_held_in_their_stored_dtype(tmp_path):
         )
         plan = m.plan(cfg)
         assert m.merge_into(m.build_model(plan), plan).digest == want
-        assert {t.dtype for t in m._resident.values()} == {dtype}
+        assert {t.dtype for t in m.tensors.held.values()} == {dtype}
         assert m.placement is not None and m.placement.where == "cpu"
 
 

@@ -249,10 +249,12 @@ def test_mistral_experts_and_bfloat16(tmp_path):
 
 
 def test_seed_recipe_form_builds(zoo, tmp_path):
-    """The seed documents' ``merge_method: moe`` recipe (tests/seed_recipes/003_moe-from-merges.yml)
+    """The seed documents' ``merge_method: moe`` recipe (tests/mergekit/seed_recipes/003_moe-from-merges.yml)
     with the zoo standing in for its models; ``evomerge merge`` on it points to ``evomerge moe``."""
     seed = yaml.safe_load(
-        (Path(__file__).parent / "seed_recipes" / "003_moe-from-merges.yml").read_text()
+        (
+            Path(__file__).parents[1] / "mergekit" / "seed_recipes" / "003_moe-from-merges.yml"
+        ).read_text()
     )
     assert seed["merge_method"] == "moe"
     seed["base_model"] = str(zoo / "base")

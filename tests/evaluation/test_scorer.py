@@ -4,13 +4,13 @@ few-shot task built here and on the micro zoo's tasks."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
 
 import pytest
 import torch
+from _long_task import LONG_TASK, SMALL, write_long_task
 from _tiny import make_tiny
 
 from evomerge.compat import hflm_loglikelihood_tokens
@@ -23,15 +23,6 @@ from evomerge.evaluation.tasks import get_task_dict, manager_for, quiet_lm_eval
 from evomerge.zoo.data import make_tokenizer
 
 TOL = 1e-4  # float32: |sum of log-probs| differs by rounding only (matmul shapes differ)
-SMALL = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-)
-LONG_TASK = "long_mc"
 
 
 @pytest.fixture(scope="module")
@@ -200,38 +191,6 @@ def test_rolling_and_generation_are_hflms_and_logged(model, tok, caplog):
 # ------------------------------------------------------------------ a long-context few-shot task
 
 
-def _write_long_task(folder: Path, n: int = 24, shots: int = 4) -> None:
-    """ARC-shaped: several shots of a ~100-character passage and question, 4 choices of 2-9
-    characters (so continuations of different lengths), contexts of ~400-600 tokens."""
-    rng = random.Random(7)
-
-    def doc() -> dict:
-        words = [
-            "".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 9)))
-            for _ in range(16)
-        ]
-        i = rng.randrange(15)
-        wrong = rng.sample([w for w in words if w != words[i + 1]], 3)
-        label = rng.randrange(4)
-        return {
-            "q": f"{' '.join(words)}\nafter {words[i]}?",
-            "choices": wrong[:label] + [words[i + 1]] + wrong[label:],
-            "label": label,
-        }
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", 12), ("test", n)):
-        (folder / f"{split}.jsonl").write_text(
-            "".join(json.dumps(doc()) + "\n" for _ in range(count))
-        )
-    (folder / f"{LONG_TASK}.yaml").write_text(
-        f"task: {LONG_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {folder / 'train.jsonl'}\n"
-        f"    test: {folder / 'test.jsonl'}\ntraining_split: train\ntest_split: test\nfewshot_split: train\nnum_fewshot: {shots}\n"
-        'output_type: multiple_choice\ndoc_to_text: "Question: {{q}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
-    )
-
-
 def _answers(lm, task_dict) -> tuple[dict[str, list], dict[str, dict]]:
     """Per task: every request's (loglikelihood, is_greedy) in doc order, and lm-eval's results."""
     from lm_eval.evaluator import evaluate
@@ -253,7 +212,7 @@ def _leaves(task_dict) -> list:
 
 
 def test_long_context_task_matches_hflm(model, tok, tmp_path):
-    _write_long_task(tmp_path)
+    write_long_task(tmp_path)
     task_dict = get_task_dict([LONG_TASK], manager_for([LONG_TASK], str(tmp_path)))
     ctx = _leaves(task_dict)[0]
     ctx.set_fewshot_seed(seed=1234)
@@ -283,7 +242,7 @@ def test_evaluator_scores_equal_on_the_long_task(model, tok, tmp_path, monkeypat
         return lm
 
     monkeypatch.setattr(lmeval, "make_lm", recording)
-    _write_long_task(tmp_path, n=16)
+    write_long_task(tmp_path, n=16)
     (tmp_path / f"{LONG_TASK}_n.yaml").write_text(
         (tmp_path / f"{LONG_TASK}.yaml")
         .read_text()
@@ -307,7 +266,7 @@ def test_evaluator_scores_equal_on_the_long_task(model, tok, tmp_path, monkeypat
 
 
 def test_scorer_key_of_the_evaluate_section(tmp_path):
-    _write_long_task(tmp_path, n=4)
+    write_long_task(tmp_path, n=4)
     section = {"include_path": str(tmp_path), "tasks": [LONG_TASK]}
     assert parse_evaluate(section, "space.yml", tmp_path).scorer == "shared"
     assert parse_evaluate({**section, "scorer": "hflm"}, "space.yml", tmp_path).scorer == "hflm"
