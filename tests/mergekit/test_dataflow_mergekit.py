@@ -26,7 +26,7 @@ from evomerge.search.table import load_trials
 MERGEKIT = find("mergekit-yaml")
 pytestmark = MERGEKIT.marks
 _mergekit_present = MERGEKIT.present
-SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
 @pytest.fixture(scope="module")

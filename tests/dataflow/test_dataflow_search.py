@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from _spaces import write_space
 from _tiny import make_tiny
 
 from evomerge.cli import main
@@ -21,6 +22,8 @@ from evomerge.evaluation.fake import FakeEvaluator
 from evomerge.results.leaderboard import summary
 from evomerge.search.loop import run_search
 from evomerge.search.table import load_trials
+
+pytestmark = pytest.mark.slow  # every test runs a search
 
 IDS = torch.tensor(
     [[5, 9, 3, 17, 40, 2, 11, 33, 7, 60, 21, 8], [1, 4, 4, 50, 13, 2, 9, 9, 30, 6, 44, 3]]
@@ -178,8 +181,6 @@ def test_sources_of_different_depths_search_without_a_uniform_baseline(tiny_fami
 
 
 def test_ps_then_dfs_takes_the_best_trial_of_a_finished_study(tiny_family, tmp_path, capsys):
-    from test_search import write_space
-
     base, fts = tiny_family
     ev = logits_evaluator(fts)
     ps = write_space(tmp_path / "ps.yml", base, fts, trials=5, sampler="random")
@@ -219,7 +220,7 @@ def test_several_workers_share_a_dataflow_study(tmp_path):
 
     zoo = ensure_zoo("demo", tmp_path / "zoo")
     data = yaml.safe_load(
-        (Path(__file__).resolve().parents[1] / "search_spaces" / "demo_dataflow.yml").read_text()
+        (Path(__file__).resolve().parents[2] / "search_spaces" / "demo_dataflow.yml").read_text()
     )
     data["dataflow"]["repeats"] = 1
     data["evaluate"]["limit"] = 10
