@@ -17,6 +17,8 @@ import yaml
 
 from evomerge.contamination.render import as_comments, render_contamination_section
 from evomerge.contamination.rules import assessment_from_dict
+from evomerge.dataflow.candidate import is_dataflow_mapping
+from evomerge.dataflow.export import compare_built
 from evomerge.engine.hashes import is_fingerprint
 from evomerge.engine.merger import merge_to_disk
 from evomerge.engine.rng import SEED_PRAGMA, pragma_from_text, seed_from_text
@@ -26,6 +28,7 @@ from evomerge.io import atomic_text, dump_yaml
 from evomerge.moe.config import is_moe_mapping
 from evomerge.moe.write import moe_to_disk
 from evomerge.recipe.schema import parse_recipe
+from evomerge.results.export_dataflow import dataflow_export, source_dirs
 from evomerge.results.export_moe import moe_export
 from evomerge.results.provenance import evaluation_lines, unseen_score
 from evomerge.schemes import resolve, scheme_of
@@ -145,7 +148,9 @@ def export_recipe(
         f"# Search tasks: {', '.join(meta.search_tasks)}; holdout (validation and test) tasks: "
         + (", ".join(meta.holdout_tasks) or "none"),
         *(f"# {line}." for line in evaluation),
-        f"# Tensor hash of the merge: {rec.digest or ''}",
+        f"# Path digest of the trial (it copied no tensors, so none were hashed): {rec.digest or ''}"
+        if is_dataflow_mapping(recipe)
+        else f"# Tensor hash of the merge: {rec.digest or ''}",
         f"# Reproduce: evomerge merge THIS_FILE OUT_DIR   (random masks use seed {seed} and random stream {stream}, read from the next line)",
         SEED_PRAGMA.format(seed=seed, stream=stream),
         "#",
@@ -161,6 +166,7 @@ def export_recipe(
         "section": section,
         "evaluation": evaluation,
         "moe": False,
+        "dataflow": None,
         "expert_files": [],
     }
     if is_moe_mapping(
@@ -168,6 +174,9 @@ def export_recipe(
     ):  # a mixture of experts: a mergekit-moe configuration (and its merged experts)
         text, recipe, files = moe_export(recipe, head, out or Path("best.yml"))
         return text, recipe, {**info, "moe": True, "expert_files": files}
+    if is_dataflow_mapping(recipe):  # a path: a passthrough recipe (and its merged sources)
+        text, recipe, files, cand = dataflow_export(recipe, head, out or Path("best.yml"))
+        return text, recipe, {**info, "dataflow": cand, "expert_files": files}
     text = "\n".join(head) + "\n" + dump_yaml(recipe)
     parse_recipe(yaml.safe_load(text), "exported recipe")  # what we write must load as a recipe
     return text, recipe, info
@@ -195,11 +204,12 @@ def main_export(args: Any) -> int:
         _check_dir(f"--merge {args.merge}", Path(args.merge), args.force)
     study = load_study(paths)
     text, recipe, info = export_recipe(study, trial=args.trial, space_file=args.space, out=out)
+    kind = "merged source" if info["dataflow"] is not None else "merged expert"
     # Every file and directory this export writes is checked before the first is written.
     for f in info["expert_files"]:
         _check_file(f.recipe_path, args.force)
         if args.merge:
-            _check_dir(f"merged expert {f.model_dir}", f.model_dir, args.force)
+            _check_dir(f"{kind} {f.model_dir}", f.model_dir, args.force)
     files = [f.recipe_path for f in info["expert_files"]] + [out]
     dirs = [f.model_dir for f in info["expert_files"]] if args.merge else []
     created = [p for p in files + dirs if not p.exists()]
@@ -208,7 +218,7 @@ def main_export(args: Any) -> int:
     _atomic_write(out, text, args.force)
     print(
         f"wrote {out}: trial {info['number']} of study {paths.name}"
-        + "".join(f"; merged expert recipe {f.recipe_path}" for f in info["expert_files"])
+        + "".join(f"; {kind} recipe {f.recipe_path}" for f in info["expert_files"])
     )
     for line in info["evaluation"]:
         print(f"  {line}")
@@ -230,16 +240,7 @@ def _merge(args: Any, recipe: Any, text: str, info: dict[str, Any]) -> str | Non
     """Merge the exported recipe into ``--merge`` (nothing without it); why the merged tensors
     differ from the trial's, or None when they are the same."""
     if args.merge and info["moe"]:
-        for f in info["expert_files"]:
-            merge_to_disk(
-                f.recipe_path,
-                f.model_dir,
-                device=args.device,
-                seed=info["seed"],
-                force=args.force,
-                stream=info["stream"],
-            )
-            print(f"merged expert into {f.model_dir}")
+        _merge_parts(args, info, "merged expert")
         built = moe_to_disk(
             recipe,
             args.merge,
@@ -256,6 +257,8 @@ def _merge(args: Any, recipe: Any, text: str, info: dict[str, Any]) -> str | Non
         )
         if not same:
             return f"--merge: the rebuilt mixture differs from trial {info['number']}'s ({built.digest[:20]} vs {info['digest'][:20]})"
+    elif args.merge and info["dataflow"] is not None:
+        return _build_dataflow(args, recipe, text, info)
     elif args.merge:
         # CUDA trials record a fingerprint of their tensors (evomerge.engine.hashes), CPU trials a
         # sha256. The re-merge is checked against whichever the trial holds.
@@ -280,4 +283,50 @@ def _merge(args: Any, recipe: Any, text: str, info: dict[str, Any]) -> str | Non
         )
         if not same:
             return f"--merge: the re-merged tensors differ from trial {info['number']}'s ({got[:20]} vs {info['digest'][:20]})"
+    return None
+
+
+def _merge_parts(args: Any, info: dict[str, Any], what: str) -> None:
+    """Merge the recipe files an export wrote beside its own (a mixture's merged experts, a path's
+    merged sources) into the directories it names."""
+    for f in info["expert_files"]:
+        merge_to_disk(
+            f.recipe_path,
+            f.model_dir,
+            device=args.device,
+            seed=info["seed"],
+            force=args.force,
+            stream=info["stream"],
+        )
+        print(f"{what} into {f.model_dir}")
+
+
+def _build_dataflow(
+    args: Any, recipe: dict[str, Any], text: str, info: dict[str, Any]
+) -> str | None:
+    """``--merge`` of a data-flow trial: its merged sources, the passthrough recipe, and the check
+    that the built tensors are those the trial's path computed with (bit for bit); why they differ,
+    or None when they are the same."""
+    _merge_parts(args, info, "merged source")
+    result = merge_to_disk(
+        recipe,
+        args.merge,
+        device=args.device,
+        seed=info["seed"],
+        force=args.force,
+        card_extra=info["section"],
+        recipe_text=text,
+    )
+    cand = info["dataflow"]
+    n, worst = compare_built(cand, source_dirs(cand, info["expert_files"]), Path(args.merge))
+    print(
+        f"built the path into {args.merge} in {result.seconds:.1f}s; "
+        + (
+            f"its {n} tensors are the path's of trial {info['number']} (each step's weights times its output scale)"
+            if worst == 0.0
+            else f"DIFFERS from trial {info['number']}'s path by up to {worst:.3g}"
+        )
+    )
+    if worst != 0.0:
+        return f"--merge: the built tensors differ from trial {info['number']}'s path (largest difference {worst:.3g})"
     return None

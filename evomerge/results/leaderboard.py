@@ -166,9 +166,11 @@ def summary(outcome: SearchOutcome, df: pd.DataFrame) -> str:
         lines.append(
             f"  vs {name:<32} {key} {float(r):.3f}  ({'+' if diff >= 0 else ''}{diff:.3f})"
         )
+    # a data-flow space over models of different depths has no uniform merge
+    uniform = " and the uniform merge" if "uniform" in outcome.baselines else ""
     lines.append(
         f"on the {where} items, the chosen trial {'beats' if beaten_all else 'does NOT beat'} "
-        "every source model and the uniform merge"
+        f"every source model{uniform}"
     )
     return "\n".join(lines)
 

@@ -13,19 +13,30 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from evomerge.dataflow.section import plain_sources, recipe_sources
 from evomerge.errors import failure_line
 from evomerge.io import dump_yaml
 from evomerge.search.candidates import Candidates
 from evomerge.search.distributed.coordinator import Coordinator
 from evomerge.search.records import StudyRecords, TrialRecord
 from evomerge.space import Space
+from evomerge.space.directives import LayersOf
 
 __all__ = ["baseline_recipes", "enqueue_hand_recipes", "run_baselines"]
 
 
-def baseline_recipes(space: Space) -> dict[str, dict[str, Any]]:
-    """``{name: recipe}``: ``source:<ref>`` for each model, ``uniform``, and ``hand:<name>``."""
-    refs = space.model_refs()
+def baseline_recipes(space: Space, layers_of: LayersOf | None = None) -> dict[str, dict[str, Any]]:
+    """``{name: recipe}``: ``source:<ref>`` for each model, ``uniform``, and ``hand:<name>``.
+
+    Args:
+        space: the parsed space.
+        layers_of: the layer count of a model reference. A data-flow space may run the layers of
+            models of different depths, which no average merges: it has a ``uniform`` baseline
+            only where its model sources have one layer count (always without ``layers_of``).
+    """
+    dataflow = space.tree.get("dataflow")
+    # A data-flow space's baselines are its sources (a merge source's base model is no source).
+    refs = space.model_refs() if dataflow is None else plain_sources(dataflow)
     base = space.tree.get("base_model") if isinstance(space.tree.get("base_model"), str) else None
     dtype = space.tree.get("dtype")
     extra = {"dtype": dtype} if isinstance(dtype, str) else {}
@@ -39,12 +50,16 @@ def baseline_recipes(space: Space) -> dict[str, dict[str, Any]]:
     tuned = [r for r in refs if r != base]
     if len(tuned) < 2:
         tuned = refs
-    if len(tuned) >= 2:
+    same_depth = dataflow is None or layers_of is None or len({layers_of(r) for r in tuned}) == 1
+    if len(tuned) >= 2 and same_depth:
         out["uniform"] = {
             "merge_method": "linear",
             "models": [{"model": r, "parameters": {"weight": 1.0}} for r in tuned],
             **extra,
         }
+    if dataflow is not None:  # a merge whose layers a data-flow search runs, on its own
+        for name, merge in recipe_sources(dataflow):
+            out[f"source:{name}"] = dict(merge)
     for name, recipe in space.search.baselines:
         out[f"hand:{name}"] = dict(recipe)
     return out

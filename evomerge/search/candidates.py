@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from evomerge.dataflow.candidate import is_dataflow_mapping
+from evomerge.dataflow.resident import ResidentPaths
 from evomerge.engine.merger import Merger, MergeResult
 from evomerge.engine.plan import MergePlan
 from evomerge.evaluation.base import Evaluator
@@ -37,6 +39,7 @@ class Candidates:
         self.evaluator = evaluator
         self._models: dict[str, torch.nn.Module] = {}
         self._moe: ResidentMoE | None = None
+        self._paths: ResidentPaths | None = None
 
     def model_for(self, plan: MergePlan) -> torch.nn.Module:
         """The resident model for the plan's output layout (built once per layout)."""
@@ -53,7 +56,11 @@ class Candidates:
         self, recipe: Mapping[str, Any], where: str
     ) -> tuple[torch.nn.Module, MergeResult]:
         """Merge ``recipe`` into its resident model; returns the model and the merge result.
-        A mixture-of-experts configuration (``merge_method: moe``) is built by :class:`ResidentMoE`."""
+        A mixture-of-experts configuration (``merge_method: moe``) is built by :class:`ResidentMoE`,
+        a data-flow path (``merge_method: dataflow``) by :class:`ResidentPaths`."""
+        if is_dataflow_mapping(recipe):
+            self._paths = self._paths or ResidentPaths(self.merger)
+            return self._paths.materialize(recipe, where)  # type: ignore[return-value]  # has .digest like MergeResult
         if is_moe_mapping(recipe):
             self._moe = self._moe or ResidentMoE(self.merger)
             return self._moe.materialize(recipe, where)  # type: ignore[return-value]  # has .digest like MergeResult

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +26,8 @@ from evomerge.contamination.rules import (
     assessment_from_dict,
     assessment_to_dict,
 )
+from evomerge.dataflow.candidate import METHOD
+from evomerge.dataflow.slots import check_section
 from evomerge.engine.merger import Merger, check_device
 from evomerge.engine.sources import ModelSource, open_sources
 from evomerge.errors import ConfigError, EvomergeError, one_line
@@ -40,6 +42,7 @@ from evomerge.search.distributed.recovery import on_stale
 from evomerge.search.inputs import check_inputs, check_table, sources_digest
 from evomerge.search.records import StudyMeta, StudyRecords
 from evomerge.search.storage import StudyPaths, open_storage, study_paths
+from evomerge.search.study_source import resolve_study_sources
 from evomerge.space import Directive, Space, load_space
 from evomerge.space.moe import check_prompt_tasks
 from evomerge.space.validate import check_layer_groups
@@ -314,9 +317,18 @@ def prepare(
         space_storage=space.storage,
         results_dir=results_dir,
     )
+    if "dataflow" in space.tree:  # PS+DFS: a finished study's trial is a source
+        space = resolve_study_sources(space, results_dir=results_dir, log=log)
     # Models: open once; a space whose models cannot merge fails here, before any output.
     sources = open_sources(space.model_refs(), file=file)
-    check_layer_groups(space, lambda ref: sources[ref].arch.num_layers)
+
+    def layers_of(ref: str) -> int:
+        return sources[ref].arch.num_layers
+
+    check_layer_groups(space, layers_of)
+    if "dataflow" in space.tree:  # checked against the models; caps read off them
+        section = check_section(space.tree["dataflow"], file, sources, layers_of)
+        space = replace(space, tree={**space.tree, "dataflow": section})
     threads = threads if threads is not None else _threads(device, sources)
     if threads:
         torch.set_num_threads(threads)
@@ -327,11 +339,11 @@ def prepare(
     if merger.placement is not None and merger.device.type == "cuda":
         log(merger.placement.describe())
     tokenizer_dir = _tokenizer_dir(space, sources, file)
-    baselines = baseline_recipes(space)
+    baselines = baseline_recipes(space, layers_of)
     for name, recipe in baselines.items():
         if (
             (name == "uniform" or name.startswith("hand:"))
-            and recipe.get("merge_method") != "moe"
+            and recipe.get("merge_method") not in ("moe", METHOD)
             and "experts" not in recipe
         ):
             merger.plan(parse_recipe(recipe, f"{file} (baseline {name})"))

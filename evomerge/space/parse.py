@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from evomerge.dataflow.candidate import is_dataflow_mapping, parse_candidate
+from evomerge.dataflow.section import dataflow_section
 from evomerge.errors import ConfigError, did_you_mean
 from evomerge.evaluation.section import parse_evaluate
 from evomerge.io import plain_name, read_yaml
@@ -305,6 +307,8 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
             tree[k] = slices
         elif k == "moe":
             tree[k] = moe_section(p, v, _short)
+        elif k == "dataflow":
+            tree[k] = dataflow_section(p, v)
         elif k == "modules" and _directive_inside(v):
             raise p.err(
                 "modules",
@@ -320,7 +324,10 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
                     "merge_method.choice",
                     f"unknown merge_method {c!r}{did_you_mean(str(c), METHODS)}",
                 )
-    check_moe_method(tree, p)
+    if "dataflow" in tree:
+        _check_dataflow_alone(tree, p)
+    else:
+        check_moe_method(tree, p)
     search = _search_settings(data.get("search"), p)
     study_name, storage = _study_section(data.get("study"), p)
     _check_sampler(search, p)
@@ -328,8 +335,19 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
     section = data.get("evaluate")
     evaluation = None if section is None else parse_evaluate(section, file, base, check_tasks=False)
     space = Space(file, base, tree, p.directives, evaluation, search, study_name, storage)
-    validate_points(space)
+    if "dataflow" not in tree:  # the section checked itself; the rest when the models are open
+        validate_points(space)
     return space
+
+
+def _check_dataflow_alone(tree: Mapping[str, Any], p: _SpaceParser) -> None:
+    """A data-flow space is its ``dataflow:`` section (a merge goes in as a source)."""
+    others = [k for k in tree if k != "dataflow"]
+    if others:
+        raise p.err(
+            others[0],
+            "a data-flow space has no merge recipe beside its dataflow: section; to run a merge's layers, list it as a source: {recipe: file.yml} or {study: space.yml}",
+        )
 
 
 def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
@@ -421,6 +439,8 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
             recipe
         ):  # a mixture of experts as a hand baseline (a mergekit-moe configuration)
             parse_moe_config(recipe, f"{p.file} ({f}.recipe)")
+        elif is_dataflow_mapping(recipe):  # a hand-written path (merge_method: dataflow)
+            parse_candidate(recipe, f"{p.file} ({f}.recipe)")
         else:
             parse_recipe(recipe, f"{p.file} ({f}.recipe)")
         baselines.append((name, recipe))
@@ -461,9 +481,14 @@ def _check_sampler(search: SearchSettings, p: _SpaceParser) -> None:
     if search.sampler == "cmaes":
         cats = [d for d in p.directives if d.kind == "choice"]
         if cats:
+            fix = (
+                "set dataflow.layout: flat (on/off as numbers)"
+                if cats[0].path == "dataflow.slots"
+                else "make it a range"
+            )
             raise p.err(
                 "search.sampler",
-                f"cmaes cannot sample categorical parameters ({cats[0].path} is a choice); use tpe, gp, random or nsga2, or make it a range",
+                f"cmaes cannot sample categorical parameters ({cats[0].path} is a choice); use tpe, gp, random or nsga2, or {fix}",
             )
     if search.objectives and search.sampler not in ("nsga2", "tpe", "random"):
         raise p.err(

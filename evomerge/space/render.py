@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from evomerge.dataflow.slots import render_dataflow
 from evomerge.methods.registry import METHODS, get_method
 from evomerge.space.directives import Directive, LayersOf, Suggest
 from evomerge.space.moe import Prompts, render_moe
@@ -137,6 +138,8 @@ class _Renderer:
 
     def recipe(self) -> dict[str, Any]:
         tree = self.tree
+        if "dataflow" in tree:  # a data-flow candidate (the space holds nothing else)
+            return render_dataflow(tree["dataflow"], self.suggest, self.layers_of)
         out: dict[str, Any] = {}
         method = self.value(tree.get("merge_method"))
         if method == "moe" and "moe" in tree:

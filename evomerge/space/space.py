@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evomerge.dataflow.section import section_model_refs
 from evomerge.evaluation.base import EvalConfig
 from evomerge.space.directives import Directive, LayersOf, Suggest
 from evomerge.space.moe import Prompts, moe_model_refs
@@ -101,6 +102,8 @@ class Space:
             for src in s.get("sources") or ():
                 add(src.get("model"))
         for ref in moe_model_refs(self.tree.get("moe")):
+            add(ref)
+        for ref in section_model_refs(self.tree.get("dataflow")):
             add(ref)
         modules = self.tree.get("modules")
         for module in (
