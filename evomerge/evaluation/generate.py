@@ -2,22 +2,27 @@
 
 A few-shot generation task (GSM8K: five worked examples, about 800 tokens, then the question) gives
 every item the same long prefix. :func:`generate_shared` runs the prefix of a group of requests once
-and keeps its keys and values; each item then runs only its own tokens on a copy of those rows and
-is decoded greedily, a batch of items at a time::
+and keeps its keys and values; each item then runs only its own tokens and is decoded greedily, a
+batch of rows at a time::
 
-    prefix pass    p0 p1 .. p(P-1)                   -> cache, one row per group
+    prefix pass    p0 p1 .. p(P-1)                   -> cache, held once
     item pass      [pad ..] s0 s1 .. s(n-1)          -> each row's first token (positions P.., pads masked)
     decode steps   g0 g1 ..                          -> one token per active row per step
 
-The item tokens are right-aligned (padding sits between the prefix and them, masked out), so every
-row's last input is in the last column; positions are each row's own (``P + i``), as in HF's
-``generate`` with left padding. A row stops at its own stop strings, end-of-text ids or token budget
-and leaves the batch (its cache rows are dropped); when a quarter of the places are free, the
-group's next rows run their own tokens and join the batch (the shorter cache padded with masked
-columns), so the decoding costs what the rows need rather than what each batch's longest row
-needs. Greedy decoding picks the first maximum of each row's logits, as HF's greedy search does;
-the two agree up to float rounding (matmul shapes differ). The cache appends in place
-(:func:`~evomerge.evaluation.kv.growing`).
+The item tokens are right-aligned (padding before them, masked out), so every row's last input is
+in the last column; positions are each row's own (``P + i``), as in HF's ``generate`` with left
+padding. A row stops at its own stop strings, end-of-text ids or token budget and leaves the batch
+(its cache rows are dropped); when a quarter of the places are free, the group's next rows run
+their own tokens and join the batch, so the decoding costs what the rows need rather than what
+each batch's longest row needs. Greedy decoding picks the first maximum of each row's logits, as
+HF's greedy search does; the two agree up to float rounding (matmul shapes differ).
+
+On models that attend through transformers' ``sdpa`` with full-attention caches (Llama, Mistral,
+Qwen, ...), the prefix's keys and values are held once and each row holds only its own columns
+(:mod:`~evomerge.evaluation.prefixkv`): in the key/value memory ``HFLM`` uses at the batch size,
+more rows fit (:func:`~evomerge.evaluation.prefixkv.batch_rows`), so fewer decode steps run, and
+each step reads the prefix once for all rows. Other models copy the prefix into each row and
+decode ``batch_size`` rows (the cache appends in place: :func:`~evomerge.evaluation.kv.growing`).
 
 A stop string is looked for in the decoded text of the row's last few tokens, then confirmed in
 the decoded text of all its tokens: a row stops at the first token after which its decoded text
@@ -41,6 +46,16 @@ from evomerge.evaluation.kv import (
     forward_names,
     growing,
     output_cache,
+)
+from evomerge.evaluation.prefixkv import (
+    PREFIX_KWARG,
+    batch_rows,
+    cache_elements,
+    compact,
+    merge_rows,
+    prefix_attention,
+    prefix_attention_reason,
+    prefix_cache,
 )
 
 __all__ = ["GenRequest", "GenStats", "generate_shared", "common_prefix"]
@@ -66,6 +81,8 @@ class GenStats:
     item_tokens: int = 0
     generated: int = 0
     steps: int = 0
+    rows: int = 0  # the most rows decoded together
+    kv_peak: int = 0  # the most key/value elements held at once (the prefix counted once)
     groups: list[int] = field(default_factory=list)  # prefix length of each group
 
 
@@ -108,16 +125,22 @@ def generate_shared(
 ) -> list[list[int]]:
     """Greedy continuations of ``requests``, each group's shared prefix run once.
 
-    Up to ``batch_size`` rows are decoded together; when a quarter of the places are free, the
-    next rows of the group run their own tokens and join the batch (on models whose cache layers
-    are plain full-attention ones; otherwise a batch is refilled once it is empty).
+    Where the prefix is held once (see the module's text), as many rows are decoded together as fit
+    in the key/value memory ``HFLM`` holds at ``batch_size``:
+    ``floor((batch_size * (P + C) - P) / C)`` with ``P`` the group's prefix and ``C`` its longest
+    own suffix plus its largest budget, at most ``4 * batch_size`` and the rows left
+    (:func:`~evomerge.evaluation.prefixkv.batch_rows`); their own tokens run ``batch_size`` rows at
+    a time. Elsewhere ``batch_size`` rows are decoded together. When a quarter of the places are
+    free, the next rows of the group run their own tokens and join the batch (on models whose
+    cache layers are plain full-attention ones; otherwise a batch is refilled once it is empty).
 
     Args:
         model: a ``transformers`` causal LM that returns a ``Cache`` (Llama, Mistral, Qwen, ...).
         tokenizer: decodes generated tokens to look for stop strings (``skip_special_tokens``).
         requests: the prompts, stop strings and budgets; requests of one ``group`` share the longest
             common prefix of their tokens (all but one token of the shortest, at most).
-        batch_size: rows decoded together.
+        batch_size: the batch size whose key/value memory bounds the rows decoded together (rows
+            whose own tokens run together).
         eos_ids: token ids that end a row (the model's end-of-text ids, as ``generate`` uses them).
         device: where inputs go (default: the model's first parameter's device).
         autocast_dtype: run the forwards under autocast to this dtype (None: no autocast).
@@ -180,6 +203,20 @@ class _Batch:
     last: torch.Tensor  # (B,)
 
 
+@dataclass
+class _Group:
+    """How a group's rows are decoded: over a prefix held once (``capacity`` own columns a row),
+    or over a copy of it per row (``capacity`` 0); ``base``: key/value elements held besides the
+    rows' (the prefix)."""
+
+    prefix: Any
+    p: int
+    rows: int
+    chunk: int
+    capacity: int = 0
+    base: int = 0
+
+
 class _Decoder:
     def __init__(
         self,
@@ -204,45 +241,67 @@ class _Decoder:
         res = self.model(use_cache=True, **kwargs)
         return res.logits[:, -1], output_cache(res)
 
+    def _held(self, g: _Group, *caches: Any) -> None:
+        held = g.base + sum(cache_elements(c) for c in caches if c is not None)
+        self.run.kv_peak = max(self.run.kv_peak, held)
+
     def prefix_pass(self, prefix: list[int]) -> Any:
-        return growing(self._forward(input_ids=torch.tensor([prefix], device=self.device))[1])
+        return self._forward(input_ids=torch.tensor([prefix], device=self.device))[1]
 
     def run_group(self, prefix: Any, p: int, todo: list[_Row], batch_size: int) -> None:
+        shared = prefix is not None and not prefix_attention_reason(self.model, prefix)
+        if shared:
+            capacity = max(len(r.suffix) for r in todo) + max(r.max_new for r in todo)
+            rows = batch_rows(batch_size, p, capacity, len(todo))
+            g = _Group(prefix, p, rows, batch_size, capacity, cache_elements(prefix))
+            with prefix_attention(self.model):
+                self._decode(g, todo, refill=True)
+            return
+        prefix = growing(prefix) if prefix is not None else None
+        self._decode(_Group(prefix, p, batch_size, batch_size, 0, cache_elements(prefix)), todo)
+
+    def _decode(self, g: _Group, todo: list[_Row], refill: bool = False) -> None:
         pending = list(reversed(todo))  # pop() takes the longest first
         batch: _Batch | None = None
-        refill = False
+        self.run.rows = max(self.run.rows, min(g.rows, len(todo)))
         while pending or batch is not None:
             n = len(batch.rows) if batch is not None else 0
-            free = batch_size - n
-            if pending and (n == 0 or (refill and free >= max(1, batch_size // 4))):
-                new = self.admit(prefix, p, [pending.pop() for _ in range(min(free, len(pending)))])
-                if batch is None:
-                    batch = new
-                    refill = batch is not None and cache_paddable(batch.cache)
-                elif new is not None:
-                    batch = _merge(batch, new)
+            free = g.rows - n
+            if pending and (n == 0 or (refill and free >= max(1, g.rows // 4))):
+                take = [pending.pop() for _ in range(min(free, len(pending)))]
+                for i in range(0, len(take), g.chunk):  # own tokens run batch_size rows at a time
+                    new = self.admit(g, take[i : i + g.chunk], batch)
+                    if batch is None:
+                        batch = new
+                        refill = refill or (batch is not None and cache_paddable(batch.cache))
+                    elif new is not None:
+                        batch = _merge(batch, new, g.capacity > 0)
+                    self._held(g, batch.cache if batch is not None else None)
                 continue
             if batch is not None:
-                batch = self.advance(batch)
+                batch = self.advance(g, batch)
 
-    def admit(self, prefix: Any, p: int, rows: list[_Row]) -> _Batch | None:
+    def admit(self, g: _Group, rows: list[_Row], batch: _Batch | None) -> _Batch | None:
         """Run the rows' own tokens after the prefix; returns those not finished by their first
         token."""
-        n, width = len(rows), max(len(r.suffix) for r in rows)
+        n, width, p = len(rows), max(len(r.suffix) for r in rows), g.p
+        own = p if g.capacity == 0 else 0  # prefix columns in each row's cache and mask
         ids = torch.zeros((n, width), dtype=torch.long)  # (B, W), own tokens right-aligned
         pos = torch.full((n, width), p, dtype=torch.long)  # (B, W)
-        mask = torch.zeros((n, p + width), dtype=torch.long)  # (B, P + W): prefix, pads, own
-        mask[:, :p] = 1
+        mask = torch.zeros((n, own + width), dtype=torch.long)  # (B, [P] + W): prefix, pads, own
+        mask[:, :own] = 1
         for j, r in enumerate(rows):
             k = len(r.suffix)
             ids[j, width - k :] = torch.tensor(r.suffix)
             pos[j, width - k :] = torch.arange(p, p + k)
-            mask[j, p + width - k :] = 1
+            mask[j, own + width - k :] = 1
             self.run.item_tokens += k
         kwargs: dict[str, Any] = {}
-        if prefix is not None:
+        if g.capacity:
+            kwargs[self.cache_name] = kwargs[PREFIX_KWARG] = prefix_cache(g.prefix, n, g.capacity)
+        elif g.prefix is not None:
             index = torch.zeros(n, dtype=torch.long, device=self.device)
-            kwargs[self.cache_name] = cache_rows(prefix, index)
+            kwargs[self.cache_name] = cache_rows(g.prefix, index)
         mask = mask.to(self.device)
         logits, cache = self._forward(
             input_ids=ids.to(self.device),
@@ -250,19 +309,28 @@ class _Decoder:
             position_ids=pos.to(self.device),
             **kwargs,
         )
+        self._held(g, cache, batch.cache if batch is not None else None)
         nxt = pos[:, -1].to(self.device) + 1
-        return self._pick(rows, logits, growing(cache), mask, nxt)
+        return self._pick(rows, logits, cache if g.capacity else growing(cache), mask, nxt)
 
-    def advance(self, b: _Batch) -> _Batch | None:
+    def advance(self, g: _Group, b: _Batch) -> _Batch | None:
         """Feed each row's last token; returns the rows not finished."""
+        kwargs = {self.cache_name: b.cache}
+        if g.capacity:
+            kwargs[PREFIX_KWARG] = b.cache
+            if b.mask.shape[1] == g.capacity:  # full: drop the columns no row sees any more
+                dead = int(b.mask.any(0).long().argmax())
+                compact(b.cache, dead)
+                b.mask = b.mask[:, dead:]
         mask = torch.cat([b.mask, b.mask.new_ones((len(b.rows), 1))], dim=1)
         logits, cache = self._forward(
             input_ids=b.last[:, None],
             attention_mask=mask,
             position_ids=b.nxt[:, None],
-            **{self.cache_name: b.cache},
+            **kwargs,
         )
         self.run.steps += 1
+        self._held(g, cache)
         return self._pick(b.rows, logits, cache, mask, b.nxt + 1)
 
     def _pick(
@@ -289,14 +357,19 @@ class _Decoder:
         return _Batch([rows[k] for k in keep], cache, mask, nxt, token)
 
 
-def _merge(a: _Batch, b: _Batch) -> _Batch:
-    cache = cache_cat(a.cache, b.cache)
-    if cache is None:  # run_group refills only batches whose cache can be padded
-        raise RuntimeError(f"cannot join caches of type {type(a.cache).__name__}")
-    width = cache_length(cache)
+def _merge(a: _Batch, b: _Batch, held_once: bool) -> _Batch:
+    if held_once:  # own columns right-aligned: each mask padded on its left
+        width = merge_rows(a.cache, b.cache)
+        cache, left = a.cache, True
+    else:  # whole rows, the shorter padded on its right
+        cache, left = cache_cat(a.cache, b.cache), False
+        if cache is None:  # _decode refills only batches whose cache can be padded
+            raise RuntimeError(f"cannot join caches of type {type(a.cache).__name__}")
+        width = cache_length(cache)
 
     def grow(m: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, width), new columns masked
-        return torch.nn.functional.pad(m, (0, width - m.shape[1]))
+        pad = width - m.shape[1]
+        return torch.nn.functional.pad(m, (pad, 0) if left else (0, pad))
 
     return _Batch(
         a.rows + b.rows,

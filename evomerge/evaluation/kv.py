@@ -137,6 +137,10 @@ def _growing_layer() -> type:
             self._k, self._v = self._k[indices], self._v[indices]
             self._view(self._n)
 
+        def held(self) -> int:
+            """Key/value elements of the buffers (their whole capacity)."""
+            return int(self._k.numel() + self._v.numel())
+
         def batch_repeat_interleave(self, repeats: int) -> None:
             self._k = self._k.repeat_interleave(repeats, dim=0)
             self._v = self._v.repeat_interleave(repeats, dim=0)

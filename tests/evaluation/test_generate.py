@@ -160,6 +160,58 @@ def test_generate_until_matches_hflm(model, tok):
     assert len({g for g in got}) > 3  # not one string for all
 
 
+def _kv_peak_of_forwards(model):
+    """A forward hook recording the most key/value elements a forward's returned cache holds."""
+    from evomerge.evaluation.kv import output_cache
+    from evomerge.evaluation.prefixkv import cache_elements
+
+    seen = [0]
+
+    def hook(module, args, kwargs, out):
+        seen[0] = max(seen[0], cache_elements(output_cache(out)))
+
+    return seen, model.register_forward_hook(hook, with_kwargs=True)
+
+
+def test_more_rows_than_batch_size_in_hflms_cache_memory(model, tok, monkeypatch):
+    """A long shared prefix and short answers: the shared path decodes more rows than the batch
+    size together, its answers are HFLM's, and the most key/value elements it holds (prefix once,
+    each row's own columns) are no more than HFLM's cache holds at that batch size."""
+    import evomerge.evaluation.genlm as genlm
+
+    rng = random.Random(11)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    shots = "".join(f"rot: {''.join(rng.sample(letters, 5))} = xyz\n" for _ in range(20))
+    texts = [shots + "".join(rng.choices(letters, k=rng.randint(3, 12))) for _ in range(12)]
+    kwargs = [{"until": ["\n"], "max_gen_toks": 6 + i % 3} for i in range(len(texts))]
+    stats, real = GenStats(), genlm.generate_shared
+    monkeypatch.setattr(genlm, "generate_shared", lambda *a, **k: real(*a, **{**k, "stats": stats}))
+    got = make_lm(model, tok, scorer="shared", batch_size=2).generate_until(
+        _instances(texts, kwargs)
+    )
+    seen, hook = _kv_peak_of_forwards(model)
+    try:
+        want = _hflm(model, tok, batch_size=2).generate_until(_instances(texts, kwargs))
+    finally:
+        hook.remove()
+    assert got == want and len(set(got)) > 3
+    assert stats.rows > 2  # more rows than the batch size decoded together
+    cfg = model.config
+    column = (
+        2
+        * cfg.num_hidden_layers
+        * cfg.num_key_value_heads
+        * (cfg.hidden_size // cfg.num_attention_heads)
+    )
+    p = stats.groups[0]
+    assert p > 300
+    # HFLM's cache at batch size 2: at most 2 rows of the longest prompt plus the largest budget.
+    longest = max(len(tok(t).input_ids) for t in texts)
+    assert seen[0] <= 2 * (longest + 8) * column
+    assert stats.kv_peak <= seen[0]  # the shared path held no more than HFLM did
+    assert stats.kv_peak >= (p + stats.rows * (longest - p)) * column  # prefix, rows' own tokens
+
+
 def test_what_the_fast_path_leaves_out_is_hflms_with_a_line(model, tok, caplog):
     import evomerge.evaluation.genlm as genlm
 
