@@ -71,12 +71,21 @@ def _trial(lm, task_dict) -> tuple[float, dict[str, list[str]], dict[str, float]
     return seconds, gens, scores
 
 
-def _floor(model, stats, batch: int, device: str) -> float:
+def _floor(model, stats, device: str) -> float:
     """Seconds of raw forwards over the ideal tokens: the prefix once, the items' own tokens in
-    batches, the generated tokens as decode steps of ``batch`` rows on a cache of typical length
-    that appends in place (:func:`~evomerge.evaluation.kv.growing`, as the shared path's)."""
+    batches, the generated tokens as decode steps of ``stats["rows"]`` rows, on the cache the
+    shared path uses (the prefix held once, :mod:`~evomerge.evaluation.prefixkv`, where the model
+    allows it; else the prefix copied into each row, appending in place)."""
+    from contextlib import nullcontext
+
     from evomerge.compat import sdpa_grouped_heads
     from evomerge.evaluation.kv import cache_rows, forward_names, growing, output_cache
+    from evomerge.evaluation.prefixkv import (
+        PREFIX_KWARG,
+        prefix_attention,
+        prefix_attention_reason,
+        prefix_cache,
+    )
 
     name, _ = forward_names(model)
     n_items = max(1, stats["items"])
@@ -101,23 +110,34 @@ def _floor(model, stats, batch: int, device: str) -> float:
         ids = torch.randint(0, vocab, (1, max(1, p)), device=device)
         t_prefix, res = timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
         cache = output_cache(res)
-        rows = min(batch, n_items)
+        once = p > 0 and not prefix_attention_reason(model, cache)
+        rows = max(1, min(stats["rows"], n_items))
         own_ids = torch.randint(0, vocab, (rows, width), device=device)
 
         def own_pass():
+            if once:
+                c = prefix_cache(cache, rows, width + stats["budget"])
+                return model(
+                    input_ids=own_ids,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{name: c, PREFIX_KWARG: c},
+                )
             c = cache_rows(cache, torch.zeros(rows, dtype=torch.long, device=device))
             return model(input_ids=own_ids, use_cache=True, logits_to_keep=1, **{name: c})
 
-        t_own, res = timed(own_pass)
-        step_cache = growing(output_cache(res))  # appends in place, as the shared path's
         one = torch.randint(0, vocab, (rows, 1), device=device)
+        with prefix_attention(model) if once else nullcontext():
+            t_own, res = timed(own_pass)
+            step_cache = output_cache(res) if once else growing(output_cache(res))
+            extra = {PREFIX_KWARG: step_cache} if once else {}
 
-        def step():
-            out = model(input_ids=one, use_cache=True, **{name: step_cache})
-            step_cache.crop(-1)  # back to the same length for the timed call
-            return out
+            def step():
+                out = model(input_ids=one, use_cache=True, **{name: step_cache}, **extra)
+                step_cache.crop(-1)  # back to the same length for the timed call
+                return out
 
-        t_step, _ = timed(step)
+            t_step, _ = timed(step)
     return t_prefix + t_own * n_items / rows + t_step * gen / rows
 
 
@@ -153,8 +173,10 @@ def _case(name: str, model, tok, task_dict, args) -> dict[str, Any]:
         "own": stats.item_tokens,
         "generated": gen_tokens,
         "items": len(ctx_tokens),
+        "rows": stats.rows,
+        "budget": _budget(task_dict),
     }
-    floor = _floor(model, ideal, args.batch_size, args.device)
+    floor = _floor(model, ideal, args.device)
     sec_s = statistics.median(r[0] for r in runs["shared"])
     sec_h = statistics.median(r[0] for r in runs["hflm"])
     ratios = [h[0] / s[0] for s, h in zip(runs["shared"], runs["hflm"], strict=True)]
@@ -172,11 +194,24 @@ def _case(name: str, model, tok, task_dict, args) -> dict[str, Any]:
         "groups": list(stats.groups),
         "ctx_tokens": (min(ctx_tokens), max(ctx_tokens)) if ctx_tokens else (0, 0),
         "generated": gen_tokens,
+        "rows": stats.rows,
+        "kv_peak": stats.kv_peak,
         "equal": equal,
         "compared": len(pairs),
         "scores_equal": sc_s == sc_h,
         "scores": sc_s,
     }
+
+
+def _budget(task_dict) -> int:
+    """The largest ``max_gen_toks`` of the tasks (HFLM's default where a task sets none)."""
+    from evomerge.evaluation.genlm import DEFAULT_MAX_GEN_TOKS
+    from evomerge.evaluation.tasks import leaf_tasks
+
+    return max(
+        int((t.config.generation_kwargs or {}).get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+        for t in leaf_tasks(task_dict).values()
+    )
 
 
 def _context_tokens(lm, task_dict) -> list[int]:
@@ -313,7 +348,20 @@ def main_gen(args) -> int:
                 f"  shared {row['shared_s']:7.2f} s per trial   (runs {row['shared_tokens']} tokens: the prefix once, each item's own, the generated ones)"
             )
             print(
-                f"  floor  {row['floor_s']:7.2f} s             (raw forwards over the shared path's tokens: one prefix pass, own tokens, {row['generated']} generated in steps of {args.batch_size})"
+                f"  floor  {row['floor_s']:7.2f} s             (raw forwards over the shared path's tokens: one prefix pass, own tokens, {row['generated']} generated in steps of {row['rows']} rows)"
+            )
+            cfg = model.config.get_text_config()
+            column = (
+                2
+                * cfg.num_hidden_layers
+                * cfg.num_key_value_heads
+                * (cfg.hidden_size // cfg.num_attention_heads)
+            )
+            hflm_kv = args.batch_size * (row["ctx_tokens"][1] + _budget(td)) * column
+            print(
+                f"  memory: shared decoded up to {row['rows']} rows together and held at most {row['kv_peak'] / column:.0f} key/value columns "
+                f"(the prefix once, each row's own); HFLM's cache holds up to {hflm_kv / column:.0f} at batch size {args.batch_size} "
+                f"({args.batch_size} rows x (longest prompt + budget))"
             )
             print(
                 f"  speed: shared is {row['ratio']:.2f}x HFLM (median of {args.trials} interleaved pairs: "

@@ -116,6 +116,11 @@ def _prefix_layer() -> type:
             self._k, self._v = self._k[indices], self._v[indices]
             self._view(self._n)
 
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError("crop takes a negative number of tokens to remove")
+            self._view(self._n - abs(tokens_to_remove))
+
         def held(self) -> int:
             """Key/value elements of the own buffers (the prefix is shared: not counted)."""
             return int(self._k.numel() + self._v.numel())
