@@ -19,10 +19,11 @@ HF's greedy search does; the two agree up to float rounding (matmul shapes diffe
 
 On models that attend through transformers' ``sdpa`` with full-attention caches (Llama, Mistral,
 Qwen, ...), the prefix's keys and values are held once and each row holds only its own columns
-(:mod:`~evomerge.evaluation.prefixkv`): in the key/value memory ``HFLM`` uses at the batch size,
-more rows fit (:func:`~evomerge.evaluation.prefixkv.batch_rows`), so fewer decode steps run, and
-each step reads the prefix once for all rows. Other models copy the prefix into each row and
-decode ``batch_size`` rows (the cache appends in place: :func:`~evomerge.evaluation.kv.growing`).
+(:mod:`~evomerge.evaluation.prefixkv`) wherever that lets more rows than the batch size fit in the
+key/value memory ``HFLM`` uses at the batch size (:func:`~evomerge.evaluation.prefixkv.batch_rows`):
+fewer decode steps run, and each step reads the prefix once for all rows. Elsewhere (other models,
+a prefix short beside the rows' own tokens) the prefix is copied into each row and ``batch_size``
+rows are decoded (the cache appends in place: :func:`~evomerge.evaluation.kv.growing`).
 
 A stop string is looked for in the decoded text of the row's last few tokens, then confirmed in
 the decoded text of all its tokens: a row stops at the first token after which its decoded text
@@ -249,10 +250,11 @@ class _Decoder:
         return self._forward(input_ids=torch.tensor([prefix], device=self.device))[1]
 
     def run_group(self, prefix: Any, p: int, todo: list[_Row], batch_size: int) -> None:
-        shared = prefix is not None and not prefix_attention_reason(self.model, prefix)
-        if shared:
-            capacity = max(len(r.suffix) for r in todo) + max(r.max_new for r in todo)
-            rows = batch_rows(batch_size, p, capacity, len(todo))
+        capacity = max(len(r.suffix) for r in todo) + max(r.max_new for r in todo)
+        rows = batch_rows(batch_size, p, capacity, len(todo))
+        # Held once only where more rows fit: a prefix short beside the rows' own tokens saves no
+        # memory, and sdpa's fused kernel beats explicit attention over long own columns.
+        if rows > batch_size and not prefix_attention_reason(self.model, prefix):
             g = _Group(prefix, p, rows, batch_size, capacity, cache_elements(prefix))
             with prefix_attention(self.model):
                 self._decode(g, todo, refill=True)

@@ -70,15 +70,16 @@ def _hf_greedy(model, ids: list[int], n: int, eos: list[int]) -> list[int]:
     return got
 
 
-def _requests(model, tok, rng: random.Random, n: int = 14):
-    """Prompts of 1-60 own tokens after a shared prefix of 120 tokens (a few with none of it),
+def _requests(model, tok, rng: random.Random, n: int = 14, all_prefixed: bool = False):
+    """Prompts of 1-60 own tokens after a shared prefix of 120 tokens (a few with none of it,
+    unless ``all_prefixed``),
     stop strings of 2-3 characters taken from each prompt's own greedy continuation (so rows stop
     at different lengths, some on a string spanning tokens), budgets of 5-30 tokens."""
     prefix = [rng.randrange(4, 47) for _ in range(120)]
     out = []
     for i in range(n):
         own = [rng.randrange(4, 47) for _ in range(rng.randint(1, 60))]
-        ids = own if i % 5 == 4 else prefix + own
+        ids = own if i % 5 == 4 and not all_prefixed else prefix + own
         cont = tok.decode(_hf_greedy(model, ids, 30, []))
         k = rng.randrange(1, 20)
         until = [cont[k : k + rng.randint(2, 3)]] if i % 3 else []
@@ -86,9 +87,12 @@ def _requests(model, tok, rng: random.Random, n: int = 14):
     return out
 
 
+@pytest.mark.parametrize("all_prefixed", [False, True])
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_tokens_match_generate(model, tok, batch_size):
-    reqs = _requests(model, tok, random.Random(batch_size))
+def test_tokens_match_generate(model, tok, batch_size, all_prefixed):
+    """With every prompt prefixed, the prefix is held once and more rows than the batch size
+    decode together where they fit (batch size 3: 5 rows)."""
+    reqs = _requests(model, tok, random.Random(batch_size), all_prefixed=all_prefixed)
     stats = GenStats()
     got = generate_shared(model, tok, reqs, batch_size=batch_size, eos_ids=[2], stats=stats)
     for r, g in zip(reqs, got, strict=True):
@@ -108,6 +112,8 @@ def test_tokens_match_generate(model, tok, batch_size):
                 )
         assert g == want[:cut]
     assert stats.groups == [common_prefix([r.tokens for r in reqs])]  # the prefix ran once
+    if all_prefixed:
+        assert stats.groups[0] >= 120 and stats.rows == {1: 1, 3: 5, 16: 14}[batch_size]
     assert stats.item_tokens == sum(len(r.tokens) for r in reqs) - len(reqs) * stats.groups[0]
 
 
