@@ -360,7 +360,12 @@ def main_gen(args) -> int:
             hflm_kv = args.batch_size * (row["ctx_tokens"][1] + _budget(td)) * column
             print(
                 f"  memory: shared decoded up to {row['rows']} rows together and held at most {row['kv_peak'] / column:.0f} key/value columns "
-                f"(the prefix once, each row's own); HFLM's cache holds up to {hflm_kv / column:.0f} at batch size {args.batch_size} "
+                + (
+                    "(the prefix once, each row's own)"
+                    if row["rows"] > args.batch_size
+                    else "(the prefix copied into each row)"
+                )
+                + f"; HFLM's cache holds up to {hflm_kv / column:.0f} at batch size {args.batch_size} "
                 f"({args.batch_size} rows x (longest prompt + budget))"
             )
             print(
