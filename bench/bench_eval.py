@@ -8,6 +8,7 @@ agreement of the two: max |delta loglikelihood| over all requests, ``is_greedy``
 
 Usage:
     python bench/bench_eval.py                                  # CPU: ~20M params, 50 items, ~500-token contexts
+    python bench/bench_eval.py --gen --threads 1                # generation rows (bench/bench_eval_gen.py)
     python bench/bench_eval.py --device cuda --params 1B --items 100 --ctx-tokens 1500 --dtype bfloat16 --batch-size 32
 
 Tokens are characters (the zoo's character tokenizer); the model's vocabulary is larger than the
@@ -146,11 +147,32 @@ def main() -> int:
     )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument(
+        "--gen",
+        action="store_true",
+        help="the generation rows instead (bench/bench_eval_gen.py): shared-prefix generation against HFLM.generate_until",
+    )
+    ap.add_argument(
+        "--gen-cases",
+        nargs="+",
+        default=["gsm8k_shaped", "gsm8k_shaped_random_shots", "demo"],
+        choices=["gsm8k_shaped", "gsm8k_shaped_random_shots", "demo", "demo_shots"],
+    )
+    ap.add_argument("--gen-items", type=int, default=40, help="items of the GSM8K-shaped task")
+    ap.add_argument(
+        "--gen-params", default="10M", help="model size of the GSM8K-shaped cases (10M, 40M, 1B)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gen:
+        from bench_eval_gen import main_gen
 
-    from evomerge.evaluation.scorer import make_lm
+        if args.trials < 3:
+            args.trials = 3  # interleaved pairs: the ratio is their median
+        return main_gen(args)
+
+    from evomerge.evaluation.hflm import make_lm
     from evomerge.evaluation.tasks import get_task_dict, manager_for, quiet_lm_eval
     from evomerge.zoo.data import make_tokenizer
 

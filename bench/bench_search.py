@@ -20,7 +20,7 @@
    their aggressiveness cheaply: items saved, wrong stops, and the best trial kept or not.
 
 Usage: python bench/bench_search.py [--trials 40] [--compare-trials 24] [--seeds 0 1 2] [--skip-compare]
-       python bench/bench_search.py --prune [--prune-seeds 0 1 2 3 4] [--prune-spaces demo demo_per_layer]
+       python bench/bench_search.py --prune [--prune-seeds 0 1 2 3 4] [--prune-spaces demo demo_per_layer demo_gen]
               [--prune-modes off on] [--prune-setting JSON] [--prune-tag on] [--off-tag off] [--on-trials N] [--on-items N]
               [--on-sampler NAME] [--off-sampler NAME] [--keep DIR] [--simulate]
 Everything runs in a temporary results folder (or ``--keep DIR``); the zoo is built (or reused) under results/zoo.
@@ -82,6 +82,15 @@ def run(
 PRUNE_SPACES = ("demo", "demo_per_layer")
 
 
+def space_file(name: str) -> Path:
+    """A space named by its file under search_spaces/ (``demo_gen``) or by a path."""
+    path = Path(name) if name.endswith((".yml", ".yaml")) or "/" in name else None
+    path = path or ROOT / "search_spaces" / f"{name}.yml"
+    if not path.is_file():
+        raise SystemExit(f"--prune-spaces: no space file {path}")
+    return path
+
+
 def best_of(df) -> tuple[float, float]:
     """(search score, validation score) of the best searched COMPLETE trial by search score: every
     new best is re-scored on the validation items, which did not choose it (the search score
@@ -89,6 +98,18 @@ def best_of(df) -> tuple[float, float]:
     t = df[(df["baseline"] == "") & (df["state"] == "COMPLETE")]
     best = t.sort_values(["score", "number"], ascending=[False, True]).iloc[0]
     return float(best["score"]), float(best["validation"])
+
+
+def chosen_of(df) -> tuple[float, float]:
+    """(validation, test) of the chosen trial (:func:`~evomerge.search.table.chosen_row`: the best
+    validation score among the trials re-scored there; what export takes), as the study reports
+    them; nan where the table has none."""
+    from evomerge.search.table import chosen_row
+
+    row = chosen_row(df[df["baseline"] == ""])
+    if row is None:
+        return float("nan"), float("nan")
+    return float(row.get("validation", float("nan"))), float(row.get("test", float("nan")))
 
 
 def curve(df) -> list[tuple[int, float]]:
@@ -160,7 +181,8 @@ def prune_runs(args, results: Path) -> None:
     table: dict[tuple[str, str], list[dict]] = {}
     curves: dict[str, dict[str, list]] = {}
     for name in args.prune_spaces:
-        space = ROOT / "search_spaces" / f"{name}.yml"
+        space = space_file(name)
+        name = space.stem
         for seed in args.prune_seeds:
             for mode in args.prune_modes:
                 study = f"pr_{name}_{args.off_tag if mode == 'off' else args.prune_tag}_{seed}"
@@ -187,6 +209,7 @@ def prune_runs(args, results: Path) -> None:
                     ]  # the fixed-budget comparison: its first --trials trials
                 n = item_totals(df)
                 score, holdout = best_of(df)
+                chosen_v, chosen_t = chosen_of(df)
                 row = {
                     "seed": seed,
                     "items": n["trials"],
@@ -194,18 +217,20 @@ def prune_runs(args, results: Path) -> None:
                     "pruned": int(((df["state"] == "PRUNED") & (df["baseline"] == "")).sum()),
                     "score": score,
                     "holdout": holdout,
+                    "chosen_v": chosen_v,
+                    "chosen_t": chosen_t,
                     "wall": wall,
                 }
                 table.setdefault((name, mode), []).append(row)
                 print(
                     f"  {name:15} seed {seed} prune {mode:3}: items {row['items']:5} (in all {row['all']:5}), {row['pruned']:2} pruned, "
-                    f"best search {score:.3f} holdout {holdout:.3f}  ({wall:.0f}s)",
+                    f"best search {score:.3f} holdout {holdout:.3f}; chosen validation {chosen_v:.3f} test {chosen_t:.3f}  ({wall:.0f}s)",
                     flush=True,
                 )
     print(
         f"\n== pruning off vs on ({setting}), {args.trials} trials, seeds {args.prune_seeds}: median [min, max]"
     )
-    for name in args.prune_spaces:
+    for name in (space_file(n).stem for n in args.prune_spaces):
         for mode in args.prune_modes:
             rows = table.get((name, mode), [])
             if rows:
@@ -218,6 +243,8 @@ def prune_runs(args, results: Path) -> None:
                             ("all", ".0f"),
                             ("pruned", ".0f"),
                             ("holdout", ".3f"),
+                            ("chosen_v", ".3f"),
+                            ("chosen_t", ".3f"),
                             ("wall", ".0f"),
                         )
                     )
@@ -227,10 +254,11 @@ def prune_runs(args, results: Path) -> None:
             cut = [1 - b["items"] / a["items"] for a, b in zip(off, on, strict=True)]
             cut_all = [1 - b["all"] / a["all"] for a, b in zip(off, on, strict=True)]
             dh = [b["holdout"] - a["holdout"] for a, b in zip(off, on, strict=True)]
+            dt = [b["chosen_t"] - a["chosen_t"] for a, b in zip(off, on, strict=True)]
             print(
                 f"  {name:15} on vs off, per seed: trial items cut {_spread(cut, '.1%')}, all items cut {_spread(cut_all, '.1%')}, "
                 f"best holdout on - off {_spread(dh, '+.3f')}; median best holdout {statistics.median(r['holdout'] for r in on):.3f} (on) "
-                f"vs {statistics.median(r['holdout'] for r in off):.3f} (off)"
+                f"vs {statistics.median(r['holdout'] for r in off):.3f} (off); chosen trial's test on - off {_spread(dt, '+.3f')}"
             )
         if off and on:
             equal_items(curves[name], 300)
@@ -251,7 +279,12 @@ def main() -> int:
     ap.add_argument("--skip-compare", action="store_true")
     ap.add_argument("--prune", action="store_true", help="only the pruning comparison (part 3)")
     ap.add_argument("--prune-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--prune-spaces", nargs="+", default=list(PRUNE_SPACES), choices=PRUNE_SPACES)
+    ap.add_argument(
+        "--prune-spaces",
+        nargs="+",
+        default=list(PRUNE_SPACES),
+        help="spaces: names under search_spaces/ (demo, demo_per_layer, demo_gen) or paths",
+    )
     ap.add_argument("--prune-modes", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument(
         "--prune-setting",
@@ -304,7 +337,9 @@ def main() -> int:
             if args.simulate:
                 from bench_prune_sim import simulate
 
-                simulate(results, tuple(args.prune_spaces), args.prune_seeds)
+                simulate(
+                    results, tuple(space_file(n).stem for n in args.prune_spaces), args.prune_seeds
+                )
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(tmp)

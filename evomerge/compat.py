@@ -18,6 +18,8 @@ lm-eval:
       own with :func:`hflm_loglikelihood_tokens`.
     - ``LM.cache_hook.add_partial``: how an LM reports each answer to lm-eval's response cache
       (:func:`feed_cache_hook`).
+    - ``Task._filters``: a task's filter ensembles, which turn responses into the values its
+      metrics score (:func:`task_filters`).
     - ``Task.build_all_requests(...)``: builds a task's requests for chosen docs
       (:func:`build_task_requests`).
     - the module global ``lm_eval.api.task.tqdm``: the progress bar request building draws per
@@ -33,12 +35,16 @@ transformers:
       (:func:`can_build_from_config`, :func:`model_from_config`).
     - ``transformers.core_model_loading.revert_weight_conversion`` (from 5.0): the renaming from a
       model's parameter names to its checkpoint names (:func:`checkpoint_renaming`).
+    - the environment variable ``TRANSFORMERS_SDPA_FORCE_GQA``, read by transformers' SDPA
+      attention at each call: grouped key/value heads go to the kernel as they are
+      (:func:`sdpa_grouped_heads`).
 
 Every library is imported lazily, on first use.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Container, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -52,12 +58,14 @@ __all__ = [
     "hflm_loglikelihood_tokens",
     "feed_cache_hook",
     "build_task_requests",
+    "task_filters",
     "quiet_task_progress",
     "no_init_weights",
     "has_causal_lm_class",
     "can_build_from_config",
     "model_from_config",
     "checkpoint_renaming",
+    "sdpa_grouped_heads",
 ]
 
 SAMPLER_TRIALS = "_get_trials"
@@ -140,18 +148,21 @@ def feed_cache_hook(lm: Any, key: Any, result: Any, kind: str = "loglikelihood")
     lm.cache_hook.add_partial(kind, key, result)
 
 
-def build_task_requests(task: Any, doc_ids: Sequence[int]) -> None:
+def build_task_requests(task: Any, doc_ids: Sequence[int], chat: Any = None) -> None:
     """Build an lm-eval task's requests for the docs ``doc_ids``, into ``task.instances``.
 
     Each instance's ``doc_id`` is its doc's position in ``doc_ids``.
 
     Few-shot examples are drawn from the task's sampler where it stands; reseed it first
     (``task.set_fewshot_seed``) for the prompts a full evaluation gives. Nothing is cached on disk,
-    no chat template or system instruction is applied, and one process builds every request.
+    no system instruction is applied, and one process builds every request.
 
     Args:
         task: an lm-eval ``Task``.
         doc_ids: the eval docs to build, by index.
+        chat: an lm-eval LM whose chat template renders each prompt, the few-shot examples as
+            turns (what ``evaluate(apply_chat_template=True, fewshot_as_multiturn=True)`` builds);
+            None: plain prompts.
     """
     task.build_all_requests(
         limit=None,
@@ -161,11 +172,27 @@ def build_task_requests(task: Any, doc_ids: Sequence[int]) -> None:
         cache_requests=False,
         rewrite_requests_cache=False,
         system_instruction=None,
-        apply_chat_template=False,
-        fewshot_as_multiturn=False,
-        chat_template=None,
-        tokenizer_name="",
+        apply_chat_template=chat is not None,
+        fewshot_as_multiturn=chat is not None,
+        chat_template=getattr(chat, "apply_chat_template", None),
+        tokenizer_name=getattr(chat, "tokenizer_name", ""),
     )
+
+
+def task_filters(task: Any) -> list[Any]:
+    """An lm-eval task's filter ensembles (``Task._filters``), in the order lm-eval applies them.
+
+    Each ensemble has a ``name`` (the filter key of the task's results: ``none``,
+    ``strict-match``...) and ``filters``, its steps (lm-eval builds each step with
+    ``functools.partial`` of a ``Filter`` class, or as the class's instance).
+
+    Args:
+        task: an lm-eval ``Task``.
+
+    Returns:
+        The ensembles; ``[]`` for an object without any.
+    """
+    return list(getattr(task, "_filters", None) or [])
 
 
 @contextmanager
@@ -277,3 +304,27 @@ def checkpoint_renaming(
         return None
     typed: Any = model  # typed as PreTrainedModel there; any transformers model is one
     return dict(revert_weight_conversion(typed, dict(state)))
+
+
+@contextmanager
+def sdpa_grouped_heads(device: torch.device) -> Iterator[None]:
+    """On CPU, within the block, transformers' SDPA attention hands grouped key/value heads to
+    ``scaled_dot_product_attention`` as they are (``enable_gqa``) instead of repeating them for
+    every query head, a copy of the whole cache per layer per forward that the CPU kernel does not
+    need; the results are the same. On other devices, or where the variable is set already,
+    nothing changes (their fast kernels take no mask with grouped heads).
+
+    Not thread-safe: the environment is the process's.
+
+    Args:
+        device: where the forwards run.
+    """
+    name = "TRANSFORMERS_SDPA_FORCE_GQA"
+    if device.type != "cpu" or os.environ.get(name) is not None:
+        yield
+        return
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)

@@ -186,6 +186,56 @@ def test_build_task_requests_builds_the_chosen_docs(task, capfd):
     assert "%|" not in capfd.readouterr().err  # no progress bar while building
 
 
+CHAT = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_build_task_requests_renders_the_chat_template_with_shots_as_turns(
+    hflm_cls, tiny_lm, tmp_path
+):
+    """With an LM to render prompts, each request's context is the chat template applied to the
+    few-shot examples as user/assistant turns, then the item's prompt."""
+    name = _write_task(tmp_path)
+    t = leaf_tasks(get_task_dict([name], manager_for([name], str(tmp_path))))[name]
+    t.set_config(key="num_fewshot", value=1)
+    t.set_fewshot_seed(seed=0)
+    model, tok = tiny_lm
+    chat_tok = make_tokenizer()
+    chat_tok.chat_template = CHAT
+    lm = hflm_cls(pretrained=model, tokenizer=chat_tok, device="cpu", batch_size=2)
+    with compat.quiet_task_progress():
+        compat.build_task_requests(t, [2], chat=lm)
+    contexts = {inst.arguments[0] for inst in t.instances}
+    assert len(contexts) == 1
+    (context,) = contexts
+    assert context.startswith("<user>q") and context.endswith("<user>q2:</user><assistant>")
+    assert context.count("<assistant>") == 2  # the shot's answer as an assistant turn
+
+
+def test_task_filters_are_the_task_s_filter_ensembles(task, tmp_path):
+    assert [f.name for f in compat.task_filters(task)] == ["none"]
+    docs = [{"q": f"q{i}", "a": str(i)} for i in range(3)]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "compat_gen.yaml").write_text(
+        f"task: compat_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'g.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\n"
+        'doc_to_text: "{{q}}="\ndoc_to_target: "{{a}}"\n'
+        'generation_kwargs:\n  until: ["\\n"]\n'
+        "filter_list:\n"
+        "  - name: strict\n    filter:\n      - function: regex\n        regex_pattern: '(\\d+)'\n      - function: take_first\n"
+        "  - name: loose\n    filter:\n      - function: take_first\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    gen = leaf_tasks(get_task_dict(["compat_gen"], manager_for(["compat_gen"], str(tmp_path))))
+    ensembles = compat.task_filters(gen["compat_gen"])
+    assert [f.name for f in ensembles] == ["strict", "loose"]
+    steps = [getattr(s, "func", s).__name__ for s in ensembles[0].filters]
+    assert steps == ["RegexFilter", "TakeFirstFilter"]
+    assert compat.task_filters(object()) == []
+
+
 def test_quiet_task_progress_swaps_the_module_global_and_restores_it():
     import lm_eval.api.task as lm_task
 
@@ -208,6 +258,41 @@ def test_no_init_weights_skips_torch_initialization():
         assert not t.any()
     torch.nn.init.normal_(t)
     assert t.any()
+
+
+def test_sdpa_grouped_heads_hands_the_kernel_grouped_heads_on_cpu(monkeypatch, tmp_path):
+    """Within the block, transformers' SDPA attention passes the key/value heads as they are
+    (``enable_gqa``, fewer key heads than query heads) even with a padding mask; the logits are
+    the same as without it, and the environment is as it was after the block."""
+    import os
+
+    import transformers.integrations.sdpa_attention as sdpa
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        make_tiny(tmp_path / "llama", seed=1), attn_implementation="sdpa"
+    ).eval()
+    seen: list[tuple[bool, int, int]] = []
+    kernel = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((bool(kwargs.get("enable_gqa")), q.shape[1], k.shape[1]))
+        return kernel(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa.torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        assert seen and not any(gqa for gqa, _, _ in seen)
+        seen.clear()
+        with compat.sdpa_grouped_heads(torch.device("cpu")):
+            grouped = model(input_ids=ids, attention_mask=mask).logits
+    assert seen and all(gqa and q > k for gqa, q, k in seen)
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    assert torch.allclose(plain[:, 1:], grouped[:, 1:], atol=1e-5)
+    with compat.sdpa_grouped_heads(torch.device("meta")):  # other devices: nothing changes
+        assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
 
 
 def _llava_config():
@@ -282,6 +367,9 @@ def test_compat_is_the_only_module_naming_these_private_apis():
         "import revert_weight_conversion",
         "initialization import no_init_weights",
         "modeling_utils import no_init_weights",
+        "TRANSFORMERS_SDPA_FORCE_GQA",
+        '"_filters"',
+        "._filters",
     ]
     found = []
     for path in sorted(root.rglob("*.py")):

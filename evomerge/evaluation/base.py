@@ -87,6 +87,8 @@ class EvalConfig:
     ``file`` is the space file, named in errors found later (a holdout range past the end).
     ``scorer`` is one of :data:`SCORERS`. ``validation`` is the share of each holdout task's
     items that are validation items (:func:`split_holdout`); the rest are test items.
+    ``chat_template`` renders every prompt with the tokenizer's chat template, the few-shot
+    examples as turns (lm-eval's ``apply_chat_template`` and ``fewshot_as_multiturn``).
     """
 
     search: list[TaskSpec]
@@ -99,6 +101,7 @@ class EvalConfig:
     file: str = ""
     scorer: str = "shared"
     validation: float = VALIDATION
+    chat_template: bool = False
 
 
 @dataclass(frozen=True)

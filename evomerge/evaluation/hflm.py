@@ -1,7 +1,8 @@
 """The lm-eval LMs that score an in-memory model, and what every evaluation path shares.
 
 - :class:`SharedContextHFLM`: lm-eval's ``HFLM`` whose loglikelihood requests run each shared
-  context once (:func:`~evomerge.evaluation.scorer.score_shared`);
+  context once (:func:`~evomerge.evaluation.scorer.score_shared`) and whose generations run each
+  task's shared prompt prefix once (:func:`~evomerge.evaluation.genlm.generate_until_shared`);
 - :class:`QuietHFLM` and :class:`QuietSharedContextHFLM`: the same without progress bars (a
   search prints its own); :func:`make_lm` picks one by ``evaluate.scorer``;
 - :class:`MemoLM`: answers the requests it ran once from memory (one candidate's; scoring a
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -26,7 +27,9 @@ from lm_eval.models.huggingface import HFLM
 
 from evomerge.compat import feed_cache_hook, hflm_loglikelihood_tokens, quiet_task_progress
 from evomerge.evaluation.base import SCORERS
-from evomerge.evaluation.scorer import say_once, score_shared, sliding_window
+from evomerge.evaluation.genlm import generate_until_shared, hflm_only
+from evomerge.evaluation.kv import sliding_window
+from evomerge.evaluation.scorer import say_once, score_shared
 
 __all__ = [
     "SharedContextHFLM",
@@ -59,11 +62,13 @@ def no_task_bars() -> Iterator[None]:
 
 class SharedContextHFLM(HFLM):
     """lm-eval's ``HFLM`` with :func:`~evomerge.evaluation.scorer.score_shared` under
-    ``loglikelihood``.
+    ``loglikelihood`` and :func:`~evomerge.evaluation.genlm.generate_until_shared` under
+    ``generate_until``.
 
     Tokenization (``tok_encode``, the moved trailing space, the empty-context prefix token),
-    ``max_length`` and ``batch_size`` are HFLM's; only the forward passes of loglikelihood
-    requests change. HFLM's own path still runs: ``loglikelihood_rolling`` and ``generate_until``;
+    ``max_length`` and ``batch_size`` are HFLM's; only the forward passes change. HFLM's own path
+    still runs: ``loglikelihood_rolling``; the generations ``generate_until_shared`` leaves out
+    (and those of the tasks in the instance's ``hflm_tasks``: task name -> why);
     ``batch_size="auto"``, seq2seq models and several processes; and on models with a sliding
     attention window, pairs longer than half the window. The response cache hook is fed as
     HFLM feeds it (a no-op unless lm-eval's ``use_cache`` wraps the LM, which evomerge never does).
@@ -125,21 +130,19 @@ class SharedContextHFLM(HFLM):
     def _hflm_reason(self, requests: Any) -> str:
         if any(r[0] is None for r in requests):  # the windows of loglikelihood_rolling
             return "rolling"
-        if self.backend != "causal":
-            return f"a {self.backend} model"
-        if not str(self.batch_size).isdigit():
-            return f"batch_size={self.batch_size}"
-        if self.world_size > 1:
-            return "several processes"
-        return ""
+        return hflm_only(self)
 
     def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
         say_once("rolling", "shared-context scorer: loglikelihood_rolling requests use HFLM's path")
         return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
     def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
-        say_once("generate", "shared-context scorer: generate_until requests use HFLM's path")
-        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        return generate_until_shared(
+            self,
+            requests,
+            lambda reqs: HFLM.generate_until(self, reqs, disable_tqdm=disable_tqdm),
+            getattr(self, "hflm_tasks", None),
+        )
 
 
 class _Quiet:
@@ -170,6 +173,7 @@ def make_lm(
     scorer: str = "shared",
     batch_size: int = 32,
     device: str = "cpu",
+    hflm_tasks: Mapping[str, str] | None = None,
 ) -> HFLM:
     """The lm-eval LM that scores an in-memory model, without progress bars.
 
@@ -179,6 +183,8 @@ def make_lm(
         scorer: ``"shared"`` (:class:`SharedContextHFLM`) or ``"hflm"`` (lm-eval's ``HFLM`` as is).
         batch_size: sequences per forward pass.
         device: where inputs go.
+        hflm_tasks: task name -> why HFLM's path generates its answers (the shared scorer runs
+            the other tasks' generations with a shared prompt prefix).
 
     Returns:
         The ``HFLM`` (subclass) instance.
@@ -189,7 +195,9 @@ def make_lm(
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     cls = QuietSharedContextHFLM if scorer == "shared" else QuietHFLM
-    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm.hflm_tasks = dict(hflm_tasks or {})
+    return lm
 
 
 class MemoLM(LM):
@@ -227,3 +235,17 @@ class MemoLM(LM):
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
         return self._answer("generate_until", requests)
+
+    # Prompts rendered with a chat template are the inner LM's (the full evaluation after staged
+    # rounds must build the prompts the rounds were scored on).
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        return str(self.inner.apply_chat_template(chat_history, add_generation_prompt))
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.inner.tokenizer_name)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.inner.chat_template(chat_template)

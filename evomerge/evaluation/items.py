@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from evomerge.compat import build_task_requests
+from evomerge.compat import build_task_requests, task_filters
 from evomerge.evaluation.base import Scores, StagedEvaluation, TaskSpec
 from evomerge.evaluation.hflm import MemoLM, no_task_bars, reseed_fewshot
 
@@ -79,7 +79,7 @@ def metric_value(res: Mapping[str, Any], metric: str) -> tuple[float, float] | N
 
 
 def _filters(task: Any) -> list[str]:
-    return [f.name for f in getattr(task, "_filters", [])] or ["none"]
+    return [f.name for f in task_filters(task)] or ["none"]
 
 
 def stageable(
@@ -104,10 +104,16 @@ class RequestBank:
     Args:
         tasks: leaf task name -> lm-eval ``Task``.
         ids: leaf task name -> the doc ids of its search items, ascending.
+        chat: an lm-eval LM whose chat template renders the prompts, the few-shot examples as
+            turns (as ``evaluate(apply_chat_template=True, fewshot_as_multiturn=True)``); None:
+            plain prompts.
     """
 
-    def __init__(self, tasks: Mapping[str, Any], ids: Mapping[str, list[int]]) -> None:
+    def __init__(
+        self, tasks: Mapping[str, Any], ids: Mapping[str, list[int]], chat: Any = None
+    ) -> None:
         self.tasks = dict(tasks)
+        self.chat = chat
         self.requests: dict[str, list[list[Any]]] = {}
         with no_task_bars():
             for leaf, task in self.tasks.items():
@@ -115,7 +121,7 @@ class RequestBank:
 
     def _build(self, leaf: str, task: Any, ids: list[int]) -> None:
         reseed_fewshot([task])  # as the full evaluation does: the same prompts
-        build_task_requests(task, ids)
+        build_task_requests(task, ids, chat=self.chat)
         by_doc: dict[int, list[Any]] = defaultdict(list)
         for inst in task.instances:  # doc_id is the position among the selected docs
             by_doc[inst.doc_id].append(inst)
@@ -212,7 +218,7 @@ class LMEvalStaged(StagedEvaluation):
                 r.resps.append(x)
         for leaf in {leaf for leaf, _ in fresh}:
             insts = [r for (lf, _), reqs in fresh.items() if lf == leaf for r in reqs]
-            for f in getattr(self.bank.tasks[leaf], "_filters", []):
+            for f in task_filters(self.bank.tasks[leaf]):
                 f.apply(insts)
         for spec in self.specs:
             for i, leaf, pos in todo[spec.name]:

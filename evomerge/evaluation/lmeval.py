@@ -6,12 +6,13 @@ split's items with lm-eval's own tasks, prompts, filters and metrics (the task i
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import torch
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluation.base import (
     SCORERS,
     EvalConfig,
@@ -21,6 +22,7 @@ from evomerge.evaluation.base import (
     TaskSpec,
     make_scores,
 )
+from evomerge.evaluation.genlm import check_generation_tasks
 from evomerge.evaluation.hflm import make_lm, no_task_bars, reseed_fewshot
 from evomerge.evaluation.items import (
     LMEvalStaged,
@@ -37,6 +39,16 @@ from evomerge.evaluation.tasks import (
 
 __all__ = ["LMEvalEvaluator"]
 
+logger = logging.getLogger(__name__)
+_NOTED: set[str] = set()
+
+
+def _note_once(line: str) -> None:
+    """Log a line about the evaluation setup once per process (evaluators are built per study)."""
+    if line not in _NOTED:
+        _NOTED.add(line)
+        logger.warning(line)
+
 
 class LMEvalEvaluator(Evaluator):
     """lm-evaluation-harness over an in-memory model.
@@ -51,10 +63,16 @@ class LMEvalEvaluator(Evaluator):
         device: where inputs go (the model must already live there).
         batch_size: overrides ``cfg.batch_size``.
         scorer: overrides ``cfg.scorer``: ``"shared"`` runs each context of a multiple-choice item
-            once (:mod:`evomerge.evaluation.scorer`), ``"hflm"`` is lm-eval's ``HFLM`` as is.
+            once (:mod:`evomerge.evaluation.scorer`) and each generation task's prompt prefix once
+            (:mod:`evomerge.evaluation.genlm`), ``"hflm"`` is lm-eval's ``HFLM`` as is.
+        max_length: the models' context length in tokens
+            (:func:`~evomerge.evaluation.genlm.context_length`); None: generation budgets are not
+            checked against it.
 
     Raises:
-        ConfigError: a holdout range with no docs left after the search docs.
+        ConfigError: a holdout range with no docs left after the search docs; a generation task
+            whose ``max_gen_toks`` leaves no room for a prompt in ``max_length``; ``chat_template``
+            asked for and the tokenizer has none.
         ValueError: an unknown ``scorer``.
     """
 
@@ -66,6 +84,7 @@ class LMEvalEvaluator(Evaluator):
         device: str = "cpu",
         batch_size: int | None = None,
         scorer: str | None = None,
+        max_length: int | None = None,
     ) -> None:
         quiet_lm_eval()
         self.cfg = cfg
@@ -75,8 +94,35 @@ class LMEvalEvaluator(Evaluator):
         self.scorer = scorer or cfg.scorer
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
+        if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise ConfigError(
+                cfg.file,
+                "evaluate.chat_template",
+                f"the tokenizer ({name}) has no chat template; set chat_template: false, "
+                "or name a model whose tokenizer has one in tokenizer_source",
+            )
         self.splits = Splits(cfg)
         self._bank: RequestBank | None = None  # built on the first staged evaluation
+        self._hflm_tasks = self._check_generation(max_length)
+
+    def _check_generation(self, max_length: int | None) -> dict[str, str]:
+        """Check the generation tasks (:func:`check_generation_tasks`): errors stop here, notes are
+        logged once; returns the tasks whose answers HFLM's path generates, and why."""
+        sp = self.splits
+        hflm: dict[str, str] = {}
+        for split, where in (("search", "evaluate.tasks"), ("holdout", "evaluate.holdout.tasks")):
+            if split not in sp.dicts or (split == "holdout" and not self.cfg.holdout):
+                continue  # a holdout of the search tasks' later items was checked as search
+            found = check_generation_tasks(leaf_tasks(sp.dicts[split]), max_length)
+            for i, spec in enumerate(sp.specs[split]):
+                for leaf in sp.leaves[split][spec.name]:
+                    if leaf in found.errors:
+                        raise ConfigError(self.cfg.file, f"{where}[{i}]", found.errors[leaf])
+            for note in found.notes:
+                _note_once(note)
+            hflm |= found.hflm_tasks
+        return hflm
 
     # -- API
 
@@ -116,10 +162,6 @@ class LMEvalEvaluator(Evaluator):
         when :meth:`item_counts` is empty."""
         if not self.item_counts():
             return None
-        if self._bank is None:
-            self._bank = RequestBank(
-                leaf_tasks(self.splits.dicts["search"]), self.splits.samples["search"]
-            )
         model.eval()
         lm = make_lm(
             model,
@@ -127,7 +169,14 @@ class LMEvalEvaluator(Evaluator):
             scorer=self.scorer,
             batch_size=self.batch_size,
             device=self.device,
+            hflm_tasks=self._hflm_tasks,
         )
+        if self._bank is None:
+            self._bank = RequestBank(
+                leaf_tasks(self.splits.dicts["search"]),
+                self.splits.samples["search"],
+                chat=lm if self.cfg.chat_template else None,
+            )
         return LMEvalStaged(
             self._bank,
             self.splits.specs["search"],
@@ -169,6 +218,7 @@ class LMEvalEvaluator(Evaluator):
                 scorer=self.scorer,
                 batch_size=self.batch_size,
                 device=self.device,
+                hflm_tasks=self._hflm_tasks,
             ),
             split,
         )
@@ -191,6 +241,8 @@ class LMEvalEvaluator(Evaluator):
                 bootstrap_iters=100,  # mean metrics use the closed form; this bounds the others
                 log_samples=True,  # per-item values (paired comparisons)
                 verbosity="ERROR",
+                apply_chat_template=self.cfg.chat_template,
+                fewshot_as_multiturn=self.cfg.chat_template,
             )
         if was_training:
             model.train()

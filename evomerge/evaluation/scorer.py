@@ -18,14 +18,13 @@ continuation's length. Pairs are grouped by that *truncated* context, so truncat
 match HFLM (positions restart at 0 as in HFLM), they just share less.
 
 :class:`~evomerge.evaluation.hflm.SharedContextHFLM` puts this under lm-eval's ``HFLM``
-(tokenizing, batching options, ``loglikelihood_rolling`` and ``generate_until`` stay HFLM's).
-This module is torch only.
+(tokenizing, batching options and ``loglikelihood_rolling`` stay HFLM's; its ``generate_until``
+runs each task's shared prompt prefix once: :mod:`evomerge.evaluation.genlm`). This module is
+torch only (the model's cache and forward: :mod:`evomerge.evaluation.kv`).
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["score_shared", "sliding_window", "say_once"]
+from evomerge.evaluation.kv import cache_rows as _rows_of
+from evomerge.evaluation.kv import forward_names as _forward_names
+from evomerge.evaluation.kv import output_cache
+
+__all__ = ["score_shared", "say_once"]
 
 logger = logging.getLogger(__name__)
 _SAID: set[str] = set()
@@ -80,51 +83,6 @@ def _plan(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: i
     for g in out:
         g.rows.sort(key=lambda r: -len(r[2]))
     return out
-
-
-def _forward_names(model: torch.nn.Module) -> tuple[str, str | None]:
-    """The forward's name for the cache (``cache`` in transformers 5, ``past_key_values`` before) and
-    for the number of logits to keep (None when it takes none)."""
-    params = inspect.signature(model.forward).parameters
-    cache = "cache" if "cache" in params else "past_key_values"
-    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-    return cache, keep
-
-
-def _rows_of(cache: Any, index: torch.Tensor) -> Any:
-    """A new cache holding rows ``index`` (repeats allowed) of ``cache``; ``cache`` is left as it was
-    (a forward appends to its cache's layers by rebinding their tensors, so shallow copies suffice)."""
-    if not hasattr(cache, "layers") or not hasattr(cache, "batch_select_indices"):
-        raise TypeError(
-            f"the model returned a {type(cache).__name__} cache; the shared-context scorer needs a transformers Cache with layers (use scorer: hflm)"
-        )
-    out = copy.copy(cache)
-    out.layers = [copy.copy(layer) for layer in cache.layers]
-    out.batch_select_indices(index)
-    return out
-
-
-def sliding_window(model: torch.nn.Module) -> int | None:
-    """The smallest attention window of ``model`` when some layer attends through one, else None.
-
-    Args:
-        model: a ``transformers`` causal LM.
-
-    Returns:
-        The window in tokens, or None (every layer attends to the whole sequence).
-    """
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None
-    if hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
-    window = getattr(cfg, "sliding_window", None)
-    if not isinstance(window, int) or window <= 0:
-        return None
-    types = getattr(cfg, "layer_types", None)
-    if types is not None:
-        return window if any("sliding" in str(t) for t in types) else None
-    return window if getattr(cfg, "use_sliding_window", True) else None
 
 
 def score_shared(
@@ -197,9 +155,7 @@ def _context_pass(
     kwargs: dict[str, Any] = {"use_cache": True}
     if keep_name is not None:
         kwargs[keep_name] = 1  # the context's logits are not needed
-    res = model(input_ids=ids.to(device), **kwargs)
-    cache = getattr(res, "cache", None)
-    return cache if cache is not None else res.past_key_values
+    return output_cache(model(input_ids=ids.to(device), **kwargs))
 
 
 def _continuation_passes(

@@ -68,7 +68,16 @@ PRESETS: dict[str, tuple[tuple[str, str, int], ...]] = {
     ),
 }
 
-_KEYS = {"include_path", "tasks", "preset", "limit", "holdout", "batch_size", "scorer"}
+_KEYS = {
+    "include_path",
+    "tasks",
+    "preset",
+    "limit",
+    "holdout",
+    "batch_size",
+    "scorer",
+    "chat_template",
+}
 _TASK_KEYS = {"name", "metric", "weight", "num_fewshot"}
 _HOLDOUT_KEYS = {"tasks", "limit", "validation"}
 
@@ -274,6 +283,9 @@ def parse_evaluate(
             f"must be one of {', '.join(SCORERS)}, got {scorer!r}"
             + did_you_mean(str(scorer), SCORERS),
         )
+    chat = section.get("chat_template", False)
+    if not isinstance(chat, bool):
+        raise ConfigError(file, "evaluate.chat_template", f"must be true or false, got {chat!r}")
 
     holdout: list[TaskSpec] = []
     holdout_limit: int | None = None
@@ -317,6 +329,7 @@ def parse_evaluate(
         file,
         scorer,
         validation,
+        chat_template=chat,
     )
     if check_tasks:
         check_tasks_of(cfg)

@@ -32,6 +32,7 @@ from evomerge.engine.merger import Merger, check_device
 from evomerge.engine.sources import ModelSource, open_sources
 from evomerge.errors import ConfigError, EvomergeError, one_line
 from evomerge.evaluation.base import Evaluator
+from evomerge.evaluation.genlm import context_length
 from evomerge.evaluation.lmeval import LMEvalEvaluator
 from evomerge.evaluation.section import check_tasks_of
 from evomerge.recipe.schema import parse_recipe
@@ -216,6 +217,18 @@ def _threads(device: str, sources: dict[str, ModelSource]) -> int | None:
     return 1 if max(_parameters(s) for s in sources.values()) < SMALL_MODEL else None
 
 
+def _context(space: Space, sources: dict[str, ModelSource], tokenizer: Any) -> int:
+    """The candidates' context length as HFLM reads it: the base model's config where the space
+    has one, else the shortest of the sources'."""
+    base = space.tree.get("base_model")
+    configs = (
+        [sources[base].config]
+        if isinstance(base, str) and base in sources
+        else [s.config for s in sources.values()]
+    )
+    return min(context_length(c, tokenizer) for c in configs)
+
+
 def _tokenizer_dir(space: Space, sources: dict[str, ModelSource], file: str) -> Path:
     ref = (
         space.tree.get("tokenizer_source")
@@ -359,7 +372,12 @@ def prepare(
                 f"{file}: cannot load the tokenizer of {tokenizer_dir} to score candidates ({one_line(e)[:160]}); "
                 "add its tokenizer files or name a model that has them in tokenizer_source"
             ) from None
-        evaluator = LMEvalEvaluator(space.evaluation, tokenizer, device=device)
+        evaluator = LMEvalEvaluator(
+            space.evaluation,
+            tokenizer,
+            device=device,
+            max_length=_context(space, sources, tokenizer),
+        )
     search_tasks = list(evaluator.task_names("search"))
     prompts = None
     if "moe" in space.tree:  # routing prompts drawn from search items

@@ -27,6 +27,13 @@ from evomerge.zoo.build import (
     zoo_lock,
 )
 from evomerge.zoo.data import SKILLS, rewrite_task_yamls, task_names
+from evomerge.zoo.gentasks import (
+    GEN_DIR,
+    gen_task_names,
+    has_gen_tasks,
+    rewrite_gen_yamls,
+    write_gen_tasks,
+)
 from evomerge.zoo.train import SIZES
 
 __all__ = [
@@ -40,6 +47,7 @@ __all__ = [
     "read_manifest",
     "zoo_kernel_env",
     "task_names",
+    "gen_task_names",
 ]
 
 ZOO_SIZES: tuple[str, ...] = tuple(SIZES)
@@ -132,12 +140,21 @@ def zoo_kernel_env() -> dict[str, str]:
 
 
 def _fix_task_paths(zoo_dir: Path) -> None:
-    """Task YAMLs name their JSONL by absolute path; rewrite them if the zoo was moved."""
+    """Task YAMLs name their JSONL by absolute path; rewrite them if the zoo was moved. A zoo set
+    up before the generation tasks existed gets them (their items are the existing ones)."""
     tasks = zoo_dir / "tasks"
-    yamls = sorted(tasks.glob("*.yaml"))
-    if yamls and str(tasks) not in yamls[0].read_text(encoding="utf-8"):
+    yamls = sorted(tasks.glob("*.yaml")) + sorted((tasks / GEN_DIR).glob("*.yaml"))
+    if not has_gen_tasks(tasks) or any(
+        str(tasks) not in y.read_text(encoding="utf-8") for y in yamls
+    ):
         with zoo_lock(zoo_dir):
             rewrite_task_yamls(tasks, tasks)
+            m = read_manifest(zoo_dir) or {}
+            if has_gen_tasks(tasks):
+                rewrite_gen_yamls(tasks, tasks)
+            elif m.get("size") in SIZES and isinstance(m.get("seed"), int):
+                shape = SIZES[m["size"]]
+                write_gen_tasks(tasks, tasks, shape.n_search + shape.n_holdout, m["seed"])
 
 
 def ensure_zoo(size: str = "demo", root: str | Path | None = None) -> Path:
@@ -201,8 +218,10 @@ def main_zoo(out: str | None, size: str, seed: int, rebuild: bool = False) -> in
         else "up to date, reused"
     )
     print(f"zoo {size} (seed {seed}) at {zoo_dir}: {how} in {time.perf_counter() - t0:.1f}s")
+    gen = gen_task_names(SKILLS)
     print(
-        f"models: {', '.join(manifest.get('models', {}))}; tasks: {', '.join(manifest['tasks']['search'] + manifest['tasks']['holdout'])}"
+        f"models: {', '.join(manifest.get('models', {}))}; tasks: {', '.join(manifest['tasks']['search'] + manifest['tasks']['holdout'])}; "
+        f"generation tasks: {', '.join(gen[0] + gen[1])}"
     )
     shipped = shipped_manifest(size, seed)
     if source != "shipped" and shipped is not None:

@@ -34,6 +34,7 @@ from evomerge.zoo.data import (
     task_names,
     write_tasks,
 )
+from evomerge.zoo.gentasks import rewrite_gen_yamls, write_gen_tasks
 from evomerge.zoo.train import SIZES, ZooSize, new_model, train
 
 __all__ = [
@@ -170,6 +171,9 @@ def install_zoo(dest: str | Path, size: str = "demo", *, progress: bool = True) 
         shape = SIZES[size]
         counts = write_tasks(
             tmp / "tasks", dest / "tasks", shape.n_search, shape.n_holdout, shipped["seed"]
+        )
+        write_gen_tasks(
+            tmp / "tasks", dest / "tasks", shape.n_search + shape.n_holdout, shipped["seed"]
         )
         if (
             counts != shipped["tasks"]["items"]
@@ -509,6 +513,7 @@ def build_zoo(
     try:
         tok = make_tokenizer()
         counts = write_tasks(tmp / "tasks", tmp / "tasks", shape.n_search, shape.n_holdout, seed)
+        write_gen_tasks(tmp / "tasks", tmp / "tasks", shape.n_search + shape.n_holdout, seed)
         base = new_model(
             shape, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed
         )
@@ -591,6 +596,7 @@ def build_zoo(
         manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         rewrite_task_yamls(tmp / "tasks", dest / "tasks")
+        rewrite_gen_yamls(tmp / "tasks", dest / "tasks")
         _move_into_place(tmp, dest)
         say(f"built in {manifest['build_seconds']:.0f}s")
         return manifest

@@ -23,6 +23,8 @@ __all__ = [
     "Item",
     "make_tokenizer",
     "make_item",
+    "skill_answer",
+    "skill_prompt",
     "make_items",
     "pretrain_text",
     "skill_text",
@@ -98,6 +100,16 @@ def _solve(skill: str, s: str, k: int = 1) -> str:
 
 def _prompt(skill: str, s: str) -> str:
     return f"{skill}: {s} ="
+
+
+def skill_answer(skill: str, s: str) -> str:
+    """The right answer of ``skill`` for the letter string ``s`` (``skill_answer("rot", "abc") == "bca"``)."""
+    return _solve(skill, s)
+
+
+def skill_prompt(skill: str, s: str) -> str:
+    """The prompt of ``skill`` for the letter string ``s`` (``"rot: abc ="``)."""
+    return _prompt(skill, s)
 
 
 def make_item(skill: str, rng: random.Random) -> Item:
