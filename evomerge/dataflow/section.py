@@ -18,12 +18,15 @@ that are on, in order, each with the scale of its input::
       max_params: 3.0e6                         # at most this many parameters
       layout: structured                        # structured | flat (see below)
       dtype: float32                            # the model's dtype (default: the first source's)
+      start: merges                             # merges | sources | none (see below)
 
 ``layout: structured`` samples a slot's on/off as a choice and its scale only when it is on (TPE
 models such conditional parameters); ``flat`` samples every slot's on/off as a number in [0, 1] (on
 above 0.5) and every scale, a fixed-length vector of numbers as CMA-ES needs. A path longer than
 ``max_depth`` (or than ``max_params`` allows) keeps its first steps, and the last slot when ``last``
-is fixed. Parameter names: ``use.r<repeat>.<source>.<layer>`` and ``scale.r<repeat>.<source>.<layer>``.
+is fixed. ``start`` names the sources whose own paths (their layers in order, scales 1) the
+search queues as its first trials (:mod:`evomerge.dataflow.start`): the merge sources (default),
+every source, or none. Parameter names: ``use.r<repeat>.<source>.<layer>`` and ``scale.r<repeat>.<source>.<layer>``.
 
 A study source is resolved when a search starts (:func:`with_study_recipe`); the rest is checked
 against the opened models then (:func:`evomerge.dataflow.slots.check_section`): layer ranges,
@@ -45,6 +48,7 @@ from evomerge.recipe.schema import parse_recipe
 
 __all__ = [
     "DATAFLOW_KEYS",
+    "START",
     "dataflow_section",
     "section_model_refs",
     "plain_sources",
@@ -65,7 +69,9 @@ DATAFLOW_KEYS = (
     "max_params",
     "layout",
     "dtype",
+    "start",
 )
+START = ("merges", "sources", "none")  # dataflow.start (the first is the default)
 _SOURCE_KEYS = ("model", "recipe", "study", "name", "layers", "trial", "storage")
 _LAYOUTS = ("structured", "flat")
 Suggest = Callable[[str, Any], Any]
@@ -94,7 +100,7 @@ def dataflow_section(p: Any, v: Any) -> dict[str, Any]:
     Returns:
         The section's tree: ``sources`` (a list of mappings with ``name`` and one of ``model``,
         ``recipe``, ``study``), ``repeats``, ``slots``, ``use`` and ``scale`` (directives, or a fixed
-        scale), ``first``, ``last``, ``max_depth``, ``max_params``, ``layout``, ``dtype``.
+        scale), ``first``, ``last``, ``max_depth``, ``max_params``, ``layout``, ``dtype``, ``start``.
 
     Raises:
         ConfigError: naming the field, for every mistake listed in the module docstring.
@@ -147,6 +153,13 @@ def dataflow_section(p: Any, v: Any) -> dict[str, Any]:
                 "dataflow.dtype", f"unknown dtype {dtype!r} (float32, bfloat16, float16)"
             ) from None
     out["dtype"] = dtype
+    start = v.get("start", START[0])
+    if start not in START:
+        raise p.err(
+            "dataflow.start",
+            f"unknown value {start!r}{did_you_mean(str(start), START)}: the sources whose own paths are the first trials",
+        )
+    out["start"] = start
     return out
 
 

@@ -12,13 +12,24 @@ from evomerge.dataflow.model import check_compatible
 from evomerge.dataflow.section import recipe_refs
 from evomerge.errors import ConfigError
 
-__all__ = ["check_section", "render_dataflow", "slot_names"]
+__all__ = [
+    "check_section",
+    "render_dataflow",
+    "searched_slots",
+    "sequence",
+    "slot_names",
+    "source_layers",
+]
 
 Suggest = Callable[[str, Any], Any]
 
 
-def _source_layers(s: Mapping[str, Any], layers_of: Callable[[str], int]) -> int:
-    """Layers of a source: a model's, or the output of a merge recipe."""
+def source_layers(s: Mapping[str, Any], layers_of: Callable[[str], int]) -> int:
+    """Layers of a source: a model's, or the output of a merge recipe.
+
+    Raises:
+        ConfigError: a study source not resolved yet.
+    """
     if "model" in s:
         return layers_of(s["model"])
     recipe = s.get("recipe")
@@ -36,13 +47,13 @@ def _source_layers(s: Mapping[str, Any], layers_of: Callable[[str], int]) -> int
     return layers_of(recipe_refs(recipe)[0])
 
 
-def _sequence(
+def sequence(
     section: Mapping[str, Any], layers_of: Callable[[str], int]
 ) -> list[tuple[int, str, int]]:
     """The slots: ``(repeat, source name, layer)`` in order."""
     one = []
     for s in section["sources"]:
-        n = _source_layers(s, layers_of)
+        n = source_layers(s, layers_of)
         lo, hi = s["layers"] if s["layers"] is not None else (0, n)
         one += [(s["name"], layer) for layer in range(lo, hi)]
     return [(r, name, layer) for r in range(section["repeats"]) for name, layer in one]
@@ -50,10 +61,11 @@ def _sequence(
 
 def slot_names(section: Mapping[str, Any], layers_of: Callable[[str], int]) -> list[str]:
     """Each slot's name (``r<repeat>.<source>.<layer>``), in order."""
-    return [f"r{r}.{name}.{layer}" for r, name, layer in _sequence(section, layers_of)]
+    return [f"r{r}.{name}.{layer}" for r, name, layer in sequence(section, layers_of)]
 
 
-def _searched(section: Mapping[str, Any], total: int) -> set[int]:
+def searched_slots(section: Mapping[str, Any], total: int) -> set[int]:
+    """The slots that may take part (``dataflow.slots``), of ``total`` slots."""
     if section["slots"] is None:
         return set(range(total))
     out: set[int] = set()
@@ -88,7 +100,7 @@ def check_section(
     items, refs = [], []
     for i, s in enumerate(section["sources"]):
         fld = f"dataflow.sources[{i}]"
-        n = _source_layers(s, layers_of)
+        n = source_layers(s, layers_of)
         if s["layers"] is not None and s["layers"][1] > n:
             raise ConfigError(
                 file,
@@ -106,9 +118,9 @@ def check_section(
         }
         items.append((s["name"], src.config, shapes, fld))
     check_compatible(items, file)
-    total = len(_sequence(section, layers_of))
+    total = len(sequence(section, layers_of))
     bad = (
-        sorted(x for x in _searched(section, 10**9) if x >= total)
+        sorted(x for x in searched_slots(section, 10**9) if x >= total)
         if section["slots"] is not None
         else []
     )
@@ -159,8 +171,8 @@ def render_dataflow(
     Raises:
         ConfigError: no slot is on at this point (the trial fails).
     """
-    seq = _sequence(section, layers_of)
-    searched = _searched(section, len(seq))
+    seq = sequence(section, layers_of)
+    searched = searched_slots(section, len(seq))
     fixed = {0} if section["first"] == "fixed" else set()
     if section["last"] == "fixed":
         fixed.add(len(seq) - 1)

@@ -2,7 +2,9 @@
 
 Every source model alone, the uniform average of the fine-tunes, and the space's hand recipes. A
 hand recipe that is a point of the space is queued as the first searched trial instead, so that
-the sampler learns from it. With several workers, each baseline is scored by one of them (a claim
+the sampler learns from it; so is the own path of a data-flow space's merge sources (its layers in
+order, scales 1: :mod:`evomerge.dataflow.start`), as a searched trial that can be chosen. With
+several workers, each baseline is scored by one of them (a claim
 ``baseline:<name>``, see :mod:`evomerge.search.distributed.claims`).
 """
 
@@ -14,6 +16,7 @@ from functools import partial
 from typing import Any
 
 from evomerge.dataflow.section import plain_sources, recipe_sources
+from evomerge.dataflow.start import source_paths
 from evomerge.errors import failure_line
 from evomerge.io import dump_yaml
 from evomerge.search.candidates import Candidates
@@ -22,7 +25,7 @@ from evomerge.search.records import StudyRecords, TrialRecord
 from evomerge.space import Space
 from evomerge.space.directives import LayersOf
 
-__all__ = ["baseline_recipes", "enqueue_hand_recipes", "run_baselines"]
+__all__ = ["baseline_recipes", "enqueue_hand_recipes", "enqueue_source_paths", "run_baselines"]
 
 
 def baseline_recipes(space: Space, layers_of: LayersOf | None = None) -> dict[str, dict[str, Any]]:
@@ -81,11 +84,55 @@ def enqueue_hand_recipes(
             continue
         values = space.values_of(recipe, layers_of)
         if values is not None:
-            if records.baseline_done(name):
-                log(f"baseline {name}: its recipe changed since it was queued; queued again")
-            records.study.enqueue_trial(values, user_attrs={"baseline": name})
-            records.mark_enqueued(name, text)
+            _enqueue(records, name, text, values, log, {"baseline": name})
             log(f"baseline {name}: a point of the space, queued as the first trial")
+
+
+def enqueue_source_paths(
+    space: Space,
+    records: StudyRecords,
+    *,
+    layers_of: Callable[[str], int],
+    log: Callable[[str], None],
+) -> None:
+    """Queue the own path of each source ``dataflow.start`` names (the merge sources by default)
+    as a searched trial, once per study (run under the study's ``setup`` claim; a resumed study
+    skips those it has); a path that is no point of the space is skipped with one log line.
+
+    Args:
+        space: a data-flow space, checked against its models (:func:`~evomerge.search.setup.prepare`).
+        records: the study's records.
+        layers_of: a model reference's layer count.
+        log: progress lines.
+    """
+    for p in source_paths(space.tree["dataflow"], layers_of):
+        what = f"dataflow source {p.source}: its own path ({len(p.path)} layers, scales 1)"
+        if p.values is None:
+            log(f"{what} is no point of the space ({p.why}): not queued")
+            continue
+        text = dump_yaml(space.render(partial(_value, p.values), layers_of))
+        name = f"path:{p.source}"
+        if not records.baseline_done(name, text):
+            _enqueue(records, name, text, p.values, log, {})
+            log(f"{what} queued as a first trial")
+
+
+def _value(values: dict[str, Any], name: str, directive: Any) -> Any:
+    return values[name]
+
+
+def _enqueue(
+    records: StudyRecords,
+    name: str,
+    text: str,
+    values: dict[str, Any],
+    log: Callable[[str], None],
+    user_attrs: dict[str, Any],
+) -> None:
+    if records.baseline_done(name):
+        log(f"{name}: its recipe changed since it was queued; queued again")
+    records.study.enqueue_trial(values, user_attrs=user_attrs)
+    records.mark_enqueued(name, text)
 
 
 def run_baselines(

@@ -10,7 +10,7 @@ The storage is the single source of truth of a study. Each record below has one 
 | :class:`Scores` of a trial's score on the test items | the study's user attributes | ``test:<number>`` |
 | :class:`Scores` of a finalist's holdout re-score, in a study made before the validation/test split (that score also chose the trial) | the study's user attributes | ``holdout:<number>`` |
 | memorization-probe columns of a finalist | the study's user attributes | ``probe:<number>`` |
-| a hand recipe queued as a searched trial (its YAML text) | the study's user attributes | ``enqueued:<name>`` |
+| a hand recipe, or a data-flow source's own path, queued as a searched trial (its YAML text) | the study's user attributes | ``enqueued:<name>`` (``enqueued:path:<source>``) |
 | why a trial left RUNNING by a dead process failed | the study's user attributes | ``died:<number>`` |
 | :class:`StudyMeta` (seed, tasks, flags...) | the study's user attributes | one key per field |
 | the space fingerprint the study was set up for (meta, assessment, hand recipes queued) | the study's user attributes | ``setup`` |
@@ -218,7 +218,8 @@ class StudyRecords:
         self._set(f"baseline:{name}", record.to_dict())
 
     def mark_enqueued(self, name: str, recipe: str) -> None:
-        """Record that hand recipe ``name`` (its YAML text) was queued as a searched trial."""
+        """Record that hand recipe ``name`` (or ``path:<source>``, a source's own path; its YAML
+        text) was queued as a searched trial."""
         self._set(f"enqueued:{name}", recipe)
 
     def rescore(self, number: int, split: str) -> Scores | None:

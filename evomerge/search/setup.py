@@ -36,7 +36,11 @@ from evomerge.evaluation.genlm import context_length
 from evomerge.evaluation.lmeval import LMEvalEvaluator
 from evomerge.evaluation.section import check_tasks_of
 from evomerge.recipe.schema import parse_recipe
-from evomerge.search.baselines import baseline_recipes, enqueue_hand_recipes
+from evomerge.search.baselines import (
+    baseline_recipes,
+    enqueue_hand_recipes,
+    enqueue_source_paths,
+)
 from evomerge.search.distributed.liveness import Liveness
 from evomerge.search.distributed.recovery import on_stale
 from evomerge.search.inputs import check_inputs, check_table, sources_digest
@@ -121,7 +125,8 @@ class Setup:
 
     def set_up_study(self, records: StudyRecords) -> None:
         """Once per study (and again when the space changed): assess contamination, record what
-        readers need, queue the hand recipes that are points of the space."""
+        readers need, queue the sources' own paths (a data-flow space) and the hand recipes that
+        are points of the space."""
         s = self
         fingerprint = self.fingerprint
         old = records.refresh().meta().space
@@ -148,6 +153,8 @@ class Setup:
                 inputs=s.inputs,
             )
         )
+        if "dataflow" in s.space.tree:  # a merge source's own path: the first trial
+            enqueue_source_paths(s.space, records, layers_of=s.layers_of, log=s.log)
         enqueue_hand_recipes(s.space, s.baselines, records, layers_of=s.layers_of, log=s.log)
         records.set_setup(self.setup_digest)
 

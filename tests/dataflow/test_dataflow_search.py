@@ -21,6 +21,7 @@ from evomerge.cli import main
 from evomerge.evaluation.fake import FakeEvaluator
 from evomerge.results.leaderboard import summary
 from evomerge.search.loop import run_search
+from evomerge.search.records import StudyRecords
 from evomerge.search.table import load_trials
 
 pytestmark = pytest.mark.slow  # every test runs a search
@@ -253,3 +254,58 @@ def test_several_workers_share_a_dataflow_study(tmp_path):
     searched = df[df["baseline"] == ""]
     assert searched["state"].isin(["COMPLETE", "PRUNED"]).sum() == 4
     assert (searched["method"] == "dataflow").all()
+
+
+def test_ps_dfs_starts_from_the_first_stage_merge_once(tiny_family, tmp_path):
+    base, fts = tiny_family
+    ev = logits_evaluator(fts)
+    ps = write_space(tmp_path / "ps.yml", base, fts, trials=4, sampler="random")
+    results = tmp_path / "r"
+    run_search(ps, evaluator=ev, results_dir=results, quiet=True, log=lambda m: None)
+    ps_df = load_trials(results / "ps" / "trials.csv")
+    ps_best = ps_df[ps_df["chosen"].astype(bool)].iloc[0]
+    # the demo_ps_dfs shape: the merge's layers twice over, first and last fixed
+    section = {"repeats": 2, "first": "fixed", "last": "fixed"}
+    space = dfs_space(
+        tmp_path / "dfs.yml", [{"study": "ps.yml", "name": "ps"}], trials=3, **section
+    )
+    logs: list[str] = []
+    out = run_search(space, evaluator=ev, results_dir=results, quiet=True, log=logs.append)
+    assert "dataflow source ps: its own path (4 layers, scales 1) queued as a first trial" in logs
+    df = load_trials(out.paths.csv)
+    first = df[df["number"] == 0].iloc[0]
+    recipe = yaml.safe_load(StudyRecords(_study(out)).trial(_study(out).trials[0]).recipe)
+    assert recipe["path"] == [["ps", i, 1.0] for i in range(4)]
+    assert first["baseline"] == "" and first["state"] == "COMPLETE"  # a searched trial
+    # the merge computed as a path scores what the merge scores (in its own study and here)
+    alone = df[df["baseline"] == "source:ps"].iloc[0]
+    assert first["score"] == pytest.approx(alone["score"], rel=1e-6)
+    assert first["score"] == pytest.approx(ps_best["score"], rel=1e-6)
+    assert df.loc[df["baseline"] == "", "score"].max() >= first["score"]
+    # resumed, and set up again after a change of the space: not queued a second time
+    logs.clear()
+    run_search(space, evaluator=ev, results_dir=results, quiet=True, log=logs.append, trials=5)
+    data = yaml.safe_load(space.read_text())
+    data["dataflow"]["max_depth"] = 6
+    space.write_text(yaml.safe_dump(data, sort_keys=False))
+    run_search(space, evaluator=ev, results_dir=results, quiet=True, log=logs.append, trials=6)
+    assert any("the space changed since study" in m for m in logs)
+    assert not any("queued" in m for m in logs), logs
+    study = _study(out)
+    queued = [t.number for t in study.trials if "fixed_params" in t.system_attrs]
+    assert queued == [0] and len(study.trials) == 6
+    # start: none queues nothing
+    data["dataflow"]["start"] = "none"
+    space.write_text(yaml.safe_dump(data, sort_keys=False))
+    logs.clear()
+    out = run_search(
+        space, evaluator=ev, results_dir=results, quiet=True, log=logs.append, study="none"
+    )
+    assert not any("queued" in m for m in logs)
+    assert not [t for t in _study(out).trials if "fixed_params" in t.system_attrs]
+
+
+def _study(out: Any) -> Any:
+    import optuna
+
+    return optuna.load_study(study_name=out.paths.name, storage=out.paths.storage)

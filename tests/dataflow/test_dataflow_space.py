@@ -164,6 +164,7 @@ def test_max_params_caps_the_depth_once_the_models_are_open(tmp_path, two):
         ({"sources": ["X"], "layout": "flatt"}, "dataflow.layout", "did you mean flat"),
         ({"sources": ["X"], "max_depth": 0}, "dataflow.max_depth", "whole number >= 1"),
         ({"sources": ["X"], "dtype": "float33"}, "dataflow.dtype", "unknown dtype"),
+        ({"sources": ["X"], "start": "merge"}, "dataflow.start", "did you mean merges"),
         ({"sources": ["X", "X"]}, "dataflow.sources[1].name", "names two sources"),
         (
             {"sources": [{"model": "X", "layers": [3, 1]}]},
