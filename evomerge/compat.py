@@ -66,6 +66,8 @@ __all__ = [
     "model_from_config",
     "checkpoint_renaming",
     "sdpa_grouped_heads",
+    "attention_implementations",
+    "attention_implementation",
 ]
 
 SAMPLER_TRIALS = "_get_trials"
@@ -328,3 +330,44 @@ def sdpa_grouped_heads(device: torch.device) -> Iterator[None]:
         yield
     finally:
         os.environ.pop(name, None)
+
+
+def _attention_configs(model: torch.nn.Module) -> list[Any]:
+    """The distinct configs of ``model`` and its submodules that choose an attention function."""
+    seen: dict[int, Any] = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            seen.setdefault(id(cfg), cfg)
+    return list(seen.values())
+
+
+def attention_implementations(model: torch.nn.Module) -> set[str]:
+    """The attention implementations (``"sdpa"``, ``"eager"``, ...) ``model``'s configs name
+    (``PretrainedConfig._attn_implementation``; a vision-language model has one per tower).
+
+    Args:
+        model: a ``transformers`` model.
+    """
+    return {str(c._attn_implementation) for c in _attention_configs(model)}
+
+
+@contextmanager
+def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Within the block, every config of ``model`` names the attention function ``name`` (one
+    registered with ``transformers.AttentionInterface``); each config's own is restored on exit.
+    Not thread-safe: the configs are the model's.
+
+    Args:
+        model: a ``transformers`` model.
+        name: the registered attention function.
+    """
+    configs = _attention_configs(model)
+    before = [c._attn_implementation_internal for c in configs]
+    for c in configs:
+        c._attn_implementation_internal = name
+    try:
+        yield
+    finally:
+        for c, old in zip(configs, before, strict=True):
+            c._attn_implementation_internal = old

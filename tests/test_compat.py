@@ -295,6 +295,38 @@ def test_sdpa_grouped_heads_hands_the_kernel_grouped_heads_on_cpu(monkeypatch, t
         assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
 
 
+def test_attention_implementation_switches_every_config_and_restores_it(tmp_path):
+    """A registered attention function replaces sdpa within the block (it is called, the logits are
+    sdpa's), and the model attends through sdpa again after it."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    model = AutoModelForCausalLM.from_pretrained(
+        make_tiny(tmp_path / "llama", seed=1), attn_implementation="sdpa"
+    ).eval()
+    calls: list[int] = []
+
+    def counted(module, *args, **kwargs):
+        calls.append(module.layer_idx)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("evomerge_test_counted", counted)
+    AttentionMaskInterface.register("evomerge_test_counted", sdpa_mask)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert compat.attention_implementations(model) == {"sdpa"}
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with compat.attention_implementation(model, "evomerge_test_counted"):
+            assert compat.attention_implementations(model) == {"evomerge_test_counted"}
+            switched = model(input_ids=ids).logits
+        assert calls and sorted(set(calls)) == list(range(model.config.num_hidden_layers))
+        calls.clear()
+        again = model(input_ids=ids).logits
+    assert not calls and compat.attention_implementations(model) == {"sdpa"}
+    assert torch.equal(plain, switched) and torch.equal(plain, again)
+
+
 def _llava_config():
     return llava_config(vision_layers=1, text_layers=1)
 
@@ -368,6 +400,7 @@ def test_compat_is_the_only_module_naming_these_private_apis():
         "initialization import no_init_weights",
         "modeling_utils import no_init_weights",
         "TRANSFORMERS_SDPA_FORCE_GQA",
+        "._attn_implementation",
         '"_filters"',
         "._filters",
     ]

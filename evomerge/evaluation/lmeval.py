@@ -50,6 +50,36 @@ def _note_once(line: str) -> None:
         logger.warning(line)
 
 
+def _generation_tasks(cfg: EvalConfig, sp: Splits, max_length: int | None) -> dict[str, str]:
+    """Check the generation tasks (:func:`check_generation_tasks`): errors stop here, notes are
+    logged once; returns the tasks whose answers HFLM's path generates, and why."""
+    hflm: dict[str, str] = {}
+    for split, where in (("search", "evaluate.tasks"), ("holdout", "evaluate.holdout.tasks")):
+        if split not in sp.dicts or (split == "holdout" and not cfg.holdout):
+            continue  # a holdout of the search tasks' later items was checked as search
+        found = check_generation_tasks(leaf_tasks(sp.dicts[split]), max_length)
+        for i, spec in enumerate(sp.specs[split]):
+            for leaf in sp.leaves[split][spec.name]:
+                if leaf in found.errors:
+                    raise ConfigError(cfg.file, f"{where}[{i}]", found.errors[leaf])
+        for note in found.notes:
+            _note_once(note)
+        hflm |= found.hflm_tasks
+    return hflm
+
+
+def _check_chat_template(cfg: EvalConfig, tokenizer: Any) -> None:
+    """Refuse ``chat_template: true`` for a tokenizer that has none."""
+    if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ConfigError(
+            cfg.file,
+            "evaluate.chat_template",
+            f"the tokenizer ({name}) has no chat template; set chat_template: false, "
+            "or name a model whose tokenizer has one in tokenizer_source",
+        )
+
+
 class LMEvalEvaluator(Evaluator):
     """lm-evaluation-harness over an in-memory model.
 
@@ -94,35 +124,10 @@ class LMEvalEvaluator(Evaluator):
         self.scorer = scorer or cfg.scorer
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
-        if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
-            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-            raise ConfigError(
-                cfg.file,
-                "evaluate.chat_template",
-                f"the tokenizer ({name}) has no chat template; set chat_template: false, "
-                "or name a model whose tokenizer has one in tokenizer_source",
-            )
+        _check_chat_template(cfg, tokenizer)
         self.splits = Splits(cfg)
         self._bank: RequestBank | None = None  # built on the first staged evaluation
-        self._hflm_tasks = self._check_generation(max_length)
-
-    def _check_generation(self, max_length: int | None) -> dict[str, str]:
-        """Check the generation tasks (:func:`check_generation_tasks`): errors stop here, notes are
-        logged once; returns the tasks whose answers HFLM's path generates, and why."""
-        sp = self.splits
-        hflm: dict[str, str] = {}
-        for split, where in (("search", "evaluate.tasks"), ("holdout", "evaluate.holdout.tasks")):
-            if split not in sp.dicts or (split == "holdout" and not self.cfg.holdout):
-                continue  # a holdout of the search tasks' later items was checked as search
-            found = check_generation_tasks(leaf_tasks(sp.dicts[split]), max_length)
-            for i, spec in enumerate(sp.specs[split]):
-                for leaf in sp.leaves[split][spec.name]:
-                    if leaf in found.errors:
-                        raise ConfigError(self.cfg.file, f"{where}[{i}]", found.errors[leaf])
-            for note in found.notes:
-                _note_once(note)
-            hflm |= found.hflm_tasks
-        return hflm
+        self._hflm_tasks = _generation_tasks(cfg, self.splits, max_length)
 
     # -- API
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from evomerge.compat import attention_implementation, attention_implementations
 from evomerge.evaluation.kv import cache_paddable
 
 __all__ = [
@@ -213,15 +214,6 @@ def cache_elements(cache: Any) -> int:
     return total
 
 
-def _configs(model: torch.nn.Module) -> list[Any]:
-    seen: dict[int, Any] = {}
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation"):
-            seen.setdefault(id(cfg), cfg)
-    return list(seen.values())
-
-
 def prefix_attention_reason(model: torch.nn.Module, prefix: Any) -> str:
     """Why ``model`` cannot decode over a prefix held once ("" when it can): it must attend
     through transformers' ``sdpa`` implementation, in eval mode, and ``prefix`` (its cache of the
@@ -236,7 +228,7 @@ def prefix_attention_reason(model: torch.nn.Module, prefix: Any) -> str:
     """
     if model.training:
         return "the model is in training mode"
-    impl = {str(c._attn_implementation) for c in _configs(model)}
+    impl = attention_implementations(model)
     if impl != {"sdpa"}:
         return f"attention implementation {', '.join(sorted(impl))} (not sdpa)"
     if not cache_paddable(prefix):
@@ -310,13 +302,7 @@ def prefix_attention(model: torch.nn.Module) -> Iterator[None]:
     Raises:
         ValueError: a model it does not accept.
     """
-    if any(str(c._attn_implementation) != "sdpa" for c in _configs(model)):
+    if attention_implementations(model) != {"sdpa"}:
         raise ValueError("prefix attention needs a model that attends through sdpa")
-    name, configs = _register(), _configs(model)
-    for c in configs:
-        c._attn_implementation_internal = name
-    try:
+    with attention_implementation(model, _register()):
         yield
-    finally:
-        for c in configs:
-            c._attn_implementation_internal = "sdpa"
