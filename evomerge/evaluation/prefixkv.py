@@ -216,8 +216,8 @@ def cache_elements(cache: Any) -> int:
 
 def prefix_attention_reason(model: torch.nn.Module, prefix: Any) -> str:
     """Why ``model`` cannot decode over a prefix held once ("" when it can): it must attend
-    through transformers' ``sdpa`` implementation, in eval mode, and ``prefix`` (its cache of the
-    prefix) must hold plain full-attention layers.
+    through transformers' ``sdpa`` implementation, in eval mode, with no soft-capping of attention
+    logits, and ``prefix`` (its cache of the prefix) must hold plain full-attention layers.
 
     Args:
         model: a ``transformers`` causal LM.
@@ -231,6 +231,9 @@ def prefix_attention_reason(model: torch.nn.Module, prefix: Any) -> str:
     impl = attention_implementations(model)
     if impl != {"sdpa"}:
         return f"attention implementation {', '.join(sorted(impl))} (not sdpa)"
+    config = getattr(model, "config", None)
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "attention logits soft-capped (attn_logit_softcapping)"
     if not cache_paddable(prefix):
         return f"a {type(prefix).__name__} cache with other than full-attention layers"
     return ""
