@@ -76,6 +76,10 @@ class TrialRunner:
             finally:
                 self.interrupts.deferred = False
         rec = TrialRecord()
+        if self.coordinator.surplus(records, trial.number, s.trials):
+            rec.error = "not run: trials of other workers reached the budget"
+            _fail(study, trial, rec)
+            return "FAIL", trial.number, rec
         try:
             self.interrupts.check()
             with self.coordinator.running(trial.number):

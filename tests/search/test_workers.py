@@ -28,6 +28,7 @@ from _spaces import write_space, zoo_space
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
 from evomerge.search.distributed.claims import Claims, is_claim
+from evomerge.search.distributed.coordinator import LocalCoordinator, SharedCoordinator
 from evomerge.search.distributed.liveness import Liveness
 from evomerge.search.records import StudyRecords
 from evomerge.search.storage import open_storage
@@ -405,6 +406,26 @@ def test_cli_workers_2_on_cpu_share_the_default_sqlite_study(micro_zoo, tmp_path
         ["uniform", *(f"source:zoo:micro/{m}" for m in ("base", "rot", "shift", "sort"))]
     )
     assert (results / "zoo" / "study.db").is_file()
+
+
+def test_a_trial_asked_in_the_same_instant_as_the_last_one_is_surplus(tmp_path):
+    """Budget 2, one trial finished: of two trials asked in the same instant (both RUNNING), the
+    earlier is run and the later is surplus; once the earlier finishes, any new one is surplus.
+    A study only this process sees has no other workers: nothing is surplus there."""
+    import optuna
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    records = StudyRecords(study)
+    study.tell(study.ask(), 0.5)
+    first, second = study.ask(), study.ask()
+    shared = SharedCoordinator(storage, "s", Liveness(), log=lambda m: None)
+    assert not shared.surplus(records, first.number, budget=2)
+    assert shared.surplus(records, second.number, budget=2)
+    assert not shared.surplus(records, second.number, budget=3)
+    study.tell(first, 0.6)
+    assert shared.surplus(records, study.ask().number, budget=2)
+    assert not LocalCoordinator().surplus(records, second.number, budget=2)
 
 
 def test_workers_bad_counts_are_one_line_exit_2(tmp_path, tiny_family, capsys):

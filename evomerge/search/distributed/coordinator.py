@@ -37,7 +37,8 @@ class Coordinator(ABC):
     The contract: :meth:`join` before anything else and :meth:`leave` at the end (also after an
     error); :meth:`once` runs ``work`` in exactly one worker of the study unless ``done()`` (and,
     with ``wait``, returns only once it is done); :meth:`running` wraps a trial from its claim to
-    its tell; :meth:`recover` and :meth:`busy` may be called before any trial.
+    its tell; :meth:`recover` and :meth:`busy` may be called before any trial, :meth:`surplus` once a trial
+    is asked and claimed.
     """
 
     liveness: Liveness
@@ -74,6 +75,11 @@ class Coordinator(ABC):
     def busy(self, records: StudyRecords, budget: int) -> bool:
         """Whether finished trials and those other workers are running reach ``budget`` (then
         this worker waits instead of starting one that could be surplus)."""
+
+    @abstractmethod
+    def surplus(self, records: StudyRecords, number: int, budget: int) -> bool:
+        """Whether trial ``number``, just asked, is one too many: the finished trials and the
+        running ones asked before it reach ``budget`` (two workers asked in the same instant)."""
 
     @abstractmethod
     def wait(self) -> None:
@@ -113,6 +119,9 @@ class LocalCoordinator(Coordinator):
         return []
 
     def busy(self, records: StudyRecords, budget: int) -> bool:
+        return False
+
+    def surplus(self, records: StudyRecords, number: int, budget: int) -> bool:
         return False
 
     def wait(self) -> None:
@@ -173,6 +182,17 @@ class SharedCoordinator(Coordinator):
 
         states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
         return len(records.study.get_trials(deepcopy=False, states=states)) >= budget
+
+    def surplus(self, records: StudyRecords, number: int, budget: int) -> bool:
+        from optuna.trial import TrialState
+
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        ahead = [
+            t
+            for t in records.study.get_trials(deepcopy=False, states=states)
+            if t.state != TrialState.RUNNING or t.number < number
+        ]
+        return len(ahead) >= budget
 
     def wait(self) -> None:
         time.sleep(self.liveness.poll)
