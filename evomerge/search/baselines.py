@@ -110,15 +110,11 @@ def enqueue_source_paths(
         if p.values is None:
             log(f"{what} is no point of the space ({p.why}): not queued")
             continue
-        text = dump_yaml(space.render(partial(_value, p.values), layers_of))
+        text = dump_yaml(space.render_values(p.values, layers_of))
         name = f"path:{p.source}"
         if not records.baseline_done(name, text):
             _enqueue(records, name, text, p.values, log, {})
             log(f"{what} queued as a first trial")
-
-
-def _value(values: dict[str, Any], name: str, directive: Any) -> Any:
-    return values[name]
 
 
 def _enqueue(
