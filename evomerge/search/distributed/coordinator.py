@@ -178,24 +178,24 @@ class SharedCoordinator(Coordinator):
         return recover_dead_trials(records, self.storage, self.liveness.grace)
 
     def busy(self, records: StudyRecords, budget: int) -> bool:
-        from optuna.trial import TrialState
-
-        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-        return len(records.study.get_trials(deepcopy=False, states=states)) >= budget
+        return len(_counted(records)) >= budget
 
     def surplus(self, records: StudyRecords, number: int, budget: int) -> bool:
         from optuna.trial import TrialState
 
-        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-        ahead = [
-            t
-            for t in records.study.get_trials(deepcopy=False, states=states)
-            if t.state != TrialState.RUNNING or t.number < number
-        ]
+        ahead = [t for t in _counted(records) if t.state != TrialState.RUNNING or t.number < number]
         return len(ahead) >= budget
 
     def wait(self) -> None:
         time.sleep(self.liveness.poll)
+
+
+def _counted(records: StudyRecords) -> list[Any]:
+    """The trials that count against the budget: finished (complete or pruned) and running."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return records.study.get_trials(deepcopy=False, states=states)
 
 
 def coordinator_for(
