@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +21,7 @@ import torch
 from evomerge.errors import EvomergeError
 
 __all__ = [
+    "say_once",
     "TaskSpec",
     "EvalConfig",
     "Scores",
@@ -310,3 +312,22 @@ class Evaluator(ABC):
     def staged(self, model: torch.nn.Module) -> StagedEvaluation | None:
         """A :class:`StagedEvaluation` of ``model`` on the search items, or None (not supported)."""
         return None
+
+
+_SAID: set[tuple[str, str]] = set()
+
+
+def say_once(key: str, message: str, *, log: logging.Logger, level: int = logging.INFO) -> None:
+    """Log ``message`` to ``log`` the first time ``key`` comes up for that logger in this process
+    (evaluators and scorers are built again per study and per trial; a note about the setup is
+    said once).
+
+    Args:
+        key: what the message is about.
+        message: the line.
+        log: the logger (its name scopes ``key``).
+        level: the logging level.
+    """
+    if (log.name, key) not in _SAID:
+        _SAID.add((log.name, key))
+        log.log(level, message)

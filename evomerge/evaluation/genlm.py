@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge.compat import feed_cache_hook, task_filters
+from evomerge.evaluation.base import say_once
 from evomerge.evaluation.generate import GenRequest, GenStats, generate_shared
 from evomerge.evaluation.kv import sliding_window
 
@@ -35,7 +36,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-_SAID: set[str] = set()
 
 DEFAULT_MAX_GEN_TOKS = 256  # HFLM's max_gen_toks when a task sets none
 
@@ -71,9 +71,7 @@ _MAX_ALIASES = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_
 
 
 def _say_once(key: str, message: str) -> None:
-    if key not in _SAID:
-        _SAID.add(key)
-        logger.warning(message)
+    say_once(key, message, log=logger, level=logging.WARNING)
 
 
 def hflm_only(lm: Any) -> str:

@@ -17,6 +17,7 @@ the readers of a study (results, export, report) do not.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -26,10 +27,10 @@ from lm_eval.api.model import LM
 from lm_eval.models.huggingface import HFLM
 
 from evomerge.compat import feed_cache_hook, hflm_loglikelihood_tokens, quiet_task_progress
-from evomerge.evaluation.base import SCORERS
+from evomerge.evaluation.base import SCORERS, say_once
 from evomerge.evaluation.genlm import generate_until_shared, hflm_only
 from evomerge.evaluation.kv import sliding_window
-from evomerge.evaluation.scorer import say_once, score_shared
+from evomerge.evaluation.scorer import score_shared
 
 __all__ = [
     "SharedContextHFLM",
@@ -41,6 +42,9 @@ __all__ = [
     "reseed_fewshot",
     "no_task_bars",
 ]
+
+# The shared-context scorer's notes (why requests go to HFLM's path) under the scorer's name.
+_SCORER_LOG = logging.getLogger("evomerge.evaluation.scorer")
 
 FEWSHOT_SEED = 1234  # every evaluation reseeds lm-eval's few-shot samplers with it
 
@@ -85,7 +89,9 @@ class SharedContextHFLM(HFLM):
         if why:
             if why != "rolling":  # loglikelihood_rolling said so already
                 say_once(
-                    why, f"shared-context scorer: {why}: loglikelihood requests use HFLM's path"
+                    why,
+                    f"shared-context scorer: {why}: loglikelihood requests use HFLM's path",
+                    log=_SCORER_LOG,
                 )
             return hflm_loglikelihood_tokens(
                 self, requests, disable_tqdm=disable_tqdm, override_bs=override_bs
@@ -95,6 +101,7 @@ class SharedContextHFLM(HFLM):
             say_once(
                 "cut",
                 f"shared-context scorer: {cut} of {len(requests)} requests exceed max_length ({self.max_length}): their contexts are left-truncated as HFLM does",
+                log=_SCORER_LOG,
             )
         # Right-padded rows stay inside a sliding window when every pair fits half of it.
         window = sliding_window(self.model)
@@ -109,6 +116,7 @@ class SharedContextHFLM(HFLM):
             say_once(
                 "window",
                 f"shared-context scorer: pairs longer than half the sliding window ({window}) use HFLM's path",
+                log=_SCORER_LOG,
             )
             hflm = hflm_loglikelihood_tokens(self, [requests[i] for i in rest], disable_tqdm=True)
             for i, r in zip(rest, hflm, strict=True):
@@ -133,7 +141,11 @@ class SharedContextHFLM(HFLM):
         return hflm_only(self)
 
     def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
-        say_once("rolling", "shared-context scorer: loglikelihood_rolling requests use HFLM's path")
+        say_once(
+            "rolling",
+            "shared-context scorer: loglikelihood_rolling requests use HFLM's path",
+            log=_SCORER_LOG,
+        )
         return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
     def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:

@@ -21,6 +21,7 @@ from evomerge.evaluation.base import (
     StagedEvaluation,
     TaskSpec,
     make_scores,
+    say_once,
 )
 from evomerge.evaluation.genlm import check_generation_tasks
 from evomerge.evaluation.hflm import make_lm, no_task_bars, reseed_fewshot
@@ -40,14 +41,6 @@ from evomerge.evaluation.tasks import (
 __all__ = ["LMEvalEvaluator"]
 
 logger = logging.getLogger(__name__)
-_NOTED: set[str] = set()
-
-
-def _note_once(line: str) -> None:
-    """Log a line about the evaluation setup once per process (evaluators are built per study)."""
-    if line not in _NOTED:
-        _NOTED.add(line)
-        logger.warning(line)
 
 
 def _generation_tasks(cfg: EvalConfig, sp: Splits, max_length: int | None) -> dict[str, str]:
@@ -63,7 +56,7 @@ def _generation_tasks(cfg: EvalConfig, sp: Splits, max_length: int | None) -> di
                 if leaf in found.errors:
                     raise ConfigError(cfg.file, f"{where}[{i}]", found.errors[leaf])
         for note in found.notes:
-            _note_once(note)
+            say_once(note, note, log=logger, level=logging.WARNING)
         hflm |= found.hflm_tasks
     return hflm
 

@@ -25,7 +25,6 @@ torch only (the model's cache and forward: :mod:`evomerge.evaluation.kv`).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,17 +36,7 @@ from evomerge.evaluation.kv import cache_rows as _rows_of
 from evomerge.evaluation.kv import forward_names as _forward_names
 from evomerge.evaluation.kv import output_cache
 
-__all__ = ["score_shared", "say_once"]
-
-logger = logging.getLogger(__name__)
-_SAID: set[str] = set()
-
-
-def say_once(key: str, message: str) -> None:
-    """Log ``message`` at INFO level the first time ``key`` comes up in this process."""
-    if key not in _SAID:
-        _SAID.add(key)
-        logger.info(message)
+__all__ = ["score_shared"]
 
 
 @dataclass

@@ -219,9 +219,9 @@ def test_more_rows_than_batch_size_in_hflms_cache_memory(model, tok, monkeypatch
 
 
 def test_what_the_fast_path_leaves_out_is_hflms_with_a_line(model, tok, caplog):
-    import evomerge.evaluation.genlm as genlm
+    import evomerge.evaluation.base as base
 
-    genlm._SAID.clear()
+    base._SAID.clear()  # the notes said once per process
     texts = ["rot: abcde =", "sort: qwert ="]
     sampled = [{"until": ["\n"], "max_gen_toks": 5, "do_sample": True, "temperature": 0.7}] * 2
     beams = [{"until": ["\n"], "max_gen_toks": 5, "num_beams": 2}] * 2

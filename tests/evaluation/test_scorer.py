@@ -158,9 +158,9 @@ def _instance(context: str, continuation: str, doc: int, kind: str = "loglikelih
 
 
 def test_rolling_is_hflms_and_logged_generation_is_shared(model, tok, caplog):
-    import evomerge.evaluation.scorer as scorer
+    import evomerge.evaluation.base as base
 
-    scorer._SAID.clear()
+    base._SAID.clear()  # the notes said once per process
     texts = ["abc def ghi " * 8, "jkl mno"]
     shared, hflm = (
         make_lm(model, tok, scorer="shared", batch_size=4),
