@@ -11,7 +11,7 @@ budget (:meth:`~Coordinator.busy`).
 - :class:`SharedCoordinator` (the default) works for any number of processes on one storage, on
   one host or many: claims (:mod:`.claims`), heartbeats (:mod:`.liveness`) and recovery of dead
   workers' trials (:mod:`.recovery`). A single process pays a few storage writes per trial.
-- :class:`LocalCoordinator` is for a study no other process can see (an in-memory storage): it
+- :class:`Coordinator` itself is for a study no other process can see (an in-memory storage): it
   runs each task at once, keeps no heartbeat and has nothing to recover.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,11 +27,13 @@ from evomerge.search.distributed.liveness import Liveness
 from evomerge.search.distributed.recovery import recover_dead_trials, trial_pulse
 from evomerge.search.records import StudyRecords
 
-__all__ = ["Coordinator", "SharedCoordinator", "LocalCoordinator", "coordinator_for"]
+__all__ = ["Coordinator", "SharedCoordinator", "coordinator_for"]
 
 
-class Coordinator(ABC):
-    """The several-worker side of a search, as the loop sees it.
+class Coordinator:
+    """The several-worker side of a search, as the loop sees it; this class itself is the
+    coordinator of a study no other process sees (every task runs at once, nothing to keep alive
+    or recover).
 
     The contract: :meth:`join` before anything else and :meth:`leave` at the end (also after an
     error); :meth:`once` runs ``work`` in exactly one worker of the study unless ``done()`` (and,
@@ -41,17 +42,17 @@ class Coordinator(ABC):
     is asked and claimed.
     """
 
-    liveness: Liveness
+    def __init__(self, liveness: Liveness | None = None) -> None:
+        self.liveness = liveness or Liveness()
 
-    @abstractmethod
     def join(self) -> int:
         """Take a worker slot; returns this worker's number among the live ones (0 alone)."""
+        return 0
 
-    @abstractmethod
     def leave(self) -> list[str]:
         """Give the slot back; returns the claims of dead workers removed on the way out."""
+        return []
 
-    @abstractmethod
     def once(
         self,
         task: str,
@@ -62,70 +63,31 @@ class Coordinator(ABC):
         check_interrupt: Callable[[], None] = lambda: None,
     ) -> bool:
         """Run ``work()`` unless ``done()`` or another worker runs it; True when this one did."""
-
-    @abstractmethod
-    def running(self, number: int) -> contextlib.AbstractContextManager[Any]:
-        """A context in which trial ``number`` is known to be alive (its heartbeat)."""
-
-    @abstractmethod
-    def recover(self, records: StudyRecords) -> list[int]:
-        """Fail the trials of dead workers, queue each for one retry; returns their numbers."""
-
-    @abstractmethod
-    def busy(self, records: StudyRecords, budget: int) -> bool:
-        """Whether finished trials and those other workers are running reach ``budget`` (then
-        this worker waits instead of starting one that could be surplus)."""
-
-    @abstractmethod
-    def surplus(self, records: StudyRecords, number: int, budget: int) -> bool:
-        """Whether trial ``number``, just asked, is one too many: the finished trials and the
-        running ones asked before it reach ``budget`` (two workers asked in the same instant)."""
-
-    @abstractmethod
-    def wait(self) -> None:
-        """Pause before looking at the other workers' trials again."""
-
-
-class LocalCoordinator(Coordinator):
-    """A study only this process sees: every task runs at once, nothing to keep alive or recover."""
-
-    def __init__(self, liveness: Liveness | None = None) -> None:
-        self.liveness = liveness or Liveness()
-
-    def join(self) -> int:
-        return 0
-
-    def leave(self) -> list[str]:
-        return []
-
-    def once(
-        self,
-        task: str,
-        *,
-        done: Callable[[], bool],
-        work: Callable[[], None],
-        wait: bool = True,
-        check_interrupt: Callable[[], None] = lambda: None,
-    ) -> bool:
         if done():
             return False
         work()
         return True
 
     def running(self, number: int) -> contextlib.AbstractContextManager[Any]:
+        """A context in which trial ``number`` is known to be alive (its heartbeat)."""
         return contextlib.nullcontext()
 
     def recover(self, records: StudyRecords) -> list[int]:
+        """Fail the trials of dead workers, queue each for one retry; returns their numbers."""
         return []
 
     def busy(self, records: StudyRecords, budget: int) -> bool:
+        """Whether finished trials and those other workers are running reach ``budget`` (then
+        this worker waits instead of starting one that could be surplus)."""
         return False
 
     def surplus(self, records: StudyRecords, number: int, budget: int) -> bool:
+        """Whether trial ``number``, just asked, is one too many: the finished trials and the
+        running ones asked before it reach ``budget`` (two workers asked in the same instant)."""
         return False
 
     def wait(self) -> None:
-        return None
+        """Pause before looking at the other workers' trials again."""
 
 
 class SharedCoordinator(Coordinator):
@@ -206,5 +168,5 @@ def coordinator_for(
     import optuna
 
     if isinstance(storage, optuna.storages.InMemoryStorage):
-        return LocalCoordinator(liveness)
+        return Coordinator(liveness)
     return SharedCoordinator(storage, study, liveness, log)
