@@ -41,69 +41,27 @@ class Holdout:
     """Validation and test scores (and the optional memorization probe) of a study's trials.
 
     Args:
+        setup: the prepared search (its holdout splits: ``("validation", "test")``, ``("test",)``
+            when the validation share is 0 and the search score chooses, or ``()``; its
+            ``search.finalists``; its base model and tokenizer, for the probe).
         candidates: merges and scores.
         records: the study's records.
         coordinator: runs each re-score in one worker of the study.
-        splits: the holdout splits the space has: ``("validation", "test")``, ``("test",)``
-            (validation share 0: the search score chooses) or ``()`` (no holdout).
-        finalists: how many top trials by search score :meth:`finalists` re-scores.
         probe: also run the Min-K%++ probe on every trial re-scored on the validation items.
-        base_ref, base_dir, tokenizer_dir: the space's base model (reference and directory) and
-            tokenizer, for the probe.
-        device, seed, file, log: the search's.
     """
 
     def __init__(
         self,
-        candidates: Candidates,
-        records: StudyRecords,
-        coordinator: Coordinator,
-        *,
-        splits: tuple[str, ...],
-        finalists: int,
-        probe: bool,
-        base_ref: str | None,
-        base_dir: str | None,
-        tokenizer_dir: str,
-        device: str,
-        seed: int,
-        file: str,
-        log: Callable[[str], None],
-    ) -> None:
-        self.candidates, self.records, self.coordinator = candidates, records, coordinator
-        self.splits, self.n_finalists, self.probe = splits, finalists, probe
-        self.base_ref, self.base_dir, self.tokenizer_dir = base_ref, base_dir, tokenizer_dir
-        self.device, self.seed, self.file, self.log = device, seed, file, log
-        self._base_model: Any = None
-        self._tokenizer: Any = None
-
-    @classmethod
-    def of(
-        cls,
         setup: Setup,
         candidates: Candidates,
         records: StudyRecords,
         coordinator: Coordinator,
         probe: bool,
-    ) -> Holdout:
-        """The holdout of a prepared search."""
-        base = setup.space.tree.get("base_model")
-        src = setup.sources.get(base) if isinstance(base, str) else None
-        return cls(
-            candidates,
-            records,
-            coordinator,
-            splits=setup.splits,
-            finalists=setup.space.search.finalists,
-            probe=probe,
-            base_ref=base if isinstance(base, str) else None,
-            base_dir=str(src.path) if src is not None else None,
-            tokenizer_dir=str(setup.tokenizer_dir),
-            device=setup.device,
-            seed=setup.seed,
-            file=setup.file,
-            log=setup.log,
-        )
+    ) -> None:
+        self.setup, self.candidates, self.records = setup, candidates, records
+        self.coordinator, self.probe = coordinator, probe
+        self._base_model: Any = None
+        self._tokenizer: Any = None
 
     def rescore(
         self,
@@ -123,7 +81,7 @@ class Holdout:
             check_interrupt: raises KeyboardInterrupt once Ctrl-C was pressed (while waiting for
                 another worker's re-score of the same trial).
         """
-        if split not in self.splits:
+        if split not in self.setup.splits:
             return None
 
         def work() -> None:
@@ -141,7 +99,9 @@ class Holdout:
         return self.records.rescore(number, split)
 
     def _probe(self, number: int, model: torch.nn.Module) -> None:
-        if self.base_dir is None:
+        s = self.setup
+        base = s.space.tree.get("base_model")
+        if not isinstance(base, str) or base not in s.sources:
             self.records.set_probe(
                 number,
                 {
@@ -153,9 +113,9 @@ class Holdout:
         if self._base_model is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            base: Any = AutoModelForCausalLM.from_pretrained(self.base_dir)
-            self._base_model = base.to(self.device).eval()
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            model_: Any = AutoModelForCausalLM.from_pretrained(str(s.sources[base].path))
+            self._base_model = model_.to(s.device).eval()
+            self._tokenizer = AutoTokenizer.from_pretrained(str(s.tokenizer_dir))
         evaluator = self.candidates.evaluator
         texts = [x for v in evaluator.texts("search").values() for x in v]
         # Unseen items of the same distribution are the best controls (perturbed neighbours can
@@ -167,7 +127,7 @@ class Holdout:
             self._tokenizer,
             texts,
             controls=controls or None,
-            seed=self.seed,
+            seed=s.seed,
         )
         self.records.set_probe(number, r.columns())
 
@@ -176,14 +136,15 @@ class Holdout:
         items, then score the chosen trial on the test items."""
         from optuna.trial import TrialState
 
-        if self.n_finalists and "validation" in self.splits:
+        n = self.setup.space.search.finalists
+        if n and "validation" in self.setup.splits:
             done = []
             for t in self.records.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
                 rec = self.records.trial(t)
                 if rec.search is not None:
                     done.append((rec.search.aggregate, t.number, rec))
             done.sort(key=lambda x: x[0], reverse=True)
-            for _, number, rec in done[: self.n_finalists]:
+            for _, number, rec in done[:n]:
                 check_interrupt()
                 self.rescore(
                     number, partial(self._remerge, number, rec), "validation", check_interrupt
@@ -203,10 +164,10 @@ class Holdout:
 
     def _remerge(self, number: int, rec: Any) -> torch.nn.Module:
         model, res = self.candidates.materialize(
-            yaml.safe_load(rec.recipe or "{}"), f"{self.file} (trial {number})"
+            yaml.safe_load(rec.recipe or "{}"), f"{self.setup.file} (trial {number})"
         )
         if res.digest != rec.digest:
-            self.log(
+            self.setup.log(
                 f"warning: trial {number} re-merged to a different tensor hash ({res.digest[:12]} vs {str(rec.digest)[:12]})"
             )
         return model

@@ -132,7 +132,7 @@ class Search:
                 )
                 s.merger.stream = records.refresh().meta().stream  # 1 for studies before streams
                 s.warn_flags(records)
-                holdout = Holdout.of(s, self.candidates, records, self.coordinator, self.probe)
+                holdout = Holdout(s, self.candidates, records, self.coordinator, self.probe)
                 try:
                     self._baselines(records, wait=False)
                     write_trials_csv(records.study, s.paths.csv)
