@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
@@ -86,7 +87,25 @@ class Setup:
     def assess(self) -> Assessment | None:
         """The contamination assessment of the space's sources and tasks (None when the checks
         themselves failed: flags are evidence, never a reason to refuse a search)."""
-        return _assess(self.space, self.evaluator, self.search_tasks, self.holdout_tasks, self.log)
+        include = self.evaluator.include_path() or None
+        # Reuse the evaluator's lm-eval task index (building one reads ~15k YAML files); an
+        # evaluator without lm-eval tasks (tests, custom scorers) has no datasets to look up.
+        tm = self.evaluator.tasks_index()
+        if tm is None and include is None:
+            tm = SimpleNamespace(task_index={})
+        try:
+            return assess(
+                self.space.model_refs(),
+                self.search_tasks,
+                self.holdout_tasks,
+                include_path=include,
+                task_manager=tm,
+            )
+        except EvomergeError:
+            raise
+        except Exception as e:  # flags are evidence, never a reason to refuse a search
+            self.log(f"warning: contamination checks failed: {one_line(e)}")
+            return None
 
     @cached_property
     def inputs(self) -> dict[str, str]:
@@ -182,18 +201,9 @@ class Setup:
 
 
 def _jsonable(x: Any) -> Any:
-    if isinstance(x, Directive):
-        return {
-            "directive": x.kind,
-            "name": x.name,
-            "low": x.low,
-            "high": x.high,
-            "log": x.log,
-            "step": x.step,
-            "choices": list(x.choices),
-            "anchors": x.anchors,
-            "per_layers": x.per_layers,
-        }
+    if isinstance(x, Directive):  # every field but where it is written; its kind as "directive"
+        fields = {k: v for k, v in asdict(x).items() if k not in ("kind", "path")}
+        return {"directive": x.kind, **fields, "choices": list(x.choices)}
     if isinstance(x, Mapping):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -201,20 +211,11 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def _parameters(source: ModelSource) -> int:
-    total = 0
-    for name in source.names():
-        n = 1
-        for s in source.shape(name):
-            n *= s
-        total += n
-    return total
-
-
 def _threads(device: str, sources: dict[str, ModelSource]) -> int | None:
     if not device.startswith("cpu") or not sources:
         return None
-    return 1 if max(_parameters(s) for s in sources.values()) < SMALL_MODEL else None
+    largest = max(sum(math.prod(s.shape(n)) for n in s.names()) for s in sources.values())
+    return 1 if largest < SMALL_MODEL else None
 
 
 def _context(space: Space, sources: dict[str, ModelSource], tokenizer: Any) -> int:
@@ -238,30 +239,6 @@ def _tokenizer_dir(space: Space, sources: dict[str, ModelSource], file: str) -> 
     if ref in (None, "base"):
         ref = space.model_refs()[0]
     return sources[ref].path if ref in sources else open_sources([ref], file=file)[ref].path
-
-
-def _assess(
-    space: Space,
-    evaluator: Evaluator,
-    search_tasks: list[str],
-    holdout_tasks: list[str],
-    log: Callable[[str], None],
-) -> Assessment | None:
-    include = evaluator.include_path() or None
-    # Reuse the evaluator's lm-eval task index (building one reads ~15k YAML files); an
-    # evaluator without lm-eval tasks (tests, custom scorers) has no datasets to look up.
-    tm = evaluator.tasks_index()
-    if tm is None and include is None:
-        tm = SimpleNamespace(task_index={})
-    try:
-        return assess(
-            space.model_refs(), search_tasks, holdout_tasks, include_path=include, task_manager=tm
-        )
-    except EvomergeError:
-        raise
-    except Exception as e:  # flags are evidence, never a reason to refuse a search
-        log(f"warning: contamination checks failed: {one_line(e)}")
-        return None
 
 
 def _study_folder(folder: Path) -> None:
