@@ -99,22 +99,10 @@ class TrialRecord:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> TrialRecord:
-        d = dict(d or {})
-        return cls(
-            method=d.get("method"),
-            recipe=d.get("recipe"),
-            merge_s=d.get("merge_s"),
-            digest=d.get("digest"),
-            search=Scores.from_dict(d.get("search")),
-            eval_s=d.get("eval_s"),
-            error=d.get("error", "") or "",
-            state=d.get("state"),
-            holdout=Scores.from_dict(d.get("holdout")),
-            reused_from=d.get("reused_from"),
-            estimate=d.get("estimate"),
-            validation=Scores.from_dict(d.get("validation")),
-            test=Scores.from_dict(d.get("test")),
-        )
+        d = {f.name: (d or {}).get(f.name) for f in fields(cls)}
+        for k in ("search", "holdout", "validation", "test"):
+            d[k] = Scores.from_dict(d[k])
+        return cls(**(d | {"error": d["error"] or ""}))
 
 
 @dataclass

@@ -37,13 +37,19 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from evomerge.search.distributed.liveness import HOST, Liveness, Pulse, heartbeats, pid_alive
+from evomerge.search.distributed.liveness import (
+    HOST,
+    Liveness,
+    Pulse,
+    fail_stale,
+    heartbeats,
+    pid_alive,
+)
 
 __all__ = ["CLAIM", "is_claim", "Claim", "Claims"]
 
@@ -134,6 +140,7 @@ class Claims:
 
     def _look(self, name: str) -> tuple[str, dict[str, Any]]:
         """``("missing" | "live" | "dead", owner)`` of the claim study ``name``."""
+        import optuna
         from optuna.trial import TrialState
 
         try:
@@ -149,7 +156,12 @@ class Claims:
             ):
                 return "dead", owner
             if heartbeats(self.storage) and self.storage.get_all_trials(sid, deepcopy=False):
-                self._fail_stale(name)  # the database's clock decides, as for trials
+                sampler = (
+                    optuna.samplers.RandomSampler()
+                )  # the database's clock decides, as for trials
+                fail_stale(
+                    optuna.load_study(study_name=name, storage=self.storage, sampler=sampler)
+                )
                 trial = self.storage.get_all_trials(sid, deepcopy=False)[0]
                 return ("live" if trial.state == TrialState.RUNNING else "dead"), owner
         except KeyError:
@@ -162,16 +174,6 @@ class Claims:
             self._seen[sid] = (beat, now)
             return "live", owner
         return ("dead" if now - seen[1] > self.liveness.grace else "live"), owner
-
-    def _fail_stale(self, name: str) -> None:
-        import optuna
-
-        study = optuna.load_study(
-            study_name=name, storage=self.storage, sampler=optuna.samplers.RandomSampler()
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
 
     def _delete(self, name: str) -> None:
         try:

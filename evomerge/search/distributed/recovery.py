@@ -21,12 +21,11 @@ counted twice).
 from __future__ import annotations
 
 import os
-import warnings
 from datetime import datetime
 from typing import Any
 
 from evomerge.search.distributed.claims import is_claim
-from evomerge.search.distributed.liveness import HOST, Pulse, heartbeats, pid_alive
+from evomerge.search.distributed.liveness import HOST, Pulse, fail_stale, heartbeats, pid_alive
 from evomerge.search.records import StudyRecords
 
 __all__ = ["trial_pulse", "on_stale", "recover_dead_trials"]
@@ -108,9 +107,7 @@ def recover_dead_trials(records: StudyRecords, storage: Any, grace: float) -> li
         _fail_and_retry(records, t, why)
         dead.append(t.number)
     if heartbeats(storage):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # calls on_stale for each trial it failed
+        fail_stale(study)  # calls on_stale for each trial it failed
         still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         attrs = records.attrs(refresh=True)
         dead += [
