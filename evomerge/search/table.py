@@ -148,15 +148,9 @@ def trials_frame(study: Any) -> pd.DataFrame:
     over = [_overfit(r) for r in df.to_dict("records")]
     df["overfit"] = [o["overfit"] for o in over]
     df["overfit_evidence"] = [o["overfit_evidence"] for o in over]
-    probes = {int(n): records.probe(int(n)) or {} for n in df["number"].dropna()}
-    df["memorization_probe"] = [
-        bool(probes.get(n, {}).get("memorization_probe", False)) if n is not pd.NA else False
-        for n in df["number"]
-    ]
-    df["memorization_probe_evidence"] = [
-        probes.get(n, {}).get("memorization_probe_evidence", "") if n is not pd.NA else ""
-        for n in df["number"]
-    ]
+    probes = [(records.probe(int(n)) or {}) if n is not pd.NA else {} for n in df["number"]]
+    df["memorization_probe"] = [bool(p.get("memorization_probe", False)) for p in probes]
+    df["memorization_probe_evidence"] = [p.get("memorization_probe_evidence", "") for p in probes]
     rest = [c for c in df.columns if c not in FRONT]
     prefixes = ("s_", "se_", "v_", "t_")
     order = (
@@ -236,23 +230,16 @@ def load_trials(path: str | Path) -> pd.DataFrame:
         path = path / "trials.csv"
     if not path.is_file():
         raise EvomergeError(f"{path}: no results table; run `evomerge search` first")
-    text_cols = ("baseline", "error", "digest", "method", "state", "chosen_by")
-    df = pd.read_csv(path, keep_default_na=True, dtype={c: str for c in text_cols})
+    text = ("baseline", "error", "digest", "method", "chosen_by")
+    df = pd.read_csv(path, keep_default_na=True, dtype={c: str for c in (*text, "state")})
     if "validation" not in df and "holdout" in df:
         # a table written before the validation/test split: its holdout chose, as validation does
-        df = df.rename(
-            columns=lambda c: {"holdout": "validation", "holdout_se": "validation_se"}.get(
-                c,
-                "validation_items"
-                if c == "holdout_items"
-                else f"v_{c[2:]}"
-                if c.startswith("h_")
-                else c,
-            )
-        )
+        old = ("holdout", "holdout_se", "holdout_items")
+        df = df.rename(columns={c: "validation" + c[7:] for c in old})
+        df = df.rename(columns=lambda c: f"v_{c[2:]}" if c.startswith("h_") else c)
     if "number" in df:
         df["number"] = df["number"].astype("Int64")
-    for c in ("baseline", "error", "digest", "method", "chosen_by"):
+    for c in text:
         if c in df:
             df[c] = df[c].fillna("")
     return df
