@@ -37,11 +37,7 @@ from evomerge.evaluation.genlm import context_length
 from evomerge.evaluation.lmeval import LMEvalEvaluator
 from evomerge.evaluation.section import check_tasks_of
 from evomerge.recipe.schema import parse_recipe
-from evomerge.search.baselines import (
-    baseline_recipes,
-    enqueue_hand_recipes,
-    enqueue_source_paths,
-)
+from evomerge.search.baselines import baseline_recipes, enqueue_first_trials
 from evomerge.search.distributed.liveness import Liveness
 from evomerge.search.distributed.recovery import on_stale
 from evomerge.search.inputs import check_inputs, check_table, sources_digest
@@ -172,9 +168,7 @@ class Setup:
                 inputs=s.inputs,
             )
         )
-        if "dataflow" in s.space.tree:  # a merge source's own path: the first trial
-            enqueue_source_paths(s.space, records, layers_of=s.layers_of, log=s.log)
-        enqueue_hand_recipes(s.space, s.baselines, records, layers_of=s.layers_of, log=s.log)
+        enqueue_first_trials(s.space, s.baselines, records, layers_of=s.layers_of, log=s.log)
         records.set_setup(self.setup_digest)
 
     def warn_flags(self, records: StudyRecords) -> None:
