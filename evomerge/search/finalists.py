@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import yaml
+from optuna.trial import TrialState
 
 from evomerge.contamination.probe import probe_contamination
 from evomerge.search.candidates import Candidates
@@ -134,8 +135,6 @@ class Holdout:
     def finalists(self, check_interrupt: Callable[[], None]) -> None:
         """Re-score the top ``finalists`` completed trials by search score on the validation
         items, then score the chosen trial on the test items."""
-        from optuna.trial import TrialState
-
         n = self.setup.space.search.finalists
         if n and "validation" in self.setup.splits:
             done = []

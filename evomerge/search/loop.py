@@ -37,6 +37,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
+
 from evomerge.evaluation.base import Evaluator
 from evomerge.search.baselines import run_baselines
 from evomerge.search.candidates import Candidates
@@ -53,6 +56,9 @@ from evomerge.search.table import write_trials_csv
 from evomerge.search.trial import TrialRunner
 
 __all__ = ["Search", "SearchOutcome", "run_search"]
+
+# The trial states that count against the budget.
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class Search:
@@ -84,8 +90,6 @@ class Search:
     def open_study(self) -> StudyRecords:
         """Create or load the study (its sampler seeded per trial, see
         :class:`~evomerge.search.samplers.SeededPerTrial`)."""
-        import optuna
-
         s = self.setup
         sampler = make_sampler(
             s.space.search.sampler,
@@ -112,8 +116,6 @@ class Search:
             EvomergeError: the study cannot go on as it is (see :mod:`evomerge.search.inputs`).
             KeyboardInterrupt: on Ctrl-C, after marking the running trial failed and writing the table.
         """
-        import optuna
-
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         s, start = self.setup, time.perf_counter()
         with self.interrupts:
@@ -153,10 +155,8 @@ class Search:
     def _trials(self, records: StudyRecords, holdout: Holdout) -> None:
         """Trials until the study has ``trials`` finished ones (all workers'), or until they
         scored ``search.items`` search items."""
-        from optuna.trial import TrialState
-
         s, study = self.setup, records.study
-        done = len(study.get_trials(deepcopy=False, states=_finished()))
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
         if done:
             s.log(
                 f"study {s.paths.name!r}: {done} of {s.trials} trials already finished (complete or pruned)"
@@ -167,7 +167,7 @@ class Search:
             self.interrupts.check()
             self._recover(records)
             finished = [
-                (t, records.trial(t)) for t in study.get_trials(deepcopy=False, states=_finished())
+                (t, records.trial(t)) for t in study.get_trials(deepcopy=False, states=FINISHED)
             ]
             progress.finished(len(finished))
             if len(finished) >= s.trials or self._items_spent(records, finished):
@@ -227,13 +227,6 @@ class Search:
             check_interrupt=self.interrupts.check,
             wait=wait,
         )
-
-
-def _finished() -> tuple[Any, ...]:
-    """The trial states that count against the budget (optuna is imported lazily)."""
-    from optuna.trial import TrialState
-
-    return (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def run_search(

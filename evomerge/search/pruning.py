@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from optuna.trial import TrialState
 
 from evomerge.evaluation.base import Evaluator, item_weights
 from evomerge.search.candidates import Candidates
@@ -161,8 +162,6 @@ class RoundScorer:
         """The search scores (per-item values included) of the ``against``-th best COMPLETE trial,
         or None (too few yet). A complete trial never changes, so the reference is read again only
         when their number grew."""
-        from optuna.trial import TrialState
-
         if self.pruner is None:
             return None
         complete = records.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

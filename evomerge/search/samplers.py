@@ -80,9 +80,8 @@ def _sampler(name: str, seed: int, n_trials: int, startup: int) -> optuna.sample
         return optuna.samplers.NSGAIISampler(
             seed=seed, population_size=max(4, min(20, n_trials // 4))
         )
-    raise ValueError(
-        f"unknown sampler {name!r}"
-    )  # pragma: no cover - validated when the space is parsed
+    # validated when the space is parsed
+    raise ValueError(f"unknown sampler {name!r}")  # pragma: no cover
 
 
 def trial_seed(seed: int, number: int) -> int:

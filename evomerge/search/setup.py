@@ -336,9 +336,8 @@ def prepare(
         check_tasks_of(space.evaluation)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        except (
-            Exception
-        ) as e:  # no tokenizer files (a checkpoint saved without them), an unreadable one
+        # no tokenizer files (a checkpoint saved without them), an unreadable one
+        except Exception as e:
             raise EvomergeError(
                 f"{file}: cannot load the tokenizer of {tokenizer_dir} to score candidates ({one_line(e)[:160]}); "
                 "add its tokenizer files or name a model that has them in tokenizer_source"

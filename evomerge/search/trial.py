@@ -15,6 +15,8 @@ import warnings
 from typing import Any
 
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
 
 from evomerge.errors import failure_line
 from evomerge.io import dump_yaml
@@ -58,13 +60,9 @@ class TrialRunner:
         """One ask -> materialize -> evaluate -> tell round. ``best`` is the study's best search
         score so far (a better trial is re-scored on the validation items at once). Returns
         (state, trial number, record)."""
-        from optuna.exceptions import UpdateFinishedTrialError
-        from optuna.trial import TrialState
-
         s, study = self.setup, records.study
-        with (
-            warnings.catch_warnings()
-        ):  # Optuna expects heartbeats with optimize(); ours: running()
+        # Optuna expects heartbeats with optimize(); ours: running()
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             # Asking creates the trial RUNNING; until it is claimed no one could tell it from
             # another worker's, so Ctrl-C waits for the claim (a kill -9 here leaves a trial
@@ -151,8 +149,6 @@ def _tell(study: Any, trial: Any, values: Any = None, state: Any = None) -> None
 def _fail(study: Any, trial: Any, rec: TrialRecord) -> None:
     """Record why a trial failed and tell it FAIL, unless it is finished already (by another
     worker, or before the failure)."""
-    from optuna.trial import TrialState
-
     try:
         StudyRecords.set_trial(trial, rec)
         study.tell(trial, state=TrialState.FAIL)

@@ -96,9 +96,8 @@ class Claims:
     ) -> None:
         self.storage, self.study, self.liveness = storage, study, liveness
         self.log = log or (lambda msg: None)
-        self._seen: dict[
-            int, tuple[Any, float]
-        ] = {}  # claim study id -> (beat, when it was first seen)
+        # claim study id -> (beat, when it was first seen)
+        self._seen: dict[int, tuple[Any, float]] = {}
 
     def name(self, task: str, gen: int) -> str:
         return f"{self.study}{CLAIM}{task}#{gen}"

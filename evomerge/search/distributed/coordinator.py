@@ -22,6 +22,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
+
 from evomerge.search.distributed.claims import Claim, Claims
 from evomerge.search.distributed.liveness import Liveness
 from evomerge.search.distributed.recovery import recover_dead_trials, trial_pulse
@@ -143,8 +146,6 @@ class SharedCoordinator(Coordinator):
         return len(_counted(records)) >= budget
 
     def surplus(self, records: StudyRecords, number: int, budget: int) -> bool:
-        from optuna.trial import TrialState
-
         ahead = [t for t in _counted(records) if t.state != TrialState.RUNNING or t.number < number]
         return len(ahead) >= budget
 
@@ -154,8 +155,6 @@ class SharedCoordinator(Coordinator):
 
 def _counted(records: StudyRecords) -> list[Any]:
     """The trials that count against the budget: finished (complete or pruned) and running."""
-    from optuna.trial import TrialState
-
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     return records.study.get_trials(deepcopy=False, states=states)
 
@@ -165,8 +164,6 @@ def coordinator_for(
 ) -> Coordinator:
     """The coordinator of a study on ``storage``: local for an in-memory storage (no other
     process can see it), shared for every other."""
-    import optuna
-
     if isinstance(storage, optuna.storages.InMemoryStorage):
         return Coordinator(liveness)
     return SharedCoordinator(storage, study, liveness, log)

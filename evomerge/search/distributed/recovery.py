@@ -24,6 +24,10 @@ import os
 from datetime import datetime
 from typing import Any
 
+import optuna
+from optuna.storages import RetryFailedTrialCallback
+from optuna.trial import TrialState
+
 from evomerge.search.distributed.claims import is_claim
 from evomerge.search.distributed.liveness import HOST, Pulse, fail_stale, heartbeats, pid_alive
 from evomerge.search.records import StudyRecords
@@ -44,8 +48,6 @@ def trial_pulse(storage: Any, study_name: str, number: int, interval: float) -> 
 
 
 def _fail_and_retry(records: StudyRecords, t: Any, message: str) -> None:
-    from optuna.storages import RetryFailedTrialCallback
-
     records.mark_died(t.number, message)
     if t.params:  # Optuna's retry: the same point queued once more (a retry is not retried)
         RetryFailedTrialCallback(max_retry=1)(records.study, t)
@@ -77,9 +79,6 @@ def recover_dead_trials(records: StudyRecords, storage: Any, grace: float) -> li
     Returns:
         The numbers of the trials found dead (by this process or, at the same moment, another).
     """
-    import optuna
-    from optuna.trial import TrialState
-
     study = records.study
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if not running:
