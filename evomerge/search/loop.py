@@ -99,13 +99,12 @@ class Search:
             bool(s.objectives),
             stopped_as_estimated=self.rounds.pruner is not None,
         )
-        kw: dict[str, Any] = (
-            {"directions": ["maximize"] * len(s.objectives)}
-            if s.objectives
-            else {"direction": "maximize"}
-        )
         study = optuna.create_study(
-            study_name=s.paths.name, storage=s.storage, sampler=sampler, load_if_exists=True, **kw
+            study_name=s.paths.name,
+            storage=s.storage,
+            sampler=sampler,
+            load_if_exists=True,
+            directions=["maximize"] * max(1, len(s.objectives)),
         )
         return StudyRecords(study)
 
@@ -175,12 +174,8 @@ class Search:
             if self.coordinator.busy(records, s.trials):  # other workers may fill the budget
                 self.coordinator.wait()
                 continue
-            complete = [
-                r.search.aggregate
-                for t, r in finished
-                if t.state == TrialState.COMPLETE and r.search
-            ]
-            best = max(complete, default=-math.inf)
+            complete = [r.search for t, r in finished if t.state == TrialState.COMPLETE]
+            best = max((sc.aggregate for sc in complete if sc), default=-math.inf)
             attempts += 1
             state, number, rec = self.runner.run(records, holdout, best)
             write_trials_csv(study, s.paths.csv)

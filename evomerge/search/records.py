@@ -22,7 +22,7 @@ and dict shapes are the file format of existing studies: keep them. Claims (whic
 which once-per-study task) are studies of their own, see :mod:`evomerge.search.distributed.claims`.
 
 Several workers write one study: a record is written by the one worker that ran its task, and read
-fresh (:meth:`StudyRecords.attrs` with ``refresh``) wherever another worker may have written it.
+fresh (:meth:`StudyRecords.refresh`) wherever another worker may have written it.
 
 Example:
     >>> s = Scores({"a": 0.5}, {"a": 0.05}, 0.5, 0.05, 1.0)
@@ -140,9 +140,9 @@ class StudyRecords:
         self._attrs: dict[str, Any] | None = None
 
     # -- study-level ---------------------------------------------------------------------------
-    def attrs(self, refresh: bool = False) -> dict[str, Any]:
-        """The study's user attributes (one storage read, cached until ``refresh`` or a write)."""
-        if self._attrs is None or refresh:
+    def attrs(self) -> dict[str, Any]:
+        """The study's user attributes (one storage read, cached until :meth:`refresh`)."""
+        if self._attrs is None:
             self._attrs = dict(self.study.user_attrs)
         return self._attrs
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -134,10 +134,8 @@ class SharedCoordinator(Coordinator):
             task, done=done, work=work, wait=wait, check_interrupt=check_interrupt
         )
 
-    @contextlib.contextmanager
-    def running(self, number: int) -> Iterator[None]:
-        with trial_pulse(self.storage, self.study, number, self.liveness.interval):
-            yield
+    def running(self, number: int) -> contextlib.AbstractContextManager[Any]:
+        return trial_pulse(self.storage, self.study, number, self.liveness.interval)
 
     def recover(self, records: StudyRecords) -> list[int]:
         return recover_dead_trials(records, self.storage, self.liveness.grace)

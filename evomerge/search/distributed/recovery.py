@@ -108,7 +108,7 @@ def recover_dead_trials(records: StudyRecords, storage: Any, grace: float) -> li
     if heartbeats(storage):
         fail_stale(study)  # calls on_stale for each trial it failed
         still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        attrs = records.attrs(refresh=True)
+        attrs = records.refresh().attrs()
         dead += [
             t.number
             for t in running
