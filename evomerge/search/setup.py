@@ -216,21 +216,13 @@ def _context(space: Space, sources: dict[str, ModelSource], tokenizer: Any) -> i
     """The candidates' context length as HFLM reads it: the base model's config where the space
     has one, else the shortest of the sources'."""
     base = space.tree.get("base_model")
-    configs = (
-        [sources[base].config]
-        if isinstance(base, str) and base in sources
-        else [s.config for s in sources.values()]
-    )
-    return min(context_length(c, tokenizer) for c in configs)
+    chosen = [sources[base]] if isinstance(base, str) and base in sources else sources.values()
+    return min(context_length(s.config, tokenizer) for s in chosen)
 
 
 def _tokenizer_dir(space: Space, sources: dict[str, ModelSource], file: str) -> Path:
-    ref = (
-        space.tree.get("tokenizer_source")
-        if isinstance(space.tree.get("tokenizer_source"), str)
-        else None
-    )
-    if ref in (None, "base"):
+    ref = space.tree.get("tokenizer_source")
+    if not isinstance(ref, str) or ref == "base":
         ref = space.model_refs()[0]
     return sources[ref].path if ref in sources else open_sources([ref], file=file)[ref].path
 
