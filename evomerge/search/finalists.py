@@ -35,8 +35,6 @@ from evomerge.search.table import chosen_row, trials_frame
 
 __all__ = ["Holdout"]
 
-ModelOrMaker = torch.nn.Module | Callable[[], torch.nn.Module]
-
 
 class Holdout:
     """Validation and test scores (and the optional memorization probe) of a study's trials.
@@ -67,7 +65,7 @@ class Holdout:
     def rescore(
         self,
         number: int,
-        model: ModelOrMaker,
+        merged: Callable[[], torch.nn.Module],
         split: str = "validation",
         check_interrupt: Callable[[], None] = lambda: None,
     ) -> Scores | None:
@@ -76,8 +74,8 @@ class Holdout:
 
         Args:
             number: the trial.
-            model: the model holding the trial's merge, or a function that merges it (called only
-                when this worker re-scores it).
+            merged: returns the model holding the trial's merge (called only when this worker
+                re-scores it).
             split: "validation" or "test".
             check_interrupt: raises KeyboardInterrupt once Ctrl-C was pressed (while waiting for
                 another worker's re-score of the same trial).
@@ -86,7 +84,7 @@ class Holdout:
             return None
 
         def work() -> None:
-            m = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
+            m = merged()
             self.records.set_rescore(number, split, self.candidates.score(m, split))
             if self.probe and split == "validation":
                 self._probe(number, m)

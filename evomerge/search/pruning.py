@@ -149,7 +149,7 @@ class RoundScorer:
         self.pruner: Pruner | None = None
         self._reference: tuple[int, Scores | None] = (-1, None)  # (complete trials, reference)
         ev: Evaluator = candidates.evaluator
-        counts = ev.item_counts() if settings is not None and hasattr(ev, "item_counts") else {}
+        counts = ev.item_counts() if settings is not None else {}
         if settings is not None and not counts:
             log(
                 "pruning is off: the evaluator cannot score the search items a subset at a time "

@@ -205,8 +205,8 @@ def _journal(path: Path) -> Any:
 
 
 def _fast_sqlite(engine: Any, *, immediate: bool) -> None:
-    """WAL journal with synchronous=NORMAL: a commit no longer waits for an fsync (a dozen per
-    trial otherwise cost ~10 ms each), and a killed process still loses nothing committed. Every
+    """WAL journal with synchronous=NORMAL: a commit (a dozen per trial) does not wait for an
+    fsync, and a killed process still loses nothing committed. Every
     transaction of a search (``immediate``; readers keep pysqlite's own) begins IMMEDIATE (see the
     module docstring): pysqlite's BEGIN comes late (before the first write, after the reads), so it
     is turned off and SQLAlchemy's begin emits ours."""

@@ -127,9 +127,9 @@ class TrialRunner:
         # at hand; a hand recipe also on the test items, as baselines are.
         hand = bool(records.baseline_of(trial))
         if rec.search.aggregate > best or hand:
-            holdout.rescore(trial.number, model, "validation", self.interrupts.check)
+            holdout.rescore(trial.number, lambda: model, "validation", self.interrupts.check)
         if hand:
-            holdout.rescore(trial.number, model, "test", self.interrupts.check)
+            holdout.rescore(trial.number, lambda: model, "test", self.interrupts.check)
         return "COMPLETE", trial.number, rec
 
 

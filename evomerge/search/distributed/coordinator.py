@@ -18,6 +18,7 @@ budget (:meth:`~Coordinator.busy`).
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -82,7 +83,7 @@ class Coordinator:
     def busy(self, records: StudyRecords, budget: int) -> bool:
         """Whether finished trials and those other workers are running reach ``budget`` (then
         this worker waits instead of starting one that could be surplus)."""
-        return False
+        return self.surplus(records, sys.maxsize, budget)  # as if every running one came first
 
     def surplus(self, records: StudyRecords, number: int, budget: int) -> bool:
         """Whether trial ``number``, just asked, is one too many: the finished trials and the
@@ -140,21 +141,15 @@ class SharedCoordinator(Coordinator):
     def recover(self, records: StudyRecords) -> list[int]:
         return recover_dead_trials(records, self.storage, self.liveness.grace)
 
-    def busy(self, records: StudyRecords, budget: int) -> bool:
-        return len(_counted(records)) >= budget
-
     def surplus(self, records: StudyRecords, number: int, budget: int) -> bool:
-        ahead = [t for t in _counted(records) if t.state != TrialState.RUNNING or t.number < number]
+        # the trials that count against the budget: finished (complete or pruned) and running
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        counted = records.study.get_trials(deepcopy=False, states=states)
+        ahead = [t for t in counted if t.state != TrialState.RUNNING or t.number < number]
         return len(ahead) >= budget
 
     def wait(self) -> None:
         time.sleep(self.liveness.poll)
-
-
-def _counted(records: StudyRecords) -> list[Any]:
-    """The trials that count against the budget: finished (complete or pruned) and running."""
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    return records.study.get_trials(deepcopy=False, states=states)
 
 
 def coordinator_for(
