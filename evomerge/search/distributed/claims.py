@@ -35,11 +35,13 @@ without ``done``) is a worker slot: ``worker:<k>`` numbers the live workers of a
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
 from evomerge.search.distributed.liveness import (
@@ -69,6 +71,10 @@ class Claim:
     gen: int
     study_id: int
     pulse: Pulse
+
+
+def _set_beat(storage: Any, sid: int, count: Iterator[int]) -> None:
+    storage.set_study_user_attr(sid, "beat", next(count))
 
 
 class Claims:
@@ -117,25 +123,13 @@ class Claims:
             "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         self.storage.set_study_user_attr(sid, "owner", owner)
-        beat: Callable[[], None]
         if heartbeats(self.storage):  # the claim's one RUNNING trial carries Optuna's heartbeat
-            trial_id = self.storage.create_new_trial(sid)
-
-            def beat() -> None:
-                self.storage.record_heartbeat(trial_id)
-        else:
-            count = [0]
-
-            def beat() -> None:
-                count[0] += 1
-                self.storage.set_study_user_attr(sid, "beat", count[0])
-
-        return Claim(
-            task,
-            gen,
-            sid,
-            Pulse(beat, self.liveness.interval, name=f"evomerge-claim-{task}").start(),
-        )
+            beat = partial(self.storage.record_heartbeat, self.storage.create_new_trial(sid))
+        else:  # a counter in the claim's attributes
+            count = itertools.count(1)
+            beat = partial(_set_beat, self.storage, sid, count)
+        pulse = Pulse(beat, self.liveness.interval, name=f"evomerge-claim-{task}")
+        return Claim(task, gen, sid, pulse.start())
 
     def _look(self, name: str) -> tuple[str, dict[str, Any]]:
         """``("missing" | "live" | "dead", owner)`` of the claim study ``name``."""
