@@ -10,10 +10,8 @@ writes its merged tensors into that model in place and lm-eval scores the model 
    queued as trials);
 2. score the baselines (:mod:`evomerge.search.baselines`);
 3. trials until ``search.trials`` are finished (complete or stopped early), or until they scored
-   ``search.items`` search items: one trial (:class:`~evomerge.search.trial.TrialRunner`) asks the sampler for a point,
-   renders its recipe, merges it into the resident model, scores it in rounds that may stop it
-   early (:mod:`evomerge.search.pruning`; a merge whose tensors were scored already takes their
-   scores) and tells the sampler; a new best is re-scored on the validation items at once;
+   ``search.items`` search items, one at a time (ask, render, merge, score, tell:
+   :mod:`evomerge.search.trial`); a new best is re-scored on the validation items at once;
 4. the finalists are re-scored on the validation items and the chosen trial on the test items
    (:mod:`evomerge.search.finalists`); ``results/<study>/trials.csv`` is written after every step.
 

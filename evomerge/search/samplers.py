@@ -199,13 +199,8 @@ class _EstimatedView:
 class StoppedAsEstimated(_Forwarding):
     """A sampler that models a trial stopped early (PRUNED, see :mod:`evomerge.search.pruning`) as
     finished at the estimate of its full search score, where Optuna's samplers rank it below every
-    finished trial (TPE) or leave it out (gp, cmaes).
-
-    With pruning, the trials stopped just short of the best are the points closest to it; ranked
-    last, they would drop out of TPE's good group and the search would lose its way. The estimate
-    is a paired one (the reference trial's full score plus the mean per-item difference on the
-    items the stopped trial scored), not the partial score, whose items may be easier or harder
-    than the rest.
+    finished trial (TPE) or leave it out (gp, cmaes). With pruning, the trials stopped just short of
+    the best are the points closest to it; ranked last, they would drop out of TPE's good group.
 
     Args:
         inner: the sampler that proposes the points; it sees the study through the view above.

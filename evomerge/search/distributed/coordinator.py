@@ -1,12 +1,5 @@
-"""What one worker of a study does with the others: the :class:`Coordinator` interface, and its
-two implementations.
-
-The search loop (:mod:`evomerge.search.loop`) calls a coordinator at five points and nowhere else:
-it joins the study (and gets its worker number), runs the work done once per study through
-:meth:`~Coordinator.once` (the setup, each baseline, each re-score), keeps a trial's heartbeat
-while it runs (:meth:`~Coordinator.running`), fails the trials of dead workers before each trial
-(:meth:`~Coordinator.recover`), and asks whether the trials other workers run already fill the
-budget (:meth:`~Coordinator.busy`).
+"""What one worker of a study does with the others: the :class:`Coordinator` the search loop
+(:mod:`evomerge.search.loop`) calls for it, and nowhere else.
 
 - :class:`SharedCoordinator` (the default) works for any number of processes on one storage, on
   one host or many: claims (:mod:`.claims`), heartbeats (:mod:`.liveness`) and recovery of dead
