@@ -40,13 +40,7 @@ from evomerge.errors import EvomergeError, one_line
 from evomerge.io import atomic_file
 from evomerge.search.records import Scores, StudyRecords
 
-__all__ = [
-    "trials_frame",
-    "write_trials_csv",
-    "load_trials",
-    "chosen_row",
-    "is_number",
-]
+__all__ = ["trials_frame", "write_trials_csv", "load_trials", "chosen_row", "is_number"]
 
 
 def _score_cols(scores: Scores | None, prefix: str, se_prefix: str, agg: str) -> dict[str, Any]:
@@ -77,38 +71,30 @@ def trials_frame(study: Any) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for t in study.get_trials(deepcopy=False):
         rec = records.trial(t)
+        # A study made before the validation/test split has holdout re-scores, which chose as
+        # validation scores do: they are shown as such, and the chosen row says so.
+        val = records.rescore(t.number, "validation")
+        legacy = val is None and (val := records.rescore(t.number, "holdout")) is not None
+        end, start = t.datetime_complete, t.datetime_start
         row: dict[str, Any] = {
             "number": t.number,
             "state": t.state.name,
             "baseline": records.baseline_of(t),
             "method": rec.method or "",
+            **{f"p_{k}": v for k, v in t.params.items()},
+            **_score_cols(rec.search, "s_", "se_", "score"),
+            "estimate": rec.estimate,
+            **_rescore_cols(val, records.rescore(t.number, "test")),
+            "_legacy": legacy,
+            "items": rec.search_items,
+            "merge_s": rec.merge_s,
+            "eval_s": rec.eval_s,
+            "wall_s": (end - start).total_seconds() if end and start else None,
+            "digest": rec.digest or "",
+            "retry_of": records.retry_of(t),
+            "reused_from": rec.reused_from,
+            "error": rec.error,
         }
-        row.update({f"p_{k}": v for k, v in t.params.items()})
-        row.update(_score_cols(rec.search, "s_", "se_", "score"))
-        row["estimate"] = rec.estimate
-        # A study made before the validation/test split has holdout re-scores, which chose as
-        # validation scores do: they are shown as such, and the chosen row says so.
-        val = records.rescore(t.number, "validation")
-        legacy = val is None and (val := records.rescore(t.number, "holdout")) is not None
-        row.update(_rescore_cols(val, records.rescore(t.number, "test")))
-        row["_legacy"] = legacy
-        row["items"] = rec.search_items
-        wall = (
-            (t.datetime_complete - t.datetime_start).total_seconds()
-            if t.datetime_complete and t.datetime_start
-            else None
-        )
-        row.update(
-            {
-                "merge_s": rec.merge_s,
-                "eval_s": rec.eval_s,
-                "wall_s": wall,
-                "digest": rec.digest or "",
-                "retry_of": records.retry_of(t),
-                "reused_from": rec.reused_from,
-                "error": rec.error,
-            }
-        )
         rows.append(row)
     for name, b in records.baselines().items():
         row = {
@@ -116,13 +102,14 @@ def trials_frame(study: Any) -> pd.DataFrame:
             "state": b.state or "COMPLETE",
             "baseline": name,
             "method": b.method or "",
+            **_score_cols(b.search, "s_", "se_", "score"),
+            **_rescore_cols(b.validation or b.holdout, b.test),
+            "items": b.search_items,
+            "merge_s": b.merge_s,
+            "eval_s": b.eval_s,
+            "digest": b.digest or "",
+            "error": b.error,
         }
-        row.update(_score_cols(b.search, "s_", "se_", "score"))
-        row.update(_rescore_cols(b.validation or b.holdout, b.test))
-        row["items"] = b.search_items
-        row.update(
-            {"merge_s": b.merge_s, "eval_s": b.eval_s, "digest": b.digest or "", "error": b.error}
-        )
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
