@@ -135,31 +135,23 @@ class Holdout:
         items, then score the chosen trial on the test items."""
         n = self.setup.space.search.finalists
         if n and "validation" in self.setup.splits:
-            done = []
-            for t in self.records.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                rec = self.records.trial(t)
-                if rec.search is not None:
-                    done.append((rec.search.aggregate, t.number, rec))
+            trials = self.records.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            done = [
+                (r.search.aggregate, t.number)
+                for t in trials
+                if (r := self.records.trial(t)).search
+            ]
             done.sort(key=lambda x: x[0], reverse=True)
-            for _, number, rec in done[:n]:
+            for _, number in done[:n]:
                 check_interrupt()
-                self.rescore(
-                    number, partial(self._remerge, number, rec), "validation", check_interrupt
-                )
-        self.test_chosen(check_interrupt)
-
-    def test_chosen(self, check_interrupt: Callable[[], None]) -> int | None:
-        """Score the chosen trial on the test items (once); returns its number (None: no
-        searched trial completed)."""
+                self.rescore(number, partial(self._remerge, number), "validation", check_interrupt)
         row = chosen_row(trials_frame(self.records.refresh().study))
-        if row is None:
-            return None
-        number = int(row["number"])
-        rec = self.records.trial(self.records.study.trials[number])
-        self.rescore(number, partial(self._remerge, number, rec), "test", check_interrupt)
-        return number
+        if row is not None:  # a searched trial completed
+            number = int(row["number"])
+            self.rescore(number, partial(self._remerge, number), "test", check_interrupt)
 
-    def _remerge(self, number: int, rec: Any) -> torch.nn.Module:
+    def _remerge(self, number: int) -> torch.nn.Module:
+        rec = self.records.trial(self.records.study.trials[number])
         model, res = self.candidates.materialize(
             yaml.safe_load(rec.recipe or "{}"), f"{self.setup.file} (trial {number})"
         )
