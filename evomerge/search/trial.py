@@ -93,9 +93,8 @@ class TrialRunner:
                     rec.reused_from, rec.search = same
                     rec.eval_s = 0.0
                 else:
-                    report = lambda v, n: trial.report(v, n)  # noqa: E731
                     rec.search, rec.estimate = self.rounds.score(
-                        model, records, report, prunable=not records.baseline_of(trial)
+                        model, records, trial.report, prunable=not records.baseline_of(trial)
                     )
                     rec.eval_s = rec.search.seconds
                 records.set_trial(trial, rec)  # one write for everything the table needs

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import optuna
@@ -42,9 +43,8 @@ def trial_pulse(storage: Any, study_name: str, number: int, interval: float) -> 
     trial_id = storage.get_trial_id_from_study_id_trial_number(
         storage.get_study_id_from_name(study_name), number
     )
-    return Pulse(
-        lambda: storage.record_heartbeat(trial_id), interval, name=f"evomerge-heartbeat-{number}"
-    )
+    beat = partial(storage.record_heartbeat, trial_id)
+    return Pulse(beat, interval, name=f"evomerge-heartbeat-{number}")
 
 
 def _fail_and_retry(records: StudyRecords, t: Any, message: str) -> None:
