@@ -94,7 +94,6 @@ class Search:
             s.seed,
             s.trials,
             s.space.search.startup_trials,
-            bool(s.objectives),
             stopped_as_estimated=self.rounds.pruner is not None,
         )
         study = optuna.create_study(

@@ -23,7 +23,6 @@ def make_sampler(
     seed: int,
     n_trials: int,
     startup: int | None = None,
-    multi: bool = False,
     *,
     stopped_as_estimated: bool = False,
 ) -> Any:
@@ -35,7 +34,6 @@ def make_sampler(
         n_trials: the trial budget (sizes the startup phase and NSGA-II's population).
         startup: random trials before the model-based sampler takes over (default: a quarter of
             the budget, 4 to 10).
-        multi: several objectives.
         stopped_as_estimated: pruning is on: the model-based samplers (tpe, gp, cmaes) see each
             stopped trial as finished at the estimate of its full score (:class:`StoppedAsEstimated`).
 
