@@ -89,13 +89,12 @@ class TrialRecord:
         return (self.search.n_items or None) if self.search is not None else None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if v is None or (f.name == "error" and not v):
-                continue
-            out[f.name] = v.to_dict() if isinstance(v, Scores) else v
-        return out
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {
+            k: v.to_dict() if isinstance(v, Scores) else v
+            for k, v in out.items()
+            if v is not None and (k != "error" or v)
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> TrialRecord:
