@@ -107,7 +107,7 @@ class TrialRunner:
                     else rec.search.aggregate
                 )
                 _tell(study, trial, values)
-        except (UpdateFinishedTrialError, _Finished):  # another worker failed it for no heartbeat
+        except UpdateFinishedTrialError:  # another worker failed it for no heartbeat
             rec = TrialRecord(
                 error=f"marked failed by another worker (no heartbeat for {s.liveness.grace} s); its result was not counted"
             )
@@ -132,16 +132,14 @@ class TrialRunner:
         return "COMPLETE", trial.number, rec
 
 
-class _Finished(Exception):
-    """The trial was finished by another worker (it found the trial's heartbeat stale)."""
-
-
 def _tell(study: Any, trial: Any, values: Any = None, state: Any = None) -> None:
+    """Tell Optuna, which raises ValueError for a trial another worker finished (it found the
+    trial's heartbeat stale): raised as UpdateFinishedTrialError, what the storage raises."""
     try:
         study.tell(trial, values, state=state)
     except ValueError as e:
         if "Cannot tell a" in str(e):
-            raise _Finished(str(e)) from None
+            raise UpdateFinishedTrialError(str(e)) from None
         raise
 
 

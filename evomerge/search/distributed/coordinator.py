@@ -87,46 +87,24 @@ class Coordinator:
         """Pause before looking at the other workers' trials again."""
 
 
-class SharedCoordinator(Coordinator):
-    """Workers sharing one study through its storage (see the module docstring).
+class SharedCoordinator(Claims, Coordinator):
+    """Workers sharing one study through its storage (see the module docstring): the study's
+    :class:`~.claims.Claims` (its constructor's arguments), which run the work done once per
+    study, with heartbeats and recovery of dead workers' trials."""
 
-    Args:
-        storage: the study's raw Optuna storage.
-        study: the study's name.
-        liveness: heartbeat interval, grace period and polling.
-        log: progress lines (takeovers of dead workers' tasks).
-    """
-
-    def __init__(
-        self, storage: Any, study: str, liveness: Liveness, log: Callable[[str], None]
-    ) -> None:
-        self.storage, self.study, self.liveness = storage, study, liveness
-        self.claims = Claims(storage, study, liveness, log=log)
-        self._slot: Claim | None = None
+    once = Claims.run_once
+    _slot: Claim | None = None
 
     def join(self) -> int:
-        self._slot = self.claims.slot()
+        self._slot = self.slot()
         return int(self._slot.task.split(":")[1])
 
     def leave(self) -> list[str]:
-        swept = self.claims.sweep(keep=[self._slot] if self._slot else [])
+        swept = self.sweep(keep=[self._slot] if self._slot else [])
         if self._slot is not None:
-            self.claims.release(self._slot)
+            self.release(self._slot)
             self._slot = None
         return swept
-
-    def once(
-        self,
-        task: str,
-        *,
-        done: Callable[[], bool],
-        work: Callable[[], None],
-        wait: bool = True,
-        check_interrupt: Callable[[], None] = lambda: None,
-    ) -> bool:
-        return self.claims.run_once(
-            task, done=done, work=work, wait=wait, check_interrupt=check_interrupt
-        )
 
     def running(self, number: int) -> contextlib.AbstractContextManager[Any]:
         return trial_pulse(self.storage, self.study, number, self.liveness.interval)
@@ -152,4 +130,4 @@ def coordinator_for(
     process can see it), shared for every other."""
     if isinstance(storage, optuna.storages.InMemoryStorage):
         return Coordinator(liveness)
-    return SharedCoordinator(storage, study, liveness, log)
+    return SharedCoordinator(storage, study, liveness, log=log)
