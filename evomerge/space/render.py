@@ -15,6 +15,7 @@ __all__ = ["render", "values_of", "UNUSED"]
 
 # Parameters a method accepts (as mergekit does) but never reads: not worth a search dimension.
 UNUSED = {"task_arithmetic": frozenset({"density"})}
+_TOP_KEYS = ("base_model", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
 
 
 class _NotInSpace(Exception):
@@ -145,14 +146,7 @@ class _Renderer:
         if method == "moe" and "moe" in tree:
             return render_moe(tree, self.value, self._expert_recipe, self.prompts)
         out["merge_method"] = method
-        for k in (
-            "base_model",
-            "dtype",
-            "out_dtype",
-            "tokenizer_source",
-            "tokenizer",
-            "chat_template",
-        ):
+        for k in _TOP_KEYS:
             if k in tree:
                 out[k] = self.value(tree[k])
         base = out.get("base_model")
@@ -202,9 +196,7 @@ class _Renderer:
                 slices.append(sl)
             out["slices"] = slices
             n_global = None
-        if (
-            "modules" in tree
-        ):  # a modules: recipe holds no directive (parse_space refuses them there)
+        if "modules" in tree:  # holds no directive (parse_space refuses them there)
             out["modules"] = tree["modules"]
             n_global = None
         if "parameters" in tree:
@@ -219,9 +211,6 @@ class _Renderer:
     def _expert_recipe(self, tree: Mapping[str, Any]) -> dict[str, Any]:
         """A merged expert's recipe (a recipe tree inside the ``moe:`` section)."""
         return _Renderer(dict(tree), self.suggest, self.layers_of, self.prompts).recipe()
-
-
-# ----------------------------------------------------------------------------- parsing
 
 
 def render(
