@@ -19,6 +19,7 @@ are slow, and badly so when other processes share the cores.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -51,19 +52,12 @@ __all__ = [
 
 CHUNK = int(os.environ.get("EVOMERGE_CHUNK", 1 << 16))
 _GPU_CHUNK = 1 << 22
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-_LOCK = threading.Lock()
 _OUTER_THREADS = 0
 
 
+@functools.lru_cache(maxsize=1)
 def _pool(n: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_SIZE
-    with _LOCK:
-        if _POOL is None or _POOL_SIZE != n:
-            _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="evomerge-chunk")
-            _POOL_SIZE = n
-        return _POOL
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="evomerge-chunk")
 
 
 class _Scratch:
@@ -477,8 +471,7 @@ def rule_from_order(inp: TensorInputs, i: int, k: int, order: torch.Tensor) -> K
     form a run ending at k, found by binary search on values gathered from the inputs."""
     b = base_of(inp)
     x, base = inp.raw(i).reshape(-1), inp.raw(b).reshape(-1)
-    n = x.numel()
-    dtype = inp.compute_dtype
+    n, dtype = x.numel(), inp.compute_dtype
     if k >= n:
         return KeepAll()
 
