@@ -19,16 +19,13 @@ from evomerge.methods.spec import Method, Param, Sparsifier
 
 __all__ = ["METHODS", "NOT_METHODS", "KNOWN_PARAMS", "get_method"]
 
-_DENSITY = Param(
-    "density",
-    float,
-    "non_base",
-    1.0,
-    low=0.0,
-    high=1.0,
-    low_open=True,
-    help="fraction of each task vector kept",
-)
+
+def _fraction(name: str, default: float, help: str, **bound: bool) -> Param:
+    """A fraction of each task vector (in [0, 1], ``bound`` opening either end)."""
+    return Param(name, float, "non_base", default, low=0.0, high=1.0, help=help, **bound)
+
+
+_DENSITY = _fraction("density", 1.0, "fraction of each task vector kept", low_open=True)
 _WEIGHT = Param("weight", float, "non_base", help="scale of each task vector")
 # ram's threshold: a task-vector entry counts as changed where |delta| > epsilon.
 _RAM_EPSILON = Param(
@@ -51,25 +48,11 @@ _TV_SHARED = (
 )
 # What a sparsifier takes beyond the density.
 _SPARSIFIER_PARAMS = {
-    Sparsifier.MAGNITUDE_OUTLIERS: Param(
-        "gamma",
-        float,
-        "non_base",
-        0.01,
-        low=0.0,
-        high=1.0,
-        high_open=True,
-        help="fraction of largest entries dropped",
+    Sparsifier.MAGNITUDE_OUTLIERS: _fraction(
+        "gamma", 0.01, "fraction of largest entries dropped", high_open=True
     ),
-    Sparsifier.DELLA: Param(
-        "epsilon",
-        float,
-        "non_base",
-        0.15,
-        low=0.0,
-        high=1.0,
-        high_open=True,
-        help="spread of keep probabilities around density",
+    Sparsifier.DELLA: _fraction(
+        "epsilon", 0.15, "spread of keep probabilities around density", high_open=True
     ),
 }
 
@@ -226,9 +209,7 @@ METHODS: dict[str, Method] = {
                     low=0.0,
                     help="cap on the shared-to-unique ratio that sets the boost",
                 ),
-                Param(
-                    "epsilon", float, "shared", 1e-5, low=0.0, low_open=True, help=_RAM_EPSILON.help
-                ),
+                replace(_RAM_EPSILON, low_open=True),
             ),
             base="required",
             reference="https://arxiv.org/abs/2601.13572",
