@@ -10,7 +10,7 @@ from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
 
-__all__ = ["Directive", "Suggest", "LayersOf", "Err", "whole", "check_keys"]
+__all__ = ["Directive", "Suggest", "LayersOf", "Err", "number", "whole", "check_keys"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,11 @@ Suggest = Callable[[str, Directive], Any]
 LayersOf = Callable[[str], int]
 Err = Callable[[str, str], ConfigError]
 """``(field, message) -> ConfigError`` of the space file."""
+
+
+def number(v: Any) -> bool:
+    """Whether ``v`` is an int or a float (not a boolean)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def whole(v: Any, least: int = 0) -> bool:

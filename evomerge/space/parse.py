@@ -17,7 +17,7 @@ from evomerge.io import plain_name, read_yaml
 from evomerge.methods.registry import METHODS
 from evomerge.moe.config import is_moe_mapping, parse_moe_config
 from evomerge.recipe.schema import parse_recipe
-from evomerge.space.directives import Directive, check_keys, whole
+from evomerge.space.directives import Directive, check_keys, number, whole
 from evomerge.space.moe import check_moe_method, moe_section
 from evomerge.space.prune import parse_prune
 from evomerge.space.space import SearchSettings, Space
@@ -91,6 +91,7 @@ class _SpaceParser:
                 raise self.err(f"{fld}.{key}", f"must be a positive integer, got {val!r}")
         if anchors and per_layers:
             raise self.err(fld, "give anchors or per_layers, not both")
+        kw: dict[str, Any] = {"anchors": anchors, "per_layers": per_layers}
         if kind == "choice":
             if not isinstance(spec, list) or not spec:
                 raise self.err(f, f"must be a non-empty list of options, got {spec!r}")
@@ -101,20 +102,9 @@ class _SpaceParser:
             for k in ("log", "step"):
                 if k in m:
                     raise self.err(f"{fld}.{k}", "applies to range and int, not choice")
-            d = Directive(
-                "choice",
-                self.unique(name),
-                fld,
-                choices=tuple(spec),
-                anchors=anchors,
-                per_layers=per_layers,
-            )
+            kw.update(kind="choice", choices=tuple(spec))
         else:
-            if not (
-                isinstance(spec, list)
-                and len(spec) == 2
-                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in spec)
-            ):
+            if not (isinstance(spec, list) and len(spec) == 2 and all(map(number, spec))):
                 raise self.err(f, f"must be [low, high] with two numbers, got {spec!r}")
             low, high = spec
             if kind == "int" and not all(isinstance(x, int) for x in spec):
@@ -130,36 +120,17 @@ class _SpaceParser:
             if log and low <= 0:
                 raise self.err(f"{fld}.log", f"a log range needs low > 0, got {low}")
             step = m.get("step")
-            if step is not None:
-                if (
-                    isinstance(step, bool)
-                    or not isinstance(step, (int, float))
-                    or step <= 0
-                    or step > high - low
-                ):
-                    raise self.err(
-                        f"{fld}.step", f"must be a number in (0, high - low], got {step!r}"
-                    )
-                if log:
-                    raise self.err(f"{fld}.step", "cannot be combined with log: true")
-            d = Directive(
-                "int" if kind == "int" else "float",
-                self.unique(name),
-                fld,
-                float(low) if kind == "range" else low,
-                float(high) if kind == "range" else high,
-                log,
-                step,
-                anchors=anchors,
-                per_layers=per_layers,
-            )
+            if step is not None and (not number(step) or step <= 0 or step > high - low):
+                raise self.err(f"{fld}.step", f"must be a number in (0, high - low], got {step!r}")
+            if step is not None and log:
+                raise self.err(f"{fld}.step", "cannot be combined with log: true")
+            if kind == "range":
+                low, high = float(low), float(high)
+            kw.update(kind="int" if kind == "int" else "float", low=low, high=high, log=log, step=step)
+        d = Directive(name=self.unique(name), path=fld, **kw)
         if ints and d.kind == "float":
             raise self.err(fld, "layer indices take int: [low, high], not range")
-        if (
-            numbers_only
-            and d.kind == "choice"
-            and not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in d.choices)
-        ):
+        if numbers_only and d.kind == "choice" and not all(map(number, d.choices)):
             raise self.err(f, "options of a parameter value must be numbers")
         self.directives.append(d)
         return d

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from evomerge.space.directives import Err, check_keys, whole
+from evomerge.space.directives import Err, check_keys, number, whole
 
 __all__ = ["PruneSettings", "parse_prune", "PRUNE_KEYS"]
 
@@ -36,10 +36,6 @@ class PruneSettings:
     rounds: tuple[float, ...] = (0.1, 0.2, 0.4, 1.0)
     against: int = 1
     alpha: float = 0.1
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def parse_prune(value: Any, err: Err) -> PruneSettings | None:
@@ -72,7 +68,7 @@ def parse_prune(value: Any, err: Err) -> PruneSettings | None:
     check_keys(value, PRUNE_KEYS, "search.prune", err)
     d = PruneSettings()
     rounds = value.get("rounds", list(d.rounds))
-    if not isinstance(rounds, list) or not rounds or not all(_number(r) for r in rounds):
+    if not isinstance(rounds, list) or not rounds or not all(number(r) for r in rounds):
         raise err(
             "search.prune.rounds",
             f"must be a list of shares of the search items, such as [0.1, 0.25, 1.0], got {rounds!r}",
@@ -93,7 +89,7 @@ def parse_prune(value: Any, err: Err) -> PruneSettings | None:
             f"must be a positive integer (1: beat the best finished trial, k: the k-th best), got {against!r}",
         )
     alpha = value.get("alpha", d.alpha)
-    if not _number(alpha) or not 0 < alpha < 0.5:
+    if not number(alpha) or not 0 < alpha < 0.5:
         raise err(
             "search.prune.alpha",
             f"must be a number in (0, 0.5), the one-sided error of the test per round, got {alpha!r}",
