@@ -108,10 +108,10 @@ def check_prompt_tasks(
         for key in ("positive_prompts", "negative_prompts"):
             for p in e.get(key) if isinstance(e.get(key), list) else [e.get(key)]:
                 if isinstance(p, FromTask):
-                    _check_one(file, p, prompts)
+                    _check_from_task(file, p, prompts)
 
 
-def _check_one(file: str, p: FromTask, prompts: Mapping[str, list[str]]) -> None:
+def _check_from_task(file: str, p: FromTask, prompts: Mapping[str, list[str]]) -> None:
     if p.task not in prompts:
         raise ConfigError(
             file,
@@ -300,10 +300,8 @@ def moe_section(p: Any, v: Any) -> dict[str, Any]:
             x["source_model"] = p.scalar(src, f"{f}.source_model", f"moe.model.{tag}")
         for key in ("positive_prompts", "negative_prompts"):
             if key in e:
-                val, name = (
-                    e[key],
-                    f"moe.prompts.{tag}" + ("" if key == "positive_prompts" else ".neg"),
-                )
+                val = e[key]
+                name = f"moe.prompts.{tag}" + ("" if key == "positive_prompts" else ".neg")
                 if isinstance(val, Mapping):
                     x[key] = parse_from_task(p, val, f"{f}.{key}", name)
                 elif isinstance(val, list):  # prompts, and {from_task} entries among them
@@ -319,23 +317,15 @@ def moe_section(p: Any, v: Any) -> dict[str, Any]:
             if key in e:
                 x[key] = p.scalar(e[key], f"{f}.{key}", f"moe.{key}.{tag}")
         opt = e.get("optional", False)
+        if opt is True:  # searched: whether this expert takes part
+            opt = {"choice": [True, False]}
         if isinstance(opt, Mapping):
             x["optional"] = p.directive(opt, f"{f}.optional", f"moe.use.{tag}")
-        elif opt is True:
-            x["optional"] = p.directive(
-                {"choice": [True, False]}, f"{f}.optional", f"moe.use.{tag}"
-            )
         elif opt is not False:
             raise p.err(f"{f}.optional", f"must be true or false, got {opt!r}")
         out["experts"].append(x)
     k = out.get("experts_per_token")
-    most = (
-        k.high
-        if isinstance(k, Directive) and k.kind == "int"
-        else max(k.choices)
-        if isinstance(k, Directive)
-        else k
-    )
+    most = k if not isinstance(k, Directive) else k.high if k.kind == "int" else max(k.choices)
     if isinstance(most, (int, float)) and most > len(experts):
         raise p.err(
             "moe.experts_per_token",

@@ -126,7 +126,9 @@ class _SpaceParser:
                 raise self.err(f"{fld}.step", "cannot be combined with log: true")
             if kind == "range":
                 low, high = float(low), float(high)
-            kw.update(kind="int" if kind == "int" else "float", low=low, high=high, log=log, step=step)
+            kw.update(
+                kind="int" if kind == "int" else "float", low=low, high=high, log=log, step=step
+            )
         d = Directive(name=self.unique(name), path=fld, **kw)
         if ints and d.kind == "float":
             raise self.err(fld, "layer indices take int: [low, high], not range")

@@ -70,7 +70,7 @@ def _check_point(space: Space, method: Any, recipe: dict[str, Any]) -> None:
     if method == "moe":
         validate_moe(space.file, recipe)
     else:
-        parse_recipe(_with_raw_params(space, recipe), space.file)
+        parse_recipe(recipe, space.file)
 
 
 def _check_options(space: Space, method: Any, choices: list[Directive], corner: Any) -> None:
@@ -109,30 +109,6 @@ def _param_blocks(tree: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]
         for j, src in enumerate(s.get("sources") or ()):
             if isinstance(src, Mapping) and isinstance(src.get("parameters"), Mapping):
                 out.append((f"slices[{i}].sources[{j}].parameters", src["parameters"]))
-    return out
-
-
-def _with_raw_params(space: Space, recipe: dict[str, Any]) -> dict[str, Any]:
-    """For schema checks, keep parameters the chosen method does not declare (so a typo such as
-    ``wieght`` is reported instead of silently dropped) unless the method is itself searched."""
-    if isinstance(space.tree.get("merge_method"), Directive):
-        return recipe
-    out = dict(recipe)
-    if "parameters" in space.tree:
-        out["parameters"] = {
-            **{k: 0 for k in space.tree["parameters"]},
-            **(recipe.get("parameters") or {}),
-        }
-    if "models" in space.tree and "models" in recipe:
-        models = []
-        for m, r in zip(space.tree["models"], recipe["models"], strict=False):
-            r = dict(r)
-            if isinstance(m, Mapping) and isinstance(m.get("parameters"), Mapping):
-                extra = {k: 0 for k in m["parameters"] if k not in (r.get("parameters") or {})}
-                if extra:
-                    r["parameters"] = {**(r.get("parameters") or {}), **extra}
-            models.append(r)
-        out["models"] = models
     return out
 
 
