@@ -63,40 +63,26 @@ def _collect(
     if isinstance(tree, Mapping):
         if not isinstance(recipe, Mapping):
             raise _NotInSpace
+        hint = n_layers  # a recipe's models and parameters count its first model's layers
+        if "merge_method" in tree and ({"models", "parameters"} & set(tree) & set(recipe)):
+            ref = recipe.get("base_model") or next(
+                (m.get("model") for m in recipe.get("models") or ()), None
+            )
+            if isinstance(ref, str):
+                try:
+                    hint = layers_of(ref)
+                except Exception:
+                    hint = None
         for k, v in tree.items():
             if k in recipe:
-                _collect(
-                    v,
-                    recipe[k],
-                    found,
-                    layers_of,
-                    _layers_hint(tree, recipe, k, layers_of, n_layers),
-                )
+                below = hint if k in ("models", "parameters") else n_layers
+                _collect(v, recipe[k], found, layers_of, below)
         return
     if isinstance(tree, list):
         if not isinstance(recipe, (list, tuple)) or len(recipe) != len(tree):
             raise _NotInSpace
         for x, y in zip(tree, recipe, strict=False):
             _collect(x, y, found, layers_of, n_layers)
-
-
-def _layers_hint(
-    tree: Mapping[str, Any],
-    recipe: Mapping[str, Any],
-    key: str,
-    layers_of: LayersOf,
-    current: int | None,
-) -> int | None:
-    if key in ("models", "parameters") and "merge_method" in tree:
-        ref = recipe.get("base_model") or next(
-            (m.get("model") for m in recipe.get("models") or ()), None
-        )
-        if isinstance(ref, str):
-            try:
-                return layers_of(ref)
-            except Exception:
-                return None
-    return current
 
 
 class _Renderer:
@@ -226,15 +212,9 @@ def values_of(
 ) -> dict[str, Any] | None:
     """The parameter values that render to ``recipe``, or None (see :meth:`Space.values_of`)."""
     found: dict[str, Any] = {}
-
-    def suggest(name: str, d: Directive) -> Any:
-        if name not in found:
-            raise _NotInSpace
-        return found[name]
-
     try:
         _collect(tree, recipe, found, layers_of)
-        rendered = render(tree, suggest, layers_of)
+        rendered = render(tree, lambda name, d: found[name], layers_of)  # KeyError: not in space
     except (_NotInSpace, KeyError, TypeError, IndexError):
         return None
     return found if _same(rendered, recipe) else None
