@@ -18,6 +18,7 @@ are slow, and badly so when other processes share the cores.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import math
@@ -481,14 +482,8 @@ def rule_from_order(inp: TensorInputs, i: int, k: int, order: torch.Tensor) -> K
         return float((x[p].to(dtype) - base[p].to(dtype)).abs())
 
     thr = mag(k - 1)
-    lo, hi = 0, k - 1  # first j with mag(j) == thr (values are non-increasing along the order)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if mag(mid) > thr:
-            lo = mid + 1
-        else:
-            hi = mid
-    start = lo
+    # the first j with mag(j) == thr (values are non-increasing along the order)
+    start = bisect.bisect_left(range(k - 1), -thr, key=lambda j: -mag(j))
     if mag(k) < thr:  # nothing past k ties with it: the top k are exactly |d| >= thr
         return KeepAbove(_below(thr, dtype)) if thr > 0 else KeepAll()
     return KeepAbove(thr, torch.sort(order[start:k].to(torch.int64)).values)

@@ -11,6 +11,7 @@ mergekit 0.1.5's formulas (nearswap, arcee_fusion, ram and ramplus_tl in
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -68,25 +69,22 @@ _SPARSIFY: dict[Sparsifier, Callable[[TensorInputs, int, float, int], KeepRule]]
 }
 
 
-def _task_vector_kernel(sparsifier: Sparsifier | None, consensus: bool) -> Kernel:
-    sparsify = None if sparsifier is None else _SPARSIFY[sparsifier]
-
-    def keep(inp: TensorInputs, i: int) -> KeepRule:
+def _task_vectors(
+    sparsifier: Sparsifier | None, consensus: bool, inp: TensorInputs
+) -> torch.Tensor:
+    b = base_of(inp)
+    others = [i for i in range(len(inp)) if i != b]
+    if not others:
+        return inp.tensor(b).clone()
+    rules: list[KeepRule] = []
+    for i in others:
         density, n = inp.per_input[i]["density"], inp.raw(i).numel()
-        if sparsify is None or density >= 1 or n == 0:
-            return KeepAll()
-        return sparsify(inp, i, density, n)
-
-    def kernel(inp: TensorInputs) -> torch.Tensor:
-        b = base_of(inp)
-        others = [i for i in range(len(inp)) if i != b]
-        if not others:
-            return inp.tensor(b).clone()
-        rescale = bool(inp.shared["rescale"]) and sparsify is not None
-        rules = [keep(inp, i) for i in others]
-        return fused_task_vectors(inp, rules, others, consensus, rescale)
-
-    return kernel
+        if sparsifier is None or density >= 1 or n == 0:
+            rules.append(KeepAll())
+        else:
+            rules.append(_SPARSIFY[sparsifier](inp, i, density, n))
+    rescale = bool(inp.shared["rescale"]) and sparsifier is not None
+    return fused_task_vectors(inp, rules, others, consensus, rescale)
 
 
 def _passthrough(inp: TensorInputs) -> torch.Tensor:
@@ -276,6 +274,6 @@ _DENSE: dict[str, Kernel] = {
 # One kernel per registered method, by name: the task-vector family is one kernel parametrised by
 # its data.
 KERNELS: dict[str, Kernel] = {
-    name: _DENSE[name] if name in _DENSE else _task_vector_kernel(m.sparsifier, m.consensus)
+    name: _DENSE[name] if name in _DENSE else partial(_task_vectors, m.sparsifier, m.consensus)
     for name, m in METHODS.items()
 }
