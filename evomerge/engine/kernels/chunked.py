@@ -43,7 +43,6 @@ __all__ = [
     "SAMPLE",
     "check_weights",
     "run_chunks",
-    "run_each",
     "magnitude_rule",
     "rule_from_order",
     "fused_task_vectors",
@@ -111,12 +110,13 @@ def run_chunks(
 ) -> list[Any]:
     """Call ``fn(lo, hi, scratch)`` over ``[0, n)`` in chunks; return the results in chunk order.
 
-    On CUDA the whole range is one chunk (GPU kernels do not need the cache blocking).
-    ``chunk`` overrides the CPU chunk size (:data:`CHUNK` entries).
+    ``chunk`` overrides the chunk size (:data:`CHUNK` entries on CPU); ``chunk=1`` calls ``fn``
+    once per unit of work larger than a chunk (a fingerprint's rows), spread over the threads.
     """
     if device.type != "cpu":
         # GPU kernels need no cache blocking; chunks only bound the scratch memory.
-        return [fn(lo, min(n, lo + _GPU_CHUNK), _scratch(device)) for lo in range(0, n, _GPU_CHUNK)]
+        size = chunk or _GPU_CHUNK
+        return [fn(lo, min(n, lo + size), _scratch(device)) for lo in range(0, n, size)]
     size = chunk or CHUNK
     if n <= size:
         return [fn(0, n, _scratch(device))]
@@ -137,15 +137,6 @@ def run_chunks(
         parts = list(_pool(workers).map(work, groups))
     finally:
         torch.set_num_threads(threads)
-    return [r for part in parts for r in part]
-
-
-def run_each(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], Any]) -> list[Any]:
-    """Call ``fn(i, i + 1, scratch)`` for each ``i`` in ``[0, n)`` (units of work larger than a
-    chunk, e.g. a fingerprint's rows), spread over the threads like :func:`run_chunks`; results in order."""
-    parts = run_chunks(
-        n, device, lambda lo, hi, s: [fn(i, i + 1, s) for i in range(lo, hi)], chunk=1
-    )
     return [r for part in parts for r in part]
 
 
