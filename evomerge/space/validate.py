@@ -129,15 +129,13 @@ def _refs(v: Any) -> list[str]:
     return [v] if isinstance(v, str) else []
 
 
-def _grouped(block: Any) -> list[Directive]:
+def _grouped(block: Any) -> Iterator[Directive]:
     """The ``per_layers`` directives in a parameters block (plain, in lists, in {filter, value})."""
-    if isinstance(block, Directive):
-        return [block] if block.per_layers else []
-    if isinstance(block, Mapping):
-        return [d for v in block.values() for d in _grouped(v)]
-    if isinstance(block, list):
-        return [d for v in block for d in _grouped(v)]
-    return []
+    if isinstance(block, Directive) and block.per_layers:
+        yield block
+    elif isinstance(block, (Mapping, list)):
+        for v in block.values() if isinstance(block, Mapping) else block:
+            yield from _grouped(v)
 
 
 def _check_groups(file: str, tree: Mapping[str, Any], layers_of: LayersOf) -> None:

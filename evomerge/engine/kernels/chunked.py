@@ -417,7 +417,13 @@ def _l1_rescale(
 # of the threshold's time: a random gather from both inputs).
 SAMPLE = 1 << 14
 _WHOLE = 1 << 18
-_SAMPLE_IDX: dict[tuple[int, str], torch.Tensor] = {}
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_idx(n: int, device: torch.device, size: int) -> torch.Tensor:
+    """``size`` fixed random positions in ``[0, n)`` (seeded by ``n``)."""
+    g = torch.Generator().manual_seed(n)
+    return torch.randint(0, n, (size,), generator=g).to(device)
 
 
 def _below(x: float, dtype: torch.dtype) -> float:
@@ -485,14 +491,7 @@ def _sample_bracket(
 ) -> tuple[float, float]:
     """Bounds that very likely hold the k-th largest ``|x - base|``, from a fixed random sample."""
     n = x.numel()
-    key = (n, str(x.device))
-    idx = _SAMPLE_IDX.get(key)
-    if idx is None or idx.numel() != SAMPLE:
-        g = torch.Generator().manual_seed(n)
-        idx = torch.randint(0, n, (SAMPLE,), generator=g).to(x.device)
-        if len(_SAMPLE_IDX) > 64:
-            _SAMPLE_IDX.clear()
-        _SAMPLE_IDX[key] = idx
+    idx = _sample_idx(n, x.device, SAMPLE)
     sample = (x[idx].to(dtype) - base[idx].to(dtype)).abs_()
     m = SAMPLE
     q = (n - k) / n  # the answer's quantile, ascending

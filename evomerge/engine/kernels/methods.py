@@ -10,6 +10,7 @@ mergekit 0.1.5's formulas (nearswap, arcee_fusion, ram and ramplus_tl in
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from functools import partial
 
@@ -105,12 +106,9 @@ def _model_stock(inp: TensorInputs) -> torch.Tensor:
         w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
     offsets = [w - w0 for w in ws]
     cosines = []
-    for a in range(len(offsets)):
-        for c in range(a + 1, len(offsets)):
-            norms = torch.linalg.vector_norm(offsets[a], dim=-1) * torch.linalg.vector_norm(
-                offsets[c], dim=-1
-            )
-            cosines.append(((offsets[a] * offsets[c]).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    for u, v in itertools.combinations(offsets, 2):
+        norms = torch.linalg.vector_norm(u, dim=-1) * torch.linalg.vector_norm(v, dim=-1)
+        cosines.append(((u * v).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(0).unsqueeze(-1)
     n = len(ws)
     denom = 1 + (n - 1) * cos
