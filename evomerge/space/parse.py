@@ -192,6 +192,43 @@ class _SpaceParser:
             models.append(e)
         return models
 
+    def slice(self, s: Mapping[str, Any], i: int) -> dict[str, Any]:
+        """Slice ``i`` with its directives, named ``s<i>`` (``s<i>.<j>`` for each of several sources)."""
+        e, sources = dict(s), s.get("sources") or []
+        if "sources" in s:
+            e["sources"] = [
+                self.source(
+                    src, f"slices[{i}].sources[{j}]", f"s{i}.{j}" if len(sources) > 1 else f"s{i}"
+                )
+                if isinstance(src, Mapping)
+                else src
+                for j, src in enumerate(sources)
+            ]
+        if "parameters" in s:
+            e["parameters"] = self.params(s["parameters"], f"slices[{i}].parameters", f".s{i}")
+        return e
+
+    def source(self, src: Mapping[str, Any], f: str, tag: str) -> dict[str, Any]:
+        se = dict(src)
+        if "model" in src:
+            se["model"] = self.scalar(src["model"], f"{f}.model", f"{tag}.model")
+        lr = src.get("layer_range")
+        if isinstance(lr, list):
+            ends = [f"{tag}.{('start', 'end')[n] if n < 2 else n}" for n in range(len(lr))]
+            se["layer_range"] = [
+                self.scalar(x, f"{f}.layer_range[{n}]", ends[n], ints=True)
+                for n, x in enumerate(lr)
+            ]
+            if any(
+                isinstance(x, Directive) and (x.anchors or x.per_layers) for x in se["layer_range"]
+            ):
+                raise self.err(
+                    f"{f}.layer_range", "layer indices take plain int: [low, high] directives"
+                )
+        if "parameters" in src:
+            se["parameters"] = self.params(src["parameters"], f"{f}.parameters", f".{tag}")
+        return se
+
 
 def _directive_inside(v: Any) -> bool:
     items = v.values() if isinstance(v, Mapping) else v if isinstance(v, list) else ()
@@ -235,50 +272,7 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
         elif k == "models" and isinstance(v, list):
             tree[k] = p.models(v, "models")
         elif k == "slices" and isinstance(v, list):
-            slices = []
-            for i, s in enumerate(v):
-                if not isinstance(s, Mapping):
-                    slices.append(s)
-                    continue
-                e = dict(s)
-                srcs = []
-                for j, src in enumerate(s.get("sources") or []):
-                    if not isinstance(src, Mapping):
-                        srcs.append(src)
-                        continue
-                    se = dict(src)
-                    f = f"slices[{i}].sources[{j}]"
-                    tag = f"s{i}.{j}" if len(s.get("sources") or []) > 1 else f"s{i}"
-                    if "model" in src:
-                        se["model"] = p.scalar(src["model"], f"{f}.model", f"{tag}.model")
-                    lr = src.get("layer_range")
-                    if isinstance(lr, list):
-                        se["layer_range"] = [
-                            p.scalar(
-                                x,
-                                f"{f}.layer_range[{n}]",
-                                f"{tag}.{('start', 'end')[n] if n < 2 else n}",
-                                ints=True,
-                            )
-                            for n, x in enumerate(lr)
-                        ]
-                        if any(
-                            isinstance(x, Directive) and (x.anchors or x.per_layers)
-                            for x in se["layer_range"]
-                        ):
-                            raise p.err(
-                                f"{f}.layer_range",
-                                "layer indices take plain int: [low, high] directives",
-                            )
-                    if "parameters" in src:
-                        se["parameters"] = p.params(src["parameters"], f"{f}.parameters", f".{tag}")
-                    srcs.append(se)
-                if "sources" in s:
-                    e["sources"] = srcs
-                if "parameters" in s:
-                    e["parameters"] = p.params(s["parameters"], f"slices[{i}].parameters", f".s{i}")
-                slices.append(e)
-            tree[k] = slices
+            tree[k] = [p.slice(s, i) if isinstance(s, Mapping) else s for i, s in enumerate(v)]
         elif k == "moe":
             tree[k] = moe_section(p, v)
         elif k == "dataflow":
