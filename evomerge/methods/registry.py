@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 from evomerge.methods.spec import Method, Param, Sparsifier
 
@@ -79,6 +80,9 @@ def _task_vector(
     )
 
 
+# A method of a base and one other model.
+_pair = partial(Method, base="required", min_inputs=2, max_inputs=2)
+
 _TIES, _DARE = "https://arxiv.org/abs/2306.01708", "https://arxiv.org/abs/2311.03099"
 _BREADCRUMBS, _DELLA = "https://arxiv.org/abs/2312.06795", "https://arxiv.org/abs/2406.11617"
 
@@ -90,13 +94,8 @@ METHODS: dict[str, Method] = {
             (Param("weight", float, "input"), Param("normalize", bool, "shared", True)),
             reference="https://arxiv.org/abs/2203.05482",
         ),
-        Method(
-            "slerp",
-            (Param("t", float, "shared"),),
-            base="required",
-            min_inputs=2,
-            max_inputs=2,
-            reference="https://en.wikipedia.org/wiki/Slerp",
+        _pair(
+            "slerp", (Param("t", float, "shared"),), reference="https://en.wikipedia.org/wiki/Slerp"
         ),
         _task_vector("task_arithmetic", reference="https://arxiv.org/abs/2212.04089"),
         _task_vector("ties", Sparsifier.MAGNITUDE, consensus=True, normalize=True, reference=_TIES),
@@ -164,7 +163,7 @@ METHODS: dict[str, Method] = {
             reference="https://arxiv.org/abs/2408.07990",
         ),
         Method("passthrough", (Param("scale", float, "input", None, optional=True),), max_inputs=1),
-        Method(
+        _pair(
             "nearswap",
             (
                 Param(
@@ -175,19 +174,9 @@ METHODS: dict[str, Method] = {
                     help="distance below which the base takes the other model's value",
                 ),
             ),
-            base="required",
-            min_inputs=2,
-            max_inputs=2,
             reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
         ),
-        Method(
-            "arcee_fusion",
-            (),
-            base="required",
-            min_inputs=2,
-            max_inputs=2,
-            reference="https://arcee.ai",
-        ),
+        _pair("arcee_fusion", (), reference="https://arcee.ai"),
         Method(
             "ram", (_RAM_EPSILON,), base="required", reference="https://arxiv.org/abs/2601.13572"
         ),
