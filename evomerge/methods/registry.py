@@ -85,6 +85,7 @@ _pair = partial(Method, base="required", min_inputs=2, max_inputs=2)
 
 _TIES, _DARE = "https://arxiv.org/abs/2306.01708", "https://arxiv.org/abs/2311.03099"
 _BREADCRUMBS, _DELLA = "https://arxiv.org/abs/2312.06795", "https://arxiv.org/abs/2406.11617"
+_RAM = "https://arxiv.org/abs/2601.13572"
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -177,9 +178,7 @@ METHODS: dict[str, Method] = {
             reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
         ),
         _pair("arcee_fusion", (), reference="https://arcee.ai"),
-        Method(
-            "ram", (_RAM_EPSILON,), base="required", reference="https://arxiv.org/abs/2601.13572"
-        ),
+        Method("ram", (_RAM_EPSILON,), base="required", reference=_RAM),
         Method(
             "ramplus_tl",
             (
@@ -201,7 +200,7 @@ METHODS: dict[str, Method] = {
                 replace(_RAM_EPSILON, low_open=True),
             ),
             base="required",
-            reference="https://arxiv.org/abs/2601.13572",
+            reference=_RAM,
         ),
     )
 }

@@ -178,9 +178,8 @@ def render_moe(
     for e in section["experts"]:
         if "optional" in e and not value(e["optional"]):
             continue
-        entry: dict[str, Any] = {}
         src = e["source_model"]
-        entry["source_model"] = render_recipe(src) if isinstance(src, Mapping) else value(src)
+        entry = {"source_model": render_recipe(src) if isinstance(src, Mapping) else value(src)}
         for key in ("positive_prompts", "negative_prompts"):
             if key in e:
                 p = e[key]
