@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
+from evomerge.moe.config import EXPERT_KEYS as CONFIG_EXPERT_KEYS
 from evomerge.moe.config import parse_moe_config
 from evomerge.recipe.schema import parse_recipe
 from evomerge.space.directives import Directive, check_keys, whole
@@ -54,14 +55,7 @@ __all__ = [
 ]
 
 MOE_KEYS = ("gate_mode", "experts_per_token", "experts", "dtype")
-EXPERT_KEYS = (
-    "source_model",
-    "positive_prompts",
-    "negative_prompts",
-    "noise_scale",
-    "residual_scale",
-    "optional",
-)
+EXPERT_KEYS = (*CONFIG_EXPERT_KEYS, "optional")  # an expert of a space may be optional
 _FROM_TASK_KEYS = ("from_task", "n", "among")
 
 
@@ -144,13 +138,12 @@ def moe_model_refs(section: Any) -> list[Any]:
     return out
 
 
-Value = Callable[[Any], Any]
 Prompts = Mapping[str, list[str]] | None
 
 
 def render_moe(
     tree: Mapping[str, Any],
-    value: Value,
+    value: Callable[[Any], Any],
     render_recipe: Callable[[Mapping[str, Any]], dict[str, Any]],
     prompts: Prompts,
 ) -> dict[str, Any]:
