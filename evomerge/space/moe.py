@@ -178,15 +178,7 @@ def render_moe(
                 p = e[key]
                 parts = p if isinstance(p, list) else [p]
                 if any(isinstance(x, FromTask) for x in parts):
-                    entry[key] = [
-                        t
-                        for x in parts
-                        for t in (
-                            _prompts(x, value(x.start), prompts)
-                            if isinstance(x, FromTask)
-                            else [value(x)]
-                        )
-                    ]
+                    entry[key] = [t for x in parts for t in _prompts(x, value, prompts)]
                 else:
                     entry[key] = value(p)
         for key in ("noise_scale", "residual_scale"):
@@ -206,7 +198,11 @@ def render_moe(
     return out
 
 
-def _prompts(p: FromTask, start: int, prompts: Prompts) -> list[str]:
+def _prompts(p: Any, value: Callable[[Any], Any], prompts: Prompts) -> list[Any]:
+    """The prompts a list entry renders to: a plain one's value, a ``from_task``'s items."""
+    if not isinstance(p, FromTask):
+        return [value(p)]
+    start = value(p.start)
     if prompts is None:
         return [f"<{p.task} item {start + i}>" for i in range(p.n)]
     if p.task not in prompts:
