@@ -269,9 +269,14 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
             tree[k] = p.scalar(v, k, k)
         elif k == "parameters":
             tree[k] = p.params(v, k, "")
-        elif k == "models" and isinstance(v, list):
+        elif k in ("models", "slices") and not isinstance(v, list):
+            raise p.err(
+                k,
+                f"must be a list of {'models' if k == 'models' else 'slices'}, got {type(v).__name__}",
+            )
+        elif k == "models":
             tree[k] = p.models(v, "models")
-        elif k == "slices" and isinstance(v, list):
+        elif k == "slices":
             tree[k] = [p.slice(s, i) if isinstance(s, Mapping) else s for i, s in enumerate(v)]
         elif k == "moe":
             tree[k] = moe_section(p, v)
