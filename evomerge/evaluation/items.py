@@ -28,9 +28,9 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from evomerge.compat import build_task_requests, task_filters
+from evomerge.compat import build_task_requests, quiet_task_progress, task_filters
 from evomerge.evaluation.base import Scores, StagedEvaluation, TaskSpec
-from evomerge.evaluation.hflm import MemoLM, no_task_bars, reseed_fewshot
+from evomerge.evaluation.hflm import MemoLM, reseed_fewshot
 
 __all__ = [
     "RequestBank",
@@ -115,7 +115,7 @@ class RequestBank:
         self.tasks = dict(tasks)
         self.chat = chat
         self.requests: dict[str, list[list[Any]]] = {}
-        with no_task_bars():
+        with quiet_task_progress():
             for leaf, task in self.tasks.items():
                 self._build(leaf, task, ids[leaf])
 

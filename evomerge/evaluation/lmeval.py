@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from evomerge.compat import quiet_task_progress
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluation.base import (
     SCORERS,
@@ -24,7 +25,7 @@ from evomerge.evaluation.base import (
     say_once,
 )
 from evomerge.evaluation.genlm import check_generation_tasks
-from evomerge.evaluation.hflm import make_lm, no_task_bars, reseed_fewshot
+from evomerge.evaluation.hflm import make_lm, reseed_fewshot
 from evomerge.evaluation.items import (
     LMEvalStaged,
     RequestBank,
@@ -33,10 +34,7 @@ from evomerge.evaluation.items import (
     stageable,
 )
 from evomerge.evaluation.splits import Splits
-from evomerge.evaluation.tasks import (
-    leaf_tasks,
-    quiet_lm_eval,
-)
+from evomerge.evaluation.tasks import leaf_tasks, quiet_lm_eval
 
 __all__ = ["LMEvalEvaluator"]
 
@@ -59,18 +57,6 @@ def _generation_tasks(cfg: EvalConfig, sp: Splits, max_length: int | None) -> di
             say_once(note, note, log=logger, level=logging.WARNING)
         hflm |= found.hflm_tasks
     return hflm
-
-
-def _check_chat_template(cfg: EvalConfig, tokenizer: Any) -> None:
-    """Refuse ``chat_template: true`` for a tokenizer that has none."""
-    if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ConfigError(
-            cfg.file,
-            "evaluate.chat_template",
-            f"the tokenizer ({name}) has no chat template; set chat_template: false, "
-            "or name a model whose tokenizer has one in tokenizer_source",
-        )
 
 
 class LMEvalEvaluator(Evaluator):
@@ -117,7 +103,14 @@ class LMEvalEvaluator(Evaluator):
         self.scorer = scorer or cfg.scorer
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
-        _check_chat_template(cfg, tokenizer)
+        if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise ConfigError(
+                cfg.file,
+                "evaluate.chat_template",
+                f"the tokenizer ({name}) has no chat template; set chat_template: false, "
+                "or name a model whose tokenizer has one in tokenizer_source",
+            )
         self.splits = Splits(cfg)
         self._bank: RequestBank | None = None  # built on the first staged evaluation
         self._hflm_tasks = _generation_tasks(cfg, self.splits, max_length)
@@ -161,14 +154,7 @@ class LMEvalEvaluator(Evaluator):
         if not self.item_counts():
             return None
         model.eval()
-        lm = make_lm(
-            model,
-            self.tokenizer,
-            scorer=self.scorer,
-            batch_size=self.batch_size,
-            device=self.device,
-            hflm_tasks=self._hflm_tasks,
-        )
+        lm = self._lm(model)
         if self._bank is None:
             self._bank = RequestBank(
                 leaf_tasks(self.splits.dicts["search"]),
@@ -208,17 +194,16 @@ class LMEvalEvaluator(Evaluator):
                 )
             )
         quiet_lm_eval()
-        return self._run(
+        return self._run(model, self._lm(model), split)
+
+    def _lm(self, model: torch.nn.Module) -> Any:
+        return make_lm(
             model,
-            make_lm(
-                model,
-                self.tokenizer,
-                scorer=self.scorer,
-                batch_size=self.batch_size,
-                device=self.device,
-                hflm_tasks=self._hflm_tasks,
-            ),
-            split,
+            self.tokenizer,
+            scorer=self.scorer,
+            batch_size=self.batch_size,
+            device=self.device,
+            hflm_tasks=self._hflm_tasks,
         )
 
     def _run(self, model: torch.nn.Module, lm: Any, split: str) -> Scores:
@@ -231,7 +216,7 @@ class LMEvalEvaluator(Evaluator):
         # call left it: reseed, so that every candidate (and the staged scoring of
         # :class:`~evomerge.evaluation.items.RequestBank`) sees the same prompts.
         reseed_fewshot(leaf_tasks(self.splits.dicts[split]).values())
-        with no_task_bars():
+        with quiet_task_progress():
             out = lm_evaluate(
                 lm,
                 self.splits.dicts[split],
