@@ -16,6 +16,7 @@ the readers of a study (results, export, report) do not.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -211,7 +212,7 @@ class MemoLM(LM):
         self.inner = inner
         self.memo: dict[tuple[str, str, int], Any] = {}
 
-    def _answer(self, kind: str, requests: list[Any]) -> list[Any]:
+    def _answer(self, kind: str, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
         # The n-th copy of one request (lm-eval repeats a request for sampled generations)
         # is its own entry, so repeats keep their distinct answers.
         seen: dict[tuple[str, str], int] = defaultdict(int)
@@ -225,14 +226,9 @@ class MemoLM(LM):
             self.memo.update(zip(todo, getattr(self.inner, kind)(list(todo.values())), strict=True))
         return [self.memo[k] for k in keys]
 
-    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-        return self._answer("loglikelihood", requests)
-
-    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-        return self._answer("loglikelihood_rolling", requests)
-
-    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-        return self._answer("generate_until", requests)
+    loglikelihood = functools.partialmethod(_answer, "loglikelihood")
+    loglikelihood_rolling = functools.partialmethod(_answer, "loglikelihood_rolling")
+    generate_until = functools.partialmethod(_answer, "generate_until")
 
     # Prompts rendered with a chat template are the inner LM's (the full evaluation after staged
     # rounds must build the prompts the rounds were scored on).

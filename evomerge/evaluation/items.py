@@ -113,20 +113,17 @@ class RequestBank:
         self, tasks: Mapping[str, Any], ids: Mapping[str, list[int]], chat: Any = None
     ) -> None:
         self.tasks = dict(tasks)
-        self.chat = chat
         self.requests: dict[str, list[list[Any]]] = {}
-        with quiet_task_progress():
-            for leaf, task in self.tasks.items():
-                self._build(leaf, task, ids[leaf])
-
-    def _build(self, leaf: str, task: Any, ids: list[int]) -> None:
-        reseed_fewshot([task])  # as the full evaluation does: the same prompts
-        build_task_requests(task, ids, chat=self.chat)
-        by_doc: dict[int, list[Any]] = defaultdict(list)
-        for inst in task.instances:  # doc_id is the position among the selected docs
-            by_doc[inst.doc_id].append(inst)
-        self.requests[leaf] = [sorted(by_doc[pos], key=lambda x: x.idx) for pos in range(len(ids))]
-        reseed_fewshot([task])
+        for leaf, task in self.tasks.items():
+            reseed_fewshot([task])  # as the full evaluation does: the same prompts
+            with quiet_task_progress():
+                build_task_requests(task, ids[leaf], chat=chat)
+            by_doc: dict[int, list[Any]] = defaultdict(list)
+            for inst in task.instances:  # doc_id is the position among the selected docs
+                by_doc[inst.doc_id].append(inst)
+            n = len(ids[leaf])
+            self.requests[leaf] = [sorted(by_doc[i], key=lambda x: x.idx) for i in range(n)]
+            reseed_fewshot([task])
 
 
 def items_from_samples(

@@ -13,8 +13,7 @@ from evomerge.evaluation.tasks import (
     doc_ids,
     get_task_dict,
     leaf_tasks,
-    local_task_names,
-    task_manager,
+    manager_for,
     texts_of,
 )
 
@@ -38,10 +37,8 @@ class Splits:
 
     def __init__(self, cfg: EvalConfig) -> None:
         self.cfg = cfg
-        local = local_task_names(cfg.include_path) if cfg.include_path else set()
-        all_specs = cfg.search + cfg.holdout
-        tm = task_manager(tuple(cfg.include_path), not all(s.name in local for s in all_specs))
-        self.tm = tm  # reused by the contamination flags (dataset of each task)
+        # reused by the contamination flags (dataset of each task)
+        self.tm = tm = manager_for([s.name for s in cfg.search + cfg.holdout], cfg.include_path)
         self.dicts: dict[str, dict] = {"search": get_task_dict([s.name for s in cfg.search], tm)}
         self.specs: dict[str, list[TaskSpec]] = {"search": list(cfg.search)}
         if cfg.holdout:
