@@ -185,14 +185,9 @@ class LMEvalEvaluator(Evaluator):
                 lm-eval's results.
         """
         if split not in self.splits.dicts:
-            raise EvomergeError(
-                f"no {split} items configured (evaluate.holdout"
-                + (
-                    ".validation is 0)"
-                    if split == "validation" and "holdout" in self.splits.dicts
-                    else ")"
-                )
-            )
+            zero = split == "validation" and "holdout" in self.splits.dicts
+            where = "evaluate.holdout" + (".validation is 0" if zero else "")
+            raise EvomergeError(f"no {split} items configured ({where})")
         quiet_lm_eval()
         return self._run(model, self._lm(model), split)
 
@@ -235,15 +230,10 @@ class LMEvalEvaluator(Evaluator):
         stderr: dict[str, float] = {}
         items: dict[str, list[float | None]] = {}
         for spec in self.splits.specs[split]:
-            got = metric_value(results.get(spec.name, {}), spec.metric)
+            res = results.get(spec.name, {})
+            got = metric_value(res, spec.metric)
             if got is None:
-                have = sorted(
-                    {
-                        k.split(",")[0]
-                        for k in results.get(spec.name, {})
-                        if "," in k and "_stderr" not in k
-                    }
-                )
+                have = sorted({k.split(",")[0] for k in res if "," in k and "_stderr" not in k})
                 raise EvomergeError(
                     f"task {spec.name!r} reports no metric {spec.metric!r} (it reports: {', '.join(have) or 'nothing'})"
                 )

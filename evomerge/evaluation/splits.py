@@ -4,7 +4,8 @@ task objects and doc ids; what the items say (texts, prompts) and where they com
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from evomerge.errors import ConfigError
 from evomerge.evaluation.base import EvalConfig, TaskSpec, digest_of, split_holdout
@@ -12,6 +13,7 @@ from evomerge.evaluation.hflm import reseed_fewshot
 from evomerge.evaluation.tasks import (
     doc_ids,
     get_task_dict,
+    item_text,
     leaf_tasks,
     manager_for,
     texts_of,
@@ -115,19 +117,17 @@ class Splits:
 
     def texts(self, split: str) -> dict[str, list[str]]:
         """Prompt + gold answer of each item of ``split``, per leaf task ({} for no such split)."""
-        if split not in self.dicts:
-            return {}
-        tasks = leaf_tasks(self.dicts[split])
-        return {name: texts_of(tasks, name, ids) for name, ids in self.samples[split].items()}
+        return self._per_item(split, item_text)
 
     def prompts(self, split: str) -> dict[str, list[str]]:
         """The prompt of each item of ``split``, per leaf task."""
-        if split not in self.dicts:
-            return {}
-        tasks = leaf_tasks(self.dicts[split])
+        return self._per_item(split, lambda task, doc: str(task.doc_to_text(doc)))
+
+    def _per_item(self, split: str, text: Callable[[Any, Any], str]) -> dict[str, list[str]]:
+        tasks = leaf_tasks(self.dicts.get(split, {}))
         return {
-            name: [str(tasks[name].doc_to_text(tasks[name].eval_docs[i])) for i in ids]
-            for name, ids in self.samples[split].items()
+            name: texts_of(tasks, name, ids, text)
+            for name, ids in self.samples.get(split, {}).items()
         }
 
     def datasets(self) -> dict[str, list[str]]:
