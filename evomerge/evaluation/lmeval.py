@@ -49,7 +49,7 @@ def _generation_tasks(cfg: EvalConfig, sp: Splits, max_length: int | None) -> di
         if split not in sp.dicts or (split == "holdout" and not cfg.holdout):
             continue  # a holdout of the search tasks' later items was checked as search
         found = check_generation_tasks(leaf_tasks(sp.dicts[split]), max_length)
-        for i, spec in enumerate(sp.specs[split]):
+        for i, spec in enumerate(sp.task_specs[split]):
             for leaf in sp.leaves[split][spec.name]:
                 if leaf in found.errors:
                     raise ConfigError(cfg.file, f"{where}[{i}]", found.errors[leaf])
@@ -59,12 +59,13 @@ def _generation_tasks(cfg: EvalConfig, sp: Splits, max_length: int | None) -> di
     return hflm
 
 
-class LMEvalEvaluator(Evaluator):
+class LMEvalEvaluator(Splits, Evaluator):
     """lm-evaluation-harness over an in-memory model.
 
-    Task objects, datasets and prompts are built once here; each :meth:`evaluate` wraps the given
-    model in a fresh lm-eval LM (no copy of the weights) and runs lm-eval on the prebuilt tasks with
-    no response cache, so consecutive candidates never share answers.
+    Task objects, datasets and prompts are built once (:class:`~evomerge.evaluation.splits.Splits`,
+    which also answers for the items: task names, texts, prompts, digest); each :meth:`evaluate`
+    wraps the given model in a fresh lm-eval LM (no copy of the weights) and runs lm-eval on the
+    prebuilt tasks with no response cache, so consecutive candidates never share answers.
 
     Args:
         cfg: the parsed ``evaluate:`` section.
@@ -96,7 +97,6 @@ class LMEvalEvaluator(Evaluator):
         max_length: int | None = None,
     ) -> None:
         quiet_lm_eval()
-        self.cfg = cfg
         self.tokenizer = tokenizer
         self.device = device
         self.batch_size = int(batch_size or cfg.batch_size)
@@ -111,42 +111,21 @@ class LMEvalEvaluator(Evaluator):
                 f"the tokenizer ({name}) has no chat template; set chat_template: false, "
                 "or name a model whose tokenizer has one in tokenizer_source",
             )
-        self.splits = Splits(cfg)
+        super().__init__(cfg)
         self._bank: RequestBank | None = None  # built on the first staged evaluation
-        self._hflm_tasks = _generation_tasks(cfg, self.splits, max_length)
-
-    # -- API
-
-    def task_names(self, split: str = "search") -> list[str]:
-        return self.splits.names(split)
+        self._hflm_tasks = _generation_tasks(cfg, self, max_length)
 
     def include_path(self) -> list[str]:
         return list(self.cfg.include_path)
 
-    def tasks_index(self) -> Any:
-        return self.splits.tm
-
-    def digest(self) -> str:
-        return self.splits.digest()
-
-    def texts(self, split: str = "search") -> dict[str, list[str]]:
-        return self.splits.texts(split)
-
-    def prompts(self, split: str = "search") -> dict[str, list[str]]:
-        return self.splits.prompts(split)
-
-    def datasets(self) -> dict[str, list[str]]:
-        return self.splits.datasets()
-
     def item_counts(self) -> dict[str, int]:
         """Search items per task, or ``{}`` when a metric is not a mean of per-item values."""
-        sp = self.splits
-        if stageable(leaf_tasks(sp.dicts["search"]), sp.leaves["search"], sp.specs["search"]):
+        if stageable(leaf_tasks(self.dicts["search"]), self.leaves["search"], self.specs()):
             return {}
-        return sp.counts("search")
+        return self.counts("search")
 
     def specs(self) -> list[TaskSpec]:
-        return list(self.splits.specs["search"])
+        return list(self.task_specs["search"])
 
     def staged(self, model: torch.nn.Module) -> StagedEvaluation | None:
         """Score ``model`` on the search items in rounds (:mod:`evomerge.evaluation.items`); None
@@ -157,14 +136,14 @@ class LMEvalEvaluator(Evaluator):
         lm = self._lm(model)
         if self._bank is None:
             self._bank = RequestBank(
-                leaf_tasks(self.splits.dicts["search"]),
-                self.splits.samples["search"],
+                leaf_tasks(self.dicts["search"]),
+                self.samples["search"],
                 chat=lm if self.cfg.chat_template else None,
             )
         return LMEvalStaged(
             self._bank,
-            self.splits.specs["search"],
-            self.splits.leaves["search"],
+            self.task_specs["search"],
+            self.leaves["search"],
             lm,
             lambda memo: self._run(model, memo, "search"),
         )
@@ -184,8 +163,8 @@ class LMEvalEvaluator(Evaluator):
             EvomergeError: ``split`` is "holdout" and the config has none; a metric missing from
                 lm-eval's results.
         """
-        if split not in self.splits.dicts:
-            zero = split == "validation" and "holdout" in self.splits.dicts
+        if split not in self.dicts:
+            zero = split == "validation" and "holdout" in self.dicts
             where = "evaluate.holdout" + (".validation is 0" if zero else "")
             raise EvomergeError(f"no {split} items configured ({where})")
         quiet_lm_eval()
@@ -210,12 +189,12 @@ class LMEvalEvaluator(Evaluator):
         # lm-eval's evaluate() draws few-shot examples from each task's generator where the previous
         # call left it: reseed, so that every candidate (and the staged scoring of
         # :class:`~evomerge.evaluation.items.RequestBank`) sees the same prompts.
-        reseed_fewshot(leaf_tasks(self.splits.dicts[split]).values())
+        reseed_fewshot(leaf_tasks(self.dicts[split]).values())
         with quiet_task_progress():
             out = lm_evaluate(
                 lm,
-                self.splits.dicts[split],
-                samples=self.splits.samples[split],
+                self.dicts[split],
+                samples=self.samples[split],
                 bootstrap_iters=100,  # mean metrics use the closed form; this bounds the others
                 log_samples=True,  # per-item values (paired comparisons)
                 verbosity="ERROR",
@@ -225,11 +204,11 @@ class LMEvalEvaluator(Evaluator):
         if was_training:
             model.train()
         results = (out or {}).get("results", {})
-        tasks = leaf_tasks(self.splits.dicts[split])
+        tasks = leaf_tasks(self.dicts[split])
         scores: dict[str, float] = {}
         stderr: dict[str, float] = {}
         items: dict[str, list[float | None]] = {}
-        for spec in self.splits.specs[split]:
+        for spec in self.task_specs[split]:
             res = results.get(spec.name, {})
             got = metric_value(res, spec.metric)
             if got is None:
@@ -241,10 +220,8 @@ class LMEvalEvaluator(Evaluator):
             items[spec.name] = items_from_samples(
                 (out or {}).get("samples", {}),
                 spec,
-                self.splits.leaves[split][spec.name],
-                self.splits.samples[split],
+                self.leaves[split][spec.name],
+                self.samples[split],
                 tasks,
             )
-        return make_scores(
-            self.splits.specs[split], scores, stderr, time.perf_counter() - t0, items
-        )
+        return make_scores(self.task_specs[split], scores, stderr, time.perf_counter() - t0, items)
