@@ -1,14 +1,7 @@
-"""The lm-eval LMs that score an in-memory model, and what every evaluation path shares.
-
-- :class:`SharedContextHFLM`: lm-eval's ``HFLM`` whose loglikelihood requests run each shared
-  context once (:func:`~evomerge.evaluation.scorer.score_shared`) and whose generations run each
-  task's shared prompt prefix once (:func:`~evomerge.evaluation.genlm.generate_until_shared`);
-- :class:`QuietHFLM` and :class:`QuietSharedContextHFLM`: the same without progress bars (a
-  search prints its own); :func:`make_lm` picks one by ``evaluate.scorer``;
-- :class:`MemoLM`: answers the requests it ran once from memory (one candidate's; scoring a
-  subset of the items, then all of them, runs each request once);
-- :func:`reseed_fewshot`: what the full and the staged evaluation both do before lm-eval builds
-  requests, so that both give every item the same prompt.
+"""The lm-eval LMs that score an in-memory model (:func:`make_lm` picks one by
+``evaluate.scorer``; a search prints its own progress, so they draw no bars), :class:`MemoLM` that
+answers a request it ran once from memory, and :func:`reseed_fewshot`, which the full and the
+staged evaluation both call before lm-eval builds requests so that every item gets one prompt.
 
 This module imports ``lm_eval`` (and ``transformers``) when it is imported: the search imports it,
 the readers of a study (results, export, report) do not.

@@ -108,9 +108,7 @@ def _resolve_include(value: Any, file: str, base_dir: Path) -> list[str]:
                 )
             out.append(str(resolved.resolve()))
             continue
-        p = Path(v).expanduser()
-        if not p.is_absolute():
-            p = base_dir / p
+        p = base_dir / Path(v).expanduser()  # an absolute path stays as it is
         if not p.is_dir():
             raise ConfigError(file, where, f"directory {v!r} does not exist (looked at {p})")
         out.append(str(p.resolve()))
@@ -182,11 +180,9 @@ def _parse_task_list(value: Any, file: str, where: str) -> list[TaskSpec]:
             file, where, f"must be a list of task names or mappings, got {type(value).__name__}"
         )
     specs = [_parse_task(e, file, f"{where}[{i}]") for i, e in enumerate(value)]
-    seen: set[str] = set()
     for i, s in enumerate(specs):
-        if s.name in seen:
+        if s.name in {t.name for t in specs[:i]}:
             raise ConfigError(file, f"{where}[{i}]", f"task {s.name!r} is listed twice")
-        seen.add(s.name)
     return specs
 
 
