@@ -201,8 +201,7 @@ class LMEvalEvaluator(Splits, Evaluator):
                 apply_chat_template=self.cfg.chat_template,
                 fewshot_as_multiturn=self.cfg.chat_template,
             )
-        if was_training:
-            model.train()
+        model.train(was_training)
         results = (out or {}).get("results", {})
         tasks = leaf_tasks(self.dicts[split])
         scores: dict[str, float] = {}
