@@ -15,7 +15,7 @@ from evomerge.evaluation.tasks import (
     doc_ids,
     get_task_dict,
     leaf_tasks,
-    local_task_names,
+    manager_for,
     task_manager,
     texts_of,
 )
@@ -188,12 +188,11 @@ def _parse_task_list(value: Any, file: str, where: str) -> list[TaskSpec]:
 
 def _check_names(specs: list[TaskSpec], where: str, file: str, include_path: list[str]) -> None:
     """Every task name must exist, locally or in lm-eval's own index (names only: no download)."""
-    local = local_task_names(include_path) if include_path else set()
-    missing = [(i, s) for i, s in enumerate(specs) if s.name not in local]
-    if not missing:
+    if not specs:
         return
-    known = set(task_manager(tuple(include_path), True).all_tasks)
-    for i, s in missing:
+    # the local index when it knows every name; lm-eval's own (seconds to build) only if not
+    known = set(manager_for([s.name for s in specs], include_path).all_tasks)
+    for i, s in enumerate(specs):
         if s.name not in known:
             raise ConfigError(
                 file,
@@ -347,12 +346,12 @@ def _check_disjoint(cfg: EvalConfig) -> None:
             )
     if not cfg.holdout or not cfg.include_path:
         return
-    local = local_task_names(cfg.include_path)
+    tm = task_manager(tuple(cfg.include_path), False)
+    local = set(tm.all_tasks)
     s_local = [s.name for s in cfg.search if s.name in local]
     h_local = [(i, s.name) for i, s in enumerate(cfg.holdout) if s.name in local]
     if not s_local or not h_local:
         return
-    tm = task_manager(tuple(cfg.include_path), False)
     tasks = leaf_tasks(get_task_dict(s_local + [n for _, n in h_local], tm))
     search_texts: dict[str, str] = {}
     for name in s_local:

@@ -14,7 +14,6 @@ from typing import Any
 __all__ = [
     "task_manager",
     "quiet_lm_eval",
-    "local_task_names",
     "get_task_dict",
     "leaf_tasks",
     "doc_ids",
@@ -67,11 +66,6 @@ def task_manager(include_path: tuple[str, ...], include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=list(include_path) or None, include_defaults=include_defaults)
-
-
-def local_task_names(include_path: Iterable[str]) -> set[str]:
-    tm = task_manager(tuple(include_path), False)
-    return set(tm.all_tasks)
 
 
 def manager_for(task_names: Iterable[str], include_path: Any = None):
