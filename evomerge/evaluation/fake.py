@@ -83,8 +83,7 @@ class FakeEvaluator(Evaluator):
     ) -> None:
         self.tasks, self.score, self.n = list(tasks), score, items
         self.validation, self.before, self.fingerprint = validation, before, fingerprint
-        self.calls = 0
-        self.items_scored = 0
+        self.calls = self.items_scored = 0
         every = list(range(items or 0))
         val, test = split_holdout(every, validation)
         self._ids = {"search": every, "holdout": every, "validation": val, "test": test}
