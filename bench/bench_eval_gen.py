@@ -46,11 +46,12 @@ GEN_SIZES = {
 def _trial(lm, task_dict) -> tuple[float, dict[str, list[str]], dict[str, float]]:
     from lm_eval.evaluator import evaluate
 
-    from evomerge.evaluation.hflm import no_task_bars, reseed_fewshot
+    from evomerge.compat import quiet_task_progress
+    from evomerge.evaluation.hflm import reseed_fewshot
     from evomerge.evaluation.tasks import leaf_tasks
 
     reseed_fewshot(leaf_tasks(task_dict).values())  # as the evaluator does: the same prompts
-    with no_task_bars():
+    with quiet_task_progress():
         t0 = time.perf_counter()
         out = evaluate(lm, task_dict, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
         if str(getattr(lm, "device", "cpu")).startswith("cuda"):

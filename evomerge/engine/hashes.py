@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from evomerge.engine.kernels.chunked import run_each
+from evomerge.engine.kernels.chunked import run_chunks
 from evomerge.engine.rng import hash32
 from evomerge.engine.sources import ModelSource
 
@@ -127,7 +127,7 @@ def _row_sums_cpu(w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         torch.mul(x, table[1, :m], out=p)
         return a, int(p.sum())
 
-    return torch.tensor(run_each(rows, w.device, fn), dtype=torch.int64).view(rows, 2)
+    return torch.tensor(run_chunks(rows, w.device, fn, chunk=1), dtype=torch.int64).view(rows, 2)
 
 
 class Fingerprint:

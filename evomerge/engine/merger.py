@@ -32,7 +32,7 @@ from evomerge.dtypes import torch_dtype
 from evomerge.engine.card import TOKENIZER_FILES, write_metadata
 from evomerge.engine.hashes import Fingerprint, digest_model_dir, tensor_digest, tensors_digest
 from evomerge.engine.inputs import PrepCache, TensorInputs
-from evomerge.engine.kernels.methods import kernel_for
+from evomerge.engine.kernels.methods import KERNELS
 from evomerge.engine.placement import (
     Placement,
     SourceTensors,
@@ -228,7 +228,7 @@ class Merger:
             stream=self.stream,
         )
         try:
-            result = kernel_for(plan.recipe.method)(inp)
+            result = KERNELS[plan.recipe.method.name](inp)
         except ValueError as e:
             raise MergeError(f"tensor {task.out_name}: {one_line(e)}") from None
         # Fused kernels check their output chunk by chunk (a whole-tensor isfinite costs more than a linear merge).

@@ -5,7 +5,7 @@ evaluator (:mod:`.lmeval`, with the LMs of :mod:`.hflm`, the shared-context scor
 (:mod:`.fake`). ``lm_eval`` is imported by :mod:`.hflm` (and so by :mod:`.lmeval` and
 :mod:`.items`) only: this package's own import does not load it."""
 
-from evomerge.evaluation.base import EvalConfig, Evaluator, Scores, TaskSpec, aggregate
+from evomerge.evaluation.base import EvalConfig, Evaluator, Scores, TaskSpec
 from evomerge.evaluation.fake import FakeEvaluator
 from evomerge.evaluation.section import PRESETS, parse_evaluate
 from evomerge.evaluation.tasks import task_manager
@@ -15,7 +15,6 @@ __all__ = [
     "Scores",
     "Evaluator",
     "TaskSpec",
-    "aggregate",
     "FakeEvaluator",
     "task_manager",
     "PRESETS",

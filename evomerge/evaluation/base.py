@@ -28,7 +28,6 @@ __all__ = [
     "make_scores",
     "Evaluator",
     "StagedEvaluation",
-    "aggregate",
     "item_weights",
     "SCORERS",
     "SPLITS",
@@ -183,24 +182,16 @@ def make_scores(
     values: Mapping[str, Sequence[float | None]] | None = None,
     n_items: int | None = None,
 ) -> Scores:
-    """The :class:`Scores` of per-task scores, their weighted aggregate (:func:`aggregate`; a
-    NaN standard error counts as 0 there) and the items scored (every value's, or ``n_items``)."""
-    agg, se = aggregate(
-        specs, scores, {k: (0.0 if math.isnan(v) else v) for k, v in stderr.items()}
-    )
+    """The :class:`Scores` of per-task scores, their weighted aggregate (a NaN standard error
+    counts as 0 there) and the items scored (every value's, or ``n_items``)."""
+    specs = list(specs)
+    known = {k: (0.0 if math.isnan(v) else v) for k, v in stderr.items()}
+    wsum = sum(s.weight for s in specs)
+    agg = sum(s.weight * scores[s.name] for s in specs) / wsum
+    se = math.sqrt(sum((s.weight * known.get(s.name, 0.0)) ** 2 for s in specs)) / wsum
     per_item = {k: list(v) for k, v in (values or {}).items()}
     n = sum(len(v) for v in per_item.values()) if n_items is None else n_items
     return Scores(dict(scores), dict(stderr), agg, se, seconds, n, per_item)
-
-
-def aggregate(
-    specs: Iterable[TaskSpec], scores: Mapping[str, float], stderr: Mapping[str, float]
-) -> tuple[float, float]:
-    specs = list(specs)
-    wsum = sum(s.weight for s in specs)
-    agg = sum(s.weight * scores[s.name] for s in specs) / wsum
-    se = math.sqrt(sum((s.weight * stderr.get(s.name, 0.0)) ** 2 for s in specs)) / wsum
-    return agg, se
 
 
 def item_weights(specs: Iterable[TaskSpec], counts: Mapping[str, int]) -> dict[str, float]:

@@ -83,8 +83,7 @@ class FakeEvaluator(Evaluator):
     ) -> None:
         self.tasks, self.score, self.n = list(tasks), score, items
         self.validation, self.before, self.fingerprint = validation, before, fingerprint
-        self.calls = 0
-        self.items_scored = 0
+        self.calls = self.items_scored = 0
         every = list(range(items or 0))
         val, test = split_holdout(every, validation)
         self._ids = {"search": every, "holdout": every, "validation": val, "test": test}
@@ -138,10 +137,6 @@ class FakeEvaluator(Evaluator):
     def digest(self) -> str:
         return digest_of([self.tasks, self.n, self.validation, self.fingerprint])
 
-    def item_value(self, task: str, index: int, smooth: float) -> float:
-        """Item ``index`` of search task ``task`` (or its holdout twin) at smooth score ``smooth``."""
-        return 1.0 if self._difficulty[task.removesuffix("_holdout")][index] < smooth else 0.0
-
     def smooth(self, model: torch.nn.Module, split: str = "search") -> dict[str, float]:
         """The smooth score of each task of ``split`` (before items), by its name there."""
         got = self.score(model, split)
@@ -150,25 +145,51 @@ class FakeEvaluator(Evaluator):
         }
 
     def evaluate(self, model: torch.nn.Module, split: str = "search") -> Scores:
-        self.calls += 1
-        if self.before is not None:
-            self.before(model, split)
-        t0 = time.perf_counter()
-        smooth = self.smooth(model, split)
-        values = None
-        if self.n:
-            ids = self._ids[split]
-            values = {k: [self.item_value(k, j, v) for j in ids] for k, v in smooth.items()}
-            self.items_scored += len(ids) * len(values)
-        return self.assemble(smooth, values, t0)
+        return _FakeStaged(self, model, split).result()
 
-    @staticmethod
-    def assemble(
-        smooth: Mapping[str, float], values: Mapping[str, list[float]] | None, t0: float
-    ) -> Scores:
-        """The scores: per-task means of ``values`` when given, else the smooth scores."""
+    def item_counts(self) -> dict[str, int]:
+        return dict.fromkeys(self.tasks, self.n) if self.n else {}
+
+    def staged(self, model: torch.nn.Module) -> StagedEvaluation | None:
+        return _FakeStaged(self, model) if self.n else None
+
+
+class _FakeStaged(StagedEvaluation):
+    """One evaluation of ``split``: items (doc ids of :attr:`FakeEvaluator._ids`) scored once
+    each, as asked or all at :meth:`result`; without items, the smooth scores."""
+
+    def __init__(self, ev: FakeEvaluator, model: torch.nn.Module, split: str = "search") -> None:
+        self.ev, self.split = ev, split
+        ev.calls += 1
+        if ev.before is not None:
+            ev.before(model, split)
+        self.smooth = ev.smooth(model, split)
+        self.values: dict[str, dict[int, float]] = {k: {} for k in self.smooth}
+
+    @property
+    def scored(self) -> int:
+        return sum(len(v) for v in self.values.values())
+
+    def score(self, items: Mapping[str, Sequence[int]]) -> dict[str, dict[int, float]]:
+        for task, idx in items.items():
+            order = self.ev._difficulty[task.removesuffix("_holdout")]
+            for i in idx:
+                if i not in self.values[task]:
+                    self.values[task][i] = 1.0 if order[i] < self.smooth[task] else 0.0
+                    self.ev.items_scored += 1
+        return {task: {i: self.values[task][i] for i in idx} for task, idx in items.items()}
+
+    def result(self) -> Scores:
+        """The scores: per-task means of the items' values when there are items, else the
+        smooth scores."""
+        t0 = time.perf_counter()
         scores, stderr = {}, {}
-        for name, value in smooth.items():
+        values = None
+        if self.ev.n:
+            ids = self.ev._ids[self.split]
+            self.score({k: ids for k in self.values})
+            values = {k: [v[i] for i in ids] for k, v in self.values.items()}
+        for name, value in self.smooth.items():
             if values is not None:
                 vals = values[name]
                 p = sum(vals) / len(vals)
@@ -179,39 +200,3 @@ class FakeEvaluator(Evaluator):
         specs = [TaskSpec(k) for k in scores]
         n = None if values is not None else 100 * len(scores)
         return make_scores(specs, scores, stderr, time.perf_counter() - t0, values, n)
-
-    def item_counts(self) -> dict[str, int]:
-        return dict.fromkeys(self.tasks, self.n) if self.n else {}
-
-    def staged(self, model: torch.nn.Module) -> StagedEvaluation | None:
-        return _FakeStaged(self, model) if self.n else None
-
-
-class _FakeStaged(StagedEvaluation):
-    def __init__(self, ev: FakeEvaluator, model: torch.nn.Module) -> None:
-        self.ev, self.model = ev, model
-        ev.calls += 1
-        if ev.before is not None:
-            ev.before(model, "search")
-        self.smooth = ev.smooth(model)
-        self.values: dict[str, dict[int, float]] = {k: {} for k in self.smooth}
-
-    @property
-    def scored(self) -> int:
-        return sum(len(v) for v in self.values.values())
-
-    def score(self, items: Mapping[str, Sequence[int]]) -> dict[str, dict[int, float]]:
-        for task, idx in items.items():
-            for i in idx:
-                if i not in self.values[task]:
-                    self.values[task][i] = self.ev.item_value(task, i, self.smooth[task])
-                    self.ev.items_scored += 1
-        return {task: {i: self.values[task][i] for i in idx} for task, idx in items.items()}
-
-    def result(self) -> Scores:
-        t0 = time.perf_counter()
-        n = self.ev.n or 0
-        self.score({k: range(n) for k in self.values})
-        return self.ev.assemble(
-            self.smooth, {k: [v[i] for i in range(n)] for k, v in self.values.items()}, t0
-        )

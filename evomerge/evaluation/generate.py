@@ -32,6 +32,7 @@ holds a stop string, so the text before the first stop string is the text a long
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,14 +95,7 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
         >>> common_prefix([[1, 2, 3], [1, 2, 4, 5], [1, 2]])
         2
     """
-    if not seqs:
-        return 0
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for i in range(n):
-        t = first[i]
-        if any(s[i] != t for s in seqs):
-            return i
-    return n
+    return len(os.path.commonprefix([list(s) for s in seqs]))  # element-wise on lists too
 
 
 @dataclass
@@ -127,13 +121,11 @@ def generate_shared(
     """Greedy continuations of ``requests``, each group's shared prefix run once.
 
     Where the prefix is held once (see the module's text), as many rows are decoded together as fit
-    in the key/value memory ``HFLM`` holds at ``batch_size``:
-    ``floor((batch_size * (P + C) - P) / C)`` with ``P`` the group's prefix and ``C`` its longest
-    own suffix plus its largest budget, at most ``4 * batch_size`` and the rows left
-    (:func:`~evomerge.evaluation.prefixkv.batch_rows`); their own tokens run ``batch_size`` rows at
-    a time. Elsewhere ``batch_size`` rows are decoded together. When a quarter of the places are
-    free, the next rows of the group run their own tokens and join the batch (on models whose
-    cache layers are plain full-attention ones; otherwise a batch is refilled once it is empty).
+    in the key/value memory ``HFLM`` holds at ``batch_size``
+    (:func:`~evomerge.evaluation.prefixkv.batch_rows`), their own tokens ``batch_size`` rows at a
+    time; elsewhere ``batch_size`` rows. When a quarter of the places are free, the next rows of
+    the group run their own tokens and join the batch (on models whose cache layers are plain
+    full-attention ones; otherwise a batch is refilled once it is empty).
 
     Args:
         model: a ``transformers`` causal LM that returns a ``Cache`` (Llama, Mistral, Qwen, ...).
@@ -218,23 +210,16 @@ class _Group:
     base: int = 0
 
 
+@dataclass
 class _Decoder:
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        eos: frozenset[int],
-        device: torch.device,
-        run: GenStats,
-    ) -> None:
-        self.model, self.tokenizer, self.eos, self.device, self.run = (
-            model,
-            tokenizer,
-            eos,
-            device,
-            run,
-        )
-        self.cache_name, self.keep = forward_names(model)
+    model: torch.nn.Module
+    tokenizer: Any
+    eos: frozenset[int]
+    device: torch.device
+    run: GenStats
+
+    def __post_init__(self) -> None:
+        self.cache_name, self.keep = forward_names(self.model)
 
     def _forward(self, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         if self.keep is not None:

@@ -16,6 +16,7 @@ and tasks :func:`check_generation_tasks` sends there (filter steps that are not 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,8 +71,7 @@ _KWARGS = {"until", "max_gen_toks", "do_sample", "temperature"}
 _MAX_ALIASES = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 
 
-def _say_once(key: str, message: str) -> None:
-    say_once(key, message, log=logger, level=logging.WARNING)
+_say_once = functools.partial(say_once, log=logger, level=logging.WARNING)
 
 
 def hflm_only(lm: Any) -> str:

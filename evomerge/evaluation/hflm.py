@@ -1,14 +1,7 @@
-"""The lm-eval LMs that score an in-memory model, and what every evaluation path shares.
-
-- :class:`SharedContextHFLM`: lm-eval's ``HFLM`` whose loglikelihood requests run each shared
-  context once (:func:`~evomerge.evaluation.scorer.score_shared`) and whose generations run each
-  task's shared prompt prefix once (:func:`~evomerge.evaluation.genlm.generate_until_shared`);
-- :class:`QuietHFLM` and :class:`QuietSharedContextHFLM`: the same without progress bars (a
-  search prints its own); :func:`make_lm` picks one by ``evaluate.scorer``;
-- :class:`MemoLM`: answers the requests it ran once from memory (one candidate's; scoring a
-  subset of the items, then all of them, runs each request once);
-- :func:`reseed_fewshot` and :func:`no_task_bars`: what the full and the staged evaluation both
-  do before lm-eval builds requests, so that both give every item the same prompt.
+"""The lm-eval LMs that score an in-memory model (:func:`make_lm` picks one by
+``evaluate.scorer``; a search prints its own progress, so they draw no bars), :class:`MemoLM` that
+answers a request it ran once from memory, and :func:`reseed_fewshot`, which the full and the
+staged evaluation both call before lm-eval builds requests so that every item gets one prompt.
 
 This module imports ``lm_eval`` (and ``transformers``) when it is imported: the search imports it,
 the readers of a study (results, export, report) do not.
@@ -16,17 +9,17 @@ the readers of a study (results, export, report) do not.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from lm_eval.api.model import LM
 from lm_eval.models.huggingface import HFLM
 
-from evomerge.compat import feed_cache_hook, hflm_loglikelihood_tokens, quiet_task_progress
+from evomerge.compat import feed_cache_hook, hflm_loglikelihood_tokens
 from evomerge.evaluation.base import SCORERS, say_once
 from evomerge.evaluation.genlm import generate_until_shared, hflm_only
 from evomerge.evaluation.kv import sliding_window
@@ -40,7 +33,6 @@ __all__ = [
     "make_lm",
     "FEWSHOT_SEED",
     "reseed_fewshot",
-    "no_task_bars",
 ]
 
 # The shared-context scorer's notes (why requests go to HFLM's path) under the scorer's name.
@@ -54,14 +46,6 @@ def reseed_fewshot(tasks: Iterable[Any]) -> None:
     task's generator where the previous call left it, so every evaluation starts from here."""
     for task in tasks:
         task.set_fewshot_seed(seed=FEWSHOT_SEED)
-
-
-@contextlib.contextmanager
-def no_task_bars() -> Iterator[None]:
-    """lm-eval draws a progress bar per task while it builds requests (the module global
-    ``lm_eval.api.task.tqdm``); a search prints its own progress, so it is a pass-through here."""
-    with quiet_task_progress():
-        yield
 
 
 class SharedContextHFLM(HFLM):
@@ -85,7 +69,8 @@ class SharedContextHFLM(HFLM):
     def _loglikelihood_tokens(  # compat.HFLM_TOKENS: what HFLM.loglikelihood calls
         self, requests: Any, disable_tqdm: bool = False, override_bs: int | None = None
     ) -> Any:
-        why = self._hflm_reason(requests)
+        # the windows of loglikelihood_rolling have no context
+        why = "rolling" if any(r[0] is None for r in requests) else hflm_only(self)
         if why:
             if why != "rolling":  # loglikelihood_rolling said so already
                 say_once(
@@ -134,11 +119,6 @@ class SharedContextHFLM(HFLM):
             res[i] = r
             feed_cache_hook(self, requests[i][0], r)
         return res
-
-    def _hflm_reason(self, requests: Any) -> str:
-        if any(r[0] is None for r in requests):  # the windows of loglikelihood_rolling
-            return "rolling"
-        return hflm_only(self)
 
     def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
         say_once(
@@ -225,7 +205,7 @@ class MemoLM(LM):
         self.inner = inner
         self.memo: dict[tuple[str, str, int], Any] = {}
 
-    def _answer(self, kind: str, requests: list[Any]) -> list[Any]:
+    def _answer(self, kind: str, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
         # The n-th copy of one request (lm-eval repeats a request for sampled generations)
         # is its own entry, so repeats keep their distinct answers.
         seen: dict[tuple[str, str], int] = defaultdict(int)
@@ -239,14 +219,9 @@ class MemoLM(LM):
             self.memo.update(zip(todo, getattr(self.inner, kind)(list(todo.values())), strict=True))
         return [self.memo[k] for k in keys]
 
-    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-        return self._answer("loglikelihood", requests)
-
-    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-        return self._answer("loglikelihood_rolling", requests)
-
-    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-        return self._answer("generate_until", requests)
+    loglikelihood = functools.partialmethod(_answer, "loglikelihood")
+    loglikelihood_rolling = functools.partialmethod(_answer, "loglikelihood_rolling")
+    generate_until = functools.partialmethod(_answer, "generate_until")
 
     # Prompts rendered with a chat template are the inner LM's (the full evaluation after staged
     # rounds must build the prompts the rounds were scored on).

@@ -28,9 +28,9 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from evomerge.compat import build_task_requests, task_filters
+from evomerge.compat import build_task_requests, quiet_task_progress, task_filters
 from evomerge.evaluation.base import Scores, StagedEvaluation, TaskSpec
-from evomerge.evaluation.hflm import MemoLM, no_task_bars, reseed_fewshot
+from evomerge.evaluation.hflm import MemoLM, reseed_fewshot
 
 __all__ = [
     "RequestBank",
@@ -113,20 +113,17 @@ class RequestBank:
         self, tasks: Mapping[str, Any], ids: Mapping[str, list[int]], chat: Any = None
     ) -> None:
         self.tasks = dict(tasks)
-        self.chat = chat
         self.requests: dict[str, list[list[Any]]] = {}
-        with no_task_bars():
-            for leaf, task in self.tasks.items():
-                self._build(leaf, task, ids[leaf])
-
-    def _build(self, leaf: str, task: Any, ids: list[int]) -> None:
-        reseed_fewshot([task])  # as the full evaluation does: the same prompts
-        build_task_requests(task, ids, chat=self.chat)
-        by_doc: dict[int, list[Any]] = defaultdict(list)
-        for inst in task.instances:  # doc_id is the position among the selected docs
-            by_doc[inst.doc_id].append(inst)
-        self.requests[leaf] = [sorted(by_doc[pos], key=lambda x: x.idx) for pos in range(len(ids))]
-        reseed_fewshot([task])
+        for leaf, task in self.tasks.items():
+            reseed_fewshot([task])  # as the full evaluation does: the same prompts
+            with quiet_task_progress():
+                build_task_requests(task, ids[leaf], chat=chat)
+            by_doc: dict[int, list[Any]] = defaultdict(list)
+            for inst in task.instances:  # doc_id is the position among the selected docs
+                by_doc[inst.doc_id].append(inst)
+            n = len(ids[leaf])
+            self.requests[leaf] = [sorted(by_doc[i], key=lambda x: x.idx) for i in range(n)]
+            reseed_fewshot([task])
 
 
 def items_from_samples(

@@ -18,6 +18,7 @@ __all__ = [
     "cache_length",
     "cache_paddable",
     "growing",
+    "growing_layer",
     "sliding_window",
 ]
 
@@ -87,12 +88,13 @@ def cache_paddable(cache: Any) -> bool:
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None) or []
-    grow = _growing_layer()
+    grow = growing_layer()
     return bool(layers) and all(type(x) in (DynamicLayer, grow) for x in layers)
 
 
 @lru_cache(maxsize=1)
-def _growing_layer() -> type:
+def growing_layer() -> type:
+    """The class of :func:`growing`'s layers (built on first use: transformers loads lazily)."""
     from transformers.cache_utils import DynamicLayer
 
     class GrowingLayer(DynamicLayer):
@@ -104,7 +106,6 @@ def _growing_layer() -> type:
             super().__init__()
             self.is_initialized = True
             self.device = keys.device
-            self._n = 0
             self._store(keys, values, 0)
 
         def _store(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
@@ -119,10 +120,16 @@ def _growing_layer() -> type:
             self._n = n
             self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
+        def _full(self, n: int) -> None:
+            # doubling: appends copy the layer O(log length) times
+            self._store(
+                self._k[:, :, : self._n], self._v[:, :, : self._n], max(n - self._n, self._n, 16)
+            )
+
         def update(self, key_states, value_states, *args, **kwargs):
             n = self._n + key_states.shape[-2]
-            if n > self._k.shape[-2]:  # doubling: appends copy the layer O(log length) times
-                self._store(self.keys, self.values, max(n - self._n, self._n, 16))
+            if n > self._k.shape[-2]:
+                self._full(n)
             self._k[:, :, self._n : n] = key_states
             self._v[:, :, self._n : n] = value_states
             self._view(n)
@@ -164,7 +171,7 @@ def growing(cache: Any) -> Any:
     layers = getattr(cache, "layers", None)
     if not layers or not all(type(x) is DynamicLayer and x.is_initialized for x in layers):
         return cache
-    grow = _growing_layer()
+    grow = growing_layer()
     cache.layers = [grow(x.keys, x.values) for x in layers]
     return cache
 
@@ -190,7 +197,7 @@ def cache_cat(a: Any, b: Any) -> Any | None:
 
     out = copy.copy(a)
     out.layers = [
-        _growing_layer()(
+        growing_layer()(
             torch.cat([grow(la.keys), grow(lb.keys)], dim=0),
             torch.cat([grow(la.values), grow(lb.values)], dim=0),
         )

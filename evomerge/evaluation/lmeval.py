@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from evomerge.compat import quiet_task_progress
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluation.base import (
     SCORERS,
@@ -24,7 +25,7 @@ from evomerge.evaluation.base import (
     say_once,
 )
 from evomerge.evaluation.genlm import check_generation_tasks
-from evomerge.evaluation.hflm import make_lm, no_task_bars, reseed_fewshot
+from evomerge.evaluation.hflm import make_lm, reseed_fewshot
 from evomerge.evaluation.items import (
     LMEvalStaged,
     RequestBank,
@@ -33,10 +34,7 @@ from evomerge.evaluation.items import (
     stageable,
 )
 from evomerge.evaluation.splits import Splits
-from evomerge.evaluation.tasks import (
-    leaf_tasks,
-    quiet_lm_eval,
-)
+from evomerge.evaluation.tasks import leaf_tasks, quiet_lm_eval
 
 __all__ = ["LMEvalEvaluator"]
 
@@ -51,7 +49,7 @@ def _generation_tasks(cfg: EvalConfig, sp: Splits, max_length: int | None) -> di
         if split not in sp.dicts or (split == "holdout" and not cfg.holdout):
             continue  # a holdout of the search tasks' later items was checked as search
         found = check_generation_tasks(leaf_tasks(sp.dicts[split]), max_length)
-        for i, spec in enumerate(sp.specs[split]):
+        for i, spec in enumerate(sp.task_specs[split]):
             for leaf in sp.leaves[split][spec.name]:
                 if leaf in found.errors:
                     raise ConfigError(cfg.file, f"{where}[{i}]", found.errors[leaf])
@@ -61,24 +59,13 @@ def _generation_tasks(cfg: EvalConfig, sp: Splits, max_length: int | None) -> di
     return hflm
 
 
-def _check_chat_template(cfg: EvalConfig, tokenizer: Any) -> None:
-    """Refuse ``chat_template: true`` for a tokenizer that has none."""
-    if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ConfigError(
-            cfg.file,
-            "evaluate.chat_template",
-            f"the tokenizer ({name}) has no chat template; set chat_template: false, "
-            "or name a model whose tokenizer has one in tokenizer_source",
-        )
-
-
-class LMEvalEvaluator(Evaluator):
+class LMEvalEvaluator(Splits, Evaluator):
     """lm-evaluation-harness over an in-memory model.
 
-    Task objects, datasets and prompts are built once here; each :meth:`evaluate` wraps the given
-    model in a fresh lm-eval LM (no copy of the weights) and runs lm-eval on the prebuilt tasks with
-    no response cache, so consecutive candidates never share answers.
+    Task objects, datasets and prompts are built once (:class:`~evomerge.evaluation.splits.Splits`,
+    which also answers for the items: task names, texts, prompts, digest); each :meth:`evaluate`
+    wraps the given model in a fresh lm-eval LM (no copy of the weights) and runs lm-eval on the
+    prebuilt tasks with no response cache, so consecutive candidates never share answers.
 
     Args:
         cfg: the parsed ``evaluate:`` section.
@@ -110,50 +97,35 @@ class LMEvalEvaluator(Evaluator):
         max_length: int | None = None,
     ) -> None:
         quiet_lm_eval()
-        self.cfg = cfg
         self.tokenizer = tokenizer
         self.device = device
         self.batch_size = int(batch_size or cfg.batch_size)
         self.scorer = scorer or cfg.scorer
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
-        _check_chat_template(cfg, tokenizer)
-        self.splits = Splits(cfg)
+        if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise ConfigError(
+                cfg.file,
+                "evaluate.chat_template",
+                f"the tokenizer ({name}) has no chat template; set chat_template: false, "
+                "or name a model whose tokenizer has one in tokenizer_source",
+            )
+        super().__init__(cfg)
         self._bank: RequestBank | None = None  # built on the first staged evaluation
-        self._hflm_tasks = _generation_tasks(cfg, self.splits, max_length)
-
-    # -- API
-
-    def task_names(self, split: str = "search") -> list[str]:
-        return self.splits.names(split)
+        self._hflm_tasks = _generation_tasks(cfg, self, max_length)
 
     def include_path(self) -> list[str]:
         return list(self.cfg.include_path)
 
-    def tasks_index(self) -> Any:
-        return self.splits.tm
-
-    def digest(self) -> str:
-        return self.splits.digest()
-
-    def texts(self, split: str = "search") -> dict[str, list[str]]:
-        return self.splits.texts(split)
-
-    def prompts(self, split: str = "search") -> dict[str, list[str]]:
-        return self.splits.prompts(split)
-
-    def datasets(self) -> dict[str, list[str]]:
-        return self.splits.datasets()
-
     def item_counts(self) -> dict[str, int]:
         """Search items per task, or ``{}`` when a metric is not a mean of per-item values."""
-        sp = self.splits
-        if stageable(leaf_tasks(sp.dicts["search"]), sp.leaves["search"], sp.specs["search"]):
+        if stageable(leaf_tasks(self.dicts["search"]), self.leaves["search"], self.specs()):
             return {}
-        return sp.counts("search")
+        return self.counts("search")
 
     def specs(self) -> list[TaskSpec]:
-        return list(self.splits.specs["search"])
+        return list(self.task_specs["search"])
 
     def staged(self, model: torch.nn.Module) -> StagedEvaluation | None:
         """Score ``model`` on the search items in rounds (:mod:`evomerge.evaluation.items`); None
@@ -161,24 +133,17 @@ class LMEvalEvaluator(Evaluator):
         if not self.item_counts():
             return None
         model.eval()
-        lm = make_lm(
-            model,
-            self.tokenizer,
-            scorer=self.scorer,
-            batch_size=self.batch_size,
-            device=self.device,
-            hflm_tasks=self._hflm_tasks,
-        )
+        lm = self._lm(model)
         if self._bank is None:
             self._bank = RequestBank(
-                leaf_tasks(self.splits.dicts["search"]),
-                self.splits.samples["search"],
+                leaf_tasks(self.dicts["search"]),
+                self.samples["search"],
                 chat=lm if self.cfg.chat_template else None,
             )
         return LMEvalStaged(
             self._bank,
-            self.splits.specs["search"],
-            self.splits.leaves["search"],
+            self.task_specs["search"],
+            self.leaves["search"],
             lm,
             lambda memo: self._run(model, memo, "search"),
         )
@@ -198,27 +163,21 @@ class LMEvalEvaluator(Evaluator):
             EvomergeError: ``split`` is "holdout" and the config has none; a metric missing from
                 lm-eval's results.
         """
-        if split not in self.splits.dicts:
-            raise EvomergeError(
-                f"no {split} items configured (evaluate.holdout"
-                + (
-                    ".validation is 0)"
-                    if split == "validation" and "holdout" in self.splits.dicts
-                    else ")"
-                )
-            )
+        if split not in self.dicts:
+            zero = split == "validation" and "holdout" in self.dicts
+            where = "evaluate.holdout" + (".validation is 0" if zero else "")
+            raise EvomergeError(f"no {split} items configured ({where})")
         quiet_lm_eval()
-        return self._run(
+        return self._run(model, self._lm(model), split)
+
+    def _lm(self, model: torch.nn.Module) -> Any:
+        return make_lm(
             model,
-            make_lm(
-                model,
-                self.tokenizer,
-                scorer=self.scorer,
-                batch_size=self.batch_size,
-                device=self.device,
-                hflm_tasks=self._hflm_tasks,
-            ),
-            split,
+            self.tokenizer,
+            scorer=self.scorer,
+            batch_size=self.batch_size,
+            device=self.device,
+            hflm_tasks=self._hflm_tasks,
         )
 
     def _run(self, model: torch.nn.Module, lm: Any, split: str) -> Scores:
@@ -230,35 +189,29 @@ class LMEvalEvaluator(Evaluator):
         # lm-eval's evaluate() draws few-shot examples from each task's generator where the previous
         # call left it: reseed, so that every candidate (and the staged scoring of
         # :class:`~evomerge.evaluation.items.RequestBank`) sees the same prompts.
-        reseed_fewshot(leaf_tasks(self.splits.dicts[split]).values())
-        with no_task_bars():
+        reseed_fewshot(leaf_tasks(self.dicts[split]).values())
+        with quiet_task_progress():
             out = lm_evaluate(
                 lm,
-                self.splits.dicts[split],
-                samples=self.splits.samples[split],
+                self.dicts[split],
+                samples=self.samples[split],
                 bootstrap_iters=100,  # mean metrics use the closed form; this bounds the others
                 log_samples=True,  # per-item values (paired comparisons)
                 verbosity="ERROR",
                 apply_chat_template=self.cfg.chat_template,
                 fewshot_as_multiturn=self.cfg.chat_template,
             )
-        if was_training:
-            model.train()
+        model.train(was_training)
         results = (out or {}).get("results", {})
-        tasks = leaf_tasks(self.splits.dicts[split])
+        tasks = leaf_tasks(self.dicts[split])
         scores: dict[str, float] = {}
         stderr: dict[str, float] = {}
         items: dict[str, list[float | None]] = {}
-        for spec in self.splits.specs[split]:
-            got = metric_value(results.get(spec.name, {}), spec.metric)
+        for spec in self.task_specs[split]:
+            res = results.get(spec.name, {})
+            got = metric_value(res, spec.metric)
             if got is None:
-                have = sorted(
-                    {
-                        k.split(",")[0]
-                        for k in results.get(spec.name, {})
-                        if "," in k and "_stderr" not in k
-                    }
-                )
+                have = sorted({k.split(",")[0] for k in res if "," in k and "_stderr" not in k})
                 raise EvomergeError(
                     f"task {spec.name!r} reports no metric {spec.metric!r} (it reports: {', '.join(have) or 'nothing'})"
                 )
@@ -266,10 +219,8 @@ class LMEvalEvaluator(Evaluator):
             items[spec.name] = items_from_samples(
                 (out or {}).get("samples", {}),
                 spec,
-                self.splits.leaves[split][spec.name],
-                self.splits.samples[split],
+                self.leaves[split][spec.name],
+                self.samples[split],
                 tasks,
             )
-        return make_scores(
-            self.splits.specs[split], scores, stderr, time.perf_counter() - t0, items
-        )
+        return make_scores(self.task_specs[split], scores, stderr, time.perf_counter() - t0, items)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from evomerge.compat import attention_implementation, attention_implementations
-from evomerge.evaluation.kv import cache_paddable
+from evomerge.evaluation.kv import cache_paddable, growing_layer
 
 __all__ = [
     "PREFIX_KWARG",
@@ -84,47 +84,23 @@ def batch_rows(batch_size: int, prefix: int, columns: int, items: int) -> int:
 def _prefix_layer() -> type:
     from transformers.cache_utils import DynamicLayer
 
-    class PrefixLayer(DynamicLayer):
-        """Keys and values of a prefix shared by every row, held once, and each row's own columns
-        in a buffer ``capacity`` columns wide (``keys``/``values``: the own columns only)."""
+    class PrefixLayer(growing_layer()):  # type: ignore[misc]
+        """Keys and values of a prefix shared by every row, held once, and each row's first ``n``
+        own columns in a buffer of fixed width (``keys``/``values``: the own columns only;
+        :meth:`held` counts the own buffers, the prefix being shared)."""
 
-        def __init__(self, prefix_k: torch.Tensor, prefix_v: torch.Tensor, own: tuple) -> None:
-            super().__init__()
+        def __init__(
+            self, prefix_k: torch.Tensor, prefix_v: torch.Tensor, own: tuple, n: int = 0
+        ) -> None:
+            DynamicLayer.__init__(self)  # the own buffers are taken as they are, not copied
             self.is_initialized = True
             self.device = prefix_k.device
             self.prefix_keys, self.prefix_values = prefix_k, prefix_v  # (1, H, P, D)
             self._k, self._v = own  # (B, H, capacity, D)
-            self._view(0)
-
-        def _view(self, n: int) -> None:
-            self._n = n
-            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
-
-        @property
-        def capacity(self) -> int:
-            return int(self._k.shape[-2])
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            n = self._n + key_states.shape[-2]
-            if n > self.capacity:  # the decoder compacts first: rows never need more
-                raise RuntimeError(f"prefix cache full: {n} columns of {self.capacity}")
-            self._k[:, :, self._n : n] = key_states
-            self._v[:, :, self._n : n] = value_states
             self._view(n)
-            return self.keys, self.values
 
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            self._k, self._v = self._k[indices], self._v[indices]
-            self._view(self._n)
-
-        def crop(self, tokens_to_remove: int) -> None:
-            if tokens_to_remove > 0:
-                raise ValueError("crop takes a negative number of tokens to remove")
-            self._view(self._n - abs(tokens_to_remove))
-
-        def held(self) -> int:
-            """Key/value elements of the own buffers (the prefix is shared: not counted)."""
-            return int(self._k.numel() + self._v.numel())
+        def _full(self, n: int) -> None:  # the decoder compacts first: rows never need more
+            raise RuntimeError(f"prefix cache full: {n} columns of {self._k.shape[-2]}")
 
     return PrefixLayer
 
@@ -173,8 +149,7 @@ def merge_rows(a: Any, b: Any) -> int:
         k[:ra, :, n - na : n], v[:ra, :, n - na : n] = la.keys, la.values
         k[ra:, :, n - nb : n], v[ra:, :, n - nb : n] = lb.keys, lb.values
         # One layer at a time, so that only one layer is ever held twice.
-        a.layers[i] = type(la)(la.prefix_keys, la.prefix_values, (k, v))
-        a.layers[i]._view(n)
+        a.layers[i] = type(la)(la.prefix_keys, la.prefix_values, (k, v), n)
         b.layers[i] = None
     b.layers = []
     return n

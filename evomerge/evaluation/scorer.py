@@ -45,9 +45,8 @@ class _Group:
     it runs once and stays as keys/values; each row starts with the context's last token."""
 
     prefix: tuple[int, ...]
-    rows: list[tuple[int, list[int], list[int]]] = field(
-        default_factory=list
-    )  # (request index, input, continuation)
+    # (request index, input, continuation)
+    rows: list[tuple[int, list[int], list[int]]] = field(default_factory=list)
 
 
 def _plan(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int) -> list[_Group]:
@@ -111,9 +110,7 @@ def score_shared(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     groups = _plan(requests, max_length)
     cache_name, keep_name = _forward_names(model)
     out: list[tuple[float, bool] | None] = [None] * len(requests)
@@ -164,11 +161,9 @@ def _continuation_passes(
         n_rows, cols = len(part), max(len(r[2]) for _, r in part)
         inp = torch.zeros((n_rows, cols), dtype=torch.long)  # (R, C)
         target = torch.zeros((n_rows, cols), dtype=torch.long)  # (R, C)
-        mask = torch.zeros(
-            (n_rows, width + cols), dtype=torch.long
-        )  # (R, P + C): context row, then own tokens
+        # (R, P + C): context row, then own tokens
+        mask = torch.zeros((n_rows, width + cols), dtype=torch.long)
         pos = torch.arange(cols).repeat(n_rows, 1)  # (R, C)
-        lens = torch.tensor([len(r[2]) for _, r in part])  # (R,)
         for j, (gi, (_, x, cont)) in enumerate(part):
             n, p = len(cont), len(chunk[gi].prefix)
             inp[j, :n] = torch.tensor(x)
@@ -187,11 +182,9 @@ def _continuation_passes(
         logits = model(input_ids=inp.to(device), **kwargs).logits  # (R, C, V)
         logp = F.log_softmax(logits, dim=-1, dtype=softmax_dtype)
         target = target.to(device)
-        valid = torch.arange(cols, device=device)[None, :] < lens.to(device)[:, None]  # (R, C)
+        valid = mask[:, width:].to(device).bool()  # (R, C): a row's own tokens
         picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (R, C)
-        sums = torch.where(valid, picked, torch.zeros((), dtype=picked.dtype, device=device)).sum(
-            -1
-        )
+        sums = picked.masked_fill(~valid, 0.0).sum(-1)
         greedy = ((logp.argmax(-1) == target) | ~valid).all(-1)
         for j, (_, (i, _, _)) in enumerate(part):
             out[i] = (float(sums[j]), bool(greedy[j]))

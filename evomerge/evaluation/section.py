@@ -15,7 +15,7 @@ from evomerge.evaluation.tasks import (
     doc_ids,
     get_task_dict,
     leaf_tasks,
-    local_task_names,
+    manager_for,
     task_manager,
     texts_of,
 )
@@ -108,13 +108,24 @@ def _resolve_include(value: Any, file: str, base_dir: Path) -> list[str]:
                 )
             out.append(str(resolved.resolve()))
             continue
-        p = Path(v).expanduser()
-        if not p.is_absolute():
-            p = base_dir / p
+        p = base_dir / Path(v).expanduser()  # an absolute path stays as it is
         if not p.is_dir():
             raise ConfigError(file, where, f"directory {v!r} does not exist (looked at {p})")
         out.append(str(p.resolve()))
     return out
+
+
+def _no_unknown(section: Mapping[Any, Any], keys: set[str], file: str, where: str) -> None:
+    unknown = sorted(map(str, set(section) - keys))
+    if unknown:
+        raise ConfigError(
+            file, f"{where}.{unknown[0]}", "unknown key" + did_you_mean(unknown[0], keys)
+        )
+
+
+def _number(value: Any) -> bool:
+    """A finite int or float (a bool is neither here)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _int_or_none(value: Any, file: str, where: str, *, minimum: int = 1) -> int | None:
@@ -126,12 +137,7 @@ def _int_or_none(value: Any, file: str, where: str, *, minimum: int = 1) -> int 
 
 
 def _share(value: Any, file: str, where: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not 0 <= value < 1
-        or not math.isfinite(value)
-    ):
+    if not _number(value) or not 0 <= value < 1:
         raise ConfigError(
             file,
             where,
@@ -150,12 +156,7 @@ def _parse_task(entry: Any, file: str, where: str) -> TaskSpec:
             where,
             f"must be a task name or a mapping with keys {sorted(_TASK_KEYS)}, got {entry!r}",
         )
-    unknown = set(entry) - _TASK_KEYS
-    if unknown:
-        key = sorted(unknown)[0]
-        raise ConfigError(
-            file, f"{where}.{key}", "unknown key" + did_you_mean(str(key), _TASK_KEYS)
-        )
+    _no_unknown(entry, _TASK_KEYS, file, where)
     name = entry.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError(file, f"{where}.name", "a task needs a name")
@@ -167,12 +168,7 @@ def _parse_task(entry: Any, file: str, where: str) -> TaskSpec:
             f"must be a metric name such as acc or acc_norm, got {metric!r}",
         )
     weight = entry.get("weight", 1.0)
-    if (
-        isinstance(weight, bool)
-        or not isinstance(weight, (int, float))
-        or not weight > 0
-        or not math.isfinite(weight)
-    ):
+    if not _number(weight) or not weight > 0:
         raise ConfigError(file, f"{where}.weight", f"must be a positive number, got {weight!r}")
     shots = _int_or_none(entry.get("num_fewshot"), file, f"{where}.num_fewshot", minimum=0)
     return TaskSpec(name, metric, float(weight), shots)
@@ -184,24 +180,19 @@ def _parse_task_list(value: Any, file: str, where: str) -> list[TaskSpec]:
             file, where, f"must be a list of task names or mappings, got {type(value).__name__}"
         )
     specs = [_parse_task(e, file, f"{where}[{i}]") for i, e in enumerate(value)]
-    seen: set[str] = set()
     for i, s in enumerate(specs):
-        if s.name in seen:
+        if s.name in {t.name for t in specs[:i]}:
             raise ConfigError(file, f"{where}[{i}]", f"task {s.name!r} is listed twice")
-        seen.add(s.name)
     return specs
 
 
-def _check_names(
-    specs: list[TaskSpec], where: str, file: str, include_path: list[str], *, skip: set[str]
-) -> None:
+def _check_names(specs: list[TaskSpec], where: str, file: str, include_path: list[str]) -> None:
     """Every task name must exist, locally or in lm-eval's own index (names only: no download)."""
-    local = local_task_names(include_path) if include_path else set()
-    missing = [(i, s) for i, s in enumerate(specs) if s.name not in local and s.name not in skip]
-    if not missing:
+    if not specs:
         return
-    known = set(task_manager(tuple(include_path), True).all_tasks)
-    for i, s in missing:
+    # the local index when it knows every name; lm-eval's own (seconds to build) only if not
+    known = set(manager_for([s.name for s in specs], include_path).all_tasks)
+    for i, s in enumerate(specs):
         if s.name not in known:
             raise ConfigError(
                 file,
@@ -219,14 +210,13 @@ def parse_evaluate(
         section: the mapping (None: the demo zoo's defaults are *not* implied; an error).
         file: the space file's name, for messages.
         base_dir: directory that relative include paths are resolved against.
+        check_tasks: also look the task names up (local ones, then lm-eval's index, which takes
+            seconds to build) and compare local holdout items with search items
+            (:func:`check_tasks_of`); a space file is parsed without, and the evaluator checks
+            them when it loads the tasks.
 
     Returns:
         The :class:`EvalConfig`.
-
-        check_tasks: also look the task names up (local ones, then lm-eval's index, which takes
-            seconds to build) and compare local holdout items with search items
-            (:func:`check_tasks`); a space file is parsed without, and the evaluator checks them
-            when it loads the tasks.
 
     Raises:
         ConfigError: unknown key or task, missing include path, bad limit/weight, holdout items that
@@ -238,10 +228,7 @@ def parse_evaluate(
         )
     if not isinstance(section, Mapping):
         raise ConfigError(file, "evaluate", f"must be a mapping, got {type(section).__name__}")
-    unknown = set(section) - _KEYS
-    if unknown:
-        key = sorted(map(str, unknown))[0]
-        raise ConfigError(file, f"evaluate.{key}", "unknown key" + did_you_mean(key, _KEYS))
+    _no_unknown(section, _KEYS, file, "evaluate")
     include = (
         _resolve_include(section["include_path"], file, Path(base_dir))
         if section.get("include_path") is not None
@@ -296,12 +283,7 @@ def parse_evaluate(
             raise ConfigError(
                 file, "evaluate.holdout", "must be a mapping: {tasks: [...]} or {limit: N}"
             )
-        unknown = set(h) - _HOLDOUT_KEYS
-        if unknown:
-            key = sorted(map(str, unknown))[0]
-            raise ConfigError(
-                file, f"evaluate.holdout.{key}", "unknown key" + did_you_mean(key, _HOLDOUT_KEYS)
-            )
+        _no_unknown(h, _HOLDOUT_KEYS, file, "evaluate.holdout")
         holdout_limit = _int_or_none(h.get("limit"), file, "evaluate.holdout.limit")
         validation = _share(h.get("validation", VALIDATION), file, "evaluate.holdout.validation")
         if h.get("tasks") is not None:
@@ -346,10 +328,8 @@ def check_tasks_of(cfg: EvalConfig) -> None:
     """
     preset = PRESETS.get(cfg.preset or "", ())
     # the tasks: list as written (indices in messages), after the preset's
-    _check_names(
-        cfg.search[len(preset) :], "evaluate.tasks", cfg.file, cfg.include_path, skip=set()
-    )
-    _check_names(cfg.holdout, "evaluate.holdout.tasks", cfg.file, cfg.include_path, skip=set())
+    _check_names(cfg.search[len(preset) :], "evaluate.tasks", cfg.file, cfg.include_path)
+    _check_names(cfg.holdout, "evaluate.holdout.tasks", cfg.file, cfg.include_path)
     _check_disjoint(cfg)
 
 
@@ -366,12 +346,12 @@ def _check_disjoint(cfg: EvalConfig) -> None:
             )
     if not cfg.holdout or not cfg.include_path:
         return
-    local = local_task_names(cfg.include_path)
+    tm = task_manager(tuple(cfg.include_path), False)
+    local = set(tm.all_tasks)
     s_local = [s.name for s in cfg.search if s.name in local]
     h_local = [(i, s.name) for i, s in enumerate(cfg.holdout) if s.name in local]
     if not s_local or not h_local:
         return
-    tm = task_manager(tuple(cfg.include_path), False)
     tasks = leaf_tasks(get_task_dict(s_local + [n for _, n in h_local], tm))
     search_texts: dict[str, str] = {}
     for name in s_local:

@@ -4,7 +4,8 @@ task objects and doc ids; what the items say (texts, prompts) and where they com
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from evomerge.errors import ConfigError
 from evomerge.evaluation.base import EvalConfig, TaskSpec, digest_of, split_holdout
@@ -12,9 +13,9 @@ from evomerge.evaluation.hflm import reseed_fewshot
 from evomerge.evaluation.tasks import (
     doc_ids,
     get_task_dict,
+    item_text,
     leaf_tasks,
-    local_task_names,
-    task_manager,
+    manager_for,
     texts_of,
 )
 
@@ -23,11 +24,12 @@ __all__ = ["Splits"]
 
 class Splits:
     """The task objects and items of each split of an ``evaluate:`` section, built once (this
-    loads the tasks' datasets).
+    loads the tasks' datasets), and what an evaluator tells of them (task names, texts, prompts,
+    datasets, digest): the base of :class:`~evomerge.evaluation.lmeval.LMEvalEvaluator`.
 
     Attributes:
         dicts: split -> lm-eval's nested task dict.
-        specs: split -> the task specs scored there.
+        task_specs: split -> the task specs scored there.
         leaves: split -> spec name -> its leaf task names (a group has several).
         samples: split -> leaf task name -> the doc ids of its items, ascending.
         tm: the lm-eval ``TaskManager`` the tasks come from.
@@ -38,18 +40,16 @@ class Splits:
 
     def __init__(self, cfg: EvalConfig) -> None:
         self.cfg = cfg
-        local = local_task_names(cfg.include_path) if cfg.include_path else set()
-        all_specs = cfg.search + cfg.holdout
-        tm = task_manager(tuple(cfg.include_path), not all(s.name in local for s in all_specs))
-        self.tm = tm  # reused by the contamination flags (dataset of each task)
+        # reused by the contamination flags (dataset of each task)
+        self.tm = tm = manager_for([s.name for s in cfg.search + cfg.holdout], cfg.include_path)
         self.dicts: dict[str, dict] = {"search": get_task_dict([s.name for s in cfg.search], tm)}
-        self.specs: dict[str, list[TaskSpec]] = {"search": list(cfg.search)}
+        self.task_specs: dict[str, list[TaskSpec]] = {"search": list(cfg.search)}
         if cfg.holdout:
             self.dicts["holdout"] = get_task_dict([s.name for s in cfg.holdout], tm)
-            self.specs["holdout"] = list(cfg.holdout)
+            self.task_specs["holdout"] = list(cfg.holdout)
         elif cfg.holdout_limit is not None:
             self.dicts["holdout"] = self.dicts["search"]
-            self.specs["holdout"] = list(cfg.search)
+            self.task_specs["holdout"] = list(cfg.search)
         self.leaves = {split: self._leaves_per_spec(split) for split in self.dicts}
         self.samples = {split: self._sample_ids(split) for split in self.dicts}
         if "holdout" in self.dicts:
@@ -62,7 +62,7 @@ class Splits:
             name = getattr(key, "group_name", None) or (key if isinstance(key, str) else str(key))
             leaves = leaf_tasks(value) if isinstance(value, Mapping) else {name: value}
             out[name] = list(leaves)
-            spec = next((s for s in self.specs[split] if s.name == name), None)
+            spec = next((s for s in self.task_specs[split] if s.name == name), None)
             for task in leaves.values():
                 if spec is not None and spec.num_fewshot is not None:
                     task.set_config(key="num_fewshot", value=spec.num_fewshot)
@@ -101,10 +101,10 @@ class Splits:
             if split == "validation" and cfg.validation == 0:
                 continue
             self.dicts[split] = self.dicts["holdout"]
-            self.specs[split] = self.specs["holdout"]
+            self.task_specs[split] = self.task_specs["holdout"]
             self.leaves[split] = self.leaves["holdout"]
             self.samples[split] = {leaf: p[k] for leaf, p in parts.items()}
-            for spec in self.specs[split]:
+            for spec in self.task_specs[split]:
                 if not any(self.samples[split][leaf] for leaf in self.leaves[split][spec.name]):
                     raise ConfigError(
                         cfg.file,
@@ -113,24 +113,22 @@ class Splits:
                         f"holdout item(s): too few to split into validation and test items at share {cfg.validation}",
                     )
 
-    def names(self, split: str) -> list[str]:
-        return [s.name for s in self.specs.get(split, [])]
+    def task_names(self, split: str = "search") -> list[str]:
+        return [s.name for s in self.task_specs.get(split, [])]
 
-    def texts(self, split: str) -> dict[str, list[str]]:
+    def texts(self, split: str = "search") -> dict[str, list[str]]:
         """Prompt + gold answer of each item of ``split``, per leaf task ({} for no such split)."""
-        if split not in self.dicts:
-            return {}
-        tasks = leaf_tasks(self.dicts[split])
-        return {name: texts_of(tasks, name, ids) for name, ids in self.samples[split].items()}
+        return self._per_item(split, item_text)
 
-    def prompts(self, split: str) -> dict[str, list[str]]:
+    def prompts(self, split: str = "search") -> dict[str, list[str]]:
         """The prompt of each item of ``split``, per leaf task."""
-        if split not in self.dicts:
-            return {}
-        tasks = leaf_tasks(self.dicts[split])
+        return self._per_item(split, lambda task, doc: str(task.doc_to_text(doc)))
+
+    def _per_item(self, split: str, text: Callable[[Any, Any], str]) -> dict[str, list[str]]:
+        tasks = leaf_tasks(self.dicts.get(split, {}))
         return {
-            name: [str(tasks[name].doc_to_text(tasks[name].eval_docs[i])) for i in ids]
-            for name, ids in self.samples[split].items()
+            name: texts_of(tasks, name, ids, text)
+            for name, ids in self.samples.get(split, {}).items()
         }
 
     def datasets(self) -> dict[str, list[str]]:
@@ -148,11 +146,14 @@ class Splits:
                 out[name] = paths
         return out
 
+    def tasks_index(self) -> Any:
+        return self.tm
+
     def counts(self, split: str) -> dict[str, int]:
         """Items per spec of ``split``."""
         return {
             s.name: sum(len(self.samples[split][leaf]) for leaf in self.leaves[split][s.name])
-            for s in self.specs.get(split, [])
+            for s in self.task_specs.get(split, [])
         }
 
     def digest(self) -> str:
@@ -164,6 +165,6 @@ class Splits:
                     "items": self.samples[split],
                     "texts": digest_of(self.texts(split)),
                 }
-                for split, specs in self.specs.items()
+                for split, specs in self.task_specs.items()
             }
         )

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from typing import Any
 
 __all__ = [
     "task_manager",
     "quiet_lm_eval",
-    "local_task_names",
     "get_task_dict",
     "leaf_tasks",
     "doc_ids",
@@ -67,11 +66,6 @@ def task_manager(include_path: tuple[str, ...], include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=list(include_path) or None, include_defaults=include_defaults)
-
-
-def local_task_names(include_path: Iterable[str]) -> set[str]:
-    tm = task_manager(tuple(include_path), False)
-    return set(tm.all_tasks)
 
 
 def manager_for(task_names: Iterable[str], include_path: Any = None):
@@ -210,13 +204,6 @@ def doc_ids(tasks: Mapping[str, Any], name: str, start: int, count: int | None) 
     return list(range(min(start, n), stop))
 
 
-def texts_of(tasks: Mapping[str, Any], name: str, ids: list[int]) -> list[str]:
-    """Prompt + gold answer text of the given docs of one task."""
-    task = tasks[name]
-    docs = task.eval_docs
-    return [item_text(task, docs[i]) for i in ids]
-
-
 def item_text(task, doc: Any) -> str:
     """Prompt, target delimiter and gold answer of one doc of a task, as one string."""
     text = task.doc_to_text(doc)
@@ -229,3 +216,15 @@ def item_text(task, doc: Any) -> str:
             target = choices[target[0]]
     delim = task.config.target_delimiter or ""
     return f"{text}{delim}{target}"
+
+
+def texts_of(
+    tasks: Mapping[str, Any],
+    name: str,
+    ids: list[int],
+    text: Callable[[Any, Any], str] = item_text,
+) -> list[str]:
+    """``text(task, doc)`` of the given docs of one task (by default prompt + gold answer)."""
+    task = tasks[name]
+    docs = task.eval_docs
+    return [text(task, docs[i]) for i in ids]

@@ -14,21 +14,19 @@ Example:
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 from evomerge.methods.spec import Method, Param, Sparsifier
 
 __all__ = ["METHODS", "NOT_METHODS", "KNOWN_PARAMS", "get_method"]
 
-_DENSITY = Param(
-    "density",
-    float,
-    "non_base",
-    1.0,
-    low=0.0,
-    high=1.0,
-    low_open=True,
-    help="fraction of each task vector kept",
-)
+
+def _fraction(name: str, default: float, help: str, **bound: bool) -> Param:
+    """A fraction of each task vector (in [0, 1], ``bound`` opening either end)."""
+    return Param(name, float, "non_base", default, low=0.0, high=1.0, help=help, **bound)
+
+
+_DENSITY = _fraction("density", 1.0, "fraction of each task vector kept", low_open=True)
 _WEIGHT = Param("weight", float, "non_base", help="scale of each task vector")
 # ram's threshold: a task-vector entry counts as changed where |delta| > epsilon.
 _RAM_EPSILON = Param(
@@ -51,25 +49,11 @@ _TV_SHARED = (
 )
 # What a sparsifier takes beyond the density.
 _SPARSIFIER_PARAMS = {
-    Sparsifier.MAGNITUDE_OUTLIERS: Param(
-        "gamma",
-        float,
-        "non_base",
-        0.01,
-        low=0.0,
-        high=1.0,
-        high_open=True,
-        help="fraction of largest entries dropped",
+    Sparsifier.MAGNITUDE_OUTLIERS: _fraction(
+        "gamma", 0.01, "fraction of largest entries dropped", high_open=True
     ),
-    Sparsifier.DELLA: Param(
-        "epsilon",
-        float,
-        "non_base",
-        0.15,
-        low=0.0,
-        high=1.0,
-        high_open=True,
-        help="spread of keep probabilities around density",
+    Sparsifier.DELLA: _fraction(
+        "epsilon", 0.15, "spread of keep probabilities around density", high_open=True
     ),
 }
 
@@ -96,8 +80,12 @@ def _task_vector(
     )
 
 
+# A method of a base and one other model.
+_pair = partial(Method, base="required", min_inputs=2, max_inputs=2)
+
 _TIES, _DARE = "https://arxiv.org/abs/2306.01708", "https://arxiv.org/abs/2311.03099"
 _BREADCRUMBS, _DELLA = "https://arxiv.org/abs/2312.06795", "https://arxiv.org/abs/2406.11617"
+_RAM = "https://arxiv.org/abs/2601.13572"
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -107,13 +95,8 @@ METHODS: dict[str, Method] = {
             (Param("weight", float, "input"), Param("normalize", bool, "shared", True)),
             reference="https://arxiv.org/abs/2203.05482",
         ),
-        Method(
-            "slerp",
-            (Param("t", float, "shared"),),
-            base="required",
-            min_inputs=2,
-            max_inputs=2,
-            reference="https://en.wikipedia.org/wiki/Slerp",
+        _pair(
+            "slerp", (Param("t", float, "shared"),), reference="https://en.wikipedia.org/wiki/Slerp"
         ),
         _task_vector("task_arithmetic", reference="https://arxiv.org/abs/2212.04089"),
         _task_vector("ties", Sparsifier.MAGNITUDE, consensus=True, normalize=True, reference=_TIES),
@@ -181,7 +164,7 @@ METHODS: dict[str, Method] = {
             reference="https://arxiv.org/abs/2408.07990",
         ),
         Method("passthrough", (Param("scale", float, "input", None, optional=True),), max_inputs=1),
-        Method(
+        _pair(
             "nearswap",
             (
                 Param(
@@ -192,22 +175,10 @@ METHODS: dict[str, Method] = {
                     help="distance below which the base takes the other model's value",
                 ),
             ),
-            base="required",
-            min_inputs=2,
-            max_inputs=2,
             reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
         ),
-        Method(
-            "arcee_fusion",
-            (),
-            base="required",
-            min_inputs=2,
-            max_inputs=2,
-            reference="https://arcee.ai",
-        ),
-        Method(
-            "ram", (_RAM_EPSILON,), base="required", reference="https://arxiv.org/abs/2601.13572"
-        ),
+        _pair("arcee_fusion", (), reference="https://arcee.ai"),
+        Method("ram", (_RAM_EPSILON,), base="required", reference=_RAM),
         Method(
             "ramplus_tl",
             (
@@ -226,12 +197,10 @@ METHODS: dict[str, Method] = {
                     low=0.0,
                     help="cap on the shared-to-unique ratio that sets the boost",
                 ),
-                Param(
-                    "epsilon", float, "shared", 1e-5, low=0.0, low_open=True, help=_RAM_EPSILON.help
-                ),
+                replace(_RAM_EPSILON, low_open=True),
             ),
             base="required",
-            reference="https://arxiv.org/abs/2601.13572",
+            reference=_RAM,
         ),
     )
 }

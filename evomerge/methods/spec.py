@@ -70,36 +70,29 @@ class Param:
 
     def check(self, value: Any) -> Any:
         """Coerce one scalar to this parameter's kind, or raise ``ValueError`` saying what is allowed."""
-        if value is None:
-            if self.optional:
-                return None
-            raise ValueError(f"must be {self.allowed()}, got null")
-        if self.kind is bool:
-            if isinstance(value, bool):
-                return value
-            raise ValueError(f"must be true or false, got {value!r}")
-        if isinstance(value, bool):
-            raise ValueError(f"must be {self.allowed()}, got {str(value).lower()}")
-        if isinstance(value, str):
+        if (value is None and self.optional) or (self.kind is bool and isinstance(value, bool)):
+            return value
+        wrong = f"must be {self.allowed()}, got "  # YAML's spelling of null and booleans
+        if value is None or isinstance(value, bool):
+            raise ValueError(wrong + ("null" if value is None else str(value).lower()))
+        if isinstance(value, str) and self.kind is not bool:
             # PyYAML reads `1e-3` (no dot) as a string; mergekit accepts such numbers too.
             try:
                 value = float(value)
             except ValueError:
-                raise ValueError(f"must be {self.allowed()}, got {value!r}") from None
-        if not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not math.isfinite(value)
+                raise ValueError(wrong + repr(value)) from None
+        if (
+            self.kind is bool
+            or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value))
+            or (self.kind is int and float(value) != int(value))
         ):
-            raise ValueError(f"must be {self.allowed()}, got {value!r}")
-        if self.kind is int:
-            if float(value) != int(value):
-                raise ValueError(f"must be {self.allowed()}, got {value!r}")
-            value = int(value)
-        else:
-            value = float(value)
+            raise ValueError(wrong + repr(value))
+        value = int(value) if self.kind is int else float(value)
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            raise ValueError(f"must be {self.allowed()}, got {value:g}")
+            raise ValueError(f"{wrong}{value:g}")
         if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
-            raise ValueError(f"must be {self.allowed()}, got {value:g}")
+            raise ValueError(f"{wrong}{value:g}")
         return value
 
 

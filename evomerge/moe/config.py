@@ -35,6 +35,7 @@ from evomerge.io import dump_yaml, read_yaml
 __all__ = [
     "GATE_MODES",
     "PROMPTED_MODES",
+    "EXPERT_KEYS",
     "Expert",
     "MoEConfig",
     "load_moe_config",
@@ -55,7 +56,7 @@ _TOP_KEYS = (
     "architecture",
     "merge_method",
 )
-_EXPERT_KEYS = (
+EXPERT_KEYS = (
     "source_model",
     "positive_prompts",
     "negative_prompts",
@@ -172,7 +173,7 @@ def _number(value: Any, file: str | None, fld: str) -> float | None:
 
 
 def _expert(entry: Any, file: str | None, fld: str) -> Expert:
-    e = _mapping(entry, file, fld, _EXPERT_KEYS)
+    e = _mapping(entry, file, fld, EXPERT_KEYS)
     if "source_model" not in e:
         raise ConfigError(file, fld, "needs a source_model")
     return Expert(

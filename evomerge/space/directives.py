@@ -1,13 +1,16 @@
-"""A directive: one searched value put where a recipe has a plain value (see :mod:`evomerge.space`)."""
+"""A directive: one searched value put where a recipe has a plain value (see :mod:`evomerge.space`),
+and the value checks the space's parsers share."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Directive", "Suggest", "LayersOf"]
+from evomerge.errors import ConfigError, did_you_mean
+
+__all__ = ["Directive", "Suggest", "LayersOf", "Err", "number", "whole", "check_keys"]
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,28 @@ class Directive:
 
 Suggest = Callable[[str, Directive], Any]
 LayersOf = Callable[[str], int]
+Err = Callable[[str, str], ConfigError]
+"""``(field, message) -> ConfigError`` of the space file."""
+
+
+def number(v: Any) -> bool:
+    """Whether ``v`` is an int or a float (not a boolean)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def whole(v: Any, least: int = 0) -> bool:
+    """Whether ``v`` is an integer (not a boolean) of at least ``least``."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def check_keys(
+    m: Mapping[Any, Any], allowed: Collection[str], fld: str, err: Err, what: str = "unknown key"
+) -> None:
+    """Refuse a key of ``m`` that is not ``allowed``, naming ``fld.key`` and the close matches.
+
+    Raises:
+        ConfigError: ``what`` and the close matches, for the first key not allowed.
+    """
+    for k in m:
+        if k not in allowed:
+            raise err(f"{fld}.{k}", f"{what}{did_you_mean(str(k), allowed)}")

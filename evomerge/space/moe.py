@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
+from evomerge.moe.config import EXPERT_KEYS as CONFIG_EXPERT_KEYS
 from evomerge.moe.config import parse_moe_config
 from evomerge.recipe.schema import parse_recipe
-from evomerge.space.directives import Directive
+from evomerge.space.directives import Directive, check_keys, whole
 
 __all__ = [
     "MOE_KEYS",
@@ -54,14 +55,7 @@ __all__ = [
 ]
 
 MOE_KEYS = ("gate_mode", "experts_per_token", "experts", "dtype")
-EXPERT_KEYS = (
-    "source_model",
-    "positive_prompts",
-    "negative_prompts",
-    "noise_scale",
-    "residual_scale",
-    "optional",
-)
+EXPERT_KEYS = (*CONFIG_EXPERT_KEYS, "optional")  # an expert of a space may be optional
 _FROM_TASK_KEYS = ("from_task", "n", "among")
 
 
@@ -75,29 +69,23 @@ class FromTask:
     fld: str
 
 
-def parse_from_task(
-    m: Mapping[str, Any], file: str, fld: str, name: str, directive: Callable[..., Directive]
-) -> FromTask:
-    """Validate ``{from_task, n, among}``; ``start`` becomes an int directive over ``[0, among - n]``."""
-    for k in m:
-        if k not in _FROM_TASK_KEYS:
-            raise ConfigError(
-                file, f"{fld}.{k}", f"unknown key{did_you_mean(str(k), _FROM_TASK_KEYS)}"
-            )
+def parse_from_task(p: Any, m: Mapping[str, Any], fld: str, name: str) -> FromTask:
+    """Validate ``{from_task, n, among}`` with the space parser ``p``; ``start`` becomes an int
+    directive over ``[0, among - n]``."""
+    check_keys(m, _FROM_TASK_KEYS, fld, p.err)
     task, n, among = m.get("from_task"), m.get("n", 2), m.get("among", 20)
     if not isinstance(task, str) or not task:
-        raise ConfigError(file, f"{fld}.from_task", f"must be a search task name, got {task!r}")
+        raise p.err(f"{fld}.from_task", f"must be a search task name, got {task!r}")
     for key, v in (("n", n), ("among", among)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(file, f"{fld}.{key}", f"must be a positive whole number, got {v!r}")
+        if not whole(v, 1):
+            raise p.err(f"{fld}.{key}", f"must be a positive whole number, got {v!r}")
     if n > among:
-        raise ConfigError(
-            file,
+        raise p.err(
             f"{fld}.n",
             f"is {n} but among is {among}: n prompts are drawn from the first `among` items",
         )
     start: Directive | int = (
-        directive({"int": [0, among - n]}, f"{fld}.among", name, ints=True) if among > n else 0
+        p.directive({"int": [0, among - n]}, f"{fld}.among", name, ints=True) if among > n else 0
     )
     return FromTask(task, n, start, fld)
 
@@ -114,10 +102,10 @@ def check_prompt_tasks(
         for key in ("positive_prompts", "negative_prompts"):
             for p in e.get(key) if isinstance(e.get(key), list) else [e.get(key)]:
                 if isinstance(p, FromTask):
-                    _check_one(file, p, prompts)
+                    _check_from_task(file, p, prompts)
 
 
-def _check_one(file: str, p: FromTask, prompts: Mapping[str, list[str]]) -> None:
+def _check_from_task(file: str, p: FromTask, prompts: Mapping[str, list[str]]) -> None:
     if p.task not in prompts:
         raise ConfigError(
             file,
@@ -150,13 +138,12 @@ def moe_model_refs(section: Any) -> list[Any]:
     return out
 
 
-Value = Callable[[Any], Any]
 Prompts = Mapping[str, list[str]] | None
 
 
 def render_moe(
     tree: Mapping[str, Any],
-    value: Value,
+    value: Callable[[Any], Any],
     render_recipe: Callable[[Mapping[str, Any]], dict[str, Any]],
     prompts: Prompts,
 ) -> dict[str, Any]:
@@ -184,23 +171,14 @@ def render_moe(
     for e in section["experts"]:
         if "optional" in e and not value(e["optional"]):
             continue
-        entry: dict[str, Any] = {}
         src = e["source_model"]
-        entry["source_model"] = render_recipe(src) if isinstance(src, Mapping) else value(src)
+        entry = {"source_model": render_recipe(src) if isinstance(src, Mapping) else value(src)}
         for key in ("positive_prompts", "negative_prompts"):
             if key in e:
                 p = e[key]
                 parts = p if isinstance(p, list) else [p]
                 if any(isinstance(x, FromTask) for x in parts):
-                    entry[key] = [
-                        t
-                        for x in parts
-                        for t in (
-                            _prompts(x, value(x.start), prompts)
-                            if isinstance(x, FromTask)
-                            else [value(x)]
-                        )
-                    ]
+                    entry[key] = [t for x in parts for t in _prompts(x, value, prompts)]
                 else:
                     entry[key] = value(p)
         for key in ("noise_scale", "residual_scale"):
@@ -214,18 +192,17 @@ def render_moe(
             "no expert takes part at this point: every expert is optional and none was chosen",
         )
     out["experts"] = experts
-    if (
-        isinstance(out.get("experts_per_token"), int)
-        and experts
-        and out["experts_per_token"] > len(experts)
-    ):
-        out["experts_per_token"] = len(
-            experts
-        )  # fewer experts take part than a token may use: all of them
+    k = out.get("experts_per_token")
+    if isinstance(k, int) and k > len(experts):  # fewer experts than a token may use: all of them
+        out["experts_per_token"] = len(experts)
     return out
 
 
-def _prompts(p: FromTask, start: int, prompts: Prompts) -> list[str]:
+def _prompts(p: Any, value: Callable[[Any], Any], prompts: Prompts) -> list[Any]:
+    """The prompts a list entry renders to: a plain one's value, a ``from_task``'s items."""
+    if not isinstance(p, FromTask):
+        return [value(p)]
+    start = value(p.start)
     if prompts is None:
         return [f"<{p.task} item {start + i}>" for i in range(p.n)]
     if p.task not in prompts:
@@ -258,38 +235,26 @@ def check_moe_method(tree: Mapping[str, Any], p: Any) -> None:
         )
 
 
-def moe_section(p: Any, v: Any, short: Callable[[Any], str]) -> dict[str, Any]:
+def moe_section(p: Any, v: Any) -> dict[str, Any]:
     """The ``moe:`` section with its directives.
 
     Args:
-        p: the space parser (``err``, ``scalar``, ``params``, ``directive``, ``file``).
+        p: the space parser (``err``, ``scalar``, ``params``, ``models``, ``directive``).
         v: the section as read.
-        short: a model reference's short name (for parameter names).
 
     Returns:
         The section's tree (directives where values are searched).
     """
     if not isinstance(v, Mapping):
         raise p.err("moe", f"must be a mapping with keys {', '.join(MOE_KEYS)}")
-    for k in v:
-        if k not in MOE_KEYS:
-            raise p.err(f"moe.{k}", f"unknown key{did_you_mean(str(k), MOE_KEYS)}")
+    check_keys(v, MOE_KEYS, "moe", p.err)
     out: dict[str, Any] = {}
     if "gate_mode" in v:
         out["gate_mode"] = p.scalar(v["gate_mode"], "moe.gate_mode", "moe.gate_mode")
     if "experts_per_token" in v:
-        k = v["experts_per_token"]
-        out["experts_per_token"] = (
-            p.directive(k, "moe.experts_per_token", "moe.k", ints=True)
-            if isinstance(k, Mapping)
-            else k
-        )
-        opts = (
-            out["experts_per_token"].choices
-            if isinstance(out["experts_per_token"], Directive)
-            else ()
-        )
-        bad = [c for c in opts if isinstance(c, bool) or not isinstance(c, int) or c < 1]
+        k = p.scalar(v["experts_per_token"], "moe.experts_per_token", "moe.k", ints=True)
+        out["experts_per_token"] = k
+        bad = [c for c in (k.choices if isinstance(k, Directive) else ()) if not whole(c, 1)]
         if bad:
             raise p.err(
                 "moe.experts_per_token.choice",
@@ -301,7 +266,7 @@ def moe_section(p: Any, v: Any, short: Callable[[Any], str]) -> dict[str, Any]:
     if not isinstance(experts, list) or not experts:
         raise p.err("moe.experts", "must be a non-empty list of {source_model, positive_prompts}")
     shorts = [
-        short(e.get("source_model"))
+        p.short(e.get("source_model"))
         if isinstance(e, Mapping) and isinstance(e.get("source_model"), str)
         else f"e{i}"
         for i, e in enumerate(experts)
@@ -311,29 +276,25 @@ def moe_section(p: Any, v: Any, short: Callable[[Any], str]) -> dict[str, Any]:
         f = f"moe.experts[{i}]"
         if not isinstance(e, Mapping):
             raise p.err(f, "must be a mapping {source_model, positive_prompts, ...}")
-        for k in e:
-            if k not in EXPERT_KEYS:
-                raise p.err(f"{f}.{k}", f"unknown key{did_you_mean(str(k), EXPERT_KEYS)}")
+        check_keys(e, EXPERT_KEYS, f, p.err)
         if "source_model" not in e:
             raise p.err(f, "needs a source_model")
         tag = shorts[i] if shorts.count(shorts[i]) == 1 else f"e{i}"
         x: dict[str, Any] = {}
         src = e["source_model"]
         if isinstance(src, Mapping) and "merge_method" in src:
-            x["source_model"] = _nested_recipe(p, src, f"{f}.source_model", f"e{i}", short)
+            x["source_model"] = _nested_recipe(p, src, f"{f}.source_model", f"e{i}")
         else:
             x["source_model"] = p.scalar(src, f"{f}.source_model", f"moe.model.{tag}")
         for key in ("positive_prompts", "negative_prompts"):
             if key in e:
-                val, name = (
-                    e[key],
-                    f"moe.prompts.{tag}" + ("" if key == "positive_prompts" else ".neg"),
-                )
+                val = e[key]
+                name = f"moe.prompts.{tag}" + ("" if key == "positive_prompts" else ".neg")
                 if isinstance(val, Mapping):
-                    x[key] = parse_from_task(val, p.file, f"{f}.{key}", name, p.directive)
+                    x[key] = parse_from_task(p, val, f"{f}.{key}", name)
                 elif isinstance(val, list):  # prompts, and {from_task} entries among them
                     x[key] = [
-                        parse_from_task(v, p.file, f"{f}.{key}[{j}]", f"{name}.{j}", p.directive)
+                        parse_from_task(p, v, f"{f}.{key}[{j}]", f"{name}.{j}")
                         if isinstance(v, Mapping)
                         else v
                         for j, v in enumerate(val)
@@ -344,23 +305,15 @@ def moe_section(p: Any, v: Any, short: Callable[[Any], str]) -> dict[str, Any]:
             if key in e:
                 x[key] = p.scalar(e[key], f"{f}.{key}", f"moe.{key}.{tag}")
         opt = e.get("optional", False)
+        if opt is True:  # searched: whether this expert takes part
+            opt = {"choice": [True, False]}
         if isinstance(opt, Mapping):
             x["optional"] = p.directive(opt, f"{f}.optional", f"moe.use.{tag}")
-        elif opt is True:
-            x["optional"] = p.directive(
-                {"choice": [True, False]}, f"{f}.optional", f"moe.use.{tag}"
-            )
         elif opt is not False:
             raise p.err(f"{f}.optional", f"must be true or false, got {opt!r}")
         out["experts"].append(x)
     k = out.get("experts_per_token")
-    most = (
-        k.high
-        if isinstance(k, Directive) and k.kind == "int"
-        else max(k.choices)
-        if isinstance(k, Directive)
-        else k
-    )
+    most = k if not isinstance(k, Directive) else k.high if k.kind == "int" else max(k.choices)
     if isinstance(most, (int, float)) and most > len(experts):
         raise p.err(
             "moe.experts_per_token",
@@ -369,24 +322,12 @@ def moe_section(p: Any, v: Any, short: Callable[[Any], str]) -> dict[str, Any]:
     return out
 
 
-def _nested_recipe(
-    p: Any, m: Mapping[str, Any], fld: str, tag: str, short: Callable[[Any], str]
-) -> dict[str, Any]:
+def _nested_recipe(p: Any, m: Mapping[str, Any], fld: str, tag: str) -> dict[str, Any]:
     """A merged expert's recipe (``merge_method``, ``base_model``, ``models``, ``parameters``, ``dtype``)."""
     allowed = ("merge_method", "base_model", "models", "parameters", "dtype")
-    for k in m:
-        if k not in allowed:
-            raise p.err(
-                f"{fld}.{k}",
-                f"unknown key of a merged expert's recipe{did_you_mean(str(k), allowed)}",
-            )
+    check_keys(m, allowed, fld, p.err, "unknown key of a merged expert's recipe")
     out: dict[str, Any] = {}
-    method = m["merge_method"]
-    out["merge_method"] = (
-        p.directive(method, f"{fld}.merge_method", f"method.{tag}")
-        if isinstance(method, Mapping)
-        else method
-    )
+    out["merge_method"] = p.scalar(m["merge_method"], f"{fld}.merge_method", f"method.{tag}")
     for k in ("base_model", "dtype"):
         if k in m:
             out[k] = p.scalar(m[k], f"{fld}.{k}", f"{k}.{tag}")
@@ -395,18 +336,7 @@ def _nested_recipe(
     models = m.get("models")
     if not isinstance(models, list) or not models:
         raise p.err(f"{fld}.models", "must be a non-empty list of {model, parameters}")
-    shorts = [short(x.get("model")) if isinstance(x, Mapping) else "model" for x in models]
-    out["models"] = []
-    for i, x in enumerate(models):
-        if not isinstance(x, Mapping):
-            raise p.err(f"{fld}.models[{i}]", "must be a mapping {model, parameters}")
-        suffix = f".{shorts[i]}.{tag}" if shorts.count(shorts[i]) == 1 else f".{i}.{tag}"
-        e = dict(x)
-        if "model" in x:
-            e["model"] = p.scalar(x["model"], f"{fld}.models[{i}].model", f"model{suffix}")
-        if "parameters" in x:
-            e["parameters"] = p.params(x["parameters"], f"{fld}.models[{i}].parameters", suffix)
-        out["models"].append(e)
+    out["models"] = p.models(models, f"{fld}.models", f".{tag}", strict=True)
     return out
 
 

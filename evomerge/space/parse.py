@@ -17,7 +17,7 @@ from evomerge.io import plain_name, read_yaml
 from evomerge.methods.registry import METHODS
 from evomerge.moe.config import is_moe_mapping, parse_moe_config
 from evomerge.recipe.schema import parse_recipe
-from evomerge.space.directives import Directive
+from evomerge.space.directives import Directive, check_keys, number, whole
 from evomerge.space.moe import check_moe_method, moe_section
 from evomerge.space.prune import parse_prune
 from evomerge.space.space import SearchSettings, Space
@@ -53,6 +53,7 @@ class _SpaceParser:
         # The suffix unique() tries next for a name: a space of n same-named values is then read
         # in linear time, not quadratic.
         self.next_suffix: dict[str, int] = {}
+        self.short = short
 
     def err(self, fld: str, msg: str) -> ConfigError:
         return ConfigError(self.file, fld, msg)
@@ -74,13 +75,8 @@ class _SpaceParser:
         numbers_only: bool = False,
         ints: bool = False,
     ) -> Directive:
-        keys = [str(k) for k in m]
-        kinds = [k for k in keys if k in _KINDS]
-        for k in keys:
-            if k not in _KINDS and k not in _MODIFIERS:
-                raise self.err(
-                    f"{fld}.{k}", f"unknown search directive{did_you_mean(k, _KINDS + _MODIFIERS)}"
-                )
+        check_keys(m, _KINDS + _MODIFIERS, fld, self.err, "unknown search directive")
+        kinds = [k for k in m if k in _KINDS]
         if len(kinds) != 1:
             raise self.err(
                 fld,
@@ -91,10 +87,11 @@ class _SpaceParser:
         f = f"{fld}.{kind}"
         anchors, per_layers = m.get("anchors"), m.get("per_layers")
         for key, val in (("anchors", anchors), ("per_layers", per_layers)):
-            if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
+            if val is not None and not whole(val, 1):
                 raise self.err(f"{fld}.{key}", f"must be a positive integer, got {val!r}")
         if anchors and per_layers:
             raise self.err(fld, "give anchors or per_layers, not both")
+        kw: dict[str, Any] = {"anchors": anchors, "per_layers": per_layers}
         if kind == "choice":
             if not isinstance(spec, list) or not spec:
                 raise self.err(f, f"must be a non-empty list of options, got {spec!r}")
@@ -105,20 +102,9 @@ class _SpaceParser:
             for k in ("log", "step"):
                 if k in m:
                     raise self.err(f"{fld}.{k}", "applies to range and int, not choice")
-            d = Directive(
-                "choice",
-                self.unique(name),
-                fld,
-                choices=tuple(spec),
-                anchors=anchors,
-                per_layers=per_layers,
-            )
+            kw.update(kind="choice", choices=tuple(spec))
         else:
-            if not (
-                isinstance(spec, list)
-                and len(spec) == 2
-                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in spec)
-            ):
+            if not (isinstance(spec, list) and len(spec) == 2 and all(map(number, spec))):
                 raise self.err(f, f"must be [low, high] with two numbers, got {spec!r}")
             low, high = spec
             if kind == "int" and not all(isinstance(x, int) for x in spec):
@@ -134,36 +120,19 @@ class _SpaceParser:
             if log and low <= 0:
                 raise self.err(f"{fld}.log", f"a log range needs low > 0, got {low}")
             step = m.get("step")
-            if step is not None:
-                if (
-                    isinstance(step, bool)
-                    or not isinstance(step, (int, float))
-                    or step <= 0
-                    or step > high - low
-                ):
-                    raise self.err(
-                        f"{fld}.step", f"must be a number in (0, high - low], got {step!r}"
-                    )
-                if log:
-                    raise self.err(f"{fld}.step", "cannot be combined with log: true")
-            d = Directive(
-                "int" if kind == "int" else "float",
-                self.unique(name),
-                fld,
-                float(low) if kind == "range" else low,
-                float(high) if kind == "range" else high,
-                log,
-                step,
-                anchors=anchors,
-                per_layers=per_layers,
+            if step is not None and (not number(step) or step <= 0 or step > high - low):
+                raise self.err(f"{fld}.step", f"must be a number in (0, high - low], got {step!r}")
+            if step is not None and log:
+                raise self.err(f"{fld}.step", "cannot be combined with log: true")
+            if kind == "range":
+                low, high = float(low), float(high)
+            kw.update(
+                kind="int" if kind == "int" else "float", low=low, high=high, log=log, step=step
             )
+        d = Directive(name=self.unique(name), path=fld, **kw)
         if ints and d.kind == "float":
             raise self.err(fld, "layer indices take int: [low, high], not range")
-        if (
-            numbers_only
-            and d.kind == "choice"
-            and not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in d.choices)
-        ):
+        if numbers_only and d.kind == "choice" and not all(map(number, d.choices)):
             raise self.err(f, "options of a parameter value must be numbers")
         self.directives.append(d)
         return d
@@ -171,10 +140,9 @@ class _SpaceParser:
     def is_directive(self, v: Any) -> bool:
         return isinstance(v, Mapping) and not ({"filter", "value"} & set(map(str, v)))
 
-    def scalar(self, v: Any, fld: str, name: str) -> Any:
-        if isinstance(v, Mapping):
-            return self.directive(v, fld, name)
-        return v
+    def scalar(self, v: Any, fld: str, name: str, *, ints: bool = False) -> Any:
+        """A directive where ``v`` is a mapping, else ``v`` itself."""
+        return self.directive(v, fld, name, ints=ints) if isinstance(v, Mapping) else v
 
     def param_value(self, v: Any, fld: str, name: str) -> Any:
         """A parameter setting: scalar, gradient list, {filter, value} or a list of those."""
@@ -203,6 +171,64 @@ class _SpaceParser:
             return block  # parse_recipe reports the type error
         return {k: self.param_value(v, f"{fld}.{k}", f"{k}{suffix}") for k, v in block.items()}
 
+    def models(self, v: list[Any], fld: str, tag: str = "", *, strict: bool = False) -> list[Any]:
+        """A ``models:`` list with its directives; names end ``.<short model name>`` (``.<index>``
+        when two entries share it) and ``tag``. ``strict`` refuses an entry that is no mapping."""
+        shorts = [short(m.get("model")) if isinstance(m, Mapping) else "model" for m in v]
+        count = Counter(shorts)
+        models = []
+        for i, m in enumerate(v):
+            if not isinstance(m, Mapping):
+                if strict:
+                    raise self.err(f"{fld}[{i}]", "must be a mapping {model, parameters}")
+                models.append(m)
+                continue
+            e = dict(m)
+            suffix = f".{shorts[i] if count[shorts[i]] == 1 else i}{tag}"
+            if "model" in m:
+                e["model"] = self.scalar(m["model"], f"{fld}[{i}].model", f"model{suffix}")
+            if "parameters" in m:
+                e["parameters"] = self.params(m["parameters"], f"{fld}[{i}].parameters", suffix)
+            models.append(e)
+        return models
+
+    def slice(self, s: Mapping[str, Any], i: int) -> dict[str, Any]:
+        """Slice ``i`` with its directives, named ``s<i>`` (``s<i>.<j>`` for each of several sources)."""
+        e, sources = dict(s), s.get("sources") or []
+        if "sources" in s:
+            e["sources"] = [
+                self.source(
+                    src, f"slices[{i}].sources[{j}]", f"s{i}.{j}" if len(sources) > 1 else f"s{i}"
+                )
+                if isinstance(src, Mapping)
+                else src
+                for j, src in enumerate(sources)
+            ]
+        if "parameters" in s:
+            e["parameters"] = self.params(s["parameters"], f"slices[{i}].parameters", f".s{i}")
+        return e
+
+    def source(self, src: Mapping[str, Any], f: str, tag: str) -> dict[str, Any]:
+        se = dict(src)
+        if "model" in src:
+            se["model"] = self.scalar(src["model"], f"{f}.model", f"{tag}.model")
+        lr = src.get("layer_range")
+        if isinstance(lr, list):
+            ends = [f"{tag}.{('start', 'end')[n] if n < 2 else n}" for n in range(len(lr))]
+            se["layer_range"] = [
+                self.scalar(x, f"{f}.layer_range[{n}]", ends[n], ints=True)
+                for n, x in enumerate(lr)
+            ]
+            if any(
+                isinstance(x, Directive) and (x.anchors or x.per_layers) for x in se["layer_range"]
+            ):
+                raise self.err(
+                    f"{f}.layer_range", "layer indices take plain int: [low, high] directives"
+                )
+        if "parameters" in src:
+            se["parameters"] = self.params(src["parameters"], f"{f}.parameters", f".{tag}")
+        return se
+
 
 def _directive_inside(v: Any) -> bool:
     items = v.values() if isinstance(v, Mapping) else v if isinstance(v, list) else ()
@@ -216,7 +242,8 @@ def _slug(text: Any) -> str:
     return s or "x"
 
 
-def _short(ref: Any) -> str:
+def short(ref: Any) -> str:
+    """A model reference's short name, for parameter names."""
     return (
         _slug(str(ref).rstrip("/").split("/")[-1].split(":")[-1])
         if isinstance(ref, str)
@@ -237,76 +264,22 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
         if k in _SECTIONS:
             continue
         if k == "merge_method":
-            tree[k] = p.directive(v, k, "method") if isinstance(v, Mapping) else v
+            tree[k] = p.scalar(v, k, "method")
         elif k in ("base_model", "dtype", "out_dtype", "tokenizer_source"):
             tree[k] = p.scalar(v, k, k)
         elif k == "parameters":
             tree[k] = p.params(v, k, "")
-        elif k == "models" and isinstance(v, list):
-            models = []
-            shorts = [_short(m.get("model")) if isinstance(m, Mapping) else "model" for m in v]
-            count = Counter(shorts)
-            for i, m in enumerate(v):
-                if not isinstance(m, Mapping):
-                    models.append(m)
-                    continue
-                e = dict(m)
-                suffix = f".{shorts[i]}" if count[shorts[i]] == 1 else f".{i}"
-                if "model" in m:
-                    e["model"] = p.scalar(m["model"], f"models[{i}].model", f"model{suffix}")
-                if "parameters" in m:
-                    e["parameters"] = p.params(m["parameters"], f"models[{i}].parameters", suffix)
-                models.append(e)
-            tree[k] = models
-        elif k == "slices" and isinstance(v, list):
-            slices = []
-            for i, s in enumerate(v):
-                if not isinstance(s, Mapping):
-                    slices.append(s)
-                    continue
-                e = dict(s)
-                srcs = []
-                for j, src in enumerate(s.get("sources") or []):
-                    if not isinstance(src, Mapping):
-                        srcs.append(src)
-                        continue
-                    se = dict(src)
-                    f = f"slices[{i}].sources[{j}]"
-                    tag = f"s{i}.{j}" if len(s.get("sources") or []) > 1 else f"s{i}"
-                    if "model" in src:
-                        se["model"] = p.scalar(src["model"], f"{f}.model", f"{tag}.model")
-                    lr = src.get("layer_range")
-                    if isinstance(lr, list):
-                        se["layer_range"] = [
-                            p.directive(
-                                x,
-                                f"{f}.layer_range[{n}]",
-                                f"{tag}.{('start', 'end')[n] if n < 2 else n}",
-                                ints=True,
-                            )
-                            if isinstance(x, Mapping)
-                            else x
-                            for n, x in enumerate(lr)
-                        ]
-                        if any(
-                            isinstance(x, Directive) and (x.anchors or x.per_layers)
-                            for x in se["layer_range"]
-                        ):
-                            raise p.err(
-                                f"{f}.layer_range",
-                                "layer indices take plain int: [low, high] directives",
-                            )
-                    if "parameters" in src:
-                        se["parameters"] = p.params(src["parameters"], f"{f}.parameters", f".{tag}")
-                    srcs.append(se)
-                if "sources" in s:
-                    e["sources"] = srcs
-                if "parameters" in s:
-                    e["parameters"] = p.params(s["parameters"], f"slices[{i}].parameters", f".s{i}")
-                slices.append(e)
-            tree[k] = slices
+        elif k in ("models", "slices") and not isinstance(v, list):
+            raise p.err(
+                k,
+                f"must be a list of {'models' if k == 'models' else 'slices'}, got {type(v).__name__}",
+            )
+        elif k == "models":
+            tree[k] = p.models(v, "models")
+        elif k == "slices":
+            tree[k] = [p.slice(s, i) if isinstance(s, Mapping) else s for i, s in enumerate(v)]
         elif k == "moe":
-            tree[k] = moe_section(p, v, _short)
+            tree[k] = moe_section(p, v)
         elif k == "dataflow":
             tree[k] = dataflow_section(p, v)
         elif k == "modules" and _directive_inside(v):
@@ -324,9 +297,13 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
                     "merge_method.choice",
                     f"unknown merge_method {c!r}{did_you_mean(str(c), METHODS)}",
                 )
-    if "dataflow" in tree:
-        _check_dataflow_alone(tree, p)
-    else:
+    others = [k for k in tree if k != "dataflow"]
+    if "dataflow" in tree and others:  # a data-flow space is its section (a merge is a source)
+        raise p.err(
+            others[0],
+            "a data-flow space has no merge recipe beside its dataflow: section; to run a merge's layers, list it as a source: {recipe: file.yml} or {study: space.yml}",
+        )
+    if "dataflow" not in tree:
         check_moe_method(tree, p)
     search = _search_settings(data.get("search"), p)
     study_name, storage = _study_section(data.get("study"), p)
@@ -340,49 +317,26 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
     return space
 
 
-def _check_dataflow_alone(tree: Mapping[str, Any], p: _SpaceParser) -> None:
-    """A data-flow space is its ``dataflow:`` section (a merge goes in as a source)."""
-    others = [k for k in tree if k != "dataflow"]
-    if others:
-        raise p.err(
-            others[0],
-            "a data-flow space has no merge recipe beside its dataflow: section; to run a merge's layers, list it as a source: {recipe: file.yml} or {study: space.yml}",
-        )
-
-
 def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
     if section is None:
         return SearchSettings()
     if not isinstance(section, Mapping):
         raise p.err("search", f"must be a mapping with keys {', '.join(_SEARCH_KEYS)}")
-    for k in section:
-        if k not in _SEARCH_KEYS:
-            raise p.err(f"search.{k}", f"unknown key{did_you_mean(str(k), _SEARCH_KEYS)}")
-    trials = section.get("trials", 40)
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials <= 0:
-        raise p.err("search.trials", f"must be a positive integer, got {trials!r}")
-    items = section.get("items")
-    if items is not None and (not isinstance(items, int) or isinstance(items, bool) or items <= 0):
-        raise p.err(
-            "search.items",
-            f"must be a positive integer (search items the searched trials may score in all), got {items!r}",
-        )
-    seed = section.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise p.err("search.seed", f"must be a non-negative integer, got {seed!r}")
-    mask_seed = section.get("mask_seed")
-    if mask_seed is not None and (
-        not isinstance(mask_seed, int) or isinstance(mask_seed, bool) or mask_seed < 0
-    ):
-        raise p.err("search.mask_seed", f"must be a non-negative integer, got {mask_seed!r}")
-    finalists = section.get("finalists", 5)
-    if not isinstance(finalists, int) or isinstance(finalists, bool) or finalists < 0:
-        raise p.err("search.finalists", f"must be a non-negative integer, got {finalists!r}")
-    startup = section.get("startup_trials")
-    if startup is not None and (
-        not isinstance(startup, int) or isinstance(startup, bool) or startup < 0
-    ):
-        raise p.err("search.startup_trials", f"must be a non-negative integer, got {startup!r}")
+    check_keys(section, _SEARCH_KEYS, "search", p.err)
+
+    def count(key: str, default: int | None, least: int, what: str = "") -> Any:
+        v = section.get(key, default)
+        if (v is not None or default is not None) and not whole(v, least):
+            what = what or ("a positive integer" if least else "a non-negative integer")
+            raise p.err(f"search.{key}", f"must be {what}, got {v!r}")
+        return v
+
+    trials = count("trials", 40, 1)
+    items = count(
+        "items", None, 1, "a positive integer (search items the searched trials may score in all)"
+    )
+    seed, mask_seed = count("seed", 0, 0), count("mask_seed", None, 0)
+    finalists, startup = count("finalists", 5, 0), count("startup_trials", None, 0)
     objectives = section.get("objectives", ())
     if isinstance(objectives, str):
         objectives = (objectives,)
@@ -417,9 +371,7 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
         f = f"search.baselines[{i}]"
         if not isinstance(b, Mapping) or "recipe" not in b:
             raise p.err(f, "must be {name: ..., recipe: <mergekit recipe mapping or file>}")
-        for k in b:
-            if k not in ("name", "recipe"):
-                raise p.err(f"{f}.{k}", f"unknown key{did_you_mean(str(k), ('name', 'recipe'))}")
+        check_keys(b, ("name", "recipe"), f, p.err)
         name = str(b.get("name") or f"hand_{i}")
         if name in named:
             raise p.err(
@@ -435,9 +387,7 @@ def _search_settings(section: Any, p: _SpaceParser) -> SearchSettings:
             if not path.is_file():
                 raise p.err(f"{f}.recipe", f"recipe file {recipe!r} not found")
             recipe = read_yaml(path)
-        if is_moe_mapping(
-            recipe
-        ):  # a mixture of experts as a hand baseline (a mergekit-moe configuration)
+        if is_moe_mapping(recipe):  # a mixture of experts (a mergekit-moe configuration)
             parse_moe_config(recipe, f"{p.file} ({f}.recipe)")
         elif is_dataflow_mapping(recipe):  # a hand-written path (merge_method: dataflow)
             parse_candidate(recipe, f"{p.file} ({f}.recipe)")
@@ -465,9 +415,7 @@ def _study_section(section: Any, p: _SpaceParser) -> tuple[str | None, str | Non
         return plain_name(section, p.file, "study"), None
     if not isinstance(section, Mapping):
         raise p.err("study", "must be a mapping {name, storage} or a study name")
-    for k in section:
-        if k not in _STUDY_KEYS:
-            raise p.err(f"study.{k}", f"unknown key{did_you_mean(str(k), _STUDY_KEYS)}")
+    check_keys(section, _STUDY_KEYS, "study", p.err)
     name = section.get("name")
     if name is not None:
         plain_name(name, p.file, "study.name")  # it becomes the folder results/<name>

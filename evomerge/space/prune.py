@@ -18,11 +18,11 @@ The rule itself lives in :mod:`evomerge.search.pruning`; this module only parses
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from evomerge.errors import ConfigError, did_you_mean
+from evomerge.space.directives import Err, check_keys, number, whole
 
 __all__ = ["PruneSettings", "parse_prune", "PRUNE_KEYS"]
 
@@ -38,11 +38,7 @@ class PruneSettings:
     alpha: float = 0.1
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def parse_prune(value: Any, err: Callable[[str, str], ConfigError]) -> PruneSettings | None:
+def parse_prune(value: Any, err: Err) -> PruneSettings | None:
     """Parse ``search.prune``.
 
     Args:
@@ -56,6 +52,7 @@ def parse_prune(value: Any, err: Callable[[str, str], ConfigError]) -> PruneSett
         ConfigError: an unknown key or a value out of range.
 
     Example:
+        >>> from evomerge.errors import ConfigError
         >>> parse_prune({"rounds": [0.5, 1]}, lambda f, m: ConfigError("s.yml", f, m)).rounds
         (0.5, 1.0)
     """
@@ -68,12 +65,10 @@ def parse_prune(value: Any, err: Callable[[str, str], ConfigError]) -> PruneSett
             "search.prune",
             f"must be true, false or a mapping with keys {', '.join(PRUNE_KEYS)}, got {value!r}",
         )
-    for k in value:
-        if k not in PRUNE_KEYS:
-            raise err(f"search.prune.{k}", f"unknown key{did_you_mean(str(k), PRUNE_KEYS)}")
+    check_keys(value, PRUNE_KEYS, "search.prune", err)
     d = PruneSettings()
     rounds = value.get("rounds", list(d.rounds))
-    if not isinstance(rounds, list) or not rounds or not all(_number(r) for r in rounds):
+    if not isinstance(rounds, list) or not rounds or not all(number(r) for r in rounds):
         raise err(
             "search.prune.rounds",
             f"must be a list of shares of the search items, such as [0.1, 0.25, 1.0], got {rounds!r}",
@@ -88,13 +83,13 @@ def parse_prune(value: Any, err: Callable[[str, str], ConfigError]) -> PruneSett
             f"must rise strictly within (0, 1] and end at 1.0 (every item is scored by a candidate that is not stopped), got {rounds!r}",
         )
     against = value.get("against", d.against)
-    if not isinstance(against, int) or isinstance(against, bool) or against < 1:
+    if not whole(against, 1):
         raise err(
             "search.prune.against",
             f"must be a positive integer (1: beat the best finished trial, k: the k-th best), got {against!r}",
         )
     alpha = value.get("alpha", d.alpha)
-    if not _number(alpha) or not 0 < alpha < 0.5:
+    if not number(alpha) or not 0 < alpha < 0.5:
         raise err(
             "search.prune.alpha",
             f"must be a number in (0, 0.5), the one-sided error of the test per round, got {alpha!r}",

@@ -15,6 +15,7 @@ __all__ = ["render", "values_of", "UNUSED"]
 
 # Parameters a method accepts (as mergekit does) but never reads: not worth a search dimension.
 UNUSED = {"task_arithmetic": frozenset({"density"})}
+_TOP_KEYS = ("base_model", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
 
 
 class _NotInSpace(Exception):
@@ -62,40 +63,26 @@ def _collect(
     if isinstance(tree, Mapping):
         if not isinstance(recipe, Mapping):
             raise _NotInSpace
+        hint = n_layers  # a recipe's models and parameters count its first model's layers
+        if "merge_method" in tree and ({"models", "parameters"} & set(tree) & set(recipe)):
+            ref = recipe.get("base_model") or next(
+                (m.get("model") for m in recipe.get("models") or ()), None
+            )
+            if isinstance(ref, str):
+                try:
+                    hint = layers_of(ref)
+                except Exception:
+                    hint = None
         for k, v in tree.items():
             if k in recipe:
-                _collect(
-                    v,
-                    recipe[k],
-                    found,
-                    layers_of,
-                    _layers_hint(tree, recipe, k, layers_of, n_layers),
-                )
+                below = hint if k in ("models", "parameters") else n_layers
+                _collect(v, recipe[k], found, layers_of, below)
         return
     if isinstance(tree, list):
         if not isinstance(recipe, (list, tuple)) or len(recipe) != len(tree):
             raise _NotInSpace
         for x, y in zip(tree, recipe, strict=False):
             _collect(x, y, found, layers_of, n_layers)
-
-
-def _layers_hint(
-    tree: Mapping[str, Any],
-    recipe: Mapping[str, Any],
-    key: str,
-    layers_of: LayersOf,
-    current: int | None,
-) -> int | None:
-    if key in ("models", "parameters") and "merge_method" in tree:
-        ref = recipe.get("base_model") or next(
-            (m.get("model") for m in recipe.get("models") or ()), None
-        )
-        if isinstance(ref, str):
-            try:
-                return layers_of(ref)
-            except Exception:
-                return None
-    return current
 
 
 class _Renderer:
@@ -145,14 +132,7 @@ class _Renderer:
         if method == "moe" and "moe" in tree:
             return render_moe(tree, self.value, self._expert_recipe, self.prompts)
         out["merge_method"] = method
-        for k in (
-            "base_model",
-            "dtype",
-            "out_dtype",
-            "tokenizer_source",
-            "tokenizer",
-            "chat_template",
-        ):
+        for k in _TOP_KEYS:
             if k in tree:
                 out[k] = self.value(tree[k])
         base = out.get("base_model")
@@ -202,9 +182,7 @@ class _Renderer:
                 slices.append(sl)
             out["slices"] = slices
             n_global = None
-        if (
-            "modules" in tree
-        ):  # a modules: recipe holds no directive (parse_space refuses them there)
+        if "modules" in tree:  # holds no directive (parse_space refuses them there)
             out["modules"] = tree["modules"]
             n_global = None
         if "parameters" in tree:
@@ -221,9 +199,6 @@ class _Renderer:
         return _Renderer(dict(tree), self.suggest, self.layers_of, self.prompts).recipe()
 
 
-# ----------------------------------------------------------------------------- parsing
-
-
 def render(
     tree: Mapping[str, Any], suggest: Suggest, layers_of: LayersOf, prompts: Prompts = None
 ) -> dict[str, Any]:
@@ -237,15 +212,9 @@ def values_of(
 ) -> dict[str, Any] | None:
     """The parameter values that render to ``recipe``, or None (see :meth:`Space.values_of`)."""
     found: dict[str, Any] = {}
-
-    def suggest(name: str, d: Directive) -> Any:
-        if name not in found:
-            raise _NotInSpace
-        return found[name]
-
     try:
         _collect(tree, recipe, found, layers_of)
-        rendered = render(tree, suggest, layers_of)
+        rendered = render(tree, lambda name, d: found[name], layers_of)  # KeyError: not in space
     except (_NotInSpace, KeyError, TypeError, IndexError):
         return None
     return found if _same(rendered, recipe) else None

@@ -50,9 +50,8 @@ class SearchSettings:
     startup_trials: int | None = None
     mask_seed: int | None = None  # seed of random masks (dare, della); None: ``seed``
     prune: PruneSettings | None = PruneSettings()  # stop hopeless candidates early; None: off
-    items: int | None = (
-        None  # search items the searched trials may score in all (a budget beside trials); None: no limit
-    )
+    # search items the searched trials may score in all (a budget beside trials); None: no limit
+    items: int | None = None
 
 
 @dataclass(frozen=True)
@@ -105,10 +104,8 @@ class Space:
             add(ref)
         for ref in section_model_refs(self.tree.get("dataflow")):
             add(ref)
-        modules = self.tree.get("modules")
-        for module in (
-            modules.values() if isinstance(modules, Mapping) else ()
-        ):  # a modules: recipe (no directives inside)
+        modules = self.tree.get("modules")  # a modules: recipe (no directives inside)
+        for module in modules.values() if isinstance(modules, Mapping) else ():
             for m in (module.get("models") or ()) if isinstance(module, Mapping) else ():
                 add(m.get("model") if isinstance(m, Mapping) else None)
             for s in (module.get("slices") or ()) if isinstance(module, Mapping) else ():

@@ -6,7 +6,7 @@ one point per method (each directive at a corner of its range), then every other
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
@@ -17,14 +17,6 @@ from evomerge.space.moe import validate_moe
 from evomerge.space.space import Space
 
 __all__ = ["validate_points", "check_layer_groups"]
-
-
-def _corner(d: Directive) -> Any:
-    if d.kind == "choice":
-        return d.choices[0]
-    if d.kind == "int":
-        return int(d.low)
-    return d.low if d.log else (d.low + d.high) / 2
 
 
 def validate_points(space: Space) -> None:
@@ -53,9 +45,11 @@ def validate_points(space: Space) -> None:
                 return _m
             if d.kind == "int" and d.path.endswith("layer_range[1]"):
                 return int(d.high)
-            if d.kind == "choice" and d.choices == (True, False):
-                return True  # an optional expert takes part
-            return _corner(d)
+            if (
+                d.kind == "choice"
+            ):  # the first option: an optional expert's (True, False) takes part
+                return d.choices[0]
+            return int(d.low) if d.kind == "int" else d.low if d.log else (d.low + d.high) / 2
 
         _check_point(space, method, space.render(suggest, lambda ref: 8))
         _check_options(
@@ -70,7 +64,7 @@ def _check_point(space: Space, method: Any, recipe: dict[str, Any]) -> None:
     if method == "moe":
         validate_moe(space.file, recipe)
     else:
-        parse_recipe(_with_raw_params(space, recipe), space.file)
+        parse_recipe(recipe, space.file)
 
 
 def _check_options(space: Space, method: Any, choices: list[Directive], corner: Any) -> None:
@@ -94,46 +88,20 @@ def _check_options(space: Space, method: Any, choices: list[Directive], corner: 
                     ) from None
 
 
-def _param_blocks(tree: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
-    out = []
+def _param_blocks(tree: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
     if isinstance(tree.get("parameters"), Mapping):
-        out.append(("parameters", tree["parameters"]))
+        yield "parameters", tree["parameters"]
     for i, m in enumerate(tree.get("models") or ()):
         if isinstance(m, Mapping) and isinstance(m.get("parameters"), Mapping):
-            out.append((f"models[{i}].parameters", m["parameters"]))
+            yield f"models[{i}].parameters", m["parameters"]
     for i, s in enumerate(tree.get("slices") or ()):
         if not isinstance(s, Mapping):
             continue
         if isinstance(s.get("parameters"), Mapping):
-            out.append((f"slices[{i}].parameters", s["parameters"]))
+            yield f"slices[{i}].parameters", s["parameters"]
         for j, src in enumerate(s.get("sources") or ()):
             if isinstance(src, Mapping) and isinstance(src.get("parameters"), Mapping):
-                out.append((f"slices[{i}].sources[{j}].parameters", src["parameters"]))
-    return out
-
-
-def _with_raw_params(space: Space, recipe: dict[str, Any]) -> dict[str, Any]:
-    """For schema checks, keep parameters the chosen method does not declare (so a typo such as
-    ``wieght`` is reported instead of silently dropped) unless the method is itself searched."""
-    if isinstance(space.tree.get("merge_method"), Directive):
-        return recipe
-    out = dict(recipe)
-    if "parameters" in space.tree:
-        out["parameters"] = {
-            **{k: 0 for k in space.tree["parameters"]},
-            **(recipe.get("parameters") or {}),
-        }
-    if "models" in space.tree and "models" in recipe:
-        models = []
-        for m, r in zip(space.tree["models"], recipe["models"], strict=False):
-            r = dict(r)
-            if isinstance(m, Mapping) and isinstance(m.get("parameters"), Mapping):
-                extra = {k: 0 for k in m["parameters"] if k not in (r.get("parameters") or {})}
-                if extra:
-                    r["parameters"] = {**(r.get("parameters") or {}), **extra}
-            models.append(r)
-        out["models"] = models
-    return out
+                yield f"slices[{i}].sources[{j}].parameters", src["parameters"]
 
 
 def check_layer_groups(space: Space, layers_of: LayersOf) -> None:
@@ -161,15 +129,13 @@ def _refs(v: Any) -> list[str]:
     return [v] if isinstance(v, str) else []
 
 
-def _grouped(block: Any) -> list[Directive]:
+def _grouped(block: Any) -> Iterator[Directive]:
     """The ``per_layers`` directives in a parameters block (plain, in lists, in {filter, value})."""
-    if isinstance(block, Directive):
-        return [block] if block.per_layers else []
-    if isinstance(block, Mapping):
-        return [d for v in block.values() for d in _grouped(v)]
-    if isinstance(block, list):
-        return [d for v in block for d in _grouped(v)]
-    return []
+    if isinstance(block, Directive) and block.per_layers:
+        yield block
+    elif isinstance(block, (Mapping, list)):
+        for v in block.values() if isinstance(block, Mapping) else block:
+            yield from _grouped(v)
 
 
 def _check_groups(file: str, tree: Mapping[str, Any], layers_of: LayersOf) -> None:

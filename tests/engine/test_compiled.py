@@ -17,7 +17,7 @@ import torch
 from evomerge.engine import METHODS
 from evomerge.engine.inputs import PrepCache, TensorInputs
 from evomerge.engine.kernels import compiled
-from evomerge.engine.kernels.methods import kernel_for
+from evomerge.engine.kernels.methods import KERNELS
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +92,7 @@ def _run(
         compiled=use_compiled,
     )
     with torch.no_grad():
-        out = kernel_for(m)(inp)
+        out = KERNELS[m.name](inp)
     return out, inp.finite
 
 

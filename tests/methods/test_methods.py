@@ -25,7 +25,7 @@ from evomerge.engine import (
     open_sources,
 )
 from evomerge.engine.inputs import TensorInputs
-from evomerge.engine.kernels.methods import kernel_for
+from evomerge.engine.kernels.methods import KERNELS
 from evomerge.engine.kernels.rules import KeepAbove
 from evomerge.engine.params import evaluate_setting
 from evomerge.errors import EvomergeError
@@ -60,7 +60,7 @@ def run(
         per_input.append(d)
     inp = TensorInputs(name, xs, [("m", i) for i in range(len(xs))], base, sh, per_input, seed)
     with torch.no_grad():
-        return kernel_for(m)(inp)
+        return KERNELS[m.name](inp)
 
 
 def close(actual: torch.Tensor, expected: list[float], tol: float = 1e-5) -> None:

@@ -20,7 +20,7 @@ from evomerge.cli import main
 from evomerge.engine import METHODS, make_plan, merge_to_disk, open_sources
 from evomerge.engine.inputs import TensorInputs
 from evomerge.engine.kernels.extra import _quartiles
-from evomerge.engine.kernels.methods import kernel_for
+from evomerge.engine.kernels.methods import KERNELS
 from evomerge.errors import ConfigError
 from evomerge.recipe.schema import load_recipe, parse_recipe
 from evomerge.space import parse_space
@@ -49,7 +49,7 @@ def run(
         decision_dtype=decision_dtype,
     )
     with torch.no_grad():
-        return kernel_for(m)(inp)
+        return KERNELS[m.name](inp)
 
 
 def close(actual: torch.Tensor, expected: list[Any], tol: float = 1e-6) -> None:

@@ -208,6 +208,9 @@ def test_default_sampler_follows_pruning_and_objectives(search, sampler):
         ({"search": {"sampler": "tpe2"}}, "search.sampler", "did you mean tpe"),
         ({"search": {"trails": 5}}, "search.trails", "did you mean trials"),
         ({"study": {"nme": "x"}}, "study.nme", "did you mean name"),
+        # an empty list key in YAML is null: refused here, not a traceback when a point renders
+        ({"models": None}, "models", "must be a list of models, got NoneType"),
+        ({"slices": None}, "slices", "must be a list of slices, got NoneType"),
         # every option of a choice is checked, not just the first (a typo past it failed each trial that picked it)
         (
             {"dtype": {"choice": ["float32", "float33"]}},

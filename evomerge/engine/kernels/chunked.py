@@ -18,7 +18,9 @@ are slow, and badly so when other processes share the cores.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from evomerge.engine.kernels import compiled
-from evomerge.engine.kernels.common import combine_scalars, out_tensor
+from evomerge.engine.kernels.common import base_of, combine_scalars, out_tensor
 from evomerge.engine.kernels.rules import KeepAbove, KeepAll, KeepRandom, KeepRule
 from evomerge.engine.rng import uniform_range
 
@@ -39,9 +41,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CHUNK",
     "SAMPLE",
-    "weights_cancel",
+    "check_weights",
     "run_chunks",
-    "run_each",
     "magnitude_rule",
     "rule_from_order",
     "fused_task_vectors",
@@ -51,19 +52,12 @@ __all__ = [
 
 CHUNK = int(os.environ.get("EVOMERGE_CHUNK", 1 << 16))
 _GPU_CHUNK = 1 << 22
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-_LOCK = threading.Lock()
 _OUTER_THREADS = 0
 
 
+@functools.lru_cache(maxsize=1)
 def _pool(n: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_SIZE
-    with _LOCK:
-        if _POOL is None or _POOL_SIZE != n:
-            _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="evomerge-chunk")
-            _POOL_SIZE = n
-        return _POOL
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="evomerge-chunk")
 
 
 class _Scratch:
@@ -80,13 +74,9 @@ class _Scratch:
                 max(n, CHUNK if self.device.type == "cpu" else 0), dtype=dtype, device=self.device
             )
             self.bufs[(key, dtype)] = b
-            if key == "__ones":
+            if key == "ones":  # never written
                 b.fill_(1)
         return b[:n]
-
-    def ones(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A cached chunk of ones (never written)."""
-        return self.get("__ones", n, dtype)
 
 
 _LOCAL = threading.local()
@@ -120,12 +110,13 @@ def run_chunks(
 ) -> list[Any]:
     """Call ``fn(lo, hi, scratch)`` over ``[0, n)`` in chunks; return the results in chunk order.
 
-    On CUDA the whole range is one chunk (GPU kernels do not need the cache blocking).
-    ``chunk`` overrides the CPU chunk size (:data:`CHUNK` entries).
+    ``chunk`` overrides the chunk size (:data:`CHUNK` entries on CPU); ``chunk=1`` calls ``fn``
+    once per unit of work larger than a chunk (a fingerprint's rows), spread over the threads.
     """
     if device.type != "cpu":
         # GPU kernels need no cache blocking; chunks only bound the scratch memory.
-        return [fn(lo, min(n, lo + _GPU_CHUNK), _scratch(device)) for lo in range(0, n, _GPU_CHUNK)]
+        size = chunk or _GPU_CHUNK
+        return [fn(lo, min(n, lo + size), _scratch(device)) for lo in range(0, n, size)]
     size = chunk or CHUNK
     if n <= size:
         return [fn(0, n, _scratch(device))]
@@ -149,15 +140,6 @@ def run_chunks(
     return [r for part in parts for r in part]
 
 
-def run_each(n: int, device: torch.device, fn: Callable[[int, int, _Scratch], Any]) -> list[Any]:
-    """Call ``fn(i, i + 1, scratch)`` for each ``i`` in ``[0, n)`` (units of work larger than a
-    chunk, e.g. a fingerprint's rows), spread over the threads like :func:`run_chunks`; results in order."""
-    parts = run_chunks(
-        n, device, lambda lo, hi, s: [fn(i, i + 1, s) for i in range(lo, hi)], chunk=1
-    )
-    return [r for part in parts for r in part]
-
-
 def _f32(
     x: torch.Tensor, lo: int, hi: int, s: _Scratch, key: str, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -170,25 +152,34 @@ def _f32(
     return buf
 
 
-def weights_cancel(weights: list[float]) -> bool:
-    """Whether normalizing by ``sum(weights)`` is undefined or meaningless: the sum is 0, or below
-    1e-8 of ``sum(|w|)`` (``0.1 + 0.2 - 0.3``), where dividing would scale the inputs by 1e8 or more."""
-    return abs(math.fsum(weights)) <= 1e-8 * math.fsum(abs(w) for w in weights)
+def check_weights(method: str, key: str, weights: list[float]) -> None:
+    """Refuse to normalize by ``sum(weights)`` when that is undefined or meaningless.
+
+    Args:
+        method: the method's name, for the message.
+        key: the parameter that turns normalizing on.
+        weights: the weights.
+
+    Raises:
+        ValueError: the sum is 0, or below 1e-8 of ``sum(|w|)`` (``0.1 + 0.2 - 0.3``), where
+            dividing would scale the inputs by 1e8 or more (mergekit divides and writes NaN/inf).
+    """
+    if abs(math.fsum(weights)) <= 1e-8 * math.fsum(abs(w) for w in weights):
+        shown = ", ".join(f"{w:g}" for w in weights)
+        raise ValueError(
+            f"{method}: the weights ({shown}) sum to {sum(weights):g}, and {key} divides by that sum (mergekit would write NaN/inf); use weights that do not cancel out, or set {key}: false"
+        )
 
 
 def fused_linear(inp: TensorInputs) -> torch.Tensor:
     """``sum_i w_i x_i`` (divided by ``sum_i w_i`` when ``normalize``), chunk by chunk.
 
     Raises:
-        ValueError: ``normalize`` is on and the weights cancel out (see :func:`weights_cancel`);
-            mergekit divides anyway and writes NaN or inf.
+        ValueError: ``normalize`` is on and the weights cancel out (see :func:`check_weights`).
     """
     weights = [float(p["weight"]) for p in inp.per_input]
-    if inp.shared["normalize"] and weights_cancel(weights):
-        shown = ", ".join(f"{w:g}" for w in weights)
-        raise ValueError(
-            f"linear: the weights ({shown}) sum to {sum(weights):g}, and normalize divides by that sum (mergekit would write NaN/inf); use weights that do not cancel out, or set normalize: false"
-        )
+    if inp.shared["normalize"]:
+        check_weights("linear", "normalize", weights)
     scale = 1.0 / sum(weights) if inp.shared["normalize"] else 1.0
     xs = [inp.raw(i).reshape(-1) for i in range(len(inp))]
     out = out_tensor(inp, inp.raw(0).shape)
@@ -203,24 +194,18 @@ def fused_linear(inp: TensorInputs) -> torch.Tensor:
                 torch.mul(c, w * scale, out=acc)
             else:
                 acc.add_(c, alpha=w * scale)
-        o = flat_out[lo:hi]
-        o.copy_(acc)
-        return _finite(acc, o)
+        return _write(acc, flat_out[lo:hi])
 
     inp.finite = all(run_chunks(xs[0].numel(), xs[0].device, fn))
     return out
 
 
-def fused_slerp(
-    inp: TensorInputs,
-    t: float,
-    v0i: int,
-    v1i: int,
-    dot_threshold: float = 0.9995,
-    eps: float = 1e-8,
-) -> torch.Tensor:
-    """Slerp of two whole tensors (one flattened vector each): a reduction pass, then a blend pass."""
-    v0, v1 = inp.raw(v0i).reshape(-1), inp.raw(v1i).reshape(-1)
+def fused_slerp(inp: TensorInputs) -> torch.Tensor:
+    """Slerp by ``t`` from the base to the other input, each one flattened vector: a reduction
+    pass, then a blend pass; linear where the vectors are near colinear (|cos| > 0.9995)."""
+    t, b = inp.shared["t"], base_of(inp)
+    v0, v1 = inp.raw(b).reshape(-1), inp.raw(1 - b).reshape(-1)
+    eps = 1e-8
     dtype = inp.compute_dtype
 
     def reduce(lo: int, hi: int, s: _Scratch) -> tuple[float, float, float]:
@@ -240,7 +225,7 @@ def fused_slerp(
     n0 = n0 if n0 > eps else 1.0
     n1 = n1 if n1 > eps else 1.0
     cos = min(1.0, max(-1.0, dot / (n0 * n1)))
-    if abs(cos) > dot_threshold:
+    if abs(cos) > 0.9995:
         c0, c1 = 1.0 - t, t
     else:
         theta = math.acos(cos)
@@ -248,16 +233,14 @@ def fused_slerp(
         c1 = math.sin(t * theta) / math.sin(theta)
     # The kernels multiply by the coefficients in the compute dtype: round them once, here.
     c0, c1 = (float(torch.tensor(c, dtype=torch.float64).to(dtype)) for c in (c0, c1))
-    out = out_tensor(inp, inp.raw(v0i).shape)
+    out = out_tensor(inp, inp.raw(b).shape)
     flat_out = out.view(-1)
 
     def blend(lo: int, hi: int, s: _Scratch) -> bool:
         acc = s.get("acc", hi - lo, dtype)
         torch.mul(_f32(v0, lo, hi, s, "a", dtype), c0, out=acc)
         acc.add_(_f32(v1, lo, hi, s, "b", dtype), alpha=c1)
-        o = flat_out[lo:hi]
-        o.copy_(acc)
-        return _finite(acc, o)
+        return _write(acc, flat_out[lo:hi])
 
     inp.finite = all(run_chunks(v0.numel(), v0.device, blend))
     return out
@@ -312,9 +295,11 @@ def _kept_delta(
     return kd
 
 
-def _finite(acc: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether an output chunk is finite: a range check on the compute-dtype chunk (NaN fails it),
-    confirmed on the output chunk only when it fails (rounding near the output dtype's maximum)."""
+def _write(acc: torch.Tensor, out: torch.Tensor) -> bool:
+    """Copy the compute-dtype chunk ``acc`` into the output chunk ``out``; return whether that is
+    finite: a range check on ``acc`` (NaN fails it), confirmed on ``out`` only when it fails
+    (rounding near the output dtype's maximum)."""
+    out.copy_(acc)
     lim = torch.finfo(out.dtype).max
     mn, mx = torch.aminmax(acc)
     if float(mn) >= -lim and float(mx) <= lim:
@@ -336,8 +321,7 @@ def fused_task_vectors(
     result = compiled.compiled_task_vectors(inp, rules, others, consensus, rescale)
     if result is not None:
         return result
-    b = inp.base
-    assert b is not None
+    b = base_of(inp)
     base = inp.raw(b).reshape(-1)
     dtype = inp.compute_dtype
     n = base.numel()
@@ -368,7 +352,7 @@ def fused_task_vectors(
             sign = s.get("sign", m, dtype)
             # +1 where the sum is >= 0, else -1. The sum is -0 only when every term is 0, and then
             # no term takes part whichever sign is elected.
-            torch.copysign(s.ones(m, dtype), total, out=sign)
+            torch.copysign(s.get("ones", m, dtype), total, out=sign)
             div = s.get("div", m, dtype) if normalize else None
             took = s.get("took", m, dtype)
             for j, wd in enumerate(wds):
@@ -395,9 +379,7 @@ def fused_task_vectors(
         if lam != 1.0:
             acc.mul_(lam)
         acc.add_(base_c)
-        o = flat_out[lo:hi]
-        o.copy_(acc)
-        return _finite(acc, o)
+        return _write(acc, flat_out[lo:hi])
 
     inp.finite = all(run_chunks(n, base.device, fn))
     return out
@@ -407,8 +389,7 @@ def _l1_rescale(
     inp: TensorInputs, rules: list[KeepRule], others: list[int]
 ) -> list[tuple[float, float]]:
     """Per input: ``(L1(delta), L1(kept delta))``, summed in float64."""
-    b = inp.base
-    assert b is not None
+    b = base_of(inp)
     base = inp.raw(b).reshape(-1)
     dtype = inp.compute_dtype
 
@@ -436,7 +417,13 @@ def _l1_rescale(
 # of the threshold's time: a random gather from both inputs).
 SAMPLE = 1 << 14
 _WHOLE = 1 << 18
-_SAMPLE_IDX: dict[tuple[int, str], torch.Tensor] = {}
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_idx(n: int, device: torch.device, size: int) -> torch.Tensor:
+    """``size`` fixed random positions in ``[0, n)`` (seeded by ``n``)."""
+    g = torch.Generator().manual_seed(n)
+    return torch.randint(0, n, (size,), generator=g).to(device)
 
 
 def _below(x: float, dtype: torch.dtype) -> float:
@@ -454,8 +441,7 @@ def magnitude_rule(inp: TensorInputs, i: int, k: int) -> KeepAll | KeepAbove:
     selection runs on those. Should the bracket miss (a sample far off), the pass is repeated with
     an unbounded bracket, so the answer is exact either way. The sample only affects speed.
     """
-    b = inp.base
-    assert b is not None
+    b = base_of(inp)
     x, base = inp.raw(i).reshape(-1), inp.raw(b).reshape(-1)
     n, dtype = x.numel(), inp.compute_dtype
     if k >= n:
@@ -481,11 +467,9 @@ def rule_from_order(inp: TensorInputs, i: int, k: int, order: torch.Tensor) -> K
     """The same rule as :func:`magnitude_rule`, read off a cached stable descending order of
     ``|input i - base|`` (``order``): the top k are ``order[:k]``; the entries tied with the k-th
     form a run ending at k, found by binary search on values gathered from the inputs."""
-    b = inp.base
-    assert b is not None
+    b = base_of(inp)
     x, base = inp.raw(i).reshape(-1), inp.raw(b).reshape(-1)
-    n = x.numel()
-    dtype = inp.compute_dtype
+    n, dtype = x.numel(), inp.compute_dtype
     if k >= n:
         return KeepAll()
 
@@ -495,14 +479,8 @@ def rule_from_order(inp: TensorInputs, i: int, k: int, order: torch.Tensor) -> K
         return float((x[p].to(dtype) - base[p].to(dtype)).abs())
 
     thr = mag(k - 1)
-    lo, hi = 0, k - 1  # first j with mag(j) == thr (values are non-increasing along the order)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if mag(mid) > thr:
-            lo = mid + 1
-        else:
-            hi = mid
-    start = lo
+    # the first j with mag(j) == thr (values are non-increasing along the order)
+    start = bisect.bisect_left(range(k - 1), -thr, key=lambda j: -mag(j))
     if mag(k) < thr:  # nothing past k ties with it: the top k are exactly |d| >= thr
         return KeepAbove(_below(thr, dtype)) if thr > 0 else KeepAll()
     return KeepAbove(thr, torch.sort(order[start:k].to(torch.int64)).values)
@@ -513,14 +491,7 @@ def _sample_bracket(
 ) -> tuple[float, float]:
     """Bounds that very likely hold the k-th largest ``|x - base|``, from a fixed random sample."""
     n = x.numel()
-    key = (n, str(x.device))
-    idx = _SAMPLE_IDX.get(key)
-    if idx is None or idx.numel() != SAMPLE:
-        g = torch.Generator().manual_seed(n)
-        idx = torch.randint(0, n, (SAMPLE,), generator=g).to(x.device)
-        if len(_SAMPLE_IDX) > 64:
-            _SAMPLE_IDX.clear()
-        _SAMPLE_IDX[key] = idx
+    idx = _sample_idx(n, x.device, SAMPLE)
     sample = (x[idx].to(dtype) - base[idx].to(dtype)).abs_()
     m = SAMPLE
     q = (n - k) / n  # the answer's quantile, ascending
@@ -535,8 +506,7 @@ def _bracket_pass(
     inp: TensorInputs, i: int, lo_v: float, hi_v: float
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Count ``|delta_i| > hi_v``; return it with the flat positions and values in ``[lo_v, hi_v]``."""
-    b = inp.base
-    assert b is not None
+    b = base_of(inp)
     base = inp.raw(b).reshape(-1)
     bounded = hi_v != math.inf
 

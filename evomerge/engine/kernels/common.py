@@ -1,4 +1,4 @@
-"""What the chunked and the compiled task-vector kernels share: the output buffer and the scalars."""
+"""What the kernels share: the base input, the output buffer and the task-vector combine's scalars."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import torch
 if TYPE_CHECKING:
     from evomerge.engine.inputs import TensorInputs
 
-__all__ = ["out_tensor", "combine_scalars"]
+__all__ = ["base_of", "out_tensor", "combine_scalars"]
+
+
+def base_of(inp: TensorInputs) -> int:
+    """The base input's index, for a method that requires a base (checked when the plan is made)."""
+    b = inp.base
+    assert b is not None
+    return b
 
 
 def out_tensor(inp: TensorInputs, shape: torch.Size) -> torch.Tensor:

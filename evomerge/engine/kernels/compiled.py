@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from evomerge.engine.kernels.common import combine_scalars, out_tensor
+from evomerge.engine.kernels.common import base_of, combine_scalars, out_tensor
 from evomerge.engine.kernels.rules import KeepAbove, KeepAll, KeepRandom, KeepRule
 from evomerge.engine.rng import hash_uniform
 
@@ -219,8 +219,7 @@ def compiled_task_vectors(
     mode = _mode(inp, rules)
     if mode is None:
         return None
-    b = inp.base
-    assert b is not None
+    b = base_of(inp)
     dtype = inp.compute_dtype
     base = inp.raw(b).reshape(-1)
     xs = [inp.raw(i).reshape(-1) for i in others]

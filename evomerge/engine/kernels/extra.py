@@ -16,13 +16,13 @@ from collections.abc import Callable
 import torch
 
 from evomerge.engine.inputs import TensorInputs
+from evomerge.engine.kernels.common import base_of
 
 __all__ = ["EXTRA_KERNELS"]
 
 
 def _base_and_others(inp: TensorInputs) -> tuple[int, list[int]]:
-    b = inp.base
-    assert b is not None  # these methods require a base, checked when the recipe is loaded
+    b = base_of(inp)
     return b, [i for i in range(len(inp)) if i != b]
 
 

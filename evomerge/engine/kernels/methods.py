@@ -10,31 +10,28 @@ mergekit 0.1.5's formulas (nearswap, arcee_fusion, ram and ramplus_tl in
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
 from evomerge.engine.inputs import TensorInputs
 from evomerge.engine.kernels.chunked import (
+    check_weights,
     fused_linear,
     fused_slerp,
     fused_task_vectors,
-    weights_cancel,
 )
+from evomerge.engine.kernels.common import base_of
 from evomerge.engine.kernels.extra import EXTRA_KERNELS
 from evomerge.engine.kernels.rules import KeepAll, KeepMask, KeepRule
 from evomerge.methods.registry import METHODS
-from evomerge.methods.spec import Method, Sparsifier
+from evomerge.methods.spec import Sparsifier
 
-__all__ = ["KERNELS", "kernel_for"]
+__all__ = ["KERNELS"]
 
 Kernel = Callable[[TensorInputs], torch.Tensor]
-
-
-def _slerp(inp: TensorInputs) -> torch.Tensor:
-    b = inp.base
-    assert b is not None  # guaranteed by the method's declaration, checked at plan time
-    return fused_slerp(inp, inp.shared["t"], b, 1 - b)
 
 
 def _outliers(inp: TensorInputs, i: int, density: float, n: int) -> KeepRule:
@@ -73,26 +70,22 @@ _SPARSIFY: dict[Sparsifier, Callable[[TensorInputs, int, float, int], KeepRule]]
 }
 
 
-def _task_vector_kernel(sparsifier: Sparsifier | None, consensus: bool) -> Kernel:
-    sparsify = None if sparsifier is None else _SPARSIFY[sparsifier]
-
-    def keep(inp: TensorInputs, i: int) -> KeepRule:
+def _task_vectors(
+    sparsifier: Sparsifier | None, consensus: bool, inp: TensorInputs
+) -> torch.Tensor:
+    b = base_of(inp)
+    others = [i for i in range(len(inp)) if i != b]
+    if not others:
+        return inp.tensor(b).clone()
+    rules: list[KeepRule] = []
+    for i in others:
         density, n = inp.per_input[i]["density"], inp.raw(i).numel()
-        if sparsify is None or density >= 1 or n == 0:
-            return KeepAll()
-        return sparsify(inp, i, density, n)
-
-    def kernel(inp: TensorInputs) -> torch.Tensor:
-        b = inp.base
-        assert b is not None
-        others = [i for i in range(len(inp)) if i != b]
-        if not others:
-            return inp.tensor(b).clone()
-        rescale = bool(inp.shared["rescale"]) and sparsify is not None
-        rules = [keep(inp, i) for i in others]
-        return fused_task_vectors(inp, rules, others, consensus, rescale)
-
-    return kernel
+        if sparsifier is None or density >= 1 or n == 0:
+            rules.append(KeepAll())
+        else:
+            rules.append(_SPARSIFY[sparsifier](inp, i, density, n))
+    rescale = bool(inp.shared["rescale"]) and sparsifier is not None
+    return fused_task_vectors(inp, rules, others, consensus, rescale)
 
 
 def _passthrough(inp: TensorInputs) -> torch.Tensor:
@@ -102,8 +95,7 @@ def _passthrough(inp: TensorInputs) -> torch.Tensor:
 
 
 def _model_stock(inp: TensorInputs) -> torch.Tensor:
-    b = inp.base
-    assert b is not None
+    b = base_of(inp)
     w0 = inp.tensor(b)
     ws = [inp.tensor(i) for i in range(len(inp)) if i != b]
     shape = w0.shape
@@ -114,12 +106,9 @@ def _model_stock(inp: TensorInputs) -> torch.Tensor:
         w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
     offsets = [w - w0 for w in ws]
     cosines = []
-    for a in range(len(offsets)):
-        for c in range(a + 1, len(offsets)):
-            norms = torch.linalg.vector_norm(offsets[a], dim=-1) * torch.linalg.vector_norm(
-                offsets[c], dim=-1
-            )
-            cosines.append(((offsets[a] * offsets[c]).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    for u, v in itertools.combinations(offsets, 2):
+        norms = torch.linalg.vector_norm(u, dim=-1) * torch.linalg.vector_norm(v, dim=-1)
+        cosines.append(((u * v).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(0).unsqueeze(-1)
     n = len(ws)
     denom = 1 + (n - 1) * cos
@@ -175,11 +164,8 @@ def _multislerp(inp: TensorInputs) -> torch.Tensor:
         x = x - inp.tensor(b)
     flat = x.reshape(x.shape[0], -1)
     weights = [float(inp.per_input[i]["weight"]) for i in others]
-    if inp.shared["normalize_weights"] and weights_cancel(weights):
-        shown = ", ".join(f"{v:g}" for v in weights)
-        raise ValueError(
-            f"multislerp: the weights ({shown}) sum to {sum(weights):g}, and normalize_weights divides by that sum (mergekit would write NaN/inf); use weights that do not cancel out, or set normalize_weights: false"
-        )
+    if inp.shared["normalize_weights"]:
+        check_weights("multislerp", "normalize_weights", weights)
     w = torch.tensor(weights, dtype=x.dtype, device=x.device)
     if inp.shared["normalize_weights"]:
         w = w / w.sum()
@@ -242,8 +228,7 @@ def _karcher(inp: TensorInputs) -> torch.Tensor:
 
 
 def _sce(inp: TensorInputs) -> torch.Tensor:
-    b = inp.base
-    assert b is not None
+    b = base_of(inp)
     base = inp.tensor(b)
     others = [i for i in range(len(inp)) if i != b]
     if not others:
@@ -274,7 +259,7 @@ def _sce(inp: TensorInputs) -> torch.Tensor:
 
 _DENSE: dict[str, Kernel] = {
     "linear": fused_linear,
-    "slerp": _slerp,
+    "slerp": fused_slerp,
     "model_stock": _model_stock,
     "nuslerp": _nuslerp,
     "multislerp": _multislerp,
@@ -284,13 +269,9 @@ _DENSE: dict[str, Kernel] = {
     **EXTRA_KERNELS,
 }
 
-# One kernel per registered method: the task-vector family is one kernel parametrised by its data.
+# One kernel per registered method, by name: the task-vector family is one kernel parametrised by
+# its data.
 KERNELS: dict[str, Kernel] = {
-    name: _DENSE[name] if name in _DENSE else _task_vector_kernel(m.sparsifier, m.consensus)
+    name: _DENSE[name] if name in _DENSE else partial(_task_vectors, m.sparsifier, m.consensus)
     for name, m in METHODS.items()
 }
-
-
-def kernel_for(method: Method) -> Kernel:
-    """The kernel of ``method`` (every registered method has one)."""
-    return KERNELS[method.name]
