@@ -67,7 +67,7 @@ def _sampler_override(variant: str) -> Any:
             return optuna.samplers.TPESampler(
                 seed=seed, n_startup_trials=startup, multivariate=False
             )
-        return samplers.make_sampler(variant, seed, n_trials, startup, multi)
+        return samplers.make_sampler(variant, seed, n_trials, startup)
 
     return build if variant in ("tpe_indep", "cmaes") else None
 

@@ -25,7 +25,7 @@ from evomerge.search.records import StudyRecords, TrialRecord
 from evomerge.space import Space
 from evomerge.space.directives import LayersOf
 
-__all__ = ["baseline_recipes", "enqueue_hand_recipes", "enqueue_source_paths", "run_baselines"]
+__all__ = ["baseline_recipes", "enqueue_first_trials", "run_baselines"]
 
 
 def baseline_recipes(space: Space, layers_of: LayersOf | None = None) -> dict[str, dict[str, Any]]:
@@ -68,7 +68,7 @@ def baseline_recipes(space: Space, layers_of: LayersOf | None = None) -> dict[st
     return out
 
 
-def enqueue_hand_recipes(
+def enqueue_first_trials(
     space: Space,
     recipes: dict[str, dict[str, Any]],
     records: StudyRecords,
@@ -76,59 +76,58 @@ def enqueue_hand_recipes(
     layers_of: Callable[[str], int],
     log: Callable[[str], None],
 ) -> None:
-    """Queue each hand recipe that is a point of the space as a searched trial (once per study:
-    run under the study's ``setup`` claim; a resumed study skips those it has)."""
-    for name, recipe in recipes.items():
-        text = dump_yaml(recipe)
-        if not name.startswith("hand:") or records.baseline_done(name, text):
-            continue
-        values = space.values_of(recipe, layers_of)
-        if values is not None:
-            _enqueue(records, name, text, values, log, {"baseline": name})
-            log(f"baseline {name}: a point of the space, queued as the first trial")
-
-
-def enqueue_source_paths(
-    space: Space,
-    records: StudyRecords,
-    *,
-    layers_of: Callable[[str], int],
-    log: Callable[[str], None],
-) -> None:
-    """Queue the own path of each source ``dataflow.start`` names (the merge sources by default)
-    as a searched trial, once per study (run under the study's ``setup`` claim; a resumed study
-    skips those it has); a path that is no point of the space is skipped with one log line.
+    """Queue as searched trials the own path of each source ``dataflow.start`` names (the merge
+    sources by default; a path that is no point of the space is skipped with one log line), then
+    each hand recipe that is a point of the space. Once per study: run under the study's ``setup``
+    claim; a resumed study skips those it has, and queues again one whose recipe changed.
 
     Args:
-        space: a data-flow space, checked against its models (:func:`~evomerge.search.setup.prepare`).
+        space: the space (a data-flow one checked against its models by
+            :func:`~evomerge.search.setup.prepare`).
+        recipes: the baselines, from :func:`baseline_recipes`.
         records: the study's records.
         layers_of: a model reference's layer count.
         log: progress lines.
     """
-    for p in source_paths(space.tree["dataflow"], layers_of):
+    for p in source_paths(space.tree["dataflow"], layers_of) if "dataflow" in space.tree else ():
         what = f"dataflow source {p.source}: its own path ({len(p.path)} layers, scales 1)"
         if p.values is None:
             log(f"{what} is no point of the space ({p.why}): not queued")
             continue
-        text = dump_yaml(space.render_values(p.values, layers_of))
-        name = f"path:{p.source}"
-        if not records.baseline_done(name, text):
-            _enqueue(records, name, text, p.values, log, {})
-            log(f"{what} queued as a first trial")
+        recipe = space.render_values(p.values, layers_of)
+        _enqueue(
+            records,
+            f"path:{p.source}",
+            recipe,
+            p.values,
+            {},
+            log,
+            f"{what} queued as a first trial",
+        )
+    for name, recipe in recipes.items():
+        values = space.values_of(recipe, layers_of) if name.startswith("hand:") else None
+        if values is not None:
+            said = f"baseline {name}: a point of the space, queued as the first trial"
+            _enqueue(records, name, recipe, values, {"baseline": name}, log, said)
 
 
 def _enqueue(
     records: StudyRecords,
     name: str,
-    text: str,
+    recipe: dict[str, Any],
     values: dict[str, Any],
-    log: Callable[[str], None],
     user_attrs: dict[str, Any],
+    log: Callable[[str], None],
+    said: str,
 ) -> None:
+    text = dump_yaml(recipe)
+    if records.baseline_done(name, text):
+        return
     if records.baseline_done(name):
         log(f"{name}: its recipe changed since it was queued; queued again")
     records.study.enqueue_trial(values, user_attrs=user_attrs)
     records.mark_enqueued(name, text)
+    log(said)
 
 
 def run_baselines(
@@ -148,7 +147,7 @@ def run_baselines(
     Args:
         space: the search space.
         recipes: the baselines, from :func:`baseline_recipes` (hand recipes queued as trials by
-            :func:`enqueue_hand_recipes` are done already).
+            :func:`enqueue_first_trials` are done already).
         candidates: merges and scores.
         records: the study's records.
         coordinator: runs each baseline in one worker of the study (``baseline:<name>``).

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import yaml
+from optuna.trial import TrialState
 
 from evomerge.contamination.probe import probe_contamination
 from evomerge.search.candidates import Candidates
@@ -34,81 +35,37 @@ from evomerge.search.table import chosen_row, trials_frame
 
 __all__ = ["Holdout"]
 
-ModelOrMaker = torch.nn.Module | Callable[[], torch.nn.Module]
-
 
 class Holdout:
     """Validation and test scores (and the optional memorization probe) of a study's trials.
 
     Args:
+        setup: the prepared search (its holdout splits: ``("validation", "test")``, ``("test",)``
+            when the validation share is 0 and the search score chooses, or ``()``; its
+            ``search.finalists``; its base model and tokenizer, for the probe).
         candidates: merges and scores.
         records: the study's records.
         coordinator: runs each re-score in one worker of the study.
-        splits: the holdout splits the space has: ``("validation", "test")``, ``("test",)``
-            (validation share 0: the search score chooses) or ``()`` (no holdout).
-        finalists: how many top trials by search score :meth:`finalists` re-scores.
         probe: also run the Min-K%++ probe on every trial re-scored on the validation items.
-        base_ref, base_dir, tokenizer_dir: the space's base model (reference and directory) and
-            tokenizer, for the probe.
-        device, seed, file, log: the search's.
     """
 
     def __init__(
         self,
-        candidates: Candidates,
-        records: StudyRecords,
-        coordinator: Coordinator,
-        *,
-        splits: tuple[str, ...],
-        finalists: int,
-        probe: bool,
-        base_ref: str | None,
-        base_dir: str | None,
-        tokenizer_dir: str,
-        device: str,
-        seed: int,
-        file: str,
-        log: Callable[[str], None],
-    ) -> None:
-        self.candidates, self.records, self.coordinator = candidates, records, coordinator
-        self.splits, self.n_finalists, self.probe = splits, finalists, probe
-        self.base_ref, self.base_dir, self.tokenizer_dir = base_ref, base_dir, tokenizer_dir
-        self.device, self.seed, self.file, self.log = device, seed, file, log
-        self._base_model: Any = None
-        self._tokenizer: Any = None
-
-    @classmethod
-    def of(
-        cls,
         setup: Setup,
         candidates: Candidates,
         records: StudyRecords,
         coordinator: Coordinator,
         probe: bool,
-    ) -> Holdout:
-        """The holdout of a prepared search."""
-        base = setup.space.tree.get("base_model")
-        src = setup.sources.get(base) if isinstance(base, str) else None
-        return cls(
-            candidates,
-            records,
-            coordinator,
-            splits=setup.splits,
-            finalists=setup.space.search.finalists,
-            probe=probe,
-            base_ref=base if isinstance(base, str) else None,
-            base_dir=str(src.path) if src is not None else None,
-            tokenizer_dir=str(setup.tokenizer_dir),
-            device=setup.device,
-            seed=setup.seed,
-            file=setup.file,
-            log=setup.log,
-        )
+    ) -> None:
+        self.setup, self.candidates, self.records = setup, candidates, records
+        self.coordinator, self.probe = coordinator, probe
+        self._base_model: Any = None
+        self._tokenizer: Any = None
 
     def rescore(
         self,
         number: int,
-        model: ModelOrMaker,
+        merged: Callable[[], torch.nn.Module],
         split: str = "validation",
         check_interrupt: Callable[[], None] = lambda: None,
     ) -> Scores | None:
@@ -117,17 +74,17 @@ class Holdout:
 
         Args:
             number: the trial.
-            model: the model holding the trial's merge, or a function that merges it (called only
-                when this worker re-scores it).
+            merged: returns the model holding the trial's merge (called only when this worker
+                re-scores it).
             split: "validation" or "test".
             check_interrupt: raises KeyboardInterrupt once Ctrl-C was pressed (while waiting for
                 another worker's re-score of the same trial).
         """
-        if split not in self.splits:
+        if split not in self.setup.splits:
             return None
 
         def work() -> None:
-            m = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
+            m = merged()
             self.records.set_rescore(number, split, self.candidates.score(m, split))
             if self.probe and split == "validation":
                 self._probe(number, m)
@@ -141,7 +98,9 @@ class Holdout:
         return self.records.rescore(number, split)
 
     def _probe(self, number: int, model: torch.nn.Module) -> None:
-        if self.base_dir is None:
+        s = self.setup
+        base = s.space.tree.get("base_model")
+        if not isinstance(base, str) or base not in s.sources:
             self.records.set_probe(
                 number,
                 {
@@ -153,9 +112,9 @@ class Holdout:
         if self._base_model is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            base: Any = AutoModelForCausalLM.from_pretrained(self.base_dir)
-            self._base_model = base.to(self.device).eval()
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            model_: Any = AutoModelForCausalLM.from_pretrained(str(s.sources[base].path))
+            self._base_model = model_.to(s.device).eval()
+            self._tokenizer = AutoTokenizer.from_pretrained(str(s.tokenizer_dir))
         evaluator = self.candidates.evaluator
         texts = [x for v in evaluator.texts("search").values() for x in v]
         # Unseen items of the same distribution are the best controls (perturbed neighbours can
@@ -167,46 +126,37 @@ class Holdout:
             self._tokenizer,
             texts,
             controls=controls or None,
-            seed=self.seed,
+            seed=s.seed,
         )
         self.records.set_probe(number, r.columns())
 
     def finalists(self, check_interrupt: Callable[[], None]) -> None:
         """Re-score the top ``finalists`` completed trials by search score on the validation
         items, then score the chosen trial on the test items."""
-        from optuna.trial import TrialState
-
-        if self.n_finalists and "validation" in self.splits:
-            done = []
-            for t in self.records.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                rec = self.records.trial(t)
-                if rec.search is not None:
-                    done.append((rec.search.aggregate, t.number, rec))
+        n = self.setup.space.search.finalists
+        if n and "validation" in self.setup.splits:
+            trials = self.records.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            done = [
+                (r.search.aggregate, t.number)
+                for t in trials
+                if (r := self.records.trial(t)).search
+            ]
             done.sort(key=lambda x: x[0], reverse=True)
-            for _, number, rec in done[: self.n_finalists]:
+            for _, number in done[:n]:
                 check_interrupt()
-                self.rescore(
-                    number, partial(self._remerge, number, rec), "validation", check_interrupt
-                )
-        self.test_chosen(check_interrupt)
-
-    def test_chosen(self, check_interrupt: Callable[[], None]) -> int | None:
-        """Score the chosen trial on the test items (once); returns its number (None: no
-        searched trial completed)."""
+                self.rescore(number, partial(self._remerge, number), "validation", check_interrupt)
         row = chosen_row(trials_frame(self.records.refresh().study))
-        if row is None:
-            return None
-        number = int(row["number"])
-        rec = self.records.trial(self.records.study.trials[number])
-        self.rescore(number, partial(self._remerge, number, rec), "test", check_interrupt)
-        return number
+        if row is not None:  # a searched trial completed
+            number = int(row["number"])
+            self.rescore(number, partial(self._remerge, number), "test", check_interrupt)
 
-    def _remerge(self, number: int, rec: Any) -> torch.nn.Module:
+    def _remerge(self, number: int) -> torch.nn.Module:
+        rec = self.records.trial(self.records.study.trials[number])
         model, res = self.candidates.materialize(
-            yaml.safe_load(rec.recipe or "{}"), f"{self.file} (trial {number})"
+            yaml.safe_load(rec.recipe or "{}"), f"{self.setup.file} (trial {number})"
         )
         if res.digest != rec.digest:
-            self.log(
+            self.setup.log(
                 f"warning: trial {number} re-merged to a different tensor hash ({res.digest[:12]} vs {str(rec.digest)[:12]})"
             )
         return model

@@ -40,11 +40,11 @@ _WHAT = {
 
 def sources_digest(sources: Mapping[str, ModelSource]) -> str:
     """A digest of the source models' files: names, sizes and modification times."""
-    out = {}
-    for ref, src in sorted(sources.items()):
-        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in src.files()]
-        out[ref] = stats
-    return digest_of(out)
+    stats = {
+        ref: [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in src.files()]
+        for ref, src in sorted(sources.items())
+    }
+    return digest_of(stats)
 
 
 def check_inputs(

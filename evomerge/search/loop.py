@@ -10,10 +10,8 @@ writes its merged tensors into that model in place and lm-eval scores the model 
    queued as trials);
 2. score the baselines (:mod:`evomerge.search.baselines`);
 3. trials until ``search.trials`` are finished (complete or stopped early), or until they scored
-   ``search.items`` search items: one trial (:class:`~evomerge.search.trial.TrialRunner`) asks the sampler for a point,
-   renders its recipe, merges it into the resident model, scores it in rounds that may stop it
-   early (:mod:`evomerge.search.pruning`; a merge whose tensors were scored already takes their
-   scores) and tells the sampler; a new best is re-scored on the validation items at once;
+   ``search.items`` search items, one at a time (ask, render, merge, score, tell:
+   :mod:`evomerge.search.trial`); a new best is re-scored on the validation items at once;
 4. the finalists are re-scored on the validation items and the chosen trial on the test items
    (:mod:`evomerge.search.finalists`); ``results/<study>/trials.csv`` is written after every step.
 
@@ -37,6 +35,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
+
 from evomerge.evaluation.base import Evaluator
 from evomerge.search.baselines import run_baselines
 from evomerge.search.candidates import Candidates
@@ -53,6 +54,9 @@ from evomerge.search.table import write_trials_csv
 from evomerge.search.trial import TrialRunner
 
 __all__ = ["Search", "SearchOutcome", "run_search"]
+
+# The trial states that count against the budget.
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class Search:
@@ -84,24 +88,20 @@ class Search:
     def open_study(self) -> StudyRecords:
         """Create or load the study (its sampler seeded per trial, see
         :class:`~evomerge.search.samplers.SeededPerTrial`)."""
-        import optuna
-
         s = self.setup
         sampler = make_sampler(
             s.space.search.sampler,
             s.seed,
             s.trials,
             s.space.search.startup_trials,
-            bool(s.objectives),
             stopped_as_estimated=self.rounds.pruner is not None,
         )
-        kw: dict[str, Any] = (
-            {"directions": ["maximize"] * len(s.objectives)}
-            if s.objectives
-            else {"direction": "maximize"}
-        )
         study = optuna.create_study(
-            study_name=s.paths.name, storage=s.storage, sampler=sampler, load_if_exists=True, **kw
+            study_name=s.paths.name,
+            storage=s.storage,
+            sampler=sampler,
+            load_if_exists=True,
+            directions=["maximize"] * max(1, len(s.objectives)),
         )
         return StudyRecords(study)
 
@@ -112,8 +112,6 @@ class Search:
             EvomergeError: the study cannot go on as it is (see :mod:`evomerge.search.inputs`).
             KeyboardInterrupt: on Ctrl-C, after marking the running trial failed and writing the table.
         """
-        import optuna
-
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         s, start = self.setup, time.perf_counter()
         with self.interrupts:
@@ -132,7 +130,7 @@ class Search:
                 )
                 s.merger.stream = records.refresh().meta().stream  # 1 for studies before streams
                 s.warn_flags(records)
-                holdout = Holdout.of(s, self.candidates, records, self.coordinator, self.probe)
+                holdout = Holdout(s, self.candidates, records, self.coordinator, self.probe)
                 try:
                     self._baselines(records, wait=False)
                     write_trials_csv(records.study, s.paths.csv)
@@ -153,10 +151,8 @@ class Search:
     def _trials(self, records: StudyRecords, holdout: Holdout) -> None:
         """Trials until the study has ``trials`` finished ones (all workers'), or until they
         scored ``search.items`` search items."""
-        from optuna.trial import TrialState
-
         s, study = self.setup, records.study
-        done = len(study.get_trials(deepcopy=False, states=_finished()))
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
         if done:
             s.log(
                 f"study {s.paths.name!r}: {done} of {s.trials} trials already finished (complete or pruned)"
@@ -167,7 +163,7 @@ class Search:
             self.interrupts.check()
             self._recover(records)
             finished = [
-                (t, records.trial(t)) for t in study.get_trials(deepcopy=False, states=_finished())
+                (t, records.trial(t)) for t in study.get_trials(deepcopy=False, states=FINISHED)
             ]
             progress.finished(len(finished))
             if len(finished) >= s.trials or self._items_spent(records, finished):
@@ -175,12 +171,8 @@ class Search:
             if self.coordinator.busy(records, s.trials):  # other workers may fill the budget
                 self.coordinator.wait()
                 continue
-            complete = [
-                r.search.aggregate
-                for t, r in finished
-                if t.state == TrialState.COMPLETE and r.search
-            ]
-            best = max(complete, default=-math.inf)
+            complete = [r.search for t, r in finished if t.state == TrialState.COMPLETE]
+            best = max((sc.aggregate for sc in complete if sc), default=-math.inf)
             attempts += 1
             state, number, rec = self.runner.run(records, holdout, best)
             write_trials_csv(study, s.paths.csv)
@@ -227,13 +219,6 @@ class Search:
             check_interrupt=self.interrupts.check,
             wait=wait,
         )
-
-
-def _finished() -> tuple[Any, ...]:
-    """The trial states that count against the budget (optuna is imported lazily)."""
-    from optuna.trial import TrialState
-
-    return (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def run_search(

@@ -25,32 +25,28 @@ reuse (:meth:`~evomerge.search.records.StudyRecords.scored`) never hands its par
 Its record also holds the estimate of its full score: the reference's full score plus ``d̄`` (a
 paired estimate; the partial score alone is not one, the first items may be easier or harder than
 the rest). The sampler sees a stopped trial at that estimate
-(:class:`StoppedAsEstimated`), so a candidate stopped just short of the
+(:class:`~evomerge.search.samplers.StoppedAsEstimated`), so a candidate stopped just short of the
 best still counts among the good points TPE samples around, where Optuna would rank every PRUNED
 trial below every finished one.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Container, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
-import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from evomerge.compat import study_trials
 from evomerge.evaluation.base import Evaluator, item_weights
 from evomerge.search.candidates import Candidates
 from evomerge.search.records import Scores, StudyRecords
 from evomerge.space.prune import PruneSettings
 
-__all__ = ["Pruner", "RoundScorer", "StoppedAsEstimated"]
+__all__ = ["Pruner", "RoundScorer"]
 
 Values = Mapping[str, Mapping[int, float]]
 
@@ -153,7 +149,7 @@ class RoundScorer:
         self.pruner: Pruner | None = None
         self._reference: tuple[int, Scores | None] = (-1, None)  # (complete trials, reference)
         ev: Evaluator = candidates.evaluator
-        counts = ev.item_counts() if settings is not None and hasattr(ev, "item_counts") else {}
+        counts = ev.item_counts() if settings is not None else {}
         if settings is not None and not counts:
             log(
                 "pruning is off: the evaluator cannot score the search items a subset at a time "
@@ -166,8 +162,6 @@ class RoundScorer:
         """The search scores (per-item values included) of the ``against``-th best COMPLETE trial,
         or None (too few yet). A complete trial never changes, so the reference is read again only
         when their number grew."""
-        from optuna.trial import TrialState
-
         if self.pruner is None:
             return None
         complete = records.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -224,84 +218,3 @@ class RoundScorer:
             if ref is not None and p.hopeless(seen, ref.values):
                 return partial, ref.aggregate + p.difference(seen, ref.values)[0]
         return staged.result().checked(), None
-
-
-class _EstimatedView:
-    """``study`` as a sampler sees it under :class:`StoppedAsEstimated`: its trials, each stopped
-    one that has an estimate shown as COMPLETE at that value; everything else is the study's."""
-
-    def __init__(self, study: Any) -> None:
-        self._study = study
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def _get_trials(  # compat.SAMPLER_TRIALS: what Optuna's samplers call
-        self,
-        deepcopy: bool = True,
-        states: Container[TrialState] | None = None,
-        use_cache: bool = False,
-    ) -> list[FrozenTrial]:
-        out = []
-        for t in study_trials(self._study, deepcopy=deepcopy, use_cache=use_cache):
-            est = StudyRecords.estimate_of(t) if t.state == TrialState.PRUNED else None
-            if est is not None:
-                t = copy.copy(t)
-                t.state, t.values = TrialState.COMPLETE, [est]
-            if states is None or t.state in states:
-                out.append(t)
-        return out
-
-    def get_trials(
-        self, deepcopy: bool = True, states: Container[TrialState] | None = None
-    ) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    @property
-    def trials(self) -> list[FrozenTrial]:
-        return self.get_trials()
-
-
-def _view(study: Any) -> Any:  # the view stands in for the Study the samplers are typed to take
-    return _EstimatedView(study)
-
-
-class StoppedAsEstimated(optuna.samplers.BaseSampler):
-    """A sampler that models a trial stopped early (PRUNED, see :mod:`evomerge.search.pruning`) as
-    finished at the estimate of its full search score, where Optuna's samplers rank it below every
-    finished trial (TPE) or leave it out (gp, cmaes).
-
-    With pruning, the trials stopped just short of the best are the points closest to it; ranked
-    last, they would drop out of TPE's good group and the search would lose its way. The estimate
-    is a paired one (the reference trial's full score plus the mean per-item difference on the
-    items the stopped trial scored), not the partial score, whose items may be easier or harder
-    than the rest.
-
-    Args:
-        inner: the sampler that proposes the points; it sees the study through the view above.
-    """
-
-    def __init__(self, inner: optuna.samplers.BaseSampler) -> None:
-        self.inner = inner
-
-    def infer_relative_search_space(self, study: Any, trial: FrozenTrial) -> dict[str, Any]:
-        return self.inner.infer_relative_search_space(_view(study), trial)
-
-    def sample_relative(
-        self, study: Any, trial: FrozenTrial, search_space: dict[str, Any]
-    ) -> dict[str, Any]:
-        return self.inner.sample_relative(_view(study), trial, search_space)
-
-    def sample_independent(
-        self, study: Any, trial: FrozenTrial, param_name: str, param_distribution: Any
-    ) -> Any:
-        return self.inner.sample_independent(_view(study), trial, param_name, param_distribution)
-
-    def before_trial(self, study: Any, trial: FrozenTrial) -> None:
-        self.inner.before_trial(_view(study), trial)
-
-    def after_trial(self, study: Any, trial: FrozenTrial, state: TrialState, values: Any) -> None:
-        self.inner.after_trial(_view(study), trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.inner.reseed_rng()

@@ -22,7 +22,7 @@ and dict shapes are the file format of existing studies: keep them. Claims (whic
 which once-per-study task) are studies of their own, see :mod:`evomerge.search.distributed.claims`.
 
 Several workers write one study: a record is written by the one worker that ran its task, and read
-fresh (:meth:`StudyRecords.attrs` with ``refresh``) wherever another worker may have written it.
+fresh (:meth:`StudyRecords.refresh`) wherever another worker may have written it.
 
 Example:
     >>> s = Scores({"a": 0.5}, {"a": 0.05}, 0.5, 0.05, 1.0)
@@ -89,32 +89,19 @@ class TrialRecord:
         return (self.search.n_items or None) if self.search is not None else None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if v is None or (f.name == "error" and not v):
-                continue
-            out[f.name] = v.to_dict() if isinstance(v, Scores) else v
-        return out
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {
+            k: v.to_dict() if isinstance(v, Scores) else v
+            for k, v in out.items()
+            if v is not None and (k != "error" or v)
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> TrialRecord:
-        d = dict(d or {})
-        return cls(
-            method=d.get("method"),
-            recipe=d.get("recipe"),
-            merge_s=d.get("merge_s"),
-            digest=d.get("digest"),
-            search=Scores.from_dict(d.get("search")),
-            eval_s=d.get("eval_s"),
-            error=d.get("error", "") or "",
-            state=d.get("state"),
-            holdout=Scores.from_dict(d.get("holdout")),
-            reused_from=d.get("reused_from"),
-            estimate=d.get("estimate"),
-            validation=Scores.from_dict(d.get("validation")),
-            test=Scores.from_dict(d.get("test")),
-        )
+        d = {f.name: (d or {}).get(f.name) for f in fields(cls)}
+        for k in ("search", "holdout", "validation", "test"):
+            d[k] = Scores.from_dict(d[k])
+        return cls(**(d | {"error": d["error"] or ""}))
 
 
 @dataclass
@@ -152,9 +139,9 @@ class StudyRecords:
         self._attrs: dict[str, Any] | None = None
 
     # -- study-level ---------------------------------------------------------------------------
-    def attrs(self, refresh: bool = False) -> dict[str, Any]:
-        """The study's user attributes (one storage read, cached until ``refresh`` or a write)."""
-        if self._attrs is None or refresh:
+    def attrs(self) -> dict[str, Any]:
+        """The study's user attributes (one storage read, cached until :meth:`refresh`)."""
+        if self._attrs is None:
             self._attrs = dict(self.study.user_attrs)
         return self._attrs
 

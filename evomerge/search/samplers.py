@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.search.pruning import StoppedAsEstimated
+from evomerge.compat import study_trials
+from evomerge.search.records import StudyRecords
 from evomerge.space import Directive
 
-__all__ = ["make_sampler", "suggester", "SeededPerTrial", "trial_seed"]
+__all__ = ["make_sampler", "suggester", "SeededPerTrial", "StoppedAsEstimated", "trial_seed"]
 
 
 def make_sampler(
@@ -21,7 +23,6 @@ def make_sampler(
     seed: int,
     n_trials: int,
     startup: int | None = None,
-    multi: bool = False,
     *,
     stopped_as_estimated: bool = False,
 ) -> Any:
@@ -33,7 +34,6 @@ def make_sampler(
         n_trials: the trial budget (sizes the startup phase and NSGA-II's population).
         startup: random trials before the model-based sampler takes over (default: a quarter of
             the budget, 4 to 10).
-        multi: several objectives.
         stopped_as_estimated: pruning is on: the model-based samplers (tpe, gp, cmaes) see each
             stopped trial as finished at the estimate of its full score (:class:`StoppedAsEstimated`).
 
@@ -78,9 +78,8 @@ def _sampler(name: str, seed: int, n_trials: int, startup: int) -> optuna.sample
         return optuna.samplers.NSGAIISampler(
             seed=seed, population_size=max(4, min(20, n_trials // 4))
         )
-    raise ValueError(
-        f"unknown sampler {name!r}"
-    )  # pragma: no cover - validated when the space is parsed
+    # validated when the space is parsed
+    raise ValueError(f"unknown sampler {name!r}")  # pragma: no cover
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -94,7 +93,39 @@ def trial_seed(seed: int, number: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-class SeededPerTrial(optuna.samplers.BaseSampler):
+class _Forwarding(optuna.samplers.BaseSampler):
+    """A sampler that hands each call to the sampler of the trial (:meth:`_for`), showing it the
+    study as :meth:`_view` does."""
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        raise NotImplementedError
+
+    def _view(self, study: Any) -> Any:
+        return study
+
+    def infer_relative_search_space(self, study: Any, trial: FrozenTrial) -> dict[str, Any]:
+        return self._for(trial).infer_relative_search_space(self._view(study), trial)
+
+    def sample_relative(
+        self, study: Any, trial: FrozenTrial, search_space: dict[str, Any]
+    ) -> dict[str, Any]:
+        return self._for(trial).sample_relative(self._view(study), trial, search_space)
+
+    def sample_independent(
+        self, study: Any, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
+        return self._for(trial).sample_independent(
+            self._view(study), trial, param_name, param_distribution
+        )
+
+    def before_trial(self, study: Any, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(self._view(study), trial)
+
+    def after_trial(self, study: Any, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self._for(trial).after_trial(self._view(study), trial, state, values)
+
+
+class SeededPerTrial(_Forwarding):
     """Proposes each trial with a sampler of its own, seeded by the search seed and the trial's
     number (:func:`trial_seed`).
 
@@ -114,7 +145,7 @@ class SeededPerTrial(optuna.samplers.BaseSampler):
         self.make, self.seed = make, seed
         self._samplers: dict[int, optuna.samplers.BaseSampler] = {}
 
-    def _of(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
         sampler = self._samplers.get(trial.number)
         if sampler is None:
             if len(self._samplers) > 16:  # trials told elsewhere (another worker's) leave none
@@ -122,28 +153,70 @@ class SeededPerTrial(optuna.samplers.BaseSampler):
             sampler = self._samplers[trial.number] = self.make(trial_seed(self.seed, trial.number))
         return sampler
 
-    def infer_relative_search_space(self, study: Any, trial: FrozenTrial) -> dict[str, Any]:
-        return self._of(trial).infer_relative_search_space(study, trial)
-
-    def sample_relative(
-        self, study: Any, trial: FrozenTrial, search_space: dict[str, Any]
-    ) -> dict[str, Any]:
-        return self._of(trial).sample_relative(study, trial, search_space)
-
-    def sample_independent(
-        self, study: Any, trial: FrozenTrial, param_name: str, param_distribution: Any
-    ) -> Any:
-        return self._of(trial).sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study: Any, trial: FrozenTrial) -> None:
-        self._of(trial).before_trial(study, trial)
-
     def after_trial(self, study: Any, trial: FrozenTrial, state: TrialState, values: Any) -> None:
-        self._of(trial).after_trial(study, trial, state, values)
+        super().after_trial(study, trial, state, values)
         self._samplers.pop(trial.number, None)
 
-    def reseed_rng(self) -> None:  # seeds come from the trial numbers
-        pass
+
+class _EstimatedView:
+    """``study`` as a sampler sees it under :class:`StoppedAsEstimated`: its trials, each stopped
+    one that has an estimate shown as COMPLETE at that value; everything else is the study's."""
+
+    def __init__(self, study: Any) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(  # compat.SAMPLER_TRIALS: what Optuna's samplers call
+        self,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+        use_cache: bool = False,
+    ) -> list[FrozenTrial]:
+        out = []
+        for t in study_trials(self._study, deepcopy=deepcopy, use_cache=use_cache):
+            est = StudyRecords.estimate_of(t) if t.state == TrialState.PRUNED else None
+            if est is not None:
+                t = copy.copy(t)
+                t.state, t.values = TrialState.COMPLETE, [est]
+            if states is None or t.state in states:
+                out.append(t)
+        return out
+
+    def get_trials(
+        self, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()
+
+
+class StoppedAsEstimated(_Forwarding):
+    """A sampler that models a trial stopped early (PRUNED, see :mod:`evomerge.search.pruning`) as
+    finished at the estimate of its full search score, where Optuna's samplers rank it below every
+    finished trial (TPE) or leave it out (gp, cmaes). With pruning, the trials stopped just short of
+    the best are the points closest to it; ranked last, they would drop out of TPE's good group.
+
+    Args:
+        inner: the sampler that proposes the points; it sees the study through the view above.
+    """
+
+    def __init__(self, inner: optuna.samplers.BaseSampler) -> None:
+        self.inner = inner
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        return self.inner
+
+    def _view(
+        self, study: Any
+    ) -> Any:  # the view stands in for the Study samplers are typed to take
+        return _EstimatedView(study)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
 
 
 def suggester(trial: Any) -> Callable[[str, Directive], Any]:

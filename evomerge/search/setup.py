@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,11 +37,7 @@ from evomerge.evaluation.genlm import context_length
 from evomerge.evaluation.lmeval import LMEvalEvaluator
 from evomerge.evaluation.section import check_tasks_of
 from evomerge.recipe.schema import parse_recipe
-from evomerge.search.baselines import (
-    baseline_recipes,
-    enqueue_hand_recipes,
-    enqueue_source_paths,
-)
+from evomerge.search.baselines import baseline_recipes, enqueue_first_trials
 from evomerge.search.distributed.liveness import Liveness
 from evomerge.search.distributed.recovery import on_stale
 from evomerge.search.inputs import check_inputs, check_table, sources_digest
@@ -86,7 +83,25 @@ class Setup:
     def assess(self) -> Assessment | None:
         """The contamination assessment of the space's sources and tasks (None when the checks
         themselves failed: flags are evidence, never a reason to refuse a search)."""
-        return _assess(self.space, self.evaluator, self.search_tasks, self.holdout_tasks, self.log)
+        include = self.evaluator.include_path() or None
+        # Reuse the evaluator's lm-eval task index (building one reads ~15k YAML files); an
+        # evaluator without lm-eval tasks (tests, custom scorers) has no datasets to look up.
+        tm = self.evaluator.tasks_index()
+        if tm is None and include is None:
+            tm = SimpleNamespace(task_index={})
+        try:
+            return assess(
+                self.space.model_refs(),
+                self.search_tasks,
+                self.holdout_tasks,
+                include_path=include,
+                task_manager=tm,
+            )
+        except EvomergeError:
+            raise
+        except Exception as e:  # flags are evidence, never a reason to refuse a search
+            self.log(f"warning: contamination checks failed: {one_line(e)}")
+            return None
 
     @cached_property
     def inputs(self) -> dict[str, str]:
@@ -153,9 +168,7 @@ class Setup:
                 inputs=s.inputs,
             )
         )
-        if "dataflow" in s.space.tree:  # a merge source's own path: the first trial
-            enqueue_source_paths(s.space, records, layers_of=s.layers_of, log=s.log)
-        enqueue_hand_recipes(s.space, s.baselines, records, layers_of=s.layers_of, log=s.log)
+        enqueue_first_trials(s.space, s.baselines, records, layers_of=s.layers_of, log=s.log)
         records.set_setup(self.setup_digest)
 
     def warn_flags(self, records: StudyRecords) -> None:
@@ -182,18 +195,9 @@ class Setup:
 
 
 def _jsonable(x: Any) -> Any:
-    if isinstance(x, Directive):
-        return {
-            "directive": x.kind,
-            "name": x.name,
-            "low": x.low,
-            "high": x.high,
-            "log": x.log,
-            "step": x.step,
-            "choices": list(x.choices),
-            "anchors": x.anchors,
-            "per_layers": x.per_layers,
-        }
+    if isinstance(x, Directive):  # every field but where it is written; its kind as "directive"
+        fields = {k: v for k, v in asdict(x).items() if k not in ("kind", "path")}
+        return {"directive": x.kind, **fields, "choices": list(x.choices)}
     if isinstance(x, Mapping):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -201,67 +205,26 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def _parameters(source: ModelSource) -> int:
-    total = 0
-    for name in source.names():
-        n = 1
-        for s in source.shape(name):
-            n *= s
-        total += n
-    return total
-
-
 def _threads(device: str, sources: dict[str, ModelSource]) -> int | None:
     if not device.startswith("cpu") or not sources:
         return None
-    return 1 if max(_parameters(s) for s in sources.values()) < SMALL_MODEL else None
+    largest = max(sum(math.prod(s.shape(n)) for n in s.names()) for s in sources.values())
+    return 1 if largest < SMALL_MODEL else None
 
 
 def _context(space: Space, sources: dict[str, ModelSource], tokenizer: Any) -> int:
     """The candidates' context length as HFLM reads it: the base model's config where the space
     has one, else the shortest of the sources'."""
     base = space.tree.get("base_model")
-    configs = (
-        [sources[base].config]
-        if isinstance(base, str) and base in sources
-        else [s.config for s in sources.values()]
-    )
-    return min(context_length(c, tokenizer) for c in configs)
+    chosen = [sources[base]] if isinstance(base, str) and base in sources else sources.values()
+    return min(context_length(s.config, tokenizer) for s in chosen)
 
 
 def _tokenizer_dir(space: Space, sources: dict[str, ModelSource], file: str) -> Path:
-    ref = (
-        space.tree.get("tokenizer_source")
-        if isinstance(space.tree.get("tokenizer_source"), str)
-        else None
-    )
-    if ref in (None, "base"):
+    ref = space.tree.get("tokenizer_source")
+    if not isinstance(ref, str) or ref == "base":
         ref = space.model_refs()[0]
     return sources[ref].path if ref in sources else open_sources([ref], file=file)[ref].path
-
-
-def _assess(
-    space: Space,
-    evaluator: Evaluator,
-    search_tasks: list[str],
-    holdout_tasks: list[str],
-    log: Callable[[str], None],
-) -> Assessment | None:
-    include = evaluator.include_path() or None
-    # Reuse the evaluator's lm-eval task index (building one reads ~15k YAML files); an
-    # evaluator without lm-eval tasks (tests, custom scorers) has no datasets to look up.
-    tm = evaluator.tasks_index()
-    if tm is None and include is None:
-        tm = SimpleNamespace(task_index={})
-    try:
-        return assess(
-            space.model_refs(), search_tasks, holdout_tasks, include_path=include, task_manager=tm
-        )
-    except EvomergeError:
-        raise
-    except Exception as e:  # flags are evidence, never a reason to refuse a search
-        log(f"warning: contamination checks failed: {one_line(e)}")
-        return None
 
 
 def _study_folder(folder: Path) -> None:
@@ -365,9 +328,8 @@ def prepare(
         check_tasks_of(space.evaluation)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        except (
-            Exception
-        ) as e:  # no tokenizer files (a checkpoint saved without them), an unreadable one
+        # no tokenizer files (a checkpoint saved without them), an unreadable one
+        except Exception as e:
             raise EvomergeError(
                 f"{file}: cannot load the tokenizer of {tokenizer_dir} to score candidates ({one_line(e)[:160]}); "
                 "add its tokenizer files or name a model that has them in tokenizer_source"

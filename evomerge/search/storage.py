@@ -138,23 +138,22 @@ def _open(
     liveness: Liveness | None,
     on_stale: Callable[[Any, Any], None] | None,
 ) -> Any:
-    if url.startswith(JOURNAL):
-        return _journal(url, field)
-    if url.startswith("sqlite:///"):
-        folder = Path(url[len("sqlite:///") :]).parent
-        if not folder.is_dir():
-            raise EvomergeError(
-                f"{field}: cannot open storage {url}: folder {folder} does not exist"
-            )
+    # Like sqlite: journal:///rel/path, journal:////abs/path.
+    journal = Path(url[len(JOURNAL) :]) if url.startswith(JOURNAL) else None
+    file = journal or (Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None)
+    if file is not None and not file.parent.is_dir():
+        raise EvomergeError(
+            f"{field}: cannot open storage {url}: folder {file.parent} does not exist"
+        )
     beats: dict[str, Any] = {}
-    if liveness is not None:
+    if liveness is not None and journal is None:
         beats = {
             "heartbeat_interval": liveness.interval,
             "grace_period": liveness.grace,
             "heartbeat_stale_trial_callback": on_stale,
         }
     try:
-        storage = _rdb(url, beats)
+        storage = _rdb(url, beats) if journal is None else _journal(journal)
     except ImportError:
         driver = _DRIVERS.get(
             url.split(":", 1)[0].split("+", 1)[0], "the SQLAlchemy driver for this database"
@@ -198,26 +197,16 @@ def _rdb(url: str, beats: dict[str, Any]) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _journal(url: str, field: str) -> Any:
+def _journal(path: Path) -> Any:
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
-    path = Path(url[len(JOURNAL) :])  # like sqlite: journal:///rel/path, journal:////abs/path
-    if not path.parent.is_dir():
-        raise EvomergeError(
-            f"{field}: cannot open storage {url}: folder {path.parent} does not exist"
-        )
-    try:
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    except Exception as e:
-        raise EvomergeError(
-            f"{field}: cannot open storage {url}: {one_line(type(e).__name__)}: {one_line(e)[:200]}"
-        ) from None
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
 def _fast_sqlite(engine: Any, *, immediate: bool) -> None:
-    """WAL journal with synchronous=NORMAL: a commit no longer waits for an fsync (a dozen per
-    trial otherwise cost ~10 ms each), and a killed process still loses nothing committed. Every
+    """WAL journal with synchronous=NORMAL: a commit (a dozen per trial) does not wait for an
+    fsync, and a killed process still loses nothing committed. Every
     transaction of a search (``immediate``; readers keep pysqlite's own) begins IMMEDIATE (see the
     module docstring): pysqlite's BEGIN comes late (before the first write, after the reads), so it
     is turned off and SQLAlchemy's begin emits ours."""

@@ -59,9 +59,8 @@ def study_recipe(
     except EvomergeError as e:
         raise ConfigError(file, fld, str(e)) from None
     df = trials_frame(study)
-    done = df[(df["state"] == "COMPLETE") & df["number"].notna()] if len(df) else df
     if trial is None:
-        row = chosen_row(df) if len(df) else None
+        row = chosen_row(df)
         if row is None:
             raise ConfigError(
                 file,
@@ -71,7 +70,7 @@ def study_recipe(
         number = int(row["number"])
     else:
         number = trial
-        if done.empty or number not in set(done["number"].astype(int)):
+        if not ((df["state"] == "COMPLETE") & df["number"].eq(number).fillna(False)).any():
             raise ConfigError(
                 file,
                 fld.rsplit(".", 1)[0] + ".trial",

@@ -40,13 +40,7 @@ from evomerge.errors import EvomergeError, one_line
 from evomerge.io import atomic_file
 from evomerge.search.records import Scores, StudyRecords
 
-__all__ = [
-    "trials_frame",
-    "write_trials_csv",
-    "load_trials",
-    "chosen_row",
-    "is_number",
-]
+__all__ = ["trials_frame", "write_trials_csv", "load_trials", "chosen_row", "is_number"]
 
 
 def _score_cols(scores: Scores | None, prefix: str, se_prefix: str, agg: str) -> dict[str, Any]:
@@ -77,38 +71,30 @@ def trials_frame(study: Any) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for t in study.get_trials(deepcopy=False):
         rec = records.trial(t)
+        # A study made before the validation/test split has holdout re-scores, which chose as
+        # validation scores do: they are shown as such, and the chosen row says so.
+        val = records.rescore(t.number, "validation")
+        legacy = val is None and (val := records.rescore(t.number, "holdout")) is not None
+        end, start = t.datetime_complete, t.datetime_start
         row: dict[str, Any] = {
             "number": t.number,
             "state": t.state.name,
             "baseline": records.baseline_of(t),
             "method": rec.method or "",
+            **{f"p_{k}": v for k, v in t.params.items()},
+            **_score_cols(rec.search, "s_", "se_", "score"),
+            "estimate": rec.estimate,
+            **_rescore_cols(val, records.rescore(t.number, "test")),
+            "_legacy": legacy,
+            "items": rec.search_items,
+            "merge_s": rec.merge_s,
+            "eval_s": rec.eval_s,
+            "wall_s": (end - start).total_seconds() if end and start else None,
+            "digest": rec.digest or "",
+            "retry_of": records.retry_of(t),
+            "reused_from": rec.reused_from,
+            "error": rec.error,
         }
-        row.update({f"p_{k}": v for k, v in t.params.items()})
-        row.update(_score_cols(rec.search, "s_", "se_", "score"))
-        row["estimate"] = rec.estimate
-        # A study made before the validation/test split has holdout re-scores, which chose as
-        # validation scores do: they are shown as such, and the chosen row says so.
-        val = records.rescore(t.number, "validation")
-        legacy = val is None and (val := records.rescore(t.number, "holdout")) is not None
-        row.update(_rescore_cols(val, records.rescore(t.number, "test")))
-        row["_legacy"] = legacy
-        row["items"] = rec.search_items
-        wall = (
-            (t.datetime_complete - t.datetime_start).total_seconds()
-            if t.datetime_complete and t.datetime_start
-            else None
-        )
-        row.update(
-            {
-                "merge_s": rec.merge_s,
-                "eval_s": rec.eval_s,
-                "wall_s": wall,
-                "digest": rec.digest or "",
-                "retry_of": records.retry_of(t),
-                "reused_from": rec.reused_from,
-                "error": rec.error,
-            }
-        )
         rows.append(row)
     for name, b in records.baselines().items():
         row = {
@@ -116,13 +102,14 @@ def trials_frame(study: Any) -> pd.DataFrame:
             "state": b.state or "COMPLETE",
             "baseline": name,
             "method": b.method or "",
+            **_score_cols(b.search, "s_", "se_", "score"),
+            **_rescore_cols(b.validation or b.holdout, b.test),
+            "items": b.search_items,
+            "merge_s": b.merge_s,
+            "eval_s": b.eval_s,
+            "digest": b.digest or "",
+            "error": b.error,
         }
-        row.update(_score_cols(b.search, "s_", "se_", "score"))
-        row.update(_rescore_cols(b.validation or b.holdout, b.test))
-        row["items"] = b.search_items
-        row.update(
-            {"merge_s": b.merge_s, "eval_s": b.eval_s, "digest": b.digest or "", "error": b.error}
-        )
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -148,15 +135,9 @@ def trials_frame(study: Any) -> pd.DataFrame:
     over = [_overfit(r) for r in df.to_dict("records")]
     df["overfit"] = [o["overfit"] for o in over]
     df["overfit_evidence"] = [o["overfit_evidence"] for o in over]
-    probes = {int(n): records.probe(int(n)) or {} for n in df["number"].dropna()}
-    df["memorization_probe"] = [
-        bool(probes.get(n, {}).get("memorization_probe", False)) if n is not pd.NA else False
-        for n in df["number"]
-    ]
-    df["memorization_probe_evidence"] = [
-        probes.get(n, {}).get("memorization_probe_evidence", "") if n is not pd.NA else ""
-        for n in df["number"]
-    ]
+    probes = [(records.probe(int(n)) or {}) if n is not pd.NA else {} for n in df["number"]]
+    df["memorization_probe"] = [bool(p.get("memorization_probe", False)) for p in probes]
+    df["memorization_probe_evidence"] = [p.get("memorization_probe_evidence", "") for p in probes]
     rest = [c for c in df.columns if c not in FRONT]
     prefixes = ("s_", "se_", "v_", "t_")
     order = (
@@ -236,23 +217,16 @@ def load_trials(path: str | Path) -> pd.DataFrame:
         path = path / "trials.csv"
     if not path.is_file():
         raise EvomergeError(f"{path}: no results table; run `evomerge search` first")
-    text_cols = ("baseline", "error", "digest", "method", "state", "chosen_by")
-    df = pd.read_csv(path, keep_default_na=True, dtype={c: str for c in text_cols})
+    text = ("baseline", "error", "digest", "method", "chosen_by")
+    df = pd.read_csv(path, keep_default_na=True, dtype={c: str for c in (*text, "state")})
     if "validation" not in df and "holdout" in df:
         # a table written before the validation/test split: its holdout chose, as validation does
-        df = df.rename(
-            columns=lambda c: {"holdout": "validation", "holdout_se": "validation_se"}.get(
-                c,
-                "validation_items"
-                if c == "holdout_items"
-                else f"v_{c[2:]}"
-                if c.startswith("h_")
-                else c,
-            )
-        )
+        old = ("holdout", "holdout_se", "holdout_items")
+        df = df.rename(columns={c: "validation" + c[7:] for c in old})
+        df = df.rename(columns=lambda c: f"v_{c[2:]}" if c.startswith("h_") else c)
     if "number" in df:
         df["number"] = df["number"].astype("Int64")
-    for c in ("baseline", "error", "digest", "method", "chosen_by"):
+    for c in text:
         if c in df:
             df[c] = df[c].fillna("")
     return df

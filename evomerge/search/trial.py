@@ -15,6 +15,8 @@ import warnings
 from typing import Any
 
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
 
 from evomerge.errors import failure_line
 from evomerge.io import dump_yaml
@@ -58,13 +60,9 @@ class TrialRunner:
         """One ask -> materialize -> evaluate -> tell round. ``best`` is the study's best search
         score so far (a better trial is re-scored on the validation items at once). Returns
         (state, trial number, record)."""
-        from optuna.exceptions import UpdateFinishedTrialError
-        from optuna.trial import TrialState
-
         s, study = self.setup, records.study
-        with (
-            warnings.catch_warnings()
-        ):  # Optuna expects heartbeats with optimize(); ours: running()
+        # Optuna expects heartbeats with optimize(); ours: running()
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             # Asking creates the trial RUNNING; until it is claimed no one could tell it from
             # another worker's, so Ctrl-C waits for the claim (a kill -9 here leaves a trial
@@ -95,9 +93,8 @@ class TrialRunner:
                     rec.reused_from, rec.search = same
                     rec.eval_s = 0.0
                 else:
-                    report = lambda v, n: trial.report(v, n)  # noqa: E731
                     rec.search, rec.estimate = self.rounds.score(
-                        model, records, report, prunable=not records.baseline_of(trial)
+                        model, records, trial.report, prunable=not records.baseline_of(trial)
                     )
                     rec.eval_s = rec.search.seconds
                 records.set_trial(trial, rec)  # one write for everything the table needs
@@ -110,7 +107,7 @@ class TrialRunner:
                     else rec.search.aggregate
                 )
                 _tell(study, trial, values)
-        except (UpdateFinishedTrialError, _Finished):  # another worker failed it for no heartbeat
+        except UpdateFinishedTrialError:  # another worker failed it for no heartbeat
             rec = TrialRecord(
                 error=f"marked failed by another worker (no heartbeat for {s.liveness.grace} s); its result was not counted"
             )
@@ -129,30 +126,26 @@ class TrialRunner:
         # at hand; a hand recipe also on the test items, as baselines are.
         hand = bool(records.baseline_of(trial))
         if rec.search.aggregate > best or hand:
-            holdout.rescore(trial.number, model, "validation", self.interrupts.check)
+            holdout.rescore(trial.number, lambda: model, "validation", self.interrupts.check)
         if hand:
-            holdout.rescore(trial.number, model, "test", self.interrupts.check)
+            holdout.rescore(trial.number, lambda: model, "test", self.interrupts.check)
         return "COMPLETE", trial.number, rec
 
 
-class _Finished(Exception):
-    """The trial was finished by another worker (it found the trial's heartbeat stale)."""
-
-
 def _tell(study: Any, trial: Any, values: Any = None, state: Any = None) -> None:
+    """Tell Optuna, which raises ValueError for a trial another worker finished (it found the
+    trial's heartbeat stale): raised as UpdateFinishedTrialError, what the storage raises."""
     try:
         study.tell(trial, values, state=state)
     except ValueError as e:
         if "Cannot tell a" in str(e):
-            raise _Finished(str(e)) from None
+            raise UpdateFinishedTrialError(str(e)) from None
         raise
 
 
 def _fail(study: Any, trial: Any, rec: TrialRecord) -> None:
     """Record why a trial failed and tell it FAIL, unless it is finished already (by another
     worker, or before the failure)."""
-    from optuna.trial import TrialState
-
     try:
         StudyRecords.set_trial(trial, rec)
         study.tell(trial, state=TrialState.FAIL)

@@ -28,7 +28,7 @@ from _spaces import write_space, zoo_space
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
 from evomerge.search.distributed.claims import Claims, is_claim
-from evomerge.search.distributed.coordinator import LocalCoordinator, SharedCoordinator
+from evomerge.search.distributed.coordinator import Coordinator, SharedCoordinator
 from evomerge.search.distributed.liveness import Liveness
 from evomerge.search.records import StudyRecords
 from evomerge.search.storage import open_storage
@@ -425,7 +425,7 @@ def test_a_trial_asked_in_the_same_instant_as_the_last_one_is_surplus(tmp_path):
     assert not shared.surplus(records, second.number, budget=3)
     study.tell(first, 0.6)
     assert shared.surplus(records, study.ask().number, budget=2)
-    assert not LocalCoordinator().surplus(records, second.number, budget=2)
+    assert not Coordinator().surplus(records, second.number, budget=2)
 
 
 def test_workers_bad_counts_are_one_line_exit_2(tmp_path, tiny_family, capsys):

@@ -35,15 +35,23 @@ without ``done``) is a worker slot: ``worker:<k>`` numbers the live workers of a
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
-from evomerge.search.distributed.liveness import HOST, Liveness, Pulse, heartbeats, pid_alive
+from evomerge.search.distributed.liveness import (
+    HOST,
+    Liveness,
+    Pulse,
+    fail_stale,
+    heartbeats,
+    pid_alive,
+)
 
 __all__ = ["CLAIM", "is_claim", "Claim", "Claims"]
 
@@ -63,6 +71,10 @@ class Claim:
     gen: int
     study_id: int
     pulse: Pulse
+
+
+def _set_beat(storage: Any, sid: int, count: Iterator[int]) -> None:
+    storage.set_study_user_attr(sid, "beat", next(count))
 
 
 class Claims:
@@ -90,9 +102,8 @@ class Claims:
     ) -> None:
         self.storage, self.study, self.liveness = storage, study, liveness
         self.log = log or (lambda msg: None)
-        self._seen: dict[
-            int, tuple[Any, float]
-        ] = {}  # claim study id -> (beat, when it was first seen)
+        # claim study id -> (beat, when it was first seen)
+        self._seen: dict[int, tuple[Any, float]] = {}
 
     def name(self, task: str, gen: int) -> str:
         return f"{self.study}{CLAIM}{task}#{gen}"
@@ -112,28 +123,17 @@ class Claims:
             "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         self.storage.set_study_user_attr(sid, "owner", owner)
-        beat: Callable[[], None]
         if heartbeats(self.storage):  # the claim's one RUNNING trial carries Optuna's heartbeat
-            trial_id = self.storage.create_new_trial(sid)
-
-            def beat() -> None:
-                self.storage.record_heartbeat(trial_id)
-        else:
-            count = [0]
-
-            def beat() -> None:
-                count[0] += 1
-                self.storage.set_study_user_attr(sid, "beat", count[0])
-
-        return Claim(
-            task,
-            gen,
-            sid,
-            Pulse(beat, self.liveness.interval, name=f"evomerge-claim-{task}").start(),
-        )
+            beat = partial(self.storage.record_heartbeat, self.storage.create_new_trial(sid))
+        else:  # a counter in the claim's attributes
+            count = itertools.count(1)
+            beat = partial(_set_beat, self.storage, sid, count)
+        pulse = Pulse(beat, self.liveness.interval, name=f"evomerge-claim-{task}")
+        return Claim(task, gen, sid, pulse.start())
 
     def _look(self, name: str) -> tuple[str, dict[str, Any]]:
         """``("missing" | "live" | "dead", owner)`` of the claim study ``name``."""
+        import optuna
         from optuna.trial import TrialState
 
         try:
@@ -149,7 +149,12 @@ class Claims:
             ):
                 return "dead", owner
             if heartbeats(self.storage) and self.storage.get_all_trials(sid, deepcopy=False):
-                self._fail_stale(name)  # the database's clock decides, as for trials
+                sampler = (
+                    optuna.samplers.RandomSampler()
+                )  # the database's clock decides, as for trials
+                fail_stale(
+                    optuna.load_study(study_name=name, storage=self.storage, sampler=sampler)
+                )
                 trial = self.storage.get_all_trials(sid, deepcopy=False)[0]
                 return ("live" if trial.state == TrialState.RUNNING else "dead"), owner
         except KeyError:
@@ -162,16 +167,6 @@ class Claims:
             self._seen[sid] = (beat, now)
             return "live", owner
         return ("dead" if now - seen[1] > self.liveness.grace else "live"), owner
-
-    def _fail_stale(self, name: str) -> None:
-        import optuna
-
-        study = optuna.load_study(
-            study_name=name, storage=self.storage, sampler=optuna.samplers.RandomSampler()
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
 
     def _delete(self, name: str) -> None:
         try:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["HOST", "Liveness", "Pulse", "pid_alive", "heartbeats"]
+__all__ = ["HOST", "Liveness", "Pulse", "pid_alive", "heartbeats", "fail_stale"]
 
 # This host's name in a trial's ``proc`` and a claim's owner (a dead process is recognised by its
 # pid on its own host only). EVOMERGE_HOST overrides it where hosts share a name (containers
@@ -97,3 +98,13 @@ def heartbeats(storage: Any) -> bool:
     :class:`Liveness`)."""
     get = getattr(storage, "get_heartbeat_interval", None)
     return get is not None and get() is not None
+
+
+def fail_stale(study: Any) -> None:
+    """Fail the trials of ``study`` whose heartbeat is stale (``optuna.storages.fail_stale_trials``,
+    an experimental Optuna function: its warning is silenced)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)

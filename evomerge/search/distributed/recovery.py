@@ -21,12 +21,16 @@ counted twice).
 from __future__ import annotations
 
 import os
-import warnings
 from datetime import datetime
+from functools import partial
 from typing import Any
 
+import optuna
+from optuna.storages import RetryFailedTrialCallback
+from optuna.trial import TrialState
+
 from evomerge.search.distributed.claims import is_claim
-from evomerge.search.distributed.liveness import HOST, Pulse, heartbeats, pid_alive
+from evomerge.search.distributed.liveness import HOST, Pulse, fail_stale, heartbeats, pid_alive
 from evomerge.search.records import StudyRecords
 
 __all__ = ["trial_pulse", "on_stale", "recover_dead_trials"]
@@ -39,14 +43,11 @@ def trial_pulse(storage: Any, study_name: str, number: int, interval: float) -> 
     trial_id = storage.get_trial_id_from_study_id_trial_number(
         storage.get_study_id_from_name(study_name), number
     )
-    return Pulse(
-        lambda: storage.record_heartbeat(trial_id), interval, name=f"evomerge-heartbeat-{number}"
-    )
+    beat = partial(storage.record_heartbeat, trial_id)
+    return Pulse(beat, interval, name=f"evomerge-heartbeat-{number}")
 
 
 def _fail_and_retry(records: StudyRecords, t: Any, message: str) -> None:
-    from optuna.storages import RetryFailedTrialCallback
-
     records.mark_died(t.number, message)
     if t.params:  # Optuna's retry: the same point queued once more (a retry is not retried)
         RetryFailedTrialCallback(max_retry=1)(records.study, t)
@@ -78,9 +79,6 @@ def recover_dead_trials(records: StudyRecords, storage: Any, grace: float) -> li
     Returns:
         The numbers of the trials found dead (by this process or, at the same moment, another).
     """
-    import optuna
-    from optuna.trial import TrialState
-
     study = records.study
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if not running:
@@ -108,11 +106,9 @@ def recover_dead_trials(records: StudyRecords, storage: Any, grace: float) -> li
         _fail_and_retry(records, t, why)
         dead.append(t.number)
     if heartbeats(storage):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # calls on_stale for each trial it failed
+        fail_stale(study)  # calls on_stale for each trial it failed
         still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        attrs = records.attrs(refresh=True)
+        attrs = records.refresh().attrs()
         dead += [
             t.number
             for t in running
