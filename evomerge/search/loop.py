@@ -128,7 +128,6 @@ class Search:
                     work=lambda: s.set_up_study(records),
                     check_interrupt=self.interrupts.check,
                 )
-                s.merger.stream = records.refresh().meta().stream  # 1 for studies before streams
                 s.warn_flags(records)
                 holdout = Holdout(s, self.candidates, records, self.coordinator, self.probe)
                 try:

@@ -40,10 +40,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from evomerge.engine.rng import STREAM
 from evomerge.evaluation.base import Scores
 from evomerge.search.distributed.liveness import HOST
 
-__all__ = ["Scores", "TrialRecord", "StudyMeta", "StudyRecords"]
+__all__ = ["Scores", "TrialRecord", "StudyMeta", "StudyRecords", "study_stream"]
 
 
 @dataclass
@@ -126,6 +127,27 @@ class StudyMeta:
     # files): a study whose inputs changed does not resume (see evomerge.search.inputs).
     inputs: dict[str, str] | None = None
 
+    @classmethod
+    def from_attrs(cls, a: Mapping[str, Any]) -> StudyMeta:
+        """The facts among a study's user attributes (an unset or None one keeps its default)."""
+        return cls(**{f.name: a[f.name] for f in fields(cls) if a.get(f.name) is not None})
+
+
+def study_stream(storage: Any, name: str) -> int:
+    """The random stream of masks study ``name`` merges with, read before its trials are: the one
+    it recorded when it was set up (1 for a study set up before streams were recorded), else the
+    current :data:`~evomerge.engine.rng.STREAM` (a new study, or one not set up yet).
+
+    Args:
+        storage: an opened Optuna storage.
+        name: the study's name.
+    """
+    try:
+        attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
+    except KeyError:  # no such study yet
+        return STREAM
+    return StudyMeta.from_attrs(attrs).stream if attrs.get("space") is not None else STREAM
+
 
 class StudyRecords:
     """Typed reads and writes of a study's records (see the module docstring for where each lives).
@@ -163,14 +185,7 @@ class StudyRecords:
         self._set("setup", fingerprint)
 
     def meta(self) -> StudyMeta:
-        a = self.attrs()
-        return StudyMeta(
-            **{
-                f.name: a[f.name]
-                for f in fields(StudyMeta)
-                if f.name in a and a[f.name] is not None
-            }
-        )
+        return StudyMeta.from_attrs(self.attrs())
 
     def set_meta(self, meta: StudyMeta) -> None:
         for f in fields(StudyMeta):

@@ -30,6 +30,8 @@ from evomerge.contamination.rules import (
 from evomerge.dataflow.candidate import METHOD
 from evomerge.dataflow.slots import check_section
 from evomerge.engine.merger import Merger, check_device
+from evomerge.engine.placement import budget_override
+from evomerge.engine.plan import make_plan
 from evomerge.engine.sources import ModelSource, open_sources
 from evomerge.errors import ConfigError, EvomergeError, one_line
 from evomerge.evaluation.base import Evaluator
@@ -41,7 +43,7 @@ from evomerge.search.baselines import baseline_recipes, enqueue_first_trials
 from evomerge.search.distributed.liveness import Liveness
 from evomerge.search.distributed.recovery import on_stale
 from evomerge.search.inputs import check_inputs, check_table, sources_digest
-from evomerge.search.records import StudyMeta, StudyRecords
+from evomerge.search.records import StudyMeta, StudyRecords, study_stream
 from evomerge.search.storage import StudyPaths, open_storage, study_paths
 from evomerge.search.study_source import resolve_study_sources
 from evomerge.space import Directive, Space, load_space
@@ -162,8 +164,7 @@ class Setup:
                 holdout_tasks=s.holdout_tasks,
                 flags=s.assessment.columns() if s.assessment is not None else {},
                 assessment=assessment_to_dict(s.assessment) if s.assessment is not None else None,
-                # a resumed study keeps its random stream of masks
-                stream=records.meta().stream if old is not None else s.merger.stream,
+                stream=s.merger.stream,  # a resumed study's own (records.study_stream)
                 selection="validation" if "validation" in s.splits else "search",
                 inputs=s.inputs,
             )
@@ -303,11 +304,8 @@ def prepare(
     if threads:
         torch.set_num_threads(threads)
     seed = s.seed if seed is None else seed
-    merger = Merger(
-        sources, device=device, seed=seed if s.mask_seed is None else s.mask_seed, resident=True
-    )
-    if merger.placement is not None and merger.device.type == "cuda":
-        log(merger.placement.describe())
+    placed = dict(sources)  # what the merger places; hand recipes' other models are read as needed
+    budget_override()  # a bad $EVOMERGE_GPU_MEMORY is refused before anything is written
     tokenizer_dir = _tokenizer_dir(space, sources, file)
     baselines = baseline_recipes(space, layers_of)
     for name, recipe in baselines.items():
@@ -316,7 +314,10 @@ def prepare(
             and recipe.get("merge_method") not in ("moe", METHOD)
             and "experts" not in recipe
         ):
-            merger.plan(parse_recipe(recipe, f"{file} (baseline {name})"))
+            cfg = parse_recipe(recipe, f"{file} (baseline {name})")
+            missing = [r for r in cfg.referenced_models() if r not in sources]
+            sources.update(open_sources(missing, file=cfg.source_file))
+            make_plan(cfg, sources)
     # Evaluation: tasks, prompts and datasets built once for the whole study.
     if evaluator is None:
         from transformers import AutoTokenizer
@@ -369,6 +370,15 @@ def prepare(
         on_stale=on_stale,
     )
     _study_folder(paths.folder)
+    merger = Merger(
+        placed,
+        device=device,
+        seed=seed if s.mask_seed is None else s.mask_seed,
+        resident=True,
+        stream=study_stream(opened, paths.name),
+    )
+    if merger.placement is not None and merger.device.type == "cuda":
+        log(merger.placement.describe())
     return Setup(
         space,
         file,

@@ -9,6 +9,7 @@ from _fake_eval import TaskVectorEvaluator
 from _spaces import write_space
 
 from evomerge.cli import main
+from evomerge.engine.hashes import digest_model_dir
 from evomerge.evaluation.base import split_holdout
 from evomerge.search.loop import run_search
 from evomerge.search.records import Scores, StudyMeta, StudyRecords, TrialRecord
@@ -130,6 +131,48 @@ def test_a_resumed_study_goes_on_where_it_stopped(tmp_path, tiny_family):
     resumed, once = points("split"), points("whole")
     assert len(resumed) == 6 and len(set(resumed)) == 6
     assert resumed == once
+
+
+@pytest.mark.slow
+def test_a_study_made_before_streams_resumes_with_stream_1(tmp_path, tiny_family):
+    """A study that recorded no random stream merged its masks with stream 1: its resumed trials
+    do too (the merger is built with the study's stream), so their exports re-merge to them."""
+    base, fts = tiny_family
+    space = tmp_path / "s.yml"
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "dare_ties",
+                "base_model": str(base),
+                "dtype": "float32",
+                "models": [
+                    {
+                        "model": str(f),
+                        "parameters": {"weight": 0.5, "density": {"range": [0.3, 0.7]}},
+                    }
+                    for f in fts[:2]
+                ],
+                "search": {"trials": 1, "seed": 3, "finalists": 1, "sampler": "random"},
+            }
+        )
+    )
+    kw = dict(
+        evaluator=TaskVectorEvaluator(base, fts),
+        results_dir=tmp_path / "r",
+        quiet=True,
+        log=lambda m: None,
+    )
+    run_search(space, **kw)
+    study = load_study(locate(space, results_dir=tmp_path / "r"))
+    assert study.user_attrs["stream"] == 2
+    study.set_user_attr("stream", None)  # as a study made before streams were recorded
+    df = load_trials(run_search(space, trials=2, **kw).paths.csv)
+    resumed = df[(df["baseline"] == "") & (df["number"] > 0)].iloc[0]
+    out = tmp_path / "t.yml"
+    args = ["export", str(space), "--results-dir", str(tmp_path / "r"), "-o", str(out)]
+    assert main([*args, "--trial", str(resumed["number"]), "--merge", str(tmp_path / "m")]) == 0
+    assert "# evomerge-seed: 3 stream 1" in out.read_text()
+    assert digest_model_dir(tmp_path / "m") == resumed["digest"]
 
 
 @pytest.mark.slow
