@@ -208,9 +208,8 @@ def generate_until_shared(
         stats=stats,
     )
     for (i, _, until), tokens in zip(mine, got, strict=True):
-        s = postprocess_generated_text(lm.tok_decode(tokens), stop=until, think_end_token=None)
-        out[i] = s
-        feed_cache_hook(lm, requests[i].args, s, "generate_until")
+        out[i] = postprocess_generated_text(lm.tok_decode(tokens), stop=until, think_end_token=None)
+        feed_cache_hook(lm, requests[i].args, out[i], "generate_until")
     return out
 
 
