@@ -118,14 +118,9 @@ def generate_shared(
     autocast_dtype: torch.dtype | None = None,
     stats: GenStats | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations of ``requests``, each group's shared prefix run once.
-
-    Where the prefix is held once (see the module's text), as many rows are decoded together as fit
-    in the key/value memory ``HFLM`` holds at ``batch_size``
-    (:func:`~evomerge.evaluation.prefixkv.batch_rows`), their own tokens ``batch_size`` rows at a
-    time; elsewhere ``batch_size`` rows. When a quarter of the places are free, the next rows of
-    the group run their own tokens and join the batch (on models whose cache layers are plain
-    full-attention ones; otherwise a batch is refilled once it is empty).
+    """Greedy continuations of ``requests``, each group's shared prefix run once (how rows are
+    batched and refilled: the module's text; a batch whose cache layers are not plain
+    full-attention ones is refilled once it is empty).
 
     Args:
         model: a ``transformers`` causal LM that returns a ``Cache`` (Llama, Mistral, Qwen, ...).

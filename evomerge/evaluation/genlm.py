@@ -95,8 +95,8 @@ def hflm_only(lm: Any) -> str:
 
 def _lm_reason(lm: Any) -> str:
     """Why none of this LM's generations can take the fast path ("" when they can)."""
-    if hflm_only(lm):
-        return hflm_only(lm)
+    if why := hflm_only(lm):
+        return why
     if getattr(lm, "think_end_token", None) is not None:
         return "think_end_token is set"
     if getattr(lm, "truncation", False):

@@ -32,9 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from evomerge.evaluation.kv import cache_rows as _rows_of
-from evomerge.evaluation.kv import forward_names as _forward_names
-from evomerge.evaluation.kv import output_cache
+from evomerge.evaluation.kv import cache_rows, forward_names, output_cache
 
 __all__ = ["score_shared"]
 
@@ -112,7 +110,7 @@ def score_shared(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     groups = _plan(requests, max_length)
-    cache_name, keep_name = _forward_names(model)
+    cache_name, keep_name = forward_names(model)
     out: list[tuple[float, bool] | None] = [None] * len(requests)
     autocast = torch.autocast(
         device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
@@ -175,7 +173,7 @@ def _continuation_passes(
         if cache is not None:
             index = torch.tensor([gi for gi, _ in part], device=device)
             kwargs |= {
-                cache_name: _rows_of(cache, index),
+                cache_name: cache_rows(cache, index),
                 "attention_mask": mask.to(device),
                 "use_cache": True,
             }
