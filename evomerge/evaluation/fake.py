@@ -183,20 +183,17 @@ class _FakeStaged(StagedEvaluation):
         """The scores: per-task means of the items' values when there are items, else the
         smooth scores."""
         t0 = time.perf_counter()
-        scores, stderr = {}, {}
-        values = None
-        if self.ev.n:
-            ids = self.ev._ids[self.split]
-            self.score({k: ids for k in self.values})
-            values = {k: [v[i] for i in ids] for k, v in self.values.items()}
-        for name, value in self.smooth.items():
-            if values is not None:
-                vals = values[name]
-                p = sum(vals) / len(vals)
-                scores[name] = p
-                stderr[name] = math.sqrt(p * (1 - p) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-            else:
-                scores[name], stderr[name] = value, 0.01
-        specs = [TaskSpec(k) for k in scores]
-        n = None if values is not None else 100 * len(scores)
-        return make_scores(specs, scores, stderr, time.perf_counter() - t0, values, n)
+        specs = [TaskSpec(k) for k in self.smooth]
+        if not self.ev.n:
+            stderr = dict.fromkeys(self.smooth, 0.01)
+            seconds = time.perf_counter() - t0
+            return make_scores(specs, dict(self.smooth), stderr, seconds, None, 100 * len(specs))
+        ids = self.ev._ids[self.split]
+        self.score({k: ids for k in self.values})
+        values = {k: [v[i] for i in ids] for k, v in self.values.items()}
+        scores = {k: sum(v) / len(v) for k, v in values.items()}
+        stderr = {
+            k: math.sqrt(p * (1 - p) / (len(values[k]) - 1)) if len(values[k]) > 1 else 0.0
+            for k, p in scores.items()
+        }
+        return make_scores(specs, scores, stderr, time.perf_counter() - t0, values)

@@ -189,7 +189,8 @@ class LMEvalEvaluator(Splits, Evaluator):
         # lm-eval's evaluate() draws few-shot examples from each task's generator where the previous
         # call left it: reseed, so that every candidate (and the staged scoring of
         # :class:`~evomerge.evaluation.items.RequestBank`) sees the same prompts.
-        reseed_fewshot(leaf_tasks(self.dicts[split]).values())
+        tasks = leaf_tasks(self.dicts[split])
+        reseed_fewshot(tasks.values())
         with quiet_task_progress():
             out = lm_evaluate(
                 lm,
@@ -202,13 +203,12 @@ class LMEvalEvaluator(Splits, Evaluator):
                 fewshot_as_multiturn=self.cfg.chat_template,
             )
         model.train(was_training)
-        results = (out or {}).get("results", {})
-        tasks = leaf_tasks(self.dicts[split])
+        out = out or {}
         scores: dict[str, float] = {}
         stderr: dict[str, float] = {}
         items: dict[str, list[float | None]] = {}
         for spec in self.task_specs[split]:
-            res = results.get(spec.name, {})
+            res = out.get("results", {}).get(spec.name, {})
             got = metric_value(res, spec.metric)
             if got is None:
                 have = sorted({k.split(",")[0] for k in res if "," in k and "_stderr" not in k})
@@ -217,7 +217,7 @@ class LMEvalEvaluator(Splits, Evaluator):
                 )
             scores[spec.name], stderr[spec.name] = got
             items[spec.name] = items_from_samples(
-                (out or {}).get("samples", {}),
+                out.get("samples", {}),
                 spec,
                 self.leaves[split][spec.name],
                 self.samples[split],

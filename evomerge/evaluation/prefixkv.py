@@ -173,14 +173,11 @@ def cache_elements(cache: Any) -> int:
     Returns:
         The number of elements.
     """
-    total = 0
-    for x in getattr(cache, "layers", None) or []:
-        held = getattr(x, "held", None)
-        if held is not None:
-            total += held()
-        elif getattr(x, "keys", None) is not None:
-            total += int(x.keys.numel() + x.values.numel())
-    return total
+    return sum(
+        x.held() if isinstance(x, GrowingLayer) else int(x.keys.numel() + x.values.numel())
+        for x in getattr(cache, "layers", None) or []
+        if getattr(x, "keys", None) is not None
+    )
 
 
 def prefix_attention_reason(model: torch.nn.Module, prefix: Any) -> str:

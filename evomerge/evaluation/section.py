@@ -86,6 +86,8 @@ _HOLDOUT_KEYS = {"tasks", "limit", "validation"}
 
 
 def _resolve_include(value: Any, file: str, base_dir: Path) -> list[str]:
+    if value is None:
+        return []
     values = value if isinstance(value, list) else [value]
     out: list[str] = []
     for i, v in enumerate(values):
@@ -229,11 +231,7 @@ def parse_evaluate(
     if not isinstance(section, Mapping):
         raise ConfigError(file, "evaluate", f"must be a mapping, got {type(section).__name__}")
     _no_unknown(section, _KEYS, file, "evaluate")
-    include = (
-        _resolve_include(section["include_path"], file, Path(base_dir))
-        if section.get("include_path") is not None
-        else []
-    )
+    include = _resolve_include(section.get("include_path"), file, Path(base_dir))
 
     preset = section.get("preset")
     search: list[TaskSpec] = []
