@@ -121,9 +121,7 @@ def _kwargs_reason(gen_kwargs: Mapping[str, Any], normalized: Mapping[str, Any])
 def _eos_ids(model: Any) -> list[int]:
     config = getattr(model, "generation_config", None) or getattr(model, "config", None)
     eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
 
 
 def generate_until_shared(

@@ -17,10 +17,8 @@ Truncation is HFLM's, exactly: a pair longer than ``max_length + 1`` tokens keep
 continuation's length. Pairs are grouped by that *truncated* context, so truncated pairs still
 match HFLM (positions restart at 0 as in HFLM), they just share less.
 
-:class:`~evomerge.evaluation.hflm.SharedContextHFLM` puts this under lm-eval's ``HFLM``
-(tokenizing, batching options and ``loglikelihood_rolling`` stay HFLM's; its ``generate_until``
-runs each task's shared prompt prefix once: :mod:`evomerge.evaluation.genlm`). This module is
-torch only (the model's cache and forward: :mod:`evomerge.evaluation.kv`).
+:class:`~evomerge.evaluation.hflm.SharedContextHFLM` puts this under lm-eval's ``HFLM``. This
+module is torch only (the model's cache and forward: :mod:`evomerge.evaluation.kv`).
 """
 
 from __future__ import annotations
