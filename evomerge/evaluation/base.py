@@ -164,11 +164,7 @@ class Scores:
         Raises:
             EvomergeError: a task gave no score (NaN or missing).
         """
-        bad = [
-            t
-            for t, v in self.scores.items()
-            if v is None or (isinstance(v, float) and math.isnan(v))
-        ]
+        bad = [t for t, v in self.scores.items() if v is None or v != v]  # NaN: unequal to itself
         if bad:
             raise EvomergeError(f"evaluation gave no score for {', '.join(bad)}")
         return self

@@ -341,9 +341,7 @@ def _merge(a: _Batch, b: _Batch, held_once: bool) -> _Batch:
         width = merge_rows(a.cache, b.cache)
         cache, left = a.cache, True
     else:  # whole rows, the shorter padded on its right
-        cache, left = cache_cat(a.cache, b.cache), False
-        if cache is None:  # _decode refills only batches whose cache can be padded
-            raise RuntimeError(f"cannot join caches of type {type(a.cache).__name__}")
+        cache, left = cache_cat(a.cache, b.cache), False  # _decode refills only paddable ones
         width = cache_length(cache)
 
     def grow(m: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, width), new columns masked

@@ -163,7 +163,7 @@ def growing(cache: Any) -> Any:
     return cache
 
 
-def cache_cat(a: Any, b: Any) -> Any | None:
+def cache_cat(a: Any, b: Any) -> Any:
     """A cache holding the rows of ``a`` then the rows of ``b``; the shorter one is padded with zero
     columns at its end, which the caller masks out (keys carry their rotary positions already, so
     a key's column does not matter, only whether the mask lets a query see it).
@@ -172,11 +172,14 @@ def cache_cat(a: Any, b: Any) -> Any | None:
         a, b: caches whose layers are all plain ``DynamicLayer`` (full attention).
 
     Returns:
-        The new cache (``a`` and ``b`` are left as they were), or None when a layer of either is
-        of another kind (sliding window, static, quantized: columns mean something there).
+        The new cache (``a`` and ``b`` are left as they were).
+
+    Raises:
+        TypeError: a layer of either is of another kind (sliding window, static, quantized:
+            columns mean something there).
     """
     if not (cache_paddable(a) and cache_paddable(b)) or len(a.layers) != len(b.layers):
-        return None
+        raise TypeError(f"cannot join caches of type {type(a).__name__}")
     width = max(cache_length(a), cache_length(b))
 
     def grow(t: torch.Tensor) -> torch.Tensor:  # (B, H, L, D) -> (B, H, width, D)

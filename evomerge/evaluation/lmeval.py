@@ -41,24 +41,6 @@ __all__ = ["LMEvalEvaluator"]
 logger = logging.getLogger(__name__)
 
 
-def _generation_tasks(cfg: EvalConfig, sp: Splits, max_length: int | None) -> dict[str, str]:
-    """Check the generation tasks (:func:`check_generation_tasks`): errors stop here, notes are
-    logged once; returns the tasks whose answers HFLM's path generates, and why."""
-    hflm: dict[str, str] = {}
-    for split, where in (("search", "evaluate.tasks"), ("holdout", "evaluate.holdout.tasks")):
-        if split not in sp.dicts or (split == "holdout" and not cfg.holdout):
-            continue  # a holdout of the search tasks' later items was checked as search
-        found = check_generation_tasks(leaf_tasks(sp.dicts[split]), max_length)
-        for i, spec in enumerate(sp.task_specs[split]):
-            for leaf in sp.leaves[split][spec.name]:
-                if leaf in found.errors:
-                    raise ConfigError(cfg.file, f"{where}[{i}]", found.errors[leaf])
-        for note in found.notes:
-            say_once(note, note, log=logger, level=logging.WARNING)
-        hflm |= found.hflm_tasks
-    return hflm
-
-
 class LMEvalEvaluator(Splits, Evaluator):
     """lm-evaluation-harness over an in-memory model.
 
@@ -113,7 +95,20 @@ class LMEvalEvaluator(Splits, Evaluator):
             )
         super().__init__(cfg)
         self._bank: RequestBank | None = None  # built on the first staged evaluation
-        self._hflm_tasks = _generation_tasks(cfg, self, max_length)
+        # The generation tasks' checks: errors stop here, notes are said once; the tasks whose
+        # answers HFLM's path generates (and why) go to every LM.
+        self._hflm_tasks: dict[str, str] = {}
+        for split, where in (("search", "evaluate.tasks"), ("holdout", "evaluate.holdout.tasks")):
+            if split not in self.dicts or (split == "holdout" and not cfg.holdout):
+                continue  # a holdout of the search tasks' later items was checked as search
+            found = check_generation_tasks(leaf_tasks(self.dicts[split]), max_length)
+            for i, spec in enumerate(self.task_specs[split]):
+                for leaf in self.leaves[split][spec.name]:
+                    if leaf in found.errors:
+                        raise ConfigError(cfg.file, f"{where}[{i}]", found.errors[leaf])
+            for note in found.notes:
+                say_once(note, note, log=logger, level=logging.WARNING)
+            self._hflm_tasks |= found.hflm_tasks
 
     def include_path(self) -> list[str]:
         return list(self.cfg.include_path)
