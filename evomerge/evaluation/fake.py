@@ -137,13 +137,6 @@ class FakeEvaluator(Evaluator):
     def digest(self) -> str:
         return digest_of([self.tasks, self.n, self.validation, self.fingerprint])
 
-    def smooth(self, model: torch.nn.Module, split: str = "search") -> dict[str, float]:
-        """The smooth score of each task of ``split`` (before items), by its name there."""
-        got = self.score(model, split)
-        return {
-            name: float(got[k]) for name, k in zip(self.task_names(split), self.tasks, strict=True)
-        }
-
     def evaluate(self, model: torch.nn.Module, split: str = "search") -> Scores:
         return _FakeStaged(self, model, split).result()
 
@@ -163,7 +156,10 @@ class _FakeStaged(StagedEvaluation):
         ev.calls += 1
         if ev.before is not None:
             ev.before(model, split)
-        self.smooth = ev.smooth(model, split)
+        got = ev.score(model, split)  # each task's smooth score, by its name in ``split``
+        self.smooth = {
+            n: float(got[k]) for n, k in zip(ev.task_names(split), ev.tasks, strict=True)
+        }
         self.values: dict[str, dict[int, float]] = {k: {} for k in self.smooth}
 
     @property

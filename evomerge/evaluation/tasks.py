@@ -186,7 +186,7 @@ def leaf_tasks(task_dict: Mapping) -> dict[str, Any]:
         if isinstance(value, Mapping):
             out.update(leaf_tasks(value))
         elif value is not None:
-            out[key if isinstance(key, str) else str(key)] = value
+            out[str(key)] = value
     return out
 
 
