@@ -162,10 +162,6 @@ class _FakeStaged(StagedEvaluation):
         }
         self.values: dict[str, dict[int, float]] = {k: {} for k in self.smooth}
 
-    @property
-    def scored(self) -> int:
-        return sum(len(v) for v in self.values.values())
-
     def score(self, items: Mapping[str, Sequence[int]]) -> dict[str, dict[int, float]]:
         for task, idx in items.items():
             order = self.ev._difficulty[task.removesuffix("_holdout")]

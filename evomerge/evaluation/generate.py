@@ -256,8 +256,7 @@ class _Decoder:
                     elif new is not None:
                         batch = _merge(batch, new, g.capacity > 0)
                     self._held(g, batch.cache if batch is not None else None)
-                continue
-            if batch is not None:
+            elif batch is not None:
                 batch = self.advance(g, batch)
 
     def admit(self, g: _Group, rows: list[_Row], batch: _Batch | None) -> _Batch | None:
