@@ -166,12 +166,10 @@ def generate_until_shared(
         context, gen_kwargs = r.args
         kw = normalize_gen_kwargs(gen_kwargs, lm.max_gen_toks)
         task = getattr(r, "task_name", None)
-        if task in (hflm_tasks or {}):
-            rest.append(i)
-            continue
-        why = _kwargs_reason(gen_kwargs, kw)
+        why = "" if task in (hflm_tasks or {}) else _kwargs_reason(gen_kwargs, kw)
         if why:
             _say_once(f"{task}:{why}", f"generation: task {task}: {why}: HFLM's path")
+        if why or task in (hflm_tasks or {}):
             rest.append(i)
             continue
         until = handle_stop_sequences(kw.pop("until", None), eos=eos)

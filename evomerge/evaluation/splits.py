@@ -103,12 +103,12 @@ class Splits:
             self.task_specs[split] = self.task_specs["holdout"]
             self.leaves[split] = self.leaves["holdout"]
             self.samples[split] = {leaf: p[k] for leaf, p in parts.items()}
-            for spec in self.task_specs[split]:
-                if not any(self.samples[split][leaf] for leaf in self.leaves[split][spec.name]):
+            for name, n in self.counts(split).items():
+                if not n:
                     raise ConfigError(
                         cfg.file,
                         "evaluate.holdout.validation",
-                        f"task {spec.name!r} has {sum(len(self.samples['holdout'][leaf]) for leaf in self.leaves['holdout'][spec.name])} "
+                        f"task {name!r} has {self.counts('holdout')[name]} "
                         f"holdout item(s): too few to split into validation and test items at share {cfg.validation}",
                     )
 
