@@ -1,7 +1,6 @@
 """The lm-eval LMs that score an in-memory model (:func:`make_lm` picks one by
 ``evaluate.scorer``; a search prints its own progress, so they draw no bars), :class:`MemoLM` that
-answers a request it ran once from memory, and :func:`reseed_fewshot`, which the full and the
-staged evaluation both call before lm-eval builds requests so that every item gets one prompt.
+answers a request it ran once from memory, and :func:`reseed_fewshot`.
 
 This module imports ``lm_eval`` (and ``transformers``) when it is imported: the search imports it,
 the readers of a study (results, export, report) do not.

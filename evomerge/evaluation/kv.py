@@ -205,9 +205,7 @@ def sliding_window(model: torch.nn.Module) -> int | None:
     Returns:
         The window in tokens, or None (every layer attends to the whole sequence).
     """
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None
+    cfg: Any = getattr(model, "config", None)
     if hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
     window = getattr(cfg, "sliding_window", None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from typing import Any
@@ -167,8 +168,6 @@ def task_docs(task, split: str = "eval") -> Any:
 
 
 def get_task_dict(names: list[str], tm) -> dict:
-    import warnings
-
     quiet_lm_eval()
     from lm_eval.tasks import get_task_dict
 
