@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from evomerge.evaluation.kv import cache_rows, forward_names, output_cache
 
@@ -131,13 +132,10 @@ def _context_pass(
     width = max(len(g.prefix) for g in chunk)
     if width == 0:
         return None
-    ids = torch.zeros((len(chunk), width), dtype=torch.long)  # (G, P); pad id 0, never attended to
-    for i, g in enumerate(chunk):
-        ids[i, : len(g.prefix)] = torch.tensor(g.prefix, dtype=torch.long)
-    kwargs: dict[str, Any] = {"use_cache": True}
-    if keep_name is not None:
-        kwargs[keep_name] = 1  # the context's logits are not needed
-    return output_cache(model(input_ids=ids.to(device), **kwargs))
+    # (G, P); pad id 0, never attended to
+    ids = pad_sequence([torch.tensor(g.prefix, dtype=torch.long) for g in chunk], batch_first=True)
+    keep = {keep_name: 1} if keep_name is not None else {}  # the context's logits are not needed
+    return output_cache(model(input_ids=ids.to(device), use_cache=True, **keep))
 
 
 def _continuation_passes(
