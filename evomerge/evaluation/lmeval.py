@@ -54,9 +54,7 @@ class LMEvalEvaluator(Splits, Evaluator):
         tokenizer: the tokenizer of every candidate (they share the base's vocabulary).
         device: where inputs go (the model must already live there).
         batch_size: overrides ``cfg.batch_size``.
-        scorer: overrides ``cfg.scorer``: ``"shared"`` runs each context of a multiple-choice item
-            once (:mod:`evomerge.evaluation.scorer`) and each generation task's prompt prefix once
-            (:mod:`evomerge.evaluation.genlm`), ``"hflm"`` is lm-eval's ``HFLM`` as is.
+        scorer: overrides ``cfg.scorer`` (one of :data:`~evomerge.evaluation.base.SCORERS`).
         max_length: the models' context length in tokens
             (:func:`~evomerge.evaluation.genlm.context_length`); None: generation budgets are not
             checked against it.

@@ -153,15 +153,13 @@ def _continuation_passes(
     for start in range(0, len(rows), batch_size):
         part = rows[start : start + batch_size]
         n_rows, cols = len(part), max(len(r[2]) for _, r in part)
-        inp = torch.zeros((n_rows, cols), dtype=torch.long)  # (R, C)
-        target = torch.zeros((n_rows, cols), dtype=torch.long)  # (R, C)
+        inp = pad_sequence([torch.tensor(r[1]) for _, r in part], batch_first=True)  # (R, C)
+        target = pad_sequence([torch.tensor(r[2]) for _, r in part], batch_first=True)  # (R, C)
         # (R, P + C): context row, then own tokens
         mask = torch.zeros((n_rows, width + cols), dtype=torch.long)
         pos = torch.arange(cols).repeat(n_rows, 1)  # (R, C)
-        for j, (gi, (_, x, cont)) in enumerate(part):
+        for j, (gi, (_, _, cont)) in enumerate(part):
             n, p = len(cont), len(chunk[gi].prefix)
-            inp[j, :n] = torch.tensor(x)
-            target[j, :n] = torch.tensor(cont)
             mask[j, :p] = 1
             mask[j, width : width + n] = 1
             pos[j] += p  # positions go on from the context's own length, not from the padded width
