@@ -113,9 +113,7 @@ def _kwargs_reason(gen_kwargs: Mapping[str, Any], normalized: Mapping[str, Any])
     other = sorted(set(gen_kwargs) - _KWARGS - set(_MAX_ALIASES))
     if other:
         return f"generation_kwargs {', '.join(other)}"
-    if normalized.get("do_sample"):
-        return "sampling (do_sample)"
-    return ""
+    return "sampling (do_sample)" if normalized.get("do_sample") else ""
 
 
 def _eos_ids(model: Any) -> list[int]:
@@ -243,9 +241,7 @@ def context_length(config: Mapping[str, Any] | Any, tokenizer: Any = None) -> in
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     tok_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tok_max, int) and tok_max < 10**12:
-        return tok_max
-    return 2048
+    return tok_max if isinstance(tok_max, int) and tok_max < 10**12 else 2048
 
 
 def _filter_reason(task: Any) -> str:
