@@ -88,16 +88,8 @@ def enqueue_first_trials(
         if p.values is None:
             log(f"{what} is no point of the space ({p.why}): not queued")
             continue
-        recipe = space.render_values(p.values, layers_of)
-        _enqueue(
-            records,
-            f"path:{p.source}",
-            recipe,
-            p.values,
-            {},
-            log,
-            f"{what} queued as a first trial",
-        )
+        recipe, said = space.render_values(p.values, layers_of), f"{what} queued as a first trial"
+        _enqueue(records, f"path:{p.source}", recipe, p.values, {}, log, said)
     for name, recipe in recipes.items():
         values = space.values_of(recipe, layers_of) if name.startswith("hand:") else None
         if values is not None:
