@@ -10,14 +10,16 @@
   fresh items, and compares with the baselines' on the same items. A maximum over several
   candidates' scores would not be.
 
-Each re-score runs once across the study's workers (a claim ``<split>:<number>``, see
-:mod:`evomerge.search.distributed.claims`). Every worker that stops re-scores the top ``finalists`` it sees
+The baselines (:mod:`evomerge.search.baselines`) are scored on the search items and both holdout
+splits. Each baseline and each re-score runs once across the study's workers (a claim
+``baseline:<name>`` or ``<split>:<number>``, see :mod:`evomerge.search.distributed.claims`). Every worker that stops re-scores the top ``finalists`` it sees
 and tests the trial it would choose; the last one to stop sees every trial, so the study's final
 finalists and chosen trial are all scored.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -27,9 +29,11 @@ import yaml
 from optuna.trial import TrialState
 
 from evomerge.contamination.probe import probe_contamination
+from evomerge.errors import failure_line
+from evomerge.io import dump_yaml
 from evomerge.search.candidates import Candidates
 from evomerge.search.distributed.coordinator import Coordinator
-from evomerge.search.records import Scores, StudyRecords
+from evomerge.search.records import Scores, StudyRecords, TrialRecord
 from evomerge.search.setup import Setup
 from evomerge.search.table import chosen_row, trials_frame
 
@@ -37,12 +41,13 @@ __all__ = ["Holdout"]
 
 
 class Holdout:
-    """Validation and test scores (and the optional memorization probe) of a study's trials.
+    """The baselines' scores, and validation and test scores (and the optional memorization
+    probe) of a study's trials.
 
     Args:
         setup: the prepared search (its holdout splits: ``("validation", "test")``, ``("test",)``
             when the validation share is 0 and the search score chooses, or ``()``; its
-            ``search.finalists``; its base model and tokenizer, for the probe).
+            ``search.finalists``; its baselines; its base model and tokenizer, for the probe).
         candidates: merges and scores.
         records: the study's records.
         coordinator: runs each re-score in one worker of the study.
@@ -61,6 +66,60 @@ class Holdout:
         self.coordinator, self.probe = coordinator, probe
         self._base_model: Any = None
         self._tokenizer: Any = None
+
+    def baselines(self, *, wait: bool, check_interrupt: Callable[[], None]) -> None:
+        """Score every baseline not scored yet (hand recipes queued as trials by
+        :func:`~evomerge.search.baselines.enqueue_first_trials` are done already), each once
+        across the study's workers.
+
+        Args:
+            wait: wait for baselines another worker is scoring (at the end of a search); False:
+                leave them to it and return (at the start, so that every worker gets to work).
+            check_interrupt: raises KeyboardInterrupt once Ctrl-C was pressed.
+        """
+        for name, recipe in self.setup.baselines.items():
+            check_interrupt()
+            text = dump_yaml(recipe)
+            if not self._baseline_done(name, text) and self.records.baseline_done(name):
+                self.setup.log(
+                    f"baseline {name}: its recipe changed since it was scored; scoring it again"
+                )
+            self.coordinator.once(
+                f"baseline:{name}",
+                done=partial(self._baseline_done, name, text),
+                work=partial(self._score_baseline, name, recipe),
+                wait=wait,
+                check_interrupt=check_interrupt,
+            )
+
+    def _baseline_done(self, name: str, recipe: str) -> bool:
+        return self.records.refresh().baseline_done(name, recipe)
+
+    def _score_baseline(self, name: str, recipe: dict[str, Any]) -> None:
+        s, candidates = self.setup, self.candidates
+        rec = TrialRecord(
+            method=recipe.get("merge_method") or ("moe" if "experts" in recipe else None),
+            recipe=dump_yaml(recipe),
+        )
+        try:
+            t0 = time.perf_counter()
+            model, res = candidates.materialize(recipe, f"{s.file} (baseline {name})")
+            rec.merge_s, rec.digest = time.perf_counter() - t0, res.digest
+            rec.search = candidates.score(model, "search")
+            rec.eval_s = rec.search.seconds
+            for split in s.splits:
+                setattr(rec, split, candidates.score(model, split))
+            rec.state = "COMPLETE"
+            s.log(
+                f"baseline {name:<28} search {rec.search.aggregate:.3f}"
+                + "".join(f"  {k} {v.aggregate:.3f}" for k in s.splits if (v := getattr(rec, k)))
+            )
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # a baseline that cannot be merged or scored is reported, not fatal
+            rec.state, rec.error = "FAIL", failure_line(e)
+            s.log(f"baseline {name}: failed: {rec.error}")
+        self.records.set_baseline(name, rec)
 
     def rescore(
         self,

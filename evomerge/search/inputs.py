@@ -11,7 +11,7 @@ A study stores digests of its inputs when it is set up (``StudyMeta.inputs``):
 A resumed study whose inputs changed is refused in one line: its earlier scores were taken on
 other items or other models, and a new trial would take the score of an old one with the same
 tensors. Hand recipes are checked one by one where they are scored
-(:func:`~evomerge.search.baselines.run_baselines` scores a changed one again).
+(:meth:`~evomerge.search.finalists.Holdout.baselines` scores a changed one again).
 
 The results table is the other thing a study must not lose: :func:`check_table` refuses to
 overwrite a ``trials.csv`` that holds trials the storage does not have (a database emptied,

@@ -8,7 +8,7 @@ writes its merged tensors into that model in place and lm-eval scores the model 
    changed since the study started: :mod:`evomerge.search.inputs`); fail the trials of workers
    that died; set the study up once (contamination assessment, what readers need, hand recipes
    queued as trials);
-2. score the baselines (:mod:`evomerge.search.baselines`);
+2. score the baselines (:mod:`evomerge.search.baselines`, :class:`~evomerge.search.finalists.Holdout`);
 3. trials until ``search.trials`` are finished (complete or stopped early), or until they scored
    ``search.items`` search items, one at a time (ask, render, merge, score, tell:
    :mod:`evomerge.search.trial`); a new best is re-scored on the validation items at once;
@@ -39,7 +39,6 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.evaluation.base import Evaluator
-from evomerge.search.baselines import run_baselines
 from evomerge.search.candidates import Candidates
 from evomerge.search.distributed.coordinator import Coordinator, coordinator_for
 from evomerge.search.distributed.liveness import Liveness
@@ -131,10 +130,10 @@ class Search:
                 s.warn_flags(records)
                 holdout = Holdout(s, self.candidates, records, self.coordinator, self.probe)
                 try:
-                    self._baselines(records, wait=False)
+                    holdout.baselines(wait=False, check_interrupt=self.interrupts.check)
                     write_trials_csv(records.study, s.paths.csv)
                     self._trials(records, holdout)
-                    self._baselines(records, wait=True)
+                    holdout.baselines(wait=True, check_interrupt=self.interrupts.check)
                     holdout.finalists(self.interrupts.check)
                 except KeyboardInterrupt:
                     write_trials_csv(records.study, s.paths.csv)
@@ -204,20 +203,6 @@ class Search:
             self.setup.log(
                 f"trial(s) {', '.join(map(str, dead))} were running when their worker died: marked failed, parameters queued for one retry"
             )
-
-    def _baselines(self, records: StudyRecords, *, wait: bool) -> None:
-        s = self.setup
-        run_baselines(
-            s.space,
-            s.baselines,
-            self.candidates,
-            records,
-            self.coordinator,
-            splits=s.splits,
-            log=s.log,
-            check_interrupt=self.interrupts.check,
-            wait=wait,
-        )
 
 
 def run_search(

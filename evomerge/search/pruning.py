@@ -124,9 +124,8 @@ class Pruner:
             x = list(vals.values())
             scores[t] = math.fsum(x) / len(x) if x else math.nan
             stderr[t] = statistics.stdev(x) / math.sqrt(len(x)) if len(x) > 1 else 0.0
-        share = {
-            t: self.weights[t] * self.counts[t] / self.total for t in seen
-        }  # = weight / sum(weights)
+        # each task's share of the aggregate: weight / sum(weights)
+        share = {t: self.weights[t] * self.counts[t] / self.total for t in seen}
         agg = math.fsum(share[t] * scores[t] for t in seen)
         se = math.sqrt(math.fsum((share[t] * stderr[t]) ** 2 for t in seen))
         values = {t: [seen[t].get(i) for i in range(self.counts[t])] for t in seen}

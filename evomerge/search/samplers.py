@@ -210,9 +210,8 @@ class StoppedAsEstimated(_Forwarding):
     def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
         return self.inner
 
-    def _view(
-        self, study: Any
-    ) -> Any:  # the view stands in for the Study samplers are typed to take
+    # The view stands in for the Study samplers are typed to take.
+    def _view(self, study: Any) -> Any:
         return _EstimatedView(study)
 
     def reseed_rng(self) -> None:

@@ -80,6 +80,8 @@ class Setup:
     storage: Any
     log: Callable[[str], None]
     liveness: Liveness
+    layers_of: Callable[[str], int]  # decoder layers of a model of the space (KeyError: another)
+    mask_seed: int  # the seed of random masks (``search.mask_seed``, else the search seed)
     assessment: Assessment | None = None  # set by :meth:`assess` or read from the study
 
     def assess(self) -> Assessment | None:
@@ -145,21 +147,19 @@ class Setup:
         readers need, queue the sources' own paths (a data-flow space) and the hand recipes that
         are points of the space."""
         s = self
-        fingerprint = self.fingerprint
         old = records.refresh().meta().space
-        if old is not None and old != fingerprint:
+        if old is not None and old != s.fingerprint:
             s.log(
                 f"warning: the space changed since study {s.paths.name!r} started; earlier trials keep their recipes (use --study NEW to start afresh)"
             )
         s.assessment = s.assess()
-        include = s.evaluator.include_path()
         records.set_meta(
             StudyMeta(
-                space=fingerprint,
+                space=s.fingerprint,
                 space_file=str(Path(s.file).resolve()),
                 seed=s.mask_seed,
                 model_refs=s.space.model_refs(),
-                include_path=include or None,
+                include_path=s.evaluator.include_path() or None,
                 search_tasks=s.search_tasks,
                 holdout_tasks=s.holdout_tasks,
                 flags=s.assessment.columns() if s.assessment is not None else {},
@@ -180,19 +180,6 @@ class Setup:
             s.assessment = assessment_from_dict(stored) if stored else None
         for w in s.assessment.warnings() if s.assessment is not None else ():
             s.log(w)
-
-    @property
-    def mask_seed(self) -> int:
-        """The seed of random masks (``search.mask_seed``, else the search seed)."""
-        return self.seed if self.space.search.mask_seed is None else self.space.search.mask_seed
-
-    def layers_of(self, ref: str) -> int:
-        """Decoder layers of a model of the space (every one is opened by :func:`prepare`).
-
-        Raises:
-            KeyError: a model the space does not name.
-        """
-        return self.sources[ref].arch.num_layers
 
 
 def _jsonable(x: Any) -> Any:
@@ -304,6 +291,7 @@ def prepare(
     if threads:
         torch.set_num_threads(threads)
     seed = s.seed if seed is None else seed
+    mask_seed = seed if s.mask_seed is None else s.mask_seed
     placed = dict(sources)  # what the merger places; hand recipes' other models are read as needed
     budget_override()  # a bad $EVOMERGE_GPU_MEMORY is refused before anything is written
     tokenizer_dir = _tokenizer_dir(space, sources, file)
@@ -373,7 +361,7 @@ def prepare(
     merger = Merger(
         placed,
         device=device,
-        seed=seed if s.mask_seed is None else s.mask_seed,
+        seed=mask_seed,
         resident=True,
         stream=study_stream(opened, paths.name),
     )
@@ -399,4 +387,6 @@ def prepare(
         opened,
         log,
         liveness,
+        layers_of,
+        mask_seed,
     )

@@ -126,25 +126,14 @@ def open_storage(
         EvomergeError: the URL is malformed or the database cannot be opened.
     """
 
-    try:
-        return _open(url, field, liveness, on_stale)
-    except EvomergeError as e:  # every message shows the URL, never its password
-        raise EvomergeError(hide_password(str(e), url)) from None
+    def refused(why: str) -> EvomergeError:  # every message shows the URL, never its password
+        return EvomergeError(hide_password(f"{field}: cannot open storage {url}: {why}", url))
 
-
-def _open(
-    url: str,
-    field: str,
-    liveness: Liveness | None,
-    on_stale: Callable[[Any, Any], None] | None,
-) -> Any:
     # Like sqlite: journal:///rel/path, journal:////abs/path.
     journal = Path(url[len(JOURNAL) :]) if url.startswith(JOURNAL) else None
     file = journal or (Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None)
     if file is not None and not file.parent.is_dir():
-        raise EvomergeError(
-            f"{field}: cannot open storage {url}: folder {file.parent} does not exist"
-        )
+        raise refused(f"folder {file.parent} does not exist")
     beats: dict[str, Any] = {}
     if liveness is not None and journal is None:
         beats = {
@@ -158,13 +147,9 @@ def _open(
         driver = _DRIVERS.get(
             url.split(":", 1)[0].split("+", 1)[0], "the SQLAlchemy driver for this database"
         )
-        raise EvomergeError(
-            f"{field}: cannot open storage {url}: its database driver is not installed (pip install {driver})"
-        ) from None
+        raise refused(f"its database driver is not installed (pip install {driver})") from None
     except Exception as e:  # sqlalchemy raises many types here
-        raise EvomergeError(
-            f"{field}: cannot open storage {url}: {one_line(type(e).__name__)}: {one_line(e)[:200]}"
-        ) from None
+        raise refused(f"{one_line(type(e).__name__)}: {one_line(e)[:200]}") from None
     if url.startswith("sqlite"):
         _fast_sqlite(storage.engine, immediate=liveness is not None)
     return storage

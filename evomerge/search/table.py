@@ -117,8 +117,7 @@ def trials_frame(study: Any) -> pd.DataFrame:
     for c in FRONT:
         if c not in df:
             df[c] = math.nan
-    df["number"] = df["number"].astype("Int64")
-    for c in ("items", "validation_items", "test_items"):
+    for c in ("number", "items", "validation_items", "test_items"):
         df[c] = df[c].astype("Int64")
     chosen = chosen_row(df)
     df["chosen"] = df["number"].eq(chosen["number"]).fillna(False) if chosen is not None else False

@@ -413,8 +413,8 @@ def _l1_rescale(
 
 
 # Sample size for bracketing a TIES threshold; tensors up to _WHOLE elements are not sampled.
-# 16384 draws put ~4% of the entries in the bracket (65536 put 2%, but drawing them cost a third
-# of the threshold's time: a random gather from both inputs).
+# A larger sample leaves fewer entries in the bracket to sort exactly, but drawing it is a random
+# gather from both inputs; this size balances the two on a TIES merge (bench/bench_merge.py).
 SAMPLE = 1 << 14
 _WHOLE = 1 << 18
 

@@ -149,9 +149,8 @@ class Claims:
             ):
                 return "dead", owner
             if heartbeats(self.storage) and self.storage.get_all_trials(sid, deepcopy=False):
-                sampler = (
-                    optuna.samplers.RandomSampler()
-                )  # the database's clock decides, as for trials
+                # the database's clock decides, as for trials
+                sampler = optuna.samplers.RandomSampler()
                 fail_stale(
                     optuna.load_study(study_name=name, storage=self.storage, sampler=sampler)
                 )
