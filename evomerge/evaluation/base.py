@@ -164,11 +164,7 @@ class Scores:
         Raises:
             EvomergeError: a task gave no score (NaN or missing).
         """
-        bad = [
-            t
-            for t, v in self.scores.items()
-            if v is None or (isinstance(v, float) and math.isnan(v))
-        ]
+        bad = [t for t, v in self.scores.items() if v is None or v != v]  # NaN: unequal to itself
         if bad:
             raise EvomergeError(f"evaluation gave no score for {', '.join(bad)}")
         return self
@@ -224,6 +220,8 @@ class StagedEvaluation(ABC):
     returns (the same lm-eval metrics and aggregation), without scoring an item twice.
     """
 
+    values: dict[str, dict[int, float]]  # task name -> {index: value} of the items scored so far
+
     @abstractmethod
     def score(self, items: Mapping[str, Sequence[int]]) -> dict[str, dict[int, float]]:
         """Score some items.
@@ -240,9 +238,9 @@ class StagedEvaluation(ABC):
         """The full search evaluation of the model (every item), reusing the items scored so far."""
 
     @property
-    @abstractmethod
     def scored(self) -> int:
         """How many distinct items were scored so far."""
+        return sum(len(v) for v in self.values.values())
 
 
 class Evaluator(ABC):

@@ -137,13 +137,6 @@ class FakeEvaluator(Evaluator):
     def digest(self) -> str:
         return digest_of([self.tasks, self.n, self.validation, self.fingerprint])
 
-    def smooth(self, model: torch.nn.Module, split: str = "search") -> dict[str, float]:
-        """The smooth score of each task of ``split`` (before items), by its name there."""
-        got = self.score(model, split)
-        return {
-            name: float(got[k]) for name, k in zip(self.task_names(split), self.tasks, strict=True)
-        }
-
     def evaluate(self, model: torch.nn.Module, split: str = "search") -> Scores:
         return _FakeStaged(self, model, split).result()
 
@@ -163,12 +156,11 @@ class _FakeStaged(StagedEvaluation):
         ev.calls += 1
         if ev.before is not None:
             ev.before(model, split)
-        self.smooth = ev.smooth(model, split)
+        got = ev.score(model, split)  # each task's smooth score, by its name in ``split``
+        self.smooth = {
+            n: float(got[k]) for n, k in zip(ev.task_names(split), ev.tasks, strict=True)
+        }
         self.values: dict[str, dict[int, float]] = {k: {} for k in self.smooth}
-
-    @property
-    def scored(self) -> int:
-        return sum(len(v) for v in self.values.values())
 
     def score(self, items: Mapping[str, Sequence[int]]) -> dict[str, dict[int, float]]:
         for task, idx in items.items():
@@ -183,20 +175,17 @@ class _FakeStaged(StagedEvaluation):
         """The scores: per-task means of the items' values when there are items, else the
         smooth scores."""
         t0 = time.perf_counter()
-        scores, stderr = {}, {}
-        values = None
-        if self.ev.n:
-            ids = self.ev._ids[self.split]
-            self.score({k: ids for k in self.values})
-            values = {k: [v[i] for i in ids] for k, v in self.values.items()}
-        for name, value in self.smooth.items():
-            if values is not None:
-                vals = values[name]
-                p = sum(vals) / len(vals)
-                scores[name] = p
-                stderr[name] = math.sqrt(p * (1 - p) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-            else:
-                scores[name], stderr[name] = value, 0.01
-        specs = [TaskSpec(k) for k in scores]
-        n = None if values is not None else 100 * len(scores)
-        return make_scores(specs, scores, stderr, time.perf_counter() - t0, values, n)
+        specs = [TaskSpec(k) for k in self.smooth]
+        if not self.ev.n:
+            stderr = dict.fromkeys(self.smooth, 0.01)
+            seconds = time.perf_counter() - t0
+            return make_scores(specs, dict(self.smooth), stderr, seconds, None, 100 * len(specs))
+        ids = self.ev._ids[self.split]
+        self.score({k: ids for k in self.values})
+        values = {k: [v[i] for i in ids] for k, v in self.values.items()}
+        scores = {k: sum(v) / len(v) for k, v in values.items()}
+        stderr = {
+            k: math.sqrt(p * (1 - p) / (len(values[k]) - 1)) if len(values[k]) > 1 else 0.0
+            for k, p in scores.items()
+        }
+        return make_scores(specs, scores, stderr, time.perf_counter() - t0, values)

@@ -118,14 +118,9 @@ def generate_shared(
     autocast_dtype: torch.dtype | None = None,
     stats: GenStats | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations of ``requests``, each group's shared prefix run once.
-
-    Where the prefix is held once (see the module's text), as many rows are decoded together as fit
-    in the key/value memory ``HFLM`` holds at ``batch_size``
-    (:func:`~evomerge.evaluation.prefixkv.batch_rows`), their own tokens ``batch_size`` rows at a
-    time; elsewhere ``batch_size`` rows. When a quarter of the places are free, the next rows of
-    the group run their own tokens and join the batch (on models whose cache layers are plain
-    full-attention ones; otherwise a batch is refilled once it is empty).
+    """Greedy continuations of ``requests``, each group's shared prefix run once (how rows are
+    batched and refilled: the module's text; a batch whose cache layers are not plain
+    full-attention ones is refilled once it is empty).
 
     Args:
         model: a ``transformers`` causal LM that returns a ``Cache`` (Llama, Mistral, Qwen, ...).
@@ -152,13 +147,12 @@ def generate_shared(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    groups: dict[Hashable, list[int]] = {}
     for i, r in enumerate(requests):
         if not r.tokens:
             raise ValueError(f"request {i}: the prompt must have at least one token")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    groups: dict[Hashable, list[int]] = {}
-    for i, r in enumerate(requests):
         groups.setdefault(r.group, []).append(i)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     run = stats if stats is not None else GenStats()
     dec = _Decoder(model, tokenizer, frozenset(int(e) for e in eos_ids), device, run)
     out: list[list[int]] = [[] for _ in requests]
@@ -178,7 +172,8 @@ def generate_shared(
             run.groups.append(p)
             todo = sorted((r for r in rows if r.max_new > 0), key=lambda r: -len(r.suffix))
             if todo:  # longest first: memory errors show at once
-                dec.run_group(dec.prefix_pass(seqs[0][:p]) if p else None, p, todo, batch_size)
+                ids = torch.tensor([seqs[0][:p]], device=device)
+                dec.run_group(dec.forward(input_ids=ids)[1] if p else None, p, todo, batch_size)
             for row in rows:
                 out[row.index] = row.out
     return out
@@ -221,7 +216,7 @@ class _Decoder:
     def __post_init__(self) -> None:
         self.cache_name, self.keep = forward_names(self.model)
 
-    def _forward(self, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    def forward(self, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         if self.keep is not None:
             kwargs[self.keep] = 1  # only the last position's logits are used
         res = self.model(use_cache=True, **kwargs)
@@ -230,9 +225,6 @@ class _Decoder:
     def _held(self, g: _Group, *caches: Any) -> None:
         held = g.base + sum(cache_elements(c) for c in caches if c is not None)
         self.run.kv_peak = max(self.run.kv_peak, held)
-
-    def prefix_pass(self, prefix: list[int]) -> Any:
-        return self._forward(input_ids=torch.tensor([prefix], device=self.device))[1]
 
     def run_group(self, prefix: Any, p: int, todo: list[_Row], batch_size: int) -> None:
         capacity = max(len(r.suffix) for r in todo) + max(r.max_new for r in todo)
@@ -264,8 +256,7 @@ class _Decoder:
                     elif new is not None:
                         batch = _merge(batch, new, g.capacity > 0)
                     self._held(g, batch.cache if batch is not None else None)
-                continue
-            if batch is not None:
+            elif batch is not None:
                 batch = self.advance(g, batch)
 
     def admit(self, g: _Group, rows: list[_Row], batch: _Batch | None) -> _Batch | None:
@@ -290,7 +281,7 @@ class _Decoder:
             index = torch.zeros(n, dtype=torch.long, device=self.device)
             kwargs[self.cache_name] = cache_rows(g.prefix, index)
         mask = mask.to(self.device)
-        logits, cache = self._forward(
+        logits, cache = self.forward(
             input_ids=ids.to(self.device),
             attention_mask=mask,
             position_ids=pos.to(self.device),
@@ -310,7 +301,7 @@ class _Decoder:
                 compact(b.cache, dead)
                 b.mask = b.mask[:, dead:]
         mask = torch.cat([b.mask, b.mask.new_ones((len(b.rows), 1))], dim=1)
-        logits, cache = self._forward(
+        logits, cache = self.forward(
             input_ids=b.last[:, None],
             attention_mask=mask,
             position_ids=b.nxt[:, None],
@@ -349,9 +340,7 @@ def _merge(a: _Batch, b: _Batch, held_once: bool) -> _Batch:
         width = merge_rows(a.cache, b.cache)
         cache, left = a.cache, True
     else:  # whole rows, the shorter padded on its right
-        cache, left = cache_cat(a.cache, b.cache), False
-        if cache is None:  # _decode refills only batches whose cache can be padded
-            raise RuntimeError(f"cannot join caches of type {type(a.cache).__name__}")
+        cache, left = cache_cat(a.cache, b.cache), False  # _decode refills only paddable ones
         width = cache_length(cache)
 
     def grow(m: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, width), new columns masked

@@ -95,8 +95,8 @@ def hflm_only(lm: Any) -> str:
 
 def _lm_reason(lm: Any) -> str:
     """Why none of this LM's generations can take the fast path ("" when they can)."""
-    if hflm_only(lm):
-        return hflm_only(lm)
+    if why := hflm_only(lm):
+        return why
     if getattr(lm, "think_end_token", None) is not None:
         return "think_end_token is set"
     if getattr(lm, "truncation", False):
@@ -113,17 +113,13 @@ def _kwargs_reason(gen_kwargs: Mapping[str, Any], normalized: Mapping[str, Any])
     other = sorted(set(gen_kwargs) - _KWARGS - set(_MAX_ALIASES))
     if other:
         return f"generation_kwargs {', '.join(other)}"
-    if normalized.get("do_sample"):
-        return "sampling (do_sample)"
-    return ""
+    return "sampling (do_sample)" if normalized.get("do_sample") else ""
 
 
 def _eos_ids(model: Any) -> list[int]:
     config = getattr(model, "generation_config", None) or getattr(model, "config", None)
     eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
 
 
 def generate_until_shared(
@@ -168,12 +164,10 @@ def generate_until_shared(
         context, gen_kwargs = r.args
         kw = normalize_gen_kwargs(gen_kwargs, lm.max_gen_toks)
         task = getattr(r, "task_name", None)
-        if task in (hflm_tasks or {}):
-            rest.append(i)
-            continue
-        why = _kwargs_reason(gen_kwargs, kw)
+        why = "" if task in (hflm_tasks or {}) else _kwargs_reason(gen_kwargs, kw)
         if why:
             _say_once(f"{task}:{why}", f"generation: task {task}: {why}: HFLM's path")
+        if why or task in (hflm_tasks or {}):
             rest.append(i)
             continue
         until = handle_stop_sequences(kw.pop("until", None), eos=eos)
@@ -208,9 +202,8 @@ def generate_until_shared(
         stats=stats,
     )
     for (i, _, until), tokens in zip(mine, got, strict=True):
-        s = postprocess_generated_text(lm.tok_decode(tokens), stop=until, think_end_token=None)
-        out[i] = s
-        feed_cache_hook(lm, requests[i].args, s, "generate_until")
+        out[i] = postprocess_generated_text(lm.tok_decode(tokens), stop=until, think_end_token=None)
+        feed_cache_hook(lm, requests[i].args, out[i], "generate_until")
     return out
 
 
@@ -248,9 +241,7 @@ def context_length(config: Mapping[str, Any] | Any, tokenizer: Any = None) -> in
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     tok_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tok_max, int) and tok_max < 10**12:
-        return tok_max
-    return 2048
+    return tok_max if isinstance(tok_max, int) and tok_max < 10**12 else 2048
 
 
 def _filter_reason(task: Any) -> str:

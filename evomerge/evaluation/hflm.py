@@ -1,7 +1,6 @@
 """The lm-eval LMs that score an in-memory model (:func:`make_lm` picks one by
 ``evaluate.scorer``; a search prints its own progress, so they draw no bars), :class:`MemoLM` that
-answers a request it ran once from memory, and :func:`reseed_fewshot`, which the full and the
-staged evaluation both call before lm-eval builds requests so that every item gets one prompt.
+answers a request it ran once from memory, and :func:`reseed_fewshot`.
 
 This module imports ``lm_eval`` (and ``transformers``) when it is imported: the search imports it,
 the readers of a study (results, export, report) do not.
@@ -27,8 +26,6 @@ from evomerge.evaluation.scorer import score_shared
 
 __all__ = [
     "SharedContextHFLM",
-    "QuietHFLM",
-    "QuietSharedContextHFLM",
     "MemoLM",
     "make_lm",
     "FEWSHOT_SEED",
@@ -36,7 +33,7 @@ __all__ = [
 ]
 
 # The shared-context scorer's notes (why requests go to HFLM's path) under the scorer's name.
-_SCORER_LOG = logging.getLogger("evomerge.evaluation.scorer")
+_say = functools.partial(say_once, log=logging.getLogger("evomerge.evaluation.scorer"))
 
 FEWSHOT_SEED = 1234  # every evaluation reseeds lm-eval's few-shot samplers with it
 
@@ -73,20 +70,15 @@ class SharedContextHFLM(HFLM):
         why = "rolling" if any(r[0] is None for r in requests) else hflm_only(self)
         if why:
             if why != "rolling":  # loglikelihood_rolling said so already
-                say_once(
-                    why,
-                    f"shared-context scorer: {why}: loglikelihood requests use HFLM's path",
-                    log=_SCORER_LOG,
-                )
+                _say(why, f"shared-context scorer: {why}: loglikelihood requests use HFLM's path")
             return hflm_loglikelihood_tokens(
                 self, requests, disable_tqdm=disable_tqdm, override_bs=override_bs
             )
         cut = sum(len(c) + len(x) > self.max_length + 1 for _, c, x in requests)
         if cut:
-            say_once(
+            _say(
                 "cut",
                 f"shared-context scorer: {cut} of {len(requests)} requests exceed max_length ({self.max_length}): their contexts are left-truncated as HFLM does",
-                log=_SCORER_LOG,
             )
         # Right-padded rows stay inside a sliding window when every pair fits half of it.
         window = sliding_window(self.model)
@@ -98,10 +90,9 @@ class SharedContextHFLM(HFLM):
         rest = sorted(set(range(len(requests))) - set(mine))
         res: list[Any] = [None] * len(requests)
         if rest:
-            say_once(
+            _say(
                 "window",
                 f"shared-context scorer: pairs longer than half the sliding window ({window}) use HFLM's path",
-                log=_SCORER_LOG,
             )
             hflm = hflm_loglikelihood_tokens(self, [requests[i] for i in rest], disable_tqdm=True)
             for i, r in zip(rest, hflm, strict=True):
@@ -121,11 +112,7 @@ class SharedContextHFLM(HFLM):
         return res
 
     def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
-        say_once(
-            "rolling",
-            "shared-context scorer: loglikelihood_rolling requests use HFLM's path",
-            log=_SCORER_LOG,
-        )
+        _say("rolling", "shared-context scorer: loglikelihood_rolling requests use HFLM's path")
         return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
     def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
@@ -137,25 +124,19 @@ class SharedContextHFLM(HFLM):
         )
 
 
-class _Quiet:
-    """No progress bars on any request type (mixed into an HFLM class)."""
-
-    def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
-        return super().loglikelihood(requests, disable_tqdm=True)  # type: ignore[misc]
-
-    def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
-        return super().loglikelihood_rolling(requests, disable_tqdm=True)  # type: ignore[misc]
-
-    def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
-        return super().generate_until(requests, disable_tqdm=True)  # type: ignore[misc]
+_REQUEST_TYPES = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 
 
-class QuietHFLM(_Quiet, HFLM):
-    """lm-eval's ``HFLM`` as is, without progress bars."""
+@functools.cache
+def _quiet(cls: type[HFLM]) -> type[HFLM]:
+    """``cls`` without progress bars on any request type."""
 
+    def quiet(name: str) -> Any:
+        return lambda self, requests, disable_tqdm=False: getattr(cls, name)(
+            self, requests, disable_tqdm=True
+        )
 
-class QuietSharedContextHFLM(_Quiet, SharedContextHFLM):
-    """:class:`SharedContextHFLM` without progress bars."""
+    return type(f"Quiet{cls.__name__}", (cls,), {n: quiet(n) for n in _REQUEST_TYPES})
 
 
 def make_lm(
@@ -186,7 +167,7 @@ def make_lm(
     """
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
-    cls = QuietSharedContextHFLM if scorer == "shared" else QuietHFLM
+    cls = _quiet(SharedContextHFLM if scorer == "shared" else HFLM)
     lm = cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     lm.hflm_tasks = dict(hflm_tasks or {})
     return lm

@@ -175,10 +175,6 @@ class LMEvalStaged(StagedEvaluation):
         self.values: dict[str, dict[int, float]] = {s.name: {} for s in self.specs}
         self.seconds = 0.0
 
-    @property
-    def scored(self) -> int:
-        return sum(len(v) for v in self.values.values())
-
     def _where(self, spec: TaskSpec, index: int) -> tuple[str, int]:
         for leaf in self.leaves[spec.name]:
             n = len(self.bank.requests[leaf])

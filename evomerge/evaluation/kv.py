@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import copy
 import inspect
-from functools import lru_cache
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 __all__ = [
     "forward_names",
@@ -18,7 +18,7 @@ __all__ = [
     "cache_length",
     "cache_paddable",
     "growing",
-    "growing_layer",
+    "GrowingLayer",
     "sliding_window",
 ]
 
@@ -84,76 +84,66 @@ def cache_length(cache: Any) -> int:
 
 def cache_paddable(cache: Any) -> bool:
     """True when every layer of ``cache`` is a plain ``DynamicLayer`` (full attention, one column
-    per token) or a :func:`growing` one, so that :func:`cache_cat` may pad it."""
-    from transformers.cache_utils import DynamicLayer
-
+    per token) or a :class:`GrowingLayer`, so that :func:`cache_cat` may pad it."""
     layers = getattr(cache, "layers", None) or []
-    grow = growing_layer()
-    return bool(layers) and all(type(x) in (DynamicLayer, grow) for x in layers)
+    return bool(layers) and all(type(x) in (DynamicLayer, GrowingLayer) for x in layers)
 
 
-@lru_cache(maxsize=1)
-def growing_layer() -> type:
-    """The class of :func:`growing`'s layers (built on first use: transformers loads lazily)."""
-    from transformers.cache_utils import DynamicLayer
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are views of buffers with room to grow, so
+    that appending a token writes into the buffer instead of copying the layer
+    (``DynamicLayer`` concatenates: a copy of the whole cache per generated token)."""
 
-    class GrowingLayer(DynamicLayer):
-        """A ``DynamicLayer`` whose keys and values are views of buffers with room to grow, so
-        that appending a token writes into the buffer instead of copying the layer
-        (``DynamicLayer`` concatenates: a copy of the whole cache per generated token)."""
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.is_initialized = True
+        self.device = keys.device
+        self._store(keys, values, 0)
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-            super().__init__()
-            self.is_initialized = True
-            self.device = keys.device
-            self._store(keys, values, 0)
+    def _store(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        b, h, n, d = keys.shape
+        self._k = keys.new_empty((b, h, n + room, d))  # (B, H, capacity, D)
+        self._v = values.new_empty((b, values.shape[1], n + room, values.shape[-1]))
+        self._k[:, :, :n] = keys
+        self._v[:, :, :n] = values
+        self._view(n)
 
-        def _store(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
-            b, h, n, d = keys.shape
-            self._k = keys.new_empty((b, h, n + room, d))  # (B, H, capacity, D)
-            self._v = values.new_empty((b, values.shape[1], n + room, values.shape[-1]))
-            self._k[:, :, :n] = keys
-            self._v[:, :, :n] = values
-            self._view(n)
+    def _view(self, n: int) -> None:
+        self._n = n
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
-        def _view(self, n: int) -> None:
-            self._n = n
-            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+    def _full(self, n: int) -> None:
+        # doubling: appends copy the layer O(log length) times
+        self._store(
+            self._k[:, :, : self._n], self._v[:, :, : self._n], max(n - self._n, self._n, 16)
+        )
 
-        def _full(self, n: int) -> None:
-            # doubling: appends copy the layer O(log length) times
-            self._store(
-                self._k[:, :, : self._n], self._v[:, :, : self._n], max(n - self._n, self._n, 16)
-            )
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = self._n + key_states.shape[-2]
+        if n > self._k.shape[-2]:
+            self._full(n)
+        self._k[:, :, self._n : n] = key_states
+        self._v[:, :, self._n : n] = value_states
+        self._view(n)
+        return self.keys, self.values
 
-        def update(self, key_states, value_states, *args, **kwargs):
-            n = self._n + key_states.shape[-2]
-            if n > self._k.shape[-2]:
-                self._full(n)
-            self._k[:, :, self._n : n] = key_states
-            self._v[:, :, self._n : n] = value_states
-            self._view(n)
-            return self.keys, self.values
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        self._view(self._n - abs(tokens_to_remove))
 
-        def crop(self, tokens_to_remove: int) -> None:
-            if tokens_to_remove > 0:
-                raise ValueError("crop takes a negative number of tokens to remove")
-            self._view(self._n - abs(tokens_to_remove))
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]
+        self._view(self._n)
 
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            self._k, self._v = self._k[indices], self._v[indices]
-            self._view(self._n)
+    def held(self) -> int:
+        """Key/value elements of the buffers (their whole capacity)."""
+        return int(self._k.numel() + self._v.numel())
 
-        def held(self) -> int:
-            """Key/value elements of the buffers (their whole capacity)."""
-            return int(self._k.numel() + self._v.numel())
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            self._k = self._k.repeat_interleave(repeats, dim=0)
-            self._v = self._v.repeat_interleave(repeats, dim=0)
-            self._view(self._n)
-
-    return GrowingLayer
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._k = self._k.repeat_interleave(repeats, dim=0)
+        self._v = self._v.repeat_interleave(repeats, dim=0)
+        self._view(self._n)
 
 
 def growing(cache: Any) -> Any:
@@ -166,17 +156,14 @@ def growing(cache: Any) -> Any:
     Returns:
         The cache (the same object, its layers replaced).
     """
-    from transformers.cache_utils import DynamicLayer
-
     layers = getattr(cache, "layers", None)
     if not layers or not all(type(x) is DynamicLayer and x.is_initialized for x in layers):
         return cache
-    grow = growing_layer()
-    cache.layers = [grow(x.keys, x.values) for x in layers]
+    cache.layers = [GrowingLayer(x.keys, x.values) for x in layers]
     return cache
 
 
-def cache_cat(a: Any, b: Any) -> Any | None:
+def cache_cat(a: Any, b: Any) -> Any:
     """A cache holding the rows of ``a`` then the rows of ``b``; the shorter one is padded with zero
     columns at its end, which the caller masks out (keys carry their rotary positions already, so
     a key's column does not matter, only whether the mask lets a query see it).
@@ -185,11 +172,14 @@ def cache_cat(a: Any, b: Any) -> Any | None:
         a, b: caches whose layers are all plain ``DynamicLayer`` (full attention).
 
     Returns:
-        The new cache (``a`` and ``b`` are left as they were), or None when a layer of either is
-        of another kind (sliding window, static, quantized: columns mean something there).
+        The new cache (``a`` and ``b`` are left as they were).
+
+    Raises:
+        TypeError: a layer of either is of another kind (sliding window, static, quantized:
+            columns mean something there).
     """
     if not (cache_paddable(a) and cache_paddable(b)) or len(a.layers) != len(b.layers):
-        return None
+        raise TypeError(f"cannot join caches of type {type(a).__name__}")
     width = max(cache_length(a), cache_length(b))
 
     def grow(t: torch.Tensor) -> torch.Tensor:  # (B, H, L, D) -> (B, H, width, D)
@@ -197,7 +187,7 @@ def cache_cat(a: Any, b: Any) -> Any | None:
 
     out = copy.copy(a)
     out.layers = [
-        growing_layer()(
+        GrowingLayer(
             torch.cat([grow(la.keys), grow(lb.keys)], dim=0),
             torch.cat([grow(la.values), grow(lb.values)], dim=0),
         )
@@ -215,9 +205,7 @@ def sliding_window(model: torch.nn.Module) -> int | None:
     Returns:
         The window in tokens, or None (every layer attends to the whole sequence).
     """
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None
+    cfg: Any = getattr(model, "config", None)
     if hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
     window = getattr(cfg, "sliding_window", None)

@@ -41,24 +41,6 @@ __all__ = ["LMEvalEvaluator"]
 logger = logging.getLogger(__name__)
 
 
-def _generation_tasks(cfg: EvalConfig, sp: Splits, max_length: int | None) -> dict[str, str]:
-    """Check the generation tasks (:func:`check_generation_tasks`): errors stop here, notes are
-    logged once; returns the tasks whose answers HFLM's path generates, and why."""
-    hflm: dict[str, str] = {}
-    for split, where in (("search", "evaluate.tasks"), ("holdout", "evaluate.holdout.tasks")):
-        if split not in sp.dicts or (split == "holdout" and not cfg.holdout):
-            continue  # a holdout of the search tasks' later items was checked as search
-        found = check_generation_tasks(leaf_tasks(sp.dicts[split]), max_length)
-        for i, spec in enumerate(sp.task_specs[split]):
-            for leaf in sp.leaves[split][spec.name]:
-                if leaf in found.errors:
-                    raise ConfigError(cfg.file, f"{where}[{i}]", found.errors[leaf])
-        for note in found.notes:
-            say_once(note, note, log=logger, level=logging.WARNING)
-        hflm |= found.hflm_tasks
-    return hflm
-
-
 class LMEvalEvaluator(Splits, Evaluator):
     """lm-evaluation-harness over an in-memory model.
 
@@ -72,9 +54,7 @@ class LMEvalEvaluator(Splits, Evaluator):
         tokenizer: the tokenizer of every candidate (they share the base's vocabulary).
         device: where inputs go (the model must already live there).
         batch_size: overrides ``cfg.batch_size``.
-        scorer: overrides ``cfg.scorer``: ``"shared"`` runs each context of a multiple-choice item
-            once (:mod:`evomerge.evaluation.scorer`) and each generation task's prompt prefix once
-            (:mod:`evomerge.evaluation.genlm`), ``"hflm"`` is lm-eval's ``HFLM`` as is.
+        scorer: overrides ``cfg.scorer`` (one of :data:`~evomerge.evaluation.base.SCORERS`).
         max_length: the models' context length in tokens
             (:func:`~evomerge.evaluation.genlm.context_length`); None: generation budgets are not
             checked against it.
@@ -113,7 +93,20 @@ class LMEvalEvaluator(Splits, Evaluator):
             )
         super().__init__(cfg)
         self._bank: RequestBank | None = None  # built on the first staged evaluation
-        self._hflm_tasks = _generation_tasks(cfg, self, max_length)
+        # The generation tasks' checks: errors stop here, notes are said once; the tasks whose
+        # answers HFLM's path generates (and why) go to every LM.
+        self._hflm_tasks: dict[str, str] = {}
+        for split, where in (("search", "evaluate.tasks"), ("holdout", "evaluate.holdout.tasks")):
+            if split not in self.dicts or (split == "holdout" and not cfg.holdout):
+                continue  # a holdout of the search tasks' later items was checked as search
+            found = check_generation_tasks(leaf_tasks(self.dicts[split]), max_length)
+            for i, spec in enumerate(self.task_specs[split]):
+                for leaf in self.leaves[split][spec.name]:
+                    if leaf in found.errors:
+                        raise ConfigError(cfg.file, f"{where}[{i}]", found.errors[leaf])
+            for note in found.notes:
+                say_once(note, note, log=logger, level=logging.WARNING)
+            self._hflm_tasks |= found.hflm_tasks
 
     def include_path(self) -> list[str]:
         return list(self.cfg.include_path)
@@ -189,7 +182,8 @@ class LMEvalEvaluator(Splits, Evaluator):
         # lm-eval's evaluate() draws few-shot examples from each task's generator where the previous
         # call left it: reseed, so that every candidate (and the staged scoring of
         # :class:`~evomerge.evaluation.items.RequestBank`) sees the same prompts.
-        reseed_fewshot(leaf_tasks(self.dicts[split]).values())
+        tasks = leaf_tasks(self.dicts[split])
+        reseed_fewshot(tasks.values())
         with quiet_task_progress():
             out = lm_evaluate(
                 lm,
@@ -202,13 +196,12 @@ class LMEvalEvaluator(Splits, Evaluator):
                 fewshot_as_multiturn=self.cfg.chat_template,
             )
         model.train(was_training)
-        results = (out or {}).get("results", {})
-        tasks = leaf_tasks(self.dicts[split])
+        out = out or {}
         scores: dict[str, float] = {}
         stderr: dict[str, float] = {}
         items: dict[str, list[float | None]] = {}
         for spec in self.task_specs[split]:
-            res = results.get(spec.name, {})
+            res = out.get("results", {}).get(spec.name, {})
             got = metric_value(res, spec.metric)
             if got is None:
                 have = sorted({k.split(",")[0] for k in res if "," in k and "_stderr" not in k})
@@ -217,7 +210,7 @@ class LMEvalEvaluator(Splits, Evaluator):
                 )
             scores[spec.name], stderr[spec.name] = got
             items[spec.name] = items_from_samples(
-                (out or {}).get("samples", {}),
+                out.get("samples", {}),
                 spec,
                 self.leaves[split][spec.name],
                 self.samples[split],

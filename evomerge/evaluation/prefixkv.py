@@ -28,9 +28,10 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from evomerge.compat import attention_implementation, attention_implementations
-from evomerge.evaluation.kv import cache_paddable, growing_layer
+from evomerge.evaluation.kv import GrowingLayer, cache_paddable
 
 __all__ = [
     "PREFIX_KWARG",
@@ -80,29 +81,23 @@ def batch_rows(batch_size: int, prefix: int, columns: int, items: int) -> int:
     return max(1, min(items, ROW_CAP * batch_size, max(batch_size, fit)))
 
 
-@lru_cache(maxsize=1)
-def _prefix_layer() -> type:
-    from transformers.cache_utils import DynamicLayer
+class _PrefixLayer(GrowingLayer):
+    """Keys and values of a prefix shared by every row, held once, and each row's first ``n``
+    own columns in a buffer of fixed width (``keys``/``values``: the own columns only;
+    :meth:`held` counts the own buffers, the prefix being shared)."""
 
-    class PrefixLayer(growing_layer()):  # type: ignore[misc]
-        """Keys and values of a prefix shared by every row, held once, and each row's first ``n``
-        own columns in a buffer of fixed width (``keys``/``values``: the own columns only;
-        :meth:`held` counts the own buffers, the prefix being shared)."""
+    def __init__(
+        self, prefix_k: torch.Tensor, prefix_v: torch.Tensor, own: tuple, n: int = 0
+    ) -> None:
+        DynamicLayer.__init__(self)  # the own buffers are taken as they are, not copied
+        self.is_initialized = True
+        self.device = prefix_k.device
+        self.prefix_keys, self.prefix_values = prefix_k, prefix_v  # (1, H, P, D)
+        self._k, self._v = own  # (B, H, capacity, D)
+        self._view(n)
 
-        def __init__(
-            self, prefix_k: torch.Tensor, prefix_v: torch.Tensor, own: tuple, n: int = 0
-        ) -> None:
-            DynamicLayer.__init__(self)  # the own buffers are taken as they are, not copied
-            self.is_initialized = True
-            self.device = prefix_k.device
-            self.prefix_keys, self.prefix_values = prefix_k, prefix_v  # (1, H, P, D)
-            self._k, self._v = own  # (B, H, capacity, D)
-            self._view(n)
-
-        def _full(self, n: int) -> None:  # the decoder compacts first: rows never need more
-            raise RuntimeError(f"prefix cache full: {n} columns of {self._k.shape[-2]}")
-
-    return PrefixLayer
+    def _full(self, n: int) -> None:  # the decoder compacts first: rows never need more
+        raise RuntimeError(f"prefix cache full: {n} columns of {self._k.shape[-2]}")
 
 
 def prefix_cache(prefix: Any, rows: int, capacity: int) -> Any:
@@ -118,14 +113,13 @@ def prefix_cache(prefix: Any, rows: int, capacity: int) -> Any:
     Returns:
         The new cache (``get_seq_length`` 0); ``prefix`` is left as it was.
     """
-    layer = _prefix_layer()
     out = copy.copy(prefix)
     out.layers = []
     for x in prefix.layers:
         k, v = x.keys[:1], x.values[:1]  # (1, H, P, D): views, the prefix is not copied
         own_k = k.new_zeros((rows, k.shape[1], capacity, k.shape[-1]))
         own_v = v.new_zeros((rows, v.shape[1], capacity, v.shape[-1]))
-        out.layers.append(layer(k, v, (own_k, own_v)))
+        out.layers.append(_PrefixLayer(k, v, (own_k, own_v)))
     return out
 
 
@@ -179,14 +173,11 @@ def cache_elements(cache: Any) -> int:
     Returns:
         The number of elements.
     """
-    total = 0
-    for x in getattr(cache, "layers", None) or []:
-        held = getattr(x, "held", None)
-        if held is not None:
-            total += held()
-        elif getattr(x, "keys", None) is not None:
-            total += int(x.keys.numel() + x.values.numel())
-    return total
+    return sum(
+        x.held() if isinstance(x, GrowingLayer) else int(x.keys.numel() + x.values.numel())
+        for x in getattr(cache, "layers", None) or []
+        if getattr(x, "keys", None) is not None
+    )
 
 
 def prefix_attention_reason(model: torch.nn.Module, prefix: Any) -> str:

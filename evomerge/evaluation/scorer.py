@@ -17,10 +17,8 @@ Truncation is HFLM's, exactly: a pair longer than ``max_length + 1`` tokens keep
 continuation's length. Pairs are grouped by that *truncated* context, so truncated pairs still
 match HFLM (positions restart at 0 as in HFLM), they just share less.
 
-:class:`~evomerge.evaluation.hflm.SharedContextHFLM` puts this under lm-eval's ``HFLM``
-(tokenizing, batching options and ``loglikelihood_rolling`` stay HFLM's; its ``generate_until``
-runs each task's shared prompt prefix once: :mod:`evomerge.evaluation.genlm`). This module is
-torch only (the model's cache and forward: :mod:`evomerge.evaluation.kv`).
+:class:`~evomerge.evaluation.hflm.SharedContextHFLM` puts this under lm-eval's ``HFLM``. This
+module is torch only (the model's cache and forward: :mod:`evomerge.evaluation.kv`).
 """
 
 from __future__ import annotations
@@ -31,10 +29,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
-from evomerge.evaluation.kv import cache_rows as _rows_of
-from evomerge.evaluation.kv import forward_names as _forward_names
-from evomerge.evaluation.kv import output_cache
+from evomerge.evaluation.kv import cache_rows, forward_names, output_cache
 
 __all__ = ["score_shared"]
 
@@ -112,7 +109,7 @@ def score_shared(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     groups = _plan(requests, max_length)
-    cache_name, keep_name = _forward_names(model)
+    cache_name, keep_name = forward_names(model)
     out: list[tuple[float, bool] | None] = [None] * len(requests)
     autocast = torch.autocast(
         device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
@@ -135,13 +132,10 @@ def _context_pass(
     width = max(len(g.prefix) for g in chunk)
     if width == 0:
         return None
-    ids = torch.zeros((len(chunk), width), dtype=torch.long)  # (G, P); pad id 0, never attended to
-    for i, g in enumerate(chunk):
-        ids[i, : len(g.prefix)] = torch.tensor(g.prefix, dtype=torch.long)
-    kwargs: dict[str, Any] = {"use_cache": True}
-    if keep_name is not None:
-        kwargs[keep_name] = 1  # the context's logits are not needed
-    return output_cache(model(input_ids=ids.to(device), **kwargs))
+    # (G, P); pad id 0, never attended to
+    ids = pad_sequence([torch.tensor(g.prefix, dtype=torch.long) for g in chunk], batch_first=True)
+    keep = {keep_name: 1} if keep_name is not None else {}  # the context's logits are not needed
+    return output_cache(model(input_ids=ids.to(device), use_cache=True, **keep))
 
 
 def _continuation_passes(
@@ -159,15 +153,13 @@ def _continuation_passes(
     for start in range(0, len(rows), batch_size):
         part = rows[start : start + batch_size]
         n_rows, cols = len(part), max(len(r[2]) for _, r in part)
-        inp = torch.zeros((n_rows, cols), dtype=torch.long)  # (R, C)
-        target = torch.zeros((n_rows, cols), dtype=torch.long)  # (R, C)
+        inp = pad_sequence([torch.tensor(r[1]) for _, r in part], batch_first=True)  # (R, C)
+        target = pad_sequence([torch.tensor(r[2]) for _, r in part], batch_first=True)  # (R, C)
         # (R, P + C): context row, then own tokens
         mask = torch.zeros((n_rows, width + cols), dtype=torch.long)
         pos = torch.arange(cols).repeat(n_rows, 1)  # (R, C)
-        for j, (gi, (_, x, cont)) in enumerate(part):
+        for j, (gi, (_, _, cont)) in enumerate(part):
             n, p = len(cont), len(chunk[gi].prefix)
-            inp[j, :n] = torch.tensor(x)
-            target[j, :n] = torch.tensor(cont)
             mask[j, :p] = 1
             mask[j, width : width + n] = 1
             pos[j] += p  # positions go on from the context's own length, not from the padded width
@@ -175,7 +167,7 @@ def _continuation_passes(
         if cache is not None:
             index = torch.tensor([gi for gi, _ in part], device=device)
             kwargs |= {
-                cache_name: _rows_of(cache, index),
+                cache_name: cache_rows(cache, index),
                 "attention_mask": mask.to(device),
                 "use_cache": True,
             }

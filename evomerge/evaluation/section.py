@@ -86,6 +86,8 @@ _HOLDOUT_KEYS = {"tasks", "limit", "validation"}
 
 
 def _resolve_include(value: Any, file: str, base_dir: Path) -> list[str]:
+    if value is None:
+        return []
     values = value if isinstance(value, list) else [value]
     out: list[str] = []
     for i, v in enumerate(values):
@@ -229,11 +231,7 @@ def parse_evaluate(
     if not isinstance(section, Mapping):
         raise ConfigError(file, "evaluate", f"must be a mapping, got {type(section).__name__}")
     _no_unknown(section, _KEYS, file, "evaluate")
-    include = (
-        _resolve_include(section["include_path"], file, Path(base_dir))
-        if section.get("include_path") is not None
-        else []
-    )
+    include = _resolve_include(section.get("include_path"), file, Path(base_dir))
 
     preset = section.get("preset")
     search: list[TaskSpec] = []
@@ -320,8 +318,8 @@ def parse_evaluate(
 
 def check_tasks_of(cfg: EvalConfig) -> None:
     """Every task name exists (locally or in lm-eval's index; names only, nothing downloaded),
-    holdout tasks do not repeat search tasks, and local holdout tasks share no item with local
-    search tasks.
+    holdout tasks do not repeat search tasks, and local holdout tasks share no item (prompt and
+    gold answer text) with local search tasks.
 
     Raises:
         ConfigError: naming the file and the task's field.
@@ -330,12 +328,6 @@ def check_tasks_of(cfg: EvalConfig) -> None:
     # the tasks: list as written (indices in messages), after the preset's
     _check_names(cfg.search[len(preset) :], "evaluate.tasks", cfg.file, cfg.include_path)
     _check_names(cfg.holdout, "evaluate.holdout.tasks", cfg.file, cfg.include_path)
-    _check_disjoint(cfg)
-
-
-def _check_disjoint(cfg: EvalConfig) -> None:
-    """Holdout tasks may not repeat search tasks, and local holdout tasks may not share items with
-    local search tasks (compared by prompt + gold answer text; public tasks are never loaded here)."""
     search_names = {s.name for s in cfg.search}
     for i, s in enumerate(cfg.holdout):
         if s.name in search_names:
@@ -344,7 +336,7 @@ def _check_disjoint(cfg: EvalConfig) -> None:
                 f"evaluate.holdout.tasks[{i}]",
                 f"{s.name!r} is also a search task: its holdout items would overlap the search items (use holdout: {{limit: N}} for a later doc range)",
             )
-    if not cfg.holdout or not cfg.include_path:
+    if not cfg.holdout or not cfg.include_path:  # public tasks are never loaded here
         return
     tm = task_manager(tuple(cfg.include_path), False)
     local = set(tm.all_tasks)

@@ -59,13 +59,12 @@ class Splits:
         """spec name -> names of the leaf tasks it runs (a group has several); shots set here."""
         out: dict[str, list[str]] = {}
         for key, value in self.dicts[split].items():
-            name = getattr(key, "group_name", None) or (key if isinstance(key, str) else str(key))
+            name = getattr(key, "group_name", None) or str(key)
             leaves = leaf_tasks(value) if isinstance(value, Mapping) else {name: value}
             out[name] = list(leaves)
-            spec = next((s for s in self.task_specs[split] if s.name == name), None)
-            for task in leaves.values():
-                if spec is not None and spec.num_fewshot is not None:
-                    task.set_config(key="num_fewshot", value=spec.num_fewshot)
+            shots = next((s.num_fewshot for s in self.task_specs[split] if s.name == name), None)
+            for task in leaves.values() if shots is not None else ():
+                task.set_config(key="num_fewshot", value=shots)
             reseed_fewshot(leaves.values())
         return out
 
@@ -104,12 +103,12 @@ class Splits:
             self.task_specs[split] = self.task_specs["holdout"]
             self.leaves[split] = self.leaves["holdout"]
             self.samples[split] = {leaf: p[k] for leaf, p in parts.items()}
-            for spec in self.task_specs[split]:
-                if not any(self.samples[split][leaf] for leaf in self.leaves[split][spec.name]):
+            for name, n in self.counts(split).items():
+                if not n:
                     raise ConfigError(
                         cfg.file,
                         "evaluate.holdout.validation",
-                        f"task {spec.name!r} has {sum(len(self.samples['holdout'][leaf]) for leaf in self.leaves['holdout'][spec.name])} "
+                        f"task {name!r} has {self.counts('holdout')[name]} "
                         f"holdout item(s): too few to split into validation and test items at share {cfg.validation}",
                     )
 

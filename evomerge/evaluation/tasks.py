@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from typing import Any
@@ -41,13 +42,10 @@ def quiet_lm_eval() -> None:
         "datasets",
     ):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:  # datasets' progress bars during loading
-        import datasets
+    import datasets  # a dependency of lm-eval: its progress bars during loading
 
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except Exception:  # pragma: no cover - datasets is a dependency of lm-eval
-        pass
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
 
 
 @lru_cache(maxsize=8)
@@ -151,11 +149,6 @@ def load_leaf_tasks(task_names: Iterable[str], tm) -> dict[str, Any]:
 
 
 DOC_SPLITS = ("eval", "test", "validation", "train")
-_SPLIT_API = {
-    "test": ("has_test_docs", "test_docs"),
-    "validation": ("has_validation_docs", "validation_docs"),
-    "train": ("has_training_docs", "training_docs"),
-}
 
 
 def task_docs(task, split: str = "eval") -> Any:
@@ -166,17 +159,15 @@ def task_docs(task, split: str = "eval") -> Any:
     """
     if split == "eval":
         return task.eval_docs
-    if split not in _SPLIT_API:
+    if split not in DOC_SPLITS:
         raise ValueError(f"split must be one of {', '.join(DOC_SPLITS)}; got {split!r}")
-    has, get = _SPLIT_API[split]
-    if not getattr(task, has)():
+    api = "training" if split == "train" else split  # has_training_docs, training_docs
+    if not getattr(task, f"has_{api}_docs")():
         raise ValueError(f"task {task.task_name} has no {split} split")
-    return getattr(task, get)()
+    return getattr(task, f"{api}_docs")()
 
 
 def get_task_dict(names: list[str], tm) -> dict:
-    import warnings
-
     quiet_lm_eval()
     from lm_eval.tasks import get_task_dict
 
@@ -194,7 +185,7 @@ def leaf_tasks(task_dict: Mapping) -> dict[str, Any]:
         if isinstance(value, Mapping):
             out.update(leaf_tasks(value))
         elif value is not None:
-            out[key if isinstance(key, str) else str(key)] = value
+            out[str(key)] = value
     return out
 
 
