@@ -236,6 +236,13 @@ def parse_evaluate(
     preset = section.get("preset")
     search: list[TaskSpec] = []
     if preset is not None:
+        if not isinstance(preset, str):  # a list: one preset, plus tasks: for more
+            raise ConfigError(
+                file,
+                "evaluate.preset",
+                f"must be one preset name ({', '.join(PRESETS)}), got {type(preset).__name__}; "
+                "add other tasks under evaluate.tasks",
+            )
         if preset not in PRESETS:
             raise ConfigError(
                 file,

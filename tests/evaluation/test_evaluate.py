@@ -132,6 +132,11 @@ BAD = [
         "evaluate.preset",
         "did you mean open_llm_v1",
     ),
+    (
+        {"include_path": "zoo:micro", "preset": ["open_llm_v1"]},
+        "evaluate.preset",
+        "must be one preset name",
+    ),
     ({"include_path": "zoo:micro"}, "evaluate.tasks", "at least one task"),
     (
         {"include_path": "zoo:micro", "tasks": ["zoo_rot"], "holdout": {"tasks": ["zoo_rot"]}},
