@@ -260,8 +260,10 @@ def parse_recipe(data: Any, file: str | None = None, *, unused: Unused = "error"
     name = m.get("merge_method")
     if name is None:
         raise p.err("merge_method", f"missing (allowed: {', '.join(sorted(METHODS))})")
+    if not isinstance(name, str):
+        raise p.err("merge_method", f"must be a method name, got {type(name).__name__}")
     if name in NOT_METHODS:
-        raise p.err("merge_method", NOT_METHODS[str(name)])
+        raise p.err("merge_method", NOT_METHODS[name])
     if name not in METHODS:
         raise p.err(
             "merge_method", f"unknown merge_method {name!r}{did_you_mean(str(name), METHODS)}"

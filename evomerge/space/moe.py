@@ -336,7 +336,7 @@ def _nested_recipe(p: Any, m: Mapping[str, Any], fld: str, tag: str) -> dict[str
     models = m.get("models")
     if not isinstance(models, list) or not models:
         raise p.err(f"{fld}.models", "must be a non-empty list of {model, parameters}")
-    out["models"] = p.models(models, f"{fld}.models", f".{tag}", strict=True)
+    out["models"] = p.models(models, f"{fld}.models", f".{tag}")
     return out
 
 

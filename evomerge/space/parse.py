@@ -171,18 +171,15 @@ class _SpaceParser:
             return block  # parse_recipe reports the type error
         return {k: self.param_value(v, f"{fld}.{k}", f"{k}{suffix}") for k, v in block.items()}
 
-    def models(self, v: list[Any], fld: str, tag: str = "", *, strict: bool = False) -> list[Any]:
+    def models(self, v: list[Any], fld: str, tag: str = "") -> list[Any]:
         """A ``models:`` list with its directives; names end ``.<short model name>`` (``.<index>``
-        when two entries share it) and ``tag``. ``strict`` refuses an entry that is no mapping."""
+        when two entries share it) and ``tag``. An entry that is no mapping is refused."""
         shorts = [short(m.get("model")) if isinstance(m, Mapping) else "model" for m in v]
         count = Counter(shorts)
         models = []
         for i, m in enumerate(v):
             if not isinstance(m, Mapping):
-                if strict:
-                    raise self.err(f"{fld}[{i}]", "must be a mapping {model, parameters}")
-                models.append(m)
-                continue
+                raise self.err(f"{fld}[{i}]", "must be a mapping {model, parameters}")
             e = dict(m)
             suffix = f".{shorts[i] if count[shorts[i]] == 1 else i}{tag}"
             if "model" in m:
@@ -195,13 +192,13 @@ class _SpaceParser:
     def slice(self, s: Mapping[str, Any], i: int) -> dict[str, Any]:
         """Slice ``i`` with its directives, named ``s<i>`` (``s<i>.<j>`` for each of several sources)."""
         e, sources = dict(s), s.get("sources") or []
+        if not isinstance(sources, list) or not all(isinstance(x, Mapping) for x in sources):
+            raise self.err(f"slices[{i}].sources", "must be a list of {model, layer_range}")
         if "sources" in s:
             e["sources"] = [
                 self.source(
                     src, f"slices[{i}].sources[{j}]", f"s{i}.{j}" if len(sources) > 1 else f"s{i}"
                 )
-                if isinstance(src, Mapping)
-                else src
                 for j, src in enumerate(sources)
             ]
         if "parameters" in s:
@@ -277,7 +274,10 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
         elif k == "models":
             tree[k] = p.models(v, "models")
         elif k == "slices":
-            tree[k] = [p.slice(s, i) if isinstance(s, Mapping) else s for i, s in enumerate(v)]
+            bad = next((i for i, s in enumerate(v) if not isinstance(s, Mapping)), None)
+            if bad is not None:
+                raise p.err(f"slices[{bad}]", "must be a mapping {sources: [...]}")
+            tree[k] = [p.slice(s, i) for i, s in enumerate(v)]
         elif k == "moe":
             tree[k] = moe_section(p, v)
         elif k == "dataflow":

@@ -104,6 +104,7 @@ def test_unlisted_base_is_referenced_first():
             "models[0].parameters.density",
             "(0, 1]",
         ),
+        (lin() | {"merge_method": ["linear"]}, "merge_method", "must be a method name, got list"),
     ],
 )
 def test_refusals(recipe, field, text):

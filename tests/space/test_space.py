@@ -211,6 +211,10 @@ def test_default_sampler_follows_pruning_and_objectives(search, sampler):
         # an empty list key in YAML is null: refused here, not a traceback when a point renders
         ({"models": None}, "models", "must be a list of models, got NoneType"),
         ({"slices": None}, "slices", "must be a list of slices, got NoneType"),
+        ({"models": [5]}, "models[0]", "must be a mapping {model, parameters}"),
+        ({"slices": [5]}, "slices[0]", "must be a mapping {sources: [...]}"),
+        ({"slices": [{"sources": [5]}]}, "slices[0].sources", "must be a list of {model"),
+        ({"slices": [{"sources": "x"}]}, "slices[0].sources", "must be a list of {model"),
         # every option of a choice is checked, not just the first (a typo past it failed each trial that picked it)
         (
             {"dtype": {"choice": ["float32", "float33"]}},
