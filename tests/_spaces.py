@@ -9,7 +9,7 @@ import yaml
 
 from evomerge.zoo import SKILLS
 
-__all__ = ["write_space", "zoo_space"]
+__all__ = ["write_space", "dare_space", "zoo_space"]
 
 
 def write_space(path: Path, base: Path, fts: list[Path], **search) -> Path:
@@ -26,6 +26,23 @@ def write_space(path: Path, base: Path, fts: list[Path], **search) -> Path:
         "parameters": {"lambda": {"range": [0.5, 1.5]}},
         "dtype": "float32",
         "search": {"trials": 8, "seed": 1, "finalists": 3, **search},
+    }
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def dare_space(path: Path, base: Path, fts: list[Path], trials: int) -> Path:
+    """dare_ties over the first two fine-tunes, density searched: every trial draws random masks
+    (seed 3, random sampler)."""
+    space = {
+        "merge_method": "dare_ties",
+        "base_model": str(base),
+        "dtype": "float32",
+        "models": [
+            {"model": str(f), "parameters": {"weight": 0.5, "density": {"range": [0.3, 0.7]}}}
+            for f in fts[:2]
+        ],
+        "search": {"trials": trials, "seed": 3, "finalists": 1, "sampler": "random"},
     }
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path

@@ -125,8 +125,8 @@ def test_export_checks_a_fingerprinted_trial_and_names_the_stream(
     # A CUDA search records fingerprints; here a CPU merger is told to, as it would be there.
     import functools
 
-    import yaml
     from _fake_eval import TaskVectorEvaluator
+    from _spaces import dare_space
 
     from evomerge.cli import main
     from evomerge.search import setup
@@ -135,25 +135,7 @@ def test_export_checks_a_fingerprinted_trial_and_names_the_stream(
 
     monkeypatch.setattr(setup, "Merger", functools.partial(Merger, digest="fingerprint"))
     base, fts = tiny_family
-    space = tmp_path / "s.yml"
-    space.write_text(
-        yaml.safe_dump(
-            {
-                "merge_method": "dare_ties",
-                "base_model": str(base),
-                "dtype": "float32",
-                "models": [
-                    {
-                        "model": str(f),
-                        "parameters": {"weight": 0.5, "density": {"range": [0.3, 0.7]}},
-                    }
-                    for f in fts[:2]
-                ],
-                "search": {"trials": 2, "seed": 3, "finalists": 1, "sampler": "random"},
-            },
-            sort_keys=False,
-        )
-    )
+    space = dare_space(tmp_path / "s.yml", base, fts, trials=2)
     out = run_search(
         space,
         evaluator=TaskVectorEvaluator(base, fts),

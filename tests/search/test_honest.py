@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 from _fake_eval import TaskVectorEvaluator
-from _spaces import write_space
+from _spaces import dare_space, write_space
 
 from evomerge.cli import main
 from evomerge.engine.hashes import digest_model_dir
@@ -138,24 +138,7 @@ def test_a_study_made_before_streams_resumes_with_stream_1(tmp_path, tiny_family
     """A study that recorded no random stream merged its masks with stream 1: its resumed trials
     do too (the merger is built with the study's stream), so their exports re-merge to them."""
     base, fts = tiny_family
-    space = tmp_path / "s.yml"
-    space.write_text(
-        yaml.safe_dump(
-            {
-                "merge_method": "dare_ties",
-                "base_model": str(base),
-                "dtype": "float32",
-                "models": [
-                    {
-                        "model": str(f),
-                        "parameters": {"weight": 0.5, "density": {"range": [0.3, 0.7]}},
-                    }
-                    for f in fts[:2]
-                ],
-                "search": {"trials": 1, "seed": 3, "finalists": 1, "sampler": "random"},
-            }
-        )
-    )
+    space = dare_space(tmp_path / "s.yml", base, fts, trials=1)
     kw = dict(
         evaluator=TaskVectorEvaluator(base, fts),
         results_dir=tmp_path / "r",
