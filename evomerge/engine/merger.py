@@ -44,7 +44,7 @@ from evomerge.engine.placement import (
 from evomerge.engine.plan import MergePlan, TensorTask, make_plan
 from evomerge.engine.resident import build_model, checkpoint_targets, copy_into
 from evomerge.engine.rng import STREAM, check_stream
-from evomerge.engine.sources import ModelSource, open_sources
+from evomerge.engine.sources import ModelSource, open_missing, open_sources
 from evomerge.engine.writer import AtomicDir, ShardedWriter, parse_size
 from evomerge.errors import EvomergeError, one_line
 from evomerge.recipe.schema import MergeConfig, load_recipe
@@ -200,9 +200,7 @@ class Merger:
 
     def plan(self, cfg: MergeConfig) -> MergePlan:
         """Plan ``cfg`` over this merger's sources (opening any model it does not have yet)."""
-        missing = [r for r in cfg.referenced_models() if r not in self.sources]
-        if missing:
-            self.sources.update(open_sources(missing, file=cfg.source_file))
+        open_missing(self.sources, cfg.referenced_models(), file=cfg.source_file)
         return make_plan(cfg, self.sources, allow_crimes=self.allow_crimes)
 
     def _merge_task(

@@ -16,7 +16,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from evomerge.engine.arch import Arch, detect_arch
 from evomerge.errors import ConfigError, EvomergeError, did_you_mean, one_line
 from evomerge.schemes import known_refs, resolve, scheme_of
 
-__all__ = ["ModelSource", "resolve_model", "open_sources"]
+__all__ = ["ModelSource", "resolve_model", "open_sources", "open_missing"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _FETCH = [
@@ -380,3 +380,15 @@ def open_sources(
             path = resolve_model(ref, file=file, field=(fields or {}).get(ref))
             out[ref] = ModelSource(ref, path, allow_bin=allow_bin)
     return out
+
+
+def open_missing(sources: dict[str, ModelSource], refs: Iterable[str], *, file: str | None) -> None:
+    """Open into ``sources`` each of ``refs`` it does not hold yet (a recipe's models beyond the
+    space's).
+
+    Raises:
+        ConfigError / EvomergeError: a model is missing or unreadable.
+    """
+    missing = [r for r in refs if r not in sources]
+    if missing:
+        sources.update(open_sources(missing, file=file))

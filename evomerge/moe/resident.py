@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from evomerge.engine.merger import Merger
-from evomerge.engine.sources import open_sources
+from evomerge.engine.sources import open_missing
 from evomerge.errors import ConfigError
 from evomerge.moe.build import ExpertTensors, MoEBuilder, MoEResult
 from evomerge.moe.config import parse_moe_config
@@ -74,13 +74,8 @@ class ResidentMoE:
                 getters.append(None)
             plain["experts"].append(e)
         cfg = parse_moe_config(plain, where)
-        missing = [
-            r
-            for r in cfg.referenced_models()
-            if r not in self.merger.sources and not r.startswith("merged-expert-")
-        ]
-        if missing:
-            self.merger.sources.update(open_sources(missing, file=where))
+        refs = [r for r in cfg.referenced_models() if not r.startswith("merged-expert-")]
+        open_missing(self.merger.sources, refs, file=where)
         self.builder.check(
             cfg,
             [

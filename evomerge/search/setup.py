@@ -32,7 +32,7 @@ from evomerge.dataflow.slots import check_section
 from evomerge.engine.merger import Merger, check_device
 from evomerge.engine.placement import budget_override
 from evomerge.engine.plan import make_plan
-from evomerge.engine.sources import ModelSource, open_sources
+from evomerge.engine.sources import ModelSource, open_missing, open_sources
 from evomerge.errors import ConfigError, EvomergeError, one_line
 from evomerge.evaluation.base import Evaluator
 from evomerge.evaluation.genlm import context_length
@@ -303,8 +303,7 @@ def prepare(
             and "experts" not in recipe
         ):
             cfg = parse_recipe(recipe, f"{file} (baseline {name})")
-            missing = [r for r in cfg.referenced_models() if r not in sources]
-            sources.update(open_sources(missing, file=cfg.source_file))
+            open_missing(sources, cfg.referenced_models(), file=cfg.source_file)
             make_plan(cfg, sources)
     # Evaluation: tasks, prompts and datasets built once for the whole study.
     if evaluator is None:
