@@ -26,6 +26,8 @@ from evomerge.evaluation.scorer import score_shared
 
 __all__ = [
     "SharedContextHFLM",
+    "QuietHFLM",
+    "QuietSharedContextHFLM",
     "MemoLM",
     "make_lm",
     "FEWSHOT_SEED",
@@ -124,19 +126,25 @@ class SharedContextHFLM(HFLM):
         )
 
 
-_REQUEST_TYPES = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+class _Quiet:
+    """No progress bars on any request type (mixed into an HFLM class)."""
+
+    def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        return super().loglikelihood(requests, disable_tqdm=True)  # type: ignore[misc]
+
+    def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        return super().loglikelihood_rolling(requests, disable_tqdm=True)  # type: ignore[misc]
+
+    def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        return super().generate_until(requests, disable_tqdm=True)  # type: ignore[misc]
 
 
-@functools.cache
-def _quiet(cls: type[HFLM]) -> type[HFLM]:
-    """``cls`` without progress bars on any request type."""
+class QuietHFLM(_Quiet, HFLM):
+    """lm-eval's ``HFLM`` as is, without progress bars."""
 
-    def quiet(name: str) -> Any:
-        return lambda self, requests, disable_tqdm=False: getattr(cls, name)(
-            self, requests, disable_tqdm=True
-        )
 
-    return type(f"Quiet{cls.__name__}", (cls,), {n: quiet(n) for n in _REQUEST_TYPES})
+class QuietSharedContextHFLM(_Quiet, SharedContextHFLM):
+    """:class:`SharedContextHFLM` without progress bars."""
 
 
 def make_lm(
@@ -167,7 +175,7 @@ def make_lm(
     """
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
-    cls = _quiet(SharedContextHFLM if scorer == "shared" else HFLM)
+    cls = QuietSharedContextHFLM if scorer == "shared" else QuietHFLM
     lm = cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     lm.hflm_tasks = dict(hflm_tasks or {})
     return lm
