@@ -171,15 +171,20 @@ class _SpaceParser:
             return block  # parse_recipe reports the type error
         return {k: self.param_value(v, f"{fld}.{k}", f"{k}{suffix}") for k, v in block.items()}
 
+    def mappings(self, v: list[Any], fld: str, shape: str) -> None:
+        """Refuse the first entry of list ``v`` that is no mapping (``shape`` says what it is)."""
+        bad = next((i for i, x in enumerate(v) if not isinstance(x, Mapping)), None)
+        if bad is not None:
+            raise self.err(f"{fld}[{bad}]", f"must be a mapping {shape}")
+
     def models(self, v: list[Any], fld: str, tag: str = "") -> list[Any]:
         """A ``models:`` list with its directives; names end ``.<short model name>`` (``.<index>``
         when two entries share it) and ``tag``. An entry that is no mapping is refused."""
-        shorts = [short(m.get("model")) if isinstance(m, Mapping) else "model" for m in v]
+        self.mappings(v, fld, "{model, parameters}")
+        shorts = [short(m.get("model")) for m in v]
         count = Counter(shorts)
         models = []
         for i, m in enumerate(v):
-            if not isinstance(m, Mapping):
-                raise self.err(f"{fld}[{i}]", "must be a mapping {model, parameters}")
             e = dict(m)
             suffix = f".{shorts[i] if count[shorts[i]] == 1 else i}{tag}"
             if "model" in m:
@@ -274,9 +279,7 @@ def parse_space(data: Any, file: str, base_dir: Path | None = None) -> Space:
         elif k == "models":
             tree[k] = p.models(v, "models")
         elif k == "slices":
-            bad = next((i for i, s in enumerate(v) if not isinstance(s, Mapping)), None)
-            if bad is not None:
-                raise p.err(f"slices[{bad}]", "must be a mapping {sources: [...]}")
+            p.mappings(v, "slices", "{sources: [...]}")
             tree[k] = [p.slice(s, i) for i, s in enumerate(v)]
         elif k == "moe":
             tree[k] = moe_section(p, v)
