@@ -293,7 +293,7 @@ def prepare(
     seed = s.seed if seed is None else seed
     mask_seed = seed if s.mask_seed is None else s.mask_seed
     placed = dict(sources)  # what the merger places; hand recipes' other models are read as needed
-    budget_override()  # a bad $EVOMERGE_GPU_MEMORY is refused before anything is written
+    gpu_memory = budget_override()  # a bad $EVOMERGE_GPU_MEMORY is refused before any write
     tokenizer_dir = _tokenizer_dir(space, sources, file)
     baselines = baseline_recipes(space, layers_of)
     for name, recipe in baselines.items():
@@ -363,6 +363,7 @@ def prepare(
         seed=mask_seed,
         resident=True,
         stream=study_stream(opened, paths.name),
+        gpu_memory=gpu_memory,
     )
     if merger.placement is not None and merger.device.type == "cuda":
         log(merger.placement.describe())
